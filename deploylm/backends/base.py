@@ -1,0 +1,92 @@
+"""The Backend protocol: the only thing the decoder knows about a model.
+
+A backend turns token ids into next-token logits. The decoder (deploylm.decoding) owns the search;
+backends own the model state (KV caches, encoder memory) and never import the decoder.
+
+Row layout: after `prefill` the state has one row per input (B rows). The decoder then calls
+`reorder(state, beam_idx)` with `beam_idx` of length B * num_beams (e.g. [0,0,0,0,1,1,1,1]) to expand
+it to beams, and afterwards with the surviving parent rows at every step. `reorder` is a gather on
+the batch axis: the output has len(beam_idx) rows; rows of the same input stay contiguous
+(row r belongs to input r // num_beams), so encoder memory can stay at B rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+State = Any  # opaque to the decoder; each backend defines its own
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Special token ids, taken from the model's generation_config/config as transformers does."""
+
+    eos_token_ids: tuple[int, ...]          # any of these finishes a hypothesis
+    pad_token_id: int                       # pads prompts (left for decoder-only) and finished rows
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # encoder-decoder only
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the decoder and the Generator need to know about the model behind a backend."""
+
+    is_encoder_decoder: bool
+    vocab_size: int                         # width of the logits
+    special: SpecialTokens
+    max_positions: int | None = None        # the model's window (prompt + generated), if bounded
+    name: str = "model"
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Tokenized prompts, padded into one batch.
+
+    input_ids:      [B, T] int64. Decoder-only: LEFT-padded. Encoder-decoder: RIGHT-padded source.
+    attention_mask: [B, T] int64, 1 for real tokens, 0 for padding.
+    The decoder-only position ids are derived from the mask (cumsum - 1, clamped at 0), as in HF.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> "EncodedBatch":
+        return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str                      # "torch" | "onnx" | "trt"
+    device: torch.device
+    info: ModelInfo
+
+    def prefill(self, batch: EncodedBatch) -> tuple[Tensor, State]:
+        """Run the prompt (decoder-only) or encoder + decoder start token (enc-dec).
+
+        Returns logits [B, V] (fp32) of the last position and a state with B rows.
+        """
+        ...
+
+    def decode(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """Feed one new token per row: tokens [R] int64 -> logits [R, V] (fp32), state advanced."""
+        ...
+
+    def reorder(self, state: State, beam_idx: Tensor) -> State:
+        """Keep rows beam_idx [R'] (a gather on the batch axis; R' may differ from R)."""
+        ...
+
+
+@dataclass
+class BackendStats:
+    """Counters a backend may fill in, read by `deploylm bench` (time inside backend calls)."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,68 @@
+"""`deploylm` command line: a click group; each command is a thin shell in deploylm/commands/.
+
+Errors deploylm raises on purpose (DeployLMError) become one line on stderr and their exit code
+(2 for bad input, 1 for failed checks); nothing else is caught, so real bugs still show a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import click
+
+from deploylm import __version__
+from deploylm.errors import DeployLMError
+
+# command name -> module in deploylm.commands exposing `command` (a click.Command)
+COMMANDS = {
+    "train": "train",
+    "distill": "distill",
+    "export": "export",
+    "generate": "generate",
+    "parity": "parity",
+    "bench": "bench",
+    "info": "info",
+    "profiles": "profiles",
+    "serve": "serve",
+    "attention": "attention",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command (or `--help`) needs it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self._load(name) if name in COMMANDS else None
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        try:
+            module = importlib.import_module(f"deploylm.commands.{COMMANDS[name]}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"deploylm.commands.{COMMANDS[name]}":
+                return None  # command not built yet
+            raise
+        return module.command
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DeployLMError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="deploylm")
+def cli() -> None:
+    """Train, export, quantize, verify and run Transformer language models with one decoder."""
+
+
+def main() -> None:
+    """Console entry point (`deploylm`)."""
+    cli(prog_name="deploylm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Errors users see. Each carries one readable line; the CLI prints it and exits with `exit_code`."""
+from __future__ import annotations
+
+
+class DeployLMError(Exception):
+    """Base for every error deploylm raises on purpose. `str(err)` is one line for the user."""
+
+    exit_code = 2
+
+
+class UsageError(DeployLMError):
+    """Bad input: an option, a file, a model folder, a profile. Exit status 2."""
+
+    exit_code = 2
+
+
+class ArtifactError(DeployLMError):
+    """An artifact that is missing files, corrupted, or built for another machine. Exit status 2."""
+
+    exit_code = 2
+
+
+class MissingDependencyError(DeployLMError):
+    """An optional library or hardware is absent; the message says how to install it. Exit status 2."""
+
+    exit_code = 2
+
+
+class CheckFailed(DeployLMError):
+    """A parity or quality check ran and failed. Exit status 1."""
+
+    exit_code = 1

@@ -1,0 +1,51 @@
+"""What a SRC path is: a deploylm checkpoint, a Hugging Face folder, a .gguf file, or an artifact."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from deploylm.errors import UsageError
+
+SourceKind = Literal["checkpoint", "hf", "gguf", "artifact"]
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: SourceKind
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """A short name for default output folders: the folder or file stem."""
+        return self.path.stem if self.kind == "gguf" else self.path.name
+
+
+def resolve_source(src: str | Path) -> Source:
+    """Classify SRC by its files; a clear UsageError when it is none of the known kinds.
+
+    - artifact:   a folder with manifest.json (made by `deploylm export`)
+    - checkpoint: a folder whose config.json has "model_type": "deploylm-seq2seq" or "deploylm-lm"
+    - hf:         any other folder with config.json
+    - gguf:       a file ending in .gguf
+    """
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise UsageError(f"model {str(src)!r} does not exist: expected a checkpoint folder, a Hugging Face folder, a .gguf file or an artifact folder")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return Source("gguf", path)
+        raise UsageError(f"model file {str(src)!r} is not a .gguf file: expected a .gguf file or a model folder")
+    if (path / "manifest.json").is_file():
+        return Source("artifact", path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise UsageError(f"model folder {str(src)!r} has no config.json: expected a checkpoint, Hugging Face or artifact folder")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{config}: not valid JSON ({exc})") from None
+    if str(model_type).startswith("deploylm"):
+        return Source("checkpoint", path)
+    return Source("hf", path)
