@@ -1,0 +1,70 @@
+"""The training tokenizer: byte-level BPE trained with HF `tokenizers`, saved as HF tokenizer files.
+
+Special tokens have fixed ids that match TransformerConfig: <pad>=0, <s>=1, </s>=2, <unk>=3.
+Digits are pre-tokenized one by one (numbers are read digit by digit, which digits2words needs),
+then byte-level BPE as in GPT-2, so any text round-trips exactly. Encoding a source appends </s>
+(the post-processor, as T5 does); targets are encoded without special tokens and the trainer adds
+<s>/</s> itself. The folder loads with `transformers.PreTrainedTokenizerFast.from_pretrained`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)            # ids 0, 1, 2, 3 in this order
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 2) -> Tokenizer:
+    """A BPE tokenizer learnt from `texts`; at most `vocab_size` tokens (the 256 byte symbols included)."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size, len(SPECIAL_TOKENS) + 256), min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    for index, token in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(token) == index, f"special token {token} must have id {index}"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, 2)])
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, folder: Path, model_max_length: int) -> None:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `folder`."""
+    folder = Path(folder)
+    tok.save(str(folder / TOKENIZER_FILE))
+    special = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "padding_side": "right", "clean_up_tokenization_spaces": False, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer saved in `folder` by save_tokenizer."""
+    return Tokenizer.from_file(str(Path(folder) / TOKENIZER_FILE))
+
+
+def encode_sources(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each source, ending with </s>."""
+    return [enc.ids for enc in tok.encode_batch(texts, add_special_tokens=True)]
+
+
+def encode_targets(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each target, without special tokens."""
+    return [enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def decode(tok: Tokenizer, ids: list[list[int]]) -> list[str]:
+    """Text of each id list, special tokens dropped."""
+    return tok.decode_batch(ids, skip_special_tokens=True)
