@@ -153,6 +153,12 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.ffn(self.norm3(x))), present
 
 
+def empty_past(config: TransformerConfig, layers: int, rows: int, like: Tensor) -> list[KV]:
+    """Per layer (key, value) of shape [rows, H, 0, Dh] with the dtype and device of `like`."""
+    shape = (rows, config.n_heads, 0, config.head_dim)
+    return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in range(layers)]
+
+
 def init_weights(module: nn.Module, d_model: int) -> None:
     """Xavier-uniform linear layers, N(0, d_model^-0.5) embeddings (they are scaled by sqrt(d_model))."""
     for m in module.modules():
@@ -227,6 +233,10 @@ class Seq2SeqTransformer(nn.Module):
             x, kv = layer(x, mask, past, cross[i], src_mask, record)
             present.append(kv)
         return self.project(self.decoder_norm(x)), present
+
+    def empty_past(self, rows: int) -> list[KV]:
+        """A length-0 self-attention cache (per layer [R, H, 0, Dh]): the first past for exporters."""
+        return empty_past(self.config, len(self.decoder_layers), rows, self.src_embed.weight)
 
     def project(self, h: Tensor) -> Tensor:
         """[.., D] -> logits [.., V] (the source embedding when tied)."""
