@@ -1,0 +1,355 @@
+"""Artifact folders (DESIGN.md §6): manifest, checksums, atomic write, load + verify.
+
+An artifact is written into a temporary sibling folder (`.<name>.tmp-<pid>`), checksummed,
+`manifest.json` is written last, and the folder is renamed into place: a crash leaves either no
+artifact or the previous one, never a half-written one that loads. Loading re-checks every file
+against the manifest (size, sha256) and every ONNX graph's inputs/outputs against the recorded IO
+signature; any difference is an ArtifactError naming the file and the command that rebuilds it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from deploylm import __version__
+from deploylm.errors import ArtifactError, UsageError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_FIELDS = ("format_version", "deploylm_version", "created", "source", "profile", "files",
+                   "io", "toolchain")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: Path) -> str | None:
+    """One digest over a source's weights: the file itself (.gguf) or every weight file in a folder."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def source_fields(source: Any) -> dict[str, Any]:
+    """The manifest's `source` entry for a deploylm.models.source.Source."""
+    return {"kind": source.kind, "path": str(Path(source.path).resolve()),
+            "weights_sha256": weights_sha256(source.path)}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def toolchain() -> dict[str, Any]:
+    """Versions of everything that shaped the graphs/engines, plus the CUDA device if any."""
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("onnx", "onnxruntime", "transformers"):
+        info[dist] = _version(dist)
+    if _version("onnxruntime-gpu"):
+        info["onnxruntime"] = _version("onnxruntime-gpu")
+    if importlib.util.find_spec("tensorrt") is not None:
+        info["tensorrt"] = _version("tensorrt") or _version("tensorrt-cu12")
+    info["cuda"] = torch.version.cuda
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
+
+
+def _shape(value_info: Any) -> list[int | str | None]:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+
+def io_signature(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and (symbolic) shapes of a graph's inputs and outputs; weights not loaded."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError/OSError variants for bad files
+        raise ArtifactError(f"{onnx_path}: not a readable ONNX graph ({type(exc).__name__}: {exc})") from None
+    initializers = {init.name for init in model.graph.initializer}
+
+    def describe(values: Any) -> list[dict[str, Any]]:
+        return [{"name": v.name,
+                 "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower(),
+                 "shape": _shape(v)} for v in values if v.name not in initializers]
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def file_table(root: Path) -> dict[str, dict[str, Any]]:
+    """{relpath: {sha256, bytes}} for every file under root except the manifest."""
+    table = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel != MANIFEST:
+            table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return table
+
+
+def build_manifest(root: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """The manifest for the files now under root; `fields` gives source, profile, parity, ..."""
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "deploylm_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest.update(fields)
+    manifest.setdefault("toolchain", toolchain())
+    manifest.setdefault("parity", None)
+    if "io" not in fields:
+        manifest["io"] = {p.relative_to(root).as_posix(): io_signature(p) for p in sorted(root.rglob("*.onnx"))}
+    manifest["files"] = file_table(root)
+    return manifest
+
+
+def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fields: dict[str, Any],
+                   force: bool = False) -> Path:
+    """Run `build(tmp_dir)` in a temporary sibling folder, add manifest.json, rename into place.
+
+    `manifest_fields` (source, profile, parity, quality, ...) is read after `build` returns, so
+    `build` may add to it (e.g. the parity summary it measured). `final_dir` existing is refused
+    unless `force`; with `force` the old folder is moved aside, the new one renamed in, and only then
+    the old one deleted. On any error the temporary folder is removed.
+    """
+    final_dir = Path(final_dir)
+    if final_dir.exists() and not force:
+        raise UsageError(f"output folder {final_dir} already exists: pass --force to replace it")
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        manifest = build_manifest(tmp, manifest_fields)
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        _swap_into_place(tmp, final_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final_dir
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    part = path.with_name(path.name + ".part")
+    with open(part, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, path)
+
+
+def _swap_into_place(tmp: Path, final_dir: Path, force: bool) -> None:
+    if not final_dir.exists():
+        os.rename(tmp, final_dir)
+        return
+    if not force:
+        raise UsageError(f"output folder {final_dir} already exists: pass --force to replace it")
+    old = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(final_dir, old)          # from here to the next line, only the complete new one or the old one exists
+    try:
+        os.rename(tmp, final_dir)
+    except BaseException:
+        os.rename(old, final_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact folder: its manifest and where its files are."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["files"]
+
+    @property
+    def io(self) -> dict[str, Any]:
+        return self.manifest["io"]
+
+    @property
+    def graphs(self) -> list[Path]:
+        """The ONNX graphs recorded in the IO signature, in manifest order."""
+        return [self.path / name for name in self.io]
+
+    @property
+    def profile(self) -> Any:
+        """The resolved profile as a deploylm.profiles.Profile."""
+        from deploylm.profiles import Profile
+
+        return Profile.from_dict(self.manifest["profile"], origin=f"{self.path / MANIFEST} (profile)")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def rebuild_hint(path: Path, manifest: dict[str, Any] | None) -> str:
+    """The command that rebuilds the artifact at `path` (from the manifest when it is readable)."""
+    src, profile = "SRC", "PROFILE"
+    if isinstance(manifest, dict):
+        src = (manifest.get("source") or {}).get("path", src) if isinstance(manifest.get("source"), dict) else src
+        profile = (manifest.get("profile") or {}).get("name", profile) if isinstance(manifest.get("profile"), dict) else profile
+    return f"re-export it: deploylm export --model {src} --profile {profile} --out {path} --force"
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse and check the manifest's fields and format version (no file checks)."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise ArtifactError(f"{path} is not an artifact: {MANIFEST} is missing; {rebuild_hint(path, None)}")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{file}: not valid JSON ({exc}); {rebuild_hint(path, None)}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{file}: expected a JSON object; {rebuild_hint(path, None)}")
+    missing = [key for key in REQUIRED_FIELDS if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{file}: missing field(s) {', '.join(missing)}; {rebuild_hint(path, manifest)}")
+    version = manifest["format_version"]
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        fix = "upgrade deploylm or " if newer else ""
+        raise ArtifactError(f"{file}: format_version {version!r} is not supported (this deploylm reads "
+                            f"{FORMAT_VERSION}); {fix}{rebuild_hint(path, manifest)}")
+    if not isinstance(manifest["files"], dict) or not isinstance(manifest["io"], dict):
+        raise ArtifactError(f"{file}: 'files' and 'io' must be objects; {rebuild_hint(path, manifest)}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every listed file present with its size and sha256; every graph's IO as recorded."""
+    hint = rebuild_hint(path, manifest)
+    for name, entry in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactError(f"{file}: listed in the manifest but missing; {hint}")
+        if not isinstance(entry, dict) or "sha256" not in entry or "bytes" not in entry:
+            raise ArtifactError(f"{path / MANIFEST}: entry for {name} lacks sha256/bytes; {hint}")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(f"{file}: {size} bytes, the manifest says {entry['bytes']} (changed or truncated); {hint}")
+        if sha256_file(file) != entry["sha256"]:
+            raise ArtifactError(f"{file}: sha256 does not match the manifest (the file was changed); {hint}")
+    for name, expected in manifest["io"].items():
+        if name not in manifest["files"]:
+            raise ArtifactError(f"{path / MANIFEST}: io lists {name}, which is not among its files; {hint}")
+        actual = io_signature(path / name)
+        if actual != expected:
+            raise ArtifactError(f"{path / name}: graph inputs/outputs differ from the manifest "
+                                f"({_first_io_difference(expected, actual)}); {hint}")
+
+
+def _first_io_difference(expected: Any, actual: dict[str, Any]) -> str:
+    for side in ("inputs", "outputs"):
+        want = {v["name"]: v for v in (expected or {}).get(side, []) if isinstance(v, dict) and "name" in v}
+        got = {v["name"]: v for v in actual[side]}
+        for name in want.keys() - got.keys():
+            return f"{side[:-1]} {name!r} is missing"
+        for name in got.keys() - want.keys():
+            return f"{side[:-1]} {name!r} is not in the manifest"
+        for name in want:
+            if want[name] != got[name]:
+                return f"{side[:-1]} {name!r}: manifest {want[name]}, graph {got[name]}"
+    return "order or format differs"
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Open an artifact folder; with `verify`, check every file and graph against the manifest."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"artifact folder {path} does not exist; {rebuild_hint(path, None)}")
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    return Artifact(path=path, manifest=manifest)
+
+
+def format_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_io(io: dict[str, Any]) -> list[str]:
+    """One line per graph input/output: `  input  input_ids  int64  [batch, sequence]`."""
+    lines = []
+    for graph, sig in io.items():
+        lines.append(f"  {graph}")
+        for side in ("inputs", "outputs"):
+            for v in sig.get(side, []):
+                dims = ", ".join("?" if d is None else str(d) for d in v.get("shape", []))
+                lines.append(f"    {side[:-1]:<6} {v.get('name', '?'):<36} {v.get('dtype', '?'):<8} [{dims}]")
+    return lines
+
+
+def format_parity(parity: dict[str, Any] | None) -> list[str]:
+    """The manifest's parity summary (see deploylm.parity.ParityReport.summary), one line per backend."""
+    if not parity:
+        return ["  (none recorded)"]
+    lines = [f"  reference {parity.get('reference', '?')}: {'PASSED' if parity.get('passed') else 'FAILED'}"]
+    for name, row in (parity.get("backends") or {}).items():
+        div = row.get("first_divergence")
+        lines.append(f"  {name:<8} max|Δlogit| {row.get('max_abs_logit', float('nan')):.2e}  "
+                     f"top-1 {row.get('token_agreement', float('nan')):.4f}  "
+                     f"first divergence {'none' if div is None else f'step {div}'}  "
+                     f"beams {'identical' if row.get('beams_identical') else 'differ'}")
+    return lines
+
+
+def summary(artifact: Artifact) -> str:
+    """A readable page for `deploylm info`: what, from where, with what, how big, how checked."""
+    m = artifact.manifest
+    profile, source, tools = m.get("profile") or {}, m.get("source") or {}, m.get("toolchain") or {}
+    total = sum(int(e.get("bytes", 0)) for e in artifact.files.values())
+    lines = [
+        f"artifact   {artifact.path}",
+        f"format     {m['format_version']} (deploylm {m['deploylm_version']}, created {m['created']})",
+        f"source     {source.get('kind', '?')} {source.get('path', '?')}",
+        f"weights    sha256 {source.get('weights_sha256') or '?'}",
+        f"profile    {profile.get('name', '?')} ({profile.get('precision', '?')}; backends "
+        f"{', '.join(profile.get('backends', []))}): {profile.get('description', '')}",
+        "toolchain  " + ", ".join(f"{k} {v}" for k, v in tools.items() if v),
+        f"files      {len(artifact.files)}, {format_size(total)} in all",
+    ]
+    for name, entry in sorted(artifact.files.items(), key=lambda kv: -int(kv[1].get("bytes", 0))):
+        lines.append(f"  {format_size(int(entry.get('bytes', 0))):>10}  {name}")
+    lines += ["io", *format_io(artifact.io), "parity", *format_parity(m.get("parity"))]
+    if m.get("quality"):
+        lines += ["quality", *(f"  {k}: {v}" for k, v in m["quality"].items())]
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""`deploylm parity`: compare backends step by step on the same prompts; exit 1 outside tolerance."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from deploylm.errors import CheckFailed
+
+
+@click.command(name="parity")
+@click.option("--model", "src", required=True, metavar="SRC", help="Checkpoint, Hugging Face folder, .gguf file or artifact.")
+@click.option("--backends", default="torch,onnx", show_default=True, help="Comma-separated; the first is the reference.")
+@click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts, one per line. Default: a few built-in prompts.")
+@click.option("--profile", "profile_name", metavar="NAME|FILE.toml",
+              help="Tolerances and decoding defaults. Default: the artifact's profile, else fp32.")
+@click.option("--num-beams", type=int, default=None, help="Override the profile's num_beams.")
+@click.option("--max-new-tokens", type=int, default=None, help="Override the profile's max_new_tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens, as_json) -> None:
+    """Teacher-force the reference's tokens through every backend; report per-step |Δ logit|, top-1
+    agreement, the first diverging step and whether final beams match. Exit 1 outside tolerance."""
+    from transformers.utils import logging
+
+    from deploylm.parity import read_prompts_file, run_parity
+    from deploylm.profiles import load_profile
+
+    logging.disable_progress_bar()   # no weight-loading bars around the table
+
+    profile = load_profile(profile_name) if profile_name else None
+    prompts = read_prompts_file(prompts_file) if prompts_file else None
+    overrides = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
+    names = [name.strip() for name in backends.split(",") if name.strip()]
+    report = run_parity(src, names, prompts, profile, **overrides)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+    failures = report.failures()
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise CheckFailed(f"parity outside tolerance: {failures[0]}{more}")

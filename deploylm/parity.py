@@ -1,0 +1,361 @@
+"""Cross-backend parity: does a candidate backend say what the reference says, step by step?
+
+Teacher-forced: the reference decodes (greedy, and beam search when num_beams > 1) with the shared
+decoder; every candidate is then fed the REFERENCE's chosen tokens through the Backend protocol
+(prefill, reorder, decode), so each step compares logits for the same prefix: max |Δ logit|,
+max |Δ log-prob|, top-1 agreement and the first step where the argmax tokens diverge. Then each
+candidate runs its own search, and the final token ids (and texts, with a tokenizer) are compared.
+Tolerances come only from the profile's [parity] table (deploylm.profiles.Parity).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deploylm.backends.base import Backend, EncodedBatch
+from deploylm.errors import UsageError
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Translate to French: the house is wonderful.",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+)
+
+
+@dataclass
+class StepStats:
+    """One decoding step over every active teacher-forced row."""
+
+    step: int
+    rows: int
+    max_abs_logit: float
+    max_abs_logprob: float
+    top1_agreement: float
+
+
+@dataclass
+class BackendParity:
+    """One candidate against the reference."""
+
+    backend: str
+    steps: list[StepStats]
+    max_abs_logit: float
+    max_abs_logprob: float
+    token_agreement: float
+    first_divergence: int | None            # earliest step any row's argmax differs; None = never
+    first_divergence_by_row: list[int | None]
+    greedy_identical: bool
+    beams_identical: bool
+    max_abs_score: float | None = None      # largest |Δ final beam score| where the beams are identical
+    text_identical: bool | None = None      # None without a tokenizer
+
+    def failures(self, tol: Any) -> list[str]:
+        """Why this backend is outside `tol` (a deploylm.profiles.Parity); empty when it passes."""
+        out = []
+        if not _within(self.max_abs_logit, tol.logits_atol):
+            out.append(f"{self.backend}: max |Δ logit| {_num(self.max_abs_logit)} > logits_atol {tol.logits_atol:g}")
+        if not _within(self.max_abs_logprob, tol.logprob_atol):
+            out.append(f"{self.backend}: max |Δ log-prob| {_num(self.max_abs_logprob)} > logprob_atol {tol.logprob_atol:g}")
+        if not self.token_agreement >= tol.min_token_agreement:
+            out.append(f"{self.backend}: top-1 agreement {self.token_agreement:.4f} < min_token_agreement "
+                       f"{tol.min_token_agreement:g}")
+        min_step = tol.first_divergence_min_step
+        if min_step is not None and self.first_divergence is not None and self.first_divergence < min_step:
+            out.append(f"{self.backend}: tokens diverge at step {self.first_divergence} < "
+                       f"first_divergence_min_step {min_step}")
+        if tol.identical_beams and not (self.greedy_identical and self.beams_identical):
+            out.append(f"{self.backend}: final {'beams' if not self.beams_identical else 'greedy tokens'} "
+                       f"differ from the reference (identical_beams = true)")
+        return out
+
+
+def _within(value: float | None, atol: float) -> bool:
+    return value is not None and math.isfinite(value) and value <= atol
+
+
+def _num(value: float | None) -> str:
+    return "nan/inf" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    tolerances: dict[str, Any]              # the profile's [parity] table (Parity.__dict__)
+    options: dict[str, Any]                 # the decoding options used
+    prompts: int
+    backends: list[BackendParity] = field(default_factory=list)
+
+    def _tol(self) -> Any:
+        from deploylm.profiles import Parity
+
+        return Parity(**self.tolerances)
+
+    def failures(self) -> list[str]:
+        tol = self._tol()
+        return [line for row in self.backends for line in row.failures(tol)]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _finite(asdict(self))
+        data["passed"] = self.passed
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ParityReport":
+        rows = []
+        for row in data.get("backends", []):
+            row = dict(row)
+            row["steps"] = [StepStats(**{k: _nan(v) for k, v in s.items()}) for s in row.get("steps", [])]
+            for key in ("max_abs_logit", "max_abs_logprob"):
+                row[key] = _nan(row.get(key))
+            rows.append(BackendParity(**{f.name: row[f.name] for f in fields(BackendParity) if f.name in row}))
+        return cls(reference=data["reference"], tolerances=dict(data["tolerances"]),
+                   options=dict(data.get("options", {})), prompts=int(data.get("prompts", 0)), backends=rows)
+
+    def summary(self) -> dict[str, Any]:
+        """The short form stored in the manifest (the full report goes to parity.json)."""
+        keys = ("max_abs_logit", "max_abs_logprob", "token_agreement", "first_divergence",
+                "greedy_identical", "beams_identical", "text_identical")
+        tol = self._tol()
+        backends = {r.backend: {**{k: getattr(r, k) for k in keys}, "passed": not r.failures(tol)}
+                    for r in self.backends}
+        return _finite({"reference": self.reference, "passed": self.passed, "prompts": self.prompts,
+                        "tolerances": self.tolerances, "backends": backends})
+
+    def table(self) -> str:
+        """A terminal table: one row per candidate, then the tolerances and any failure."""
+        opts = self.options
+        head = (f"parity vs {self.reference} (teacher-forced): {self.prompts} prompt(s), "
+                f"num_beams {opts.get('num_beams', '?')}, max_new_tokens {opts.get('max_new_tokens', '?')}")
+        cols = f"{'backend':<8} {'max|Δlogit|':>11} {'max|Δlogp|':>10} {'top-1':>7} {'1st div':>7}  greedy beams text   result"
+        lines = [head, cols]
+        tol = self._tol()
+        for r in self.backends:
+            div = "none" if r.first_divergence is None else str(r.first_divergence)
+            lines.append(f"{r.backend:<8} {_num(r.max_abs_logit):>11} {_num(r.max_abs_logprob):>10} "
+                         f"{r.token_agreement:>7.4f} {div:>7}  {_same(r.greedy_identical):<6} "
+                         f"{_same(r.beams_identical):<5} {_same(r.text_identical):<6} "
+                         f"{'FAIL' if r.failures(tol) else 'PASS'}")
+        lines.append("tolerances: " + ", ".join(f"{k} {v}" for k, v in self.tolerances.items() if v is not None))
+        lines += [f"  {line}" for line in self.failures()]
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
+
+
+def _same(ok: bool | None) -> str:
+    return "-" if ok is None else ("same" if ok else "DIFF")
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _nan(value: Any) -> Any:
+    return float("nan") if value is None else value
+
+
+@dataclass
+class _Forced:
+    """Accumulates per-step comparisons of one candidate against the reference."""
+
+    steps: list[StepStats] = field(default_factory=list)
+    agree: int = 0
+    total: int = 0
+    first_by_row: list[int | None] = field(default_factory=list)
+
+    def add(self, step: int, ref: Tensor, cand: Tensor, active: Tensor) -> None:
+        """ref, cand: logits [R, V]; active: [R] bool (rows still generating at this step)."""
+        ref, cand = ref.float().cpu()[active], cand.float().cpu()[active]          # [A, V]
+        d_logit = (ref - cand).abs().amax().item()
+        d_logprob = (ref.log_softmax(-1) - cand.log_softmax(-1)).abs().amax().item()
+        if torch.isnan(cand).any():
+            d_logit = d_logprob = float("nan")
+        same = ref.argmax(-1) == cand.argmax(-1)                                    # [A]
+        for row, ok in zip(active.nonzero().flatten().tolist(), same.tolist()):
+            if not ok and self.first_by_row[row] is None:
+                self.first_by_row[row] = step
+        self.agree += int(same.sum())
+        self.total += int(active.sum())
+        self.steps.append(StepStats(step, int(active.sum()), d_logit, d_logprob, same.float().mean().item()))
+
+
+def _pad_sequences(seqs: list[tuple[int, ...]], pad: int) -> tuple[Tensor, Tensor]:
+    """Token sequences -> tokens [R, S] (padded with `pad`) and lengths [R]."""
+    width = max(1, max(len(s) for s in seqs))
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return tokens, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+def _open(backend: Backend, batch: EncodedBatch, expand: int) -> tuple[Tensor, Any]:
+    """Prefill, then repeat each input's row `expand` times (rows of an input stay contiguous)."""
+    logits, state = backend.prefill(batch.to(backend.device))                      # [B, V]
+    if expand > 1:
+        idx = torch.arange(batch.batch_size).repeat_interleave(expand).to(backend.device)  # [B * expand]
+        state = backend.reorder(state, idx)
+        logits = logits.index_select(0, idx.to(logits.device))
+    return logits, state
+
+
+def teacher_force(reference: Backend, candidate: Backend, batch: EncodedBatch,
+                  sequences: list[list[tuple[int, ...]]]) -> _Forced:
+    """Feed both backends the same generated tokens and compare their logits at every step.
+
+    sequences[b] holds the token sequences forced for input b (same count for every input);
+    row r of the forced batch is input r // len(sequences[b]).
+    """
+    per_input = len(sequences[0])
+    flat = [seq for group in sequences for seq in group]
+    tokens, lengths = _pad_sequences(flat, reference.info.special.pad_token_id)    # [R, S], [R]
+    forced = _Forced(first_by_row=[None] * len(flat))
+    ref_logits, ref_state = _open(reference, batch, per_input)
+    cand_logits, cand_state = _open(candidate, batch, per_input)
+    for step in range(tokens.shape[1]):
+        forced.add(step, ref_logits, cand_logits, lengths > step)
+        if step + 1 == tokens.shape[1]:
+            break
+        column = tokens[:, step]                                                   # [R]
+        ref_logits, ref_state = reference.decode(column.to(reference.device), ref_state)
+        cand_logits, cand_state = candidate.decode(column.to(candidate.device), cand_state)
+    return forced
+
+
+def _search(backend: Backend, batch: EncodedBatch, options: Any) -> list[list[Any]]:
+    from deploylm.decoding.search import generate_ids
+
+    return generate_ids(backend, batch.to(backend.device), options)
+
+
+def _same_ids(a: list[list[Any]], b: list[list[Any]]) -> bool:
+    return [[tuple(h.token_ids) for h in hyps] for hyps in a] == [[tuple(h.token_ids) for h in hyps] for hyps in b]
+
+
+def _score_gap(a: list[list[Any]], b: list[list[Any]]) -> float | None:
+    if not _same_ids(a, b):
+        return None
+    gaps = [abs(float(x.score) - float(y.score)) for ha, hb in zip(a, b) for x, y in zip(ha, hb)]
+    return max(gaps, default=0.0)
+
+
+def _texts(tokenizer: Any, hyps: list[list[Any]]) -> list[str]:
+    return [tokenizer.decode(list(h[0].token_ids), skip_special_tokens=True) for h in hyps]
+
+
+def compare_backends(reference: Backend, candidates: dict[str, Backend], batch: EncodedBatch,
+                     options: Any, tolerances: Any, tokenizer: Any = None) -> ParityReport:
+    """Compare every candidate with `reference` on `batch` (see the module docstring).
+
+    options: DecodingOptions (sampling is turned off); tolerances: the profile's Parity.
+    """
+    beam_opts = options.replace(do_sample=False)
+    greedy_opts = options.replace(num_beams=1, num_return_sequences=1, do_sample=False)
+    ref_greedy = _search(reference, batch, greedy_opts)
+    ref_beam = _search(reference, batch, beam_opts) if beam_opts.num_beams > 1 else ref_greedy
+    forced = [[g[0].token_ids] + ([b[0].token_ids] if beam_opts.num_beams > 1 else [])
+              for g, b in zip(ref_greedy, ref_beam)]
+    report = ParityReport(reference=reference.name, tolerances=asdict(tolerances),
+                          options=beam_opts.to_dict(), prompts=batch.batch_size)
+    for name, cand in candidates.items():
+        stats = teacher_force(reference, cand, batch, forced)
+        cand_greedy = _search(cand, batch, greedy_opts)
+        cand_beam = _search(cand, batch, beam_opts) if beam_opts.num_beams > 1 else cand_greedy
+        firsts = [s for s in stats.first_by_row if s is not None]
+        report.backends.append(BackendParity(
+            backend=name, steps=stats.steps,
+            max_abs_logit=max((s.max_abs_logit for s in stats.steps), key=_nan_first),
+            max_abs_logprob=max((s.max_abs_logprob for s in stats.steps), key=_nan_first),
+            token_agreement=stats.agree / max(1, stats.total),
+            first_divergence=min(firsts, default=None), first_divergence_by_row=stats.first_by_row,
+            greedy_identical=_same_ids(ref_greedy, cand_greedy), beams_identical=_same_ids(ref_beam, cand_beam),
+            max_abs_score=_score_gap(ref_beam, cand_beam),
+            text_identical=None if tokenizer is None else _texts(tokenizer, ref_beam) == _texts(tokenizer, cand_beam),
+        ))
+    return report
+
+
+def _nan_first(value: float) -> float:
+    """Sort key making NaN the largest, so a NaN anywhere is the reported maximum."""
+    return math.inf if math.isnan(value) else value
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (one prompt per line)."""
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--prompts {str(path)!r}: cannot read it ({getattr(exc, 'strerror', None) or exc}): "
+                         "expected a UTF-8 text file with one prompt per line") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {str(path)!r} has no prompts: expected one prompt per line")
+    return prompts
+
+
+def backend_source(name: str, source: Any) -> Any:
+    """What backend `name` opens for SRC: the torch reference of an artifact is the model it came from."""
+    from deploylm.artifact import read_manifest
+    from deploylm.models.source import resolve_source
+
+    if name != "torch" or source.kind != "artifact":
+        return source
+    origin = (read_manifest(source.path).get("source") or {}).get("path")
+    if not origin or not Path(origin).exists():
+        raise UsageError(f"the torch reference for artifact {source.path} is the model it was exported from, "
+                         f"{origin!r}, which is gone: run parity with --model pointing at that model, or drop torch from --backends")
+    return resolve_source(origin)
+
+
+def default_profile(source: Any) -> Any:
+    """The artifact's own profile (from its manifest), else the built-in fp32."""
+    from deploylm.artifact import load_artifact
+    from deploylm.profiles import load_profile
+
+    if source.kind == "artifact":
+        return load_artifact(source.path, verify=False).profile
+    return load_profile("fp32")
+
+
+def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None = None, profile: Any = None,
+               **overrides: Any) -> ParityReport:
+    """`deploylm parity`: open SRC with each backend (the first is the reference) and compare.
+
+    profile: a deploylm.profiles.Profile (tolerances, decoding defaults); default: default_profile(SRC).
+    overrides: DecodingOptions fields replacing the profile's [generation] values.
+    """
+    from deploylm.backends import backend_class, load_backend
+    from deploylm.decoding.options import DecodingOptions
+    from deploylm.generator import Generator
+    from deploylm.models.source import resolve_source
+    from deploylm.models.tokenizer import load_tokenizer
+
+    if len(backends) < 2 or len(set(backends)) != len(backends):
+        raise UsageError(f"--backends {','.join(backends)}: expected two or more different backends, "
+                         "the reference first (e.g. torch,onnx)")
+    for name in backends:
+        backend_class(name)                      # an unknown name fails before any model loads
+    source = resolve_source(src)
+    profile = profile if profile is not None else default_profile(source)
+    options = DecodingOptions.from_mapping({**profile.generation, **overrides})
+    opened = {name: load_backend(name, backend_source(name, source)) for name in backends}
+    tokenizer = load_tokenizer(source)
+    reference = opened.pop(backends[0])
+    batch = Generator(reference, tokenizer).encode(list(prompts or DEFAULT_PROMPTS), options)
+    return compare_backends(reference, opened, batch, options, profile.parity, tokenizer)

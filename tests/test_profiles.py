@@ -1,0 +1,198 @@
+"""Profiles: built-ins validate and round-trip; malformed files fail naming the file, key and allowed values."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from deploylm.errors import UsageError
+from deploylm.profiles import (Profile, ProfileError, builtin_dir, builtin_names, builtin_profiles,
+                               load_profile)
+
+BUILTINS = ["bf16", "fp16", "fp32", "int4", "int8", "int8-static", "trt-fp16", "trt-int8"]
+
+BASE = """
+name = "mine"
+description = "a test profile"
+precision = "int8"
+backends = ["onnx"]
+[parity]
+logits_atol = 1.0
+logprob_atol = 1.0
+min_token_agreement = 0.9
+"""
+
+
+def write(tmp_path, text: str, name: str = "mine.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_builtins_are_the_documented_set_and_validate():
+    assert builtin_names() == BUILTINS
+    profiles = builtin_profiles()
+    assert [p.name for p in profiles] == BUILTINS           # name matches the file stem
+    for p in profiles:
+        assert p.description and p.backends
+        assert p.generation == {"num_beams": 4, "max_new_tokens": 64}
+        assert p.parity.logits_atol > 0 and 0 <= p.parity.min_token_agreement <= 1
+        assert p.quality.max_perplexity_increase is not None
+    assert (builtin_dir() / "fp32.toml").is_file()
+
+
+def test_fp32_is_the_strict_reference():
+    fp32 = load_profile("fp32")
+    assert (fp32.precision, fp32.quantization, fp32.precision_fallback) == ("fp32", None, None)
+    assert fp32.parity.logits_atol == 1e-4 and fp32.parity.min_token_agreement == 1.0
+    assert fp32.parity.identical_beams
+
+
+def test_quantized_builtins_resolve_method_defaults():
+    int8, static, int4 = load_profile("int8"), load_profile("int8-static"), load_profile("int4")
+    assert int8.quantization.method == "dynamic" and int8.quantization.calibration_samples is None
+    assert static.quantization.method == "static" and static.quantization.calibration_method == "minmax"
+    assert int4.quantization.method == "weight-only" and int4.quantization.block_size == 32
+    assert int4.quantization.weight_type is None
+    trt = load_profile("trt-fp16")
+    assert trt.tensorrt.shapes["batch"] == (1, 4, 32) and trt.tensorrt.workspace_gb == 4.0
+    assert load_profile("int8").tensorrt is None
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_to_dict_roundtrips_through_json(name):
+    profile = load_profile(name)
+    data = json.loads(json.dumps(profile.to_dict()))
+    assert Profile.from_dict(data) == profile
+    assert "origin" not in data
+
+
+def test_user_file_loads_by_path_with_defaults(tmp_path):
+    profile = load_profile(write(tmp_path, BASE))
+    assert profile.name == "mine" and profile.quantization.method == "dynamic"
+    assert profile.quantization.weight_type == "quint8" and profile.generation == {}
+    assert profile.precision_fallback.ops == () and not profile.precision_fallback.auto
+    assert profile.origin.endswith("mine.toml")
+
+
+def test_unknown_builtin_lists_the_choices():
+    with pytest.raises(ProfileError, match="unknown profile 'int3'.*fp32.*int8-static") as err:
+        load_profile("int3")
+    assert isinstance(err.value, UsageError) and err.value.exit_code == 2
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ProfileError, match="does not exist"):
+        load_profile(tmp_path / "nope.toml")
+
+
+BAD = [
+    ("unknown top-level key", 'colour = "red"', r"unknown key colour: allowed keys are name, description"),
+    ("unknown table key", None, r"unknown key parity.logit_atol: allowed keys are logits_atol"),
+    ("bad precision", None, r"precision = 'fp8' is not allowed: expected one of fp32, fp16, bf16, int8, int4"),
+    ("bad backend", None, r"backends = \['cuda'\] is not allowed: expected a list of torch, onnx, trt"),
+    ("negative atol", None, r"parity.logits_atol = -1.0 is out of range: expected a number > 0.0"),
+    ("agreement > 1", None, r"parity.min_token_agreement = 1.5 is out of range: expected a number >= 0.0 and <= 1.0"),
+    ("wrong type", None, r"parity.logprob_atol = 'big' is out of range: expected a number"),
+    ("bad method", "[quantization]\nmethod = \"weight-only\"", r"quantization.method = 'weight-only' is not allowed: expected one of dynamic, static"),
+    ("key for another method", "[quantization]\nmethod = \"dynamic\"\ncalibration_samples = 8",
+     r"quantization.calibration_samples does not apply to method 'dynamic': expected only weight_type"),
+    ("bad weight type", "[quantization]\nweight_type = \"int8\"", r"quantization.weight_type = 'int8' is not allowed: expected one of quint8, qint8"),
+    ("bad generation key", "[generation]\nbeams = 4", r"unknown key generation.beams: allowed keys are num_beams"),
+    ("bad generation value", "[generation]\nnum_beams = 0", r"\[generation\] decoding option num_beams=0 is invalid"),
+    ("tensorrt without trt", "[tensorrt]\nworkspace_gb = 2", r"\[tensorrt\] applies only when backends include 'trt'"),
+    ("bad toml", "[parity", r"not valid TOML"),
+    ("bad name", None, r"name = 'My Profile' is not valid: expected a string matching"),
+]
+
+
+def _mutate(case: str) -> str:
+    edits = {
+        "unknown table key": ("logits_atol = 1.0", "logits_atol = 1.0\nlogit_atol = 1.0"),
+        "bad precision": ('precision = "int8"', 'precision = "fp8"'),
+        "bad backend": ('backends = ["onnx"]', 'backends = ["cuda"]'),
+        "negative atol": ("logits_atol = 1.0", "logits_atol = -1.0"),
+        "agreement > 1": ("min_token_agreement = 0.9", "min_token_agreement = 1.5"),
+        "wrong type": ("logprob_atol = 1.0", 'logprob_atol = "big"'),
+        "bad name": ('name = "mine"', 'name = "My Profile"'),
+    }
+    old, new = edits[case]
+    return BASE.replace(old, new)
+
+
+@pytest.mark.parametrize("case,extra,message", BAD, ids=[c[0] for c in BAD])
+def test_malformed_profiles_name_file_key_and_allowed(tmp_path, case, extra, message):
+    if extra is None:
+        text = _mutate(case)
+    elif extra.startswith("[") or "\n" in extra:
+        text = BASE + "\n" + extra + "\n"
+    else:
+        text = extra + "\n" + BASE
+    path = write(tmp_path, text)
+    with pytest.raises(ProfileError, match=message) as err:
+        load_profile(path)
+    assert str(err.value).startswith(str(path)), err.value
+    assert "\n" not in str(err.value)
+
+
+def test_quantization_is_an_error_for_float_precisions(tmp_path):
+    text = BASE.replace('precision = "int8"', 'precision = "fp16"') + '[quantization]\nmethod = "dynamic"\n'
+    with pytest.raises(ProfileError, match=r"\[quantization\] does not apply to precision 'fp16'"):
+        load_profile(write(tmp_path, text))
+
+
+def test_missing_parity_table_is_an_error(tmp_path):
+    text = 'name = "x"\nprecision = "fp32"\n'
+    with pytest.raises(ProfileError, match=r"missing table \[parity\]"):
+        load_profile(write(tmp_path, text))
+
+
+def test_missing_required_parity_key(tmp_path):
+    with pytest.raises(ProfileError, match="missing key parity.min_token_agreement"):
+        load_profile(write(tmp_path, BASE.replace("min_token_agreement = 0.9", "")))
+
+
+@pytest.mark.parametrize("shapes,message", [
+    ("{ batch = [4, 1, 16] }", r"tensorrt.shapes.batch = \[4, 1, 16\] is not valid: expected \[min, opt, max\]"),
+    ("{ sequence = [1, 2] }", r"tensorrt.shapes.sequence"),
+    ("{ beams = [1, 2, 3] }", r"unknown key tensorrt.shapes.beams: allowed keys are batch, sequence, past"),
+])
+def test_tensorrt_shapes_are_checked(tmp_path, shapes, message):
+    text = BASE.replace('backends = ["onnx"]', 'backends = ["trt"]') + f"[tensorrt]\nshapes = {shapes}\n"
+    with pytest.raises(ProfileError, match=message):
+        load_profile(write(tmp_path, text))
+
+
+def test_int4_block_size_must_be_a_power_of_two(tmp_path):
+    text = BASE.replace('precision = "int8"', 'precision = "int4"') + "[quantization]\nblock_size = 48\n"
+    with pytest.raises(ProfileError, match="quantization.block_size = 48 is not a power of two"):
+        load_profile(write(tmp_path, text))
+
+
+def test_precision_fallback_not_for_fp32(tmp_path):
+    text = BASE.replace('precision = "int8"', 'precision = "fp32"') + "[precision_fallback]\nauto = true\n"
+    with pytest.raises(ProfileError, match=r"\[precision_fallback\] does not apply to precision 'fp32'"):
+        load_profile(write(tmp_path, text))
+
+
+def test_the_example_in_docs_loads(tmp_path):
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "profiles.md").read_text()
+    example = doc.split("```toml\n")[1].split("```")[0]
+    profile = load_profile(write(tmp_path, example, "example.toml"))
+    assert profile.quantization.reduce_range and profile.generation["max_new_tokens"] == 32
+
+
+def test_docs_explain_every_key():
+    from pathlib import Path
+
+    from deploylm.profiles import METHOD_KEYS, TOP_KEYS, Parity, QualityBudget
+    from deploylm.decoding.options import option_names
+
+    doc = (Path(__file__).parents[1] / "docs" / "profiles.md").read_text()
+    keys = [*TOP_KEYS, *(k for m in METHOD_KEYS.values() for k in m), *Parity.__dataclass_fields__,
+            *QualityBudget.__dataclass_fields__, "ops", "nodes", "auto", "workspace_gb", "shapes",
+            *option_names()]
+    assert [k for k in keys if f"`{k}`" not in doc and f"`[{k}]`" not in doc] == []
