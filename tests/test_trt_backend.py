@@ -1,0 +1,215 @@
+"""The trt backend's buffer logic on CPU: ping-pong KV buffers, a reorder that reaches the memory the
+engine reads, and tensor binding by address — driven by a fake engine that reads and writes raw
+addresses like TensorRT does (no TensorRT needed)."""
+from __future__ import annotations
+
+import ctypes
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from deploylm.backends.base import EncodedBatch, ModelInfo, SpecialTokens
+from deploylm.backends.trt_backend import EngineRunner, TrtBackend, pair_kv_names
+from deploylm.backends.trt_buffers import KvPingPong, dense_view, gather_rows
+from deploylm.errors import ArtifactError, UsageError
+from deploylm.export.trt_shapes import KvBufferPlan, TrtShapes, kv_buffer_plan, profile_shapes
+
+V, H, D, LAYERS = 11, 2, 3, 2
+NAMES = [f"past_key_values.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
+
+
+def test_gather_rows_writes_the_kept_rows_into_the_other_buffer():
+    src, dst = torch.arange(24.0), torch.full((24,), -1.0)
+    shape = (3, 1, 2, 2)                                          # [R, H, L, D]
+    out = gather_rows(src, dst, shape, torch.tensor([2, 0, 0, 1]))
+    expected = src[:12].view(shape)[[2, 0, 0, 1]]
+    assert torch.equal(out, expected) and out.data_ptr() == dst.data_ptr()
+    assert torch.equal(dense_view(dst, (4, 1, 2, 2)), expected)   # the memory itself changed
+    with pytest.raises(ValueError, match="distinct"):
+        gather_rows(src, src, shape, torch.tensor([0]))
+
+
+def test_ping_pong_swaps_and_reorder_moves_live_cache():
+    plan = KvBufferPlan(("k",), rows=4, heads=1, max_len=3, head_dim=2, itemsize=4)
+    kv = KvPingPong(plan, torch.float32, torch.device("cpu"))
+    kv.present("k", 2, 1).copy_(torch.tensor([[[[1.0, 1.0]]], [[[2.0, 2.0]]]]))
+    kv.swap()
+    assert kv.past("k", 2, 1).flatten().tolist() == [1, 1, 2, 2] and kv.epoch == 1
+    kv.reorder(2, 1, torch.tensor([1, 1, 0]))
+    assert kv.past("k", 3, 1).flatten().tolist() == [2, 2, 2, 2, 1, 1] and kv.epoch == 2
+    with pytest.raises(UsageError, match="5 rows"):
+        kv.reorder(3, 1, torch.tensor([0, 0, 0, 0, 0]))
+
+
+def test_pair_kv_names():
+    assert pair_kv_names(["input_ids", "past_key_values.0.key"], ["logits", "present.0.key"]) == [
+        ("past_key_values.0.key", "present.0.key")]
+    with pytest.raises(ArtifactError, match="present.0.value"):
+        pair_kv_names(["past_key_values.0.value"], ["logits"])
+
+
+# ---- a fake TensorRT engine: reads inputs and writes outputs at the bound raw addresses -----------
+
+def _at(address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor aliasing CPU memory at `address` (what TensorRT does with a bound address)."""
+    n = 1
+    for d in shape:
+        n *= d
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    size = n * torch.empty(0, dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_char * size).from_address(address), dtype=dtype).view(shape)
+
+
+class ToyLM:
+    """new K/V of a token = embedding + position; logits = masked sum of the whole cache @ W."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.randn(V, H * D, generator=g)
+        self.w = torch.randn(D, V, generator=g)
+
+    def __call__(self, ids, mask, pos, past):                      # past: name -> [R, H, L, D]
+        new = (self.emb[ids] + pos[..., None]).view(*ids.shape, H, D).transpose(1, 2)  # [R, H, T, D]
+        present = {n: torch.cat([p, new * (1 + i)], dim=2) for i, (n, p) in enumerate(past.items())}
+        m = mask[:, None, :, None].float()
+        summed = sum((p * m).sum(dim=(1, 2)) for p in present.values())                # [R, D]
+        return (summed @ self.w)[:, None, :], present                                   # [R, 1, V]
+
+
+class FakeContext:
+    def __init__(self, model: ToyLM, dtypes: dict[str, torch.dtype]):
+        self.model, self.dtypes, self.shapes, self.addr, self.profiles = model, dtypes, {}, {}, []
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profiles.append(index)
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+
+    def set_tensor_address(self, name, address):
+        self.addr[name] = address
+
+    def get_tensor_shape(self, name):
+        rows, seq = self.shapes["input_ids"]
+        total = self.shapes["attention_mask"][1]
+        return (rows, 1, V) if name == "logits" else (rows, H, total, D)
+
+    def execute_async_v3(self, stream):
+        read = {n: _at(self.addr[n], s, self.dtypes[n]) for n, s in self.shapes.items()}
+        past = {n: read[n] for n in NAMES}
+        logits, present = self.model(read["input_ids"], read["attention_mask"], read["position_ids"], past)
+        _at(self.addr["logits"], tuple(logits.shape), torch.float32).copy_(logits)
+        for n, p in present.items():
+            _at(self.addr[n.replace("past_key_values", "present")], tuple(p.shape), torch.float32).copy_(p)
+        return True
+
+
+class FakeEngine:
+    def __init__(self):
+        inputs = ["input_ids", "attention_mask", "position_ids", *NAMES]
+        outputs = ["logits", *[n.replace("past_key_values", "present") for n in NAMES]]
+        self.names = inputs + outputs
+        self.modes = {n: SimpleNamespace(name="INPUT" if n in inputs else "OUTPUT") for n in self.names}
+        self.types = {n: SimpleNamespace(name="INT64" if n in inputs[:3] else "FLOAT") for n in self.names}
+        self.num_io_tensors = len(self.names)
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return self.modes[name]
+
+    def get_tensor_dtype(self, name):
+        return self.types[name]
+
+    def get_tensor_shape(self, name):
+        return (-1, 1, V) if name == "logits" else (-1, H, -1, D) if "key" in name or "value" in name else (-1, -1)
+
+
+def fake_runner(model=None):
+    engine = FakeEngine()
+    dtypes = {n: torch.int64 if engine.types[n].name == "INT64" else torch.float32 for n in engine.names}
+    context = FakeContext(model or ToyLM(), dtypes)
+    return EngineRunner(engine, context, ("prefill", "decode"), torch.device("cpu"))
+
+
+def engine_shapes():
+    """phase -> input -> (min, opt, max), as build_engines records them in the manifest."""
+    inputs = {"input_ids": (None, None), "attention_mask": (None, None), "position_ids": (None, None),
+              **{n: (None, H, None, D) for n in NAMES}}
+    shapes = TrtShapes(batch=(1, 2, 4), sequence=(1, 8, 16), past=(0, 8, 32), num_beams=2)
+    return {p: profile_shapes(inputs, shapes, p, decoder_only=True) for p in ("prefill", "decode")}
+
+
+def _backend(rows: int = 8):
+    model = ToyLM()
+    runner = fake_runner(model)
+    info = ModelInfo(False, V, SpecialTokens((0,), 0))
+    return TrtBackend(runner, info, kv_buffer_plan(engine_shapes(), 4, rows)), model, runner.context
+
+
+def _reference(model, batch, steps):
+    """The same toy model with an explicit functional cache and torch.index_select reorders."""
+    mask = batch.attention_mask
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    past = {n: torch.zeros(mask.shape[0], H, 0, D) for n in NAMES}
+    logits, past = model(batch.input_ids, mask, pos, past)
+    out, nxt = [logits[:, -1]], pos[:, -1] + 1
+    for beam_idx, tokens in steps:
+        past = {n: p.index_select(0, beam_idx) for n, p in past.items()}
+        mask, nxt = mask.index_select(0, beam_idx), nxt.index_select(0, beam_idx)
+        mask = torch.cat([mask, torch.ones(len(tokens), 1, dtype=mask.dtype)], 1)
+        logits, past = model(tokens[:, None], mask, nxt[:, None], past)
+        out.append(logits[:, -1])
+        nxt = nxt + 1
+    return out
+
+
+def test_prefill_decode_reorder_match_reference_through_bound_addresses():
+    backend, model, context = _backend()
+    batch = EncodedBatch(torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    steps = [(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2, 3, 4])),      # expand to 2 beams
+             (torch.tensor([1, 0, 3, 3]), torch.tensor([5, 6, 7, 8])),      # beams swap / duplicate
+             (torch.tensor([2, 2, 0, 1]), torch.tensor([9, 10, 1, 2]))]     # rows cross inputs
+    want = _reference(model, batch, steps)
+    logits, state = backend.prefill(batch)
+    got = [logits]
+    for beam_idx, tokens in steps:
+        state = backend.reorder(state, beam_idx)
+        logits, state = backend.decode(tokens, state)
+        got.append(logits)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert context.profiles == [0, 1]                             # prefill profile, then decode once
+    assert state.length == 7 and state.rows == 4
+
+
+def test_reorder_is_what_the_engine_reads():
+    backend, model, _ = _backend()
+    batch = EncodedBatch(torch.tensor([[1, 2], [3, 4]]), torch.ones(2, 2, dtype=torch.long))
+    _, state = backend.prefill(batch)
+    state = backend.reorder(state, torch.tensor([1, 0]))
+    swapped, _ = backend.decode(torch.tensor([5, 5]), state)
+    _, plain = backend.prefill(batch)
+    same, _ = backend.decode(torch.tensor([5, 5]), plain)
+    torch.testing.assert_close(swapped, same.flip(0))             # rows really swapped in the engine's input
+    assert not torch.allclose(swapped, same)
+
+
+def test_identity_reorder_copies_nothing():
+    backend, _, _ = _backend()
+    _, state = backend.prefill(EncodedBatch(torch.tensor([[1, 2], [3, 4]]), torch.ones(2, 2, dtype=torch.long)))
+    same = backend.reorder(state, torch.tensor([0, 1]))
+    assert same is state and state.kv.epoch == 1                  # no gather, no swap
+
+
+def test_stale_state_and_too_many_rows_are_refused():
+    backend, _, _ = _backend(rows=4)
+    _, state = backend.prefill(EncodedBatch(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)))
+    newer = backend.reorder(state, torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match="stale"):
+        backend.decode(torch.tensor([1]), state)
+    with pytest.raises(UsageError, match="5 rows"):
+        backend.reorder(newer, torch.tensor([0, 0, 0, 0, 0]))

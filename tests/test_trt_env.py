@@ -1,0 +1,96 @@
+"""Engine/manifest compatibility decisions and the clear refusals when TensorRT or CUDA is missing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from deploylm.backends import load_backend
+from deploylm.errors import ArtifactError, MissingDependencyError
+from deploylm.export import trt_env
+from deploylm.export.trt_env import TrtEnv, check_engines, engine_compatibility, missing_trt_message
+from deploylm.models.source import Source
+from deploylm.profiles import load_profile
+
+H200 = TrtEnv("10.3.0.26", "NVIDIA H200", "9.0")
+SECTION = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA H200", "compute_capability": "9.0",
+           "engines": [{"name": "model", "file": "trt/model.plan"}]}
+MANIFEST = {"source": {"kind": "hf", "path": "models/tiny"}, "profile": {"name": "trt-fp16"}, "tensorrt": SECTION}
+FIND_SPEC = importlib.util.find_spec
+
+
+def test_same_gpu_and_tensorrt_version_is_compatible():
+    assert engine_compatibility(SECTION, H200) == (True, "")
+    assert engine_compatibility(SECTION, H200.to_dict()) == (True, "")   # build number ignored
+
+
+@pytest.mark.parametrize("env, words", [
+    (TrtEnv("10.4.0", "NVIDIA H200", "9.0"), ["TensorRT 10.3.0", "TensorRT 10.4.0"]),
+    (TrtEnv("10.3.0", "NVIDIA A100-SXM4-80GB", "8.0"), ["NVIDIA H200", "A100", "8.0"]),
+    (TrtEnv("10.3.0", "NVIDIA H100 80GB HBM3", "9.0"), ["NVIDIA H200", "H100"]),
+])
+def test_other_gpu_or_tensorrt_version_is_refused_with_reason(env, words):
+    ok, reason = engine_compatibility(SECTION, env)
+    assert not ok and all(w in reason for w in words)
+
+
+def test_missing_or_incomplete_section_is_refused():
+    assert engine_compatibility(None, H200) == (False, "the artifact has no TensorRT engines")
+    ok, reason = engine_compatibility({**SECTION, "gpu_name": ""}, H200)
+    assert not ok and "gpu_name" in reason
+
+
+def test_foreign_engine_error_names_the_rebuild_command(tmp_path):
+    with pytest.raises(ArtifactError) as err:
+        check_engines(MANIFEST, tmp_path, TrtEnv("10.3.0", "NVIDIA L4", "8.9"))
+    message = str(err.value)
+    assert err.value.exit_code == 2 and "\n" not in message
+    assert f"deploylm export --model models/tiny --profile trt-fp16 --out {tmp_path} --force" in message
+    check_engines(MANIFEST, tmp_path, H200)  # no error on the machine it was built for
+
+
+def test_missing_messages_name_what_is_missing_and_the_install_command():
+    assert missing_trt_message("x", has_tensorrt=True, has_cuda=True) is None
+    both = missing_trt_message("--backend trt", has_tensorrt=False, has_cuda=False)
+    assert "the tensorrt module and a CUDA GPU are missing" in both and "pip install 'deploylm[trt]'" in both
+    only_gpu = missing_trt_message("--backend trt", has_tensorrt=True, has_cuda=False)
+    assert "a CUDA GPU is missing" in only_gpu and "tensorrt module" not in only_gpu
+    only_trt = missing_trt_message("--backend trt", has_tensorrt=False, has_cuda=True)
+    assert "the tensorrt module is missing" in only_trt and "NVIDIA GPU" not in only_trt
+
+
+def test_import_tensorrt_is_one_boundary_with_install_hint(monkeypatch):
+    def fail(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(trt_env.importlib, "import_module", fail)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'deploylm\[trt\]'"):
+        trt_env.import_tensorrt()
+
+
+@pytest.fixture
+def no_trt_no_gpu(monkeypatch):
+    """Behave like a machine without tensorrt and without CUDA (this one, and CI)."""
+    monkeypatch.setattr(trt_env.importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else FIND_SPEC(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_trt_backend_refuses_without_tensorrt_or_gpu(tmp_path, no_trt_no_gpu):
+    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
+    with pytest.raises(MissingDependencyError) as err:
+        load_backend("trt", Source("artifact", tmp_path))
+    assert "--backend trt needs TensorRT and a CUDA GPU" in str(err.value)
+    assert "pip install 'deploylm[trt]'" in str(err.value) and err.value.exit_code == 2
+
+
+def test_trt_profile_build_refuses_and_writes_nothing(tmp_path, no_trt_no_gpu):
+    from deploylm.export.tensorrt import build_engines
+
+    (tmp_path / "model.onnx").write_bytes(b"not read")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(MissingDependencyError, match="export --profile trt-fp16 needs TensorRT"):
+        build_engines(tmp_path, load_profile("trt-fp16"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before        # no trt/ folder, no cache
+
