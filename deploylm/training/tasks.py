@@ -70,21 +70,28 @@ REVERSE_WORDS = ("red green blue black white gold fox cat dog owl bee ant "
 
 
 def reverse_splits(seed: int, sizes: SplitSizes) -> Splits:
-    """Sequences of 3..8 words -> the same words in reverse order; sources unique across splits."""
+    """Sequences of 3..8 words -> the same words in reverse order; sources unique across splits.
+
+    Test is drawn first, then validation, then train, so the held-out splits do not depend on the
+    training size."""
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
     parts = []
-    for size in (sizes.train, sizes.validation, sizes.test):
-        part = []
+    for size in (sizes.test, sizes.validation, sizes.train):
+        part: list[Example] = []
         while len(part) < size:
-            length = int(rng.integers(3, 9))
-            words = [REVERSE_WORDS[i] for i in rng.integers(0, len(REVERSE_WORDS), size=length)]
-            source = " ".join(words)
-            if source not in seen:
-                seen.add(source)
-                part.append(Example(source, " ".join(reversed(words))))
+            draws = size - len(part) + 16
+            lengths = rng.integers(3, 9, size=draws)
+            rows = rng.integers(0, len(REVERSE_WORDS), size=(draws, 8))
+            for length, row in zip(lengths.tolist(), rows.tolist()):
+                words = [REVERSE_WORDS[i] for i in row[:length]]
+                source = " ".join(words)
+                if source not in seen and len(part) < size:
+                    seen.add(source)
+                    part.append(Example(source, " ".join(reversed(words))))
         parts.append(part)
-    return Splits(*parts)
+    test, validation, train = parts
+    return Splits(train, validation, test)
 
 
 TASKS: dict[str, Task] = {

@@ -9,6 +9,7 @@ then byte-level BPE as in GPT-2, so any text round-trips exactly. Encoding a sou
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -41,13 +42,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, min_frequency:
 
 def save_tokenizer(tok: Tokenizer, folder: Path, model_max_length: int) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `folder`."""
-    folder = Path(folder)
-    tok.save(str(folder / TOKENIZER_FILE))
+    tok.save(str(Path(folder) / TOKENIZER_FILE))
+    write_side_files(folder, model_max_length)
+
+
+def write_side_files(folder: Path, model_max_length: int) -> None:
+    """tokenizer_config.json and special_tokens_map.json (each replaced atomically), so that
+    `AutoTokenizer.from_pretrained(folder)` knows the special tokens."""
     special = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
               "padding_side": "right", "clean_up_tokenization_spaces": False, **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    _write_json(Path(folder) / "tokenizer_config.json", config)
+    _write_json(Path(folder) / "special_tokens_map.json", special)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:

@@ -1,0 +1,101 @@
+"""`deploylm train` through click's CliRunner: help, a short real run, and every bad input
+(one line on stderr, exit status 2, nothing written)."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["train", *map(str, args)])
+
+
+def assert_usage_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"source": f"{i}", "target": f"n{i}"}) + "\n" for i in range(40)))
+    return path
+
+
+def test_help_lists_options():
+    result = run("--help")
+    assert result.exit_code == 0
+    for option in ("--task", "--data", "--out", "--size", "--steps", "--resume", "--force", "--batch-size",
+                   "--lr", "--seed", "--eval-every", "--device"):
+        assert option in result.stdout
+
+
+def test_short_run_writes_checkpoint_and_metrics(tmp_path, data):
+    out = tmp_path / "run"
+    result = run("--data", data, "--out", out, "--steps", 4, "--batch-size", 8, "--eval-every", 2)
+    assert result.exit_code == 0, result.output
+    assert "test: exact match" in result.stdout
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    again = run("--data", data, "--out", out, "--steps", 6, "--batch-size", 8, "--eval-every", 2, "--resume")
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    forced = run("--data", data, "--out", out, "--steps", 2, "--batch-size", 8, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--task", "nope"], ["unknown task 'nope'", "digits2words, reverse"]),
+    (["--data", "{tmp}/missing.jsonl"], ["missing.jsonl", "does not exist"]),
+    (["--data", "{bad}"], ["bad.jsonl:2:", "not valid JSON"]),
+    (["--task", "reverse", "--steps", "0"], ["--steps 0", "positive"]),
+    (["--task", "reverse", "--steps", "-5"], ["--steps -5", "positive"]),
+    (["--task", "reverse", "--batch-size", "0"], ["--batch-size 0"]),
+    (["--task", "reverse", "--data", "{data}"], ["exactly one of --task", "--data"]),
+    ([], ["exactly one of --task", "--data"]),
+    (["--task", "reverse", "--size", "huge"], ["--size 'huge'", "tiny, small, base"]),
+    (["--task", "reverse", "--resume"], ["--resume", "nothing to resume"]),
+    (["--task", "reverse", "--resume", "--force"], ["--resume and --force"]),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, data, args, words):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"source": "a", "target": "b"}\n{oops\n')
+    args = [a.format(tmp=tmp_path, bad=bad, data=data) for a in args]
+    out = tmp_path / "out"
+    assert_usage_error(run(*args, "--out", out), *words)
+    assert not out.exists()
+
+
+def test_missing_out_is_one_line():
+    assert_usage_error(run("--task", "reverse"), "--out")
+
+
+def test_existing_output_needs_resume_or_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert_usage_error(run("--task", "reverse", "--out", out), "exists", "--resume", "--force")
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_force_refuses_a_folder_that_is_not_a_run(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert_usage_error(run("--task", "reverse", "--out", out, "--force"), "does not look like a training run")
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_cuda_requested_without_gpu(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    assert_usage_error(run("--task", "reverse", "--out", out, "--device", "cuda"), "--device cuda", "--device cpu")
+    assert not out.exists()

@@ -1,0 +1,115 @@
+"""--data .jsonl loading and splitting, the BPE tokenizer, deterministic batches, metrics."""
+import json
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from deploylm.errors import UsageError
+from deploylm.training.data import BatchStream, SpecialIds, jsonl_splits, make_batch, read_jsonl
+from deploylm.training.metrics import bleu, exact_match, perplexity
+from deploylm.training.tasks import Example, SplitSizes, task_splits
+from deploylm.training.tokenizer import (decode, encode_sources, encode_targets, load_tokenizer,
+                                         save_tokenizer, train_tokenizer)
+
+IDS = SpecialIds(pad=0, bos=1, eos=2)
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def good_line(i):
+    return json.dumps({"source": f"source {i}", "target": f"target {i}"})
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("{not json", "not valid JSON"),
+    ('{"source": "a"}', "missing key 'target'"),
+    ('{"target": "a"}', "missing key 'source'"),
+    ('{"source": 3, "target": "a"}', "'source' is int: expected a string"),
+    ('{"source": "a", "target": ""}', "'target' is empty"),
+    ('["a", "b"]', "expected a JSON object"),
+])
+def test_bad_jsonl_line_is_named(tmp_path, bad, expected):
+    path = write_lines(tmp_path / "d.jsonl", [good_line(1), good_line(2), bad, good_line(4)])
+    with pytest.raises(UsageError) as err:
+        read_jsonl(path)
+    assert f"{path}:3: " in str(err.value) and expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_empty_jsonl(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(UsageError, match="is not a file"):
+        read_jsonl(tmp_path)
+    with pytest.raises(UsageError, match="no examples"):
+        read_jsonl(write_lines(tmp_path / "e.jsonl", ["", "  "]))
+
+
+def test_jsonl_splits_are_deterministic_and_disjoint(tmp_path):
+    lines = [good_line(i) for i in range(100)] + ["", good_line(5)]   # blank line skipped, duplicate source
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    splits = jsonl_splits(path, seed=0)
+    assert splits == jsonl_splits(path, seed=0) and splits != jsonl_splits(path, seed=1)
+    assert (len(splits.validation), len(splits.test)) == (5, 10)
+    assert len(splits.train) + len(splits.validation) + len(splits.test) == 101
+    parts = [{ex.source for ex in part} for part in splits.__dict__.values()]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == 100
+
+
+def test_jsonl_needs_three_sources(tmp_path):
+    with pytest.raises(UsageError, match="at least 3"):
+        jsonl_splits(write_lines(tmp_path / "d.jsonl", [good_line(1), good_line(2)]), seed=0)
+
+
+@pytest.fixture(scope="module")
+def d2w_tokenizer():
+    splits = task_splits("digits2words", 0, SplitSizes(train=2000, validation=10, test=10))
+    return train_tokenizer([t for ex in splits.train for t in (ex.source, ex.target)], vocab_size=400)
+
+
+def test_tokenizer_round_trip_and_special_ids(d2w_tokenizer, tmp_path):
+    tok = d2w_tokenizer
+    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    texts = ["four thousand ninety-six", "4096", "héllo,  wörld! 12", "one million"]
+    assert decode(tok, encode_targets(tok, texts)) == texts
+    assert tok.encode("4096").tokens == ["4", "0", "9", "6", "</s>"]        # digits one by one, </s> appended
+    assert encode_sources(tok, ["12"])[0][-1] == 2 and 2 not in encode_targets(tok, ["12"])[0]
+    save_tokenizer(tok, tmp_path, model_max_length=512)
+    assert load_tokenizer(tmp_path).encode("4096").ids == tok.encode("4096").ids
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (0, 1, 2, 3)
+    assert hf("4096").input_ids == tok.encode("4096").ids
+    assert hf.decode(hf("ninety-six").input_ids, skip_special_tokens=True) == "ninety-six"
+    plain = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert plain("4096").input_ids == tok.encode("4096").ids
+
+
+def test_batches_are_padded_and_shifted(d2w_tokenizer):
+    batch = make_batch(d2w_tokenizer, [Example("7", "seven"), Example("4096", "four thousand ninety-six")], IDS, 64)
+    assert batch.src_ids.shape[0] == 2 and batch.src_ids[0, 1] == 2 and batch.src_mask[0, 2] == 0
+    assert batch.tgt_in[:, 0].tolist() == [1, 1]
+    for tgt_in, labels in zip(batch.tgt_in.tolist(), batch.labels.tolist()):
+        real = [t for t in labels if t != -100]
+        assert real[-1] == 2 and tgt_in[:len(real)] == [1] + real[:-1]     # labels = inputs shifted left
+        assert tgt_in[len(real):] == [0] * (len(tgt_in) - len(real))
+
+
+def test_batch_stream_is_a_function_of_the_step():
+    examples = [Example(str(i), str(i)) for i in range(10)]
+    stream = BatchStream(examples, batch_size=4, seed=0)
+    epoch0 = [ex.source for step in (0, 1) for ex in stream.examples_at(step)]
+    assert BatchStream(examples, 4, 0).examples_at(1) == stream.examples_at(1)
+    assert sorted(epoch0 + [ex.source for ex in stream.examples_at(2)][:2]) == sorted(str(i) for i in range(10))
+    assert stream.position(3) == {"epoch": 1, "offset": 2}
+
+
+def test_metrics():
+    assert exact_match(["a b", "c "], ["a b", "c d"]) == 0.5
+    assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    assert bleu(["dog"], ["the cat sat on the mat"]) < 10
+    assert perplexity(0.0) == 1.0
+    with pytest.raises(ValueError):
+        exact_match(["a"], [])

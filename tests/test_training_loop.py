@@ -1,0 +1,81 @@
+"""The training loop: the loss falls, checkpoints are complete HF-like folders, --resume continues
+exactly where a killed run stopped."""
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from deploylm.errors import UsageError
+from deploylm.models.checkpoint import load_checkpoint, load_training_state
+from deploylm.models.source import resolve_source
+from deploylm.training.config import TrainConfig
+from deploylm.training.tasks import SplitSizes, task_splits
+from deploylm.training.trainer import train
+
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "training_state.pt", "metrics.json"}
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory):
+    """Settings for short runs on a 400-line reverse-words .jsonl (340 train, 20 validation, 40 test)."""
+    path = tmp_path_factory.mktemp("data") / "reverse.jsonl"
+    examples = task_splits("reverse", 0, SplitSizes(train=400, validation=0, test=0)).train
+    path.write_text("".join(json.dumps({"source": e.source, "target": e.target}) + "\n" for e in examples))
+    return dict(data=path, batch_size=16, eval_every=10, checkpoint_every=5, progress=False)
+
+
+class Killed(Exception):
+    """Stands in for the process being killed mid-run."""
+
+
+def test_loss_falls_and_checkpoint_is_complete(tmp_path, fast):
+    out = tmp_path / "run"
+    result = train(TrainConfig(out=out, steps=30, lr=3e-3, warmup=5, **fast))
+    assert result.steps == 30 and len(result.losses) == 30
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.5
+    assert {p.name for p in out.iterdir()} == CHECKPOINT_FILES
+    assert [v["step"] for v in result.validation] == [10, 20, 30]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 30 and set(metrics["test"]) == {"loss", "perplexity", "exact_match", "bleu"}
+    assert metrics["test"] == pytest.approx(result.test) and len(metrics["examples"]) == 5
+    model, config = load_checkpoint(out)
+    assert resolve_source(out).kind == "checkpoint" and config.vocab_size == model.src_embed.num_embeddings
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token_id == config.pad_token_id and tok.eos_token_id == config.eos_token_id
+    assert len(tok) == config.vocab_size
+    state = load_training_state(out)
+    assert state["step"] == 30 and state["data_position"] == {"epoch": 1, "offset": 140}
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, fast):
+    whole = train(TrainConfig(out=tmp_path / "whole", steps=20, **fast))
+
+    def kill_at_12(step, loss):
+        if step == 12:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(TrainConfig(out=tmp_path / "part", steps=20, **fast), on_step=kill_at_12)
+    assert load_training_state(tmp_path / "part")["step"] == 10        # last checkpoint before the kill
+    resumed = train(TrainConfig(out=tmp_path / "part", steps=20, resume=True, **fast))
+    assert resumed.steps == whole.steps == 20
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+    assert resumed.test == pytest.approx(whole.test, rel=1e-4)
+    a, _ = load_checkpoint(tmp_path / "whole")
+    b, _ = load_checkpoint(tmp_path / "part")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, msg=name)
+
+
+def test_resume_refuses_other_settings(tmp_path, fast):
+    train(TrainConfig(out=tmp_path / "run", steps=2, **fast))
+    with pytest.raises(UsageError, match="seed 0"):
+        train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **fast, seed=1))
+
+
+def test_resume_past_the_end_only_evaluates(tmp_path, fast):
+    first = train(TrainConfig(out=tmp_path / "run", steps=5, **fast))
+    again = train(TrainConfig(out=tmp_path / "run", steps=5, resume=True, **fast))
+    assert again.losses == first.losses and again.test == pytest.approx(first.test)
