@@ -1,0 +1,310 @@
+"""Teacher/student pairs and their data for deploylm.training.distill, and the atomic output folder.
+
+Three teacher kinds: a deploylm encoder-decoder checkpoint (task or .jsonl data through the training
+package), a deploylm decoder-only checkpoint and a Hugging Face causal LM (plain text, in blocks).
+Every check that can fail on bad input runs before the teacher's weights load; nothing is written
+before the run ends.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deploylm.errors import UsageError
+from deploylm.models.source import Source, resolve_source
+from deploylm.training.distill import REPORT, DistillConfig, Setup, plan_layers, remap_layers
+
+TOKENIZER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HELD_OUT_FRACTION = 10          # text: one block in ten is held out for perplexity
+
+
+def check_output(config: DistillConfig) -> None:
+    """--out must be new or empty, or (with --force) a model folder that may be replaced."""
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file: expected a folder for the student")
+    if config.teacher.exists() and out.exists() and out.resolve() == config.teacher.resolve():
+        raise UsageError(f"--out {str(out)!r} is the teacher's folder: choose another folder for the student")
+    if out.exists() and any(out.iterdir()):
+        if not config.force:
+            raise UsageError(f"--out {str(out)!r} exists: choose another folder or use --force to replace it")
+        if not (out / "config.json").is_file():
+            raise UsageError(f"--force: {str(out)!r} holds no model (no config.json): refusing to replace it")
+
+
+def build(config: DistillConfig) -> Setup:
+    """The teacher, the initialised student and the data of `config`."""
+    from deploylm.models.hf import resolve_device
+
+    try:
+        source = resolve_source(config.teacher)
+    except UsageError as exc:
+        raise UsageError(f"--teacher: {exc}") from None
+    device = resolve_device(config.device)
+    if source.kind == "checkpoint":
+        from deploylm.models.checkpoint import load_config
+
+        if load_config(source.path).arch == "seq2seq":
+            return _seq2seq_setup(config, source, device)
+        return _text_setup(config, source, device, _seed_causal_pair)
+    if source.kind == "hf":
+        return _text_setup(config, source, device, _hf_causal_pair)
+    raise UsageError(f"--teacher {str(config.teacher)!r} is a {source.kind}: expected a deploylm checkpoint "
+                     "or a Hugging Face causal LM folder (distil before exporting)")
+
+
+def publish(config: DistillConfig, save: Callable[[Path], None], report: dict[str, Any]) -> None:
+    """Write the student into a temporary folder next to --out, then rename it into place."""
+    out = config.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        save(tmp)
+        (tmp / REPORT).write_text(json.dumps({"settings": _settings(config), **report}, indent=2) + "\n")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _settings(config: DistillConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+# ---- deploylm encoder-decoder on a task -------------------------------------------------------
+
+
+def _seq2seq_setup(config: DistillConfig, source: Source, device: torch.device) -> Setup:
+    from deploylm.models.checkpoint import load_checkpoint, load_config, load_generation_config
+    from deploylm.training.data import BatchStream, SpecialIds, make_batch
+    from deploylm.training.tokenizer import load_tokenizer
+
+    tconfig = load_config(source.path)
+    width = config.d_model is not None and config.d_model != tconfig.d_model
+    kept = plan_layers({"encoder_layers": tconfig.n_encoder_layers, "decoder_layers": tconfig.n_decoder_layers},
+                       config.layers, width)
+    sconfig = _student_config(tconfig, kept, config.d_model if width else None)
+    if not (source.path / "tokenizer.json").is_file():
+        raise UsageError(f"teacher {str(source.path)!r} has no tokenizer.json: the student needs the teacher's tokenizer")
+    splits = _seq2seq_splits(config, source.path)
+    teacher, _ = load_checkpoint(source.path, device)
+    student = _seed_student(teacher, sconfig, kept, width, device)
+    tok = load_tokenizer(source.path)
+    ids = SpecialIds(tconfig.pad_token_id, tconfig.decoder_start_token_id, tconfig.eos_token_id)
+    stream = BatchStream(splits.train, config.batch_size, config.seed)
+    generation = load_generation_config(source.path)
+    max_new = int(generation.get("max_new_tokens", 64))
+
+    def batch(step: int) -> tuple[dict[str, Tensor], Tensor]:
+        b = make_batch(tok, stream.examples_at(step), ids, tconfig.max_positions).to(device)
+        return {"src_ids": b.src_ids, "src_mask": b.src_mask, "tgt_ids": b.tgt_in}, b.labels
+
+    def evaluate(model: nn.Module, limit: int | None) -> dict[str, float]:
+        from deploylm.training.evaluate import evaluate as run_eval
+
+        started = time.perf_counter()
+        examples = splits.test[:min(limit or config.eval_examples, config.eval_examples)]
+        res = run_eval(model, tok, examples, ids, device, tconfig.max_positions, max_new)
+        return {**res.as_dict(), "eval_s": time.perf_counter() - started}
+
+    def save(folder: Path) -> None:
+        _save_seed(folder, student, sconfig, source.path, generation)
+
+    return Setup(teacher, student, kept, "random" if width else "teacher", batch,
+                 lambda model, x: model(x["src_ids"], x["src_mask"], x["tgt_ids"]), evaluate, save)
+
+
+def _seq2seq_splits(config: DistillConfig, folder: Path) -> Any:
+    """The teacher's splits: --task/--data, else the task or data (and split seed) it was trained with."""
+    from deploylm.models.checkpoint import load_training_state
+    from deploylm.training.data import jsonl_splits
+    from deploylm.training.tasks import task_splits
+
+    identity = (load_training_state(folder) or {}).get("identity", {})
+    seed = int(identity.get("seed", config.seed))
+    if config.data is None and config.task is None and not (identity.get("task") or identity.get("data")):
+        raise UsageError(f"teacher {str(folder)!r} does not record its training data: give --task NAME or --data FILE.jsonl")
+    if config.data is not None or (config.task is None and identity.get("data")):
+        return jsonl_splits(Path(config.data or identity["data"]), seed)
+    return task_splits(config.task or identity["task"], seed)
+
+
+def _student_config(teacher: Any, kept: dict[str, list[int]], d_model: int | None) -> Any:
+    """The teacher's TransformerConfig with the kept depth per stack and, if given, another width."""
+    changes: dict[str, Any] = {"n_decoder_layers": len(kept.get("decoder_layers", kept.get("layers", [])))}
+    if "encoder_layers" in kept:
+        changes["n_encoder_layers"] = len(kept["encoder_layers"])
+    if d_model is not None:
+        if d_model % teacher.n_heads:
+            raise UsageError(f"--d-model {d_model}: expected a multiple of the teacher's n_heads={teacher.n_heads}")
+        changes.update(d_model=d_model, d_ff=max(1, round(teacher.d_ff * d_model / teacher.d_model)))
+    return dataclasses.replace(teacher, **changes)
+
+
+def _seed_student(teacher: nn.Module, sconfig: Any, kept: dict[str, list[int]], random_init: bool,
+                  device: torch.device) -> nn.Module:
+    from deploylm.models.checkpoint import build_model
+
+    student = build_model(sconfig).to(device)
+    if not random_init:
+        student.load_state_dict(remap_layers(teacher.state_dict(), kept), strict=True)
+    return student
+
+
+def _save_seed(folder: Path, student: nn.Module, sconfig: Any, teacher_dir: Path, generation: dict[str, Any]) -> None:
+    """A deploylm checkpoint with the teacher's tokenizer files and decoding defaults."""
+    from deploylm.models.checkpoint import save_checkpoint
+
+    defaults = {k: generation[k] for k in ("num_beams", "max_new_tokens") if k in generation}
+    save_checkpoint(folder, student, sconfig, generation=defaults)
+    for name in TOKENIZER_SIDE_FILES:
+        if (teacher_dir / name).is_file():
+            shutil.copyfile(teacher_dir / name, folder / name)
+
+
+# ---- causal LMs on plain text -----------------------------------------------------------------
+
+Pair = tuple[nn.Module, nn.Module, dict[str, list[int]], int | None, Callable[[Path], None]]
+
+
+def _text_setup(config: DistillConfig, source: Source, device: torch.device,
+                make_pair: Callable[[DistillConfig, Source, torch.device, Any], Pair]) -> Setup:
+    """Causal teacher and student on blocks of --data text (the last tenth held out)."""
+    from deploylm.models.tokenizer import load_tokenizer
+    from deploylm.training.data import BatchStream
+
+    if config.task is not None:
+        raise UsageError("--task applies to encoder-decoder teachers: give --data FILE.txt for a causal LM")
+    if config.data is None:
+        raise UsageError("--data FILE.txt is required for a causal LM teacher: the plain text to distil on")
+    lines = _read_lines(config.data)
+    tok = load_tokenizer(source)
+    teacher, student, kept, window, save = make_pair(config, source, device, tok)
+    train, held_out = _split_blocks(_text_blocks(lines, config.data, tok, min(config.block_size, window or config.block_size)))
+    stream = BatchStream(train, config.batch_size, config.seed)
+    forward = _hf_logits if source.kind == "hf" else _seed_logits
+
+    def batch(step: int) -> tuple[dict[str, Tensor], Tensor]:
+        blocks = torch.tensor(stream.examples_at(step), dtype=torch.long, device=device)   # [B, L+1]
+        return {"input_ids": blocks[:, :-1]}, blocks[:, 1:]
+
+    def evaluate(model: nn.Module, limit: int | None) -> dict[str, float]:
+        from deploylm.training.metrics import perplexity
+
+        started, total, count, rows = time.perf_counter(), 0.0, 0, held_out[:limit]
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(rows), config.batch_size):
+                blocks = torch.tensor(rows[i:i + config.batch_size], dtype=torch.long, device=device)   # [B, L+1]
+                logits = forward(model, {"input_ids": blocks[:, :-1]})                     # [B, L, V]
+                total += float(F.cross_entropy(logits.float().flatten(0, 1), blocks[:, 1:].flatten(), reduction="sum"))
+                count += blocks[:, 1:].numel()
+        loss = total / count
+        return {"loss": loss, "perplexity": perplexity(loss), "eval_s": time.perf_counter() - started,
+                "held_out_tokens": count}
+
+    return Setup(teacher, student, kept, "teacher", batch, forward, evaluate, save)
+
+
+def _seed_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    return model(inputs["input_ids"])[0]
+
+
+def _hf_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    return model(input_ids=inputs["input_ids"]).logits
+
+
+def _seed_causal_pair(config: DistillConfig, source: Source, device: torch.device, tok: Any) -> Pair:
+    """deploylm decoder-only teacher and its student (layers copied unless the width changes)."""
+    from deploylm.models.checkpoint import load_checkpoint, load_config, load_generation_config
+
+    tconfig = load_config(source.path)
+    width = config.d_model is not None and config.d_model != tconfig.d_model
+    kept = plan_layers({"layers": tconfig.n_decoder_layers}, config.layers, width)
+    sconfig = _student_config(tconfig, kept, config.d_model if width else None)
+    teacher, _ = load_checkpoint(source.path, device)
+    student = _seed_student(teacher, sconfig, kept, width, device)
+    generation = load_generation_config(source.path)
+    return teacher, student, kept, tconfig.max_positions, lambda folder: _save_seed(folder, student, sconfig, source.path, generation)
+
+
+def _hf_causal_pair(config: DistillConfig, source: Source, device: torch.device, tok: Any) -> Pair:
+    """Hugging Face causal teacher and the same architecture with fewer layers, copied from it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from deploylm.models.hf import load_hf_model
+
+    hf_config = AutoConfig.from_pretrained(source.path)
+    if hf_config.is_encoder_decoder:
+        raise UsageError(f"--teacher {str(source.path)!r} is a Hugging Face encoder-decoder: distil deploylm seq2seq checkpoints or Hugging Face causal LMs")
+    if config.d_model is not None and config.d_model != getattr(hf_config, "hidden_size", None):
+        raise UsageError(f"--d-model {config.d_model}: a Hugging Face student keeps the teacher's width ({getattr(hf_config, 'hidden_size', '?')})")
+    depth = getattr(hf_config, "num_hidden_layers", None)
+    if not isinstance(depth, int):
+        raise UsageError(f"--teacher {str(source.path)!r}: its config has no num_hidden_layers; cannot choose student layers")
+    indices = plan_layers({"layers": depth}, config.layers, False)["layers"]
+    teacher = load_hf_model(source, dtype=torch.float32, device=device)
+    kept = {_layer_list(teacher, depth): indices}
+    sconfig = copy.deepcopy(teacher.config)
+    sconfig.num_hidden_layers = len(indices)
+    if isinstance(getattr(sconfig, "layer_types", None), list):
+        sconfig.layer_types = [sconfig.layer_types[i] for i in indices]
+    student = AutoModelForCausalLM.from_config(sconfig).to(device=device, dtype=torch.float32)
+    student.load_state_dict(remap_layers(teacher.state_dict(), kept), strict=True)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    window = getattr(hf_config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+    def save(folder: Path) -> None:
+        student.save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+    return teacher, student, kept, window, save
+
+
+def _layer_list(model: nn.Module, depth: int) -> str:
+    """The name of the model's one ModuleList of `depth` blocks (transformer.h, model.layers, ...)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if len(names) != 1:
+        raise UsageError(f"cannot tell which module list holds the {depth} layers of {type(model).__name__} "
+                         f"(found {names or 'none'}): this architecture is not supported for distillation")
+    return names[0]
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, line endings kept."""
+    if not path.is_file():
+        raise UsageError(f"--data {str(path)!r} does not exist: expected a plain text file")
+    try:
+        return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    except UnicodeDecodeError:
+        raise UsageError(f"--data {str(path)!r} is not UTF-8 text") from None
+
+
+def _text_blocks(lines: list[str], path: Path, tok: Any, length: int) -> list[list[int]]:
+    """Token blocks of length+1 (inputs and next-token labels) over `lines` (the text of `path`)."""
+    ids = [t for row in (tok(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []) for t in row]
+    if len(ids) < 2:
+        raise UsageError(f"--data {str(path)!r} holds {len(ids)} token(s): expected some text to distil on")
+    if len(ids) <= length:
+        return [ids]
+    return [ids[i:i + length + 1] for i in range(0, len(ids) - length, length)]
+
+
+def _split_blocks(blocks: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(train, held out): the last tenth held out; with fewer than ten blocks both are all blocks."""
+    n = len(blocks) // HELD_OUT_FRACTION
+    return (blocks[:-n], blocks[-n:]) if n else (blocks, blocks)

@@ -1,0 +1,29 @@
+"""Tiny random deploylm checkpoints (encoder-decoder or decoder-only) with a BPE tokenizer, in seconds.
+
+The tokenizer is trained on the `reverse` task's words, so task batches and short prompts tokenize
+sensibly; the folders load with load_checkpoint, AutoTokenizer and deploylm.load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deploylm.models.checkpoint import build_model, save_checkpoint
+from deploylm.models.config import make_config
+from deploylm.training.tasks import REVERSE_WORDS
+from deploylm.training.tokenizer import save_tokenizer, train_tokenizer
+
+TEXTS = [" ".join(REVERSE_WORDS[i:] + REVERSE_WORDS[:i]) for i in range(len(REVERSE_WORDS))]
+
+
+def build_tiny_seed(dest: Path, *, arch: str = "seq2seq", layers: int = 4, d_model: int = 32, seed: int = 0) -> Path:
+    """Save a seeded random `arch` model with `layers` per stack to `dest` (a new folder)."""
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    config = make_config("tiny", tok.get_vocab_size(), arch=arch, d_model=d_model, n_heads=2, d_ff=2 * d_model,
+                         n_encoder_layers=layers if arch == "seq2seq" else 0, n_decoder_layers=layers, max_positions=64)
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    save_checkpoint(dest, model, config, tok, generation={"max_new_tokens": 12})
+    save_tokenizer(tok, dest, config.max_positions)
+    return Path(dest)

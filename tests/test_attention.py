@@ -1,0 +1,132 @@
+"""`deploylm attention`: weights from every model kind are proper (rows sum to 1, causal where they
+must be), the PNG is written, and bad input is one line, exit 2."""
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deploylm.attention import attention_maps, draw_attention, panels
+from deploylm.cli import cli
+from tests.helpers.tiny_seed import build_tiny_seed
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TEXT = "red fox blue cat"
+
+
+@pytest.fixture(scope="module")
+def seed_seq2seq(tmp_path_factory):
+    return build_tiny_seed(tmp_path_factory.mktemp("attn") / "seq2seq", layers=2)
+
+
+@pytest.fixture(scope="module")
+def seed_lm(tmp_path_factory):
+    return build_tiny_seed(tmp_path_factory.mktemp("attn") / "lm", arch="decoder", layers=2, seed=1)   # no EOS first
+
+
+def assert_rows_sum_to_one(amap):
+    for weights in amap.layers:                                  # [H, Tq, Tk]
+        assert weights.shape[1:] == (len(amap.queries), len(amap.keys))
+        assert (weights >= 0).all()
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
+
+
+def assert_causal(amap):
+    for weights in amap.layers:
+        assert torch.equal(weights.triu(1), torch.zeros_like(weights))   # nothing attends to the future
+
+
+def test_seq2seq_checkpoint_maps(seed_seq2seq):
+    maps = attention_maps(seed_seq2seq, TEXT, max_new_tokens=5)
+    assert [m.kind for m in maps] == ["encoder", "decoder", "cross"]
+    encoder, decoder, cross = maps
+    assert len(encoder.layers) == 2 and encoder.layers[0].shape[0] == 2
+    assert encoder.queries == encoder.keys == cross.keys and encoder.keys[-1] == "</s>"
+    assert decoder.queries[0] == "<s>" and cross.queries == decoder.queries and 1 < len(decoder.queries) <= 6
+    for amap in maps:
+        assert_rows_sum_to_one(amap)
+    assert_causal(decoder)
+    assert not torch.equal(encoder.layers[0].triu(1), torch.zeros_like(encoder.layers[0]))   # encoder sees both ways
+
+
+def test_decoder_only_checkpoint_maps(seed_lm):
+    (amap,) = attention_maps(seed_lm, TEXT, max_new_tokens=3)
+    assert amap.kind == "self" and len(amap.layers) == 2
+    prompt_len = len(attention_maps(seed_lm, TEXT, max_new_tokens=0)[0].queries)
+    assert len(amap.queries) == prompt_len + 3                       # prompt + greedy continuation
+    assert_rows_sum_to_one(amap)
+    assert_causal(amap)
+
+
+def test_hugging_face_maps(tiny_gpt2_dir, tiny_t5_dir):
+    (amap,) = attention_maps(tiny_gpt2_dir, "the quick brown fox", max_new_tokens=2)
+    assert amap.kind == "self" and len(amap.layers) == 2 and amap.layers[0].shape[0] == 4
+    assert_rows_sum_to_one(amap)
+    assert_causal(amap)
+    maps = attention_maps(tiny_t5_dir, "the quick brown fox", max_new_tokens=3)
+    assert [m.kind for m in maps] == ["encoder", "decoder", "cross"]
+    for amap in maps:
+        assert_rows_sum_to_one(amap)
+    assert_causal(maps[1])
+
+
+def test_panels_choose_layers_and_heads(seed_seq2seq):
+    maps = attention_maps(seed_seq2seq, TEXT, max_new_tokens=2)
+    assert [len(row) for row in panels(maps)] == [1] * 6                 # 3 kinds x 2 layers, mean of heads
+    assert [len(row) for row in panels(maps, layer=1, head="all")] == [2] * 3
+    title, weights, _ = panels(maps, layer=0, head=1)[0][0]
+    assert title == "encoder layer 0 head 1" and torch.equal(weights, maps[0].layers[0][1])
+    title, weights, _ = panels(maps, layer=1)[2][0]
+    assert title == "cross layer 1 (mean of heads)" and torch.allclose(weights, maps[2].layers[1].mean(0))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[0]))
+
+
+def test_png_is_written(seed_seq2seq, tmp_path):
+    maps = attention_maps(seed_seq2seq, TEXT, max_new_tokens=3)
+    out = draw_attention(maps, tmp_path / "attn.png", head="all")
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 20_000
+    assert [p.name for p in tmp_path.iterdir()] == ["attn.png"]           # no temporary file left
+
+
+def test_cli_draws_png(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "gpt2.png"
+    res = CliRunner().invoke(cli, ["attention", "--model", str(tiny_gpt2_dir), "the quick brown fox", "--out", str(out),
+                                   "--layer", "1", "--head", "0", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert "attention maps:" in res.output and out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5_000
+
+
+def test_help():
+    res = CliRunner().invoke(cli, ["attention", "--help"])
+    assert res.exit_code == 0 and "--layer" in res.output and "--head" in res.output and "FILE.png" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/nope", TEXT, "--out", "{tmp}/a.png"], "does not exist"),
+    (["--model", "{seed}", "--out", "{tmp}/a.png"], "TEXT is required"),
+    (["--model", "{seed}", "  ", "--out", "{tmp}/a.png"], "TEXT is empty"),
+    (["--model", "{seed}", TEXT], "--out FILE.png is required"),
+    (["--model", "{seed}", TEXT, "--out", "{tmp}/a.jpg"], "expected a file name ending in .png"),
+    (["--model", "{seed}", TEXT, "--out", "{tmp}/missing/a.png"], "does not exist"),
+    (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--layer", "2"], "--layer 2: the model has 2 layer(s)"),
+    (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--layer", "first"], "--layer 'first'"),
+    (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--head", "5"], "--head 5: the model has 2 head(s)"),
+    (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--head", "-1"], "--head '-1'"),
+    (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--max-new-tokens", "-1"], "--max-new-tokens -1"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, seed_seq2seq, tmp_path):
+    argv = ["attention", *[a.format(tmp=tmp_path, seed=seed_seq2seq) for a in args]]
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_matplotlib_names_the_extra(seed_seq2seq, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                   # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    res = CliRunner().invoke(cli, ["attention", "--model", str(seed_seq2seq), TEXT, "--out", str(tmp_path / "a.png")])
+    assert res.exit_code == 2 and "pip install 'deploylm[plot]'" in res.output
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,200 @@
+"""Distillation: the loss is the documented KD + CE mix, students start from every other teacher layer,
+short runs lower the KD loss and save students that load and generate, bad input is one line, exit 2."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.models.checkpoint import build_model, load_checkpoint
+from deploylm.models.config import make_config
+from deploylm.models.source import resolve_source
+from deploylm.training import distill_setup
+from deploylm.training.distill import DistillConfig, distill, distillation_loss, plan_layers, remap_layers, select_layers
+from tests.helpers.tiny_hf import CORPUS
+from tests.helpers.tiny_seed import build_tiny_seed
+
+FAST = dict(batch_size=16, lr=3e-3, eval_examples=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def seed_teacher(tmp_path_factory):
+    return build_tiny_seed(tmp_path_factory.mktemp("distill") / "teacher", layers=4)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(CORPUS * 3) + "\n")
+    return path
+
+
+def kd_fell(losses, factor=0.8):
+    first = sum(step["kd"] for step in losses[:5]) / 5
+    last = sum(step["kd"] for step in losses[-5:]) / 5
+    return last < factor * first
+
+
+def test_loss_is_temperature_scaled_kl_plus_hard_ce():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)   # [B, T, V]
+    labels = torch.tensor([[1, 2, -100], [0, -100, 6]])
+    total, kd, ce = distillation_loss(student, teacher, labels, temperature=2.0, alpha=0.3)
+    keep = labels != -100
+    p_t = (teacher[keep] / 2).softmax(-1)
+    log_p_s = (student[keep] / 2).log_softmax(-1)
+    expected_kd = 4 * (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
+    torch.testing.assert_close(kd, expected_kd)
+    torch.testing.assert_close(ce, F.cross_entropy(student[keep], labels[keep]))
+    torch.testing.assert_close(total, 0.3 * expected_kd + 0.7 * ce)
+    _, same, _ = distillation_loss(teacher, teacher, labels, 2.0, 1.0)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_layer_choice():
+    assert select_layers(12, 6) == [0, 2, 4, 7, 9, 11]          # DistilBERT's choice
+    assert select_layers(4, 2) == [0, 3] and select_layers(3, 1) == [0] and select_layers(5, 5) == list(range(5))
+    assert plan_layers({"enc": 6, "dec": 3}, None, False) == {"enc": [0, 2, 5], "dec": [0, 2]}
+    assert plan_layers({"enc": 6, "dec": 3}, 2, False) == {"enc": [0, 5], "dec": [0, 2]}
+
+
+def test_remap_copies_every_other_layer_and_the_rest():
+    config = make_config("tiny", 50, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=4, n_decoder_layers=4)
+    teacher = build_model(config)
+    kept = {"encoder_layers": [0, 3], "decoder_layers": [0, 3]}
+    student = build_model(make_config("tiny", 50, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=2, n_decoder_layers=2))
+    student.load_state_dict(remap_layers(teacher.state_dict(), kept), strict=True)
+    for stack in ("encoder_layers", "decoder_layers"):
+        for j, i in enumerate(kept[stack]):
+            for (name, a), (_, b) in zip(getattr(student, stack)[j].state_dict().items(),
+                                         getattr(teacher, stack)[i].state_dict().items()):
+                assert torch.equal(a, b), f"{stack}.{j}.{name}"
+    assert torch.equal(student.src_embed.weight, teacher.src_embed.weight)
+    assert torch.equal(student.decoder_norm.weight, teacher.decoder_norm.weight)
+
+
+def test_hf_student_starts_from_teacher_layers(tiny_gpt2_dir, text_file, tmp_path):
+    setup = distill_setup.build(DistillConfig(teacher=tiny_gpt2_dir, out=tmp_path / "s", data=text_file, **FAST))
+    assert setup.kept == {"transformer.h": [0]} and setup.student.config.n_layer == 1
+    t_state, s_state = setup.teacher.state_dict(), setup.student.state_dict()
+    assert set(s_state) == {k for k in t_state if not k.startswith("transformer.h.1.")}
+    for key, value in s_state.items():
+        assert torch.equal(value, t_state[key]), key
+
+
+def test_seq2seq_run_lowers_kd_and_saves_a_checkpoint_that_generates(seed_teacher, tmp_path):
+    out = tmp_path / "student"
+    result = distill(DistillConfig(teacher=seed_teacher, out=out, task="reverse", steps=40, alpha=0.9, **FAST))
+    assert kd_fell(result.losses)
+    assert result.kept_layers == {"encoder_layers": [0, 3], "decoder_layers": [0, 3]} and result.init == "teacher"
+    assert result.parameters["student"] < result.parameters["teacher"]
+    assert set(result.student) >= {"exact_match", "bleu", "loss", "eval_s"}
+    model, config = load_checkpoint(out)
+    assert (config.n_encoder_layers, config.n_decoder_layers) == (2, 2)
+    src = torch.tensor([[5, 6, 2]])
+    assert model(src, torch.ones_like(src), torch.tensor([[1, 5]])).shape == (1, 2, config.vocab_size)
+    import deploylm
+
+    res = deploylm.load(out).generate("red fox blue", num_beams=2, max_new_tokens=4)
+    assert len(res[0].sequences[0].token_ids) <= 4
+    report = json.loads((out / "distill.json").read_text())
+    assert report["settings"]["temperature"] == 2.0 and report["settings"]["teacher"] == str(seed_teacher)
+    assert report["kept_layers"] == result.kept_layers and report["teacher"] == pytest.approx(result.teacher)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]          # no temporary folders left
+
+
+@pytest.mark.parametrize("teacher_kind", ["hf", "seed-decoder"])
+def test_causal_run_on_text(teacher_kind, tiny_gpt2_dir, text_file, tmp_path):
+    teacher = tiny_gpt2_dir if teacher_kind == "hf" else build_tiny_seed(tmp_path / "lm", arch="decoder", layers=2)
+    out = tmp_path / "student"
+    result = distill(DistillConfig(teacher=teacher, out=out, data=text_file, steps=25, alpha=1.0, block_size=16, **FAST))
+    assert kd_fell(result.losses)
+    assert result.student["held_out_tokens"] > 0 and result.student["perplexity"] > 1
+    ids = torch.tensor([[5, 6, 7]])
+    if teacher_kind == "hf":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        assert resolve_source(out).kind == "hf"
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert model.config.n_layer == 1 and AutoTokenizer.from_pretrained(out)("fox")["input_ids"]
+        logits = model(input_ids=ids).logits
+    else:
+        model, config = load_checkpoint(out)
+        assert config.arch == "decoder" and config.n_decoder_layers == 1
+        logits = model(ids)[0]
+    assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
+
+
+def test_other_width_is_random_init(seed_teacher, tmp_path):
+    result = distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "s", task="reverse", steps=2, d_model=16, **FAST))
+    _, config = load_checkpoint(tmp_path / "s")
+    assert result.init == "random" and (config.d_model, config.d_ff, config.n_decoder_layers) == (16, 32, 2)
+
+
+def test_cli_run(seed_teacher, tmp_path):
+    out = tmp_path / "cli-student"
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", str(out), "--task", "reverse",
+                                   "--steps", "3", "--layers", "1", "--batch-size", "8", "--eval-examples", "4"])
+    assert res.exit_code == 0, res.output
+    assert "student:" in res.output and "kd " in res.output
+    assert load_checkpoint(out)[1].n_encoder_layers == 1
+
+
+def test_help():
+    res = CliRunner().invoke(cli, ["distill", "--help"])
+    assert res.exit_code == 0 and "--temperature" in res.output and "--alpha" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "{tmp}/nope"], "--teacher: model"),
+    (["--teacher", "{seed}", "--layers", "4"], "--layers 4: expected fewer than the teacher's 4 layers"),
+    (["--teacher", "{seed}", "--layers", "7"], "--layers 7"),
+    (["--teacher", "{seed}", "--layers", "0"], "--layers 0"),
+    (["--teacher", "{seed}", "--temperature", "0"], "--temperature 0"),
+    (["--teacher", "{seed}", "--temperature", "-1"], "--temperature -1"),
+    (["--teacher", "{seed}", "--alpha", "1.5"], "--alpha 1.5: expected a number in [0, 1]"),
+    (["--teacher", "{seed}", "--alpha", "-0.1"], "--alpha -0.1"),
+    (["--teacher", "{seed}", "--alpha", "x"], "--alpha 'x'"),
+    (["--teacher", "{seed}", "--d-model", "33"], "multiple of the teacher's n_heads"),
+    (["--teacher", "{seed}", "--task", "nope"], "unknown task 'nope'"),
+    (["--teacher", "{seed}", "--steps", "0"], "--steps 0"),
+    (["--teacher", "{gpt2}", "--task", "reverse"], "--task applies to encoder-decoder"),
+    (["--teacher", "{gpt2}"], "--data FILE.txt is required"),
+    (["--teacher", "{gpt2}", "--data", "{tmp}/missing.txt"], "does not exist"),
+    (["--teacher", "{gpt2}", "--data", "{text}", "--layers", "2"], "--layers 2"),
+    (["--teacher", "{gpt2}", "--data", "{text}", "--d-model", "64"], "keeps the teacher's width"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, seed_teacher, tiny_gpt2_dir, text_file, tmp_path):
+    values = {"tmp": tmp_path, "seed": seed_teacher, "gpt2": tiny_gpt2_dir, "text": text_file}
+    out = tmp_path / "out"
+    argv = ["distill", *[a.format(**values) for a in args], "--out", str(out)]
+    res = CliRunner().invoke(cli, argv if "--steps" in args else [*argv, "--steps", "1"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_existing_output_is_refused(seed_teacher, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", str(out), "--task", "reverse"])
+    assert res.exit_code == 2 and "exists" in res.output
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", str(out), "--task", "reverse", "--force"])
+    assert res.exit_code == 2 and "refusing to replace" in res.output
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_student_exports_and_generates_from_the_artifact(seed_teacher, tmp_path):
+    import deploylm
+    from deploylm.export.pipeline import export_model
+
+    distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "s", task="reverse", steps=3, **FAST))
+    export_model(tmp_path / "s", "fp32", tmp_path / "artifact")
+    torch_out = deploylm.load(tmp_path / "s").generate("red fox", num_beams=2, max_new_tokens=4)
+    onnx_out = deploylm.load(tmp_path / "artifact").generate("red fox", num_beams=2, max_new_tokens=4)
+    assert onnx_out[0].sequences[0].token_ids == torch_out[0].sequences[0].token_ids
