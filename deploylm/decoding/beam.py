@@ -1,0 +1,161 @@
+"""Beam search state and step, vectorized over the batch: transformers 5's `_beam_search`, step by step.
+
+Shapes: B inputs, K beams, R = B * K rows (beams of an input contiguous), V vocab, L = P + max_new_tokens
+where P is the running-sequence length before generation (padded prompt, or 1 start token).
+Every tensor op mirrors transformers (`_get_top_k_continuations`, `_get_running_beams_for_next_iteration`,
+`_update_finished_beams`, `_check_early_stop_heuristic`, `_beam_search_has_unfinished_sequences`),
+including the -1e9 masks in fp32, so ties and scores come out identical.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from deploylm.decoding.options import DecodingOptions
+from deploylm.decoding.processors import ProcessorList
+
+NEG = -1.0e9
+
+
+def _gather(tensor: Tensor, idx: Tensor) -> Tensor:
+    """tensor [B, N, ...], idx [B, M] -> [B, M, ...] (transformers' `_gather_beams`)."""
+    while idx.dim() < tensor.dim():
+        idx = idx.unsqueeze(-1)
+    return torch.take_along_dim(tensor, idx, dim=1)
+
+
+class BeamSearch:
+    """Running and finished beams of B inputs. `step(logits)` consumes one decoder output."""
+
+    def __init__(self, options: DecodingOptions, prompt: Tensor, eos_ids: tuple[int, ...], fill: int,
+                 processors: ProcessorList, generator: torch.Generator | None = None):
+        B, P = prompt.shape
+        K = options.num_beams
+        dev = prompt.device
+        self.B, self.K, self.P = B, K, P
+        self.options, self.processors, self.generator = options, processors, generator
+        self.max_len = P + options.max_new_tokens
+        self.cur_len = P
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
+        self.keep = max(2, 1 + len(eos_ids)) * K
+        self.top_mask = torch.cat((torch.ones(K, dtype=torch.bool), torch.zeros(self.keep - K, dtype=torch.bool)))
+        self.top_mask = self.top_mask.to(dev)
+        self.running = torch.full((B, K, self.max_len), fill, dtype=torch.long, device=dev)   # [B, K, L]
+        self.running[:, :, :P] = prompt[:, None, :]
+        self.finished = self.running.clone()                                                  # [B, K, L]
+        self.running_scores = torch.zeros((B, K), dtype=torch.float, device=dev)
+        self.running_scores[:, 1:] = NEG
+        self.finished_scores = torch.full((B, K), NEG, dtype=torch.float, device=dev)
+        self.is_finished = torch.zeros((B, K), dtype=torch.bool, device=dev)
+        self.finished_len = torch.zeros((B, K), dtype=torch.long, device=dev)  # generated tokens, EOS included
+        self.unsatisfied = torch.ones((B, 1), dtype=torch.bool, device=dev)   # early-stop heuristic not met
+        self.all_done = False
+        self._offsets = torch.arange(B, device=dev)[:, None] * K               # [B, 1]
+
+    # --- one step -------------------------------------------------------------------------------
+    def step(self, logits: Tensor, time_up: bool = False) -> tuple[Tensor, Tensor]:
+        """logits [R, V] -> (parent rows [R] to reorder the state by, next tokens [R])."""
+        B, K = self.B, self.K
+        flat_sequences = self.running[:, :, :self.cur_len].reshape(B * K, self.cur_len)   # [R, cur_len]
+        log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
+        log_probs = self.processors(flat_sequences, log_probs)                             # [R, V]
+        vocab = log_probs.shape[-1]
+        log_probs = log_probs.view(B, K, vocab).add_(self.running_scores[:, :, None])      # fresh tensor
+        log_probs = log_probs.reshape(B, K * vocab)                                        # [B, K*V]
+
+        topk_scores, topk_seqs, topk_parents = self._top_candidates(log_probs, vocab)
+        hits = torch.isin(topk_seqs[:, :, self.cur_len], self.eos)                        # [B, 2K]
+        if self.cur_len + 1 >= self.max_len or time_up:
+            hits = torch.ones_like(hits)
+        parents = self._next_running(topk_scores, topk_seqs, topk_parents, hits)
+        self._update_finished(topk_scores, topk_seqs, hits)
+
+        self.cur_len += 1
+        self._update_stop_heuristic()
+        improvement_possible = bool(torch.any(self.unsatisfied))
+        exists_open_beam = not (bool(torch.all(self.is_finished)) and self.options.early_stopping is True)
+        valid_continuations = not bool(torch.all(hits))
+        self.all_done = not (improvement_possible and exists_open_beam and valid_continuations)
+        return (parents + self._offsets).view(-1), self.running[:, :, self.cur_len - 1].reshape(-1)
+
+    def _top_candidates(self, log_probs: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Best `keep` continuations per input: scores [B, 2K], sequences [B, 2K, L], parent beam [B, 2K]."""
+        if self.options.do_sample:
+            probs = torch.nn.functional.softmax(log_probs, dim=-1)
+            idx = torch.multinomial(probs, num_samples=self.keep, generator=self.generator)
+            scores = torch.gather(log_probs, 1, idx)
+            scores, order = scores.sort(dim=-1, descending=True)
+            idx = idx.gather(dim=-1, index=order)
+        else:
+            scores, idx = torch.topk(log_probs, k=self.keep)
+        parent = idx // vocab
+        seqs = _gather(self.running, parent)
+        seqs[:, :, self.cur_len] = idx % vocab
+        return scores, seqs, parent
+
+    def _next_running(self, topk_scores: Tensor, topk_seqs: Tensor, topk_parents: Tensor,
+                      hits: Tensor) -> Tensor:
+        """Keep the K best candidates that did not stop; returns their parent beams [B, K]."""
+        running_scores = topk_scores + hits.to(torch.float32) * NEG
+        best = torch.topk(running_scores, k=self.K)[1]
+        self.running = _gather(topk_seqs, best)
+        self.running_scores = _gather(running_scores, best)
+        return _gather(topk_parents, best)
+
+    def _update_finished(self, topk_scores: Tensor, topk_seqs: Tensor, hits: Tensor) -> None:
+        """Merge candidates that stopped within the top K into the finished set (best K kept)."""
+        just_finished = hits & self.top_mask[None, :]
+        gen_len = self.cur_len + 1 - self.P
+        scores = topk_scores / (gen_len ** self.options.length_penalty)
+        full = torch.all(self.is_finished, dim=-1, keepdim=True) & (self.options.early_stopping is True)
+        scores += full.to(torch.float32) * NEG
+        scores += (~self.unsatisfied).to(torch.float32) * NEG
+        scores += (~just_finished) * NEG
+        merged_scores = torch.cat((self.finished_scores, scores), dim=1)
+        best = torch.topk(merged_scores, k=self.K)[1]
+        self.finished = _gather(torch.cat((self.finished, topk_seqs), dim=1), best)
+        self.finished_scores = _gather(merged_scores, best)
+        self.is_finished = _gather(torch.cat((self.is_finished, just_finished), dim=1), best)
+        new_len = torch.full_like(topk_scores, gen_len, dtype=torch.long)
+        self.finished_len = _gather(torch.cat((self.finished_len, new_len), dim=1), best)
+
+    def _update_stop_heuristic(self) -> None:
+        """Can a running beam still beat the worst finished one? (transformers' heuristic, per input)."""
+        lp, early = self.options.length_penalty, self.options.early_stopping
+        if early == "never" and lp > 0.0:
+            best_len = self.max_len - self.P
+        else:
+            best_len = self.cur_len - self.P
+        best_running = self.running_scores[:, :1] / (best_len ** lp)
+        worst_finished = torch.where(self.is_finished,
+                                     torch.min(self.finished_scores, dim=1, keepdim=True)[0], NEG)
+        self.unsatisfied = self.unsatisfied & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+
+    # --- views for the loop, streaming and the result -------------------------------------------
+    def input_done(self) -> Tensor:
+        """[B] bool: the input's returned hypotheses can no longer change."""
+        if self.all_done:
+            return torch.ones(self.B, dtype=torch.bool, device=self.running.device)
+        full = torch.all(self.is_finished, dim=-1) & (self.options.early_stopping is True)
+        return ~self.unsatisfied[:, 0] | full
+
+    def candidates(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Generated tokens that any final best hypothesis must start with one of.
+
+        Returns ids [B, K + 1, t], lengths [B, K + 1], valid [B, K + 1]: the K running beams (valid while
+        the input is not done) and the best finished hypothesis (valid once one exists).
+        """
+        t = self.cur_len - self.P
+        done = self.input_done()
+        ids = torch.cat((self.running[:, :, self.P:self.cur_len], self.finished[:, :1, self.P:self.cur_len]), 1)
+        lengths = torch.cat((torch.full_like(self.finished_len, t), self.finished_len[:, :1]), dim=1)
+        valid = torch.cat((~done[:, None].expand(-1, self.K), self.is_finished[:, :1]), dim=1)
+        return ids, lengths, valid
+
+    def result(self, num_return_sequences: int) -> list[list[tuple[tuple[int, ...], float]]]:
+        """Per input, the best `num_return_sequences` finished hypotheses (tokens, score), best first."""
+        ids = self.finished[:, :num_return_sequences, self.P:].tolist()
+        lengths = self.finished_len[:, :num_return_sequences].tolist()
+        scores = self.finished_scores[:, :num_return_sequences].tolist()
+        return [[(tuple(ids[b][j][:lengths[b][j]]), scores[b][j]) for j in range(num_return_sequences)]
+                for b in range(self.B)]

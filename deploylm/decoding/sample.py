@@ -1,0 +1,83 @@
+"""Greedy decoding and sampling (one row per draw): transformers 5's `_sample`, step by step.
+
+Rows: R = B * N where N = num_return_sequences (sampling) or 1 (greedy); draws of an input contiguous.
+Processors act on raw fp32 logits. A finished row keeps receiving the pad token, as in transformers.
+The score of a row is the model's log-likelihood of its generated tokens (log_softmax of the raw
+logits, before processors and warpers) divided by generated_len ** length_penalty. This equals the
+score of a one-beam search whenever processors only ban tokens (n-gram ban, min_new_tokens), not
+when they rescale them (repetition penalty, temperature): transformers reports no score here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from deploylm.decoding.options import DecodingOptions
+from deploylm.decoding.processors import ProcessorList
+
+
+class SampleSearch:
+    """Rows that each pick one token per step, by argmax or by a seeded multinomial draw."""
+
+    def __init__(self, options: DecodingOptions, prompt: Tensor, eos_ids: tuple[int, ...], pad: int,
+                 processors: ProcessorList, generator: torch.Generator | None = None):
+        B, P = prompt.shape
+        dev = prompt.device
+        self.N = options.rows_per_input
+        self.B, self.P = B, P
+        self.options, self.processors, self.generator = options, processors, generator
+        self.max_len = P + options.max_new_tokens
+        self.cur_len = P
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
+        self.has_eos = len(eos_ids) > 0
+        self.pad = pad
+        self.sequences = torch.full((B * self.N, self.max_len), pad, dtype=torch.long, device=dev)  # [R, L]
+        self.sequences[:, :P] = prompt.repeat_interleave(self.N, dim=0)
+        self.unfinished = torch.ones(B * self.N, dtype=torch.bool, device=dev)
+        self.sum_logprobs = torch.zeros(B * self.N, dtype=torch.float, device=dev)
+        self.gen_len = torch.zeros(B * self.N, dtype=torch.long, device=dev)
+        self.all_done = False
+
+    def step(self, logits: Tensor, time_up: bool = False) -> tuple[None, Tensor]:
+        """logits [R, V] -> (None: rows never move, next tokens [R])."""
+        scores = self.processors(self.sequences[:, :self.cur_len], logits.float())         # [R, V]
+        if self.options.do_sample:
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            tokens = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        logprob = torch.nn.functional.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        self.sum_logprobs += torch.where(self.unfinished, logprob, 0.0)
+        self.gen_len += self.unfinished.long()
+        if self.has_eos:
+            tokens = torch.where(self.unfinished, tokens, self.pad)
+        self.sequences[:, self.cur_len] = tokens
+        self.cur_len += 1
+        stop = torch.isin(tokens, self.eos)
+        if self.cur_len >= self.max_len or time_up:
+            stop = torch.ones_like(stop)
+        self.unfinished = self.unfinished & ~stop
+        self.all_done = not bool(self.unfinished.any())
+        return None, tokens
+
+    def input_done(self) -> Tensor:
+        """[B] bool: every draw of the input has finished."""
+        return ~self.unfinished.view(self.B, self.N).any(dim=1)
+
+    def candidates(self) -> tuple[Tensor, Tensor, Tensor]:
+        """ids [B, N, t], lengths [B, N], valid [B, N]: every draw may end up best."""
+        ids = self.sequences[:, self.P:self.cur_len].reshape(self.B, self.N, -1)
+        lengths = self.gen_len.view(self.B, self.N)
+        return ids, lengths, torch.ones_like(lengths, dtype=torch.bool)
+
+    def result(self, num_return_sequences: int) -> list[list[tuple[tuple[int, ...], float]]]:
+        """Per input, its draws (tokens, score), best score first (stable for ties)."""
+        penalty = self.gen_len.clamp(min=1).double() ** self.options.length_penalty
+        scores = (self.sum_logprobs.double() / penalty).view(self.B, self.N).tolist()
+        ids = self.sequences[:, self.P:].view(self.B, self.N, -1).tolist()
+        lengths = self.gen_len.view(self.B, self.N).tolist()
+        out = []
+        for b in range(self.B):
+            hyps = [(tuple(ids[b][j][:lengths[b][j]]), scores[b][j]) for j in range(self.N)]
+            out.append(sorted(hyps, key=lambda h: -h[1])[:num_return_sequences])
+        return out

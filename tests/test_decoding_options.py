@@ -1,0 +1,83 @@
+"""DecodingOptions: defaults, validation messages (each names the option), from_mapping and replace."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from deploylm.decoding.options import DecodingOptions, option_names
+from deploylm.errors import UsageError
+
+
+def test_defaults_are_deploylm_cli_defaults():
+    o = DecodingOptions()
+    assert (o.num_beams, o.max_new_tokens, o.min_new_tokens) == (4, 64, 0)
+    assert (o.length_penalty, o.repetition_penalty, o.no_repeat_ngram_size, o.early_stopping) == (1.0, 1.0, 0, False)
+    assert (o.do_sample, o.top_k, o.top_p, o.temperature, o.seed, o.max_time) == (False, 0, 1.0, 1.0, None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.num_beams = 2
+    with pytest.raises(TypeError):
+        DecodingOptions(4)  # keyword-only
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_beams=0), "num_beams"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(num_beams=1, num_return_sequences=2), "num_return_sequences"),
+    (dict(num_return_sequences=0), "num_return_sequences"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=-1.3), "repetition_penalty"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=4, min_new_tokens=8), "max_new_tokens"),
+    (dict(min_new_tokens=-1), "min_new_tokens"),
+    (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size"),
+    (dict(top_k=-1), "top_k"),
+    (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(early_stopping=1), "early_stopping"),
+    (dict(num_beams=2.5), "num_beams"),
+    (dict(num_beams=True), "num_beams"),
+    (dict(length_penalty="long"), "length_penalty"),
+    (dict(do_sample="yes"), "do_sample"),
+    (dict(seed=1.5), "seed"),
+    (dict(max_time=0), "max_time"),
+])
+def test_invalid_values_name_the_option_and_the_value(kwargs, name):
+    with pytest.raises(UsageError) as err:
+        DecodingOptions(**kwargs)
+    message = str(err.value)
+    assert name in message and repr(kwargs.get(name, "")).strip("'") in message
+    assert "\n" not in message
+
+
+def test_sampling_may_return_more_draws_than_beams():
+    assert DecodingOptions(num_beams=1, do_sample=True, num_return_sequences=5).num_return_sequences == 5
+
+
+@pytest.mark.parametrize("value, parsed", [("true", True), ("False", False), ("never", "never"), (True, True)])
+def test_early_stopping_accepts_cli_strings(value, parsed):
+    assert DecodingOptions(early_stopping=value).early_stopping == parsed
+
+
+def test_from_mapping_rejects_unknown_keys_and_validates():
+    o = DecodingOptions.from_mapping({"num_beams": 2, "length_penalty": 0, "early_stopping": "never"})
+    assert (o.num_beams, o.length_penalty, o.early_stopping) == (2, 0.0, "never")
+    assert isinstance(o.length_penalty, float)
+    with pytest.raises(UsageError, match="'beam_size'"):
+        DecodingOptions.from_mapping({"beam_size": 4})
+    with pytest.raises(UsageError, match="top_p"):
+        DecodingOptions.from_mapping({"top_p": 2})
+
+
+def test_replace_validates_and_rejects_unknown_names():
+    o = DecodingOptions().replace(num_beams=8, num_return_sequences=8)
+    assert (o.num_beams, o.num_return_sequences) == (8, 8)
+    with pytest.raises(UsageError, match="num_return_sequences"):
+        o.replace(num_beams=2)
+    with pytest.raises(UsageError, match="'beams'"):
+        o.replace(beams=2)
+    assert DecodingOptions.from_mapping(o.to_dict()) == o
+    assert set(o.to_dict()) == set(option_names())

@@ -1,0 +1,90 @@
+"""Each processor equals its transformers counterpart on random inputs, and validates its arguments."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deploylm.backends.base import ModelInfo, SpecialTokens
+from deploylm.decoding import processors as P
+from deploylm.decoding.options import DecodingOptions
+from deploylm.errors import UsageError
+
+R, L, V = 6, 12, 40
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    sequences = torch.randint(0, 8, (R, L), generator=g)          # a small alphabet: many repeats
+    scores = torch.randn(R, V, generator=g) * 3
+    return sequences, scores
+
+
+def _hf():
+    from transformers.generation import logits_process as hf
+    return hf
+
+
+@pytest.mark.parametrize("ignore", [None, torch.tensor([0, 1, 2, 3, 11, 0])])
+@pytest.mark.parametrize("out_of_vocab", [False, True])
+def test_repetition_penalty_matches_transformers(inputs, ignore, out_of_vocab):
+    sequences, scores = inputs
+    if out_of_vocab:   # ids past the logits (embedding wider than lm_head), also in the last position
+        sequences = sequences.clone()
+        sequences[0, 3], sequences[1, -1] = V + 2, V + 5
+    ours = P.RepetitionPenalty(1.3, ignore)(sequences, scores)
+    theirs = _hf().RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=ignore)(sequences, scores.clone())
+    assert torch.equal(ours, theirs)
+    assert ours.is_contiguous()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_no_repeat_ngram_matches_transformers(inputs, size):
+    sequences, scores = inputs
+    ours = P.NoRepeatNGram(size)(sequences, scores)
+    assert torch.equal(ours, _hf().NoRepeatNGramLogitsProcessor(size)(sequences, scores))
+    assert torch.isinf(ours).any()
+
+
+@pytest.mark.parametrize("length", [3, 5, 6])
+def test_min_new_tokens_matches_transformers(inputs, length):
+    sequences, scores = inputs
+    ours = P.MinNewTokens(2, 4, (1, 7))(sequences[:, :length], scores)
+    theirs = _hf().MinNewTokensLengthLogitsProcessor(2, 4, [1, 7])(sequences[:, :length], scores)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda: P.Temperature(0.7), lambda hf: hf.TemperatureLogitsWarper(0.7)),
+    (lambda: P.TopK(5), lambda hf: hf.TopKLogitsWarper(5)),
+    (lambda: P.TopK(1, min_keep=3), lambda hf: hf.TopKLogitsWarper(1, min_tokens_to_keep=3)),
+    (lambda: P.TopP(0.8), lambda hf: hf.TopPLogitsWarper(0.8)),
+    (lambda: P.TopP(0.01, min_keep=2), lambda hf: hf.TopPLogitsWarper(0.01, min_tokens_to_keep=2)),
+])
+def test_warpers_match_transformers(inputs, ours, theirs):
+    sequences, scores = inputs
+    assert torch.equal(ours()(sequences, scores), theirs(_hf())(sequences, scores))
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: P.RepetitionPenalty(0.0), "repetition_penalty"),
+    (lambda: P.NoRepeatNGram(0), "no_repeat_ngram_size"),
+    (lambda: P.MinNewTokens(0, -1, (1,)), "min_new_tokens"),
+    (lambda: P.Temperature(0.0), "temperature"),
+    (lambda: P.TopK(0), "top_k"),
+    (lambda: P.TopP(1.5), "top_p"),
+])
+def test_constructors_validate(make, name):
+    with pytest.raises(UsageError, match=name):
+        make()
+
+
+def test_build_processors_follows_transformers_order():
+    info = ModelInfo(is_encoder_decoder=False, vocab_size=V, special=SpecialTokens((1, 2), pad_token_id=0))
+    options = DecodingOptions(repetition_penalty=1.2, no_repeat_ngram_size=2, min_new_tokens=1, do_sample=True,
+                              temperature=0.5, top_k=3, top_p=0.9)
+    built = P.build_processors(options, info, prompt_len=4)
+    assert [type(p) for p in built] == [P.RepetitionPenalty, P.NoRepeatNGram, P.MinNewTokens, P.Temperature,
+                                        P.TopK, P.TopP]
+    assert built[4].top_k == 3 and built[5].min_keep == 3           # beams keep len(eos) + 1 tokens
+    assert P.build_processors(DecodingOptions(top_k=5, temperature=0.5), info, 4) == []   # warpers: sampling only

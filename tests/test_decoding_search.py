@@ -1,0 +1,164 @@
+"""Greedy, sampling, batching and the loop's bookkeeping, on scripted backends (no model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deploylm.decoding.beam import BeamSearch
+from deploylm.decoding.options import DecodingOptions
+from deploylm.decoding.processors import build_processors
+from deploylm.decoding.search import SearchStats, generate_ids, iter_search, run_search
+from deploylm.errors import UsageError
+from tests.helpers import scripted_backend
+from tests.helpers.scripted_backend import ScriptedBackend, encode, table_script
+
+PAD, EOS = 0, 1
+VOCAB = 6
+
+
+def random_script(eos_weight: float = 0.6, peak: float = 0.0):
+    return scripted_backend.random_script(VOCAB, eos_weight=eos_weight, peak=peak)
+
+
+PROMPTS = [(2, 3, 4), (5,), (3, 3), (4, 2, 5, 3, 2)]
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_beams=3, max_new_tokens=6),
+    dict(num_beams=3, max_new_tokens=6, length_penalty=0.0, early_stopping="never", num_return_sequences=2),
+    dict(num_beams=2, max_new_tokens=6, early_stopping=True, no_repeat_ngram_size=2),
+    dict(num_beams=1, max_new_tokens=6),
+])
+def test_batch_of_different_lengths_equals_one_prompt_at_a_time(options):
+    opts = DecodingOptions(**options)
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    batched = generate_ids(backend, encode(PROMPTS), opts)
+    alone = [generate_ids(backend, encode([p]), opts)[0] for p in PROMPTS]
+    assert batched == alone
+    assert any(h.token_ids[-1] == EOS for per_input in batched for h in per_input)
+
+
+def _beam_one(backend, batch, options):
+    """Beam search with a single beam (generate_ids would run greedy for num_beams=1)."""
+    info = backend.info
+    search = BeamSearch(options, batch.input_ids, info.special.eos_token_ids, PAD,
+                        build_processors(options, info, batch.input_ids.shape[1]))
+    events = run_search(backend, batch, search, options)
+    while True:
+        try:
+            next(events)
+        except StopIteration as stop:
+            return stop.value
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_greedy_equals_beam_search_with_one_beam(length_penalty):
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=1, max_new_tokens=8, early_stopping=True, length_penalty=length_penalty,
+                              min_new_tokens=2, no_repeat_ngram_size=2)
+    batch = encode(PROMPTS)
+    greedy = generate_ids(backend, batch, options)
+    beam = _beam_one(backend, batch, options)
+    assert [[h.token_ids for h in x] for x in greedy] == [[h.token_ids for h in x] for x in beam]
+    for g, b in zip(greedy, beam):
+        assert g[0].score == pytest.approx(b[0].score, rel=1e-5)
+
+
+def test_greedy_pads_finished_rows_and_stops_each_at_eos():
+    table = {(): [0, .1, .6, .3, 0, 0], (2,): [0, .7, .2, .1, 0, 0]}
+    backend = ScriptedBackend(table_script(table, [0, .2, .3, .5, 0, 0]), vocab_size=VOCAB)
+    out = generate_ids(backend, encode([(2,), (3, 3)]), DecodingOptions(num_beams=1, max_new_tokens=4))
+    assert [[h.token_ids for h in x] for x in out] == [[(2, EOS)], [(2, EOS)]]
+    assert out[0][0].score == pytest.approx((torch.tensor([.6, .7]).log().sum() / 2).item(), rel=1e-5)
+    assert [name for name, _ in backend.calls] == ["prefill", "decode"]     # stopped when both finished
+
+
+def test_sampling_is_reproducible_per_seed_and_leaves_global_rng_alone():
+    backend = ScriptedBackend(random_script(eos_weight=0.05), vocab_size=VOCAB)
+    batch = encode(PROMPTS)
+    options = DecodingOptions(num_beams=1, do_sample=True, seed=7, max_new_tokens=8, num_return_sequences=3)
+    rng_before = torch.get_rng_state()
+    first = generate_ids(backend, batch, options)
+    assert torch.equal(rng_before, torch.get_rng_state())
+    assert generate_ids(backend, batch, options) == first
+    assert generate_ids(backend, batch, options.replace(seed=8)) != first
+    for per_input in first:
+        assert len(per_input) == 3
+        assert [h.score for h in per_input] == sorted((h.score for h in per_input), reverse=True)
+
+
+def test_sampling_with_top_k_1_equals_greedy():
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    batch = encode(PROMPTS)
+    greedy = generate_ids(backend, batch, DecodingOptions(num_beams=1, max_new_tokens=8))
+    sampled = generate_ids(backend, batch, DecodingOptions(num_beams=1, max_new_tokens=8, do_sample=True,
+                                                           top_k=1, seed=3))
+    assert [[h.token_ids for h in x] for x in sampled] == [[h.token_ids for h in x] for x in greedy]
+
+
+def test_beam_sampling_is_reproducible_and_returns_sorted_beams():
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=3, do_sample=True, seed=1, temperature=0.7, top_p=0.9,
+                              max_new_tokens=6, num_return_sequences=3)
+    out = generate_ids(backend, encode(PROMPTS), options)
+    assert out == generate_ids(backend, encode(PROMPTS), options)
+    for per_input in out:
+        assert [h.score for h in per_input] == sorted((h.score for h in per_input), reverse=True)
+
+
+def test_stats_and_events_count_steps_and_backend_time():
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    stats = SearchStats()
+    events = iter_search(backend, encode(PROMPTS), DecodingOptions(num_beams=2, max_new_tokens=5), stats)
+    seen = []
+    while True:
+        try:
+            seen.append(next(events))
+        except StopIteration:
+            break
+    assert [e.step for e in seen] == list(range(1, len(seen) + 1))
+    assert bool(seen[-1].done.all()) and stats.steps == len(seen)
+    assert stats.backend_calls == len(backend.calls)
+    assert 0 < stats.backend_seconds <= stats.total_seconds
+    assert stats.decoder_seconds >= 0
+
+
+def test_encoder_decoder_starts_from_the_decoder_start_token():
+    seen_prompts = []
+
+    def script(prompt, generated):
+        seen_prompts.append(prompt)
+        return [0, .5, .5, 0, 0, 0] if generated else [0, .1, .1, .8, 0, 0]
+
+    backend = ScriptedBackend(script, vocab_size=VOCAB, is_encoder_decoder=True, decoder_start_token_id=0)
+    # the decoder start token (0, also pad) is part of the running sequence: penalized like any token
+    out = generate_ids(backend, encode([(4, 5)], left=False),
+                       DecodingOptions(num_beams=2, max_new_tokens=2, repetition_penalty=2.0))
+    assert out[0][0].token_ids[0] == 3 and seen_prompts[0] == (4, 5)
+
+
+def test_errors_name_the_problem():
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB, is_encoder_decoder=True)
+    with pytest.raises(UsageError, match="decoder_start_token_id"):
+        generate_ids(backend, encode([(2,)]), DecodingOptions())
+    empty = encode([(2,)])
+    empty = type(empty)(empty.input_ids[:0], empty.attention_mask[:0])
+    with pytest.raises(UsageError, match="empty"):
+        generate_ids(ScriptedBackend(random_script(), vocab_size=VOCAB), empty, DecodingOptions())
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_max_time_stops_every_row_and_returns_what_it_has(num_beams):
+    import time
+
+    class Slow(ScriptedBackend):
+        def decode(self, tokens, state):
+            time.sleep(0.05)
+            return super().decode(tokens, state)
+
+    backend = Slow(random_script(eos_weight=0.0), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=num_beams, max_new_tokens=50, max_time=0.12,
+                              num_return_sequences=num_beams)
+    out = generate_ids(backend, encode(PROMPTS), options)
+    lengths = {len(h.token_ids) for per_input in out for h in per_input}
+    assert len(lengths) == 1 and 1 < lengths.pop() < 10

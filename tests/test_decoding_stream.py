@@ -1,0 +1,65 @@
+"""Streaming: pieces are final as soon as every hypothesis that can still win agrees on them."""
+from __future__ import annotations
+
+import pytest
+
+from deploylm.decoding.options import DecodingOptions
+from deploylm.decoding.search import generate_ids
+from deploylm.decoding.stream import common_prefix, stream_ids
+from tests.helpers import scripted_backend
+from tests.helpers.scripted_backend import ScriptedBackend, encode
+
+PROMPTS = [(2, 3, 4), (5,), (3, 3), (4, 2, 5, 3, 2)]
+VOCAB = 6
+
+
+def random_script(eos_weight: float, peak: float = 0.0):
+    return scripted_backend.random_script(VOCAB, eos_weight=eos_weight, peak=peak)
+
+
+def drain(gen):
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as stop:
+            return pieces, stop.value
+
+
+def test_common_prefix():
+    assert common_prefix([(1, 2, 3), (1, 2, 4), (1, 2)]) == (1, 2)
+    assert common_prefix([(1, 2)]) == (1, 2)
+    assert common_prefix([(1,), (2,)]) == ()
+    assert common_prefix([]) == ()
+
+
+def test_greedy_streams_every_token_at_its_step():
+    backend = ScriptedBackend(random_script(eos_weight=0.05), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=1, max_new_tokens=6)
+    pieces, hyps = drain(stream_ids(backend, encode([PROMPTS[0]]), options))
+    best = hyps[0][0].token_ids
+    assert [p[0] for p in pieces] == [(t,) for t in best]
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_beams=3, max_new_tokens=10),
+    dict(num_beams=4, max_new_tokens=10, length_penalty=2.0, early_stopping="never"),
+    dict(num_beams=2, max_new_tokens=10, early_stopping=True, num_return_sequences=2),
+    dict(num_beams=1, max_new_tokens=10, do_sample=True, seed=0, num_return_sequences=2),
+])
+@pytest.mark.parametrize("peak", [0.0, 3.0])
+def test_streamed_pieces_add_up_to_the_best_hypothesis(options, peak):
+    backend = ScriptedBackend(random_script(eos_weight=0.3, peak=peak), vocab_size=VOCAB)
+    opts = DecodingOptions(**options)
+    pieces, hyps = drain(stream_ids(backend, encode(PROMPTS), opts))
+    assert hyps == generate_ids(backend, encode(PROMPTS), opts)
+    for i, per_input in enumerate(hyps):
+        streamed = tuple(t for step in pieces for t in step[i])
+        assert streamed == per_input[0].token_ids
+
+
+def test_beam_search_streams_before_the_end_when_beams_agree():
+    backend = ScriptedBackend(random_script(eos_weight=0.3, peak=3.0), vocab_size=VOCAB)
+    pieces, hyps = drain(stream_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=3, max_new_tokens=10)))
+    early = [t for step in pieces[:-1] for per_input in step for t in per_input]
+    assert early, "nothing was streamed before the search ended"
