@@ -1,0 +1,120 @@
+"""Rows in worker processes: one spawned process per row, so each row's peak RSS is its own.
+
+The parent drives the interleaving; a worker loads its model once, then runs one round per "run"
+message and answers with the RoundResult. While one worker runs, the others wait on their pipe, so
+rows never compete for the CPU. Peak RSS is the worker's `ru_maxrss`: imports, model load and every
+round of that row, nothing of the others.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import sys
+import traceback
+from typing import Any
+
+from deploylm.errors import DeployLMError
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, KiB on Linux
+
+
+def current_rss_mib() -> float | None:
+    """This process's resident set size now, in MiB (None where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * resource.getpagesize() / 2**20
+
+
+def quiet_libraries() -> None:
+    """No progress bars or advice from transformers around the measurements."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+class ProcessRunner:
+    """A row in a spawned worker process (same interface as the in-process runners)."""
+
+    def __init__(self, spec: Any, workload: Any) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.label = spec.label
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(target=serve, args=(child, spec, workload), daemon=True,
+                                     name=f"deploylm-bench-{spec.backend}")
+        self._proc.start()
+        child.close()
+        self.load_s, self.rss_after_load_mib = 0.0, None
+
+    def ready(self) -> None:
+        """Wait until the worker has loaded its model (workers start together, then are awaited)."""
+        self.load_s, self.rss_after_load_mib = self._reply()
+
+    def run(self) -> Any:
+        self._conn.send("run")
+        return self._reply()
+
+    def close(self) -> float | None:
+        """Stop the worker; its peak RSS in MiB."""
+        if not self._proc.is_alive():
+            return None
+        try:
+            self._conn.send("close")
+            peak = self._reply()
+        finally:
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._conn.close()
+        return peak
+
+    def kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(10)
+
+    def _reply(self) -> Any:
+        try:
+            kind, payload = self._conn.recv()
+        except (EOFError, ConnectionError):
+            self._proc.join(10)
+            raise RuntimeError(f"the benchmark worker for {self.label} died (exit code {self._proc.exitcode}); "
+                               "out of memory?") from None
+        if kind == "error":
+            raise payload
+        if kind == "crash":
+            raise RuntimeError(f"the benchmark worker for {self.label} failed:\n{payload}")
+        return payload
+
+
+def serve(conn: Any, spec: Any, workload: Any) -> None:
+    """Worker main: load the row, answer ("ok", (load_s, rss)), then one round per "run" until "close"."""
+    os.environ.setdefault("TQDM_DISABLE", "1")   # no GGUF conversion bars from workers (read when tqdm loads)
+    try:
+        import torch
+
+        from deploylm.benchmarking.measure import open_local_runner
+
+        quiet_libraries()
+        torch.set_num_threads(workload.threads)
+        runner = open_local_runner(spec, workload)
+        conn.send(("ok", (runner.load_s, current_rss_mib())))
+        while conn.recv() == "run":
+            conn.send(("ok", runner.run()))
+        conn.send(("ok", peak_rss_mib()))
+    except DeployLMError as exc:
+        conn.send(("error", exc))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("crash", traceback.format_exc()))
+    finally:
+        conn.close()
+
+

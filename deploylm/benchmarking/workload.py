@@ -1,0 +1,196 @@
+"""What `deploylm bench` runs: the standard workload (DESIGN.md §9), the config, and the rows it plans.
+
+Standard workload: the 8 English prompts below (13–53 tokens with SmolLM2's tokenizer), one
+left-padded batch of 8, beam search with 4 beams, exactly 64 new tokens per prompt (EOS is banned
+until then: min_new_tokens = max_new_tokens, so EOS never shortens a run), 2 threads.
+
+A row is one (model, backend) pair, or the `transformers.generate` reference of a model: the SRC itself
+for a Hugging Face folder or .gguf file, the model an artifact was exported from (its manifest's
+source). Rows that share an original model share one reference row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploylm.decoding.options import DecodingOptions
+from deploylm.errors import UsageError
+
+STANDARD_PROMPTS: tuple[str, ...] = (
+    "The capital of France is Paris, and the capital of Italy is",
+    "Write a short note to a neighbour asking them to water the plants.",
+    "Explain in simple words why the sky looks blue on a clear day and red at sunset.",
+    "A train leaves the station at nine in the morning and travels at sixty miles per hour. By noon, it has",
+    "Here is a recipe for a simple vegetable soup that anyone can cook at home in under an hour, using only "
+    "carrots, onions, potatoes and a little salt:",
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden screw press. Its first major consequence was",
+    "Dear hiring committee, I am writing to apply for the position of junior software engineer advertised on "
+    "your website last week. Over the past two years I have built web applications in Python and JavaScript, "
+    "and I would like to",
+    "Summarise the following paragraph in one sentence. Rivers shape the land around them: over thousands of "
+    "years they carve valleys, carry sand and silt to the sea, and build wide, fertile plains where farmers "
+    "have grown crops since the first cities were founded. Summary:",
+)
+REFERENCE = "transformers"          # the backend name of reference rows
+FIXED_LENGTH_NOTE = ("EOS is banned until the last token (min_new_tokens = max_new_tokens): every prompt "
+                     "generates exactly max_new_tokens tokens")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One `deploylm bench` run. `backends` empty: each model with its default backend."""
+
+    models: tuple[str, ...]
+    backends: tuple[str, ...] = ("torch", "onnx")
+    prompts: tuple[str, ...] = STANDARD_PROMPTS
+    batch_size: int = 8
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    rounds: int = 3
+    warmup: int = 1
+    threads: int = 2
+    reference: bool = True
+    isolate: bool = True            # each row in its own worker process (per-row peak RSS)
+
+    def __post_init__(self) -> None:
+        from deploylm.backends import backend_names
+
+        object.__setattr__(self, "models", tuple(str(m) for m in self.models))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.models:
+            raise UsageError("no model given: pass --model SRC (a checkpoint, Hugging Face folder, .gguf file or artifact)")
+        for name in self.backends:
+            if name not in backend_names():
+                raise UsageError(f"--backends: unknown backend {name!r}: expected any of {', '.join(backend_names())}")
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise UsageError("prompts: expected at least one non-empty prompt")
+        for name, low in (("batch_size", 1), ("num_beams", 1), ("max_new_tokens", 1), ("rounds", 1),
+                          ("warmup", 0), ("threads", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError(f"--{name.replace('_', '-')} {value!r}: expected an integer >= {low}")
+
+    def options(self) -> DecodingOptions:
+        """The decoding options of every row: deterministic search, exactly max_new_tokens tokens."""
+        return DecodingOptions(num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+                               min_new_tokens=self.max_new_tokens)
+
+    def batches(self) -> tuple[tuple[str, ...], ...]:
+        """The calls of one round: the prompts in batches of batch_size; a batch larger than the
+        prompt list is filled by repeating the prompts in order."""
+        prompts, size = self.prompts, self.batch_size
+        if size >= len(prompts):
+            return (tuple(prompts[i % len(prompts)] for i in range(size)),)
+        return tuple(prompts[i:i + size] for i in range(0, len(prompts), size))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every row runs, sent to worker processes (picklable)."""
+
+    batches: tuple[tuple[str, ...], ...]
+    options: DecodingOptions
+    threads: int
+
+    @property
+    def num_prompts(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One benchmarked configuration. backend "transformers" = the `transformers.generate` reference."""
+
+    label: str
+    src: str
+    backend: str
+    profile: str
+    reference: str | None = None            # label of this row's reference row (None: no reference)
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def is_reference(self) -> bool:
+        return self.backend == REFERENCE
+
+
+def workload_of(config: BenchConfig) -> Workload:
+    return Workload(config.batches(), config.options(), config.threads)
+
+
+def plan_rows(config: BenchConfig) -> list[RowSpec]:
+    """The rows in run order: each model with each listed backend that can open it, then the references."""
+    from deploylm.models.source import resolve_source
+
+    rows: list[RowSpec] = []
+    references: dict[str, RowSpec] = {}
+    for src in config.models:
+        source = resolve_source(src)
+        names = [b for b in (config.backends or (_default_backend(source.kind),)) if _can_open(b, source.kind)]
+        if not names:
+            raise UsageError(f"--model {src}: none of --backends {','.join(config.backends)} runs a {source.kind} "
+                             f"(an artifact runs on onnx or trt; other models on torch)")
+        ref, notes = _reference_for(source, config.reference, references)
+        for name in names:
+            if any(r.src == str(source.path) and r.backend == name for r in rows):
+                raise UsageError(f"--model {src} with backend {name} is given twice: give each model once")
+            label = _unique(f"{source.name} [{name}]", rows)
+            rows.append(RowSpec(label, str(source.path), name, _profile(source), ref and ref.label, notes))
+    return rows + list(references.values())
+
+
+def _default_backend(kind: str) -> str:
+    return "onnx" if kind == "artifact" else "torch"
+
+
+def _can_open(backend: str, kind: str) -> bool:
+    return (kind == "artifact") == (backend != "torch")
+
+
+def _profile(source: Any) -> str:
+    """The artifact's export profile; a model run by the torch backend is fp32."""
+    if source.kind != "artifact":
+        return "fp32"
+    from deploylm.artifact import read_manifest
+
+    profile = read_manifest(source.path).get("profile") or {}
+    return str(profile.get("name", "?")) if isinstance(profile, dict) else str(profile)
+
+
+def _reference_for(source: Any, wanted: bool, references: dict[str, RowSpec]) -> tuple[RowSpec | None, tuple[str, ...]]:
+    """The reference row for `source` (created once per original model), or None and why."""
+    if not wanted:
+        return None, ()
+    origin, why = original_model(source)
+    if origin is None:
+        return None, (why,)
+    key = str(origin.path.resolve())
+    if key not in references:
+        label = f"{REFERENCE} ({origin.name})"
+        references[key] = RowSpec(label, str(origin.path), REFERENCE, "fp32")
+    return references[key], ()
+
+
+def original_model(source: Any) -> tuple[Any, str]:
+    """(Source of the Hugging Face/GGUF model transformers can run for `source`, "") or (None, why not)."""
+    from deploylm.artifact import read_manifest
+    from deploylm.models.source import resolve_source
+
+    if source.kind == "artifact":
+        origin = (read_manifest(source.path).get("source") or {}).get("path")
+        if not origin or not Path(origin).exists():
+            return None, f"no transformers reference: the model this artifact was exported from ({origin}) is gone"
+        source = resolve_source(origin)
+    if source.kind not in ("hf", "gguf"):
+        return None, f"no transformers reference: {source.path} is a deploylm {source.kind}, which transformers cannot load"
+    return source, ""
+
+
+def _unique(label: str, rows: list[RowSpec]) -> str:
+    taken = {r.label for r in rows}
+    n, out = 2, label
+    while out in taken:
+        out, n = f"{label} #{n}", n + 1
+    return out

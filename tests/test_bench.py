@@ -1,0 +1,238 @@
+"""`deploylm bench` as a library: config checks, row planning, interleaving, medians, report round trip.
+
+The orchestration tests inject fake runners (scripted timings and tokens) so every number in the
+report can be checked against the rounds it came from; the tiny-model tests run the real decoder and
+`transformers.generate` for a few tokens.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from deploylm.bench import STANDARD_PROMPTS, BenchConfig, BenchReport, CallTiming, RoundResult, plot_report, run_bench
+from deploylm.benchmarking.measure import GeneratorRunner, timing_from_marks
+from deploylm.benchmarking.report import percentile
+from deploylm.benchmarking.workload import plan_rows, workload_of
+from deploylm.errors import UsageError
+
+PROMPTS = ("the quick brown fox", "hello world", "one two three four five six seven", "beam search keeps")
+
+
+# -- config and planning ------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=0), "--batch-size 0"), (dict(rounds=0), "--rounds 0"), (dict(threads=0), "--threads 0"),
+    (dict(num_beams=0), "--num-beams 0"), (dict(max_new_tokens=0), "--max-new-tokens 0"),
+    (dict(warmup=-1), "--warmup -1"), (dict(backends=("torch", "tpu")), "unknown backend 'tpu'"),
+    (dict(models=()), "no model given"), (dict(prompts=("ok", " ")), "non-empty prompt"),
+])
+def test_config_rejects_bad_values(change, message):
+    with pytest.raises(UsageError, match=message):
+        BenchConfig(**{"models": ("m",), **change})
+
+
+def test_standard_workload_defaults():
+    config = BenchConfig(models=("m",))
+    assert len(STANDARD_PROMPTS) == 8 and config.batches() == (STANDARD_PROMPTS,)
+    options = config.options()
+    assert (options.num_beams, options.max_new_tokens, options.min_new_tokens) == (4, 64, 64)
+    assert config.threads == 2 and config.rounds == 3 and config.warmup == 1
+
+
+def test_batches_split_or_fill():
+    five = ("a", "b", "c", "d", "e")
+    assert BenchConfig(models=("m",), prompts=five, batch_size=2).batches() == (("a", "b"), ("c", "d"), ("e",))
+    assert BenchConfig(models=("m",), prompts=("a", "b"), batch_size=5).batches() == (("a", "b", "a", "b", "a"),)
+
+
+def test_rows_pair_models_with_backends_and_share_references(tiny_gpt2_dir, tiny_llama_dir):
+    rows = plan_rows(BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_llama_dir)), backends=("torch", "onnx")))
+    assert [(r.backend, Path(r.src)) for r in rows] == [
+        ("torch", tiny_gpt2_dir), ("torch", tiny_llama_dir),
+        ("transformers", tiny_gpt2_dir), ("transformers", tiny_llama_dir)]
+    assert rows[0].reference == rows[2].label and rows[1].reference == rows[3].label
+    assert len({r.label for r in rows}) == 4
+    assert [r.backend for r in plan_rows(BenchConfig(models=(str(tiny_gpt2_dir),), reference=False))] == ["torch"]
+
+
+def test_rows_refuse_unusable_combinations(tiny_gpt2_dir):
+    with pytest.raises(UsageError, match="none of --backends onnx runs a hf"):
+        plan_rows(BenchConfig(models=(str(tiny_gpt2_dir),), backends=("onnx",)))
+    with pytest.raises(UsageError, match="given twice"):
+        plan_rows(BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_gpt2_dir))))
+
+
+# -- orchestration with fake runners ------------------------------------------------------------------
+def _round(wall: float, tokens: tuple[tuple[int, ...], ...], steps: int = 4) -> RoundResult:
+    step = wall / (steps + 1)
+    call = CallTiming(wall_s=wall, ttft_s=2 * step, step_s=(step,) * (steps - 1), model_s=0.8 * wall,
+                      loop_s=0.9 * wall, steps=steps, requests=len(tokens))
+    return RoundResult((call,), tokens)
+
+
+class FakeRunner:
+    """Plays back scripted rounds (warm-ups first) and logs every call into a shared list."""
+
+    def __init__(self, spec, log, walls, tokens, fail_at=None):
+        self.spec, self.log, self.walls, self.tokens, self.fail_at = spec, log, list(walls), tokens, fail_at
+        self.load_s, self.rss_after_load_mib, self.runs = 0.5, 100.0, 0
+        self.closed = self.killed = False
+
+    def run(self):
+        self.log.append(self.spec.label)
+        self.runs += 1
+        if self.runs == self.fail_at:
+            raise RuntimeError("boom")
+        return _round(self.walls.pop(0), self.tokens)
+
+    def close(self):
+        self.closed = True
+        return 321.0
+
+    def kill(self):
+        self.killed = True
+
+
+SAME = ((1, 2, 3, 4), (5, 6, 7, 8))
+OTHER = ((1, 2, 3, 4), (5, 6, 7, 9))
+
+
+@pytest.fixture
+def fake_bench(tiny_gpt2_dir, tiny_llama_dir):
+    """Rows: gpt2[torch], llama[torch], transformers(gpt2), transformers(llama); 1 warm-up, 3 rounds."""
+    log: list[str] = []
+    walls = {0: [9.0, 2.0, 4.0, 3.0], 1: [9.0, 5.0, 1.0, 6.0], 2: [9.0, 8.0, 4.0, 6.0], 3: [9.0, 1.0, 1.0, 1.0]}
+    tokens = {0: SAME, 1: OTHER, 2: SAME, 3: SAME}
+    runners = []
+
+    def opener(spec, workload):
+        i = len(runners)
+        runners.append(FakeRunner(spec, log, walls[i], tokens[i]))
+        return runners[-1]
+
+    config = BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_llama_dir)), prompts=PROMPTS[:2], rounds=3, warmup=1)
+    return run_bench(config, open_runner=opener), log, walls, runners
+
+
+def test_rounds_are_interleaved_after_one_warmup_each(fake_bench):
+    report, log, _, runners = fake_bench
+    labels = [r.label for r in report.rows]
+    assert log == labels + labels * 3          # warm-up A B C D, then A B C D three times
+    assert all(r.closed for r in runners)
+
+
+def test_summaries_are_medians_of_the_recorded_rounds(fake_bench):
+    report, _, walls, _ = fake_bench
+    for row, expected in zip(report.rows, ([2.0, 4.0, 3.0], [5.0, 1.0, 6.0], [8.0, 4.0, 6.0], [1.0, 1.0, 1.0])):
+        assert [r.wall_s for r in row.rounds] == expected          # the warm-up (9.0) is not recorded
+        assert row.wall_s == statistics.median(expected)
+        assert row.tokens_per_s == statistics.median(8 / w for w in expected)
+        per_request = [w for w in expected for _ in range(2)]       # both prompts of a call wait its wall time
+        assert row.latency_p50_s == percentile(per_request, 50) and row.latency_p95_s == percentile(per_request, 95)
+        steps = [s * 1e3 for r in row.rounds for s in r.calls[0].step_s]
+        assert row.step_p50_ms == pytest.approx(percentile(steps, 50))
+        assert row.ttft_s == statistics.median(r.calls[0].ttft_s for r in row.rounds)
+        assert row.decoder_ms_per_step == pytest.approx(statistics.median(1e3 * 0.1 * w / 4 for w in expected))
+        assert row.decoder_pct == pytest.approx(100 * 0.1 / 0.9)
+        assert (row.load_s, row.rss_after_load_mib, row.peak_rss_mib) == (0.5, 100.0, 321.0)
+
+
+def test_ratios_and_token_agreement(fake_bench):
+    report, *_ = fake_bench
+    gpt2, llama, ref_gpt2, ref_llama = report.rows
+    assert gpt2.ratio_vs_reference == pytest.approx(gpt2.tokens_per_s / ref_gpt2.tokens_per_s)
+    assert llama.ratio_vs_reference == pytest.approx(llama.tokens_per_s / ref_llama.tokens_per_s)
+    assert ref_gpt2.ratio_vs_reference == 1.0
+    assert (gpt2.same_as_reference, llama.same_as_reference, llama.same_as_first) == (2, 1, 1)
+    assert gpt2.same_as_first == 2 and all(r.deterministic for r in report.rows)
+
+
+def test_a_failing_row_stops_every_worker(tiny_gpt2_dir, tiny_llama_dir):
+    runners = []
+
+    def opener(spec, workload):
+        runners.append(FakeRunner(spec, [], [1.0] * 5, SAME, fail_at=2 if len(runners) == 1 else None))
+        return runners[-1]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_bench(BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_llama_dir))), open_runner=opener)
+    assert len(runners) == 4 and all(r.killed for r in runners)
+
+
+def test_report_round_trips_through_json(fake_bench, tmp_path):
+    report, *_ = fake_bench
+    path = report.write_json(tmp_path / "bench.json")
+    data = json.loads(path.read_text())
+    assert BenchReport.from_dict(data) == report
+    for key in ("date", "machine", "versions", "workload", "rows", "rss_scope", "notes"):
+        assert key in data
+    assert {"cpu", "physical_cores", "logical_cores", "threads", "load_average"} <= set(data["machine"])
+    assert {"torch", "transformers", "deploylm"} <= set(data["versions"])
+    assert data["workload"]["options"]["min_new_tokens"] == data["workload"]["options"]["max_new_tokens"]
+    row = data["rows"][0]
+    for key in ("tokens_per_s", "ratio_vs_reference", "latency_p50_s", "latency_p95_s", "step_p50_ms",
+                "step_p95_ms", "ttft_s", "peak_rss_mib", "decoder_ms_per_step", "decoder_pct",
+                "same_as_reference", "same_as_first", "rounds"):
+        assert key in row
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_table_and_plot(fake_bench, tmp_path):
+    report, *_ = fake_bench
+    table = report.table()
+    for row in report.rows:
+        assert row.label in table
+    assert "exactly 64 new tokens" in table and "min_new_tokens = max_new_tokens" in table
+    png = plot_report(report, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UsageError, match="ending in .png"):
+        plot_report(report, tmp_path / "bench.jpg")
+
+
+def test_percentile_interpolates():
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 95) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+
+
+def test_timing_from_marks():
+    timing = timing_from_marks(10.0, [11.0, 11.5, 12.5], 13.0, model_s=2.0, loop_s=2.5, requests=8)
+    assert (timing.wall_s, timing.ttft_s, timing.step_s, timing.steps) == (3.0, 1.0, (0.5, 1.0), 3)
+    assert timing.decoder_s == 0.5 and timing.requests == 8
+
+
+# -- the real decoder on a tiny model -----------------------------------------------------------------
+def test_generator_runner_reads_the_clock_once_per_step(tiny_gpt2_dir):
+    ticks = iter(range(1000))
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS, batch_size=4, max_new_tokens=3)
+    runner = GeneratorRunner(str(tiny_gpt2_dir), "torch", workload_of(config), clock=lambda: float(next(ticks)))
+    result = runner.run()
+    call = result.calls[0]
+    assert (call.steps, call.ttft_s, call.step_s, call.wall_s) == (3, 1.0, (1.0, 1.0), 4.0)
+    assert 0 < call.model_s < call.loop_s and [len(t) for t in result.token_ids] == [3, 3, 3, 3]
+
+
+def test_tiny_model_in_process_matches_transformers(tiny_gpt2_dir):
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS, batch_size=4, max_new_tokens=5,
+                         rounds=1, warmup=0, isolate=False)
+    report = run_bench(config)
+    torch_row, ref = report.rows
+    assert (torch_row.backend, ref.backend) == ("torch", "transformers")
+    for row in report.rows:
+        call = row.rounds[0].calls[0]
+        assert call.steps == 5 and len(call.step_s) == 4 and call.requests == 4
+        assert [len(t) for t in row.token_ids] == [5] * 4          # EOS banned: exactly 5 tokens each
+        assert row.tokens_per_s == pytest.approx(20 / call.wall_s)
+        assert 0 < call.model_s < call.loop_s < call.wall_s
+    assert torch_row.same_as_reference == 4                          # fp32 torch == transformers (DESIGN §5)
+    assert report.rss_scope == "process" and torch_row.peak_rss_mib is None and report.process_peak_rss_mib > 0
+    assert BenchReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+
+
+def test_a_deploylm_checkpoint_has_no_transformers_reference(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "deploylm-lm"}')
+    (row,) = plan_rows(BenchConfig(models=(str(tmp_path),)))
+    assert row.backend == "torch" and row.reference is None
+    assert "transformers cannot load" in row.notes[0]

@@ -1,0 +1,96 @@
+"""`deploylm bench` on the command line: help, bad input (one line, exit 2), a tiny end-to-end run,
+and (slow) an exported ONNX artifact benchmarked in worker processes next to torch and transformers."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from deploylm.bench import STANDARD_PROMPTS, BenchConfig, run_bench
+from deploylm.cli import cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["bench", *args])
+
+
+def test_help_lists_every_flag():
+    out = run("--help")
+    assert out.exit_code == 0
+    for flag in ("--model", "--backends", "--prompts", "--batch-size", "--num-beams", "--max-new-tokens", "--rounds",
+                 "--warmup", "--threads", "--reference", "--no-reference", "--in-process", "--json", "--plot"):
+        assert flag in out.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model", "m", "--backends", "torch,tpu"), "unknown backend 'tpu'"),
+    (("--model", "m", "--prompts", "no/such/file.txt"), "--prompts 'no/such/file.txt': cannot read it"),
+    (("--model", "m", "--batch-size", "0"), "--batch-size 0: expected an integer >= 1"),
+    (("--model", "m", "--batch-size", "eight"), "--batch-size 'eight': expected an integer"),
+    (("--model", "m", "--rounds", "0"), "--rounds 0"),
+    (("--model", "m", "--plot", "out.jpg"), "ending in .png"),
+    (("--model", "m", "--json", "no/such/dir/out.json"), "--json"),
+    ((), "no model given"),
+    (("--model", "no/such/model"), "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    out = run(*args)
+    assert out.exit_code == 2, out.output
+    assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_tiny_run_prints_the_table_and_writes_json(tiny_gpt2_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick brown fox\n\nhello world\n")
+    out = run("--model", str(tiny_gpt2_dir), "--prompts", str(prompts), "--batch-size", "2", "--max-new-tokens", "3",
+              "--rounds", "1", "--warmup", "0", "--in-process", "--json", str(tmp_path / "b.json"))
+    assert out.exit_code == 0, out.output
+    assert "tiny-gpt2" in out.stdout and "transformers (" in out.stdout and "exactly 3 new tokens" in out.stdout
+    assert "round 1/1" in out.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [r["backend"] for r in data["rows"]] == ["torch", "transformers"]
+    assert data["workload"]["prompt_texts"] == ["the quick brown fox", "hello world"]
+    assert data["rows"][0]["same_as_reference"] == 2
+
+
+@pytest.mark.slow
+def test_onnx_artifact_in_worker_processes(tiny_gpt2_dir, tmp_path):
+    """Export the tiny GPT-2, then bench torch, onnx and transformers each in its own process."""
+    from deploylm.export.pipeline import export_model
+
+    artifact = tmp_path / "tiny-gpt2-fp32"
+    export_model(tiny_gpt2_dir, "fp32", artifact)
+    config = BenchConfig(models=(str(tiny_gpt2_dir), str(artifact)), prompts=("the quick brown fox", "hello world"),
+                         batch_size=2, max_new_tokens=4, rounds=1, warmup=1)
+    report = run_bench(config)
+    torch_row, onnx_row, ref = report.rows
+    assert (torch_row.backend, onnx_row.backend, ref.backend) == ("torch", "onnx", "transformers")
+    assert onnx_row.reference == ref.label and onnx_row.profile == "fp32"
+    assert report.rss_scope == "row" and report.process_peak_rss_mib is None
+    for row in report.rows:
+        assert row.peak_rss_mib >= row.rss_after_load_mib > 0
+        assert row.same_as_reference == 2 and row.same_as_first == 2
+        assert [len(t) for t in row.token_ids] == [4, 4]
+
+
+@pytest.mark.slow
+def test_standard_prompts_are_10_to_55_smollm2_tokens(smollm2_gguf):
+    from deploylm.models.source import resolve_source
+    from deploylm.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_source(smollm2_gguf))
+    lengths = [len(tokenizer(p)["input_ids"]) for p in STANDARD_PROMPTS]
+    assert len(lengths) == 8 and all(10 <= n <= 55 for n in lengths), lengths
+
+
+@pytest.mark.slow
+def test_a_worker_error_reaches_the_caller_as_itself(tiny_gpt2_dir, tmp_path):
+    """A model that fails to load in its worker process: the same one-line UsageError, exit 2."""
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_gpt2_dir, broken)
+    (broken / "model.safetensors").unlink()
+    out = run("--model", str(broken), "--no-reference", "--rounds", "1", "--max-new-tokens", "2")
+    assert out.exit_code == 2, out.output
+    assert out.stderr.splitlines()[-1].startswith("error: ") and "has no weights" in out.stderr
