@@ -3,7 +3,7 @@
 - deploylm encoder-decoder checkpoints: `Seq2SeqTransformer.attention_maps` gives encoder
   self-attention over the source, decoder self-attention and cross-attention over the greedy output
   (decoder start token + generated tokens, the final EOS not fed back);
-- deploylm decoder-only checkpoints: the blocks' own weight recording, over prompt + greedy output;
+- deploylm decoder-only checkpoints: `CausalTransformerLM.attention_maps` over prompt + greedy output;
 - Hugging Face models (folders or .gguf): `output_attentions=True` with the eager attention
   implementation (SDPA kernels do not return weights), same inputs as above.
 
@@ -97,28 +97,12 @@ def _causal_maps(gen: Any, ids: Tensor) -> list[AttentionMap]:
 
     model = gen.backend.model
     if isinstance(model, CausalTransformerLM):
-        weights = _record_causal(model, ids)
+        weights = model.attention_maps(ids)
     else:
         model.set_attn_implementation("eager")
         weights = model(input_ids=ids, output_attentions=True).attentions
     labels = token_labels(gen.tokenizer, ids[0].tolist())
     return [AttentionMap("self", _first(weights), labels, labels)]
-
-
-def _record_causal(model: Any, ids: Tensor) -> list[Tensor]:
-    """Per layer [1, H, T, T]: each block is called with `record=` (the blocks' own weight recording)."""
-    record: list[Tensor] = []
-
-    def inject(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {**kwargs, "record": (record, None)}
-
-    handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in model.layers]
-    try:
-        model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return record
 
 
 def _first(per_layer: Any) -> list[Tensor]:

@@ -58,6 +58,26 @@ def test_decoder_only_checkpoint_maps(seed_lm):
     assert_causal(amap)
 
 
+def test_causal_lm_attention_maps_method():
+    from deploylm.models.causal_lm import CausalTransformerLM
+    from deploylm.models.config import make_config
+
+    config = make_config("tiny", 50, arch="decoder", d_model=16, n_heads=2, d_ff=32, n_encoder_layers=0,
+                         n_decoder_layers=3, max_positions=32)
+    torch.manual_seed(0)
+    model = CausalTransformerLM(config).eval()
+    ids = torch.randint(3, 50, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])              # row 0 left-padded
+    logits, _ = model(ids, mask)
+    maps = model.attention_maps(ids, mask)
+    assert len(maps) == 3 and all(w.shape == (2, 2, 6, 6) for w in maps)      # per layer [B, H, T, T]
+    for w in maps:
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 6))
+        assert torch.equal(w.triu(1), torch.zeros_like(w))                     # causal
+        assert torch.equal(w[0, :, 2:, :2], torch.zeros(2, 4, 2))              # real tokens never see padding
+    torch.testing.assert_close(model(ids, mask)[0], logits)                    # forward unchanged, no state kept
+
+
 def test_hugging_face_maps(tiny_gpt2_dir, tiny_t5_dir):
     (amap,) = attention_maps(tiny_gpt2_dir, "the quick brown fox", max_new_tokens=2)
     assert amap.kind == "self" and len(amap.layers) == 2 and amap.layers[0].shape[0] == 4

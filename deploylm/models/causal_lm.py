@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from deploylm.errors import UsageError
 from deploylm.models.config import TransformerConfig
-from deploylm.models.transformer import KV, DecoderLayer, causal_mask, empty_past, init_weights, sinusoidal_table
+from deploylm.models.transformer import KV, AttentionRecord, DecoderLayer, causal_mask, empty_past, init_weights, sinusoidal_table
 
 
 def position_ids_from_mask(attention_mask: Tensor, new_len: int) -> Tensor:
@@ -44,6 +44,20 @@ class CausalTransformerLM(nn.Module):
     ) -> tuple[Tensor, list[KV]]:
         """input_ids [B, T], attention_mask [B, P+T] (1 = token), position_ids [B, T],
         past: per layer [B, H, P, Dh] (None or length 0) -> (logits [B, T, V], present [B, H, P+T, Dh])."""
+        return self._run(input_ids, attention_mask, position_ids, past, None)
+
+    @torch.no_grad()
+    def attention_maps(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[Tensor]:
+        """Self-attention weights per layer [B, H, T, T] over input_ids [B, T] (no cache); rows sum to 1."""
+        record: list[Tensor] = []
+        self._run(input_ids, attention_mask, None, None, record)
+        return record
+
+    def _run(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+        past: list[KV] | None, record: AttentionRecord,
+    ) -> tuple[Tensor, list[KV]]:
+        """`forward`, with each block's self-attention weights appended to `record` when given."""
         past_len = 0 if past is None else past[0][0].shape[2]
         batch, new = input_ids.shape
         if attention_mask is None:
@@ -56,7 +70,7 @@ class CausalTransformerLM(nn.Module):
         mask = self_mask(attention_mask, past_len, new)  # [B, 1, T, P+T]
         present = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, mask, None if past is None else past[i])
+            x, kv = layer(x, mask, None if past is None else past[i], record=(record, None))
             present.append(kv)
         h = self.norm(x)
         logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
