@@ -1,0 +1,96 @@
+"""The PyTorch backend: opens any SRC except an artifact and serves prefill/decode/reorder.
+
+`TorchBackend.from_source` picks the implementation by SRC kind:
+- deploylm checkpoint  -> DeployLMSeq2SeqBackend / DeployLMCausalBackend (torch_seq2seq.py)
+- Hugging Face folder  -> HFCausalBackend or HFSeq2SeqBackend (torch_hf.py)
+- .gguf file           -> HFCausalBackend over transformers' GGUF loader
+Every call runs under `torch.inference_mode()`, returns fp32 logits and counts its time in `stats`
+(`deploylm bench` and benchmarks/decoder_overhead.py read it: time inside backend calls).
+States are consumed: after `decode(tokens, state)` or `reorder(state, idx)` use only the returned state.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, State
+from deploylm.errors import UsageError
+from deploylm.models.source import Source, resolve_source
+
+
+class TorchBackend:
+    """Base of the torch backends; subclasses implement `_prefill`, `_decode`, `_reorder`."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, info: ModelInfo, device: torch.device,
+                 generation_defaults: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.info = info
+        self.device = device
+        self.generation_defaults = dict(generation_defaults or {})  # model defaults for DecodingOptions
+        self.stats = BackendStats()
+        self._setup()
+
+    @classmethod
+    def from_source(cls, source: Source | str, *, device: str = "cpu", dtype: str = "float32", **_: Any) -> "TorchBackend":
+        """Open `source` on `device` ("cpu" | "cuda") in `dtype` ("float32" | "float16" | "bfloat16")."""
+        from deploylm.models import hf
+
+        source = source if isinstance(source, Source) else resolve_source(source)
+        torch_dtype, torch_device = hf.resolve_dtype(dtype), hf.resolve_device(device)
+        if source.kind == "artifact":
+            raise UsageError(f"model {str(source.path)!r} is an exported artifact: the torch backend runs checkpoints, "
+                             "Hugging Face folders and .gguf files; use --backend onnx (or trt)")
+        if source.kind == "checkpoint":
+            from deploylm.backends.torch_seq2seq import open_checkpoint
+
+            return open_checkpoint(source, dtype=torch_dtype, device=torch_device)
+        from deploylm.backends.torch_hf import HFCausalBackend, HFSeq2SeqBackend
+
+        model = hf.load_hf_model(source, dtype=torch_dtype, device=torch_device)
+        impl = HFSeq2SeqBackend if model.config.is_encoder_decoder else HFCausalBackend
+        return impl(model, hf.model_info(model, source.name), torch_device, hf.generation_defaults(model))
+
+    def _setup(self) -> None:
+        """Subclass hook run at the end of __init__."""
+
+    # -- the Backend protocol -------------------------------------------------------------------
+    def prefill(self, batch: EncodedBatch) -> tuple[Tensor, State]:
+        """Prompt (decoder-only) or encoder + decoder start (enc-dec) -> logits [B, V] fp32, state of B rows."""
+        return self._timed(self._prefill, batch.to(self.device))
+
+    def decode(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """tokens [R] -> logits [R, V] fp32 and the advanced state."""
+        return self._timed(self._decode, tokens.to(self.device, torch.long), state)
+
+    def reorder(self, state: State, beam_idx: Tensor) -> State:
+        """Keep rows beam_idx [R'] (gather on the batch axis)."""
+        return self._timed(self._reorder, state, beam_idx.to(self.device, torch.long))
+
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            result = fn(*args)
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - start
+        return result
+
+    def _prefill(self, batch: EncodedBatch) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def _decode(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def _reorder(self, state: State, beam_idx: Tensor) -> State:
+        raise NotImplementedError
+
+
+def is_identity(beam_idx: Tensor, rows: int) -> bool:
+    """True when gathering `beam_idx` from `rows` rows would change nothing."""
+    if beam_idx.shape[0] != rows:
+        return False
+    return bool(torch.equal(beam_idx, torch.arange(rows, device=beam_idx.device)))

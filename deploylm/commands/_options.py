@@ -1,0 +1,84 @@
+"""Option bundles shared by the commands that generate (generate, serve, bench, parity).
+
+`@decoding_options` adds the DecodingOptions flags (DESIGN.md §2); every flag defaults to "not given"
+so the model's own defaults apply, and `given_options(kwargs)` pops them back out as the dict of
+flags the user actually typed. `@torch_options` adds --device and --dtype. Bad values are a
+UsageError: one `error: ...` line and exit status 2, like every other deploylm input error.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from deploylm.decoding.options import DecodingOptions
+from deploylm.errors import UsageError
+
+D = DecodingOptions()  # the defaults shown in --help
+
+
+class _Number(click.ParamType):
+    """int or float; a bad value raises UsageError (one line) instead of click's usage block."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+        self.name = kind.__name__
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            return value
+        try:
+            return self.kind(value)
+        except (TypeError, ValueError):
+            flag = param.opts[0] if param is not None else "option"
+            kind = "an integer" if self.kind is int else "a number"
+            raise UsageError(f"{flag} {value!r}: expected {kind}") from None
+
+
+INT, FLOAT = _Number(int), _Number(float)
+
+# (flag, DecodingOptions field, type, help); help ends with the library default.
+DECODING_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--num-beams", "num_beams", INT, f"Beams (1 = greedy). Default: the model's, else {D.num_beams}."),
+    ("--max-new-tokens", "max_new_tokens", INT, f"Most tokens to generate. Default: the model's, else {D.max_new_tokens}."),
+    ("--min-new-tokens", "min_new_tokens", INT, f"EOS is banned before this many tokens. Default: {D.min_new_tokens}."),
+    ("--length-penalty", "length_penalty", FLOAT, f"Finished score = logprob / length**penalty. Default: {D.length_penalty}."),
+    ("--repetition-penalty", "repetition_penalty", FLOAT, f"> 1 discourages repeats (1 = off). Default: {D.repetition_penalty}."),
+    ("--no-repeat-ngram-size", "no_repeat_ngram_size", INT, f"Ban repeating n-grams of this size (0 = off). Default: {D.no_repeat_ngram_size}."),
+    ("--early-stopping", "early_stopping", str, "true, false or never (beam search stop rule). Default: false."),
+    ("--num-return-sequences", "num_return_sequences", INT, f"Outputs per prompt (<= beams). Default: {D.num_return_sequences}."),
+    ("--temperature", "temperature", FLOAT, f"Sampling temperature. Default: {D.temperature}."),
+    ("--top-k", "top_k", INT, f"Sample from the k most likely tokens (0 = off). Default: {D.top_k}."),
+    ("--top-p", "top_p", FLOAT, f"Nucleus sampling mass, in (0, 1]. Default: {D.top_p}."),
+    ("--seed", "seed", INT, "Seed for sampling (random when not given)."),
+]
+FIELDS = [field for _, field, _, _ in DECODING_FLAGS] + ["do_sample"]
+
+
+def decoding_options(fn: Callable) -> Callable:
+    """Add the decoding flags to a click command; read them with `given_options(kwargs)`."""
+    for flag, field, kind, text in reversed(DECODING_FLAGS):
+        fn = click.option(flag, field, type=kind, default=None, metavar=_metavar(kind), help=text)(fn)
+    return click.option("--do-sample", "do_sample", is_flag=True, default=None,
+                        help="Sample instead of searching deterministically.")(fn)
+
+
+def given_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the decoding flags out of a command's kwargs; keep those given, checked by DecodingOptions."""
+    given = {name: value for name in FIELDS if (value := kwargs.pop(name, None)) is not None}
+    # Check now, before a model loads. The model's default num_beams is not known yet: assume enough
+    # beams for num_return_sequences (the merged options are checked again once the model is open).
+    beams = given.get("num_beams", max(D.num_beams, given.get("num_return_sequences", 1)))
+    DecodingOptions.from_mapping({**given, "num_beams": beams})
+    return given
+
+
+def torch_options(fn: Callable) -> Callable:
+    """Add --device and --dtype (used by the torch backend)."""
+    fn = click.option("--dtype", default="float32", show_default=True,
+                      help="float32, float16 or bfloat16 (torch backend).")(fn)
+    return click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")(fn)
+
+
+def _metavar(kind: Any) -> str:
+    return {INT: "INT", FLOAT: "FLOAT"}.get(kind, "TEXT")

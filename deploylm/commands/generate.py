@@ -1,0 +1,82 @@
+"""`deploylm generate`: generate text from prompts with any backend (DESIGN.md §2)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from deploylm.commands._options import decoding_options, given_options, torch_options
+from deploylm.errors import UsageError
+
+
+@click.command(name="generate")
+@click.option("--model", "src", metavar="SRC", help="Checkpoint, Hugging Face folder, .gguf file or artifact. Required.")
+@click.option("--backend", default=None, help="torch, onnx or trt. Default: onnx for an artifact, else torch.")
+@click.argument("prompts", nargs=-1)
+@click.option("--input", "input_file", metavar="FILE", help="Read prompts from FILE, one per line ('-' = stdin).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts decoded together.")
+@decoding_options
+@torch_options
+def command(src, backend, prompts, input_file, as_json, batch_size, device, dtype, **flags) -> None:
+    """Generate from PROMPT arguments and/or --input lines; print text, or JSON lines with --json."""
+    options = given_options(flags)
+    if not src:
+        raise UsageError("--model SRC is required: a checkpoint, Hugging Face folder, .gguf file or artifact")
+    texts = list(prompts) + (read_prompts(input_file) if input_file else [])
+    if not texts:
+        raise UsageError("no prompts given: pass PROMPT arguments or --input FILE")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: expected an integer >= 1")
+    from deploylm.generator import load
+
+    _quiet_transformers()
+    generator = load(src, backend=backend, **backend_options(src, backend, device, dtype))
+    for start in range(0, len(texts), batch_size):
+        for result in generator.generate(texts[start:start + batch_size], **options):
+            click.echo(format_result(result, as_json))
+
+
+def backend_options(src: str, backend: str | None, device: str, dtype: str) -> dict[str, str]:
+    """--device/--dtype for the backend: both for torch; others take --device only (when not cpu)."""
+    from deploylm.models.source import resolve_source
+
+    if (backend or ("onnx" if resolve_source(src).kind == "artifact" else "torch")) == "torch":
+        return {"device": device, "dtype": dtype}
+    if dtype != "float32":
+        raise UsageError(f"--dtype {dtype} applies to the torch backend only: an artifact's precision comes from its export profile")
+    return {"device": device} if device != "cpu" else {}
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-empty lines of `path` (or stdin for '-'), without their line endings."""
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise UsageError(f"--input {path!r} does not exist: expected a text file with one prompt per line")
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UsageError(f"--input {path!r} is not UTF-8 text: expected one prompt per line") from None
+    return [line for line in lines if line.strip()]
+
+
+def format_result(result, as_json: bool) -> str:
+    """JSON: {"prompt", "outputs": [{"text", "token_ids", "score"}]}; text: one output per line."""
+    if as_json:
+        outputs = [{"text": s.text, "token_ids": list(s.token_ids), "score": s.score} for s in result.sequences]
+        return json.dumps({"prompt": result.prompt, "outputs": outputs}, ensure_ascii=False)
+    if len(result.sequences) == 1:
+        return result.sequences[0].text
+    return "\n".join(f"[{i + 1}] {s.text}" for i, s in enumerate(result.sequences))
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars on the terminal (errors and warnings still show)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

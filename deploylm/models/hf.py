@@ -1,0 +1,161 @@
+"""Hugging Face and GGUF models for the torch backend: load, pick dtype/device, read special tokens.
+
+A Hugging Face folder loads with AutoModelForCausalLM (decoder-only) or AutoModelForSeq2SeqLM
+(encoder-decoder, chosen by `config.is_encoder_decoder`). A `.gguf` file loads through transformers'
+GGUF support (dequantized to `dtype`; needs the `gguf` and `accelerate` packages). Special tokens come
+from the model's generation_config, then its config, exactly as `transformers.generate` resolves them.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deploylm.backends.base import ModelInfo, SpecialTokens
+from deploylm.errors import MissingDependencyError, UsageError
+from deploylm.models.source import Source
+
+log = logging.getLogger("deploylm")
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = ("cpu", "cuda")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Generation settings a model may carry as defaults (generation_config.json); deploylm reads these.
+GENERATION_DEFAULT_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "early_stopping",
+                           "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences")
+# generation_config settings that change transformers.generate's output but that deploylm's decoder
+# does not apply (it warns once per model that sets them).
+NOT_APPLIED_KEYS = ("forced_bos_token_id", "forced_eos_token_id", "bad_words_ids", "suppress_tokens",
+                    "begin_suppress_tokens", "sequence_bias", "encoder_no_repeat_ngram_size",
+                    "encoder_repetition_penalty", "exponential_decay_length_penalty", "min_length",
+                    "diversity_penalty", "do_sample")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """"float32" | "float16" | "bfloat16" (or a torch.dtype) -> torch.dtype; anything else is a UsageError."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    if name not in DTYPES:
+        raise UsageError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"cpu" | "cuda" | "cuda:N" -> torch.device; CUDA asked for but absent is a UsageError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise UsageError(f"device {name!r}: expected one of {', '.join(DEVICES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {str(name)!r}: CUDA is not available on this machine "
+                         f"(torch {torch.__version__}); use --device cpu")
+    return device
+
+
+def check_weights(folder: Path) -> None:
+    """A Hugging Face folder must hold weights; say which files were expected when it does not."""
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UsageError(f"model folder {str(folder)!r} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -> Any:
+    """Load a Hugging Face folder or a .gguf file as an eval-mode transformers model on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if source.kind == "gguf":
+        return _load_gguf(source.path, dtype=dtype, device=device)
+    if source.kind != "hf":
+        raise UsageError(f"model {str(source.path)!r} is a {source.kind}, not a Hugging Face folder or .gguf file")
+    check_weights(source.path)
+    try:
+        config = AutoConfig.from_pretrained(source.path)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(source.path, dtype=dtype)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UsageError(f"model folder {str(source.path)!r} does not load as a Hugging Face causal or "
+                         f"seq2seq LM: {_first_line(exc)}") from None
+    return model.to(device).eval()
+
+
+def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_accelerate_available, is_gguf_available
+
+    if not (is_gguf_available() and is_accelerate_available()):
+        raise MissingDependencyError("loading a .gguf file needs the `gguf` and `accelerate` packages: "
+                                     "pip install gguf accelerate")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise UsageError(f"GGUF file {str(path)!r} does not load with transformers: {_first_line(exc)}") from None
+    return model.to(device).eval()
+
+
+def special_tokens(model: Any) -> SpecialTokens:
+    """EOS (possibly several), pad, bos and decoder start, resolved as `transformers.generate` does.
+
+    generation_config first, then config; pad falls back to the first EOS; the decoder start of an
+    encoder-decoder falls back to bos.
+    """
+    gen, config = model.generation_config, model.config
+    eos = _first_set(gen.eos_token_id, getattr(config, "eos_token_id", None))
+    eos_ids = tuple(int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+    pad = _first_set(gen.pad_token_id, getattr(config, "pad_token_id", None))
+    bos = _first_set(gen.bos_token_id, getattr(config, "bos_token_id", None))
+    if pad is None:
+        if not eos_ids:
+            raise UsageError(f"model {model.name_or_path!r} defines neither pad_token_id nor eos_token_id "
+                             "in its generation_config or config")
+        pad = eos_ids[0]
+    start = None
+    if config.is_encoder_decoder:
+        start = _first_set(gen.decoder_start_token_id, getattr(config, "decoder_start_token_id", None), bos)
+        if start is None:
+            raise UsageError(f"model {model.name_or_path!r} has no decoder_start_token_id or bos_token_id: "
+                             "an encoder-decoder needs one")
+    return SpecialTokens(eos_token_ids=eos_ids, pad_token_id=int(pad),
+                         bos_token_id=None if bos is None else int(bos),
+                         decoder_start_token_id=None if start is None else int(start))
+
+
+def model_info(model: Any, name: str) -> ModelInfo:
+    """ModelInfo of a transformers model: kind, logits width, special tokens, position window."""
+    config = model.config
+    vocab = model.get_output_embeddings().weight.shape[0]
+    text_config = config.get_text_config(decoder=True)
+    window = None if config.is_encoder_decoder else getattr(text_config, "max_position_embeddings", None)
+    return ModelInfo(is_encoder_decoder=bool(config.is_encoder_decoder), vocab_size=int(vocab),
+                     special=special_tokens(model), max_positions=window, name=name)
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """Decoding settings the model's generation_config sets explicitly (its defaults for `generate`).
+
+    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. Marian's bad_words_ids) are named in one
+    warning: with them, outputs can differ from transformers.generate's.
+    """
+    gen = model.generation_config
+    ignored = [key for key in NOT_APPLIED_KEYS if _is_set(key, getattr(gen, key, None))]
+    if ignored:
+        log.warning("model %s: its generation_config sets %s, which deploylm does not apply; outputs may "
+                    "differ from transformers.generate", model.name_or_path, ", ".join(ignored))
+    return {key: getattr(gen, key) for key in GENERATION_DEFAULT_KEYS if getattr(gen, key, None) is not None}
+
+
+def _is_set(key: str, value: Any) -> bool:
+    if value is None or value is False or (isinstance(value, (list, tuple, dict)) and not value):
+        return False
+    return not (key == "min_length" and value == 0)
+
+
+def _first_set(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,111 @@
+"""`deploylm generate`: output formats, prompt sources, and every bad input as one line with exit 2."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.generator import load
+
+
+def run(*args: str, input: str | None = None):
+    return CliRunner().invoke(cli, ["generate", *args], input=input)
+
+
+def test_help_lists_the_decoding_flags():
+    out = run("--help")
+    assert out.exit_code == 0
+    for flag in ("--num-beams", "--max-new-tokens", "--min-new-tokens", "--length-penalty", "--repetition-penalty",
+                 "--no-repeat-ngram-size", "--early-stopping", "--num-return-sequences", "--do-sample",
+                 "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--device", "--json", "--input"):
+        assert flag in out.output
+
+
+def test_json_lines_match_the_library(tiny_llama_dir):
+    out = run("--model", str(tiny_llama_dir), "--json", "--num-beams", "3", "--num-return-sequences", "2",
+              "--max-new-tokens", "5", "hello", "the quick brown fox")
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = load(tiny_llama_dir).generate(["hello", "the quick brown fox"], num_beams=3,
+                                             num_return_sequences=2, max_new_tokens=5)
+    assert [line["prompt"] for line in lines] == ["hello", "the quick brown fox"]
+    for line, result in zip(lines, expected):
+        assert set(line) == {"prompt", "outputs"}
+        assert [(o["text"], o["token_ids"], o["score"]) for o in line["outputs"]] == [
+            (s.text, list(s.token_ids), s.score) for s in result.sequences]
+
+
+def test_prompts_from_a_file_and_stdin_in_batches(tiny_t5_dir, tmp_path):
+    prompts = ["hello", "", "the quick brown fox", "one two three"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    from_file = run("--model", str(tiny_t5_dir), "--input", str(path), "--json", "--batch-size", "2",
+                    "--max-new-tokens", "3", "--num-beams", "2")
+    from_stdin = run("--model", str(tiny_t5_dir), "--input", "-", "--json", "--max-new-tokens", "3",
+                     "--num-beams", "2", input="\n".join(prompts))
+    assert from_file.exit_code == 0 and from_stdin.exit_code == 0, from_file.output + from_stdin.output
+    assert [json.loads(line)["prompt"] for line in from_file.stdout.splitlines()] == ["hello", "the quick brown fox", "one two three"]
+    assert from_file.stdout == from_stdin.stdout
+
+
+def test_plain_output_is_the_text(tiny_llama_dir):
+    out = run("--model", str(tiny_llama_dir), "--max-new-tokens", "4", "--num-beams", "2", "hello")
+    [result] = load(tiny_llama_dir).generate("hello", max_new_tokens=4, num_beams=2)
+    assert out.exit_code == 0 and out.stdout == result.sequences[0].text + "\n"
+
+
+def _one_line_error(out, *needles: str) -> None:
+    assert out.exit_code == 2, out.output
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--num-beams", "0"], "num_beams=0"),
+    (["--num-beams", "2", "--num-return-sequences", "3"], "num_return_sequences=3"),
+    (["--top-p", "0"], "top_p=0.0"),
+    (["--top-p", "1.5"], "top_p=1.5"),
+    (["--repetition-penalty", "-1"], "repetition_penalty=-1.0"),
+    (["--no-repeat-ngram-size", "-2"], "no_repeat_ngram_size=-2"),
+    (["--max-new-tokens", "2", "--min-new-tokens", "5"], "max_new_tokens=2"),
+    (["--early-stopping", "sometimes"], "early_stopping='sometimes'"),
+    (["--num-beams", "four"], "--num-beams 'four': expected an integer"),
+    (["--temperature", "0"], "temperature=0.0"),
+])
+def test_invalid_options_exit_2_with_one_line(tiny_llama_dir, flags, needle):
+    _one_line_error(run("--model", str(tiny_llama_dir), *flags, "hello"), needle)
+
+
+def test_usage_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, monkeypatch):
+    model = str(tiny_llama_dir)
+    _one_line_error(run("hello"), "--model SRC is required")
+    _one_line_error(run("--model", model), "no prompts given")
+    _one_line_error(run("--model", model, "--backend", "tensorflow", "hi"), "unknown backend 'tensorflow'", "torch, onnx, trt")
+    _one_line_error(run("--model", str(tmp_path / "nowhere"), "hi"), "does not exist")
+    _one_line_error(run("--model", model, "--input", str(tmp_path / "none.txt")), "--input", "does not exist")
+    _one_line_error(run("--model", model, "--dtype", "float64", "hi"), "dtype 'float64'")
+    _one_line_error(run("--model", model, "--device", "tpu", "hi"), "device 'tpu'")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    _one_line_error(run("--model", model, "--device", "cuda", "hi"), "CUDA is not available")
+
+
+def test_folder_without_weights_or_tokenizer(tiny_gpt2_dir, tmp_path):
+    no_weights, no_tokenizer = tmp_path / "no-weights", tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_gpt2_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    shutil.copytree(tiny_gpt2_dir, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    _one_line_error(run("--model", str(no_weights), "hi"), str(no_weights), "no weights", "model.safetensors")
+    _one_line_error(run("--model", str(no_tokenizer), "hi"), str(no_tokenizer), "no tokenizer")
+
+
+def test_artifact_with_torch_backend_says_use_onnx(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    _one_line_error(run("--model", str(tmp_path), "--backend", "torch", "hi"), "use --backend onnx")

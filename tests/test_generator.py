@@ -1,0 +1,165 @@
+"""deploylm.load / Generator: backend choice, option precedence, results, streaming, threads, errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+
+import deploylm
+from deploylm.backends import _REGISTRY
+from deploylm.errors import UsageError
+from deploylm.generator import Generator, Result, Sequence, load
+
+PROMPTS = ["the quick brown fox", "hello", "one two three four five"]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir) -> Generator:
+    return load(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_t5_dir) -> Generator:
+    return load(tiny_t5_dir)
+
+
+def test_public_api_is_lazy_and_complete():
+    assert deploylm.load is load and deploylm.Generator is Generator
+
+
+def test_generate_returns_one_result_per_prompt(llama):
+    results = llama.generate(PROMPTS, num_beams=4, num_return_sequences=2, max_new_tokens=5)
+    assert [r.prompt for r in results] == PROMPTS
+    for result in results:
+        assert isinstance(result, Result) and len(result.sequences) == 2
+        best, second = result.sequences
+        assert isinstance(best, Sequence) and best.score >= second.score
+        assert 1 <= len(best.token_ids) <= 5
+        assert best.text == llama.tokenizer.decode(list(best.token_ids), skip_special_tokens=True)
+
+
+def test_a_single_string_is_one_prompt(t5):
+    [result] = t5.generate("hello world", num_beams=2, max_new_tokens=4)
+    assert result.prompt == "hello world" and len(result.sequences) == 1
+
+
+def test_padding_side_follows_the_architecture(llama, t5):
+    left = llama.encode(["hello", "the quick brown fox"])
+    right = t5.encode(["hello", "the quick brown fox"])
+    assert left.attention_mask[0, 0] == 0 and left.attention_mask[0, -1] == 1
+    assert right.attention_mask[0, 0] == 1 and right.attention_mask[0, -1] == 0
+
+
+def test_options_precedence_call_over_model_over_library(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_beams": 2, "max_new_tokens": 3}))
+    gen = load(folder)
+    assert (gen.options().num_beams, gen.options().max_new_tokens, gen.options().length_penalty) == (2, 3, 1.0)
+    assert gen.options(num_beams=5).num_beams == 5
+    [result] = gen.generate(["hello"])
+    assert len(result.sequences[0].token_ids) <= 3
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([], "no prompts given"), ("", "prompt 1 is empty"), (["hello", ""], "prompt 2 is empty"),
+    ([3], "prompt 1 is a int"), (None, "prompts must be a string or a list"),
+])
+def test_bad_prompts_are_usage_errors(llama, prompts, message):
+    with pytest.raises(UsageError, match=message):
+        llama.generate(prompts, max_new_tokens=2)
+
+
+def test_invalid_option_is_a_usage_error(llama):
+    with pytest.raises(UsageError, match="num_return_sequences"):
+        llama.generate("hello", num_beams=2, num_return_sequences=3)
+    with pytest.raises(UsageError, match="unknown decoding option"):
+        llama.generate("hello", beams=2)
+
+
+def test_prompt_that_cannot_fit_the_window_is_a_usage_error(llama):
+    long = " ".join(["the quick brown fox"] * 40)
+    with pytest.raises(UsageError, match="window of 128"):
+        llama.generate(long, max_new_tokens=64)
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=4), dict(num_beams=1)], ids=["beam4", "greedy"])
+def test_stream_pieces_join_to_the_generated_text(llama, options):
+    prompt = "the quick brown fox"
+    pieces = list(llama.stream(prompt, max_new_tokens=8, **options))
+    [result] = llama.generate(prompt, max_new_tokens=8, **options)
+    assert "".join(pieces) == result.sequences[0].text
+    if options["num_beams"] == 1:
+        assert len(pieces) > 1  # greedy: every token is final at once
+
+
+def test_stream_encoder_decoder(t5):
+    pieces = list(t5.stream("translate english to french: the house", num_beams=3, max_new_tokens=6))
+    [result] = t5.generate("translate english to french: the house", num_beams=3, max_new_tokens=6)
+    assert "".join(pieces) == result.sequences[0].text
+
+
+def test_concurrent_calls_run_one_at_a_time_and_agree(llama):
+    expected = llama.generate(PROMPTS, num_beams=3, max_new_tokens=4)
+    active, peak, lock = [0], [0], threading.Lock()
+    backend = llama.backend
+    original = backend.prefill
+
+    def counting_prefill(batch):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return original(batch)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    backend.prefill = counting_prefill
+    try:
+        outputs: list = [None] * 4
+
+        def work(i):
+            outputs[i] = llama.generate(PROMPTS, num_beams=3, max_new_tokens=4)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del backend.prefill
+    assert outputs == [expected] * 4 and peak[0] == 1
+
+
+def test_default_backend_is_onnx_for_an_artifact(tmp_path, tiny_llama_dir, monkeypatch):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, tmp_path / name)
+    (tmp_path / "manifest.json").write_text("{}")
+    opened = []
+
+    class FakeOnnx:
+        @classmethod
+        def from_source(cls, source, **options):
+            opened.append((source.kind, options))
+            raise UsageError("fake onnx backend opened")
+
+    monkeypatch.setitem(_REGISTRY, "onnx", f"{__name__}:FakeOnnx")
+    monkeypatch.setitem(globals(), "FakeOnnx", FakeOnnx)
+    with pytest.raises(UsageError, match="fake onnx backend opened"):
+        load(tmp_path)
+    assert opened == [("artifact", {})]
+    with pytest.raises(UsageError, match="use --backend onnx"):
+        load(tmp_path, backend="torch")
+
+
+def test_unknown_backend_lists_the_known_ones(tiny_llama_dir):
+    with pytest.raises(UsageError, match="unknown backend 'tensorflow': expected one of torch, onnx, trt"):
+        load(tiny_llama_dir, backend="tensorflow")
+
+
+def test_count_tokens(llama):
+    assert llama.count_tokens("the quick brown fox") == len(llama.tokenizer("the quick brown fox")["input_ids"])

@@ -1,0 +1,226 @@
+"""The torch backend: prefill + decode equal a full forward, reorder gathers the right rows, the encoder
+runs once per input, special tokens resolve as in transformers, and bad inputs are one clear error."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploylm.backends.base import EncodedBatch
+from deploylm.backends.torch_backend import TorchBackend
+from deploylm.errors import UsageError
+from deploylm.models.causal_lm import CausalTransformerLM
+from deploylm.models.transformer import Seq2SeqTransformer
+
+LOGITS_ATOL = 1e-4  # same math, different op order (cache vs full forward)
+PROMPTS = ["the quick brown fox jumps", "hello", "one two three"]
+
+
+def tiny_checkpoint(dest: Path, arch: str = "seq2seq") -> Path:
+    """A tiny random deploylm checkpoint ("seq2seq" or "decoder") with its trained tokenizer."""
+    from deploylm.models.checkpoint import build_model, save_checkpoint
+    from deploylm.models.config import make_config
+    from deploylm.training.tokenizer import train_tokenizer, write_side_files
+    from tests.helpers.tiny_hf import CORPUS
+
+    tok = train_tokenizer(CORPUS, vocab_size=300, min_frequency=1)
+    config = make_config("tiny", vocab_size=tok.get_vocab_size(), arch=arch, dropout=0.0, d_model=32,
+                         n_heads=4, d_ff=64, max_positions=64)
+    torch.manual_seed(0)
+    save_checkpoint(dest, build_model(config), config, tokenizer=tok, overwrite=True)
+    write_side_files(dest, config.max_positions)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def seed_seq2seq_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "seq2seq", "seq2seq")
+
+
+@pytest.fixture(scope="session")
+def seed_lm_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "lm", "decoder")
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_gpt2_dir, tiny_llama_dir, tiny_t5_dir, seed_seq2seq_dir, seed_lm_dir):
+    return {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir, "t5": tiny_t5_dir,
+            "seed-seq2seq": seed_seq2seq_dir, "seed-lm": seed_lm_dir}
+
+
+def full_logits(backend, batch: EncodedBatch, rows: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """Last-position logits [R, V] of one full forward (no cache) over prompt rows + generated tokens."""
+    model, ids, mask = backend.model, batch.input_ids[rows], batch.attention_mask[rows]
+    with torch.no_grad():
+        if backend.info.is_encoder_decoder:
+            start = torch.full((len(rows), 1), backend.info.special.decoder_start_token_id)
+            tgt = torch.cat([start, generated], dim=1)
+            if isinstance(model, Seq2SeqTransformer):
+                return model(ids, mask, tgt)[:, -1].float()
+            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=tgt).logits[:, -1].float()
+        full_ids = torch.cat([ids, generated], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(generated)], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        if isinstance(model, CausalTransformerLM):
+            return model(full_ids, full_mask, positions)[0][:, -1].float()
+        return model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, -1].float()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "t5", "seed-seq2seq", "seed-lm"])
+def test_prefill_decode_reorder_equal_full_forward(sources, kind):
+    from deploylm.generator import load
+
+    gen = load(sources[kind])
+    backend, batch = gen.backend, gen.encode(PROMPTS)
+    logits, state = backend.prefill(batch)
+    assert logits.shape == (3, backend.info.vocab_size) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, full_logits(backend, batch, torch.arange(3), torch.zeros(3, 0, dtype=torch.long)),
+                               atol=LOGITS_ATOL, rtol=0)
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])                     # expand to 2 beams per input
+    state = backend.reorder(state, rows)
+    history = torch.zeros(6, 0, dtype=torch.long)
+    for step, parents in enumerate([None, torch.tensor([1, 0, 3, 3, 4, 5]), torch.tensor([0, 0, 2, 3, 5, 4])]):
+        if parents is not None:                                 # beams swap and duplicate within an input
+            state = backend.reorder(state, parents)
+            rows, history = rows[parents], history[parents]
+        tokens = torch.tensor([5, 7, 9, 11, 13, 15]) + step
+        logits, state = backend.decode(tokens, state)
+        history = torch.cat([history, tokens[:, None]], dim=1)
+        torch.testing.assert_close(logits, full_logits(backend, batch, rows, history), atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["t5", "seed-seq2seq"])
+def test_encoder_runs_once_per_input_and_memory_stays_per_input(sources, kind):
+    from deploylm.generator import load
+
+    gen = load(sources[kind])
+    model = gen.backend.model
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+    calls: list[int] = []
+    if encoder is not None:
+        encoder.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+    else:
+        original = model.encode
+        model.encode = lambda ids, mask, *a: (calls.append(ids.shape[0]), original(ids, mask, *a))[1]
+    results = gen.generate(PROMPTS, num_beams=4, max_new_tokens=5)
+    assert len(results) == 3
+    assert calls == [3]                                         # one encoder pass, one row per input
+    assert gen.backend.encoder_calls == 3
+    if kind == "seed-seq2seq":                                  # cross K/V never expanded per beam
+        _, state = gen.backend.prefill(gen.encode(PROMPTS))
+        state = gen.backend.reorder(state, torch.arange(3).repeat_interleave(4))
+        _, state = gen.backend.decode(torch.full((12,), 5), state)
+        state = gen.backend.reorder(state, torch.tensor([1, 1, 0, 2, 4, 5, 6, 7, 11, 8, 9, 9]))
+        assert state.cross[0][0].shape[0] == 3 and state.self_past[0][0].shape[0] == 12
+
+
+def test_seed_seq2seq_reorder_across_inputs_falls_back_to_per_row_memory(sources):
+    from deploylm.generator import load
+
+    gen = load(sources["seed-seq2seq"])
+    backend, batch = gen.backend, gen.encode(PROMPTS)
+    _, state = backend.prefill(batch)
+    rows = torch.tensor([2, 0, 0, 1])                           # not "beams of one input contiguous"
+    state = backend.reorder(state, rows)
+    logits, state = backend.decode(torch.tensor([4, 5, 6, 7]), state)
+    assert state.cross[0][0].shape[0] == 4
+    torch.testing.assert_close(logits, full_logits(backend, batch, rows, torch.tensor([[4], [5], [6], [7]])),
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+def test_identity_reorder_keeps_state_and_stats_count_calls(sources):
+    from deploylm.generator import load
+
+    gen = load(sources["llama"])
+    backend, batch = gen.backend, gen.encode(PROMPTS)
+    _, state = backend.prefill(batch)
+    assert backend.reorder(state, torch.arange(3)) is state
+    assert backend.stats.calls == 2 and backend.stats.seconds > 0
+
+
+def test_unpadded_batch_uses_no_mask_like_transformers(sources):
+    from deploylm.generator import load
+
+    gen = load(sources["gpt2"])
+    _, state = gen.backend.prefill(gen.encode(["hello world", "hello world"]))
+    assert state.attention_mask is None
+    _, state = gen.backend.prefill(gen.encode(["hello", "the quick brown fox"]))
+    assert state.attention_mask is not None
+
+
+def test_special_tokens_follow_generation_config_then_config(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from deploylm.models.hf import special_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.generation_config.eos_token_id = [1, 7]
+    model.generation_config.pad_token_id = None
+    model.config.pad_token_id = None
+    special = special_tokens(model)
+    assert special.eos_token_ids == (1, 7) and special.pad_token_id == 1  # pad falls back to the first EOS
+    model.generation_config.eos_token_id = None
+    assert special_tokens(model).eos_token_ids == (model.config.eos_token_id,)
+
+
+def test_t5_decoder_start_comes_from_config(sources):
+    from deploylm.generator import load
+
+    info = load(sources["t5"]).info
+    assert info.is_encoder_decoder and info.special.decoder_start_token_id == 0  # T5: pad id
+
+
+def test_bfloat16_weights_still_give_fp32_logits(sources):
+    backend = TorchBackend.from_source(str(sources["llama"]), dtype="bfloat16")
+    assert next(backend.model.parameters()).dtype == torch.bfloat16
+    from deploylm.generator import load
+
+    logits, _ = backend.prefill(load(sources["llama"]).encode(PROMPTS))
+    assert logits.dtype == torch.float32
+
+
+def test_generation_defaults_come_from_generation_config(tiny_llama_dir, tmp_path):
+    import json
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    gen_file = folder / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "num_beams": 2, "max_new_tokens": 3}))
+    backend = TorchBackend.from_source(str(folder))
+    assert backend.generation_defaults == {"num_beams": 2, "max_new_tokens": 3}
+
+
+@pytest.mark.parametrize("value,message", [("float64", "dtype 'float64'"), ("int8", "expected one of")])
+def test_bad_dtype_is_a_usage_error(tiny_gpt2_dir, value, message):
+    with pytest.raises(UsageError, match=message):
+        TorchBackend.from_source(str(tiny_gpt2_dir), dtype=value)
+
+
+def test_cuda_unavailable_is_a_usage_error(tiny_gpt2_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        TorchBackend.from_source(str(tiny_gpt2_dir), device="cuda")
+
+
+def test_artifact_with_torch_backend_says_use_onnx(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(UsageError, match="use --backend onnx"):
+        TorchBackend.from_source(str(tmp_path))
+
+
+def test_generation_settings_deploylm_does_not_apply_are_named(tiny_t5_dir, tmp_path, caplog):
+    import json
+
+    folder = tmp_path / "t5"
+    shutil.copytree(tiny_t5_dir, folder)
+    gen_file = folder / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "forced_bos_token_id": 0,
+                                    "bad_words_ids": [[0]], "min_length": 0}))
+    with caplog.at_level("WARNING", logger="deploylm"):
+        TorchBackend.from_source(str(folder))
+    [record] = [r for r in caplog.records if r.name == "deploylm"]
+    assert "forced_bos_token_id, bad_words_ids, which deploylm does not apply" in record.getMessage()
+    assert "min_length" not in record.getMessage()
