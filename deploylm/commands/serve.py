@@ -1,0 +1,42 @@
+"""`deploylm serve`: an HTTP JSON API over one model, with request batching and streaming."""
+from __future__ import annotations
+
+import click
+
+
+@click.command("serve")
+@click.option("--model", "src", required=True, help="SRC: artifact, checkpoint, Hugging Face folder or .gguf.")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "trt"]), default=None,
+              help="Backend (default: onnx for an artifact, torch otherwise).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Prompts decoded together in one batch.")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="How long a request waits for others to batch with.")
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests waiting to be decoded; beyond: 503 with Retry-After.")
+@click.option("--max-streams", type=click.IntRange(1), default=16, show_default=True,
+              help="Concurrent streaming responses; beyond: 503 with Retry-After.")
+@click.option("--max-prompt-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True,
+              help="The largest max_new_tokens a request may ask for (also caps the default).")
+@click.option("--max-beams", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True)
+@click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def command(src: str, backend: str | None, host: str, port: int, drain_timeout: float, log_level: str,
+            **limits: int | float) -> None:
+    """Serve SRC over HTTP: POST /v1/generate, POST /v1/completions, GET /v1/models, GET /health."""
+    import deploylm
+    from deploylm.serving import ServeConfig, serve
+    from deploylm.serving.server import describe_model
+
+    generator = deploylm.load(src, backend=backend)
+    summary = describe_model(src, generator)
+    config = ServeConfig(model_name=summary["name"],
+                         drain_timeout_s=drain_timeout, model_summary=summary, **limits)
+    click.echo(f"serving {src} ({summary['backend']}) on http://{host}:{port}", err=True)
+    serve(generator, config, host=host, port=port, log_level=log_level)

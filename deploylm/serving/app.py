@@ -1,0 +1,288 @@
+"""The ASGI app (Starlette): /v1/generate, /v1/completions, /v1/models, /health over one Generator.
+
+Non-streaming requests go through the Batcher; streaming requests run `Generator.stream` on their
+own thread. Every error is `{"error": {"message", "type", "param"}}` with a 4xx/5xx status.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import time
+from typing import Any, AsyncIterator, Callable
+
+from deploylm.errors import DeployLMError, MissingDependencyError, UsageError
+from deploylm.serving.batcher import Batcher, QueueFull
+from deploylm.serving.middleware import RequestMiddleware, ServerState, request_id_of
+from deploylm.serving.schemas import ApiError, Job, ServeConfig, parse_completion, parse_generate, parse_json_body
+from deploylm.serving.streaming import sse, stream_pieces
+
+log = logging.getLogger("deploylm.serve")
+
+
+def _starlette():
+    try:
+        import starlette.applications  # noqa: F401
+        import starlette.responses  # noqa: F401
+        import starlette.routing  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("serving needs starlette and uvicorn: pip install 'deploylm[serve]'") from None
+    return starlette
+
+
+def token_counter(generator: Any) -> Callable[[str], int]:
+    """How many tokens a prompt has, by the generator's tokenizer (bytes as an upper bound if none)."""
+    if callable(getattr(generator, "count_tokens", None)):
+        return generator.count_tokens
+    tokenizer = getattr(generator, "tokenizer", None)
+    if tokenizer is not None and callable(getattr(tokenizer, "encode", None)):
+        return lambda text: len(tokenizer.encode(text))
+    return lambda text: len(text.encode("utf-8"))
+
+
+def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
+    """The ASGI app serving `generator` (anything with generate/stream as deploylm.Generator)."""
+    _starlette()
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    config = config or ServeConfig()
+    state = ServerState()
+    api = _Api(generator, config, state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        api.start()
+        try:
+            yield
+        finally:
+            await api.stop()
+
+    async def http_error(request: Any, exc: HTTPException) -> Any:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                        type=kind))
+
+    routes = [Route("/health", api.health, methods=["GET"]),
+              Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/generate", api.generate, methods=["POST"]),
+              Route("/v1/completions", api.completions, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.serve = state
+    app.state.api = api
+    return RequestMiddleware(app, state)
+
+
+class _Api:
+    """Route handlers sharing the generator, the batcher and the limits."""
+
+    def __init__(self, generator: Any, config: ServeConfig, state: ServerState) -> None:
+        self.generator, self.config, self.state = generator, config, state
+        self.count_tokens = token_counter(generator)
+        self.defaults = getattr(generator, "defaults", None)  # the model's decoding defaults, if any
+        self.batcher: Batcher | None = None
+
+    def start(self) -> None:
+        self.batcher = Batcher(lambda prompts, options: self.generator.generate(prompts, **options),
+                               max_batch_size=self.config.max_batch_size, max_wait_ms=self.config.max_wait_ms,
+                               max_queue=self.config.max_queue)
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    async def health(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        b = self.batcher
+        return JSONResponse({"status": "ok", "model": self.config.model_name, "in_flight": self.state.in_flight,
+                             "queued": b.queued if b else 0, "decoding": b.decoding if b else 0,
+                             "batches": b.batches if b else 0, "active_streams": self.state.active_streams})
+
+    async def models(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        entry = {"id": self.config.model_name, "object": "model", "owned_by": "deploylm",
+                 "deploylm": self.config.model_summary}
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def generate(self, request: Any) -> Any:
+        return await self._handle(request, parse_generate, self._generate_body, self._generate_events)
+
+    async def completions(self, request: Any) -> Any:
+        return await self._handle(request, parse_completion, self._completion_body, self._completion_events)
+
+    async def _handle(self, request: Any, parse: Callable, render: Callable, events: Callable) -> Any:
+        from starlette.responses import JSONResponse, Response
+
+        rid = request_id_of(request.scope)
+        try:
+            body = parse_json_body(await _read_body(request, self.config.max_body_bytes))
+            job = parse(body, self.config, self.count_tokens, self.defaults)
+            if job.stream:
+                self._precheck(job)
+                self._reserve_stream()
+                return _StreamSlotResponse(self._release_stream, self._guarded(events(job, rid)),
+                                           media_type="text/event-stream", headers={"cache-control": "no-cache"})
+            results = await self._decode(request, job, rid)
+            if results is None:  # client went away; nobody reads this
+                return Response(status_code=499)
+            return JSONResponse(render(job, results, rid))
+        except ApiError as exc:
+            return _error_response(exc)
+        except UsageError as exc:  # the generator refused the input (e.g. longer than the model's window)
+            message = str(exc)
+            param = "prompt" if message.startswith("prompt") else (
+                "max_new_tokens" if message.startswith("max_new_tokens") else None)
+            return _error_response(ApiError(400, message, param=param))
+        except DeployLMError as exc:
+            return _error_response(ApiError(500, str(exc), type="server_error"))
+        except Exception as exc:  # noqa: BLE001 - a bug or a backend failure: log it, answer 500
+            log.exception("%s request failed", rid)
+            return _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                            type="server_error"))
+
+    async def _decode(self, request: Any, job: Job, rid: str) -> list[Any] | None:
+        assert self.batcher is not None
+        try:
+            future = self.batcher.submit(job, rid)
+        except QueueFull as exc:
+            raise ApiError(503, f"server is busy ({exc}): retry later", type="server_overloaded",
+                           headers={"retry-after": "1"}) from None
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not future.done():
+                self.batcher.cancel(future)
+                log.info("%s client disconnected before its result; request dropped", rid)
+        return future.result() if not future.cancelled() else None
+
+    def _precheck(self, job: Job) -> None:
+        """Refuse (400) a stream the generator would refuse, before the 200 and the first event go out."""
+        encode, options = getattr(self.generator, "encode", None), getattr(self.generator, "options", None)
+        if callable(encode) and callable(options):
+            encode(list(job.prompts), options(**job.options))  # raises UsageError (prompt too long, ...)
+
+    def _reserve_stream(self) -> None:
+        if self.state.active_streams >= self.config.max_streams:
+            raise ApiError(503, f"server is busy ({self.state.active_streams} streams open, limit "
+                           f"{self.config.max_streams}): retry later", type="server_overloaded",
+                           headers={"retry-after": "1"})
+        self.state.active_streams += 1
+
+    def _release_stream(self) -> None:
+        self.state.active_streams -= 1
+
+    async def _guarded(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Pass the events through; a failure after the headers went out becomes a final error event."""
+        try:
+            async for chunk in events:
+                yield chunk
+        except (ApiError, UsageError) as exc:
+            yield sse((exc if isinstance(exc, ApiError) else ApiError(400, str(exc))).body())
+        except Exception as exc:  # noqa: BLE001 - headers are sent: the error becomes the last event
+            log.exception("stream failed")
+            yield sse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
+
+    def _pieces(self, job: Job) -> AsyncIterator[str]:
+        return stream_pieces(lambda: iter(self.generator.stream(job.prompts[0], **job.options)))
+
+    async def _generate_events(self, job: Job, rid: str) -> AsyncIterator[bytes]:
+        text = []
+        async for piece in self._pieces(job):
+            text.append(piece)
+            yield sse({"text": piece})
+        yield sse({"done": True, "prompt": job.prompts[0], "text": "".join(text)})
+
+    async def _completion_events(self, job: Job, rid: str) -> AsyncIterator[bytes]:
+        head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
+                "model": self.config.model_name}
+        async for piece in self._pieces(job):
+            yield sse({**head, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]})
+        yield sse({**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}]})
+        yield sse("[DONE]")
+
+    def _generate_body(self, job: Job, results: list[Any], rid: str) -> dict[str, Any]:
+        return {"results": [{"prompt": prompt, "outputs": [_output(s) for s in result.sequences]}
+                            for prompt, result in zip(job.prompts, results)]}
+
+    def _completion_body(self, job: Job, results: list[Any], rid: str) -> dict[str, Any]:
+        choices, completion_tokens = [], 0
+        for result in results:
+            for seq in result.sequences:
+                n = len(seq.token_ids)
+                completion_tokens += n
+                choices.append({"text": seq.text, "index": len(choices), "logprobs": None,
+                                "finish_reason": "length" if n >= job.max_new_tokens else "stop"})
+        prompt_tokens = sum(self.count_tokens(p) for p in job.prompts)
+        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
+                "model": self.config.model_name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+
+@functools.lru_cache(maxsize=None)
+def _stream_slot_response() -> Any:
+    from starlette.responses import StreamingResponse
+
+    class StreamSlotResponse(StreamingResponse):
+        """A streaming response that releases its stream slot however it ends (even unstarted)."""
+
+        def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._release = release
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self._release()
+
+    return StreamSlotResponse
+
+
+def _StreamSlotResponse(release: Callable[[], None], *args: Any, **kwargs: Any) -> Any:
+    return _stream_slot_response()(release, *args, **kwargs)
+
+
+def _output(seq: Any) -> dict[str, Any]:
+    score = float(seq.score)
+    return {"text": seq.text, "token_ids": [int(t) for t in seq.token_ids],
+            "score": score if math.isfinite(score) else None}
+
+
+def _error_response(exc: ApiError) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _read_body(request: Any, limit: int) -> bytes:
+    """The request body, refusing (413) more than `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise ApiError(413, f"request body has {declared} bytes, over this server's limit of {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"request body is over this server's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _wait_disconnect(request: Any) -> None:
+    """Return when the client disconnects (the body is already read, so receive() waits for that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

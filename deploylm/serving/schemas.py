@@ -1,0 +1,239 @@
+"""Request parsing and validation for the HTTP API: bodies in, validated jobs (or an ApiError) out.
+
+Nothing here touches the network or the model; the app (deploylm.serving.app) feeds bytes in and
+turns ApiError into `{"error": {"message", "type", "param"}}` with the error's status.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from deploylm.errors import UsageError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Server limits and batching knobs (`deploylm serve --max-...`)."""
+
+    model_name: str = "model"
+    max_batch_size: int = 8          # prompts decoded together in one generate call
+    max_wait_ms: float = 5.0         # how long the first request of a batch waits for company
+    max_queue: int = 64              # requests waiting (not yet decoding); beyond: 503 + Retry-After
+    max_streams: int = 16            # concurrent streaming responses; beyond: 503 + Retry-After
+    max_prompt_tokens: int = 512     # per prompt
+    max_new_tokens: int = 256        # the largest max_new_tokens a request may ask for
+    max_beams: int = 16              # the largest num_beams / best_of
+    max_prompts: int = 64            # prompts in one request
+    max_body_bytes: int = 1 << 20    # request body; beyond: 413
+    drain_timeout_s: float = 30.0    # on SIGTERM: how long in-flight requests may take to finish
+    model_summary: dict[str, Any] = field(default_factory=dict)  # shown by GET /v1/models
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_streams", "max_prompt_tokens", "max_new_tokens",
+                     "max_beams", "max_prompts", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"serve option {name}={getattr(self, name)} is invalid: use a value >= 1")
+        if self.max_wait_ms < 0 or self.drain_timeout_s < 0:
+            raise UsageError("serve options max_wait_ms and drain_timeout_s must be >= 0")
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status, one-line message, OpenAI-style type and param."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param}}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated request: prompts plus the decoding options the client gave (explicit ones only)."""
+
+    prompts: tuple[str, ...]
+    options: dict[str, Any]          # passed to Generator.generate/stream as keywords
+    stream: bool = False
+    max_new_tokens: int = 64         # resolved (for finish_reason)
+
+    def batch_key(self) -> Any:
+        """Requests with equal keys may share a batch. Sampling never shares: its random stream would."""
+        if self.options.get("do_sample"):
+            return object()
+        return tuple(sorted((k, type(v).__name__, v) for k, v in self.options.items()))
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Bytes -> a JSON object, or ApiError(400) saying what is wrong with the body."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise ApiError(400, "request body is empty: expected a JSON object")
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_generate(body: dict[str, Any], config: ServeConfig, count_tokens: Callable[[str], int],
+                   defaults: Any = None) -> Job:
+    """`POST /v1/generate` body -> Job: `prompt`, `stream`, and the decoding options (underscores)."""
+    body = dict(body)
+    if "prompt" not in body:
+        raise ApiError(400, "missing field 'prompt': expected a string or a list of strings", param="prompt")
+    prompts = _prompts(body.pop("prompt"), config, count_tokens, "prompt")
+    stream = _bool(body.pop("stream", False), "stream")
+    options = validate_options(body, config, defaults)
+    return _job(prompts, options, stream, defaults)
+
+
+def resolve(options: dict[str, Any], defaults: Any = None) -> Any:
+    """The DecodingOptions a call with `options` uses: over the model's defaults when known."""
+    from deploylm.decoding.options import DecodingOptions
+
+    if defaults is None:
+        return DecodingOptions.from_mapping(options)
+    return defaults.replace(**options)
+
+
+def _job(prompts: tuple[str, ...], options: dict[str, Any], stream: bool, defaults: Any) -> Job:
+    resolved = resolve(options, defaults)
+    if stream and len(prompts) != 1:
+        raise ApiError(400, f"stream takes exactly one prompt, got {len(prompts)}", param="prompt")
+    if stream and resolved.num_return_sequences != 1:
+        raise ApiError(400, "stream returns one sequence: leave num_return_sequences at 1",
+                       param="num_return_sequences")
+    return Job(prompts, options, stream, resolved.max_new_tokens)
+
+
+def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any = None) -> dict[str, Any]:
+    """Check decoding options with DecodingOptions' own validation plus the server's caps."""
+    try:
+        resolved = resolve(options, defaults)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), param=_param_of(str(exc), options)) from None
+    options = dict(options)
+    if "max_new_tokens" not in options and resolved.max_new_tokens > config.max_new_tokens:
+        options["max_new_tokens"] = config.max_new_tokens  # the server's cap bounds the default too
+        resolved = resolve(options, defaults)
+    caps = {"max_new_tokens": config.max_new_tokens, "num_beams": config.max_beams,
+            "num_return_sequences": config.max_beams}
+    for name, cap in caps.items():
+        if getattr(resolved, name) > cap:
+            raise ApiError(400, f"{name}={getattr(resolved, name)} is over this server's limit of {cap}",
+                           param=name)
+    if resolved.seed is not None and not 0 <= resolved.seed < 2**63:
+        raise ApiError(400, f"seed={resolved.seed} is out of range: use 0 <= seed < 2**63", param="seed")
+    return options
+
+
+_PARAM_RE = (re.compile(r"decoding option (\w+)="), re.compile(r"unknown decoding option\(s\) '(\w+)'"))
+
+
+def _param_of(message: str, options: dict[str, Any]) -> str | None:
+    """The option a DecodingOptions error is about (it names it in its message)."""
+    for pattern in _PARAM_RE:
+        match = pattern.search(message)
+        if match:
+            return match.group(1)
+    named = [name for name in options if name in message]
+    return named[0] if named else None
+
+
+def _prompts(value: Any, config: ServeConfig, count_tokens: Callable[[str], int], param: str) -> tuple[str, ...]:
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, f"'{param}' must be a string or a list of strings, got {_kind(value)}",
+                       param=param)
+    if not prompts:
+        raise ApiError(400, f"'{param}' is an empty list: give at least one prompt", param=param)
+    if len(prompts) > config.max_prompts:
+        raise ApiError(400, f"'{param}' has {len(prompts)} prompts, over this server's limit of "
+                       f"{config.max_prompts} per request", param=param)
+    for i, prompt in enumerate(prompts):
+        where = param if isinstance(value, str) else f"{param}[{i}]"
+        if not prompt.strip():
+            raise ApiError(400, f"{where} is empty: give some text to continue", param=param)
+        if "\x00" in prompt:
+            raise ApiError(400, f"{where} contains a NUL character", param=param)
+        if len(prompt) > 16 * config.max_prompt_tokens:  # no tokenizer run on absurd inputs
+            raise ApiError(400, f"{where} has {len(prompt)} characters, far over this server's limit of "
+                           f"{config.max_prompt_tokens} tokens", param=param)
+        n = count_tokens(prompt)
+        if n > config.max_prompt_tokens:
+            raise ApiError(400, f"{where} has {n} tokens, over this server's limit of "
+                           f"{config.max_prompt_tokens}", param=param)
+    return tuple(prompts)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list with non-string items", type(None): "null",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _bool(value: Any, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{param}' must be true or false, got {_kind(value)}", param=param)
+    return value
+
+
+# OpenAI completions field -> deploylm decoding option
+COMPLETION_FIELDS = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "best_of": "num_beams",
+                     "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+COMPLETION_IGNORED = ("model", "user")
+COMPLETION_UNSUPPORTED = ("logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
+                          "suffix", "stream_options")
+
+
+def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Callable[[str], int],
+                     defaults: Any = None) -> Job:
+    """`POST /v1/completions` (OpenAI shape) -> Job. temperature > 0 or top_p < 1 turns sampling on."""
+    body = dict(body)
+    for name in COMPLETION_UNSUPPORTED:
+        if name in body:
+            raise ApiError(400, f"'{name}' is not supported by this server", param=name)
+    unknown = sorted(set(body) - set(COMPLETION_FIELDS) - set(COMPLETION_IGNORED) - {"prompt", "stream"})
+    if unknown:
+        raise ApiError(400, f"unknown field '{unknown[0]}': expected any of prompt, stream, "
+                       f"{', '.join(COMPLETION_FIELDS)}, {', '.join(COMPLETION_IGNORED)}", param=unknown[0])
+    if "prompt" not in body:
+        raise ApiError(400, "missing field 'prompt': expected a string or a list of strings", param="prompt")
+    prompts = _prompts(body["prompt"], config, count_tokens, "prompt")
+    stream = _bool(body.get("stream", False), "stream")
+    options = {COMPLETION_FIELDS[k]: v for k, v in body.items() if k in COMPLETION_FIELDS and v is not None}
+    if "num_return_sequences" in options and "num_beams" not in options and not _sampling(options):
+        options["num_beams"] = options["num_return_sequences"]
+    if _sampling(options):
+        options["do_sample"] = True
+    elif options.get("temperature") == 0:
+        options.pop("temperature")  # OpenAI's temperature 0 = deterministic
+    try:
+        options = validate_options(options, config, defaults)
+    except ApiError as exc:
+        back = {v: k for k, v in COMPLETION_FIELDS.items()}
+        exc.param = back.get(exc.param or "", exc.param)
+        raise
+    return _job(prompts, options, stream, defaults)
+
+
+def _sampling(options: dict[str, Any]) -> bool:
+    """OpenAI semantics: a temperature above 0 or a top_p below 1 means sampling."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    temperature, top_p = options.get("temperature"), options.get("top_p")
+    return (number(temperature) and temperature > 0) or (number(top_p) and 0 < top_p < 1)

@@ -1,0 +1,91 @@
+"""Run the app under uvicorn with a graceful, draining shutdown.
+
+On the first SIGTERM/SIGINT the server starts draining: new requests get 503 (Retry-After,
+Connection: close) while in-flight ones finish (up to `drain_timeout_s`); then uvicorn's own
+shutdown closes the sockets. A second SIGINT forces the exit.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from deploylm.errors import MissingDependencyError
+from deploylm.serving.app import create_app
+from deploylm.serving.middleware import ServerState
+from deploylm.serving.schemas import ServeConfig
+
+log = logging.getLogger("deploylm.serve")
+
+
+def _uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError:
+        raise MissingDependencyError("serving needs starlette and uvicorn: pip install 'deploylm[serve]'") from None
+    return uvicorn
+
+
+def make_server(generator: Any, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
+                log_level: str = "info") -> Any:
+    """A uvicorn.Server for `generator`, draining on SIGTERM; `.run()` blocks until shut down."""
+    uvicorn = _uvicorn()
+    app = create_app(generator, config)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if app.state.draining or self.should_exit:
+                super().handle_exit(sig, frame)  # second signal: uvicorn's behaviour (SIGINT forces)
+                return
+            self._captured_signals.append(sig)
+            begin_drain(app.state, self, config.drain_timeout_s)
+
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                               timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
+                               lifespan="on")
+    return DrainingServer(uv_config)
+
+
+def begin_drain(state: ServerState, server: Any, timeout_s: float) -> threading.Thread:
+    """Refuse new requests now; tell `server` to exit once nothing is in flight (or after timeout_s)."""
+    state.draining = True
+    log.info("draining: %d request(s) in flight, new requests get 503", state.in_flight)
+
+    def wait_then_exit() -> None:
+        if not state.idle.wait(timeout_s):
+            log.warning("drain timeout (%.0fs): %d request(s) still in flight", timeout_s, state.in_flight)
+        server.should_exit = True
+
+    thread = threading.Thread(target=wait_then_exit, name="deploylm-drain", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(generator: Any, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info") -> None:
+    """Serve `generator` over HTTP until SIGTERM/SIGINT (blocking)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    make_server(generator, config, host=host, port=port, log_level=log_level).run()
+
+
+def describe_model(src: str, generator: Any) -> dict[str, Any]:
+    """What GET /v1/models shows: the source, backend and model shape; an artifact's manifest summary."""
+    from deploylm.models.source import resolve_source
+
+    source = resolve_source(src)
+    info = getattr(generator, "info", None)
+    summary: dict[str, Any] = {"name": source.name, "source": {"kind": source.kind, "path": str(source.path)},
+                               "backend": getattr(getattr(generator, "backend", None), "name", None)}
+    if info is not None:
+        summary.update(is_encoder_decoder=info.is_encoder_decoder, vocab_size=info.vocab_size,
+                       max_positions=info.max_positions)
+    if source.kind == "artifact":
+        from deploylm.artifact import read_manifest
+
+        m = read_manifest(source.path)
+        profile = m.get("profile") if isinstance(m.get("profile"), dict) else {}
+        summary["manifest"] = {"format_version": m.get("format_version"),
+                               "deploylm_version": m.get("deploylm_version"), "created": m.get("created"),
+                               "profile": {k: profile.get(k) for k in ("name", "precision", "backends")},
+                               "source": m.get("source"), "parity": m.get("parity")}
+    return summary

@@ -1,0 +1,61 @@
+"""Streaming: run `Generator.stream` on its own thread and hand its pieces to the event loop.
+
+When the client goes away the async side stops reading; the thread sees the stop flag at the next
+piece, closes the generator (releasing the model) and ends, so a dropped stream costs at most one step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any, AsyncIterator, Callable, Iterator
+
+_END = object()
+
+
+async def stream_pieces(start: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
+    """Yield the pieces of `start()` (a blocking iterator) as they come, from a worker thread."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            stop.set()
+
+    def produce() -> None:
+        iterator = None
+        try:
+            iterator = start()
+            for piece in iterator:
+                if stop.is_set():
+                    break
+                put(piece)
+        except BaseException as exc:  # noqa: BLE001 - handed to the async side
+            put(exc)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            put(_END)
+
+    thread = threading.Thread(target=produce, name="deploylm-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event carrying `data` as JSON (or a literal string such as [DONE])."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()

@@ -1,0 +1,77 @@
+"""A scripted stand-in for deploylm.Generator (same interface), for tests that need control over
+timing and failures: deterministic outputs that depend only on (prompt, options), so a batched
+answer must equal the same request decoded alone.
+
+Special prompts: one containing "BOOM" makes the whole generate call raise RuntimeError; one
+containing "BAD" raises UsageError (as the real Generator does for an input it refuses).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from deploylm.decoding.options import DecodingOptions
+from deploylm.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Sequence:
+    text: str
+    token_ids: list[int]
+    score: float
+
+
+@dataclass(frozen=True)
+class Result:
+    prompt: str
+    sequences: list[Sequence]
+
+
+class FakeGenerator:
+    """Answers each prompt with its words reversed, one word per "token"; records every call."""
+
+    def __init__(self, *, delay: float = 0.0, step_delay: float = 0.0) -> None:
+        self.delay, self.step_delay = delay, step_delay
+        self.calls: list[tuple[list[str], dict[str, Any]]] = []
+        self.stream_steps = 0          # pieces produced by stream(), all calls together
+        self.streams_closed = 0        # stream() generators that ended (finished or closed)
+        self._lock = threading.Lock()
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def generate(self, prompts: str | list[str], **options: Any) -> list[Result]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        opts = DecodingOptions.from_mapping(options)
+        with self._lock:
+            self.calls.append((prompts, dict(options)))
+            if any("BOOM" in p for p in prompts):
+                raise RuntimeError("scripted backend failure")
+            if any("BAD" in p for p in prompts):
+                raise UsageError("prompt contains BAD: scripted refusal")
+            time.sleep(self.delay)
+            return [self._answer(p, opts) for p in prompts]
+
+    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+        opts = DecodingOptions.from_mapping(options)
+        text = self._answer(prompt, opts).sequences[0].text
+        try:
+            for word in text.split(" ")[1:]:
+                with self._lock:
+                    time.sleep(self.step_delay)
+                    self.stream_steps += 1
+                yield " " + word
+        finally:
+            self.streams_closed += 1
+
+    @staticmethod
+    def _answer(prompt: str, opts: DecodingOptions) -> Result:
+        words = list(reversed(prompt.split()))
+        words = (words * opts.max_new_tokens)[:opts.max_new_tokens]
+        seqs = []
+        for i in range(opts.num_return_sequences):
+            ids = [len(w) + 7 * i + opts.num_beams for w in words]
+            seqs.append(Sequence(" " + " ".join(words) + "!" * i, ids, -0.5 * len(ids) - i))
+        return Result(prompt, seqs)

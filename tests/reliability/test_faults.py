@@ -1,0 +1,117 @@
+"""Faults: a client leaving mid-stream, a client giving up while queued, shutdown with a request in flight,
+overload (queue and stream limits), a backend failure. Real uvicorn on 127.0.0.1 over the scripted
+generator, so timings are exact; each test is bounded to a few seconds."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+from deploylm.serving import ServeConfig
+from tests.reliability.conftest import inproc_server
+from tests.reliability.fakes import FakeGenerator
+
+LONG = " ".join(f"w{i}" for i in range(40))
+
+
+def wait_until(condition, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_client_leaving_mid_stream_stops_decoding_and_frees_the_slot():
+    fake = FakeGenerator(step_delay=0.05)
+    with inproc_server(fake, ServeConfig(max_new_tokens=64)) as (url, app):
+        with httpx.stream("POST", url + "/v1/generate", timeout=10,
+                          json={"prompt": LONG, "max_new_tokens": 40, "stream": True}) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[len("data: "):]) == {"text": " w39"}
+        # the client hung up after one piece of forty
+        assert wait_until(lambda: fake.streams_closed == 1), "the stream's generator was never closed"
+        assert fake.stream_steps < 20
+        assert wait_until(lambda: app.state.active_streams == 0 and app.state.in_flight == 0)
+        r = httpx.post(url + "/v1/generate", json={"prompt": "still here", "max_new_tokens": 2}, timeout=10)
+        assert r.status_code == 200
+
+
+def test_a_request_whose_client_gives_up_while_queued_is_never_decoded():
+    fake = FakeGenerator(delay=1.0)
+    with inproc_server(fake, ServeConfig(max_batch_size=1, max_wait_ms=0)) as (url, app), \
+            httpx.Client(base_url=url, timeout=0.3) as impatient:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, url + "/v1/generate", json={"prompt": "first"}, timeout=10)
+            assert wait_until(lambda: len(fake.calls) == 1)   # "first" is decoding (for 1 s)
+            with pytest.raises(httpx.ReadTimeout):
+                impatient.post("/v1/generate", json={"prompt": "second"})  # gives up after 0.3 s
+            assert first.result().status_code == 200
+        r = httpx.post(url + "/v1/generate", json={"prompt": "third"}, timeout=10)
+        assert r.status_code == 200
+        assert [c[0] for c in fake.calls] == [["first"], ["third"]]
+
+
+def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(start_fake_server):
+    server = start_fake_server("--delay", "1.5")
+    slow: dict = {}
+    thread = threading.Thread(target=lambda: slow.update(r=httpx.post(
+        server.url + "/v1/generate", json={"prompt": "slow one", "max_new_tokens": 2}, timeout=20)))
+    thread.start()
+    assert wait_until(lambda: httpx.get(server.url + "/health", timeout=5).json()["decoding"] == 1)
+    server.proc.terminate()                                                  # SIGTERM: start draining
+    time.sleep(0.3)
+    late = httpx.post(server.url + "/v1/generate", json={"prompt": "too late"}, timeout=5)
+    assert late.status_code == 503 and late.headers["retry-after"] == "1"
+    assert "shutting down" in late.json()["error"]["message"]
+    thread.join(20)
+    assert slow["r"].status_code == 200
+    assert slow["r"].json()["results"][0]["outputs"][0]["text"] == FakeGenerator().generate(
+        "slow one", max_new_tokens=2)[0].sequences[0].text
+    server.proc.wait(15)                                                     # and then it exits
+    log = server.log.read_text()
+    # >= 1: the /health poll just answered may not have left the in-flight count yet
+    assert re.search(r"draining: [1-9]\d* request\(s\) in flight", log) and "Finished server process" in log, log
+
+
+def test_overload_gets_503_with_retry_after_and_nothing_else():
+    fake = FakeGenerator(delay=0.2)
+    config = ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=2)
+    with inproc_server(fake, config) as (url, _app):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            rs = list(pool.map(lambda i: httpx.post(url + "/v1/generate", json={"prompt": f"p{i}"}, timeout=20),
+                               range(8)))
+        statuses = sorted(r.status_code for r in rs)
+        assert set(statuses) == {200, 503} and statuses.count(200) >= 3
+        assert all(r.headers["retry-after"] == "1" for r in rs if r.status_code == 503)
+        assert httpx.post(url + "/v1/generate", json={"prompt": "after"}, timeout=10).status_code == 200
+
+
+def test_stream_limit_gets_503_while_full_and_frees_after():
+    fake = FakeGenerator(step_delay=0.05)
+    with inproc_server(fake, ServeConfig(max_streams=1)) as (url, app):
+        body = {"prompt": LONG, "max_new_tokens": 10, "stream": True}
+        with httpx.stream("POST", url + "/v1/generate", json=body, timeout=10) as r:
+            lines = r.iter_lines()  # keep it: a dropped iterator closes the response
+            next(lines)
+            second = httpx.post(url + "/v1/generate", json=body, timeout=10)
+            assert second.status_code == 503 and "streams open" in second.json()["error"]["message"]
+            events = [line for line in lines if line.startswith("data: ")]
+            assert json.loads(events[-1][len("data: "):])["done"] is True
+        assert wait_until(lambda: app.state.active_streams == 0)
+        assert httpx.post(url + "/v1/generate", json=body, timeout=10).status_code == 200
+
+
+def test_backend_failure_is_a_500_json_error_and_the_server_keeps_serving():
+    fake = FakeGenerator()
+    with inproc_server(fake, ServeConfig()) as (url, _app):
+        r = httpx.post(url + "/v1/generate", json={"prompt": "BOOM"}, timeout=10)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "scripted backend failure" in r.json()["error"]["message"]
+        assert httpx.post(url + "/v1/generate", json={"prompt": "fine"}, timeout=10).status_code == 200

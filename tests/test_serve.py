@@ -1,0 +1,185 @@
+"""The HTTP API (in-process, Starlette's TestClient) over a scripted generator: shapes, errors, ids."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from starlette.testclient import TestClient
+
+from deploylm.serving import ServeConfig, create_app
+from tests.reliability.fakes import FakeGenerator
+
+CONFIG = ServeConfig(model_name="fake", max_prompt_tokens=8, max_new_tokens=32, max_body_bytes=4096,
+                     max_prompts=4, max_beams=8, model_summary={"profile": "fp32"})
+
+
+@pytest.fixture()
+def fake():
+    return FakeGenerator()
+
+
+@pytest.fixture()
+def client(fake):
+    with TestClient(create_app(fake, CONFIG)) as c:
+        yield c
+
+
+def alone(fake, prompt, **options):
+    return FakeGenerator().generate([prompt], **options)[0]
+
+
+def as_json(result):
+    return {"prompt": result.prompt, "outputs": [
+        {"text": s.text, "token_ids": s.token_ids, "score": s.score} for s in result.sequences]}
+
+
+def sse_events(text):
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_generate_answers_each_prompt_as_decoded_alone(client, fake):
+    r = client.post("/v1/generate", json={"prompt": ["one two three", "four five"], "num_beams": 2,
+                                          "max_new_tokens": 5, "num_return_sequences": 2})
+    assert r.status_code == 200, r.text
+    expected = [as_json(alone(fake, p, num_beams=2, max_new_tokens=5, num_return_sequences=2))
+                for p in ["one two three", "four five"]]
+    assert r.json() == {"results": expected}
+    assert fake.calls[-1][1] == {"num_beams": 2, "max_new_tokens": 5, "num_return_sequences": 2}
+
+
+def test_generate_single_string_prompt(client, fake):
+    r = client.post("/v1/generate", json={"prompt": "hello there", "max_new_tokens": 3})
+    assert r.json()["results"] == [as_json(alone(fake, "hello there", max_new_tokens=3))]
+
+
+def test_completions_openai_shape_and_option_mapping(client, fake):
+    r = client.post("/v1/completions", json={"model": "fake", "prompt": "a b c", "max_tokens": 3,
+                                             "n": 2, "best_of": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert fake.calls[-1][1] == {"max_new_tokens": 3, "num_return_sequences": 2, "num_beams": 4}
+    assert body["object"] == "text_completion" and body["model"] == "fake"
+    assert body["id"] == "cmpl-" + r.headers["x-request-id"]
+    want = alone(fake, "a b c", max_new_tokens=3, num_return_sequences=2, num_beams=4)
+    assert [c["text"] for c in body["choices"]] == [s.text for s in want.sequences]
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["finish_reason"] == "length" and c["logprobs"] is None for c in body["choices"])
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+
+
+def test_completions_temperature_turns_sampling_on(client, fake):
+    r = client.post("/v1/completions", json={"prompt": "a b", "temperature": 0.7, "seed": 3, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert fake.calls[-1][1] == {"temperature": 0.7, "seed": 3, "max_new_tokens": 2, "do_sample": True}
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_stream_sends_pieces_then_a_final_event(client, fake):
+    r = client.post("/v1/generate", json={"prompt": "x y z", "max_new_tokens": 3, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(e) for e in sse_events(r.text)]
+    want = alone(fake, "x y z", max_new_tokens=3).sequences[0].text
+    assert [e["text"] for e in events[:-1]] == [" z", " y", " x"]
+    assert events[-1] == {"done": True, "prompt": "x y z", "text": want}
+
+
+def test_completions_stream_ends_with_done(client):
+    r = client.post("/v1/completions", json={"prompt": "x y", "max_tokens": 2, "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == " y x"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"\xff\xfe{}", 400, None, "UTF-8"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    (b"", 400, None, "empty"),
+    (b'{"prompt": "a", "num_beams": NaN}', 400, None, "NaN"),
+    (json.dumps({"max_new_tokens": 4}).encode(), 400, "prompt", "missing field 'prompt'"),
+    (json.dumps({"prompt": 7}).encode(), 400, "prompt", "string or a list of strings"),
+    (json.dumps({"prompt": ["a", 3]}).encode(), 400, "prompt", "string or a list of strings"),
+    (json.dumps({"prompt": []}).encode(), 400, "prompt", "empty list"),
+    (json.dumps({"prompt": "   "}).encode(), 400, "prompt", "empty"),
+    (json.dumps({"prompt": "a " * 9}).encode(), 400, "prompt", "9 tokens, over this server's limit of 8"),
+    (json.dumps({"prompt": ["a"] * 5}).encode(), 400, "prompt", "limit of 4 per request"),
+    (json.dumps({"prompt": "a", "beams": 2}).encode(), 400, "beams", "unknown decoding option"),
+    (json.dumps({"prompt": "a", "num_beams": "4"}).encode(), 400, "num_beams", "expected an integer"),
+    (json.dumps({"prompt": "a", "num_beams": -1}).encode(), 400, "num_beams", "num_beams >= 1"),
+    (json.dumps({"prompt": "a", "max_new_tokens": 10**12}).encode(), 400, "max_new_tokens", "limit of 32"),
+    (json.dumps({"prompt": "a", "num_beams": 10**6}).encode(), 400, "num_beams", "limit of 8"),
+    (json.dumps({"prompt": "a", "seed": 2**70, "do_sample": True}).encode(), 400, "seed", "out of range"),
+    (json.dumps({"prompt": "a", "stream": "yes"}).encode(), 400, "stream", "true or false"),
+    (json.dumps({"prompt": ["a", "b"], "stream": True}).encode(), 400, "prompt", "exactly one prompt"),
+    (json.dumps({"prompt": "a", "x": "y" * 5000}).encode(), 413, None, "limit of 4096"),
+])
+def test_bad_requests_get_a_json_4xx_naming_the_problem(client, body, status, param, words):
+    r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["param"] == param and error["type"]
+    assert client.post("/v1/generate", json={"prompt": "still serving"}).status_code == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a", "logprobs": 3}, "logprobs"),
+    ({"prompt": "a", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "a", "best_of": 2, "n": 3}, "n"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+])
+def test_completions_errors_name_the_openai_field(client, body, param):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_generator_usage_error_is_a_400_and_failure_a_500(client):
+    r = client.post("/v1/generate", json={"prompt": "BAD one"})
+    assert r.status_code == 400 and "scripted refusal" in r.json()["error"]["message"]
+    r = client.post("/v1/generate", json={"prompt": "BOOM"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert client.post("/v1/generate", json={"prompt": "fine"}).status_code == 200
+
+
+def test_request_ids_are_echoed_generated_and_logged(client, caplog):
+    with caplog.at_level(logging.INFO, logger="deploylm.serve"):
+        r = client.post("/v1/generate", json={"prompt": "a"}, headers={"X-Request-Id": "abc-123"})
+        r2 = client.post("/v1/generate", json={"prompt": "a"}, headers={"X-Request-Id": "bad id\twith tab"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(r2.headers["x-request-id"]) == 32 and r2.headers["x-request-id"] != "bad id\twith tab"
+    assert any("abc-123 POST /v1/generate 200" in m for m in caplog.messages)
+
+
+def test_health_models_and_unknown_routes(client):
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "fake" and models["data"][0]["deploylm"] == {"profile": "fp32"}
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert client.get("/v1/generate").status_code == 405
+
+
+def test_draining_server_answers_503_with_retry_after(fake):
+    app = create_app(fake, CONFIG)
+    with TestClient(app) as client:
+        app.state.draining = True
+        r = client.post("/v1/generate", json={"prompt": "a"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "shutting down" in r.json()["error"]["message"]
+    assert fake.calls == []
+
+
+def test_web_stack_is_imported_lazily_with_an_install_hint(monkeypatch, fake):
+    import subprocess
+    import sys
+
+    code = "import sys, deploylm.serve, deploylm.commands.serve; print('starlette' in sys.modules, 'uvicorn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    from deploylm.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "starlette.applications", None)  # as if `deploylm[serve]` were absent
+    with pytest.raises(MissingDependencyError, match=r"pip install 'deploylm\[serve\]'"):
+        create_app(fake, CONFIG)

@@ -1,0 +1,117 @@
+"""The request batcher: who shares a batch, how big batches get, and that results stay per request."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deploylm.errors import UsageError
+from deploylm.serving.batcher import Batcher, QueueFull
+from deploylm.serving.schemas import Job
+from tests.reliability.fakes import FakeGenerator
+
+
+def job(*prompts, **options):
+    return Job(tuple(prompts), options)
+
+
+def run_jobs(jobs, *, fake=None, max_batch_size=8, max_wait_ms=50, max_queue=100):
+    """Submit all jobs at once; return (results or exceptions, the fake's calls)."""
+    fake = fake or FakeGenerator(delay=0.01)
+
+    async def main():
+        batcher = Batcher(lambda p, o: fake.generate(p, **o), max_batch_size=max_batch_size,
+                          max_wait_ms=max_wait_ms, max_queue=max_queue)
+        batcher.start()
+        futures = [batcher.submit(j) for j in jobs]
+        out = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        return out
+
+    return asyncio.run(main()), fake.calls
+
+
+def test_compatible_requests_share_one_batch_and_get_their_own_results():
+    jobs = [job("a b", max_new_tokens=3), job("c d e", "f", max_new_tokens=3), job("g", max_new_tokens=3)]
+    results, calls = run_jobs(jobs)
+    assert [len(c[0]) for c in calls] == [4]
+    for j, got in zip(jobs, results):
+        assert got == FakeGenerator().generate(list(j.prompts), **j.options)
+
+
+def test_different_options_never_share_a_batch():
+    jobs = [job("a", num_beams=2), job("b", num_beams=3), job("c", num_beams=2), job("d", num_beams=2, max_new_tokens=5)]
+    results, calls = run_jobs(jobs)
+    assert sorted(c[0] for c in calls) == [["a", "c"], ["b"], ["d"]]
+    assert results[1] == FakeGenerator().generate(["b"], num_beams=3)
+
+
+def test_batches_are_bounded_and_keep_arrival_order():
+    jobs = [job(str(i)) for i in range(10)] + [job("x", "y", "z")]
+    _, calls = run_jobs(jobs, max_batch_size=4)
+    assert [c[0] for c in calls] == [["0", "1", "2", "3"], ["4", "5", "6", "7"], ["8", "9"], ["x", "y", "z"]]
+
+
+def test_sampling_requests_are_decoded_alone():
+    jobs = [job("a", do_sample=True, seed=1), job("b", do_sample=True, seed=1)]
+    _, calls = run_jobs(jobs)
+    assert [c[0] for c in calls] == [["a"], ["b"]]
+
+
+def test_a_refused_request_does_not_fail_its_batch_neighbours():
+    results, calls = run_jobs([job("ok one"), job("BAD two"), job("ok three")])
+    assert isinstance(results[1], UsageError)
+    assert results[0] == FakeGenerator().generate(["ok one"]) and results[2] == FakeGenerator().generate(["ok three"])
+    assert [c[0] for c in calls][0] == ["ok one", "BAD two", "ok three"]  # tried together first
+
+
+def test_a_backend_failure_reaches_every_request_of_the_batch():
+    results, _ = run_jobs([job("a"), job("BOOM")])
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_the_first_request_waits_at_most_max_wait_for_company():
+    async def main():
+        fake = FakeGenerator()
+        batcher = Batcher(lambda p, o: fake.generate(p, **o), max_batch_size=8, max_wait_ms=20, max_queue=10)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await batcher.submit(job("alone"))
+        waited = loop.time() - t0
+        await batcher.stop()
+        return waited, fake.calls
+
+    waited, calls = asyncio.run(main())
+    assert 0.015 <= waited < 1.0 and calls == [(["alone"], {})]
+
+
+def test_queue_limit_and_cancelled_requests_are_not_decoded():
+    async def main():
+        fake = FakeGenerator(delay=0.05)
+        batcher = Batcher(lambda p, o: fake.generate(p, **o), max_batch_size=1, max_wait_ms=0, max_queue=2)
+        batcher.start()
+        first = batcher.submit(job("first"))
+        await asyncio.sleep(0.01)           # "first" is decoding now; the queue is empty
+        second, third = batcher.submit(job("second")), batcher.submit(job("third"))
+        with pytest.raises(QueueFull):
+            batcher.submit(job("fourth"))
+        batcher.cancel(second)
+        await asyncio.gather(first, third)
+        await batcher.stop()
+        return fake.calls
+
+    calls = asyncio.run(main())
+    assert [c[0] for c in calls] == [["first"], ["third"]]
+
+
+def test_stop_finishes_every_queued_request():
+    async def main():
+        fake = FakeGenerator(delay=0.01)
+        batcher = Batcher(lambda p, o: fake.generate(p, **o), max_batch_size=2, max_wait_ms=0, max_queue=10)
+        batcher.start()
+        futures = [batcher.submit(job(str(i))) for i in range(5)]
+        await batcher.stop()
+        return [f.result() for f in futures]
+
+    assert [r[0].prompt for r in asyncio.run(main())] == ["0", "1", "2", "3", "4"]

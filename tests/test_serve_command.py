@@ -1,0 +1,35 @@
+"""`deploylm serve`: a thin command; its flags reach ServeConfig and bad input is one error line."""
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+
+
+def test_serve_help_lists_the_limits():
+    result = CliRunner().invoke(cli, ["serve", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--model", "--backend", "--host", "--port", "--max-batch-size", "--max-wait-ms", "--max-queue",
+                 "--max-prompt-tokens", "--max-new-tokens", "--max-body-bytes", "--drain-timeout"):
+        assert flag in result.output
+
+
+def test_serve_passes_flags_to_the_server(monkeypatch, tiny_gpt2_dir):
+    seen = {}
+    monkeypatch.setattr("deploylm.serving.serve", lambda gen, config, **kw: seen.update(gen=gen, config=config, **kw))
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--backend", "torch", "--port", "9001",
+                                      "--max-batch-size", "3", "--max-wait-ms", "2.5", "--max-queue", "7",
+                                      "--max-prompt-tokens", "50", "--max-new-tokens", "20", "--drain-timeout", "4"])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.max_batch_size, config.max_wait_ms, config.max_queue) == (3, 2.5, 7)
+    assert (config.max_prompt_tokens, config.max_new_tokens, config.drain_timeout_s) == (50, 20, 4.0)
+    assert config.model_name == tiny_gpt2_dir.name and config.model_summary["backend"] == "torch"
+    assert seen["port"] == 9001 and seen["host"] == "127.0.0.1"
+    assert seen["gen"].generate("hello", max_new_tokens=2)[0].sequences
+
+
+def test_serve_bad_model_is_one_error_line(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: model") and "does not exist" in result.output

@@ -1,0 +1,77 @@
+"""Embedding: a Generator shared by many threads, the web-framework example, and the server over a real
+tiny model answering exactly what the Generator answers."""
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+import deploylm
+from deploylm.serving import ServeConfig, create_app
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embed_starlette.py"
+PROMPTS = ["the quick brown fox", "hello world", "beam search keeps the best partial sentences", "one two"]
+OPTIONS = [{"num_beams": 1, "max_new_tokens": 5}, {"num_beams": 3, "max_new_tokens": 4, "num_return_sequences": 2},
+           {"do_sample": True, "seed": 7, "top_k": 20, "max_new_tokens": 4}]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_gpt2_dir):
+    return deploylm.load(tiny_gpt2_dir, backend="torch")
+
+
+def calls():
+    """(prompt list, options) pairs: single prompts and whole batches, beam, greedy and seeded sampling."""
+    return [([p], o) for p in PROMPTS for o in OPTIONS] + [(PROMPTS, o) for o in OPTIONS]
+
+
+def test_many_threads_on_one_generator_get_the_sequential_results(generator):
+    work = calls()
+    sequential = [generator.generate(p, **o) for p, o in work]
+    streamed = [list(generator.stream(p, max_new_tokens=6)) for p in PROMPTS]
+    jobs = [("generate", i) for i in range(len(work))] * 2 + [("stream", i) for i in range(len(PROMPTS))] * 2
+    random.Random(0).shuffle(jobs)
+
+    def run(job):
+        kind, i = job
+        if kind == "generate":
+            return generator.generate(work[i][0], **work[i][1])
+        return list(generator.stream(PROMPTS[i], max_new_tokens=6))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(run, jobs))
+    for (kind, i), got in zip(jobs, outcomes):
+        assert got == (sequential[i] if kind == "generate" else streamed[i]), (kind, i)
+
+
+def test_embedding_example_answers_like_the_generator(tiny_gpt2_dir, generator):
+    spec = importlib.util.spec_from_file_location("embed_starlette", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with TestClient(example.build_app(str(tiny_gpt2_dir), "torch")) as client:
+        r = client.post("/complete", json={"text": "the quick brown fox", "max_new_tokens": 5})
+        bad = client.post("/complete", json={"txt": "no"})
+    want = generator.generate(["the quick brown fox"], num_beams=4, max_new_tokens=5)[0].sequences[0]
+    assert r.status_code == 200 and r.json() == {"text": want.text, "score": want.score}
+    assert bad.status_code == 400
+
+
+def test_server_over_a_real_model_answers_what_the_generator_answers(generator):
+    with TestClient(create_app(generator, ServeConfig(max_new_tokens=8))) as client:
+        r = client.post("/v1/generate", json={"prompt": PROMPTS[:2], "num_beams": 3, "max_new_tokens": 4,
+                                              "num_return_sequences": 2})
+        c = client.post("/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 4, "best_of": 2})
+        default = client.post("/v1/generate", json={"prompt": PROMPTS[3]})
+    want = generator.generate(PROMPTS[:2], num_beams=3, max_new_tokens=4, num_return_sequences=2)
+    assert r.json()["results"] == [
+        {"prompt": res.prompt, "outputs": [{"text": s.text, "token_ids": list(s.token_ids), "score": s.score}
+                                           for s in res.sequences]} for res in want]
+    best = generator.generate(PROMPTS[2], num_beams=2, max_new_tokens=4)[0].sequences[0]
+    assert c.json()["choices"][0]["text"] == best.text
+    assert c.json()["usage"]["prompt_tokens"] == generator.count_tokens(PROMPTS[2])
+    capped = generator.generate(PROMPTS[3], max_new_tokens=8)[0].sequences[0]  # the server caps the default 64
+    assert default.json()["results"][0]["outputs"][0]["token_ids"] == list(capped.token_ids)
