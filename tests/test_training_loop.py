@@ -14,7 +14,8 @@ from deploylm.training.tasks import SplitSizes, task_splits
 from deploylm.training.trainer import train
 
 CHECKPOINT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                    "tokenizer_config.json", "special_tokens_map.json", "training_state.pt", "metrics.json"}
+                    "tokenizer_config.json", "special_tokens_map.json", "training_state.pt", "metrics.json",
+                    "cleaning.json"}   # --data runs record what cleaning dropped
 
 
 @pytest.fixture(scope="module")

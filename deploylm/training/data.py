@@ -16,6 +16,7 @@ from torch import Tensor
 from tokenizers import Tokenizer
 
 from deploylm.errors import UsageError
+from deploylm.training.clean import CleanOptions, CleanReport, clean_records
 from deploylm.training.tasks import Example, Splits
 from deploylm.training.tokenizer import encode_sources, encode_targets
 
@@ -59,22 +60,38 @@ def _parse_line(path: Path, number: int, line: str) -> Example:
     return Example(record["source"], record["target"])
 
 
-def jsonl_splits(path: Path, seed: int) -> Splits:
-    """Examples of `path` split by source text (one source never in two splits), shuffled by `seed`."""
-    examples = read_jsonl(path)
-    sources = sorted({ex.source for ex in examples})
-    if len(sources) < 3:
-        raise UsageError(f"{path}: {len(sources)} distinct sources: expected at least 3 (train, validation, test)")
-    order = np.random.default_rng(seed).permutation(len(sources))
-    n_test = min(MAX_HELD_OUT, max(1, round(TEST_FRACTION * len(sources))))
-    n_val = min(MAX_HELD_OUT, max(1, round(VALIDATION_FRACTION * len(sources))))
-    split_of = {}
-    for rank, index in enumerate(order):
-        split_of[sources[index]] = 2 if rank < n_test else 1 if rank < n_test + n_val else 0
+def jsonl_splits(path: Path, seed: int, clean: CleanOptions | None = None) -> Splits:
+    """Examples of `path` (cleaned with `clean`; None: as read) split by source text, shuffled by `seed`."""
+    examples, _ = load_pairs(path, clean or CleanOptions(enabled=False))
+    return pair_splits(path, examples, seed)
+
+
+def load_pairs(path: Path, clean: CleanOptions) -> tuple[list[Example], CleanReport]:
+    """The examples of a .jsonl file after cleaning, and the cleaning report."""
+    records, report = clean_records([(ex.source, ex.target) for ex in read_jsonl(path)], clean)
+    return [Example(source, target) for source, target in records], report
+
+
+def pair_splits(path: Path, examples: list[Example], seed: int) -> Splits:
+    """`examples` split by source text (one source never in two splits), shuffled by `seed`."""
+    split_of = split_keys(path, [ex.source for ex in examples], seed, "distinct sources")
     parts: list[list[Example]] = [[], [], []]
     for ex in examples:
         parts[split_of[ex.source]].append(ex)
     return Splits(*parts)
+
+
+def split_keys(path: Path, keys: list[str], seed: int, what: str) -> dict[str, int]:
+    """Each distinct key -> 0 (train), 1 (validation) or 2 (test): 10% test and 5% validation (each
+    at least 1, at most MAX_HELD_OUT) of the distinct keys, drawn by `seed`."""
+    distinct = sorted(set(keys))
+    if len(distinct) < 3:
+        raise UsageError(f"{path}: {len(distinct)} {what} (after cleaning): expected at least 3 (train, validation, test)")
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    n_test = min(MAX_HELD_OUT, max(1, round(TEST_FRACTION * len(distinct))))
+    n_val = min(MAX_HELD_OUT, max(1, round(VALIDATION_FRACTION * len(distinct))))
+    return {distinct[index]: 2 if rank < n_test else 1 if rank < n_test + n_val else 0
+            for rank, index in enumerate(order)}
 
 
 @dataclass(frozen=True)

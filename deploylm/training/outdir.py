@@ -1,5 +1,5 @@
 """The output folder of a run: every check made before anything is written (Plan), clearing it for
---force, and metrics.json."""
+--force, metrics.json and cleaning.json."""
 from __future__ import annotations
 
 import json
@@ -15,22 +15,29 @@ from deploylm.errors import UsageError
 from deploylm.models.checkpoint import CONFIG, TOKENIZER, TRAINING_STATE, WEIGHTS, load_training_state
 from deploylm.training import state as train_state
 from deploylm.training.config import TrainConfig, TrainResult
-from deploylm.training.data import jsonl_splits
-from deploylm.training.tasks import Splits, task_splits
+from deploylm.training.data import load_pairs, pair_splits
+from deploylm.training.stories import stories
+from deploylm.training.tasks import TASKS, task_splits
+from deploylm.training.text import load_text, text_splits
 from deploylm.training.tokenizer import write_side_files
+from deploylm.training.workloads import LMWork, Seq2SeqWork
 
 METRICS = "metrics.json"
+CLEANING = "cleaning.json"
+TEXT_TASKS = {"stories": "generated short stories with long-range references (deploylm/training/stories.py)"}
 RUN_MARKERS = (CONFIG, TRAINING_STATE, METRICS)   # a folder holding one of these is a training run
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A checked request: the data splits and, for --resume, the saved training state."""
+    """A checked request: the workload (data splits) and, for --resume, the saved training state."""
 
     out: Path
-    splits: Splits
+    work: Seq2SeqWork | LMWork
     resume_state: dict[str, Any] | None
     force: bool
+    cleaning: dict[str, Any] | None = None     # CleanReport.as_json() for --data
+    cleaning_summary: str | None = None
 
     def clear_output(self) -> None:
         """Remove the previous run in `out` (only with --force; plan_run checked it is a run)."""
@@ -40,10 +47,34 @@ class Plan:
 
 def plan_run(config: TrainConfig) -> Plan:
     """Check the request and load its data; UsageError (and nothing written) on bad input."""
-    splits = task_splits(config.task, config.seed) if config.task else jsonl_splits(config.data, config.seed)
+    work, report = _workload(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available to PyTorch; use --device cpu")
-    return Plan(config.out, splits, _resume_state(config) if config.resume else _check_fresh(config), config.force)
+    saved = _resume_state(config) if config.resume else _check_fresh(config)
+    return Plan(config.out, work, saved, config.force, report and report.as_json(), report and report.summary())
+
+
+def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
+    """The workload of the request and, for --data, its cleaning report."""
+    report = None
+    if config.arch == "seq2seq":
+        if config.task:
+            splits = task_splits(config.task, config.seed)
+        else:
+            examples, report = load_pairs(config.data, config.clean)
+            splits = pair_splits(config.data, examples, config.seed)
+        return Seq2SeqWork(splits, config.eval_examples), report
+    if config.task:
+        if config.task not in TEXT_TASKS:
+            known = f"text tasks: {', '.join(TEXT_TASKS)}" + (f" ({config.task!r} is a seq2seq task: drop --arch decoder)"
+                                                               if config.task in TASKS else "")
+            raise UsageError(f"unknown task {config.task!r} for --arch decoder: expected one of the {known}")
+        docs, where = stories(config.seed), f"task {config.task}"
+    else:
+        docs, report = load_text(config.data, config.clean)
+        where = str(config.data)
+    splits = text_splits(where, docs, config.seed)
+    return LMWork(splits, config.block_size, config.window_stride, config.ngram_order, config.eval_examples), report
 
 
 def _check_fresh(config: TrainConfig) -> None:
@@ -66,7 +97,8 @@ def _resume_state(config: TrainConfig) -> dict[str, Any]:
     saved = load_training_state(out)
     train_state.check(saved, str(out / TRAINING_STATE))
     mine, theirs = config.identity(), saved.get("identity", {})
-    differ = [f"{key} {theirs.get(key)!r} (now {mine[key]!r})" for key in mine if theirs.get(key) != mine[key]]
+    differ = [f"{key} {theirs.get(key)!r} (now {mine[key]!r})" for key in mine  # keys older runs lack are not compared
+              if key in theirs and theirs.get(key) != mine[key]]
     if differ:
         raise UsageError(f"--resume: {str(out)!r} was trained with {'; '.join(differ)}: use the same settings or --force")
     return saved
@@ -74,13 +106,19 @@ def _resume_state(config: TrainConfig) -> dict[str, Any]:
 
 def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
     """metrics.json in the output folder (replaced atomically): test metrics, examples, history."""
-    path = config.out / METRICS
-    data = {"task": config.task, "data": None if config.data is None else str(config.data),
-            "size": config.size, "steps": result.steps, "test": result.test,
-            "examples": [{"source": s, "generated": g, "reference": r} for s, g, r in result.examples],
+    first = "source" if config.arch == "seq2seq" else "prompt"
+    data = {"task": config.task, "data": None if config.data is None else str(config.data), "arch": config.arch,
+            "size": config.size, "steps": result.steps, "world_size": result.world_size, "test": result.test,
+            "baseline": result.baseline, "cleaning": result.cleaning,
+            "examples": [{first: s, "generated": g, "reference": r} for s, g, r in result.examples],
             "validation": result.validation, "final_train_loss": result.losses[-1] if result.losses else None,
             "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1)}
-    tmp = path.with_name(f".{METRICS}.tmp-{os.getpid()}")
+    return write_json(config.out / METRICS, data)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """`data` as indented JSON at `path`, replaced atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path

@@ -4,7 +4,8 @@ Special tokens have fixed ids that match TransformerConfig: <pad>=0, <s>=1, </s>
 Digits are pre-tokenized one by one (numbers are read digit by digit, which digits2words needs),
 then byte-level BPE as in GPT-2, so any text round-trips exactly. Encoding a source appends </s>
 (the post-processor, as T5 does); targets are encoded without special tokens and the trainer adds
-<s>/</s> itself. The folder loads with `transformers.PreTrainedTokenizerFast.from_pretrained`.
+<s>/</s> itself. The decoder-only LM's tokenizer (for_language_model) instead prepends <s> and adds
+no </s>, as Llama's does, so a prompt tokenized by transformers starts like a training paragraph. The folder loads with `transformers.PreTrainedTokenizerFast.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -37,6 +38,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, min_frequency:
         assert tok.token_to_id(token) == index, f"special token {token} must have id {index}"
     tok.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, 2)])
+    return tok
+
+
+def for_language_model(tok: Tokenizer) -> Tokenizer:
+    """`tok` with a post-processor for decoder-only models: `<s>` before the text, no `</s>` after
+    (a prompt must not end the text; the LM was trained on `<s> paragraph </s>` sequences)."""
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, 1)])
     return tok
 
 

@@ -1,9 +1,11 @@
-"""The training loop: `train(TrainConfig) -> TrainResult`.
+"""The training loop: `train(TrainConfig) -> TrainResult`, in one process or data-parallel (DDP).
 
-Fixed pipeline: check the request (nothing written on bad input) -> data splits -> tokenizer ->
-model, AdamW, schedule -> steps with periodic validation and checkpoints -> test-split metrics.
-A checkpoint is the output folder itself (config.json, model.safetensors, tokenizer files,
+Fixed pipeline: check the request (nothing written on bad input) -> workload (data splits) ->
+tokenizer -> model, AdamW, schedule -> steps with periodic validation and checkpoints -> test-split
+metrics. A checkpoint is the output folder itself (config.json, model.safetensors, tokenizer files,
 generation_config.json, training_state.pt), replaced atomically every `checkpoint_every` steps.
+Under torchrun (deploylm/training/distributed.py) every rank trains on its slice of the global
+batch; rank 0 alone evaluates and writes the checkpoint, metrics.json and cleaning.json.
 """
 from __future__ import annotations
 
@@ -15,26 +17,27 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from deploylm.errors import UsageError
 from deploylm.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from deploylm.models.config import TransformerConfig, make_config
-from deploylm.training import state as train_state
+from deploylm.training import distributed, state as train_state
 from deploylm.training.config import TrainConfig, TrainResult
-from deploylm.training.data import Batch, BatchStream, SpecialIds, make_batch
-from deploylm.training.evaluate import evaluate
-from deploylm.training.outdir import Plan, plan_run, write_metrics, write_tokenizer_side_files
+from deploylm.training.data import BatchStream
+from deploylm.training.distributed import Dist
+from deploylm.training.outdir import CLEANING, Plan, plan_run, write_json, write_metrics, write_tokenizer_side_files
 from deploylm.training.schedule import make_optimizer, make_scheduler
-from deploylm.training.tokenizer import load_tokenizer, train_tokenizer
-
-TOKENIZER_SAMPLE = 20_000     # training examples the BPE is learnt from (the first ones)
+from deploylm.training.tokenizer import load_tokenizer
+from deploylm.training.workloads import LMWork, Seq2SeqWork
+from tokenizers import Tokenizer
 
 
 @dataclass
 class Run:
     """The live objects of a run and the history that goes into its training state."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module            # the model itself (evaluated and saved)
+    trained: torch.nn.Module          # what the steps call: the model, or its DDP wrapper
     model_config: TransformerConfig
     tokenizer: Any
     optimizer: torch.optim.Optimizer
@@ -42,77 +45,96 @@ class Run:
     scaler: Any
     amp_dtype: torch.dtype | None
     device: torch.device
-    ids: SpecialIds
-    max_new_tokens: int
+    dist: Dist
+    work: Seq2SeqWork | LMWork
     step: int = 0
     losses: list[float] = field(default_factory=list)
     validation: list[dict[str, float]] = field(default_factory=list)
 
 
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train (or resume) the run described by `config`; `on_step(step, loss)` after every step."""
+    """Train (or resume) the run described by `config`; `on_step(step, loss)` after every step.
+    Started by torchrun, joins the process group and trains data-parallel."""
     plan = plan_run(config)                      # every check that can fail on bad input, no writes
     threads = torch.get_num_threads()
     if config.threads and config.device == "cpu":
         torch.set_num_threads(config.threads)
+    dist, device = distributed.setup(config.device)
     try:
-        return _train(config, plan, on_step)
+        if config.batch_size % dist.world:
+            raise UsageError(f"--batch-size {config.batch_size} (the global batch): expected a multiple of the "
+                             f"{dist.world} processes")
+        return _train(config, plan, on_step, dist, device)
     finally:
+        distributed.teardown(dist)
         torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None] | None) -> TrainResult:
-    run = _start(config, plan)
-    stream = BatchStream(plan.splits.train, config.batch_size, config.seed)
+def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None] | None, dist: Dist,
+           device: torch.device) -> TrainResult:
+    run = _start(config, plan, dist, device)
+    work = plan.work
+    stream = BatchStream(work.train_items, config.batch_size, config.seed)
     started, tokens, step_time = time.perf_counter(), 0, 0.0
-    bar = _progress_bar(config, run.step)
+    bar = _progress_bar(config, run.step, dist)
     try:
         while run.step < config.steps:
             tick = time.perf_counter()
-            batch = make_batch(run.tokenizer, stream.examples_at(run.step), run.ids, run.model_config.max_positions)
-            loss = _train_step(run, batch.to(run.device), config)
+            batch = work.batch(dist.shard(stream.examples_at(run.step)))
+            loss, n_tokens = _train_step(run, batch.to(run.device), config)
             step_time += time.perf_counter() - tick
             run.step += 1
             run.losses.append(loss)
-            tokens += batch.n_tokens
+            tokens += n_tokens
             _after_step(config, plan, run, stream, bar, tokens / step_time)
             if on_step is not None:
                 on_step(run.step, loss)
     finally:
         bar.close()
-    test = evaluate(run.model, run.tokenizer, plan.splits.test, run.ids, run.device,
-                    run.model_config.max_positions, run.max_new_tokens)
+    test, examples, baseline = work.test(run.model, run.device) if dist.is_main else ({}, [], None)
     wall = time.perf_counter() - started
-    result = TrainResult(config.out, run.step, test.as_dict(), test.examples, run.losses, run.validation,
-                         wall, tokens / step_time if step_time > 0 else 0.0)
-    write_metrics(config, result)
+    result = TrainResult(config.out, run.step, test, examples, run.losses, run.validation, wall,
+                         tokens / step_time if step_time > 0 else 0.0, config.arch, baseline, plan.cleaning, dist.world)
+    if dist.is_main:
+        write_metrics(config, result)
+    dist.barrier()
     return result
 
 
 def _after_step(config: TrainConfig, plan: Plan, run: Run, stream: BatchStream, bar: Any, tokens_per_s: float) -> None:
-    """Progress bar, periodic validation and checkpoint after a step."""
+    """Progress bar, periodic validation and checkpoint (rank 0) after a step."""
     bar.update(1)
     if run.step % 10 == 0 or run.step == config.steps:
         bar.set_postfix(loss=f"{run.losses[-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
     last = run.step == config.steps
     if run.step % config.eval_every == 0 or last:
-        res = evaluate(run.model, run.tokenizer, plan.splits.validation[:config.eval_examples], run.ids,
-                       run.device, run.model_config.max_positions, run.max_new_tokens)
-        run.validation.append({"step": run.step, **res.as_dict()})
-        if config.progress:
-            bar.write(f"step {run.step}: validation loss {res.loss:.3f}  perplexity {res.perplexity:.2f}  "
-                      f"exact match {res.exact_match:.1%}  BLEU {res.bleu:.1f}", file=sys.stderr)
+        if run.dist.is_main:
+            res = plan.work.validate(run.model, run.device)
+            run.validation.append({"step": run.step, **res})
+            if config.progress:
+                bar.write(f"step {run.step}: validation " + "  ".join(_fmt(k, v) for k, v in res.items()), file=sys.stderr)
+        run.dist.barrier()
     if run.step % config.checkpoint_every == 0 or last:
-        _save(config, run, stream)
+        if run.dist.is_main:
+            _save(config, run, stream)
+        run.dist.barrier()
 
 
-def _train_step(run: Run, batch: Batch, config: TrainConfig) -> float:
-    """One optimizer step on `batch`; returns its label-smoothed loss."""
+def _fmt(key: str, value: float) -> str:
+    if key == "exact_match":
+        return f"exact match {value:.1%}"
+    return f"{key} {value:.0f}" if key == "tokens" else f"{key.replace('_', ' ')} {value:.3f}"
+
+
+def _train_step(run: Run, batch: Any, config: TrainConfig) -> tuple[float, int]:
+    """One optimizer step on this rank's part of the global batch; (mean loss over the global batch,
+    predicted tokens in the global batch). The loss is summed here and divided by the global token count (times the
+    world size, as DDP averages gradients), so N processes compute exactly one process's gradient."""
     run.model.train()
     with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-        logits = run.model(batch.src_ids, batch.src_mask, batch.tgt_in)          # [B, T, V]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(),  # pad labels are -100
-                           ignore_index=-100, label_smoothing=config.label_smoothing)
+        loss_sum, n_tokens = run.work.loss_sum(run.trained, batch, config.smoothing)   # this rank's sum
+    total_tokens = run.dist.sum(float(n_tokens), run.device)
+    loss = loss_sum * (run.dist.world / max(total_tokens, 1.0))
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
@@ -126,32 +148,54 @@ def _train_step(run: Run, batch: Batch, config: TrainConfig) -> float:
     else:
         run.optimizer.step()
     run.scheduler.step()
-    return float(loss.detach())
+    return run.dist.sum(float(loss_sum.detach()), run.device) / max(total_tokens, 1.0), int(total_tokens)
 
 
-def _start(config: TrainConfig, plan: Plan) -> Run:
+def _start(config: TrainConfig, plan: Plan, dist: Dist, device: torch.device) -> Run:
     """Fresh or resumed run objects; the only place that writes before the first checkpoint."""
     _seed_everything(config.seed)
-    device = torch.device(config.device)
     if plan.resume_state is not None:
         tok = load_tokenizer(config.out)
         model, model_config = load_checkpoint(config.out, device)
     else:
-        plan.clear_output()
-        sample = plan.splits.train[:TOKENIZER_SAMPLE]
-        tok = train_tokenizer([text for ex in sample for text in (ex.source, ex.target)], config.vocab_size)
-        model_config = make_config(config.size, tok.get_vocab_size())
+        tok = _shared_tokenizer(plan, config, dist)
+        overrides = {"dropout": config.dropout} if config.dropout is not None else {}
+        if config.arch == "decoder":
+            overrides.update(arch="decoder", n_encoder_layers=0)
+        model_config = make_config(config.size, tok.get_vocab_size(), **overrides)
         model = build_model(model_config).to(device)
+    plan.work.bind(tok, model_config)            # the last check that can fail on bad input (text too short)
+    if dist.is_main:
+        _prepare_output(config, plan)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.warmup, config.steps, config.schedule)
     amp_dtype = _amp_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    ids = SpecialIds(model_config.pad_token_id, model_config.decoder_start_token_id, model_config.eos_token_id)
-    run = Run(model, model_config, tok, optimizer, scheduler, scaler, amp_dtype, device, ids,
-              _max_new_tokens(tok, plan, model_config))
+    run = Run(model, distributed.wrap(model, dist, device), model_config, tok, optimizer, scheduler, scaler,
+              amp_dtype, device, dist, plan.work)
     if plan.resume_state is not None:
         _resume(run, plan.resume_state)
+    if dist.rank > 0:     # dropout differs between ranks (model init above was the same everywhere)
+        torch.manual_seed(config.seed * 1_000_003 + dist.rank * 7_919 + run.step)
+    dist.barrier()
     return run
+
+
+def _prepare_output(config: TrainConfig, plan: Plan) -> None:
+    """Clear the folder for --force (a fresh run) and write cleaning.json (rank 0)."""
+    if plan.resume_state is None:
+        plan.clear_output()
+    if plan.cleaning is not None:
+        config.out.mkdir(parents=True, exist_ok=True)
+        write_json(config.out / CLEANING, plan.cleaning)
+        if config.progress:
+            print(plan.cleaning_summary, file=sys.stderr)
+
+
+def _shared_tokenizer(plan: Plan, config: TrainConfig, dist: Dist) -> Tokenizer:
+    """The BPE learnt on rank 0, sent to every rank (so all ranks share one vocabulary)."""
+    text = plan.work.make_tokenizer(config.vocab_size).to_str() if dist.is_main else None
+    return Tokenizer.from_str(dist.broadcast_text(text))
 
 
 def _resume(run: Run, saved: dict[str, Any]) -> None:
@@ -166,15 +210,8 @@ def _save(config: TrainConfig, run: Run, stream: BatchStream) -> None:
              "validation": run.validation, "data_position": stream.position(run.step)}
     saved = train_state.capture(run.optimizer, run.scheduler, run.scaler, run.step, extra)
     save_checkpoint(config.out, run.model, run.model_config, run.tokenizer, saved, overwrite=True,
-                    generation={"max_new_tokens": run.max_new_tokens})
+                    generation={"max_new_tokens": run.work.max_new_tokens})
     write_tokenizer_side_files(config.out, run.model_config.max_positions)
-
-
-def _max_new_tokens(tok: Any, plan: Plan, model_config: TransformerConfig) -> int:
-    """Decoding budget: twice the longest target among the first training examples, plus 8."""
-    sample = [ex.target for ex in plan.splits.train[:2000]]
-    longest = max(len(enc.ids) for enc in tok.encode_batch(sample, add_special_tokens=False))
-    return min(model_config.max_positions - 1, 2 * longest + 8)
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -189,8 +226,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)           # seeds CUDA too
 
 
-def _progress_bar(config: TrainConfig, start: int) -> Any:
+def _progress_bar(config: TrainConfig, start: int, dist: Dist) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True,
-                disable=not config.progress, desc="train")
+                disable=not (config.progress and dist.is_main), desc="train" if not dist.active else f"train x{dist.world}")

@@ -1,0 +1,109 @@
+"""Data-parallel training (`deploylm train --nproc 2`, torchrun + gloo on CPU) through the CLI.
+
+`--batch-size` is the global batch: 2 processes x 4 examples must train exactly like 1 process x 8
+(dropout 0), step by step, and a checkpoint written by the 2-process run resumes in 1 process (and
+the other way round) to the same weights as an uninterrupted 1-process run.
+"""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.models.checkpoint import load_training_state
+from deploylm.training.tasks import SplitSizes, task_splits
+
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)   # float sums in another order (all-reduce), nothing else
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["train", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def common(tmp_path_factory):
+    """Variable-length pairs (so ranks hold different token counts) and settings for 5-step runs."""
+    path = tmp_path_factory.mktemp("ddp") / "reverse.jsonl"
+    examples = task_splits("reverse", 0, SplitSizes(train=60, validation=0, test=0)).train
+    path.write_text("".join(json.dumps({"source": e.source, "target": e.target}) + "\n" for e in examples))
+    return ["--data", path, "--batch-size", 8, "--dropout", 0, "--warmup", 2, "--lr", 3e-3, "--eval-every", 100]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, common):
+    """The reference: one process, global batch 8, 5 steps."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    result = run(*common, "--out", out, "--steps", 5)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def assert_same_run(a, b):
+    """Same loss at every step and the same test-split loss (teacher forcing) of the final model.
+
+    Weights are compared through what they compute: Adam (eps 1e-9) turns rounding-level gradient
+    differences of near-zero entries (e.g. key biases, which softmax ignores) into lr-sized steps,
+    so single weights may differ by ~1e-5 while the function they compute does not."""
+    losses_a, losses_b = load_training_state(a)["losses"], load_training_state(b)["losses"]
+    assert len(losses_a) == len(losses_b) == 5
+    torch.testing.assert_close(torch.tensor(losses_a), torch.tensor(losses_b), **TOLERANCE)
+    test_a, test_b = (json.loads((run / "metrics.json").read_text())["test"] for run in (a, b))
+    torch.testing.assert_close(test_a["loss"], test_b["loss"], **TOLERANCE)
+
+
+def test_two_processes_match_one_and_resume_in_one(tmp_path, common, single):
+    out = tmp_path / "ddp"
+    result = run(*common, "--out", out, "--steps", 3, "--nproc", 2)
+    assert result.exit_code == 0, result.output
+    assert "trained data-parallel on 2 processes" in result.stdout and "test: exact match" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]   # no temporary folders left behind
+    steps3 = load_training_state(out)["losses"]
+    torch.testing.assert_close(torch.tensor(steps3), torch.tensor(load_training_state(single)["losses"][:3]), **TOLERANCE)
+    resumed = run(*common, "--out", out, "--steps", 5, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_run(out, single)
+
+
+def test_one_process_checkpoint_resumes_in_two(tmp_path, common, single):
+    out = tmp_path / "ddp"
+    assert run(*common, "--out", out, "--steps", 3).exit_code == 0
+    resumed = run(*common, "--out", out, "--steps", 5, "--resume", "--nproc", 2)
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    assert_same_run(out, single)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--nproc", 3], ["--batch-size 8", "multiple of the 3 processes"]),
+    (["--nproc", 0], ["--nproc 0"]),
+    (["--nproc", 2, "--nnodes", 2], ["--master-addr"]),
+    (["--nproc", 2, "--nnodes", 2, "--node-rank", 2, "--master-addr", "10.0.0.1"], ["--node-rank 2"]),
+])
+def test_bad_launch_is_one_line_and_starts_nothing(tmp_path, common, args, words):
+    out = tmp_path / "out"
+    result = run(*common, "--out", out, "--steps", 2, *args)
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and all(w in line for w in words), line
+    assert not out.exists()
+
+
+def test_launcher_passes_options_through_to_torchrun():
+    from deploylm.training.distributed import Launch
+
+    assert Launch(nproc=2).torchrun_args() == ["--nproc-per-node=2", "--standalone"]
+    assert Launch(nproc=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=1234).torchrun_args() == [
+        "--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=1234"]
+
+
+def test_python_m_deploylm_training_is_deploylm_train():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "deploylm.training", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: deploylm train" in result.stdout and "--nproc" in result.stdout

@@ -1,0 +1,152 @@
+"""Decoder-only LM training (`deploylm train --arch decoder`) through the CLI: plain text in, a
+deploylm-lm checkpoint out, perplexity on held-out text beside the n-gram baseline on the same tokens;
+the checkpoint generates with the torch backend and exports."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.models.checkpoint import build_model, load_training_state
+from deploylm.models.config import make_config
+from deploylm.training.lm_eval import eval_windows, lm_nll
+from deploylm.training.stories import stories
+
+SHORT = ["--arch", "decoder", "--steps", 4, "--batch-size", 4, "--block-size", 32, "--eval-every", 2]
+
+
+def run(*args, command="train"):
+    return CliRunner().invoke(cli, [command, *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """60 generated paragraphs, separated by blank lines."""
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_text("\n\n".join(stories(0, 60)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text):
+    out = tmp_path_factory.mktemp("lm") / "run"
+    result = run("--data", text, "--out", out, *SHORT)
+    assert result.exit_code == 0, result.output
+    return out, result.stdout
+
+
+def test_text_trains_a_deploylm_lm_with_perplexity_and_ngram_baseline(trained):
+    out, stdout = trained
+    assert json.loads((out / "config.json").read_text())["model_type"] == "deploylm-lm"
+    metrics = json.loads((out / "metrics.json").read_text())
+    test, baseline = metrics["test"], metrics["baseline"]
+    assert metrics["arch"] == "decoder" and metrics["steps"] == 4
+    assert test["perplexity"] == pytest.approx(math.exp(test["loss"])) and 1 < test["perplexity"] < 1e4
+    assert baseline["model"] == "3-gram Kneser-Ney" and 1 < baseline["perplexity"] < 1e4
+    assert baseline["tokens"] == test["tokens"] > 100           # the same held-out tokens, each scored once
+    assert [v["step"] for v in metrics["validation"]] == [2, 4]
+    assert len(metrics["examples"]) == 3 and set(metrics["examples"][0]) == {"prompt", "generated", "reference"}
+    assert f"test: perplexity {test['perplexity']:.2f}" in stdout
+    assert f"baseline: 3-gram Kneser-Ney perplexity {baseline['perplexity']:.2f}" in stdout
+
+
+def test_checkpoint_generates_with_the_torch_backend(trained):
+    out, _ = trained
+    from deploylm.models.source import resolve_source
+    from deploylm.models.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(resolve_source(out))("Anna lived")["input_ids"]
+    assert ids[0] == 1 and ids[-1] != 2                        # <s> first, no </s>: a prompt, not a finished text
+    result = run("--model", out, "--backend", "torch", "--json", "--num-beams", 2, "--max-new-tokens", 5,
+                 "Anna lived near the", command="generate")
+    assert result.exit_code == 0, result.output
+    outputs = json.loads(result.stdout.splitlines()[0])["outputs"]
+    assert 1 <= len(outputs[0]["token_ids"]) <= 5
+
+
+def test_resume_continues_the_lm_run(tmp_path, text, trained):
+    out = tmp_path / "part"
+    assert run("--data", text, "--out", out, *SHORT[:2], *SHORT[4:], "--steps", 2).exit_code == 0
+    again = run("--data", text, "--out", out, *SHORT, "--resume")
+    assert again.exit_code == 0, again.output
+    whole = load_training_state(trained[0])["losses"]
+    assert load_training_state(out)["losses"] == pytest.approx(whole, rel=1e-5)
+
+
+def test_sliding_window_scores_every_token_once():
+    for n, block, stride in [(10, 4, 4), (10, 4, 2), (5, 8, 8), (33, 8, 3)]:
+        scored = []
+        for start, first in eval_windows(n, block, stride):
+            end = min(start + block + 1, n)
+            assert end - start <= block + 1 and first > start
+            scored += range(first, end)
+        assert scored == list(range(1, n))
+
+
+def test_window_loss_is_the_plain_cross_entropy_when_one_window_fits():
+    torch.manual_seed(0)
+    model = build_model(make_config("tiny", 50, arch="decoder", n_encoder_layers=0, dropout=0.0)).eval()
+    stream = np.random.default_rng(0).integers(4, 50, size=17)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(stream[None, :-1]))
+        want = float(F.cross_entropy(logits[0], torch.tensor(stream[1:]), reduction="sum"))
+    total, count = lm_nll(model, stream, 16, 16, torch.device("cpu"), pad_id=0)
+    assert count == 16 and total == pytest.approx(want, rel=1e-5)
+    total2, count2 = lm_nll(model, stream, 8, 4, torch.device("cpu"), pad_id=0)   # shorter context, same tokens
+    assert count2 == 16 and total2 != pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "{text}"], ["stories.txt", "--arch decoder"]),
+    (["--data", "{text}", "--arch", "decoder", "--block-size", "100000"], ["--block-size 100000"]),
+    (["--data", "{text}", "--arch", "decoder", "--block-size", "8", "--stride", "9"], ["--stride 9", "at most"]),
+    (["--data", "{tiny}", "--arch", "decoder"], ["tiny.txt", "at least 3"]),
+    (["--data", "{short}", "--arch", "decoder", "--block-size", "64"], ["training text", "--block-size"]),
+    (["--data", "{pairs}", "--arch", "decoder"], ["pairs.jsonl:1", "\"text\""]),
+    (["--task", "digits2words", "--arch", "decoder"], ["seq2seq task", "stories"]),
+])
+def test_bad_lm_input_is_one_line_and_writes_nothing(tmp_path, text, args, words):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("one paragraph only\n\nand a second\n")
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(f"line {i}" for i in range(6)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"source": "a", "target": "b"}\n')
+    args = [a.format(text=text, tiny=tiny, short=short, pairs=pairs) for a in args]
+    out = tmp_path / "out"
+    result = run(*args, "--out", out, "--steps", 1)     # one step at most, should a check ever miss
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and all(w in line for w in words), line
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_neural_lm_beats_the_ngram_on_the_builtin_stories(tmp_path):
+    """The claim docs/training.md makes: after 150 steps the LM's perplexity is below the 3-gram's."""
+    out = tmp_path / "lm"
+    result = run("--task", "stories", "--arch", "decoder", "--out", out, "--steps", 150, "--batch-size", 16,
+                 "--lr", 3e-3, "--warmup", 30, "--eval-every", 150)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["perplexity"] < metrics["baseline"]["perplexity"]
+    assert "the neural LM is better" in result.stdout
+
+
+@pytest.mark.slow
+def test_trained_lm_exports_and_onnx_generates_like_torch(tmp_path, trained):
+    out, _ = trained
+    art = tmp_path / "art"
+    exported = run("--model", out, "--profile", "fp32", "--out", art, command="export")
+    assert exported.exit_code == 0, exported.output
+    texts = []
+    for model, backend in ((out, "torch"), (art, "onnx")):
+        result = run("--model", model, "--backend", backend, "--json", "--num-beams", 2, "--max-new-tokens", 8,
+                     "Anna lived near the", command="generate")
+        assert result.exit_code == 0, result.output
+        texts.append(json.loads(result.stdout.splitlines()[0])["outputs"])
+    assert [o["token_ids"] for o in texts[0]] == [o["token_ids"] for o in texts[1]]
