@@ -198,3 +198,22 @@ def test_student_exports_and_generates_from_the_artifact(seed_teacher, tmp_path)
     torch_out = deploylm.load(tmp_path / "s").generate("red fox", num_beams=2, max_new_tokens=4)
     onnx_out = deploylm.load(tmp_path / "artifact").generate("red fox", num_beams=2, max_new_tokens=4)
     assert onnx_out[0].sequences[0].token_ids == torch_out[0].sequences[0].token_ids
+
+
+def test_teacher_splits_follow_its_recorded_cleaning(tmp_path):
+    """A teacher trained on cleaned jsonl is distilled on the same (cleaned) splits, never its test split."""
+    from deploylm.models.checkpoint import load_checkpoint, save_checkpoint
+    from deploylm.training.clean import CleanOptions
+    from deploylm.training.data import jsonl_splits
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"source": f"item  {i % 40}", "target": f"out {i % 40}"} for i in range(120)]  # duplicates + spaces
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    model, config = load_checkpoint(build_tiny_seed(tmp_path / "base", layers=2))
+    clean = CleanOptions(enabled=True, min_length=1, max_length=None, unit="chars")
+    identity = {"data": str(data), "seed": 3, "arch": "seq2seq", "clean": clean.as_json()}
+    teacher = save_checkpoint(tmp_path / "teacher", model, config, training_state={"identity": identity}) or tmp_path / "teacher"
+    splits = distill_setup._seq2seq_splits(DistillConfig(teacher=teacher, out=tmp_path / "s"), teacher)
+    expected = jsonl_splits(data, 3, clean)
+    assert [e.source for e in splits.test] == [e.source for e in expected.test]
+    assert len(splits.train) + len(splits.validation) + len(splits.test) == 40  # the 80 duplicates were dropped

@@ -131,6 +131,7 @@ def _seq2seq_setup(config: DistillConfig, source: Source, device: torch.device) 
 def _seq2seq_splits(config: DistillConfig, folder: Path) -> Any:
     """The teacher's splits: --task/--data, else the task or data (and split seed) it was trained with."""
     from deploylm.models.checkpoint import load_training_state
+    from deploylm.training.clean import CleanOptions
     from deploylm.training.data import jsonl_splits
     from deploylm.training.tasks import task_splits
 
@@ -138,8 +139,11 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> Any:
     seed = int(identity.get("seed", config.seed))
     if config.data is None and config.task is None and not (identity.get("task") or identity.get("data")):
         raise UsageError(f"teacher {str(folder)!r} does not record its training data: give --task NAME or --data FILE.jsonl")
+    if identity.get("arch") == "decoder":
+        raise UsageError(f"teacher {str(folder)!r} is a decoder-only LM: distill it with --data FILE.txt, not a seq2seq task")
     if config.data is not None or (config.task is None and identity.get("data")):
-        return jsonl_splits(Path(config.data or identity["data"]), seed)
+        clean = CleanOptions(**identity["clean"]) if identity.get("clean") else None  # the teacher's splits
+        return jsonl_splits(Path(config.data or identity["data"]), seed, clean)
     return task_splits(config.task or identity["task"], seed)
 
 
