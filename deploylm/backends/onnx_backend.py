@@ -1,0 +1,327 @@
+"""The ONNX Runtime backend: runs an exported artifact (graph names from deploylm.export.io_spec).
+
+- Sessions are created once per artifact and shared: ORT `run` is thread-safe, and every per-call
+  value (KV cache, masks) lives in the State the decoder passes back in.
+- Tensors cross the boundary without copies: inputs are bound by pointer from torch tensors and
+  outputs are written by ORT into preallocated torch tensors (IO binding), on CPU or CUDA.
+- Decoder-only: prefill runs `model.onnx` once on the prompt with an empty past (length 0).
+- Encoder-decoder: `encoder_model.onnx` runs once per input. deploylm's own graphs take the cross
+  K/V at one row per input, so they are never copied per beam. Hugging Face graphs (T5, BART) take
+  them at one row per beam: they are expanded once when beams are created and gathered again only
+  when the input a row belongs to changes.
+- `reorder` is a gather (index_select) on the batch axis, skipped when it would change nothing.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, SpecialTokens, State
+from deploylm.errors import ArtifactError, MissingDependencyError, UsageError
+from deploylm.export import io_spec
+from deploylm.models.source import Source, resolve_source
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+DEFAULT_OPT_LEVEL = "all"  # parity with PyTorch holds at ORT_ENABLE_ALL (tests/test_onnx_backend.py)
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def create_session(path: Path, *, device: str = "cpu", threads: int | None = None,
+                   providers: list[str] | None = None, opt_level: str = DEFAULT_OPT_LEVEL) -> Any:
+    """An InferenceSession for one graph; CUDA is refused loudly when ORT would fall back to CPU."""
+    import onnxruntime as ort
+
+    if opt_level not in OPT_LEVELS:
+        raise UsageError(f"onnx opt_level {opt_level!r}: expected one of {', '.join(OPT_LEVELS)}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning halves speed under load
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{'ENABLE_' if opt_level != 'disable' else ''}{opt_level.upper()}")
+    options.log_severity_level = 3
+    wanted = providers or (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"])
+    if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise MissingDependencyError("onnxruntime has no CUDAExecutionProvider here: pip install 'deploylm[gpu]' "
+                                     "(onnxruntime-gpu) on a machine with a CUDA GPU, or use --device cpu")
+    session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    if wanted[0] != "CPUExecutionProvider" and session.get_providers()[0] != wanted[0]:
+        raise MissingDependencyError(f"onnxruntime could not start {wanted[0]} for {path} (it fell back to "
+                                     f"{session.get_providers()[0]}): check the CUDA/cuDNN install or use --device cpu")
+    return session
+
+
+@dataclass(frozen=True)
+class CausalState:
+    """Decoder-only: R rows."""
+
+    past: tuple[Tensor, ...]  # past_key_values.{i}.key/value in spec order, each [R, Hkv, P, Dh]
+    attention_mask: Tensor    # [R, P] int64
+    next_position: Tensor     # [R] int64
+
+
+@dataclass(frozen=True)
+class Seq2SeqState:
+    """Encoder-decoder: R decoder rows over C rows of cross K/V (C = inputs for deploylm graphs)."""
+
+    self_past: tuple[Tensor, ...]  # each [R, H, P, Dh]
+    cross: tuple[Tensor, ...]      # each [C, H, S, Dh]
+    src_mask: Tensor               # [C, S]
+    row_input: Tensor              # [R] input each decoder row belongs to
+    cross_input: Tensor            # [C] input each cross row holds
+
+
+class OnnxBackend:
+    """Backend protocol over ONNX Runtime sessions of one artifact (see module docstring)."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, sessions: dict[str, Any], info: ModelInfo, device: torch.device,
+                 generation_defaults: dict[str, Any] | None = None) -> None:
+        self.path, self.sessions, self.info, self.device = path, sessions, info, device
+        self.generation_defaults = dict(generation_defaults or {})
+        self.stats = BackendStats()
+        self.encoder_calls = 0  # inputs encoded (rows): tests check once per input
+        self._io_device = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+        self._layout()
+
+    @classmethod
+    def from_source(cls, source: Source | str, *, device: str = "cpu", threads: int | None = None,
+                    providers: list[str] | None = None, opt_level: str = DEFAULT_OPT_LEVEL, **_: Any) -> "OnnxBackend":
+        """Open an artifact folder (checksums verified) with CPU (default) or CUDA sessions."""
+        from deploylm.artifact import load_artifact
+
+        source = source if isinstance(source, Source) else resolve_source(source)
+        if source.kind != "artifact":
+            raise UsageError(f"model {str(source.path)!r} is a {source.kind}, not an exported artifact: the onnx "
+                             f"backend runs artifacts; export it first (deploylm export --model {source.path} --profile fp32)")
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"device {device!r}: expected cpu or cuda")
+        artifact = load_artifact(source.path)  # verifies checksums and graph IO against the manifest
+        return cls.from_folder(artifact.path, name=source.name, generation=artifact.manifest.get("generation"),
+                               device=device, threads=threads, providers=providers, opt_level=opt_level)
+
+    @classmethod
+    def from_folder(cls, folder: Path, *, name: str, generation: dict[str, Any] | None = None, device: str = "cpu",
+                    threads: int | None = None, providers: list[str] | None = None,
+                    opt_level: str = DEFAULT_OPT_LEVEL) -> "OnnxBackend":
+        """Open the graphs in `folder` without a manifest (export uses it on its temporary folder)."""
+        folder = Path(folder)
+        files = [f for f in (io_spec.MODEL_FILE, io_spec.ENCODER_FILE, io_spec.DECODER_FILE) if (folder / f).is_file()]
+        if not files or (io_spec.MODEL_FILE not in files and len(files) < 2):
+            raise ArtifactError(f"{folder}: no complete set of ONNX graphs (expected {io_spec.MODEL_FILE} or "
+                                f"{io_spec.ENCODER_FILE} + {io_spec.DECODER_FILE})")
+        sessions = {f: create_session(folder / f, device=device, threads=threads, providers=providers,
+                                      opt_level=opt_level) for f in files}
+        info, defaults = artifact_info(folder, sessions, generation or {}, name)
+        return cls(folder, sessions, info, torch.device(device), defaults)
+
+    def _layout(self) -> None:
+        """Read layer count and fixed sizes from the graphs themselves."""
+        self.is_seq2seq = io_spec.DECODER_FILE in self.sessions
+        graph = self.sessions[io_spec.DECODER_FILE if self.is_seq2seq else io_spec.MODEL_FILE]
+        shapes = {a.name: a.shape for a in graph.get_inputs()}
+        part = "decoder" if self.is_seq2seq else ""
+        self.n_layers = sum(1 for n in shapes if n.startswith("past_key_values.") and n.endswith(".key")
+                            and (".decoder." in n or not self.is_seq2seq))
+        if io_spec.past_names(self.n_layers, part)[-1] not in shapes:
+            raise ArtifactError(f"{self.path}: graph inputs do not follow the IO spec (no {io_spec.past_names(self.n_layers, part)[-1]})")
+        self._self_kv = shapes[io_spec.past_names(1, part)[0]]          # [rows, H, past, Dh]
+        self._cross_shared = self.is_seq2seq and shapes["encoder_attention_mask"][0] == "rows"
+        if self.is_seq2seq:
+            self._cross_kv = shapes[io_spec.past_names(1, "encoder")[0]]  # [enc_batch | rows, H, src, Dh]
+
+    # -- the Backend protocol -------------------------------------------------------------------
+    def prefill(self, batch: EncodedBatch) -> tuple[Tensor, State]:
+        """Prompt (decoder-only) or encoder + decoder start (enc-dec) -> logits [B, V] fp32, state of B rows."""
+        return self._timed(self._prefill_seq2seq if self.is_seq2seq else self._prefill_causal, batch.to(self.device))
+
+    def decode(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """tokens [R] -> logits [R, V] fp32 and the advanced state."""
+        tokens = tokens.to(self.device, torch.long)
+        return self._timed(self._decode_seq2seq if self.is_seq2seq else self._decode_causal, tokens, state)
+
+    def reorder(self, state: State, beam_idx: Tensor) -> State:
+        """Keep rows beam_idx [R'] (gather on the batch axis)."""
+        fn = self._reorder_seq2seq if self.is_seq2seq else self._reorder_causal
+        return self._timed(fn, state, beam_idx.to(self.device, torch.long))
+
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            result = fn(*args)
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - start
+        return result
+
+    # -- running a graph ------------------------------------------------------------------------
+    def _run(self, file: str, feeds: dict[str, Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+        """Run one graph: inputs bound by pointer, outputs written into new torch tensors."""
+        import numpy as np
+
+        binding = self.sessions[file].io_binding()
+        kind, index = self._io_device
+        feeds = {n: t.contiguous() for n, t in feeds.items()}  # kept alive until the run returns
+        placeholder = torch.zeros(1, device=self.device)  # ORT refuses a null buffer (empty past)
+        for name, t in feeds.items():
+            dtype = np.int64 if t.dtype == torch.long else np.float32
+            binding.bind_input(name, kind, index, dtype, tuple(t.shape), t.data_ptr() if t.numel() else placeholder.data_ptr())
+        result = {}
+        for name, shape in outputs.items():
+            out = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(name, kind, index, np.float32, tuple(shape), out.data_ptr() if out.numel() else placeholder.data_ptr())
+            result[name] = out
+        if kind == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch's stream are ready
+        self.sessions[file].run_with_iobinding(binding)
+        if kind == "cuda":
+            binding.synchronize_outputs()
+        return result
+
+    def _kv_shape(self, rows: int, length: int) -> tuple[int, int, int, int]:
+        return (rows, int(self._self_kv[1]), length, int(self._self_kv[3]))
+
+    def _empty_past(self, rows: int) -> tuple[Tensor, ...]:
+        return tuple(torch.zeros(self._kv_shape(rows, 0), device=self.device) for _ in range(2 * self.n_layers))
+
+    # -- decoder-only ---------------------------------------------------------------------------
+    def _causal_step(self, ids: Tensor, mask: Tensor, positions: Tensor, past: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        rows, total = mask.shape
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                 **dict(zip(io_spec.past_names(self.n_layers), past))}
+        names = io_spec.present_names(self.n_layers)
+        out = self._run(io_spec.MODEL_FILE, feeds, {"logits": (rows, 1, self.info.vocab_size),
+                                                    **{n: self._kv_shape(rows, total) for n in names}})
+        return out["logits"][:, 0, :], tuple(out[n] for n in names)  # [R, V], each [R, Hkv, P+T, Dh]
+
+    def _prefill_causal(self, batch: EncodedBatch) -> tuple[Tensor, CausalState]:
+        ids, mask = batch.input_ids, batch.attention_mask                        # [B, T]
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)               # [B, T]
+        logits, past = self._causal_step(ids, mask, positions, self._empty_past(ids.shape[0]))
+        return logits, CausalState(past, mask, positions[:, -1] + 1)
+
+    def _decode_causal(self, tokens: Tensor, state: CausalState) -> tuple[Tensor, CausalState]:
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones((tokens.shape[0], 1))], dim=1)  # [R, P+1]
+        logits, past = self._causal_step(tokens[:, None], mask, state.next_position[:, None], state.past)
+        return logits, CausalState(past, mask, state.next_position + 1)
+
+    def _reorder_causal(self, state: CausalState, beam_idx: Tensor) -> CausalState:
+        if _is_identity(beam_idx, state.attention_mask.shape[0]):
+            return state
+        return CausalState(tuple(t.index_select(0, beam_idx) for t in state.past),
+                           state.attention_mask.index_select(0, beam_idx), state.next_position.index_select(0, beam_idx))
+
+    # -- encoder-decoder ------------------------------------------------------------------------
+    def _prefill_seq2seq(self, batch: EncodedBatch) -> tuple[Tensor, Seq2SeqState]:
+        ids, mask = batch.input_ids, batch.attention_mask                        # [B, S]
+        rows, src = ids.shape
+        names = io_spec.present_names(self.n_layers, "encoder")
+        heads, head_dim = int(self._cross_kv[1]), int(self._cross_kv[3])
+        out = self._run(io_spec.ENCODER_FILE, {"input_ids": ids, "attention_mask": mask},
+                        {n: (rows, heads, src, head_dim) for n in names})
+        self.encoder_calls += rows
+        inputs = torch.arange(rows, device=self.device)
+        state = Seq2SeqState(self._empty_past(rows), tuple(out[n] for n in names), mask, inputs, inputs)
+        start = torch.full((rows,), self.info.special.decoder_start_token_id, dtype=torch.long, device=self.device)
+        return self._decode_seq2seq(start, state)
+
+    def _decode_seq2seq(self, tokens: Tensor, state: Seq2SeqState) -> tuple[Tensor, Seq2SeqState]:
+        rows, past_len = tokens.shape[0], state.self_past[0].shape[2]
+        feeds = {"input_ids": tokens[:, None], "encoder_attention_mask": state.src_mask,
+                 **dict(zip(io_spec.past_names(self.n_layers, "decoder"), state.self_past)),
+                 **dict(zip(io_spec.past_names(self.n_layers, "encoder"), state.cross))}
+        names = io_spec.present_names(self.n_layers, "decoder")
+        out = self._run(io_spec.DECODER_FILE, feeds, {"logits": (rows, 1, self.info.vocab_size),
+                                                      **{n: self._kv_shape(rows, past_len + 1) for n in names}})
+        return out["logits"][:, 0, :], Seq2SeqState(tuple(out[n] for n in names), state.cross, state.src_mask,
+                                                     state.row_input, state.cross_input)
+
+    def _reorder_seq2seq(self, state: Seq2SeqState, beam_idx: Tensor) -> Seq2SeqState:
+        if _is_identity(beam_idx, state.row_input.shape[0]):
+            return state
+        self_past = tuple(t.index_select(0, beam_idx) for t in state.self_past)
+        row_input = state.row_input.index_select(0, beam_idx)                    # [R']
+        cross, src_mask, cross_input = state.cross, state.src_mask, state.cross_input
+        if not self._cross_fits(row_input, cross_input):
+            idx = (cross_input[None, :] == row_input[:, None]).long().argmax(1)  # [R'] first cross row of each input
+            cross = tuple(t.index_select(0, idx) for t in cross)                  # one row per decoder row
+            src_mask, cross_input = src_mask.index_select(0, idx), row_input
+        return Seq2SeqState(self_past, cross, src_mask, row_input, cross_input)
+
+    def _cross_fits(self, row_input: Tensor, cross_input: Tensor) -> bool:
+        """Can decoder rows read these cross rows as they are? (row r reads cross row r // (R / C))."""
+        rows, cross_rows = row_input.shape[0], cross_input.shape[0]
+        if rows % cross_rows or (self._cross_shared and rows != cross_rows):
+            return False
+        return bool(torch.equal(cross_input.repeat_interleave(rows // cross_rows), row_input))
+
+
+def _is_identity(beam_idx: Tensor, rows: int) -> bool:
+    return beam_idx.shape[0] == rows and bool(torch.equal(beam_idx, torch.arange(rows, device=beam_idx.device)))
+
+
+
+
+def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, Any],
+                  name: str) -> tuple[ModelInfo, dict[str, Any]]:
+    """ModelInfo and generation defaults from config.json, generation_config.json and the graphs."""
+    import json
+
+    from deploylm.models.hf import GENERATION_DEFAULT_KEYS
+
+    config = json.loads((folder / "config.json").read_text())
+    gen_file = folder / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    graph = sessions.get(io_spec.DECODER_FILE) or sessions[io_spec.MODEL_FILE]
+    vocab = int(next(o.shape[-1] for o in graph.get_outputs() if o.name == "logits"))
+    if str(config.get("model_type", "")).startswith("deploylm"):
+        special, is_seq2seq, window = _seed_special(config, gen), config.get("arch") == "seq2seq", config.get("max_positions")
+    else:
+        special, is_seq2seq, window = _hf_special(folder)
+    info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window, name=name)
+    defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if gen.get(k) is not None}
+    defaults.update(generation)
+    return info, defaults
+
+
+def _hf_special(path: Path) -> tuple[SpecialTokens, bool, int | None]:
+    """Special tokens exactly as the torch backend resolves them (deploylm.models.hf.special_tokens)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    from deploylm.models.hf import special_tokens
+
+    config = AutoConfig.from_pretrained(path)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    special = special_tokens(SimpleNamespace(config=config, generation_config=gen, name_or_path=str(path)))
+    window = None if config.is_encoder_decoder else getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return special, bool(config.is_encoder_decoder), window
+
+
+def _seed_special(config: dict[str, Any], gen: dict[str, Any]) -> SpecialTokens:
+    """As deploylm.backends.torch_seq2seq.open_checkpoint reads a checkpoint's special tokens."""
+    eos = gen.get("eos_token_id", config["eos_token_id"])
+    return SpecialTokens(
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
+        pad_token_id=int(gen.get("pad_token_id", config["pad_token_id"])),
+        bos_token_id=int(gen.get("bos_token_id", config["bos_token_id"])),
+        decoder_start_token_id=int(gen.get("decoder_start_token_id", config["decoder_start_token_id"]))
+        if config.get("arch") == "seq2seq" else None,
+    )

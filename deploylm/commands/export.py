@@ -1,0 +1,26 @@
+"""`deploylm export`: SRC + profile -> a verified artifact folder (DESIGN.md §2, §6)."""
+from __future__ import annotations
+
+import click
+
+from deploylm.errors import UsageError
+
+
+@click.command(name="export")
+@click.option("--model", "src", metavar="SRC", help="Checkpoint, Hugging Face folder or .gguf file. Required.")
+@click.option("--profile", default="fp32", show_default=True, metavar="NAME|FILE.toml", help="Built-in profile name or a TOML file.")
+@click.option("--out", "out_dir", metavar="DIR", default=None, help="Output folder. Default: export/<model>-<profile>.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--calibration", metavar="FILE", default=None, help="Text for static int8 calibration (one sample a line).")
+@click.option("--allow-quality-loss", is_flag=True, help="Write the artifact even when the profile's [quality] budget is not met.")
+def command(src: str | None, profile: str, out_dir: str | None, force: bool, calibration: str | None,
+            allow_quality_loss: bool) -> None:
+    """Export SRC to ONNX, validate the graphs against PyTorch, check parity, write the artifact."""
+    if not src:
+        raise UsageError("--model SRC is required: a checkpoint, Hugging Face folder or .gguf file")
+    from deploylm.export.pipeline import export_model
+
+    report = export_model(src, profile, out_dir, force=force, calibration=calibration,
+                          allow_quality_loss=allow_quality_loss)
+    for line in report.lines():
+        click.echo(line)

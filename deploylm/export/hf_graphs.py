@@ -1,0 +1,114 @@
+"""Hugging Face models as export-ready modules with flat tensor IO (names in deploylm.export.io_spec).
+
+Each wrapper's `forward(*inputs)` takes the graph inputs in io_spec order and returns the outputs in
+io_spec order. The KV cache travels as flat tensors and is rebuilt into a transformers 5
+DynamicCache / EncoderDecoderCache inside the forward, so `torch.export` sees plain tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from deploylm.export.io_spec import ModelDims
+
+
+def _dynamic_cache(config, flat: tuple[Tensor, ...]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i in range(len(flat) // 2):
+        cache.update(flat[2 * i], flat[2 * i + 1], i)
+    return cache
+
+
+def _flatten(cache) -> list[Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+class HFCausalGraph(nn.Module):
+    """model.onnx of a Hugging Face causal LM: (ids, mask, positions, *past) -> (logits [B,1,V], *present)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        input_ids, attention_mask, position_ids, *past = inputs
+        cache = _dynamic_cache(self.model.config, tuple(past))  # each [B, Hkv, P, Dh]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        return (out.logits[:, -1:, :].float(), *_flatten(cache))  # [B, 1, V], [B, Hkv, P+T, Dh]
+
+
+class HFEncoderGraph(nn.Module):
+    """encoder_model.onnx: (ids, mask) -> (encoder_hidden_states [B,S,D], *cross K/V [B,H,S,Dh]).
+
+    The cross-attention K/V come from one decoder call on a dummy start token with an empty cache:
+    the model fills its cross-attention cache from the encoder output, and everything else in that
+    call is dead code that the ONNX optimizer removes. This works for any transformers enc-dec.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        input_ids, attention_mask = inputs
+
+        encoder = self.model.get_encoder()
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, S, D]
+        cache = EncoderDecoderCache(DynamicCache(config=self.model.config), DynamicCache(config=self.model.config))
+        start = torch.zeros_like(input_ids[:, :1])  # [B, 1]; its value never reaches the cross K/V
+        self.model(encoder_outputs=(hidden,), attention_mask=attention_mask, decoder_input_ids=start,
+                   cache=cache, use_cache=True)
+        return (hidden, *_flatten(cache.cross_attention_cache))
+
+
+class HFDecoderGraph(nn.Module):
+    """decoder_model.onnx: (ids [R,T], enc mask [R,S], *self past, *cross K/V) -> (logits [R,1,V], *present).
+
+    Cross K/V and the encoder mask have one row per beam (R rows): Hugging Face attention needs
+    equal batch sizes. The encoder hidden states are not an input: only their shape is read.
+    """
+
+    def __init__(self, model: nn.Module, n_layers: int):
+        super().__init__()
+        self.model, self.n_layers = model, n_layers
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        from transformers import EncoderDecoderCache
+
+        input_ids, encoder_attention_mask, *kv = inputs
+        n = 2 * self.n_layers
+        config = self.model.config
+        cache = EncoderDecoderCache(_dynamic_cache(config, tuple(kv[:n])), _dynamic_cache(config, tuple(kv[n:])))
+        cache.is_updated = {i: True for i in range(self.n_layers)}
+        rows, src = encoder_attention_mask.shape
+        hidden = kv[n].new_zeros(()).expand(rows, src, config.d_model)  # [R, S, D], shape only
+        out = self.model(encoder_outputs=(hidden,), attention_mask=encoder_attention_mask,
+                         decoder_input_ids=input_ids, cache=cache, use_cache=True)
+        return (out.logits[:, -1:, :].float(), *_flatten(cache.self_attention_cache))
+
+
+def hf_causal_dims(model: nn.Module) -> ModelDims:
+    """Layer count, K/V heads and head size read from one real forward (robust across configs)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    _, heads, _, head_dim = cache.layers[0].keys.shape
+    return ModelDims(n_layers=len(cache.layers), kv_heads=heads, head_dim=head_dim,
+                     vocab_size=int(out.logits.shape[-1]))
+
+
+def hf_seq2seq_dims(model: nn.Module) -> ModelDims:
+    """As hf_causal_dims for encoder-decoders: self and cross K/V shapes, encoder width."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2]]), decoder_input_ids=torch.tensor([[0]]), use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    _, heads, _, head_dim = cache.self_attention_cache.layers[0].keys.shape
+    cross_heads = cache.cross_attention_cache.layers[0].keys.shape[1]
+    return ModelDims(n_layers=len(cache.self_attention_cache.layers), kv_heads=heads, head_dim=head_dim,
+                     vocab_size=int(out.logits.shape[-1]), d_model=int(out.encoder_last_hidden_state.shape[-1]),
+                     cross_heads=cross_heads)

@@ -1,0 +1,149 @@
+"""The one declaration of ONNX graph inputs, outputs and dynamic axes (Hugging Face/optimum names).
+
+The exporter, the validator and the ONNX Runtime backend all read tensor names from here.
+
+Decoder-only, one graph `model.onnx` (the first step takes an empty past, length 0):
+    input_ids                    [batch, seq]            int64
+    attention_mask               [batch, total]          int64   total = past + seq, 1 = real token
+    position_ids                 [batch, seq]            int64
+    past_key_values.{i}.key      [batch, kv_heads, past, head_dim]   (and .value)
+  ->
+    logits                       [batch, 1, vocab]       fp32    LAST POSITION ONLY: a decode step
+                                                                  needs no more, and prefill over a
+                                                                  long prompt then costs no
+                                                                  [batch, seq, vocab] output
+    present.{i}.key              [batch, kv_heads, total, head_dim]  (and .value)
+
+Encoder-decoder, two graphs:
+  `encoder_model.onnx`
+    input_ids [batch, src], attention_mask [batch, src]
+  ->
+    encoder_hidden_states        [batch, src, d_model]
+    present.{i}.encoder.key      [batch, heads, src, head_dim]   cross-attention K/V (and .value)
+  `decoder_model.onnx`  (rows = batch × beams; the cross K/V have `enc_batch` rows: equal to rows
+                         for Hugging Face graphs, the number of inputs for deploylm's own model)
+    input_ids                      [rows, seq]
+    encoder_attention_mask         [enc_batch, src]
+    past_key_values.{i}.decoder.key  [rows, heads, past, head_dim]   self-attention, length ≥ 0
+    past_key_values.{i}.encoder.key  [enc_batch, heads, src, head_dim]  (and .value for both)
+  ->
+    logits                         [rows, 1, vocab]   last position only, as above
+    present.{i}.decoder.key        [rows, heads, total, head_dim]  (and .value)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODEL_FILE = "model.onnx"
+ENCODER_FILE = "encoder_model.onnx"
+DECODER_FILE = "decoder_model.onnx"
+KV = ("key", "value")
+# axis names -> the smallest size each may take (the past is empty on the first step)
+AXIS_MIN = {"batch": 1, "seq": 1, "past": 0, "total": 1, "src": 1, "rows": 1, "enc_batch": 1}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, axes (a str is a dynamic axis, an int a fixed size), dtype."""
+
+    name: str
+    axes: tuple[str | int, ...]
+    dtype: str  # "int64" | "float32"
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: a for i, a in enumerate(self.axes) if isinstance(a, str)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The IO of one graph file."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes that fix the graphs' static axes."""
+
+    n_layers: int
+    kv_heads: int       # self-attention K/V heads (grouped-query models have fewer than q heads)
+    head_dim: int
+    vocab_size: int
+    d_model: int = 0    # encoder-decoder only: width of encoder_hidden_states
+    cross_heads: int = 0  # encoder-decoder only: cross-attention K/V heads
+
+
+def past_names(n_layers: int, part: str = "") -> list[str]:
+    """past_key_values.{i}.key/value in layer order, key before value (part: "", "decoder", "encoder")."""
+    infix = f".{part}" if part else ""
+    return [f"past_key_values.{i}{infix}.{kv}" for i in range(n_layers) for kv in KV]
+
+
+def present_names(n_layers: int, part: str = "") -> list[str]:
+    """present.{i}.key/value in layer order (part: "", "decoder", "encoder")."""
+    infix = f".{part}" if part else ""
+    return [f"present.{i}{infix}.{kv}" for i in range(n_layers) for kv in KV]
+
+
+def _kv(names: list[str], rows: str, heads: int, length: str, head_dim: int) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(n, (rows, heads, length, head_dim), "float32") for n in names)
+
+
+def decoder_only_spec(d: ModelDims) -> GraphSpec:
+    inputs = (
+        TensorSpec("input_ids", ("batch", "seq"), "int64"),
+        TensorSpec("attention_mask", ("batch", "total"), "int64"),
+        TensorSpec("position_ids", ("batch", "seq"), "int64"),
+        *_kv(past_names(d.n_layers), "batch", d.kv_heads, "past", d.head_dim),
+    )
+    outputs = (
+        TensorSpec("logits", ("batch", 1, d.vocab_size), "float32"),
+        *_kv(present_names(d.n_layers), "batch", d.kv_heads, "total", d.head_dim),
+    )
+    return GraphSpec(MODEL_FILE, inputs, outputs)
+
+
+def encoder_spec(d: ModelDims) -> GraphSpec:
+    inputs = (
+        TensorSpec("input_ids", ("batch", "src"), "int64"),
+        TensorSpec("attention_mask", ("batch", "src"), "int64"),
+    )
+    outputs = (
+        TensorSpec("encoder_hidden_states", ("batch", "src", d.d_model), "float32"),
+        *_kv(present_names(d.n_layers, "encoder"), "batch", d.cross_heads, "src", d.head_dim),
+    )
+    return GraphSpec(ENCODER_FILE, inputs, outputs)
+
+
+def decoder_spec(d: ModelDims, cross_rows: str = "enc_batch") -> GraphSpec:
+    """cross_rows "enc_batch": cross K/V and mask at one row per input (deploylm's model);
+    "rows": one row per beam (Hugging Face graphs, whose attention needs equal batch sizes)."""
+    inputs = (
+        TensorSpec("input_ids", ("rows", "seq"), "int64"),
+        TensorSpec("encoder_attention_mask", (cross_rows, "src"), "int64"),
+        *_kv(past_names(d.n_layers, "decoder"), "rows", d.kv_heads, "past", d.head_dim),
+        *_kv(past_names(d.n_layers, "encoder"), cross_rows, d.cross_heads, "src", d.head_dim),
+    )
+    outputs = (
+        TensorSpec("logits", ("rows", 1, d.vocab_size), "float32"),
+        *_kv(present_names(d.n_layers, "decoder"), "rows", d.kv_heads, "total", d.head_dim),
+    )
+    return GraphSpec(DECODER_FILE, inputs, outputs)
+
+
+def graph_specs(kind: str, dims: ModelDims, cross_rows: str = "enc_batch") -> tuple[GraphSpec, ...]:
+    """kind "decoder-only" -> (model.onnx,); "encoder-decoder" -> (encoder_model.onnx, decoder_model.onnx)."""
+    if kind == "decoder-only":
+        return (decoder_only_spec(dims),)
+    return (encoder_spec(dims), decoder_spec(dims, cross_rows))

@@ -1,0 +1,148 @@
+"""torch -> ONNX: pick the graphs for a model, build example inputs from the IO spec, export each graph.
+
+`torch.onnx.export(dynamo=True)` with `dynamic_shapes` from the IO spec. Example sizes are all ≥ 2
+and distinct (a size of 1, or two equal sizes, would silently fix or tie axes); the past is a
+`Dim(min=0)` so the same graph takes an empty past on the first step.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from deploylm.errors import UsageError
+from deploylm.export.io_spec import AXIS_MIN, GraphSpec, ModelDims, TensorSpec, graph_specs
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: weights go to a .data file only above it
+# sizes used to trace: every axis ≥ 2 and distinct from the others it could be confused with
+EXPORT_SIZES = {"batch": 2, "seq": 3, "past": 4, "src": 5, "rows": 6, "enc_batch": 3}
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """What to export for one model: kind, sizes, and (spec, module) per graph file."""
+
+    kind: str                      # "decoder-only" | "encoder-decoder"
+    family: str                    # "hf" | "seed"
+    dims: ModelDims
+    cross_rows: str                # "enc_batch" (seed) | "rows" (HF enc-dec); unused for decoder-only
+    graphs: tuple[tuple[GraphSpec, nn.Module], ...]
+
+    @property
+    def specs(self) -> tuple[GraphSpec, ...]:
+        return tuple(spec for spec, _ in self.graphs)
+
+
+def plan_graphs(model: nn.Module) -> GraphPlan:
+    """The graphs for a loaded torch model: HF causal / enc-dec, or deploylm's own models."""
+    from deploylm.export import hf_graphs, seed_graphs
+    from deploylm.models.causal_lm import CausalTransformerLM
+    from deploylm.models.transformer import Seq2SeqTransformer
+
+    model = model.eval()
+    if isinstance(model, Seq2SeqTransformer):
+        dims = seed_graphs.seed_dims(model.config)
+        modules = (seed_graphs.SeedEncoderGraph(model), seed_graphs.SeedDecoderGraph(model, dims.n_layers))
+        return _plan("encoder-decoder", "seed", dims, "enc_batch", modules)
+    if isinstance(model, CausalTransformerLM):
+        dims = seed_graphs.seed_dims(model.config)
+        return _plan("decoder-only", "seed", dims, "enc_batch", (seed_graphs.SeedCausalGraph(model),))
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_output_embeddings"):
+        raise UsageError(f"cannot export a {type(model).__name__}: expected a transformers model or a deploylm model")
+    if getattr(config, "is_encoder_decoder", False):
+        dims = hf_graphs.hf_seq2seq_dims(model)
+        modules = (hf_graphs.HFEncoderGraph(model), hf_graphs.HFDecoderGraph(model, dims.n_layers))
+        return _plan("encoder-decoder", "hf", dims, "rows", modules)
+    return _plan("decoder-only", "hf", hf_graphs.hf_causal_dims(model), "enc_batch", (hf_graphs.HFCausalGraph(model),))
+
+
+def _plan(kind: str, family: str, dims: ModelDims, cross_rows: str, modules: tuple[nn.Module, ...]) -> GraphPlan:
+    specs = graph_specs(kind, dims, cross_rows)
+    return GraphPlan(kind, family, dims, cross_rows, tuple(zip(specs, modules)))
+
+
+def _mask(spec: TensorSpec, shape: list[int]) -> Tensor:
+    """Ones with padding: left-padded row 0 for a [batch, total] mask, right-padded last row otherwise."""
+    mask = torch.ones(shape, dtype=torch.long)
+    rows, length = shape
+    if rows > 1 and length > 2:
+        if spec.axes[1] == "total":
+            mask[0, :2] = 0
+        else:
+            mask[-1, -1] = 0
+    return mask
+
+
+def example_inputs(spec: GraphSpec, sizes: dict[str, int], vocab_size: int, seed: int = 0) -> tuple[Tensor, ...]:
+    """Inputs in spec order. sizes gives each dynamic axis; total = past + seq is derived."""
+    sizes = {**sizes, "total": sizes["past"] + sizes["seq"]}
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Tensor] = {}
+    for t in spec.inputs:
+        shape = [sizes[a] if isinstance(a, str) else a for a in t.axes]
+        if t.name == "input_ids":
+            tensors[t.name] = torch.randint(0, vocab_size, shape, generator=gen)
+        elif t.name.endswith("attention_mask"):
+            tensors[t.name] = _mask(t, shape)
+        elif t.name == "position_ids":
+            positions = (tensors["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # [B, P+T]
+            tensors[t.name] = positions[:, positions.shape[1] - shape[1]:].contiguous()
+        else:
+            tensors[t.name] = torch.randn(shape, generator=gen)
+    return tuple(tensors[t.name] for t in spec.inputs)
+
+
+def dynamic_shapes(spec: GraphSpec) -> dict[str, tuple[dict[int, object], ...]]:
+    """torch.export dynamic_shapes for a wrapper whose forward takes `*inputs` in spec order."""
+    dims = {name: torch.export.Dim(name, min=low) for name, low in AXIS_MIN.items()}
+    return {"inputs": tuple({i: dims[a] for i, a in t.dynamic_axes.items()} for t in spec.inputs)}
+
+
+def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, vocab_size: int,
+                 opset: int = DEFAULT_OPSET) -> Path:
+    """Export one graph to out_dir/spec.file (weights in a .data file only above 2 GB)."""
+    args = example_inputs(spec, EXPORT_SIZES, vocab_size)
+    path = Path(out_dir) / spec.file
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_torch_onnx():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, dynamic_shapes=dynamic_shapes(spec), opset_version=opset,
+            input_names=spec.input_names, output_names=spec.output_names, optimize=True, verbose=False,
+        )
+    program.save(path, external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    _name_output_axes(path, spec)
+    return path
+
+
+def _name_output_axes(path: Path, spec: GraphSpec) -> None:
+    """Give output dynamic axes the spec's names (the exporter writes expressions like 'past + seq')."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for value, tensor in zip(model.graph.output, spec.outputs):
+        dims = value.type.tensor_type.shape.dim
+        for i, axis in enumerate(tensor.axes):
+            if isinstance(axis, str) and i < len(dims):
+                dims[i].dim_param = axis
+    onnx.save(model, str(path))
+
+
+class _quiet_torch_onnx:
+    """Silence torch.onnx's progress lines and torchvision notices while exporting."""
+
+    def __enter__(self):
+        self.loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)

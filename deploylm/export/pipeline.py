@@ -1,0 +1,182 @@
+"""`deploylm export`: a fixed pipeline from SRC to a verified artifact folder.
+
+resolve source -> load the torch model -> export graphs into the artifact's temporary folder ->
+config, generation config, tokenizer -> validate graphs against PyTorch -> precision (non-fp32
+profiles) -> TensorRT engines (profiles listing trt) -> parity (torch vs onnx, step by step, on the
+parity prompts) -> manifest, then rename into place (deploylm.artifact). Any
+failure leaves nothing behind; an existing output folder is refused unless `force`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploylm.errors import CheckFailed, UsageError
+from deploylm.export.onnx_export import DEFAULT_OPSET, GraphPlan, export_graph, plan_graphs
+from deploylm.export.validate import ValidationReport, validate_graphs
+from deploylm.models.source import Source, resolve_source
+
+PARITY_MAX_NEW_TOKENS = 16  # parity at export: enough steps to catch drift, short enough to be quick
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `export_model` made and how it checked it."""
+
+    out_dir: Path
+    profile: str
+    kind: str
+    files: dict[str, int]                 # file -> bytes
+    validation: ValidationReport
+    parity: dict[str, Any]                # ParityReport.summary() (torch vs onnx)
+    details: tuple[str, ...] = ()         # printed as they are (precision step, ...)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def lines(self) -> list[str]:
+        mib = self.total_bytes / 2**20
+        out = [f"exported {self.kind} model to {self.out_dir} ({len(self.files)} files, {mib:.1f} MiB) "
+               f"with profile {self.profile} in {sum(self.seconds.values()):.1f} s "
+               f"({', '.join(f'{k} {v:.1f} s' for k, v in self.seconds.items())})",
+               f"validation: {self.validation.summary()}"]
+        from deploylm.artifact import format_parity
+
+        return [*out, *self.details, "parity:", *format_parity(self.parity)]
+
+
+def default_out_dir(source: Source, profile_name: str) -> Path:
+    return Path("export") / f"{source.name}-{profile_name}"
+
+
+def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | None = None,
+                 force: bool = False, *, calibration: str | Path | None = None,
+                 allow_quality_loss: bool = False) -> ExportReport:
+    """Export SRC with `profile` (a name, a TOML path or a Profile) to an artifact folder.
+
+    Non-fp32 profiles convert/quantize the validated fp32 graphs (deploylm.export.precision_step,
+    `calibration` text for static int8); profiles listing "trt" also build TensorRT engines.
+    """
+    from deploylm.artifact import source_fields, write_artifact
+    from deploylm.profiles import load_profile
+
+    source = resolve_source(src)
+    if source.kind == "artifact":
+        raise UsageError(f"model {str(src)!r} is already an exported artifact: export a checkpoint, Hugging Face folder or .gguf file")
+    profile = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    apply_precision = _precision_step(profile)
+    fp32_atol = load_profile("fp32").parity.logits_atol  # the graphs validated here are always fp32
+    out = Path(out_dir) if out_dir is not None else default_out_dir(source, profile.name)
+    if out.exists() and not force:
+        raise UsageError(f"output folder {out} already exists: pass --force to replace it")
+    timings: dict[str, float] = {}
+    model = _timed(timings, "load", _load_model, source)
+    plan = plan_graphs(model)
+    result: dict[str, Any] = {"details": []}
+    fields = {"source": source_fields(source), "profile": profile.to_dict(), "generation": dict(profile.generation),
+              "export": {"kind": plan.kind, "family": plan.family, "opset": DEFAULT_OPSET,
+                         "cross_rows": plan.cross_rows if plan.kind == "encoder-decoder" else None}}
+
+    def build(tmp: Path) -> None:
+        _timed(timings, "export", _export_graphs, plan, tmp)
+        _write_model_files(source, model, tmp)
+        result["validation"] = _timed(timings, "validate", validate_graphs, plan, tmp, fp32_atol)
+        if not result["validation"].ok:
+            raise CheckFailed(f"exported graphs do not match PyTorch: {result['validation'].summary()}")
+        if apply_precision is not None:
+            precision = _timed(timings, "precision", apply_precision, tmp, profile, source, calibration,
+                               allow_quality_loss=allow_quality_loss)
+            fields["quality"] = precision.to_dict()
+            result["details"] += precision.lines()
+        if "trt" in profile.backends:
+            from deploylm.export.tensorrt import build_for_export
+
+            fields["tensorrt"] = _timed(timings, "tensorrt", build_for_export, tmp, profile)
+        result["parity"] = _timed(timings, "parity", _parity, source, tmp, profile, fields["generation"])
+        fields["parity"] = result["parity"]
+
+    write_artifact(out, build, fields, force=force)
+    files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    return ExportReport(out, profile.name, plan.kind, files, result["validation"], result["parity"],
+                        tuple(result["details"]), timings)
+
+
+def _precision_step(profile: Any) -> Any:
+    """deploylm.export.precision_step.apply_precision for non-fp32 profiles (None for fp32)."""
+    if profile.precision == "fp32":
+        return None
+    try:
+        from deploylm.export.precision_step import apply_precision
+    except ImportError:
+        raise UsageError(f"profile {profile.name} needs quantization support (not built yet): use --profile fp32") from None
+    return apply_precision
+
+
+def _timed(timings: dict[str, float], key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _load_model(source: Source) -> Any:
+    import torch
+
+    if source.kind == "checkpoint":
+        from deploylm.models.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(source.path)
+        return model.float().eval()
+    from deploylm.models import hf
+
+    return hf.load_hf_model(source, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def _export_graphs(plan: GraphPlan, folder: Path) -> None:
+    for spec, module in plan.graphs:
+        export_graph(module, spec, folder, plan.dims.vocab_size)
+
+
+def _write_model_files(source: Source, model: Any, folder: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files, as the source has them."""
+    from deploylm.models.tokenizer import TOKENIZER_FILES, load_tokenizer
+
+    if source.kind == "checkpoint":
+        extra = ("config.json", "generation_config.json", "special_tokens_map.json", "tokenizer_config.json")
+        for name in dict.fromkeys((*extra, *TOKENIZER_FILES)):
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, folder / name)
+        return
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    load_tokenizer(source).save_pretrained(folder)
+
+
+def _parity(source: Source, folder: Path, profile: Any, generation: dict[str, Any]) -> dict[str, Any]:
+    """torch vs the new graphs, step by step (deploylm.parity); parity.json written into folder."""
+    from deploylm.backends.onnx_backend import OnnxBackend
+    from deploylm.backends.torch_backend import TorchBackend
+    from deploylm.decoding.options import DecodingOptions
+    from deploylm.generator import Generator
+    from deploylm.models.tokenizer import load_tokenizer
+    from deploylm.parity import DEFAULT_PROMPTS, compare_backends
+
+    reference = TorchBackend.from_source(source)
+    candidate = OnnxBackend.from_folder(folder, name=source.name, generation=generation)
+    options = DecodingOptions.from_mapping(profile.generation)
+    options = options.replace(max_new_tokens=min(options.max_new_tokens, PARITY_MAX_NEW_TOKENS), min_new_tokens=0)
+    tokenizer = load_tokenizer(source)
+    batch = Generator(reference, tokenizer).encode(list(DEFAULT_PROMPTS), options)
+    report = compare_backends(reference, {"onnx": candidate}, batch, options, profile.parity, tokenizer)
+    (folder / "parity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if not report.passed:
+        raise CheckFailed(f"onnx does not match torch within the profile's [parity] tolerances: {'; '.join(report.failures())}")
+    return report.summary()

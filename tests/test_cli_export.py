@@ -1,0 +1,67 @@
+"""`deploylm export` on the command line: help, refusals with exit 2 and nothing written, a real export."""
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.export.pipeline import default_out_dir
+from deploylm.models.source import resolve_source
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, ["export", *args])
+
+
+def test_help_lists_the_options():
+    result = _run("--help")
+    assert result.exit_code == 0
+    for option in ("--model", "--profile", "--out", "--force"):
+        assert option in result.output
+
+
+def test_existing_output_folder_needs_force(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _run("--model", str(tiny_gpt2_dir), "--out", str(out))
+    assert result.exit_code == 2
+    assert "already exists" in result.output and "--force" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_profile_exits_2_and_writes_nothing(tiny_gpt2_dir, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\nprecision = "fp64"\n')
+    for profile in ("no-such-profile", str(bad)):
+        result = _run("--model", str(tiny_gpt2_dir), "--profile", profile, "--out", str(tmp_path / "out"))
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
+
+
+def test_missing_model_exits_2(tmp_path):
+    assert _run("--out", str(tmp_path / "o")).exit_code == 2
+    assert _run("--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")).exit_code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_output_folder(tiny_gpt2_dir, tmp_path):
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert default_out_dir(resolve_source(tiny_gpt2_dir), "fp32").as_posix() == f"export/{tiny_gpt2_dir.name}-fp32"
+    assert default_out_dir(resolve_source(gguf), "fp32").as_posix() == "export/SmolLM2-135M-Instruct.Q4_1-fp32"
+
+
+def test_export_writes_a_loadable_artifact(tiny_llama_dir, tmp_path):
+    from deploylm.artifact import load_artifact
+
+    out = tmp_path / "llama-fp32"
+    result = _run("--model", str(tiny_llama_dir), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "validation: graphs match PyTorch" in result.output and "PASSED" in result.output
+    artifact = load_artifact(out)
+    assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "parity.json"} <= set(artifact.files)
+    assert artifact.manifest["profile"]["name"] == "fp32" and artifact.manifest["parity"]["passed"]
+    assert artifact.manifest["source"]["weights_sha256"]
+    assert [i["name"] for i in artifact.io["model.onnx"]["inputs"]][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

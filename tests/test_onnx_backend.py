@@ -1,0 +1,209 @@
+"""The ONNX Runtime backend against the torch backend: per-step logits, cache vs recompute, tokens.
+
+Artifacts are made by the real pipeline (deploylm.export.pipeline.export_model, fp32 profile) from
+the tiny random GPT-2 / Llama / T5 fixtures. Tolerances come from the fp32 profile only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from deploylm.backends.base import EncodedBatch
+from deploylm.backends.onnx_backend import OnnxBackend, create_session
+from deploylm.backends.torch_backend import TorchBackend
+from deploylm.decoding.options import DecodingOptions
+from deploylm.decoding.search import generate_ids
+from deploylm.errors import MissingDependencyError, UsageError
+from deploylm.export.pipeline import export_model
+from deploylm.profiles import load_profile
+
+PARITY = load_profile("fp32").parity
+PROMPTS = ["the quick brown fox", "beam search keeps the best partial sentences"]
+KINDS = ["gpt2", "llama", pytest.param("t5", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module")
+def tiny_bart_dir(tmp_path_factory):
+    """A tiny random BART (learned positions, unlike T5) with the T5 fixture's tokenizer."""
+    from transformers import AutoModelForSeq2SeqLM, BartConfig, GenerationConfig
+
+    from tests.helpers.tiny_hf import train_tokenizer
+
+    tok = train_tokenizer("t5")
+    config = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                        decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)  # peaked distributions, as the shared fixtures
+    model.generation_config = GenerationConfig.from_model_config(config)
+    dest = tmp_path_factory.mktemp("tiny-bart")
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def artifact(request, tmp_path_factory):
+    """kind -> (source folder, artifact folder), exported once per module."""
+    made: dict[str, tuple] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            src = request.getfixturevalue(f"tiny_{kind}_dir")
+            out = tmp_path_factory.mktemp(f"art-{kind}") / "artifact"
+            export_model(src, "fp32", out)
+            made[kind] = (src, out)
+        return made[kind]
+    return get
+
+
+def _backends(artifact, kind):
+    src, out = artifact(kind)
+    return TorchBackend.from_source(str(src)), OnnxBackend.from_source(str(out))
+
+
+def _batch(torch_backend, src) -> EncodedBatch:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    side = "right" if torch_backend.info.is_encoder_decoder else "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side=side)
+    assert (enc["attention_mask"] == 0).any(), "prompts must need padding"
+    return EncodedBatch(enc["input_ids"], enc["attention_mask"])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    diff = float((a - b).abs().max())
+    assert diff <= PARITY.logits_atol, f"max |Δ logit| {diff:.2e} > {PARITY.logits_atol}"
+    return diff
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_torch_every_step(artifact, kind):
+    ref, onnx = _backends(artifact, kind)
+    batch = _batch(ref, artifact(kind)[0])
+    (ref_logits, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
+    _close(ref_logits, got)
+    gen = torch.Generator().manual_seed(0)
+    for step, idx in enumerate([[0, 0, 1, 1], [1, 0, 3, 2], [0, 1, 2, 3], [1, 1, 2, 3]]):
+        idx = torch.tensor(idx)
+        ref_state, state = ref.reorder(ref_state, idx), onnx.reorder(state, idx)
+        tokens = torch.randint(3, ref.info.vocab_size, (4,), generator=gen)
+        (ref_logits, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
+        assert got.shape == (4, ref.info.vocab_size) and got.dtype == torch.float32
+        _close(ref_logits, got)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_cache_matches_full_recompute(artifact, kind):
+    """Decoding with the KV cache gives the logits of re-running the whole sequence without one."""
+    ref, onnx = _backends(artifact, kind)
+    batch = _batch(ref, artifact(kind)[0])
+    logits, state = onnx.prefill(batch)
+    ids, mask = batch.input_ids, batch.attention_mask
+    for token in (5, 17, 42):
+        tokens = torch.full((2,), token)
+        logits, state = onnx.decode(tokens, state)
+        ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        full, _ = onnx.prefill(EncodedBatch(ids, mask))
+        _close(full, logits)
+
+
+@pytest.mark.slow
+def test_seq2seq_cache_matches_full_recompute(artifact):
+    """T5: decoder steps with a past equal one decoder run over the whole target with an empty past."""
+    _, out = artifact("t5")
+    onnx = OnnxBackend.from_source(str(out))
+    batch = _batch(TorchBackend.from_source(str(artifact("t5")[0])), artifact("t5")[0])
+    logits, state = onnx.prefill(batch)
+    targets = [onnx.info.special.decoder_start_token_id]
+    for token in (5, 17, 42):
+        logits, state = onnx.decode(torch.full((2,), token), state)
+        targets.append(token)
+    session = onnx.sessions["decoder_model.onnx"]
+    feeds = {"input_ids": torch.tensor([targets] * 2).numpy(), "encoder_attention_mask": state.src_mask.numpy()}
+    for arg in session.get_inputs()[2:]:
+        source = state.cross if ".encoder." in arg.name else None
+        layer, kv = int(arg.name.split(".")[1]), arg.name.endswith(".value")
+        feeds[arg.name] = (source[2 * layer + kv].numpy() if source is not None
+                           else torch.zeros(2, arg.shape[1], 0, arg.shape[3]).numpy())
+    full = session.run(["logits"], feeds)[0][:, -1, :]
+    _close(torch.from_numpy(full), logits)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, pytest.param("bart", marks=pytest.mark.slow)])
+def test_greedy_and_beam_tokens_identical(artifact, kind):
+    ref, onnx = _backends(artifact, kind)
+    batch = _batch(ref, artifact(kind)[0])
+    for options in (DecodingOptions(num_beams=1, max_new_tokens=12), DecodingOptions(num_beams=4, max_new_tokens=12)):
+        want = [[h.token_ids for h in hyps] for hyps in generate_ids(ref, batch, options)]
+        got = [[h.token_ids for h in hyps] for hyps in generate_ids(onnx, batch, options)]
+        assert got == want
+
+
+@pytest.mark.slow
+def test_encoder_runs_once_per_input_and_cross_kv_not_regathered(artifact):
+    _, out = artifact("t5")
+    onnx = OnnxBackend.from_source(str(out))
+    batch = _batch(TorchBackend.from_source(str(artifact("t5")[0])), artifact("t5")[0])
+    _, state = onnx.prefill(batch)
+    state = onnx.reorder(state, torch.tensor([0, 0, 0, 1, 1, 1]))
+    cross = state.cross[0]
+    _, state = onnx.decode(torch.tensor([5] * 6), state)
+    state = onnx.reorder(state, torch.tensor([2, 0, 0, 4, 3, 3]))  # beams move within their input
+    assert state.cross[0] is cross
+    assert onnx.encoder_calls == 2
+
+
+def test_same_info_as_torch_backend(artifact):
+    for kind in ("gpt2", "llama"):
+        ref, onnx = _backends(artifact, kind)
+        assert dataclasses.replace(onnx.info, name=ref.info.name) == ref.info  # name: the folder's
+        assert onnx.name == "onnx" and onnx.device == torch.device("cpu")
+
+
+def test_shared_backend_across_threads(artifact):
+    ref, onnx = _backends(artifact, "gpt2")
+    batch = _batch(ref, artifact("gpt2")[0])
+    options = DecodingOptions(num_beams=4, max_new_tokens=8)
+    want = [[h.token_ids for h in hyps] for hyps in generate_ids(onnx, batch, options)]
+    results: list = [None] * 3
+
+    def work(i: int) -> None:
+        results[i] = [[h.token_ids for h in hyps] for hyps in generate_ids(onnx, batch, options)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [want] * 3
+
+
+def test_refuses_a_source_that_is_not_an_artifact(tiny_gpt2_dir):
+    with pytest.raises(UsageError, match="not an exported artifact"):
+        OnnxBackend.from_source(str(tiny_gpt2_dir))
+
+
+def test_cuda_refused_when_onnxruntime_cannot_use_it(artifact):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime here has CUDA: the refusal path cannot be reached")
+    with pytest.raises(MissingDependencyError, match="deploylm\\[gpu\\]"):
+        OnnxBackend.from_source(str(artifact("gpt2")[1]), device="cuda")
+
+
+def test_session_settings(artifact):
+    graph = artifact("gpt2")[1] / "model.onnx"
+    session = create_session(graph, threads=1, opt_level="extended")
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.get_session_options().inter_op_num_threads == 1
+    with pytest.raises(UsageError, match="opt_level"):
+        create_session(graph, opt_level="max")
