@@ -1,7 +1,8 @@
 """`python -m deploylm.demo` (what `make demo` runs): the main job on the built-in default.
 
-A clean list of stages, each a function of the shared DemoState; later issues append stages
-(export, ONNX generation, parity) to STAGES.
+A clean list of stages, each a function of the shared DemoState: train a tiny model, report its
+held-out score, export it to a verified ONNX artifact (parity checked against PyTorch at export),
+decode with the ONNX Runtime backend through the shared beam-search decoder, and say how to serve it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 from deploylm.training.config import TrainConfig, TrainResult
 
 DEMO_DIR = Path("runs/demo-digits2words")
+DEMO_ARTIFACT = Path("export/demo-digits2words-fp32")
 DEMO_STEPS = 500          # ~1-2 minutes on 2 CPU cores for the tiny model; ~97% test exact match
 
 
@@ -21,6 +23,7 @@ class DemoState:
     """What the stages hand on to each other."""
 
     out: Path = DEMO_DIR
+    artifact: Path = DEMO_ARTIFACT
     train: TrainResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -43,9 +46,44 @@ def stage_report(state: DemoState) -> None:
         print(f"  [{mark}] {source:>7} -> {generated}" + ("" if generated == reference else f"   (reference: {reference})"))
 
 
+def stage_export(state: DemoState) -> None:
+    """Export to an fp32 ONNX artifact; export validates the graphs and checks parity vs PyTorch."""
+    from deploylm.export.pipeline import export_model
+
+    report = export_model(state.out, "fp32", state.artifact, force=True)
+    for line in report.lines():
+        print("  " + line)
+
+
+def stage_onnx(state: DemoState) -> None:
+    """Beam search (4 beams) on ONNX Runtime through the shared decoder, tokens compared with PyTorch."""
+    import deploylm
+
+    sources = [source for source, _, _ in state.train.examples][:3] + ["4096", "1000000"]
+    onnx_results = deploylm.load(state.artifact, backend="onnx").generate(sources, num_beams=4, max_new_tokens=24)
+    torch_results = deploylm.load(state.out, backend="torch").generate(sources, num_beams=4, max_new_tokens=24)
+    same = sum(a.sequences[0].token_ids == b.sequences[0].token_ids for a, b in zip(onnx_results, torch_results))
+    for result in onnx_results:
+        best = result.sequences[0]
+        print(f"  onnx  {result.prompt:>7} -> {best.text}   (score {best.score:.3f})")
+    print(f"  parity: onnx beam-4 tokens identical to torch on {same}/{len(sources)} inputs")
+
+
+def stage_next(state: DemoState) -> None:
+    """What to run next: the CLI on this artifact and the HTTP server."""
+    art = state.artifact
+    print(f"  .venv/bin/deploylm generate --model {art} --backend onnx 4096 --json")
+    print(f"  .venv/bin/deploylm parity --model {art} --backends torch,onnx")
+    print(f"  .venv/bin/deploylm serve --model {art} --backend onnx --port 8000   # then:")
+    print("  curl -s localhost:8000/v1/generate -H 'content-type: application/json' -d '{\"prompt\": \"4096\"}'")
+
+
 STAGES: list[tuple[str, Callable[[DemoState], None]]] = [
     ("train", stage_train),
     ("report", stage_report),
+    ("export", stage_export),
+    ("onnx", stage_onnx),
+    ("next", stage_next),
 ]
 
 
