@@ -9,6 +9,10 @@ Prompts are tokenized as a transformers user would (`tokenizer(prompts, padding=
 for decoder-only models, right for encoder-decoders, the tokenizer's own special tokens and nothing
 more. Outputs are decoded with `skip_special_tokens=True`.
 
+Prompts longer than the model's window are refused unless the call passes `truncation="left"|"right"`
+(or `"sliding-window"` for encoder-decoders, with `window_overlap`): see deploylm.long_inputs. These
+are keywords of `generate`/`stream`, not DecodingOptions: they shape the input, not the search.
+
 Thread safety: each Generator holds a `threading.Lock` around every use of its backend (a whole
 `generate` call, or a whole `stream` iteration), so concurrent calls are safe and run one at a time;
 a second lock, held only for the moment of each tokenizer call, guards the tokenizer (so
@@ -19,12 +23,19 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from deploylm.backends import Backend, EncodedBatch, backend_class
 from deploylm.decoding.options import DecodingOptions, option_names
 from deploylm.errors import UsageError
+from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, join_outputs, prompt_budget, split_rows,
+                                  tokenize, tokenize_windows)
 from deploylm.models.source import Source, resolve_source
+
+if TYPE_CHECKING:
+    from deploylm.decoding.search import SearchStats
+
+WINDOW_ROWS = 8  # sliding-window chunks decoded together (at least the caller's prompt count)
 
 
 @dataclass(frozen=True)
@@ -77,21 +88,33 @@ class Generator:
         """The options a call with these keywords uses: call > model defaults > DecodingOptions defaults."""
         return self.defaults.replace(**options)
 
-    def generate(self, prompts: str | list[str], **options: Any) -> list[Result]:
-        """One Result per prompt, each with `num_return_sequences` sequences, best first."""
+    def generate(self, prompts: str | list[str], *, truncation: str | None = None,
+                 window_overlap: int | None = None, stats: "SearchStats | None" = None,
+                 **options: Any) -> list[Result]:
+        """One Result per prompt, each with `num_return_sequences` sequences, best first.
+
+        truncation: None (refuse prompts over the window) | "left" | "right" | "sliding-window"
+        (encoder-decoder; chunks sharing `window_overlap` tokens, outputs joined) — deploylm.long_inputs.
+        stats: a SearchStats filled in place with the decode loop's steps and timings (not sliding-window).
+        """
         from deploylm.decoding.search import generate_ids
 
         texts = _prompt_list(prompts)
         opts = self.options(**options)
-        batch = self.encode(texts, opts)
+        fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
+        if self._slides(fit):
+            return self._generate_windows(texts, opts, fit.overlap)
+        batch = self.encode(texts, opts, truncation=fit.truncation)
         with self._lock:
-            hyps = generate_ids(self.backend, batch, opts)
+            hyps = generate_ids(self.backend, batch, opts, stats)
         return [Result(prompt, [self._sequence(h.token_ids, h.score) for h in per_prompt])
                 for prompt, per_prompt in zip(texts, hyps)]
 
-    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+    def stream(self, prompt: str, *, truncation: str | None = None, window_overlap: int | None = None,
+               **options: Any) -> Iterator[str]:
         """Yield the best output's text in pieces, each as soon as every live beam agrees on it.
 
+        truncation/window_overlap as in `generate`; with "sliding-window" each piece is one decoded chunk.
         The lock is held while the stream is being iterated; close the iterator to release it early.
         """
         from deploylm.decoding.stream import stream_ids
@@ -99,7 +122,11 @@ class Generator:
         if not isinstance(prompt, str):
             raise UsageError(f"stream takes one prompt string, got {type(prompt).__name__}")
         opts = self.options(**options)
-        batch = self.encode([prompt], opts)
+        fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
+        if self._slides(fit):
+            yield from self._stream_windows(prompt, opts, fit.overlap)
+            return
+        batch = self.encode([prompt], opts, truncation=fit.truncation)
         with self._lock:
             ids: list[int] = []
             emitted = text = ""
@@ -114,16 +141,19 @@ class Generator:
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield text[len(emitted):]
 
-    def encode(self, prompts: list[str], options: DecodingOptions | None = None) -> EncodedBatch:
+    def encode(self, prompts: list[str], options: DecodingOptions | None = None,
+               truncation: str | None = None) -> EncodedBatch:
         """Tokenize and pad `prompts` (left for decoder-only, right for encoder-decoder).
 
-        Empty prompts are an error; with `options`, so is a prompt that cannot fit max_new_tokens more.
+        Empty prompts are an error; with `options`, so is a prompt that cannot fit max_new_tokens more,
+        unless `truncation` is "left" or "right": then such a prompt is cut from that side to fit.
         """
         texts = _prompt_list(prompts)
         side = "right" if self.info.is_encoder_decoder else "left"
-        with self._tokenizer_lock:  # a Rust tokenizer's padding settings are shared state
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=side)
-        batch = EncodedBatch(enc["input_ids"], enc["attention_mask"])
+        cut = truncation if truncation in ("left", "right") else None
+        budget = prompt_budget(self.info, options.max_new_tokens) if options is not None and cut else None
+        with self._tokenizer_lock:  # a Rust tokenizer's padding/truncation settings are shared state
+            batch = tokenize(self.tokenizer, texts, padding_side=side, max_length=budget, truncation_side=cut)
         self._check_lengths(batch, options)
         return batch
 
@@ -135,7 +165,7 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` is as a prompt (the tokenizer's special tokens included)."""
         with self._tokenizer_lock:
-            return len(self.tokenizer(text)["input_ids"])
+            return len(self.tokenizer(text, verbose=False)["input_ids"])
 
     def _sequence(self, token_ids: tuple[int, ...], score: float) -> Sequence:
         return Sequence(self.decode(token_ids), tuple(int(t) for t in token_ids), float(score))
@@ -145,19 +175,66 @@ class Generator:
         lengths = batch.attention_mask.sum(dim=1).tolist()
         if 0 in lengths:
             raise UsageError(f"prompt {lengths.index(0) + 1} has no tokens after tokenization: give some text")
-        window = self.info.max_positions
-        if window is None or options is None:
-            return
-        new = options.max_new_tokens
-        longest = max(lengths)
-        index = lengths.index(longest) + 1
-        if self.info.is_encoder_decoder and longest > window:
-            raise UsageError(f"prompt {index} has {longest} tokens, over the model's window of {window}: shorten it")
-        # the last generated token is never fed back: the model sees new - 1 generated positions
-        needed = new if self.info.is_encoder_decoder else longest + new - 1
-        if needed > window:
-            raise UsageError(f"prompt {index} has {longest} tokens; with max_new_tokens={new} that needs {needed} "
-                             f"positions, over the model's window of {window}: shorten the prompt or lower max_new_tokens")
+        if options is not None:
+            check_fits(lengths, self.info, options.max_new_tokens)
+
+    # -- sliding window (encoder-decoder) -------------------------------------------------------
+    def _slides(self, fit: LongInputs) -> bool:
+        """True when this call decodes windows; "sliding-window" on a decoder-only model is an error."""
+        if fit.truncation != "sliding-window":
+            return False
+        if not self.info.is_encoder_decoder:
+            raise UsageError(f"truncation='sliding-window' splits the source of an encoder-decoder model; "
+                             f"{self.info.name!r} is decoder-only: use truncation='left' or 'right' "
+                             "(--truncation left|right)")
+        return self.info.max_positions is not None  # an unbounded encoder: every source fits as it is
+
+    def _windows(self, texts: list[str], opts: DecodingOptions, overlap: int) -> list[EncodedBatch]:
+        """Per text, its chunks [C, <= window] (right-padded), consecutive chunks sharing `overlap` tokens."""
+        window = prompt_budget(self.info, opts.max_new_tokens)
+        with self._tokenizer_lock:
+            chunks = [tokenize_windows(self.tokenizer, text, window=window, overlap=overlap) for text in texts]
+        for index, chunk in enumerate(chunks):
+            if int(chunk.attention_mask.sum()) == 0:
+                raise UsageError(f"prompt {index + 1} has no tokens after tokenization: give some text")
+        return chunks
+
+    def _generate_windows(self, texts: list[str], opts: DecodingOptions, overlap: int) -> list[Result]:
+        """Decode every chunk of every text (in batches of rows), then join each text's chunk outputs."""
+        from deploylm.decoding.search import generate_ids
+
+        chunks = self._windows(texts, opts, overlap)
+        hyps = []
+        with self._lock:
+            for piece in split_rows(concat_rows(chunks, self.tokenizer.pad_token_id), max(len(texts), WINDOW_ROWS)):
+                hyps.extend(generate_ids(self.backend, piece, opts))
+        results, start = [], 0
+        for text, chunk in zip(texts, chunks):
+            per_chunk, start = hyps[start:start + chunk.batch_size], start + chunk.batch_size
+            ranks = min(len(outputs) for outputs in per_chunk)
+            results.append(Result(text, [self._joined([outputs[r] for outputs in per_chunk], overlap)
+                                         for r in range(ranks)]))
+        return results
+
+    def _stream_windows(self, prompt: str, opts: DecodingOptions, overlap: int) -> Iterator[str]:
+        """The joined best output of `prompt`'s chunks, one piece per decoded chunk."""
+        from deploylm.decoding.search import generate_ids
+
+        chunks = self._windows([prompt], opts, overlap)[0]
+        eos, outputs, emitted = self.info.special.eos_token_ids, [], ""
+        with self._lock:
+            for piece in split_rows(chunks, 1):
+                [hyps] = generate_ids(self.backend, piece, opts)
+                outputs.append(hyps[0].token_ids)
+                text = self.decode(join_outputs(outputs, overlap, eos))
+                if text.startswith(emitted) and len(text) > len(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
+
+    def _joined(self, hyps: list[Any], overlap: int) -> Sequence:
+        """One Sequence from the same-rank hypothesis of each chunk: ids joined, scores summed."""
+        ids = join_outputs([h.token_ids for h in hyps], overlap, self.info.special.eos_token_ids)
+        return self._sequence(ids, sum(float(h.score) for h in hyps))
 
 
 def _prompt_list(prompts: str | list[str]) -> list[str]:

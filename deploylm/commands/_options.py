@@ -2,7 +2,9 @@
 
 `@decoding_options` adds the DecodingOptions flags (DESIGN.md §2); every flag defaults to "not given"
 so the model's own defaults apply, and `given_options(kwargs)` pops them back out as the dict of
-flags the user actually typed. `@torch_options` adds --device and --dtype. Bad values are a
+flags the user actually typed. `@input_options` adds --truncation and --window-overlap (what to do with
+prompts over the model's window; read with `given_input_options(kwargs)`, passed to generate/stream as
+keywords of their own). `@torch_options` adds --device and --dtype. Bad values are a
 UsageError: one `error: ...` line and exit status 2, like every other deploylm input error.
 """
 from __future__ import annotations
@@ -70,6 +72,24 @@ def given_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     # beams for num_return_sequences (the merged options are checked again once the model is open).
     beams = given.get("num_beams", max(D.num_beams, given.get("num_return_sequences", 1)))
     DecodingOptions.from_mapping({**given, "num_beams": beams})
+    return given
+
+
+def input_options(fn: Callable) -> Callable:
+    """Add --truncation and --window-overlap; read them with `given_input_options(kwargs)`."""
+    fn = click.option("--window-overlap", "window_overlap", type=INT, default=None, metavar="INT",
+                      help="Tokens shared by consecutive windows (with --truncation sliding-window). Default: 0.")(fn)
+    return click.option("--truncation", "truncation", default=None, metavar="left|right|sliding-window",
+                        help="Prompts over the model's window: cut from the left or right, or decode the source "
+                             "in overlapping windows (encoder-decoder). Default: refuse them.")(fn)
+
+
+def given_input_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop --truncation/--window-overlap out of a command's kwargs; keep those given, checked by LongInputs."""
+    from deploylm.long_inputs import LongInputs
+
+    given = {name: value for name in ("truncation", "window_overlap") if (value := kwargs.pop(name, None)) is not None}
+    LongInputs(**given)  # a bad value is one UsageError line, before a model loads
     return given
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from deploylm.commands._options import decoding_options, given_options, torch_options
+from deploylm.commands._options import decoding_options, given_input_options, given_options, input_options, torch_options
 from deploylm.errors import UsageError
 
 
@@ -19,10 +19,14 @@ from deploylm.errors import UsageError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts decoded together.")
 @decoding_options
+@input_options
 @torch_options
 def command(src, backend, prompts, input_file, as_json, batch_size, device, dtype, **flags) -> None:
-    """Generate from PROMPT arguments and/or --input lines; print text, or JSON lines with --json."""
-    options = given_options(flags)
+    """Generate from PROMPT arguments and/or --input lines; print text, or JSON lines with --json.
+
+    Prompts over the model's window are refused unless --truncation says what to do (docs/long-inputs.md).
+    """
+    options = {**given_options(flags), **given_input_options(flags)}
     if not src:
         raise UsageError("--model SRC is required: a checkpoint, Hugging Face folder, .gguf file or artifact")
     texts = list(prompts) + (read_prompts(input_file) if input_file else [])

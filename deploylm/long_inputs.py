@@ -1,0 +1,186 @@
+"""Inputs longer than the model's window (seed §9.2): refuse by default, or truncate, or slide a window.
+
+A prompt fits when its tokens (the tokenizer's special tokens included) fit the model's window:
+- decoder-only: prompt + max_new_tokens - 1 <= max_positions (the last generated token is never fed back);
+- encoder-decoder: source <= max_positions (the encoder's window) and max_new_tokens <= max_positions.
+A prompt that does not fit is a UsageError naming the lengths and these options, unless the call asks:
+
+- ``truncation="left"``: keep the END of the prompt (drop tokens from its start) so it fits;
+- ``truncation="right"``: keep the START of the prompt (drop tokens from its end);
+- ``truncation="sliding-window"`` (encoder-decoder only): split the source into chunks of the window,
+  consecutive chunks sharing ``window_overlap`` tokens, decode every chunk, and join the outputs in order.
+
+Truncation is done by the tokenizer (`truncation_side`, `max_length`), and the windows are its
+overflowing tokens (`return_overflowing_tokens`, `stride=window_overlap`), so the special tokens (BOS,
+`</s>`) stay on every prompt and chunk, exactly as a transformers user who truncates gets them.
+
+Joining the chunk outputs (`join_outputs`): the outputs are concatenated in chunk order; every chunk's
+EOS is dropped except the last one's. With an overlap, the overlapping source tokens are decoded twice,
+so where the joined output so far ends with the same tokens the next chunk's output starts with, that
+shared run is kept once: the longest run of at most `window_overlap` tokens. Bounding it by the
+overlap means a copy-like model (copying, translation of similar length) gets its duplicate removed
+exactly, while repetitive text ("la la la") never loses more than the overlap could have duplicated.
+A model whose output is longer than its input per token can keep part of the duplicate: use overlap 0
+(plain concatenation) when that matters. The joined score is the sum of the chunk scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from deploylm.backends.base import EncodedBatch, ModelInfo
+from deploylm.errors import UsageError
+
+TRUNCATION_MODES = ("left", "right", "sliding-window")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LongInputs:
+    """What to do with a prompt longer than the model's window; validated on construction.
+
+    truncation: None (refuse, the default) | "left" | "right" | "sliding-window".
+    window_overlap: tokens shared by consecutive windows (sliding-window only; default 0).
+    """
+
+    truncation: str | None = None
+    window_overlap: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.truncation is not None and self.truncation not in TRUNCATION_MODES:
+            raise UsageError(f"truncation {self.truncation!r}: expected one of {', '.join(TRUNCATION_MODES)} "
+                             "(or none, to refuse over-long prompts)")
+        overlap = self.window_overlap
+        if overlap is None:
+            return
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+            raise UsageError(f"window_overlap {overlap!r}: expected an integer >= 0")
+        if self.truncation != "sliding-window":
+            raise UsageError(f"window_overlap={overlap} applies only with truncation='sliding-window' "
+                             "(--truncation sliding-window)")
+
+    @property
+    def overlap(self) -> int:
+        return self.window_overlap or 0
+
+
+def prompt_budget(info: ModelInfo, max_new_tokens: int) -> int | None:
+    """Most prompt tokens that fit the window with `max_new_tokens` (None: unbounded).
+
+    Raises UsageError when max_new_tokens alone does not fit: no truncation can help then.
+    """
+    window = info.max_positions
+    if window is None:
+        return None
+    if info.is_encoder_decoder:
+        if max_new_tokens > window:
+            raise UsageError(f"max_new_tokens={max_new_tokens} is over the model's window of {window}: "
+                             f"lower max_new_tokens to at most {window}")
+        return window
+    budget = window - max_new_tokens + 1  # the last generated token is never fed back
+    if budget < 1:
+        raise UsageError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of "
+                         f"{window}: lower max_new_tokens to at most {window}")
+    return budget
+
+
+def check_fits(lengths: list[int], info: ModelInfo, max_new_tokens: int) -> None:
+    """Refuse the longest prompt that does not fit, naming the lengths and the options that help."""
+    budget = prompt_budget(info, max_new_tokens)
+    longest = max(lengths)
+    if budget is None or longest <= budget:
+        return
+    index, window = lengths.index(longest) + 1, info.max_positions
+    if info.is_encoder_decoder:
+        raise UsageError(f"prompt {index} has {longest} tokens, over the model's window of {window}: shorten it, "
+                         "or pass truncation='left', 'right' or 'sliding-window' (--truncation left|right|sliding-window)")
+    needed = longest + max_new_tokens - 1
+    raise UsageError(f"prompt {index} has {longest} tokens; with max_new_tokens={max_new_tokens} that needs {needed} "
+                     f"positions, over the model's window of {window}: shorten the prompt, lower max_new_tokens, "
+                     "or pass truncation='left' or 'right' (--truncation left|right)")
+
+
+def tokenize(tokenizer: Any, texts: list[str], *, padding_side: str, max_length: int | None = None,
+             truncation_side: str | None = None) -> EncodedBatch:
+    """Tokenize and pad `texts`; with `truncation_side`, cut each to `max_length` tokens from that side.
+
+    The caller holds the tokenizer lock: `truncation_side` is tokenizer state, restored afterwards.
+    """
+    if truncation_side is None or max_length is None:
+        # verbose=False: no "longer than the maximum sequence length" warning; check_fits says it better
+        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side, verbose=False)
+        return EncodedBatch(enc["input_ids"], enc["attention_mask"])
+    _check_room(tokenizer, max_length, 0)
+    saved = tokenizer.truncation_side
+    tokenizer.truncation_side = truncation_side
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side,
+                        truncation=True, max_length=max_length)
+    finally:
+        tokenizer.truncation_side = saved
+    return EncodedBatch(enc["input_ids"], enc["attention_mask"])
+
+
+def tokenize_windows(tokenizer: Any, text: str, *, window: int, overlap: int) -> EncodedBatch:
+    """One text as C chunks of at most `window` tokens (specials included), sharing `overlap` tokens.
+
+    Returns a right-padded batch [C, <= window] (the encoder-decoder layout). Caller holds the lock.
+    """
+    _check_room(tokenizer, window, overlap)
+    saved = tokenizer.truncation_side
+    tokenizer.truncation_side = "right"
+    try:
+        enc = tokenizer([text], return_tensors="pt", padding=True, padding_side="right", truncation=True,
+                        max_length=window, stride=overlap, return_overflowing_tokens=True)
+    finally:
+        tokenizer.truncation_side = saved
+    return EncodedBatch(enc["input_ids"], enc["attention_mask"])                   # [C, T]
+
+
+def join_outputs(outputs: Sequence[Sequence[int]], overlap: int, eos_ids: Sequence[int]) -> tuple[int, ...]:
+    """Chunk outputs joined in order: EOS only at the end, each overlap's duplicated run kept once."""
+    joined: list[int] = []
+    for index, output in enumerate(outputs):
+        tokens = list(output)
+        if index < len(outputs) - 1:
+            tokens = [t for t in tokens if t not in eos_ids]
+        joined.extend(tokens[shared_run(joined, tokens, overlap):])
+    return tuple(joined)
+
+
+def shared_run(joined: Sequence[int], following: Sequence[int], limit: int) -> int:
+    """Length of the longest run (<= limit) that ends `joined` and starts `following`."""
+    for size in range(min(limit, len(joined), len(following)), 0, -1):
+        if list(joined[-size:]) == list(following[:size]):
+            return size
+    return 0
+
+
+def split_rows(batch: EncodedBatch, size: int) -> list[EncodedBatch]:
+    """`batch` in pieces of at most `size` rows, each trimmed of all-padding columns (right padding)."""
+    pieces = []
+    for start in range(0, batch.batch_size, size):
+        mask = batch.attention_mask[start:start + size]                             # [b, T]
+        width = int(mask.sum(dim=1).max())
+        pieces.append(EncodedBatch(batch.input_ids[start:start + size, :width], mask[:, :width]))
+    return pieces
+
+
+def concat_rows(batches: list[EncodedBatch], pad_token_id: int) -> EncodedBatch:
+    """Right-padded batches stacked into one (padded to the widest)."""
+    width = max(int(b.input_ids.shape[1]) for b in batches)
+    ids = [torch.nn.functional.pad(b.input_ids, (0, width - b.input_ids.shape[1]), value=pad_token_id) for b in batches]
+    mask = [torch.nn.functional.pad(b.attention_mask, (0, width - b.attention_mask.shape[1]), value=0) for b in batches]
+    return EncodedBatch(torch.cat(ids), torch.cat(mask))                            # [sum C, width]
+
+
+def _check_room(tokenizer: Any, max_length: int, overlap: int) -> None:
+    """The window holds the special tokens, at least one real token, and more than the overlap."""
+    room = max_length - tokenizer.num_special_tokens_to_add()
+    if room < 1:
+        raise UsageError(f"a window of {max_length} tokens has no room for the prompt next to the tokenizer's "
+                         "special tokens: lower max_new_tokens")
+    if overlap >= room:
+        raise UsageError(f"window_overlap={overlap} must be smaller than the {room} prompt tokens each window "
+                         f"holds (window {max_length}, special tokens included): lower --window-overlap")

@@ -1,0 +1,287 @@
+"""Prompts over the model's window (seed §9.2): refused by default, truncated left/right, or decoded
+in overlapping windows (encoder-decoder), through the library and `deploylm generate`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import pytest
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.decoding.options import DecodingOptions
+from deploylm.decoding.search import generate_ids
+from deploylm.errors import UsageError
+from deploylm.generator import Generator, load
+from deploylm.long_inputs import join_outputs, shared_run
+from tests.helpers.scripted_backend import ScriptedBackend
+from tests.helpers.tiny_seed import TEXTS, build_tiny_seed
+
+LONG = " ".join(TEXTS[:3])  # ~160 tokens for the seed tokenizer (window 64)
+LONG_EN = " ".join(["the quick brown fox jumps over the lazy dog"] * 16)  # ~150 tokens for tiny GPT-2 (window 128)
+EOS = 2  # the seed tokenizer's </s>
+
+
+@pytest.fixture(scope="module")
+def seed_dir(tmp_path_factory):
+    return build_tiny_seed(tmp_path_factory.mktemp("seed") / "seed")  # encoder-decoder, window 64
+
+
+@pytest.fixture(scope="module")
+def seed(seed_dir) -> Generator:
+    return load(seed_dir)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_gpt2_dir) -> Generator:
+    return load(tiny_gpt2_dir)  # decoder-only, window 128
+
+
+def spy_prefill(monkeypatch, gen: Generator) -> list[list[list[int]]]:
+    """Record the unpadded token ids of every row the backend's prefill receives, per call."""
+    seen: list[list[list[int]]] = []
+    real = gen.backend.prefill
+
+    def prefill(batch):
+        seen.append([[t for t, m in zip(ids, mask) if m]
+                     for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist())])
+        return real(batch)
+
+    monkeypatch.setattr(gen.backend, "prefill", prefill)
+    return seen
+
+
+def content_ids(gen: Generator, text: str) -> list[int]:
+    return gen.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+# -- refusal -------------------------------------------------------------------------------------
+def test_decoder_only_refusal_names_the_lengths_and_the_options(gpt2):
+    n = gpt2.count_tokens(LONG_EN)
+    assert n > 128
+    with pytest.raises(UsageError) as err:
+        gpt2.generate(LONG_EN, max_new_tokens=8)
+    message = str(err.value)
+    assert f"prompt 1 has {n} tokens; with max_new_tokens=8 that needs {n + 7} positions" in message
+    assert "over the model's window of 128" in message and "truncation='left' or 'right'" in message
+    assert "--truncation left|right" in message and "sliding-window" not in message
+
+
+def test_encoder_decoder_refusal_offers_the_sliding_window(seed):
+    n = seed.count_tokens(LONG)
+    with pytest.raises(UsageError, match=f"prompt 2 has {n} tokens, over the model's window of 64: .*sliding-window"):
+        seed.generate(["red fox", LONG], max_new_tokens=4)
+
+
+def test_a_prompt_that_fits_exactly_is_not_refused(gpt2, monkeypatch):
+    ids = gpt2.tokenizer(LONG_EN, verbose=False)["input_ids"][:121]  # 121 + 8 - 1 = 128 positions
+    text = gpt2.tokenizer.decode(ids)
+    assert gpt2.count_tokens(text) == 121
+    gpt2.generate(text, max_new_tokens=8, num_beams=1)
+    with pytest.raises(UsageError, match="needs 129 positions"):
+        gpt2.generate(text, max_new_tokens=9, num_beams=1)
+
+
+@pytest.mark.parametrize("truncation", [None, "left", "right"])
+def test_max_new_tokens_over_the_window_cannot_be_truncated_away(gpt2, seed, truncation):
+    with pytest.raises(UsageError, match="max_new_tokens=129 leaves no room .* window of 128"):
+        gpt2.generate("hello", max_new_tokens=129, truncation=truncation)
+    with pytest.raises(UsageError, match="max_new_tokens=65 is over the model's window of 64"):
+        seed.generate("red fox", max_new_tokens=65, truncation=truncation)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(truncation="middle"), "truncation 'middle': expected one of left, right, sliding-window"),
+    (dict(window_overlap=4), "window_overlap=4 applies only with truncation='sliding-window'"),
+    (dict(truncation="left", window_overlap=4), "window_overlap=4 applies only"),
+    (dict(truncation="sliding-window", window_overlap=-1), "window_overlap -1: expected an integer >= 0"),
+    (dict(truncation="sliding-window", window_overlap=63), "window_overlap=63 must be smaller than the 63 prompt tokens"),
+])
+def test_bad_long_input_options_are_usage_errors(seed, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        seed.generate(LONG, max_new_tokens=4, **kwargs)
+
+
+def test_sliding_window_on_a_decoder_only_model_is_refused(gpt2):
+    with pytest.raises(UsageError, match="'sliding-window' splits the source of an encoder-decoder model; "
+                                         "'tiny-gpt2.*' is decoder-only: use truncation='left' or 'right'"):
+        gpt2.generate(LONG_EN, truncation="sliding-window", max_new_tokens=4)
+    with pytest.raises(UsageError, match="is decoder-only"):
+        list(gpt2.stream(LONG_EN, truncation="sliding-window", max_new_tokens=4))
+
+
+# -- truncation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_decoder_only_truncation_keeps_the_tokens_of_the_other_side(gpt2, monkeypatch, side):
+    full = gpt2.tokenizer(LONG_EN, verbose=False)["input_ids"]
+    budget = 128 - 8 + 1
+    seen = spy_prefill(monkeypatch, gpt2)
+    [long, short] = gpt2.generate([LONG_EN, "hello"], truncation=side, max_new_tokens=8, num_beams=2)
+    expected = full[-budget:] if side == "left" else full[:budget]
+    assert seen == [[expected, gpt2.tokenizer("hello")["input_ids"]]]  # the short prompt is untouched
+    assert long.prompt == LONG_EN and len(long.sequences[0].token_ids) == 8
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_encoder_decoder_truncation_keeps_the_special_tokens(seed, monkeypatch, side):
+    content = content_ids(seed, LONG)
+    seen = spy_prefill(monkeypatch, seed)
+    seed.generate(LONG, truncation=side, max_new_tokens=4, num_beams=2)
+    kept = content[-63:] if side == "left" else content[:63]
+    assert seen == [[kept + [EOS]]]  # 63 tokens of the text + </s> = the window of 64
+
+
+def test_truncated_stream_matches_truncated_generate(gpt2):
+    pieces = list(gpt2.stream(LONG_EN, truncation="left", max_new_tokens=6, num_beams=2))
+    [result] = gpt2.generate(LONG_EN, truncation="left", max_new_tokens=6, num_beams=2)
+    assert "".join(pieces) == result.sequences[0].text
+
+
+# -- sliding window ------------------------------------------------------------------------------
+def expected_chunks(content: list[int], room: int, overlap: int) -> list[list[int]]:
+    """The windows by hand: `room` tokens each, starting every room - overlap tokens, until the end."""
+    chunks, start = [], 0
+    while True:
+        chunks.append(content[start:start + room] + [EOS])
+        if start + room >= len(content):
+            return chunks
+        start += room - overlap
+
+
+@pytest.mark.parametrize("overlap", [0, 8])
+def test_sliding_window_chunks_and_joins_on_a_seed_checkpoint(seed, monkeypatch, overlap):
+    content = content_ids(seed, LONG)
+    chunks = expected_chunks(content, 63, overlap)
+    assert len(content) == 162 and len(chunks) == 3  # starts 0, 63, 126 (overlap 0) or 0, 55, 110 (overlap 8)
+    options = dict(max_new_tokens=6, num_beams=2, num_return_sequences=2)
+    encoded_before = seed.backend.encoder_calls
+    seen = spy_prefill(monkeypatch, seed)
+    [short, long] = seed.generate(["red fox", LONG], truncation="sliding-window", window_overlap=overlap, **options)
+    assert seen == [[seed.tokenizer("red fox")["input_ids"], *chunks]]  # one batch: every chunk of every prompt
+    assert seed.backend.encoder_calls - encoded_before == 1 + len(chunks)  # each chunk encoded once
+    opts = seed.options(**options)
+    per_chunk = [_decode_alone(seed, chunk, opts) for chunk in chunks]
+    assert long.prompt == LONG and len(long.sequences) == 2
+    for rank, sequence in enumerate(long.sequences):
+        hyps = [outputs[rank] for outputs in per_chunk]
+        assert sequence.token_ids == join_outputs([h.token_ids for h in hyps], overlap, (EOS,))
+        assert sequence.score == pytest.approx(sum(h.score for h in hyps))
+        assert sequence.text == seed.decode(sequence.token_ids)
+    alone = seed.generate("red fox", **options)[0].sequences  # one chunk: as without windows
+    assert [s.token_ids for s in short.sequences] == [s.token_ids for s in alone]
+    assert [s.score for s in short.sequences] == pytest.approx([s.score for s in alone])
+
+
+def _decode_alone(gen: Generator, chunk: list[int], opts: DecodingOptions):
+    import torch
+
+    from deploylm.backends import EncodedBatch
+
+    batch = EncodedBatch(torch.tensor([chunk]), torch.ones((1, len(chunk)), dtype=torch.long))
+    return generate_ids(gen.backend, batch, opts)[0]
+
+
+@dataclass
+class CopyBackend(ScriptedBackend):
+    """An encoder-decoder with a window that outputs its source (without </s>), then EOS: a perfect copier."""
+
+    window: int = 64
+
+    @property
+    def info(self):
+        return dataclasses.replace(super().info, max_positions=self.window)
+
+
+def copy_script(prompt, generated):
+    source = [t for t in prompt if t != EOS]
+    target = source[len(generated)] if len(generated) < len(source) else EOS
+    return [1.0 if t == target else 0.0 for t in range(300)]
+
+
+@pytest.fixture()
+def copier(seed) -> Generator:
+    backend = CopyBackend(copy_script, vocab_size=300, eos_token_ids=(EOS,), is_encoder_decoder=True,
+                          decoder_start_token_id=1)
+    return Generator(backend, seed.tokenizer, defaults={})
+
+
+@pytest.mark.parametrize("text", [LONG, " ".join(["red"] * 100)], ids=["words", "repetitive"])
+@pytest.mark.parametrize("overlap", [0, 1, 8, 30])
+def test_sliding_window_over_a_copier_gives_back_the_whole_source(copier, text, overlap):
+    """Joined in order with each overlap's duplicate kept once, the windows' copies are the source."""
+    content = content_ids(copier, text)
+    assert len(content) > 64
+    [result] = copier.generate(text, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1)
+    assert list(result.sequences[0].token_ids) == content + [EOS]
+    assert result.sequences[0].text == copier.decode(content)
+    pieces = list(copier.stream(text, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1))
+    assert len(pieces) == len(expected_chunks(content, 63, overlap)) and "".join(pieces) == result.sequences[0].text
+
+
+def test_an_unbounded_encoder_takes_the_whole_source_as_one_window(tiny_t5_dir):
+    t5 = load(tiny_t5_dir)  # relative positions: no window
+    assert t5.info.max_positions is None
+    plain = t5.generate(LONG, max_new_tokens=4, num_beams=2)
+    assert t5.generate(LONG, truncation="sliding-window", max_new_tokens=4, num_beams=2) == plain
+
+
+def test_join_outputs_keeps_each_overlap_once_and_only_the_last_eos():
+    assert join_outputs([(5, 6, 7, 9), (6, 7, 8, 9), (8, 4, 9)], 2, (9,)) == (5, 6, 7, 8, 4, 9)
+    assert join_outputs([(5, 6, 7, 9), (6, 7, 8, 9)], 0, (9,)) == (5, 6, 7, 6, 7, 8, 9)  # no overlap: concatenated
+    assert join_outputs([(3, 3, 3, 3), (3, 3, 3, 3)], 2, ()) == (3,) * 6  # bounded by the overlap
+    assert shared_run([1, 2, 3], [2, 3, 4], 5) == 2 and shared_run([1, 2, 3], [4, 2], 5) == 0
+
+
+# -- the command line ----------------------------------------------------------------------------
+def run(*args: str):
+    return CliRunner().invoke(cli, ["generate", *args])
+
+
+def error_line(out) -> str:
+    assert out.exit_code == 2, out.output
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    return lines[0]
+
+
+def test_cli_refuses_an_over_long_prompt_by_default(tiny_gpt2_dir):
+    line = error_line(run("--model", str(tiny_gpt2_dir), "--max-new-tokens", "8", LONG_EN))
+    assert "over the model's window of 128" in line and "--truncation left|right" in line
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_cli_truncation_matches_the_library(tiny_gpt2_dir, gpt2, side):
+    out = run("--model", str(tiny_gpt2_dir), "--json", "--truncation", side, "--max-new-tokens", "5",
+              "--num-beams", "2", LONG_EN)
+    assert out.exit_code == 0, out.output
+    [line] = [json.loads(text) for text in out.stdout.splitlines()]
+    [expected] = gpt2.generate(LONG_EN, truncation=side, max_new_tokens=5, num_beams=2)
+    assert line["prompt"] == LONG_EN
+    assert line["outputs"][0]["token_ids"] == list(expected.sequences[0].token_ids)
+
+
+def test_cli_sliding_window_matches_the_library(seed_dir, seed):
+    out = run("--model", str(seed_dir), "--json", "--truncation", "sliding-window", "--window-overlap", "8",
+              "--max-new-tokens", "5", "--num-beams", "2", LONG, "red fox")
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(text) for text in out.stdout.splitlines()]
+    expected = seed.generate([LONG, "red fox"], truncation="sliding-window", window_overlap=8, max_new_tokens=5,
+                             num_beams=2)
+    assert [line["prompt"] for line in lines] == [LONG, "red fox"]
+    assert [line["outputs"][0]["token_ids"] for line in lines] == [list(r.sequences[0].token_ids) for r in expected]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--truncation", "sliding-window"], "is decoder-only: use truncation='left' or 'right'"),
+    (["--truncation", "middle"], "truncation 'middle': expected one of left, right, sliding-window"),
+    (["--window-overlap", "4"], "window_overlap=4 applies only with truncation='sliding-window'"),
+    (["--truncation", "sliding-window", "--window-overlap", "x"], "--window-overlap 'x': expected an integer"),
+])
+def test_cli_bad_long_input_options_are_one_line(tiny_gpt2_dir, args, message):
+    assert message in error_line(run("--model", str(tiny_gpt2_dir), "--max-new-tokens", "4", *args, LONG_EN))
+
+
+def test_cli_help_lists_the_long_input_flags():
+    out = run("--help")
+    assert out.exit_code == 0 and "--truncation" in out.output and "--window-overlap" in out.output
