@@ -162,3 +162,56 @@ def test_max_time_stops_every_row_and_returns_what_it_has(num_beams):
     out = generate_ids(backend, encode(PROMPTS), options)
     lengths = {len(h.token_ids) for per_input in out for h in per_input}
     assert len(lengths) == 1 and 1 < lengths.pop() < 10
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_ids_never_computes_the_streaming_views(monkeypatch, num_beams):
+    from deploylm.decoding import beam, sample
+
+    def boom(self):
+        raise AssertionError("computed although nobody streams")
+
+    for cls in (beam.BeamSearch, sample.SampleSearch):
+        monkeypatch.setattr(cls, "candidates", boom)
+        monkeypatch.setattr(cls, "input_done", boom)
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    assert generate_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=num_beams, max_new_tokens=5))
+
+
+def test_a_step_event_is_read_before_the_search_moves_on():
+    backend = ScriptedBackend(random_script(eos_weight=0.0), vocab_size=VOCAB)
+    events = iter_search(backend, encode(PROMPTS), DecodingOptions(num_beams=2, max_new_tokens=4))
+    first = next(events)
+    assert first.live_token_ids(0) and first.done.shape == (len(PROMPTS),)
+    assert first.candidates is first.candidates                       # computed once per event
+    second = next(events)
+    with pytest.raises(RuntimeError, match="read after the search moved on"):
+        first.live_token_ids(0)
+    assert all(len(ids) == 2 for ids in second.live_token_ids(0))
+
+
+def test_on_step_is_called_once_per_step_outside_the_timed_loop(monkeypatch):
+    from deploylm.decoding import search
+
+    now = [0.0]
+
+    def clock():   # a fake perf_counter: 1 s per read, 1000 s inside each on_step
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(search.time, "perf_counter", clock)
+    backend = ScriptedBackend(random_script(eos_weight=0.0), vocab_size=VOCAB)
+    calls = []
+    stats = SearchStats(on_step=lambda: (calls.append(stats.steps), now.__setitem__(0, now[0] + 1000.0)))
+    generate_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=2, max_new_tokens=4), stats)
+    assert calls == [1, 2, 3, 4] and stats.steps == 4
+    assert 0 < stats.total_seconds < 1000.0                             # on_step's time is not loop time
+
+
+def test_generator_generate_fills_stats(tiny_gpt2_dir):
+    from deploylm.generator import load
+
+    stats = SearchStats()
+    results = load(tiny_gpt2_dir).generate(["hello world", "the quick"], stats=stats, num_beams=2, max_new_tokens=3)
+    assert len(results) == 2 and stats.steps == 3 and stats.backend_calls >= 4
+    assert 0 < stats.backend_seconds <= stats.total_seconds

@@ -12,7 +12,7 @@ the batch axis: the output has len(beam_idx) rows; rows of the same input stay c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -39,6 +39,9 @@ class ModelInfo:
     special: SpecialTokens
     max_positions: int | None = None        # the model's window (prompt + generated), if bounded
     name: str = "model"
+    # decoding settings of the model's generation_config that the decoder applies as logits processors:
+    # only the keys deploylm.models.hf.DECODING_KEYS that the model sets (ints, tuples of ints)
+    generation: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A call is what a user pays for one batch: tokenize, search, detokenize. Its wall time is the latency
 of every request in the batch. Inside it we time:
 - time to first token: call start -> the first token of every row chosen (prefill + first step);
-- each later step (reorder + decode + search step), from the decoder's step events, or for
+- each later step (reorder + decode + search step), from the decoder's per-step callback
+  (SearchStats.on_step through Generator.generate(stats=...)), or for
   `transformers.generate` from a stopping criterion it calls once per step;
 - time inside model calls: the backend calls the decode loop makes (SearchStats), or the model's
   forward passes inside `generate` (forward hooks). loop - model = the decoder's own overhead.
@@ -110,33 +111,20 @@ class GeneratorRunner:
         return run_round(self._call, self.workload.batches)
 
     def _call(self, texts: list[str]) -> tuple[CallTiming, list[tuple[int, ...]]]:
-        """Generator.generate's steps (encode, the decode loop, decode) with a clock read after each step."""
-        from deploylm.decoding.search import SearchStats, iter_search
+        """One Generator.generate call (encode, decode loop, detokenize), the clock read after each step."""
+        from deploylm.decoding.search import SearchStats
 
-        gen, options, clock = self.generator, self.workload.options, self.clock
-        stats, marks = SearchStats(), []
+        clock, marks = self.clock, []
+        stats = SearchStats(on_step=lambda: marks.append(clock()))
         start = clock()
-        batch = gen.encode(texts, options)
-        hyps = _drain(iter_search(gen.backend, batch, options, stats), marks, clock)
-        best = [tuple(int(t) for t in per_prompt[0].token_ids) for per_prompt in hyps]
-        for ids in best:                 # detokenizing is part of what a caller pays
-            gen.decode(ids)
+        results = self.generator.generate(texts, stats=stats, **self.workload.options.to_dict())
         end = clock()
+        best = [tuple(int(t) for t in r.sequences[0].token_ids) for r in results]
         return timing_from_marks(start, marks, end, stats.backend_seconds, stats.total_seconds,
                                  len(texts)), best
 
     def close(self) -> float | None:
         return None
-
-
-def _drain(events: Any, marks: list[float], clock: Clock) -> Any:
-    """Run a step-event generator to its end, reading the clock after every step; its return value."""
-    while True:
-        try:
-            next(events)
-        except StopIteration as stop:
-            return stop.value
-        marks.append(clock())
 
 
 class TransformersRunner:

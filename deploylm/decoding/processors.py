@@ -3,14 +3,18 @@
 `sequences` is what transformers' loop holds as `input_ids` at that step: for decoder-only models the
 left-padded prompt plus the generated tokens, for encoder-decoder models the decoder start token plus
 the generated tokens. Each processor mirrors the transformers 5 class of the same purpose
-(RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor, MinNewTokensLengthLogitsProcessor,
+(RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor, NoBadWordsLogitsProcessor,
+MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, ForcedBOSTokenLogitsProcessor,
+ForcedEOSTokenLogitsProcessor, SuppressTokensLogitsProcessor, SuppressTokensAtBeginLogitsProcessor,
 TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), and `build_processors` builds them in
-the order `generate()` does. In beam search they see log-probs, in greedy/sampling raw logits.
+the order `generate()` does, from the call's options and the model's own settings (ModelInfo.generation:
+bad_words_ids, min_length, forced_bos/eos_token_id, suppress_tokens, begin_suppress_tokens).
+In beam search they see log-probs, in greedy/sampling raw logits.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -102,6 +106,104 @@ class MinNewTokens:
         return torch.where(torch.isin(vocab, self.eos.to(scores.device)), -math.inf, scores)
 
 
+class BadWords:
+    """Ban every token that would complete a banned token sequence (transformers' NoBadWordsLogitsProcessor).
+
+    One-token sequences are banned at every step; a longer one when the running sequence ends with all but
+    its last token. One-token sequences that are an EOS are dropped, as transformers does.
+    """
+
+    def __init__(self, bad_words_ids: Any, eos_token_ids: Sequence[int], vocab_size: int, device=None):
+        words = _token_lists("bad_words_ids", bad_words_ids)
+        eos = set(eos_token_ids)
+        self.words = [w for w in dict.fromkeys(words) if not (len(w) == 1 and w[0] in eos)]
+        outside = sorted({t for w in self.words for t in w if t >= vocab_size})
+        if outside:
+            raise UsageError(f"bad_words_ids has token(s) {outside} outside the vocabulary of {vocab_size}")
+        self.single = torch.zeros(vocab_size, dtype=torch.float, device=device)         # [V] 0 or -inf
+        self.single[[w[0] for w in self.words if len(w) == 1]] = -math.inf
+        by_prefix: dict[int, list[tuple[int, ...]]] = {}
+        for w in self.words:
+            if len(w) > 1:
+                by_prefix.setdefault(len(w) - 1, []).append(w)
+        self.groups = [(torch.tensor([w[:-1] for w in group], device=device),        # [G, n] prefixes
+                        torch.tensor([w[-1] for w in group], device=device))          # [G] last tokens
+                       for group in by_prefix.values()]
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        if not self.groups:
+            return scores + self.single
+        bias = torch.zeros_like(scores) + self.single                                   # [R, V]
+        for prefixes, last in self.groups:
+            n = prefixes.shape[1]
+            if n > sequences.shape[1]:
+                continue
+            matches = (sequences[:, None, -n:] == prefixes).all(dim=-1)                # [R, G]
+            bias.index_add_(1, last, torch.where(matches, -math.inf, 0.0).to(bias.dtype))
+        return scores + bias
+
+
+class MinLength:
+    """Forbid EOS while the running sequence (prompt or start token included) is shorter than `min_length`."""
+
+    def __init__(self, min_length: int, eos_token_ids: Sequence[int], device=None):
+        if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+            raise UsageError(f"min_length={min_length!r} is invalid: use an integer >= 0")
+        self.min_length = min_length
+        self.eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        if sequences.shape[-1] >= self.min_length:
+            return scores
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        return torch.where(torch.isin(vocab, self.eos.to(scores.device)), -math.inf, scores)
+
+
+class ForcedBOS:
+    """Force `token_id` as the first generated token (when the running sequence has length 1)."""
+
+    def __init__(self, token_id: int):
+        self.token_id = _token_ids("forced_bos_token_id", token_id, single=True)[0]
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        if sequences.shape[-1] != 1:
+            return scores
+        out = torch.full_like(scores, -math.inf)
+        out[:, self.token_id] = 0
+        return out
+
+
+class ForcedEOS:
+    """Force (any of) `token_ids` at the last step: when the running sequence has length `max_length` - 1."""
+
+    def __init__(self, max_length: int, token_ids: Any):
+        self.max_length = max_length
+        self.token_ids = list(_token_ids("forced_eos_token_id", token_ids))
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        if sequences.shape[-1] != self.max_length - 1:
+            return scores
+        out = torch.full_like(scores, -math.inf)
+        out[:, self.token_ids] = 0
+        return out
+
+
+class SuppressTokens:
+    """Ban `token_ids` at every step, or only when the running sequence has length `begin_index`
+    (transformers' SuppressTokensAtBeginLogitsProcessor). Ids past the logits are ignored."""
+
+    def __init__(self, token_ids: Any, vocab_size: int, begin_index: int | None = None, device=None):
+        name = "suppress_tokens" if begin_index is None else "begin_suppress_tokens"
+        ids = torch.tensor(list(_token_ids(name, token_ids)), dtype=torch.long, device=device)
+        self.mask = torch.isin(torch.arange(vocab_size, device=device), ids)           # [V] bool
+        self.begin_index = begin_index
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        if self.begin_index is not None and sequences.shape[-1] != self.begin_index:
+            return scores
+        return torch.where(self.mask.to(scores.device), -math.inf, scores)
+
+
 class Temperature:
     def __init__(self, temperature: float):
         if not temperature > 0:
@@ -155,7 +257,7 @@ class ProcessorList(list):
 
 def build_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int,
                      ignore_prefix: Tensor | None = None, device=None) -> ProcessorList:
-    """The processors for `options`, in transformers' `_get_logits_processor` order.
+    """The processors for `options` and the model's settings, in transformers' `_get_logits_processor` order.
 
     prompt_len:    length of the running sequence before the first generated token
                    (decoder-only: padded prompt length; encoder-decoder: 1, the start token).
@@ -167,8 +269,8 @@ def build_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int,
         out.append(RepetitionPenalty(options.repetition_penalty, ignore_prefix))
     if options.no_repeat_ngram_size > 0:
         out.append(NoRepeatNGram(options.no_repeat_ngram_size))
-    if options.min_new_tokens > 0 and eos:
-        out.append(MinNewTokens(prompt_len, options.min_new_tokens, eos, device))
+    out.extend(_length_processors(options, info, prompt_len, device))
+    out.extend(_forcing_processors(options, info, prompt_len, device))
     if options.do_sample:
         min_keep = len(eos) + 1 if options.num_beams > 1 else 1
         if options.temperature != 1.0:
@@ -178,3 +280,59 @@ def build_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int,
         if options.top_p < 1.0:
             out.append(TopP(options.top_p, min_keep))
     return out
+
+
+def _length_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int, device) -> list[Processor]:
+    """bad_words_ids, min_length (the model's), min_new_tokens (the call's).
+
+    transformers replaces the model's min_length by prompt_len + min_new_tokens when min_new_tokens is given;
+    MinNewTokens then bans exactly what that MinLength would, so the model's min_length applies only when
+    min_new_tokens is 0.
+    """
+    out: list[Processor] = []
+    model, eos = info.generation, info.special.eos_token_ids
+    if model.get("bad_words_ids") is not None:
+        bad = BadWords(model["bad_words_ids"], eos, info.vocab_size, device)
+        if bad.words:
+            out.append(bad)
+    if model.get("min_length") and eos and options.min_new_tokens == 0:
+        out.append(MinLength(model["min_length"], eos, device))
+    if options.min_new_tokens > 0 and eos:
+        out.append(MinNewTokens(prompt_len, options.min_new_tokens, eos, device))
+    return out
+
+
+def _forcing_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int, device) -> list[Processor]:
+    """forced_bos_token_id, forced_eos_token_id (at prompt_len + max_new_tokens - 1), suppress_tokens,
+    begin_suppress_tokens (at the first generated token; the second when a BOS is forced there)."""
+    out: list[Processor] = []
+    model = info.generation
+    bos = model.get("forced_bos_token_id")
+    if bos is not None:
+        out.append(ForcedBOS(bos))
+    if model.get("forced_eos_token_id") is not None:
+        out.append(ForcedEOS(prompt_len + options.max_new_tokens, model["forced_eos_token_id"]))
+    if model.get("suppress_tokens") is not None:
+        out.append(SuppressTokens(model["suppress_tokens"], info.vocab_size, device=device))
+    if model.get("begin_suppress_tokens") is not None:
+        begin = prompt_len if (prompt_len > 1 or bos is None) else prompt_len + 1
+        out.append(SuppressTokens(model["begin_suppress_tokens"], info.vocab_size, begin, device))
+    return out
+
+
+def _token_ids(name: str, value: Any, single: bool = False) -> tuple[int, ...]:
+    """An id or a sequence of ids (>= 0) as a tuple; anything else is a UsageError naming the setting."""
+    ids = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if ids is None or (single and len(ids) != 1) or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        expected = "a token id >= 0" if single else "a token id >= 0 or a list of them"
+        raise UsageError(f"generation setting {name}={value!r} is invalid: expected {expected}")
+    return ids
+
+
+def _token_lists(name: str, value: Any) -> list[tuple[int, ...]]:
+    """A non-empty list of non-empty token id lists, as tuples."""
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(w, (list, tuple)) and w for w in value):
+        raise UsageError(f"generation setting {name}={value!r} is invalid: expected a list of token id lists")
+    return [_token_ids(name, w) for w in value]

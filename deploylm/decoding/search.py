@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Generator
+from typing import Callable, Generator
 
 import torch
 from torch import Tensor
@@ -39,23 +39,26 @@ class Hypothesis:
 class SearchStats:
     """Where the time went: `total_seconds` inside the loop, of which `backend_seconds` in backend calls.
 
-    On CUDA, backend calls may return before their kernels finish, so part of the backend's time can
-    show up as decoder time; synchronize in the backend if exact attribution matters.
+    `on_step` (optional) is called after every step, outside the timed part (`deploylm bench` reads its
+    clock there). On CUDA, backend calls may return before their kernels finish, so part of the backend's
+    time can show up as decoder time; synchronize in the backend if exact attribution matters.
     """
 
     steps: int = 0
     backend_calls: int = 0
     backend_seconds: float = 0.0
     total_seconds: float = 0.0
+    on_step: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def decoder_seconds(self) -> float:
         return self.total_seconds - self.backend_seconds
 
 
-@dataclass(frozen=True)
 class StepEvent:
-    """The search after one step.
+    """The search after one step; `done` and `candidates` are computed only when read, so a loop that
+    does not stream pays nothing for them. Read them before resuming the search (they describe the
+    current step; reading a stale event raises RuntimeError).
 
     step:       number of generated tokens so far (t).
     done:       [B] bool, the input's hypotheses can no longer change.
@@ -63,9 +66,36 @@ class StepEvent:
                 final best hypothesis starts with (live beams/draws and the best finished one).
     """
 
-    step: int
-    done: Tensor
-    candidates: tuple[Tensor, Tensor, Tensor] = field(repr=False)
+    __slots__ = ("step", "_search", "_done", "_candidates")
+
+    def __init__(self, step: int, search: "BeamSearch | SampleSearch"):
+        self.step = step
+        self._search = search
+        self._done: Tensor | None = None
+        self._candidates: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return f"StepEvent(step={self.step})"
+
+    def _current(self) -> "BeamSearch | SampleSearch":
+        if self._search.cur_len - self._search.P != self.step:
+            raise RuntimeError(f"StepEvent of step {self.step} read after the search moved on: read it "
+                               "before resuming the search")
+        return self._search
+
+    @property
+    def done(self) -> Tensor:
+        search = self._current()
+        if self._done is None:
+            self._done = search.input_done()
+        return self._done
+
+    @property
+    def candidates(self) -> tuple[Tensor, Tensor, Tensor]:
+        search = self._current()
+        if self._candidates is None:
+            self._candidates = search.candidates()
+        return self._candidates
 
     def live_token_ids(self, index: int) -> list[tuple[int, ...]]:
         """The candidate token sequences of input `index`."""
@@ -146,10 +176,10 @@ def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | Sampl
         time_up = options.max_time is not None and time.time() - started > options.max_time
         parents, tokens = search.step(logits, time_up)
         stats.steps += 1
-        event = StepEvent(step=search.cur_len - search.P, done=search.input_done(),
-                          candidates=search.candidates())
         stats.total_seconds += time.perf_counter() - resumed
-        yield event
+        if stats.on_step is not None:
+            stats.on_step()
+        yield StepEvent(search.cur_len - search.P, search)
         resumed = time.perf_counter()
         if search.all_done:
             break

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -25,12 +25,13 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 # Generation settings a model may carry as defaults (generation_config.json); deploylm reads these.
 GENERATION_DEFAULT_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "early_stopping",
                            "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences")
+# generation_config settings the decoder applies as logits processors (carried on ModelInfo.generation).
+DECODING_KEYS = ("bad_words_ids", "min_length", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                 "begin_suppress_tokens")
 # generation_config settings that change transformers.generate's output but that deploylm's decoder
 # does not apply (it warns once per model that sets them).
-NOT_APPLIED_KEYS = ("forced_bos_token_id", "forced_eos_token_id", "bad_words_ids", "suppress_tokens",
-                    "begin_suppress_tokens", "sequence_bias", "encoder_no_repeat_ngram_size",
-                    "encoder_repetition_penalty", "exponential_decay_length_penalty", "min_length",
-                    "diversity_penalty", "do_sample")
+NOT_APPLIED_KEYS = ("sequence_bias", "encoder_no_repeat_ngram_size", "encoder_repetition_penalty",
+                    "exponential_decay_length_penalty", "diversity_penalty", "do_sample")
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -123,13 +124,28 @@ def special_tokens(model: Any) -> SpecialTokens:
 
 
 def model_info(model: Any, name: str) -> ModelInfo:
-    """ModelInfo of a transformers model: kind, logits width, special tokens, position window."""
+    """ModelInfo of a transformers model: kind, logits width, special tokens, position window, decoding settings."""
     config = model.config
     vocab = model.get_output_embeddings().weight.shape[0]
     text_config = config.get_text_config(decoder=True)
     window = None if config.is_encoder_decoder else getattr(text_config, "max_position_embeddings", None)
     return ModelInfo(is_encoder_decoder=bool(config.is_encoder_decoder), vocab_size=int(vocab),
-                     special=special_tokens(model), max_positions=window, name=name)
+                     special=special_tokens(model), max_positions=window, name=name,
+                     generation=generation_settings(model.generation_config))
+
+
+def generation_settings(gen: Any) -> dict[str, Any]:
+    """The DECODING_KEYS a generation config sets (a GenerationConfig, or generation_config.json as a dict).
+
+    Lists become tuples (bad_words_ids: a tuple of tuples); unset values (None, [], min_length 0) are left out.
+    The decoder validates them when it builds its processors.
+    """
+    get = gen.get if isinstance(gen, Mapping) else (lambda key: getattr(gen, key, None))
+    return {key: _frozen(get(key)) for key in DECODING_KEYS if _is_set(key, get(key))}
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def generation_defaults(model: Any) -> dict[str, Any]:

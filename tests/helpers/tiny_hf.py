@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face models (GPT-2, Llama, T5) built from configs, saved as local folders.
+"""Tiny random Hugging Face models (GPT-2, Llama, T5, BART, Marian) built from configs, saved as local folders.
 
 Each folder has config.json, generation_config.json, model.safetensors and a tokenizer trained here
 with `tokenizers` (byte-level BPE), so the folders load exactly like a downloaded model would.
@@ -23,6 +23,8 @@ CORPUS = [
 ] * 4
 
 SPECIALS = {"gpt2": ["<|endoftext|>"], "llama": ["<s>", "</s>", "<pad>"], "t5": ["<pad>", "</s>", "<unk>"]}
+SPECIALS["bart"] = SPECIALS["marian"] = SPECIALS["t5"]   # pad 0, eos 1, unk 2
+SEQ2SEQ = ("t5", "bart", "marian")
 
 
 def train_tokenizer(kind: str, vocab_size: int = 300):
@@ -47,9 +49,18 @@ def train_tokenizer(kind: str, vocab_size: int = 300):
 
 
 def _config(kind: str, tokenizer):
-    from transformers import GPT2Config, LlamaConfig, T5Config
+    from transformers import BartConfig, GPT2Config, LlamaConfig, MarianConfig, T5Config
 
     v = len(tokenizer)
+    if kind in ("bart", "marian"):  # no generation settings of their own: tests set them explicitly
+        sizes = dict(vocab_size=v, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                     forced_eos_token_id=None, tie_word_embeddings=False)
+        if kind == "bart":
+            return BartConfig(**sizes, bos_token_id=tokenizer.unk_token_id,
+                              decoder_start_token_id=tokenizer.eos_token_id)
+        return MarianConfig(**sizes, decoder_start_token_id=tokenizer.pad_token_id)
     if kind == "gpt2":
         return GPT2Config(vocab_size=v, n_positions=128, n_embd=32, n_layer=2, n_head=4,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -65,13 +76,13 @@ def _config(kind: str, tokenizer):
 
 
 def build_tiny_hf(kind: str, dest: Path, *, seed: int = 0, logit_scale: float = 8.0) -> Path:
-    """Build, seed and save a tiny random `kind` model ("gpt2" | "llama" | "t5") to `dest`."""
+    """Build, seed and save a tiny random `kind` model ("gpt2" | "llama" | "t5" | "bart" | "marian") to `dest`."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
     tokenizer = train_tokenizer(kind)
     config = _config(kind, tokenizer)
     torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
+    auto = AutoModelForSeq2SeqLM if kind in SEQ2SEQ else AutoModelForCausalLM
     model = auto.from_config(config).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(logit_scale)
