@@ -1,4 +1,6 @@
 """Built-in tasks: number words, determinism, disjoint splits, the registry."""
+from collections import Counter
+
 import pytest
 
 from deploylm.errors import UsageError
@@ -43,6 +45,43 @@ def test_digits2words_examples_are_correct_and_cover_small_numbers():
         assert ex.target == number_to_words(int(ex.source))
     assert {str(n) for n in range(1000)} <= {ex.source for ex in splits.train}
     assert all(1000 <= int(ex.source) <= 10**6 for ex in splits.validation + splits.test)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_digits2words_splits_are_stratified_by_digit_length(seed):
+    sizes = SplitSizes(train=6000, validation=300, test=600)
+    splits = task_splits("digits2words", seed, sizes)
+    for name, part, tolerance in (("test", splits.test, 0), ("validation", splits.validation, 0),
+                                  ("train", splits.train, 1)):
+        counts = Counter(len(ex.source) for ex in part)
+        large = [counts[4], counts[5], counts[6]]
+        assert max(large) - min(large) <= tolerance, (name, counts)
+        if name != "train":
+            assert set(counts) == {4, 5, 6} and sum(large) == len(part), (name, counts)
+    counts = Counter(ex.source for ex in splits.train)
+    assert [counts[str(10**k)] for k in range(3, 7)] == [60] * 4     # each power of ten: 1% of training
+    assert not {str(10**k) for k in range(3, 7)} & {ex.source for ex in splits.validation + splits.test}
+    assert len({ex.source for ex in splits.train if len(ex.source) <= 3}) == 1000
+
+
+def test_digits2words_held_out_splits_do_not_depend_on_training_size():
+    small, large = (task_splits("digits2words", 2, SplitSizes(train, 100, 150)) for train in (2000, 30_000))
+    assert (small.validation, small.test) == (large.validation, large.test)
+    assert "1000000" in {ex.source for ex in small.train}
+
+
+def test_digits2words_default_splits_give_four_digit_numbers_a_third_of_the_data():
+    splits = task_splits("digits2words", 0)
+    four = [ex.source for ex in splits.train if len(ex.source) == 4]
+    assert abs(len(four) / len(splits.train) - 1 / 3) < 0.01
+    assert 8000 < len(set(four)) <= 9000 - 167 - 334     # every 4-digit number not held out, repeated
+    assert {ex.source for ex in splits.train}.isdisjoint(ex.source for ex in splits.validation + splits.test)
+    assert "1000000" in {ex.source for ex in splits.train}
+
+
+def test_digits2words_rejects_held_out_sizes_larger_than_a_stratum():
+    with pytest.raises(UsageError, match="digits2words: .* 1000..9999"):
+        task_splits("digits2words", 0, SplitSizes(train=2000, validation=100, test=27_000))
 
 
 def test_reverse_targets_are_reversed_sources():

@@ -1,9 +1,16 @@
 """Built-in seq2seq tasks: deterministic from a seed, with disjoint train/validation/test splits.
 
 - digits2words: "4096" -> "four thousand ninety-six" for numbers 0..10^6 (convention in numbers.py).
-  Every number below 1000 is in the training split (they are the task's vocabulary); validation and
-  test are drawn without replacement from 1000..10^6, and the rest of the training split from the
-  numbers left over, so no number is in two splits.
+  Stratified by number of digits so that every length is well represented: every number below 1000
+  is in the training split (they are the task's vocabulary), and so are the powers of ten 1000..10^6,
+  each repeated to make 1% of it (at least once); the rest of every split is drawn in equal shares
+  from the other 4-, 5- and 6-digit numbers (test first, then validation, then train, without
+  replacement within a stratum, so no number is in two splits and the held-out splits do not depend
+  on the training size). The 4-digit stratum has only 8999 such numbers: when its training share is
+  larger than what is left of it, its training numbers repeat.
+  Why the powers of ten: 10^6 is the only 7-digit number, and differs from 10^5 only by one zero. At
+  0.1% a 1000-step tiny model still read "1000000" as "one hundred thousand"; with 10^6 alone at 1%
+  it read "100000" as "one million". Giving 10^3..10^6 the same weight teaches the count of zeros.
 - reverse: "red fox blue" -> "blue fox red", 3..8 words from a 24-word vocabulary; each source
   appears in one split only.
 """
@@ -46,19 +53,36 @@ class Task:
     sizes: SplitSizes                             # default sizes
 
 
+DIGIT_STRATA = ((1000, 9_999), (10_000, 99_999), (100_000, 999_999))   # 4, 5 and 6 digits, inclusive
+POWERS_OF_TEN = (1000, 10_000, 100_000, MAX_NUMBER)   # differ only in their count of zeros
+POWER_SHARE = 0.01        # each power of ten is 1% of training (see the module docstring)
+
+
 def digits2words_splits(seed: int, sizes: SplitSizes) -> Splits:
     """Numbers as digits -> English words; see the module docstring for how splits are drawn."""
     rng = np.random.default_rng(seed)
-    pool = rng.permutation(np.arange(1000, MAX_NUMBER + 1))
-    held_out = sizes.validation + sizes.test
-    n_rest = max(0, sizes.train - 1000)
-    if held_out + n_rest > len(pool):
-        raise UsageError(f"digits2words: {sizes} asks for more numbers than 0..{MAX_NUMBER} holds")
-    test = pool[:sizes.test]
-    validation = pool[sizes.test:held_out]
-    train = np.concatenate([np.arange(min(1000, sizes.train)), pool[held_out:held_out + n_rest]])
-    train = rng.permutation(train)
+    pools = [rng.permutation(np.setdiff1d(np.arange(low, high + 1), POWERS_OF_TEN))
+             for low, high in DIGIT_STRATA]
+    powers = np.repeat(POWERS_OF_TEN[::-1], max(1, round(sizes.train * POWER_SHARE)))
+    fixed = np.concatenate([powers, np.arange(1000)])[:sizes.train]          # powers first, then 0..999
+    shares = zip(_even_shares(sizes.test, len(pools)), _even_shares(sizes.validation, len(pools)),
+                 _even_shares(sizes.train - len(fixed), len(pools)))
+    parts: list[list[np.ndarray]] = [[fixed], [], []]                         # train, validation, test
+    for pool, (n_test, n_val, n_train), (low, high) in zip(pools, shares, DIGIT_STRATA):
+        if n_test + n_val + min(n_train, 1) > len(pool):
+            raise UsageError(f"digits2words: {sizes} holds out more than the {len(pool)} numbers "
+                             f"{low}..{high}, or leaves none of them for training")
+        rest = pool[n_test + n_val:]
+        parts[2].append(pool[:n_test])
+        parts[1].append(pool[n_test:n_test + n_val])
+        parts[0].append(np.resize(rest, n_train))          # repeats `rest` if the stratum is too small
+    test, validation, train = (rng.permutation(np.concatenate(part)) for part in parts[::-1])
     return Splits(*(_number_examples(part) for part in (train, validation, test)))
+
+
+def _even_shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` counts that differ by at most one (the first ones get the extra)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 def _number_examples(numbers: np.ndarray) -> list[Example]:
