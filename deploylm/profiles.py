@@ -19,13 +19,14 @@ from deploylm.errors import UsageError
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 BACKENDS = ("torch", "onnx", "trt")
 # precision -> quantization methods it allows (the first is the default); others allow none
-METHODS = {"int8": ("dynamic", "static"), "int4": ("weight-only",)}
+METHODS = {"int8": ("dynamic", "static", "weight-only"), "int4": ("weight-only",)}
 # method -> the [quantization] keys that apply to it, with their defaults
 METHOD_KEYS: dict[str, dict[str, Any]] = {
     "dynamic": {"weight_type": "quint8", "per_channel": False, "reduce_range": False},
     "static": {"weight_type": "quint8", "per_channel": False, "reduce_range": False,
                "calibration_samples": 64, "calibration_method": "minmax"},
-    "weight-only": {"block_size": 32, "accuracy_level": 0, "algorithm": "rtn"},
+    "weight-only": {"block_size": 32, "accuracy_level": 0, "algorithm": "rtn", "symmetric": False,
+                    "embedding": False},
 }
 TOP_KEYS = ("name", "description", "precision", "backends", "quantization", "precision_fallback",
             "tensorrt", "parity", "quality", "generation")
@@ -49,7 +50,9 @@ class Quantization:
     calibration_method: str | None = None   # static: minmax | percentile
     block_size: int | None = None           # weight-only: 16..256, power of two
     accuracy_level: int | None = None       # weight-only: onnxruntime MatMulNBits 0..4
-    algorithm: str | None = None            # weight-only: rtn | hqq
+    algorithm: str | None = None            # weight-only: rtn | hqq (hqq: int4 only)
+    symmetric: bool | None = None           # weight-only rtn: no zero points
+    embedding: bool | None = None           # weight-only: quantize the token embedding table too
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ def _quantization(data: Any, origin: str, precision: str) -> Quantization | None
     if methods is None:
         if data is not None:
             raise ProfileError(f"{origin}: [quantization] does not apply to precision {precision!r}: "
-                               f"expected it only with precision int8 (dynamic, static) or int4 (weight-only)")
+                               f"expected it only with precision int8 (dynamic, static, weight-only) or int4 (weight-only)")
         return None
     all_keys = ("method",) + tuple(dict.fromkeys(k for m in methods for k in METHOD_KEYS[m]))
     table = _Table({} if data is None else data, origin, "quantization.", all_keys)
@@ -242,7 +245,12 @@ def _quantization(data: Any, origin: str, precision: str) -> Quantization | None
         if block & (block - 1):
             table.fail("block_size", f"= {block} is not a power of two", "16, 32, 64, 128 or 256")
         values.update(block_size=block, accuracy_level=table.integer("accuracy_level", 0, 4, d["accuracy_level"]),
-                      algorithm=table.choice("algorithm", ("rtn", "hqq"), d["algorithm"]))
+                      algorithm=table.choice("algorithm", ("rtn", "hqq"), d["algorithm"]),
+                      symmetric=table.boolean("symmetric", d["symmetric"]),
+                      embedding=table.boolean("embedding", d["embedding"]))
+        if values["algorithm"] == "hqq" and precision != "int4":
+            table.fail("algorithm", f"= 'hqq' does not apply to precision {precision!r}",
+                       "'rtn' (onnxruntime's CPU MatMulNBits takes no float zero points at 8 bits)")
     return Quantization(method=method, **values)
 
 

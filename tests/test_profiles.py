@@ -10,7 +10,7 @@ from deploylm.errors import UsageError
 from deploylm.profiles import (Profile, ProfileError, builtin_dir, builtin_names, builtin_profiles,
                                load_profile)
 
-BUILTINS = ["bf16", "fp16", "fp32", "int4", "int8", "int8-static", "trt-fp16", "trt-int8"]
+BUILTINS = ["bf16", "fp16", "fp32", "int4", "int8", "int8-dynamic", "int8-static", "trt-fp16", "trt-int8"]
 
 BASE = """
 name = "mine"
@@ -51,7 +51,10 @@ def test_fp32_is_the_strict_reference():
 
 def test_quantized_builtins_resolve_method_defaults():
     int8, static, int4 = load_profile("int8"), load_profile("int8-static"), load_profile("int4")
-    assert int8.quantization.method == "dynamic" and int8.quantization.calibration_samples is None
+    assert int8.quantization.method == "weight-only" and int8.quantization.calibration_samples is None
+    assert int8.quantization.symmetric and int8.quantization.embedding and int8.quantization.algorithm == "rtn"
+    dynamic = load_profile("int8-dynamic").quantization
+    assert dynamic.method == "dynamic" and dynamic.weight_type == "quint8" and dynamic.block_size is None
     assert static.quantization.method == "static" and static.quantization.calibration_method == "minmax"
     assert int4.quantization.method == "weight-only" and int4.quantization.block_size == 32
     assert int4.quantization.weight_type is None
@@ -95,7 +98,9 @@ BAD = [
     ("negative atol", None, r"parity.logits_atol = -1.0 is out of range: expected a number > 0.0"),
     ("agreement > 1", None, r"parity.min_token_agreement = 1.5 is out of range: expected a number >= 0.0 and <= 1.0"),
     ("wrong type", None, r"parity.logprob_atol = 'big' is out of range: expected a number"),
-    ("bad method", "[quantization]\nmethod = \"weight-only\"", r"quantization.method = 'weight-only' is not allowed: expected one of dynamic, static"),
+    ("bad method", "[quantization]\nmethod = \"awq\"", r"quantization.method = 'awq' is not allowed: expected one of dynamic, static, weight-only"),
+    ("hqq at 8 bits", "[quantization]\nmethod = \"weight-only\"\nalgorithm = \"hqq\"",
+     r"quantization.algorithm = 'hqq' does not apply to precision 'int8': expected 'rtn'"),
     ("key for another method", "[quantization]\nmethod = \"dynamic\"\ncalibration_samples = 8",
      r"quantization.calibration_samples does not apply to method 'dynamic': expected only weight_type"),
     ("bad weight type", "[quantization]\nweight_type = \"int8\"", r"quantization.weight_type = 'int8' is not allowed: expected one of quint8, qint8"),

@@ -1,0 +1,266 @@
+"""The export pipeline's precision step: fp32 graphs -> the profile's precision, checked.
+
+`apply_precision(tmp_dir, profile, source, calibration)` runs after the fp32 graphs are written
+into the artifact's temporary folder and before parity. It keeps a copy of the fp32 graphs as the
+reference, converts (fp16/bf16, deploylm.export.precision) or quantizes (int8/int4,
+deploylm.export.quantize) with the [precision_fallback] ops/nodes kept in fp32, judges the result
+on decoding outputs against fp32 (the profile's [parity] tolerances and [quality] budget), runs the
+auto fallback search when asked (deploylm.export.fallback), writes the chosen graphs back into
+tmp_dir and returns a PrecisionReport (stored in the manifest as `quality`, printed by export).
+A budget that is not met raises CheckFailed unless `allow_quality_loss`.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from deploylm.errors import CheckFailed
+from deploylm.export import io_spec
+from deploylm.export.fallback import Exclusions, SearchResult, Verdict, listed_nodes, rank_nodes, search
+
+GRAPH_FILES = (io_spec.MODEL_FILE, io_spec.ENCODER_FILE, io_spec.DECODER_FILE)
+JUDGE_NEW_TOKENS = 16
+SENSITIVITY_SAMPLES = 8
+SPEED_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class PrecisionReport:
+    profile: str
+    precision: str
+    applied: bool                                     # False: graphs stay fp32 (fp32 or trt-only profiles)
+    method: str | None = None
+    kept_fp32: dict[str, tuple[str, ...]] = field(default_factory=dict)   # graph -> nodes kept in fp32
+    auto_kept: int = 0                                # of those, chosen by the auto search
+    attempts: int = 0                                 # candidates converted and judged
+    quality: dict[str, Any] | None = None             # QualityReport.to_dict() of the final graphs
+    budget_failures: tuple[str, ...] = ()             # non-empty only with allow_quality_loss
+    fallback_cost: dict[str, Any] | None = None       # size/speed before and after the auto fallback
+    calibration: str | None = None                    # where calibration text came from
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, "precision": self.precision, "applied": self.applied,
+                "method": self.method, "kept_fp32": {k: list(v) for k, v in self.kept_fp32.items()},
+                "auto_kept": self.auto_kept, "attempts": self.attempts, **(self.quality or {}),
+                "budget_met": not self.budget_failures, "budget_failures": list(self.budget_failures),
+                "fallback_cost": self.fallback_cost, "calibration": self.calibration, "notes": list(self.notes)}
+
+    def lines(self) -> list[str]:
+        if not self.applied:
+            return [f"precision: {n}" for n in self.notes]
+        kept = sum(len(v) for v in self.kept_fp32.values())
+        out = [f"precision: {self.precision}{f' ({self.method})' if self.method else ''}, {kept} node(s) kept in fp32 "
+               f"({self.auto_kept} by the auto search, {self.attempts} candidate(s) judged)"]
+        if self.quality:
+            from deploylm.export.quality import QualityReport
+
+            fields = {k: self.quality[k] for k in QualityReport.__dataclass_fields__}
+            out.append("quality: " + QualityReport(**{k: (float("inf") if v is None else v)
+                                                       for k, v in fields.items()}).line())
+        if self.fallback_cost:
+            c = self.fallback_cost
+            speed = (f", speed {c['speed_before']:.2f}x -> {c['speed_after']:.2f}x fp32"
+                     if c["speed_before"] is not None and c["speed_before"] == c["speed_before"] else "")
+            out.append(f"fallback cost: size {c['bytes_before'] / 2**20:.1f} -> {c['bytes_after'] / 2**20:.1f} MiB{speed}")
+        out += [f"quality budget NOT met (--allow-quality-loss): {f}" for f in self.budget_failures]
+        return out + [f"note: {n}" for n in self.notes]
+
+
+@dataclass
+class _Workspace:
+    """The scratch folder: fp32 reference, candidates, calibration feeds, held-out text."""
+
+    root: Path
+    ref: Path
+    profile: Any
+    graphs: list[str]
+    feeds: dict[str, list[dict]]
+    held: Any
+    calibration_origin: str | None = None
+    tries: int = 0
+    dirs: dict[int, Path] = field(default_factory=dict)   # id(verdict) -> its folder
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    def convert(self, kept: Exclusions, dest: Path) -> None:
+        """The profile's conversion of every graph into dest (non-graph files copied from ref)."""
+        from deploylm.export.precision import convert_float
+        from deploylm.export.quantize import quantize_graph
+
+        shutil.copytree(self.ref, dest, ignore=shutil.ignore_patterns("*.onnx", "*.data", "*.onnx_data"))
+        p = self.profile
+        ops = p.precision_fallback.ops if p.precision_fallback else ()
+        for file in self.graphs:
+            if p.precision in ("fp16", "bf16"):
+                import onnx
+
+                model = convert_float(onnx.load(str(self.ref / file)), p.precision, ops, kept.get(file, ()))
+                onnx.save(model, str(dest / file))
+            else:
+                quantize_graph(self.ref / file, dest / file, p.precision, p.quantization,
+                               feeds=self.feeds.get(file), exclude=kept.get(file, ()))
+
+    def judge(self, kept: Exclusions, rounds: int = 0) -> Verdict:
+        from deploylm.export.quality import measure_quality
+
+        self.tries += 1
+        dest = self.root / f"try-{self.tries}"
+        self.convert(kept, dest)
+        failures = self._parity(dest)
+        quality = measure_quality(self.ref, dest, self.held, rounds=rounds)
+        verdict = Verdict(kept, tuple(failures + quality.failures(self.profile.quality)), quality)
+        self._prune(verdict)
+        self.dirs[id(verdict)] = dest
+        self.verdicts.append(verdict)
+        return verdict
+
+    def _prune(self, newest: Verdict) -> None:
+        """Delete candidate folders the search can no longer choose: it keeps the first, the newest
+        and (while the newest fails) the newest passing one; bisection only moves to smaller passes."""
+        if not self.verdicts:
+            return
+        keep = {id(self.verdicts[0])}
+        if not newest.passed:
+            keep |= {id(v) for v in [v for v in self.verdicts if v.passed][-1:]}
+        for v in self.verdicts:
+            if id(v) not in keep and id(v) in self.dirs:
+                shutil.rmtree(self.dirs.pop(id(v)), ignore_errors=True)
+
+    def _parity(self, dest: Path) -> list[str]:
+        from deploylm.backends.onnx_backend import OnnxBackend
+        from deploylm.decoding.options import DecodingOptions
+        from deploylm.generator import Generator
+        from deploylm.models.source import resolve_source
+        from deploylm.models.tokenizer import load_tokenizer
+        from deploylm.parity import DEFAULT_PROMPTS, compare_backends
+
+        ref = OnnxBackend.from_folder(self.ref, name="fp32")
+        cand = OnnxBackend.from_folder(dest, name=self.profile.name)
+        options = DecodingOptions.from_mapping(self.profile.generation)
+        options = options.replace(max_new_tokens=min(options.max_new_tokens, JUDGE_NEW_TOKENS), min_new_tokens=0)
+        tokenizer = load_tokenizer(resolve_source(self.ref))
+        batch = Generator(ref, tokenizer).encode(list(DEFAULT_PROMPTS), options)
+        report = compare_backends(ref, {"onnx": cand}, batch, options, self.profile.parity)
+        return report.failures()
+
+
+def apply_precision(tmp_dir: Path, profile: Any, source: Any, calibration: str | Path | None = None, *,
+                    allow_quality_loss: bool = False, rounds: int = SPEED_ROUNDS,
+                    auto: bool | None = None) -> PrecisionReport:
+    """Convert the fp32 graphs in tmp_dir to `profile`'s precision in place (see module docstring).
+
+    rounds: interleaved timed rounds for the reported speed ratio (0: not measured).
+    auto: run the fallback search when the first candidate fails (None: as the profile says).
+    """
+    from deploylm.export.calibration import check_calibration_file
+    from deploylm.export.quality import measure_quality
+
+    tmp_dir = Path(tmp_dir)
+    file = check_calibration_file(calibration)
+    if profile.precision == "fp32":
+        return PrecisionReport(profile.name, "fp32", False, notes=("fp32 graphs, nothing to convert",))
+    if "onnx" not in profile.backends:
+        return PrecisionReport(profile.name, profile.precision, False,
+                               notes=(f"ONNX graphs stay fp32: {', '.join(profile.backends)} applies {profile.precision} itself",))
+    with tempfile.TemporaryDirectory(prefix=f".{tmp_dir.name}.precision-", dir=tmp_dir.parent) as scratch:
+        work = _workspace(Path(scratch), tmp_dir, profile, source, file)
+        base = _base_exclusions(work)
+        first = work.judge(base)
+        result = SearchResult(first, first, 1, 0)
+        fallback = profile.precision_fallback
+        auto = (fallback is not None and fallback.auto) if auto is None else auto
+        if not first.passed and auto:
+            ranked = rank_nodes(work.ref, work.dirs[id(first)], _few(work.feeds), profile.precision, base)
+            result = search(ranked, base, work.judge, first)
+        chosen = work.dirs[id(result.final)]
+        if rounds:   # the reported numbers: speed timed in `rounds` interleaved rounds
+            quality = measure_quality(work.ref, chosen, work.held, rounds=rounds)
+            first = result.first
+            if result.final is not first:   # what the fallback cost: time the first candidate too
+                first = replace(first, quality=measure_quality(work.ref, work.dirs[id(first)], work.held, rounds=rounds))
+            result = replace(result, first=first, final=replace(result.final, quality=quality))
+        report = _report(profile, work, base, result, allow_quality_loss)   # raises before tmp_dir changes
+        for name in work.graphs:
+            shutil.copy2(chosen / name, tmp_dir / name)
+        return report
+
+
+def _few(feeds: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    return {f: batches[:1] for f, batches in feeds.items()}
+
+
+def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path | None) -> _Workspace:
+    from deploylm.export.calibration import graph_feeds, text_sets, token_ids
+    from deploylm.models.source import resolve_source
+    from deploylm.models.tokenizer import load_tokenizer
+
+    ref = root / "fp32"
+    shutil.copytree(tmp_dir, ref)
+    graphs = [g for g in GRAPH_FILES if (ref / g).is_file()]
+    seq2seq = io_spec.ENCODER_FILE in graphs
+    q = profile.quantization
+    needs_feeds = (q is not None and q.method == "static") or (profile.precision_fallback and profile.precision_fallback.auto)
+    samples = (q.calibration_samples if q is not None and q.calibration_samples else SENSITIVITY_SAMPLES)
+    calib, held = text_sets(source, file, samples, seq2seq)
+    feeds: dict[str, list[dict]] = {}
+    if needs_feeds:
+        tokenizer = load_tokenizer(resolve_source(ref))
+        room = _window(ref)
+        pairs = [(s, t) for s, t in zip(token_ids(tokenizer, calib.inputs, room),
+                                        token_ids(tokenizer, calib.targets or calib.inputs, room))]
+        feeds = graph_feeds(ref, [s for s, _ in pairs], [t for _, t in pairs] if seq2seq else None)
+    return _Workspace(root, ref, profile, graphs, feeds, held, calib.origin if needs_feeds else None)
+
+
+def _window(folder: Path) -> int:
+    """Calibration tokens per sample: 64, or less for a model whose window is shorter (minus a start token)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    window = next((config[k] for k in ("max_positions", "max_position_embeddings", "n_positions") if config.get(k)), 65)
+    return max(2, min(64, int(window) - 1))
+
+
+def _base_exclusions(work: _Workspace) -> Exclusions:
+    """The [precision_fallback] ops/nodes, as node names per graph (int8/int4: ops are not quantized)."""
+    import onnx
+
+    fb = work.profile.precision_fallback
+    if fb is None:
+        return {}
+    out = {}
+    for file in work.graphs:
+        model = onnx.load(str(work.ref / file), load_external_data=False)
+        ops = fb.ops if work.profile.precision in ("int8", "int4") else ()  # fp16/bf16 block op types directly
+        out[file] = listed_nodes(model, ops, fb.nodes)
+    return out
+
+
+def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResult,
+            allow_quality_loss: bool) -> PrecisionReport:
+    final = result.final
+    failures = final.failures
+    if failures and not allow_quality_loss:
+        raise CheckFailed(f"profile {profile.name} misses its checks against fp32 ({'; '.join(failures)}); "
+                          f"kept {final.kept_count} node(s) in fp32"
+                          f"{' after the auto search' if result.attempts > 1 else ''}: loosen [parity]/[quality], "
+                          f"set [precision_fallback] auto = true, or pass --allow-quality-loss")
+    cost = None
+    if result.attempts > 1:
+        before, after = result.first.quality, final.quality
+        cost = {"bytes_before": before.bytes, "bytes_after": after.bytes,
+                "speed_before": before.speed_ratio, "speed_after": after.speed_ratio}
+    base_count = sum(len(v) for v in base.values())
+    notes = [f"without the auto fallback: {'; '.join(result.first.failures)}"] if result.attempts > 1 else []
+    if profile.precision == "bf16":
+        notes.append("bf16 weights are stored as bf16 and computed in fp32 on CPU")
+    q = profile.quantization
+    return PrecisionReport(
+        profile=profile.name, precision=profile.precision, applied=True, method=q.method if q else None,
+        kept_fp32={f: v for f, v in final.kept.items() if v}, auto_kept=final.kept_count - base_count,
+        attempts=result.attempts, quality=final.quality.to_dict(), budget_failures=tuple(failures),
+        fallback_cost=cost, calibration=work.calibration_origin,
+        notes=tuple(notes))

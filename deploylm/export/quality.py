@@ -1,0 +1,198 @@
+"""The quality report: what a precision profile costs against fp32, both run through ONNX Runtime.
+
+- perplexity on held-out text (teacher-forced through the Backend protocol: prefill, then one
+  decode step per target token), fp32 graphs vs the profile's graphs;
+- beam-4 token agreement with fp32 on held-out prompts: the share of fp32's best-beam tokens that
+  the profile's best beam reproduces at the same position;
+- size on disk of the graph files;
+- speed: the same beam-4 workload timed on both, rounds interleaved (fp32, profile, fp32, ...) so
+  load on the machine hits both alike; ratio = fp32 time / profile time (> 1: the profile is faster).
+The budget is the profile's [quality] table (deploylm.profiles.QualityBudget).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deploylm.backends.base import EncodedBatch
+
+GRAPH_SUFFIXES = (".onnx", ".data", ".onnx_data")
+AGREEMENT_BEAMS = 4
+AGREEMENT_NEW_TOKENS = 16
+MAX_TOKENS = 128  # held-out texts and prompts are cut to this (or the model's window)
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    perplexity_fp32: float
+    perplexity: float
+    beam_agreement: float          # 0..1, share of fp32 best-beam tokens reproduced in place
+    sequences_identical: int       # prompts whose best beam equals fp32's
+    prompts: int
+    fp32_bytes: int
+    bytes: int
+    fp32_seconds: float            # median beam-4 generation time (same run, interleaved)
+    seconds: float
+    scored_tokens: int
+
+    @property
+    def perplexity_increase(self) -> float:
+        """Relative: 0.02 = +2% over fp32."""
+        return self.perplexity / self.perplexity_fp32 - 1.0 if math.isfinite(self.perplexity) else math.inf
+
+    @property
+    def size_ratio(self) -> float:
+        return self.bytes / max(1, self.fp32_bytes)
+
+    @property
+    def speed_ratio(self) -> float:
+        return self.fp32_seconds / self.seconds if self.seconds > 0 else math.nan  # NaN: not timed
+
+    def failures(self, budget: Any) -> list[str]:
+        """Why the report misses `budget` (a QualityBudget); empty when it is met."""
+        out = []
+        limit = budget.max_perplexity_increase
+        if limit is not None and not self.perplexity_increase <= limit + 1e-9:
+            out.append(f"perplexity +{_pct(self.perplexity_increase)} over fp32 > max_perplexity_increase "
+                       f"+{_pct(limit)}")
+        if budget.min_beam_agreement is not None and not self.beam_agreement >= budget.min_beam_agreement:
+            out.append(f"beam-4 token agreement {self.beam_agreement:.3f} < min_beam_agreement "
+                       f"{budget.min_beam_agreement:g}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(perplexity_increase=self.perplexity_increase, size_ratio=self.size_ratio,
+                    speed_ratio=self.speed_ratio)
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in data.items()}
+
+    def line(self) -> str:
+        return ((f"perplexity {self.perplexity:.3f} vs fp32 {self.perplexity_fp32:.3f} "
+                f"({'+' if self.perplexity_increase >= 0 else ''}{_pct(self.perplexity_increase)}), "
+                f"beam-4 agreement {self.beam_agreement:.3f} ({self.sequences_identical}/{self.prompts} identical), "
+                f"size {self.size_ratio:.1%} of fp32 ({self.bytes / 2**20:.1f} MiB), ")
+                + (f"speed {self.speed_ratio:.2f}x fp32" if math.isfinite(self.speed_ratio) else "speed not measured"))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%" if math.isfinite(x) else "inf"
+
+
+def graph_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(GRAPH_SUFFIXES))
+
+
+def _targets(tokenizer: Any, texts: tuple[str, ...], eos: int | None) -> list[list[int]]:
+    out = []
+    for text in texts:
+        ids = list(tokenizer(text)["input_ids"])
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        out.append(ids)
+    return out
+
+
+def forced_nll(backend: Any, batch: EncodedBatch, targets: list[list[int]]) -> tuple[float, int]:
+    """Sum of -log p(target token) over every target position, teacher-forced; and the count."""
+    width = max(len(t) for t in targets)
+    tokens = torch.zeros((len(targets), width), dtype=torch.long)                    # [B, T]
+    for row, seq in enumerate(targets):
+        tokens[row, : len(seq)] = torch.tensor(seq)
+    lengths = torch.tensor([len(t) for t in targets])                                # [B]
+    logits, state = backend.prefill(batch)                                            # [B, V]
+    nll, count = 0.0, 0
+    for step in range(width):
+        active = lengths > step                                                       # [B]
+        logp = logits.float().log_softmax(-1).gather(1, tokens[:, step:step + 1]).squeeze(1)  # [B]
+        nll -= float(logp[active].sum())
+        count += int(active.sum())
+        if step + 1 < width:
+            logits, state = backend.decode(tokens[:, step], state)
+    return nll, count
+
+
+def _window(backend: Any) -> int:
+    return min(MAX_TOKENS, int(backend.info.max_positions or MAX_TOKENS))
+
+
+def perplexity(backend: Any, tokenizer: Any, inputs: tuple[str, ...], targets: tuple[str, ...] | None) -> tuple[float, int]:
+    """exp(mean NLL): decoder-only scores each text after its first token; seq2seq the targets.
+    Texts are truncated to the model's window (at most MAX_TOKENS)."""
+    window = _window(backend)
+    if targets is None:  # decoder-only: prefill on the first token, score the rest
+        seqs = [list(tokenizer(t)["input_ids"])[:window] for t in inputs]
+        seqs = [s for s in seqs if len(s) > 1]
+        batch = EncodedBatch(torch.tensor([[s[0]] for s in seqs]), torch.ones((len(seqs), 1), dtype=torch.long))
+        nll, n = forced_nll(backend, batch, [s[1:] for s in seqs])
+    else:
+        enc = tokenizer(list(inputs), return_tensors="pt", padding=True, padding_side="right",
+                        truncation=True, max_length=window)
+        eos = backend.info.special.eos_token_ids[0] if backend.info.special.eos_token_ids else None
+        nll, n = forced_nll(backend, EncodedBatch(enc["input_ids"], enc["attention_mask"]),
+                            [t[: window - 1] for t in _targets(tokenizer, targets, eos)])
+    return (math.exp(nll / n) if n and math.isfinite(nll) else math.inf), n
+
+
+def _prompts(backend: Any, tokenizer: Any, prompts: tuple[str, ...]) -> EncodedBatch:
+    """Held-out prompts, truncated so that prompt + AGREEMENT_NEW_TOKENS fit the window."""
+    seq2seq = backend.info.is_encoder_decoder
+    room = _window(backend) - (1 if seq2seq else AGREEMENT_NEW_TOKENS)
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="right" if seq2seq else "left",
+                    truncation=True, max_length=max(1, room), truncation_side="left" if not seq2seq else "right")
+    return EncodedBatch(enc["input_ids"], enc["attention_mask"])
+
+
+def token_agreement(reference: list[tuple[int, ...]], candidate: list[tuple[int, ...]]) -> tuple[float, int]:
+    """(share of reference tokens matched in place, count of identical sequences)."""
+    total = sum(max(1, len(r)) for r in reference)
+    same = sum(sum(1 for a, b in zip(r, c) if a == b) for r, c in zip(reference, candidate))
+    return same / total, sum(1 for r, c in zip(reference, candidate) if tuple(r) == tuple(c))
+
+
+def _beam_run(backend: Any, batch: EncodedBatch, options: Any) -> tuple[list[tuple[int, ...]], float]:
+    from deploylm.decoding.search import generate_ids
+
+    start = time.perf_counter()
+    hyps = generate_ids(backend, batch, options)
+    return [tuple(h[0].token_ids) for h in hyps], time.perf_counter() - start
+
+
+def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3, name: str = "model") -> QualityReport:
+    """Compare the graphs in cand_dir with the fp32 graphs in ref_dir (each a full artifact folder).
+
+    rounds: timed beam-4 rounds after one warm-up round; 0 measures no speed (speed_ratio NaN).
+    """
+    from deploylm.backends.onnx_backend import OnnxBackend
+    from deploylm.decoding.options import DecodingOptions
+    from deploylm.export.calibration import perplexity_texts
+    from deploylm.models.source import resolve_source
+    from deploylm.models.tokenizer import load_tokenizer
+
+    ref = OnnxBackend.from_folder(ref_dir, name=name)
+    cand = OnnxBackend.from_folder(cand_dir, name=name)
+    tokenizer = load_tokenizer(resolve_source(ref_dir))
+    texts, targets = perplexity_texts(held)
+    ppl_ref, n = perplexity(ref, tokenizer, texts, targets)
+    ppl, _ = perplexity(cand, tokenizer, texts, targets)
+    options = DecodingOptions(num_beams=AGREEMENT_BEAMS, max_new_tokens=AGREEMENT_NEW_TOKENS)
+    batch = _prompts(ref, tokenizer, held.inputs)
+    times: dict[str, list[float]] = {"ref": [], "cand": []}
+    outs: dict[str, list[tuple[int, ...]]] = {}
+    for round_ in range(rounds + 1):                        # round 0 warms both up and is not timed
+        for key, backend in (("ref", ref), ("cand", cand)):
+            outs[key], seconds = _beam_run(backend, batch, options)
+            if round_:
+                times[key].append(seconds)
+    agreement, identical = token_agreement(outs["ref"], outs["cand"])
+    times = {k: v or [math.nan] for k, v in times.items()}  # rounds = 0: outputs only, no timing
+    return QualityReport(perplexity_fp32=ppl_ref, perplexity=ppl, beam_agreement=agreement,
+                         sequences_identical=identical, prompts=len(outs["ref"]),
+                         fp32_bytes=graph_bytes(ref_dir), bytes=graph_bytes(cand_dir),
+                         fp32_seconds=statistics.median(times["ref"]), seconds=statistics.median(times["cand"]),
+                         scored_tokens=n)

@@ -1,0 +1,243 @@
+"""int8 / int4 quantization of ONNX graphs with onnxruntime's quantization tools.
+
+- dynamic (int8): `quantize_dynamic` on MatMul weights (weights int8, activations quantized per
+  call), QUInt8 or QInt8 weights, per channel and reduced range as the profile says;
+- static (int8): `quantize_static`, QDQ format, activation ranges calibrated (MinMax or
+  Percentile) on feeds from deploylm.export.calibration;
+- weight-only (int8 / int4): `MatMulNBitsQuantizer` (MatMulNBits, one scale per block of
+  `block_size`), RTN or HQQ; with int4 the lm_head (the MatMul writing the logits) is int8; with `embedding = true` the token embedding is quantized too (int4:
+  an int8 table with one scale per row, standard ONNX ops, for int8 and int4 alike).
+
+Before quantizing, a lm_head tied to the embedding (MatMul over a Transpose of the embedding table)
+is given its own constant weight, so the quantizers can see it. Every quantizer runs with the
+working directory set to a scratch folder: onnxruntime writes helper files to the cwd.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from deploylm.errors import UsageError
+
+
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[Path]:
+    """Run the body with cwd in a new temporary folder; the folder is deleted afterwards."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="deploylm-quant-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(old)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantizers log warnings (pre-processing advice, opset bumps) on every call."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def untie_lm_head(model: Any) -> int:
+    """Give every MatMul whose weight is Transpose(initializer) its own transposed initializer.
+
+    Returns how many MatMuls were rewired. Transposes left without consumers are removed.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] in inits:
+            continue
+        tr = producers.get(node.input[1])
+        if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[tr.input[0]])
+        if weight.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{tr.input[0]}.untied_T"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+            graph.initializer.append(inits[name])
+        node.input[1] = name
+        changed += 1
+    used = {i for n in graph.node for i in n.input}
+    for node in [n for n in graph.node if n.op_type == "Transpose" and n.output[0] not in used]:
+        if node.input[0] in inits:
+            graph.node.remove(node)
+    return changed
+
+
+class FeedReader:
+    """onnxruntime CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = list(feeds)
+        self._it = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+
+def quantize_graph(src: Path, dst: Path, precision: str, q: Any, *, feeds: list[dict] | None = None,
+                   exclude: tuple[str, ...] = ()) -> None:
+    """Quantize the graph file `src` into `dst` as `q` (a deploylm.profiles.Quantization) says.
+
+    exclude: node names left in fp32 (the fallback search's choice). feeds: calibration inputs
+    (static only).
+    """
+    import onnx
+
+    model = onnx.load(str(src))
+    untie_lm_head(model)
+    with scratch_cwd() as tmp, _quiet():
+        if q.method == "dynamic":
+            _dynamic(model, tmp, dst, q, exclude)
+        elif q.method == "static":
+            if not feeds:
+                raise UsageError("int8 static quantization needs calibration samples (--calibration FILE)")
+            _static(model, tmp, dst, q, exclude, feeds)
+        elif q.method == "weight-only":
+            _weight_only(model, dst, q, 4 if precision == "int4" else 8, exclude)
+        else:
+            raise UsageError(f"quantization method {q.method!r} is not known for precision {precision!r}")
+
+
+def _qtype(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if name == "quint8" else QuantType.QInt8
+
+
+def _dynamic(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...]) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], per_channel=bool(q.per_channel),
+                     reduce_range=bool(q.reduce_range), weight_type=_qtype(q.weight_type or "quint8"),
+                     nodes_to_exclude=list(exclude), extra_options={"MatMulConstBOnly": True})
+
+
+def _static(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...], feeds: list[dict]) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src = tmp / "fp32.onnx"
+    onnx.save(model, str(src))
+    method = CalibrationMethod.Percentile if q.calibration_method == "percentile" else CalibrationMethod.MinMax
+    quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul"], per_channel=bool(q.per_channel),
+                    reduce_range=bool(q.reduce_range), activation_type=QuantType.QUInt8,
+                    weight_type=_qtype(q.weight_type or "qint8"), nodes_to_exclude=list(exclude),
+                    calibrate_method=method, extra_options={"MatMulConstBOnly": True})
+
+
+def _weight_only(model: Any, dst: Path, q: Any, bits: int, exclude: tuple[str, ...]) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                  HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+
+    level = q.accuracy_level or None
+    if q.algorithm == "hqq":
+        if bits != 4:
+            raise UsageError("quantization.algorithm = 'hqq' is 4-bit only (onnxruntime's CPU MatMulNBits "
+                             "takes no float zero points at 8 bits): use algorithm = 'rtn' for int8")
+        config = HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=4, op_types_to_quantize=("MatMul",))
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=bool(q.symmetric),
+                                              accuracy_level=level, bits=bits, op_types_to_quantize=("MatMul",))
+    heads = lm_head_nodes(model) if bits == 4 else []
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=q.block_size, accuracy_level=level,
+                                     nodes_to_exclude=list(exclude) + heads, algo_config=config)
+    quantizer.process()
+    model = quantizer.model.model
+    heads = [h for h in heads if h not in exclude]
+    if heads:   # int4: the lm_head in int8 (HQQ int4 on SmolLM2's lm_head alone cost +20% perplexity)
+        head_config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True, bits=8,
+                                                   op_types_to_quantize=("MatMul",))
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=q.block_size, nodes_to_exclude=others,
+                                         algo_config=head_config)
+        quantizer.process()
+        model = quantizer.model.model
+    if q.embedding:   # int8 per row for both: 4-bit RTN embeddings lose too much (see quantize_embedding)
+        model = quantize_embedding(model, 8, q.block_size, exclude)
+    onnx.save(model, str(dst))
+
+
+def lm_head_nodes(model: Any) -> list[str]:
+    """MatMul nodes that write a graph output (the logits)."""
+    outputs = {o.name for o in model.graph.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.output[0] in outputs]
+
+
+def quantize_embedding(model: Any, bits: int, block_size: int, exclude: tuple[str, ...] = ()) -> Any:
+    """Quantize Gather nodes over a 2-D float table: an int8 table with one scale per row.
+
+    bits = 4 (GatherBlockQuantized, RTN with integer zero points) is kept for callers that want the
+    smallest table, but the int4 profile does not use it: on SmolLM2 it cost +19% perplexity.
+    """
+    if bits == 4:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                      MatMulNBitsQuantizer)
+
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=4,
+                                              op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, nodes_to_exclude=list(exclude),
+                                         algo_config=config)
+        quantizer.process()
+        return quantizer.model.model
+    for node in [n for n in model.graph.node if n.op_type == "Gather" and n.name not in exclude]:
+        _int8_gather(model, node)
+    return model
+
+
+def _int8_gather(model: Any, node: Any) -> None:
+    """Gather(table [V, D] fp32, ids) -> Cast(Gather(q [V, D] int8, ids)) * Gather(scale [V, 1], ids)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    if node.input[0] not in inits or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+        return
+    table = numpy_helper.to_array(inits[node.input[0]])
+    if table.ndim != 2 or table.dtype != np.float32:
+        return
+    scale = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-12) / 127.0           # [V, 1]
+    q = np.clip(np.round(table / scale), -127, 127).astype(np.int8)                        # [V, D]
+    base, ids, out = node.input[0], node.input[1], node.output[0]
+    model.graph.initializer.extend([numpy_helper.from_array(q, f"{base}.int8"),
+                                    numpy_helper.from_array(scale.astype(np.float32), f"{base}.scale")])
+    new = [helper.make_node("Gather", [f"{base}.int8", ids], [f"{out}.q"], name=f"{node.name}.q"),
+           helper.make_node("Cast", [f"{out}.q"], [f"{out}.f"], name=f"{node.name}.cast", to=TensorProto.FLOAT),
+           helper.make_node("Gather", [f"{base}.scale", ids], [f"{out}.s"], name=f"{node.name}.scale"),
+           helper.make_node("Mul", [f"{out}.f", f"{out}.s"], [out], name=f"{node.name}.dequant")]
+    index = list(model.graph.node).index(node)
+    model.graph.node.remove(node)
+    for offset, n in enumerate(new):
+        model.graph.node.insert(index + offset, n)
+    if not any(base in n.input for n in model.graph.node):
+        model.graph.initializer.remove(inits[base])

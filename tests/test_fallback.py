@@ -1,0 +1,130 @@
+"""Parity-guided fp32 fallback: a model whose activations overflow fp16 (one MLP scaled so the
+residual stream exceeds 65504) gives NaN/inf in fp16 without fallback, and passes parity with
+`auto = true`; plus the search and ranking helpers on their own."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from deploylm.backends.onnx_backend import OnnxBackend
+from deploylm.backends.torch_backend import TorchBackend
+from deploylm.decoding.options import DecodingOptions
+from deploylm.errors import CheckFailed
+from deploylm.export.calibration import graph_feeds
+from deploylm.export.fallback import Verdict, run_all_outputs, search
+from deploylm.export.precision_step import apply_precision
+from deploylm.generator import Generator
+from deploylm.models.source import resolve_source
+from deploylm.models.tokenizer import load_tokenizer
+from deploylm.parity import DEFAULT_PROMPTS, compare_backends
+from deploylm.profiles import PrecisionFallback, load_profile
+from tests.helpers.tiny_hf import build_tiny_hf
+
+FP16_MAX = 65504.0
+
+
+@pytest.fixture(scope="module")
+def overflow_model(tmp_path_factory):
+    """A tiny Llama whose first MLP output is scaled by 1e8 (~3e5): fine in fp32, inf in fp16."""
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_hf("llama", tmp_path_factory.mktemp("overflow"))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e8)
+        out = model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]]), output_hidden_states=True)
+    assert out.hidden_states[1].abs().max() > FP16_MAX and torch.isfinite(out.logits).all()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def overflow_fp32(overflow_model, tmp_path_factory):
+    from deploylm.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("overflow-art") / "fp32"
+    export_model(overflow_model, "fp32", out)
+    return out
+
+
+def _fp16(auto: bool):
+    return dataclasses.replace(load_profile("fp16"), precision_fallback=PrecisionFallback(ops=(), auto=auto))
+
+
+def _copy(artifact, tmp_path):
+    folder = tmp_path / "tmp-artifact"
+    shutil.copytree(artifact, folder, ignore=shutil.ignore_patterns("manifest.json", "parity.json"))
+    return folder
+
+
+def _parity(src, folder, profile):
+    reference = TorchBackend.from_source(resolve_source(src))
+    tokenizer = load_tokenizer(resolve_source(src))
+    options = DecodingOptions.from_mapping(profile.generation).replace(max_new_tokens=8)
+    batch = Generator(reference, tokenizer).encode(list(DEFAULT_PROMPTS), options)
+    candidate = OnnxBackend.from_folder(folder, name="fp16")
+    return compare_backends(reference, {"onnx": candidate}, batch, options, profile.parity, tokenizer)
+
+
+@pytest.mark.slow
+def test_fp16_without_fallback_overflows(overflow_model, overflow_fp32, tmp_path):
+    folder = _copy(overflow_fp32, tmp_path)
+    with pytest.raises(CheckFailed, match="profile fp16 misses its checks"):
+        apply_precision(folder, _fp16(auto=False), resolve_source(overflow_model), rounds=0)
+    report = apply_precision(folder, _fp16(auto=False), resolve_source(overflow_model), rounds=0,
+                             allow_quality_loss=True)
+    assert report.budget_failures and report.auto_kept == 0
+    feeds = graph_feeds(overflow_fp32, [[5, 6, 7, 8, 9]])["model.onnx"][0]
+    fp32 = run_all_outputs(onnx.load(str(overflow_fp32 / "model.onnx")), feeds)
+    fp16 = run_all_outputs(onnx.load(str(folder / "model.onnx")), feeds)
+    assert all(np.isfinite(v).all() for v in fp32.values())
+    overflowed = [name for name, v in fp16.items() if not np.isfinite(v).all()]
+    assert overflowed                                # inf/NaN inside the fp16 graph
+    assert not _parity(overflow_model, folder, _fp16(auto=False)).passed
+
+
+@pytest.mark.slow
+def test_fp16_with_auto_fallback_passes_parity(overflow_model, overflow_fp32, tmp_path):
+    folder = _copy(overflow_fp32, tmp_path)
+    profile = _fp16(auto=True)
+    report = apply_precision(folder, profile, resolve_source(overflow_model), rounds=1)
+    assert report.auto_kept > 0 and report.budget_failures == ()
+    kept = report.kept_fp32["model.onnx"]
+    assert any("linear_6" in n or "down" in n or n.startswith("node_linear") for n in kept), kept
+    assert report.fallback_cost["bytes_after"] >= report.fallback_cost["bytes_before"]
+    assert math.isfinite(report.quality["perplexity"])
+    parity = _parity(overflow_model, folder, profile)
+    assert parity.passed, parity.table()
+
+
+def _verdict(kept, passed):
+    return Verdict(kept, () if passed else ("fails",), None)
+
+
+def test_search_finds_the_smallest_passing_prefix():
+    ranked = [("g", f"n{i}") for i in range(20)]
+    needed = 11                                     # passes once the first 11 ranked nodes are kept
+    calls = []
+
+    def judge(kept):
+        calls.append(len(kept["g"]))
+        return _verdict(kept, len(kept["g"]) >= needed)
+
+    result = search(ranked, {"g": ()}, judge, _verdict({"g": ()}, False))
+    assert result.final.passed and len(result.final.kept["g"]) == needed
+    assert calls[:5] == [1, 2, 4, 8, 16] and len(calls) <= 10
+
+
+def test_search_without_a_pass_keeps_only_the_listed_nodes():
+    ranked = [("g", "a"), ("g", "b"), ("g", "c")]
+    tried = []
+    judge = lambda kept: tried.append(kept["g"]) or _verdict(kept, False)  # noqa: E731
+    result = search(ranked, {"g": ("base",)}, judge, _verdict({"g": ("base",)}, False))
+    assert tried[-1] == ("base", "a", "b", "c")                     # it tried everything ranked
+    assert not result.final.passed and result.final.kept["g"] == ("base",) and result.attempts == 4

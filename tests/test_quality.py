@@ -1,0 +1,125 @@
+"""The quality report (deploylm.export.quality) and its budget at export: agreement and budget
+arithmetic, identical graphs measure as identical, and `deploylm export` refuses (exit 1, nothing
+written) a profile whose budget is missed unless --allow-quality-loss; a missing calibration file
+and a method unknown for the precision are exit 2 with nothing written."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.export.calibration import HELD_OUT_PROMPTS, TextSet
+from deploylm.export.quality import QualityReport, measure_quality, token_agreement
+from deploylm.profiles import QualityBudget
+
+STRICT = """
+name = "strict-int4"
+description = "int4 with a budget no int4 graph meets"
+precision = "int4"
+backends = ["onnx"]
+[quantization]
+method = "weight-only"
+algorithm = "rtn"
+block_size = 16
+[precision_fallback]
+auto = false
+[parity]
+logits_atol = 100.0
+logprob_atol = 100.0
+min_token_agreement = 0.0
+[quality]
+max_perplexity_increase = 0.0
+min_beam_agreement = 1.0
+[generation]
+num_beams = 2
+max_new_tokens = 8
+"""
+
+
+def _report(**changes):
+    base = dict(perplexity_fp32=10.0, perplexity=10.5, beam_agreement=0.75, sequences_identical=1, prompts=4,
+                fp32_bytes=1000, bytes=300, fp32_seconds=2.0, seconds=1.0, scored_tokens=50)
+    return QualityReport(**{**base, **changes})
+
+
+def test_token_agreement_counts_reference_tokens_matched_in_place():
+    ref = [(1, 2, 3, 4), (5, 6)]
+    assert token_agreement(ref, ref) == (1.0, 2)
+    assert token_agreement(ref, [(1, 2, 9, 4), (5,)]) == (4 / 6, 0)
+    assert token_agreement(ref, [(9, 9, 9, 9), (7, 6)]) == (1 / 6, 0)
+
+
+def test_budget_failures_name_the_measure_and_the_limit():
+    report = _report()
+    assert math.isclose(report.perplexity_increase, 0.05) and report.size_ratio == 0.3 and report.speed_ratio == 2.0
+    assert report.failures(QualityBudget(max_perplexity_increase=0.08, min_beam_agreement=0.7)) == []
+    fails = report.failures(QualityBudget(max_perplexity_increase=0.02, min_beam_agreement=0.8))
+    assert "perplexity +5.00% over fp32 > max_perplexity_increase +2.00%" in fails[0]
+    assert "beam-4 token agreement 0.750 < min_beam_agreement 0.8" in fails[1]
+    broken = _report(perplexity=math.inf, seconds=0.0)
+    assert broken.failures(QualityBudget(max_perplexity_increase=10.0))
+    assert broken.to_dict()["perplexity"] is None and broken.to_dict()["speed_ratio"] is None
+
+
+@pytest.fixture(scope="module")
+def gpt2_fp32(tiny_gpt2_dir, tmp_path_factory):
+    from deploylm.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("quality") / "gpt2-fp32"
+    export_model(tiny_gpt2_dir, "fp32", out)
+    return out
+
+
+@pytest.mark.slow
+def test_identical_graphs_measure_identical(gpt2_fp32, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(gpt2_fp32, copy)
+    report = measure_quality(gpt2_fp32, copy, TextSet(HELD_OUT_PROMPTS, None, "builtin"), rounds=1)
+    assert report.perplexity == report.perplexity_fp32 and math.isfinite(report.perplexity)
+    assert report.beam_agreement == 1.0 and report.sequences_identical == report.prompts == len(HELD_OUT_PROMPTS)
+    assert report.size_ratio == 1.0 and report.speed_ratio > 0 and report.scored_tokens > 20
+
+
+def _export(*args):
+    return CliRunner().invoke(cli, ["export", *args])
+
+
+@pytest.mark.slow
+def test_missed_budget_exits_1_and_writes_nothing_unless_allowed(tiny_gpt2_dir, tmp_path):
+    profile = tmp_path / "strict.toml"
+    profile.write_text(STRICT)
+    out = tmp_path / "art" / "gpt2-int4"
+    result = _export("--model", str(tiny_gpt2_dir), "--profile", str(profile), "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert "error: profile strict-int4 misses its checks" in result.output and "--allow-quality-loss" in result.output
+    assert list((tmp_path / "art").iterdir()) == []                       # no artifact, no leftovers
+    result = _export("--model", str(tiny_gpt2_dir), "--profile", str(profile), "--out", str(out),
+                     "--allow-quality-loss")
+    assert result.exit_code == 0, result.output
+    assert "quality budget NOT met" in result.output and "quality: perplexity" in result.output
+    quality = json.loads((out / "manifest.json").read_text())["quality"]
+    assert quality["budget_met"] is False and quality["budget_failures"]
+    assert quality["size_ratio"] < 1.0 and quality["speed_ratio"] > 0 and quality["precision"] == "int4"
+    assert [p.name for p in (tmp_path / "art").iterdir()] == ["gpt2-int4"]
+
+
+def test_unknown_method_for_the_precision_exits_2(tiny_gpt2_dir, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(STRICT.replace('method = "weight-only"', 'method = "dynamic"'))
+    result = _export("--model", str(tiny_gpt2_dir), "--profile", str(bad), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "quantization.method = 'dynamic' is not allowed: expected one of weight-only" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
+
+
+@pytest.mark.slow
+def test_missing_calibration_file_exits_2(tiny_gpt2_dir, tmp_path):
+    result = _export("--model", str(tiny_gpt2_dir), "--profile", "int8-static", "--out", str(tmp_path / "out"),
+                     "--calibration", str(tmp_path / "nope.txt"))
+    assert result.exit_code == 2, result.output
+    assert "--calibration" in result.output and "does not exist" in result.output
+    assert list(tmp_path.iterdir()) == []
