@@ -285,3 +285,14 @@ def test_cli_bad_long_input_options_are_one_line(tiny_gpt2_dir, args, message):
 def test_cli_help_lists_the_long_input_flags():
     out = run("--help")
     assert out.exit_code == 0 and "--truncation" in out.output and "--window-overlap" in out.output
+
+
+def test_a_learned_position_encoder_decoder_has_a_window(tmp_path):
+    """BART's max_position_embeddings bounds its source: over-long sources are refused, not crashed on."""
+    from tests.helpers.tiny_hf import build_tiny_hf
+
+    gen = load(build_tiny_hf("bart", tmp_path / "bart"), backend="torch")
+    assert gen.backend.info.max_positions == 128
+    with pytest.raises(UsageError, match="window"):
+        gen.generate(["one two three " * 60], num_beams=2, max_new_tokens=4)
+    assert gen.generate(["one two three"], num_beams=2, max_new_tokens=4)[0].sequences

@@ -127,11 +127,18 @@ def model_info(model: Any, name: str) -> ModelInfo:
     """ModelInfo of a transformers model: kind, logits width, special tokens, position window, decoding settings."""
     config = model.config
     vocab = model.get_output_embeddings().weight.shape[0]
-    text_config = config.get_text_config(decoder=True)
-    window = None if config.is_encoder_decoder else getattr(text_config, "max_position_embeddings", None)
     return ModelInfo(is_encoder_decoder=bool(config.is_encoder_decoder), vocab_size=int(vocab),
-                     special=special_tokens(model), max_positions=window, name=name,
+                     special=special_tokens(model), max_positions=position_window(config), name=name,
                      generation=generation_settings(model.generation_config))
+
+
+def position_window(config: Any) -> int | None:
+    """The model's position window (max_position_embeddings) or None when it has none (T5: relative positions).
+
+    Learned-position encoder-decoders (BART, Marian) share one window for the source and the output.
+    """
+    window = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return None if window is None else int(window)
 
 
 def generation_settings(gen: Any) -> dict[str, Any]:
