@@ -1,0 +1,28 @@
+"""Every command of `deploylm` is listed by `--help` and answers its own `--help` (a meta-test:
+a command added to deploylm.cli.COMMANDS without a working module fails here)."""
+import pytest
+from click.testing import CliRunner
+
+from deploylm import __version__
+from deploylm.cli import COMMANDS, cli
+
+
+def test_group_help_lists_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0, result.output
+    for name in COMMANDS:
+        assert f"  {name}" in result.output, f"`deploylm --help` does not list {name}"
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_each_command_has_help(name):
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: cli {name}") or f" {name} " in result.output.splitlines()[0]
+    assert len(result.output.splitlines()) > 3  # options are documented, not an empty stub
+
+
+def test_version_and_unknown_command():
+    assert __version__ in CliRunner().invoke(cli, ["--version"]).output
+    result = CliRunner().invoke(cli, ["no-such-command"])
+    assert result.exit_code == 2 and "no-such-command" in result.output
