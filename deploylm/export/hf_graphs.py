@@ -25,18 +25,73 @@ def _flatten(cache) -> list[Tensor]:
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
+GQA_ATTENTION = "deploylm_gqa"  # the attention implementation graphs of grouped-query models are traced with
+
+
+def gqa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  scaling: float, dropout: float = 0.0, **_: object) -> tuple[Tensor, None]:
+    """Eager attention without `repeat_kv`: the G query heads of one K/V head share one matmul.
+
+    query [B, H, T, Dh], key/value [B, Hkv, L, Dh], attention_mask additive [B, 1, T, L] -> [B, T, H, Dh].
+    The same arithmetic as transformers' eager attention, but the graph never copies K/V to H heads
+    (that copy was the largest memory traffic of a decode step).
+    """
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    q = query.reshape(batch, kv_heads, groups * length, head_dim)                  # [B, Hkv, G*T, Dh]
+    scores = torch.matmul(q, key.transpose(2, 3)) * scaling                        # [B, Hkv, G*T, L]
+    if attention_mask is not None:
+        total = scores.shape[-1]
+        scores = (scores.view(batch, kv_heads, groups, length, total) + attention_mask[:, :, None]
+                  ).view(batch, kv_heads, groups * length, total)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value)                                               # [B, Hkv, G*T, Dh]
+    return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
+
+
+def _uses_gqa_attention(model: nn.Module) -> bool:
+    """Grouped-query models whose attention goes through transformers' attention interface."""
+    config = model.config
+    heads, kv_heads = getattr(config, "num_attention_heads", 0), getattr(config, "num_key_value_heads", 0)
+    return bool(getattr(model, "_supports_attention_backend", False) and kv_heads and heads > kv_heads
+                and heads % kv_heads == 0 and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+
+
+def _register_gqa_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GQA_ATTENTION, gqa_attention)
+    AttentionMaskInterface.register(GQA_ATTENTION, eager_mask)
+
+
 class HFCausalGraph(nn.Module):
-    """model.onnx of a Hugging Face causal LM: (ids, mask, positions, *past) -> (logits [B,1,V], *present)."""
+    """model.onnx of a Hugging Face causal LM: (ids, mask, positions, *past) -> (logits [B,1,V], *present).
+
+    Grouped-query models are traced with `gqa_attention` (the model's own attention setting is put
+    back after every call, so the torch model used elsewhere is unchanged).
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.attention = GQA_ATTENTION if _uses_gqa_attention(model) else None
+        if self.attention:
+            _register_gqa_attention()
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         input_ids, attention_mask, position_ids, *past = inputs
-        cache = _dynamic_cache(self.model.config, tuple(past))  # each [B, Hkv, P, Dh]
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=1)
+        config = self.model.config
+        original = config._attn_implementation
+        if self.attention:
+            config._attn_implementation = self.attention
+        try:
+            cache = _dynamic_cache(config, tuple(past))  # each [B, Hkv, P, Dh]
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            config._attn_implementation = original
         return (out.logits[:, -1:, :].float(), *_flatten(cache))  # [B, 1, V], [B, Hkv, P+T, Dh]
 
 
