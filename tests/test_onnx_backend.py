@@ -207,3 +207,27 @@ def test_session_settings(artifact):
     assert session.get_session_options().inter_op_num_threads == 1
     with pytest.raises(UsageError, match="opt_level"):
         create_session(graph, opt_level="max")
+
+
+def test_model_generation_settings_reach_the_onnx_backend(tmp_path):
+    """A model's own decoding settings (forced BOS/EOS, bad words, suppressed tokens) are applied on ONNX
+    exactly as on torch: same ModelInfo.generation, same beams."""
+    import json
+
+    from tests.helpers.tiny_hf import build_tiny_hf
+
+    src = build_tiny_hf("bart", tmp_path / "bart")
+    gen_file = src / "generation_config.json"
+    gen = json.loads(gen_file.read_text())
+    gen.update(forced_bos_token_id=5, forced_eos_token_id=1, bad_words_ids=[[7], [9, 10]], suppress_tokens=[11])
+    gen_file.write_text(json.dumps(gen))
+    out = tmp_path / "artifact"
+    export_model(src, "fp32", out)
+    ref, onnx = TorchBackend.from_source(str(src)), OnnxBackend.from_source(str(out))
+    assert onnx.info.generation == ref.info.generation
+    assert onnx.info.generation["forced_bos_token_id"] == 5 and onnx.info.max_positions == ref.info.max_positions
+    batch = _batch(ref, src)
+    options = DecodingOptions(num_beams=4, max_new_tokens=6)
+    got, want = generate_ids(onnx, batch, options), generate_ids(ref, batch, options)
+    assert [[h.token_ids for h in hyps] for hyps in got] == [[h.token_ids for h in hyps] for hyps in want]
+    assert all(hyps[0].token_ids[0] == 5 for hyps in got)  # the forced BOS really applied

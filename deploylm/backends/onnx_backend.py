@@ -291,7 +291,7 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
     """ModelInfo and generation defaults from config.json, generation_config.json and the graphs."""
     import json
 
-    from deploylm.models.hf import GENERATION_DEFAULT_KEYS
+    from deploylm.models.hf import GENERATION_DEFAULT_KEYS, generation_settings
 
     config = json.loads((folder / "config.json").read_text())
     gen_file = folder / "generation_config.json"
@@ -302,7 +302,8 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
         special, is_seq2seq, window = _seed_special(config, gen), config.get("arch") == "seq2seq", config.get("max_positions")
     else:
         special, is_seq2seq, window = _hf_special(folder)
-    info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window, name=name)
+    info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window,
+                     name=name, generation=generation_settings(gen))  # model-level processors, as torch
     defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if gen.get(k) is not None}
     defaults.update(generation)
     return info, defaults
@@ -314,7 +315,7 @@ def _hf_special(path: Path) -> tuple[SpecialTokens, bool, int | None]:
 
     from transformers import AutoConfig, GenerationConfig
 
-    from deploylm.models.hf import special_tokens
+    from deploylm.models.hf import position_window, special_tokens
 
     config = AutoConfig.from_pretrained(path)
     try:
@@ -322,8 +323,7 @@ def _hf_special(path: Path) -> tuple[SpecialTokens, bool, int | None]:
     except OSError:
         gen = GenerationConfig.from_model_config(config)
     special = special_tokens(SimpleNamespace(config=config, generation_config=gen, name_or_path=str(path)))
-    window = None if config.is_encoder_decoder else getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-    return special, bool(config.is_encoder_decoder), window
+    return special, bool(config.is_encoder_decoder), position_window(config)
 
 
 def _seed_special(config: dict[str, Any], gen: dict[str, Any]) -> SpecialTokens:
