@@ -11,6 +11,7 @@ the batch axis: the output has len(beam_idx) rows; rows of the same input stay c
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -93,3 +94,12 @@ class BackendStats:
     calls: int = 0
     seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, fn: Any, *args: Any) -> Any:
+        """Run fn(*args) under torch.inference_mode(), counting one call and its wall time."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            result = fn(*args)
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+        return result

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,25 +154,17 @@ class OnnxBackend:
     # -- the Backend protocol -------------------------------------------------------------------
     def prefill(self, batch: EncodedBatch) -> tuple[Tensor, State]:
         """Prompt (decoder-only) or encoder + decoder start (enc-dec) -> logits [B, V] fp32, state of B rows."""
-        return self._timed(self._prefill_seq2seq if self.is_seq2seq else self._prefill_causal, batch.to(self.device))
+        return self.stats.timed(self._prefill_seq2seq if self.is_seq2seq else self._prefill_causal, batch.to(self.device))
 
     def decode(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens [R] -> logits [R, V] fp32 and the advanced state."""
         tokens = tokens.to(self.device, torch.long)
-        return self._timed(self._decode_seq2seq if self.is_seq2seq else self._decode_causal, tokens, state)
+        return self.stats.timed(self._decode_seq2seq if self.is_seq2seq else self._decode_causal, tokens, state)
 
     def reorder(self, state: State, beam_idx: Tensor) -> State:
         """Keep rows beam_idx [R'] (gather on the batch axis)."""
         fn = self._reorder_seq2seq if self.is_seq2seq else self._reorder_causal
-        return self._timed(fn, state, beam_idx.to(self.device, torch.long))
-
-    def _timed(self, fn: Any, *args: Any) -> Any:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            result = fn(*args)
-        self.stats.calls += 1
-        self.stats.seconds += time.perf_counter() - start
-        return result
+        return self.stats.timed(fn, state, beam_idx.to(self.device, torch.long))
 
     # -- running a graph ------------------------------------------------------------------------
     def _run(self, file: str, feeds: dict[str, Tensor], outputs: dict[str, tuple[int, ...] | Tensor]) -> dict[str, Tensor]:

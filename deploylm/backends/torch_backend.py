@@ -10,7 +10,6 @@ States are consumed: after `decode(tokens, state)` or `reorder(state, idx)` use 
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -61,23 +60,15 @@ class TorchBackend:
     # -- the Backend protocol -------------------------------------------------------------------
     def prefill(self, batch: EncodedBatch) -> tuple[Tensor, State]:
         """Prompt (decoder-only) or encoder + decoder start (enc-dec) -> logits [B, V] fp32, state of B rows."""
-        return self._timed(self._prefill, batch.to(self.device))
+        return self.stats.timed(self._prefill, batch.to(self.device))
 
     def decode(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens [R] -> logits [R, V] fp32 and the advanced state."""
-        return self._timed(self._decode, tokens.to(self.device, torch.long), state)
+        return self.stats.timed(self._decode, tokens.to(self.device, torch.long), state)
 
     def reorder(self, state: State, beam_idx: Tensor) -> State:
         """Keep rows beam_idx [R'] (gather on the batch axis)."""
-        return self._timed(self._reorder, state, beam_idx.to(self.device, torch.long))
-
-    def _timed(self, fn: Any, *args: Any) -> Any:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            result = fn(*args)
-        self.stats.calls += 1
-        self.stats.seconds += time.perf_counter() - start
-        return result
+        return self.stats.timed(self._reorder, state, beam_idx.to(self.device, torch.long))
 
     def _prefill(self, batch: EncodedBatch) -> tuple[Tensor, State]:
         raise NotImplementedError
