@@ -4,6 +4,7 @@ nothing in the working directory."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -150,3 +151,13 @@ def test_feed_reader_rewinds():
     assert reader.get_next() is FEEDS[0] and reader.get_next() is FEEDS[1] and reader.get_next() is None
     reader.rewind()
     assert reader.get_next() is FEEDS[0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_relative_output_paths_land_where_asked(case, fp32, tmp_path, monkeypatch):
+    """`deploylm export --out export/x` passes relative paths; the quantizers' scratch cwd must not move them."""
+    precision, q, _, _ = CASES[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    quantize_graph(fp32, Path("sub/q.onnx"), precision, q, feeds=FEEDS)
+    assert (tmp_path / "sub" / "q.onnx").is_file()

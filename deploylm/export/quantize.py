@@ -113,6 +113,7 @@ def quantize_graph(src: Path, dst: Path, precision: str, q: Any, *, feeds: list[
     """
     import onnx
 
+    dst = Path(dst).absolute()  # the quantizers run in a scratch cwd: a relative dst would land there
     model = onnx.load(str(src))
     untie_lm_head(model)
     with scratch_cwd() as tmp, _quiet():
