@@ -173,3 +173,31 @@ def test_an_input_that_is_done_keeps_its_hypotheses_while_the_batch_runs_on():
     events = iter_search(backend, encode([(A,), (B,)]), options)
     done = [event.done.tolist() for event in events]
     assert done[:4] == [[False, False], [False, False], [True, False], [True, False]] and done[-1] == [True, True]
+
+
+def test_chunked_topk_equals_the_full_topk_whenever_it_answers():
+    """The fast candidate selection returns exactly torch.topk's values and indices, or None (then the
+    caller runs the full top-k): random, tied and -inf-heavy log-probs, several shapes."""
+    import torch
+
+    from deploylm.decoding.beam import _chunked_topk
+
+    g = torch.Generator().manual_seed(1)
+    answered = 0
+    for trial in range(600):
+        B, K = [(8, 4), (2, 3), (1, 2), (3, 5)][trial % 4]
+        V, k = [49152, 96, 1000, 64, 40][trial % 5], 2 * [(8, 4), (2, 3), (1, 2), (3, 5)][trial % 4][1]
+        lp = torch.log_softmax(torch.randn(B * K, V, generator=g) * [0.01, 3, 30][trial % 3], -1)
+        if trial % 7 == 0:
+            lp = torch.round(lp * 4) / 4  # many ties
+        if trial % 11 == 0:
+            lp[:, torch.randint(0, V, (V // 2,), generator=g)] = -float("inf")
+        bs = torch.randn(B, K, generator=g)
+        if trial % 2:
+            bs[:, 1:] = -1e9  # the first step: beam 0 alone
+        want = torch.topk((lp.view(B, K, V) + bs[:, :, None]).view(B, K * V), k)
+        got = _chunked_topk(lp, bs, k)
+        if got is not None:
+            answered += 1
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial
+    assert answered > 100  # the fast path is really taken

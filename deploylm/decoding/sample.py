@@ -37,6 +37,7 @@ class SampleSearch:
         self.sum_logprobs = torch.zeros(B * self.N, dtype=torch.float, device=dev)
         self.gen_len = torch.zeros(B * self.N, dtype=torch.long, device=dev)
         self.all_done = False
+        self._log_probs: Tensor | None = None                                   # [R, V] reused every step
 
     def step(self, logits: Tensor, time_up: bool = False) -> tuple[None, Tensor]:
         """logits [R, V] -> (None: rows never move, next tokens [R])."""
@@ -46,7 +47,7 @@ class SampleSearch:
             tokens = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
         else:
             tokens = torch.argmax(scores, dim=-1)
-        logprob = torch.nn.functional.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        logprob = self._log_softmax(logits.float()).gather(1, tokens[:, None]).squeeze(1)    # [R]
         self.sum_logprobs += torch.where(self.unfinished, logprob, 0.0)
         self.gen_len += self.unfinished.long()
         if self.has_eos:
@@ -59,6 +60,13 @@ class SampleSearch:
         self.unfinished = self.unfinished & ~stop
         self.all_done = not bool(self.unfinished.any())
         return None, tokens
+
+    def _log_softmax(self, logits: Tensor) -> Tensor:
+        """log_softmax of fp32 logits [R, V] into a buffer reused across steps (no allocation per step)."""
+        if self._log_probs is None or self._log_probs.shape != logits.shape \
+                or self._log_probs.device != logits.device:
+            self._log_probs = torch.empty_like(logits)
+        return torch.log_softmax(logits, dim=-1, out=self._log_probs)
 
     def input_done(self) -> Tensor:
         """[B] bool: every draw of the input has finished."""
