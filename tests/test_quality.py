@@ -123,3 +123,16 @@ def test_missing_calibration_file_exits_2(tiny_gpt2_dir, tmp_path):
     assert result.exit_code == 2, result.output
     assert "--calibration" in result.output and "does not exist" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_calibration_file_is_refused_before_any_export_work(tiny_gpt2_dir, tmp_path, monkeypatch):
+    from deploylm.errors import UsageError
+    from deploylm.export import pipeline
+
+    def must_not_load(*_):
+        raise AssertionError("the model was loaded before the calibration file was checked")
+
+    monkeypatch.setattr(pipeline, "_load_model", must_not_load)
+    with pytest.raises(UsageError, match="--calibration"):
+        pipeline.export_model(tiny_gpt2_dir, "int8-static", tmp_path / "out", calibration=tmp_path / "nope.txt")
+    assert not (tmp_path / "out").exists()

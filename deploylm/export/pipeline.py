@@ -75,6 +75,9 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     out = Path(out_dir) if out_dir is not None else default_out_dir(source, profile.name)
     if out.exists() and not force:
         raise UsageError(f"output folder {out} already exists: pass --force to replace it")
+    from deploylm.export.calibration import check_calibration_file
+
+    check_calibration_file(calibration)  # before minutes of export, not after
     timings: dict[str, float] = {}
     model = _timed(timings, "load", _load_model, source)
     plan = plan_graphs(model)
