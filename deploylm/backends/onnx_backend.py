@@ -282,6 +282,7 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
     """ModelInfo and generation defaults from config.json, generation_config.json and the graphs."""
     import json
 
+    from deploylm.backends.torch_seq2seq import seed_special_tokens
     from deploylm.models.hf import GENERATION_DEFAULT_KEYS, generation_settings
 
     config = json.loads((folder / "config.json").read_text())
@@ -290,7 +291,7 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
     graph = sessions.get(io_spec.DECODER_FILE) or sessions[io_spec.MODEL_FILE]
     vocab = int(next(o.shape[-1] for o in graph.get_outputs() if o.name == "logits"))
     if str(config.get("model_type", "")).startswith("deploylm"):
-        special, is_seq2seq, window = _seed_special(config, gen), config.get("arch") == "seq2seq", config.get("max_positions")
+        special, is_seq2seq, window = seed_special_tokens(config, gen), config.get("arch") == "seq2seq", config.get("max_positions")
     else:
         special, is_seq2seq, window = _hf_special(folder)
     info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window,
@@ -316,14 +317,3 @@ def _hf_special(path: Path) -> tuple[SpecialTokens, bool, int | None]:
     special = special_tokens(SimpleNamespace(config=config, generation_config=gen, name_or_path=str(path)))
     return special, bool(config.is_encoder_decoder), position_window(config)
 
-
-def _seed_special(config: dict[str, Any], gen: dict[str, Any]) -> SpecialTokens:
-    """As deploylm.backends.torch_seq2seq.open_checkpoint reads a checkpoint's special tokens."""
-    eos = gen.get("eos_token_id", config["eos_token_id"])
-    return SpecialTokens(
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
-        pad_token_id=int(gen.get("pad_token_id", config["pad_token_id"])),
-        bos_token_id=int(gen.get("bos_token_id", config["bos_token_id"])),
-        decoder_start_token_id=int(gen.get("decoder_start_token_id", config["decoder_start_token_id"]))
-        if config.get("arch") == "seq2seq" else None,
-    )

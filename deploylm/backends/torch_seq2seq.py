@@ -8,7 +8,10 @@ not contiguous), the cross K/V are gathered to one row per decoder row, which de
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -20,6 +23,21 @@ from deploylm.models.source import Source
 KV = tuple[Tensor, Tensor]
 
 
+def seed_special_tokens(config: Mapping[str, Any], gen: Mapping[str, Any]) -> SpecialTokens:
+    """A deploylm checkpoint's special tokens: generation_config.json first, then config.json.
+
+    Shared by every backend that opens a deploylm checkpoint or its artifact.
+    """
+    eos = gen.get("eos_token_id", config["eos_token_id"])
+    return SpecialTokens(
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
+        pad_token_id=int(gen.get("pad_token_id", config["pad_token_id"])),
+        bos_token_id=int(gen.get("bos_token_id", config["bos_token_id"])),
+        decoder_start_token_id=int(gen.get("decoder_start_token_id", config["decoder_start_token_id"]))
+        if config.get("arch") == "seq2seq" else None,
+    )
+
+
 def open_checkpoint(source: Source, *, dtype: torch.dtype, device: torch.device) -> TorchBackend:
     """The torch backend for a deploylm checkpoint folder (seq2seq or decoder-only)."""
     from deploylm.models.checkpoint import load_checkpoint, load_generation_config
@@ -27,14 +45,7 @@ def open_checkpoint(source: Source, *, dtype: torch.dtype, device: torch.device)
     model, config = load_checkpoint(source.path, device=device)
     model = model.to(dtype).eval()
     gen = load_generation_config(source.path)
-    eos = gen.get("eos_token_id", config.eos_token_id)
-    special = SpecialTokens(
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
-        pad_token_id=int(gen.get("pad_token_id", config.pad_token_id)),
-        bos_token_id=int(gen.get("bos_token_id", config.bos_token_id)),
-        decoder_start_token_id=int(gen.get("decoder_start_token_id", config.decoder_start_token_id))
-        if config.arch == "seq2seq" else None,
-    )
+    special = seed_special_tokens(config.to_dict(), gen)
     info = ModelInfo(is_encoder_decoder=config.arch == "seq2seq", vocab_size=config.vocab_size, special=special,
                      max_positions=config.max_positions, name=source.name)
     defaults = {key: gen[key] for key in GENERATION_DEFAULT_KEYS if gen.get(key) is not None}
