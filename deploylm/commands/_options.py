@@ -102,3 +102,10 @@ def torch_options(fn: Callable) -> Callable:
 
 def _metavar(kind: Any) -> str:
     return {INT: "INT", FLOAT: "FLOAT"}.get(kind, "TEXT")
+
+
+def quiet_transformers() -> None:
+    """No weight-loading progress bars from transformers on the terminal (errors and warnings still show)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from deploylm.commands._options import INT
+from deploylm.commands._options import INT, quiet_transformers
 from deploylm.errors import UsageError
 
 
@@ -29,9 +29,7 @@ def command(src, text, out, layer, head, max_new_tokens, device) -> None:
     layer_choice, head_choice = attention.parse_layer(layer), attention.parse_head(head)
     attention.check_png_path(out)
     attention.require_matplotlib()                 # fail before the model loads
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    quiet_transformers()
     maps = attention.attention_maps(src, text, max_new_tokens=max_new_tokens, device=device)
     path = attention.draw_attention(maps, out, layer=layer_choice, head=head_choice)
     shapes = ", ".join(f"{m.kind} {len(m.layers)}x{tuple(m.layers[0].shape)}" for m in maps)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from deploylm.commands._options import FLOAT, INT
+from deploylm.commands._options import FLOAT, INT, quiet_transformers
 from deploylm.errors import UsageError
 from deploylm.training.distill import DistillConfig
 
@@ -34,11 +34,9 @@ def command(teacher, out, **options) -> None:
     if not out:
         raise UsageError("--out DIR is required: the folder the student is written to")
     config = DistillConfig(teacher=teacher, out=out, **options)
-    from transformers.utils import logging
-
     from deploylm.training.distill import distill
 
-    logging.disable_progress_bar()        # no weight-loading bars; distill shows its own progress
+    quiet_transformers()                  # no weight-loading bars; distill shows its own progress
     result = distill(config)
     first, last = result.losses[0], result.losses[-1]
     click.echo(f"student: {result.out}  ({result.parameters['student']:,} of the teacher's {result.parameters['teacher']:,} "

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from deploylm.commands._options import decoding_options, given_input_options, given_options, input_options, torch_options
+from deploylm.commands._options import (decoding_options, given_input_options, given_options, input_options,
+                                        quiet_transformers, torch_options)
 from deploylm.errors import UsageError
 
 
@@ -36,7 +37,7 @@ def command(src, backend, prompts, input_file, as_json, batch_size, device, dtyp
         raise UsageError(f"--batch-size {batch_size}: expected an integer >= 1")
     from deploylm.generator import load
 
-    _quiet_transformers()
+    quiet_transformers()
     generator = load(src, backend=backend, **backend_options(src, backend, device, dtype))
     for start in range(0, len(texts), batch_size):
         for result in generator.generate(texts[start:start + batch_size], **options):
@@ -77,10 +78,3 @@ def format_result(result, as_json: bool) -> str:
     if len(result.sequences) == 1:
         return result.sequences[0].text
     return "\n".join(f"[{i + 1}] {s.text}" for i, s in enumerate(result.sequences))
-
-
-def _quiet_transformers() -> None:
-    """No weight-loading progress bars on the terminal (errors and warnings still show)."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()

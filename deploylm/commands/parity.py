@@ -5,6 +5,7 @@ import json
 
 import click
 
+from deploylm.commands._options import quiet_transformers
 from deploylm.errors import CheckFailed
 
 
@@ -20,12 +21,10 @@ from deploylm.errors import CheckFailed
 def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens, as_json) -> None:
     """Teacher-force the reference's tokens through every backend; report per-step |Δ logit|, top-1
     agreement, the first diverging step and whether final beams match. Exit 1 outside tolerance."""
-    from transformers.utils import logging
-
     from deploylm.parity import read_prompts_file, run_parity
     from deploylm.profiles import load_profile
 
-    logging.disable_progress_bar()   # no weight-loading bars around the table
+    quiet_transformers()   # no weight-loading bars around the table
 
     profile = load_profile(profile_name) if profile_name else None
     prompts = read_prompts_file(prompts_file) if prompts_file else None
