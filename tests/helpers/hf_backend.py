@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import EncodedBatch, ModelInfo, SpecialTokens
+from deploylm.backends.torch_hf import cache_keyword, cache_of
 
 
 def special_tokens(model) -> SpecialTokens:
@@ -41,24 +42,24 @@ class HFBackend:
             enc = self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             start = torch.full((ids.shape[0], 1), self.info.special.decoder_start_token_id, dtype=torch.long)
             out = self.model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=start, use_cache=True)
-            state = {"cache": out.cache, "enc": enc, "mask": mask}
+            state = {"cache": cache_of(out), "enc": enc, "mask": mask}
         else:
             pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
             out = self.model(input_ids=ids, attention_mask=self._mask(mask), position_ids=pos, use_cache=True)
-            state = {"cache": out.cache, "mask": mask, "pos": pos[:, -1]}
+            state = {"cache": cache_of(out), "mask": mask, "pos": pos[:, -1]}
         return out.logits[:, -1].float(), state
 
     @torch.no_grad()
     def decode(self, tokens: Tensor, state: dict) -> tuple[Tensor, dict]:
         if self.is_enc_dec:
             out = self.model(encoder_outputs=(state["enc"],), attention_mask=state["mask"],
-                             decoder_input_ids=tokens[:, None], cache=state["cache"], use_cache=True)
-            return out.logits[:, -1].float(), {**state, "cache": out.cache}
+                             decoder_input_ids=tokens[:, None], use_cache=True, **{cache_keyword(self.model): state["cache"]})
+            return out.logits[:, -1].float(), {**state, "cache": cache_of(out)}
         mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
         pos = state["pos"] + 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self._mask(mask), position_ids=pos[:, None],
-                         cache=state["cache"], use_cache=True)
-        return out.logits[:, -1].float(), {"cache": out.cache, "mask": mask, "pos": pos}
+                         use_cache=True, **{cache_keyword(self.model): state["cache"]})
+        return out.logits[:, -1].float(), {"cache": cache_of(out), "mask": mask, "pos": pos}
 
     def reorder(self, state: dict, beam_idx: Tensor) -> dict:
         state["cache"].reorder_cache(beam_idx)
