@@ -107,8 +107,9 @@ def test_torch_fp32_on_cuda_matches_itself_exactly(tiny_gpt2_dir):
 @pytest.mark.gpu
 def test_benchmark_rows_on_cuda(tiny_llama_dir):
     rows = gpu_check.bench_model("llama-tiny", tiny_llama_dir, ["float32", "float16"], new_tokens=4, runs=1)
-    assert [r["dtype"] for r in rows] == ["float32", "float16"]
+    assert [r["dtype"] for r in rows] == ["float32", "float16", "float32 transformers.generate"]
     assert rows[0]["parity"] == "pass (fp32)" and all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[2]["beams_identical"] is True and rows[2]["parity"].startswith("deploylm fp32 = ")
 
 
 @pytest.mark.gpu
