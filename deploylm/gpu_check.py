@@ -28,7 +28,8 @@ from deploylm.errors import DeployLMError
 
 DTYPES = ("float32", "float16", "bfloat16")
 PROFILE_OF = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}   # tolerances for each dtype
-COLUMNS = ("model", "dtype", "tokens_per_s", "token_agreement", "max_abs_dlogit", "beams_identical", "parity")
+COLUMNS = ("model", "dtype", "tokens_per_s", "token_agreement", "max_abs_dlogit", "beams_identical", "parity",
+           "host_ms_per_step")
 
 
 # ---- environment and tests --------------------------------------------------------------------------
@@ -219,9 +220,60 @@ def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: 
                      "token_agreement": round(row.token_agreement, 4),
                      "max_abs_dlogit": float(f"{row.max_abs_logit:.3g}"), "beams_identical": row.beams_identical,
                      "parity": f"{'pass' if report.passed else 'FAIL'} ({profile.name})"})
+    rows[0]["host_ms_per_step"] = _host_split(reference, batch, options)
     if source.kind == "hf" and not reference.info.is_encoder_decoder:
         rows.append(bench_transformers(name, source.path, reference, batch, options, runs, device, rows[0]))
     return rows
+
+
+def _host_split(backend: Any, batch: Any, options: Any) -> str:
+    """Host milliseconds per step in backend calls vs in the decoder (one search; on CUDA the host
+    time is what a launch-bound step costs: kernels run behind it)."""
+    from deploylm.decoding.search import SearchStats, generate_ids
+
+    stats = SearchStats()
+    generate_ids(backend, batch, options, stats)
+    steps = max(stats.steps, 1)
+    return f"backend {1e3 * stats.backend_seconds / steps:.1f} / decoder {1e3 * stats.decoder_seconds / steps:.1f}"
+
+
+def profile_search(src: Path, out: Path, new_tokens: int = 16, device: str = "cuda") -> Path:
+    """torch.profiler tables (host and CUDA time per operator, kernel launches) of deploylm's fp32 beam
+    search and of transformers.generate on the same model and prompts: where a GPU step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    from deploylm.backends.torch_backend import TorchBackend
+    from deploylm.decoding.options import DecodingOptions
+    from deploylm.decoding.search import generate_ids
+    from deploylm.models.source import resolve_source
+
+    options = DecodingOptions(num_beams=4, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    backend = TorchBackend.from_source(resolve_source(src), device=device, dtype="float32")
+    batch = _prompts(backend.info.vocab_size, 8, 16)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(device).eval()
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+
+    def hf() -> None:
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, num_beams=4, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, early_stopping=True,
+                           pad_token_id=backend.info.special.pad_token_id)
+
+    tables = []
+    for name, call in (("deploylm", lambda: generate_ids(backend, batch, options)), ("transformers", hf)):
+        call()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            call()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        tables.append(f"## {name} ({new_tokens} steps)\n\n{table}\n")
+    path = out / "gpu-profile.txt"
+    path.write_text("\n".join(tables))
+    return path
 
 
 def bench_transformers(name: str, folder: Path, reference: Any, batch: Any, options: Any, runs: int, device: str,
@@ -330,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-budget", type=float, default=150.0, help="seconds before later models are skipped")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also write gpu-profile.txt (torch.profiler tables)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -343,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarking the torch backend on CUDA ...", flush=True)
         with tempfile.TemporaryDirectory() as work:
             report["bench"], skipped = run_bench(env, Path(work), args.new_tokens, args.runs, args.bench_budget)
+            if args.profile:
+                try:
+                    print(f"profiled: {profile_search(_smollm2_shaped(Path(work)), args.out)}", flush=True)
+                except Exception as exc:  # noqa: BLE001 - the profile is extra: report and go on
+                    skipped.append(("profile", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
         report["skipped"] += skipped
     md, _ = write_report(args.out, report)
     print(md.read_text())
