@@ -296,3 +296,23 @@ def test_a_learned_position_encoder_decoder_has_a_window(tmp_path):
     with pytest.raises(UsageError, match="window"):
         gen.generate(["one two three " * 60], num_beams=2, max_new_tokens=4)
     assert gen.generate(["one two three"], num_beams=2, max_new_tokens=4)[0].sequences
+
+
+def test_sliding_window_on_an_onnx_artifact_matches_the_torch_backend(seed_dir, seed, tmp_path):
+    """The windows are the decoder's business, not the backend's: an exported artifact gives the same
+    tokens as the checkpoint it came from, and its window comes from the artifact's model info."""
+    from deploylm.export.pipeline import export_model
+
+    artifact = tmp_path / "seed-fp32"
+    export_model(seed_dir, "fp32", artifact)
+    onnx = load(artifact)
+    assert onnx.info.max_positions == seed.info.max_positions == 64
+    options = dict(max_new_tokens=6, num_beams=2, num_return_sequences=2)
+    with pytest.raises(UsageError, match="sliding-window"):
+        onnx.generate(LONG, **options)                                   # refused by default, like torch
+    for overlap in (0, 8):
+        want = seed.generate(["red fox", LONG], truncation="sliding-window", window_overlap=overlap, **options)
+        got = onnx.generate(["red fox", LONG], truncation="sliding-window", window_overlap=overlap, **options)
+        assert [[s.token_ids for s in r.sequences] for r in got] == [[s.token_ids for s in r.sequences] for r in want]
+        assert [s.score for r in got for s in r.sequences] == pytest.approx(
+            [s.score for r in want for s in r.sequences], abs=1e-4)
