@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from deploylm.errors import UsageError
+from deploylm.fsutil import replace_dir
 from deploylm.models.config import TransformerConfig
 
 CONFIG = "config.json"
@@ -119,17 +120,9 @@ def _write_tokenizer(path: Path, tokenizer: Any) -> None:
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename tmp to target; an existing target is moved aside, what tmp lacks is carried over, then removed."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    os.replace(tmp, target)
-    for entry in old.iterdir():
-        if not (target / entry.name).exists():
-            os.replace(entry, target / entry.name)
-    shutil.rmtree(old, ignore_errors=True)
+    """Rename tmp to target; an existing target is swapped out (atomically where the system can: see
+    deploylm.fsutil), what tmp lacks is carried over from it, then it is removed."""
+    replace_dir(tmp, target, carry_over=True)
 
 
 def load_config(directory: str | Path) -> TransformerConfig:

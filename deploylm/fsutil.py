@@ -1,0 +1,75 @@
+"""Putting a finished folder in place of an existing one without a moment where neither exists.
+
+On Linux, `renameat2(RENAME_EXCHANGE)` swaps two paths in one step: a reader (or a kill) sees either
+the old folder or the new one at the target, never nothing. Where that call is missing (other systems,
+old kernels, filesystems that refuse it), the two-rename fallback moves the old folder aside first:
+a kill between the two renames then leaves the old folder at `.<name>.old-*` beside the target.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the paths `a` and `b` (both must exist); False where the system can't."""
+    if _RENAMEAT2 is None:
+        return False
+    rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc != 0:
+        errno = ctypes.get_errno()
+        if errno in (38, 22, 95, 1):   # ENOSYS, EINVAL, EOPNOTSUPP, EPERM: not supported here
+            return False
+        raise OSError(errno, os.strerror(errno), str(a), None, str(b))
+    return True
+
+
+def replace_dir(new: Path, target: Path, carry_over: bool = False) -> None:
+    """Move the finished folder `new` to `target`, replacing what is there; the old folder is removed
+    (with `carry_over`, its entries that `new` lacks are moved into the new folder first).
+
+    With an existing target the swap is atomic where `exchange` works; otherwise the old folder is
+    renamed aside first and put back if the second rename fails."""
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if exchange(new, target):          # `new` now holds the old folder
+        old = new
+    else:
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+    if carry_over:
+        for entry in old.iterdir():
+            if not (target / entry.name).exists():
+                os.replace(entry, target / entry.name)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""replace_dir: the new folder takes the target's place, the old one is gone, and where the system
+has renameat2 the swap is one step (no moment without a target)."""
+import os
+import sys
+
+import pytest
+
+from deploylm import fsutil
+
+
+def make(folder, text):
+    folder.mkdir()
+    (folder / "file.txt").write_text(text)
+    return folder
+
+
+def test_replace_dir_into_an_empty_place(tmp_path):
+    new = make(tmp_path / ".new", "new")
+    fsutil.replace_dir(new, tmp_path / "out")
+    assert (tmp_path / "out" / "file.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "two-renames"])
+def test_replace_dir_over_an_existing_folder_leaves_only_the_new_one(tmp_path, monkeypatch, atomic):
+    if not atomic:
+        monkeypatch.setattr(fsutil, "exchange", lambda a, b: False)
+    elif not fsutil.exchange(make(tmp_path / "a", "a"), make(tmp_path / "b", "b")):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    else:
+        assert (tmp_path / "a" / "file.txt").read_text() == "b"        # really swapped
+        for name in ("a", "b"):
+            fsutil.shutil.rmtree(tmp_path / name)
+    old = make(tmp_path / "out", "old")
+    (old / "only-old.txt").write_text("x")
+    fsutil.replace_dir(make(tmp_path / ".new", "new"), tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["file.txt"] and (tmp_path / "out" / "file.txt").read_text() == "new"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
+def test_exchange_is_used_on_linux_so_the_target_never_disappears(tmp_path, monkeypatch):
+    """With exchange working, replace_dir never renames the target away (the fallback's gap)."""
+    if not fsutil.exchange(make(tmp_path / "a", "a"), make(tmp_path / "b", "b")):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this filesystem")
+    target = make(tmp_path / "out", "old")
+    renamed_away = []
+    real_replace = os.replace
+    monkeypatch.setattr(fsutil.os, "replace", lambda a, b: (renamed_away.append((a, b)), real_replace(a, b)))
+    fsutil.replace_dir(make(tmp_path / ".new", "new"), target)
+    assert renamed_away == [] and (target / "file.txt").read_text() == "new"
+
+
+def test_exchange_of_a_missing_path_is_an_error(tmp_path):
+    if fsutil._RENAMEAT2 is None:
+        pytest.skip("no renameat2 here")
+    with pytest.raises(OSError):
+        fsutil.exchange(tmp_path / "missing", make(tmp_path / "b", "b"))
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "two-renames"])
+def test_carry_over_keeps_the_old_folders_extra_entries(tmp_path, monkeypatch, atomic):
+    if not atomic:
+        monkeypatch.setattr(fsutil, "exchange", lambda a, b: False)
+    old = make(tmp_path / "out", "old")
+    (old / "metrics.json").write_text("{}")
+    fsutil.replace_dir(make(tmp_path / ".new", "new"), old, carry_over=True)
+    assert sorted(os.listdir(old)) == ["file.txt", "metrics.json"] and (old / "file.txt").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
