@@ -28,9 +28,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Run on a GPU machine that already has PyTorch with CUDA (no network): see deploylm/gpu_check.py.
+GPU_CHECK_ARGS ?= --profile
 gpu-check:
 	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e . || true
-	$(PYTHON) -m deploylm.gpu_check --out "$${OUT:-gpu-check-out}"
+	$(PYTHON) -m deploylm.gpu_check --out "$${OUT:-gpu-check-out}" $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) export/*/ runs/
