@@ -50,7 +50,7 @@ class Quantization:
     calibration_method: str | None = None   # static: minmax | percentile
     block_size: int | None = None           # weight-only: 16..256, power of two
     accuracy_level: int | None = None       # weight-only: onnxruntime MatMulNBits 0..4
-    algorithm: str | None = None            # weight-only: rtn | hqq (hqq: int4 only)
+    algorithm: str | None = None            # weight-only: rtn | hqq | q4_1 (hqq, q4_1: int4 only)
     symmetric: bool | None = None           # weight-only rtn: no zero points
     embedding: bool | None = None           # weight-only: quantize the token embedding table too
 
@@ -245,11 +245,11 @@ def _quantization(data: Any, origin: str, precision: str) -> Quantization | None
         if block & (block - 1):
             table.fail("block_size", f"= {block} is not a power of two", "16, 32, 64, 128 or 256")
         values.update(block_size=block, accuracy_level=table.integer("accuracy_level", 0, 4, d["accuracy_level"]),
-                      algorithm=table.choice("algorithm", ("rtn", "hqq"), d["algorithm"]),
+                      algorithm=table.choice("algorithm", ("rtn", "hqq", "q4_1"), d["algorithm"]),
                       symmetric=table.boolean("symmetric", d["symmetric"]),
                       embedding=table.boolean("embedding", d["embedding"]))
-        if values["algorithm"] == "hqq" and precision != "int4":
-            table.fail("algorithm", f"= 'hqq' does not apply to precision {precision!r}",
+        if values["algorithm"] in ("hqq", "q4_1") and precision != "int4":
+            table.fail("algorithm", f"= {values['algorithm']!r} does not apply to precision {precision!r}",
                        "'rtn' (onnxruntime's CPU MatMulNBits takes no float zero points at 8 bits)")
     return Quantization(method=method, **values)
 

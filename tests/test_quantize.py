@@ -68,6 +68,8 @@ CASES = {
                                       symmetric=False, embedding=True), {"MatMulNBits", "Cast"}, 0.5),
     "int4 hqq": ("int4", Quantization("weight-only", block_size=32, accuracy_level=0, algorithm="hqq",
                                       embedding=False), {"MatMulNBits"}, 0.5),
+    "int4 q4_1": ("int4", Quantization("weight-only", block_size=32, accuracy_level=4, algorithm="q4_1",
+                                       embedding=True), {"MatMulNBits", "Cast"}, 0.5),
 }
 
 
@@ -161,3 +163,161 @@ def test_relative_output_paths_land_where_asked(case, fp32, tmp_path, monkeypatc
     (tmp_path / "sub").mkdir()
     quantize_graph(fp32, Path("sub/q.onnx"), precision, q, feeds=FEEDS)
     assert (tmp_path / "sub" / "q.onnx").is_file()
+
+
+# --- int4 q4_1: GGUF's Q4_1 grid as symmetric 4-bit MatMulNBits + fp32 block offsets -----------------
+
+Q41 = Quantization("weight-only", block_size=32, accuracy_level=0, algorithm="q4_1", embedding=False)
+
+
+def q4_1_weight(rng, k, n, block=32):
+    """A [k, n] weight on a Q4_1 grid (w = d*q + m per block of `block` along k; q = 0 and 15 occur)."""
+    kb = -(-k // block)
+    q = rng.integers(0, 16, (kb, block, n)).astype(np.float32)
+    q[:, 0, :], q[:, 1, :] = 0, 15
+    d = rng.uniform(0.005, 0.05, (kb, 1, n)).astype(np.float32)
+    m = rng.uniform(-0.4, 0.1, (kb, 1, n)).astype(np.float32)
+    return (d * q + m).reshape(kb * block, n)[:k]
+
+
+def mlp_graph(path, w1, w2):
+    """x [B, T, D] -> MatMul(w1) -> Relu -> MatMul(w2) -> Identity -> y (no MatMul writes the output:
+    no lm_head, so every MatMul gets the profile's own 4-bit treatment)."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+             helper.make_node("Identity", ["z"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", w1.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", w2.shape[1]])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def run_x(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("k", [64, 80])   # 80: a last partial block
+def test_q4_1_fit_is_exact_on_q4_1_weights(k):
+    from deploylm.export.q4_1 import q4_1_fit
+
+    w = q4_1_weight(np.random.default_rng(1), k, 24)
+    centred, offsets = q4_1_fit(w, 32)
+    rebuilt = centred + np.repeat(offsets, 32, axis=0)[:k]
+    assert np.abs(rebuilt - w).max() <= 1e-6 * np.abs(w).max()
+    scale = (np.abs(centred[:32]).max(axis=0) / 8.0)                     # d of the first block: q - 8 in -8..7
+    assert np.allclose(np.round(centred[:32] / scale), centred[:32] / scale, atol=1e-4)
+
+
+def test_q4_1_matches_fp32_on_q4_1_weights_where_integer_zero_points_do_not(tmp_path):
+    rng = np.random.default_rng(2)
+    src = mlp_graph(tmp_path / "fp32.onnx", q4_1_weight(rng, 64, 96), q4_1_weight(rng, 96, 40))
+    x = rng.normal(0, 1, (2, 3, 64)).astype(np.float32)
+    ref = run_x(src, x)
+    quantize_graph(src, tmp_path / "q41.onnx", "int4", Q41)
+    rtn = Quantization("weight-only", block_size=32, accuracy_level=0, algorithm="rtn", symmetric=False, embedding=False)
+    quantize_graph(src, tmp_path / "rtn.onnx", "int4", rtn)
+    err_q41 = np.abs(run_x(tmp_path / "q41.onnx", x) - ref).max() / np.abs(ref).max()
+    err_rtn = np.abs(run_x(tmp_path / "rtn.onnx", x) - ref).max() / np.abs(ref).max()
+    assert err_q41 < 1e-4 and err_rtn > 50 * err_q41, (err_q41, err_rtn)
+    fast = Quantization("weight-only", block_size=32, accuracy_level=4, algorithm="q4_1", embedding=False)
+    quantize_graph(src, tmp_path / "q41-acc4.onnx", "int4", fast)     # int8 activations: close, not exact
+    assert np.abs(run_x(tmp_path / "q41-acc4.onnx", x) - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_q4_1_graph_is_symmetric_4bit_plus_offsets(fp32, tmp_path):
+    out = tmp_path / "q.onnx"
+    q = Quantization("weight-only", block_size=32, accuracy_level=4, algorithm="q4_1", embedding=True)
+    quantize_graph(fp32, out, "int4", q)
+    model = onnx.load(str(out))
+    nbits = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    attrs = {name: {a.name: a.i for a in n.attribute} for name, n in nbits.items()}
+    assert sorted(a["bits"] for a in attrs.values()) == [4, 4, 8]
+    assert all(a["accuracy_level"] == 4 for a in attrs.values())           # the lm_head too
+    for name, n in nbits.items():
+        if attrs[name]["bits"] == 4:
+            assert len(n.input) < 4 or not n.input[3]                      # symmetric: no zero points
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 4 and all(n.name.endswith(".q4_1_offset") for n in matmuls)   # 2 block sums + 2 offsets
+    assert "emb" not in {i.name for i in model.graph.initializer}
+    assert out.stat().st_size < 0.4 * fp32.stat().st_size
+
+
+def qkv_model(rng):
+    """x [B, 64] -> three MatMuls over x (like q/k/v) -> Sum -> y [B, 32]."""
+    w = [q4_1_weight(rng, 64, 32) for _ in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"proj{i}") for i in range(3)]
+    nodes.append(helper.make_node("Sum", ["y0", "y1", "y2"], ["y"], name="sum"))
+    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+                              [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_q4_1_matmuls_of_one_input_share_block_sums_and_fuse(fuse):
+    from deploylm.export.q4_1 import split_offsets
+
+    rng = np.random.default_rng(3)
+    model = qkv_model(rng)
+    x = rng.normal(0, 1, (5, 64)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    done = split_offsets(model, ["proj0", "proj1", "proj2"], 32, fuse=fuse)
+    assert done == (["proj0+proj1+proj2"] if fuse else ["proj0", "proj1", "proj2"])
+    sums = [n for n in model.graph.node if n.op_type == "MatMul" and ".block_sum" in n.name]
+    assert len(sums) == 1
+    assert sum(n.op_type == "Split" for n in model.graph.node) == (1 if fuse else 0)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_q4_1_fuses_only_what_is_not_excluded(tmp_path):
+    rng = np.random.default_rng(4)
+    src = tmp_path / "qkv.onnx"
+    onnx.save(qkv_model(rng), str(src))
+    x = rng.normal(0, 1, (5, 64)).astype(np.float32)
+    ref = run_x(src, x)
+    quantize_graph(src, tmp_path / "q.onnx", "int4", Q41, exclude=("proj1",))
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert [(n.name, next(a.i for a in n.attribute if a.name == "N")) for n in nbits] == [("proj0+proj2_Q4", 64)]
+    assert [n.input[1] for n in model.graph.node if n.name == "proj1"] == ["w1"]   # fp32, as it was
+    assert np.abs(run_x(tmp_path / "q.onnx", x) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_q4_1_leaves_excluded_nodes_alone(fp32, tmp_path):
+    out = tmp_path / "q.onnx"
+    quantize_graph(fp32, out, "int4", Q41, exclude=("fc1",))
+    model = onnx.load(str(out))
+    plain = [n for n in model.graph.node if n.op_type == "MatMul" and not n.name.endswith(".q4_1_offset")]
+    assert [n.name for n in plain] == ["fc1"] and plain[0].input[1] == "w1"
+    assert not any(n.name.startswith("fc1.") for n in model.graph.node)
+
+
+def test_q4_1_is_refused_at_8_bits(fp32, tmp_path):
+    with pytest.raises(UsageError, match="q4_1.*4-bit only"):
+        quantize_graph(fp32, tmp_path / "q.onnx", "int8", Q41)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('precision = "int8"\n[quantization]\nmethod = "weight-only"\nalgorithm = "q4_1"',
+     r"quantization.algorithm = 'q4_1' does not apply to precision 'int8'"),
+    ('precision = "int4"\n[quantization]\nalgorithm = "q5_0"', r"quantization.algorithm"),
+])
+def test_profile_refuses_q4_1_where_it_does_not_apply(text, message, tmp_path):
+    from deploylm.profiles import ProfileError, load_profile
+
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\n{text}\n[parity]\nlogits_atol = 1.0\nlogprob_atol = 1.0\nmin_token_agreement = 0.5\n')
+    with pytest.raises(ProfileError, match=message) as info:
+        load_profile(path)
+    assert "\n" not in str(info.value)
+
+
+def test_builtin_int4_profile_uses_q4_1_at_accuracy_level_4():
+    from deploylm.profiles import load_profile
+
+    q = load_profile("int4").quantization
+    assert (q.algorithm, q.accuracy_level, q.block_size, q.embedding) == ("q4_1", 4, 32, True)

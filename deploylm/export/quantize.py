@@ -5,8 +5,10 @@
 - static (int8): `quantize_static`, QDQ format, activation ranges calibrated (MinMax or
   Percentile) on feeds from deploylm.export.calibration;
 - weight-only (int8 / int4): `MatMulNBitsQuantizer` (MatMulNBits, one scale per block of
-  `block_size`), RTN or HQQ; with int4 the lm_head (the MatMul writing the logits) is int8; with `embedding = true` the token embedding is quantized too (int4:
-  an int8 table with one scale per row, standard ONNX ops, for int8 and int4 alike).
+  `block_size`), RTN, HQQ or (int4) q4_1: GGUF's Q4_1 grid as symmetric 4-bit MatMulNBits plus fp32
+  block offsets (deploylm.export.q4_1); with int4 the lm_head (the MatMul writing the logits) is
+  int8; with `embedding = true` the token embedding is quantized too (an int8 table with one scale
+  per row, standard ONNX ops, for int8 and int4 alike).
 
 Before quantizing, a lm_head tied to the embedding (MatMul over a Transpose of the embedding table)
 is given its own constant weight, so the quantizers can see it. Every quantizer runs with the
@@ -163,26 +165,37 @@ def _weight_only(model: Any, dst: Path, q: Any, bits: int, exclude: tuple[str, .
                                                                   HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     level = q.accuracy_level or None
-    if q.algorithm == "hqq":
-        if bits != 4:
-            raise UsageError("quantization.algorithm = 'hqq' is 4-bit only (onnxruntime's CPU MatMulNBits "
-                             "takes no float zero points at 8 bits): use algorithm = 'rtn' for int8")
+    if q.algorithm in ("hqq", "q4_1") and bits != 4:
+        raise UsageError(f"quantization.algorithm = {q.algorithm!r} is 4-bit only (onnxruntime's CPU MatMulNBits "
+                         "takes no float zero points at 8 bits): use algorithm = 'rtn' for int8")
+    heads = lm_head_nodes(model) if bits == 4 else []
+    targets = [n.name for n in model.graph.node
+               if n.op_type == "MatMul" and n.name not in exclude and n.name not in heads]
+    if q.algorithm == "q4_1":   # Q4_1 grid: symmetric 4-bit MatMulNBits + fp32 block offsets (deploylm.export.q4_1)
+        from deploylm.export.q4_1 import split_offsets
+
+        targets = split_offsets(model, targets, q.block_size)
+        config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True, accuracy_level=level,
+                                              bits=4, op_types_to_quantize=("MatMul",))
+    elif q.algorithm == "hqq":
         config = HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=4, op_types_to_quantize=("MatMul",))
     else:
         config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=bool(q.symmetric),
                                               accuracy_level=level, bits=bits, op_types_to_quantize=("MatMul",))
-    heads = lm_head_nodes(model) if bits == 4 else []
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in targets]
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=q.block_size, accuracy_level=level,
-                                     nodes_to_exclude=list(exclude) + heads, algo_config=config)
+                                     nodes_to_exclude=others, algo_config=config)
     quantizer.process()
     model = quantizer.model.model
     heads = [h for h in heads if h not in exclude]
     if heads:   # int4: the lm_head in int8 (HQQ int4 on SmolLM2's lm_head alone cost +20% perplexity)
+        # q4_1: the fast int8-activation kernel as for the other MatMuls; hqq/rtn: as before (level unset)
+        head_level = level if q.algorithm == "q4_1" else None
         head_config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True, bits=8,
-                                                   op_types_to_quantize=("MatMul",))
+                                                   accuracy_level=head_level, op_types_to_quantize=("MatMul",))
         others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=q.block_size, nodes_to_exclude=others,
-                                         algo_config=head_config)
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=q.block_size, accuracy_level=head_level,
+                                         nodes_to_exclude=others, algo_config=head_config)
         quantizer.process()
         model = quantizer.model.model
     if q.embedding:   # int8 per row for both: 4-bit RTN embeddings lose too much (see quantize_embedding)
