@@ -40,6 +40,8 @@ class QualityReport:
     fp32_seconds: float            # median beam-4 generation time (same run, interleaved)
     seconds: float
     scored_tokens: int
+    round_ratios: tuple[float, ...] = ()   # fp32 / profile wall time of each round (the two runs adjacent)
+    cpu_ratio: float = math.nan            # fp32 / profile process CPU time over all rounds
 
     @property
     def perplexity_increase(self) -> float:
@@ -52,7 +54,11 @@ class QualityReport:
 
     @property
     def speed_ratio(self) -> float:
-        return self.fp32_seconds / self.seconds if self.seconds > 0 else math.nan  # NaN: not timed
+        """The median of the per-round ratios (each round times fp32 and the profile back to back, so a
+        burst of load on a shared machine hits both); NaN when not timed."""
+        if self.round_ratios:
+            return statistics.median(self.round_ratios)
+        return self.fp32_seconds / self.seconds if self.seconds > 0 else math.nan
 
     def failures(self, budget: Any) -> list[str]:
         """Why the report misses `budget` (a QualityBudget); empty when it is met."""
@@ -77,7 +83,8 @@ class QualityReport:
                 f"({'+' if self.perplexity_increase >= 0 else ''}{_pct(self.perplexity_increase)}), "
                 f"beam-4 agreement {self.beam_agreement:.3f} ({self.sequences_identical}/{self.prompts} identical), "
                 f"size {self.size_ratio:.1%} of fp32 ({self.bytes / 2**20:.1f} MiB), ")
-                + (f"speed {self.speed_ratio:.2f}x fp32" if math.isfinite(self.speed_ratio) else "speed not measured"))
+                + (f"speed {self.speed_ratio:.2f}x fp32" + (f" (CPU time {self.cpu_ratio:.2f}x)" if math.isfinite(self.cpu_ratio) else "")
+                   if math.isfinite(self.speed_ratio) else "speed not measured"))
 
 
 def _pct(x: float) -> str:
@@ -155,12 +162,13 @@ def token_agreement(reference: list[tuple[int, ...]], candidate: list[tuple[int,
     return same / total, sum(1 for r, c in zip(reference, candidate) if tuple(r) == tuple(c))
 
 
-def _beam_run(backend: Any, batch: EncodedBatch, options: Any) -> tuple[list[tuple[int, ...]], float]:
+def _beam_run(backend: Any, batch: EncodedBatch, options: Any) -> tuple[list[tuple[int, ...]], float, float]:
+    """Best beams, wall seconds and process CPU seconds of one beam search."""
     from deploylm.decoding.search import generate_ids
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     hyps = generate_ids(backend, batch, options)
-    return [tuple(h[0].token_ids) for h in hyps], time.perf_counter() - start
+    return [tuple(h[0].token_ids) for h in hyps], time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3, name: str = "model") -> QualityReport:
@@ -183,16 +191,21 @@ def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3
     options = DecodingOptions(num_beams=AGREEMENT_BEAMS, max_new_tokens=AGREEMENT_NEW_TOKENS)
     batch = _prompts(ref, tokenizer, held.inputs)
     times: dict[str, list[float]] = {"ref": [], "cand": []}
+    cpu: dict[str, float] = {"ref": 0.0, "cand": 0.0}
     outs: dict[str, list[tuple[int, ...]]] = {}
+    pairs = (("ref", ref), ("cand", cand))
     for round_ in range(rounds + 1):                        # round 0 warms both up and is not timed
-        for key, backend in (("ref", ref), ("cand", cand)):
-            outs[key], seconds = _beam_run(backend, batch, options)
+        for key, backend in (pairs if round_ % 2 == 0 else pairs[::-1]):   # alternate who goes first
+            outs[key], seconds, cpu_seconds = _beam_run(backend, batch, options)
             if round_:
                 times[key].append(seconds)
+                cpu[key] += cpu_seconds
     agreement, identical = token_agreement(outs["ref"], outs["cand"])
+    ratios = tuple(r / c for r, c in zip(times["ref"], times["cand"]) if c > 0)
+    cpu_ratio = cpu["ref"] / cpu["cand"] if rounds and cpu["cand"] > 0 else math.nan
     times = {k: v or [math.nan] for k, v in times.items()}  # rounds = 0: outputs only, no timing
     return QualityReport(perplexity_fp32=ppl_ref, perplexity=ppl, beam_agreement=agreement,
                          sequences_identical=identical, prompts=len(outs["ref"]),
                          fp32_bytes=graph_bytes(ref_dir), bytes=graph_bytes(cand_dir),
                          fp32_seconds=statistics.median(times["ref"]), seconds=statistics.median(times["cand"]),
-                         scored_tokens=n)
+                         scored_tokens=n, round_ratios=ratios, cpu_ratio=cpu_ratio)
