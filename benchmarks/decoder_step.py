@@ -3,11 +3,16 @@
 A fake backend hands `BeamSearch.step` random fp32 logits [32, 49152] (8 inputs x 4 beams, SmolLM2's
 vocabulary, a 20-token prompt, 64 new tokens); the step is timed alone. Two implementations of
 deploylm/decoding/beam.py run interleaved search by search: BEFORE (a file, default: the committed
-HEAD version via `git show`) and AFTER (the working tree). Reports the median and minimum ms per step
+HEAD version via `git show`) and AFTER (the working tree; its steps run as the tree's decode loop runs
+them, with torch's intra-op threads at 1, deploylm.decoding.search._one_thread). Reports the median and minimum ms per step
 and the decoder's share of a step, decoder / (decoder + backend), at `--backend-ms` (70.8 ms: the ORT
 time of the onnx fp32 beam-4 bench, 4.53 s / 64 steps, docs/benchmarks.md).
 
-    .venv/bin/python benchmarks/decoder_step.py [--rounds 20] [--before PATH] [--threads 2]
+--bench-options: the searches use `deploylm bench`'s options (min_new_tokens = max_new_tokens, so EOS is
+banned by the MinNewTokens processor every step), BEFORE with HEAD's processors.py (or --before-processors)
+and AFTER with the working tree's; otherwise no processors.
+
+    .venv/bin/python benchmarks/decoder_step.py [--rounds 20] [--before PATH] [--threads 2] [--bench-options]
 """
 from __future__ import annotations
 
@@ -35,26 +40,34 @@ def load_beam(path: Path, name: str):
     return module
 
 
-def committed_beam(tmp: Path) -> Path:
-    """deploylm/decoding/beam.py as committed in HEAD, written to `tmp`."""
-    text = subprocess.run(["git", "show", "HEAD:deploylm/decoding/beam.py"], cwd=ROOT, check=True,
+def committed_beam(tmp: Path, name: str = "beam.py") -> Path:
+    """deploylm/decoding/<name> as committed in HEAD, written to `tmp`."""
+    text = subprocess.run(["git", "show", f"HEAD:deploylm/decoding/{name}"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout
-    out = tmp / "beam_before.py"
+    out = tmp / name.replace(".py", "_before.py")
     out.write_text(text)
     return out
 
 
-def one_search(module, logits: list[torch.Tensor], prompt: torch.Tensor, new_tokens: int) -> list[float]:
-    """Seconds of every step of one beam search fed `logits` in turn (no EOS: runs all steps)."""
+def one_search(module, logits: list[torch.Tensor], prompt: torch.Tensor, new_tokens: int,
+               processors=None, one_thread: bool = False) -> list[float]:
+    """Seconds of every step of one beam search fed `logits` in turn (no EOS: runs all steps).
+    processors: a module with MinNewTokens/ProcessorList (bench options: EOS banned every step), or None."""
     from deploylm.decoding.options import DecodingOptions
     from deploylm.decoding.processors import ProcessorList
 
-    options = DecodingOptions(num_beams=4, max_new_tokens=new_tokens)
-    search = module.BeamSearch(options, prompt, (0,), 0, ProcessorList())
+    options = DecodingOptions(num_beams=4, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens if processors is not None else 0)
+    chain = ProcessorList() if processors is None else processors.ProcessorList(
+        [processors.MinNewTokens(prompt.shape[1], new_tokens, (0,))])
+    search = module.BeamSearch(options, prompt, (0,), 0, chain)
+    from deploylm.decoding.search import _one_thread
+
     times, i = [], 0
     while not search.all_done:
         start = time.perf_counter()
-        search.step(logits[i % len(logits)])
+        with _one_thread(one_thread):     # as the working tree's decode loop runs a step (AFTER)
+            search.step(logits[i % len(logits)])
         times.append(time.perf_counter() - start)
         i += 1
     return times
@@ -67,6 +80,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend-ms", type=float, default=70.8)
     parser.add_argument("--before", type=Path, help="beam.py to compare against (default: git HEAD)")
+    parser.add_argument("--bench-options", action="store_true",
+                        help="min_new_tokens = max_new_tokens, as deploylm bench (the MinNewTokens processor runs)")
+    parser.add_argument("--before-processors", type=Path, help="processors.py for BEFORE (default: git HEAD)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,13 +94,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         before = load_beam(args.before or committed_beam(Path(tmp)), "beam_before")
         after = load_beam(ROOT / "deploylm" / "decoding" / "beam.py", "beam_after")
+        procs = {"before": None, "after": None}
+        if args.bench_options:
+            import deploylm.decoding.processors as tree_processors
+
+            procs = {"before": load_beam(args.before_processors or committed_beam(Path(tmp), "processors.py"),
+                                         "processors_before"), "after": tree_processors}
         impls = {"before": before, "after": after}
-        for module in impls.values():                                                  # warm-up
-            one_search(module, logits, prompt, 8)
+        for name, module in impls.items():                                             # warm-up
+            one_search(module, logits, prompt, 8, procs[name], name == "after")
         times: dict[str, list[float]] = {name: [] for name in impls}
         for _ in range(args.rounds):
             for name, module in impls.items():
-                times[name] += one_search(module, logits, prompt, args.new_tokens)
+                times[name] += one_search(module, logits, prompt, args.new_tokens, procs[name], name == "after")
     report = {}
     for name, ts in times.items():
         med = 1000 * statistics.median(ts)

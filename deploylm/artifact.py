@@ -5,6 +5,9 @@ An artifact is written into a temporary sibling folder (`.<name>.tmp-<pid>`), ch
 artifact or the previous one, never a half-written one that loads. Loading re-checks every file
 against the manifest (size, sha256) and every ONNX graph's inputs/outputs against the recorded IO
 signature; any difference is an ArtifactError naming the file and the command that rebuilds it.
+A graph may keep its weights in an external data file next to it (`model.onnx` + `model.onnx.data`,
+large exports): that file is listed and checksummed like any other, and a graph that reads weights from
+a file the manifest does not list is refused. Artifacts with inline weights (one file) load as before.
 """
 from __future__ import annotations
 
@@ -87,14 +90,48 @@ def _shape(value_info: Any) -> list[int | str | None]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
 
 
-def io_signature(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Names, dtypes and (symbolic) shapes of a graph's inputs and outputs; weights not loaded."""
+def _graph_proto(onnx_path: Path) -> Any:
+    """The graph's ModelProto without its external weights (those stay in their .data file)."""
     import onnx
 
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        return onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError/OSError variants for bad files
         raise ArtifactError(f"{onnx_path}: not a readable ONNX graph ({type(exc).__name__}: {exc})") from None
+
+
+def io_signature(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and (symbolic) shapes of a graph's inputs and outputs; weights not loaded."""
+    return _signature(_graph_proto(onnx_path))
+
+
+def external_data_files(onnx_path: Path) -> list[str]:
+    """The external data files (paths relative to the graph's folder, as written in the graph) whose
+    weights the graph reads, e.g. ["model.onnx.data"]; [] for a graph with its weights inline."""
+    return _external_files(_graph_proto(onnx_path))
+
+
+def _external_files(model: Any) -> list[str]:
+    from onnx import TensorProto
+
+    def tensors(graph: Any) -> Any:
+        yield from graph.initializer
+        yield from (s.values for s in graph.sparse_initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    return sorted({entry.value for t in tensors(model.graph) if t.data_location == TensorProto.EXTERNAL
+                   for entry in t.external_data if entry.key == "location"})
+
+
+def _signature(model: Any) -> dict[str, list[dict[str, Any]]]:
+    import onnx
+
     initializers = {init.name for init in model.graph.initializer}
 
     def describe(values: Any) -> list[dict[str, Any]]:
@@ -128,7 +165,23 @@ def build_manifest(root: Path, fields: dict[str, Any]) -> dict[str, Any]:
     if "io" not in fields:
         manifest["io"] = {p.relative_to(root).as_posix(): io_signature(p) for p in sorted(root.rglob("*.onnx"))}
     manifest["files"] = file_table(root)
+    for graph in manifest["io"]:
+        unlisted = _unlisted_data(root, graph, manifest["files"])
+        if unlisted:
+            raise ArtifactError(f"{root / graph} reads weights from {unlisted[0]}, which is not a file of the "
+                                "artifact folder: an export bug, nothing was written")
     return manifest
+
+
+def _unlisted_data(root: Path, graph: str, files: dict[str, Any], model: Any = None) -> list[str]:
+    """The external data files `graph` reads that are not among `files` (relative to the artifact root)."""
+    folder = Path(graph).parent
+    out = []
+    for location in _external_files(model if model is not None else _graph_proto(root / graph)):
+        rel = os.path.normpath((folder / location).as_posix()).replace(os.sep, "/")
+        if rel.startswith("../") or os.path.isabs(location) or rel not in files:
+            out.append(location)
+    return out
 
 
 def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fields: dict[str, Any],
@@ -267,7 +320,12 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
     for name, expected in manifest["io"].items():
         if name not in manifest["files"]:
             raise ArtifactError(f"{path / MANIFEST}: io lists {name}, which is not among its files; {hint}")
-        actual = io_signature(path / name)
+        model = _graph_proto(path / name)
+        unlisted = _unlisted_data(path, name, manifest["files"], model)
+        if unlisted:   # its weights would be read unchecked (or from outside the folder)
+            raise ArtifactError(f"{path / name}: reads weights from {unlisted[0]}, which the manifest does not "
+                                f"list (so it is not checksummed); {hint}")
+        actual = _signature(model)
         if actual != expected:
             raise ArtifactError(f"{path / name}: graph inputs/outputs differ from the manifest "
                                 f"({_first_io_difference(expected, actual)}); {hint}")

@@ -66,7 +66,7 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
     source = src if isinstance(src, Source) else resolve_source(src)
     name = backend or ("onnx" if source.kind == "artifact" else "torch")
     opened = backend_class(name).from_source(source, **backend_options)  # unknown name: UsageError listing them
-    return Generator(opened, load_tokenizer(source))
+    return Generator(opened, load_tokenizer(source, light=source.kind == "artifact"))  # artifacts: no transformers import
 
 
 class Generator:

@@ -198,3 +198,66 @@ def _edit(artifact: Path, change) -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
     change(manifest)
     (artifact / "manifest.json").write_text(json.dumps(manifest))
+
+
+def build_external(folder: Path) -> None:
+    """Like `build`, with the graph's weights in model.onnx.data next to it (ONNX external data)."""
+    import onnx
+
+    build(folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+
+
+@pytest.fixture()
+def external(tmp_path) -> Path:
+    return write_artifact(tmp_path / "export" / "tiny-ext-fp32", build_external, FIELDS)
+
+
+def test_external_data_is_listed_checksummed_and_loads(external):
+    from deploylm.artifact import external_data_files
+
+    manifest = json.loads((external / "manifest.json").read_text())
+    assert external_data_files(external / "model.onnx") == ["model.onnx.data"]
+    data = external / "model.onnx.data"
+    assert manifest["files"]["model.onnx.data"]["bytes"] == data.stat().st_size == 160
+    assert list(manifest["io"]) == ["model.onnx"]                 # the data file is no graph
+    assert load_artifact(external).graphs == [external / "model.onnx"]
+    import onnxruntime as ort                                     # the graph reads its weights from it
+    import numpy as np
+    out = ort.InferenceSession(str(external / "model.onnx")).run(None, {"input_ids": np.array([[2, 9]])})[0]
+    assert out.tolist() == [[[8, 9, 10, 11], [36, 37, 38, 39]]]
+
+
+def test_changed_external_data_is_refused(external):
+    data = external / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[7] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match=r"model.onnx.data: sha256 does not match.*--force"):
+        load_artifact(external)
+
+
+def test_missing_external_data_is_refused(external):
+    (external / "model.onnx.data").unlink()
+    with pytest.raises(ArtifactError, match=r"model.onnx.data: listed in the manifest but missing"):
+        load_artifact(external)
+
+
+def test_external_data_the_manifest_does_not_list_is_refused(external):
+    """A graph must not read weights that were never checksummed (manifest edited, or a hand-made folder)."""
+    _edit(external, lambda m: m["files"].pop("model.onnx.data"))
+    with pytest.raises(ArtifactError, match=r"model.onnx: reads weights from model.onnx.data, which the "
+                                            r"manifest does not list"):
+        load_artifact(external)
+
+
+def test_export_whose_graph_reads_a_missing_data_file_writes_nothing(tmp_path):
+    def broken(folder: Path) -> None:
+        build_external(folder)
+        (folder / "model.onnx.data").unlink()
+
+    with pytest.raises(ArtifactError, match="reads weights from model.onnx.data, which is not a file"):
+        write_artifact(tmp_path / "export" / "broken", broken, FIELDS)
+    assert not (tmp_path / "export" / "broken").exists() and leftovers(tmp_path / "export") == []

@@ -54,6 +54,25 @@ def test_min_new_tokens_matches_transformers(inputs, length):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("make, length, banning", [
+    (lambda: P.MinNewTokens(2, 4, (1, 7, 10_000)), 5, True),   # an EOS id past the vocabulary is ignored
+    (lambda: P.MinNewTokens(2, 4, (1, 7)), 6, False),
+    (lambda: P.MinLength(6, (3,)), 5, True),
+])
+def test_eos_bans_write_in_place_only_when_allowed(inputs, make, length, banning):
+    """ProcessorList(inplace=True) writes the bans into the caller's buffer (no [R, V] copy per step, issue 7);
+    without it the input is left untouched. Values are the same either way."""
+    sequences, scores = inputs
+    processors = P.ProcessorList([make()])
+    before = scores.clone()
+    pure = processors(sequences[:, :length], scores)
+    assert torch.equal(scores, before)                                     # not modified
+    buffer = scores.clone()
+    out = processors(sequences[:, :length], buffer, inplace=True)
+    assert out.data_ptr() == buffer.data_ptr() and torch.equal(out, pure)
+    assert bool(torch.isinf(pure).any()) == banning
+
+
 @pytest.mark.parametrize("ours, theirs", [
     (lambda: P.Temperature(0.7), lambda hf: hf.TemperatureLogitsWarper(0.7)),
     (lambda: P.TopK(5), lambda hf: hf.TopKLogitsWarper(5)),

@@ -215,3 +215,56 @@ def test_generator_generate_fills_stats(tiny_gpt2_dir):
     results = load(tiny_gpt2_dir).generate(["hello world", "the quick"], stats=stats, num_beams=2, max_new_tokens=3)
     assert len(results) == 2 and stats.steps == 3 and stats.backend_calls >= 4
     assert 0 < stats.backend_seconds <= stats.total_seconds
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_search_steps_run_on_one_thread_and_backend_calls_on_the_process_threads(monkeypatch, num_beams):
+    """Issue 7: the step's ops run single-threaded on CPU (no OpenMP waits when cores are shared); the
+    backend's calls and the caller keep the process's thread count."""
+    from deploylm.decoding import beam, sample
+
+    seen = {"step": set(), "backend": set()}
+    for cls in (beam.BeamSearch, sample.SampleSearch):
+        step = cls.step
+
+        def counted(self, *args, _step=step, **kwargs):
+            seen["step"].add(torch.get_num_threads())
+            return _step(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "step", counted)
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    decode = backend.decode
+
+    def counted_decode(*args, **kwargs):
+        seen["backend"].add(torch.get_num_threads())
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "decode", counted_decode)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=num_beams, max_new_tokens=5))
+        assert seen == {"step": {1}, "backend": {2}} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_backend_may_reserve_room_for_the_whole_generation_once(num_beams):
+    """The optional `reserve(state, new_tokens)` hook: called once, after prefill and before the rows are
+    expanded to beams, with max_new_tokens; the state it returns is the one the search continues with."""
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=num_beams, max_new_tokens=5)
+    expected = generate_ids(backend, encode(PROMPTS), options)
+    calls = []
+
+    def reserve(state, new_tokens):
+        calls.append((list(backend.calls), len(state), new_tokens))
+        return state
+
+    backend.reserve = reserve
+    backend.calls.clear()
+    stats = SearchStats()
+    assert generate_ids(backend, encode(PROMPTS), options, stats) == expected
+    assert calls == [([("prefill", len(PROMPTS))], len(PROMPTS), 5)]         # once, before beams exist
+    assert stats.backend_calls == len(backend.calls) + 1                        # timed as a backend call

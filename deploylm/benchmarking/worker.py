@@ -34,11 +34,20 @@ def current_rss_mib() -> float | None:
 
 
 def quiet_libraries() -> None:
-    """No progress bars or advice from transformers around the measurements."""
+    """No progress bars or advice from transformers around the measurements (imports transformers)."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+
+
+def quiet_libraries_env() -> None:
+    """The same as quiet_libraries for a fresh worker process, through the environment that transformers
+    and huggingface_hub read when (if ever) they are imported: a row that does not need transformers (the
+    onnx backend) does not pay for importing it (its RSS is part of the row's peak)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")              # no GGUF conversion bars (read when tqdm loads)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 class ProcessRunner:
@@ -97,13 +106,12 @@ class ProcessRunner:
 
 def serve(conn: Any, spec: Any, workload: Any) -> None:
     """Worker main: load the row, answer ("ok", (load_s, rss)), then one round per "run" until "close"."""
-    os.environ.setdefault("TQDM_DISABLE", "1")   # no GGUF conversion bars from workers (read when tqdm loads)
+    quiet_libraries_env()
     try:
         import torch
 
         from deploylm.benchmarking.measure import open_local_runner
 
-        quiet_libraries()
         torch.set_num_threads(workload.threads)
         runner = open_local_runner(spec, workload)
         conn.send(("ok", (runner.load_s, current_rss_mib())))

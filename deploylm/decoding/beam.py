@@ -95,7 +95,7 @@ class BeamSearch:
         log_probs = self._log_softmax(logits)                                                # [R, V]
         if self.processors:
             flat_sequences = self.running[:, :, :self.cur_len].reshape(B * K, self.cur_len)  # [R, cur_len]
-            log_probs = self.processors(flat_sequences, log_probs)                            # [R, V]
+            log_probs = self.processors(flat_sequences, log_probs, inplace=True)              # [R, V] (our buffer)
         vocab = log_probs.shape[-1]
 
         topk_scores, topk_seqs, topk_parents = self._top_candidates(log_probs, vocab)

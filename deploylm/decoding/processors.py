@@ -1,4 +1,5 @@
-"""Logits processors: small pure objects `(sequences [R, L], scores [R, V]) -> scores [R, V]`.
+"""Logits processors: small pure objects `(sequences [R, L], scores [R, V]) -> scores [R, V]`
+(those marked `in_place` may instead write into `scores` when the caller's ProcessorList says it owns it).
 
 `sequences` is what transformers' loop holds as `input_ids` at that step: for decoder-only models the
 left-padded prompt plus the generated tokens, for encoder-decoder models the decoder start token plus
@@ -99,11 +100,12 @@ class MinNewTokens:
         self.min_new_tokens = min_new_tokens
         self.eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
 
-    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+    in_place = True
+
+    def __call__(self, sequences: Tensor, scores: Tensor, inplace: bool = False) -> Tensor:
         if sequences.shape[-1] - self.prompt_len >= self.min_new_tokens:
             return scores
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        return torch.where(torch.isin(vocab, self.eos.to(scores.device)), -math.inf, scores)
+        return _ban(scores, self.eos, inplace)
 
 
 class BadWords:
@@ -152,11 +154,12 @@ class MinLength:
         self.min_length = min_length
         self.eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
 
-    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+    in_place = True
+
+    def __call__(self, sequences: Tensor, scores: Tensor, inplace: bool = False) -> Tensor:
         if sequences.shape[-1] >= self.min_length:
             return scores
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        return torch.where(torch.isin(vocab, self.eos.to(scores.device)), -math.inf, scores)
+        return _ban(scores, self.eos, inplace)
 
 
 class ForcedBOS:
@@ -246,12 +249,30 @@ class TopP:
         return scores.masked_fill(remove, -float("inf"))
 
 
-class ProcessorList(list):
-    """Apply processors in order."""
+def _ban(scores: Tensor, eos: Tensor, inplace: bool) -> Tensor:
+    """scores [R, V] with the columns `eos` (ids past V ignored) set to -inf: written into `scores` when
+    `inplace`, else into a copy. Same values as transformers' `torch.where(isin(arange(V), eos), -inf, scores)`
+    without its [V] mask and [R, V] select (issue 7: that cost ~1 ms a step at 32 x 49,152, far more under load)."""
+    ids = eos.to(scores.device)
+    if bool((ids >= scores.shape[-1]).any()):
+        ids = ids[ids < scores.shape[-1]]
+    return scores.index_fill_(1, ids, -math.inf) if inplace else scores.index_fill(1, ids, -math.inf)
 
-    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+
+class ProcessorList(list):
+    """Apply processors in order.
+
+    inplace=True says `scores` is the caller's own scratch buffer: processors with `in_place = True` then
+    write into it instead of returning a modified copy (the values are the same either way). Without it,
+    no processor modifies `scores` (it may be the backend's output).
+    """
+
+    def __call__(self, sequences: Tensor, scores: Tensor, inplace: bool = False) -> Tensor:
         for processor in self:
-            scores = processor(sequences, scores)
+            if inplace and getattr(processor, "in_place", False):
+                scores = processor(sequences, scores, inplace=True)
+            else:
+                scores = processor(sequences, scores)
         return scores
 
 

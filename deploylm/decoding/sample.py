@@ -38,10 +38,13 @@ class SampleSearch:
         self.gen_len = torch.zeros(B * self.N, dtype=torch.long, device=dev)
         self.all_done = False
         self._log_probs: Tensor | None = None                                   # [R, V] reused every step
+        self._scores: Tensor | None = None                                      # [R, V] processors' scratch
 
     def step(self, logits: Tensor, time_up: bool = False) -> tuple[None, Tensor]:
         """logits [R, V] -> (None: rows never move, next tokens [R])."""
-        scores = self.processors(self.sequences[:, :self.cur_len], logits.float())         # [R, V]
+        scores = logits.float()                                                             # [R, V]
+        if self.processors:   # into our own buffer: processors may then write in place (not the backend's logits)
+            scores = self.processors(self.sequences[:, :self.cur_len], self._scratch(scores), inplace=True)
         if self.options.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
             tokens = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
@@ -60,6 +63,12 @@ class SampleSearch:
         self.unfinished = self.unfinished & ~stop
         self.all_done = not bool(self.unfinished.any())
         return None, tokens
+
+    def _scratch(self, logits: Tensor) -> Tensor:
+        """A copy of logits [R, V] in a buffer reused across steps."""
+        if self._scores is None or self._scores.shape != logits.shape or self._scores.device != logits.device:
+            self._scores = torch.empty_like(logits)
+        return self._scores.copy_(logits)
 
     def _log_softmax(self, logits: Tensor) -> Tensor:
         """log_softmax of fp32 logits [R, V] into a buffer reused across steps (no allocation per step)."""

@@ -183,9 +183,23 @@ def apply_precision(tmp_dir: Path, profile: Any, source: Any, calibration: str |
                 first = replace(first, quality=measure_quality(work.ref, work.dirs[id(first)], work.held, rounds=rounds))
             result = replace(result, first=first, final=replace(result.final, quality=quality))
         report = _report(profile, work, base, result, allow_quality_loss)   # raises before tmp_dir changes
-        for name in work.graphs:
-            shutil.copy2(chosen / name, tmp_dir / name)
+        _replace_graphs(chosen, tmp_dir, work.graphs)
         return report
+
+
+def _replace_graphs(chosen: Path, tmp_dir: Path, graphs: list[str]) -> None:
+    """Copy the converted graphs over the fp32 ones; the fp32 graphs' external data files (model.onnx.data,
+    large exports) go with them unless a converted graph still reads them."""
+    from deploylm.artifact import external_data_files
+
+    stale = {f for name in graphs for f in external_data_files(tmp_dir / name)}
+    for name in graphs:
+        shutil.copy2(chosen / name, tmp_dir / name)
+        for data in external_data_files(chosen / name):
+            shutil.copy2(chosen / data, tmp_dir / data)
+            stale.discard(data)
+    for data in stale:
+        (tmp_dir / data).unlink(missing_ok=True)
 
 
 def _few(feeds: dict[str, list[dict]]) -> dict[str, list[dict]]:

@@ -123,6 +123,45 @@ def special_tokens(model: Any) -> SpecialTokens:
                          decoder_start_token_id=None if start is None else int(start))
 
 
+# Decoder-only families whose config.json holds the settings read below under their plain names (no
+# attribute_map for them, no nested text config): their special tokens and window can be read from the
+# files without transformers. Others (GPT-2's n_positions, encoder-decoders, composite models) cannot.
+PLAIN_CONFIG_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_SPECIAL_IDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")
+
+
+def special_tokens_from_files(folder: Path) -> tuple[SpecialTokens, bool, int | None] | None:
+    """(special tokens, is_encoder_decoder, position window) of a Hugging Face model folder or artifact,
+    read from config.json and generation_config.json the way transformers resolves them (`special_tokens`,
+    `position_window` over AutoConfig and GenerationConfig), without importing transformers; None when
+    the model type is not one of PLAIN_CONFIG_TYPES (use the transformers path then).
+
+    An onnx-only process (`deploylm bench`'s onnx worker, a server) then never imports transformers.
+    """
+    import json
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("model_type") not in PLAIN_CONFIG_TYPES or config.get("is_encoder_decoder") \
+            or any(isinstance(v, dict) and "model_type" in v for v in config.values()):
+        return None
+    gen_file = folder / "generation_config.json"
+    try:   # no generation_config.json: transformers derives one from the config (GenerationConfig.from_model_config)
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {k: config.get(k) for k in _SPECIAL_IDS}
+    except (OSError, ValueError):
+        return None
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False, **{k: config.get(k) for k in _SPECIAL_IDS}),
+                            generation_config=SimpleNamespace(**{k: gen.get(k) for k in _SPECIAL_IDS}),
+                            name_or_path=str(folder))
+    window = config.get("max_position_embeddings")
+    return special_tokens(model), False, None if window is None else int(window)
+
+
 def model_info(model: Any, name: str) -> ModelInfo:
     """ModelInfo of a transformers model: kind, logits width, special tokens, position window, decoding settings."""
     config = model.config

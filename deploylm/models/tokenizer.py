@@ -1,4 +1,8 @@
-"""Tokenizers for every SRC kind, loaded with transformers' AutoTokenizer as a user of transformers would."""
+"""Tokenizers for every SRC kind, loaded with transformers' AutoTokenizer as a user of transformers would.
+
+Artifacts opened by `deploylm.load` use a LightTokenizer when their tokenizer is a plain `tokenizers`
+file that transformers would use unchanged: the same ids and text without importing transformers
+(an onnx-only process does not need it; issue 7)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +17,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spi
                    "sentencepiece.bpe.model", "source.spm", "vocab.txt")
 
 
-def load_tokenizer(source: Source) -> Any:
-    """The transformers tokenizer of `source` (checkpoint, Hugging Face or artifact folder, or .gguf file)."""
+def load_tokenizer(source: Source, light: bool = False) -> Any:
+    """The transformers tokenizer of `source` (checkpoint, Hugging Face or artifact folder, or .gguf file).
+
+    light=True: for a folder whose tokenizer is a plain `tokenizers` file that transformers would use as
+    it is (see `light_tokenizer`), a LightTokenizer (same ids and text, without importing transformers);
+    otherwise the transformers tokenizer.
+    """
+    if light and source.kind != "gguf":
+        found = light_tokenizer(source.path)
+        if found is not None:
+            return found
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = source.path
@@ -41,3 +54,123 @@ def _is_deploylm_folder(path: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return str(model_type).startswith("deploylm")
+
+
+# tokenizer_config.json keys a LightTokenizer understands (anything else: the transformers tokenizer).
+_LIGHT_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+_LIGHT_KEYS = {"backend", "tokenizer_class", "bos_token", "eos_token", "pad_token", "unk_token", "is_local",
+               "local_files_only", "model_max_length", "clean_up_tokenization_spaces", "chat_template",
+               "name_or_path"}
+_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def light_tokenizer(folder: Path) -> "LightTokenizer | None":
+    """A LightTokenizer for `folder`, or None when transformers would do more than use its tokenizer.json
+    as it is: another tokenizer class, extra settings (add_bos_token, added tokens, ...), truncation or
+    padding stored in tokenizer.json, or a named special token that is not a special added token."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(config, dict) or config.get("tokenizer_class") not in _LIGHT_CLASSES
+            or set(config) - _LIGHT_KEYS or config.get("backend", "tokenizers") != "tokenizers"
+            or config.get("clean_up_tokenization_spaces", False) is not False
+            or not (folder / "tokenizer.json").is_file()):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - let transformers report it
+        return None
+    if backend.truncation is not None or backend.padding is not None or backend.post_processor is None:
+        return None
+    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    names = {}
+    for key in _SPECIAL_KEYS:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is not None and (not isinstance(value, str) or value not in special):
+            return None
+        names[key] = value
+    return LightTokenizer(folder, backend, names)
+
+
+class LightTokenizer:
+    """The subset of a transformers fast tokenizer that `Generator` uses, straight on `tokenizers`.
+
+    For folders `light_tokenizer` accepts, transformers' TokenizersBackend calls the same Rust tokenizer
+    (encode_batch with the file's post-processor, decode with skip_special_tokens, no clean-up), so ids,
+    masks and text are the same (tests/test_bench.py checks SmolLM2's). It spares importing transformers
+    and its tokenizer's Python-side tables: −72 MiB RSS in an onnx process (issue 7). Calls it does not
+    cover (truncation, windows, anything else) go to the transformers tokenizer, loaded on first use.
+    """
+
+    def __init__(self, folder: Path, backend: Any, special: dict[str, str | None]) -> None:
+        self.name_or_path = str(folder)
+        self.backend_tokenizer = backend
+        self.padding_side = "right"
+        for key, token in special.items():
+            setattr(self, key, token)
+        self.pad_token_id = None if self.pad_token is None else backend.token_to_id(self.pad_token)
+        self.eos_token_id = None if self.eos_token is None else backend.token_to_id(self.eos_token)
+        self.bos_token_id = None if self.bos_token is None else backend.token_to_id(self.bos_token)
+        self._full: Any = None
+
+    def __call__(self, text: str | list[str], *, return_tensors: str | None = None, padding: bool = False,
+                 padding_side: str | None = None, verbose: bool = True, **kwargs: Any) -> dict[str, Any]:
+        if kwargs or padding not in (False, True) or return_tensors not in (None, "pt"):
+            return self.full(text, return_tensors=return_tensors, padding=padding, padding_side=padding_side,
+                             verbose=verbose, **kwargs)
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [e.ids for e in self.backend_tokenizer.encode_batch(texts, add_special_tokens=True)]
+        masks = [[1] * len(row) for row in ids]
+        if padding and len(ids) > 1:
+            if self.pad_token_id is None:
+                raise ValueError("Asking to pad but the tokenizer does not have a padding token.")
+            width, left = max(map(len, ids)), (padding_side or self.padding_side) == "left"
+            pads = [width - len(row) for row in ids]
+            ids = [[self.pad_token_id] * n + row if left else row + [self.pad_token_id] * n for row, n in zip(ids, pads)]
+            masks = [[0] * n + row if left else row + [0] * n for row, n in zip(masks, pads)]
+        if return_tensors == "pt":
+            import torch
+
+            return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(masks, dtype=torch.long)}
+        if isinstance(text, str):
+            return {"input_ids": ids[0], "attention_mask": masks[0]}
+        return {"input_ids": ids, "attention_mask": masks}
+
+    def encode(self, text: str) -> list[int]:
+        return self(text)["input_ids"]
+
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str:
+        ids = [token_ids] if isinstance(token_ids, int) else [int(t) for t in token_ids]
+        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens) for s in sequences]
+
+    @property
+    def full(self) -> Any:
+        """The transformers tokenizer of the same folder (imports transformers), with the same pad id."""
+        if self._full is None:
+            from deploylm.models.source import Source
+
+            self._full = load_tokenizer(Source("artifact", Path(self.name_or_path)))
+        if self.pad_token_id is not None and self._full.pad_token_id != self.pad_token_id:
+            self._full.pad_token_id = self.pad_token_id
+        return self._full
+
+    @property
+    def truncation_side(self) -> str:
+        return self.full.truncation_side
+
+    @truncation_side.setter
+    def truncation_side(self, side: str) -> None:
+        self.full.truncation_side = side
+
+    def __getattr__(self, name: str) -> Any:    # anything not covered here: the transformers tokenizer's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.full, name)

@@ -1,0 +1,125 @@
+"""An onnx-only process does not need transformers (issue 7: its import and tokenizer tables are ~70 MiB
+of the onnx row's peak RSS): artifacts' tokenizers load as LightTokenizer (same ids and text as the
+transformers tokenizer), special tokens come from config files, and the bench's onnx worker never
+imports transformers."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploylm.benchmarking.workload import STANDARD_PROMPTS
+from deploylm.models.hf import special_tokens_from_files
+from deploylm.models.source import resolve_source
+from deploylm.models.tokenizer import LightTokenizer, light_tokenizer, load_tokenizer
+
+TEXTS = [*STANDARD_PROMPTS, "<|im_start|>user\nHi<|im_end|>", "  two leading spaces", "émoji 🙂 and 中文", "a",
+         "the quick brown fox", "</s> <s> <pad> inline specials"]
+
+
+def _same_as_transformers(folder: Path) -> None:
+    from deploylm.models.source import Source
+
+    light, full = light_tokenizer(folder), load_tokenizer(Source("hf", folder))
+    assert isinstance(light, LightTokenizer)
+    assert (light.pad_token_id, light.eos_token_id, light.bos_token_id) == (full.pad_token_id, full.eos_token_id,
+                                                                           full.bos_token_id)
+    for side in ("left", "right"):
+        a = light(TEXTS, return_tensors="pt", padding=True, padding_side=side, verbose=False)
+        b = full(TEXTS, return_tensors="pt", padding=True, padding_side=side, verbose=False)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    for text in TEXTS:
+        assert light(text, verbose=False)["input_ids"] == full(text, verbose=False)["input_ids"] == light.encode(text)
+    rng, vocab = random.Random(0), light.backend_tokenizer.get_vocab_size()
+    for n in range(200):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))] + [0, 1, 2][: n % 4]
+        for skip in (True, False):
+            assert light.decode(ids, skip_special_tokens=skip) == full.decode(ids, skip_special_tokens=skip), ids
+
+
+@pytest.mark.slow
+def test_light_tokenizer_matches_transformers_on_smollm2(smollm2_gguf, tmp_path):
+    load_tokenizer(resolve_source(smollm2_gguf)).save_pretrained(tmp_path)   # what an export writes
+    _same_as_transformers(tmp_path)
+
+
+def test_light_tokenizer_matches_transformers_on_tiny_llama(tiny_llama_dir):
+    _same_as_transformers(tiny_llama_dir)
+
+
+def test_light_tokenizer_refuses_what_transformers_would_change(tiny_llama_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    assert light_tokenizer(tmp_path) is not None
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for change in ({"add_bos_token": True}, {"tokenizer_class": "LlamaTokenizer"}, {"pad_token": "not-a-token"},
+                   {"clean_up_tokenization_spaces": True}):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
+        assert light_tokenizer(tmp_path) is None, change
+
+
+def test_light_tokenizer_hands_the_rest_to_transformers(tiny_llama_dir):
+    """Truncation (and anything else it does not implement) goes to the transformers tokenizer."""
+    light, full = light_tokenizer(tiny_llama_dir), load_tokenizer(resolve_source(tiny_llama_dir))
+    assert light.full is not full                                  # its own transformers tokenizer
+    light.truncation_side = full.truncation_side = "left"
+    a = light(TEXTS[:3], return_tensors="pt", padding=True, padding_side="left", truncation=True, max_length=5)
+    b = full(TEXTS[:3], return_tensors="pt", padding=True, padding_side="left", truncation=True, max_length=5)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and a["input_ids"].shape[1] == 5
+    assert light.num_special_tokens_to_add() == full.num_special_tokens_to_add()
+
+
+def test_special_tokens_from_files_match_transformers(tiny_llama_dir, tiny_gpt2_dir, tiny_t5_dir):
+    from deploylm.backends.onnx_backend import _hf_special
+
+    assert special_tokens_from_files(tiny_llama_dir) == _hf_special(tiny_llama_dir)
+    gen = json.loads((tiny_llama_dir / "generation_config.json").read_text())
+    assert special_tokens_from_files(tiny_llama_dir)[0].eos_token_ids == (gen["eos_token_id"],)
+    assert special_tokens_from_files(tiny_gpt2_dir) is None      # n_positions: attribute_map, not plain
+    assert special_tokens_from_files(tiny_t5_dir) is None        # encoder-decoder
+
+
+@pytest.fixture(scope="module")
+def llama_artifact(tiny_llama_dir, tmp_path_factory) -> Path:
+    from deploylm.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("light") / "llama-fp32"
+    export_model(tiny_llama_dir, "fp32", out)
+    return out
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    from deploylm.benchmarking.worker import quiet_libraries_env
+    quiet_libraries_env()
+    if sys.argv[2] == "files":
+        import deploylm.backends.onnx_backend as ob
+        from deploylm.models.hf import special_tokens_from_files
+        ob._hf_special = special_tokens_from_files
+    from deploylm.benchmarking.measure import open_local_runner
+    from deploylm.benchmarking.workload import BenchConfig, RowSpec, workload_of
+    config = BenchConfig(models=(sys.argv[1],), prompts=("the quick brown fox", "hello world"), batch_size=2,
+                         num_beams=2, max_new_tokens=4)
+    runner = open_local_runner(RowSpec("row", sys.argv[1], "onnx", "fp32"), workload_of(config))
+    result = runner.run()
+    print(type(runner.generator.tokenizer).__name__, result.tokens, "transformers" in sys.modules)
+""")
+
+
+@pytest.mark.parametrize("special", [
+    "files",
+    pytest.param("shipped", marks=pytest.mark.xfail(strict=True, reason=(
+        "deploylm/backends/onnx_backend.py _hf_special still reads special tokens through transformers' "
+        "AutoConfig: use deploylm.models.hf.special_tokens_from_files first (issue 7 hook)"))),
+])
+def test_onnx_bench_worker_does_not_import_transformers(llama_artifact, special):
+    out = subprocess.run([sys.executable, "-c", WORKER, str(llama_artifact), special], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["LightTokenizer", "8", "False"]
