@@ -193,7 +193,8 @@ def test_generation_defaults_come_from_generation_config(tiny_llama_dir, tmp_pat
     assert backend.generation_defaults == {"num_beams": 2, "max_new_tokens": 3}
 
 
-@pytest.mark.parametrize("value,message", [("float64", "dtype 'float64'"), ("int8", "expected one of")])
+@pytest.mark.parametrize("value,message", [("float64", "dtype 'float64'"),
+                                           ("int4", "expected one of float32, float16, bfloat16, int8")])
 def test_bad_dtype_is_a_usage_error(tiny_gpt2_dir, value, message):
     with pytest.raises(UsageError, match=message):
         TorchBackend.from_source(str(tiny_gpt2_dir), dtype=value)

@@ -36,23 +36,39 @@ class TorchBackend:
 
     @classmethod
     def from_source(cls, source: Source | str, *, device: str = "cpu", dtype: str = "float32", **_: Any) -> "TorchBackend":
-        """Open `source` on `device` ("cpu" | "cuda") in `dtype` ("float32" | "float16" | "bfloat16")."""
+        """Open `source` on `device` ("cpu" | "cuda") in `dtype` ("float32" | "float16" | "bfloat16" | "int8").
+
+        "int8": fp32 weights, then every Linear layer dynamically quantized to int8 (CPU only; torch_int8.py).
+        """
         from deploylm.models import hf
 
         source = source if isinstance(source, Source) else resolve_source(source)
-        torch_dtype, torch_device = hf.resolve_dtype(dtype), hf.resolve_device(device)
+        int8 = isinstance(dtype, str) and dtype == "int8"
+        if not int8 and not isinstance(dtype, torch.dtype) and dtype not in hf.DTYPES:
+            raise UsageError(f"dtype {dtype!r}: expected one of {', '.join([*hf.DTYPES, 'int8'])}")
+        if int8:
+            from deploylm.backends.torch_int8 import check_int8_device
+
+            check_int8_device(device)
+        torch_dtype, torch_device = hf.resolve_dtype("float32" if int8 else dtype), hf.resolve_device(device)
         if source.kind == "artifact":
             raise UsageError(f"model {str(source.path)!r} is an exported artifact: the torch backend runs checkpoints, "
                              "Hugging Face folders and .gguf files; use --backend onnx (or trt)")
         if source.kind == "checkpoint":
             from deploylm.backends.torch_seq2seq import open_checkpoint
 
-            return open_checkpoint(source, dtype=torch_dtype, device=torch_device)
-        from deploylm.backends.torch_hf import HFCausalBackend, HFSeq2SeqBackend
+            backend = open_checkpoint(source, dtype=torch_dtype, device=torch_device)
+        else:
+            from deploylm.backends.torch_hf import HFCausalBackend, HFSeq2SeqBackend
 
-        model = hf.load_hf_model(source, dtype=torch_dtype, device=torch_device)
-        impl = HFSeq2SeqBackend if model.config.is_encoder_decoder else HFCausalBackend
-        return impl(model, hf.model_info(model, source.name), torch_device, hf.generation_defaults(model))
+            model = hf.load_hf_model(source, dtype=torch_dtype, device=torch_device)
+            impl = HFSeq2SeqBackend if model.config.is_encoder_decoder else HFCausalBackend
+            backend = impl(model, hf.model_info(model, source.name), torch_device, hf.generation_defaults(model))
+        if int8:
+            from deploylm.backends.torch_int8 import quantize_int8
+
+            quantize_int8(backend.model)
+        return backend
 
     def _setup(self) -> None:
         """Subclass hook run at the end of __init__."""

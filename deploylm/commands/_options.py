@@ -96,7 +96,8 @@ def given_input_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 def torch_options(fn: Callable) -> Callable:
     """Add --device and --dtype (used by the torch backend)."""
     fn = click.option("--dtype", default="float32", show_default=True,
-                      help="float32, float16 or bfloat16 (torch backend).")(fn)
+                      help="float32, float16, bfloat16 or int8 (torch backend; int8: Linear layers "
+                           "dynamically quantized, CPU only).")(fn)
     return click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")(fn)
 
 
