@@ -217,3 +217,17 @@ def test_teacher_splits_follow_its_recorded_cleaning(tmp_path):
     expected = jsonl_splits(data, 3, clean)
     assert [e.source for e in splits.test] == [e.source for e in expected.test]
     assert len(splits.train) + len(splits.validation) + len(splits.test) == 40  # the 80 duplicates were dropped
+
+
+def test_learning_rate_default_depends_on_how_the_student_starts(seed_teacher, tmp_path):
+    from deploylm.training.distill import LR_FROM_SCRATCH, LR_FROM_TEACHER
+
+    fast = {k: v for k, v in FAST.items() if k != "lr"}
+    same = distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "a", task="reverse", steps=2, **fast))
+    other = distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "b", task="reverse", steps=2, d_model=16, **fast))
+    assert (same.init, other.init) == ("teacher", "random")
+    settings = [json.loads((tmp_path / n / "distill.json").read_text())["settings"] for n in ("a", "b")]
+    assert [s["lr"] for s in settings] == [LR_FROM_TEACHER, LR_FROM_SCRATCH]
+    given = distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "c", task="reverse", steps=2, d_model=16,
+                                  lr=2e-4, **fast))
+    assert given.init == "random" and json.loads((tmp_path / "c" / "distill.json").read_text())["settings"]["lr"] == 2e-4

@@ -21,7 +21,9 @@ D = DistillConfig  # defaults shown in --help come from the library
 @click.option("--task", help="Built-in task (encoder-decoder teachers). Default: the teacher's own.")
 @click.option("--data", metavar="FILE", help=".jsonl (encoder-decoder) or plain text file (causal LM).")
 @click.option("--batch-size", type=INT, default=D.batch_size, show_default=True, help="Examples (or text blocks) per step.")
-@click.option("--lr", type=FLOAT, default=D.lr, show_default=True, help="Peak learning rate (cosine decay).")
+@click.option("--lr", type=FLOAT, default=None,
+              help="Peak learning rate (cosine decay). Default: 5e-4 for a student made of the teacher's layers, "
+                   "1e-3 for one of another --d-model (random init).")
 @click.option("--eval-examples", type=INT, default=D.eval_examples, show_default=True, help="Test examples decoded by teacher and student.")
 @click.option("--seed", type=INT, default=D.seed, show_default=True, help="Seed for batches, init and dropout.")
 @click.option("--device", default=D.device, show_default=True, help="cpu or cuda.")
