@@ -59,7 +59,8 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
     """Open SRC (checkpoint, Hugging Face folder, .gguf file or artifact) with `backend`.
 
     backend: "torch" | "onnx" | "trt"; default "onnx" for an artifact, "torch" otherwise.
-    backend_options go to the backend (torch: device="cpu"|"cuda", dtype="float32"|"float16"|"bfloat16").
+    backend_options go to the backend (torch: device="cpu"|"cuda", dtype="float32"|"float16"|"bfloat16"|"int8",
+    int8 = dynamic quantization of the Linear layers, CPU only).
     """
     from deploylm.models.tokenizer import load_tokenizer
 
