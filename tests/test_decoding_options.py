@@ -44,6 +44,15 @@ def test_defaults_are_deploylm_cli_defaults():
     (dict(do_sample="yes"), "do_sample"),
     (dict(seed=1.5), "seed"),
     (dict(max_time=0), "max_time"),
+    (dict(sequence_bias=[[1, 2]]), "sequence_bias"),
+    (dict(sequence_bias=[[[1], "x"]]), "sequence_bias"),
+    (dict(sequence_bias=[[[1, -2], 1.0]]), "sequence_bias"),
+    (dict(encoder_repetition_penalty=0), "encoder_repetition_penalty"),
+    (dict(encoder_repetition_penalty="high"), "encoder_repetition_penalty"),
+    (dict(encoder_no_repeat_ngram_size=-1), "encoder_no_repeat_ngram_size"),
+    (dict(encoder_no_repeat_ngram_size=1.5), "encoder_no_repeat_ngram_size"),
+    (dict(exponential_decay_length_penalty=(1,)), "exponential_decay_length_penalty"),
+    (dict(exponential_decay_length_penalty=(1.5, 2.0)), "exponential_decay_length_penalty"),
 ])
 def test_invalid_values_name_the_option_and_the_value(kwargs, name):
     with pytest.raises(UsageError) as err:
@@ -81,3 +90,26 @@ def test_replace_validates_and_rejects_unknown_names():
         o.replace(beams=2)
     assert DecodingOptions.from_mapping(o.to_dict()) == o
     assert set(o.to_dict()) == set(option_names())
+
+
+def test_model_settings_options_default_to_the_models_and_normalize():
+    o = DecodingOptions()
+    assert (o.sequence_bias, o.encoder_repetition_penalty, o.encoder_no_repeat_ngram_size,
+            o.exponential_decay_length_penalty) == (None, None, None, None)   # None: the model's setting
+    o = DecodingOptions(sequence_bias={(4, 5): -1, (3,): 2.5}, exponential_decay_length_penalty=[2, 3],
+                        encoder_repetition_penalty=2)
+    assert o.sequence_bias == (((4, 5), -1.0), ((3,), 2.5))
+    assert o.exponential_decay_length_penalty == (2, 3.0) and isinstance(o.encoder_repetition_penalty, float)
+    # a repeated token sequence keeps its last bias, as transformers' list -> dict conversion
+    assert DecodingOptions(sequence_bias=[[[3], 1.0], [[4], 2.0], [[3], -1.0]]).sequence_bias == (
+        ((3,), -1.0), ((4,), 2.0))
+    assert DecodingOptions(sequence_bias=[]).sequence_bias == ()
+    assert DecodingOptions.from_mapping(o.to_dict()) == o
+
+
+@pytest.mark.parametrize("name", ["num_beam_groups", "diversity_penalty"])
+def test_group_beam_search_is_refused_saying_why(name):
+    with pytest.raises(UsageError, match="transformers-community/group-beam-search.*trust_remote_code"):
+        DecodingOptions.from_mapping({name: 2})
+    with pytest.raises(UsageError, match="group beam search"):
+        DecodingOptions().replace(**{name: 2})

@@ -220,10 +220,11 @@ def test_generation_settings_deploylm_does_not_apply_are_named(tiny_t5_dir, tmp_
     gen_file = folder / "generation_config.json"
     gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "forced_bos_token_id": 0,
                                     "bad_words_ids": [[0]], "min_length": 0, "sequence_bias": [[[0], -1.0]],
-                                    "encoder_no_repeat_ngram_size": 2}))
+                                    "encoder_no_repeat_ngram_size": 2, "do_sample": True}))
     with caplog.at_level("WARNING", logger="deploylm"):
         TorchBackend.from_source(str(folder))
     [record] = [r for r in caplog.records if r.name == "deploylm"]
-    assert "sequence_bias, encoder_no_repeat_ngram_size, which deploylm does not apply" in record.getMessage()
-    for applied in ("forced_bos_token_id", "bad_words_ids", "min_length"):  # the decoder applies these
+    assert "sets do_sample, which deploylm does not apply" in record.getMessage()
+    for applied in ("forced_bos_token_id", "bad_words_ids", "min_length", "sequence_bias",
+                    "encoder_no_repeat_ngram_size"):  # the decoder applies these
         assert applied not in record.getMessage()

@@ -41,7 +41,8 @@ class ModelInfo:
     max_positions: int | None = None        # the model's window (prompt + generated), if bounded
     name: str = "model"
     # decoding settings of the model's generation_config that the decoder applies as logits processors:
-    # only the keys deploylm.models.hf.DECODING_KEYS that the model sets (ints, tuples of ints)
+    # only the keys deploylm.models.hf.DECODING_KEYS that the model sets (ints, floats, tuples of ints,
+    # sequence_bias as (token ids, bias) pairs)
     generation: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -9,11 +9,12 @@ UsageError: one `error: ...` line and exit status 2, like every other deploylm i
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import click
 
-from deploylm.decoding.options import DecodingOptions
+from deploylm.decoding.options import GROUP_BEAM_SEARCH_REFUSED, DecodingOptions
 from deploylm.errors import UsageError
 
 D = DecodingOptions()  # the defaults shown in --help
@@ -39,6 +40,40 @@ class _Number(click.ParamType):
 
 INT, FLOAT = _Number(int), _Number(float)
 
+
+class _Json(click.ParamType):
+    """A JSON value (e.g. --sequence-bias '[[[10, 45], -2.0]]'); bad JSON raises UsageError (one line)."""
+
+    name = "json"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            flag = param.opts[0] if param is not None else "option"
+            raise UsageError(f"{flag} {value!r}: expected JSON ({exc})") from None
+
+
+class _Pair(click.ParamType):
+    """START,FACTOR (e.g. --exponential-decay-length-penalty 8,1.5) -> (int, float); else UsageError."""
+
+    name = "pair"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            start, factor = value.split(",")
+            return int(start), float(factor)
+        except ValueError:
+            flag = param.opts[0] if param is not None else "option"
+            raise UsageError(f"{flag} {value!r}: expected START,FACTOR, e.g. 8,1.5") from None
+
+
+JSON, PAIR = _Json(), _Pair()
+
 # (flag, DecodingOptions field, type, help); help ends with the library default.
 DECODING_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--num-beams", "num_beams", INT, f"Beams (1 = greedy). Default: the model's, else {D.num_beams}."),
@@ -47,6 +82,14 @@ DECODING_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--length-penalty", "length_penalty", FLOAT, f"Finished score = logprob / length**penalty. Default: {D.length_penalty}."),
     ("--repetition-penalty", "repetition_penalty", FLOAT, f"> 1 discourages repeats (1 = off). Default: {D.repetition_penalty}."),
     ("--no-repeat-ngram-size", "no_repeat_ngram_size", INT, f"Ban repeating n-grams of this size (0 = off). Default: {D.no_repeat_ngram_size}."),
+    ("--sequence-bias", "sequence_bias", JSON, "JSON list of [token ids, bias] pairs added to the scores of "
+     "those token sequences, e.g. '[[[10, 45], -2.0]]'. Default: the model's, else none."),
+    ("--encoder-repetition-penalty", "encoder_repetition_penalty", FLOAT, "> 1 favours tokens of the prompt "
+     "(source), < 1 avoids them (1 = off). Default: the model's, else 1.0."),
+    ("--encoder-no-repeat-ngram-size", "encoder_no_repeat_ngram_size", INT, "Ban n-grams of the prompt (source) "
+     "of this size (0 = off). Default: the model's, else 0."),
+    ("--exponential-decay-length-penalty", "exponential_decay_length_penalty", PAIR, "START,FACTOR: after START "
+     "generated tokens, raise EOS's score by FACTOR**k - 1 of itself (k tokens past START). Default: the model's."),
     ("--early-stopping", "early_stopping", str, "true, false or never (beam search stop rule). Default: false."),
     ("--num-return-sequences", "num_return_sequences", INT, f"Outputs per prompt (<= beams). Default: {D.num_return_sequences}."),
     ("--temperature", "temperature", FLOAT, f"Sampling temperature. Default: {D.temperature}."),
@@ -61,8 +104,15 @@ def decoding_options(fn: Callable) -> Callable:
     """Add the decoding flags to a click command; read them with `given_options(kwargs)`."""
     for flag, field, kind, text in reversed(DECODING_FLAGS):
         fn = click.option(flag, field, type=kind, default=None, metavar=_metavar(kind), help=text)(fn)
+    for flag in ("--num-beam-groups", "--diversity-penalty"):   # group beam search: refused, saying why
+        fn = click.option(flag, hidden=True, default=None, expose_value=False, callback=_refuse_groups)(fn)
     return click.option("--do-sample", "do_sample", is_flag=True, default=None,
                         help="Sample instead of searching deterministically.")(fn)
+
+
+def _refuse_groups(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value is not None:
+        raise UsageError(f"{param.opts[0]}: {GROUP_BEAM_SEARCH_REFUSED}")
 
 
 def given_options(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +152,7 @@ def torch_options(fn: Callable) -> Callable:
 
 
 def _metavar(kind: Any) -> str:
-    return {INT: "INT", FLOAT: "FLOAT"}.get(kind, "TEXT")
+    return {INT: "INT", FLOAT: "FLOAT", JSON: "JSON", PAIR: "START,FACTOR"}.get(kind, "TEXT")
 
 
 def quiet_transformers() -> None:

@@ -3,16 +3,31 @@
 Names follow the CLI (`--num-beams` -> `num_beams`) and transformers' GenerationConfig. Defaults are
 deploylm's (beam search with 4 beams, 64 new tokens); note that transformers' `top_k` defaults to 50
 while ours is 0 (off), so pass `top_k` explicitly when comparing sampled outputs.
+
+The settings a model's generation_config may also carry (sequence_bias, encoder_repetition_penalty,
+encoder_no_repeat_ngram_size, exponential_decay_length_penalty) default to None, "the model's": a value
+given here replaces the model's for the call (as a `generate()` keyword replaces the generation_config's).
+Group beam search (num_beam_groups, diversity_penalty) is refused: transformers 5 moved it out of `generate`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+import math
 from typing import Any, Mapping
 
 from deploylm.errors import UsageError
 
 EarlyStopping = bool | str  # True | False | "never"
+SequenceBias = tuple[tuple[tuple[int, ...], float], ...]  # ((token ids, bias), ...)
+
+# Options transformers 5's generate() no longer runs itself: group beam search lives in a Hub repo
+# (transformers-community/group-beam-search) that `generate` loads only with trust_remote_code=True.
+REFUSED_OPTIONS = ("num_beam_groups", "diversity_penalty")
+GROUP_BEAM_SEARCH_REFUSED = (
+    "group beam search (num_beam_groups > 1, diversity_penalty) is not supported: transformers 5's generate moved "
+    "it to the Hub repo transformers-community/group-beam-search (it runs only with trust_remote_code=True), "
+    "and deploylm does not run remote code; use plain beam search (num_beams) or sampling instead")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +41,11 @@ class DecodingOptions:
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # None = the model's generation_config setting (off when it has none)
+    sequence_bias: SequenceBias | None = None                  # ((token ids, bias), ...); () = off
+    encoder_repetition_penalty: float | None = None            # > 1 favours prompt tokens; 1.0 = off
+    encoder_no_repeat_ngram_size: int | None = None            # ban n-grams of the prompt; 0 = off
+    exponential_decay_length_penalty: tuple[int, float] | None = None   # (start, factor): EOS boost
     early_stopping: EarlyStopping = False
     num_return_sequences: int = 1
     do_sample: bool = False
@@ -38,6 +58,11 @@ class DecodingOptions:
     def __post_init__(self) -> None:
         _check_types(self)
         object.__setattr__(self, "early_stopping", _parse_early_stopping(self.early_stopping))
+        if self.sequence_bias is not None:
+            object.__setattr__(self, "sequence_bias", parse_sequence_bias(self.sequence_bias))
+        if self.exponential_decay_length_penalty is not None:
+            object.__setattr__(self, "exponential_decay_length_penalty",
+                               parse_exponential_decay(self.exponential_decay_length_penalty))
         for name, value in _float_fields(self).items():
             object.__setattr__(self, name, value)
         _check_ranges(self)
@@ -45,6 +70,7 @@ class DecodingOptions:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "DecodingOptions":
         """Build from a dict (HTTP request, artifact defaults); unknown keys are an error."""
+        _refuse(values)
         unknown = sorted(set(values) - set(option_names()))
         if unknown:
             raise UsageError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}: "
@@ -53,6 +79,7 @@ class DecodingOptions:
 
     def replace(self, **changes: Any) -> "DecodingOptions":
         """A copy with `changes` applied (validated); unknown names are an error."""
+        _refuse(changes)
         unknown = sorted(set(changes) - set(option_names()))
         if unknown:
             raise UsageError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}: "
@@ -87,6 +114,49 @@ def _bad(name: str, value: Any, expected: str) -> UsageError:
     return UsageError(f"decoding option {name}={value!r} is invalid: {expected}")
 
 
+def _refuse(names: Any) -> None:
+    if any(name in names for name in REFUSED_OPTIONS):
+        raise UsageError(GROUP_BEAM_SEARCH_REFUSED)
+
+
+def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceBias:
+    """sequence_bias as transformers takes it, a list of [token ids, bias] pairs or a {token ids: bias} dict,
+    as a tuple of (ids tuple, float) pairs; a repeated token sequence keeps its last bias (transformers' dict).
+    Empty means no bias. Anything else is a UsageError naming `where` ("decoding option", "generation setting")."""
+    def bad() -> UsageError:
+        return UsageError(f"{where} sequence_bias={value!r} is invalid: expected a list of [token ids, bias] "
+                          "pairs, e.g. [[[10, 45], -2.0], [[64], 1.5]]")
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise bad()
+    out: dict[tuple[int, ...], float] = {}
+    for ids, bias in pairs:
+        if not isinstance(ids, (list, tuple)) or not ids or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            raise bad()
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise bad()
+        out[tuple(ids)] = float(bias)
+    return tuple(out.items())
+
+
+def parse_exponential_decay(value: Any, where: str = "decoding option") -> tuple[int, float]:
+    """exponential_decay_length_penalty (start, factor): start an integer >= 0 (generated tokens before
+    the boost starts), factor a number > 0 (1.0 = no effect, > 1 makes EOS ever more likely)."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    start, factor = value if ok else (None, None)
+    ok = ok and isinstance(start, int) and not isinstance(start, bool) and start >= 0
+    ok = ok and isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) \
+        and factor > 0
+    if not ok:
+        raise UsageError(f"{where} exponential_decay_length_penalty={value!r} is invalid: expected "
+                         "[start, factor] with start an integer >= 0 and factor a number > 0, e.g. [8, 1.5]")
+    return int(start), float(factor)
+
+
 def _check_types(o: DecodingOptions) -> None:
     for name in _INTS:
         value = getattr(o, name)
@@ -100,6 +170,12 @@ def _check_types(o: DecodingOptions) -> None:
         raise _bad("do_sample", o.do_sample, "expected true or false")
     if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int)):
         raise _bad("seed", o.seed, "expected an integer or none")
+    if o.encoder_repetition_penalty is not None and (isinstance(o.encoder_repetition_penalty, bool) or not
+                                                     isinstance(o.encoder_repetition_penalty, (int, float))):
+        raise _bad("encoder_repetition_penalty", o.encoder_repetition_penalty, "expected a number or none")
+    if o.encoder_no_repeat_ngram_size is not None and (isinstance(o.encoder_no_repeat_ngram_size, bool) or not
+                                                       isinstance(o.encoder_no_repeat_ngram_size, int)):
+        raise _bad("encoder_no_repeat_ngram_size", o.encoder_no_repeat_ngram_size, "expected an integer or none")
     if o.max_time is not None and (isinstance(o.max_time, bool) or not isinstance(o.max_time, (int, float))):
         raise _bad("max_time", o.max_time, "expected a number of seconds or none")
 
@@ -108,6 +184,8 @@ def _float_fields(o: DecodingOptions) -> dict[str, float]:
     out = {name: float(getattr(o, name)) for name in _FLOATS}
     if o.max_time is not None:
         out["max_time"] = float(o.max_time)
+    if o.encoder_repetition_penalty is not None:
+        out["encoder_repetition_penalty"] = float(o.encoder_repetition_penalty)
     return out
 
 
@@ -129,6 +207,10 @@ def _check_ranges(o: DecodingOptions) -> None:
         ("repetition_penalty", o.repetition_penalty > 0,
          "use a penalty > 0 (1.0 = off, > 1 discourages repeats)"),
         ("no_repeat_ngram_size", o.no_repeat_ngram_size >= 0, "use 0 (off) or an n-gram size >= 1"),
+        ("encoder_repetition_penalty", o.encoder_repetition_penalty is None or o.encoder_repetition_penalty > 0,
+         "use a penalty > 0 (1.0 = off, > 1 favours tokens of the prompt)"),
+        ("encoder_no_repeat_ngram_size", o.encoder_no_repeat_ngram_size is None or o.encoder_no_repeat_ngram_size >= 0,
+         "use 0 (off) or an n-gram size >= 1"),
         ("num_return_sequences", o.num_return_sequences >= 1, "use num_return_sequences >= 1"),
         ("temperature", o.temperature > 0, "use a temperature > 0 (for greedy decoding leave do_sample off)"),
         ("top_k", o.top_k >= 0, "use 0 (off) or top_k >= 1"),

@@ -4,12 +4,17 @@
 `sequences` is what transformers' loop holds as `input_ids` at that step: for decoder-only models the
 left-padded prompt plus the generated tokens, for encoder-decoder models the decoder start token plus
 the generated tokens. Each processor mirrors the transformers 5 class of the same purpose
-(RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor, NoBadWordsLogitsProcessor,
+(SequenceBiasLogitsProcessor, EncoderRepetitionPenaltyLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+NoRepeatNGramLogitsProcessor, EncoderNoRepeatNGramLogitsProcessor, NoBadWordsLogitsProcessor,
 MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, ForcedBOSTokenLogitsProcessor,
-ForcedEOSTokenLogitsProcessor, SuppressTokensLogitsProcessor, SuppressTokensAtBeginLogitsProcessor,
-TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), and `build_processors` builds them in
-the order `generate()` does, from the call's options and the model's own settings (ModelInfo.generation:
-bad_words_ids, min_length, forced_bos/eos_token_id, suppress_tokens, begin_suppress_tokens).
+ForcedEOSTokenLogitsProcessor, ExponentialDecayLengthPenalty, SuppressTokensLogitsProcessor,
+SuppressTokensAtBeginLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), and
+`build_processors` builds them in the order `generate()` does, from the call's options and the model's own
+settings (ModelInfo.generation: bad_words_ids, min_length, forced_bos/eos_token_id, suppress_tokens,
+begin_suppress_tokens, and sequence_bias, encoder_repetition_penalty, encoder_no_repeat_ngram_size,
+exponential_decay_length_penalty unless the call gives its own; num_beam_groups > 1 with beam search is
+refused, as transformers 5 refuses it). The "encoder" settings look at the batch's input ids: the source of
+an encoder-decoder, the left-padded prompt (padding included) of a decoder-only model, as transformers does.
 In beam search they see log-probs, in greedy/sampling raw logits.
 """
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import ModelInfo
-from deploylm.decoding.options import DecodingOptions
+from deploylm.decoding.options import (GROUP_BEAM_SEARCH_REFUSED, DecodingOptions, parse_exponential_decay,
+                                       parse_sequence_bias)
 from deploylm.errors import UsageError
 
 Processor = Callable[[Tensor, Tensor], Tensor]
@@ -88,6 +94,126 @@ class NoRepeatNGram:
         out = scores.clone()
         out[rows[keep], tokens[keep]] = -float("inf")
         return out
+
+
+class SequenceBias:
+    """Add a bias to the last token of each biased token sequence when the running sequence ends with the
+    rest of it (one-token sequences: always), as transformers' SequenceBiasLogitsProcessor."""
+
+    def __init__(self, sequence_bias: Any, vocab_size: int, device=None, where: str = "decoding option"):
+        pairs = parse_sequence_bias(sequence_bias, where)
+        outside = sorted({t for ids, _ in pairs for t in ids if t >= vocab_size})
+        if outside:
+            raise UsageError(f"sequence_bias has token(s) {outside} outside the vocabulary of {vocab_size}")
+        self.pairs = pairs
+        self.single = torch.zeros(vocab_size, dtype=torch.float, device=device)           # [V]
+        singles = [(ids[0], bias) for ids, bias in pairs if len(ids) == 1]
+        if singles:
+            self.single[[t for t, _ in singles]] = torch.tensor([b for _, b in singles], device=device)
+        by_prefix: dict[int, list[tuple[tuple[int, ...], float]]] = {}
+        for ids, bias in pairs:
+            if len(ids) > 1:
+                by_prefix.setdefault(len(ids) - 1, []).append((ids, bias))
+        self.groups = [(torch.tensor([ids[:-1] for ids, _ in group], device=device),     # [G, n] prefixes
+                        torch.tensor([ids[-1] for ids, _ in group], device=device),      # [G] last tokens
+                        torch.tensor([b for _, b in group], dtype=torch.float, device=device))  # [G]
+                       for group in by_prefix.values()]
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        bias = torch.zeros_like(scores)
+        bias += self.single
+        for prefixes, last, biases in self.groups:
+            n = prefixes.shape[1]
+            if n > sequences.shape[1]:
+                continue
+            matches = (sequences[:, None, -n:] == prefixes).all(dim=-1)                   # [R, G]
+            bias.index_add_(1, last, torch.where(matches, biases, 0.0).to(bias.dtype))
+        return scores + bias
+
+
+class EncoderRepetitionPenalty:
+    """Each token of the row's input ids (the source, or a decoder-only prompt, padding included):
+    score < 0 -> score / penalty, else score * penalty (transformers' EncoderRepetitionPenaltyLogitsProcessor:
+    > 1 favours tokens of the input). `encoder_input_ids` [B, S]; rows of one input are contiguous."""
+
+    def __init__(self, penalty: float, encoder_input_ids: Tensor, vocab_size: int):
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0:
+            raise UsageError(f"encoder_repetition_penalty={penalty!r} is invalid: use a penalty > 0")
+        self.penalty = 1 / float(penalty)
+        self.vocab = vocab_size
+        self.padded = bool((encoder_input_ids >= vocab_size).any())   # ids past the logits: a spare column V
+        self.ids = encoder_input_ids.clamp(max=vocab_size) if self.padded else encoder_input_ids
+        self._rows: tuple[int, Tensor] | None = None
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        R = scores.shape[0]
+        if self._rows is None or self._rows[0] != R:
+            ids = self.ids.to(scores.device)
+            if R > ids.shape[0]:
+                ids = ids.repeat_interleave(R // ids.shape[0], dim=0)
+            self._rows = (R, ids)
+        ids = self._rows[1]
+        if self.padded:   # (embedding wider than lm_head): scored in a spare column, dropped after
+            scores = torch.nn.functional.pad(scores, (0, 1))
+        picked = torch.gather(scores, 1, ids)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        out = scores.scatter(1, ids, picked)
+        return out[..., :self.vocab].contiguous() if self.padded else out
+
+
+class EncoderNoRepeatNGram:
+    """Ban every token that would complete, at the end of the running sequence, an n-gram of the row's
+    input ids (transformers' EncoderNoRepeatNGramLogitsProcessor; padding included, as there)."""
+
+    def __init__(self, size: int, encoder_input_ids: Tensor):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise UsageError(f"encoder_no_repeat_ngram_size={size!r} is invalid: use an n-gram size >= 1")
+        self.size = size
+        ids = encoder_input_ids
+        self.batch = ids.shape[0]
+        self.windows = ids.unfold(1, size, 1) if ids.shape[1] >= size \
+            else ids.new_empty((ids.shape[0], 0, size))                                     # [B, W, n]
+        self._rows: tuple[int, Tensor] | None = None
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        length, n = sequences.shape[-1], self.size
+        if length < n - 1:                     # transformers' prefix slice cannot match any n-gram then
+            return scores
+        R = scores.shape[0]
+        if self._rows is None or self._rows[0] != R:
+            self._rows = (R, self.windows.to(scores.device).repeat_interleave(R // self.batch, dim=0))
+        windows = self._rows[1]                                                              # [R, W, n]
+        prefix = sequences[:, length + 1 - n:]                                               # [R, n-1]
+        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)                    # [R, W]
+        rows, starts = matches.nonzero(as_tuple=True)
+        tokens = windows[rows, starts, -1]
+        keep = tokens < scores.shape[-1]
+        out = scores.clone()
+        out[rows[keep], tokens[keep]] = -float("inf")
+        return out
+
+
+class ExponentialDecayLength:
+    """After `start` generated tokens, add |eos score| * (factor ** k - 1) to each EOS score, k the tokens past
+    the start (transformers' ExponentialDecayLengthPenalty; `prompt_len` as MinNewTokens')."""
+
+    def __init__(self, setting: Any, eos_token_ids: Sequence[int], prompt_len: int, vocab_size: int,
+                 device=None, where: str = "decoding option"):
+        start, self.factor = parse_exponential_decay(setting, where)
+        self.regulation_start = start + prompt_len
+        self.eos = torch.tensor([t for t in eos_token_ids if t < vocab_size], dtype=torch.long, device=device)
+
+    def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
+        length = sequences.shape[-1]
+        if length <= self.regulation_start:
+            return scores
+        eos = self.eos.to(scores.device)
+        picked = scores[:, eos]
+        penalty = torch.abs(picked) * (pow(self.factor, length - self.regulation_start) - 1)
+        penalty = penalty.masked_fill(~torch.isfinite(picked), 0.0)
+        penalties = torch.zeros_like(scores)
+        penalties[:, eos] = penalty
+        return scores + penalties
 
 
 class MinNewTokens:
@@ -277,21 +403,43 @@ class ProcessorList(list):
 
 
 def build_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int,
-                     ignore_prefix: Tensor | None = None, device=None) -> ProcessorList:
+                     ignore_prefix: Tensor | None = None, device=None,
+                     encoder_input_ids: Tensor | None = None) -> ProcessorList:
     """The processors for `options` and the model's settings, in transformers' `_get_logits_processor` order.
 
-    prompt_len:    length of the running sequence before the first generated token
-                   (decoder-only: padded prompt length; encoder-decoder: 1, the start token).
-    ignore_prefix: [R] left-padding length per row (decoder-only with padding), else None.
+    prompt_len:        length of the running sequence before the first generated token
+                       (decoder-only: padded prompt length; encoder-decoder: 1, the start token).
+    ignore_prefix:     [R] left-padding length per row (decoder-only with padding), else None.
+    encoder_input_ids: [B, S] the batch's input ids (source, or left-padded prompt): what transformers passes
+                       as `encoder_input_ids`; needed by encoder_repetition_penalty/encoder_no_repeat_ngram_size.
     """
+    model = info.generation
+    groups = model.get("num_beam_groups")
+    if options.num_beams > 1 and isinstance(groups, int) and groups > 1:
+        raise UsageError(f"model {info.name!r}: its generation_config sets num_beam_groups={groups}: "
+                         + GROUP_BEAM_SEARCH_REFUSED)
     out = ProcessorList()
     eos = info.special.eos_token_ids
+    bias, where = _setting(options, info, "sequence_bias")
+    if bias:
+        out.append(SequenceBias(bias, info.vocab_size, device, where))
+    penalty, _ = _setting(options, info, "encoder_repetition_penalty")
+    if penalty is not None and penalty != 1.0:
+        out.append(EncoderRepetitionPenalty(penalty, _encoder_ids(encoder_input_ids, "encoder_repetition_penalty"),
+                                            info.vocab_size))
     if options.repetition_penalty != 1.0:
         out.append(RepetitionPenalty(options.repetition_penalty, ignore_prefix))
     if options.no_repeat_ngram_size > 0:
         out.append(NoRepeatNGram(options.no_repeat_ngram_size))
+    size, _ = _setting(options, info, "encoder_no_repeat_ngram_size")
+    if size:
+        out.append(EncoderNoRepeatNGram(size, _encoder_ids(encoder_input_ids, "encoder_no_repeat_ngram_size")))
     out.extend(_length_processors(options, info, prompt_len, device))
     out.extend(_forcing_processors(options, info, prompt_len, device))
+    decay, where = _setting(options, info, "exponential_decay_length_penalty")
+    if decay is not None and eos:
+        out.append(ExponentialDecayLength(decay, eos, prompt_len, info.vocab_size, device, where))
+    out.extend(_suppress_processors(info, prompt_len, device))
     if options.do_sample:
         min_keep = len(eos) + 1 if options.num_beams > 1 else 1
         if options.temperature != 1.0:
@@ -301,6 +449,20 @@ def build_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int,
         if options.top_p < 1.0:
             out.append(TopP(options.top_p, min_keep))
     return out
+
+
+def _setting(options: DecodingOptions, info: ModelInfo, name: str) -> tuple[Any, str]:
+    """The call's value of `name` when it gives one, else the model's (generation_config); and where it came from."""
+    value = getattr(options, name)
+    if value is not None:
+        return value, "decoding option"
+    return info.generation.get(name), "generation setting"
+
+
+def _encoder_ids(ids: Tensor | None, name: str) -> Tensor:
+    if ids is None:
+        raise UsageError(f"{name} needs the prompt's input ids")
+    return ids
 
 
 def _length_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int, device) -> list[Processor]:
@@ -324,15 +486,21 @@ def _length_processors(options: DecodingOptions, info: ModelInfo, prompt_len: in
 
 
 def _forcing_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int, device) -> list[Processor]:
-    """forced_bos_token_id, forced_eos_token_id (at prompt_len + max_new_tokens - 1), suppress_tokens,
-    begin_suppress_tokens (at the first generated token; the second when a BOS is forced there)."""
+    """forced_bos_token_id, forced_eos_token_id (at prompt_len + max_new_tokens - 1)."""
+    out: list[Processor] = []
+    model = info.generation
+    if model.get("forced_bos_token_id") is not None:
+        out.append(ForcedBOS(model["forced_bos_token_id"]))
+    if model.get("forced_eos_token_id") is not None:
+        out.append(ForcedEOS(prompt_len + options.max_new_tokens, model["forced_eos_token_id"]))
+    return out
+
+
+def _suppress_processors(info: ModelInfo, prompt_len: int, device) -> list[Processor]:
+    """suppress_tokens, begin_suppress_tokens (at the first generated token; the second when a BOS is forced there)."""
     out: list[Processor] = []
     model = info.generation
     bos = model.get("forced_bos_token_id")
-    if bos is not None:
-        out.append(ForcedBOS(bos))
-    if model.get("forced_eos_token_id") is not None:
-        out.append(ForcedEOS(prompt_len + options.max_new_tokens, model["forced_eos_token_id"]))
     if model.get("suppress_tokens") is not None:
         out.append(SuppressTokens(model["suppress_tokens"], info.vocab_size, device=device))
     if model.get("begin_suppress_tokens") is not None:

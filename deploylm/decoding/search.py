@@ -127,7 +127,8 @@ def make_search(options: DecodingOptions, info: ModelInfo, batch: EncodedBatch,
     """The step object for `options` (beam search/sampling when num_beams > 1, else greedy/sampling)."""
     prompt = running_prompt(batch, info)
     rows = options.rows_per_input
-    processors = build_processors(options, info, prompt.shape[1], _left_padding(batch, info, rows), device)
+    processors = build_processors(options, info, prompt.shape[1], _left_padding(batch, info, rows), device,
+                                  encoder_input_ids=batch.input_ids)
     generator = None
     if options.do_sample:
         generator = torch.Generator(device=device)

@@ -26,12 +26,19 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 GENERATION_DEFAULT_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "early_stopping",
                            "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences")
 # generation_config settings the decoder applies as logits processors (carried on ModelInfo.generation).
+# The call's DecodingOptions replace sequence_bias, encoder_repetition_penalty, encoder_no_repeat_ngram_size and
+# exponential_decay_length_penalty when they give them; num_beam_groups > 1 makes beam search a UsageError
+# (transformers 5's generate refuses group beam search without trust_remote_code).
 DECODING_KEYS = ("bad_words_ids", "min_length", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
-                 "begin_suppress_tokens")
+                 "begin_suppress_tokens", "sequence_bias", "encoder_repetition_penalty",
+                 "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "num_beam_groups")
 # generation_config settings that change transformers.generate's output but that deploylm's decoder
-# does not apply (it warns once per model that sets them).
-NOT_APPLIED_KEYS = ("sequence_bias", "encoder_no_repeat_ngram_size", "encoder_repetition_penalty",
-                    "exponential_decay_length_penalty", "diversity_penalty", "do_sample")
+# does not apply (it warns once per model that sets them). diversity_penalty is not one: transformers 5
+# uses it only in group beam search (refused above), so without num_beam_groups it changes nothing there either.
+NOT_APPLIED_KEYS = ("do_sample",)
+# values of DECODING_KEYS that mean "off" (transformers' defaults): not carried
+_OFF_VALUES = {"min_length": 0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+               "num_beam_groups": 1}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -183,7 +190,8 @@ def position_window(config: Any) -> int | None:
 def generation_settings(gen: Any) -> dict[str, Any]:
     """The DECODING_KEYS a generation config sets (a GenerationConfig, or generation_config.json as a dict).
 
-    Lists become tuples (bad_words_ids: a tuple of tuples); unset values (None, [], min_length 0) are left out.
+    Lists become tuples (bad_words_ids: a tuple of tuples); unset values (None, [], min_length 0,
+    encoder_repetition_penalty 1.0, ...) are left out.
     The decoder validates them when it builds its processors.
     """
     get = gen.get if isinstance(gen, Mapping) else (lambda key: getattr(gen, key, None))
@@ -191,13 +199,15 @@ def generation_settings(gen: Any) -> dict[str, Any]:
 
 
 def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):   # sequence_bias as a {token ids: bias} dict: as its list form
+        return tuple((_frozen(k), v) for k, v in value.items())
     return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def generation_defaults(model: Any) -> dict[str, Any]:
     """Decoding settings the model's generation_config sets explicitly (its defaults for `generate`).
 
-    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. Marian's bad_words_ids) are named in one
+    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. do_sample) are named in one
     warning: with them, outputs can differ from transformers.generate's.
     """
     gen = model.generation_config
@@ -211,7 +221,7 @@ def generation_defaults(model: Any) -> dict[str, Any]:
 def _is_set(key: str, value: Any) -> bool:
     if value is None or value is False or (isinstance(value, (list, tuple, dict)) and not value):
         return False
-    return not (key == "min_length" and value == 0)
+    return not (key in _OFF_VALUES and not isinstance(value, bool) and value == _OFF_VALUES[key])
 
 
 def _first_set(*values: Any) -> Any:
