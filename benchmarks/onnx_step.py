@@ -1,39 +1,87 @@
 """One decode step of an exported decoder-only graph, A/B interleaved: the micro-benchmark of issue 7.
 
-    .venv/bin/python benchmarks/onnx_step.py GRAPH.onnx [GRAPH2.onnx ...] [--rows 32] [--past 100]
-                                             [--runs 30] [--threads 2] [--profile]
+    .venv/bin/python benchmarks/onnx_step.py GRAPH.onnx[@SLACK] [GRAPH2.onnx[@SLACK] ...] [--rows 32]
+                                             [--past 100] [--slack 0] [--runs 30] [--threads 2] [--profile]
 
 Every graph gets the same inputs: `rows` rows (the first quarter left-padded by up to 40 tokens), a
-random past of length `past`, one new token. Sessions use the backend's options (ORT_ENABLE_ALL,
-`threads` intra-op threads, spinning off). Runs are interleaved (A, B, A, B, ...) after a warm-up;
-the median of each is printed with the ratio to the first graph and the largest difference of the
-logits and present K/V from the first graph's.
+random past of length `past`, one new token. Graphs of the "append" KV layout (io_spec.KV_APPEND)
+get that past inside a buffer of `past + slack` positions (the unwritten ones zero and masked, as
+the backend's arena feeds them; `GRAPH@SLACK` sets it per graph, else `--slack`); "concat" graphs
+get it as is. As in the backend, inputs and outputs are bound once (IO binding) to preallocated
+arrays, so no run allocates its outputs. Sessions use the backend's options
+(ORT_ENABLE_ALL, `threads` intra-op threads, spinning off). Runs are interleaved (A, B, A, B, ...)
+after a warm-up; the median of each is printed with the ratio to the first graph and the largest
+difference of the logits and the new position's K/V from the first graph's.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 
-def feeds_for(session, rows: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of one decode step: ids [R,1], mask [R,P+1] (some rows left-padded), positions, past."""
+def is_append(session) -> bool:
+    from deploylm.export import io_spec
+
+    return io_spec.kv_layout([o.name for o in session.get_outputs()]) == io_spec.KV_APPEND
+
+
+def feeds_for(session, rows: int, past: int, slack: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of one decode step: ids [R,1], mask [R,P+1] (some rows left-padded), positions, past
+    (append layout: a [R, H, P + slack, Dh] buffer, mask [R, P + slack + 1])."""
     rng = np.random.default_rng(seed)
     mask = np.ones((rows, past + 1), dtype=np.int64)
     for r in range(rows // 4):
         mask[r, : (r * 7) % 40] = 0
     positions = (mask.sum(-1, keepdims=True) - 1).astype(np.int64)  # [R, 1]
+    append = is_append(session)
+    if append and slack:
+        mask = np.concatenate([mask[:, :past], np.zeros((rows, slack), np.int64), mask[:, past:]], axis=1)
     feeds = {"input_ids": rng.integers(0, 250, (rows, 1), dtype=np.int64), "attention_mask": mask,
              "position_ids": positions}
     for arg in session.get_inputs():
         if arg.name.startswith("past_key_values."):
             _, heads, _, head_dim = arg.shape
-            feeds[arg.name] = rng.standard_normal((rows, heads, past, head_dim), dtype=np.float32)
+            kv = rng.standard_normal((rows, heads, past, head_dim), dtype=np.float32)
+            if append and slack:
+                kv = np.concatenate([kv, np.zeros((rows, heads, slack, head_dim), np.float32)], axis=2)
+            feeds[arg.name] = kv
     return feeds
+
+
+def bind(session, feeds: dict[str, np.ndarray], rows: int, past: int):
+    """IO binding of `feeds` and of preallocated outputs (logits, present [R,H,P+1,Dh] or new K/V [R,H,1,Dh])."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    outputs = {}
+    for arg in session.get_outputs():
+        if arg.name == "logits":
+            shape = (rows, 1, arg.shape[-1])
+        else:
+            shape = (rows, arg.shape[1], 1 if arg.name.startswith("new_key_values.") else past + 1, arg.shape[3])
+        outputs[arg.name] = np.empty(shape, dtype=np.float32)
+        value = ort.OrtValue.ortvalue_from_numpy(outputs[arg.name])
+        binding.bind_output(arg.name, "cpu", 0, np.float32, shape, value.data_ptr())
+    return binding, outputs
+
+
+def comparable(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """logits and the new position's K/V under layout-independent names."""
+    out = {}
+    for name, value in outputs.items():
+        if name.startswith(("present.", "new_key_values.")):
+            out["kv." + name.split(".", 1)[1]] = value[:, :, -1:]
+        else:
+            out[name] = value
+    return out
 
 
 def open_session(path: str, threads: int):
@@ -53,11 +101,13 @@ def profile_ops(path: str, feeds: dict[str, np.ndarray], threads: int, runs: int
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_profiling, options.log_severity_level = True, 3
-    session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)
-    for _ in range(runs):
+    with tempfile.TemporaryDirectory() as tmp:  # ORT writes its profile into a file: not into the checkout
+        options.profile_file_prefix = str(Path(tmp) / "ort_profile")
+        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         session.run(None, feeds)
-    events = json.loads(Path(session.end_profiling()).read_text())
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
     by_op: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
@@ -76,16 +126,23 @@ def main() -> None:
     parser.add_argument("--past", type=int, default=100)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--slack", type=int, default=0,
+                        help="append-layout graphs: unwritten (masked) positions in the past buffer")
     parser.add_argument("--profile", action="store_true", help="also print ORT's per-op profile of each graph")
     args = parser.parse_args()
-    sessions = [open_session(g, args.threads) for g in args.graphs]
-    feeds = feeds_for(sessions[0], args.rows, args.past)
-    outputs = [dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds))) for s in sessions]  # warm-up
+    slacks = [int(g.rpartition("@")[2]) if "@" in g else args.slack for g in args.graphs]
+    paths = [g.rpartition("@")[0] if "@" in g else g for g in args.graphs]
+    sessions = [open_session(p, args.threads) for p in paths]
+    feeds = [feeds_for(s, args.rows, args.past, slack) for s, slack in zip(sessions, slacks)]
+    bound = [bind(s, f, args.rows, args.past) for s, f in zip(sessions, feeds)]
+    for s, (binding, _) in zip(sessions, bound):
+        s.run_with_iobinding(binding)  # warm-up
+    outputs = [comparable(out) for _, out in bound]
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(args.runs):
         for i, s in enumerate(sessions):
             start = time.perf_counter()
-            s.run(None, feeds)
+            s.run_with_iobinding(bound[i][0])
             times[i].append(time.perf_counter() - start)
     base = statistics.median(times[0])
     print(f"rows {args.rows}, past {args.past}, {args.runs} interleaved runs, {args.threads} threads, "
@@ -94,8 +151,8 @@ def main() -> None:
         diff = max(float(np.abs(out[k] - outputs[0][k]).max()) for k in outputs[0])
         print(f"  {graph}: median {statistics.median(t) * 1e3:.1f} ms (min {min(t) * 1e3:.1f}), "
               f"x{base / statistics.median(t):.2f} vs first, max |diff| {diff:.2e}")
-    for graph in args.graphs if args.profile else ():
-        profile_ops(graph, feeds, args.threads)
+    for graph, f in zip(paths, feeds) if args.profile else ():
+        profile_ops(graph, f, args.threads)
 
 
 if __name__ == "__main__":

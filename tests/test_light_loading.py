@@ -114,9 +114,7 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.parametrize("special", [
     "files",
-    pytest.param("shipped", marks=pytest.mark.xfail(strict=True, reason=(
-        "deploylm/backends/onnx_backend.py _hf_special still reads special tokens through transformers' "
-        "AutoConfig: use deploylm.models.hf.special_tokens_from_files first (issue 7 hook)"))),
+    "shipped",  # onnx_backend._hf_special reads the files first (issue 7 hook)
 ])
 def test_onnx_bench_worker_does_not_import_transformers(llama_artifact, special):
     out = subprocess.run([sys.executable, "-c", WORKER, str(llama_artifact), special], capture_output=True,

@@ -231,3 +231,56 @@ def test_model_generation_settings_reach_the_onnx_backend(tmp_path):
     got, want = generate_ids(onnx, batch, options), generate_ids(ref, batch, options)
     assert [[h.token_ids for h in hyps] for hyps in got] == [[h.token_ids for h in hyps] for hyps in want]
     assert all(hyps[0].token_ids[0] == 5 for hyps in got)  # the forced BOS really applied
+
+
+def test_hf_causal_artifacts_use_one_kv_buffer_written_in_place(artifact):
+    """Append layout: the graph outputs only the new K/V; the backend keeps one buffer for a
+    generation (steps and in-place reorders reuse it until it has to grow)."""
+    from deploylm.backends.ort_kv import KVAppend
+    from deploylm.export import io_spec
+
+    ref, onnx = _backends(artifact, "llama")
+    assert onnx.kv_layout == io_spec.KV_APPEND
+    _, state = onnx.prefill(_batch(ref, artifact("llama")[0]))
+    state = onnx.reorder(state, torch.tensor([0, 0, 1, 1]))
+    assert isinstance(state.cache, KVAppend)
+    pointers = set()
+    for step in range(6):
+        _, state = onnx.decode(torch.tensor([5, 6, 7, 8]), state)
+        state = onnx.reorder(state, torch.tensor([1, 0, 3, 2]))
+        pointers.add(tuple(g.data_ptr() for g in state.cache.groups))
+        assert state.cache.length == state.attention_mask.shape[1] <= state.cache.capacity
+    assert len(pointers) == 1
+
+
+def test_concat_layout_graph_still_runs(artifact, tmp_path):
+    """A graph of the old (optimum) layout, present = past + new, as artifacts exported before the
+    append layout have: the backend detects it from the output names and runs it with its two buffers."""
+    import shutil
+
+    from deploylm.backends.ort_kv import KVCache
+    from deploylm.export import io_spec
+    from deploylm.export.hf_graphs import with_concat_layout
+    from deploylm.export.onnx_export import export_graph, plan_graphs
+    from transformers import AutoModelForCausalLM
+
+    src, _ = artifact("llama")
+    folder = tmp_path / "old"
+    shutil.copytree(src, folder)
+    plan = with_concat_layout(plan_graphs(AutoModelForCausalLM.from_pretrained(src).eval()))
+    ((spec, module),) = plan.graphs
+    export_graph(module, spec, folder, plan.dims.vocab_size)
+    ref, onnx = TorchBackend.from_source(str(src)), OnnxBackend.from_folder(folder, name="old")
+    assert onnx.kv_layout == io_spec.KV_CONCAT
+    batch = _batch(ref, src)
+    (want, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
+    assert isinstance(state.cache, KVCache)
+    _close(want, got)
+    for idx in ([0, 0, 1, 1], [1, 0, 3, 2]):
+        idx = torch.tensor(idx)
+        ref_state, state = ref.reorder(ref_state, idx), onnx.reorder(state, idx)
+        (want, ref_state), (got, state) = ref.decode(torch.tensor([5, 6, 7, 8]), ref_state), onnx.decode(torch.tensor([5, 6, 7, 8]), state)
+        _close(want, got)
+    options = DecodingOptions(num_beams=4, max_new_tokens=10)
+    assert ([[h.token_ids for h in x] for x in generate_ids(onnx, batch, options)]
+            == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)])

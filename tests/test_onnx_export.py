@@ -43,6 +43,18 @@ def test_io_spec_names_follow_optimum():
     assert dec.inputs[1].axes == ("enc_batch", "src")  # deploylm: one cross row per input
     _, hf_dec = io_spec.graph_specs("encoder-decoder", dims, cross_rows="rows")
     assert hf_dec.inputs[1].axes == ("rows", "src")
+    assert io_spec.kv_layout(model.output_names) == io_spec.KV_CONCAT
+
+
+def test_io_spec_append_layout_outputs_only_the_new_positions():
+    dims = io_spec.ModelDims(n_layers=2, kv_heads=2, head_dim=8, vocab_size=50, kv_layout=io_spec.KV_APPEND)
+    (model,) = io_spec.graph_specs("decoder-only", dims)
+    concat = io_spec.decoder_only_spec(io_spec.ModelDims(n_layers=2, kv_heads=2, head_dim=8, vocab_size=50))
+    assert model.inputs == concat.inputs  # same inputs: the past is the backend's buffer
+    assert model.output_names == ["logits", "new_key_values.0.key", "new_key_values.0.value",
+                                  "new_key_values.1.key", "new_key_values.1.value"]
+    assert model.outputs[1].axes == ("batch", 2, "seq", 8)
+    assert io_spec.kv_layout(model.output_names) == io_spec.KV_APPEND
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +76,51 @@ def test_graph_io_declared_as_the_spec(gpt2_graph):
     assert [i.name for i in session.get_inputs()] == spec.input_names
     assert [o.name for o in session.get_outputs()] == spec.output_names
     assert [list(o.shape) for o in session.get_outputs()][:2] == [["batch", 1, plan.dims.vocab_size],
-                                                                  ["batch", 4, "total", 8]]
+                                                                  ["batch", 4, "seq", 8]]
     assert session.get_inputs()[3].shape == ["batch", 4, "past", 8]
+    assert plan.dims.kv_layout == io_spec.KV_APPEND  # HF causal LMs: only the new K/V out
+
+
+def test_append_graph_needs_no_copy_of_the_past(gpt2_graph):
+    """Every past input feeds attention directly (matmuls, shape reads): no Concat/Expand/copy of it."""
+    import onnx
+
+    _, _, folder = gpt2_graph
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    readers = {n.op_type for n in graph.node for i in n.input if i in past}
+    assert past and readers <= {"MatMul", "Transpose", "Shape"}, readers
+
+
+def test_append_graph_equals_the_concat_graph_with_unwritten_positions_masked(gpt2_graph, tmp_path):
+    """The new graph on a buffer with 3 unwritten (zero, masked) positions gives the logits of the
+    optimum-layout graph on the bare past, and its new K/V are that graph's last present position."""
+    from deploylm.export.hf_graphs import with_concat_layout
+
+    model, plan, folder = gpt2_graph
+    old = with_concat_layout(plan)
+    ((old_spec, old_module),) = old.graphs
+    assert old.dims.kv_layout == io_spec.KV_CONCAT and old_spec.output_names[1] == "present.0.key"
+    export_graph(old_module, old_spec, tmp_path, old.dims.vocab_size)
+    new_session, old_session = create_session(folder / "model.onnx"), create_session(tmp_path / "model.onnx")
+    gen = torch.Generator().manual_seed(0)
+    rows, past, heads, dim = 3, 6, plan.dims.kv_heads, plan.dims.head_dim
+    mask = torch.ones(rows, past + 1, dtype=torch.long)
+    mask[0, :2] = 0
+    prompt = dict(input_ids=torch.randint(0, plan.dims.vocab_size, (rows, past), generator=gen),
+                  attention_mask=mask[:, :past], position_ids=(mask[:, :past].cumsum(-1) - 1).clamp(min=0))
+    empty = {n: torch.zeros(rows, heads, 0, dim) for n in io_spec.past_names(plan.dims.n_layers)}
+    prefill = old_session.run(None, {k: v.numpy() for k, v in {**prompt, **empty}.items()})
+    kv = dict(zip(io_spec.past_names(plan.dims.n_layers), prefill[1:]))
+    step = dict(input_ids=torch.tensor([[5], [7], [11]]), position_ids=prompt["position_ids"][:, -1:] + 1)
+    want = old_session.run(None, {**{k: v.numpy() for k, v in step.items()}, "attention_mask": mask.numpy(), **kv})
+    buffer_mask = torch.cat([mask[:, :past], torch.zeros(rows, 3, dtype=torch.long), mask[:, past:]], 1)
+    buffers = {k: torch.cat([torch.from_numpy(v), torch.zeros(rows, heads, 3, dim)], 2).numpy() for k, v in kv.items()}
+    got = new_session.run(None, {**{k: v.numpy() for k, v in step.items()}, "attention_mask": buffer_mask.numpy(), **buffers})
+    assert float(abs(got[0] - want[0]).max()) <= 1e-5
+    for new, present in zip(got[1:], want[1:]):
+        assert new.shape == (rows, heads, 1, dim) and float(abs(new - present[:, :, -1:]).max()) <= 1e-5
+
 
 
 def test_validation_passes_and_reports_every_mismatch(gpt2_graph, tiny_gpt2_dir):
@@ -170,6 +225,42 @@ def test_smollm2_gguf_fp32_beam_tokens_identical(smollm2_file, tmp_path):
     graph = onnx_lib.load(str(tmp_path / "smol" / "model.onnx"), load_external_data=False).graph
     expands = sum(n.op_type == "Expand" for n in graph.node)
     assert expands < 30, f"{expands} Expand nodes: K/V repeated to every query head in the 30 layers"  # sdpa: 63
+    assert [o.name for o in graph.output][1] == "new_key_values.0.key"  # append layout: no past copied per step
+    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    assert not [n.op_type for n in graph.node if n.op_type == "Concat" and set(n.input) & past]
+
+
+def test_append_attention_matches_eager_on_the_concatenated_kv():
+    """append_attention (past buffer + new K/V apart, unwritten positions masked) equals transformers'
+    eager attention on the concatenation of the written past and the new positions."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from deploylm.export import hf_graphs
+
+    gen = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, past, slack, new, dim = 3, 6, 2, 5, 3, 2, 8
+    q = torch.randn((batch, heads, new, dim), generator=gen)
+    k_past, v_past = (torch.randn((batch, kv_heads, past, dim), generator=gen) for _ in range(2))
+    k_new, v_new = (torch.randn((batch, kv_heads, new, dim), generator=gen) for _ in range(2))
+    low = torch.finfo(torch.float32).min
+    mask = torch.zeros(batch, 1, new, past + new)
+    mask[0, :, :, :2] = low                                   # a left-padded row
+    mask[:, :, 0, past + 1] = low                             # causal among the new positions
+    buf_mask = torch.cat([mask[..., :past], torch.full((batch, 1, new, slack), low), mask[..., past:]], -1)
+    k_buf, v_buf = (torch.cat([t, torch.zeros(batch, kv_heads, slack, dim)], 2) for t in (k_past, v_past))
+    layer = hf_graphs._append_layer(k_buf, v_buf)
+    layer.update(k_new, v_new)
+    module = SimpleNamespace(num_key_value_groups=3, training=False, layer_idx=0)
+    token = hf_graphs._APPEND_CACHE.set(SimpleNamespace(layers=[layer]))
+    try:
+        got, _ = hf_graphs.append_attention(module, q, k_buf, v_buf, buf_mask, scaling=0.35)
+    finally:
+        hf_graphs._APPEND_CACHE.reset(token)
+    expected, _ = eager_attention_forward(module, q, torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2),
+                                          mask, scaling=0.35)
+    assert got.shape == expected.shape == (batch, new, heads, dim) and torch.allclose(got, expected, atol=1e-6)
 
 
 def test_gqa_export_attention_matches_transformers_eager():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from deploylm.backends.ort_kv import GROW, KVCache
+from deploylm.backends.ort_kv import APPEND_GROW, GROW, KVAppend, KVCache
 
 
 def _step(cache: KVCache, reference: torch.Tensor, gen: torch.Generator) -> tuple[KVCache, torch.Tensor]:
@@ -48,3 +48,74 @@ def test_a_superseded_state_cannot_be_advanced():
     _step(first, ref, gen)
     with pytest.raises(RuntimeError, match="superseded"):
         first.next_buffer(2, 2)
+
+
+# -- the append layout: one buffer, new positions written in place ----------------------------------
+
+def _append_step(cache: KVAppend, reference: torch.Tensor, gen: torch.Generator, count: int = 1):
+    """What an append-layout step does: the graph reads the whole buffer and outputs only the new
+    positions (into the arena's scratch), then they are written in place."""
+    n, rows, heads, _, dim = reference.shape
+    assert cache.capacity >= cache.length and torch.equal(cache.written(), reference)
+    assert not any(g[:, :, :, cache.length:].any() for g in cache.groups)  # unwritten positions are zeros (masked, never NaN)
+    new = cache.new_positions(count)
+    new.copy_(torch.randn((n, rows, heads, count, dim), generator=gen))
+    return cache.reserve(count).append(new), torch.cat([reference, new], dim=3)
+
+
+def test_append_steps_and_reorders_match_index_select():
+    gen = torch.Generator().manual_seed(3)
+    cache = KVAppend.empty(8, 2, 3, 5, torch.device("cpu"))  # 8 layer tensors in 6 groups: 2, 2, 1, 1, 1, 1
+    cache, ref = _append_step(cache, torch.zeros((8, 2, 3, 0, 5)), gen, count=7)   # prefill of 2 rows
+    expand = torch.tensor([0, 0, 0, 1, 1, 1])
+    cache, ref = cache.reorder(expand), ref.index_select(1, expand)
+    buffers = set()
+    for step in range(3 * APPEND_GROW + 3):
+        cache, ref = _append_step(cache, ref, gen)
+        idx = [torch.tensor([0, 0, 2, 3, 4, 4]), torch.tensor([1, 1, 1, 5, 3, 3]),
+               torch.tensor([1, 2, 0, 3, 4, 5]), torch.tensor([5, 4, 3, 2, 1, 0]), torch.arange(6)][step % 5]
+        cache, ref = cache.reorder(idx), ref.index_select(1, idx)
+        assert cache.length == ref.shape[3] and torch.equal(cache.written(), ref)
+        assert not any(g[:, :, :, cache.length:].any() for g in cache.groups)
+        assert all(t.is_contiguous() and t.shape == (6, 3, cache.capacity, 5) for t in cache.past)
+        buffers.add(cache.groups[0].untyped_storage().data_ptr())
+    assert len(buffers) <= 4  # one buffer, replaced only when it grows (every APPEND_GROW steps)
+
+
+def test_append_reorder_is_in_place_and_a_step_writes_into_the_same_buffer():
+    gen = torch.Generator().manual_seed(4)
+    cache = KVAppend.empty(2, 4, 1, 2, torch.device("cpu"))
+    cache, ref = _append_step(cache, torch.zeros((2, 4, 1, 0, 2)), gen, count=3)
+    before = [g.data_ptr() for g in cache.groups]
+    moved = cache.reorder(torch.tensor([3, 0, 2, 1]))  # more than half of the rows change: still in place
+    assert [g.data_ptr() for g in moved.groups] == before and torch.equal(moved.written()[:, 0], ref[:, 3])
+    after, _ = _append_step(moved, ref.index_select(1, torch.tensor([3, 0, 2, 1])), gen)
+    assert [g.data_ptr() for g in after.groups] == before and after.length == 4  # capacity left: no new buffer
+    assert after.reorder(torch.arange(4)) is after  # identity: nothing copied, same state
+
+
+def test_a_superseded_append_state_cannot_be_advanced():
+    gen = torch.Generator().manual_seed(5)
+    cache = KVAppend.empty(2, 2, 1, 2, torch.device("cpu"))
+    first, ref = _append_step(cache, torch.zeros((2, 2, 1, 0, 2)), gen)
+    _append_step(first, ref, gen)
+    with pytest.raises(RuntimeError, match="superseded"):
+        first.reserve(1)
+    with pytest.raises(RuntimeError, match="superseded"):
+        first.reorder(torch.tensor([1, 0]))
+    with pytest.raises(RuntimeError, match="superseded"):
+        first.past  # a superseded state's buffers may have been replaced or overwritten
+
+
+def test_append_reorder_matches_index_select_for_any_parents():
+    """Chains (row 2 <- 1 <- 0), cycles (swaps, rotations) and fan-out, copied row by row in place."""
+    gen = torch.Generator().manual_seed(6)
+    cache = KVAppend.empty(3, 8, 2, 4, torch.device("cpu"))
+    cache, ref = _append_step(cache, torch.zeros((3, 8, 2, 0, 4)), gen, count=5)
+    for trial in range(200):
+        if trial % 2:
+            idx = torch.randperm(8, generator=gen)                     # cycles only
+        else:
+            idx = torch.randint(0, 8, (8,), generator=gen)             # fan-out and chains
+        cache, ref = cache.reorder(idx), ref.index_select(1, idx)
+        assert torch.equal(cache.written(), ref), idx

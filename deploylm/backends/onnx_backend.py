@@ -9,8 +9,12 @@
   K/V at one row per input, so they are never copied per beam. Hugging Face graphs (T5, BART) take
   them at one row per beam: they are expanded once when beams are created and gathered again only
   when the input a row belongs to changes.
-- Decoder-only K/V live in a preallocated arena (deploylm.backends.ort_kv): ORT writes each step's
-  present into it, and a beam reorder copies only the rows whose parent changed.
+- Decoder-only K/V live in a preallocated arena (deploylm.backends.ort_kv), and a beam reorder
+  copies only the rows whose parent changed. Graphs of the "append" KV layout (io_spec.KV_APPEND:
+  Hugging Face causal LMs) read the arena's one buffer as their past (unwritten positions masked)
+  and output only the new positions' K/V, which the backend writes into the buffer in place; graphs
+  of the "concat" layout (present = past + new) write each step's present into the arena's other
+  buffer.
 - Encoder-decoder `reorder` is a gather (index_select) on the batch axis, skipped when it would change nothing.
 """
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, SpecialTokens, State
-from deploylm.backends.ort_kv import KVCache
+from deploylm.backends.ort_kv import KVAppend, KVCache
 from deploylm.errors import ArtifactError, MissingDependencyError, UsageError
 from deploylm.export import io_spec
 from deploylm.models.source import Source, resolve_source
@@ -71,8 +75,8 @@ def create_session(path: Path, *, device: str = "cpu", threads: int | None = Non
 class CausalState:
     """Decoder-only: R rows."""
 
-    cache: KVCache            # past_key_values.{i}.key/value in spec order, kv [2N, R, Hkv, P, Dh]
-    attention_mask: Tensor    # [R, P] int64
+    cache: KVCache | KVAppend  # past_key_values.{i}.key/value in spec order, kv [2N, R, Hkv, P | capacity, Dh]
+    attention_mask: Tensor    # [R, P] int64, P = positions written
     next_position: Tensor     # [R] int64
 
     @property
@@ -147,6 +151,13 @@ class OnnxBackend:
         if io_spec.past_names(self.n_layers, part)[-1] not in shapes:
             raise ArtifactError(f"{self.path}: graph inputs do not follow the IO spec (no {io_spec.past_names(self.n_layers, part)[-1]})")
         self._self_kv = shapes[io_spec.past_names(1, part)[0]]          # [rows, H, past, Dh]
+        outputs = [o.name for o in graph.get_outputs()]
+        self.kv_layout = io_spec.KV_CONCAT if self.is_seq2seq else io_spec.kv_layout(outputs)
+        kv_out = (io_spec.new_kv_names(self.n_layers) if self.kv_layout == io_spec.KV_APPEND
+                  else io_spec.present_names(self.n_layers, part))
+        if not set(kv_out) <= set(outputs):
+            raise ArtifactError(f"{self.path}: graph outputs follow neither KV layout of the IO spec (no {kv_out[-1]}): "
+                                f"re-export it with this deploylm (deploylm export)")
         self._cross_shared = self.is_seq2seq and shapes["encoder_attention_mask"][0] == "rows"
         if self.is_seq2seq:
             self._cross_kv = shapes[io_spec.past_names(1, "encoder")[0]]  # [enc_batch | rows, H, src, Dh]
@@ -208,16 +219,40 @@ class OnnxBackend:
         out = self._run(io_spec.MODEL_FILE, feeds, outputs)
         return out["logits"][:, 0, :], present                                    # [R, V]
 
+    def _append_step(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVAppend) -> tuple[Tensor, KVAppend]:
+        """One run of an append-layout model.onnx: the past is the whole buffer (capacity C ≥ P),
+        positions P..C-1 masked; ORT writes the T new positions' K/V into scratch, then they are
+        copied into the buffer at P.. (mask [R, P+T] covers the written and the new positions)."""
+        cache.check_latest()
+        rows, seq = ids.shape
+        written, capacity = cache.length, cache.capacity
+        if capacity > written:  # [R, C+T]: the unwritten positions masked out
+            full = mask.new_zeros((rows, capacity + seq))
+            full[:, :written], full[:, capacity:] = mask[:, :written], mask[:, written:]
+            mask = full
+        new = cache.new_positions(seq)                                            # [2N, R, Hkv, T, Dh]
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                 **dict(zip(io_spec.past_names(self.n_layers), cache.past))}
+        outputs = {"logits": (rows, 1, self.info.vocab_size), **dict(zip(io_spec.new_kv_names(self.n_layers), new.unbind(0)))}
+        logits = self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :]  # [R, V]
+        del feeds, outputs  # views of the buffers: a growth in `reserve` frees them one group at a time
+        return logits, cache.reserve(seq).append(new)
+
+    def _empty_causal_cache(self, rows: int) -> KVCache | KVAppend:
+        kind = KVAppend if self.kv_layout == io_spec.KV_APPEND else KVCache
+        return kind.empty(2 * self.n_layers, rows, int(self._self_kv[1]), int(self._self_kv[3]), self.device)
+
     def _prefill_causal(self, batch: EncodedBatch) -> tuple[Tensor, CausalState]:
         ids, mask = batch.input_ids, batch.attention_mask                        # [B, T]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)               # [B, T]
-        empty = KVCache.empty(2 * self.n_layers, ids.shape[0], int(self._self_kv[1]), int(self._self_kv[3]), self.device)
-        logits, cache = self._causal_step(ids, mask, positions, empty)
+        step = self._append_step if self.kv_layout == io_spec.KV_APPEND else self._causal_step
+        logits, cache = step(ids, mask, positions, self._empty_causal_cache(ids.shape[0]))
         return logits, CausalState(cache, mask, positions[:, -1] + 1)
 
     def _decode_causal(self, tokens: Tensor, state: CausalState) -> tuple[Tensor, CausalState]:
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones((tokens.shape[0], 1))], dim=1)  # [R, P+1]
-        logits, cache = self._causal_step(tokens[:, None], mask, state.next_position[:, None], state.cache)
+        step = self._append_step if self.kv_layout == io_spec.KV_APPEND else self._causal_step
+        logits, cache = step(tokens[:, None], mask, state.next_position[:, None], state.cache)
         return logits, CausalState(cache, mask, state.next_position + 1)
 
     def _reorder_causal(self, state: CausalState, beam_idx: Tensor) -> CausalState:
@@ -302,8 +337,16 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
 
 
 def _hf_special(path: Path) -> tuple[SpecialTokens, bool, int | None]:
-    """Special tokens exactly as the torch backend resolves them (deploylm.models.hf.special_tokens)."""
+    """Special tokens exactly as the torch backend resolves them (deploylm.models.hf.special_tokens):
+    from config.json / generation_config.json without importing transformers where the model type
+    allows (`special_tokens_from_files`), else through AutoConfig / GenerationConfig."""
     from types import SimpleNamespace
+
+    from deploylm.models.hf import special_tokens_from_files
+
+    found = special_tokens_from_files(path)
+    if found is not None:
+        return found
 
     from transformers import AutoConfig, GenerationConfig
 

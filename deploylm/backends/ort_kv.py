@@ -1,6 +1,23 @@
 """The decoder-only KV cache of the ONNX Runtime backend: preallocated, reordered without full copies.
 
-All 2·n_layers past tensors of a step live back to back in one flat buffer, viewed as
+Two caches, one per graph KV layout (deploylm.export.io_spec):
+
+`KVAppend` (layout "append", Hugging Face causal LMs): ONE copy of the K/V, `[2N, R, H, C, Dh]`
+of capacity C ≥ the written length L (kept as KV_GROUPS buffers of consecutive layer tensors). The
+graph reads each layer's whole `[R, H, C, Dh]` as its past (positions L..C-1 are zeros, masked out
+by the attention mask the backend builds) and outputs only the new positions' K/V, which ORT writes
+into a small reused scratch buffer; `append` copies them to positions L.. in place (R·T positions
+per layer). Capacity grows by `APPEND_GROW` positions at a time, one group at a time (copy of the
+written part into a new, zeroed buffer; the old one is freed before the next group grows, so the
+transient extra memory is one group). A beam reorder with the same row count copies each row whose
+parent changed once, in place, ordered so that no row is overwritten before its readers are done
+(a cycle costs one saved row); one that changes the row count (prompt rows to beams) gathers into
+new buffers. On CPU the per-step copies are numpy's: one thread, so a step never waits for torch's
+thread pool to be scheduled (≈ 8 ms per parallel op on this loaded 2-core machine).
+
+`KVCache` (layout "concat", optimum's; deploylm's own decoder-only model, TensorRT-bound exports,
+artifacts exported before the append layout): all 2·n_layers past tensors of a step live back to
+back in one flat buffer, viewed as
 `kv [2N, R, H, L, Dh]`, so `kv[i]` is the contiguous `[R, H, L, Dh]` tensor ORT reads or writes by
 pointer. An arena owns two such buffers: a decode step reads one and ORT writes the present
 (length L + 1) straight into the other, so no step allocates. Buffers grow by `GROW` positions at a
@@ -23,6 +40,8 @@ import torch
 from torch import Tensor
 
 GROW = 32  # positions of headroom added whenever a buffer is (re)allocated
+APPEND_GROW = 16  # the append buffer's growth step: every unused position costs attention work each step
+KV_GROUPS = 6  # the append cache's 2N layer tensors live in this many buffers (growth replaces one at a time)
 
 
 class KVArena:
@@ -93,3 +112,167 @@ class KVCache:
         out = self.next_buffer(beam_idx.shape[0], length)
         torch.index_select(self.kv, 1, beam_idx, out=out.kv)
         return out
+
+
+class AppendArena:
+    """What one generation's append-layout states share: the K/V `groups` (each [n_g, R, H, C, Dh];
+    only the newest state may use them, so growth can replace them in turn and free the old ones at
+    once), the scratch ORT writes new positions into, and the epoch that tells the newest state from
+    superseded ones."""
+
+    def __init__(self, device: torch.device, groups: list[Tensor]) -> None:
+        self.device = device
+        self.groups = groups
+        self.scratch: Tensor | None = None
+        self.epoch = 0
+
+    def new_positions(self, shape: tuple[int, int, int, int, int]) -> Tensor:
+        """Scratch [2N, R, H, T, Dh] for a step's new K/V (reused; contents undefined)."""
+        need = math.prod(shape)
+        if self.scratch is None or self.scratch.numel() < need:
+            self.scratch = None
+            self.scratch = torch.empty(need, device=self.device)
+        return self.scratch[:need].view(shape)
+
+
+def _split(n: int) -> list[int]:
+    """Group sizes for 2N layer tensors: at most KV_GROUPS groups of nearly equal size."""
+    groups = min(KV_GROUPS, n) or 1
+    return [n // groups + (i < n % groups) for i in range(groups)]
+
+
+@dataclass(frozen=True)
+class KVAppend:
+    """The K/V of one state (append layout): the arena's groups of layer tensors, each
+    [n_g, R, H, C, Dh] (2N tensors in spec order across them), positions [0, length) written, the
+    rest zeros; made at `epoch` of `arena`. Keeping G groups instead of one buffer lets growth
+    replace one group at a time (the transient extra memory is a G-th of the cache); copies are
+    numpy's on CPU, so G groups cost G cheap calls, not G waits for torch's thread pool."""
+
+    arena: AppendArena
+    epoch: int
+    length: int
+
+    @classmethod
+    def empty(cls, n: int, rows: int, heads: int, head_dim: int, device: torch.device) -> "KVAppend":
+        groups = [torch.zeros((size, rows, heads, 0, head_dim), device=device) for size in _split(n)]
+        return cls(AppendArena(device, groups), 0, 0)
+
+    @property
+    def groups(self) -> list[Tensor]:
+        self.check_latest()
+        return self.arena.groups
+
+    @property
+    def capacity(self) -> int:
+        return self.groups[0].shape[3]
+
+    @property
+    def rows(self) -> int:
+        return self.groups[0].shape[1]
+
+    @property
+    def past(self) -> tuple[Tensor, ...]:
+        return tuple(t for g in self.groups for t in g.unbind(0))  # each [R, H, C, Dh], contiguous: the graph's past
+
+    def written(self) -> Tensor:
+        """The written positions as one [2N, R, H, length, Dh] tensor (a copy: for checks, not steps)."""
+        return torch.cat([g[:, :, :, :self.length] for g in self.groups])
+
+    def check_latest(self) -> None:
+        if self.epoch != self.arena.epoch:
+            raise RuntimeError("onnx backend: this state was superseded by a later step of the same generation; "
+                               "only the newest state can be advanced (its buffers are reused in place)")
+
+    def _advance(self, length: int) -> "KVAppend":
+        self.arena.epoch += 1
+        return KVAppend(self.arena, self.arena.epoch, length)
+
+    def reserve(self, count: int) -> "KVAppend":
+        """This cache with room for `count` more positions (each group replaced by a larger one, in
+        turn, when full: the old group is freed before the next one is allocated)."""
+        self.check_latest()
+        if self.length + count <= self.capacity:
+            return self
+        capacity = self.length + count + APPEND_GROW
+        groups = self.arena.groups
+        for i, old in enumerate(groups):
+            n, rows, heads, _, head_dim = old.shape
+            new = torch.empty((n, rows, heads, capacity, head_dim), device=old.device)
+            if old.device.type == "cpu":  # numpy: one thread, no wait for torch's (possibly descheduled) pool
+                a = new.numpy()
+                a[:, :, :, :self.length], a[:, :, :, self.length:] = old.numpy()[:, :, :, :self.length], 0.0
+            else:
+                new[:, :, :, :self.length], new[:, :, :, self.length:] = old[:, :, :, :self.length], 0.0
+            groups[i] = new  # the old group is freed here (no state but the newest may hold it)
+            del old, new
+        return self._advance(self.length)
+
+    def new_positions(self, count: int) -> Tensor:
+        """Scratch [2N, R, H, count, Dh] for the graph's new_key_values outputs."""
+        _, rows, heads, _, head_dim = self.groups[0].shape
+        return self.arena.new_positions((sum(g.shape[0] for g in self.groups), rows, heads, count, head_dim))
+
+    def append(self, new: Tensor) -> "KVAppend":
+        """Write new [2N, R, H, T, Dh] at positions length.. (after `reserve(T)`): in place."""
+        self.check_latest()
+        count = new.shape[3]
+        if self.length + count > self.capacity:
+            raise RuntimeError("onnx backend: KV buffer full (reserve before the step)")
+        start, at = 0, slice(self.length, self.length + count)
+        for g in self.groups:
+            src = new[start:start + g.shape[0]]
+            if g.device.type == "cpu":  # numpy: one thread, no wait for torch's (possibly descheduled) pool
+                g.numpy()[:, :, :, at] = src.numpy()
+            else:
+                g[:, :, :, at] = src
+            start += g.shape[0]
+        return self._advance(self.length + count)
+
+    def reorder(self, beam_idx: Tensor) -> "KVAppend":
+        """Rows beam_idx [R'] (R' may differ from R): in place when R' == R, else a gather into new groups."""
+        self.check_latest()
+        rows = self.rows
+        if beam_idx.shape[0] != rows:
+            groups = self.arena.groups
+            for i, old in enumerate(groups):
+                groups[i] = old.index_select(1, beam_idx)
+                del old
+            return self._advance(self.length)
+        changed = (beam_idx != torch.arange(rows, device=beam_idx.device)).nonzero().squeeze(1)  # [C]
+        if changed.numel() == 0:
+            return self
+        parents = beam_idx.index_select(0, changed)
+        if self.groups[0].device.type == "cpu":
+            _move_rows([g.numpy() for g in self.groups], dict(zip(changed.tolist(), parents.tolist())))
+        else:
+            for g in self.groups:  # gather the parents' rows of one group before any is overwritten
+                g.index_copy_(1, changed, g.index_select(1, parents))
+        return self._advance(self.length)
+
+
+def _move_rows(arrays: list, moves: dict[int, int]) -> None:
+    """Row d of every array [n, R, ...] becomes what row moves[d] was, each row copied once, in place.
+
+    A row is overwritten only after every row that copies from it is done (beams shift along chains:
+    row 2 <- 1, row 1 <- 0); a cycle (rows swapping parents) is broken by saving one row first.
+    Plain numpy copies: one thread, no temporary of all the moved rows.
+    """
+    readers: dict[int, int] = {}
+    for src in moves.values():
+        readers[src] = readers.get(src, 0) + 1
+    saved: dict[int, list] = {}
+    ready = [d for d in moves if not readers.get(d)]
+    while moves:
+        if not ready:  # only cycles left: save one destination's row, then it can be overwritten
+            d = next(iter(moves))
+            saved[d] = [a[:, d].copy() for a in arrays]
+            readers[d] = 0
+            ready.append(d)
+        d = ready.pop()
+        src = moves.pop(d)
+        for i, a in enumerate(arrays):
+            a[:, d] = saved[src][i] if src in saved else a[:, src]
+        readers[src] -= 1
+        if src in moves and not readers[src] and src not in ready:
+            ready.append(src)

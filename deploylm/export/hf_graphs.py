@@ -6,9 +6,13 @@ DynamicCache / EncoderDecoderCache inside the forward, so `torch.export` sees pl
 """
 from __future__ import annotations
 
+import contextvars
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from deploylm.export import io_spec
 from deploylm.export.io_spec import ModelDims
 
 
@@ -64,19 +68,117 @@ def _register_gqa_attention() -> None:
 
     AttentionInterface.register(GQA_ATTENTION, gqa_attention)
     AttentionMaskInterface.register(GQA_ATTENTION, eager_mask)
+    AttentionInterface.register(APPEND_ATTENTION, append_attention)
+    AttentionMaskInterface.register(APPEND_ATTENTION, eager_mask)
+
+
+# -- the "append" KV layout (io_spec.KV_APPEND): past in, only the new positions' K/V out ---------------
+
+APPEND_ATTENTION = "deploylm_append"  # attention of graphs whose past is a preallocated buffer
+_APPEND_CACHE: contextvars.ContextVar[Any] = contextvars.ContextVar("deploylm_append_cache")
+
+
+def _append_layer(keys: Tensor, values: Tensor):
+    """An `_AppendLayer` (a transformers DynamicLayer subclass, made on first use) holding the past."""
+    global _AppendLayer
+    if _AppendLayer is None:
+        from transformers.cache_utils import DynamicLayer
+
+        _AppendLayer = type("_AppendLayer", (_AppendLayerMixin, DynamicLayer), {"__doc__": _AppendLayerMixin.__doc__})
+    layer = _AppendLayer()
+    layer.keys, layer.values, layer.is_initialized = keys, values, True
+    layer.new_keys = layer.new_values = None
+    return layer
+
+
+_AppendLayer: Any = None
+
+
+class _AppendLayerMixin:
+    """A cache layer that never concatenates: `update` keeps the new K/V aside and returns the past.
+
+    The past is the backend's buffer [B, Hkv, L, Dh] (positions it has not written yet are masked
+    out by attention_mask), so transformers' mask covers L + T positions as for any cache of length L.
+    """
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        self.new_keys, self.new_values = key_states, value_states
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        return self.keys.shape[-2] + query_length, 0
+
+
+def _append_cache(config, flat: tuple[Tensor, ...]):
+    cache = _dynamic_cache(config, ())
+    cache.layers = [_append_layer(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
+    return cache
+
+
+def append_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     scaling: float, dropout: float = 0.0, **_: object) -> tuple[Tensor, None]:
+    """Attention over (past buffer, new positions) without concatenating them.
+
+    key/value are the past [B, Hkv, L, Dh]; the new positions' k/v [B, Hkv, T, Dh] come from the
+    layer's `_AppendLayer`. Scores are computed against each part and only the small score tensors
+    are concatenated: softmax over [B, Hkv, G·T, L + T], then out = P_past @ V_past + P_new @ v_new.
+    The same arithmetic as `gqa_attention` on the concatenated K/V (one more addition per output).
+    """
+    layer = _APPEND_CACHE.get().layers[module.layer_idx]
+    new_key, new_value = layer.new_keys, layer.new_values
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    past = key.shape[2]
+    q = query.reshape(batch, kv_heads, groups * length, head_dim)                  # [B, Hkv, G*T, Dh]
+    scores = torch.cat([torch.matmul(q, key.transpose(2, 3)),                      # [B, Hkv, G*T, L]
+                        torch.matmul(q, new_key.transpose(2, 3))], dim=-1) * scaling  # ... + T
+    if attention_mask is not None:
+        total = scores.shape[-1]
+        scores = (scores.view(batch, kv_heads, groups, length, total) + attention_mask[:, :, None]
+                  ).view(batch, kv_heads, groups * length, total)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs[..., :past], value) + torch.matmul(probs[..., past:], new_value)  # [B, Hkv, G*T, Dh]
+    return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
+
+
+def uses_append_layout(model: nn.Module) -> bool:
+    """Causal LMs whose attention goes through transformers' attention interface and whose layers are
+    all plain (no sliding window) dynamic cache layers: their graph takes the append layout."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(model, "_supports_attention_backend", False):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = DynamicCache(config=config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 class HFCausalGraph(nn.Module):
-    """model.onnx of a Hugging Face causal LM: (ids, mask, positions, *past) -> (logits [B,1,V], *present).
+    """model.onnx of a Hugging Face causal LM: (ids, mask, positions, *past) -> (logits [B,1,V], *K/V).
 
-    Grouped-query models are traced with `gqa_attention` (the model's own attention setting is put
-    back after every call, so the torch model used elsewhere is unchanged).
+    layout io_spec.KV_APPEND (default where `uses_append_layout`): the past is a preallocated buffer
+    [B, Hkv, L, Dh] whose unwritten positions attention_mask [B, L+T] masks out, and the outputs
+    are only the T new positions' K/V (`new_key_values.*`, [B, Hkv, T, Dh]); the backend writes them
+    into its buffer, so no step copies the past. layout io_spec.KV_CONCAT: `present.*` = past + new
+    [B, Hkv, L+T, Dh] (optimum's layout; grouped-query models then use `gqa_attention`). The model's
+    own attention setting is put back after every call (the torch model used elsewhere is unchanged).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layout: str | None = None):
         super().__init__()
         self.model = model
-        self.attention = GQA_ATTENTION if _uses_gqa_attention(model) else None
+        self.layout = layout or (io_spec.KV_APPEND if uses_append_layout(model) else io_spec.KV_CONCAT)
+        if self.layout == io_spec.KV_APPEND:
+            self.attention = APPEND_ATTENTION
+        else:
+            self.attention = GQA_ATTENTION if _uses_gqa_attention(model) else None
         if self.attention:
             _register_gqa_attention()
 
@@ -86,12 +188,18 @@ class HFCausalGraph(nn.Module):
         original = config._attn_implementation
         if self.attention:
             config._attn_implementation = self.attention
+        append = self.layout == io_spec.KV_APPEND
+        cache = (_append_cache if append else _dynamic_cache)(config, tuple(past))  # each [B, Hkv, P, Dh]
+        token = _APPEND_CACHE.set(cache) if append else None
         try:
-            cache = _dynamic_cache(config, tuple(past))  # each [B, Hkv, P, Dh]
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=True, logits_to_keep=1)
         finally:
             config._attn_implementation = original
+            if token is not None:
+                _APPEND_CACHE.reset(token)
+        if append:  # [B, 1, V], [B, Hkv, T, Dh]
+            return (out.logits[:, -1:, :].float(), *[t for layer in cache.layers for t in (layer.new_keys, layer.new_values)])
         return (out.logits[:, -1:, :].float(), *_flatten(cache))  # [B, 1, V], [B, Hkv, P+T, Dh]
 
 
@@ -153,8 +261,9 @@ def hf_causal_dims(model: nn.Module) -> ModelDims:
         out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     _, heads, _, head_dim = cache.layers[0].keys.shape
+    layout = io_spec.KV_APPEND if uses_append_layout(model) else io_spec.KV_CONCAT
     return ModelDims(n_layers=len(cache.layers), kv_heads=heads, head_dim=head_dim,
-                     vocab_size=int(out.logits.shape[-1]))
+                     vocab_size=int(out.logits.shape[-1]), kv_layout=layout)
 
 
 def hf_seq2seq_dims(model: nn.Module) -> ModelDims:
@@ -167,3 +276,16 @@ def hf_seq2seq_dims(model: nn.Module) -> ModelDims:
     return ModelDims(n_layers=len(cache.self_attention_cache.layers), kv_heads=heads, head_dim=head_dim,
                      vocab_size=int(out.logits.shape[-1]), d_model=int(out.encoder_last_hidden_state.shape[-1]),
                      cross_heads=cross_heads)
+
+
+def with_concat_layout(plan: Any) -> Any:
+    """`plan` (an onnx_export.GraphPlan) with a Hugging Face causal graph switched to the concat
+    layout (present.* = past + new), for consumers that need optimum's IO: TensorRT engines."""
+    import dataclasses
+
+    if plan.family != "hf" or plan.kind != "decoder-only" or plan.dims.kv_layout == io_spec.KV_CONCAT:
+        return plan
+    dims = dataclasses.replace(plan.dims, kv_layout=io_spec.KV_CONCAT)
+    ((_, module),) = plan.graphs
+    graph = HFCausalGraph(module.model, io_spec.KV_CONCAT)
+    return dataclasses.replace(plan, dims=dims, graphs=((io_spec.decoder_only_spec(dims), graph),))

@@ -14,6 +14,21 @@ Decoder-only, one graph `model.onnx` (the first step takes an empty past, length
                                                                   [batch, seq, vocab] output
     present.{i}.key              [batch, kv_heads, total, head_dim]  (and .value)
 
+  That is the "concat" KV layout (KV_CONCAT, optimum's): every step copies the past into the
+  present. Hugging Face causal LMs are exported with the "append" layout (KV_APPEND) instead:
+    past_key_values.{i}.key      [batch, kv_heads, past, head_dim]   the backend's preallocated
+                                                                  buffer: past = its capacity;
+                                                                  positions not written yet are
+                                                                  0 in attention_mask
+    attention_mask               [batch, total]          total = past + seq, as above
+  ->
+    logits                       [batch, 1, vocab]
+    new_key_values.{i}.key       [batch, kv_heads, seq, head_dim]    (and .value) the K/V of the
+                                                                  seq new positions only; the
+                                                                  backend writes them into its
+                                                                  buffer (no copy of the past)
+  The output names tell the layouts apart (`kv_layout`); an empty past makes both a plain prefill.
+
 Encoder-decoder, two graphs:
   `encoder_model.onnx`
     input_ids [batch, src], attention_mask [batch, src]
@@ -38,6 +53,8 @@ MODEL_FILE = "model.onnx"
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
 KV = ("key", "value")
+KV_CONCAT = "concat"   # outputs present.* = past + new (optimum's layout)
+KV_APPEND = "append"   # outputs new_key_values.* = the new positions only (see the module docstring)
 # axis names -> the smallest size each may take (the past is empty on the first step)
 AXIS_MIN = {"batch": 1, "seq": 1, "past": 0, "total": 1, "src": 1, "rows": 1, "enc_batch": 1}
 
@@ -82,6 +99,7 @@ class ModelDims:
     vocab_size: int
     d_model: int = 0    # encoder-decoder only: width of encoder_hidden_states
     cross_heads: int = 0  # encoder-decoder only: cross-attention K/V heads
+    kv_layout: str = KV_CONCAT  # decoder-only self-attention K/V: KV_CONCAT | KV_APPEND
 
 
 def past_names(n_layers: int, part: str = "") -> list[str]:
@@ -96,6 +114,16 @@ def present_names(n_layers: int, part: str = "") -> list[str]:
     return [f"present.{i}{infix}.{kv}" for i in range(n_layers) for kv in KV]
 
 
+def new_kv_names(n_layers: int) -> list[str]:
+    """new_key_values.{i}.key/value in layer order: the outputs of an append-layout graph."""
+    return [f"new_key_values.{i}.{kv}" for i in range(n_layers) for kv in KV]
+
+
+def kv_layout(output_names: list[str] | tuple[str, ...]) -> str:
+    """KV_APPEND when a decoder-only graph outputs new_key_values.*, else KV_CONCAT."""
+    return KV_APPEND if any(n.startswith("new_key_values.") for n in output_names) else KV_CONCAT
+
+
 def _kv(names: list[str], rows: str, heads: int, length: str, head_dim: int) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(n, (rows, heads, length, head_dim), "float32") for n in names)
 
@@ -107,10 +135,11 @@ def decoder_only_spec(d: ModelDims) -> GraphSpec:
         TensorSpec("position_ids", ("batch", "seq"), "int64"),
         *_kv(past_names(d.n_layers), "batch", d.kv_heads, "past", d.head_dim),
     )
-    outputs = (
-        TensorSpec("logits", ("batch", 1, d.vocab_size), "float32"),
-        *_kv(present_names(d.n_layers), "batch", d.kv_heads, "total", d.head_dim),
-    )
+    if d.kv_layout == KV_APPEND:
+        kv = _kv(new_kv_names(d.n_layers), "batch", d.kv_heads, "seq", d.head_dim)
+    else:
+        kv = _kv(present_names(d.n_layers), "batch", d.kv_heads, "total", d.head_dim)
+    outputs = (TensorSpec("logits", ("batch", 1, d.vocab_size), "float32"), *kv)
     return GraphSpec(MODEL_FILE, inputs, outputs)
 
 

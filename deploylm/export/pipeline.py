@@ -81,6 +81,10 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     timings: dict[str, float] = {}
     model = _timed(timings, "load", _load_model, source)
     plan = plan_graphs(model)
+    if "trt" in profile.backends:  # TensorRT engines take optimum's KV layout (present = past + new)
+        from deploylm.export.hf_graphs import with_concat_layout
+
+        plan = with_concat_layout(plan)
     result: dict[str, Any] = {"details": []}
     fields = {"source": source_fields(source), "profile": profile.to_dict(), "generation": dict(profile.generation),
               "export": {"kind": plan.kind, "family": plan.family, "opset": DEFAULT_OPSET,
