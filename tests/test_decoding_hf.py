@@ -16,6 +16,7 @@ from deploylm.backends.base import EncodedBatch
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.search import generate_ids
 from tests.helpers.hf_backend import HFBackend
+from tests.helpers.hf_reference import load_hf as _load
 
 PROMPTS = ["the quick brown fox", "hello world", "one two three four five six seven", "beam"]
 SCORE_ATOL = 1e-4  # DESIGN.md §5 / issue 3: scores within 1e-4 of transformers
@@ -38,15 +39,6 @@ GRID = [
     (dict(num_beams=1, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=4), "frequent-any"),
 ]
 
-
-def _load(path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    enc_dec = AutoConfig.from_pretrained(path).is_encoder_decoder
-    model = (AutoModelForSeq2SeqLM if enc_dec else AutoModelForCausalLM).from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "right" if enc_dec else "left"
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

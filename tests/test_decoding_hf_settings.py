@@ -23,6 +23,7 @@ from deploylm.errors import UsageError
 from deploylm.generator import load
 from deploylm.models.hf import generation_settings
 from tests.helpers.hf_backend import HFBackend
+from tests.helpers.hf_reference import hf_processors as _hf, same_bits, load_hf as _load
 from tests.helpers.tiny_hf import build_tiny_hf
 
 R, L, V, B = 6, 12, 40, 2
@@ -33,21 +34,7 @@ PROMPTS = ["the quick brown fox jumps over the quick", "hello hello world", "one
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def _hf():
-    from transformers.generation import logits_process as hf
-    return hf
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def hf_form(settings: dict) -> dict:

@@ -16,6 +16,7 @@ from deploylm.decoding.options import DecodingOptions
 from deploylm.errors import UsageError
 from deploylm.generator import load
 from deploylm.models.hf import generation_settings
+from tests.helpers.hf_reference import hf_processors as _hf, same_bits
 from tests.helpers.tiny_hf import build_tiny_hf
 
 R, L, V = 6, 12, 40
@@ -25,22 +26,7 @@ PROMPTS = ["the quick brown fox jumps over", "hello", "one two three four five s
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy machine (spinning threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def _hf():
-    from transformers.generation import logits_process as hf
-    return hf
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @pytest.fixture
