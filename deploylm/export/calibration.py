@@ -129,9 +129,9 @@ def token_ids(tokenizer: Any, texts: tuple[str, ...], max_len: int = 64) -> list
 
 def graph_feeds(folder: Path, sequences: list[list[int]], targets: list[list[int]] | None = None,
                 rows: int = 4) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Prefill feeds for every graph in `folder`, `rows` sequences per batch (left-padded).
+    """Feeds for every graph in `folder`, `rows` sequences per batch (left-padded).
 
-    model.onnx: ids/mask/positions + empty past. encoder_model.onnx: ids/mask (right-padded).
+    model.onnx: per batch, a prefill (ids/mask/positions + empty past) and one decode step after it. encoder_model.onnx: ids/mask (right-padded).
     decoder_model.onnx: start token + the target (default: the sequence itself) as decoder input,
     cross K/V from the encoder graph in `folder`.
     """
@@ -143,7 +143,11 @@ def graph_feeds(folder: Path, sequences: list[list[int]], targets: list[list[int
     batches = [sequences[i:i + rows] for i in range(0, len(sequences), rows)]
     if (folder / io_spec.MODEL_FILE).is_file():
         session = ort.InferenceSession(str(folder / io_spec.MODEL_FILE), providers=["CPUExecutionProvider"])
-        return {io_spec.MODEL_FILE: [_causal_feeds(session, b) for b in batches]}
+        feeds = []
+        for b in batches:
+            prefill = _causal_feeds(session, b)
+            feeds += [prefill, _causal_step_feeds(session, prefill)]
+        return {io_spec.MODEL_FILE: feeds}
     enc = ort.InferenceSession(str(folder / io_spec.ENCODER_FILE), providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(folder / io_spec.DECODER_FILE), providers=["CPUExecutionProvider"])
     enc_feeds = [_pad(b, left=False) for b in batches]
@@ -175,6 +179,25 @@ def _causal_feeds(session: Any, batch: list[list[int]]) -> dict[str, np.ndarray]
     feeds = _pad(batch, left=True)
     positions = np.clip(feeds["attention_mask"].cumsum(-1) - 1, 0, None)  # [B, T]
     return {**feeds, "position_ids": positions.astype(np.int64), **_empty_past(session, len(batch))}
+
+
+def _causal_step_feeds(session: Any, prefill: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One decode step after `prefill`: the model's own next token, with the prefill's K/V as the past.
+
+    Calibrating on prefills alone never exercises attention to a past (empty there); the append-layout
+    graph computes the past's scores in a branch of its own, which static quantization would then see
+    only with empty tensors. Works for both layouts: `present.*` (past + new) and `new_key_values.*`
+    (the new positions, here all of the prefill) both become `past_key_values.*`.
+    """
+    names = [o.name for o in session.get_outputs()]
+    outs = dict(zip(names, session.run(None, prefill)))
+    past = {n.replace("present.", "past_key_values.").replace("new_key_values.", "past_key_values."): v
+            for n, v in outs.items() if n.startswith(("present.", "new_key_values."))}
+    mask = prefill["attention_mask"]
+    rows = mask.shape[0]
+    next_ids = outs["logits"][:, -1, :].argmax(-1).astype(np.int64).reshape(rows, 1)      # [B, 1]
+    return {"input_ids": next_ids, "attention_mask": np.concatenate([mask, np.ones((rows, 1), np.int64)], axis=1),
+            "position_ids": (prefill["position_ids"][:, -1:] + 1).astype(np.int64), **past}
 
 
 def _decoder_feeds(enc: Any, dec: Any, enc_feeds: dict[str, np.ndarray], batch: list[list[int]]) -> dict[str, np.ndarray]:
