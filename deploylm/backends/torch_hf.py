@@ -21,19 +21,7 @@ from torch import Tensor
 
 from deploylm.backends.base import EncodedBatch
 from deploylm.backends.torch_backend import TorchBackend, is_identity
-
-
-def cache_keyword(model: Any) -> str:
-    """The forward() keyword for the KV cache: `cache` in recent transformers 5 releases,
-    `past_key_values` in earlier ones (5.17 on the GPU machine, for example)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_of(out: Any) -> Any:
-    """The updated cache of a model output, under either of its transformers 5 names."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+from deploylm.models.hf import cache_keyword, cache_of
 
 
 @dataclass(frozen=True)

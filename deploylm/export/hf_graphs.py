@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from deploylm.export import io_spec
 from deploylm.export.io_spec import ModelDims
+from deploylm.models.hf import cache_keyword
 
 
 def _dynamic_cache(config, flat: tuple[Tensor, ...]):
@@ -193,7 +194,7 @@ class HFCausalGraph(nn.Module):
         token = _APPEND_CACHE.set(cache) if append else None
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **{cache_keyword(self.model): cache})
         finally:
             config._attn_implementation = original
             if token is not None:
@@ -225,7 +226,7 @@ class HFEncoderGraph(nn.Module):
         cache = EncoderDecoderCache(DynamicCache(config=self.model.config), DynamicCache(config=self.model.config))
         start = torch.zeros_like(input_ids[:, :1])  # [B, 1]; its value never reaches the cross K/V
         self.model(encoder_outputs=(hidden,), attention_mask=attention_mask, decoder_input_ids=start,
-                   cache=cache, use_cache=True)
+                   use_cache=True, **{cache_keyword(self.model): cache})
         return (hidden, *_flatten(cache.cross_attention_cache))
 
 
@@ -251,7 +252,7 @@ class HFDecoderGraph(nn.Module):
         rows, src = encoder_attention_mask.shape
         hidden = kv[n].new_zeros(()).expand(rows, src, config.d_model)  # [R, S, D], shape only
         out = self.model(encoder_outputs=(hidden,), attention_mask=encoder_attention_mask,
-                         decoder_input_ids=input_ids, cache=cache, use_cache=True)
+                         decoder_input_ids=input_ids, use_cache=True, **{cache_keyword(self.model): cache})
         return (out.logits[:, -1:, :].float(), *_flatten(cache.self_attention_cache))
 
 

@@ -7,6 +7,8 @@ from the model's generation_config, then its config, exactly as `transformers.ge
 """
 from __future__ import annotations
 
+import inspect
+
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -231,3 +233,16 @@ def _first_set(*values: Any) -> Any:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward() keyword for the KV cache: `cache` in recent transformers 5 releases,
+    `past_key_values` in earlier ones (5.17 on the GPU machine, for example)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_of(out: Any) -> Any:
+    """The updated cache of a model output, under either of its transformers 5 names."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import EncodedBatch, ModelInfo, SpecialTokens
-from deploylm.backends.torch_hf import cache_keyword, cache_of
+from deploylm.models.hf import cache_keyword, cache_of
 
 
 def special_tokens(model) -> SpecialTokens:
