@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from deploylm import __version__
 from deploylm.errors import ArtifactError, UsageError
+from deploylm.fsutil import replace_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -190,8 +191,9 @@ def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fiel
 
     `manifest_fields` (source, profile, parity, quality, ...) is read after `build` returns, so
     `build` may add to it (e.g. the parity summary it measured). `final_dir` existing is refused
-    unless `force`; with `force` the old folder is moved aside, the new one renamed in, and only then
-    the old one deleted. On any error the temporary folder is removed.
+    unless `force`; with `force` the new folder takes the old one's place (deploylm.fsutil.replace_dir:
+    one atomic exchange on Linux, else old aside / new in / old deleted), then the old one is deleted.
+    On any error the temporary folder is removed.
     """
     final_dir = Path(final_dir)
     if final_dir.exists() and not force:
@@ -222,20 +224,9 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _swap_into_place(tmp: Path, final_dir: Path, force: bool) -> None:
-    if not final_dir.exists():
-        os.rename(tmp, final_dir)
-        return
-    if not force:
+    if final_dir.exists() and not force:
         raise UsageError(f"output folder {final_dir} already exists: pass --force to replace it")
-    old = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(final_dir, old)          # from here to the next line, only the complete new one or the old one exists
-    try:
-        os.rename(tmp, final_dir)
-    except BaseException:
-        os.rename(old, final_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final_dir)        # an existing folder is swapped out atomically where the system can
 
 
 @dataclass(frozen=True)

@@ -106,18 +106,24 @@ def test_failed_build_leaves_no_artifact_and_keeps_the_old_one(tmp_path, artifac
 
 
 def test_crash_during_swap_restores_the_old_artifact(artifact, monkeypatch):
-    real_rename, calls = os.rename, []
+    """The two-rename path (no atomic exchange on this system): a failure after the old folder was
+    moved aside puts it back."""
+    from deploylm import fsutil
+
+    real_replace, calls = os.replace, []
 
     def flaky(src, dst):
-        calls.append(Path(dst).name)
-        if Path(dst) == artifact and len(calls) == 2:        # second rename: tmp -> final
+        if Path(dst) == artifact and not calls:              # the swap's second rename: tmp -> final
+            calls.append(src)
             raise OSError("disk full")
-        return real_rename(src, dst)
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(os, "rename", flaky)
+    monkeypatch.setattr(fsutil, "exchange", lambda a, b: False)
+    monkeypatch.setattr(fsutil.os, "replace", flaky)
     with pytest.raises(OSError):
         write_artifact(artifact, build, FIELDS, force=True)
     monkeypatch.undo()
+    assert calls and ".tmp-" in str(calls[0])                # the failure did happen in the swap
     load_artifact(artifact)
     assert leftovers(artifact.parent) == []
 

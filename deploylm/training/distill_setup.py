@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import shutil
 import time
 import uuid
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deploylm.errors import UsageError
+from deploylm.fsutil import replace_dir
 from deploylm.models.source import Source, resolve_source
 from deploylm.training.distill import REPORT, DistillConfig, Setup, plan_layers, remap_layers
 
@@ -69,16 +69,12 @@ def publish(config: DistillConfig, save: Callable[[Path], None], report: dict[st
     out = config.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         save(tmp)
         (tmp / REPORT).write_text(json.dumps({"settings": _settings(config), **report}, indent=2) + "\n")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)      # an existing student is swapped out atomically where the system can
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _settings(config: DistillConfig) -> dict[str, Any]:
