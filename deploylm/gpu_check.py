@@ -177,22 +177,47 @@ def _prompts(vocab: int, batch: int, length: int) -> Any:
     return EncodedBatch(ids, torch.ones_like(ids))
 
 
-def _timed_search(backend: Any, batch: Any, options: Any, runs: int) -> float:
-    """Median seconds of `runs` searches after one warm-up, synchronizing CUDA around each."""
+def _median_seconds(call: Callable[[], Any], runs: int, device: str) -> tuple[float, Any]:
+    """Median seconds of `runs` calls after one warm-up, synchronizing CUDA around each; and the last
+    call's result."""
     import torch
 
-    from deploylm.decoding.search import generate_ids
-
-    sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
-    generate_ids(backend, batch, options)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    result = call()
     times = []
     for _ in range(runs):
         sync()
         start = time.perf_counter()
-        generate_ids(backend, batch, options)
+        result = call()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), result
+
+
+def _timed_search(backend: Any, batch: Any, options: Any, runs: int) -> tuple[float, Any]:
+    """Median seconds of deploylm's search (`_median_seconds`) and its hypotheses."""
+    from deploylm.decoding.search import generate_ids
+
+    return _median_seconds(lambda: generate_ids(backend, batch, options), runs, backend.device.type)
+
+
+def _hf_generate(folder: Path, batch: Any, options: Any, pad_token_id: int, device: str) -> Callable[[], Any]:
+    """transformers.generate on `folder` (fp32, on `device`) with the same prompts and settings as
+    deploylm's search: beam search, exactly max_new_tokens. Returns the call (output: token ids [B, T+N])."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    kwargs = dict(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
+                  min_new_tokens=options.max_new_tokens, do_sample=False, early_stopping=True,
+                  pad_token_id=pad_token_id)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+    return run
 
 
 def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: int,
@@ -212,7 +237,9 @@ def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: 
     rows = []
     for dtype in dtypes:
         backend = reference if dtype == "float32" else TorchBackend.from_source(source, device=device, dtype=dtype)
-        seconds = _timed_search(backend, batch, options, runs)
+        seconds, hyps = _timed_search(backend, batch, options, runs)
+        if dtype == "float32":
+            fp32_tokens = [list(h[0].token_ids) for h in hyps]
         profile = load_profile(PROFILE_OF[dtype])
         report = compare_backends(reference, {dtype: backend}, batch, options, profile.parity)
         (row,) = report.backends
@@ -221,8 +248,9 @@ def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: 
                      "max_abs_dlogit": float(f"{row.max_abs_logit:.3g}"), "beams_identical": row.beams_identical,
                      "parity": f"{'pass' if report.passed else 'FAIL'} ({profile.name})"})
     rows[0]["host_ms_per_step"] = _host_split(reference, batch, options)
-    if source.kind == "hf" and not reference.info.is_encoder_decoder:
-        rows.append(bench_transformers(name, source.path, reference, batch, options, runs, device, rows[0]))
+    if source.kind == "hf" and not reference.info.is_encoder_decoder and "float32" in dtypes:
+        rows.append(bench_transformers(name, source.path, reference, batch, options, runs, device, rows[0],
+                                       fp32_tokens))
     return rows
 
 
@@ -242,7 +270,6 @@ def profile_search(src: Path, out: Path, new_tokens: int = 16, device: str = "cu
     search and of transformers.generate on the same model and prompts: where a GPU step's time goes."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoModelForCausalLM
 
     from deploylm.backends.torch_backend import TorchBackend
     from deploylm.decoding.options import DecodingOptions
@@ -252,14 +279,7 @@ def profile_search(src: Path, out: Path, new_tokens: int = 16, device: str = "cu
     options = DecodingOptions(num_beams=4, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     backend = TorchBackend.from_source(resolve_source(src), device=device, dtype="float32")
     batch = _prompts(backend.info.vocab_size, 8, 16)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(device).eval()
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-
-    def hf() -> None:
-        with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, num_beams=4, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, early_stopping=True,
-                           pad_token_id=backend.info.special.pad_token_id)
+    hf = _hf_generate(src, batch, options, backend.info.special.pad_token_id, device)
 
     tables = []
     for name, call in (("deploylm", lambda: generate_ids(backend, batch, options)), ("transformers", hf)):
@@ -277,36 +297,14 @@ def profile_search(src: Path, out: Path, new_tokens: int = 16, device: str = "cu
 
 
 def bench_transformers(name: str, folder: Path, reference: Any, batch: Any, options: Any, runs: int, device: str,
-                       ours: dict[str, Any]) -> dict[str, Any]:
+                       ours: dict[str, Any], ours_tokens: list[list[int]]) -> dict[str, Any]:
     """transformers.generate on the same model, device, prompts and settings (fp32, beam search, exactly
-    max_new_tokens): its tokens/s, deploylm's fp32 speed relative to it, and whether the beams agree."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from deploylm.decoding.search import generate_ids
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    kwargs = dict(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
-                  min_new_tokens=options.max_new_tokens, do_sample=False, early_stopping=True,
-                  pad_token_id=reference.info.special.pad_token_id)
-
-    def run() -> Any:
-        with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    run()
-    times = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        hf_out = run()
-        sync()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    ours_tokens = [list(hyps[0].token_ids) for hyps in generate_ids(reference, batch, options)]
-    hf_tokens = [list(map(int, seq[ids.shape[1]:])) for seq in hf_out.cpu()]
+    max_new_tokens): its tokens/s, deploylm's fp32 speed relative to it (`ours`: deploylm's fp32 row), and
+    whether the best beams agree with deploylm's (`ours_tokens`)."""
+    run = _hf_generate(folder, batch, options, reference.info.special.pad_token_id, device)
+    seconds, hf_out = _median_seconds(run, runs, device)
+    prompt_len = batch.input_ids.shape[1]
+    hf_tokens = [list(map(int, seq[prompt_len:])) for seq in hf_out.cpu()]
     same = sum(a == b[:len(a)] for a, b in zip(ours_tokens, hf_tokens))
     tokens_per_s = round(8 * options.max_new_tokens / seconds, 1)
     return {"model": name, "dtype": "float32 transformers.generate", "tokens_per_s": tokens_per_s,
