@@ -247,24 +247,3 @@ def test_search_steps_run_on_one_thread_and_backend_calls_on_the_process_threads
         assert seen == {"step": {1}, "backend": {2}} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("num_beams", [1, 2])
-def test_a_backend_may_reserve_room_for_the_whole_generation_once(num_beams):
-    """The optional `reserve(state, new_tokens)` hook: called once, after prefill and before the rows are
-    expanded to beams, with max_new_tokens; the state it returns is the one the search continues with."""
-    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
-    options = DecodingOptions(num_beams=num_beams, max_new_tokens=5)
-    expected = generate_ids(backend, encode(PROMPTS), options)
-    calls = []
-
-    def reserve(state, new_tokens):
-        calls.append((list(backend.calls), len(state), new_tokens))
-        return state
-
-    backend.reserve = reserve
-    backend.calls.clear()
-    stats = SearchStats()
-    assert generate_ids(backend, encode(PROMPTS), options, stats) == expected
-    assert calls == [([("prefill", len(PROMPTS))], len(PROMPTS), 5)]         # once, before beams exist
-    assert stats.backend_calls == len(backend.calls) + 1                        # timed as a backend call

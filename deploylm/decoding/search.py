@@ -156,13 +156,7 @@ def iter_search(backend: Backend, batch: EncodedBatch, options: DecodingOptions,
 def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | SampleSearch,
                options: DecodingOptions, stats: SearchStats | None = None
                ) -> Generator[StepEvent, None, list[list[Hypothesis]]]:
-    """The decode loop: prefill, expand rows, then step / reorder / decode until every input is done.
-
-    A backend may offer `reserve(state, new_tokens) -> state` (optional, beyond the Backend protocol): it
-    is called once after prefill, before the rows are expanded to beams, with the most tokens the search
-    will add per row, so a backend with a growing KV buffer can allocate it once instead of growing it
-    (and holding the old and the new buffer at once) during the search.
-    """
+    """The decode loop: prefill, expand rows, then step / reorder / decode until every input is done."""
     stats = stats if stats is not None else SearchStats()
     resumed = time.perf_counter()
 
@@ -176,9 +170,6 @@ def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | Sampl
     started = time.time()
     single = backend.device.type == "cpu"
     logits, state = call(backend.prefill, batch)                                      # [B, V]
-    reserve = getattr(backend, "reserve", None)   # optional: room for the whole generation at once
-    if reserve is not None:
-        state = call(reserve, state, options.max_new_tokens)
     rows = options.rows_per_input
     if rows > 1:
         expand = torch.arange(batch.batch_size, device=backend.device).repeat_interleave(rows)
