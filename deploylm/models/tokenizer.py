@@ -102,7 +102,7 @@ class LightTokenizer:
 
     For folders `light_tokenizer` accepts, transformers' TokenizersBackend calls the same Rust tokenizer
     (encode_batch with the file's post-processor, decode with skip_special_tokens, no clean-up), so ids,
-    masks and text are the same (tests/test_bench.py checks SmolLM2's). It spares importing transformers
+    masks and text are the same (tests/test_light_loading.py checks SmolLM2's). It spares importing transformers
     and its tokenizer's Python-side tables: −72 MiB RSS in an onnx process (issue 7). Calls it does not
     cover (truncation, windows, anything else) go to the transformers tokenizer, loaded on first use.
     """
