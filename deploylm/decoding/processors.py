@@ -56,9 +56,7 @@ class RepetitionPenalty:
             positions = torch.arange(sequences.shape[1], device=sequences.device)
             skip |= positions[None, :] < self.ignore_prefix[:, None]
         ids = torch.where(skip, last, sequences)   # a skipped position repeats a counted token: no effect
-        picked = torch.gather(scores, 1, ids)                                # [R, L]
-        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        return scores.scatter(1, ids, picked)
+        return _penalize(scores, ids, self.penalty)
 
     def _padded(self, sequences: Tensor, scores: Tensor) -> Tensor:
         """transformers' formulation (a spare column past the vocab); used when the last token is out of vocab."""
@@ -68,9 +66,14 @@ class RepetitionPenalty:
             sequences = sequences.masked_fill(positions[None, :] < self.ignore_prefix[:, None], vocab)
         ids = sequences.clamp(max=vocab)                                     # [R, L]
         padded = torch.nn.functional.pad(scores, (0, 1))                     # [R, V + 1]
-        picked = torch.gather(padded, 1, ids)
-        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        return padded.scatter(1, ids, picked)[..., :vocab].contiguous()
+        return _penalize(padded, ids, self.penalty)[..., :vocab].contiguous()
+
+
+def _penalize(scores: Tensor, ids: Tensor, penalty: float) -> Tensor:
+    """Scores with each entry at `ids` [R, L] scaled: negative ones * penalty, others / penalty."""
+    picked = torch.gather(scores, 1, ids)                                    # [R, L]
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, ids, picked)
 
 
 class NoRepeatNGram:
@@ -87,13 +90,19 @@ class NoRepeatNGram:
             return scores
         prefix = sequences[:, length + 1 - self.size:]                       # [R, n-1]
         windows = sequences.unfold(dimension=1, size=self.size, step=1)      # [R, W, n]
-        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)     # [R, W]
-        rows, starts = matches.nonzero(as_tuple=True)
-        tokens = windows[rows, starts, -1]
-        keep = tokens < scores.shape[-1]                                     # ids past the logits: nothing to ban
-        out = scores.clone()
-        out[rows[keep], tokens[keep]] = -float("inf")
-        return out
+        return _ban_completions(windows, prefix, scores)
+
+
+def _ban_completions(windows: Tensor, prefix: Tensor, scores: Tensor) -> Tensor:
+    """Scores with -inf for the last token of every n-gram window [R, W, n] whose first n-1 tokens equal
+    the row's prefix [R, n-1] (ids past the logits: nothing to ban)."""
+    matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)         # [R, W]
+    rows, starts = matches.nonzero(as_tuple=True)
+    tokens = windows[rows, starts, -1]
+    keep = tokens < scores.shape[-1]
+    out = scores.clone()
+    out[rows[keep], tokens[keep]] = -float("inf")
+    return out
 
 
 class SequenceBias:
@@ -155,9 +164,7 @@ class EncoderRepetitionPenalty:
         ids = self._rows[1]
         if self.padded:   # (embedding wider than lm_head): scored in a spare column, dropped after
             scores = torch.nn.functional.pad(scores, (0, 1))
-        picked = torch.gather(scores, 1, ids)
-        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        out = scores.scatter(1, ids, picked)
+        out = _penalize(scores, ids, self.penalty)
         return out[..., :self.vocab].contiguous() if self.padded else out
 
 
@@ -182,15 +189,8 @@ class EncoderNoRepeatNGram:
         R = scores.shape[0]
         if self._rows is None or self._rows[0] != R:
             self._rows = (R, self.windows.to(scores.device).repeat_interleave(R // self.batch, dim=0))
-        windows = self._rows[1]                                                              # [R, W, n]
         prefix = sequences[:, length + 1 - n:]                                               # [R, n-1]
-        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)                    # [R, W]
-        rows, starts = matches.nonzero(as_tuple=True)
-        tokens = windows[rows, starts, -1]
-        keep = tokens < scores.shape[-1]
-        out = scores.clone()
-        out[rows[keep], tokens[keep]] = -float("inf")
-        return out
+        return _ban_completions(self._rows[1], prefix, scores)                               # windows [R, W, n]
 
 
 class ExponentialDecayLength:
