@@ -4,7 +4,8 @@ A fake backend hands `BeamSearch.step` random fp32 logits [32, 49152] (8 inputs 
 vocabulary, a 20-token prompt, 64 new tokens); the step is timed alone. Two implementations of
 deploylm/decoding/beam.py run interleaved search by search: BEFORE (a file, default: the committed
 HEAD version via `git show`) and AFTER (the working tree; its steps run as the tree's decode loop runs
-them, with torch's intra-op threads at 1, deploylm.decoding.search._one_thread). Reports the median and minimum ms per step
+them: small ops on one torch thread, the full-vocabulary block on the count deploylm/decoding/threads.py
+measures faster; BEFORE runs with the same StepThreads, so a HEAD without the vocab block gets one thread). Reports the median and minimum ms per step
 and the decoder's share of a step, decoder / (decoder + backend), at `--backend-ms` (70.8 ms: the ORT
 time of the onnx fp32 beam-4 bench, 4.53 s / 64 steps, docs/benchmarks.md).
 
@@ -50,7 +51,7 @@ def committed_beam(tmp: Path, name: str = "beam.py") -> Path:
 
 
 def one_search(module, logits: list[torch.Tensor], prompt: torch.Tensor, new_tokens: int,
-               processors=None, one_thread: bool = False) -> list[float]:
+               processors=None, step_threads: bool = True) -> list[float]:
     """Seconds of every step of one beam search fed `logits` in turn (no EOS: runs all steps).
     processors: a module with MinNewTokens/ProcessorList (bench options: EOS banned every step), or None."""
     from deploylm.decoding.options import DecodingOptions
@@ -61,12 +62,17 @@ def one_search(module, logits: list[torch.Tensor], prompt: torch.Tensor, new_tok
     chain = ProcessorList() if processors is None else processors.ProcessorList(
         [processors.MinNewTokens(prompt.shape[1], new_tokens, (0,))])
     search = module.BeamSearch(options, prompt, (0,), 0, chain)
-    from deploylm.decoding.search import _one_thread
+    from contextlib import nullcontext
 
+    from deploylm.decoding.threads import for_logits
+
+    threads = for_logits(logits[0]) if step_threads else None
+    if threads is not None:
+        search.vocab_threads = threads.vocab
     times, i = [], 0
     while not search.all_done:
         start = time.perf_counter()
-        with _one_thread(one_thread):     # as the working tree's decode loop runs a step (AFTER)
+        with threads.step() if threads is not None else nullcontext():  # as the tree's decode loop runs a step
             search.step(logits[i % len(logits)])
         times.append(time.perf_counter() - start)
         i += 1
@@ -102,11 +108,11 @@ def main() -> None:
                                          "processors_before"), "after": tree_processors}
         impls = {"before": before, "after": after}
         for name, module in impls.items():                                             # warm-up
-            one_search(module, logits, prompt, 8, procs[name], name == "after")
+            one_search(module, logits, prompt, 8, procs[name], True)
         times: dict[str, list[float]] = {name: [] for name in impls}
         for _ in range(args.rounds):
             for name, module in impls.items():
-                times[name] += one_search(module, logits, prompt, args.new_tokens, procs[name], name == "after")
+                times[name] += one_search(module, logits, prompt, args.new_tokens, procs[name], True)
     report = {}
     for name, ts in times.items():
         med = 1000 * statistics.median(ts)

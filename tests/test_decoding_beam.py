@@ -180,7 +180,7 @@ def test_chunked_topk_equals_the_full_topk_whenever_it_answers():
     caller runs the full top-k): random, tied and -inf-heavy log-probs, several shapes."""
     import torch
 
-    from deploylm.decoding.beam import _chunked_topk
+    from deploylm.decoding.beam import _chunk_maxima, _chunked_topk
 
     g = torch.Generator().manual_seed(1)
     answered = 0
@@ -196,7 +196,7 @@ def test_chunked_topk_equals_the_full_topk_whenever_it_answers():
         if trial % 2:
             bs[:, 1:] = -1e9  # the first step: beam 0 alone
         want = torch.topk((lp.view(B, K, V) + bs[:, :, None]).view(B, K * V), k)
-        got = _chunked_topk(lp, bs, k)
+        got = _chunked_topk(lp, _chunk_maxima(lp, K), bs, k)
         if got is not None:
             answered += 1
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial

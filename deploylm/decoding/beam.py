@@ -15,6 +15,7 @@ from torch import Tensor
 
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import ProcessorList
+from deploylm.decoding.threads import no_threads
 
 NEG = -1.0e9
 
@@ -34,21 +35,34 @@ def _chunk_size(vocab: int) -> int | None:
     return c if c >= 4 else None
 
 
-def _chunked_topk(log_probs: Tensor, beam_scores: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+def _chunk_maxima(log_probs: Tensor, beams: int) -> Tensor | None:
+    """[B, K, n] the maximum of every chunk of `_chunk_size(V)` log-probs of log_probs [R, V] (R = B * K
+    rows), or None when the vocabulary does not chunk. A full-vocabulary pass: part of the step's vocab block."""
+    R, vocab = log_probs.shape
+    c = _chunk_size(vocab)
+    if c is None:
+        return None
+    return log_probs.reshape(R // beams, beams, vocab // c, c).amax(dim=-1)
+
+
+def _chunked_topk(log_probs: Tensor, chunk_max: Tensor | None, beam_scores: Tensor,
+                  k: int) -> tuple[Tensor, Tensor] | None:
     """`torch.topk(log_probs.view(B, K, V) + beam_scores[..., None]).view(B, K*V), k)` without the full sum
     and the full top-k: the top k + 1 candidates lie in the k + 1 chunks with the highest maxima, so only
     those are summed and ranked. Returns (scores [B, k], flat indices [B, k]) when those k + 1 values are
     all distinct (the answer is then unique: the same values and indices as the full top-k), else None
     (ties or NaN: the caller runs the full top-k, whose tie order is torch's).
-    log_probs [R, V], beam_scores [B, K].
+    log_probs [R, V], chunk_max [B, K, n] (`_chunk_maxima`), beam_scores [B, K].
     """
     R, vocab = log_probs.shape
     B, K = beam_scores.shape
-    c = _chunk_size(vocab)
-    if c is None or K * vocab // c < k + 1:
+    if chunk_max is None:
         return None
-    n = vocab // c                                                                    # chunks per beam
-    chunk_max = log_probs.reshape(B, K, n, c).amax(dim=-1) + beam_scores[:, :, None]     # [B, K, n]
+    n = chunk_max.shape[-1]                                                           # chunks per beam
+    c = vocab // n
+    if K * n < k + 1:
+        return None
+    chunk_max = chunk_max + beam_scores[:, :, None]                                   # [B, K, n]
     chunks = torch.topk(chunk_max.view(B, K * n), k + 1)[1]                           # [B, k+1] flat chunk ids
     cand = (chunks[:, :, None] * c + torch.arange(c, device=chunks.device)).view(B, -1)  # [B, (k+1)*c]
     values = torch.gather(log_probs.reshape(B, K * vocab), 1, cand).view(B, k + 1, c)
@@ -87,18 +101,21 @@ class BeamSearch:
         self.all_done = False
         self._offsets = torch.arange(B, device=dev)[:, None] * K               # [B, 1]
         self._log_probs: Tensor | None = None                                   # [R, V] reused every step
+        self.vocab_threads = no_threads   # context around the full-vocabulary passes (run_search: StepThreads.vocab)
 
     # --- one step -------------------------------------------------------------------------------
     def step(self, logits: Tensor, time_up: bool = False) -> tuple[Tensor, Tensor]:
         """logits [R, V] -> (parent rows [R] to reorder the state by, next tokens [R])."""
         B, K = self.B, self.K
-        log_probs = self._log_softmax(logits)                                                # [R, V]
-        if self.processors:
-            flat_sequences = self.running[:, :, :self.cur_len].reshape(B * K, self.cur_len)  # [R, cur_len]
-            log_probs = self.processors(flat_sequences, log_probs, inplace=True)              # [R, V] (our buffer)
+        with self.vocab_threads():                         # the passes over all R x V entries
+            log_probs = self._log_softmax(logits)                                            # [R, V]
+            if self.processors:
+                flat_sequences = self.running[:, :, :self.cur_len].reshape(B * K, self.cur_len)  # [R, cur_len]
+                log_probs = self.processors(flat_sequences, log_probs, inplace=True)          # [R, V] (our buffer)
+            chunk_max = None if self.options.do_sample else _chunk_maxima(log_probs, K)      # [B, K, n]
         vocab = log_probs.shape[-1]
 
-        topk_scores, topk_seqs, topk_parents = self._top_candidates(log_probs, vocab)
+        topk_scores, topk_seqs, topk_parents = self._top_candidates(log_probs, vocab, chunk_max)
         hits = torch.isin(topk_seqs[:, :, self.cur_len], self.eos)                        # [B, 2K]
         if self.cur_len + 1 >= self.max_len or time_up:
             hits = torch.ones_like(hits)
@@ -122,13 +139,16 @@ class BeamSearch:
             self._log_probs = torch.empty_like(logits)
         return torch.log_softmax(logits, dim=-1, out=self._log_probs)
 
-    def _top_candidates(self, log_probs: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _top_candidates(self, log_probs: Tensor, vocab: int,
+                        chunk_max: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Best `keep` continuations per input: scores [B, 2K], sequences [B, 2K, L], parent beam [B, 2K].
 
-        log_probs [R, V] are the step's (processed) log-probs, not yet added to the running beam scores.
+        log_probs [R, V] are the step's (processed) log-probs, not yet added to the running beam scores;
+        chunk_max [B, K, n] their chunk maxima (None: sampling, or a vocabulary that does not chunk).
         """
         B, K = self.B, self.K
-        found = None if self.options.do_sample else _chunked_topk(log_probs, self.running_scores, self.keep)
+        found = None if self.options.do_sample else _chunked_topk(log_probs, chunk_max, self.running_scores,
+                                                                  self.keep)
         if found is not None:
             scores, idx = found
         else:

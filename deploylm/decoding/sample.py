@@ -14,6 +14,7 @@ from torch import Tensor
 
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import ProcessorList
+from deploylm.decoding.threads import no_threads
 
 
 class SampleSearch:
@@ -39,18 +40,21 @@ class SampleSearch:
         self.all_done = False
         self._log_probs: Tensor | None = None                                   # [R, V] reused every step
         self._scores: Tensor | None = None                                      # [R, V] processors' scratch
+        self.vocab_threads = no_threads   # context around the full-vocabulary passes (run_search: StepThreads.vocab)
 
     def step(self, logits: Tensor, time_up: bool = False) -> tuple[None, Tensor]:
         """logits [R, V] -> (None: rows never move, next tokens [R])."""
-        scores = logits.float()                                                             # [R, V]
-        if self.processors:   # into our own buffer: processors may then write in place (not the backend's logits)
-            scores = self.processors(self.sequences[:, :self.cur_len], self._scratch(scores), inplace=True)
+        with self.vocab_threads():                         # the passes over all R x V entries
+            scores = logits.float()                                                         # [R, V]
+            if self.processors:   # into our own buffer: processors may then write in place (not the backend's logits)
+                scores = self.processors(self.sequences[:, :self.cur_len], self._scratch(scores), inplace=True)
+            log_probs = self._log_softmax(logits.float())                                   # [R, V]
         if self.options.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
             tokens = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
         else:
             tokens = torch.argmax(scores, dim=-1)
-        logprob = self._log_softmax(logits.float()).gather(1, tokens[:, None]).squeeze(1)    # [R]
+        logprob = log_probs.gather(1, tokens[:, None]).squeeze(1)                           # [R]
         self.sum_logprobs += torch.where(self.unfinished, logprob, 0.0)
         self.gen_len += self.unfinished.long()
         if self.has_eos:

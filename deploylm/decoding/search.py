@@ -13,9 +13,9 @@ we list them best score first, transformers in draw order). Greedy and beam sear
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Iterator
+from typing import Callable, Generator
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from deploylm.decoding.beam import BeamSearch
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import build_processors
 from deploylm.decoding.sample import SampleSearch
+from deploylm.decoding.threads import for_logits as step_threads
 from deploylm.errors import UsageError
 
 
@@ -168,16 +169,18 @@ def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | Sampl
         return out
 
     started = time.time()
-    single = backend.device.type == "cpu"
     logits, state = call(backend.prefill, batch)                                      # [B, V]
     rows = options.rows_per_input
     if rows > 1:
         expand = torch.arange(batch.batch_size, device=backend.device).repeat_interleave(rows)
         state = call(backend.reorder, state, expand)
         logits = logits.repeat_interleave(rows, dim=0)                                 # [R, V]
+    threads = step_threads(logits)                          # CPU: thread counts per step (decoding/threads.py)
+    if threads is not None:
+        search.vocab_threads = threads.vocab
     while True:
         time_up = options.max_time is not None and time.time() - started > options.max_time
-        with _one_thread(single):
+        with threads.step() if threads is not None else nullcontext():
             parents, tokens = search.step(logits, time_up)
         stats.steps += 1
         stats.total_seconds += time.perf_counter() - resumed
@@ -194,28 +197,6 @@ def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | Sampl
               for hyps in search.result(options.num_return_sequences)]
     stats.total_seconds += time.perf_counter() - resumed
     return result
-
-
-@contextmanager
-def _one_thread(apply: bool) -> Iterator[None]:
-    """torch's intra-op threads set to 1 for one search step on CPU (restored after; ~1 µs).
-
-    A step is a handful of ops on [R, V] (log-softmax, chunk maxima, small top-k): with 2 threads each
-    enters the OpenMP pool, and when the cores are shared with other work every such region waits for its
-    descheduled second thread — issue 7 measured 64 ms per step at load 8 with 2 threads against 1.4 ms with
-    one (0.65 vs 1.0 ms on a quiet machine). Backend calls keep the process's thread count. With torch's
-    OpenMP backend the setting is the calling thread's: other running threads (a server's other
-    generators) keep theirs.
-    """
-    if not apply or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def generate_ids(backend: Backend, batch: EncodedBatch, options: DecodingOptions,
