@@ -59,8 +59,9 @@ def _append_step(cache: KVAppend, reference: torch.Tensor, gen: torch.Generator,
     assert cache.capacity >= cache.length and torch.equal(cache.written(), reference)
     assert not any(g[:, :, :, cache.length:].any() for g in cache.groups)  # unwritten positions are zeros (masked, never NaN)
     new = cache.new_positions(count)
-    new.copy_(torch.randn((n, rows, heads, count, dim), generator=gen))
-    return cache.reserve(count).append(new), torch.cat([reference, new], dim=3)
+    new.copy_(torch.randn((n, rows, heads, count, dim), generator=gen))      # rows in physical order
+    logical = new if cache.slots is None else new.index_select(1, cache.slots)
+    return cache.reserve(count).append(new), torch.cat([reference, logical], dim=3)
 
 
 def test_append_steps_and_reorders_match_index_select():
@@ -119,3 +120,30 @@ def test_append_reorder_matches_index_select_for_any_parents():
             idx = torch.randint(0, 8, (8,), generator=gen)             # fan-out and chains
         cache, ref = cache.reorder(idx), ref.index_select(1, idx)
         assert torch.equal(cache.written(), ref), idx
+
+
+def test_append_reorder_copies_only_the_extra_children_of_a_parent():
+    """Rows are slots: a beam that continues its parent keeps the parent's row (a swap or a rotation
+    copies nothing); each further child of a parent costs one row copy, into a row of a beam that died."""
+    gen = torch.Generator().manual_seed(7)
+    cache = KVAppend.empty(2, 4, 1, 2, torch.device("cpu"))
+    cache, ref = _append_step(cache, torch.zeros((2, 4, 1, 0, 2)), gen, count=3)
+    for idx, copies in [([1, 0, 3, 2], 0), ([3, 0, 1, 2], 0), ([0, 0, 0, 1], 2), ([2, 2, 3, 3], 2), ([0, 1, 2, 3], 0)]:
+        before = cache.arena.rows_copied
+        cache, ref = cache.reorder(torch.tensor(idx)), ref.index_select(1, torch.tensor(idx))
+        assert cache.arena.rows_copied - before == copies, idx
+        assert torch.equal(cache.written(), ref), idx
+        cache, ref = _append_step(cache, ref, gen)           # the next step writes each row's own slot
+    assert torch.equal(cache.written(), ref)
+
+
+def test_slots_put_per_row_inputs_in_physical_order_and_outputs_back():
+    gen = torch.Generator().manual_seed(8)
+    cache = KVAppend.empty(2, 4, 1, 2, torch.device("cpu"))
+    cache, _ = _append_step(cache, torch.zeros((2, 4, 1, 0, 2)), gen, count=2)
+    cache = cache.reorder(torch.tensor([2, 0, 3, 1]))          # a permutation: no copies, slots [2, 0, 3, 1]
+    assert cache.slots.tolist() == [2, 0, 3, 1]
+    tokens = torch.tensor([10, 11, 12, 13])                     # logical rows 0..3
+    physical = cache.to_physical(tokens)
+    assert physical.tolist() == [11, 13, 10, 12]                # physical row p holds logical row slots^-1[p]
+    assert torch.equal(cache.to_logical(physical), tokens)

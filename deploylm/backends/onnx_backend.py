@@ -222,8 +222,11 @@ class OnnxBackend:
     def _append_step(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVAppend) -> tuple[Tensor, KVAppend]:
         """One run of an append-layout model.onnx: the past is the whole buffer (capacity C ≥ P),
         positions P..C-1 masked; ORT writes the T new positions' K/V into scratch, then they are
-        copied into the buffer at P.. (mask [R, P+T] covers the written and the new positions)."""
+        copied into the buffer at P.. (mask [R, P+T] covers the written and the new positions).
+        ids, mask, positions and the logits are in the decoder's (logical) row order; the graph runs
+        in the cache's physical row order (KVAppend.slots)."""
         cache.check_latest()
+        ids, mask, positions = (cache.to_physical(t) for t in (ids, mask, positions))  # the rows' slots
         rows, seq = ids.shape
         written, capacity = cache.length, cache.capacity
         if capacity > written:  # [R, C+T]: the unwritten positions masked out
@@ -234,7 +237,7 @@ class OnnxBackend:
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                  **dict(zip(io_spec.past_names(self.n_layers), cache.past))}
         outputs = {"logits": (rows, 1, self.info.vocab_size), **dict(zip(io_spec.new_kv_names(self.n_layers), new.unbind(0)))}
-        logits = self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :]  # [R, V]
+        logits = cache.to_logical(self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :])  # [R, V]
         del feeds, outputs  # views of the buffers: a growth in `reserve` frees them one group at a time
         return logits, cache.reserve(seq).append(new)
 
