@@ -8,6 +8,7 @@ from deploylm.decoding.beam import BeamSearch
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import build_processors
 from deploylm.decoding.search import SearchStats, generate_ids, iter_search, run_search
+from deploylm.decoding.threads import torch_threads
 from deploylm.errors import UsageError
 from tests.helpers import scripted_backend
 from tests.helpers.scripted_backend import ScriptedBackend, encode, table_script
@@ -240,10 +241,6 @@ def test_search_steps_run_on_one_thread_and_backend_calls_on_the_process_threads
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(backend, "decode", counted_decode)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         generate_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=num_beams, max_new_tokens=5))
         assert seen == {"step": {1}, "backend": {2}} and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

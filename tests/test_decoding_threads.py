@@ -12,17 +12,7 @@ from deploylm.backends.base import EncodedBatch, ModelInfo, SpecialTokens
 from deploylm.decoding import search as search_module
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.search import generate_ids
-from deploylm.decoding.threads import WIDE_MIN_ELEMENTS, StepThreads, ThreadCosts, for_logits
-
-
-@contextmanager
-def process_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from deploylm.decoding.threads import WIDE_MIN_ELEMENTS, StepThreads, ThreadCosts, for_logits, torch_threads
 
 
 def run_steps(costs: ThreadCosts, seconds: dict[int, float] | list[dict[int, float]], steps: int) -> list[int]:
@@ -76,7 +66,7 @@ def test_one_thread_process_never_widens():
 def test_step_runs_on_one_thread_its_vocab_block_on_the_chosen_count_and_times_it():
     now = [0.0]
     costs = ThreadCosts(2, probe_every=4)
-    with process_threads(2):
+    with torch_threads(2):
         threads = StepThreads(2, costs=costs, clock=lambda: now[0])
         seen = []
         for i in range(6):
@@ -93,7 +83,7 @@ def test_step_runs_on_one_thread_its_vocab_block_on_the_chosen_count_and_times_i
 
 
 def test_for_logits_widens_only_large_blocks_on_the_cpu():
-    with process_threads(2):
+    with torch_threads(2):
         assert for_logits(torch.zeros(32, WIDE_MIN_ELEMENTS // 32)).wide == 2
         assert for_logits(torch.zeros(8, 1000)).wide == 1
         assert for_logits(torch.zeros(32, 49152, device="meta")) is None
@@ -162,7 +152,7 @@ def test_results_do_not_depend_on_the_vocab_blocks_thread_count(monkeypatch, opt
             return threads
         return make
 
-    with process_threads(2):
+    with torch_threads(2):
         monkeypatch.setattr(search_module, "step_threads", forced(1))
         one = generate_ids(backend, batch, opts)
         assert set(seen) == {1}

@@ -88,14 +88,10 @@ def _threads(threads: int, apply: bool) -> Iterator[None]:
     if not apply:
         yield
         return
-    import torch
+    from deploylm.decoding.threads import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _process_peak() -> float:

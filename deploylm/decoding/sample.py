@@ -45,10 +45,10 @@ class SampleSearch:
     def step(self, logits: Tensor, time_up: bool = False) -> tuple[None, Tensor]:
         """logits [R, V] -> (None: rows never move, next tokens [R])."""
         with self.vocab_threads():                         # the passes over all R x V entries
-            scores = logits.float()                                                         # [R, V]
+            logits = scores = logits.float()                                                # [R, V]
             if self.processors:   # into our own buffer: processors may then write in place (not the backend's logits)
-                scores = self.processors(self.sequences[:, :self.cur_len], self._scratch(scores), inplace=True)
-            log_probs = self._log_softmax(logits.float())                                   # [R, V]
+                scores = self.processors(self.sequences[:, :self.cur_len], self._scratch(logits), inplace=True)
+            log_probs = self._log_softmax(logits)                                           # [R, V]
         if self.options.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
             tokens = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)

@@ -103,46 +103,53 @@ def shared_costs(wide: int) -> ThreadCosts:
 
 class StepThreads:
     """Thread counts for the steps of one search: `step()` around a whole step (one thread),
-    `vocab()` around its full-vocabulary block (the faster of one and `threads`, as measured)."""
+    `vocab()` around its full-vocabulary block (the faster of one and `costs.wide`, as measured)."""
 
     def __init__(self, threads: int, *, costs: ThreadCosts | None = None,
                  clock: Callable[[], float] = time.perf_counter):
-        self.wide = max(1, int(threads))
-        self.costs = costs if costs is not None else shared_costs(self.wide)
+        self.costs = costs if costs is not None else shared_costs(max(1, int(threads)))
         self.clock = clock
         self.chosen = 1               # thread count of the current step's vocab block
         self._spent = 0.0             # seconds in vocab blocks during the current step
         self._ran_vocab = False
 
+    @property
+    def wide(self) -> int:
+        return self.costs.wide
+
     @contextmanager
     def step(self) -> Iterator[None]:
         """One search step: torch on one thread (restored after), its vocab block timed."""
-        before = torch.get_num_threads()
         self.chosen, self._spent, self._ran_vocab = self.costs.pick(), 0.0, False
-        if before != 1:
-            torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             yield
-        finally:
-            if before != 1:
-                torch.set_num_threads(before)
         if self._ran_vocab and self.wide > 1:
             self.costs.record(self.chosen, self._spent)
 
     @contextmanager
     def vocab(self) -> Iterator[None]:
         """The step's full-vocabulary passes, on the thread count chosen for this step."""
-        n = self.chosen
-        if n != 1:
-            torch.set_num_threads(n)
-        start = self.clock()
-        try:
-            yield
-        finally:
-            self._spent += self.clock() - start
-            self._ran_vocab = True
-            if n != 1:
-                torch.set_num_threads(1)
+        with torch_threads(self.chosen):
+            start = self.clock()
+            try:
+                yield
+            finally:
+                self._spent += self.clock() - start
+                self._ran_vocab = True
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` for the block, restored after (untouched when equal)."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def for_logits(logits: torch.Tensor) -> StepThreads | None:
