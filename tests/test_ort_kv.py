@@ -144,6 +144,6 @@ def test_slots_put_per_row_inputs_in_physical_order_and_outputs_back():
     cache = cache.reorder(torch.tensor([2, 0, 3, 1]))          # a permutation: no copies, slots [2, 0, 3, 1]
     assert cache.slots.tolist() == [2, 0, 3, 1]
     tokens = torch.tensor([10, 11, 12, 13])                     # logical rows 0..3
-    physical = cache.to_physical(tokens)
+    (physical,) = cache.to_physical(tokens)
     assert physical.tolist() == [11, 13, 10, 12]                # physical row p holds logical row slots^-1[p]
     assert torch.equal(cache.to_logical(physical), tokens)

@@ -9,12 +9,13 @@
   K/V at one row per input, so they are never copied per beam. Hugging Face graphs (T5, BART) take
   them at one row per beam: they are expanded once when beams are created and gathered again only
   when the input a row belongs to changes.
-- Decoder-only K/V live in a preallocated arena (deploylm.backends.ort_kv), and a beam reorder
-  copies only the rows whose parent changed. Graphs of the "append" KV layout (io_spec.KV_APPEND:
-  Hugging Face causal LMs) read the arena's one buffer as their past (unwritten positions masked)
-  and output only the new positions' K/V, which the backend writes into the buffer in place; graphs
-  of the "concat" layout (present = past + new) write each step's present into the arena's other
-  buffer.
+- Decoder-only K/V live in a preallocated arena (deploylm.backends.ort_kv). Graphs of the "append" KV
+  layout (io_spec.KV_APPEND: Hugging Face causal LMs) read the arena's one buffer as their past
+  (unwritten positions masked) and output only the new positions' K/V, which the backend writes into
+  the buffer in place; its rows are slots, so a beam reorder copies only the extra children of a
+  parent, and the graph runs in the slots' row order. Graphs of the "concat" layout (present = past +
+  new) write each step's present into the arena's other buffer; a reorder copies the rows whose
+  parent changed.
 - Encoder-decoder `reorder` is a gather (index_select) on the batch axis, skipped when it would change nothing.
 """
 from __future__ import annotations
@@ -226,7 +227,7 @@ class OnnxBackend:
         ids, mask, positions and the logits are in the decoder's (logical) row order; the graph runs
         in the cache's physical row order (KVAppend.slots)."""
         cache.check_latest()
-        ids, mask, positions = (cache.to_physical(t) for t in (ids, mask, positions))  # the rows' slots
+        ids, mask, positions = cache.to_physical(ids, mask, positions)             # the rows' slots
         rows, seq = ids.shape
         written, capacity = cache.length, cache.capacity
         if capacity > written:  # [R, C+T]: the unwritten positions masked out

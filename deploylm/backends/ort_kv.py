@@ -183,11 +183,12 @@ class KVAppend:
         """Each layer's [R, H, C, Dh], contiguous, rows in physical order: the graph's past."""
         return tuple(t for g in self.groups for t in g.unbind(0))
 
-    def to_physical(self, rows: Tensor) -> Tensor:
-        """A per-row input [R, ...] in logical order, rearranged into physical row order (for the graph)."""
+    def to_physical(self, *rows: Tensor) -> tuple[Tensor, ...]:
+        """Per-row inputs [R, ...] in logical order, each rearranged into physical row order (for the graph)."""
         if self.slots is None:
             return rows
-        return rows.index_select(0, torch.argsort(self.slots))
+        order = torch.argsort(self.slots)                  # physical row -> its logical row
+        return tuple(t.index_select(0, order) for t in rows)
 
     def to_logical(self, rows: Tensor) -> Tensor:
         """A per-row output [R, ...] of the graph (physical order), rearranged into logical order."""

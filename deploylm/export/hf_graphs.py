@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from deploylm.export import io_spec
 from deploylm.export.io_spec import ModelDims
-from deploylm.models.hf import cache_keyword
+from deploylm.models.hf import cache_keyword, cache_of
 
 
 def _dynamic_cache(config, flat: tuple[Tensor, ...]):
@@ -260,7 +260,7 @@ def hf_causal_dims(model: nn.Module) -> ModelDims:
     """Layer count, K/V heads and head size read from one real forward (robust across configs)."""
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache = cache_of(out)
     _, heads, _, head_dim = cache.layers[0].keys.shape
     layout = io_spec.KV_APPEND if uses_append_layout(model) else io_spec.KV_CONCAT
     return ModelDims(n_layers=len(cache.layers), kv_heads=heads, head_dim=head_dim,
@@ -271,7 +271,7 @@ def hf_seq2seq_dims(model: nn.Module) -> ModelDims:
     """As hf_causal_dims for encoder-decoders: self and cross K/V shapes, encoder width."""
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2]]), decoder_input_ids=torch.tensor([[0]]), use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache = cache_of(out)
     _, heads, _, head_dim = cache.self_attention_cache.layers[0].keys.shape
     cross_heads = cache.cross_attention_cache.layers[0].keys.shape[1]
     return ModelDims(n_layers=len(cache.self_attention_cache.layers), kv_heads=heads, head_dim=head_dim,

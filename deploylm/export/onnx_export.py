@@ -65,7 +65,8 @@ def plan_graphs(model: nn.Module) -> GraphPlan:
         dims = hf_graphs.hf_seq2seq_dims(model)
         modules = (hf_graphs.HFEncoderGraph(model), hf_graphs.HFDecoderGraph(model, dims.n_layers))
         return _plan("encoder-decoder", "hf", dims, "rows", modules)
-    return _plan("decoder-only", "hf", hf_graphs.hf_causal_dims(model), "enc_batch", (hf_graphs.HFCausalGraph(model),))
+    dims = hf_graphs.hf_causal_dims(model)              # its kv_layout: the graph's (one decision)
+    return _plan("decoder-only", "hf", dims, "enc_batch", (hf_graphs.HFCausalGraph(model, dims.kv_layout),))
 
 
 def _plan(kind: str, family: str, dims: ModelDims, cross_rows: str, modules: tuple[nn.Module, ...]) -> GraphPlan:
