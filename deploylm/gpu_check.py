@@ -243,7 +243,7 @@ def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: 
         profile = load_profile(PROFILE_OF[dtype])
         report = compare_backends(reference, {dtype: backend}, batch, options, profile.parity)
         (row,) = report.backends
-        rows.append({"model": name, "dtype": dtype, "tokens_per_s": round(8 * new_tokens / seconds, 1),
+        rows.append({"model": name, "dtype": dtype, "tokens_per_s": round(batch.batch_size * new_tokens / seconds, 1),
                      "token_agreement": round(row.token_agreement, 4),
                      "max_abs_dlogit": float(f"{row.max_abs_logit:.3g}"), "beams_identical": row.beams_identical,
                      "parity": f"{'pass' if report.passed else 'FAIL'} ({profile.name})"})
@@ -306,7 +306,7 @@ def bench_transformers(name: str, folder: Path, reference: Any, batch: Any, opti
     prompt_len = batch.input_ids.shape[1]
     hf_tokens = [list(map(int, seq[prompt_len:])) for seq in hf_out.cpu()]
     same = sum(a == b[:len(a)] for a, b in zip(ours_tokens, hf_tokens))
-    tokens_per_s = round(8 * options.max_new_tokens / seconds, 1)
+    tokens_per_s = round(batch.batch_size * options.max_new_tokens / seconds, 1)
     return {"model": name, "dtype": "float32 transformers.generate", "tokens_per_s": tokens_per_s,
             "token_agreement": f"{same}/{len(hf_tokens)} sequences = deploylm",
             "max_abs_dlogit": "", "beams_identical": same == len(hf_tokens),

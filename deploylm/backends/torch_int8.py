@@ -24,7 +24,6 @@ from torch import nn
 
 from deploylm.errors import UsageError
 
-INT8 = "int8"
 NO_INT8 = "dtype int8"
 
 

@@ -41,38 +41,31 @@ class _Number(click.ParamType):
 INT, FLOAT = _Number(int), _Number(float)
 
 
-class _Json(click.ParamType):
-    """A JSON value (e.g. --sequence-bias '[[[10, 45], -2.0]]'); bad JSON raises UsageError (one line)."""
+class _Parsed(click.ParamType):
+    """A flag's text turned into a value by `parse`; a ValueError becomes one UsageError line naming the
+    flag and `expected(error)`."""
 
-    name = "json"
+    def __init__(self, name: str, parse: Callable[[str], Any], expected: Callable[[ValueError], str]) -> None:
+        self.name, self.parse, self.expected = name, parse, expected
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
         try:
-            return json.loads(value)
+            return self.parse(value)
         except ValueError as exc:
             flag = param.opts[0] if param is not None else "option"
-            raise UsageError(f"{flag} {value!r}: expected JSON ({exc})") from None
+            raise UsageError(f"{flag} {value!r}: expected {self.expected(exc)}") from None
 
 
-class _Pair(click.ParamType):
-    """START,FACTOR (e.g. --exponential-decay-length-penalty 8,1.5) -> (int, float); else UsageError."""
-
-    name = "pair"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, str):
-            return value
-        try:
-            start, factor = value.split(",")
-            return int(start), float(factor)
-        except ValueError:
-            flag = param.opts[0] if param is not None else "option"
-            raise UsageError(f"{flag} {value!r}: expected START,FACTOR, e.g. 8,1.5") from None
+def _start_factor(text: str) -> tuple[int, float]:
+    start, factor = text.split(",")
+    return int(start), float(factor)
 
 
-JSON, PAIR = _Json(), _Pair()
+# --sequence-bias '[[[10, 45], -2.0]]': JSON; --exponential-decay-length-penalty 8,1.5: (int, float)
+JSON = _Parsed("json", json.loads, lambda exc: f"JSON ({exc})")
+PAIR = _Parsed("pair", _start_factor, lambda exc: "START,FACTOR, e.g. 8,1.5")
 
 # (flag, DecodingOptions field, type, help); help ends with the library default.
 DECODING_FLAGS: list[tuple[str, str, Any, str]] = [

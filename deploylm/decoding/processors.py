@@ -140,6 +140,21 @@ class SequenceBias:
         return scores + bias
 
 
+class _PerRow:
+    """A per-input tensor [B, ...] repeated for the R = B * k rows of a step (rows of an input contiguous),
+    on the scores' device; kept for the last R (the same every step of a search)."""
+
+    def __init__(self, per_input: Tensor):
+        self.per_input = per_input
+        self._rows: Tensor | None = None
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        R = scores.shape[0]
+        if self._rows is None or self._rows.shape[0] != R or self._rows.device != scores.device:
+            self._rows = self.per_input.to(scores.device).repeat_interleave(R // self.per_input.shape[0], dim=0)
+        return self._rows
+
+
 class EncoderRepetitionPenalty:
     """Each token of the row's input ids (the source, or a decoder-only prompt, padding included):
     score < 0 -> score / penalty, else score * penalty (transformers' EncoderRepetitionPenaltyLogitsProcessor:
@@ -151,17 +166,10 @@ class EncoderRepetitionPenalty:
         self.penalty = 1 / float(penalty)
         self.vocab = vocab_size
         self.padded = bool((encoder_input_ids >= vocab_size).any())   # ids past the logits: a spare column V
-        self.ids = encoder_input_ids.clamp(max=vocab_size) if self.padded else encoder_input_ids
-        self._rows: tuple[int, Tensor] | None = None
+        self.ids = _PerRow(encoder_input_ids.clamp(max=vocab_size) if self.padded else encoder_input_ids)
 
     def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
-        R = scores.shape[0]
-        if self._rows is None or self._rows[0] != R:
-            ids = self.ids.to(scores.device)
-            if R > ids.shape[0]:
-                ids = ids.repeat_interleave(R // ids.shape[0], dim=0)
-            self._rows = (R, ids)
-        ids = self._rows[1]
+        ids = self.ids(scores)                                                              # [R, S]
         if self.padded:   # (embedding wider than lm_head): scored in a spare column, dropped after
             scores = torch.nn.functional.pad(scores, (0, 1))
         out = _penalize(scores, ids, self.penalty)
@@ -177,20 +185,15 @@ class EncoderNoRepeatNGram:
             raise UsageError(f"encoder_no_repeat_ngram_size={size!r} is invalid: use an n-gram size >= 1")
         self.size = size
         ids = encoder_input_ids
-        self.batch = ids.shape[0]
-        self.windows = ids.unfold(1, size, 1) if ids.shape[1] >= size \
-            else ids.new_empty((ids.shape[0], 0, size))                                     # [B, W, n]
-        self._rows: tuple[int, Tensor] | None = None
+        self.windows = _PerRow(ids.unfold(1, size, 1) if ids.shape[1] >= size
+                               else ids.new_empty((ids.shape[0], 0, size)))                # [B, W, n]
 
     def __call__(self, sequences: Tensor, scores: Tensor) -> Tensor:
         length, n = sequences.shape[-1], self.size
         if length < n - 1:                     # transformers' prefix slice cannot match any n-gram then
             return scores
-        R = scores.shape[0]
-        if self._rows is None or self._rows[0] != R:
-            self._rows = (R, self.windows.to(scores.device).repeat_interleave(R // self.batch, dim=0))
         prefix = sequences[:, length + 1 - n:]                                               # [R, n-1]
-        return _ban_completions(self._rows[1], prefix, scores)                               # windows [R, W, n]
+        return _ban_completions(self.windows(scores), prefix, scores)                        # windows [R, W, n]
 
 
 class ExponentialDecayLength:
