@@ -23,7 +23,7 @@ from deploylm.errors import UsageError
 from deploylm.generator import load
 from deploylm.models.hf import generation_settings
 from tests.helpers.hf_backend import HFBackend
-from tests.helpers.hf_reference import hf_processors as _hf, same_bits, load_hf as _load
+from tests.helpers.hf_reference import generate_reference, hf_processors as _hf, load_hf as _load, per_prompt, same_bits
 from tests.helpers.tiny_hf import build_tiny_hf
 
 R, L, V, B = 6, 12, 40, 2
@@ -200,16 +200,6 @@ def test_generation_settings_carry_the_new_keys_and_leave_off_values_out():
 
 
 # -- per-call options against transformers.generate ----------------------------------------------------------
-def _load(path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    enc_dec = AutoConfig.from_pretrained(path).is_encoder_decoder
-    model = (AutoModelForSeq2SeqLM if enc_dec else AutoModelForCausalLM).from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "right" if enc_dec else "left"
-    return model, tokenizer
-
-
 @pytest.fixture(scope="module")
 def models(tiny_gpt2_dir, tiny_llama_dir, tiny_t5_dir, tmp_path_factory):
     bart = build_tiny_hf("bart", tmp_path_factory.mktemp("bart"))
@@ -240,14 +230,6 @@ def _echo_batch(model, tokenizer) -> EncodedBatch:
 
 def _start(model, batch) -> int:
     return 1 if model.config.is_encoder_decoder else batch.input_ids.shape[1]
-
-
-def _cut(rows, eos, n):
-    out = []
-    for seq in rows:
-        stop = next((i for i, t in enumerate(seq) if t in eos), None)
-        out.append(tuple(seq if stop is None else seq[:stop + 1]))
-    return [out[i * n:(i + 1) * n] for i in range(len(out) // n)]
 
 
 def _greedy_tokens(model, batch) -> list[list[int]]:
@@ -301,7 +283,7 @@ def _run(model, batch: EncodedBatch, settings: dict, search: dict, extra_eos: bo
                          max_new_tokens=MAX_NEW, eos_token_id=list(eos), pad_token_id=backend.info.special.pad_token_id,
                          output_scores=True, return_dict_in_generate=True, **search, **hf_form(settings))
     ours = [[h.token_ids for h in per] for per in generate_ids(backend, batch, options)]
-    theirs = _cut(out.sequences[:, _start(model, batch):].tolist(), eos, options.num_return_sequences)
+    theirs = per_prompt(out.sequences[:, _start(model, batch):].tolist(), eos, options.num_return_sequences)
     if options.num_beams > 1 and ours == theirs:
         scores = torch.tensor([h.score for per in generate_ids(backend, batch, options) for h in per])
         torch.testing.assert_close(scores, out.sequences_scores.float(), atol=SCORE_ATOL, rtol=0)
@@ -356,23 +338,13 @@ def configured(models, tiny_gpt2_dir, tiny_t5_dir, tmp_path_factory):
     return out
 
 
-def _reference(model, tokenizer, options: dict):
-    enc_dec = model.config.is_encoder_decoder
-    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right" if enc_dec else "left")
-    out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW, output_scores=True,
-                         return_dict_in_generate=True, **options)
-    eos = {model.generation_config.eos_token_id}
-    n = options.get("num_return_sequences", 1)
-    return _cut(out.sequences[:, 1 if enc_dec else enc.input_ids.shape[1]:].tolist(), eos, n), out
-
-
 @pytest.mark.parametrize("search", list(SEARCHES))
 @pytest.mark.parametrize("kind", list(MODEL_CASES))
 def test_model_settings_match_transformers(configured, kind, search):
     gen, model = configured[kind]
     settings = MODEL_CASES[kind]
     assert dict(gen.info.generation) == generation_settings(hf_form(settings))
-    expected, out = _reference(model, gen.tokenizer, SEARCHES[search])
+    expected, out = generate_reference(model, gen.tokenizer, PROMPTS, MAX_NEW, SEARCHES[search])
     results = gen.generate(PROMPTS, max_new_tokens=MAX_NEW, **SEARCHES[search])
     assert [[s.token_ids for s in r.sequences] for r in results] == expected
     if SEARCHES[search]["num_beams"] > 1:
@@ -398,10 +370,10 @@ def test_a_call_value_replaces_the_models(configured, kind):
     if "sequence_bias" in MODEL_CASES[kind]:
         call["sequence_bias"] = []                           # ours: empty = no bias
         theirs_call["sequence_bias"] = [[[5], 0.0]]          # theirs refuses an empty one: a zero bias
-    expected, _ = _reference(model, gen.tokenizer, {**BEAM, **hf_form(theirs_call)})
+    expected, _ = generate_reference(model, gen.tokenizer, PROMPTS, MAX_NEW, {**BEAM, **hf_form(theirs_call)})
     results = gen.generate(PROMPTS, max_new_tokens=MAX_NEW, **BEAM, **call)
     assert [[s.token_ids for s in r.sequences] for r in results] == expected
-    with_model, _ = _reference(model, gen.tokenizer, BEAM)
+    with_model, _ = generate_reference(model, gen.tokenizer, PROMPTS, MAX_NEW, BEAM)
     assert expected != with_model
 
 

@@ -16,7 +16,7 @@ from deploylm.decoding.options import DecodingOptions
 from deploylm.errors import UsageError
 from deploylm.generator import load
 from deploylm.models.hf import generation_settings
-from tests.helpers.hf_reference import hf_processors as _hf, same_bits
+from tests.helpers.hf_reference import generate_reference, hf_processors as _hf, same_bits
 from tests.helpers.tiny_hf import build_tiny_hf
 
 R, L, V = 6, 12, 40
@@ -241,26 +241,12 @@ def configured(tmp_path_factory, tiny_gpt2_dir):
     return out
 
 
-def reference(model, tokenizer, options: dict):
-    enc_dec = model.config.is_encoder_decoder
-    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right" if enc_dec else "left")
-    out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW, output_scores=True,
-                         return_dict_in_generate=True, **options)
-    eos = {model.generation_config.eos_token_id}
-    rows = []
-    for seq in out.sequences[:, 1 if enc_dec else enc.input_ids.shape[1]:].tolist():
-        cut = next((i for i, t in enumerate(seq) if t in eos), None)
-        rows.append(tuple(seq if cut is None else seq[:cut + 1]))
-    n = options.get("num_return_sequences", 1)
-    return [rows[i * n:(i + 1) * n] for i in range(len(PROMPTS))], out
-
-
 @pytest.mark.parametrize("kind, options", CASES, ids=[f"{k}-{'-'.join(f'{a}={b}' for a, b in o.items())}"
                                                       for k, o in CASES])
 def test_generate_matches_transformers_with_model_settings(configured, kind, options):
     gen, model, settings = configured[kind]
     assert dict(gen.info.generation) == generation_settings(settings)
-    expected, out = reference(model, gen.tokenizer, options)
+    expected, out = generate_reference(model, gen.tokenizer, PROMPTS, MAX_NEW, options)
     results = gen.generate(PROMPTS, max_new_tokens=MAX_NEW, **options)
     ours = [[s.token_ids for s in r.sequences] for r in results]
     assert ours == expected
