@@ -1,0 +1,178 @@
+"""The A/B measurements of issue 7's third session, on the bench workload (8 standard prompts, beam 4,
+exactly 64 new tokens) and an exported decoder-only artifact (default: export/smollm2-fp32-v2).
+
+    .venv/bin/python benchmarks/decoder_ab.py threads  [--artifact DIR] [--rounds 4] [--num-beams 4]
+        decoder ms per step with the vocab block always on one thread vs StepThreads' measured choice,
+        interleaved in one process (deploylm/decoding/threads.py)
+    .venv/bin/python benchmarks/decoder_ab.py reorders [--artifact DIR]
+        per decode step: rows whose parent changed (what an in-place reorder copies) vs rows an
+        append cache with slots copies (R - distinct parents), from one search's recorded beam indices
+    .venv/bin/python benchmarks/decoder_ab.py rss      [--artifact DIR] [--rounds 6]
+        peak and current RSS after each of several identical calls in one process
+        (run it with MALLOC_MMAP_THRESHOLD_=1048576 in the environment to see malloc's part)
+    .venv/bin/python benchmarks/decoder_ab.py spin     [--artifact DIR] [--rounds 4]
+        ONNX Runtime intra-op spinning off (deploylm's setting) vs on: two sessions, interleaved calls
+    .venv/bin/python benchmarks/decoder_ab.py lookup   --bench-json FILE [--artifact DIR]
+        prompt-lookup speculation simulated on the greedy outputs of a `deploylm bench --num-beams 1 --json`
+        run: tokens accepted per verification step, for n-grams of 2-3 and 2-4 proposed tokens
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prompts() -> list[str]:
+    from deploylm.benchmarking.workload import STANDARD_PROMPTS
+
+    return list(STANDARD_PROMPTS)[:8]
+
+
+def _options(num_beams: int = 4) -> dict:
+    return dict(num_beams=num_beams, max_new_tokens=64, min_new_tokens=64)
+
+
+def _timed(gen, options: dict) -> tuple[float, float, float]:
+    """(wall s, backend s, decoder ms per step) of one generate call."""
+    from deploylm.decoding.search import SearchStats
+
+    stats = SearchStats()
+    start = time.perf_counter()
+    gen.generate(_prompts(), stats=stats, **options)
+    return time.perf_counter() - start, stats.backend_seconds, 1e3 * stats.decoder_seconds / max(stats.steps, 1)
+
+
+def threads(args) -> None:
+    from deploylm.decoding import search, threads as policy
+    from deploylm.generator import load
+
+    class OneThread(policy.StepThreads):
+        def __init__(self, count: int, **kwargs):
+            super().__init__(1, **kwargs)
+
+    gen = load(args.artifact, backend="onnx", threads=2)
+    options = _options(args.num_beams)
+    gen.generate(_prompts(), **options)                                                  # warm-up
+    results = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for name, cls in (("one thread", OneThread), ("measured", policy.StepThreads)):
+            search.step_threads = lambda logits, cls=cls: (None if logits.device.type != "cpu" else cls(
+                torch.get_num_threads() if logits.numel() >= policy.WIDE_MIN_ELEMENTS else 1))
+            results[name].append(_timed(gen, options))
+    for name, rows in results.items():
+        wall, backend, decoder = (statistics.median(col) for col in zip(*rows))
+        print(f"{name:>10}: wall {wall:.3f} s, backend {backend:.3f} s, decoder {decoder:.3f} ms/step (medians)")
+
+
+def reorders(args) -> None:
+    from deploylm.generator import load
+
+    gen = load(args.artifact, backend="onnx", threads=2)
+    recorded, reorder = [], gen.backend.reorder
+
+    def record(state, beam_idx):
+        recorded.append(beam_idx.clone())
+        return reorder(state, beam_idx)
+
+    gen.backend.reorder = record
+    gen.generate(_prompts(), **_options())
+    steps = recorded[1:]                                                                 # [0]: prompts -> beams
+    changed = sum(int((idx != torch.arange(idx.shape[0])).sum()) for idx in steps) / len(steps)
+    slots = sum(idx.shape[0] - len(set(idx.tolist())) for idx in steps) / len(steps)
+    print(f"{len(steps)} reorders: {changed:.1f} rows per step change parent, {slots:.1f} copied with slots")
+
+
+def rss(args) -> None:
+    from deploylm.benchmarking.worker import current_rss_mib, peak_rss_mib
+    from deploylm.generator import load
+
+    gen = load(args.artifact, backend="onnx", threads=2)
+    print(f"loaded: peak {peak_rss_mib():.0f} MiB, current {current_rss_mib():.0f} MiB")
+    for i in range(args.rounds):
+        gen.generate(_prompts(), **_options())
+        print(f"call {i}: peak {peak_rss_mib():.0f} MiB, current {current_rss_mib():.0f} MiB")
+
+
+def spin(args) -> None:
+    import onnxruntime as ort
+
+    from deploylm.generator import load
+
+    add = ort.SessionOptions.add_session_config_entry
+    setting = {"value": "0"}
+
+    def patched(self, key, value):
+        return add(self, key, setting["value"] if key == "session.intra_op.allow_spinning" else value)
+
+    ort.SessionOptions.add_session_config_entry = patched
+    gens = {}
+    for value in ("0", "1"):
+        setting["value"] = value
+        gens[value] = load(args.artifact, backend="onnx", threads=2)
+    ort.SessionOptions.add_session_config_entry = add
+    options = _options()
+    for gen in gens.values():
+        gen.generate(_prompts(), **options)                                              # warm-up
+    walls = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for value, gen in gens.items():
+            walls[value].append(_timed(gen, options)[0])
+    for value, ts in walls.items():
+        print(f"spinning {'on' if value == '1' else 'off'}: median {statistics.median(ts):.3f} s "
+              f"({', '.join(f'{t:.2f}' for t in ts)})")
+
+
+def lookup(args) -> None:
+    from deploylm.generator import load
+
+    report = json.loads(Path(args.bench_json).read_text())
+    row = next(r for r in report["rows"] if Path(r["src"]).resolve() == Path(args.artifact).resolve())
+    outputs = row["rounds"][0]["token_ids"]
+    gen = load(args.artifact, backend="onnx")
+    batch = gen.encode(_prompts(), gen.options(num_beams=1))
+    for proposed in (2, 3, 4):
+        for n in (2, 3):
+            steps = total = 0
+            for b, out in enumerate(outputs):
+                context = batch.input_ids[b][batch.attention_mask[b] == 1].tolist()
+                i = 0
+                while i < len(out):
+                    draft, tail = [], context[-n:]
+                    for j in range(len(context) - n - 1, -1, -1):                 # latest earlier match
+                        if context[j:j + n] == tail:
+                            draft = context[j + n:j + n + proposed]
+                            break
+                    accepted = 0
+                    while accepted < len(draft) and i + accepted < len(out) and draft[accepted] == out[i + accepted]:
+                        accepted += 1
+                    advance = min(accepted + 1, len(out) - i)                      # + the verifier's own token
+                    context += out[i:i + advance]
+                    i += advance
+                    steps += 1
+                total += len(out)
+            print(f"{proposed} proposed, {n}-gram match: {total / steps:.2f} tokens per verification step")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup"))
+    parser.add_argument("--artifact", default=str(ROOT / "export" / "smollm2-fp32-v2"))
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--bench-json", help="lookup: a `deploylm bench --num-beams 1 --json` report")
+    args = parser.parse_args()
+    if args.what == "lookup" and not args.bench_json:
+        parser.error("lookup needs --bench-json FILE")
+    {"threads": threads, "reorders": reorders, "rss": rss, "spin": spin, "lookup": lookup}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
