@@ -1,0 +1,149 @@
+"""The issue-7 peers, measured in one run on this machine: transformers.generate, onnxruntime-genai fp32
+and deploylm's onnx backend on the bench workload (8 standard prompts, one left-padded batch, exactly
+64 new tokens, 2 threads), interleaved rounds after a warm-up, medians.
+
+onnxruntime-genai is not a deploylm dependency; run this in a separate virtual environment that has it
+(and this checkout on sys.path, which the script adds itself):
+
+    python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch==2.13.0 onnxruntime==1.32.0 \\
+        onnxruntime-genai==0.18.0 onnx onnx_ir transformers gguf accelerate click tokenizers safetensors
+    /tmp/peers/bin/python benchmarks/peers.py prepare --gguf $GGUF --out /tmp/peers-models   # ~15 s
+    /tmp/peers/bin/python benchmarks/peers.py run --models /tmp/peers-models \\
+        --artifact export/smollm2-fp32-v2 --num-beams 4 [--rounds 3] [--json FILE]
+
+`prepare` writes the GGUF's weights as a plain fp32 Hugging Face folder (`hf/`) and builds
+onnxruntime-genai's fp32 CPU model from it with its own model builder (`genai-fp32/`). `run` gives
+onnxruntime-genai ORT's default spinning threads (its own default) and 2 intra-op threads; deploylm
+runs as a user gets it (`deploylm.load(artifact, backend="onnx")`). Token agreement is counted
+against transformers, row by row over the 64 new tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+NEW_TOKENS = 64
+
+
+def prepare(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    hf = out / "hf"
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    plain = LlamaForCausalLM(model.config)              # a GGUF-loaded model refuses save_pretrained
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(hf)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf)
+    config = json.loads((hf / "config.json").read_text())
+    config.pop("quantization_config", None)             # the genai builder refuses "gguf" quantization
+    (hf / "config.json").write_text(json.dumps(config, indent=1))
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
+                    "-o", str(out / "genai-fp32"), "-p", "fp32", "-e", "cpu"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    genai_config = out / "genai-fp32" / "genai_config.json"
+    config = json.loads(genai_config.read_text())
+    config["model"]["decoder"]["session_options"].update(intra_op_num_threads=2, inter_op_num_threads=1)
+    genai_config.write_text(json.dumps(config, indent=1))
+    print(f"wrote {hf} and {out / 'genai-fp32'}")
+
+
+def runners(models: Path, artifact: Path, beams: int) -> dict[str, object]:
+    import numpy as np
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import deploylm
+    from deploylm.benchmarking.workload import STANDARD_PROMPTS
+
+    prompts = list(STANDARD_PROMPTS)
+    tok = AutoTokenizer.from_pretrained(models / "hf")
+    tok.padding_side = "left"
+    hf = AutoModelForCausalLM.from_pretrained(models / "hf", dtype=torch.float32).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    width = enc.input_ids.shape[1]
+
+    def transformers_generate() -> list[list[int]]:
+        with torch.inference_mode():
+            out = hf.generate(**enc, num_beams=beams, do_sample=False, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS)
+        return [row[width:].tolist() for row in out]
+
+    genai = og.Model(str(models / "genai-fp32"))
+    ids = enc.input_ids.numpy().astype(np.int32)        # left-padded with the pad id, as transformers has it
+
+    def genai_generate() -> list[list[int]]:
+        params = og.GeneratorParams(genai)
+        params.set_search_options(max_length=width + NEW_TOKENS, min_length=width + NEW_TOKENS, num_beams=beams,
+                                  do_sample=False, batch_size=len(prompts), past_present_share_buffer=beams == 1)
+        generator = og.Generator(genai, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return [list(generator.get_sequence(i))[width:] for i in range(len(prompts))]
+
+    ours = deploylm.load(artifact, backend="onnx", threads=2)
+
+    def deploylm_generate() -> list[list[int]]:
+        results = ours.generate(prompts, num_beams=beams, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        return [list(r.sequences[0].token_ids) for r in results]
+
+    torch.set_num_threads(2)
+    return {"transformers.generate fp32": transformers_generate, "onnxruntime-genai fp32": genai_generate,
+            f"deploylm onnx ({artifact.name})": deploylm_generate}
+
+
+def run(models: Path, artifact: Path, beams: int, rounds: int, json_path: Path | None) -> None:
+    rows = runners(models, artifact, beams)
+    tokens = {name: fn() for name, fn in rows.items()}   # warm-up
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    reference_name = next(iter(rows))
+    reference = statistics.median(times[reference_name])
+    print(f"num_beams {beams}, {rounds} interleaved rounds after a warm-up, load average {os.getloadavg()[0]:.1f}")
+    report = []
+    for name in rows:
+        median = statistics.median(times[name])
+        same = sum(a[:NEW_TOKENS] == b[:NEW_TOKENS] for a, b in zip(tokens[name], tokens[reference_name]))
+        report.append({"row": name, "median_s": median, "x_transformers": reference / median,
+                       "rounds_s": times[name], "rows_identical_to_transformers": same})
+        print(f"  {name:34s} {median:6.2f} s  x{reference / median:4.2f}  rounds "
+              f"{' '.join(f'{t:.2f}' for t in times[name])}  tokens = transformers {same}/{len(tokens[name])}")
+    if json_path:
+        json_path.write_text(json.dumps({"num_beams": beams, "rounds": rounds, "rows": report}, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--gguf", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--models", type=Path, required=True)
+    r.add_argument("--artifact", type=Path, default=ROOT / "export" / "smollm2-fp32-v2")
+    r.add_argument("--num-beams", type=int, default=4)
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.gguf, args.out)
+    else:
+        run(args.models, args.artifact, args.num_beams, args.rounds, args.json)
+
+
+if __name__ == "__main__":
+    main()
