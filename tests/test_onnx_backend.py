@@ -284,3 +284,48 @@ def test_concat_layout_graph_still_runs(artifact, tmp_path):
     options = DecodingOptions(num_beams=4, max_new_tokens=10)
     assert ([[h.token_ids for h in x] for x in generate_ids(onnx, batch, options)]
             == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)])
+
+
+def _ragged_batch(vocab: int) -> EncodedBatch:
+    """Left-padded prompts of 3-5 and 38-41 tokens: prefill_groups runs them as two prefills."""
+    lengths = [40, 3, 41, 4, 3, 40, 5, 38]
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (len(lengths), max(lengths)), generator=gen)
+    mask = (torch.arange(max(lengths))[None, :] >= max(lengths) - torch.tensor(lengths)[:, None]).long()
+    return EncodedBatch(ids * mask, mask)
+
+
+def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_results(artifact, monkeypatch):
+    """Grouped prefill (short prompts not padded to the longest) gives the logits of one padded prefill
+    and of torch, step after step, and the same greedy and beam tokens."""
+    import deploylm.backends.onnx_backend as onnx_backend
+
+    ref, onnx = _backends(artifact, "llama")
+    batch = _ragged_batch(ref.info.vocab_size)
+    runs = []
+    grouped = onnx_backend.prefill_groups
+    monkeypatch.setattr(onnx_backend, "prefill_groups", lambda lengths: runs.append(grouped(lengths)) or runs[-1])
+    one_run = OnnxBackend.from_source(str(artifact("llama")[1]))
+
+    def one(lengths):
+        return [list(range(len(lengths)))]
+
+    (ref_logits, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
+    assert runs[-1] == [[1, 4, 3, 6], [7, 0, 5, 2]]
+    monkeypatch.setattr(onnx_backend, "prefill_groups", one)
+    single, single_state = one_run.prefill(batch)
+    assert float((got - single).abs().max()) <= 1e-5
+    _close(ref_logits, got)
+    assert state.cache.length == single_state.cache.length == batch.input_ids.shape[1]
+    for idx, token in (([0, 1, 2, 3, 4, 5, 6, 7], 9), ([1, 1, 0, 3, 5, 5, 6, 2], 17), ([7, 6, 5, 4, 3, 2, 1, 0], 4)):
+        idx, tokens = torch.tensor(idx), torch.full((8,), token)
+        ref_state, state, single_state = ref.reorder(ref_state, idx), onnx.reorder(state, idx), one_run.reorder(single_state, idx)
+        (ref_logits, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
+        single, single_state = one_run.decode(tokens, single_state)
+        assert float((got - single).abs().max()) <= 1e-5
+        _close(ref_logits, got)
+    monkeypatch.setattr(onnx_backend, "prefill_groups", grouped)
+    for beams in (1, 4):
+        options = DecodingOptions(num_beams=beams, max_new_tokens=6, min_new_tokens=6)
+        expected = [[h.token_ids for h in hyps] for hyps in generate_ids(ref, batch, options)]
+        assert [[h.token_ids for h in hyps] for hyps in generate_ids(onnx, batch, options)] == expected

@@ -147,3 +147,68 @@ def test_slots_put_per_row_inputs_in_physical_order_and_outputs_back():
     (physical,) = cache.to_physical(tokens)
     assert physical.tolist() == [11, 13, 10, 12]                # physical row p holds logical row slots^-1[p]
     assert torch.equal(cache.to_logical(physical), tokens)
+
+
+def _partition_cost(lengths, groups, run_cost):
+    return sum(run_cost + len(g) * max(lengths[r] for r in g) for g in groups)
+
+
+def _best_cost(lengths, run_cost):
+    """Exhaustive: every cut set of the rows sorted by length (2^(n-1) partitions into runs)."""
+    import itertools
+
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(order) - 1):
+        groups, current = [], [order[0]]
+        for row, cut in zip(order[1:], cuts):
+            if cut:
+                groups.append(current)
+                current = []
+            current.append(row)
+        groups.append(current)
+        cost = _partition_cost(lengths, groups, run_cost)
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_prefill_groups_cut_only_where_the_padding_costs_more_than_a_run():
+    from deploylm.backends.ort_kv import PREFILL_RUN_COST, prefill_groups
+
+    assert prefill_groups([5, 5, 5, 5]) == [[0, 1, 2, 3]]                        # equal lengths: one run
+    assert prefill_groups([40, 3, 41, 4, 3, 40, 5, 38]) == [[1, 4, 3, 6], [7, 0, 5, 2]]
+    bench = [13, 14, 18, 23, 32, 35, 44, 53]                                      # SmolLM2's bench prompts
+    assert prefill_groups(bench) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert prefill_groups(bench, run_cost=10**6) == [list(range(8))]               # runs too dear to split
+    assert prefill_groups([7], PREFILL_RUN_COST) == [[0]]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefill_groups_are_the_cheapest_runs(seed):
+    """Against every way of cutting the length-sorted rows: the same total cost, every row once."""
+    from deploylm.backends.ort_kv import prefill_groups
+
+    rng = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 120, (int(torch.randint(1, 9, (1,), generator=rng)),), generator=rng).tolist()
+    run_cost = int(torch.randint(0, 100, (1,), generator=rng))
+    groups = prefill_groups(lengths, run_cost)
+    assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+    assert _partition_cost(lengths, groups, run_cost) == _best_cost(lengths, run_cost)
+
+
+def test_parts_of_a_prefill_are_put_together_right_aligned():
+    """Two prefills over rows {2, 0} (width 3) and {1} (width 5) make one 5-position cache: each part at
+    the right end of its rows, zeros before it, headroom after."""
+    n, heads, dh = 4, 2, 3
+    short = KVAppend.empty(n, 2, heads, dh, torch.device("cpu")).reserve(3)
+    short = short.append(torch.arange(n * 2 * heads * 3 * dh, dtype=torch.float32).view(n, 2, heads, 3, dh))
+    long = KVAppend.empty(n, 1, heads, dh, torch.device("cpu")).reserve(5)
+    long = long.append(-torch.ones(n, 1, heads, 5, dh))
+    whole = KVAppend.from_parts([([2, 0], short), ([1], long)], rows=3, length=5)
+    assert whole.length == 5 and whole.rows == 3 and whole.capacity == 5 + APPEND_GROW
+    kv = whole.written()                                                          # [2N, R, H, 5, Dh]
+    short_kv = short.written()
+    assert torch.equal(kv[:, 2, :, 2:], short_kv[:, 0]) and torch.equal(kv[:, 0, :, 2:], short_kv[:, 1])
+    assert torch.equal(kv[:, [0, 2], :, :2], torch.zeros(n, 2, heads, 2, dh))
+    assert torch.equal(kv[:, 1], -torch.ones(n, heads, 5, dh))
+    assert all(float(g[:, :, :, 5:].abs().sum()) == 0 for g in whole.groups)

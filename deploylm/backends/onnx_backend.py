@@ -4,7 +4,10 @@
   value (KV cache, masks) lives in the State the decoder passes back in.
 - Tensors cross the boundary without copies: inputs are bound by pointer from torch tensors and
   outputs are written by ORT into preallocated torch tensors (IO binding), on CPU or CUDA.
-- Decoder-only: prefill runs `model.onnx` once on the prompt with an empty past (length 0).
+- Decoder-only: prefill runs `model.onnx` on the prompts with an empty past (length 0): once for the
+  batch, or, in the append layout, once per group of similar prompt lengths when cutting the batch
+  saves more padding than the extra runs cost (ort_kv.prefill_groups); the groups' K/V are then put
+  together as one left-padded cache (KVAppend.from_parts).
 - Encoder-decoder: `encoder_model.onnx` runs once per input. deploylm's own graphs take the cross
   K/V at one row per input, so they are never copied per beam. Hugging Face graphs (T5, BART) take
   them at one row per beam: they are expanded once when beams are created and gathered again only
@@ -29,7 +32,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, SpecialTokens, State
-from deploylm.backends.ort_kv import KVAppend, KVCache
+from deploylm.backends.ort_kv import KVAppend, KVCache, prefill_groups
 from deploylm.errors import ArtifactError, MissingDependencyError, UsageError
 from deploylm.export import io_spec
 from deploylm.models.source import Source, resolve_source
@@ -249,9 +252,31 @@ class OnnxBackend:
     def _prefill_causal(self, batch: EncodedBatch) -> tuple[Tensor, CausalState]:
         ids, mask = batch.input_ids, batch.attention_mask                        # [B, T]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)               # [B, T]
-        step = self._append_step if self.kv_layout == io_spec.KV_APPEND else self._causal_step
-        logits, cache = step(ids, mask, positions, self._empty_causal_cache(ids.shape[0]))
+        groups = prefill_groups(mask.sum(-1).tolist()) if self.kv_layout == io_spec.KV_APPEND else []
+        if len(groups) > 1:
+            logits, cache = self._grouped_prefill(ids, mask, positions, groups)
+        else:
+            step = self._append_step if self.kv_layout == io_spec.KV_APPEND else self._causal_step
+            logits, cache = step(ids, mask, positions, self._empty_causal_cache(ids.shape[0]))
         return logits, CausalState(cache, mask, positions[:, -1] + 1)
+
+    def _grouped_prefill(self, ids: Tensor, mask: Tensor, positions: Tensor,
+                         groups: list[list[int]]) -> tuple[Tensor, KVAppend]:
+        """Prompts of very different lengths: one prefill run per group of similar lengths
+        (ort_kv.prefill_groups), each cut to its own longest prompt, so the padding of short prompts
+        to the longest one is not computed; the parts' K/V are put together as one left-padded cache."""
+        rows, width = ids.shape
+        logits = torch.empty((rows, self.info.vocab_size), device=self.device)     # [B, V]
+        parts = []
+        for group in groups:
+            index = torch.tensor(group, device=self.device)
+            own = slice(width - max(1, int(mask.index_select(0, index).sum(-1).max())), width)  # its longest prompt
+            part_logits, part = self._append_step(ids.index_select(0, index)[:, own], mask.index_select(0, index)[:, own],
+                                                  positions.index_select(0, index)[:, own],
+                                                  self._empty_causal_cache(len(group)))
+            logits[index] = part_logits
+            parts.append((group, part))
+        return logits, KVAppend.from_parts(parts, rows, width)
 
     def _decode_causal(self, tokens: Tensor, state: CausalState) -> tuple[Tensor, CausalState]:
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones((tokens.shape[0], 1))], dim=1)  # [R, P+1]

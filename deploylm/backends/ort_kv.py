@@ -15,6 +15,9 @@ moves no K/V for a beam that continues its parent: the first child of a parent t
 parent's row, and only the further children are copied, into rows of beams that died (R minus the
 number of distinct parents: 6.3 rows per step on the bench workload, against 17.5 rows whose parent
 changed). The backend feeds the graph in physical row order and returns the logits in logical order.
+A prefill over prompts of very different lengths may run in groups (`prefill_groups`), each cut to
+its own longest prompt; `KVAppend.from_parts` puts their K/V together, right-aligned as the left
+padding has them.
 A reorder that changes the row count (prompt rows to beams) gathers into new buffers in logical
 order. On CPU the per-step copies are numpy's: one thread, so a step never waits for torch's
 thread pool to be scheduled (≈ 8 ms per parallel op on this loaded 2-core machine).
@@ -44,6 +47,11 @@ import torch
 from torch import Tensor
 
 GROW = 32  # positions of headroom added whenever a buffer is (re)allocated
+# What one more prefill run must save, in token-rows (a row of the batch times a position), to be worth
+# its own run: a run streams every weight once and dispatches every kernel once whatever its rows, about
+# the arithmetic of 27 token-rows on SmolLM2 (13 ms of weights at 40 GB/s + 8 ms of kernels, against
+# 0.77 ms per token-row of prefill); twice that, to split only where the saving is clear.
+PREFILL_RUN_COST = 64
 APPEND_GROW = 16  # the append buffer's growth step: every unused position costs attention work each step
 KV_GROUPS = 6  # the append cache's 2N layer tensors live in this many buffers (growth replaces one at a time)
 
@@ -140,6 +148,29 @@ class AppendArena:
         return self.scratch[:need].view(shape)
 
 
+def prefill_groups(lengths: list[int], run_cost: int = PREFILL_RUN_COST) -> list[list[int]]:
+    """The rows of a left-padded prompt batch ([B] prompt lengths), split into prefill runs.
+
+    A run over rows G computes |G| x (longest prompt in G) token-rows, padding included, plus a fixed
+    `run_cost`; rows are sorted by length and cut where the total is smallest (dynamic programming over
+    the sorted rows: a cut between two lengths saves the shorter rows' padding). Returns row indices
+    per run, shortest prompts first; one run (all rows) when no cut pays, as for equal lengths.
+    """
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        width = lengths[order[end - 1]]                   # the longest prompt of rows start..end-1
+        for start in range(end):
+            cost = best[start] + run_cost + (end - start) * width
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
 def _split(n: int) -> list[int]:
     """Group sizes for 2N layer tensors: at most KV_GROUPS groups of nearly equal size."""
     groups = min(KV_GROUPS, n) or 1
@@ -164,6 +195,26 @@ class KVAppend:
     def empty(cls, n: int, rows: int, heads: int, head_dim: int, device: torch.device) -> "KVAppend":
         groups = [torch.zeros((size, rows, heads, 0, head_dim), device=device) for size in _split(n)]
         return cls(AppendArena(device, groups), 0, 0)
+
+    @classmethod
+    def from_parts(cls, parts: list[tuple[list[int], "KVAppend"]], rows: int, length: int) -> "KVAppend":
+        """One cache of `rows` rows and `length` positions from the caches of prefills over row subsets
+        (`parts`: the rows each covers, in its row order, and its cache). A part of width w is the right
+        end of its rows: positions length-w.. (the left-padded prompts end together); the positions
+        before it stay zeros, which the attention mask covers as padding."""
+        first = parts[0][1]
+        _, _, heads, _, head_dim = first.groups[0].shape
+        device = first.groups[0].device
+        groups = [torch.zeros((g.shape[0], rows, heads, length + APPEND_GROW, head_dim), device=device)
+                  for g in first.groups]
+        for part_rows, part in parts:
+            if part.slots is not None:
+                raise RuntimeError("onnx backend: a prefill part must keep its rows in order (no slots)")
+            width = part.length
+            for dest, src in zip(groups, part.groups):
+                for k, row in enumerate(part_rows):
+                    dest[:, row, :, length - width:length] = src[:, k, :, :width]
+        return cls(AppendArena(device, groups), 0, length)
 
     @property
     def groups(self) -> list[Tensor]:
