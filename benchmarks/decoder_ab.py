@@ -12,6 +12,9 @@ exactly 64 new tokens) and an exported decoder-only artifact (default: export/sm
         (run it with MALLOC_MMAP_THRESHOLD_=1048576 in the environment to see malloc's part)
     .venv/bin/python benchmarks/decoder_ab.py spin     [--artifact DIR] [--rounds 4]
         ONNX Runtime intra-op spinning off (deploylm's setting) vs on: two sessions, interleaved calls
+    .venv/bin/python benchmarks/decoder_ab.py prefill  [--artifact DIR] [--rounds 4] [--num-beams 4] [--long-prompt]
+        prefill and whole-call time with the grouped prefill (fourth session) vs one padded prefill run,
+        interleaved in one process (--long-prompt: the last prompt replaced by one of ~460 tokens)
     .venv/bin/python benchmarks/decoder_ab.py lookup   --bench-json FILE [--artifact DIR]
         prompt-lookup speculation simulated on the greedy outputs of a `deploylm bench --num-beams 1 --json`
         run: tokens accepted per verification step, for n-grams of 2-3 and 2-4 proposed tokens
@@ -101,6 +104,46 @@ def rss(args) -> None:
         print(f"call {i}: peak {peak_rss_mib():.0f} MiB, current {current_rss_mib():.0f} MiB")
 
 
+def prefill(args) -> None:
+    """Grouped prefill (ort_kv.prefill_groups) vs one padded prefill run, same generator, interleaved."""
+    from deploylm.backends import onnx_backend
+    from deploylm.generator import load
+
+    gen = load(args.artifact, backend="onnx", threads=2)
+    prompts = _prompts()
+    if args.long_prompt:                               # the last prompt replaced by all of them, twice over
+        prompts = prompts[:7] + [" ".join(prompts) * 2]
+    print("prompt tokens:", [gen.count_tokens(p) for p in prompts])
+    grouped = onnx_backend.prefill_groups
+    policies = {"one run": lambda lengths: [list(range(len(lengths)))], "grouped": grouped}
+    options, backend_prefill = _options(args.num_beams), gen.backend.prefill
+    prefills: dict[str, list[float]] = collections.defaultdict(list)
+    walls: dict[str, list[float]] = collections.defaultdict(list)
+
+    def timed_prefill(batch, name):
+        start = time.perf_counter()
+        out = backend_prefill(batch)
+        prefills[name].append(time.perf_counter() - start)
+        return out
+
+    for warm in (True, *([False] * args.rounds)):
+        for name, policy in policies.items():
+            onnx_backend.prefill_groups = policy
+            gen.backend.prefill = lambda batch, name=name: timed_prefill(batch, name)
+            start = time.perf_counter()
+            gen.generate(prompts, **options)
+            if warm:
+                prefills[name].clear()
+            else:
+                walls[name].append(time.perf_counter() - start)
+    onnx_backend.prefill_groups, gen.backend.prefill = grouped, backend_prefill
+    base = statistics.median(walls["one run"])
+    for name in policies:
+        wall = statistics.median(walls[name])
+        print(f"{name:>8}: prefill {1e3 * statistics.median(prefills[name]):.0f} ms, whole call {wall:.3f} s "
+              f"(x{base / wall:.3f}; rounds {', '.join(f'{t:.2f}' for t in walls[name])})")
+
+
 def spin(args) -> None:
     import onnxruntime as ort
 
@@ -163,15 +206,17 @@ def lookup(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup"))
+    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup", "prefill"))
     parser.add_argument("--artifact", default=str(ROOT / "export" / "smollm2-fp32-v2"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--bench-json", help="lookup: a `deploylm bench --num-beams 1 --json` report")
+    parser.add_argument("--long-prompt", action="store_true", help="prefill: one prompt of ~460 tokens among short ones")
     args = parser.parse_args()
     if args.what == "lookup" and not args.bench_json:
         parser.error("lookup needs --bench-json FILE")
-    {"threads": threads, "reorders": reorders, "rss": rss, "spin": spin, "lookup": lookup}[args.what](args)
+    {"threads": threads, "reorders": reorders, "rss": rss, "spin": spin, "lookup": lookup,
+     "prefill": prefill}[args.what](args)
 
 
 if __name__ == "__main__":
