@@ -212,6 +212,8 @@ class KVAppend:
                 raise RuntimeError("onnx backend: a prefill part must keep its rows in order (no slots)")
             width = part.length
             for dest, src in zip(groups, part.groups):
+                if device.type == "cpu":  # numpy: one thread, no wait for torch's (possibly descheduled) pool
+                    dest, src = dest.numpy(), src.numpy()
                 for k, row in enumerate(part_rows):
                     dest[:, row, :, length - width:length] = src[:, k, :, :width]
         return cls(AppendArena(device, groups), 0, length)
