@@ -139,6 +139,29 @@ def test_summaries_are_medians_of_the_recorded_rounds(fake_bench):
         assert (row.load_s, row.rss_after_load_mib, row.peak_rss_mib) == (0.5, 100.0, 321.0)
 
 
+def test_rows_whose_rounds_spread_get_a_note_in_the_table_and_the_json(fake_bench):
+    """Row 0's rounds (2, 4, 3 s) spread 67% of their median; row 3's (1, 1, 1 s) do not spread."""
+    report, *_ = fake_bench
+    spread = [n for n in report.rows[0].notes if "rounds spread" in n]
+    assert spread == ["its rounds spread 67% (2.00-4.00 s): other work took the cores in some rounds, so its "
+                      "ratios are less certain; re-run on a quieter machine to confirm"]
+    assert not [n for n in report.rows[3].notes if "rounds spread" in n]
+    assert f"note: {report.rows[0].label}: its rounds spread 67%" in report.table()
+    assert BenchReport.from_dict(json.loads(json.dumps(report.to_dict()))).rows[0].notes == report.rows[0].notes
+
+
+def test_steady_rounds_within_the_threshold_get_no_note():
+    from deploylm.benchmarking.report import UNSTEADY_SPREAD, unsteady_note
+
+    def rounds(*walls):
+        return [RoundResult(calls=(CallTiming(w, 0.1, (), w, w, 4),), token_ids=((1,),)) for w in walls]
+
+    assert unsteady_note(rounds(4.0, 4.1, 4.2)) == ()                      # 4.9% of the median
+    assert unsteady_note(rounds(4.0, 4.0 * (1 + UNSTEADY_SPREAD) - 1e-9)) == ()
+    assert unsteady_note(rounds(4.0, 4.2, 6.6))                            # a disturbed round
+    assert unsteady_note(rounds(4.0)) == ()
+
+
 def test_ratios_and_token_agreement(fake_bench):
     report, *_ = fake_bench
     gpt2, llama, ref_gpt2, ref_llama = report.rows

@@ -17,6 +17,10 @@ from typing import Any
 from deploylm.benchmarking.measure import RoundResult
 
 FORMAT = "deploylm-bench/1"
+# Rounds of one row whose wall times spread more than this (max - min, over their median) get a note:
+# on a quiet machine the rounds of a row stay within a few percent; a wider spread means other work
+# took the cores in some rounds, and ratios from that run are less certain than its medians suggest.
+UNSTEADY_SPREAD = 0.10
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,7 +87,7 @@ def summarize(spec: Any, rounds: list[RoundResult], load_s: float, rss_after_loa
     steps = [s * 1e3 for r in rounds for c in r.calls for s in c.step_s]
     return BenchRow(
         label=spec.label, src=spec.src, backend=spec.backend, profile=spec.profile, reference=spec.reference,
-        notes=tuple(spec.notes), rounds=tuple(rounds), load_s=load_s, rss_after_load_mib=rss_after_load_mib,
+        notes=tuple(spec.notes) + unsteady_note(rounds), rounds=tuple(rounds), load_s=load_s, rss_after_load_mib=rss_after_load_mib,
         peak_rss_mib=peak_rss_mib,
         tokens_per_s=statistics.median(r.tokens_per_s for r in rounds),
         wall_s=statistics.median(r.wall_s for r in rounds),
@@ -93,6 +97,18 @@ def summarize(spec: Any, rounds: list[RoundResult], load_s: float, rss_after_loa
         decoder_ms_per_step=statistics.median(r.decoder_ms_per_step for r in rounds),
         decoder_pct=statistics.median(r.decoder_pct for r in rounds),
         deterministic=len({r.token_ids for r in rounds}) == 1)
+
+
+def unsteady_note(rounds: list[RoundResult]) -> tuple[str, ...]:
+    """A note when the rounds' wall times spread more than UNSTEADY_SPREAD of their median, else ()."""
+    walls = [r.wall_s for r in rounds]
+    if len(walls) < 2 or statistics.median(walls) <= 0:
+        return ()
+    spread = (max(walls) - min(walls)) / statistics.median(walls)
+    if spread <= UNSTEADY_SPREAD:
+        return ()
+    return (f"its rounds spread {spread:.0%} ({min(walls):.2f}-{max(walls):.2f} s): other work took the cores "
+            f"in some rounds, so its ratios are less certain; re-run on a quieter machine to confirm",)
 
 
 def compare(rows: list[BenchRow]) -> list[BenchRow]:
