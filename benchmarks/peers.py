@@ -11,6 +11,13 @@ onnxruntime-genai is not a deploylm dependency; run this in a separate virtual e
     /tmp/peers/bin/python benchmarks/peers.py run --models /tmp/peers-models \\
         --artifact export/smollm2-fp32-v2 --num-beams 4 [--rounds 3] [--json FILE]
 
+    /tmp/peers/bin/python benchmarks/peers.py step --models /tmp/peers-models \
+        --artifact export/smollm2-fp32-v2 [--rows 8] [--past 100] [--runs 20]
+
+`step` times one decode step of onnxruntime-genai's graph (its K/V buffer shared between past and
+present, as onnxruntime-genai runs greedy search) against deploylm's graph (benchmarks/onnx_step.py's
+feeds and bindings), interleaved, with the same ORT session options (2 threads, spinning off).
+
 `prepare` writes the GGUF's weights as a plain fp32 Hugging Face folder (`hf/`) and builds
 onnxruntime-genai's fp32 CPU model from it with its own model builder (`genai-fp32/`). `run` gives
 onnxruntime-genai ORT's default spinning threads (its own default) and 2 intra-op threads; deploylm
@@ -126,6 +133,52 @@ def run(models: Path, artifact: Path, beams: int, rounds: int, json_path: Path |
         json_path.write_text(json.dumps({"num_beams": beams, "rounds": rounds, "rows": report}, indent=1))
 
 
+def step(models: Path, artifact: Path, rows: int, past: int, runs: int) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import onnx_step
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    genai = ort.InferenceSession(str(models / "genai-fp32" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    binding = genai.io_binding()
+    ids, mask = rng.integers(0, 49152, (rows, 1)).astype(np.int64), np.ones((rows, past + 1), np.int64)
+    binding.bind_cpu_input("input_ids", ids)               # by pointer: ids and mask must outlive the runs
+    binding.bind_cpu_input("attention_mask", mask)
+    keep = [ids, mask]
+    decoder = json.loads((models / "genai-fp32" / "genai_config.json").read_text())["model"]["decoder"]
+    heads, head_dim = decoder["num_key_value_heads"], decoder["head_size"]
+    for arg in genai.get_inputs():
+        if arg.name.startswith("past_key_values."):
+            buffer = ort.OrtValue.ortvalue_from_numpy(
+                rng.standard_normal((rows, heads, past + 28, head_dim)).astype(np.float32))
+            binding.bind_ortvalue_input(arg.name, buffer)                   # one buffer: past and present
+            binding.bind_ortvalue_output(arg.name.replace("past_key_values", "present"), buffer)
+            keep.append(buffer)
+    logits = np.empty((rows, 1, 49152), np.float32)
+    binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+    ours = onnx_step.open_session(str(artifact / "model.onnx"), 2)
+    ours_feeds = onnx_step.feeds_for(ours, rows, past)
+    ours_binding, ours_outputs = onnx_step.bind(ours, ours_feeds, rows, past)
+    keep += [ours_feeds, ours_outputs]                     # bound by pointer: kept alive until the end
+    sessions = {"onnxruntime-genai fp32": (genai, binding), f"deploylm ({artifact.name})": (ours, ours_binding)}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session, bound in sessions.values():
+        session.run_with_iobinding(bound)                                    # warm-up
+    for _ in range(runs):
+        for name, (session, bound) in sessions.items():
+            start = time.perf_counter()
+            session.run_with_iobinding(bound)
+            times[name].append(time.perf_counter() - start)
+    print(f"one decode step, {rows} rows, past {past}, {runs} interleaved runs, load {os.getloadavg()[0]:.1f}")
+    for name, ts in times.items():
+        print(f"  {name:34s} median {1e3 * statistics.median(ts):.1f} ms (min {1e3 * min(ts):.1f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,9 +191,17 @@ def main() -> None:
     r.add_argument("--num-beams", type=int, default=4)
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--json", type=Path)
+    st = sub.add_parser("step")
+    st.add_argument("--models", type=Path, required=True)
+    st.add_argument("--artifact", type=Path, default=ROOT / "export" / "smollm2-fp32-v2")
+    st.add_argument("--rows", type=int, default=8)
+    st.add_argument("--past", type=int, default=100)
+    st.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.gguf, args.out)
+    elif args.command == "step":
+        step(args.models, args.artifact, args.rows, args.past, args.runs)
     else:
         run(args.models, args.artifact, args.num_beams, args.rounds, args.json)
 
