@@ -304,24 +304,27 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_resul
     batch = _ragged_batch(ref.info.vocab_size)
     runs = []
     grouped = onnx_backend.prefill_groups
-    monkeypatch.setattr(onnx_backend, "prefill_groups", lambda lengths: runs.append(grouped(lengths)) or runs[-1])
-    one_run = OnnxBackend.from_source(str(artifact("llama")[1]))
+
+    def recorded(lengths):
+        runs.append(grouped(lengths))
+        return runs[-1]
 
     def one(lengths):
         return [list(range(len(lengths)))]
 
+    monkeypatch.setattr(onnx_backend, "prefill_groups", recorded)
     (ref_logits, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
-    assert runs[-1] == [[1, 4, 3, 6], [7, 0, 5, 2]]
-    monkeypatch.setattr(onnx_backend, "prefill_groups", one)
-    single, single_state = one_run.prefill(batch)
+    assert runs == [[[1, 4, 3, 6], [7, 0, 5, 2]]]
+    monkeypatch.setattr(onnx_backend, "prefill_groups", one)   # the same backend, one padded prefill: a second generation
+    single, single_state = onnx.prefill(batch)
     assert float((got - single).abs().max()) <= 1e-5
     _close(ref_logits, got)
     assert state.cache.length == single_state.cache.length == batch.input_ids.shape[1]
     for idx, token in (([0, 1, 2, 3, 4, 5, 6, 7], 9), ([1, 1, 0, 3, 5, 5, 6, 2], 17), ([7, 6, 5, 4, 3, 2, 1, 0], 4)):
         idx, tokens = torch.tensor(idx), torch.full((8,), token)
-        ref_state, state, single_state = ref.reorder(ref_state, idx), onnx.reorder(state, idx), one_run.reorder(single_state, idx)
+        ref_state, state, single_state = ref.reorder(ref_state, idx), onnx.reorder(state, idx), onnx.reorder(single_state, idx)
         (ref_logits, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
-        single, single_state = one_run.decode(tokens, single_state)
+        single, single_state = onnx.decode(tokens, single_state)
         assert float((got - single).abs().max()) <= 1e-5
         _close(ref_logits, got)
     monkeypatch.setattr(onnx_backend, "prefill_groups", grouped)

@@ -212,3 +212,13 @@ def test_parts_of_a_prefill_are_put_together_right_aligned():
     assert torch.equal(kv[:, [0, 2], :, :2], torch.zeros(n, 2, heads, 2, dh))
     assert torch.equal(kv[:, 1], -torch.ones(n, heads, 5, dh))
     assert all(float(g[:, :, :, 5:].abs().sum()) == 0 for g in whole.groups)
+
+
+def test_a_prefill_part_whose_rows_moved_is_refused():
+    """from_parts places a part's rows in their own order: a part whose rows are slots (after a
+    reorder) cannot be placed, and says so instead of mixing up rows."""
+    part = KVAppend.empty(4, 2, 2, 3, torch.device("cpu")).reserve(3)
+    part = part.append(torch.randn(4, 2, 2, 3, 3)).reorder(torch.tensor([1, 1]))
+    assert part.slots is not None
+    with pytest.raises(RuntimeError, match="a prefill part must keep its rows in order"):
+        KVAppend.from_parts([([0, 1], part)], rows=2, length=3)

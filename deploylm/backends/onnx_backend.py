@@ -252,16 +252,17 @@ class OnnxBackend:
     def _prefill_causal(self, batch: EncodedBatch) -> tuple[Tensor, CausalState]:
         ids, mask = batch.input_ids, batch.attention_mask                        # [B, T]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)               # [B, T]
-        groups = prefill_groups(mask.sum(-1).tolist()) if self.kv_layout == io_spec.KV_APPEND else []
+        lengths = mask.sum(-1).tolist()                                           # [B] prompt lengths
+        groups = prefill_groups(lengths) if self.kv_layout == io_spec.KV_APPEND else []
         if len(groups) > 1:
-            logits, cache = self._grouped_prefill(ids, mask, positions, groups)
+            logits, cache = self._grouped_prefill(ids, mask, positions, groups, lengths)
         else:
             step = self._append_step if self.kv_layout == io_spec.KV_APPEND else self._causal_step
             logits, cache = step(ids, mask, positions, self._empty_causal_cache(ids.shape[0]))
         return logits, CausalState(cache, mask, positions[:, -1] + 1)
 
-    def _grouped_prefill(self, ids: Tensor, mask: Tensor, positions: Tensor,
-                         groups: list[list[int]]) -> tuple[Tensor, KVAppend]:
+    def _grouped_prefill(self, ids: Tensor, mask: Tensor, positions: Tensor, groups: list[list[int]],
+                         lengths: list[int]) -> tuple[Tensor, KVAppend]:
         """Prompts of very different lengths: one prefill run per group of similar lengths
         (ort_kv.prefill_groups), each cut to its own longest prompt, so the padding of short prompts
         to the longest one is not computed; the parts' K/V are put together as one left-padded cache."""
@@ -270,9 +271,8 @@ class OnnxBackend:
         parts = []
         for group in groups:
             index = torch.tensor(group, device=self.device)
-            own = slice(width - max(1, int(mask.index_select(0, index).sum(-1).max())), width)  # its longest prompt
-            part_logits, part = self._append_step(ids.index_select(0, index)[:, own], mask.index_select(0, index)[:, own],
-                                                  positions.index_select(0, index)[:, own],
+            own = slice(width - max(1, max(lengths[r] for r in group)), width)     # its longest prompt
+            part_logits, part = self._append_step(*(t.index_select(0, index)[:, own] for t in (ids, mask, positions)),
                                                   self._empty_causal_cache(len(group)))
             logits[index] = part_logits
             parts.append((group, part))

@@ -102,9 +102,10 @@ def summarize(spec: Any, rounds: list[RoundResult], load_s: float, rss_after_loa
 def unsteady_note(rounds: list[RoundResult]) -> tuple[str, ...]:
     """A note when the rounds' wall times spread more than UNSTEADY_SPREAD of their median, else ()."""
     walls = [r.wall_s for r in rounds]
-    if len(walls) < 2 or statistics.median(walls) <= 0:
+    median = statistics.median(walls) if len(walls) > 1 else 0.0
+    if median <= 0:
         return ()
-    spread = (max(walls) - min(walls)) / statistics.median(walls)
+    spread = (max(walls) - min(walls)) / median
     if spread <= UNSTEADY_SPREAD:
         return ()
     return (f"its rounds spread {spread:.0%} ({min(walls):.2f}-{max(walls):.2f} s): other work took the cores "

@@ -131,7 +131,8 @@ def graph_feeds(folder: Path, sequences: list[list[int]], targets: list[list[int
                 rows: int = 4) -> dict[str, list[dict[str, np.ndarray]]]:
     """Feeds for every graph in `folder`, `rows` sequences per batch (left-padded).
 
-    model.onnx: per batch, a prefill (ids/mask/positions + empty past) and one decode step after it. encoder_model.onnx: ids/mask (right-padded).
+    model.onnx: per batch, a prefill (ids/mask/positions + empty past) and one decode step after it.
+    encoder_model.onnx: ids/mask (right-padded).
     decoder_model.onnx: start token + the target (default: the sequence itself) as decoder input,
     cross K/V from the encoder graph in `folder`.
     """

@@ -8,7 +8,6 @@ from the model's generation_config, then its config, exactly as `transformers.ge
 from __future__ import annotations
 
 import inspect
-
 import logging
 from pathlib import Path
 from typing import Any, Mapping
