@@ -7,14 +7,18 @@ exactly 64 new tokens) and an exported decoder-only artifact (default: export/sm
     .venv/bin/python benchmarks/decoder_ab.py reorders [--artifact DIR]
         per decode step: rows whose parent changed (what an in-place reorder copies) vs rows an
         append cache with slots copies (R - distinct parents), from one search's recorded beam indices
-    .venv/bin/python benchmarks/decoder_ab.py rss      [--artifact DIR] [--rounds 6]
-        peak and current RSS after each of several identical calls in one process
-        (run it with MALLOC_MMAP_THRESHOLD_=1048576 in the environment to see malloc's part)
+    .venv/bin/python benchmarks/decoder_ab.py rss      [--artifact DIR] [--rounds 6] [--num-beams 4] [--trim]
+        peak RSS of each of several identical calls in one process (the high-water mark is reset before
+        each call), and the RSS after it (--trim: after glibc's malloc_trim(0)); run it with
+        MALLOC_MMAP_THRESHOLD_=1048576 in the environment to see malloc's part
     .venv/bin/python benchmarks/decoder_ab.py spin     [--artifact DIR] [--rounds 4]
         ONNX Runtime intra-op spinning off (deploylm's setting) vs on: two sessions, interleaved calls
     .venv/bin/python benchmarks/decoder_ab.py prefill  [--artifact DIR] [--rounds 4] [--num-beams 4] [--long-prompt]
         prefill and whole-call time with the grouped prefill (fourth session) vs one padded prefill run,
         interleaved in one process (--long-prompt: the last prompt replaced by one of ~460 tokens)
+    .venv/bin/python benchmarks/decoder_ab.py binding  [--artifact DIR] [--rounds 4] [--num-beams 4]
+        the backend's kept per-thread IO binding (fifth session) vs a fresh binding of every name per run,
+        interleaved in one process
     .venv/bin/python benchmarks/decoder_ab.py lookup   --bench-json FILE [--artifact DIR]
         prompt-lookup speculation simulated on the greedy outputs of a `deploylm bench --num-beams 1 --json`
         run: tokens accepted per verification step, for n-grams of 2-3 and 2-4 proposed tokens
@@ -93,15 +97,32 @@ def reorders(args) -> None:
     print(f"{len(steps)} reorders: {changed:.1f} rows per step change parent, {slots:.1f} copied with slots")
 
 
+def _vm_hwm_mib() -> float:
+    """VmHWM of /proc/self/status (what clear_refs resets), in MiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def rss(args) -> None:
+    """Peak RSS of each call on its own (the kernel's high-water mark reset before it), optionally with
+    glibc's malloc_trim(0) after every call (fifth session: it returns the freed heap, not the peak)."""
+    import ctypes
+
     from deploylm.benchmarking.worker import current_rss_mib, peak_rss_mib
     from deploylm.generator import load
 
     gen = load(args.artifact, backend="onnx", threads=2)
+    libc = ctypes.CDLL("libc.so.6") if args.trim else None
     print(f"loaded: peak {peak_rss_mib():.0f} MiB, current {current_rss_mib():.0f} MiB")
     for i in range(args.rounds):
-        gen.generate(_prompts(), **_options())
-        print(f"call {i}: peak {peak_rss_mib():.0f} MiB, current {current_rss_mib():.0f} MiB")
+        Path("/proc/self/clear_refs").write_text("5")   # Linux: VmHWM := VmRSS, so the peak is this call's
+        start = time.perf_counter()
+        gen.generate(_prompts(), **_options(args.num_beams))
+        wall, peak = time.perf_counter() - start, _vm_hwm_mib()
+        if libc is not None:
+            libc.malloc_trim(0)
+        print(f"call {i}: {wall:.2f} s, peak {peak:.0f} MiB, current {current_rss_mib():.0f} MiB after the call"
+              + (" and malloc_trim" if libc is not None else ""))
 
 
 def prefill(args) -> None:
@@ -173,6 +194,36 @@ def spin(args) -> None:
               f"({', '.join(f'{t:.2f}' for t in ts)})")
 
 
+def binding(args) -> None:
+    """The per-thread IO binding that rebinds only what moved (fifth session) vs a fresh binding of every
+    input and output per run (before), same generator, interleaved calls (alternating which goes first)."""
+    from deploylm.backends.onnx_backend import OnnxBackend
+    from deploylm.generator import load
+
+    gen = load(args.artifact, backend="onnx", threads=2)
+    kept = OnnxBackend._binding
+
+    def fresh(self, file):
+        return self.sessions[file].io_binding(), {}
+
+    policies = {"fresh binding per run": fresh, "kept binding": kept}
+    options, results, walls = _options(args.num_beams), {}, collections.defaultdict(list)
+    for name, policy in policies.items():                                                   # warm-up + outputs
+        OnnxBackend._binding = policy
+        results[name] = [[(h.token_ids, h.score) for h in r.sequences] for r in gen.generate(_prompts(), **options)]
+    for r in range(args.rounds):
+        for name in (list(policies) if r % 2 == 0 else list(policies)[::-1]):
+            OnnxBackend._binding = policies[name]
+            walls[name].append(_timed(gen, options)[0])
+    OnnxBackend._binding = kept
+    print(f"num_beams {args.num_beams}, {args.rounds} rounds; same tokens and scores: "
+          f"{results['kept binding'] == results['fresh binding per run']}")
+    base = statistics.median(walls["fresh binding per run"])
+    for name, ts in walls.items():
+        print(f"  {name:22s} median {statistics.median(ts):.3f} s (x{base / statistics.median(ts):.3f}; "
+              f"{', '.join(f'{t:.2f}' for t in ts)})")
+
+
 def lookup(args) -> None:
     from deploylm.generator import load
 
@@ -206,17 +257,18 @@ def lookup(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup", "prefill"))
+    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup", "prefill", "binding"))
     parser.add_argument("--artifact", default=str(ROOT / "export" / "smollm2-fp32-v2"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--bench-json", help="lookup: a `deploylm bench --num-beams 1 --json` report")
+    parser.add_argument("--trim", action="store_true", help="rss: call glibc's malloc_trim(0) after every call")
     parser.add_argument("--long-prompt", action="store_true", help="prefill: one prompt of ~460 tokens among short ones")
     args = parser.parse_args()
     if args.what == "lookup" and not args.bench_json:
         parser.error("lookup needs --bench-json FILE")
     {"threads": threads, "reorders": reorders, "rss": rss, "spin": spin, "lookup": lookup,
-     "prefill": prefill}[args.what](args)
+     "prefill": prefill, "binding": binding}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers.tiny_hf import build_tiny_hf
+from tests.helpers.tiny_seed import tiny_checkpoint
 
 
 def pytest_configure(config):
@@ -45,6 +46,16 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> Path:
     return build_tiny_hf("t5", tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="session")
+def seed_seq2seq_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "seq2seq", "seq2seq")
+
+
+@pytest.fixture(scope="session")
+def seed_lm_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "lm", "decoder")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import torch
 
 from deploylm.backends.base import EncodedBatch
 from deploylm.backends.onnx_backend import OnnxBackend, create_session
+from deploylm.backends.ort_kv import APPEND_GROW
 from deploylm.backends.torch_backend import TorchBackend
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.search import generate_ids
@@ -251,6 +252,62 @@ def test_hf_causal_artifacts_use_one_kv_buffer_written_in_place(artifact):
         pointers.add(tuple(g.data_ptr() for g in state.cache.groups))
         assert state.cache.length == state.attention_mask.shape[1] <= state.cache.capacity
     assert len(pointers) == 1
+
+
+class _CountingBinding:
+    """An IO binding that records the names bound on it (the run itself reaches the real one)."""
+
+    def __init__(self, binding, names: list[str]) -> None:
+        self.binding, self.names = binding, names
+
+    def bind_input(self, name, *args):
+        self.names.append(name)
+        self.binding.bind_input(name, *args)
+
+    def bind_output(self, name, *args):
+        self.names.append(name)
+        self.binding.bind_output(name, *args)
+
+    def __getattr__(self, attr):
+        return getattr(self.binding, attr)
+
+
+def test_a_decode_step_binds_again_only_what_moved(artifact, monkeypatch):
+    """The IO binding is kept per thread and graph: a decode step that does not grow the K/V binds only
+    the ids, mask, positions and logits again; a growth binds every past again (new shape); the logits
+    are those of a fresh binding of every name per run."""
+    from deploylm.export import io_spec
+
+    ref, onnx = _backends(artifact, "llama")
+    batch = _batch(ref, artifact("llama")[0])
+    kept = OnnxBackend._binding
+
+    def run(policy, names_per_step: list[list[str]]) -> list[torch.Tensor]:
+        names: list[str] = []
+        monkeypatch.setattr(OnnxBackend, "_binding",
+                            lambda self, file: (lambda b, bound: (_CountingBinding(b, names), bound))(*policy(self, file)))
+        logits, state = onnx.prefill(batch)
+        out = [logits]
+        for step in range(APPEND_GROW + 4):
+            names.clear()
+            state = onnx.reorder(state, torch.tensor([1, 0] if step % 2 else [0, 0]))
+            logits, state = onnx.decode(torch.tensor([5 + step, 9]), state)
+            names_per_step.append(list(names))
+            out.append(logits)
+        return out
+
+    kept_names: list[list[str]] = []
+    kept_logits = run(kept, kept_names)
+    fresh_logits = run(lambda self, file: (self.sessions[file].io_binding(), {}), [])
+    assert all(torch.equal(a, b) for a, b in zip(kept_logits, fresh_logits))
+    pasts = set(io_spec.past_names(onnx.n_layers))
+    per_step = ({"input_ids", "attention_mask", "position_ids", "logits"}, pasts | set(io_spec.new_kv_names(onnx.n_layers)))
+    growths = [i for i, names in enumerate(kept_names) if pasts <= set(names)]
+    # step 0: the prefill ran on an empty past; the buffer (prompt + APPEND_GROW positions) is full after
+    # APPEND_GROW steps, so the step after that runs on the grown one
+    assert growths == [0, APPEND_GROW + 1]
+    for i, names in enumerate(kept_names):
+        assert set(names) <= (per_step[0] | per_step[1] if i in growths else per_step[0]), (i, names)
 
 
 def test_concat_layout_graph_still_runs(artifact, tmp_path):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from deploylm.backends.ort_kv import APPEND_GROW, GROW, KVAppend, KVCache
+from deploylm.backends import ort_kv
+from deploylm.backends.ort_kv import APPEND_GROW, APPEND_ROOM, GROW, KVAppend, KVCache
 
 
 def _step(cache: KVCache, reference: torch.Tensor, gen: torch.Generator) -> tuple[KVCache, torch.Tensor]:
@@ -80,7 +81,30 @@ def test_append_steps_and_reorders_match_index_select():
         assert not any(g[:, :, :, cache.length:].any() for g in cache.groups)
         assert all(t.is_contiguous() and t.shape == (6, 3, cache.capacity, 5) for t in cache.past)
         buffers.add(cache.groups[0].untyped_storage().data_ptr())
-    assert len(buffers) <= 4  # one buffer, replaced only when it grows (every APPEND_GROW steps)
+    # one buffer after the prompt rows became beams: its room (APPEND_ROOM positions) takes every growth
+    assert 7 + 3 * APPEND_GROW + 3 + APPEND_GROW <= 7 + APPEND_GROW + APPEND_ROOM and len(buffers) == 1
+
+
+# 9 prompt positions, then 64 steps: capacity 25 -> 42 -> 59 -> 76; the first buffer holds 25 + room positions
+@pytest.mark.parametrize("room, blocks, new_buffers", [(0, 64, 3), (20, 64, 1), (40, 1, 1), (40, 5, 1), (200, 7, 0)])
+def test_append_growth_in_place_or_into_a_new_buffer_keeps_every_position(monkeypatch, room, blocks, new_buffers):
+    """Growth re-strides a buffer in place while it has room (moving blocks from the last one down, in
+    chunks of RESTRIDE_BLOCKS that may overlap themselves), else allocates a new buffer with room again:
+    either way the written K/V are unchanged and the positions after them are zeros."""
+    monkeypatch.setattr(ort_kv, "APPEND_ROOM", room)
+    monkeypatch.setattr(ort_kv, "RESTRIDE_BLOCKS", blocks)
+    gen = torch.Generator().manual_seed(11)
+    cache, ref = _append_step(KVAppend.empty(5, 3, 2, 4, torch.device("cpu")), torch.zeros((5, 3, 2, 0, 4)), gen, count=9)
+    capacities, moves = [cache.capacity], 0
+    for step in range(4 * APPEND_GROW):
+        pointer = cache.groups[0].untyped_storage().data_ptr()
+        cache, ref = _append_step(cache, ref, gen)      # checks the written K/V and the zeros after them
+        moves += cache.groups[0].untyped_storage().data_ptr() != pointer
+        capacities.append(cache.capacity)
+        idx = torch.tensor([2, 0, 1]) if step % 3 else torch.tensor([1, 1, 0])
+        cache, ref = cache.reorder(idx), ref.index_select(1, idx)
+    assert torch.equal(cache.written(), ref) and not any(g[:, :, :, cache.length:].any() for g in cache.groups)
+    assert sorted(set(capacities)) == [25, 42, 59, 76] and moves == new_buffers
 
 
 def test_append_reorder_is_in_place_and_a_step_writes_into_the_same_buffer():

@@ -3,7 +3,6 @@ runs once per input, special tokens resolve as in transformers, and bad inputs a
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,32 +15,6 @@ from deploylm.models.transformer import Seq2SeqTransformer
 
 LOGITS_ATOL = 1e-4  # same math, different op order (cache vs full forward)
 PROMPTS = ["the quick brown fox jumps", "hello", "one two three"]
-
-
-def tiny_checkpoint(dest: Path, arch: str = "seq2seq") -> Path:
-    """A tiny random deploylm checkpoint ("seq2seq" or "decoder") with its trained tokenizer."""
-    from deploylm.models.checkpoint import build_model, save_checkpoint
-    from deploylm.models.config import make_config
-    from deploylm.training.tokenizer import train_tokenizer, write_side_files
-    from tests.helpers.tiny_hf import CORPUS
-
-    tok = train_tokenizer(CORPUS, vocab_size=300, min_frequency=1)
-    config = make_config("tiny", vocab_size=tok.get_vocab_size(), arch=arch, dropout=0.0, d_model=32,
-                         n_heads=4, d_ff=64, max_positions=64)
-    torch.manual_seed(0)
-    save_checkpoint(dest, build_model(config), config, tokenizer=tok, overwrite=True)
-    write_side_files(dest, config.max_positions)
-    return dest
-
-
-@pytest.fixture(scope="session")
-def seed_seq2seq_dir(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "seq2seq", "seq2seq")
-
-
-@pytest.fixture(scope="session")
-def seed_lm_dir(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "lm", "decoder")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,13 @@ from deploylm.cli import cli
 from deploylm.errors import UsageError
 from deploylm.generator import load
 from deploylm.profiles import load_profile
-from tests.test_torch_backend import seed_seq2seq_dir, seed_lm_dir  # noqa: F401  (fixtures)
 
 PROMPTS = ["the quick brown fox jumps", "hello", "one two three"]
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def sources(tiny_gpt2_dir, tiny_llama_dir, tiny_t5_dir, seed_seq2seq_dir, seed_lm_dir):  # noqa: F811
+def sources(tiny_gpt2_dir, tiny_llama_dir, tiny_t5_dir, seed_seq2seq_dir, seed_lm_dir):
     return {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir, "t5": tiny_t5_dir,
             "seed-seq2seq": seed_seq2seq_dir, "seed-lm": seed_lm_dir}
 

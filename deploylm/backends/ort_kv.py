@@ -53,6 +53,12 @@ GROW = 32  # positions of headroom added whenever a buffer is (re)allocated
 # 0.77 ms per token-row of prefill); twice that, to split only where the saving is clear.
 PREFILL_RUN_COST = 64
 APPEND_GROW = 16  # the append buffer's growth step: every unused position costs attention work each step
+# Positions of room each append buffer is allocated with beyond its capacity: growth within the room
+# re-strides the buffer in place, so a generation of up to ~APPEND_ROOM tokens allocates its K/V once
+# (after the prompt rows become beams), and the call's peak RSS no longer depends on where the heap could
+# fit each larger buffer (fifth session). Pages of the room are not touched until a growth uses them.
+APPEND_ROOM = 64
+RESTRIDE_BLOCKS = 64  # [position, Dh] blocks moved per numpy call when a buffer re-strides in place
 KV_GROUPS = 6  # the append cache's 2N layer tensors live in this many buffers (growth replaces one at a time)
 
 
@@ -177,6 +183,38 @@ def _split(n: int) -> list[int]:
     return [n // groups + (i < n % groups) for i in range(groups)]
 
 
+def _with_room(shape: tuple[int, int, int, int, int], like: Tensor) -> Tensor:
+    """An uninitialised [n, R, H, C, Dh] view at the start of a new buffer with room for APPEND_ROOM more
+    positions at these rows (the caller fills the view; the room stays untouched)."""
+    n, rows, heads, capacity, head_dim = shape
+    buffer = torch.empty(n * rows * heads * (capacity + APPEND_ROOM) * head_dim, dtype=like.dtype, device=like.device)
+    return buffer[:math.prod(shape)].view(shape)
+
+
+def _room(group: Tensor) -> int:
+    """Positions the buffer under `group` [n, R, H, C, Dh] can hold at its rows."""
+    n, rows, heads, _, head_dim = group.shape
+    return group.untyped_storage().nbytes() // (group.element_size() * n * rows * heads * head_dim)
+
+
+def _restride(group: Tensor, capacity: int, length: int) -> Tensor:
+    """`group` [n, R, H, C, Dh] (CPU) as [n, R, H, capacity, Dh] in its own buffer (capacity ≤ its room):
+    the written positions [0, length) of each (tensor, row, head) block move to the block's new start,
+    from the last block down (a block only moves up, so no block is overwritten before it has moved;
+    numpy buffers a move that overlaps itself); positions length.. are zeroed."""
+    n, rows, heads, old_capacity, head_dim = group.shape
+    blocks = n * rows * heads
+    flat = torch.empty(0, dtype=group.dtype).set_(group.untyped_storage())       # the whole buffer, 1-D
+    buffer = flat.numpy()
+    src = buffer[:blocks * old_capacity * head_dim].reshape(blocks, old_capacity, head_dim)
+    dst = buffer[:blocks * capacity * head_dim].reshape(blocks, capacity, head_dim)
+    for end in range(blocks, 0, -RESTRIDE_BLOCKS):
+        start = max(0, end - RESTRIDE_BLOCKS)
+        dst[start:end, :length] = src[start:end, :length]
+    dst[:, length:] = 0.0
+    return flat[:blocks * capacity * head_dim].view(n, rows, heads, capacity, head_dim)
+
+
 @dataclass(frozen=True)
 class KVAppend:
     """The K/V of one state (append layout): the arena's groups of layer tensors, each
@@ -205,7 +243,7 @@ class KVAppend:
         first = parts[0][1]
         _, _, heads, _, head_dim = first.groups[0].shape
         device = first.groups[0].device
-        groups = [torch.zeros((g.shape[0], rows, heads, length + APPEND_GROW, head_dim), device=device)
+        groups = [_with_room((g.shape[0], rows, heads, length + APPEND_GROW, head_dim), g).zero_()
                   for g in first.groups]
         for part_rows, part in parts:
             if part.slots is not None:
@@ -263,16 +301,20 @@ class KVAppend:
         return KVAppend(self.arena, self.arena.epoch, length, slots)
 
     def reserve(self, count: int) -> "KVAppend":
-        """This cache with room for `count` more positions (each group replaced by a larger one, in
-        turn, when full: the old group is freed before the next one is allocated)."""
+        """This cache with room for `count` more positions. When full, each group grows in turn: on CPU in
+        place while its buffer has room (re-strided), else into a new buffer (the old group is freed
+        before the next one is allocated)."""
         self.check_latest()
         if self.length + count <= self.capacity:
             return self
         capacity = self.length + count + APPEND_GROW
         groups = self.arena.groups
         for i, old in enumerate(groups):
+            if old.device.type == "cpu" and _room(old) >= capacity:
+                groups[i] = _restride(old, capacity, self.length)
+                continue
             n, rows, heads, _, head_dim = old.shape
-            new = torch.empty((n, rows, heads, capacity, head_dim), device=old.device)
+            new = _with_room((n, rows, heads, capacity, head_dim), old)
             if old.device.type == "cpu":  # numpy: one thread, no wait for torch's (possibly descheduled) pool
                 a = new.numpy()
                 a[:, :, :, :self.length], a[:, :, :, self.length:] = old.numpy()[:, :, :, :self.length], 0.0
@@ -313,7 +355,8 @@ class KVAppend:
         if beam_idx.shape[0] != rows:
             groups = self.arena.groups
             for i, old in enumerate(groups):
-                groups[i] = old.index_select(1, parents)
+                n, _, heads, capacity, head_dim = old.shape
+                groups[i] = torch.index_select(old, 1, parents, out=_with_room((n, len(parents), heads, capacity, head_dim), old))
                 del old
             return self._advance(self.length, None)
         slots, moves = assign_rows(parents.tolist(), rows)
