@@ -3,7 +3,8 @@
 - Sessions are created once per artifact and shared: ORT `run` is thread-safe, and every per-call
   value (KV cache, masks) lives in the State the decoder passes back in.
 - Tensors cross the boundary without copies: inputs are bound by pointer from torch tensors and
-  outputs are written by ORT into preallocated torch tensors (IO binding), on CPU or CUDA.
+  outputs are written by ORT into preallocated torch tensors (IO binding), on CPU or CUDA. Each thread
+  keeps its binding per graph and binds a name again only when its tensor moved or changed shape.
 - Decoder-only: prefill runs `model.onnx` on the prompts with an empty past (length 0): once for the
   batch, or, in the append layout, once per group of similar prompt lengths when cutting the batch
   saves more padding than the extra runs cost (ort_kv.prefill_groups); the groups' K/V are then put

@@ -7,9 +7,11 @@ of capacity C ≥ the written length L (kept as KV_GROUPS buffers of consecutive
 graph reads each layer's whole `[R, H, C, Dh]` as its past (positions L..C-1 are zeros, masked out
 by the attention mask the backend builds) and outputs only the new positions' K/V, which ORT writes
 into a small reused scratch buffer; `append` copies them to positions L.. in place (R·T positions
-per layer). Capacity grows by `APPEND_GROW` positions at a time, one group at a time (copy of the
-written part into a new, zeroed buffer; the old one is freed before the next group grows, so the
-transient extra memory is one group). Rows are slots: the state maps each logical row (the decoder's
+per layer). Capacity grows by `APPEND_GROW` positions at a time, one group at a time. Each group's
+buffer is allocated with room for `APPEND_ROOM` more positions than its capacity: on CPU a growth within
+that room re-strides the group in place (no allocation); past it, the written part is copied into a new,
+zeroed buffer (with room again) and the old one is freed before the next group grows, so the transient
+extra memory is one group. Rows are slots: the state maps each logical row (the decoder's
 beam) to the physical row holding its K/V (`slots`), so a beam reorder with the same row count
 moves no K/V for a beam that continues its parent: the first child of a parent takes over the
 parent's row, and only the further children are copied, into rows of beams that died (R minus the
@@ -185,9 +187,11 @@ def _split(n: int) -> list[int]:
 
 def _with_room(shape: tuple[int, int, int, int, int], like: Tensor) -> Tensor:
     """An uninitialised [n, R, H, C, Dh] view at the start of a new buffer with room for APPEND_ROOM more
-    positions at these rows (the caller fills the view; the room stays untouched)."""
+    positions at these rows on CPU, where growth re-strides in place (the caller fills the view; the room
+    stays untouched). On CUDA a growth always copies, so there is no room."""
     n, rows, heads, capacity, head_dim = shape
-    buffer = torch.empty(n * rows * heads * (capacity + APPEND_ROOM) * head_dim, dtype=like.dtype, device=like.device)
+    room = APPEND_ROOM if like.device.type == "cpu" else 0
+    buffer = torch.empty(n * rows * heads * (capacity + room) * head_dim, dtype=like.dtype, device=like.device)
     return buffer[:math.prod(shape)].view(shape)
 
 
