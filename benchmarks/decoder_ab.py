@@ -7,18 +7,21 @@ exactly 64 new tokens) and an exported decoder-only artifact (default: export/sm
     .venv/bin/python benchmarks/decoder_ab.py reorders [--artifact DIR]
         per decode step: rows whose parent changed (what an in-place reorder copies) vs rows an
         append cache with slots copies (R - distinct parents), from one search's recorded beam indices
-    .venv/bin/python benchmarks/decoder_ab.py rss      [--artifact DIR] [--rounds 6] [--num-beams 4] [--trim]
+    .venv/bin/python benchmarks/decoder_ab.py rss      [--artifact DIR] [--rounds 6] [--num-beams 4] [--trim] [--room N]
         peak RSS of each of several identical calls in one process (the high-water mark is reset before
         each call), and the RSS after it (--trim: after glibc's malloc_trim(0)); run it with
-        MALLOC_MMAP_THRESHOLD_=1048576 in the environment to see malloc's part
+        MALLOC_MMAP_THRESHOLD_=1048576 in the environment to see malloc's part; --room 0: K/V without room
+        (a new buffer at every growth, as before the fifth session)
     .venv/bin/python benchmarks/decoder_ab.py spin     [--artifact DIR] [--rounds 4]
         ONNX Runtime intra-op spinning off (deploylm's setting) vs on: two sessions, interleaved calls
     .venv/bin/python benchmarks/decoder_ab.py prefill  [--artifact DIR] [--rounds 4] [--num-beams 4] [--long-prompt]
         prefill and whole-call time with the grouped prefill (fourth session) vs one padded prefill run,
         interleaved in one process (--long-prompt: the last prompt replaced by one of ~460 tokens)
     .venv/bin/python benchmarks/decoder_ab.py binding  [--artifact DIR] [--rounds 4] [--num-beams 4]
-        the backend's kept per-thread IO binding (fifth session) vs a fresh binding of every name per run,
-        interleaved in one process
+        the backend's kept per-thread IO binding (fifth session) vs a fresh binding of every name per run:
+        ms per run spent binding (outside ORT's run), then whole calls interleaved in one process
+    .venv/bin/python benchmarks/decoder_ab.py room     [--artifact DIR] [--rounds 4] [--num-beams 4]
+        K/V buffers with room, grown in place (fifth session) vs a new buffer at every growth, interleaved
     .venv/bin/python benchmarks/decoder_ab.py lookup   --bench-json FILE [--artifact DIR]
         prompt-lookup speculation simulated on the greedy outputs of a `deploylm bench --num-beams 1 --json`
         run: tokens accepted per verification step, for n-grams of 2-3 and 2-4 proposed tokens
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -111,6 +115,10 @@ def rss(args) -> None:
     from deploylm.benchmarking.worker import current_rss_mib, peak_rss_mib
     from deploylm.generator import load
 
+    if args.room is not None:
+        from deploylm.backends import ort_kv
+
+        ort_kv.APPEND_ROOM = args.room
     gen = load(args.artifact, backend="onnx", threads=2)
     libc = ctypes.CDLL("libc.so.6") if args.trim else None
     print(f"loaded: peak {peak_rss_mib():.0f} MiB, current {current_rss_mib():.0f} MiB")
@@ -194,34 +202,90 @@ def spin(args) -> None:
               f"({', '.join(f'{t:.2f}' for t in ts)})")
 
 
+def _interleaved(gen, variants: dict, apply, options: dict, rounds: int) -> dict[str, list[float]]:
+    """Wall times of `rounds` generate calls per variant, interleaved (the order alternates each round),
+    after one warm-up call each; `apply(value)` switches to a variant. Checks the variants return the
+    same tokens and scores."""
+    results, walls = {}, collections.defaultdict(list)
+    for name, value in variants.items():
+        apply(value)
+        results[name] = [[(h.token_ids, h.score) for h in r.sequences] for r in gen.generate(_prompts(), **options)]
+    names = list(variants)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            apply(variants[name])
+            walls[name].append(_timed(gen, options)[0])
+    same = all(results[n] == results[names[0]] for n in names)
+    print(f"num_beams {options['num_beams']}, {rounds} rounds after a warm-up, load average "
+          f"{os.getloadavg()[0]:.1f}; same tokens and scores: {same}")
+    base = statistics.median(walls[names[0]])
+    for name, ts in walls.items():
+        print(f"  {name:26s} median {statistics.median(ts):.3f} s (x{base / statistics.median(ts):.3f}; "
+              f"{', '.join(f'{t:.2f}' for t in ts)})")
+    return walls
+
+
 def binding(args) -> None:
     """The per-thread IO binding that rebinds only what moved (fifth session) vs a fresh binding of every
-    input and output per run (before), same generator, interleaved calls (alternating which goes first)."""
+    input and output per run (before): time per run spent in `_run` outside ONNX Runtime's own run, then
+    whole calls interleaved."""
     from deploylm.backends.onnx_backend import OnnxBackend
     from deploylm.generator import load
 
     gen = load(args.artifact, backend="onnx", threads=2)
-    kept = OnnxBackend._binding
+    kept, run = OnnxBackend._binding, OnnxBackend._run
 
     def fresh(self, file):
         return self.sessions[file].io_binding(), {}
 
     policies = {"fresh binding per run": fresh, "kept binding": kept}
-    options, results, walls = _options(args.num_beams), {}, collections.defaultdict(list)
-    for name, policy in policies.items():                                                   # warm-up + outputs
-        OnnxBackend._binding = policy
-        results[name] = [[(h.token_ids, h.score) for h in r.sequences] for r in gen.generate(_prompts(), **options)]
-    for r in range(args.rounds):
-        for name in (list(policies) if r % 2 == 0 else list(policies)[::-1]):
-            OnnxBackend._binding = policies[name]
-            walls[name].append(_timed(gen, options)[0])
+    inside: list[float] = []
+    outside: dict[str, list[float]] = collections.defaultdict(list)
+
+    class TimedSession:                                          # times ORT's own run inside `_run`
+        def __init__(self, session):
+            self.session = session
+
+        def run_with_iobinding(self, iobinding):
+            start = time.perf_counter()
+            self.session.run_with_iobinding(iobinding)
+            inside.append(time.perf_counter() - start)
+
+        def __getattr__(self, attr):
+            return getattr(self.session, attr)
+
+    def timed_run(self, *a, **k):
+        inside.clear()
+        start = time.perf_counter()
+        out = run(self, *a, **k)
+        outside[self._policy].append(time.perf_counter() - start - sum(inside))
+        return out
+
+    sessions = gen.backend.sessions
+    gen.backend.sessions = {f: TimedSession(sess) for f, sess in sessions.items()}
+    OnnxBackend._run = timed_run
+    for r in range(2 * args.rounds):
+        name = list(policies)[r % 2]
+        OnnxBackend._binding, gen.backend._policy = policies[name], name
+        gen.generate(_prompts(), **_options(args.num_beams))
+    OnnxBackend._run, gen.backend.sessions = run, sessions
+    for name, ts in outside.items():
+        print(f"  {name:26s} {1e3 * statistics.median(ts):.3f} ms per run in _run outside ORT (median of {len(ts)})")
+    _interleaved(gen, policies, lambda policy: setattr(OnnxBackend, "_binding", policy), _options(args.num_beams), args.rounds)
     OnnxBackend._binding = kept
-    print(f"num_beams {args.num_beams}, {args.rounds} rounds; same tokens and scores: "
-          f"{results['kept binding'] == results['fresh binding per run']}")
-    base = statistics.median(walls["fresh binding per run"])
-    for name, ts in walls.items():
-        print(f"  {name:22s} median {statistics.median(ts):.3f} s (x{base / statistics.median(ts):.3f}; "
-              f"{', '.join(f'{t:.2f}' for t in ts)})")
+
+
+def room(args) -> None:
+    """K/V buffers with APPEND_ROOM positions of room, grown in place (fifth session), vs no room (a new
+    buffer at every growth, as before): whole calls interleaved in one process."""
+    from deploylm.backends import ort_kv
+    from deploylm.generator import load
+
+    gen = load(args.artifact, backend="onnx", threads=2)
+    default = ort_kv.APPEND_ROOM
+    variants = {"no room (new buffers)": 0, f"room {default} (in place)": default}
+    _interleaved(gen, variants, lambda value: setattr(ort_kv, "APPEND_ROOM", value), _options(args.num_beams), args.rounds)
+    ort_kv.APPEND_ROOM = default
 
 
 def lookup(args) -> None:
@@ -257,18 +321,19 @@ def lookup(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup", "prefill", "binding"))
+    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup", "prefill", "binding", "room"))
     parser.add_argument("--artifact", default=str(ROOT / "export" / "smollm2-fp32-v2"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--bench-json", help="lookup: a `deploylm bench --num-beams 1 --json` report")
     parser.add_argument("--trim", action="store_true", help="rss: call glibc's malloc_trim(0) after every call")
+    parser.add_argument("--room", type=int, help="rss: K/V room in positions (ort_kv.APPEND_ROOM; 0 = a new buffer per growth)")
     parser.add_argument("--long-prompt", action="store_true", help="prefill: one prompt of ~460 tokens among short ones")
     args = parser.parse_args()
     if args.what == "lookup" and not args.bench_json:
         parser.error("lookup needs --bench-json FILE")
     {"threads": threads, "reorders": reorders, "rss": rss, "spin": spin, "lookup": lookup,
-     "prefill": prefill, "binding": binding}[args.what](args)
+     "prefill": prefill, "binding": binding, "room": room}[args.what](args)
 
 
 if __name__ == "__main__":

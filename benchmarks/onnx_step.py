@@ -111,12 +111,25 @@ def profile_ops(path: str, feeds: dict[str, np.ndarray], threads: int, runs: int
     by_op: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
+            op = _kernel_kind(e.get("args", {}))
             by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / (runs + 1)
     total = sum(by_op.values())
     print(f"  ORT profile of {path} (ms per step, kernels only; total {total:.1f}):")
-    for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"    {op:<34} {ms:7.1f}  {100 * ms / total:4.1f}%")
+    for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:16]:
+        print(f"    {op:<40} {ms:7.1f}  {100 * ms / total:4.1f}%")
+
+
+def _kernel_kind(args: dict) -> str:
+    """The op type; a MatMul by its shapes: `MatMul 576->1536` for a weight (one 2-D operand the profile
+    does not list, being prepacked), `MatMul attention` for a product of two activations."""
+    op = args.get("op_name", "?")
+    if op not in ("MatMul", "FusedMatMul"):
+        return op
+    inputs = [next(iter(t.values())) for t in args.get("input_type_shape", [])]
+    outputs = [next(iter(t.values())) for t in args.get("output_type_shape", [])]
+    if len(inputs) == 1 and outputs:
+        return f"{op} {inputs[0][-1]}->{outputs[0][-1]}"
+    return f"{op} attention"
 
 
 def main() -> None:

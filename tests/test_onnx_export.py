@@ -226,6 +226,9 @@ def test_smollm2_gguf_fp32_beam_tokens_identical(smollm2_file, tmp_path):
     expands = sum(n.op_type == "Expand" for n in graph.node)
     assert expands < 30, f"{expands} Expand nodes: K/V repeated to every query head in the 30 layers"  # sdpa: 63
     assert [o.name for o in graph.output][1] == "new_key_values.0.key"  # append layout: no past copied per step
+    # q/k/v and gate/up packed in each of the 30 layers (deploylm.export.pack_matmuls): 7 MatMuls become 4
+    assert load_artifact(tmp_path / "smol").manifest["export"]["packed_matmuls"] == {"model.onnx": 60}
+    assert sum(n.op_type == "MatMul" and n.name.endswith(".packed") for n in graph.node) == 60
     past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
     assert not [n.op_type for n in graph.node if n.op_type == "Concat" and set(n.input) & past]
 

@@ -1,10 +1,10 @@
 """`deploylm export`: a fixed pipeline from SRC to a verified artifact folder.
 
-resolve source -> load the torch model -> export graphs into the artifact's temporary folder ->
-config, generation config, tokenizer -> validate graphs against PyTorch -> precision (non-fp32
-profiles) -> TensorRT engines (profiles listing trt) -> parity (torch vs onnx, step by step, on the
-parity prompts) -> manifest, then rename into place (deploylm.artifact). Any
-failure leaves nothing behind; an existing output folder is refused unless `force`.
+resolve source -> load the torch model -> export graphs into the artifact's temporary folder -> pack
+MatMuls that share an input (fp32 profiles for ONNX Runtime) -> config, generation config, tokenizer ->
+validate graphs against PyTorch -> precision (non-fp32 profiles) -> TensorRT engines (profiles listing
+trt) -> parity (torch vs onnx, step by step, on the parity prompts) -> manifest, then rename into place
+(deploylm.artifact). Any failure leaves nothing behind; an existing output folder is refused unless `force`.
 """
 from __future__ import annotations
 
@@ -101,6 +101,8 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
 
     def build(tmp: Path) -> None:
         _timed(timings, "export", _export_graphs, plan, tmp)
+        if packs_matmuls(profile):
+            fields["export"]["packed_matmuls"] = _timed(timings, "pack", _pack_graphs, plan, tmp)
         _write_model_files(source, model, tmp)
         result["validation"] = _timed(timings, "validate", validate_graphs, plan, tmp, fp32_atol)
         if not result["validation"].ok:
@@ -121,6 +123,19 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     return ExportReport(out, profile.name, plan.kind, files, result["validation"], result["parity"],
                         tuple(result["details"]), timings)
+
+
+def packs_matmuls(profile: Any) -> bool:
+    """fp32 graphs for ONNX Runtime get their MatMuls that share an input packed (deploylm.export.pack_matmuls:
+    the same bits, a faster step); quantized profiles quantize the graphs as exported, TensorRT fuses itself."""
+    return profile.precision == "fp32" and "trt" not in profile.backends
+
+
+def _pack_graphs(plan: GraphPlan, folder: Path) -> dict[str, int]:
+    """Pack each graph in place; {graph file: MatMul groups packed}."""
+    from deploylm.export.pack_matmuls import pack_graph_file
+
+    return {spec.file: len(pack_graph_file(folder / spec.file)) for spec, _ in plan.graphs}
 
 
 def _precision_step(profile: Any) -> Any:

@@ -1,0 +1,93 @@
+"""Packing the MatMuls that read the same activation (deploylm.export.pack_matmuls): one MatMul over the
+weights side by side and a Split give the outputs of the separate MatMuls; fp32 exports pack, others not."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from deploylm.backends.onnx_backend import create_session
+from deploylm.export.onnx_export import EXPORT_SIZES, example_inputs, export_graph, plan_graphs
+from deploylm.export.pack_matmuls import PACKED_SUFFIX, pack_graph_file, pack_model
+from deploylm.export.pipeline import packs_matmuls
+from deploylm.profiles import load_profile
+
+
+def _run(path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return create_session(path, threads=1).run(None, feeds)
+
+
+def _matmuls(path) -> int:
+    import onnx
+
+    return sum(n.op_type == "MatMul" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_shared_input_matmuls_become_one_matmul_and_a_split_with_the_same_outputs(tmp_path):
+    """x feeds three weight MatMuls (one [4, 3], two [4, 2]) and one MatMul with an activation as its
+    second input; y feeds one weight MatMul. Only the three are packed, in graph order."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal(shape).astype(np.float32)
+               for name, shape in (("wa", (4, 3)), ("wb", (4, 2)), ("wc", (4, 2)), ("wy", (4, 5)))}
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="a"),
+             helper.make_node("Relu", ["a"], ["a_relu"]),                       # a consumer between members
+             helper.make_node("MatMul", ["x", "wb"], ["b"], name="b"),
+             helper.make_node("MatMul", ["y", "wy"], ["yo"], name="y"),
+             helper.make_node("MatMul", ["x", "z"], ["xz"], name="activation"),  # not a weight: left alone
+             helper.make_node("MatMul", ["x", "wc"], ["c"], name="c")]
+    f32 = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [f32("x", [2, 3, 4]), f32("y", [2, 4]), f32("z", [4, 6])],
+                              [f32(n, None) for n in ("a_relu", "b", "c", "yo", "xz")],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    feeds = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32), "y": rng.standard_normal((2, 4)).astype(np.float32),
+             "z": rng.standard_normal((4, 6)).astype(np.float32)}
+    before = _run(path, feeds)
+    assert pack_graph_file(path) == [["a", "b", "c"]]
+    after = _run(path, feeds)
+    for want, got in zip(before, after):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(after[1], feeds["x"] @ weights["wb"], rtol=1e-6)
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 3      # packed, y's, the activation one
+    assert {i.name for i in model.graph.initializer} >= {"wy", f"a{PACKED_SUFFIX}.weight"}
+    assert not {"wa", "wb", "wc"} & {i.name for i in model.graph.initializer}   # the separate weights are gone
+    assert pack_model(model) == []                                               # nothing left to pack
+
+
+@pytest.fixture(scope="module")
+def llama_graph(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama's decoder graph as exported (not packed), with its example inputs."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    plan = plan_graphs(model)
+    ((spec, module),) = plan.graphs
+    folder = tmp_path_factory.mktemp("llama-graph")
+    path = export_graph(module, spec, folder, plan.dims.vocab_size)
+    feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, example_inputs(spec, EXPORT_SIZES, plan.dims.vocab_size, seed=1))}
+    return path, feeds, model.config.num_hidden_layers
+
+
+def test_a_llama_graph_packs_qkv_and_gate_up_in_every_layer_with_the_same_outputs(llama_graph, tmp_path):
+    path, feeds, layers = llama_graph
+    packed = tmp_path / path.name
+    shutil.copy(path, packed)
+    for data in path.parent.glob(f"{path.name}.data"):
+        shutil.copy(data, tmp_path / data.name)
+    groups = pack_graph_file(packed)
+    assert sorted(len(g) for g in groups) == [2] * layers + [3] * layers        # gate/up, q/k/v per layer
+    assert _matmuls(packed) == _matmuls(path) - 3 * layers
+    for want, got in zip(_run(path, feeds), _run(packed, feeds)):
+        assert float(np.abs(got - want).max()) <= 1e-6                      # same bits on this machine
+
+
+def test_fp32_profiles_for_onnx_runtime_pack_and_the_others_do_not():
+    assert packs_matmuls(load_profile("fp32"))
+    for name in ("fp16", "bf16", "int8", "int8-dynamic", "int8-static", "int4", "trt-fp16", "trt-int8"):
+        assert not packs_matmuls(load_profile(name)), name
