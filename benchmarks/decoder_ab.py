@@ -1,4 +1,4 @@
-"""The A/B measurements of issue 7's third session, on the bench workload (8 standard prompts, beam 4,
+"""The A/B measurements of issue 7 (third to fifth sessions), on the bench workload (8 standard prompts, beam 4,
 exactly 64 new tokens) and an exported decoder-only artifact (default: export/smollm2-fp32-v2).
 
     .venv/bin/python benchmarks/decoder_ab.py threads  [--artifact DIR] [--rounds 4] [--num-beams 4]
@@ -20,6 +20,9 @@ exactly 64 new tokens) and an exported decoder-only artifact (default: export/sm
     .venv/bin/python benchmarks/decoder_ab.py binding  [--artifact DIR] [--rounds 4] [--num-beams 4]
         the backend's kept per-thread IO binding (fifth session) vs a fresh binding of every name per run:
         ms per run spent binding (outside ORT's run), then whole calls interleaved in one process
+    .venv/bin/python benchmarks/decoder_ab.py artifacts --compare A B [--rounds 4] [--num-beams 4]
+        two artifacts (e.g. export/smollm2-fp32-v2 and -v3, before/after packing MatMuls) interleaved in one
+        process: wall time, time inside ONNX Runtime and the median decode run per call
     .venv/bin/python benchmarks/decoder_ab.py room     [--artifact DIR] [--rounds 4] [--num-beams 4]
         K/V buffers with room, grown in place (fifth session) vs a new buffer at every growth, interleaved
     .venv/bin/python benchmarks/decoder_ab.py lookup   --bench-json FILE [--artifact DIR]
@@ -275,6 +278,51 @@ def binding(args) -> None:
     OnnxBackend._binding = kept
 
 
+def artifacts(args) -> None:
+    """Two artifacts (e.g. before/after an export change) in one process, calls interleaved: wall time and
+    the time inside ONNX Runtime's runs per call, and the median run of a decode step."""
+    from deploylm.generator import load
+
+    if len(args.compare) != 2:
+        raise SystemExit("artifacts needs --compare A B (two artifact folders)")
+    runs: dict[str, list[float]] = {}
+
+    class TimedSession:
+        def __init__(self, session, name):
+            self.session, self.name = session, name
+
+        def run_with_iobinding(self, iobinding):
+            start = time.perf_counter()
+            self.session.run_with_iobinding(iobinding)
+            runs[self.name].append(time.perf_counter() - start)
+
+        def __getattr__(self, attr):
+            return getattr(self.session, attr)
+
+    gens = {}
+    for name in args.compare:
+        gens[name] = load(name, backend="onnx", threads=2)
+        gens[name].backend.sessions = {f: TimedSession(sess, name) for f, sess in gens[name].backend.sessions.items()}
+        runs[name] = []
+    options = _options(args.num_beams)
+    results = {name: [[(h.token_ids, h.score) for h in r.sequences] for r in gen.generate(_prompts(), **options)]
+               for name, gen in gens.items()}
+    walls, inside, steps = (collections.defaultdict(list) for _ in range(3))
+    for r in range(args.rounds):
+        for name in (args.compare if r % 2 == 0 else args.compare[::-1]):
+            runs[name].clear()
+            walls[name].append(_timed(gens[name], options)[0])
+            inside[name].append(sum(runs[name]))
+            steps[name].append(statistics.median(runs[name][1:]))
+    a, b = args.compare
+    print(f"num_beams {args.num_beams}, {args.rounds} rounds after a warm-up, load average {os.getloadavg()[0]:.1f}; "
+          f"same tokens and scores: {results[a] == results[b]}")
+    for name in args.compare:
+        print(f"  {name}: wall {statistics.median(walls[name]):.3f} s (x{statistics.median(walls[a]) / statistics.median(walls[name]):.3f}), "
+              f"inside ORT {statistics.median(inside[name]):.3f} s, decode run p50 {1e3 * statistics.median(steps[name]):.2f} ms "
+              f"(x{statistics.median(steps[a]) / statistics.median(steps[name]):.3f})")
+
+
 def room(args) -> None:
     """K/V buffers with APPEND_ROOM positions of room, grown in place (fifth session), vs no room (a new
     buffer at every growth, as before): whole calls interleaved in one process."""
@@ -321,19 +369,21 @@ def lookup(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup", "prefill", "binding", "room"))
+    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup", "prefill", "binding", "room", "artifacts"))
     parser.add_argument("--artifact", default=str(ROOT / "export" / "smollm2-fp32-v2"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--bench-json", help="lookup: a `deploylm bench --num-beams 1 --json` report")
     parser.add_argument("--trim", action="store_true", help="rss: call glibc's malloc_trim(0) after every call")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="ARTIFACT", help="artifacts: the two artifacts")
     parser.add_argument("--room", type=int, help="rss: K/V room in positions (ort_kv.APPEND_ROOM; 0 = a new buffer per growth)")
     parser.add_argument("--long-prompt", action="store_true", help="prefill: one prompt of ~460 tokens among short ones")
     args = parser.parse_args()
     if args.what == "lookup" and not args.bench_json:
         parser.error("lookup needs --bench-json FILE")
     {"threads": threads, "reorders": reorders, "rss": rss, "spin": spin, "lookup": lookup,
-     "prefill": prefill, "binding": binding, "room": room}[args.what](args)
+     "prefill": prefill, "binding": binding, "room": room,
+     "artifacts": artifacts}[args.what](args)
 
 
 if __name__ == "__main__":
