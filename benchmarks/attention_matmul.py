@@ -46,13 +46,39 @@ def _session(nodes, inputs, outputs, initializers=()):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def _big_first(small: str, big: str, out: str, inputs, outputs):
+    """A session computing, per layer i, (big_i @ smallᵀ)ᵀ -> out_i: the big operand as SGEMM's first
+    (unpacked) operand, then a Transpose back to [.., G, ...]."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Transpose", [small], [f"{small}t"], perm=[0, 1, 3, 2])]
+    for i in range(LAYERS):
+        nodes += [helper.make_node("MatMul", [f"{big}{i}", f"{small}t"], [f"{out}t{i}"]),
+                  helper.make_node("Transpose", [f"{out}t{i}"], [f"{out}{i}"], perm=[0, 1, 3, 2])]
+    return _session(nodes, inputs, outputs)
+
+
+def _broadcast(small: str, big: str, out: str, column_shape: list[int], out_shape: list[int], inputs, outputs):
+    """A session computing, per layer i, big_i[.., 1, :, :] @ small[.., G, :, 1] -> out_i (one column per
+    query head, the big operand broadcast over the G heads)."""
+    from onnx import TensorProto, helper
+
+    shape = lambda name, dims: helper.make_tensor(name, TensorProto.INT64, [len(dims)], dims)  # noqa: E731
+    nodes = [helper.make_node("Reshape", [small, "column_shape"], [f"{small}5"])]
+    for i in range(LAYERS):
+        nodes += [helper.make_node("Unsqueeze", [f"{big}{i}", "axis2"], [f"{big}5{i}"]),
+                  helper.make_node("MatMul", [f"{big}5{i}", f"{small}5"], [f"{out}5{i}"]),
+                  helper.make_node("Reshape", [f"{out}5{i}", "out_shape"], [f"{out}{i}"])]
+    return _session(nodes, inputs, outputs, [shape("column_shape", column_shape), shape("axis2", [2]),
+                                             shape("out_shape", out_shape)])
+
+
 def variants(rows: int, past: int) -> dict[str, tuple[object, dict[str, np.ndarray]]]:
     """Name -> (session, feeds) for the six formulations; every output i is [R, Hkv, G, C] or [R, Hkv, G, Dh]."""
     from onnx import TensorProto, helper
 
     R, H, G, C, D, L = rows, HEADS, GROUPS, past, HEAD_DIM, LAYERS
     fp32 = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
-    shape = lambda name, dims: helper.make_tensor(name, TensorProto.INT64, [len(dims)], dims)  # noqa: E731
     node = helper.make_node
     rng = np.random.default_rng(0)
     keys = {f"k{i}": rng.standard_normal((R, H, C, D), dtype=np.float32) for i in range(L)}
@@ -70,29 +96,13 @@ def variants(rows: int, past: int) -> dict[str, tuple[object, dict[str, np.ndarr
         "S a q@Kt": (_session(each(lambda i: [node("Transpose", [f"k{i}"], [f"kt{i}"], perm=[0, 1, 3, 2]),
                                               node("MatMul", ["q", f"kt{i}"], [f"s{i}"])]),
                               q_in + k_in, outs("s")), dict(q=q, **keys)),
-        "S b (K@qt)t": (_session([node("Transpose", ["q"], ["qt"], perm=[0, 1, 3, 2])]
-                                 + each(lambda i: [node("MatMul", [f"k{i}", "qt"], [f"st{i}"]),
-                                                   node("Transpose", [f"st{i}"], [f"s{i}"], perm=[0, 1, 3, 2])]),
-                                 q_in + k_in, outs("s")), dict(q=q, **keys)),
-        "S c broadcast": (_session([node("Reshape", ["q", "q_shape"], ["q5"])]
-                                   + each(lambda i: [node("Unsqueeze", [f"k{i}", "axis2"], [f"k5{i}"]),
-                                                     node("MatMul", [f"k5{i}", "q5"], [f"s5{i}"]),
-                                                     node("Reshape", [f"s5{i}", "s_shape"], [f"s{i}"])]),
-                                   q_in + k_in, outs("s"),
-                                   [shape("q_shape", [R, H, G, D, 1]), shape("axis2", [2]), shape("s_shape", [R, H, G, C])]),
+        "S b (K@qt)t": (_big_first("q", "k", "s", q_in + k_in, outs("s")), dict(q=q, **keys)),
+        "S c broadcast": (_broadcast("q", "k", "s", [R, H, G, D, 1], [R, H, G, C], q_in + k_in, outs("s")),
                           dict(q=q, **keys)),
         "O d P@V": (_session(each(lambda i: [node("MatMul", ["p", f"v{i}"], [f"o{i}"])]), p_in + v_in, outs("o")),
                     dict(p=p, **values)),
-        "O e (Vt@Pt)t": (_session([node("Transpose", ["p"], ["pt"], perm=[0, 1, 3, 2])]
-                                  + each(lambda i: [node("MatMul", [f"v{i}", "pt"], [f"ot{i}"]),
-                                                    node("Transpose", [f"ot{i}"], [f"o{i}"], perm=[0, 1, 3, 2])]),
-                                  p_in + vt_in, outs("o")), dict(p=p, **values_t)),
-        "O f broadcast": (_session([node("Reshape", ["p", "p_shape"], ["p5"])]
-                                   + each(lambda i: [node("Unsqueeze", [f"v{i}", "axis2"], [f"v5{i}"]),
-                                                     node("MatMul", [f"v5{i}", "p5"], [f"o5{i}"]),
-                                                     node("Reshape", [f"o5{i}", "o_shape"], [f"o{i}"])]),
-                                   p_in + vt_in, outs("o"),
-                                   [shape("p_shape", [R, H, G, C, 1]), shape("axis2", [2]), shape("o_shape", [R, H, G, D])]),
+        "O e (Vt@Pt)t": (_big_first("p", "v", "o", p_in + vt_in, outs("o")), dict(p=p, **values_t)),
+        "O f broadcast": (_broadcast("p", "v", "o", [R, H, G, C, 1], [R, H, G, D], p_in + vt_in, outs("o")),
                           dict(p=p, **values_t)),
     }
 
