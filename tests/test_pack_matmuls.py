@@ -1,5 +1,6 @@
 """Packing the MatMuls that read the same activation (deploylm.export.pack_matmuls): one MatMul over the
-weights side by side and a Split give the outputs of the separate MatMuls; fp32 exports pack, others not."""
+weights side by side and a Split give the outputs of the separate MatMuls, before and after int8
+weight-only quantization; fp32 and int8 (weight-only) exports pack, the other profiles do not."""
 from __future__ import annotations
 
 import shutil
@@ -87,7 +88,28 @@ def test_a_llama_graph_packs_qkv_and_gate_up_in_every_layer_with_the_same_output
         assert float(np.abs(got - want).max()) <= 1e-6                      # same bits on this machine
 
 
-def test_fp32_profiles_for_onnx_runtime_pack_and_the_others_do_not():
-    assert packs_matmuls(load_profile("fp32"))
-    for name in ("fp16", "bf16", "int8", "int8-dynamic", "int8-static", "int4", "trt-fp16", "trt-int8"):
+def test_int8_weight_only_quantizes_a_packed_graph_to_the_same_outputs(llama_graph, tmp_path):
+    """Why the int8 profile may pack before quantizing: MatMulNBits quantizes each weight column, and each
+    activation block along K, the same whatever the weight's width."""
+    from deploylm.export.quantize import quantize_graph
+
+    path, feeds, _ = llama_graph
+    packed = tmp_path / "packed" / path.name
+    packed.parent.mkdir()
+    shutil.copy(path, packed)
+    for data in path.parent.glob(f"{path.name}.data"):
+        shutil.copy(data, packed.parent / data.name)
+    assert pack_graph_file(packed)
+    q = load_profile("int8").quantization
+    quantize_graph(path, tmp_path / "separate-int8.onnx", "int8", q)
+    quantize_graph(packed, tmp_path / "packed-int8.onnx", "int8", q)
+    separate, together = _run(tmp_path / "separate-int8.onnx", feeds), _run(tmp_path / "packed-int8.onnx", feeds)
+    assert float(np.abs(separate[0] - _run(path, feeds)[0]).max()) > 1e-4      # it did quantize
+    for want, got in zip(separate, together):
+        assert float(np.abs(got - want).max()) <= 1e-6
+
+
+def test_fp32_and_int8_weight_only_profiles_for_onnx_runtime_pack_and_the_others_do_not():
+    assert packs_matmuls(load_profile("fp32")) and packs_matmuls(load_profile("int8"))
+    for name in ("fp16", "bf16", "int8-dynamic", "int8-static", "int4", "trt-fp16", "trt-int8"):
         assert not packs_matmuls(load_profile(name)), name

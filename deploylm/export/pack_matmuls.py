@@ -8,9 +8,11 @@ in the same order whatever the width of the weight, so the outputs are the same 
 0 on the logits and the new K/V at 8 and 32 rows) and the step is faster (1.08× at 8 rows, 1.03× at 32;
 docs/benchmarks.md, "Issue 7, fifth session").
 
-`deploylm export` applies it to the fp32 profile's graphs, before they are validated against PyTorch.
-Quantized profiles start from the unpacked graphs (their int4 pass packs the same groups itself:
-deploylm.export.q4_1), and TensorRT builds fuse on their own.
+`deploylm export` applies it before the graphs are validated against PyTorch, for fp32 profiles and for
+int8 weight-only ones (MatMulNBits quantizes each weight column and each activation block along K alike
+whatever the width: the same bits again, 1.07× at 8 rows); the other quantized profiles start from the
+unpacked graphs (int4 packs the same groups itself: deploylm.export.q4_1), and TensorRT fuses on its own
+(deploylm.export.pipeline.packs_matmuls).
 """
 from __future__ import annotations
 

@@ -126,9 +126,14 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
 
 
 def packs_matmuls(profile: Any) -> bool:
-    """fp32 graphs for ONNX Runtime get their MatMuls that share an input packed (deploylm.export.pack_matmuls:
-    the same bits, a faster step); quantized profiles quantize the graphs as exported, TensorRT fuses itself."""
-    return profile.precision == "fp32" and "trt" not in profile.backends
+    """Graphs for ONNX Runtime whose MatMuls that share an input are packed (deploylm.export.pack_matmuls:
+    the same bits, a faster step): fp32, and int8 weight-only, whose MatMulNBits quantizes each weight
+    column and each activation block along K alike whatever the width. The other quantized profiles
+    quantize the graphs as exported (int4 packs the same groups itself); TensorRT fuses on its own."""
+    if "trt" in profile.backends:
+        return False
+    q = profile.quantization
+    return profile.precision == "fp32" or (profile.precision == "int8" and q is not None and q.method == "weight-only")
 
 
 def _pack_graphs(plan: GraphPlan, folder: Path) -> dict[str, int]:
