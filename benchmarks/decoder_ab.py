@@ -205,6 +205,21 @@ def spin(args) -> None:
               f"({', '.join(f'{t:.2f}' for t in ts)})")
 
 
+class _TimedSession:
+    """An ORT session whose run_with_iobinding appends its seconds to `runs` (everything else passes through)."""
+
+    def __init__(self, session, runs: list[float]):
+        self.session, self.runs = session, runs
+
+    def run_with_iobinding(self, iobinding):
+        start = time.perf_counter()
+        self.session.run_with_iobinding(iobinding)
+        self.runs.append(time.perf_counter() - start)
+
+    def __getattr__(self, attr):
+        return getattr(self.session, attr)
+
+
 def _interleaved(gen, variants: dict, apply, options: dict, rounds: int) -> dict[str, list[float]]:
     """Wall times of `rounds` generate calls per variant, interleaved (the order alternates each round),
     after one warm-up call each; `apply(value)` switches to a variant. Checks the variants return the
@@ -244,19 +259,6 @@ def binding(args) -> None:
     policies = {"fresh binding per run": fresh, "kept binding": kept}
     inside: list[float] = []
     outside: dict[str, list[float]] = collections.defaultdict(list)
-
-    class TimedSession:                                          # times ORT's own run inside `_run`
-        def __init__(self, session):
-            self.session = session
-
-        def run_with_iobinding(self, iobinding):
-            start = time.perf_counter()
-            self.session.run_with_iobinding(iobinding)
-            inside.append(time.perf_counter() - start)
-
-        def __getattr__(self, attr):
-            return getattr(self.session, attr)
-
     def timed_run(self, *a, **k):
         inside.clear()
         start = time.perf_counter()
@@ -265,7 +267,7 @@ def binding(args) -> None:
         return out
 
     sessions = gen.backend.sessions
-    gen.backend.sessions = {f: TimedSession(sess) for f, sess in sessions.items()}
+    gen.backend.sessions = {f: _TimedSession(sess, inside) for f, sess in sessions.items()}
     OnnxBackend._run = timed_run
     for r in range(2 * args.rounds):
         name = list(policies)[r % 2]
@@ -286,24 +288,11 @@ def artifacts(args) -> None:
     if len(args.compare) != 2:
         raise SystemExit("artifacts needs --compare A B (two artifact folders)")
     runs: dict[str, list[float]] = {}
-
-    class TimedSession:
-        def __init__(self, session, name):
-            self.session, self.name = session, name
-
-        def run_with_iobinding(self, iobinding):
-            start = time.perf_counter()
-            self.session.run_with_iobinding(iobinding)
-            runs[self.name].append(time.perf_counter() - start)
-
-        def __getattr__(self, attr):
-            return getattr(self.session, attr)
-
     gens = {}
     for name in args.compare:
-        gens[name] = load(name, backend="onnx", threads=2)
-        gens[name].backend.sessions = {f: TimedSession(sess, name) for f, sess in gens[name].backend.sessions.items()}
         runs[name] = []
+        gens[name] = load(name, backend="onnx", threads=2)
+        gens[name].backend.sessions = {f: _TimedSession(sess, runs[name]) for f, sess in gens[name].backend.sessions.items()}
     options = _options(args.num_beams)
     results = {name: [[(h.token_ids, h.score) for h in r.sequences] for r in gen.generate(_prompts(), **options)]
                for name, gen in gens.items()}

@@ -351,25 +351,14 @@ def fuse_model(model: Any, fusions: tuple[str, ...]) -> dict[str, int]:
 
 def fuse_graph_file(path: Path, fusions: tuple[str, ...]) -> dict[str, int]:
     """Fuse one graph file in place; weights stay external (`<graph>.data`) if they were."""
-    import onnx
+    from deploylm.export.pack_matmuls import rewrite_graph_file
 
-    from deploylm.artifact import external_data_files
+    counts: dict[str, int] = {}
 
-    path = Path(path)
-    external = external_data_files(path)
-    mode = path.stat().st_mode & 0o777
-    model = onnx.load(str(path))                      # weights loaded into memory: the files may be rewritten
-    counts = fuse_model(model, fusions)
-    for data in external:
-        (path.parent / data).unlink()
-    if external:
-        data = path.parent / f"{path.name}.data"
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data.name, size_threshold=1024)
-        if data.exists():                             # onnx creates it owner-only; keep the graph's permissions
-            data.chmod(mode)
-    else:
-        onnx.save(model, str(path))
+    def fuse(model: Any) -> bool:
+        counts.update(fuse_model(model, fusions))
+        return True                                   # saved even when nothing matched, as before
+    rewrite_graph_file(path, fuse)
     return counts
 
 

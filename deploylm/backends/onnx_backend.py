@@ -114,6 +114,7 @@ class OnnxBackend:
         self.encoder_calls = 0  # inputs encoded (rows): tests check once per input
         self._io_device = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
         self._bindings = threading.local()  # per thread: {graph file: (IOBinding, {name: what is bound})}
+        self._placeholder = torch.zeros(1, device=device)  # bound for empty tensors: ORT refuses a null buffer
         self._layout()
 
     @classmethod
@@ -197,17 +198,16 @@ class OnnxBackend:
         binding, bound = self._binding(file)
         kind, index = self._io_device
         feeds = {n: t.contiguous() for n, t in feeds.items()}  # kept alive until the run returns
-        placeholder = torch.zeros(1, device=self.device)  # ORT refuses a null buffer (empty past)
         for name, t in feeds.items():
             dtype = np.int64 if t.dtype == torch.long else np.float32
-            what = (t.data_ptr() if t.numel() else placeholder.data_ptr(), tuple(t.shape), dtype)
+            what = ((t if t.numel() else self._placeholder).data_ptr(), tuple(t.shape), dtype)
             if bound.get(name) != what:
                 binding.bind_input(name, kind, index, dtype, what[1], what[0])
                 bound[name] = what
         result = {}
         for name, shape in outputs.items():
             out = shape if isinstance(shape, Tensor) else torch.empty(shape, dtype=torch.float32, device=self.device)
-            what = (out.data_ptr() if out.numel() else placeholder.data_ptr(), tuple(out.shape), np.float32)
+            what = ((out if out.numel() else self._placeholder).data_ptr(), tuple(out.shape), np.float32)
             if bound.get("out:" + name) != what:
                 binding.bind_output(name, kind, index, np.float32, what[1], what[0])
                 bound["out:" + name] = what

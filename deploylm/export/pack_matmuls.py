@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -75,6 +75,13 @@ def pack_model(model: Any) -> list[list[str]]:
 
 def pack_graph_file(path: Path) -> list[list[str]]:
     """Pack one graph file in place; weights stay in the graph's external data file if they were there."""
+    return rewrite_graph_file(path, pack_model)
+
+
+def rewrite_graph_file(path: Path, edit: Callable[[Any], Any]) -> Any:
+    """Load the graph file `path` with its weights, apply `edit(model)` (in place), and save it back when
+    `edit` returns something true: weights external (one data file, written in WRITE_CHUNK writes, with the
+    old one's permissions) if they were, inline otherwise. Returns what `edit` returned."""
     import onnx
 
     from deploylm.artifact import external_data_files
@@ -82,9 +89,9 @@ def pack_graph_file(path: Path) -> list[list[str]]:
     path = Path(path)
     external = external_data_files(path)
     model = onnx.load(str(path))                      # weights into memory: the data file is rewritten
-    groups = pack_model(model)
-    if not groups:
-        return groups
+    result = edit(model)
+    if not result:
+        return result
     if external:
         mode = (path.parent / external[0]).stat().st_mode & 0o777
         for data in external:
@@ -96,7 +103,7 @@ def pack_graph_file(path: Path) -> list[list[str]]:
         data.chmod(mode)                              # onnx creates it owner-only
     else:
         onnx.save(model, str(path))
-    return groups
+    return result
 
 
 WRITE_CHUNK = 1 << 16
