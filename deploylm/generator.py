@@ -60,12 +60,16 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
 
     backend: "torch" | "onnx" | "trt"; default "onnx" for an artifact, "torch" otherwise.
     backend_options go to the backend (torch: device="cpu"|"cuda", dtype="float32"|"float16"|"bfloat16"|"int8",
-    int8 = dynamic quantization of the Linear layers, CPU only).
+    int8 = dynamic quantization of the Linear layers, CPU only; onnx: device, threads=N intra-op threads,
+    spin=True for ONNX Runtime threads that spin briefly between kernels: faster on idle cores, slower
+    beside busy processes, see deploylm.backends.onnx_backend.create_session).
     """
     from deploylm.models.tokenizer import load_tokenizer
 
     source = src if isinstance(src, Source) else resolve_source(src)
     name = backend or ("onnx" if source.kind == "artifact" else "torch")
+    if backend_options.get("spin") and name != "onnx":
+        raise UsageError(f"spin=True applies to the onnx backend (ONNX Runtime's threads), not to {name!r}")
     opened = backend_class(name).from_source(source, **backend_options)  # unknown name: UsageError listing them
     return Generator(opened, load_tokenizer(source, light=source.kind == "artifact"))  # artifacts: no transformers import
 

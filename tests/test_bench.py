@@ -27,6 +27,8 @@ PROMPTS = ("the quick brown fox", "hello world", "one two three four five six se
     (dict(num_beams=0), "--num-beams 0"), (dict(max_new_tokens=0), "--max-new-tokens 0"),
     (dict(warmup=-1), "--warmup -1"), (dict(backends=("torch", "tpu")), "unknown backend 'tpu'"),
     (dict(models=()), "no model given"), (dict(prompts=("ok", " ")), "non-empty prompt"),
+    (dict(spin="sometimes"), "--spin 'sometimes': expected one of off, on, both"),
+    (dict(spin="on", backends=("torch",)), "--spin on applies to onnx rows"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(UsageError, match=message):

@@ -20,7 +20,7 @@ def test_help_lists_every_flag():
     out = run("--help")
     assert out.exit_code == 0
     for flag in ("--model", "--backends", "--prompts", "--batch-size", "--num-beams", "--max-new-tokens", "--rounds",
-                 "--warmup", "--threads", "--reference", "--no-reference", "--in-process", "--json", "--plot"):
+                 "--warmup", "--threads", "--spin", "--reference", "--no-reference", "--in-process", "--json", "--plot"):
         assert flag in out.output
 
 
@@ -63,11 +63,14 @@ def test_onnx_artifact_in_worker_processes(tiny_gpt2_dir, tmp_path):
     artifact = tmp_path / "tiny-gpt2-fp32"
     export_model(tiny_gpt2_dir, "fp32", artifact)
     config = BenchConfig(models=(str(tiny_gpt2_dir), str(artifact)), prompts=("the quick brown fox", "hello world"),
-                         batch_size=2, max_new_tokens=4, rounds=1, warmup=1)
+                         batch_size=2, max_new_tokens=4, rounds=1, warmup=1, spin="both")
     report = run_bench(config)
-    torch_row, onnx_row, ref = report.rows
-    assert (torch_row.backend, onnx_row.backend, ref.backend) == ("torch", "onnx", "transformers")
+    torch_row, onnx_row, spin_row, ref = report.rows
+    assert (torch_row.backend, onnx_row.backend, spin_row.backend, ref.backend) == ("torch", "onnx", "onnx", "transformers")
     assert onnx_row.reference == ref.label and onnx_row.profile == "fp32"
+    assert (onnx_row.spin, spin_row.spin, torch_row.spin) == (False, True, False)
+    assert spin_row.label == "tiny-gpt2-fp32 [onnx, spin]" and spin_row.token_ids == onnx_row.token_ids
+    assert report.workload["spin"] == "both"
     assert report.rss_scope == "row" and report.process_peak_rss_mib is None
     for row in report.rows:
         assert row.peak_rss_mib >= row.rss_after_load_mib > 0

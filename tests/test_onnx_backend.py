@@ -210,6 +210,48 @@ def test_session_settings(artifact):
         create_session(graph, opt_level="max")
 
 
+def test_spin_is_bounded_and_changes_no_value(artifact):
+    """spin=True: ORT's threads spin SPIN_US between kernels and stop when a run returns; tokens and
+    scores are the same bits as with sleeping threads, through the library and the CLI."""
+    from click.testing import CliRunner
+
+    import deploylm
+    from deploylm.backends.onnx_backend import SPIN_US
+    from deploylm.bench import BenchConfig
+    from deploylm.benchmarking.measure import open_local_runner
+    from deploylm.benchmarking.workload import plan_rows, workload_of
+    from deploylm.cli import cli
+
+    src, out = artifact("llama")
+    entries = ("session.intra_op.allow_spinning", "session.intra_op.spin_duration_us", "session.force_spinning_stop")
+    sleeping = create_session(out / "model.onnx", threads=2).get_session_options()
+    assert sleeping.get_session_config_entry(entries[0]) == "0"
+    spinning = create_session(out / "model.onnx", threads=2, spin=True).get_session_options()
+    assert [spinning.get_session_config_entry(e) for e in entries] == ["1", str(SPIN_US), "1"]
+
+    plain, spun = deploylm.load(out, threads=2), deploylm.load(out, threads=2, spin=True)
+    assert spun.backend.sessions["model.onnx"].get_session_options().get_session_config_entry(entries[0]) == "1"
+    for beams in (1, 3):
+        a = plain.generate(PROMPTS, num_beams=beams, max_new_tokens=6, min_new_tokens=6)
+        b = spun.generate(PROMPTS, num_beams=beams, max_new_tokens=6, min_new_tokens=6)
+        assert [(s.token_ids, s.score) for r in a for s in r.sequences] == \
+               [(s.token_ids, s.score) for r in b for s in r.sequences]
+    with pytest.raises(UsageError, match="spin=True applies to the onnx backend"):
+        deploylm.load(src, backend="torch", spin=True)
+
+    config = BenchConfig(models=(str(out),), backends=("onnx",), spin="both", reference=False)
+    for spec in plan_rows(config):                   # what a `deploylm bench --spin both` row opens
+        runner = open_local_runner(spec, workload_of(config))
+        options = runner.generator.backend.sessions["model.onnx"].get_session_options()
+        assert options.get_session_config_entry(entries[0]) == ("1" if spec.spin else "0")
+
+    runner = CliRunner()
+    args = ["generate", "--model", str(out), "--max-new-tokens", "5", *PROMPTS]
+    assert runner.invoke(cli, args + ["--spin"]).stdout == runner.invoke(cli, args).stdout != ""
+    refused = runner.invoke(cli, ["generate", "--model", str(src), "--spin", "hi"])
+    assert refused.exit_code == 2 and "--spin applies to the onnx backend" in refused.stderr
+
+
 def test_model_generation_settings_reach_the_onnx_backend(tmp_path):
     """A model's own decoding settings (forced BOS/EOS, bad words, suppressed tokens) are applied on ONNX
     exactly as on torch: same ModelInfo.generation, same beams."""

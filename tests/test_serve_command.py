@@ -10,7 +10,7 @@ def test_serve_help_lists_the_limits():
     result = CliRunner().invoke(cli, ["serve", "--help"])
     assert result.exit_code == 0
     for flag in ("--model", "--backend", "--host", "--port", "--max-batch-size", "--max-wait-ms", "--max-queue",
-                 "--max-prompt-tokens", "--max-new-tokens", "--max-body-bytes", "--drain-timeout"):
+                 "--max-prompt-tokens", "--max-new-tokens", "--max-body-bytes", "--drain-timeout", "--spin"):
         assert flag in result.output
 
 
@@ -33,3 +33,9 @@ def test_serve_bad_model_is_one_error_line(tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "missing")])
     assert result.exit_code == 2
     assert result.output.startswith("error: model") and "does not exist" in result.output
+
+
+def test_serve_spin_is_for_the_onnx_backend(tiny_gpt2_dir):
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--spin"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: spin=True applies to the onnx backend") and result.output.count("\n") == 1

@@ -41,6 +41,7 @@ from deploylm.models.source import Source, resolve_source
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 DEFAULT_OPT_LEVEL = "all"  # parity with PyTorch holds at ORT_ENABLE_ALL (tests/test_onnx_backend.py)
+SPIN_US = 20  # spin=True: a worker spins this long for the next kernel, and never between runs (issue 7)
 
 
 def physical_cores() -> int:
@@ -53,8 +54,14 @@ def physical_cores() -> int:
 
 
 def create_session(path: Path, *, device: str = "cpu", threads: int | None = None,
-                   providers: list[str] | None = None, opt_level: str = DEFAULT_OPT_LEVEL) -> Any:
-    """An InferenceSession for one graph; CUDA is refused loudly when ORT would fall back to CPU."""
+                   providers: list[str] | None = None, opt_level: str = DEFAULT_OPT_LEVEL, spin: bool = False) -> Any:
+    """An InferenceSession for one graph; CUDA is refused loudly when ORT would fall back to CPU.
+
+    The intra-op threads sleep between kernels by default. spin=True lets them spin SPIN_US for the
+    next kernel inside a run (and stop when the run returns): on 2 idle cores, greedy calls 1.08-1.10x
+    and beam-4 calls 1.02-1.04x faster; beside one busy process, greedy calls 0.93x (ORT's own
+    unbounded spinning: 0.58x). Values are the same either way. docs/benchmarks.md, issue 7.
+    """
     import onnxruntime as ort
 
     if opt_level not in OPT_LEVELS:
@@ -62,7 +69,10 @@ def create_session(path: Path, *, device: str = "cpu", threads: int | None = Non
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning halves speed under load
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")  # unbounded: 0.58x under load
+    if spin:
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+        options.add_session_config_entry("session.force_spinning_stop", "1")  # no spinning between runs
     options.enable_cpu_mem_arena = False  # the arena keeps its high-water mark: -60 MiB peak RSS, same speed (issue 7)
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{'ENABLE_' if opt_level != 'disable' else ''}{opt_level.upper()}")
     options.log_severity_level = 3
@@ -119,8 +129,11 @@ class OnnxBackend:
 
     @classmethod
     def from_source(cls, source: Source | str, *, device: str = "cpu", threads: int | None = None,
-                    providers: list[str] | None = None, opt_level: str = DEFAULT_OPT_LEVEL, **_: Any) -> "OnnxBackend":
-        """Open an artifact folder (checksums verified) with CPU (default) or CUDA sessions."""
+                    providers: list[str] | None = None, opt_level: str = DEFAULT_OPT_LEVEL, spin: bool = False,
+                    **_: Any) -> "OnnxBackend":
+        """Open an artifact folder (checksums verified) with CPU (default) or CUDA sessions.
+
+        threads: intra-op threads (default: the physical cores); spin: see create_session."""
         from deploylm.artifact import load_artifact
 
         source = source if isinstance(source, Source) else resolve_source(source)
@@ -131,12 +144,13 @@ class OnnxBackend:
             raise UsageError(f"device {device!r}: expected cpu or cuda")
         artifact = load_artifact(source.path)  # verifies checksums and graph IO against the manifest
         return cls.from_folder(artifact.path, name=source.name, generation=artifact.manifest.get("generation"),
-                               device=device, threads=threads, providers=providers, opt_level=opt_level)
+                               device=device, threads=threads, providers=providers, opt_level=opt_level,
+                               spin=spin)
 
     @classmethod
     def from_folder(cls, folder: Path, *, name: str, generation: dict[str, Any] | None = None, device: str = "cpu",
                     threads: int | None = None, providers: list[str] | None = None,
-                    opt_level: str = DEFAULT_OPT_LEVEL) -> "OnnxBackend":
+                    opt_level: str = DEFAULT_OPT_LEVEL, spin: bool = False) -> "OnnxBackend":
         """Open the graphs in `folder` without a manifest (export uses it on its temporary folder)."""
         folder = Path(folder)
         files = [f for f in (io_spec.MODEL_FILE, io_spec.ENCODER_FILE, io_spec.DECODER_FILE) if (folder / f).is_file()]
@@ -144,7 +158,7 @@ class OnnxBackend:
             raise ArtifactError(f"{folder}: no complete set of ONNX graphs (expected {io_spec.MODEL_FILE} or "
                                 f"{io_spec.ENCODER_FILE} + {io_spec.DECODER_FILE})")
         sessions = {f: create_session(folder / f, device=device, threads=threads, providers=providers,
-                                      opt_level=opt_level) for f in files}
+                                      opt_level=opt_level, spin=spin) for f in files}
         info, defaults = artifact_info(folder, sessions, generation or {}, name)
         return cls(folder, sessions, info, torch.device(device), defaults)
 

@@ -98,11 +98,12 @@ def run_round(call: Callable[[list[str]], tuple[CallTiming, list[tuple[int, ...]
 class GeneratorRunner:
     """A row run by deploylm's own decoder: `deploylm.load(src, backend)` and the decode loop."""
 
-    def __init__(self, src: str, backend: str, workload: Any, clock: Clock = time.perf_counter) -> None:
+    def __init__(self, src: str, backend: str, workload: Any, clock: Clock = time.perf_counter,
+                 spin: bool = False) -> None:
         from deploylm.generator import load
 
         started = clock()
-        self.generator = load(src, backend=backend, threads=workload.threads)
+        self.generator = load(src, backend=backend, threads=workload.threads, **({"spin": True} if spin else {}))
         self.load_s = clock() - started
         self.rss_after_load_mib: float | None = None
         self.workload, self.clock = workload, clock
@@ -210,4 +211,4 @@ def open_local_runner(spec: Any, workload: Any, clock: Clock = time.perf_counter
     """The in-process runner for a RowSpec."""
     if spec.is_reference:
         return TransformersRunner(spec.src, workload, clock)
-    return GeneratorRunner(spec.src, spec.backend, workload, clock)
+    return GeneratorRunner(spec.src, spec.backend, workload, clock, spin=spec.spin)

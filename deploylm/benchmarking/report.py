@@ -61,6 +61,7 @@ class BenchRow:
     ratio_vs_reference: float | None = None   # tokens/s ÷ the reference row's
     same_as_reference: int | None = None      # prompts whose best sequence equals the reference's
     same_as_first: int | None = None          # ... equals the first row's
+    spin: bool = False                        # onnx: ONNX Runtime threads spinning between kernels
 
     @property
     def is_reference(self) -> bool:
@@ -96,7 +97,7 @@ def summarize(spec: Any, rounds: list[RoundResult], load_s: float, rss_after_loa
         ttft_s=statistics.median(c.ttft_s for r in rounds for c in r.calls),
         decoder_ms_per_step=statistics.median(r.decoder_ms_per_step for r in rounds),
         decoder_pct=statistics.median(r.decoder_pct for r in rounds),
-        deterministic=len({r.token_ids for r in rounds}) == 1)
+        deterministic=len({r.token_ids for r in rounds}) == 1, spin=bool(getattr(spec, "spin", False)))
 
 
 def unsteady_note(rounds: list[RoundResult]) -> tuple[str, ...]:

@@ -106,7 +106,7 @@ def _workload_dict(config: BenchConfig) -> dict[str, Any]:
             "standard_prompts": config.prompts == STANDARD_PROMPTS,
             "batch_size": config.batch_size, "calls_per_round": len(batches),
             "requests_per_round": sum(len(b) for b in batches), "options": config.options().to_dict(),
-            "rounds": config.rounds, "warmup": config.warmup, "threads": config.threads,
+            "rounds": config.rounds, "warmup": config.warmup, "threads": config.threads, "spin": config.spin,
             "models": list(config.models), "backends": list(config.backends)}
 
 

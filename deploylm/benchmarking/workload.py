@@ -34,6 +34,7 @@ STANDARD_PROMPTS: tuple[str, ...] = (
     "have grown crops since the first cities were founded. Summary:",
 )
 REFERENCE = "transformers"          # the backend name of reference rows
+SPIN_CHOICES = ("off", "on", "both")
 FIXED_LENGTH_NOTE = ("EOS is banned until the last token (min_new_tokens = max_new_tokens): every prompt "
                      "generates exactly max_new_tokens tokens")
 
@@ -53,6 +54,7 @@ class BenchConfig:
     threads: int = 2
     reference: bool = True
     isolate: bool = True            # each row in its own worker process (per-row peak RSS)
+    spin: str = "off"               # onnx rows: ONNX Runtime threads spinning ("on"), not ("off"), or a row of each ("both")
 
     def __post_init__(self) -> None:
         from deploylm.backends import backend_names
@@ -67,6 +69,10 @@ class BenchConfig:
                 raise UsageError(f"--backends: unknown backend {name!r}: expected any of {', '.join(backend_names())}")
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise UsageError("prompts: expected at least one non-empty prompt")
+        if self.spin not in SPIN_CHOICES:
+            raise UsageError(f"--spin {self.spin!r}: expected one of {', '.join(SPIN_CHOICES)}")
+        if self.spin != "off" and self.backends and "onnx" not in self.backends:
+            raise UsageError(f"--spin {self.spin} applies to onnx rows (ONNX Runtime's threads): add onnx to --backends")
         for name, low in (("batch_size", 1), ("num_beams", 1), ("max_new_tokens", 1), ("rounds", 1),
                           ("warmup", 0), ("threads", 1)):
             value = getattr(self, name)
@@ -110,6 +116,7 @@ class RowSpec:
     profile: str
     reference: str | None = None            # label of this row's reference row (None: no reference)
     notes: tuple[str, ...] = field(default=())
+    spin: bool = False                      # onnx: ONNX Runtime threads spin between kernels (load(spin=True))
 
     @property
     def is_reference(self) -> bool:
@@ -136,9 +143,14 @@ def plan_rows(config: BenchConfig) -> list[RowSpec]:
         for name in names:
             if any(r.src == str(source.path) and r.backend == name for r in rows):
                 raise UsageError(f"--model {src} with backend {name} is given twice: give each model once")
-            label = _unique(f"{source.name} [{name}]", rows)
-            rows.append(RowSpec(label, str(source.path), name, _profile(source), ref and ref.label, notes))
+            for spin in _spins(config.spin if name == "onnx" else "off"):
+                label = _unique(f"{source.name} [{name}{', spin' if spin else ''}]", rows)
+                rows.append(RowSpec(label, str(source.path), name, _profile(source), ref and ref.label, notes, spin))
     return rows + list(references.values())
+
+
+def _spins(choice: str) -> tuple[bool, ...]:
+    return {"off": (False,), "on": (True,), "both": (False, True)}[choice]
 
 
 def _default_backend(kind: str) -> str:

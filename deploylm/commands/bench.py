@@ -20,13 +20,15 @@ from deploylm.errors import UsageError
 @click.option("--rounds", type=INT, default=3, show_default=True, help="Timed rounds per row (median reported).")
 @click.option("--warmup", type=INT, default=1, show_default=True, help="Untimed rounds per row first.")
 @click.option("--threads", type=INT, default=2, show_default=True, help="torch and ONNX Runtime intra-op threads.")
+@click.option("--spin", type=click.Choice(["off", "on", "both"]), default="off", show_default=True,
+              help="onnx rows: ONNX Runtime's threads spin between kernels (on), sleep (off), or one row of each (both).")
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Run transformers.generate on each original model as the ratio reference.")
 @click.option("--in-process", is_flag=True, help="Run every row in this process (no per-row peak RSS).")
 @click.option("--json", "json_file", metavar="FILE", help="Write the full report as JSON.")
 @click.option("--plot", "plot_file", metavar="FILE.png", help="Draw tokens/s bars per row (needs matplotlib).")
 def command(models, backends, prompts_file, batch_size, num_beams, max_new_tokens, rounds, warmup, threads,
-            reference, in_process, json_file, plot_file) -> None:
+            spin, reference, in_process, json_file, plot_file) -> None:
     """Time generation (EOS banned until --max-new-tokens, so every run has the same length) for
     each model × backend and transformers.generate, interleaved; print tokens/s, latency, time to
     first token, decoder overhead, peak RSS and token agreement."""
@@ -38,7 +40,7 @@ def command(models, backends, prompts_file, batch_size, num_beams, max_new_token
     extra = {"prompts": tuple(read_prompts_file(prompts_file))} if prompts_file else {}
     config = BenchConfig(models=models, backends=names, batch_size=batch_size, num_beams=num_beams,
                          max_new_tokens=max_new_tokens, rounds=rounds, warmup=warmup, threads=threads,
-                         reference=reference, isolate=not in_process, **extra)
+                         spin=spin, reference=reference, isolate=not in_process, **extra)
     if json_file and not Path(json_file).resolve().parent.is_dir():
         raise UsageError(f"--json {json_file!r}: its folder does not exist")
     if plot_file:

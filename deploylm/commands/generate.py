@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from deploylm.commands._options import (decoding_options, given_input_options, given_options, input_options,
-                                        quiet_transformers, torch_options)
+                                        quiet_transformers, spin_option, torch_options)
 from deploylm.errors import UsageError
 
 
@@ -22,7 +22,8 @@ from deploylm.errors import UsageError
 @decoding_options
 @input_options
 @torch_options
-def command(src, backend, prompts, input_file, as_json, batch_size, device, dtype, **flags) -> None:
+@spin_option
+def command(src, backend, prompts, input_file, as_json, batch_size, device, dtype, spin, **flags) -> None:
     """Generate from PROMPT arguments and/or --input lines; print text, or JSON lines with --json.
 
     Prompts over the model's window are refused unless --truncation says what to do (docs/long-inputs.md).
@@ -38,21 +39,25 @@ def command(src, backend, prompts, input_file, as_json, batch_size, device, dtyp
     from deploylm.generator import load
 
     quiet_transformers()
-    generator = load(src, backend=backend, **backend_options(src, backend, device, dtype))
+    generator = load(src, backend=backend, **backend_options(src, backend, device, dtype, spin))
     for start in range(0, len(texts), batch_size):
         for result in generator.generate(texts[start:start + batch_size], **options):
             click.echo(format_result(result, as_json))
 
 
-def backend_options(src: str, backend: str | None, device: str, dtype: str) -> dict[str, str]:
-    """--device/--dtype for the backend: both for torch; others take --device only (when not cpu)."""
+def backend_options(src: str, backend: str | None, device: str, dtype: str, spin: bool = False) -> dict[str, object]:
+    """--device/--dtype/--spin for the backend: device and dtype for torch; others take --device only (when
+    not cpu); --spin is the onnx backend's only."""
     from deploylm.models.source import resolve_source
 
-    if (backend or ("onnx" if resolve_source(src).kind == "artifact" else "torch")) == "torch":
+    name = backend or ("onnx" if resolve_source(src).kind == "artifact" else "torch")
+    if spin and name != "onnx":
+        raise UsageError(f"--spin applies to the onnx backend (ONNX Runtime's threads), not to {name}")
+    if name == "torch":
         return {"device": device, "dtype": dtype}
     if dtype != "float32":
         raise UsageError(f"--dtype {dtype} applies to the torch backend only: an artifact's precision comes from its export profile")
-    return {"device": device} if device != "cpu" else {}
+    return {**({"device": device} if device != "cpu" else {}), **({"spin": True} if spin else {})}
 
 
 def read_prompts(path: str) -> list[str]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from deploylm.commands._options import spin_option
+
 
 @click.command("serve")
 @click.option("--model", "src", required=True, help="SRC: artifact, checkpoint, Hugging Face folder or .gguf.")
@@ -27,14 +29,15 @@ import click
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def command(src: str, backend: str | None, host: str, port: int, drain_timeout: float, log_level: str,
+@spin_option
+def command(src: str, backend: str | None, host: str, port: int, drain_timeout: float, log_level: str, spin: bool,
             **limits: int | float) -> None:
     """Serve SRC over HTTP: POST /v1/generate, POST /v1/completions, GET /v1/models, GET /health."""
     import deploylm
     from deploylm.serving import ServeConfig, serve
     from deploylm.serving.server import describe_model
 
-    generator = deploylm.load(src, backend=backend)
+    generator = deploylm.load(src, backend=backend, **({"spin": True} if spin else {}))
     summary = describe_model(src, generator)
     config = ServeConfig(model_name=summary["name"],
                          drain_timeout_s=drain_timeout, model_summary=summary, **limits)
