@@ -21,7 +21,8 @@ feeds and bindings), interleaved, with the same ORT session options (2 threads, 
 `prepare` writes the GGUF's weights as a plain fp32 Hugging Face folder (`hf/`) and builds
 onnxruntime-genai's fp32 CPU model from it with its own model builder (`genai-fp32/`). `run` gives
 onnxruntime-genai ORT's default spinning threads (its own default) and 2 intra-op threads; deploylm
-runs as a user gets it (`deploylm.load(artifact, backend="onnx")`). Token agreement is counted
+runs as a user gets it (`deploylm.load(artifact, backend="onnx")`), and again with `spin=True` (its
+threads spin 20 us between kernels, as onnxruntime-genai's spin by default). Token agreement is counted
 against transformers, row by row over the 64 new tokens.
 """
 from __future__ import annotations
@@ -98,15 +99,18 @@ def runners(models: Path, artifact: Path, beams: int) -> dict[str, object]:
             generator.generate_next_token()
         return [list(generator.get_sequence(i))[width:] for i in range(len(prompts))]
 
-    ours = deploylm.load(artifact, backend="onnx", threads=2)
+    def deploylm_generate(spin: bool):
+        ours = deploylm.load(artifact, backend="onnx", threads=2, spin=spin)
 
-    def deploylm_generate() -> list[list[int]]:
-        results = ours.generate(prompts, num_beams=beams, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-        return [list(r.sequences[0].token_ids) for r in results]
+        def generate() -> list[list[int]]:
+            results = ours.generate(prompts, num_beams=beams, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+            return [list(r.sequences[0].token_ids) for r in results]
+        return generate
 
     torch.set_num_threads(2)
     return {"transformers.generate fp32": transformers_generate, "onnxruntime-genai fp32": genai_generate,
-            f"deploylm onnx ({artifact.name})": deploylm_generate}
+            f"deploylm onnx ({artifact.name})": deploylm_generate(False),
+            f"deploylm onnx ({artifact.name}), spin": deploylm_generate(True)}
 
 
 def run(models: Path, artifact: Path, beams: int, rounds: int, json_path: Path | None) -> None:

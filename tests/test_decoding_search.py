@@ -88,6 +88,27 @@ def test_sampling_is_reproducible_per_seed_and_leaves_global_rng_alone():
         assert [h.score for h in per_input] == sorted((h.score for h in per_input), reverse=True)
 
 
+def test_first_argmax_is_torch_argmax():
+    """Greedy's chunked argmax returns torch.argmax's index on every row: random, tied (first occurrence
+    wins), -inf everywhere, NaN, and vocabularies that chunk or do not (prime: torch's argmax itself)."""
+    from deploylm.decoding.sample import first_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        V = [49152, 1000, 96, 97, 8][trial % 5]
+        x = torch.randn(8, V, generator=g) * [0.01, 3, 30][trial % 3]
+        if trial % 4 == 0:
+            x = torch.round(x)                                         # ties, often across chunks
+        if trial % 6 == 0:
+            x[:, torch.randint(0, V, (V // 2,), generator=g)] = -float("inf")
+        if trial % 9 == 0:
+            x[2] = -float("inf")                                       # a row with every token banned
+        if trial % 10 == 0:
+            x[3, torch.randint(0, V, (2,), generator=g)] = float("nan")
+        x[5, V - 1] = x[5].max() + 1                                   # the maximum in the last chunk
+        assert torch.equal(first_argmax(x), torch.argmax(x, dim=-1)), trial
+
+
 def test_sampling_with_top_k_1_equals_greedy():
     backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
     batch = encode(PROMPTS)

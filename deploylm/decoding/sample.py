@@ -12,9 +12,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from deploylm.decoding.beam import _chunk_size
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import ProcessorList
 from deploylm.decoding.threads import no_threads
+
+
+def first_argmax(scores: Tensor) -> Tensor:
+    """torch.argmax(scores, dim=-1) for scores [R, V], the same index (the first maximum; a NaN counts as the
+    maximum, as in torch), found through the maxima of chunks of `_chunk_size(V)` entries: torch's argmax
+    over the full row is a scalar loop on CPU (0.21 ms at 8 x 49,152), its amax is vectorized (0.02 ms).
+    The first chunk holding the row's maximum holds its first occurrence; argmax runs inside that chunk."""
+    R, vocab = scores.shape
+    c = _chunk_size(vocab)
+    if c is None or scores.device.type != "cpu":
+        return torch.argmax(scores, dim=-1)
+    chunk = torch.argmax(scores.reshape(R, vocab // c, c).amax(dim=-1), dim=-1)         # [R] first chunk with the max
+    window = scores.reshape(R, vocab // c, c)[torch.arange(R, device=scores.device), chunk]  # [R, c]
+    return chunk * c + torch.argmax(window, dim=-1)                                        # [R]
 
 
 class SampleSearch:
@@ -53,7 +68,7 @@ class SampleSearch:
             probs = torch.nn.functional.softmax(scores, dim=-1)
             tokens = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
         else:
-            tokens = torch.argmax(scores, dim=-1)
+            tokens = first_argmax(scores)
         logprob = log_probs.gather(1, tokens[:, None]).squeeze(1)                           # [R]
         self.sum_logprobs += torch.where(self.unfinished, logprob, 0.0)
         self.gen_len += self.unfinished.long()
