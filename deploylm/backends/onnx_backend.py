@@ -58,9 +58,10 @@ def create_session(path: Path, *, device: str = "cpu", threads: int | None = Non
     """An InferenceSession for one graph; CUDA is refused loudly when ORT would fall back to CPU.
 
     The intra-op threads sleep between kernels by default. spin=True lets them spin SPIN_US for the
-    next kernel inside a run (and stop when the run returns): on 2 idle cores, greedy calls 1.08-1.10x
-    and beam-4 calls 1.02-1.04x faster; beside one busy process, greedy calls 0.93x (ORT's own
-    unbounded spinning: 0.58x). Values are the same either way. docs/benchmarks.md, issue 7.
+    next kernel inside a run (and stop when the run returns): on 2 idle cores, greedy calls 1.07-1.10x
+    and beam-4 calls 1.01-1.04x faster; beside one busy process, greedy 0.87-0.93x and beam 0.90x
+    (ORT's own unbounded spinning: 0.58-0.65x). Values are the same either way (benchmarks/spin_ab.py,
+    docs/benchmarks.md, issue 7).
     """
     import onnxruntime as ort
 
