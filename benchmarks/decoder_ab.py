@@ -1,5 +1,6 @@
 """The A/B measurements of issue 7 (third to fifth sessions), on the bench workload (8 standard prompts, beam 4,
-exactly 64 new tokens) and an exported decoder-only artifact (default: export/smollm2-fp32-v2).
+exactly 64 new tokens) and an exported decoder-only artifact (default: export/smollm2-fp32-v2). ORT's thread
+spinning is measured by benchmarks/spin_ab.py (one process per setting).
 
     .venv/bin/python benchmarks/decoder_ab.py threads  [--artifact DIR] [--rounds 4] [--num-beams 4]
         decoder ms per step with the vocab block always on one thread vs StepThreads' measured choice,
@@ -12,8 +13,6 @@ exactly 64 new tokens) and an exported decoder-only artifact (default: export/sm
         each call), and the RSS after it (--trim: after glibc's malloc_trim(0)); run it with
         MALLOC_MMAP_THRESHOLD_=1048576 in the environment to see malloc's part; --room 0: K/V without room
         (a new buffer at every growth, as before the fifth session)
-    .venv/bin/python benchmarks/decoder_ab.py spin     [--artifact DIR] [--rounds 4]
-        ONNX Runtime intra-op spinning off (deploylm's setting) vs on: two sessions, interleaved calls
     .venv/bin/python benchmarks/decoder_ab.py prefill  [--artifact DIR] [--rounds 4] [--num-beams 4] [--long-prompt]
         prefill and whole-call time with the grouped prefill (fourth session) vs one padded prefill run,
         interleaved in one process (--long-prompt: the last prompt replaced by one of ~460 tokens)
@@ -176,35 +175,6 @@ def prefill(args) -> None:
               f"(x{base / wall:.3f}; rounds {', '.join(f'{t:.2f}' for t in walls[name])})")
 
 
-def spin(args) -> None:
-    import onnxruntime as ort
-
-    from deploylm.generator import load
-
-    add = ort.SessionOptions.add_session_config_entry
-    setting = {"value": "0"}
-
-    def patched(self, key, value):
-        return add(self, key, setting["value"] if key == "session.intra_op.allow_spinning" else value)
-
-    ort.SessionOptions.add_session_config_entry = patched
-    gens = {}
-    for value in ("0", "1"):
-        setting["value"] = value
-        gens[value] = load(args.artifact, backend="onnx", threads=2)
-    ort.SessionOptions.add_session_config_entry = add
-    options = _options()
-    for gen in gens.values():
-        gen.generate(_prompts(), **options)                                              # warm-up
-    walls = collections.defaultdict(list)
-    for _ in range(args.rounds):
-        for value, gen in gens.items():
-            walls[value].append(_timed(gen, options)[0])
-    for value, ts in walls.items():
-        print(f"spinning {'on' if value == '1' else 'off'}: median {statistics.median(ts):.3f} s "
-              f"({', '.join(f'{t:.2f}' for t in ts)})")
-
-
 class _TimedSession:
     """An ORT session whose run_with_iobinding appends its seconds to `runs` (everything else passes through)."""
 
@@ -358,7 +328,7 @@ def lookup(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("threads", "reorders", "rss", "spin", "lookup", "prefill", "binding", "room", "artifacts"))
+    parser.add_argument("what", choices=("threads", "reorders", "rss", "lookup", "prefill", "binding", "room", "artifacts"))
     parser.add_argument("--artifact", default=str(ROOT / "export" / "smollm2-fp32-v2"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--num-beams", type=int, default=4)
@@ -370,7 +340,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "lookup" and not args.bench_json:
         parser.error("lookup needs --bench-json FILE")
-    {"threads": threads, "reorders": reorders, "rss": rss, "spin": spin, "lookup": lookup,
+    {"threads": threads, "reorders": reorders, "rss": rss, "lookup": lookup,
      "prefill": prefill, "binding": binding, "room": room,
      "artifacts": artifacts}[args.what](args)
 

@@ -103,7 +103,7 @@ class GeneratorRunner:
         from deploylm.generator import load
 
         started = clock()
-        self.generator = load(src, backend=backend, threads=workload.threads, **({"spin": True} if spin else {}))
+        self.generator = load(src, backend=backend, threads=workload.threads, spin=spin)
         self.load_s = clock() - started
         self.rss_after_load_mib: float | None = None
         self.workload, self.clock = workload, clock

@@ -97,7 +97,7 @@ def summarize(spec: Any, rounds: list[RoundResult], load_s: float, rss_after_loa
         ttft_s=statistics.median(c.ttft_s for r in rounds for c in r.calls),
         decoder_ms_per_step=statistics.median(r.decoder_ms_per_step for r in rounds),
         decoder_pct=statistics.median(r.decoder_pct for r in rounds),
-        deterministic=len({r.token_ids for r in rounds}) == 1, spin=bool(getattr(spec, "spin", False)))
+        deterministic=len({r.token_ids for r in rounds}) == 1, spin=spec.spin)
 
 
 def unsteady_note(rounds: list[RoundResult]) -> tuple[str, ...]:

@@ -57,7 +57,7 @@ def backend_options(src: str, backend: str | None, device: str, dtype: str, spin
         return {"device": device, "dtype": dtype}
     if dtype != "float32":
         raise UsageError(f"--dtype {dtype} applies to the torch backend only: an artifact's precision comes from its export profile")
-    return {**({"device": device} if device != "cpu" else {}), **({"spin": True} if spin else {})}
+    return {**({"device": device} if device != "cpu" else {}), "spin": spin}
 
 
 def read_prompts(path: str) -> list[str]:

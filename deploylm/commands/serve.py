@@ -37,7 +37,7 @@ def command(src: str, backend: str | None, host: str, port: int, drain_timeout: 
     from deploylm.serving import ServeConfig, serve
     from deploylm.serving.server import describe_model
 
-    generator = deploylm.load(src, backend=backend, **({"spin": True} if spin else {}))
+    generator = deploylm.load(src, backend=backend, spin=spin)
     summary = describe_model(src, generator)
     config = ServeConfig(model_name=summary["name"],
                          drain_timeout_s=drain_timeout, model_summary=summary, **limits)
