@@ -4,18 +4,22 @@ A greedy step over 8 prompts reads every fp32 weight once for 8 rows of arithmet
 how fast the MatMul kernel streams weights. This measures, on the machine at hand:
 - the read bandwidth (`torch.sum` over 540 MB, SmolLM2-135M's fp32 weights, at 1 and `--threads`);
 - a chain of `--layers` MLP-shaped MatMuls (576 -> 3072 -> 576, Tanh between them: 318 MB at 30 layers)
-  at 8 and 32 rows, interleaved, as ONNX Runtime fp32 MatMul, as MatMulNBits with 4-bit and 8-bit
+  at 8 and 32 rows, interleaved, as ONNX Runtime fp32 MatMul, as the same MatMuls over one layer's
+  weights shared by every layer (`fp32-cached`: 14 MB that stay in a 32 MB L3, so the kernel's own rate
+  without DRAM), as MatMulNBits with 4-bit and 8-bit
   weights at fp32 compute (accuracy_level 1: the same fp32 arithmetic on fewer bytes; exact for
   weights on a GGUF grid), as MatMulNBits 4-bit at accuracy_level 4 (int8 activations), and as torch
-  `F.linear` (fp32 rows only).
+  `F.linear` (fp32 rows only; with `--inductor` also compiled by torch.compile with freezing and
+  inductor's C++ GEMM template, which autotunes against MKL: ~30 s of compiling first).
 
-    .venv/bin/python benchmarks/matmul_bandwidth.py [--layers 30] [--threads 2] [--runs 7]
+    .venv/bin/python benchmarks/matmul_bandwidth.py [--layers 30] [--threads 2] [--runs 7] [--inductor]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +48,11 @@ def chain_session(kind: str, layers: int, threads: int, rng: np.random.Generator
         for name, (k, n) in (("up", (K, 2 * F)), ("down", (2 * F, K))):
             w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
             out = f"{name}{layer}"
-            if kind == "fp32":
+            if kind == "fp32-cached":                     # every layer reads layer 0's weights
+                if layer == 0:
+                    inits.append(numpy_helper.from_array(w, f"w_{name}"))
+                nodes.append(helper.make_node("MatMul", [x, f"w_{name}"], [out]))
+            elif kind == "fp32":
                 inits.append(numpy_helper.from_array(w, f"w_{out}"))
                 nodes.append(helper.make_node("MatMul", [x, f"w_{out}"], [out]))
             else:
@@ -67,6 +75,28 @@ def chain_session(kind: str, layers: int, threads: int, rng: np.random.Generator
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def compiled_chain(linear: list) -> Any:
+    """The F.linear chain as a module compiled with frozen weights and inductor's C++ GEMM template."""
+    import torch
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    inductor.max_autotune = True
+    inductor.max_autotune_gemm_backends = "CPP,ATEN"
+
+    class Chain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights = torch.nn.ParameterList([torch.nn.Parameter(w, requires_grad=False) for pair in linear for w in pair])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for up, down in zip(self.weights[0::2], self.weights[1::2]):
+                x = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, up)), down)
+            return x
+
+    return torch.compile(Chain().eval())
+
+
 def main() -> None:
     import torch
 
@@ -74,6 +104,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--inductor", action="store_true", help="also the torch chain compiled by inductor (CPP GEMM)")
     args = parser.parse_args()
     weights = torch.randn(135_000_000)
     for threads in (1, args.threads):
@@ -89,7 +120,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mbytes = args.layers * 2 * K * 2 * F * 4 / 1e6
     sessions = {kind: chain_session(kind, args.layers, args.threads, rng)
-                for kind in ("fp32", "nbits4-fp32", "nbits8-fp32", "nbits4-int8")}
+                for kind in ("fp32", "fp32-cached", "nbits4-fp32", "nbits8-fp32", "nbits4-int8")}
     linear = [(torch.randn(2 * F, K) * 0.02, torch.randn(K, 2 * F) * 0.02) for _ in range(args.layers)]
 
     def torch_chain(x: torch.Tensor) -> torch.Tensor:
@@ -97,17 +128,22 @@ def main() -> None:
             x = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, up)), down)
         return x
 
+    torch_chains = {"torch F.linear": torch_chain}
+    if args.inductor:
+        torch_chains["torch inductor"] = compiled_chain(linear)
     for rows in (8, 32):
         x = rng.standard_normal((rows, K)).astype(np.float32)
-        times: dict[str, list[float]] = {name: [] for name in [*sessions, "torch F.linear"]}
+        times: dict[str, list[float]] = {name: [] for name in [*sessions, *torch_chains]}
         for _ in range(args.runs + 1):                        # the first round is a warm-up
             for name, session in sessions.items():
                 start = time.perf_counter()
                 session.run(None, {"x": x})
                 times[name].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            torch_chain(torch.from_numpy(x))
-            times["torch F.linear"].append(time.perf_counter() - start)
+            for name, chain in torch_chains.items():
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    chain(torch.from_numpy(x))
+                    times[name].append(time.perf_counter() - start)
         print(f"{rows} rows, {args.layers} layers ({mbytes:.0f} MB of fp32 weights):")
         for name, ts in times.items():
             ms = 1000 * statistics.median(ts[1:])
