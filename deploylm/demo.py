@@ -37,13 +37,28 @@ def stage_train(state: DemoState) -> None:
 
 
 def stage_report(state: DemoState) -> None:
-    """Held-out (test split) exact match and a few generated examples."""
+    """Held-out (test split) exact match, the numbers below 1000, and a few generated examples."""
     result = state.train
-    print(f"held-out test exact match: {result.test['exact_match']:.1%}  (BLEU {result.test['bleu']:.1f}, "
-          f"{len(result.losses)} steps, checkpoint in {result.out})")
+    print(f"held-out test exact match (4-6 digit numbers): {result.test['exact_match']:.1%}  "
+          f"(BLEU {result.test['bleu']:.1f}, {len(result.losses)} steps, checkpoint in {result.out})")
+    right, wrong = short_number_check(state.out)
+    print(f"numbers below 1000 (all in training), greedy: {right}/{right + len(wrong)} exact"
+          + "".join(f"; {source} -> {generated}" for source, generated in wrong[:3]))
     for source, generated, reference in result.examples:
         mark = "ok " if generated == reference else "BAD"
         print(f"  [{mark}] {source:>7} -> {generated}" + ("" if generated == reference else f"   (reference: {reference})"))
+
+
+def short_number_check(model: Path) -> tuple[int, list[tuple[str, str]]]:
+    """Greedy words for 0..999 through the shared decoder: (how many are right, [(source, wrong words)])."""
+    import deploylm
+    from deploylm.training.numbers import number_to_words
+
+    sources = [str(n) for n in range(1000)]
+    results = deploylm.load(model, backend="torch").generate(sources, num_beams=1, max_new_tokens=24)
+    wrong = [(source, r.sequences[0].text) for source, r in zip(sources, results)
+             if r.sequences[0].text != number_to_words(int(source))]
+    return len(sources) - len(wrong), wrong
 
 
 def stage_export(state: DemoState) -> None:

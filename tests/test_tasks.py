@@ -70,10 +70,14 @@ def test_digits2words_held_out_splits_do_not_depend_on_training_size():
     assert "1000000" in {ex.source for ex in small.train}
 
 
-def test_digits2words_default_splits_give_four_digit_numbers_a_third_of_the_data():
+def test_digits2words_default_splits_give_short_numbers_3_percent_per_length_and_long_ones_the_rest():
     splits = task_splits("digits2words", 0)
+    lengths = Counter(len(ex.source) for ex in splits.train if ex.source not in {str(10**k) for k in range(3, 7)})
+    for digits in (1, 2, 3):       # 0..999 are all in training, each length repeated to 3% of it
+        assert abs(lengths[digits] / len(splits.train) - 0.03) < 0.002, lengths   # whole repeats
+    rest = (len(splits.train) - lengths[1] - lengths[2] - lengths[3] - 4 * 2000) / 3
+    assert all(abs(lengths[digits] - rest) <= 1 for digits in (4, 5, 6)), lengths
     four = [ex.source for ex in splits.train if len(ex.source) == 4]
-    assert abs(len(four) / len(splits.train) - 1 / 3) < 0.01
     assert 8000 < len(set(four)) <= 9000 - 167 - 334     # every 4-digit number not held out, repeated
     assert {ex.source for ex in splits.train}.isdisjoint(ex.source for ex in splits.validation + splits.test)
     assert "1000000" in {ex.source for ex in splits.train}

@@ -2,8 +2,9 @@
 
 - digits2words: "4096" -> "four thousand ninety-six" for numbers 0..10^6 (convention in numbers.py).
   Stratified by number of digits so that every length is well represented: every number below 1000
-  is in the training split (they are the task's vocabulary), and so are the powers of ten 1000..10^6,
-  each repeated to make 1% of it (at least once); the rest of every split is drawn in equal shares
+  is in the training split (they are the task's vocabulary), each length (1, 2, 3 digits) repeated to
+  make 3% of it, and so are the powers of ten 1000..10^6, each repeated to make 1% of it (at least
+  once each); the rest of every split is drawn in equal shares
   from the other 4-, 5- and 6-digit numbers (test first, then validation, then train, without
   replacement within a stratum, so no number is in two splits and the held-out splits do not depend
   on the training size). The 4-digit stratum has only 8999 such numbers: when its training share is
@@ -11,6 +12,10 @@
   Why the powers of ten: 10^6 is the only 7-digit number, and differs from 10^5 only by one zero. At
   0.1% a 1000-step tiny model still read "1000000" as "one hundred thousand"; with 10^6 alone at 1%
   it read "100000" as "one million". Giving 10^3..10^6 the same weight teaches the count of zeros.
+  Why the short numbers' share: each once (0.5% of training together) left the 1000-step demo model
+  reading every 1- and 2-digit number as three digits ("12" -> "one hundred twenty-two", 0/100
+  right, 875/900 of 3-digit ones); at 1% per length it still read "100" as "one", at 2% it got
+  999/1000, and at 3% 1000/1000 with the held-out 4-6 digit numbers still 100% (seed 0).
 - reverse: "red fox blue" -> "blue fox red", 3..8 words from a 24-word vocabulary; each source
   appears in one split only.
 """
@@ -54,6 +59,8 @@ class Task:
 
 
 DIGIT_STRATA = ((1000, 9_999), (10_000, 99_999), (100_000, 999_999))   # 4, 5 and 6 digits, inclusive
+SHORT_LENGTHS = ((0, 9), (10, 99), (100, 999))        # 1, 2 and 3 digits: all in training, never held out
+SHORT_SHARE = 0.03        # each short length is 3% of training (see the module docstring)
 POWERS_OF_TEN = (1000, 10_000, 100_000, MAX_NUMBER)   # differ only in their count of zeros
 POWER_SHARE = 0.01        # each power of ten is 1% of training (see the module docstring)
 
@@ -64,7 +71,9 @@ def digits2words_splits(seed: int, sizes: SplitSizes) -> Splits:
     pools = [rng.permutation(np.setdiff1d(np.arange(low, high + 1), POWERS_OF_TEN))
              for low, high in DIGIT_STRATA]
     powers = np.repeat(POWERS_OF_TEN[::-1], max(1, round(sizes.train * POWER_SHARE)))
-    fixed = np.concatenate([powers, np.arange(1000)])[:sizes.train]          # powers first, then 0..999
+    short = [np.repeat(np.arange(low, high + 1), max(1, round(sizes.train * SHORT_SHARE / (high + 1 - low))))
+             for low, high in SHORT_LENGTHS]                                  # 0..9 x600, 10..99 x67, 100..999 x7
+    fixed = np.concatenate([powers, *short])[:sizes.train]                   # powers first, then 0..999
     shares = zip(_even_shares(sizes.test, len(pools)), _even_shares(sizes.validation, len(pools)),
                  _even_shares(sizes.train - len(fixed), len(pools)))
     parts: list[list[np.ndarray]] = [[fixed], [], []]                         # train, validation, test
