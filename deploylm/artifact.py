@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from deploylm import __version__
 from deploylm.errors import ArtifactError, UsageError
-from deploylm.fsutil import replace_dir
+from deploylm.fsutil import refuse_current_folder, replace_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -185,6 +185,22 @@ def _unlisted_data(root: Path, graph: str, files: dict[str, Any], model: Any = N
     return out
 
 
+def check_output_folder(out: Path, force: bool) -> None:
+    """An artifact's output must be new, or empty, or (with `force`) an artifact to replace: --force never
+    deletes a file, a folder of other things, or the current folder."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"output {str(out)!r} is a file: expected a folder for the artifact")
+    if not force:
+        raise UsageError(f"output folder {out} already exists: pass --force to replace it")
+    refuse_current_folder(out)
+    if any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UsageError(f"--force: {str(out)!r} is not an exported artifact (no {MANIFEST}): refusing to replace it; "
+                         "choose another --out")
+
+
 def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fields: dict[str, Any],
                    force: bool = False) -> Path:
     """Run `build(tmp_dir)` in a temporary sibling folder, add manifest.json, rename into place.
@@ -196,8 +212,7 @@ def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fiel
     On any error the temporary folder is removed.
     """
     final_dir = Path(final_dir)
-    if final_dir.exists() and not force:
-        raise UsageError(f"output folder {final_dir} already exists: pass --force to replace it")
+    check_output_folder(final_dir, force)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

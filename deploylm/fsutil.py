@@ -15,6 +15,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from deploylm.errors import UsageError
+
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -73,3 +75,11 @@ def replace_dir(new: Path, target: Path, carry_over: bool = False) -> None:
             if not (target / entry.name).exists():
                 os.replace(entry, target / entry.name)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_current_folder(target: Path, flag: str = "--out") -> None:
+    """A folder to be replaced must not be the current folder or one that holds it: it cannot be
+    renamed away while it is in use, and deleting it would take the caller's working folder."""
+    target = Path(target)
+    if target.exists() and Path.cwd().resolve().is_relative_to(target.resolve()):
+        raise UsageError(f"{flag} {str(target)!r} is the current folder or holds it: choose another folder")

@@ -91,6 +91,30 @@ def test_force_replaces_and_leaves_nothing_behind(artifact):
     assert leftovers(artifact.parent) == []
 
 
+def test_force_never_replaces_a_file_a_folder_of_other_things_or_the_current_folder(tmp_path, artifact, monkeypatch):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(UsageError, match=r"output '.*notes.txt' is a file: expected a folder for the artifact"):
+        write_artifact(notes, build, FIELDS, force=True)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.py").write_text("code")
+    with pytest.raises(UsageError, match=r"--force: '.*project' is not an exported artifact \(no manifest.json\)"):
+        write_artifact(project, build, FIELDS, force=True)
+    monkeypatch.chdir(artifact)
+    with pytest.raises(UsageError, match="--out '.' is the current folder or holds it"):
+        write_artifact(Path("."), build, FIELDS, force=True)
+    with pytest.raises(UsageError, match="is the current folder or holds it"):
+        write_artifact(artifact.parent, build, FIELDS, force=True)
+    assert notes.read_text() == "mine" and (project / "main.py").read_text() == "code"
+    assert leftovers(tmp_path) == [] and leftovers(project) == [] and leftovers(artifact.parent) == []
+    load_artifact(artifact)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_artifact(empty, build, FIELDS, force=True)        # an empty folder is fine, as without --force
+    load_artifact(empty)
+
+
 def test_failed_build_leaves_no_artifact_and_keeps_the_old_one(tmp_path, artifact):
     def crash(folder):
         build(folder)

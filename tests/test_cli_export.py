@@ -29,6 +29,23 @@ def test_existing_output_folder_needs_force(tiny_gpt2_dir, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
+def test_force_refuses_what_is_not_an_artifact(tiny_gpt2_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for target, message in ((out, "is not an exported artifact (no manifest.json): refusing to replace it"),
+                            (notes, "is a file: expected a folder for the artifact"),
+                            (".", "--out '.' is the current folder or holds it")):
+        if target == ".":
+            monkeypatch.chdir(out)
+        result = _run("--model", str(tiny_gpt2_dir), "--out", str(target), "--force")
+        assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and notes.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out"]
+
+
 def test_bad_profile_exits_2_and_writes_nothing(tiny_gpt2_dir, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "bad"\nprecision = "fp64"\n')

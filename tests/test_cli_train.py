@@ -94,6 +94,15 @@ def test_force_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_force_refuses_the_current_folder(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    monkeypatch.chdir(out)
+    assert_usage_error(run("--task", "reverse", "--out", ".", "--force"), "--out '.' is the current folder or holds it")
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
 def test_cuda_requested_without_gpu(tmp_path, monkeypatch):
     import torch
 

@@ -188,6 +188,16 @@ def test_existing_output_is_refused(seed_teacher, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_force_refuses_the_current_folder(seed_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "config.json").write_text("{}")                    # looks like a model, but is where we stand
+    monkeypatch.chdir(out)
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", ".", "--task", "reverse", "--force"])
+    assert res.exit_code == 2 and "--out '.' is the current folder or holds it" in res.output, res.output
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
 @pytest.mark.slow
 def test_student_exports_and_generates_from_the_artifact(seed_teacher, tmp_path):
     import deploylm

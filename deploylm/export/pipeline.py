@@ -72,7 +72,7 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     Non-fp32 profiles convert/quantize the validated fp32 graphs (deploylm.export.precision_step,
     `calibration` text for static int8); profiles listing "trt" also build TensorRT engines.
     """
-    from deploylm.artifact import source_fields, write_artifact
+    from deploylm.artifact import check_output_folder, source_fields, write_artifact
     from deploylm.profiles import load_profile
 
     source = resolve_source(src)
@@ -82,8 +82,7 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     apply_precision = _precision_step(profile)
     fp32_atol = load_profile("fp32").parity.logits_atol  # the graphs validated here are always fp32
     out = Path(out_dir) if out_dir is not None else default_out_dir(source, profile.name)
-    if out.exists() and not force:
-        raise UsageError(f"output folder {out} already exists: pass --force to replace it")
+    check_output_folder(out, force)  # before minutes of export, not after
     from deploylm.export.calibration import check_calibration_file
 
     check_calibration_file(calibration)  # before minutes of export, not after

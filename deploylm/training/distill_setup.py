@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deploylm.errors import UsageError
-from deploylm.fsutil import replace_dir
+from deploylm.fsutil import refuse_current_folder, replace_dir
 from deploylm.models.source import Source, resolve_source
 from deploylm.training.distill import REPORT, DistillConfig, Setup, plan_layers, remap_layers
 
@@ -39,6 +39,7 @@ def check_output(config: DistillConfig) -> None:
     if out.exists() and any(out.iterdir()):
         if not config.force:
             raise UsageError(f"--out {str(out)!r} exists: choose another folder or use --force to replace it")
+        refuse_current_folder(out)
         if not (out / "config.json").is_file():
             raise UsageError(f"--force: {str(out)!r} holds no model (no config.json): refusing to replace it")
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from deploylm.errors import UsageError
+from deploylm.fsutil import refuse_current_folder
 from deploylm.models.checkpoint import CONFIG, TOKENIZER, TRAINING_STATE, WEIGHTS, load_training_state
 from deploylm.training import state as train_state
 from deploylm.training.config import TrainConfig, TrainResult
@@ -85,6 +86,7 @@ def _check_fresh(config: TrainConfig) -> None:
         return None
     if not config.force:
         raise UsageError(f"output folder {str(out)!r} exists: use --resume to continue it or --force to start over")
+    refuse_current_folder(out)
     if not any((out / name).exists() for name in RUN_MARKERS):
         raise UsageError(f"--force: {str(out)!r} does not look like a training run (no {', '.join(RUN_MARKERS)}): refusing to delete it")
     return None
