@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Generator, Mapping
 
 from deploylm.backends import Backend, EncodedBatch, backend_class
 from deploylm.decoding.options import DecodingOptions, option_names
@@ -116,22 +116,32 @@ class Generator:
                 for prompt, per_prompt in zip(texts, hyps)]
 
     def stream(self, prompt: str, *, truncation: str | None = None, window_overlap: int | None = None,
-               **options: Any) -> Iterator[str]:
-        """Yield the best output's text in pieces, each as soon as every live beam agrees on it.
+               **options: Any) -> TextStream:
+        """The best output's text in pieces, each as soon as every live beam agrees on it (a TextStream:
+        iterate it; once exhausted, its `finish_reason` says whether the output stopped or ran out of
+        max_new_tokens).
 
         truncation/window_overlap as in `generate`; with "sliding-window" each piece is one decoded chunk.
         The lock is held while the stream is being iterated; close the iterator to release it early.
         """
-        from deploylm.decoding.stream import stream_ids
-
         if not isinstance(prompt, str):
             raise UsageError(f"stream takes one prompt string, got {type(prompt).__name__}")
         opts = self.options(**options)
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
         if self._slides(fit):
-            yield from self._stream_windows(prompt, opts, fit.overlap)
-            return
+            return TextStream(self._stream_windows(prompt, opts, fit.overlap))
         batch = self.encode([prompt], opts, truncation=fit.truncation)
+        return TextStream(self._stream_text(batch, opts))
+
+    def finish_reason(self, token_ids: Any, max_new_tokens: int) -> str:
+        """Why an output ended: "stop" (an end-of-sequence token, or fewer tokens than allowed) or "length"."""
+        ended = bool(token_ids) and int(token_ids[-1]) in self.info.special.eos_token_ids
+        return "stop" if ended or len(token_ids) < max_new_tokens else "length"
+
+    def _stream_text(self, batch: EncodedBatch, opts: DecodingOptions) -> Generator[str, None, str]:
+        """The pieces of one prompt's best output; returns its finish reason."""
+        from deploylm.decoding.stream import stream_ids
+
         with self._lock:
             ids: list[int] = []
             emitted = text = ""
@@ -145,6 +155,7 @@ class Generator:
                     emitted = text
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield text[len(emitted):]
+        return self.finish_reason(ids, opts.max_new_tokens)
 
     def encode(self, prompts: list[str], options: DecodingOptions | None = None,
                truncation: str | None = None) -> EncodedBatch:
@@ -221,8 +232,9 @@ class Generator:
                                          for r in range(ranks)]))
         return results
 
-    def _stream_windows(self, prompt: str, opts: DecodingOptions, overlap: int) -> Iterator[str]:
-        """The joined best output of `prompt`'s chunks, one piece per decoded chunk."""
+    def _stream_windows(self, prompt: str, opts: DecodingOptions, overlap: int) -> Generator[str, None, str]:
+        """The joined best output of `prompt`'s chunks, one piece per decoded chunk; returns the finish
+        reason of the last chunk's output."""
         from deploylm.decoding.search import generate_ids
 
         chunks = self._windows([prompt], opts, overlap)[0]
@@ -235,11 +247,38 @@ class Generator:
                 if text.startswith(emitted) and len(text) > len(emitted):
                     yield text[len(emitted):]
                     emitted = text
+        return self.finish_reason(outputs[-1] if outputs else (), opts.max_new_tokens)
 
     def _joined(self, hyps: list[Any], overlap: int) -> Sequence:
         """One Sequence from the same-rank hypothesis of each chunk: ids joined, scores summed."""
         ids = join_outputs([h.token_ids for h in hyps], overlap, self.info.special.eos_token_ids)
         return self._sequence(ids, sum(float(h.score) for h in hyps))
+
+
+class TextStream:
+    """The pieces of one streamed output, as an iterator (`for piece in gen.stream(...)`).
+
+    Once it is exhausted, `finish_reason` says why the output ended (Generator.finish_reason: "stop" or
+    "length"; a sliding-window stream's is its last chunk's); None before. `close()` stops it early
+    and releases the generator's lock.
+    """
+
+    def __init__(self, pieces: Generator[str, None, str]) -> None:
+        self._pieces = pieces
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration as stop:
+            self.finish_reason = self.finish_reason or stop.value
+            raise
+
+    def close(self) -> None:
+        self._pieces.close()
 
 
 def _prompt_list(prompts: str | list[str]) -> list[str]:

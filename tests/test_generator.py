@@ -89,11 +89,21 @@ def test_prompt_that_cannot_fit_the_window_is_a_usage_error(llama):
 @pytest.mark.parametrize("options", [dict(num_beams=4), dict(num_beams=1)], ids=["beam4", "greedy"])
 def test_stream_pieces_join_to_the_generated_text(llama, options):
     prompt = "the quick brown fox"
-    pieces = list(llama.stream(prompt, max_new_tokens=8, **options))
+    stream = llama.stream(prompt, max_new_tokens=8, **options)
+    assert stream.finish_reason is None
+    pieces = list(stream)
     [result] = llama.generate(prompt, max_new_tokens=8, **options)
     assert "".join(pieces) == result.sequences[0].text
+    assert stream.finish_reason == llama.finish_reason(result.sequences[0].token_ids, 8)
     if options["num_beams"] == 1:
         assert len(pieces) > 1  # greedy: every token is final at once
+
+
+def test_finish_reason_is_stop_at_an_end_token_or_short_of_the_limit(llama):
+    [eos] = llama.info.special.eos_token_ids[:1]
+    assert llama.finish_reason((5, 6, 7, 8), 4) == "length"
+    assert llama.finish_reason((5, 6, 7, eos), 4) == "stop"
+    assert llama.finish_reason((5, 6), 4) == "stop" and llama.finish_reason((), 4) == "stop"
 
 
 def test_stream_encoder_decoder(t5):

@@ -215,8 +215,10 @@ def test_sliding_window_over_a_copier_gives_back_the_whole_source(copier, text, 
     [result] = copier.generate(text, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1)
     assert list(result.sequences[0].token_ids) == content + [EOS]
     assert result.sequences[0].text == copier.decode(content)
-    pieces = list(copier.stream(text, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1))
+    stream = copier.stream(text, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1)
+    pieces = list(stream)
     assert len(pieces) == len(expected_chunks(content, 63, overlap)) and "".join(pieces) == result.sequences[0].text
+    assert stream.finish_reason == "stop"                    # the last chunk's copy ends with the end token
 
 
 def test_an_unbounded_encoder_takes_the_whole_source_as_one_window(tiny_t5_dir):

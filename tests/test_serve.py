@@ -81,16 +81,21 @@ def test_stream_sends_pieces_then_a_final_event(client, fake):
     events = [json.loads(e) for e in sse_events(r.text)]
     want = alone(fake, "x y z", max_new_tokens=3).sequences[0].text
     assert [e["text"] for e in events[:-1]] == [" z", " y", " x"]
-    assert events[-1] == {"done": True, "prompt": "x y z", "text": want}
+    assert events[-1] == {"done": True, "prompt": "x y z", "text": want, "finish_reason": "length"}
+    r = client.post("/v1/generate", json={"prompt": "x EOS", "max_new_tokens": 3, "stream": True})
+    assert json.loads(sse_events(r.text)[-1]) == {"done": True, "prompt": "x EOS", "text": " EOS", "finish_reason": "stop"}
 
 
-def test_completions_stream_ends_with_done(client):
-    r = client.post("/v1/completions", json={"prompt": "x y", "max_tokens": 2, "stream": True})
+@pytest.mark.parametrize("prompt, text, reason", [("x y", " y x", "length"), ("x EOS", " EOS", "stop")])
+def test_completions_stream_ends_with_the_reason_it_ended_then_done(client, prompt, text, reason):
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "stream": True})
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == " y x"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [reason]
+    whole = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}).json()
+    assert whole["choices"][0]["finish_reason"] == reason       # the same as without streaming
 
 
 @pytest.mark.parametrize("body, status, param, words", [

@@ -11,13 +11,16 @@ import functools
 import logging
 import math
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from deploylm.errors import DeployLMError, MissingDependencyError, UsageError
 from deploylm.serving.batcher import Batcher, QueueFull
 from deploylm.serving.middleware import RequestMiddleware, ServerState, request_id_of
 from deploylm.serving.schemas import ApiError, Job, ServeConfig, parse_completion, parse_generate, parse_json_body
 from deploylm.serving.streaming import sse, stream_pieces
+
+if TYPE_CHECKING:
+    from deploylm.generator import TextStream
 
 log = logging.getLogger("deploylm.serve")
 
@@ -190,22 +193,30 @@ class _Api:
             log.exception("stream failed")
             yield sse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
 
-    def _pieces(self, job: Job) -> AsyncIterator[str]:
-        return stream_pieces(lambda: iter(self.generator.stream(job.prompts[0], **job.options)))
+    def _pieces(self, job: Job, opened: list[TextStream]) -> AsyncIterator[str]:
+        """The text pieces of the job's stream; the TextStream lands in `opened` (its finish_reason)."""
+        def start() -> TextStream:
+            opened.append(self.generator.stream(job.prompts[0], **job.options))
+            return opened[0]
+
+        return stream_pieces(start)
 
     async def _generate_events(self, job: Job, rid: str) -> AsyncIterator[bytes]:
-        text = []
-        async for piece in self._pieces(job):
+        text: list[str] = []
+        opened: list[TextStream] = []
+        async for piece in self._pieces(job, opened):
             text.append(piece)
             yield sse({"text": piece})
-        yield sse({"done": True, "prompt": job.prompts[0], "text": "".join(text)})
+        yield sse({"done": True, "prompt": job.prompts[0], "text": "".join(text),
+                   "finish_reason": opened[0].finish_reason})
 
     async def _completion_events(self, job: Job, rid: str) -> AsyncIterator[bytes]:
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
                 "model": self.config.model_name}
-        async for piece in self._pieces(job):
+        opened: list[TextStream] = []
+        async for piece in self._pieces(job, opened):
             yield sse({**head, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]})
-        yield sse({**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}]})
+        yield sse({**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": opened[0].finish_reason}]})
         yield sse("[DONE]")
 
     def _generate_body(self, job: Job, results: list[Any], rid: str) -> dict[str, Any]:
@@ -219,7 +230,7 @@ class _Api:
                 n = len(seq.token_ids)
                 completion_tokens += n
                 choices.append({"text": seq.text, "index": len(choices), "logprobs": None,
-                                "finish_reason": "length" if n >= job.max_new_tokens else "stop"})
+                                "finish_reason": self.generator.finish_reason(seq.token_ids, job.max_new_tokens)})
         prompt_tokens = sum(self.count_tokens(p) for p in job.prompts)
         return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
                 "model": self.config.model_name, "choices": choices,

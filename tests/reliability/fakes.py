@@ -3,17 +3,19 @@ timing and failures: deterministic outputs that depend only on (prompt, options)
 answer must equal the same request decoded alone.
 
 Special prompts: one containing "BOOM" makes the whole generate call raise RuntimeError; one
-containing "BAD" raises UsageError (as the real Generator does for an input it refuses).
+containing "BAD" raises UsageError (as the real Generator does for an input it refuses); one containing
+"EOS" is answered with its last word only (an output that stops before max_new_tokens).
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Generator
 
 from deploylm.decoding.options import DecodingOptions
 from deploylm.errors import UsageError
+from deploylm.generator import TextStream
 
 
 @dataclass(frozen=True)
@@ -54,22 +56,29 @@ class FakeGenerator:
             time.sleep(self.delay)
             return [self._answer(p, opts) for p in prompts]
 
-    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+    def stream(self, prompt: str, **options: Any) -> TextStream:
         opts = DecodingOptions.from_mapping(options)
-        text = self._answer(prompt, opts).sequences[0].text
+        return TextStream(self._stream(self._answer(prompt, opts).sequences[0], opts.max_new_tokens))
+
+    @staticmethod
+    def finish_reason(token_ids: list[int], max_new_tokens: int) -> str:
+        return "stop" if len(token_ids) < max_new_tokens else "length"      # the fake has no end token
+
+    def _stream(self, best: Sequence, max_new_tokens: int) -> Generator[str, None, str]:
         try:
-            for word in text.split(" ")[1:]:
+            for word in best.text.split(" ")[1:]:
                 with self._lock:
                     time.sleep(self.step_delay)
                     self.stream_steps += 1
                 yield " " + word
         finally:
             self.streams_closed += 1
+        return self.finish_reason(best.token_ids, max_new_tokens)
 
     @staticmethod
     def _answer(prompt: str, opts: DecodingOptions) -> Result:
         words = list(reversed(prompt.split()))
-        words = (words * opts.max_new_tokens)[:opts.max_new_tokens]
+        words = (words * opts.max_new_tokens)[:1 if "EOS" in prompt else opts.max_new_tokens]
         seqs = []
         for i in range(opts.num_return_sequences):
             ids = [len(w) + 7 * i + opts.num_beams for w in words]
