@@ -103,6 +103,12 @@ def test_seq2seq_run_lowers_kd_and_saves_a_checkpoint_that_generates(seed_teache
     assert report["settings"]["temperature"] == 2.0 and report["settings"]["teacher"] == str(seed_teacher)
     assert report["kept_layers"] == result.kept_layers and report["teacher"] == pytest.approx(result.teacher)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]          # no temporary folders left
+    from deploylm.export.calibration import text_sets
+
+    assert report["task"] == "reverse"      # so that quantizing the student calibrates and judges it on its task
+    calib, held = text_sets(resolve_source(out), None, 8, seq2seq=True)
+    assert calib.origin == held.origin == "task:reverse" and len(calib.inputs) == 8
+    assert all(t.split() == s.split()[::-1] for s, t in zip(calib.inputs, calib.targets))
 
 
 @pytest.mark.parametrize("teacher_kind", ["hf", "seed-decoder"])
@@ -223,7 +229,8 @@ def test_teacher_splits_follow_its_recorded_cleaning(tmp_path):
     clean = CleanOptions(enabled=True, min_length=1, max_length=None, unit="chars")
     identity = {"data": str(data), "seed": 3, "arch": "seq2seq", "clean": clean.as_json()}
     teacher = save_checkpoint(tmp_path / "teacher", model, config, training_state={"identity": identity}) or tmp_path / "teacher"
-    splits = distill_setup._seq2seq_splits(DistillConfig(teacher=teacher, out=tmp_path / "s"), teacher)
+    splits, task = distill_setup._seq2seq_splits(DistillConfig(teacher=teacher, out=tmp_path / "s"), teacher)
+    assert task is None                                                      # data, not a built-in task
     expected = jsonl_splits(data, 3, clean)
     assert [e.source for e in splits.test] == [e.source for e in expected.test]
     assert len(splits.train) + len(splits.validation) + len(splits.test) == 40  # the 80 duplicates were dropped

@@ -80,10 +80,16 @@ def read_lines(file: Path) -> list[str]:
 
 
 def _task_of(folder: Path) -> str | None:
-    try:
-        return json.loads((Path(folder) / "metrics.json").read_text()).get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """The built-in task a checkpoint learned: its training run's metrics.json, or a distilled
+    student's distill.json."""
+    for record in ("metrics.json", "distill.json"):
+        try:
+            task = json.loads((Path(folder) / record).read_text()).get("task")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if task:
+            return task
+    return None
 
 
 def _task_sets(task: str, samples: int) -> tuple[TextSet, TextSet]:

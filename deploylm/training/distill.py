@@ -190,6 +190,7 @@ class Setup:
     logits: Callable[[torch.nn.Module, dict[str, Tensor]], Tensor]  # (model, inputs) -> [B, T, V]
     evaluate: Callable[[torch.nn.Module, int | None], dict[str, float]]      # (model, limit) -> metrics
     save: Callable[[Path], None]                                    # write the student folder (must not exist)
+    task: str | None = None          # the built-in task the data comes from (recorded for export's calibration)
 
 
 LR_FROM_TEACHER = 5e-4   # a student made of the teacher's own layers only needs adjusting
@@ -222,7 +223,7 @@ def distill(config: DistillConfig, on_step: Callable[[int, dict[str, float]], No
         result = DistillResult(config.out, config.steps, setup.kept, setup.init, losses, teacher, student,
                                {"teacher": _count(setup.teacher), "student": _count(setup.student)},
                                time.perf_counter() - started)
-        distill_setup.publish(config, setup.save, result.as_json())
+        distill_setup.publish(config, setup.save, {"task": setup.task, **result.as_json()})
         return result
     finally:
         torch.set_num_threads(threads)

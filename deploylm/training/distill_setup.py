@@ -97,7 +97,7 @@ def _seq2seq_setup(config: DistillConfig, source: Source, device: torch.device) 
     sconfig = _student_config(tconfig, kept, config.d_model if width else None)
     if not (source.path / "tokenizer.json").is_file():
         raise UsageError(f"teacher {str(source.path)!r} has no tokenizer.json: the student needs the teacher's tokenizer")
-    splits = _seq2seq_splits(config, source.path)
+    splits, task = _seq2seq_splits(config, source.path)
     teacher, _ = load_checkpoint(source.path, device)
     student = _seed_student(teacher, sconfig, kept, width, device)
     tok = load_tokenizer(source.path)
@@ -122,11 +122,12 @@ def _seq2seq_setup(config: DistillConfig, source: Source, device: torch.device) 
         _save_seed(folder, student, sconfig, source.path, generation)
 
     return Setup(teacher, student, kept, "random" if width else "teacher", batch,
-                 lambda model, x: model(x["src_ids"], x["src_mask"], x["tgt_ids"]), evaluate, save)
+                 lambda model, x: model(x["src_ids"], x["src_mask"], x["tgt_ids"]), evaluate, save, task)
 
 
-def _seq2seq_splits(config: DistillConfig, folder: Path) -> Any:
-    """The teacher's splits: --task/--data, else the task or data (and split seed) it was trained with."""
+def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, str | None]:
+    """The teacher's splits: --task/--data, else the task or data (and split seed) it was trained with;
+    and the built-in task's name (None for data)."""
     from deploylm.models.checkpoint import load_training_state
     from deploylm.training.clean import CleanOptions
     from deploylm.training.data import jsonl_splits
@@ -140,8 +141,9 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> Any:
         raise UsageError(f"teacher {str(folder)!r} is a decoder-only LM: distill it with --data FILE.txt, not a seq2seq task")
     if config.data is not None or (config.task is None and identity.get("data")):
         clean = CleanOptions(**identity["clean"]) if identity.get("clean") else None  # the teacher's splits
-        return jsonl_splits(Path(config.data or identity["data"]), seed, clean)
-    return task_splits(config.task or identity["task"], seed)
+        return jsonl_splits(Path(config.data or identity["data"]), seed, clean), None
+    task = config.task or identity["task"]
+    return task_splits(task, seed), task
 
 
 def _student_config(teacher: Any, kept: dict[str, list[int]], d_model: int | None) -> Any:
