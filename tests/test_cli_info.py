@@ -58,6 +58,16 @@ def test_info_damaged_artifact_shows_it_then_exits_2(artifact):
     assert result.stderr.startswith("error: ") and "config.json: sha256 does not match" in result.stderr
 
 
+def test_an_artifact_without_its_manifest_is_named_as_such(artifact):
+    (artifact / "manifest.json").unlink()
+    for argv in (["info", str(artifact)], ["generate", "--model", str(artifact), "hello"],
+                 ["parity", "--model", str(artifact)]):
+        result = run(*argv)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
+        assert "holds exported graphs (model.onnx) but no manifest.json" in result.stderr, result.stderr
+
+
 def test_info_hf_folder(tiny_gpt2_dir):
     result = run("info", str(tiny_gpt2_dir))
     assert result.exit_code == 0, result.output

@@ -39,6 +39,11 @@ def resolve_source(src: str | Path) -> Source:
         raise UsageError(f"model file {str(src)!r} is not a .gguf file: expected a .gguf file or a model folder")
     if (path / "manifest.json").is_file():
         return Source("artifact", path)
+    graphs = sorted(p.name for p in path.glob("*.onnx")) + sorted(p.name for p in path.glob("*.engine"))
+    if graphs and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UsageError(f"model folder {str(src)!r} holds exported graphs ({', '.join(graphs[:3])}) but no "
+                         "manifest.json: not a deploylm artifact, or an incomplete one; export the model with "
+                         "deploylm export (--force to replace this folder's artifact)")
     config = path / "config.json"
     if not config.is_file():
         raise UsageError(f"model folder {str(src)!r} has no config.json: expected a checkpoint, Hugging Face or artifact folder")
