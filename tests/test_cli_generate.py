@@ -89,6 +89,7 @@ def test_usage_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, monkeypatch
     _one_line_error(run("--model", model, "--backend", "tensorflow", "hi"), "unknown backend 'tensorflow'", "torch, onnx, trt")
     _one_line_error(run("--model", str(tmp_path / "nowhere"), "hi"), "does not exist")
     _one_line_error(run("--model", model, "--input", str(tmp_path / "none.txt")), "--input", "does not exist")
+    _one_line_error(run("--model", model, "--input", str(tmp_path)), "--input", "is a folder: expected a text file")
     _one_line_error(run("--model", model, "--dtype", "float64", "hi"), "dtype 'float64'")
     _one_line_error(run("--model", model, "--device", "tpu", "hi"), "device 'tpu'")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)

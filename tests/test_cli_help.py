@@ -26,3 +26,12 @@ def test_version_and_unknown_command():
     assert __version__ in CliRunner().invoke(cli, ["--version"]).output
     result = CliRunner().invoke(cli, ["no-such-command"])
     assert result.exit_code == 2 and "no-such-command" in result.output
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "deploylm", "profiles"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("bf16")

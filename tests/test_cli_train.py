@@ -46,6 +46,10 @@ def test_short_run_writes_checkpoint_and_metrics(tmp_path, data):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
     again = run("--data", data, "--out", out, "--steps", 6, "--batch-size", 8, "--eval-every", 2, "--resume")
     assert again.exit_code == 0, again.output
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6 and "nothing to train" not in again.stdout
+    past = run("--data", data, "--out", out, "--steps", 5, "--batch-size", 8, "--eval-every", 2, "--resume")
+    assert past.exit_code == 0, past.output
+    assert f"--resume: {out} is already at step 6 (--steps 5): nothing to train, evaluated again" in past.stdout
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
     forced = run("--data", data, "--out", out, "--steps", 2, "--batch-size", 8, "--force")
     assert forced.exit_code == 0, forced.output
@@ -54,6 +58,7 @@ def test_short_run_writes_checkpoint_and_metrics(tmp_path, data):
 
 @pytest.mark.parametrize("args, words", [
     (["--task", "nope"], ["unknown task 'nope'", "digits2words, reverse"]),
+    (["--task", "stories"], ["task 'stories' is text for the decoder-only LM: add --arch decoder"]),
     (["--data", "{tmp}/missing.jsonl"], ["missing.jsonl", "does not exist"]),
     (["--data", "{bad}"], ["bad.jsonl:2:", "not valid JSON"]),
     (["--task", "reverse", "--steps", "0"], ["--steps 0", "positive"]),

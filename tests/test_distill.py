@@ -165,6 +165,8 @@ def test_help():
     (["--teacher", "{seed}", "--alpha", "x"], "--alpha 'x'"),
     (["--teacher", "{seed}", "--d-model", "33"], "multiple of the teacher's n_heads"),
     (["--teacher", "{seed}", "--task", "nope"], "unknown task 'nope'"),
+    (["--teacher", "{seed}", "--task", "stories"], "unknown task 'stories' for an encoder-decoder teacher: expected "
+                                                   "one of digits2words, reverse (a decoder-only teacher is distilled on text"),
     (["--teacher", "{seed}", "--steps", "0"], "--steps 0"),
     (["--teacher", "{gpt2}", "--task", "reverse"], "--task applies to encoder-decoder"),
     (["--teacher", "{gpt2}"], "--data FILE.txt is required"),

@@ -66,6 +66,8 @@ def read_prompts(path: str) -> list[str]:
         lines = sys.stdin.read().splitlines()
     else:
         file = Path(path)
+        if file.is_dir():
+            raise UsageError(f"--input {path!r} is a folder: expected a text file with one prompt per line")
         if not file.is_file():
             raise UsageError(f"--input {path!r} does not exist: expected a text file with one prompt per line")
         try:

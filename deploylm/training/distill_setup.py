@@ -131,7 +131,7 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, str | Non
     from deploylm.models.checkpoint import load_training_state
     from deploylm.training.clean import CleanOptions
     from deploylm.training.data import jsonl_splits
-    from deploylm.training.tasks import task_splits
+    from deploylm.training.tasks import TASKS, task_splits
 
     identity = (load_training_state(folder) or {}).get("identity", {})
     seed = int(identity.get("seed", config.seed))
@@ -143,6 +143,9 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, str | Non
         clean = CleanOptions(**identity["clean"]) if identity.get("clean") else None  # the teacher's splits
         return jsonl_splits(Path(config.data or identity["data"]), seed, clean), None
     task = config.task or identity["task"]
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r} for an encoder-decoder teacher: expected one of {', '.join(TASKS)} "
+                         "(a decoder-only teacher is distilled on text: --data FILE.txt)")
     return task_splits(task, seed), task
 
 

@@ -59,6 +59,9 @@ def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
     """The workload of the request and, for --data, its cleaning report."""
     report = None
     if config.arch == "seq2seq":
+        if config.task in TEXT_TASKS:
+            raise UsageError(f"task {config.task!r} is text for the decoder-only LM: add --arch decoder "
+                             f"(seq2seq tasks: {', '.join(TASKS)})")
         if config.task:
             splits = task_splits(config.task, config.seed)
         else:
