@@ -10,7 +10,9 @@ workload (the 8 standard prompts, one batch, exactly 64 new tokens); the median 
 process's CPU time per wall second. Configurations alternate (off, spin, ..., off, spin, ...) `--pairs`
 times. `--busy N` starts N processes that spin in a Python loop for the whole run (other work on the
 machine); `--spin-us` lists spin durations (the child patches `onnx_backend.SPIN_US`); `--unbounded` adds
-ONNX Runtime's own default (spinning without a bound, also between runs).
+ONNX Runtime's own default (spinning without a bound, also between runs); `--pin` adds each bounded
+setting with its threads pinned (`-pin`: the calling thread on the first CPU, ORT's worker on the second
+through `session.intra_op_thread_affinities`; torch's own pool is started before, so it keeps every CPU).
 """
 from __future__ import annotations
 
@@ -32,6 +34,18 @@ from deploylm.backends import onnx_backend
 from deploylm.benchmarking.workload import STANDARD_PROMPTS
 
 mode = {mode!r}
+if mode.endswith("pin"):                      # ORT's worker on the second CPU, this thread on the first
+    import onnxruntime as ort, torch
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    torch.ones(1 << 22).sum()                 # torch's own pool starts first and keeps every CPU
+    init = ort.InferenceSession.__init__
+    def pinned(self, path, sess_options=None, *args, **kwargs):
+        sess_options.add_session_config_entry("session.intra_op_thread_affinities", str(second + 1))  # 1-based
+        init(self, path, sess_options, *args, **kwargs)
+    ort.InferenceSession.__init__ = pinned
+    if mode.endswith("-callerpin"):
+        os.sched_setaffinity(0, {{first}})
+    mode = mode.split("-")[0]
 if mode.startswith("spin"):
     onnx_backend.SPIN_US = int(mode[4:])
 if mode == "unbounded":                       # ORT's default: spin, also between runs
@@ -66,8 +80,10 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="processes spinning in a Python loop meanwhile")
     parser.add_argument("--spin-us", type=int, nargs="+", default=[20])
     parser.add_argument("--unbounded", action="store_true", help="also ONNX Runtime's unbounded spinning")
+    parser.add_argument("--pin", action="store_true", help="also each bounded setting with its threads pinned")
     args = parser.parse_args()
-    modes = ["off", *(f"spin{us}" for us in args.spin_us), *(["unbounded"] if args.unbounded else [])]
+    bounded = ["off", *(f"spin{us}" for us in args.spin_us)]
+    modes = [*bounded, *(["unbounded"] if args.unbounded else []), *([f"{m}-{p}" for p in ("pin", "callerpin") for m in bounded] if args.pin else [])]
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
         time.sleep(0.5 if busy else 0)
@@ -83,7 +99,7 @@ def main() -> None:
     base = statistics.median(w for w, _ in results["off"])
     for mode, runs in results.items():
         wall = statistics.median(w for w, _ in runs)
-        print(f"  {mode:10s} median call {wall:6.3f} s  x{base / wall:4.2f} vs off  "
+        print(f"  {mode:14s} median call {wall:6.3f} s  x{base / wall:4.2f} vs off  "
               f"(runs {' '.join(f'{w:.2f}' for w, _ in runs)}; CPU s per wall s {statistics.median(c for _, c in runs):.2f})")
 
 
