@@ -133,7 +133,7 @@ class _Workspace:
         from deploylm.backends.onnx_backend import OnnxBackend
         from deploylm.decoding.options import DecodingOptions
         from deploylm.generator import Generator
-        from deploylm.models.source import resolve_source
+        from deploylm.models.source import folder_source
         from deploylm.models.tokenizer import load_tokenizer
         from deploylm.parity import DEFAULT_PROMPTS, compare_backends
 
@@ -141,7 +141,7 @@ class _Workspace:
         cand = OnnxBackend.from_folder(dest, name=self.profile.name)
         options = DecodingOptions.from_mapping(self.profile.generation)
         options = options.replace(max_new_tokens=min(options.max_new_tokens, JUDGE_NEW_TOKENS), min_new_tokens=0)
-        tokenizer = load_tokenizer(resolve_source(self.ref))
+        tokenizer = load_tokenizer(folder_source(self.ref))
         batch = Generator(ref, tokenizer).encode(list(DEFAULT_PROMPTS), options)
         report = compare_backends(ref, {"onnx": cand}, batch, options, self.profile.parity)
         return report.failures()
@@ -208,7 +208,7 @@ def _few(feeds: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path | None) -> _Workspace:
     from deploylm.export.calibration import graph_feeds, text_sets, token_ids
-    from deploylm.models.source import resolve_source
+    from deploylm.models.source import folder_source
     from deploylm.models.tokenizer import load_tokenizer
 
     ref = root / "fp32"
@@ -221,7 +221,7 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
     calib, held = text_sets(source, file, samples, seq2seq)
     feeds: dict[str, list[dict]] = {}
     if needs_feeds:
-        tokenizer = load_tokenizer(resolve_source(ref))
+        tokenizer = load_tokenizer(folder_source(ref))
         room = _window(ref)
         pairs = [(s, t) for s, t in zip(token_ids(tokenizer, calib.inputs, room),
                                         token_ids(tokenizer, calib.targets or calib.inputs, room))]

@@ -179,12 +179,12 @@ def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3
     from deploylm.backends.onnx_backend import OnnxBackend
     from deploylm.decoding.options import DecodingOptions
     from deploylm.export.calibration import perplexity_texts
-    from deploylm.models.source import resolve_source
+    from deploylm.models.source import folder_source
     from deploylm.models.tokenizer import load_tokenizer
 
     ref = OnnxBackend.from_folder(ref_dir, name=name)
     cand = OnnxBackend.from_folder(cand_dir, name=name)
-    tokenizer = load_tokenizer(resolve_source(ref_dir))
+    tokenizer = load_tokenizer(folder_source(ref_dir))
     texts, targets = perplexity_texts(held)
     ppl_ref, n = perplexity(ref, tokenizer, texts, targets)
     ppl, _ = perplexity(cand, tokenizer, texts, targets)

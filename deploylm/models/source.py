@@ -44,6 +44,13 @@ def resolve_source(src: str | Path) -> Source:
         raise UsageError(f"model folder {str(src)!r} holds exported graphs ({', '.join(graphs[:3])}) but no "
                          "manifest.json: not a deploylm artifact, or an incomplete one; export the model with "
                          "deploylm export (--force to replace this folder's artifact)")
+    return folder_source(path, str(src))
+
+
+def folder_source(path: Path, name: str | None = None) -> Source:
+    """A model folder by its config.json: a deploylm checkpoint, else a Hugging Face folder. Export's own
+    working folders (graphs and the model's files, no manifest yet) are read this way too."""
+    src = name or str(path)
     config = path / "config.json"
     if not config.is_file():
         raise UsageError(f"model folder {str(src)!r} has no config.json: expected a checkpoint, Hugging Face or artifact folder")
