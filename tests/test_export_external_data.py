@@ -26,7 +26,8 @@ def _graph(path: Path, external: bool, offset: float = 0.0) -> None:
 
 
 def test_converted_graphs_replace_the_fp32_data_file(tmp_path):
-    """int8/fp16 graphs are written inline: the fp32 graph's model.onnx.data must not stay in the artifact."""
+    """A converted graph written inline (under the size threshold): the fp32 graph's model.onnx.data must not
+    stay in the artifact."""
     from deploylm.export.precision_step import _replace_graphs
 
     tmp, chosen = tmp_path / "tmp", tmp_path / "chosen"
@@ -77,3 +78,22 @@ def test_export_writes_checksummed_external_data_that_loads_and_generates(extern
     ref = deploylm.load(tiny_llama_dir, backend="torch").generate(prompts, num_beams=2, max_new_tokens=6)
     assert [r.sequences[0].token_ids for r in ours] == [r.sequences[0].token_ids for r in ref]
 
+
+
+@pytest.mark.parametrize("profile", ["int8", "int8-static", "fp16"])
+def test_converted_and_quantized_graphs_over_the_threshold_keep_external_data(profile, tiny_llama_dir, tmp_path, monkeypatch):
+    """Every profile writes large graphs as export does (a 3 GB int8 graph would not fit protobuf's 2 GiB)."""
+    import deploylm
+    from deploylm.export import onnx_export
+    from deploylm.export.pipeline import export_model
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / profile
+    export_model(tiny_llama_dir, profile, out)
+    artifact = load_artifact(out)
+    assert external_data_files(out / "model.onnx") == ["model.onnx.data"]
+    assert artifact.files["model.onnx.data"]["bytes"] == (out / "model.onnx.data").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith((".onnx", ".data"))) == ["model.onnx", "model.onnx.data"]
+    assert (out / "model.onnx.data").stat().st_mode & 0o777 == (out / "model.onnx").stat().st_mode & 0o777
+    result = deploylm.load(out, backend="onnx").generate(["the quick brown fox"], num_beams=2, max_new_tokens=4)
+    assert len(result[0].sequences[0].token_ids) >= 1

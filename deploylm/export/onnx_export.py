@@ -10,6 +10,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +140,46 @@ def _name_output_axes(path: Path, spec: GraphSpec) -> None:
             if isinstance(axis, str) and i < len(dims):
                 dims[i].dim_param = axis
     onnx.save(model, str(path))
+
+
+def save_graph(model: Any, path: Path) -> Path:
+    """Write a loaded graph as export writes its graphs: the weights in `<file>.data` beside it when they
+    are EXTERNAL_DATA_BYTES or more (so a converted or quantized graph also escapes protobuf's 2 GiB)."""
+    import onnx
+
+    path = Path(path)
+    if is_large(model):
+        (path.parent / external_data_name(path)).unlink(missing_ok=True)   # onnx appends to an existing file
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=external_data_name(path), size_threshold=1024)
+        readable_like_graph(path)
+    else:
+        onnx.save(model, str(path))
+    return path
+
+
+def readable_like_graph(path: Path) -> None:
+    """Give a graph's `.data` file the graph's own permissions (onnx creates it owner-only, which a
+    service running as another user could not read)."""
+    data = Path(path).parent / external_data_name(path)
+    if data.is_file():
+        data.chmod(Path(path).stat().st_mode & 0o777)
+
+
+def is_large(model: Any) -> bool:
+    """True when a loaded graph's weights reach EXTERNAL_DATA_BYTES."""
+    from onnx import numpy_helper
+
+    total = 0
+    for tensor in model.graph.initializer:
+        total += len(tensor.raw_data) if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).nbytes
+        if total >= EXTERNAL_DATA_BYTES:
+            return True
+    return False
+
+
+def external_data_name(path: Path) -> str:
+    return Path(path).name + ".data"
 
 
 class _quiet_torch_onnx:

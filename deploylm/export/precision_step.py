@@ -87,6 +87,7 @@ class _Workspace:
 
     def convert(self, kept: Exclusions, dest: Path) -> None:
         """The profile's conversion of every graph into dest (non-graph files copied from ref)."""
+        from deploylm.export.onnx_export import save_graph
         from deploylm.export.precision import convert_float
         from deploylm.export.quantize import quantize_graph
 
@@ -98,7 +99,7 @@ class _Workspace:
                 import onnx
 
                 model = convert_float(onnx.load(str(self.ref / file)), p.precision, ops, kept.get(file, ()))
-                onnx.save(model, str(dest / file))
+                save_graph(model, dest / file)
             else:
                 quantize_graph(self.ref / file, dest / file, p.precision, p.quantization,
                                feeds=self.feeds.get(file), exclude=kept.get(file, ()))

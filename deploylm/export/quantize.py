@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from deploylm.errors import UsageError
+from deploylm.export.onnx_export import is_large, readable_like_graph, save_graph
 
 
 @contextlib.contextmanager
@@ -142,25 +143,28 @@ def _dynamic(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...])
 
     quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], per_channel=bool(q.per_channel),
                      reduce_range=bool(q.reduce_range), weight_type=_qtype(q.weight_type or "quint8"),
-                     nodes_to_exclude=list(exclude), extra_options={"MatMulConstBOnly": True})
+                     nodes_to_exclude=list(exclude), extra_options={"MatMulConstBOnly": True},
+                     use_external_data_format=is_large(model))
+    readable_like_graph(dst)
 
 
 def _static(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...], feeds: list[dict]) -> None:
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src = tmp / "fp32.onnx"
-    onnx.save(model, str(src))
+    large = is_large(model)
+    save_graph(model, src)
     method = CalibrationMethod.Percentile if q.calibration_method == "percentile" else CalibrationMethod.MinMax
     quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul"], per_channel=bool(q.per_channel),
                     reduce_range=bool(q.reduce_range), activation_type=QuantType.QUInt8,
                     weight_type=_qtype(q.weight_type or "qint8"), nodes_to_exclude=list(exclude),
-                    calibrate_method=method, extra_options={"MatMulConstBOnly": True})
+                    calibrate_method=method, extra_options={"MatMulConstBOnly": True},
+                    use_external_data_format=large)
+    readable_like_graph(dst)
 
 
 def _weight_only(model: Any, dst: Path, q: Any, bits: int, exclude: tuple[str, ...]) -> None:
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                   HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
@@ -200,7 +204,7 @@ def _weight_only(model: Any, dst: Path, q: Any, bits: int, exclude: tuple[str, .
         model = quantizer.model.model
     if q.embedding:   # int8 per row for both: 4-bit RTN embeddings lose too much (see quantize_embedding)
         model = quantize_embedding(model, 8, q.block_size, exclude)
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
 
 
 def lm_head_nodes(model: Any) -> list[str]:
