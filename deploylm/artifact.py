@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from deploylm import __version__
 from deploylm.errors import ArtifactError, UsageError
-from deploylm.fsutil import refuse_current_folder, replace_dir
+from deploylm.fsutil import check_writable, refuse_current_folder, replace_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -189,6 +189,7 @@ def check_output_folder(out: Path, force: bool) -> None:
     """An artifact's output must be new, or empty, or (with `force`) an artifact to replace: --force never
     deletes a file, a folder of other things, or the current folder."""
     out = Path(out)
+    check_writable(out.parent, f"--out {str(out)!r}")
     if not out.exists():
         return
     if not out.is_dir():

@@ -213,13 +213,12 @@ def _label_axes(ax: Any, title: str, amap: AttentionMap) -> None:
 
 
 def check_png_path(out: str | Path) -> Path:
-    """`out` as a Path ending in .png in an existing folder."""
-    path = Path(out)
-    if path.suffix.lower() != ".png" or path.is_dir():
+    """`out` as a Path ending in .png in an existing folder that takes a new file."""
+    from deploylm.fsutil import check_output_file
+
+    if Path(out).suffix.lower() != ".png":
         raise UsageError(f"--out {str(out)!r}: expected a file name ending in .png")
-    if not path.parent.is_dir():
-        raise UsageError(f"--out {str(out)!r}: folder {str(path.parent)!r} does not exist")
-    return path
+    return check_output_file(out, "--out")
 
 
 def require_matplotlib() -> Any:

@@ -12,6 +12,7 @@ import ctypes.util
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -83,3 +84,29 @@ def refuse_current_folder(target: Path, flag: str = "--out") -> None:
     target = Path(target)
     if target.exists() and Path.cwd().resolve().is_relative_to(target.resolve()):
         raise UsageError(f"{flag} {str(target)!r} is the current folder or holds it: choose another folder")
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """A file a command writes when it is done (--json, --plot, --out): checked before any work, so a
+    bad path costs a one-line error, not a finished run. Its folder must exist and take a new file."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a folder: expected the name of a file to write")
+    folder = out.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {str(path)!r}: folder {str(folder)!r} does not exist")
+    check_writable(folder, f"{flag} {str(path)!r}")
+    return out
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """UsageError unless a file can be created in `folder`, or in its nearest existing parent when it
+    is still to be made (a read-only mount, missing permissions, /proc ...)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot write in {str(folder)!r} ({exc.strerror or exc})") from None

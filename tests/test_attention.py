@@ -129,6 +129,7 @@ def test_help():
     (["--model", "{seed}", TEXT], "--out FILE.png is required"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.jpg"], "expected a file name ending in .png"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/missing/a.png"], "does not exist"),
+    (["--model", "{seed}", TEXT, "--out", "/proc/a.png"], "--out '/proc/a.png': cannot write in '/proc'"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--layer", "2"], "--layer 2: the model has 2 layer(s)"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--layer", "first"], "--layer 'first'"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--head", "5"], "--head 5: the model has 2 head(s)"),

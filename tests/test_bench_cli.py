@@ -32,6 +32,9 @@ def test_help_lists_every_flag():
     (("--model", "m", "--rounds", "0"), "--rounds 0"),
     (("--model", "m", "--plot", "out.jpg"), "ending in .png"),
     (("--model", "m", "--json", "no/such/dir/out.json"), "--json"),
+    (("--model", "m", "--json", "/proc/bench.json"), "--json '/proc/bench.json': cannot write in '/proc'"),
+    (("--model", "m", "--json", "/"), "--json '/' is a folder: expected the name of a file to write"),
+    (("--model", "m", "--plot", "/proc/bench.png"), "--plot '/proc/bench.png': cannot write in '/proc'"),
     ((), "no model given"),
     (("--model", "no/such/model"), "does not exist"),
 ])

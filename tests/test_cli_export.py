@@ -1,6 +1,7 @@
 """`deploylm export` on the command line: help, refusals with exit 2 and nothing written, a real export."""
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from deploylm.cli import cli
@@ -44,6 +45,14 @@ def test_force_refuses_what_is_not_an_artifact(tiny_gpt2_dir, tmp_path, monkeypa
         assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and notes.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out"]
+
+
+def test_an_unwritable_output_is_refused_before_the_export(tiny_gpt2_dir, monkeypatch):
+    from deploylm.export import pipeline
+
+    monkeypatch.setattr(pipeline, "_load_model", lambda source: pytest.fail("loaded the model before checking --out"))
+    result = _run("--model", str(tiny_gpt2_dir), "--out", "/proc/deploylm-export")
+    assert result.exit_code == 2 and "--out '/proc/deploylm-export': cannot write in '/proc'" in result.output, result.output
 
 
 def test_bad_profile_exits_2_and_writes_nothing(tiny_gpt2_dir, tmp_path):

@@ -108,6 +108,10 @@ def test_force_refuses_the_current_folder(tmp_path, monkeypatch):
     assert [p.name for p in out.iterdir()] == ["config.json"]
 
 
+def test_an_unwritable_output_is_refused_before_training():
+    assert_usage_error(run("--task", "reverse", "--out", "/proc/deploylm-run"), "--out '/proc/deploylm-run': cannot write in '/proc'")
+
+
 def test_cuda_requested_without_gpu(tmp_path, monkeypatch):
     import torch
 

@@ -47,11 +47,11 @@ def _count(value: int | None, total: int) -> str:
 
 def check_plot_path(path: str | Path) -> Path:
     """A writable .png path, and matplotlib importable: checked before anything runs."""
-    out = Path(path)
-    if out.suffix.lower() != ".png":
+    from deploylm.fsutil import check_output_file
+
+    if Path(path).suffix.lower() != ".png":
         raise UsageError(f"--plot {str(path)!r}: expected a file name ending in .png")
-    if not out.parent.is_dir():
-        raise UsageError(f"--plot {str(path)!r}: folder {str(out.parent)!r} does not exist")
+    out = check_output_file(path, "--plot")
     _figure_class()
     return out
 

@@ -1,12 +1,9 @@
 """`deploylm bench`: the standard workload over models × backends, against transformers.generate."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from deploylm.commands._options import INT
-from deploylm.errors import UsageError
 
 
 @click.command(name="bench")
@@ -34,6 +31,7 @@ def command(models, backends, prompts_file, batch_size, num_beams, max_new_token
     first token, decoder overhead, peak RSS and token agreement."""
     from deploylm.bench import BenchConfig, plot_report, run_bench
     from deploylm.benchmarking.table import check_plot_path
+    from deploylm.fsutil import check_output_file
     from deploylm.parity import read_prompts_file
 
     names = tuple(n.strip() for n in backends.split(",") if n.strip())
@@ -41,8 +39,8 @@ def command(models, backends, prompts_file, batch_size, num_beams, max_new_token
     config = BenchConfig(models=models, backends=names, batch_size=batch_size, num_beams=num_beams,
                          max_new_tokens=max_new_tokens, rounds=rounds, warmup=warmup, threads=threads,
                          spin=spin, reference=reference, isolate=not in_process, **extra)
-    if json_file and not Path(json_file).resolve().parent.is_dir():
-        raise UsageError(f"--json {json_file!r}: its folder does not exist")
+    if json_file:
+        check_output_file(json_file, "--json")
     if plot_file:
         check_plot_path(plot_file)
     report = run_bench(config, progress=lambda line: click.echo(line, err=True))

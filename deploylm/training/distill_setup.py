@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deploylm.errors import UsageError
-from deploylm.fsutil import refuse_current_folder, replace_dir
+from deploylm.fsutil import check_writable, refuse_current_folder, replace_dir
 from deploylm.models.source import Source, resolve_source
 from deploylm.training.distill import REPORT, DistillConfig, Setup, plan_layers, remap_layers
 
@@ -34,6 +34,7 @@ def check_output(config: DistillConfig) -> None:
     out = config.out
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file: expected a folder for the student")
+    check_writable(out.parent, f"--out {str(out)!r}")
     if config.teacher.exists() and out.exists() and out.resolve() == config.teacher.resolve():
         raise UsageError(f"--out {str(out)!r} is the teacher's folder: choose another folder for the student")
     if out.exists() and any(out.iterdir()):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from deploylm.errors import UsageError
-from deploylm.fsutil import refuse_current_folder
+from deploylm.fsutil import check_writable, refuse_current_folder
 from deploylm.models.checkpoint import CONFIG, TOKENIZER, TRAINING_STATE, WEIGHTS, load_training_state
 from deploylm.training import state as train_state
 from deploylm.training.config import TrainConfig, TrainResult
@@ -85,6 +85,7 @@ def _check_fresh(config: TrainConfig) -> None:
     out = config.out
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {str(out)!r} is a file: expected a folder for the checkpoint")
+    check_writable(out, f"--out {str(out)!r}")
     if not out.exists() or not any(out.iterdir()):
         return None
     if not config.force:
