@@ -43,6 +43,8 @@ def test_defaults_are_deploylm_cli_defaults():
     (dict(length_penalty="long"), "length_penalty"),
     (dict(do_sample="yes"), "do_sample"),
     (dict(seed=1.5), "seed"),
+    (dict(seed=-1), "seed=-1 is invalid: out of range, expected 0 <= seed < 2**63"),
+    (dict(seed=2**63), "out of range"),
     (dict(max_time=0), "max_time"),
     (dict(sequence_bias=[[1, 2]]), "sequence_bias"),
     (dict(sequence_bias=[[[1], "x"]]), "sequence_bias"),

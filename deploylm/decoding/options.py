@@ -170,6 +170,8 @@ def _check_types(o: DecodingOptions) -> None:
         raise _bad("do_sample", o.do_sample, "expected true or false")
     if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int)):
         raise _bad("seed", o.seed, "expected an integer or none")
+    if o.seed is not None and not 0 <= o.seed < 2**63:   # torch.Generator.manual_seed wraps or overflows
+        raise _bad("seed", o.seed, "out of range, expected 0 <= seed < 2**63")
     if o.encoder_repetition_penalty is not None and (isinstance(o.encoder_repetition_penalty, bool) or not
                                                      isinstance(o.encoder_repetition_penalty, (int, float))):
         raise _bad("encoder_repetition_penalty", o.encoder_repetition_penalty, "expected a number or none")

@@ -136,8 +136,6 @@ def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any
         if getattr(resolved, name) > cap:
             raise ApiError(400, f"{name}={getattr(resolved, name)} is over this server's limit of {cap}",
                            param=name)
-    if resolved.seed is not None and not 0 <= resolved.seed < 2**63:
-        raise ApiError(400, f"seed={resolved.seed} is out of range: use 0 <= seed < 2**63", param="seed")
     return options
 
 
