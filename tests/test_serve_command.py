@@ -1,6 +1,7 @@
 """`deploylm serve`: a thin command; its flags reach ServeConfig and bad input is one error line."""
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from deploylm.cli import cli
@@ -29,13 +30,38 @@ def test_serve_passes_flags_to_the_server(monkeypatch, tiny_gpt2_dir):
     assert seen["gen"].generate("hello", max_new_tokens=2)[0].sequences
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_refuses_a_taken_port_or_an_unknown_host_before_loading(monkeypatch, tmp_path):
+    import socket
+
+    import deploylm
+
+    monkeypatch.setattr(deploylm, "load", lambda *a, **k: pytest.fail("loaded the model before checking the address"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), "--port", str(port)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output == f"error: --port {port}: already in use on 127.0.0.1: stop what listens there or choose another --port\n"
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), "--host", "no-such-host.invalid"])
+    assert result.exit_code == 2 and result.output.startswith("error: --host 'no-such-host.invalid': not an address"), result.output
+
+
 def test_serve_bad_model_is_one_error_line(tmp_path):
-    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "missing")])
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "missing"), "--port", str(free_port())])
     assert result.exit_code == 2
     assert result.output.startswith("error: model") and "does not exist" in result.output
 
 
 def test_serve_spin_is_for_the_onnx_backend(tiny_gpt2_dir):
-    result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--spin"])
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--spin", "--port", str(free_port())])
     assert result.exit_code == 2
     assert result.output.startswith("error: spin=True applies to the onnx backend") and result.output.count("\n") == 1

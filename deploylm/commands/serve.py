@@ -35,8 +35,9 @@ def command(src: str, backend: str | None, host: str, port: int, drain_timeout: 
     """Serve SRC over HTTP: POST /v1/generate, POST /v1/completions, GET /v1/models, GET /health."""
     import deploylm
     from deploylm.serving import ServeConfig, serve
-    from deploylm.serving.server import describe_model
+    from deploylm.serving.server import check_address, describe_model
 
+    check_address(host, port)              # before minutes of loading, and before "serving ... on" is printed
     generator = deploylm.load(src, backend=backend, spin=spin)
     summary = describe_model(src, generator)
     config = ServeConfig(model_name=summary["name"],

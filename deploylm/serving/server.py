@@ -10,7 +10,7 @@ import logging
 import threading
 from typing import Any
 
-from deploylm.errors import MissingDependencyError
+from deploylm.errors import MissingDependencyError, UsageError
 from deploylm.serving.app import create_app
 from deploylm.serving.middleware import ServerState
 from deploylm.serving.schemas import ServeConfig
@@ -59,6 +59,27 @@ def begin_drain(state: ServerState, server: Any, timeout_s: float) -> threading.
     thread = threading.Thread(target=wait_then_exit, name="deploylm-drain", daemon=True)
     thread.start()
     return thread
+
+
+def check_address(host: str, port: int) -> None:
+    """UsageError unless `host:port` can be listened on now: uvicorn finds a taken port only after
+    its startup, then logs it and exits 3."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host!r}: not an address of this machine ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"--port {port}: already in use on {host}: stop what listens there or choose "
+                                 "another --port") from None
+            raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}): check --host and --port") from None
 
 
 def serve(generator: Any, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
