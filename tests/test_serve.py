@@ -68,6 +68,18 @@ def test_completions_openai_shape_and_option_mapping(client, fake):
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
 
 
+@pytest.mark.parametrize("body, param, words", [
+    ({"n": 100}, "n", "n=100 is over this server's limit of 8"),
+    ({"n": 2, "best_of": 100}, "best_of", "best_of=100 is over this server's limit of 8"),
+    ({"max_tokens": 100}, "max_tokens", "max_tokens=100 is over this server's limit of 32"),
+])
+def test_completions_errors_name_the_field_the_client_sent(client, body, param, words):
+    r = client.post("/v1/completions", json={"prompt": "a", **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
 def test_completions_temperature_turns_sampling_on(client, fake):
     r = client.post("/v1/completions", json={"prompt": "a b", "temperature": 0.7, "seed": 3, "max_tokens": 2})
     assert r.status_code == 200, r.text
@@ -117,6 +129,8 @@ def test_completions_stream_ends_with_the_reason_it_ended_then_done(client, prom
     (json.dumps({"prompt": "a", "max_new_tokens": 10**12}).encode(), 400, "max_new_tokens", "limit of 32"),
     (json.dumps({"prompt": "a", "num_beams": 10**6}).encode(), 400, "num_beams", "limit of 8"),
     (json.dumps({"prompt": "a", "seed": 2**70, "do_sample": True}).encode(), 400, "seed", "out of range"),
+    (json.dumps({"prompt": "a", "min_new_tokens": 40}).encode(), 400, "min_new_tokens",
+     "(max_new_tokens=32 is this server's limit, applied because the request left max_new_tokens out)"),
     (json.dumps({"prompt": "a", "stream": "yes"}).encode(), 400, "stream", "true or false"),
     (json.dumps({"prompt": ["a", "b"], "stream": True}).encode(), 400, "prompt", "exactly one prompt"),
     (json.dumps({"prompt": "a", "x": "y" * 5000}).encode(), 413, None, "limit of 4096"),

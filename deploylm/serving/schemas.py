@@ -129,9 +129,14 @@ def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any
     options = dict(options)
     if "max_new_tokens" not in options and resolved.max_new_tokens > config.max_new_tokens:
         options["max_new_tokens"] = config.max_new_tokens  # the server's cap bounds the default too
-        resolved = resolve(options, defaults)
-    caps = {"max_new_tokens": config.max_new_tokens, "num_beams": config.max_beams,
-            "num_return_sequences": config.max_beams}
+        try:
+            resolved = resolve(options, defaults)
+        except UsageError as exc:   # e.g. a min_new_tokens above the capped default: say where the cap comes from
+            raise ApiError(400, f"{exc} (max_new_tokens={config.max_new_tokens} is this server's limit, "
+                           "applied because the request left max_new_tokens out)",
+                           param=next((n for n in options if n != "max_new_tokens" and n in str(exc)), None)) from None
+    caps = {"max_new_tokens": config.max_new_tokens, "num_return_sequences": config.max_beams,
+            "num_beams": config.max_beams}   # n (num_return_sequences) before the beams it implies
     for name, cap in caps.items():
         if getattr(resolved, name) > cap:
             raise ApiError(400, f"{name}={getattr(resolved, name)} is over this server's limit of {cap}",
@@ -221,9 +226,11 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
         options.pop("temperature")  # OpenAI's temperature 0 = deterministic
     try:
         options = validate_options(options, config, defaults)
-    except ApiError as exc:
+    except ApiError as exc:   # name the completions field the client sent, not deploylm's option
         back = {v: k for k, v in COMPLETION_FIELDS.items()}
-        exc.param = back.get(exc.param or "", exc.param)
+        if exc.param in back:
+            exc.message = exc.message.replace(f"{exc.param}=", f"{back[exc.param]}=", 1)
+            exc.param = back[exc.param]
         raise
     return _job(prompts, options, stream, defaults)
 
