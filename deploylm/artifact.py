@@ -410,7 +410,7 @@ def summary(artifact: Artifact) -> str:
         f"profile    {profile.get('name', '?')} ({profile.get('precision', '?')}; backends "
         f"{', '.join(profile.get('backends', []))}): {profile.get('description', '')}",
         "toolchain  " + ", ".join(f"{k} {v}" for k, v in tools.items() if v),
-        f"files      {len(artifact.files)}, {format_size(total)} in all",
+        f"files      {len(artifact.files)} checksummed in manifest.json, {format_size(total)} in all",
     ]
     for name, entry in sorted(artifact.files.items(), key=lambda kv: -int(kv[1].get("bytes", 0))):
         lines.append(f"  {format_size(int(entry.get('bytes', 0))):>10}  {name}")

@@ -213,7 +213,7 @@ def test_weights_sha256_and_source_fields(tmp_path):
 def test_summary_shows_profile_io_sizes_and_parity(artifact):
     text = summary(load_artifact(artifact))
     for expected in ("format     1", "profile    fp32", "hf /models/tiny", "model.onnx", "input_ids",
-                     "int64", "[batch, sequence]", "files      3", "reference torch: PASSED",
+                     "int64", "[batch, sequence]", "files      3 checksummed in manifest.json", "reference torch: PASSED",
                      "first divergence none"):
         assert expected in text, expected
 
