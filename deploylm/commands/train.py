@@ -69,26 +69,13 @@ def command(ctx: click.Context, **opts: Any) -> None:
         return
     from deploylm.training.trainer import train
 
-    done_before = _steps_done(config)
     result = train(config)
     if result.test:                       # rank 0 (the only rank that evaluates) reports
-        if done_before is not None and done_before >= config.steps:
-            click.echo(f"--resume: {config.out} is already at step {done_before} (--steps {config.steps}): nothing "
-                       "to train, evaluated again; pass a larger --steps to continue it")
+        if result.resumed_at is not None and result.resumed_at >= config.steps:
+            click.echo(f"--resume: {config.out} is already at step {result.resumed_at} (--steps {config.steps}): "
+                       "nothing to train, evaluated again; pass a larger --steps to continue it")
         for line in report_lines(result):
             click.echo(line)
-
-
-def _steps_done(config: TrainConfig) -> int | None:
-    """With --resume, the step the saved run is at (None otherwise, or when there is none to read)."""
-    from deploylm.models.checkpoint import load_training_state
-
-    if not config.resume:
-        return None
-    try:
-        return int((load_training_state(config.out) or {})["step"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
 
 
 def _config(opts: dict[str, Any]) -> TrainConfig:

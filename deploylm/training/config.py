@@ -142,3 +142,4 @@ class TrainResult:
     baseline: dict[str, Any] | None = None       # LM: the n-gram baseline on the same test tokens
     cleaning: dict[str, Any] | None = None       # --data: CleanReport.as_json()
     world_size: int = 1                          # processes that trained (DDP)
+    resumed_at: int | None = None                # --resume: the step the saved run was at (None: a fresh run)

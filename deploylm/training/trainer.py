@@ -73,6 +73,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
 def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None] | None, dist: Dist,
            device: torch.device) -> TrainResult:
     run = _start(config, plan, dist, device)
+    resumed_at = run.step if config.resume else None
     work = plan.work
     stream = BatchStream(work.train_items, config.batch_size, config.seed)
     started, tokens, step_time = time.perf_counter(), 0, 0.0
@@ -94,7 +95,8 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
     test, examples, baseline = work.test(run.model, run.device) if dist.is_main else ({}, [], None)
     wall = time.perf_counter() - started
     result = TrainResult(config.out, run.step, test, examples, run.losses, run.validation, wall,
-                         tokens / step_time if step_time > 0 else 0.0, config.arch, baseline, plan.cleaning, dist.world)
+                         tokens / step_time if step_time > 0 else 0.0, config.arch, baseline, plan.cleaning, dist.world,
+                         resumed_at)
     if dist.is_main:
         write_metrics(config, result)
     dist.barrier()
