@@ -16,7 +16,6 @@ unpacked graphs (int4 packs the same groups itself: deploylm.export.q4_1), and T
 """
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -80,11 +79,12 @@ def pack_graph_file(path: Path) -> list[list[str]]:
 
 def rewrite_graph_file(path: Path, edit: Callable[[Any], Any]) -> Any:
     """Load the graph file `path` with its weights, apply `edit(model)` (in place), and save it back when
-    `edit` returns something true: weights external (one data file, written in WRITE_CHUNK writes, with the
-    old one's permissions) if they were, inline otherwise. Returns what `edit` returned."""
+    `edit` returns something true: weights external (one data file, onnx_export.save_graph, with the old
+    one's permissions) if they were, inline otherwise. Returns what `edit` returned."""
     import onnx
 
     from deploylm.artifact import external_data_files
+    from deploylm.export.onnx_export import save_graph
 
     path = Path(path)
     external = external_data_files(path)
@@ -96,30 +96,7 @@ def rewrite_graph_file(path: Path, edit: Callable[[Any], Any]) -> Any:
         mode = (path.parent / external[0]).stat().st_mode & 0o777
         for data in external:
             (path.parent / data).unlink()
-        data = path.parent / external[0]
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=external[0], size_threshold=1024)
-        _rewrite_in_small_writes(data)
-        data.chmod(mode)                              # onnx creates it owner-only
+        save_graph(model, path, location=external[0], mode=mode)
     else:
         onnx.save(model, str(path))
     return result
-
-
-WRITE_CHUNK = 1 << 16
-
-
-def _rewrite_in_small_writes(data: Path) -> None:
-    """Write `data` again in WRITE_CHUNK-byte writes (same bytes).
-
-    onnx writes each tensor in one call; on Linux 6.x (ext4, large folios) a 113 MB write leaves the
-    embedding in large page-cache folios, and ONNX Runtime maps external weights from the file: every
-    embedding row a prompt's Gather touches then maps a whole folio. SmolLM2's bench prompts made 81 MiB
-    of the file resident instead of 23 MiB (the same file written in 64 KiB writes, as torch's exporter
-    leaves it), +58 MiB of peak RSS per process until the page cache drops the file.
-    """
-    staged = data.with_name(data.name + ".staged")
-    data.rename(staged)
-    with open(staged, "rb") as src, open(data, "wb") as dst:
-        shutil.copyfileobj(src, dst, WRITE_CHUNK)
-    staged.unlink()

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from deploylm.errors import UsageError
-from deploylm.export.onnx_export import is_large, readable_like_graph, save_graph
+from deploylm.export.onnx_export import finish_data_file, is_large, save_graph
 
 
 @contextlib.contextmanager
@@ -145,7 +145,7 @@ def _dynamic(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...])
                      reduce_range=bool(q.reduce_range), weight_type=_qtype(q.weight_type or "quint8"),
                      nodes_to_exclude=list(exclude), extra_options={"MatMulConstBOnly": True},
                      use_external_data_format=is_large(model))
-    readable_like_graph(dst)
+    finish_data_file(dst)
 
 
 def _static(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...], feeds: list[dict]) -> None:
@@ -161,7 +161,7 @@ def _static(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...], 
                     weight_type=_qtype(q.weight_type or "qint8"), nodes_to_exclude=list(exclude),
                     calibrate_method=method, extra_options={"MatMulConstBOnly": True},
                     use_external_data_format=large)
-    readable_like_graph(dst)
+    finish_data_file(dst)
 
 
 def _weight_only(model: Any, dst: Path, q: Any, bits: int, exclude: tuple[str, ...]) -> None:
