@@ -216,9 +216,7 @@ def check_png_path(out: str | Path) -> Path:
     """`out` as a Path ending in .png in an existing folder that takes a new file."""
     from deploylm.fsutil import check_output_file
 
-    if Path(out).suffix.lower() != ".png":
-        raise UsageError(f"--out {str(out)!r}: expected a file name ending in .png")
-    return check_output_file(out, "--out")
+    return check_output_file(out, "--out", ".png")
 
 
 def require_matplotlib() -> Any:

@@ -86,10 +86,13 @@ def refuse_current_folder(target: Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {str(target)!r} is the current folder or holds it: choose another folder")
 
 
-def check_output_file(path: str | Path, flag: str) -> Path:
+def check_output_file(path: str | Path, flag: str, suffix: str | None = None) -> Path:
     """A file a command writes when it is done (--json, --plot, --out): checked before any work, so a
-    bad path costs a one-line error, not a finished run. Its folder must exist and take a new file."""
+    bad path costs a one-line error, not a finished run. Its name ends in `suffix` (when given), and its
+    folder must exist and take a new file."""
     out = Path(path)
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise UsageError(f"{flag} {str(path)!r}: expected a file name ending in {suffix}")
     if out.is_dir():
         raise UsageError(f"{flag} {str(path)!r} is a folder: expected the name of a file to write")
     folder = out.parent

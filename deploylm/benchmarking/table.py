@@ -49,9 +49,7 @@ def check_plot_path(path: str | Path) -> Path:
     """A writable .png path, and matplotlib importable: checked before anything runs."""
     from deploylm.fsutil import check_output_file
 
-    if Path(path).suffix.lower() != ".png":
-        raise UsageError(f"--plot {str(path)!r}: expected a file name ending in .png")
-    out = check_output_file(path, "--plot")
+    out = check_output_file(path, "--plot", ".png")
     _figure_class()
     return out
 
