@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from deploylm.errors import MissingDependencyError, UsageError
+from deploylm.errors import MissingDependencyError
 
 COLUMNS = ("row", "profile", "tok/s", "× tf", "latency p50/p95 s", "step p50/p95 ms", "TTFT s",
            "decoder ms/step (%)", "peak RSS MiB", "= tf", "= #1")
