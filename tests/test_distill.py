@@ -196,6 +196,12 @@ def test_existing_output_is_refused(seed_teacher, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_an_unwritable_output_is_refused(seed_teacher):
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", "/proc/deploylm-student",
+                                   "--task", "reverse"])
+    assert res.exit_code == 2 and "--out '/proc/deploylm-student': cannot write in '/proc'" in res.output, res.output
+
+
 def test_force_refuses_the_current_folder(seed_teacher, tmp_path, monkeypatch):
     out = tmp_path / "student"
     out.mkdir()
