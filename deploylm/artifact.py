@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from deploylm import __version__
+from deploylm import __version__, fsutil
 from deploylm.errors import ArtifactError, UsageError
-from deploylm.fsutil import check_writable, refuse_current_folder, replace_dir
+from deploylm.fsutil import replace_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -188,18 +188,9 @@ def _unlisted_data(root: Path, graph: str, files: dict[str, Any], model: Any = N
 def check_output_folder(out: Path, force: bool) -> None:
     """An artifact's output must be new, or empty, or (with `force`) an artifact to replace: --force never
     deletes a file, a folder of other things, or the current folder."""
-    out = Path(out)
-    check_writable(out.parent, f"--out {str(out)!r}")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"output {str(out)!r} is a file: expected a folder for the artifact")
-    if not force:
-        raise UsageError(f"output folder {out} already exists: pass --force to replace it")
-    refuse_current_folder(out)
-    if any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UsageError(f"--force: {str(out)!r} is not an exported artifact (no {MANIFEST}): refusing to replace it; "
-                         "choose another --out")
+    fsutil.check_output_folder(out, force, holds="the artifact", ours=lambda folder: (folder / MANIFEST).is_file(),
+                               not_ours=f"is not an exported artifact (no {MANIFEST})",
+                               without_force="pass --force to replace it")
 
 
 def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fields: dict[str, Any],
@@ -240,8 +231,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _swap_into_place(tmp: Path, final_dir: Path, force: bool) -> None:
-    if final_dir.exists() and not force:
-        raise UsageError(f"output folder {final_dir} already exists: pass --force to replace it")
+    if final_dir.exists() and any(final_dir.iterdir()) and not force:     # made while the artifact was built
+        raise UsageError(f"--out {str(final_dir)!r} already exists: pass --force to replace it")
     replace_dir(tmp, final_dir)        # an existing folder is swapped out atomically where the system can
 
 

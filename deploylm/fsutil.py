@@ -15,6 +15,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from deploylm.errors import UsageError
 
@@ -84,6 +85,27 @@ def refuse_current_folder(target: Path, flag: str = "--out") -> None:
     target = Path(target)
     if target.exists() and Path.cwd().resolve().is_relative_to(target.resolve()):
         raise UsageError(f"{flag} {str(target)!r} is the current folder or holds it: choose another folder")
+
+
+def check_output_folder(out: str | Path, force: bool, *, holds: str, ours: Callable[[Path], bool], not_ours: str,
+                        without_force: str, flag: str = "--out") -> None:
+    """The folder a command writes whole (an artifact, a training run, a student), checked before any
+    work: it must be new or empty, or, with `force`, a folder that `ours` recognises as this kind of
+    output, which the command then replaces. `force` never deletes a file, a folder of other things,
+    or the current folder (nor one holding it), and the place must take new files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {str(out)!r} is a file: expected a folder for {holds}")
+    check_writable(out if out.is_dir() else out.parent, f"{flag} {str(out)!r}")
+    if not out.exists():
+        return
+    refuse_current_folder(out, flag)
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise UsageError(f"{flag} {str(out)!r} already exists: {without_force}")
+    if not ours(out):
+        raise UsageError(f"--force: {str(out)!r} {not_ours}: refusing to replace it; choose another {flag}")
 
 
 def check_output_file(path: str | Path, flag: str, suffix: str | None = None) -> Path:

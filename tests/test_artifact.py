@@ -81,6 +81,19 @@ def test_existing_folder_is_refused_without_force(artifact):
     assert (artifact / "manifest.json").read_text() == before
 
 
+def test_an_empty_folder_is_filled_without_force_but_never_the_current_one(tmp_path, monkeypatch):
+    empty = tmp_path / "made-by-the-user"
+    empty.mkdir()
+    write_artifact(empty, build, FIELDS)
+    assert (empty / "manifest.json").is_file() and leftovers(tmp_path) == []
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(UsageError, match="--out '.' is the current folder or holds it"):
+        write_artifact(Path("."), build, FIELDS)
+    assert list(here.iterdir()) == []
+
+
 def test_force_replaces_and_leaves_nothing_behind(artifact):
     def build_other(folder):
         build(folder)
@@ -94,7 +107,7 @@ def test_force_replaces_and_leaves_nothing_behind(artifact):
 def test_force_never_replaces_a_file_a_folder_of_other_things_or_the_current_folder(tmp_path, artifact, monkeypatch):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
-    with pytest.raises(UsageError, match=r"output '.*notes.txt' is a file: expected a folder for the artifact"):
+    with pytest.raises(UsageError, match=r"--out '.*notes.txt' is a file: expected a folder for the artifact"):
         write_artifact(notes, build, FIELDS, force=True)
     project = tmp_path / "project"
     project.mkdir()

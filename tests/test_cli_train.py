@@ -108,6 +108,14 @@ def test_force_refuses_the_current_folder(tmp_path, monkeypatch):
     assert [p.name for p in out.iterdir()] == ["config.json"]
 
 
+def test_an_empty_current_folder_is_refused_too(tmp_path, monkeypatch):
+    here = tmp_path / "here"      # --force used to delete the (empty) working folder before training into it
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert_usage_error(run("--task", "reverse", "--out", ".", "--force"), "--out '.' is the current folder or holds it")
+    assert here.is_dir() and list(here.iterdir()) == []
+
+
 def test_an_unwritable_output_is_refused_before_training():
     assert_usage_error(run("--task", "reverse", "--out", "/proc/deploylm-run"), "--out '/proc/deploylm-run': cannot write in '/proc'")
 

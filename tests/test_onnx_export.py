@@ -185,9 +185,10 @@ def test_seed_model_exports_and_matches_torch(tmp_path, arch):
 
 def test_existing_output_is_refused_before_any_work(tiny_gpt2_dir, tmp_path):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(UsageError, match="already exists: pass --force"):
         export_model(tiny_gpt2_dir, "fp32", tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
 def test_an_artifact_is_not_a_source(tmp_path):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deploylm.errors import UsageError
-from deploylm.fsutil import check_writable, refuse_current_folder, replace_dir
+from deploylm.fsutil import check_output_folder, replace_dir
 from deploylm.models.source import Source, resolve_source
 from deploylm.training.distill import REPORT, DistillConfig, Setup, plan_layers, remap_layers
 
@@ -32,17 +32,11 @@ HELD_OUT_FRACTION = 10          # text: one block in ten is held out for perplex
 def check_output(config: DistillConfig) -> None:
     """--out must be new or empty, or (with --force) a model folder that may be replaced."""
     out = config.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file: expected a folder for the student")
-    check_writable(out.parent, f"--out {str(out)!r}")
     if config.teacher.exists() and out.exists() and out.resolve() == config.teacher.resolve():
         raise UsageError(f"--out {str(out)!r} is the teacher's folder: choose another folder for the student")
-    if out.exists() and any(out.iterdir()):
-        if not config.force:
-            raise UsageError(f"--out {str(out)!r} exists: choose another folder or use --force to replace it")
-        refuse_current_folder(out)
-        if not (out / "config.json").is_file():
-            raise UsageError(f"--force: {str(out)!r} holds no model (no config.json): refusing to replace it")
+    check_output_folder(out, config.force, holds="the student", ours=lambda folder: (folder / "config.json").is_file(),
+                        not_ours="holds no model (no config.json)",
+                        without_force="choose another folder or use --force to replace it")
 
 
 def build(config: DistillConfig) -> Setup:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from deploylm.errors import UsageError
-from deploylm.fsutil import check_writable, refuse_current_folder
+from deploylm.fsutil import check_output_folder
 from deploylm.models.checkpoint import CONFIG, TOKENIZER, TRAINING_STATE, WEIGHTS, load_training_state
 from deploylm.training import state as train_state
 from deploylm.training.config import TrainConfig, TrainResult
@@ -82,18 +82,10 @@ def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
 
 
 def _check_fresh(config: TrainConfig) -> None:
-    out = config.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {str(out)!r} is a file: expected a folder for the checkpoint")
-    check_writable(out, f"--out {str(out)!r}")
-    if not out.exists() or not any(out.iterdir()):
-        return None
-    if not config.force:
-        raise UsageError(f"output folder {str(out)!r} exists: use --resume to continue it or --force to start over")
-    refuse_current_folder(out)
-    if not any((out / name).exists() for name in RUN_MARKERS):
-        raise UsageError(f"--force: {str(out)!r} does not look like a training run (no {', '.join(RUN_MARKERS)}): refusing to delete it")
-    return None
+    check_output_folder(config.out, config.force, holds="the checkpoint",
+                        ours=lambda out: any((out / name).exists() for name in RUN_MARKERS),
+                        not_ours=f"does not look like a training run (no {', '.join(RUN_MARKERS)})",
+                        without_force="use --resume to continue it or --force to start over")
 
 
 def _resume_state(config: TrainConfig) -> dict[str, Any]:
