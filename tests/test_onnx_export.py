@@ -282,3 +282,27 @@ def test_gqa_export_attention_matches_transformers_eager():
     expected, _ = eager_attention_forward(module, q, k, v, mask, scaling=0.35)
     got, _ = gqa_attention(module, q, k, v, mask, scaling=0.35)
     assert got.shape == expected.shape == (3, 4, 6, 8) and torch.allclose(got, expected, atol=1e-6)
+
+
+def test_sliding_window_model_exports_and_decodes_past_its_window(tmp_path):
+    """Mistral with a window of 6: the concat graph's present must be past + new for every layer (a
+    sliding cache layer trims it to the window, and the backend's next step then fails), while the
+    attention mask keeps the window: logits and tokens as the torch backend's, far past the window."""
+    from tests.test_hf_parity import build_layout
+
+    src = build_layout("mistral", tmp_path / "mistral")
+    report = export_model(src, "fp32", tmp_path / "art")
+    assert report.validation.ok and report.parity["passed"]
+    ref, onnx = TorchBackend.from_source(str(src)), OnnxBackend.from_source(str(tmp_path / "art"))
+    gen = Generator(ref, load_tokenizer(resolve_source(src)))
+    batch = gen.encode(["the quick brown fox jumps over the lazy dog", "one two"])
+    (want, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
+    assert float((want - got).abs().max()) <= PARITY.logits_atol
+    for token in (5, 9, 13, 7, 11, 3, 8, 12):                 # 8 steps: the short row passes its window too
+        tokens = torch.full((2,), token)
+        (want, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
+        assert float((want - got).abs().max()) <= PARITY.logits_atol
+    for options in (DecodingOptions(num_beams=1, max_new_tokens=20, min_new_tokens=20),
+                    DecodingOptions(num_beams=4, max_new_tokens=20, min_new_tokens=20)):
+        assert ([[h.token_ids for h in x] for x in generate_ids(onnx, batch, options)]
+                == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)])

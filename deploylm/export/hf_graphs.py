@@ -18,9 +18,13 @@ from deploylm.models.hf import cache_keyword, cache_of
 
 
 def _dynamic_cache(config, flat: tuple[Tensor, ...]):
+    """The graph's past as a DynamicCache of plain layers, sliding-window layers included: `present.*`
+    is then past + new for every layer (the concat layout's contract; a sliding layer would trim it
+    to the window), and the window is applied by the attention mask, which transformers builds from
+    config.sliding_window whatever the cache holds."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=config)
+    cache = DynamicCache()
     for i in range(len(flat) // 2):
         cache.update(flat[2 * i], flat[2 * i + 1], i)
     return cache
