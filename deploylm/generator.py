@@ -33,6 +33,8 @@ from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, join_outp
 from deploylm.models.source import Source, resolve_source
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from deploylm.decoding.search import SearchStats
 
 WINDOW_ROWS = 8  # sliding-window chunks decoded together (at least the caller's prompt count)
@@ -191,8 +193,22 @@ class Generator:
         lengths = batch.attention_mask.sum(dim=1).tolist()
         if 0 in lengths:
             raise UsageError(f"prompt {lengths.index(0) + 1} has no tokens after tokenization: give some text")
+        self._check_vocabulary([batch.input_ids[i][batch.attention_mask[i].bool()] for i in range(len(lengths))])
         if options is not None:
             check_fits(lengths, self.info, options.max_new_tokens)
+
+    def _check_vocabulary(self, per_prompt: list[Tensor]) -> None:
+        """Every token id of every prompt is a row of the model's embedding: a tokenizer that belongs to
+        another model gives ids past it (IndexError deep in the model, or garbage from a graph)."""
+        vocab = self.info.vocab_size
+        for index, ids in enumerate(per_prompt):
+            if ids.numel() and int(ids.max()) >= vocab:
+                bad = int(ids.max())
+                with self._tokenizer_lock:
+                    piece = self.tokenizer.decode([bad])
+                raise UsageError(f"prompt {index + 1} has token id {bad} ({piece!r}), outside the model's vocabulary "
+                                 f"of {vocab} ids: the tokenizer does not belong to this model (its folder's "
+                                 "tokenizer files and config.json's vocab_size disagree)")
 
     # -- sliding window (encoder-decoder) -------------------------------------------------------
     def _slides(self, fit: LongInputs) -> bool:
@@ -213,6 +229,7 @@ class Generator:
         for index, chunk in enumerate(chunks):
             if int(chunk.attention_mask.sum()) == 0:
                 raise UsageError(f"prompt {index + 1} has no tokens after tokenization: give some text")
+        self._check_vocabulary([chunk.input_ids[chunk.attention_mask.bool()] for chunk in chunks])
         return chunks
 
     def _generate_windows(self, texts: list[str], opts: DecodingOptions, overlap: int) -> list[Result]:

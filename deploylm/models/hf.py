@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import struct
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -71,8 +72,25 @@ def check_weights(folder: Path) -> None:
         raise UsageError(f"model folder {str(folder)!r} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
+# What transformers and its readers raise on a folder or file they cannot read: malformed JSON values,
+# truncated or foreign safetensors / GGUF bytes, tensors of the wrong shape.
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, RuntimeError, TypeError,
+                                                 AttributeError, IndexError, OverflowError, struct.error)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:                     # pragma: no cover - safetensors comes with transformers
+        return _LOAD_ERRORS
+    return (*_LOAD_ERRORS, SafetensorError)
+
+
 def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -> Any:
-    """Load a Hugging Face folder or a .gguf file as an eval-mode transformers model on `device`."""
+    """Load a Hugging Face folder or a .gguf file as an eval-mode transformers model on `device`.
+
+    Weights the model needs but the folder lacks are refused: transformers would fill them with fresh
+    random values (and a different set on every load), so the model would run and answer nonsense."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if source.kind == "gguf":
@@ -80,14 +98,38 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     if source.kind != "hf":
         raise UsageError(f"model {str(source.path)!r} is a {source.kind}, not a Hugging Face folder or .gguf file")
     check_weights(source.path)
+    what = f"model folder {str(source.path)!r}"
     try:
         config = AutoConfig.from_pretrained(source.path)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(source.path, dtype=dtype)
-    except (ValueError, KeyError, OSError) as exc:
-        raise UsageError(f"model folder {str(source.path)!r} does not load as a Hugging Face causal or "
-                         f"seq2seq LM: {_first_line(exc)}") from None
+        model, loading = auto.from_pretrained(source.path, dtype=dtype, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)   # named in check_loaded_weights
+    except _load_errors() as exc:
+        raise UsageError(f"{what} does not load as a Hugging Face causal or seq2seq LM: {_first_line(exc)}") from None
+    check_loaded_weights(what, type(model).__name__, loading)
     return model.to(device).eval()
+
+
+def check_loaded_weights(what: str, model_class: str, loading: Mapping[str, Any]) -> None:
+    """UsageError naming the weights `model_class` needs that the files do not hold (or hold in another
+    shape); `loading` is transformers' output_loading_info."""
+    missing = sorted(loading.get("missing_keys") or ())
+    mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item)
+                  for item in loading.get("mismatched_keys") or ()]
+    if not missing and not mismatched:
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing ({_some(missing)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} of another shape ({_some(mismatched)})")
+    raise UsageError(f"{what} does not hold the weights of {model_class}: {'; '.join(problems)}; a model "
+                     "with these left at random values would generate nonsense (check config.json against "
+                     "the weight files, and that the folder holds a language-model head)")
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f", ... {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
@@ -99,8 +141,9 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
                                      "pip install gguf accelerate")
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise UsageError(f"GGUF file {str(path)!r} does not load with transformers: {_first_line(exc)}") from None
+    except _load_errors() as exc:
+        raise UsageError(f"GGUF file {str(path)!r} does not load with transformers (damaged or not a GGUF "
+                         f"model file?): {_first_line(exc)}") from None
     return model.to(device).eval()
 
 

@@ -55,9 +55,12 @@ def folder_source(path: Path, name: str | None = None) -> Source:
     if not config.is_file():
         raise UsageError(f"model folder {str(src)!r} has no config.json: expected a checkpoint, Hugging Face or artifact folder")
     try:
-        model_type = json.loads(config.read_text()).get("model_type", "")
+        settings = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{config}: not valid JSON ({exc})") from None
+    if not isinstance(settings, dict):
+        raise UsageError(f"{config}: expected a JSON object of model settings, got {type(settings).__name__}")
+    model_type = settings.get("model_type", "")
     if str(model_type).startswith("deploylm"):
         return Source("checkpoint", path)
     return Source("hf", path)
