@@ -2,8 +2,12 @@
 
 Where the text comes from:
 - `--calibration FILE`: its non-empty lines (paragraphs of a plain text file work too);
-- a deploylm checkpoint: its training task (metrics.json names it): sources + targets of the
-  training split for calibration, the test split for the held-out quality report;
+- a deploylm checkpoint: what it was trained on (metrics.json, or a student's distill.json, names
+  it): a built-in task, or a `--data` file that is still where it was. The training split
+  calibrates; the test split is the held-out material of the quality report (seq2seq: sources and
+  targets; decoder-only: its documents are scored, their first words are the prompts). A text
+  model's splits are drawn with its training seed (recorded in metrics.json; 0 before it was), so
+  its held-out documents are the ones it did not train on;
 - anything else (Hugging Face, GGUF): a built-in English passage (calibration) and a different
   built-in passage and prompts (held out).
 `graph_feeds` turns token sequences into input dicts for each ONNX graph of a folder (prefill:
@@ -56,7 +60,8 @@ class TextSet:
 
     inputs: tuple[str, ...]
     targets: tuple[str, ...] | None   # seq2seq only: what each input should produce
-    origin: str                       # "file:PATH" | "task:NAME" | "builtin"
+    origin: str                       # "file:PATH" | "task:NAME" | "data:PATH" | "builtin"
+    scored: tuple[str, ...] | None = None   # decoder-only held-out documents whose perplexity is scored
 
 
 def check_calibration_file(path: str | Path | None) -> Path | None:
@@ -79,37 +84,101 @@ def read_lines(file: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _task_of(folder: Path) -> str | None:
-    """The built-in task a checkpoint learned: its training run's metrics.json, or a distilled
-    student's distill.json."""
+HELD_DOCUMENTS = 16      # held-out documents of a text model scored for perplexity
+PROMPT_WORDS = 6         # ... and the words of each that make a beam-agreement prompt
+
+
+def _run_record(folder: Path) -> dict[str, Any]:
+    """What a checkpoint was trained on: its training run's metrics.json, or a distilled student's
+    distill.json ({} when neither names a task or data file)."""
     for record in ("metrics.json", "distill.json"):
         try:
-            task = json.loads((Path(folder) / record).read_text()).get("task")
-        except (OSError, ValueError, AttributeError):
+            found = json.loads((Path(folder) / record).read_text())
+        except (OSError, ValueError):
             continue
-        if task:
-            return task
-    return None
+        if isinstance(found, dict) and (found.get("task") or found.get("data")):
+            return found
+    return {}
 
 
-def _task_sets(task: str, samples: int) -> tuple[TextSet, TextSet]:
-    from deploylm.training.tasks import SplitSizes, task_splits
+def _seed(record: dict[str, Any]) -> int:
+    seed = record.get("seed", 0)
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else 0
 
-    splits = task_splits(task, 0, SplitSizes(train=max(samples, 1000), validation=16, test=16))
+
+def _task_of(folder: Path) -> str | None:
+    """The built-in task a checkpoint learned, if any."""
+    return _run_record(folder).get("task") or None
+
+
+def _pair_sets(splits: Any, samples: int, origin: str) -> tuple[TextSet, TextSet]:
+    """Seq2seq splits: training pairs calibrate, test pairs are held out."""
     rng = np.random.default_rng(0)
     train = [splits.train[i] for i in rng.permutation(len(splits.train))[:samples]]
-    calib = TextSet(tuple(e.source for e in train), tuple(e.target for e in train), f"task:{task}")
-    held = TextSet(tuple(e.source for e in splits.test), tuple(e.target for e in splits.test), f"task:{task}")
+    calib = TextSet(tuple(e.source for e in train), tuple(e.target for e in train), origin)
+    held = TextSet(tuple(e.source for e in splits.test), tuple(e.target for e in splits.test), origin)
     return calib, held
+
+
+def _document_sets(splits: Any, samples: int, origin: str) -> tuple[TextSet, TextSet]:
+    """Text splits of a decoder-only model: training documents calibrate; test documents are scored,
+    and their first words are the beam-agreement prompts."""
+    rng = np.random.default_rng(0)
+    train = [splits.train[i] for i in rng.permutation(len(splits.train))[:samples]]
+    scored = tuple(splits.test[:HELD_DOCUMENTS])
+    prompts = tuple(" ".join(doc.split()[:PROMPT_WORDS]) for doc in scored[:len(HELD_OUT_PROMPTS)])
+    return TextSet(tuple(train), None, origin), TextSet(prompts, None, origin, scored)
+
+
+def _task_sets(task: str, samples: int, seed: int = 0) -> tuple[TextSet, TextSet]:
+    from deploylm.training.outdir import TEXT_TASKS
+
+    if task in TEXT_TASKS:
+        from deploylm.training.stories import stories
+        from deploylm.training.text import text_splits
+
+        return _document_sets(text_splits(f"task {task}", stories(seed), seed), samples, f"task:{task}")
+    from deploylm.training.tasks import SplitSizes, task_splits
+
+    splits = task_splits(task, seed, SplitSizes(train=max(samples, 1000), validation=16, test=16))
+    return _pair_sets(splits, samples, f"task:{task}")
+
+
+def _data_sets(record: dict[str, Any], samples: int) -> tuple[TextSet, TextSet] | None:
+    """The sets of a checkpoint trained on `--data FILE`, when FILE is still there and splits."""
+    path = Path(record["data"])
+    if not path.is_file():
+        return None
+    from deploylm.training.clean import CleanOptions
+
+    try:
+        if record.get("arch") == "decoder":
+            from deploylm.training.text import load_text, text_splits
+
+            docs, _ = load_text(path, CleanOptions())
+            sets = _document_sets(text_splits(path, docs, _seed(record)), samples, f"data:{path}")
+        else:
+            from deploylm.training.data import load_pairs, pair_splits
+
+            examples, _ = load_pairs(path, CleanOptions())
+            sets = _pair_sets(pair_splits(path, examples, _seed(record)), samples, f"data:{path}")
+    except UsageError:            # changed since training, too small to split: the built-in text then
+        return None
+    return sets if sets[1].inputs and sets[0].inputs else None
 
 
 def text_sets(source: Any, file: Path | None, samples: int, seq2seq: bool) -> tuple[TextSet, TextSet]:
     """(calibration, held-out) for `source` (a deploylm.models.source.Source)."""
-    task = _task_of(source.path) if source.kind == "checkpoint" else None
-    if task is not None and file is None:
-        return _task_sets(task, samples)
-    if task is not None:
-        _, held = _task_sets(task, samples)
+    record = _run_record(source.path) if source.kind == "checkpoint" else {}
+    own = None
+    if record.get("task"):
+        own = _task_sets(record["task"], samples, _seed(record))
+    elif record.get("data"):
+        own = _data_sets(record, samples)
+    if own is not None and file is None:
+        return own
+    if own is not None:
+        held = own[1]
     else:
         held = TextSet(HELD_OUT_PROMPTS if not seq2seq else HELD_OUT_TEXT[:4],
                        HELD_OUT_TEXT[:4] if seq2seq else None, "builtin")
@@ -120,11 +189,19 @@ def text_sets(source: Any, file: Path | None, samples: int, seq2seq: bool) -> tu
     return TextSet(texts, texts if seq2seq else None, "builtin"), held
 
 
+def describe(origin: str) -> str:
+    """Words for where held-out material came from, for the quality line."""
+    kind, _, name = origin.partition(":")
+    return {"task": f"the test split of task {name}", "data": f"the test split of {name}",
+            "file": f"{name}"}.get(kind, "built-in English text (no training data of this model found)")
+
+
 def perplexity_texts(held: TextSet) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
-    """(inputs, targets) scored by the quality report: decoder-only scores HELD_OUT_TEXT itself."""
+    """(inputs, targets) scored by the quality report: seq2seq scores the targets; decoder-only its
+    held-out documents, else HELD_OUT_TEXT itself."""
     if held.targets is not None:
         return held.inputs, held.targets
-    return HELD_OUT_TEXT, None
+    return (held.scored or HELD_OUT_TEXT), None
 
 
 def token_ids(tokenizer: Any, texts: tuple[str, ...], max_len: int = 64) -> list[list[int]]:

@@ -40,6 +40,7 @@ class PrecisionReport:
     budget_failures: tuple[str, ...] = ()             # non-empty only with allow_quality_loss
     fallback_cost: dict[str, Any] | None = None       # size/speed before and after the auto fallback
     calibration: str | None = None                    # where calibration text came from
+    held_out: str | None = None                       # where the quality report's held-out text came from
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,7 +48,8 @@ class PrecisionReport:
                 "method": self.method, "kept_fp32": {k: list(v) for k, v in self.kept_fp32.items()},
                 "auto_kept": self.auto_kept, "attempts": self.attempts, **(self.quality or {}),
                 "budget_met": not self.budget_failures, "budget_failures": list(self.budget_failures),
-                "fallback_cost": self.fallback_cost, "calibration": self.calibration, "notes": list(self.notes)}
+                "fallback_cost": self.fallback_cost, "calibration": self.calibration, "held_out": self.held_out,
+                "notes": list(self.notes)}
 
     def lines(self) -> list[str]:
         if not self.applied:
@@ -58,8 +60,11 @@ class PrecisionReport:
         if self.quality:
             from deploylm.export.quality import QualityReport
 
+            from deploylm.export.calibration import describe
+
             fields = {k: self.quality[k] for k in QualityReport.__dataclass_fields__}
-            out.append("quality: " + QualityReport(**{k: (float("inf") if v is None else v)
+            where = f" (held out: {describe(self.held_out)})" if self.held_out else ""
+            out.append(f"quality{where}: " + QualityReport(**{k: (float("inf") if v is None else v)
                                                        for k, v in fields.items()}).line())
         if self.fallback_cost:
             c = self.fallback_cost
@@ -277,5 +282,5 @@ def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResu
         profile=profile.name, precision=profile.precision, applied=True, method=q.method if q else None,
         kept_fp32={f: v for f, v in final.kept.items() if v}, auto_kept=final.kept_count - base_count,
         attempts=result.attempts, quality=final.quality.to_dict(), budget_failures=tuple(failures),
-        fallback_cost=cost, calibration=work.calibration_origin,
+        fallback_cost=cost, calibration=work.calibration_origin, held_out=work.held.origin,
         notes=tuple(notes))

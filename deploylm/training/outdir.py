@@ -106,6 +106,7 @@ def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
     """metrics.json in the output folder (replaced atomically): test metrics, examples, history."""
     first = "source" if config.arch == "seq2seq" else "prompt"
     data = {"task": config.task, "data": None if config.data is None else str(config.data), "arch": config.arch,
+            "seed": config.seed,
             "size": config.size, "steps": result.steps, "world_size": result.world_size, "test": result.test,
             "baseline": result.baseline, "cleaning": result.cleaning,
             "examples": [{first: s, "generated": g, "reference": r} for s, g, r in result.examples],

@@ -1,0 +1,66 @@
+"""Where export's calibration and held-out text come from for a deploylm checkpoint: the task or the
+--data file it was trained on (metrics.json), never English text the model never saw when its own
+data is at hand; and the quality line says which it was."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.export.calibration import HELD_OUT_TEXT, describe, perplexity_texts, text_sets
+from deploylm.models.source import Source
+from deploylm.training.stories import stories
+from deploylm.training.text import text_splits
+
+
+def _checkpoint(seed_lm_dir, tmp_path, record):
+    folder = shutil.copytree(seed_lm_dir, tmp_path / "lm")
+    (folder / "metrics.json").write_text(json.dumps(record))
+    return Source("checkpoint", folder)
+
+
+def test_a_stories_model_is_judged_on_held_out_stories(seed_lm_dir, tmp_path):
+    source = _checkpoint(seed_lm_dir, tmp_path, {"task": "stories", "arch": "decoder", "seed": 3})
+    calib, held = text_sets(source, None, 8, seq2seq=False)
+    splits = text_splits("task stories", stories(3), 3)        # what `train --task stories --seed 3` used
+    assert calib.origin == held.origin == "task:stories" and len(calib.inputs) == 8
+    assert set(calib.inputs) <= set(splits.train) and held.scored and set(held.scored) <= set(splits.test)
+    assert perplexity_texts(held) == (held.scored, None)
+    assert all(doc.startswith(prompt) for prompt, doc in zip(held.inputs, held.scored)) and held.inputs
+    assert describe(held.origin) == "the test split of task stories"
+
+
+def test_a_data_model_is_judged_on_its_own_test_split(seed_lm_dir, tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(f"paragraph {i}: the otter number {i} swims past the mill." for i in range(60)))
+    source = _checkpoint(seed_lm_dir, tmp_path, {"task": None, "data": str(data), "arch": "decoder", "seed": 0})
+    calib, held = text_sets(source, None, 4, seq2seq=False)
+    assert held.origin == f"data:{data}" and all("otter" in doc for doc in held.scored)
+    assert all("otter" in doc for doc in calib.inputs)
+    data.unlink()                                   # moved since training: the built-in text, said so
+    calib, held = text_sets(source, None, 4, seq2seq=False)
+    assert held.origin == "builtin" and perplexity_texts(held) == (HELD_OUT_TEXT, None)
+
+
+def test_a_seq2seq_data_model_is_judged_on_its_pairs(seed_seq2seq_dir, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": f"{i}", "target": f"n{i}"}) + "\n" for i in range(80)))
+    folder = shutil.copytree(seed_seq2seq_dir, tmp_path / "s2s")
+    (folder / "metrics.json").write_text(json.dumps({"data": str(data), "arch": "seq2seq"}))
+    calib, held = text_sets(Source("checkpoint", folder), None, 4, seq2seq=True)
+    assert held.origin == f"data:{data}" and held.targets == tuple(f"n{s}" for s in held.inputs)
+    assert calib.targets == tuple(f"n{s}" for s in calib.inputs)
+
+
+@pytest.mark.slow
+def test_export_of_a_stories_model_quantizes_and_names_its_held_out_text(seed_lm_dir, tmp_path):
+    source = _checkpoint(seed_lm_dir, tmp_path, {"task": "stories", "arch": "decoder", "seed": 0})
+    out = tmp_path / "art"
+    result = CliRunner().invoke(cli, ["export", "--model", str(source.path), "--profile", "int8", "--out", str(out),
+                                      "--allow-quality-loss"])    # a random model: the budget is not the point
+    assert result.exit_code == 0, result.output
+    assert "quality (held out: the test split of task stories): perplexity" in result.output
+    assert json.loads((out / "manifest.json").read_text())["quality"]["held_out"] == "task:stories"
