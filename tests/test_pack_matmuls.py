@@ -113,3 +113,24 @@ def test_fp32_and_int8_weight_only_profiles_for_onnx_runtime_pack_and_the_others
     assert packs_matmuls(load_profile("fp32")) and packs_matmuls(load_profile("int8"))
     for name in ("fp16", "bf16", "int8-dynamic", "int8-static", "int4", "trt-fp16", "trt-int8"):
         assert not packs_matmuls(load_profile(name)), name
+
+
+@pytest.mark.parametrize("name", ["fp16", "int4", "int8-dynamic", "fp32", "int8"])
+def test_quality_compares_with_the_fp32_graphs_as_shipped_packed(llama_graph, tmp_path, name):
+    """"speed N× fp32" in export's quality line: the profiles that quantize unpacked graphs are timed
+    against a packed copy (what --profile fp32 ships), not the slower unpacked graphs they start from."""
+    from deploylm.export.precision_step import _shipped_fp32
+
+    path, feeds, layers = llama_graph
+    ref = tmp_path / "fp32"
+    ref.mkdir()
+    for file in path.parent.iterdir():
+        shutil.copy(file, ref / file.name)
+    shipped = _shipped_fp32(tmp_path, ref, [path.name], load_profile(name))
+    if packs_matmuls(load_profile(name)):
+        assert shipped == ref                     # its graphs were packed before it: the same form already
+        return
+    assert shipped != ref and _matmuls(shipped / path.name) == _matmuls(ref / path.name) - 3 * layers
+    assert _matmuls(ref / path.name) == _matmuls(path)                 # the candidates' base stays as exported
+    for want, got in zip(_run(ref / path.name, feeds), _run(shipped / path.name, feeds)):
+        assert float(np.abs(got - want).max()) <= 1e-6

@@ -89,11 +89,16 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     timings: dict[str, float] = {}
     model = _timed(timings, "load", _load_model, source)
     plan = plan_graphs(model)
+    result: dict[str, Any] = {"details": []}
     if needs_concat_layout(profile):
         from deploylm.export.hf_graphs import with_concat_layout
 
-        plan = with_concat_layout(plan)
-    result: dict[str, Any] = {"details": []}
+        concat = with_concat_layout(plan)
+        if concat is not plan and apply_precision is not None:
+            result["layout_note"] = ("note: speed is against fp32 graphs in the concat KV layout this profile needs; "
+                                     "the fp32 profile ships the append layout, faster at beam search: compare the "
+                                     "two artifacts with deploylm bench")
+        plan = concat
     fields = {"source": source_fields(source), "profile": profile.to_dict(), "generation": dict(profile.generation),
               "export": {"kind": plan.kind, "family": plan.family, "opset": DEFAULT_OPSET,
                          "cross_rows": plan.cross_rows if plan.kind == "encoder-decoder" else None}}
@@ -110,7 +115,7 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
             precision = _timed(timings, "precision", apply_precision, tmp, profile, source, calibration,
                                allow_quality_loss=allow_quality_loss)
             fields["quality"] = precision.to_dict()
-            result["details"] += precision.lines()
+            result["details"] += precision.lines() + ([result["layout_note"]] if "layout_note" in result else [])
         if "trt" in profile.backends:
             from deploylm.export.tensorrt import build_for_export
 

@@ -80,8 +80,9 @@ class _Workspace:
     """The scratch folder: fp32 reference, candidates, calibration feeds, held-out text."""
 
     root: Path
-    ref: Path
-    profile: Any
+    ref: Path            # the validated fp32 graphs the candidates are made from
+    shipped: Path        # the same graphs as `--profile fp32` ships them (MatMuls packed: the same bits),
+    profile: Any         # which the quality report compares with, speed included
     graphs: list[str]
     feeds: dict[str, list[dict]]
     held: Any
@@ -116,7 +117,7 @@ class _Workspace:
         dest = self.root / f"try-{self.tries}"
         self.convert(kept, dest)
         failures = self._parity(dest)
-        quality = measure_quality(self.ref, dest, self.held, rounds=rounds)
+        quality = measure_quality(self.shipped, dest, self.held, rounds=rounds)
         verdict = Verdict(kept, tuple(failures + quality.failures(self.profile.quality)), quality)
         self._prune(verdict)
         self.dirs[id(verdict)] = dest
@@ -183,10 +184,11 @@ def apply_precision(tmp_dir: Path, profile: Any, source: Any, calibration: str |
             result = search(ranked, base, work.judge, first)
         chosen = work.dirs[id(result.final)]
         if rounds:   # the reported numbers: speed timed in `rounds` interleaved rounds
-            quality = measure_quality(work.ref, chosen, work.held, rounds=rounds)
+            quality = measure_quality(work.shipped, chosen, work.held, rounds=rounds)
             first = result.first
             if result.final is not first:   # what the fallback cost: time the first candidate too
-                first = replace(first, quality=measure_quality(work.ref, work.dirs[id(first)], work.held, rounds=rounds))
+                first = replace(first, quality=measure_quality(work.shipped, work.dirs[id(first)], work.held,
+                                                               rounds=rounds))
             result = replace(result, first=first, final=replace(result.final, quality=quality))
         report = _report(profile, work, base, result, allow_quality_loss)   # raises before tmp_dir changes
         _replace_graphs(chosen, tmp_dir, work.graphs)
@@ -232,7 +234,24 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
         pairs = [(s, t) for s, t in zip(token_ids(tokenizer, calib.inputs, room),
                                         token_ids(tokenizer, calib.targets or calib.inputs, room))]
         feeds = graph_feeds(ref, [s for s, _ in pairs], [t for _, t in pairs] if seq2seq else None)
-    return _Workspace(root, ref, profile, graphs, feeds, held, calib.origin if needs_feeds else None)
+    return _Workspace(root, ref, _shipped_fp32(root, ref, graphs, profile), profile, graphs, feeds, held,
+                      calib.origin if needs_feeds else None)
+
+
+def _shipped_fp32(root: Path, ref: Path, graphs: list[str], profile: Any) -> Path:
+    """The fp32 reference in the form the fp32 profile ships: `ref` itself when this profile's graphs
+    were packed too (fp32, int8 weight-only), else a packed copy, so that "speed N× fp32" compares with
+    the fp32 artifact a user would otherwise deploy, not with slower unpacked graphs."""
+    from deploylm.export.pack_matmuls import pack_graph_file
+    from deploylm.export.pipeline import packs_matmuls
+
+    if packs_matmuls(profile) or "trt" in profile.backends:
+        return ref
+    shipped = root / "fp32-shipped"
+    shutil.copytree(ref, shipped)
+    for file in graphs:
+        pack_graph_file(shipped / file)
+    return shipped
 
 
 def _window(folder: Path) -> int:
