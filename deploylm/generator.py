@@ -88,7 +88,7 @@ class Generator:
         self.defaults = DecodingOptions.from_mapping(known)
         if tokenizer.pad_token_id is None:  # e.g. GPT-2: pad with the model's pad id (transformers: first EOS)
             tokenizer.pad_token_id = self.info.special.pad_token_id
-        self._lock = threading.Lock()            # held for every use of the backend
+        self._lock = BackendLock()               # held for every use of the backend
         self._tokenizer_lock = threading.Lock()  # held briefly for every tokenizer call
 
     def options(self, **options: Any) -> DecodingOptions:
@@ -124,7 +124,9 @@ class Generator:
         max_new_tokens).
 
         truncation/window_overlap as in `generate`; with "sliding-window" each piece is one decoded chunk.
-        The lock is held while the stream is being iterated; close the iterator to release it early.
+        The model is held from the first piece until the stream is exhausted or closed: other threads'
+        calls wait for it, and a call from the reading thread itself is a UsageError (it would wait for
+        itself). Read it to the end, `close()` it, or use it as `with gen.stream(...) as pieces:`.
         """
         if not isinstance(prompt, str):
             raise UsageError(f"stream takes one prompt string, got {type(prompt).__name__}")
@@ -296,6 +298,34 @@ class TextStream:
 
     def close(self) -> None:
         self._pieces.close()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BackendLock:
+    """The lock held for every use of a Generator's backend. It knows which thread holds it, so a
+    thread that asks for it again (a call made while its own stream is unfinished) gets a UsageError
+    instead of waiting for itself forever."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+
+    def __enter__(self) -> BackendLock:
+        if self._holder == threading.get_ident():
+            raise UsageError("this thread is still reading a stream of this model: read it to the end or close() "
+                             "it before the next call (or use `with gen.stream(...) as pieces:`)")
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._holder = None
+        self._lock.release()
 
 
 def _prompt_list(prompts: str | list[str]) -> list[str]:

@@ -112,6 +112,20 @@ def test_stream_encoder_decoder(t5):
     assert "".join(pieces) == result.sequences[0].text
 
 
+def test_the_reading_thread_gets_a_usage_error_and_the_model_is_free_after_close(llama):
+    expected = llama.generate("hello", max_new_tokens=3)
+    with llama.stream("the quick brown fox", max_new_tokens=20, min_new_tokens=20) as stream:
+        next(stream)
+        with pytest.raises(UsageError, match="this thread is still reading a stream of this model"):
+            llama.generate("hello", max_new_tokens=3)
+    assert llama.generate("hello", max_new_tokens=3) == expected      # `with` closed it: the model is free
+    done: list = []
+    other = threading.Thread(target=lambda: done.append(llama.generate("hello", max_new_tokens=3)))
+    other.start()
+    other.join(timeout=60)
+    assert done == [expected]
+
+
 def test_concurrent_calls_run_one_at_a_time_and_agree(llama):
     expected = llama.generate(PROMPTS, num_beams=3, max_new_tokens=4)
     active, peak, lock = [0], [0], threading.Lock()
