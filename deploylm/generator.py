@@ -72,8 +72,13 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
     name = backend or ("onnx" if source.kind == "artifact" else "torch")
     if backend_options.get("spin") and name != "onnx":
         raise UsageError(f"spin=True applies to the onnx backend (ONNX Runtime's threads), not to {name!r}")
-    opened = backend_class(name).from_source(source, **backend_options)  # unknown name: UsageError listing them
-    return Generator(opened, load_tokenizer(source, light=source.kind == "artifact"))  # artifacts: no transformers import
+    with _LOADING:   # one load at a time: transformers' lazy imports fail when two threads race through them
+        opened = backend_class(name).from_source(source, **backend_options)  # unknown name: UsageError listing them
+        tokenizer = load_tokenizer(source, light=source.kind == "artifact")   # artifacts: no transformers import
+    return Generator(opened, tokenizer)
+
+
+_LOADING = threading.Lock()
 
 
 class Generator:

@@ -187,3 +187,27 @@ def test_unknown_backend_lists_the_known_ones(tiny_llama_dir):
 
 def test_count_tokens(llama):
     assert llama.count_tokens("the quick brown fox") == len(llama.tokenizer("the quick brown fox")["input_ids"])
+
+
+def test_loading_models_from_several_threads_at_once(tiny_llama_dir, tiny_gpt2_dir, tiny_t5_dir, tmp_path):
+    """A fresh process (transformers not imported yet), several deploylm.load calls in threads at once:
+    transformers' lazy imports used to fail one of them ("cannot import name 'AutoConfig'")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "loads.py"
+    script.write_text(
+        "import sys, deploylm\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "def load(src):\n"
+        "    try:\n"
+        "        deploylm.load(src)\n"
+        "        return 'ok'\n"
+        "    except Exception as exc:\n"
+        "        return f'{type(exc).__name__}: {exc}'\n"
+        "with ThreadPoolExecutor(len(sys.argv) - 1) as pool:\n"
+        "    print(list(pool.map(load, sys.argv[1:])))\n")
+    sources = [str(tiny_llama_dir), str(tiny_gpt2_dir), str(tiny_t5_dir)] * 2
+    run = subprocess.run([sys.executable, str(script), *sources], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == str(["ok"] * len(sources))
