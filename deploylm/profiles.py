@@ -8,6 +8,7 @@ what is allowed. Parity tolerances live in the profile's [parity] table and nowh
 from __future__ import annotations
 
 import importlib.resources
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -180,7 +181,7 @@ class _Table:
         value = self._value(key, default, required)
         if key not in self.data:
             return value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
             rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
             self.fail(key, f"= {value!r} is out of range", f"a number {rng}")

@@ -98,6 +98,10 @@ BAD = [
     ("negative atol", None, r"parity.logits_atol = -1.0 is out of range: expected a number > 0.0"),
     ("agreement > 1", None, r"parity.min_token_agreement = 1.5 is out of range: expected a number >= 0.0 and <= 1.0"),
     ("wrong type", None, r"parity.logprob_atol = 'big' is out of range: expected a number"),
+    ("nan atol", None, r"parity.logits_atol = nan is out of range: expected a number > 0.0"),
+    ("nan agreement", None, r"parity.min_token_agreement = nan is out of range: expected a number >= 0.0 and <= 1.0"),
+    ("infinite budget", "[quality]\nmax_perplexity_increase = inf",
+     r"quality.max_perplexity_increase = inf is out of range: expected a number >= 0.0 and <= 10.0"),
     ("bad method", "[quantization]\nmethod = \"awq\"", r"quantization.method = 'awq' is not allowed: expected one of dynamic, static, weight-only"),
     ("hqq at 8 bits", "[quantization]\nmethod = \"weight-only\"\nalgorithm = \"hqq\"",
      r"quantization.algorithm = 'hqq' does not apply to precision 'int8': expected 'rtn'"),
@@ -120,6 +124,8 @@ def _mutate(case: str) -> str:
         "negative atol": ("logits_atol = 1.0", "logits_atol = -1.0"),
         "agreement > 1": ("min_token_agreement = 0.9", "min_token_agreement = 1.5"),
         "wrong type": ("logprob_atol = 1.0", 'logprob_atol = "big"'),
+        "nan atol": ("logits_atol = 1.0", "logits_atol = nan"),
+        "nan agreement": ("min_token_agreement = 0.9", "min_token_agreement = nan"),
         "bad name": ('name = "mine"', 'name = "My Profile"'),
     }
     old, new = edits[case]

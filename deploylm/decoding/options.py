@@ -200,6 +200,9 @@ def _parse_early_stopping(value: Any) -> EarlyStopping:
 
 
 def _check_ranges(o: DecodingOptions) -> None:
+    for name, value in _float_fields(o).items():
+        if math.isnan(value) or (math.isinf(value) and name != "max_time"):
+            raise _bad(name, value, "expected a finite number")
     checks = [
         ("num_beams", o.num_beams >= 1, "use num_beams >= 1 (1 = greedy or plain sampling)"),
         ("max_new_tokens", o.max_new_tokens >= 1, "use max_new_tokens >= 1"),
