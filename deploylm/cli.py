@@ -6,6 +6,8 @@ Errors deploylm raises on purpose (DeployLMError) become one line on stderr and 
 from __future__ import annotations
 
 import importlib
+import signal
+
 import click
 
 from deploylm import __version__
@@ -61,7 +63,21 @@ def cli() -> None:
 
 def main() -> None:
     """Console entry point (`deploylm`)."""
+    exit_on_sigterm()
     cli(prog_name="deploylm")
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (plain `kill`, a CI timeout, `docker stop`) exits through Python's own unwinding, as
+    Ctrl-C does, so the cleanup of half-written outputs runs (temporary folders are removed) instead
+    of the process vanishing mid-write. Exit status 143, as for a process killed by SIGTERM. A handler
+    someone else set (or SIG_IGN) is left alone; `serve` installs uvicorn's own graceful shutdown."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

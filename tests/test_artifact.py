@@ -304,3 +304,44 @@ def test_export_whose_graph_reads_a_missing_data_file_writes_nothing(tmp_path):
     with pytest.raises(ArtifactError, match="reads weights from model.onnx.data, which is not a file"):
         write_artifact(tmp_path / "export" / "broken", broken, FIELDS)
     assert not (tmp_path / "export" / "broken").exists() and leftovers(tmp_path / "export") == []
+
+
+def test_a_sigterm_mid_export_removes_the_temporary_folder(tmp_path):
+    """`kill` (SIGTERM) during the build: the CLI's handler turns it into SystemExit (status 143), so the
+    temporary folder is removed as for Ctrl-C, and nothing is left at --out."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "export" / "art"
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from deploylm.artifact import write_artifact\n"
+        "from deploylm.cli import exit_on_sigterm\n"
+        "exit_on_sigterm()\n"
+        "def build(folder):\n"
+        "    (folder / 'model.onnx').write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    raise AssertionError('SIGTERM did not stop the build')\n"
+        "write_artifact(Path(sys.argv[1]), build, {})\n")
+    run = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 143, run.stderr[-2000:]
+    assert not out.exists() and leftovers(out.parent) == []
+
+
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(tmp_path):
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    out = tmp_path / "export" / "tiny-fp32"
+    out.parent.mkdir(parents=True)
+    stale = out.parent / f".tiny-fp32.tmp-{gone.pid}"             # SIGKILL left it; its process is gone
+    (stale / "half").mkdir(parents=True)
+    live = out.parent / f".tiny-fp32.tmp-{os.getppid()}"           # another export still at work
+    live.mkdir()
+    other = out.parent / ".tiny-fp32.tmp-notes"                     # not a pid: never touched
+    other.mkdir()
+    write_artifact(out, build, FIELDS)
+    assert load_artifact(out) and not stale.exists() and live.is_dir() and other.is_dir()
