@@ -96,6 +96,7 @@ def test_missed_budget_exits_1_and_writes_nothing_unless_allowed(tiny_gpt2_dir, 
     result = _export("--model", str(tiny_gpt2_dir), "--profile", str(profile), "--out", str(out))
     assert result.exit_code == 1, result.output
     assert "error: profile strict-int4 misses its checks" in result.output and "--allow-quality-loss" in result.output
+    assert "set [precision_fallback] auto = true" in result.output          # this profile has it off
     assert list((tmp_path / "art").iterdir()) == []                       # no artifact, no leftovers
     result = _export("--model", str(tiny_gpt2_dir), "--profile", str(profile), "--out", str(out),
                      "--allow-quality-loss")
@@ -137,3 +138,61 @@ def test_missing_calibration_file_is_refused_before_any_export_work(tiny_gpt2_di
     with pytest.raises(UsageError, match="--calibration"):
         pipeline.export_model(tiny_gpt2_dir, "int8-static", tmp_path / "out", calibration=tmp_path / "nope.txt")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_a_missed_budget_advises_the_auto_search_only_when_it_is_off(auto):
+    from types import SimpleNamespace
+
+    from deploylm.errors import CheckFailed
+    from deploylm.export.precision_step import _report
+    from deploylm.profiles import load_profile
+
+    profile = load_profile("int4")
+    profile = SimpleNamespace(name="mine", precision="int4", quantization=profile.quantization,
+                              precision_fallback=SimpleNamespace(auto=auto, ops=(), nodes=()))
+    final = SimpleNamespace(failures=("beam-4 token agreement 0.5 < min_beam_agreement 0.9",), kept_count=3)
+    result = SimpleNamespace(final=final, first=final, attempts=4 if auto else 1)
+    with pytest.raises(CheckFailed) as err:
+        _report(profile, None, {}, result, allow_quality_loss=False)
+    assert ("set [precision_fallback] auto = true" in str(err.value)) is not auto
+    assert ("after the auto search" in str(err.value)) is auto and "--allow-quality-loss" in str(err.value)
+
+
+def test_calibration_files_folders_and_jsonl(tmp_path):
+    from deploylm.errors import UsageError
+    from deploylm.export.calibration import check_calibration_file, read_lines
+
+    with pytest.raises(UsageError, match=r"--calibration '.*' is a folder: expected a UTF-8 text file"):
+        check_calibration_file(tmp_path)
+    pairs = tmp_path / "train.jsonl"
+    pairs.write_text('{"source": "one two", "target": "1 2"}\n\n{"text": "three"}\n')
+    assert read_lines(pairs) == ["one two", "three"]
+    pairs.write_text('{"source": "one two"}\n["not", "a record"]\n')
+    with pytest.raises(UsageError, match=r"line 2: expected a JSON object with a text field \(source, prompt, text\)"):
+        read_lines(pairs)
+
+
+@pytest.mark.parametrize("profile", ["fp32", "int4"])
+def test_calibration_for_a_profile_that_reads_none_is_refused_before_any_work(tiny_gpt2_dir, tmp_path, profile):
+    text = tmp_path / "calib.txt"
+    text.write_text("some text\n")
+    if profile == "int4":                        # int4 reads it only with its auto search on
+        off = tmp_path / "int4-no-search.toml"
+        off.write_text(STRICT.replace('name = "strict-int4"', 'name = "no-search"'))
+        profile = str(off)
+    result = _export("--model", str(tiny_gpt2_dir), "--profile", profile, "--out", str(tmp_path / "out"),
+                     "--calibration", str(text))
+    assert result.exit_code == 2 and "reads no calibration text" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_short_calibration_file_is_noted(tiny_gpt2_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox\nhello world\n")
+    out = tmp_path / "out"
+    result = _export("--model", str(tiny_gpt2_dir), "--profile", "int8-static", "--out", str(out),
+                     "--calibration", str(text), "--allow-quality-loss")
+    assert result.exit_code == 0, result.output
+    assert f"note: --calibration {text} has 2 sample(s), fewer than the profile's calibration_samples = 64" in result.output

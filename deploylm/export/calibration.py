@@ -64,11 +64,16 @@ class TextSet:
     scored: tuple[str, ...] | None = None   # decoder-only held-out documents whose perplexity is scored
 
 
+JSONL_FIELDS = ("source", "prompt", "text")   # a .jsonl calibration file: each line's first of these
+
+
 def check_calibration_file(path: str | Path | None) -> Path | None:
-    """A readable, non-empty UTF-8 text file, or UsageError naming --calibration."""
+    """A readable, non-empty UTF-8 text file (or .jsonl of records), or UsageError naming --calibration."""
     if path is None:
         return None
     file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"--calibration {str(path)!r} is a folder: expected a UTF-8 text file, one sample a line")
     if not file.is_file():
         raise UsageError(f"--calibration {str(path)!r} does not exist: expected a UTF-8 text file, one sample a line")
     if not read_lines(file):
@@ -77,11 +82,27 @@ def check_calibration_file(path: str | Path | None) -> Path | None:
 
 
 def read_lines(file: Path) -> list[str]:
+    """The samples of a calibration file: its non-empty lines; for a .jsonl file (training pairs, say)
+    each record's "source", "prompt" or "text"."""
     try:
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--calibration {str(file)!r}: cannot read it ({exc}): expected a UTF-8 text file") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if Path(file).suffix.lower() != ".jsonl":
+        return lines
+    samples = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        value = next((record[k] for k in JSONL_FIELDS if isinstance(record, dict) and k in record), None)
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError(f"--calibration {str(file)!r} line {number}: expected a JSON object with a text field "
+                             f"({', '.join(JSONL_FIELDS)}), or give a plain text file, one sample a line")
+        samples.append(value.strip())
+    return samples
 
 
 HELD_DOCUMENTS = 16      # held-out documents of a text model scored for perplexity

@@ -84,8 +84,12 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     out = Path(out_dir) if out_dir is not None else default_out_dir(source, profile.name)
     check_output_folder(out, force)  # before minutes of export, not after
     from deploylm.export.calibration import check_calibration_file
+    from deploylm.export.precision_step import uses_calibration
 
     check_calibration_file(calibration)  # before minutes of export, not after
+    if calibration is not None and not (apply_precision is not None and uses_calibration(profile)):
+        raise UsageError(f"--calibration: profile {profile.name} reads no calibration text (static int8 and profiles "
+                         "with [precision_fallback] auto = true do): drop --calibration or choose such a profile")
     timings: dict[str, float] = {}
     model = _timed(timings, "load", _load_model, source)
     plan = plan_graphs(model)

@@ -87,6 +87,7 @@ class _Workspace:
     feeds: dict[str, list[dict]]
     held: Any
     calibration_origin: str | None = None
+    calibration_note: str | None = None     # e.g. a --calibration file shorter than calibration_samples
     tries: int = 0
     dirs: dict[int, Path] = field(default_factory=dict)   # id(verdict) -> its folder
     verdicts: list[Verdict] = field(default_factory=list)
@@ -234,8 +235,12 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
         pairs = [(s, t) for s, t in zip(token_ids(tokenizer, calib.inputs, room),
                                         token_ids(tokenizer, calib.targets or calib.inputs, room))]
         feeds = graph_feeds(ref, [s for s, _ in pairs], [t for _, t in pairs] if seq2seq else None)
+    short = None
+    if q is not None and q.method == "static" and file is not None and len(calib.inputs) < samples:
+        short = (f"--calibration {file} has {len(calib.inputs)} sample(s), fewer than the profile's "
+                 f"calibration_samples = {samples}: all of them were used")
     return _Workspace(root, ref, _shipped_fp32(root, ref, graphs, profile), profile, graphs, feeds, held,
-                      calib.origin if needs_feeds else None)
+                      calib.origin if needs_feeds else None, short)
 
 
 def _shipped_fp32(root: Path, ref: Path, graphs: list[str], profile: Any) -> Path:
@@ -278,6 +283,18 @@ def _base_exclusions(work: _Workspace) -> Exclusions:
     return out
 
 
+def _searches(profile: Any) -> bool:
+    """The profile runs the automatic fp32-fallback search."""
+    return bool(profile.precision_fallback and profile.precision_fallback.auto)
+
+
+def uses_calibration(profile: Any) -> bool:
+    """The profile reads calibration text: static int8 (activation ranges) or the fallback search
+    (node sensitivities); the others would ignore --calibration."""
+    q = profile.quantization
+    return profile.precision != "fp32" and ((q is not None and q.method == "static") or _searches(profile))
+
+
 def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResult,
             allow_quality_loss: bool) -> PrecisionReport:
     final = result.final
@@ -286,7 +303,8 @@ def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResu
         raise CheckFailed(f"profile {profile.name} misses its checks against fp32 ({'; '.join(failures)}); "
                           f"kept {final.kept_count} node(s) in fp32"
                           f"{' after the auto search' if result.attempts > 1 else ''}: loosen [parity]/[quality], "
-                          f"set [precision_fallback] auto = true, or pass --allow-quality-loss")
+                          f"{'' if _searches(profile) else 'set [precision_fallback] auto = true, '}"
+                          "or pass --allow-quality-loss")
     cost = None
     if result.attempts > 1:
         before, after = result.first.quality, final.quality
@@ -294,6 +312,8 @@ def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResu
                 "speed_before": before.speed_ratio, "speed_after": after.speed_ratio}
     base_count = sum(len(v) for v in base.values())
     notes = [f"without the auto fallback: {'; '.join(result.first.failures)}"] if result.attempts > 1 else []
+    if work.calibration_note:
+        notes.append(work.calibration_note)
     if profile.precision == "bf16":
         notes.append("bf16 weights are stored as bf16 and computed in fp32 on CPU")
     q = profile.quantization
