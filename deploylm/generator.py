@@ -72,13 +72,27 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
     name = backend or ("onnx" if source.kind == "artifact" else "torch")
     if backend_options.get("spin") and name != "onnx":
         raise UsageError(f"spin=True applies to the onnx backend (ONNX Runtime's threads), not to {name!r}")
+    opener = backend_class(name)                    # unknown name: UsageError listing them
+    _check_backend_options(name, opener, backend_options)
     with _LOADING:   # one load at a time: transformers' lazy imports fail when two threads race through them
-        opened = backend_class(name).from_source(source, **backend_options)  # unknown name: UsageError listing them
+        opened = opener.from_source(source, **backend_options)
         tokenizer = load_tokenizer(source, light=source.kind == "artifact")   # artifacts: no transformers import
     return Generator(opened, tokenizer)
 
 
 _LOADING = threading.Lock()
+
+
+def _check_backend_options(name: str, opener: Any, options: Mapping[str, Any]) -> None:
+    """Options the backend's from_source takes by name; spin=False goes with any backend (the CLI passes
+    it). A misspelt or foreign option (dtype for onnx, say) would otherwise be dropped without a word."""
+    import inspect
+
+    takes = {p.name for p in inspect.signature(opener.from_source).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(k for k in options if k not in takes and not (k == "spin" and not options[k]))
+    if unknown:
+        raise UsageError(f"backend {name!r} takes no option {', '.join(map(repr, unknown))}: expected any of "
+                         f"{', '.join(sorted(takes))}")
 
 
 class Generator:

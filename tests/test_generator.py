@@ -185,6 +185,29 @@ def test_unknown_backend_lists_the_known_ones(tiny_llama_dir):
         load(tiny_llama_dir, backend="tensorflow")
 
 
+@pytest.mark.parametrize("src", [None, 3, "", "  "])
+def test_a_model_that_is_no_path_is_a_usage_error(src):
+    with pytest.raises(UsageError, match=r"model .*: expected the path of a checkpoint folder"):
+        load(src)
+
+
+def test_options_a_backend_does_not_take_are_refused_not_dropped(tiny_llama_dir, tmp_path):
+    with pytest.raises(UsageError, match=r"backend 'torch' takes no option 'devce': expected any of device, dtype"):
+        load(tiny_llama_dir, devce="cpu")
+    with pytest.raises(UsageError, match=r"backend 'torch' takes no option 'threads'"):
+        load(tiny_llama_dir, threads=2)
+    assert load(tiny_llama_dir, spin=False).info is not None             # the CLI passes spin=False to any backend
+
+
+@pytest.mark.parametrize("threads", ["2", -1, 0, True])
+def test_onnx_threads_must_be_a_count(threads, tmp_path):
+    from deploylm.backends.onnx_backend import OnnxBackend
+    from deploylm.models.source import Source
+
+    with pytest.raises(UsageError, match=r"threads=.*: expected a whole number of threads >= 1"):
+        OnnxBackend.from_source(Source("artifact", tmp_path), threads=threads)
+
+
 def test_count_tokens(llama):
     assert llama.count_tokens("the quick brown fox") == len(llama.tokenizer("the quick brown fox")["input_ids"])
 

@@ -143,6 +143,8 @@ class OnnxBackend:
                              f"backend runs artifacts; export it first (deploylm export --model {source.path} --profile fp32)")
         if device not in ("cpu", "cuda"):
             raise UsageError(f"device {device!r}: expected cpu or cuda")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise UsageError(f"threads={threads!r}: expected a whole number of threads >= 1 (or None: the physical cores)")
         artifact = load_artifact(source.path)  # verifies checksums and graph IO against the manifest
         return cls.from_folder(artifact.path, name=source.name, generation=artifact.manifest.get("generation"),
                                device=device, threads=threads, providers=providers, opt_level=opt_level,

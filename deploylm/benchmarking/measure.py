@@ -103,7 +103,8 @@ class GeneratorRunner:
         from deploylm.generator import load
 
         started = clock()
-        self.generator = load(src, backend=backend, threads=workload.threads, spin=spin)
+        threads = {"threads": workload.threads} if backend == "onnx" else {}   # torch's are set for the process
+        self.generator = load(src, backend=backend, spin=spin, **threads)
         self.load_s = clock() - started
         self.rss_after_load_mib: float | None = None
         self.workload, self.clock = workload, clock

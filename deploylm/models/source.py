@@ -30,11 +30,14 @@ def resolve_source(src: str | Path) -> Source:
     - hf:         any other folder with config.json
     - gguf:       a file ending in .gguf
     """
+    if not isinstance(src, (str, Path)) or not str(src).strip():
+        raise UsageError(f"model {src!r}: expected the path of a checkpoint folder, a Hugging Face folder, a .gguf "
+                         "file or an artifact folder")
     path = Path(src).expanduser()
     if not path.exists():
         raise UsageError(f"model {str(src)!r} does not exist: expected a checkpoint folder, a Hugging Face folder, a .gguf file or an artifact folder")
     if path.is_file():
-        if path.suffix == ".gguf":
+        if path.suffix.lower() == ".gguf":
             return Source("gguf", path)
         raise UsageError(f"model file {str(src)!r} is not a .gguf file: expected a .gguf file or a model folder")
     if (path / "manifest.json").is_file():
