@@ -20,10 +20,11 @@ a second lock, held only for the moment of each tokenizer call, guards the token
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generator, Mapping
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Mapping
 
 from deploylm.backends import Backend, EncodedBatch, backend_class
 from deploylm.decoding.options import DecodingOptions, option_names
@@ -131,7 +132,7 @@ class Generator:
         if self._slides(fit):
             return self._generate_windows(texts, opts, fit.overlap)
         batch = self.encode(texts, opts, truncation=fit.truncation)
-        with self._lock:
+        with self._lock, _memory_is_usage(len(texts), opts):
             hyps = generate_ids(self.backend, batch, opts, stats)
         return [Result(prompt, [self._sequence(h.token_ids, h.score) for h in per_prompt])
                 for prompt, per_prompt in zip(texts, hyps)]
@@ -345,6 +346,22 @@ class BackendLock:
     def __exit__(self, *exc: object) -> None:
         self._holder = None
         self._lock.release()
+
+
+@contextlib.contextmanager
+def _memory_is_usage(prompts: int, opts: DecodingOptions) -> Iterator[None]:
+    """A call too large for the machine's memory (num_beams=10**6, say) ends in one UsageError that says
+    what to lower, not in the allocator's message from inside torch or ONNX Runtime."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+                or "can't allocate memory" in text or "Failed to allocate memory" in text):
+            raise
+        raise UsageError(f"not enough memory for {prompts} prompt(s) x {opts.rows_per_input} row(s) each "
+                         f"(num_beams={opts.num_beams}, num_return_sequences={opts.num_return_sequences}): lower "
+                         f"num_beams or num_return_sequences, or send fewer prompts at once") from None
 
 
 def _prompt_list(prompts: str | list[str]) -> list[str]:

@@ -208,6 +208,21 @@ def test_onnx_threads_must_be_a_count(threads, tmp_path):
         OnnxBackend.from_source(Source("artifact", tmp_path), threads=threads)
 
 
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                                 "memory: you tried to allocate 196608000000 bytes"), MemoryError()])
+def test_a_call_too_large_for_memory_says_what_to_lower(llama, monkeypatch, error):
+    def out_of_memory(batch):
+        raise error
+
+    monkeypatch.setattr(llama.backend, "prefill", out_of_memory)
+    with pytest.raises(UsageError, match=r"not enough memory for 2 prompt\(s\) x 5 row\(s\) each \(num_beams=5, "
+                                         r"num_return_sequences=1\): lower num_beams"):
+        llama.generate(["a", "b"], num_beams=5, max_new_tokens=2)
+    monkeypatch.setattr(llama.backend, "prefill", lambda batch: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):                 # other errors are not hidden
+        llama.generate(["a", "b"], num_beams=5, max_new_tokens=2)
+
+
 def test_count_tokens(llama):
     assert llama.count_tokens("the quick brown fox") == len(llama.tokenizer("the quick brown fox")["input_ids"])
 
