@@ -94,11 +94,12 @@ def check_fits(lengths: list[int], info: ModelInfo, max_new_tokens: int) -> None
     index, window = lengths.index(longest) + 1, info.max_positions
     if info.is_encoder_decoder:
         raise UsageError(f"prompt {index} has {longest} tokens, over the model's window of {window}: shorten it, "
-                         "or pass truncation='left', 'right' or 'sliding-window' (--truncation left|right|sliding-window)")
+                         "or pass truncation='left', 'right' or 'sliding-window' (deploylm generate: --truncation "
+                         "left|right|sliding-window)")
     needed = longest + max_new_tokens - 1
     raise UsageError(f"prompt {index} has {longest} tokens; with max_new_tokens={max_new_tokens} that needs {needed} "
                      f"positions, over the model's window of {window}: shorten the prompt, lower max_new_tokens, "
-                     "or pass truncation='left' or 'right' (--truncation left|right)")
+                     "or pass truncation='left' or 'right' (deploylm generate: --truncation left|right)")
 
 
 def tokenize(tokenizer: Any, texts: list[str], *, padding_side: str, max_length: int | None = None,

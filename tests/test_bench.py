@@ -59,6 +59,16 @@ def test_rows_pair_models_with_backends_and_share_references(tiny_gpt2_dir, tiny
     assert [r.backend for r in plan_rows(BenchConfig(models=(str(tiny_gpt2_dir),), reference=False))] == ["torch"]
 
 
+def test_two_copies_of_one_model_get_two_reference_labels(tiny_gpt2_dir, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny_gpt2_dir, tmp_path / "elsewhere" / tiny_gpt2_dir.name)   # same name, other path
+    rows = plan_rows(BenchConfig(models=(str(tiny_gpt2_dir), str(copy))))
+    references = [r for r in rows if r.backend == "transformers"]
+    assert len(references) == 2 and len({r.label for r in references}) == 2
+    assert references[1].label.endswith(" #2") and rows[1].reference == references[1].label
+
+
 def test_rows_refuse_unusable_combinations(tiny_gpt2_dir):
     with pytest.raises(UsageError, match="none of --backends onnx runs a hf"):
         plan_rows(BenchConfig(models=(str(tiny_gpt2_dir),), backends=("onnx",)))

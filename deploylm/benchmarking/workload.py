@@ -179,8 +179,8 @@ def _reference_for(source: Any, wanted: bool, references: dict[str, RowSpec]) ->
     if origin is None:
         return None, (why,)
     key = str(origin.path.resolve())
-    if key not in references:
-        label = f"{REFERENCE} ({origin.name})"
+    if key not in references:           # two origins of one name (copies at two paths) get #2, #3 ...
+        label = _unique(f"{REFERENCE} ({origin.name})", list(references.values()))
         references[key] = RowSpec(label, str(origin.path), REFERENCE, "fp32")
     return references[key], ()
 
