@@ -90,6 +90,7 @@ class ParityReport:
     options: dict[str, Any]                 # the decoding options used
     prompts: int
     backends: list[BackendParity] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # e.g. the reference model changed since the export
 
     def _tol(self) -> Any:
         from deploylm.profiles import Parity
@@ -119,7 +120,8 @@ class ParityReport:
                 row[key] = _nan(row.get(key))
             rows.append(BackendParity(**{f.name: row[f.name] for f in fields(BackendParity) if f.name in row}))
         return cls(reference=data["reference"], tolerances=dict(data["tolerances"]),
-                   options=dict(data.get("options", {})), prompts=int(data.get("prompts", 0)), backends=rows)
+                   options=dict(data.get("options", {})), prompts=int(data.get("prompts", 0)), backends=rows,
+                   notes=list(data.get("notes", [])))
 
     def summary(self) -> dict[str, Any]:
         """The short form stored in the manifest (the full report goes to parity.json)."""
@@ -146,6 +148,7 @@ class ParityReport:
                          f"{_same(r.beams_identical):<5} {_same(r.text_identical):<6} "
                          f"{'FAIL' if r.failures(tol) else 'PASS'}")
         lines.append("tolerances: " + ", ".join(f"{k} {v}" for k, v in self.tolerances.items() if v is not None))
+        lines += [f"note: {note}" for note in self.notes]
         lines += [f"  {line}" for line in self.failures()]
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
@@ -323,6 +326,23 @@ def backend_source(name: str, source: Any) -> Any:
     return resolve_source(origin)
 
 
+def changed_since_export(source: Any) -> str | None:
+    """For an artifact: a note when the model it was exported from no longer has the weights its
+    manifest recorded (then the torch reference is another model, and parity measures the change)."""
+    from deploylm.artifact import read_manifest, weights_sha256
+
+    if source.kind != "artifact":
+        return None
+    recorded = read_manifest(source.path).get("source") or {}
+    origin, digest = recorded.get("path"), recorded.get("weights_sha256")
+    if not origin or not digest or not Path(origin).exists() or weights_sha256(Path(origin)) == digest:
+        return None
+    profile = (read_manifest(source.path).get("profile") or {}).get("name", "fp32")
+    return (f"the model at {origin} changed since this artifact was exported (its weights' sha256 is not the "
+            f"manifest's): the torch reference is not the model the artifact came from; re-export it: "
+            f"deploylm export --model {origin} --profile {profile} --out {source.path} --force")
+
+
 def default_profile(source: Any) -> Any:
     """The artifact's own profile (from its manifest), else the built-in fp32."""
     from deploylm.artifact import load_artifact
@@ -358,4 +378,7 @@ def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None =
     tokenizer = load_tokenizer(source)
     reference = opened.pop(backends[0])
     batch = Generator(reference, tokenizer).encode(list(prompts or DEFAULT_PROMPTS), options)
-    return compare_backends(reference, opened, batch, options, profile.parity, tokenizer)
+    report = compare_backends(reference, opened, batch, options, profile.parity, tokenizer)
+    if "torch" in backends:
+        report.notes += [note for note in (changed_since_export(source),) if note]
+    return report

@@ -91,3 +91,24 @@ def test_export_writes_a_loadable_artifact(tiny_llama_dir, tmp_path):
     assert artifact.manifest["source"]["weights_sha256"]
     assert [i["name"] for i in artifact.io["model.onnx"]["inputs"]][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_parity_says_when_the_model_changed_since_export(tiny_llama_dir, tmp_path):
+    """The torch reference of an artifact is the model at its recorded path: when those weights changed,
+    parity fails on the difference, and says that the reference is no longer the exported model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = shutil.copytree(tiny_llama_dir, tmp_path / "llama")
+    out = tmp_path / "llama-fp32"
+    assert _run("--model", str(source), "--out", str(out)).exit_code == 0
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--max-new-tokens", "4"])
+    assert parity.exit_code == 0 and "changed since" not in parity.output, parity.output
+    weights = load_file(source / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 3
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--max-new-tokens", "4"])
+    assert parity.exit_code == 1, parity.output
+    assert (f"note: the model at {source} changed since this artifact was exported" in parity.output
+            and f"deploylm export --model {source} --profile fp32 --out {out} --force" in parity.output)
