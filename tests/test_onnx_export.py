@@ -306,3 +306,31 @@ def test_sliding_window_model_exports_and_decodes_past_its_window(tmp_path):
                     DecodingOptions(num_beams=4, max_new_tokens=20, min_new_tokens=20)):
         assert ([[h.token_ids for h in x] for x in generate_ids(onnx, batch, options)]
                 == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)])
+
+
+def test_ctrl_c_swallowed_inside_the_exporter_is_still_an_interrupt(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """A SIGINT that torch.export's imports swallow, ending in the exporter's own error, stays a Ctrl-C
+    (KeyboardInterrupt: "Aborted!" on the command line), not a long exporter traceback."""
+    import os
+    import signal
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    def exporter_that_swallows(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass                                   # as a half-finished import inside torch does
+        raise RuntimeError("Failed to export the model with torch.export: partially initialized module")
+
+    plan = plan_graphs(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval())
+    ((spec, module),) = plan.graphs
+    monkeypatch.setattr(torch.onnx, "export", exporter_that_swallows)
+    with pytest.raises(KeyboardInterrupt):
+        export_graph(module, spec, tmp_path, plan.dims.vocab_size)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # put back
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a real failure")))
+    with pytest.raises(RuntimeError, match="a real failure"):                   # other failures stay themselves
+        export_graph(module, spec, tmp_path, plan.dims.vocab_size)

@@ -6,12 +6,15 @@ and distinct (a size of 1, or two equal sizes, would silently fix or tie axes); 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +122,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, vocab_size: 
     args = example_inputs(spec, EXPORT_SIZES, vocab_size)
     path = Path(out_dir) / spec.file
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    with torch.no_grad(), warnings.catch_warnings(), _quiet_torch_onnx():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_torch_onnx(), _interrupts_stay_interrupts():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes(spec), opset_version=opset,
@@ -128,6 +131,42 @@ def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, vocab_size: 
     program.save(path, external_data=n_bytes >= EXTERNAL_DATA_BYTES)
     _name_output_axes(path, spec)
     return path
+
+
+@contextlib.contextmanager
+def _interrupts_stay_interrupts() -> Iterator[None]:
+    """Ctrl-C while torch.export imports its modules can surface as the exporter's own error ("Failed to
+    export the model ... partially initialized module", a long traceback asking for a PyTorch PR): the
+    interrupt was swallowed on the way. An export that fails after a SIGINT arrived (or whose error
+    chain holds the interrupt) raises KeyboardInterrupt instead, which the CLI reports as "Aborted!"."""
+    interrupted: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if callable(previous):
+        def on_sigint(signum: int, frame: Any) -> None:
+            interrupted.append(True)
+            previous(signum, frame)
+
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except Exception as exc:
+        if interrupted or _holds_interrupt(exc):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGINT, previous)
+
+
+def _holds_interrupt(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def _name_output_axes(path: Path, spec: GraphSpec) -> None:
