@@ -52,6 +52,15 @@ def test_batches_are_bounded_and_keep_arrival_order():
     assert [c[0] for c in calls] == [["0", "1", "2", "3"], ["4", "5", "6", "7"], ["8", "9"], ["x", "y", "z"]]
 
 
+def test_one_request_with_more_prompts_than_the_batch_size_is_decoded_in_bounded_calls():
+    big = job(*[str(i) for i in range(5)], max_new_tokens=3)
+    results, calls = run_jobs([big], max_batch_size=2)
+    assert [c[0] for c in calls] == [["0", "1"], ["2", "3"], ["4"]]
+    assert results[0] == FakeGenerator().generate(list(big.prompts), max_new_tokens=3)
+    _, calls = run_jobs([big], max_batch_size=1)                 # --max-batch-size 1: every prompt alone
+    assert [c[0] for c in calls] == [[str(i)] for i in range(5)]
+
+
 def test_sampling_requests_are_decoded_alone():
     jobs = [job("a", do_sample=True, seed=1), job("b", do_sample=True, seed=1)]
     _, calls = run_jobs(jobs)

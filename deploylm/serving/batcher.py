@@ -2,7 +2,8 @@
 
 One asyncio worker takes the oldest waiting request, gathers waiting requests with the same
 `Job.batch_key()` (up to `max_batch_size` prompts, waiting at most `max_wait_ms` for company), and
-runs `Generator.generate` on one dedicated thread. While a batch decodes, the next one forms, so
+runs `Generator.generate` on one dedicated thread; a single request with more prompts than
+`max_batch_size` is decoded in several calls of at most that many. While a batch decodes, the next one forms, so
 under load batches fill without waiting. Batching never changes a result: only requests with equal
 options share a batch (sampling never does), and each prompt's result is its own row.
 """
@@ -131,7 +132,11 @@ class Batcher:
         prompts = [p for item in batch for p in item.job.prompts]
         self.decoding = len(batch)
         try:
-            results = await loop.run_in_executor(self._executor, self._generate, prompts, batch[0].job.options)
+            results: list[Any] = []
+            for start in range(0, len(prompts), self.max_batch_size):  # one request may bring more prompts
+                chunk = prompts[start:start + self.max_batch_size]
+                results += await loop.run_in_executor(self._executor, self._generate, chunk, batch[0].job.options)
+                self.batches += 1
         except UsageError as exc:
             if len(batch) > 1:  # one bad request must not fail its neighbours: decode each alone
                 for item in batch:
@@ -146,7 +151,6 @@ class Batcher:
             return
         finally:
             self.decoding = 0
-            self.batches += 1
         log.debug("batch of %d prompt(s) from %s", len(prompts), [p.request_id for p in batch])
         start = 0
         for item in batch:
