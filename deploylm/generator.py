@@ -374,6 +374,11 @@ def _prompt_list(prompts: str | list[str]) -> list[str]:
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise UsageError(f"prompt {index + 1} is a {type(text).__name__}: expected a string")
-        if not text:
-            raise UsageError(f"prompt {index + 1} is empty: expected some text")
+        if not text.strip():
+            raise UsageError(f"prompt {index + 1} is {'empty' if not text else 'only whitespace'}: expected some text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:    # a lone surrogate: JSON "\ud800", or undecodable bytes in argv
+            raise UsageError(f"prompt {index + 1} is not valid Unicode text: {exc.object[exc.start:exc.end]!r} at "
+                             f"character {exc.start} (a lone surrogate, or bytes that were not UTF-8)") from None
     return texts

@@ -67,6 +67,9 @@ def test_options_precedence_call_over_model_over_library(tiny_llama_dir, tmp_pat
 @pytest.mark.parametrize("prompts, message", [
     ([], "no prompts given"), ("", "prompt 1 is empty"), (["hello", ""], "prompt 2 is empty"),
     ([3], "prompt 1 is a int"), (None, "prompts must be a string or a list"),
+    (["hello", " \n\t"], "prompt 2 is only whitespace"),
+    ("\ud800 star", r"prompt 1 is not valid Unicode text: '\\ud800' at character 0"),
+    (["ok", "star \udcff"], "prompt 2 is not valid Unicode text"),          # argv bytes that were not UTF-8
 ])
 def test_bad_prompts_are_usage_errors(llama, prompts, message):
     with pytest.raises(UsageError, match=message):

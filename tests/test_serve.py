@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 from deploylm.serving import ServeConfig, create_app
 from tests.reliability.fakes import FakeGenerator
 
-CONFIG = ServeConfig(model_name="fake", max_prompt_tokens=8, max_new_tokens=32, max_body_bytes=4096,
+CONFIG = ServeConfig(model_name="fake", max_prompt_tokens=8, max_new_tokens=32, max_body_bytes=400_000,
                      max_prompts=4, max_beams=8, model_summary={"profile": "fp32"})
 
 
@@ -122,6 +122,8 @@ def test_completions_stream_ends_with_the_reason_it_ended_then_done(client, prom
     (json.dumps({"prompt": []}).encode(), 400, "prompt", "empty list"),
     (json.dumps({"prompt": "   "}).encode(), 400, "prompt", "empty"),
     (json.dumps({"prompt": "a " * 9}).encode(), 400, "prompt", "9 tokens, over this server's limit of 8"),
+    (b'{"prompt": "\\ud800 star"}', 400, "prompt", "prompt is not valid Unicode text: a lone surrogate at character 0"),
+    (b"[" * 100000 + b"]" * 100000, 400, None, "nested too deeply"),
     (json.dumps({"prompt": ["a"] * 5}).encode(), 400, "prompt", "limit of 4 per request"),
     (json.dumps({"prompt": "a", "beams": 2}).encode(), 400, "beams", "unknown decoding option"),
     (json.dumps({"prompt": "a", "num_beams": "4"}).encode(), 400, "num_beams", "expected an integer"),
@@ -133,7 +135,7 @@ def test_completions_stream_ends_with_the_reason_it_ended_then_done(client, prom
      "(max_new_tokens=32 is this server's limit, applied because the request left max_new_tokens out)"),
     (json.dumps({"prompt": "a", "stream": "yes"}).encode(), 400, "stream", "true or false"),
     (json.dumps({"prompt": ["a", "b"], "stream": True}).encode(), 400, "prompt", "exactly one prompt"),
-    (json.dumps({"prompt": "a", "x": "y" * 5000}).encode(), 413, None, "limit of 4096"),
+    (json.dumps({"prompt": "a", "x": "y" * 500_000}).encode(), 413, None, "limit of 400000"),
 ])
 def test_bad_requests_get_a_json_4xx_naming_the_problem(client, body, status, param, words):
     r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
@@ -152,6 +154,17 @@ def test_bad_requests_get_a_json_4xx_naming_the_problem(client, body, status, pa
 def test_completions_errors_name_the_openai_field(client, body, param):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_long_prompts_are_judged_by_tokens_not_characters(client):
+    """Whitespace runs and rules of "=" are few tokens for many characters (SmolLM2: 9,000 spaces are 143
+    tokens): only a prompt beyond CHARS_PER_TOKEN_CAP characters per allowed token is refused untokenized."""
+    from deploylm.serving.schemas import CHARS_PER_TOKEN_CAP
+
+    sparse = "one" + " " * 1000 + "two"                      # 2 tokens here, 1006 characters (125 per token allowed)
+    assert client.post("/v1/generate", json={"prompt": sparse, "max_new_tokens": 2}).status_code == 200
+    r = client.post("/v1/generate", json={"prompt": "x" * (CHARS_PER_TOKEN_CAP * 8 + 1)})
+    assert r.status_code == 400 and "far over this server's limit of 8 tokens" in r.json()["error"]["message"]
 
 
 def test_generator_usage_error_is_a_400_and_failure_a_500(client):

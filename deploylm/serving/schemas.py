@@ -80,6 +80,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply: expected a JSON object of options") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -157,6 +159,12 @@ def _param_of(message: str, options: dict[str, Any]) -> str | None:
     return named[0] if named else None
 
 
+# A prompt longer than this many characters per allowed token is refused without tokenizing it. Byte-level
+# BPE merges runs of spaces or "=" into tokens of ~64 characters (SmolLM2: 9,000 spaces are 143 tokens),
+# so the bound must sit above that; the body limit (--max-body-bytes) bounds the tokenizer's work anyway.
+CHARS_PER_TOKEN_CAP = 256
+
+
 def _prompts(value: Any, config: ServeConfig, count_tokens: Callable[[str], int], param: str) -> tuple[str, ...]:
     prompts = [value] if isinstance(value, str) else value
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -173,7 +181,12 @@ def _prompts(value: Any, config: ServeConfig, count_tokens: Callable[[str], int]
             raise ApiError(400, f"{where} is empty: give some text to continue", param=param)
         if "\x00" in prompt:
             raise ApiError(400, f"{where} contains a NUL character", param=param)
-        if len(prompt) > 16 * config.max_prompt_tokens:  # no tokenizer run on absurd inputs
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:       # "\ud800" is valid JSON but no text
+            raise ApiError(400, f"{where} is not valid Unicode text: a lone surrogate at character {exc.start}",
+                           param=param) from None
+        if len(prompt) > CHARS_PER_TOKEN_CAP * config.max_prompt_tokens:  # no tokenizer run on absurd inputs
             raise ApiError(400, f"{where} has {len(prompt)} characters, far over this server's limit of "
                            f"{config.max_prompt_tokens} tokens", param=param)
         n = count_tokens(prompt)
