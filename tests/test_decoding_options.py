@@ -26,6 +26,10 @@ def test_defaults_are_deploylm_cli_defaults():
     (dict(num_beams=1, num_return_sequences=2), "num_return_sequences"),
     (dict(num_return_sequences=0), "num_return_sequences"),
     (dict(length_penalty=float("nan")), "length_penalty"),
+    (dict(length_penalty=1e308), "length_penalty"),            # gen_len ** 1e308 overflowed inside beam search
+    (dict(length_penalty=-11.0), "length_penalty"),
+    (dict(temperature=1e-308), "temperature"),                  # logits / 1e-308 were inf: nan probabilities
+    (dict(sequence_bias=[[[5], 1e308]]), "sequence_bias"),        # float32 inf scores ran past EOS
     (dict(length_penalty=float("inf")), "length_penalty"),
     (dict(length_penalty=float("-inf")), "length_penalty"),
     (dict(repetition_penalty=float("inf")), "repetition_penalty"),

@@ -108,6 +108,12 @@ def option_names() -> tuple[str, ...]:
 _INTS = ("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "num_return_sequences",
          "top_k")
 _FLOATS = ("length_penalty", "repetition_penalty", "temperature", "top_p")
+# Bounds that keep the float32 search finite: a score is divided by generated_len ** length_penalty
+# (4096 ** 10 is 1e36), logits by the temperature, and a sequence bias is added to log-probabilities
+# next to the -1e9 that masks candidates. Typical values: length_penalty 0-2, temperature 0.1-2, bias ±10.
+MAX_LENGTH_PENALTY = 10.0
+MIN_TEMPERATURE = 1e-6
+MAX_SEQUENCE_BIAS = 1e6
 
 
 def _bad(name: str, value: Any, expected: str) -> UsageError:
@@ -139,6 +145,10 @@ def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceB
             raise bad()
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
             raise bad()
+        if abs(bias) > MAX_SEQUENCE_BIAS:
+            raise UsageError(f"{where} sequence_bias={value!r} is invalid: a bias of {bias!r} is beyond "
+                             f"±{MAX_SEQUENCE_BIAS:g}, which already decides every step (larger values overflow "
+                             "the float32 scores); to forbid a sequence use bad_words_ids")
         out[tuple(ids)] = float(bias)
     return tuple(out.items())
 
@@ -217,7 +227,11 @@ def _check_ranges(o: DecodingOptions) -> None:
         ("encoder_no_repeat_ngram_size", o.encoder_no_repeat_ngram_size is None or o.encoder_no_repeat_ngram_size >= 0,
          "use 0 (off) or an n-gram size >= 1"),
         ("num_return_sequences", o.num_return_sequences >= 1, "use num_return_sequences >= 1"),
-        ("temperature", o.temperature > 0, "use a temperature > 0 (for greedy decoding leave do_sample off)"),
+        ("temperature", o.temperature >= MIN_TEMPERATURE,
+         f"use a temperature >= {MIN_TEMPERATURE:g} (for greedy decoding leave do_sample off)"),
+        ("length_penalty", abs(o.length_penalty) <= MAX_LENGTH_PENALTY,
+         f"use a length_penalty between -{MAX_LENGTH_PENALTY:g} and {MAX_LENGTH_PENALTY:g} (1.0 = the default; "
+         "> 0 favours longer sequences, < 0 shorter)"),
         ("top_k", o.top_k >= 0, "use 0 (off) or top_k >= 1"),
         ("top_p", 0 < o.top_p <= 1, "use 0 < top_p <= 1 (1.0 = off)"),
         ("max_time", o.max_time is None or o.max_time > 0, "use a positive number of seconds or none"),
