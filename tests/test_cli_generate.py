@@ -51,6 +51,31 @@ def test_prompts_from_a_file_and_stdin_in_batches(tiny_t5_dir, tmp_path):
     assert from_file.stdout == from_stdin.stdout
 
 
+def test_input_lines_from_a_pipe_without_bom_split_at_newlines_only():
+    import os
+    import threading
+
+    from deploylm.commands.generate import read_prompts
+
+    read, write = os.pipe()                            # `--input <(...)`: a /dev/fd path, not a regular file
+    writer = threading.Thread(target=lambda: (os.write(write, "\ufeffone\r\ntwo\x0cthree\u2028four\n\n".encode()),
+                                              os.close(write)))
+    writer.start()
+    try:
+        assert read_prompts(f"/dev/fd/{read}") == ["one", "two\x0cthree\u2028four"]
+    finally:
+        writer.join()
+        os.close(read)
+
+
+def test_json_output_is_strict_json():
+    from deploylm.commands.generate import format_result
+    from deploylm.generator import Result, Sequence
+
+    line = format_result(Result("p", [Sequence("x", (5, 2), float("-inf"))]), as_json=True)
+    assert json.loads(line)["outputs"][0]["score"] is None and "Infinity" not in line
+
+
 def test_plain_output_is_the_text(tiny_llama_dir):
     out = run("--model", str(tiny_llama_dir), "--max-new-tokens", "4", "--num-beams", "2", "hello")
     [result] = load(tiny_llama_dir).generate("hello", max_new_tokens=4, num_beams=2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -61,27 +62,33 @@ def backend_options(src: str, backend: str | None, device: str, dtype: str, spin
 
 
 def read_prompts(path: str) -> list[str]:
-    """Non-empty lines of `path` (or stdin for '-'), without their line endings."""
+    """Non-empty lines of `path` (or stdin for '-'; pipes and /dev/fd paths work too), without their line
+    endings or a UTF-8 byte-order mark. Lines end at \n only: a form feed or U+2028 inside a line stays."""
     if path == "-":
-        lines = sys.stdin.read().splitlines()
+        text = sys.stdin.buffer.read()
     else:
         file = Path(path)
         if file.is_dir():
             raise UsageError(f"--input {path!r} is a folder: expected a text file with one prompt per line")
-        if not file.is_file():
+        if not file.exists():
             raise UsageError(f"--input {path!r} does not exist: expected a text file with one prompt per line")
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UsageError(f"--input {path!r} is not UTF-8 text: expected one prompt per line") from None
-    return [line for line in lines if line.strip()]
+            text = file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--input {path!r}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        lines = text.decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError:
+        raise UsageError(f"--input {path!r} is not UTF-8 text: expected one prompt per line") from None
+    return [line.removesuffix("\r") for line in lines if line.strip()]
 
 
 def format_result(result, as_json: bool) -> str:
     """JSON: {"prompt", "outputs": [{"text", "token_ids", "score"}]}; text: one output per line."""
     if as_json:
-        outputs = [{"text": s.text, "token_ids": list(s.token_ids), "score": s.score} for s in result.sequences]
-        return json.dumps({"prompt": result.prompt, "outputs": outputs}, ensure_ascii=False)
+        outputs = [{"text": s.text, "token_ids": list(s.token_ids), "score": s.score if math.isfinite(s.score) else None}
+                   for s in result.sequences]            # strict JSON: no Infinity/NaN (the server writes null too)
+        return json.dumps({"prompt": result.prompt, "outputs": outputs}, ensure_ascii=False, allow_nan=False)
     if len(result.sequences) == 1:
         return result.sequences[0].text
     return "\n".join(f"[{i + 1}] {s.text}" for i, s in enumerate(result.sequences))
