@@ -30,3 +30,9 @@ class CheckFailed(DeployLMError):
     """A parity or quality check ran and failed. Exit status 1."""
 
     exit_code = 1
+
+
+class Interrupted(DeployLMError):
+    """A decode stopped before its end because its caller asked (a server shutting down). Exit status 1."""
+
+    exit_code = 1

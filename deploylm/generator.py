@@ -117,12 +117,14 @@ class Generator:
 
     def generate(self, prompts: str | list[str], *, truncation: str | None = None,
                  window_overlap: int | None = None, stats: "SearchStats | None" = None,
-                 **options: Any) -> list[Result]:
+                 stop: threading.Event | None = None, **options: Any) -> list[Result]:
         """One Result per prompt, each with `num_return_sequences` sequences, best first.
 
         truncation: None (refuse prompts over the window) | "left" | "right" | "sliding-window"
         (encoder-decoder; chunks sharing `window_overlap` tokens, outputs joined) — deploylm.long_inputs.
         stats: a SearchStats filled in place with the decode loop's steps and timings (not sliding-window).
+        stop: a threading.Event; once set, the decode ends after its current step with Interrupted (a server
+        that shuts down does not wait for results nobody will read).
         """
         from deploylm.decoding.search import generate_ids
 
@@ -133,7 +135,7 @@ class Generator:
             return self._generate_windows(texts, opts, fit.overlap)
         batch = self.encode(texts, opts, truncation=fit.truncation)
         with self._lock, _memory_is_usage(len(texts), opts):
-            hyps = generate_ids(self.backend, batch, opts, stats)
+            hyps = generate_ids(self.backend, batch, opts, stats, stop)
         return [Result(prompt, [self._sequence(h.token_ids, h.score) for h in per_prompt])
                 for prompt, per_prompt in zip(texts, hyps)]
 

@@ -12,6 +12,7 @@ we list them best score first, transformers in draw order). Greedy and beam sear
 """
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import build_processors
 from deploylm.decoding.sample import SampleSearch
 from deploylm.decoding.threads import for_logits as step_threads
-from deploylm.errors import UsageError
+from deploylm.errors import Interrupted, UsageError
 
 
 @dataclass(frozen=True)
@@ -200,11 +201,17 @@ def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | Sampl
 
 
 def generate_ids(backend: Backend, batch: EncodedBatch, options: DecodingOptions,
-                 stats: SearchStats | None = None) -> list[list[Hypothesis]]:
-    """Per input, `num_return_sequences` hypotheses, best first (drains `iter_search`)."""
+                 stats: SearchStats | None = None, stop: threading.Event | None = None) -> list[list[Hypothesis]]:
+    """Per input, `num_return_sequences` hypotheses, best first (drains `iter_search`).
+
+    stop: once set, the search ends after the step in progress and Interrupted is raised (a server's
+    shutdown: the call's result would reach nobody)."""
     events = iter_search(backend, batch, options, stats)
     while True:
         try:
             next(events)
-        except StopIteration as stop:
-            return stop.value
+        except StopIteration as done:
+            return done.value
+        if stop is not None and stop.is_set():
+            events.close()
+            raise Interrupted("decoding stopped before its end: the caller asked (a server shutting down)")

@@ -13,7 +13,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from deploylm.errors import DeployLMError, MissingDependencyError, UsageError
+from deploylm.errors import DeployLMError, Interrupted, MissingDependencyError, UsageError
 from deploylm.serving.batcher import Batcher, QueueFull
 from deploylm.serving.middleware import RequestMiddleware, ServerState, request_id_of
 from deploylm.serving.schemas import ApiError, Job, ServeConfig, parse_completion, parse_generate, parse_json_body
@@ -89,7 +89,8 @@ class _Api:
         self.batcher: Batcher | None = None
 
     def start(self) -> None:
-        self.batcher = Batcher(lambda prompts, options: self.generator.generate(prompts, **options),
+        stop = self.state.stop_decoding
+        self.batcher = Batcher(lambda prompts, options: self.generator.generate(prompts, stop=stop, **options),
                                max_batch_size=self.config.max_batch_size, max_wait_ms=self.config.max_wait_ms,
                                max_queue=self.config.max_queue)
         self.batcher.start()
@@ -142,6 +143,10 @@ class _Api:
             param = "prompt" if message.startswith("prompt") else (
                 "max_new_tokens" if message.startswith("max_new_tokens") else None)
             return _error_response(ApiError(400, message, param=param))
+        except Interrupted:
+            return _error_response(ApiError(503, "server is shutting down: this request was not finished; retry "
+                                            "on another instance", type="server_overloaded",
+                                            headers={"connection": "close"}))
         except DeployLMError as exc:
             return _error_response(ApiError(500, str(exc), type="server_error"))
         except Exception as exc:  # noqa: BLE001 - a bug or a backend failure: log it, answer 500

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from deploylm.errors import UsageError
+from deploylm.errors import Interrupted, UsageError
 from deploylm.serving.schemas import Job
 
 log = logging.getLogger("deploylm.serve")
@@ -143,6 +143,11 @@ class Batcher:
                     await self._decode([item])
                 return
             _settle(batch[0].future, exc=exc)
+            return
+        except Interrupted as exc:   # the server's drain is over: nobody waits for these any more
+            log.info("batch of %d request(s) stopped for shutdown: %s", len(batch), [p.request_id for p in batch])
+            for item in batch:
+                _settle(item.future, exc=exc)
             return
         except Exception as exc:  # noqa: BLE001 - reported to every waiting client as a 500
             log.exception("batch of %d request(s) failed: %s", len(batch), [p.request_id for p in batch])

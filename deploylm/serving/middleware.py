@@ -29,6 +29,7 @@ class ServerState:
         self.active_streams = 0
         self.idle = threading.Event()   # set when nothing is in flight (read by the shutdown thread)
         self.idle.set()
+        self.stop_decoding = threading.Event()   # set when the drain is over: decodes end after their step
 
     def enter(self) -> None:
         self.in_flight += 1

@@ -1,8 +1,10 @@
 """Run the app under uvicorn with a graceful, draining shutdown.
 
 On the first SIGTERM/SIGINT the server starts draining: new requests get 503 (Retry-After,
-Connection: close) while in-flight ones finish (up to `drain_timeout_s`); then uvicorn's own
-shutdown closes the sockets. A second SIGINT forces the exit.
+Connection: close) while in-flight ones finish (up to `drain_timeout_s`). Decodes still running
+then stop after their current step and answer 503, and uvicorn's own shutdown closes the sockets
+within GRACE_AFTER_DRAIN_S. A second signal stops the decodes at once (a second SIGINT also forces
+uvicorn's exit).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from deploylm.serving.middleware import ServerState
 from deploylm.serving.schemas import ServeConfig
 
 log = logging.getLogger("deploylm.serve")
+
+GRACE_AFTER_DRAIN_S = 2   # uvicorn's wait for connections once the drain is over (or the drain timed out)
 
 
 def _uvicorn() -> Any:
@@ -35,14 +39,16 @@ def make_server(generator: Any, config: ServeConfig, *, host: str = "127.0.0.1",
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             if app.state.draining or self.should_exit:
-                super().handle_exit(sig, frame)  # second signal: uvicorn's behaviour (SIGINT forces)
+                app.state.stop_decoding.set()    # second signal: stop decoding now, and uvicorn's behaviour
+                super().handle_exit(sig, frame)  # (a second SIGINT forces the exit)
                 return
             self._captured_signals.append(sig)
             begin_drain(app.state, self, config.drain_timeout_s)
 
+    # The drain already gave in-flight requests their time; uvicorn's own wait for open connections
+    # afterwards only has to let the stopped ones send their 503 (it used to wait another drain_timeout).
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                               timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
-                               lifespan="on")
+                               timeout_graceful_shutdown=GRACE_AFTER_DRAIN_S, lifespan="on")
     return DrainingServer(uv_config)
 
 
@@ -53,7 +59,9 @@ def begin_drain(state: ServerState, server: Any, timeout_s: float) -> threading.
 
     def wait_then_exit() -> None:
         if not state.idle.wait(timeout_s):
-            log.warning("drain timeout (%.0fs): %d request(s) still in flight", timeout_s, state.in_flight)
+            log.warning("drain timeout (%.0fs): %d request(s) still in flight get 503 after their current "
+                        "step", timeout_s, state.in_flight)
+            state.stop_decoding.set()
         server.should_exit = True
 
     thread = threading.Thread(target=wait_then_exit, name="deploylm-drain", daemon=True)

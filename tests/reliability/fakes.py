@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Generator
 
 from deploylm.decoding.options import DecodingOptions
-from deploylm.errors import UsageError
+from deploylm.errors import Interrupted, UsageError
 from deploylm.generator import TextStream
 
 
@@ -44,7 +44,8 @@ class FakeGenerator:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def generate(self, prompts: str | list[str], **options: Any) -> list[Result]:
+    def generate(self, prompts: str | list[str], *, stop: threading.Event | None = None,
+                 **options: Any) -> list[Result]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         opts = DecodingOptions.from_mapping(options)
         with self._lock:
@@ -53,7 +54,11 @@ class FakeGenerator:
                 raise RuntimeError("scripted backend failure")
             if any("BAD" in p for p in prompts):
                 raise UsageError("prompt contains BAD: scripted refusal")
-            time.sleep(self.delay)
+            ends = time.monotonic() + self.delay          # a decode of `delay` seconds, in 10 ms steps
+            while time.monotonic() < ends:
+                time.sleep(min(0.01, max(0.0, ends - time.monotonic())))
+                if stop is not None and stop.is_set():    # as Generator.generate: stop after the step
+                    raise Interrupted("decoding stopped before its end: the caller asked")
             return [self._answer(p, opts) for p in prompts]
 
     def stream(self, prompt: str, **options: Any) -> TextStream:

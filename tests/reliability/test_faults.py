@@ -80,6 +80,24 @@ def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(start_fake_se
     assert re.search(r"draining: [1-9]\d* request\(s\) in flight", log) and "Finished server process" in log, log
 
 
+def test_shutdown_is_bounded_by_the_drain_timeout(start_fake_server):
+    """A decode longer than --drain-timeout: when the drain is over it stops after its current step and
+    its client gets a 503, and the process exits soon after (it used to wait for the whole decode, then
+    uvicorn's own graceful timeout on top)."""
+    server = start_fake_server("--delay", "30", "--drain-timeout", "1")
+    slow: dict = {}
+    thread = threading.Thread(target=lambda: slow.update(r=httpx.post(
+        server.url + "/v1/generate", json={"prompt": "a long decode", "max_new_tokens": 2}, timeout=40)))
+    thread.start()
+    assert wait_until(lambda: httpx.get(server.url + "/health", timeout=5).json()["decoding"] == 1)
+    started = time.monotonic()
+    server.proc.terminate()
+    server.proc.wait(15)
+    assert time.monotonic() - started < 8, "shutdown waited for the decode"
+    thread.join(10)
+    assert slow["r"].status_code == 503 and "was not finished" in slow["r"].json()["error"]["message"]
+
+
 def test_overload_gets_503_with_retry_after_and_nothing_else():
     fake = FakeGenerator(delay=0.2)
     config = ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=2)
