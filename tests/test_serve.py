@@ -150,10 +150,14 @@ def test_bad_requests_get_a_json_4xx_naming_the_problem(client, body, status, pa
     ({"prompt": "a", "frobnicate": 1}, "frobnicate"),
     ({"prompt": "a", "best_of": 2, "n": 3}, "n"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "n": 0}, "n"),                          # n also sets the beams: still n's fault
+    ({"prompt": "a", "stream": True, "n": 2}, "n"),
 ])
 def test_completions_errors_name_the_openai_field(client, body, param):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    if "n" in body:
+        assert f"n={body['n']}" in r.json()["error"]["message"], r.text     # the value the client sent
 
 
 def test_long_prompts_are_judged_by_tokens_not_characters(client):

@@ -117,8 +117,8 @@ def _job(prompts: tuple[str, ...], options: dict[str, Any], stream: bool, defaul
     if stream and len(prompts) != 1:
         raise ApiError(400, f"stream takes exactly one prompt, got {len(prompts)}", param="prompt")
     if stream and resolved.num_return_sequences != 1:
-        raise ApiError(400, "stream returns one sequence: leave num_return_sequences at 1",
-                       param="num_return_sequences")
+        raise ApiError(400, f"stream returns one sequence: num_return_sequences={resolved.num_return_sequences} "
+                       "must be 1", param="num_return_sequences")
     return Job(prompts, options, stream, resolved.max_new_tokens)
 
 
@@ -231,21 +231,22 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     prompts = _prompts(body["prompt"], config, count_tokens, "prompt")
     stream = _bool(body.get("stream", False), "stream")
     options = {COMPLETION_FIELDS[k]: v for k, v in body.items() if k in COMPLETION_FIELDS and v is not None}
+    sent = {v: k for k, v in COMPLETION_FIELDS.items()}     # deploylm option -> the field the client sent
     if "num_return_sequences" in options and "num_beams" not in options and not _sampling(options):
         options["num_beams"] = options["num_return_sequences"]
+        sent["num_beams"] = "n"                             # beams taken from n: n is the field to fix
     if _sampling(options):
         options["do_sample"] = True
     elif options.get("temperature") == 0:
         options.pop("temperature")  # OpenAI's temperature 0 = deterministic
     try:
         options = validate_options(options, config, defaults)
+        return _job(prompts, options, stream, defaults)
     except ApiError as exc:   # name the completions field the client sent, not deploylm's option
-        back = {v: k for k, v in COMPLETION_FIELDS.items()}
-        if exc.param in back:
-            exc.message = exc.message.replace(f"{exc.param}=", f"{back[exc.param]}=", 1)
-            exc.param = back[exc.param]
+        if exc.param in sent:
+            exc.message = exc.message.replace(f"{exc.param}=", f"{sent[exc.param]}=", 1)
+            exc.param = sent[exc.param]
         raise
-    return _job(prompts, options, stream, defaults)
 
 
 def _sampling(options: dict[str, Any]) -> bool:
