@@ -103,7 +103,8 @@ class _Api:
         from starlette.responses import JSONResponse
 
         b = self.batcher
-        return JSONResponse({"status": "ok", "model": self.config.model_name, "in_flight": self.state.in_flight,
+        others = max(0, self.state.in_flight - 1)     # this /health request is in flight too: not counted
+        return JSONResponse({"status": "ok", "model": self.config.model_name, "in_flight": others,
                              "queued": b.queued if b else 0, "decoding": b.decoding if b else 0,
                              "batches": b.batches if b else 0, "active_streams": self.state.active_streams})
 
