@@ -107,3 +107,50 @@ def test_python_m_deploylm_training_is_deploylm_train():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Usage: deploylm train" in result.stdout and "--nproc" in result.stdout
+
+
+def _training_processes(out) -> list[int]:
+    """Pids of processes whose command line names `out` (the launcher, torchrun and its workers)."""
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(out) in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_command_stops_every_worker(tmp_path, common):
+    """`kill` on `deploylm train --nproc 2` (SIGTERM to the launcher only): the workers stop as well,
+    promptly; they used to train on to the end and write --out after the command had returned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "deploylm", "train", *map(str, common), "--out", str(out),
+                             "--steps", "100000", "--nproc", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(_training_processes(out)) < 4 and time.monotonic() < deadline:   # launcher, torchrun, 2 workers
+            time.sleep(0.2)
+        assert len(_training_processes(out)) >= 4, "the workers never started"
+        time.sleep(3)                                        # they are training now
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        deadline = time.monotonic() + 30
+        while _training_processes(out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _training_processes(out) == [], "workers outlived the command"
+        assert proc.returncode == 143
+    finally:
+        for pid in _training_processes(out):
+            os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ deploylm.training <the same options>` and relays the workers' stdout.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -141,15 +142,39 @@ class Launch:
                        f"--master-addr={self.master_addr or '127.0.0.1'}", f"--master-port={self.master_port}"]
 
 
+STOP_GRACE_S = 30   # how long torchrun gets to stop its workers after SIGTERM before it is killed
+
+
+def stop_workers(proc: subprocess.Popen) -> None:
+    """Stop torchrun and, through it, every worker: SIGTERM (torchrun passes it on and waits for them),
+    then SIGKILL if they are not gone within STOP_GRACE_S. Without this a signal to `deploylm train`
+    left the workers training (and writing --out) after the command had returned."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def launch(launch: Launch, worker_args: Sequence[str], echo: Any) -> None:
     """Run `python -m torch.distributed.run ... -m deploylm.training worker_args`; `echo(line)` for
     each line the workers print on stdout (stderr passes through). WorkersFailed on a non-zero exit."""
     command = [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(), "-m", "deploylm.training",
                *worker_args]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert proc.stdout is not None
+    try:
         for line in proc.stdout:
             echo(line.rstrip("\n"))
+        proc.wait()
+    except BaseException:        # Ctrl-C, SIGTERM (SystemExit), a closed stdout: the workers stop too
+        stop_workers(proc)
+        raise
+    finally:
+        proc.stdout.close()
     if proc.returncode != 0:
         raise WorkersFailed(f"training processes exited with status {proc.returncode} (their errors are above); "
                             f"command: {' '.join(command)}")
