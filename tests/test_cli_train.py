@@ -99,6 +99,30 @@ def test_force_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("files", [
+    {"config.json": '{"model_type": "llama"}', "model.safetensors": "weights"},                  # a Hugging Face folder
+    {"config.json": '{"model_type": "deploylm-seq2seq"}', "manifest.json": "{}"},                # an exported artifact
+    {"config.json": "{}", "notes.txt": "keep me"},
+])
+def test_force_refuses_folders_with_a_config_that_are_no_training_run(tmp_path, files):
+    out = tmp_path / "precious"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    assert_usage_error(run("--task", "reverse", "--out", out, "--force"), "does not look like a training run")
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_runs_stopped_before_their_first_checkpoint_are_training_runs(tmp_path):
+    from deploylm.training.outdir import is_training_run
+
+    (tmp_path / "cleaning.json").write_text("{}")          # all that `train --data` had written when stopped
+    assert is_training_run(tmp_path)
+    (tmp_path / "cleaning.json").unlink()
+    (tmp_path / "config.json").write_text('{"model_type": "deploylm-lm"}')
+    assert is_training_run(tmp_path)
+
+
 def test_force_refuses_the_current_folder(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()

@@ -26,7 +26,22 @@ from deploylm.training.workloads import LMWork, Seq2SeqWork
 METRICS = "metrics.json"
 CLEANING = "cleaning.json"
 TEXT_TASKS = {"stories": "generated short stories with long-range references (deploylm/training/stories.py)"}
-RUN_MARKERS = (CONFIG, TRAINING_STATE, METRICS)   # a folder holding one of these is a training run
+RUN_MARKERS = (TRAINING_STATE, METRICS, CLEANING)   # files only `deploylm train` writes into --out
+
+
+def is_training_run(folder: Path) -> bool:
+    """A folder `deploylm train` made: one of RUN_MARKERS (cleaning.json is written first, so a run stopped
+    before its first checkpoint counts), or a deploylm checkpoint's config.json; never an exported
+    artifact (manifest.json) nor a Hugging Face folder, which have a config.json too."""
+    if (folder / "manifest.json").exists():
+        return False
+    if any((folder / name).exists() for name in RUN_MARKERS):
+        return True
+    try:
+        settings = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and str(settings.get("model_type", "")).startswith("deploylm")
 
 
 @dataclass(frozen=True)
@@ -83,8 +98,9 @@ def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
 
 def _check_fresh(config: TrainConfig) -> None:
     check_output_folder(config.out, config.force, holds="the checkpoint",
-                        ours=lambda out: any((out / name).exists() for name in RUN_MARKERS),
-                        not_ours=f"does not look like a training run (no {', '.join(RUN_MARKERS)})",
+                        ours=is_training_run,
+                        not_ours=f"does not look like a training run (no {', '.join(RUN_MARKERS)}, no deploylm "
+                                 "checkpoint)",
                         without_force="use --resume to continue it or --force to start over")
 
 
