@@ -39,6 +39,16 @@ def test_bad_jsonl_line_is_named(tmp_path, bad, expected):
     assert "\n" not in str(err.value)
 
 
+def test_jsonl_with_raw_line_separators_and_a_bom_reads_as_json_does(tmp_path):
+    """json.dumps(..., ensure_ascii=False) leaves U+2028 and U+0085 raw inside strings: not line breaks of
+    a JSON-lines file; and a byte-order mark is not part of the first record."""
+    path = tmp_path / "pairs.jsonl"
+    records = [{"source": "one\u2028two", "target": "x\u0085y"}, {"source": "three", "target": "z"}]
+    path.write_text("\ufeff" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n",
+                    encoding="utf-8")
+    assert [(e.source, e.target) for e in read_jsonl(path)] == [(r["source"], r["target"]) for r in records]
+
+
 def test_missing_and_empty_jsonl(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         read_jsonl(tmp_path / "nope.jsonl")
@@ -113,3 +123,13 @@ def test_metrics():
     assert perplexity(0.0) == 1.0
     with pytest.raises(ValueError):
         exact_match(["a"], [])
+
+
+def test_text_data_drops_a_byte_order_mark(tmp_path):
+    from deploylm.training.clean import CleanOptions
+    from deploylm.training.text import load_text
+
+    path = tmp_path / "story.txt"
+    path.write_text("\ufeffOnce upon a time.\n\nThe end.\n", encoding="utf-8")
+    docs, _ = load_text(path, CleanOptions())
+    assert docs == ["Once upon a time.", "The end."]

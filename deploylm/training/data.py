@@ -32,13 +32,19 @@ def read_jsonl(path: Path) -> list[Example]:
         what = "is not a file" if path.exists() else "does not exist"
         raise UsageError(f"data file {str(path)!r} {what}: expected a .jsonl file of {{\"source\", \"target\"}} lines")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = json_lines(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     examples = [_parse_line(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
     if not examples:
         raise UsageError(f"{path}: no examples: expected one {{\"source\": ..., \"target\": ...}} object per line")
     return examples
+
+
+def json_lines(content: str) -> list[str]:
+    """The lines of a JSON-lines file: split at "\n" only. str.splitlines also splits at U+2028, U+0085
+    and other characters that JSON strings may hold raw (json.dumps(..., ensure_ascii=False))."""
+    return [line.removesuffix("\r") for line in content.split("\n")]
 
 
 def _parse_line(path: Path, number: int, line: str) -> Example:

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from deploylm.errors import UsageError
 from deploylm.training.clean import CleanOptions, CleanReport, clean_records
-from deploylm.training.data import split_keys
+from deploylm.training.data import json_lines, split_keys
 from deploylm.training.tokenizer import encode_targets
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -41,7 +41,7 @@ def read_documents(path: Path) -> list[str]:
         raise UsageError(f"data file {str(path)!r} {what}: expected a text file (paragraphs separated by blank lines) "
                          "or a .jsonl file of {\"text\": ...} lines")
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8-sig")      # a byte-order mark is no text
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     docs = _jsonl_texts(path, content) if path.suffix == ".jsonl" else _paragraphs(content)
@@ -56,7 +56,7 @@ def _paragraphs(content: str) -> list[str]:
 
 def _jsonl_texts(path: Path, content: str) -> list[str]:
     docs = []
-    for number, line in enumerate(content.splitlines(), 1):
+    for number, line in enumerate(json_lines(content), 1):
         if not line.strip():
             continue
         try:
