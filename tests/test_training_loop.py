@@ -74,6 +74,10 @@ def test_resume_refuses_other_settings(tmp_path, fast):
     train(TrainConfig(out=tmp_path / "run", steps=2, **fast))
     with pytest.raises(UsageError, match="seed 0"):
         train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **fast, seed=1))
+    with pytest.raises(UsageError, match=r"lr 0.001 \(now 0.05\)"):      # it was ignored, yet recorded as used
+        train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **fast, lr=0.05))
+    resumed = train(TrainConfig(out=tmp_path / "run", steps=3, resume=True, **fast, dropout=0.1))  # the preset's
+    assert resumed.steps == 3
 
 
 def test_resume_past_the_end_only_evaluates(tmp_path, fast):

@@ -106,7 +106,7 @@ class TrainConfig:
         """The settings a resumed run must share with the run it continues (not the process count)."""
         ident = {"task": self.task, "data": None if self.data is None else str(self.data.resolve()),
                  "size": self.size, "batch_size": self.batch_size, "seed": self.seed, "vocab_size": self.vocab_size,
-                 "arch": self.arch, "dropout": self.dropout,
+                 "arch": self.arch, "dropout": self.dropout, "lr": self.lr,
                  "clean": self.clean.as_json() if self.data is not None else None}
         if self.arch == "decoder":
             ident.update(block_size=self.block_size, stride=self.window_stride)

@@ -104,13 +104,23 @@ def _check_fresh(config: TrainConfig) -> None:
                         without_force="use --resume to continue it or --force to start over")
 
 
+def _resolved(identity: dict[str, Any]) -> dict[str, Any]:
+    """An identity with dropout None (the size preset's) replaced by the preset's value, so that
+    `--dropout 0.1` resumes a run that left it at the tiny preset's 0.1."""
+    from deploylm.models.config import PRESETS
+
+    if identity.get("dropout") is None and identity.get("size") in PRESETS and "dropout" in identity:
+        return {**identity, "dropout": PRESETS[identity["size"]].dropout}
+    return identity
+
+
 def _resume_state(config: TrainConfig) -> dict[str, Any]:
     out = config.out
     if not all((out / name).is_file() for name in (CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE)):
         raise UsageError(f"--resume: {str(out)!r} holds no checkpoint with training state: nothing to resume")
     saved = load_training_state(out)
     train_state.check(saved, str(out / TRAINING_STATE))
-    mine, theirs = config.identity(), saved.get("identity", {})
+    mine, theirs = _resolved(config.identity()), _resolved(saved.get("identity", {}))
     differ = [f"{key} {theirs.get(key)!r} (now {mine[key]!r})" for key in mine  # keys older runs lack are not compared
               if key in theirs and theirs.get(key) != mine[key]]
     if differ:
