@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from deploylm.errors import UsageError
 from deploylm.training.data import BatchStream, SpecialIds, jsonl_splits, make_batch, read_jsonl
 from deploylm.training.metrics import bleu, exact_match, perplexity
-from deploylm.training.tasks import Example, SplitSizes, task_splits
+from deploylm.training.tasks import Example, Splits, SplitSizes, task_splits
 from deploylm.training.tokenizer import (decode, encode_sources, encode_targets, load_tokenizer,
                                          save_tokenizer, train_tokenizer)
 
@@ -133,3 +133,17 @@ def test_text_data_drops_a_byte_order_mark(tmp_path):
     path.write_text("\ufeffOnce upon a time.\n\nThe end.\n", encoding="utf-8")
     docs, _ = load_text(path, CleanOptions())
     assert docs == ["Once upon a time.", "The end."]
+
+
+def test_the_decode_limit_sees_long_targets_anywhere_in_the_data():
+    """max_new_tokens = 2 x the longest training target + 8, also when 3000 short targets come first."""
+    from deploylm.models.config import make_config
+    from deploylm.training.workloads import Seq2SeqWork
+
+    long_target = " ".join(["word"] * 50)
+    train = [Example(f"s{i}", "a") for i in range(3000)] + [Example(f"t{i}", long_target) for i in range(10)]
+    work = Seq2SeqWork(Splits(train, [], []), eval_examples=0)
+    tok = work.make_tokenizer(200)
+    work.bind(tok, make_config("tiny", vocab_size=tok.get_vocab_size()))
+    longest = len(tok.encode(long_target, add_special_tokens=False).ids)
+    assert longest >= 50 and work.max_new_tokens == min(2 * longest + 8, make_config("tiny", 200).max_positions - 1)
