@@ -147,3 +147,11 @@ def test_the_decode_limit_sees_long_targets_anywhere_in_the_data():
     work.bind(tok, make_config("tiny", vocab_size=tok.get_vocab_size()))
     longest = len(tok.encode(long_target, add_special_tokens=False).ids)
     assert longest >= 50 and work.max_new_tokens == min(2 * longest + 8, make_config("tiny", 200).max_positions - 1)
+
+
+def test_a_damaged_tokenizer_file_is_named(tmp_path):
+    from deploylm.training.tokenizer import TOKENIZER_FILE
+
+    (tmp_path / TOKENIZER_FILE).write_text('{"version": "1.0"}')
+    with pytest.raises(UsageError, match=r"tokenizer.json: not a readable tokenizer"):
+        load_tokenizer(tmp_path)

@@ -16,6 +16,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from deploylm.errors import UsageError
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)            # ids 0, 1, 2, 3 in this order
 TOKENIZER_FILE = "tokenizer.json"
@@ -72,8 +74,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
-    """The tokenizer saved in `folder` by save_tokenizer."""
-    return Tokenizer.from_file(str(Path(folder) / TOKENIZER_FILE))
+    """The tokenizer saved in `folder` by save_tokenizer; a damaged file is a UsageError naming it."""
+    path = Path(folder) / TOKENIZER_FILE
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:   # tokenizers raises its own plain Exception for a malformed file
+        raise UsageError(f"{path}: not a readable tokenizer ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                         "restore it or start over with --force") from None
 
 
 def encode_sources(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
