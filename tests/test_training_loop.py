@@ -70,6 +70,23 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, fast):
         torch.testing.assert_close(x, y, msg=name)
 
 
+def test_an_extension_stopped_midway_leaves_no_stale_metrics(tmp_path, fast):
+    """A finished 5-step run resumed to 20 and stopped at 12: its folder holds the step-10 checkpoint, and
+    not the 5-step run's metrics.json beside it (they would describe other weights)."""
+    train(TrainConfig(out=tmp_path / "run", steps=5, **fast))
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+    def kill_at_12(step, loss):
+        if step == 12:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast), on_step=kill_at_12)
+    assert load_training_state(tmp_path / "run")["step"] == 10 and not (tmp_path / "run" / "metrics.json").exists()
+    train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 20
+
+
 def test_resume_refuses_other_settings(tmp_path, fast):
     train(TrainConfig(out=tmp_path / "run", steps=2, **fast))
     with pytest.raises(UsageError, match="seed 0"):

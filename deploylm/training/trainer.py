@@ -25,7 +25,7 @@ from deploylm.training import distributed, state as train_state
 from deploylm.training.config import TrainConfig, TrainResult
 from deploylm.training.data import BatchStream
 from deploylm.training.distributed import Dist
-from deploylm.training.outdir import CLEANING, Plan, plan_run, write_json, write_metrics, write_tokenizer_side_files
+from deploylm.training.outdir import CLEANING, METRICS, Plan, plan_run, write_json, write_metrics, write_tokenizer_side_files
 from deploylm.training.schedule import make_optimizer, make_scheduler
 from deploylm.training.tokenizer import load_tokenizer
 from deploylm.training.workloads import LMWork, Seq2SeqWork
@@ -187,6 +187,10 @@ def _prepare_output(config: TrainConfig, plan: Plan) -> None:
     """Clear the folder for --force (a fresh run) and write cleaning.json (rank 0)."""
     if plan.resume_state is None:
         plan.clear_output()
+    elif plan.resume_state.get("step", 0) < config.steps:
+        # the finished run's metrics.json would sit beside newer checkpoints if this one is stopped
+        # before its end; it is written again when the run finishes
+        (config.out / METRICS).unlink(missing_ok=True)
     if plan.cleaning is not None:
         config.out.mkdir(parents=True, exist_ok=True)
         write_json(config.out / CLEANING, plan.cleaning)
