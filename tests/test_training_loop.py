@@ -1,6 +1,7 @@
 """The training loop: the loss falls, checkpoints are complete HF-like folders, --resume continues
 exactly where a killed run stopped."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,18 @@ def test_an_extension_stopped_midway_leaves_no_stale_metrics(tmp_path, fast):
     assert load_training_state(tmp_path / "run")["step"] == 10 and not (tmp_path / "run" / "metrics.json").exists()
     train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 20
+
+
+def test_resume_refuses_other_data_at_the_same_path(tmp_path, fast):
+    import shutil
+
+    data = shutil.copy(fast["data"], tmp_path / "pairs.jsonl")
+    settings = {**fast, "data": Path(data)}
+    train(TrainConfig(out=tmp_path / "run", steps=2, **settings))
+    lines = Path(data).read_text().splitlines()
+    Path(data).write_text("\n".join(reversed(lines)) + "\n")          # the same path, other contents
+    with pytest.raises(UsageError, match="was trained with data_sha256"):
+        train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **settings))
 
 
 def test_resume_refuses_other_settings(tmp_path, fast):

@@ -5,6 +5,8 @@ The defaults are tuned for `--task digits2words --size tiny` on 2 CPU cores (doc
 """
 from __future__ import annotations
 
+import hashlib
+
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,12 +110,22 @@ class TrainConfig:
                  "size": self.size, "batch_size": self.batch_size, "seed": self.seed, "vocab_size": self.vocab_size,
                  "arch": self.arch, "dropout": self.dropout, "lr": self.lr,
                  "clean": self.clean.as_json() if self.data is not None else None}
+        if self.data is not None and Path(self.data).is_file():   # other contents at the same path: another run
+            ident["data_sha256"] = _sha256(Path(self.data))
         if self.arch == "decoder":
             ident.update(block_size=self.block_size, stride=self.window_stride)
         return ident
 
     def as_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _positive_int(name: str, value: Any) -> None:
