@@ -58,9 +58,8 @@ class PrecisionReport:
         out = [f"precision: {self.precision}{f' ({self.method})' if self.method else ''}, {kept} node(s) kept in fp32 "
                f"({self.auto_kept} by the auto search, {self.attempts} candidate(s) judged)"]
         if self.quality:
-            from deploylm.export.quality import QualityReport
-
             from deploylm.export.calibration import describe
+            from deploylm.export.quality import QualityReport
 
             fields = {k: self.quality[k] for k in QualityReport.__dataclass_fields__}
             where = f" (held out: {describe(self.held_out)})" if self.held_out else ""
@@ -81,8 +80,8 @@ class _Workspace:
 
     root: Path
     ref: Path            # the validated fp32 graphs the candidates are made from
-    shipped: Path        # the same graphs as `--profile fp32` ships them (MatMuls packed: the same bits),
-    profile: Any         # which the quality report compares with, speed included
+    shipped: Path        # the same as `--profile fp32` ships them (packed, same bits): the quality reference
+    profile: Any
     graphs: list[str]
     feeds: dict[str, list[dict]]
     held: Any
