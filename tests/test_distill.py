@@ -101,6 +101,7 @@ def test_seq2seq_run_lowers_kd_and_saves_a_checkpoint_that_generates(seed_teache
     assert len(res[0].sequences[0].token_ids) <= 4
     report = json.loads((out / "distill.json").read_text())
     assert report["settings"]["temperature"] == 2.0 and report["settings"]["teacher"] == str(seed_teacher)
+    assert report["settings"]["warmup"] == min(DistillConfig.warmup, 40 // 10)      # what ran: capped at steps/10
     assert report["kept_layers"] == result.kept_layers and report["teacher"] == pytest.approx(result.teacher)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]          # no temporary folders left
     from deploylm.export.calibration import text_sets

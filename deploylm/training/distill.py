@@ -217,7 +217,8 @@ def distill(config: DistillConfig, on_step: Callable[[int, dict[str, float]], No
         started = time.perf_counter()
         torch.manual_seed(config.seed)
         setup = distill_setup.build(config)
-        config = dataclasses.replace(config, lr=default_lr(config, setup.init))   # recorded in distill.json
+        config = dataclasses.replace(config, lr=default_lr(config, setup.init),   # what ran, in distill.json
+                                     warmup=min(config.warmup, config.steps // 10))
         losses = _train(setup, config, on_step)
         teacher, student = _evaluate_both(setup)
         result = DistillResult(config.out, config.steps, setup.kept, setup.init, losses, teacher, student,
