@@ -9,6 +9,7 @@ import hashlib
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +105,20 @@ class TrainConfig:
     def window_stride(self) -> int:
         return self.stride or self.block_size
 
+    @cached_property
+    def data_sha256(self) -> str | None:
+        """The --data file's digest, read once: plan_run asks for it as the data is loaded, and every
+        checkpoint then records that value (not a re-read of a file that may have changed since)."""
+        return _sha256(Path(self.data)) if self.data is not None and Path(self.data).is_file() else None
+
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (not the process count)."""
         ident = {"task": self.task, "data": None if self.data is None else str(self.data.resolve()),
                  "size": self.size, "batch_size": self.batch_size, "seed": self.seed, "vocab_size": self.vocab_size,
                  "arch": self.arch, "dropout": self.dropout, "lr": self.lr,
                  "clean": self.clean.as_json() if self.data is not None else None}
-        if self.data is not None and Path(self.data).is_file():   # other contents at the same path: another run
-            ident["data_sha256"] = _sha256(Path(self.data))
+        if self.data_sha256 is not None:     # other contents at the same path: another run
+            ident["data_sha256"] = self.data_sha256
         if self.arch == "decoder":
             ident.update(block_size=self.block_size, stride=self.window_stride)
         return ident

@@ -66,6 +66,7 @@ def plan_run(config: TrainConfig) -> Plan:
     work, report = _workload(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available to PyTorch; use --device cpu")
+    config.data_sha256   # the data as loaded now is what this run's checkpoints record (cached on config)
     saved = _resume_state(config) if config.resume else _check_fresh(config)
     return Plan(config.out, work, saved, config.force, report and report.as_json(), report and report.summary())
 
