@@ -168,6 +168,8 @@ def test_calibration_files_folders_and_jsonl(tmp_path):
     pairs = tmp_path / "train.jsonl"
     pairs.write_text('{"source": "one two", "target": "1 2"}\n\n{"text": "three"}\n')
     assert read_lines(pairs) == ["one two", "three"]
+    pairs.write_text('{"source": "one\u2028two"}\n', encoding="utf-8")     # raw in a JSON string: one record
+    assert read_lines(pairs) == ["one\u2028two"]
     pairs.write_text('{"source": "one two"}\n["not", "a record"]\n')
     with pytest.raises(UsageError, match=r"line 2: expected a JSON object with a text field \(source, prompt, text\)"):
         read_lines(pairs)

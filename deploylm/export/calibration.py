@@ -88,11 +88,12 @@ def read_lines(file: Path) -> list[str]:
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--calibration {str(file)!r}: cannot read it ({exc}): expected a UTF-8 text file") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if Path(file).suffix.lower() != ".jsonl":
-        return lines
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    from deploylm.training.data import json_lines    # "\n" only: JSON strings may hold U+2028 raw
+
     samples = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate((line for line in json_lines(text) if line.strip()), 1):
         try:
             record = json.loads(line)
         except ValueError:
@@ -127,15 +128,15 @@ def _seed(record: dict[str, Any]) -> int:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else 0
 
 
-def _task_of(folder: Path) -> str | None:
-    """The built-in task a checkpoint learned, if any."""
-    return _run_record(folder).get("task") or None
+def _sample(items: list[Any], samples: int) -> list[Any]:
+    """`samples` of `items` in a fixed random order (seed 0), so calibration is the same on every export."""
+    order = np.random.default_rng(0).permutation(len(items))[:samples]
+    return [items[i] for i in order]
 
 
 def _pair_sets(splits: Any, samples: int, origin: str) -> tuple[TextSet, TextSet]:
     """Seq2seq splits: training pairs calibrate, test pairs are held out."""
-    rng = np.random.default_rng(0)
-    train = [splits.train[i] for i in rng.permutation(len(splits.train))[:samples]]
+    train = _sample(splits.train, samples)
     calib = TextSet(tuple(e.source for e in train), tuple(e.target for e in train), origin)
     held = TextSet(tuple(e.source for e in splits.test), tuple(e.target for e in splits.test), origin)
     return calib, held
@@ -144,8 +145,7 @@ def _pair_sets(splits: Any, samples: int, origin: str) -> tuple[TextSet, TextSet
 def _document_sets(splits: Any, samples: int, origin: str) -> tuple[TextSet, TextSet]:
     """Text splits of a decoder-only model: training documents calibrate; test documents are scored,
     and their first words are the beam-agreement prompts."""
-    rng = np.random.default_rng(0)
-    train = [splits.train[i] for i in rng.permutation(len(splits.train))[:samples]]
+    train = _sample(splits.train, samples)
     scored = tuple(splits.test[:HELD_DOCUMENTS])
     prompts = tuple(" ".join(doc.split()[:PROMPT_WORDS]) for doc in scored[:len(HELD_OUT_PROMPTS)])
     return TextSet(tuple(train), None, origin), TextSet(prompts, None, origin, scored)
