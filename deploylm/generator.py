@@ -226,8 +226,8 @@ class Generator:
         another model gives ids past it (IndexError deep in the model, or garbage from a graph)."""
         vocab = self.info.vocab_size
         for index, ids in enumerate(per_prompt):
-            if ids.numel() and int(ids.max()) >= vocab:
-                bad = int(ids.max())
+            bad = int(ids.max()) if ids.numel() else -1
+            if bad >= vocab:
                 with self._tokenizer_lock:
                     piece = self.tokenizer.decode([bad])
                 raise UsageError(f"prompt {index + 1} has token id {bad} ({piece!r}), outside the model's vocabulary "

@@ -224,7 +224,7 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
     graphs = [g for g in GRAPH_FILES if (ref / g).is_file()]
     seq2seq = io_spec.ENCODER_FILE in graphs
     q = profile.quantization
-    needs_feeds = (q is not None and q.method == "static") or (profile.precision_fallback and profile.precision_fallback.auto)
+    needs_feeds = (q is not None and q.method == "static") or _searches(profile)
     samples = (q.calibration_samples if q is not None and q.calibration_samples else SENSITIVITY_SAMPLES)
     calib, held = text_sets(source, file, samples, seq2seq)
     feeds: dict[str, list[dict]] = {}

@@ -33,15 +33,16 @@ def is_training_run(folder: Path) -> bool:
     """A folder `deploylm train` made: one of RUN_MARKERS (cleaning.json is written first, so a run stopped
     before its first checkpoint counts), or a deploylm checkpoint's config.json; never an exported
     artifact (manifest.json) nor a Hugging Face folder, which have a config.json too."""
+    from deploylm.models.source import folder_source
+
     if (folder / "manifest.json").exists():
         return False
     if any((folder / name).exists() for name in RUN_MARKERS):
         return True
     try:
-        settings = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError):
+        return folder_source(folder).kind == "checkpoint"     # the one rule for a deploylm config.json
+    except UsageError:                                         # none, or not JSON: not ours
         return False
-    return isinstance(settings, dict) and str(settings.get("model_type", "")).startswith("deploylm")
 
 
 @dataclass(frozen=True)
