@@ -39,6 +39,26 @@ def test_batch_of_different_lengths_equals_one_prompt_at_a_time(options):
     assert any(h.token_ids[-1] == EOS for per_input in batched for h in per_input)
 
 
+def test_a_set_stop_event_ends_the_search_after_one_step():
+    import threading
+
+    from deploylm.errors import Interrupted
+
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    steps = []
+    decode = backend.decode
+    backend.decode = lambda tokens, state: (steps.append(1), decode(tokens, state))[1]
+    stop = threading.Event()
+    options = DecodingOptions(num_beams=2, max_new_tokens=6, min_new_tokens=6)
+    generate_ids(backend, encode(PROMPTS), options, stop=stop)                     # not set: runs to the end
+    assert len(steps) == 5
+    steps.clear()
+    stop.set()
+    with pytest.raises(Interrupted, match="decoding stopped before its end"):
+        generate_ids(backend, encode(PROMPTS), options, stop=stop)
+    assert len(steps) <= 1
+
+
 def _beam_one(backend, batch, options):
     """Beam search with a single beam (generate_ids would run greedy for num_beams=1)."""
     info = backend.info
