@@ -257,3 +257,46 @@ def test_learning_rate_default_depends_on_how_the_student_starts(seed_teacher, t
     given = distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "c", task="reverse", steps=2, d_model=16,
                                   lr=2e-4, **fast))
     assert given.init == "random" and json.loads((tmp_path / "c" / "distill.json").read_text())["settings"]["lr"] == 2e-4
+
+
+def test_decoder_teacher_reads_text_as_it_was_trained(tmp_path):
+    """A deploylm decoder-only teacher sees the stream its training built: paragraphs as <s> doc </s>,
+    in blocks of the --block-size recorded in its training_state.pt (not 128 tokens of bare lines)."""
+    teacher = build_tiny_seed(tmp_path / "lm", arch="decoder", layers=2)
+    torch.save({"identity": {"arch": "decoder", "block_size": 12}}, teacher / "training_state.pt")
+    paragraphs = [" ".join(CORPUS[i:i + 3]) for i in range(0, 9, 3)] * 4
+    data = tmp_path / "paragraphs.txt"
+    data.write_text("\n\n".join(paragraphs) + "\n")
+    config = load_checkpoint(teacher)[1]
+    setup = distill_setup.build(DistillConfig(teacher=teacher, out=tmp_path / "s", data=data, **FAST))
+    assert setup.block_size == 12
+    inputs, labels = setup.batch(0)
+    assert inputs["input_ids"].shape == labels.shape == (16, 12)
+    everything = torch.cat([inputs["input_ids"].flatten(), labels.flatten()])
+    assert config.bos_token_id in everything.tolist() and config.eos_token_id in everything.tolist()
+    # the whole stream: one <s> and one </s> per paragraph; the blocks tile it (a short tail is dropped)
+    stream = document_stream(teacher, data)
+    assert stream.count(config.bos_token_id) == stream.count(config.eos_token_id) == len(paragraphs)
+    blocks = distill_setup._text_blocks(stream, data, 12)
+    assert [t for b in blocks for t in b[:-1]] == stream[:12 * len(blocks)] and stream[0] == config.bos_token_id
+
+    result = distill(DistillConfig(teacher=teacher, out=tmp_path / "student", data=data, steps=2, **FAST))
+    assert result.student["held_out_tokens"] > 0
+    assert json.loads((tmp_path / "student" / "distill.json").read_text())["settings"]["block_size"] == 12
+    override = distill_setup.build(DistillConfig(teacher=teacher, out=tmp_path / "s2", data=data, block_size=20, **FAST))
+    assert override.batch(0)[0]["input_ids"].shape[1] == 20
+
+
+def document_stream(teacher, data):
+    from deploylm.models.tokenizer import load_tokenizer
+
+    config = load_checkpoint(teacher)[1]
+    return distill_setup._document_stream(distill_setup._documents(data), load_tokenizer(resolve_source(teacher)),
+                                          config.bos_token_id, config.eos_token_id)
+
+
+def test_block_size_past_the_window_is_refused(tmp_path, text_file):
+    teacher = build_tiny_seed(tmp_path / "lm", arch="decoder", layers=2)        # 64 positions
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"),
+                                   "--data", str(text_file), "--block-size", "65", "--steps", "1"])
+    assert res.exit_code == 2 and "--block-size 65: expected at most the teacher's 64 positions" in res.output, res.output

@@ -20,6 +20,8 @@ D = DistillConfig  # defaults shown in --help come from the library
 @click.option("--steps", type=INT, default=D.steps, show_default=True, help="Optimizer steps.")
 @click.option("--task", help="Built-in task (encoder-decoder teachers). Default: the teacher's own.")
 @click.option("--data", metavar="FILE", help=".jsonl (encoder-decoder) or plain text file (causal LM).")
+@click.option("--block-size", type=INT, default=None,
+              help="Causal LMs: tokens per text block. Default: a deploylm teacher's training --block-size, else 128.")
 @click.option("--batch-size", type=INT, default=D.batch_size, show_default=True, help="Examples (or text blocks) per step.")
 @click.option("--lr", type=FLOAT, default=None,
               help="Peak learning rate (cosine decay). Default: 5e-4 for a student made of the teacher's layers, "

@@ -10,7 +10,9 @@ Teachers and their data:
   the teacher's test split;
 - a Hugging Face causal LM folder or a deploylm decoder-only checkpoint on a plain text file (--data):
   the text is tokenized with the teacher's tokenizer and cut into blocks of `block_size` tokens; the
-  last tenth of the blocks is held out for perplexity.
+  last tenth of the blocks is held out for perplexity. A deploylm teacher reads the text as its
+  training did (paragraphs or .jsonl "text"s, each as `<s> doc </s>`, blocks of the size it trained
+  with); a Hugging Face teacher reads lines without special tokens, blocks of 128.
 
 The student is the teacher's configuration with fewer layers per stack (--layers; default half,
 rounded up) initialised from evenly spaced teacher layers, first and last kept ([0, 2, 4, 7, 9, 11]
@@ -56,7 +58,7 @@ class DistillConfig:
     warmup: int = 100                 # capped at steps // 10
     weight_decay: float = 0.01
     clip_norm: float = 1.0
-    block_size: int = 128             # text: tokens per training block
+    block_size: int | None = None     # text: tokens per block (None: a deploylm teacher's own, else 128)
     eval_examples: int = 500          # seq2seq: test examples decoded for teacher and student
     seed: int = 0
     device: str = "cpu"
@@ -71,9 +73,9 @@ class DistillConfig:
             object.__setattr__(self, "data", Path(self.data))
         if self.task is not None and self.data is not None:
             raise UsageError("give one of --task NAME or --data FILE, not both")
-        for name in ("steps", "batch_size", "block_size", "eval_examples"):
+        for name in ("steps", "batch_size", "eval_examples"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("layers", "d_model"):
+        for name in ("layers", "d_model", "block_size"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         _check_int("warmup", self.warmup, 0)
@@ -191,6 +193,7 @@ class Setup:
     evaluate: Callable[[torch.nn.Module, int | None], dict[str, float]]      # (model, limit) -> metrics
     save: Callable[[Path], None]                                    # write the student folder (must not exist)
     task: str | None = None          # the built-in task the data comes from (recorded for export's calibration)
+    block_size: int | None = None    # text: tokens per block that the run uses
 
 
 LR_FROM_TEACHER = 5e-4   # a student made of the teacher's own layers only needs adjusting
@@ -218,7 +221,8 @@ def distill(config: DistillConfig, on_step: Callable[[int, dict[str, float]], No
         torch.manual_seed(config.seed)
         setup = distill_setup.build(config)
         config = dataclasses.replace(config, lr=default_lr(config, setup.init),   # what ran, in distill.json
-                                     warmup=min(config.warmup, config.steps // 10))
+                                     warmup=min(config.warmup, config.steps // 10),
+                                     block_size=setup.block_size)
         losses = _train(setup, config, on_step)
         teacher, student = _evaluate_both(setup)
         result = DistillResult(config.out, config.steps, setup.kept, setup.init, losses, teacher, student,

@@ -27,6 +27,7 @@ from deploylm.training.distill import REPORT, DistillConfig, Setup, plan_layers,
 
 TOKENIZER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 HELD_OUT_FRACTION = 10          # text: one block in ten is held out for perplexity
+DEFAULT_BLOCK_SIZE = 128        # text: tokens per block when neither --block-size nor the teacher says
 
 
 def check_output(config: DistillConfig) -> None:
@@ -192,10 +193,16 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         raise UsageError("--task applies to encoder-decoder teachers: give --data FILE.txt for a causal LM")
     if config.data is None:
         raise UsageError("--data FILE.txt is required for a causal LM teacher: the plain text to distil on")
-    lines = _read_lines(config.data)
+    seed_teacher = source.kind == "checkpoint"
+    docs = _documents(config.data) if seed_teacher else _read_lines(config.data)
     tok = load_tokenizer(source)
     teacher, student, kept, window, save = make_pair(config, source, device, tok)
-    train, held_out = _split_blocks(_text_blocks(lines, config.data, tok, min(config.block_size, window or config.block_size)))
+    length = _block_size(config, _trained_block_size(source.path) if seed_teacher else None, window)
+    if seed_teacher:   # the stream the teacher trained on: <s> document </s>, concatenated
+        ids = _document_stream(docs, tok, teacher.config.bos_token_id, teacher.config.eos_token_id)
+    else:
+        ids = _line_stream(docs, tok)
+    train, held_out = _split_blocks(_text_blocks(ids, config.data, length))
     stream = BatchStream(train, config.batch_size, config.seed)
     forward = _hf_logits if source.kind == "hf" else _seed_logits
 
@@ -218,7 +225,26 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         return {"loss": loss, "perplexity": perplexity(loss), "eval_s": time.perf_counter() - started,
                 "held_out_tokens": count}
 
-    return Setup(teacher, student, kept, "teacher", batch, forward, evaluate, save)
+    return Setup(teacher, student, kept, "teacher", batch, forward, evaluate, save, block_size=length)
+
+
+def _block_size(config: DistillConfig, trained: int | None, window: int | None) -> int:
+    """Tokens per block: --block-size (at most the teacher's window), else the block size a deploylm
+    teacher trained with, else DEFAULT_BLOCK_SIZE; the defaults are cut to the window."""
+    if config.block_size is not None:
+        if window is not None and config.block_size > window:
+            raise UsageError(f"--block-size {config.block_size}: expected at most the teacher's {window} positions")
+        return config.block_size
+    length = trained or DEFAULT_BLOCK_SIZE
+    return min(length, window) if window is not None else length
+
+
+def _trained_block_size(folder: Path) -> int | None:
+    """The --block-size a deploylm decoder-only checkpoint was trained with (its training_state.pt)."""
+    from deploylm.models.checkpoint import load_training_state
+
+    found = ((load_training_state(folder) or {}).get("identity") or {}).get("block_size")
+    return found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else None
 
 
 def _seed_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
@@ -295,9 +321,31 @@ def _read_lines(path: Path) -> list[str]:
         raise UsageError(f"--data {str(path)!r} is not UTF-8 text") from None
 
 
-def _text_blocks(lines: list[str], path: Path, tok: Any, length: int) -> list[list[int]]:
-    """Token blocks of length+1 (inputs and next-token labels) over `lines` (the text of `path`)."""
-    ids = [t for row in (tok(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []) for t in row]
+def _documents(path: Path) -> list[str]:
+    """The documents `deploylm train --arch decoder` reads from `path`: paragraphs, or .jsonl "text"s."""
+    from deploylm.training.text import read_documents
+
+    try:
+        return read_documents(path)
+    except UsageError as exc:
+        raise UsageError(f"--data: {exc}") from None
+
+
+def _line_stream(lines: list[str], tok: Any) -> list[int]:
+    """The lines' tokens without special tokens, concatenated (plain text for a Hugging Face LM)."""
+    return [t for row in (tok(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []) for t in row]
+
+
+def _document_stream(docs: list[str], tok: Any, bos: int, eos: int) -> list[int]:
+    """`<s> doc </s>` for every document, concatenated: how a deploylm decoder-only LM is trained."""
+    stream: list[int] = []
+    for row in tok(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+        stream += [bos, *row, eos]
+    return stream
+
+
+def _text_blocks(ids: list[int], path: Path, length: int) -> list[list[int]]:
+    """Token blocks of length+1 (inputs and next-token labels) over the token stream `ids` of `path`."""
     if len(ids) < 2:
         raise UsageError(f"--data {str(path)!r} holds {len(ids)} token(s): expected some text to distil on")
     if len(ids) <= length:
