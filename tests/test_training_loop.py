@@ -114,3 +114,5 @@ def test_resume_past_the_end_only_evaluates(tmp_path, fast):
     first = train(TrainConfig(out=tmp_path / "run", steps=5, **fast))
     again = train(TrainConfig(out=tmp_path / "run", steps=5, resume=True, **fast))
     assert again.losses == first.losses and again.test == pytest.approx(first.test)
+    assert first.tokens_per_s > 0 and again.tokens_per_s is None        # no step ran: no throughput, not 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["tokens_per_s"] is None

@@ -156,7 +156,8 @@ class TrainResult:
     losses: list[float]                          # training loss of every step (resumed runs included)
     validation: list[dict[str, float]] = field(default_factory=list)   # one entry per evaluation
     wall_s: float = 0.0                          # this process's training + evaluation time
-    tokens_per_s: float = 0.0                    # training throughput over the optimizer steps only (all ranks)
+    tokens_per_s: float | None = None            # training throughput over this process's optimizer steps (all
+                                                 # ranks); None when it ran none (--resume past --steps)
     arch: str = "seq2seq"
     baseline: dict[str, Any] | None = None       # LM: the n-gram baseline on the same test tokens
     cleaning: dict[str, Any] | None = None       # --data: CleanReport.as_json()

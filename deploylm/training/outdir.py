@@ -139,7 +139,7 @@ def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
             "baseline": result.baseline, "cleaning": result.cleaning,
             "examples": [{first: s, "generated": g, "reference": r} for s, g, r in result.examples],
             "validation": result.validation, "final_train_loss": result.losses[-1] if result.losses else None,
-            "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1)}
+            "wall_s": round(result.wall_s, 2), "tokens_per_s": None if result.tokens_per_s is None else round(result.tokens_per_s, 1)}
     return write_json(config.out / METRICS, data)
 
 

@@ -95,7 +95,7 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
     test, examples, baseline = work.test(run.model, run.device) if dist.is_main else ({}, [], None)
     wall = time.perf_counter() - started
     result = TrainResult(config.out, run.step, test, examples, run.losses, run.validation, wall,
-                         tokens / step_time if step_time > 0 else 0.0, config.arch, baseline, plan.cleaning, dist.world,
+                         tokens / step_time if step_time > 0 else None, config.arch, baseline, plan.cleaning, dist.world,
                          resumed_at)
     if dist.is_main:
         write_metrics(config, result)
