@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from deploylm import __version__, fsutil
 from deploylm.errors import ArtifactError, UsageError
-from deploylm.fsutil import replace_dir
+from deploylm.fsutil import remove_stale_temporaries, replace_dir, temporary_sibling
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -207,8 +207,7 @@ def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fiel
     check_output_folder(final_dir, force)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final_dir)
-    tmp = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(final_dir)
     tmp.mkdir()
     try:
         build(tmp)
@@ -229,28 +228,6 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(part, path)
-
-
-def remove_stale_temporaries(final_dir: Path) -> list[Path]:
-    """Delete the `.<name>.tmp-<pid>` folders that exports to `final_dir` left when they were killed
-    outright (SIGKILL, a power cut): those whose process is gone. Returns what it removed."""
-    removed = []
-    for tmp in Path(final_dir).parent.glob(f".{Path(final_dir).name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _swap_into_place(tmp: Path, final_dir: Path, force: bool) -> None:

@@ -52,6 +52,35 @@ def exchange(a: Path, b: Path) -> bool:
     return True
 
 
+def temporary_sibling(target: Path) -> Path:
+    """`.<name>.tmp-<random>-<pid>` beside `target`: unique, and naming the process that writes it, so
+    `remove_stale_temporaries` can tell a killed writer's leftover from a save still running."""
+    target = Path(target)
+    return target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}"
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete the `.<name>.tmp-...-<pid>` folders that writers of `target` left when they were killed
+    outright (SIGKILL, a power cut): those whose process is gone. Returns what it removed."""
+    removed = []
+    for tmp in Path(target).parent.glob(f".{Path(target).name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def replace_dir(new: Path, target: Path, carry_over: bool = False) -> None:
     """Move the finished folder `new` to `target`, replacing what is there; the old folder is removed
     (with `carry_over`, its entries that `new` lacks are moved into the new folder first).

@@ -145,3 +145,25 @@ def test_truncated_weights_and_mismatched_config_are_named(tmp_path):
     (other / "config.json").write_text(json.dumps({**cfg, "tie_embeddings": False}))
     with pytest.raises(UsageError, match="model.safetensors.*config.json"):
         load_checkpoint(other)
+
+
+def test_a_save_killed_outright_is_cleaned_up_by_the_next_save(tmp_path, monkeypatch):
+    """Temporary folders name their writer's pid: the next save removes a killed save's leftover and
+    leaves one whose process still runs."""
+    import os
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    model, config = tiny_model()
+    target = tmp_path / "run"
+    stale = tmp_path / f".run.tmp-0123abcd-{gone.pid}"          # SIGKILL mid-save left it
+    (stale / "half").mkdir(parents=True)
+    live = tmp_path / f".run.tmp-4567cdef-{os.getppid()}"       # another process still saving
+    live.mkdir()
+    seen = []
+    write = ckpt._write_files
+    monkeypatch.setattr(ckpt, "_write_files", lambda folder, *a: (seen.append(folder.name), write(folder, *a)))
+    save_checkpoint(target, model, config)
+    assert not stale.exists() and live.is_dir() and load_checkpoint(target)
+    assert seen and seen[0].startswith(".run.tmp-") and seen[0].endswith(f"-{os.getpid()}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from deploylm.errors import UsageError
-from deploylm.fsutil import replace_dir
+from deploylm.fsutil import remove_stale_temporaries, replace_dir, temporary_sibling
 from deploylm.models.config import TransformerConfig
 
 CONFIG = "config.json"
@@ -75,7 +74,8 @@ def save_checkpoint(
     if target.exists() and not overwrite:
         raise UsageError(f"checkpoint folder {str(target)!r} exists: choose another folder or overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(target)           # saves of this folder that were killed outright
+    tmp = temporary_sibling(target)
     tmp.mkdir()
     try:
         _write_files(tmp, model, config, tokenizer, training_state, generation or {})

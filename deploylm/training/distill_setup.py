@@ -12,7 +12,6 @@ import dataclasses
 import json
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deploylm.errors import UsageError
-from deploylm.fsutil import check_output_folder, replace_dir
+from deploylm.fsutil import check_output_folder, remove_stale_temporaries, replace_dir, temporary_sibling
 from deploylm.models.source import Source, resolve_source
 from deploylm.training.distill import REPORT, DistillConfig, Setup, plan_layers, remap_layers
 
@@ -65,7 +64,8 @@ def publish(config: DistillConfig, save: Callable[[Path], None], report: dict[st
     """Write the student into a temporary folder next to --out, then rename it into place."""
     out = config.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(out)              # students of killed runs
+    tmp = temporary_sibling(out)
     try:
         save(tmp)
         (tmp / REPORT).write_text(json.dumps({"settings": _settings(config), **report}, indent=2) + "\n")
