@@ -28,6 +28,7 @@ LayerChoice = int | Literal["all"]
 HeadChoice = int | Literal["mean", "all"]
 MAX_LABEL = 12               # characters of a token label
 MAX_TICKS = 48               # token labels per axis; longer sequences label every k-th token
+COLORBAR_INCHES = 1.2                   # figure width kept for the colorbar and its label
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ def draw_attention(maps: list[AttentionMap], out: str | Path, *, layer: LayerCho
     tokens = max(max(len(m.queries), len(m.keys)) for m in maps)
     cell = min(10.0, max(2.5, 0.2 * tokens + 1.0))                        # inches per panel
     columns = max(len(row) for row in grid)
-    fig = figure_class(figsize=(cell * columns, cell * len(grid)), layout="constrained")
+    # + COLORBAR_INCHES: the colorbar gets its own room (a one-column figure gave it the panels' titles)
+    fig = figure_class(figsize=(cell * columns + COLORBAR_INCHES, cell * len(grid)), layout="constrained")
     axes = fig.subplots(len(grid), columns, squeeze=False)
     image = None
     for r, row in enumerate(grid):

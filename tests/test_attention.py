@@ -151,3 +151,35 @@ def test_missing_matplotlib_names_the_extra(seed_seq2seq, tmp_path, monkeypatch)
     res = CliRunner().invoke(cli, ["attention", "--model", str(seed_seq2seq), TEXT, "--out", str(tmp_path / "a.png")])
     assert res.exit_code == 2 and "pip install 'deploylm[plot]'" in res.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("head", ["mean", "all"])
+def test_colorbar_overlaps_no_panel(seed_seq2seq, tmp_path, monkeypatch, head):
+    """The colorbar and its label sit beside the panels: none of a panel's title, labels or image
+    overlaps them, in one column (head mean) as in a grid (head all)."""
+    from matplotlib.figure import Figure
+
+    import deploylm.attention as attention
+
+    figures = []
+
+    class Recorded(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(attention, "require_matplotlib", lambda: Recorded)
+    maps = attention_maps(seed_seq2seq, "a b c", max_new_tokens=3)
+    draw_attention(maps, tmp_path / "a.png", head=head)
+    fig = figures[0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()                          # the constrained layout, as savefig drew it
+    renderer = canvas.get_renderer()
+    colorbar = fig.axes[-1]
+    assert colorbar.get_label() == "<colorbar>"
+    bar = colorbar.get_tightbbox(renderer)
+    for ax in fig.axes[:-1]:
+        if ax.get_visible() and ax.axison:
+            assert not ax.get_tightbbox(renderer).overlaps(bar), ax.get_title()
