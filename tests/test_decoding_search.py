@@ -39,7 +39,7 @@ def test_batch_of_different_lengths_equals_one_prompt_at_a_time(options):
     assert any(h.token_ids[-1] == EOS for per_input in batched for h in per_input)
 
 
-def test_a_set_stop_event_ends_the_search_after_one_step():
+def test_a_set_stop_event_ends_the_search_before_its_next_step():
     import threading
 
     from deploylm.errors import Interrupted
@@ -53,10 +53,21 @@ def test_a_set_stop_event_ends_the_search_after_one_step():
     generate_ids(backend, encode(PROMPTS), options, stop=stop)                     # not set: runs to the end
     assert len(steps) == 5
     steps.clear()
-    stop.set()
+    prefills = []
+    prefill = backend.prefill
+    backend.prefill = lambda *a, **k: (prefills.append(1), prefill(*a, **k))[1]
+    stop.set()                          # set while the call waited (a batch queued behind a stream)
     with pytest.raises(Interrupted, match="decoding stopped before its end"):
         generate_ids(backend, encode(PROMPTS), options, stop=stop)
-    assert len(steps) <= 1
+    assert steps == [] and prefills == []
+
+    class SetAfterTwoSteps:             # set during the search: it ends after the step in progress
+        def is_set(self):
+            return len(steps) >= 2
+
+    with pytest.raises(Interrupted):
+        generate_ids(backend, encode(PROMPTS), options, stop=SetAfterTwoSteps())
+    assert len(steps) == 2
 
 
 def _beam_one(backend, batch, options):

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from deploylm.errors import UsageError
+from deploylm.errors import Interrupted, UsageError
 from deploylm.serving.batcher import Batcher, QueueFull
 from deploylm.serving.schemas import Job
 from tests.reliability.fakes import FakeGenerator
@@ -20,7 +21,7 @@ def run_jobs(jobs, *, fake=None, max_batch_size=8, max_wait_ms=50, max_queue=100
     fake = fake or FakeGenerator(delay=0.01)
 
     async def main():
-        batcher = Batcher(lambda p, o: fake.generate(p, **o), max_batch_size=max_batch_size,
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=max_batch_size,
                           max_wait_ms=max_wait_ms, max_queue=max_queue)
         batcher.start()
         futures = [batcher.submit(j) for j in jobs]
@@ -82,7 +83,7 @@ def test_a_backend_failure_reaches_every_request_of_the_batch():
 def test_the_first_request_waits_at_most_max_wait_for_company():
     async def main():
         fake = FakeGenerator()
-        batcher = Batcher(lambda p, o: fake.generate(p, **o), max_batch_size=8, max_wait_ms=20, max_queue=10)
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=8, max_wait_ms=20, max_queue=10)
         batcher.start()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -98,7 +99,7 @@ def test_the_first_request_waits_at_most_max_wait_for_company():
 def test_queue_limit_and_cancelled_requests_are_not_decoded():
     async def main():
         fake = FakeGenerator(delay=0.05)
-        batcher = Batcher(lambda p, o: fake.generate(p, **o), max_batch_size=1, max_wait_ms=0, max_queue=2)
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=1, max_wait_ms=0, max_queue=2)
         batcher.start()
         first = batcher.submit(job("first"))
         await asyncio.sleep(0.01)           # "first" is decoding now; the queue is empty
@@ -117,10 +118,57 @@ def test_queue_limit_and_cancelled_requests_are_not_decoded():
 def test_stop_finishes_every_queued_request():
     async def main():
         fake = FakeGenerator(delay=0.01)
-        batcher = Batcher(lambda p, o: fake.generate(p, **o), max_batch_size=2, max_wait_ms=0, max_queue=10)
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=2, max_wait_ms=0, max_queue=10)
         batcher.start()
         futures = [batcher.submit(job(str(i))) for i in range(5)]
         await batcher.stop()
         return [f.result() for f in futures]
 
     assert [r[0].prompt for r in asyncio.run(main())] == ["0", "1", "2", "3", "4"]
+
+
+def test_a_batch_whose_every_client_left_stops_decoding():
+    """Cancelling every request of the decoding batch sets its stop; one request of two does not."""
+    async def main(cancel_both):
+        fake = FakeGenerator(delay=1.0)                # a 1 s decode in 10 ms steps, stop read between
+        server_stop = threading.Event()
+        seen = []
+
+        def generate(prompts, options, stop):
+            seen.append(stop)
+            return fake.generate(prompts, stop=stop, **options)
+
+        batcher = Batcher(generate, max_batch_size=4, max_wait_ms=0, max_queue=10, stop=server_stop)
+        batcher.start()
+        a, b = batcher.submit(job("a", max_new_tokens=50)), batcher.submit(job("b", max_new_tokens=50))
+        await asyncio.sleep(0.05)                      # both decode in one batch now
+        batcher.cancel(a)
+        if cancel_both:
+            batcher.cancel(b)
+        started = asyncio.get_running_loop().time()
+        if not cancel_both:
+            await b
+        await batcher.stop()
+        return seen, b, asyncio.get_running_loop().time() - started, server_stop.is_set()
+
+    seen, b, took, server = asyncio.run(main(cancel_both=True))
+    assert len(seen) == 1 and seen[0].is_set() and not server and took < 0.5 and b.cancelled()
+    seen, b, took, server = asyncio.run(main(cancel_both=False))
+    assert len(seen) == 1 and not seen[0].is_set() and b.result()[0].prompt == "b"
+
+
+def test_the_servers_stop_event_reaches_the_batch():
+    async def main():
+        fake = FakeGenerator(delay=1.0)
+        server_stop = threading.Event()
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=4, max_wait_ms=0,
+                          max_queue=10, stop=server_stop)
+        batcher.start()
+        future = batcher.submit(job("a", max_new_tokens=50))
+        await asyncio.sleep(0.05)
+        server_stop.set()
+        with pytest.raises(Interrupted):
+            await future
+        await batcher.stop()
+
+    asyncio.run(main())

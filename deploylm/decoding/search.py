@@ -200,12 +200,18 @@ def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | Sampl
     return result
 
 
+STOPPED = "decoding stopped before its end: the caller asked (a server shutting down, or every client of the request gone)"
+
+
 def generate_ids(backend: Backend, batch: EncodedBatch, options: DecodingOptions,
                  stats: SearchStats | None = None, stop: threading.Event | None = None) -> list[list[Hypothesis]]:
     """Per input, `num_return_sequences` hypotheses, best first (drains `iter_search`).
 
-    stop: once set, the search ends after the step in progress and Interrupted is raised (a server's
-    shutdown: the call's result would reach nobody)."""
+    stop: anything with `is_set()` (a threading.Event); once set, the search ends after the step in
+    progress, or before its first step, and Interrupted is raised (a server's shutdown, or a batch whose
+    clients all left: the call's result would reach nobody)."""
+    if stop is not None and stop.is_set():     # set while this call waited (for the model, in a queue)
+        raise Interrupted(STOPPED)
     events = iter_search(backend, batch, options, stats)
     while True:
         try:
@@ -214,4 +220,4 @@ def generate_ids(backend: Backend, batch: EncodedBatch, options: DecodingOptions
             return done.value
         if stop is not None and stop.is_set():
             events.close()
-            raise Interrupted("decoding stopped before its end: the caller asked (a server shutting down)")
+            raise Interrupted(STOPPED)

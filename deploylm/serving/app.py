@@ -89,10 +89,9 @@ class _Api:
         self.batcher: Batcher | None = None
 
     def start(self) -> None:
-        stop = self.state.stop_decoding
-        self.batcher = Batcher(lambda prompts, options: self.generator.generate(prompts, stop=stop, **options),
+        self.batcher = Batcher(lambda prompts, options, stop: self.generator.generate(prompts, stop=stop, **options),
                                max_batch_size=self.config.max_batch_size, max_wait_ms=self.config.max_wait_ms,
-                               max_queue=self.config.max_queue)
+                               max_queue=self.config.max_queue, stop=self.state.stop_decoding)
         self.batcher.start()
 
     async def stop(self) -> None:

@@ -6,6 +6,10 @@ runs `Generator.generate` on one dedicated thread; a single request with more pr
 `max_batch_size` is decoded in several calls of at most that many. While a batch decodes, the next one forms, so
 under load batches fill without waiting. Batching never changes a result: only requests with equal
 options share a batch (sampling never does), and each prompt's result is its own row.
+
+A decode stops after its current step (the generate call raises Interrupted) once every client of its
+batch has left, or once the server's `stop` event is set (its drain is over): a batch that waited
+behind a stream for the model is then not decoded for nobody.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -21,11 +26,22 @@ from deploylm.serving.schemas import Job
 
 log = logging.getLogger("deploylm.serve")
 
-GenerateFn = Callable[[list[str], dict[str, Any]], Sequence[Any]]
+GenerateFn = Callable[[list[str], dict[str, Any], "StopSignal"], Sequence[Any]]   # (prompts, options, stop)
 
 
 class QueueFull(Exception):
     """The waiting queue is at its limit; the client should retry later."""
+
+
+class StopSignal:
+    """What a batch's generate call reads as its `stop` (`is_set()`, as threading.Event): set when the
+    server's stop event is, or when every request of the batch has been cancelled (clients gone)."""
+
+    def __init__(self, server: threading.Event | None) -> None:
+        self.server, self.abandoned = server, threading.Event()
+
+    def is_set(self) -> bool:
+        return self.abandoned.is_set() or (self.server is not None and self.server.is_set())
 
 
 @dataclass(eq=False)
@@ -40,8 +56,8 @@ class Batcher:
     """Groups waiting jobs into batches and decodes them one batch at a time."""
 
     def __init__(self, generate: GenerateFn, *, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int) -> None:
-        self._generate = generate
+                 max_queue: int, stop: threading.Event | None = None) -> None:
+        self._generate, self._stop = generate, stop
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
@@ -50,6 +66,7 @@ class Batcher:
         self._closing = False
         self.batches = 0          # generate calls made
         self.decoding = 0         # jobs in the batch being decoded now
+        self._current: tuple[list[_Pending], StopSignal] | None = None     # that batch and its stop
 
     @property
     def queued(self) -> int:
@@ -76,11 +93,16 @@ class Batcher:
         return future
 
     def cancel(self, future: asyncio.Future) -> None:
-        """Drop a waiting job (client gone); a job already decoding finishes and is discarded."""
+        """Drop a job whose client is gone: a waiting one leaves the queue; a decoding batch whose every
+        job is cancelled stops after its current step (its neighbours' results are still wanted)."""
         future.cancel()
         for item in list(self._waiting):
             if item.future is future:
                 self._waiting.remove(item)
+        if self._current is not None:
+            batch, stop = self._current
+            if any(item.future is future for item in batch) and all(item.future.cancelled() for item in batch):
+                stop.abandoned.set()
 
     async def _run(self) -> None:
         while True:
@@ -130,12 +152,13 @@ class Batcher:
     async def _decode(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         prompts = [p for item in batch for p in item.job.prompts]
-        self.decoding = len(batch)
+        stop = StopSignal(self._stop)
+        self.decoding, self._current = len(batch), (batch, stop)
         try:
             results: list[Any] = []
             for start in range(0, len(prompts), self.max_batch_size):  # one request may bring more prompts
                 chunk = prompts[start:start + self.max_batch_size]
-                results += await loop.run_in_executor(self._executor, self._generate, chunk, batch[0].job.options)
+                results += await loop.run_in_executor(self._executor, self._generate, chunk, batch[0].job.options, stop)
                 self.batches += 1
         except UsageError as exc:
             if len(batch) > 1:  # one bad request must not fail its neighbours: decode each alone
@@ -144,8 +167,9 @@ class Batcher:
                 return
             _settle(batch[0].future, exc=exc)
             return
-        except Interrupted as exc:   # the server's drain is over: nobody waits for these any more
-            log.info("batch of %d request(s) stopped for shutdown: %s", len(batch), [p.request_id for p in batch])
+        except Interrupted as exc:   # the server's drain is over, or every client left: nobody waits for these
+            why = "every client left" if stop.abandoned.is_set() else "shutdown"
+            log.info("batch of %d request(s) stopped (%s): %s", len(batch), why, [p.request_id for p in batch])
             for item in batch:
                 _settle(item.future, exc=exc)
             return
@@ -155,7 +179,7 @@ class Batcher:
                 _settle(item.future, exc=exc)
             return
         finally:
-            self.decoding = 0
+            self.decoding, self._current = 0, None
         log.debug("batch of %d prompt(s) from %s", len(prompts), [p.request_id for p in batch])
         start = 0
         for item in batch:
