@@ -201,3 +201,48 @@ def test_generation_settings_deploylm_does_not_apply_are_named(tiny_t5_dir, tmp_
     for applied in ("forced_bos_token_id", "bad_words_ids", "min_length", "sequence_bias",
                     "encoder_no_repeat_ngram_size"):  # the decoder applies these
         assert applied not in record.getMessage()
+
+
+def test_the_models_sampling_settings_apply_when_a_call_samples(tiny_llama_dir, tmp_path, caplog):
+    """A generation_config's temperature, top_k and top_p are a sampling call's defaults, as in
+    transformers.generate: the same seeded draws as `model.generate(do_sample=True)`; a call's own
+    value still wins, and greedy calls are untouched."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import deploylm
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    gen_file = folder / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "temperature": 0.3, "top_k": 3, "top_p": 0.7}))
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    enc = tok(["hello world"], return_tensors="pt")
+    torch.manual_seed(3)
+    theirs = model.generate(**enc, do_sample=True, max_new_tokens=8, num_return_sequences=3)[:, enc.input_ids.shape[1]:]
+    with caplog.at_level("WARNING", logger="deploylm"):
+        gen = deploylm.load(folder, backend="torch")
+    assert not [r for r in caplog.records if r.name == "deploylm"]       # applied: nothing to warn about
+    assert (gen.defaults.temperature, gen.defaults.top_k, gen.defaults.top_p) == (0.3, 3, 0.7)
+    ours = gen.generate("hello world", do_sample=True, seed=3, num_beams=1, max_new_tokens=8, num_return_sequences=3)
+    assert sorted(list(s.token_ids) for s in ours[0].sequences) == sorted(theirs.tolist())   # ours: best first
+    hot = gen.generate("hello world", do_sample=True, seed=3, num_beams=1, max_new_tokens=8, temperature=1.0,
+                       top_k=0, top_p=1.0, num_return_sequences=3)
+    assert sorted(list(s.token_ids) for s in hot[0].sequences) != sorted(theirs.tolist())
+
+
+def test_sampling_settings_not_applied_are_named(tiny_llama_dir, tmp_path, caplog):
+    import json
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    gen_file = folder / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "temperature": 0.0, "top_p": 0.9,
+                                    "min_p": 0.05, "typical_p": 1.0}))
+    with caplog.at_level("WARNING", logger="deploylm"):
+        backend = TorchBackend.from_source(str(folder))
+    [record] = [r for r in caplog.records if r.name == "deploylm"]
+    assert "sets min_p, temperature=0.0 (out of range), which deploylm does not apply" in record.getMessage()
+    assert "typical_p" not in record.getMessage()                        # 1.0 is transformers' "off"
+    assert backend.generation_defaults == {"top_p": 0.9}

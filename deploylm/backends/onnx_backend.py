@@ -384,7 +384,7 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
     import json
 
     from deploylm.backends.torch_seq2seq import seed_special_tokens
-    from deploylm.models.hf import GENERATION_DEFAULT_KEYS, generation_settings
+    from deploylm.models.hf import decoding_defaults, generation_settings
 
     config = json.loads((folder / "config.json").read_text())
     gen_file = folder / "generation_config.json"
@@ -397,7 +397,7 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
         special, is_seq2seq, window = _hf_special(folder)
     info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window,
                      name=name, generation=generation_settings(gen))  # model-level processors, as torch
-    defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if gen.get(k) is not None}
+    defaults = decoding_defaults(gen, name)
     defaults.update(generation)
     return info, defaults
 

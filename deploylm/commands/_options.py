@@ -71,10 +71,10 @@ PAIR = _Parsed("pair", _start_factor, lambda exc: "START,FACTOR, e.g. 8,1.5")
 DECODING_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--num-beams", "num_beams", INT, f"Beams (1 = greedy). Default: the model's, else {D.num_beams}."),
     ("--max-new-tokens", "max_new_tokens", INT, f"Most tokens to generate. Default: the model's, else {D.max_new_tokens}."),
-    ("--min-new-tokens", "min_new_tokens", INT, f"EOS is banned before this many tokens. Default: {D.min_new_tokens}."),
-    ("--length-penalty", "length_penalty", FLOAT, f"Finished score = logprob / length**penalty. Default: {D.length_penalty}."),
-    ("--repetition-penalty", "repetition_penalty", FLOAT, f"> 1 discourages repeats (1 = off). Default: {D.repetition_penalty}."),
-    ("--no-repeat-ngram-size", "no_repeat_ngram_size", INT, f"Ban repeating n-grams of this size (0 = off). Default: {D.no_repeat_ngram_size}."),
+    ("--min-new-tokens", "min_new_tokens", INT, f"EOS is banned before this many tokens. Default: the model's, else {D.min_new_tokens}."),
+    ("--length-penalty", "length_penalty", FLOAT, f"Finished score = logprob / length**penalty. Default: the model's, else {D.length_penalty}."),
+    ("--repetition-penalty", "repetition_penalty", FLOAT, f"> 1 discourages repeats (1 = off). Default: the model's, else {D.repetition_penalty}."),
+    ("--no-repeat-ngram-size", "no_repeat_ngram_size", INT, f"Ban repeating n-grams of this size (0 = off). Default: the model's, else {D.no_repeat_ngram_size}."),
     ("--sequence-bias", "sequence_bias", JSON, "JSON list of [token ids, bias] pairs added to the scores of "
      "those token sequences, e.g. '[[[10, 45], -2.0]]'. Default: the model's, else none."),
     ("--encoder-repetition-penalty", "encoder_repetition_penalty", FLOAT, "> 1 favours tokens of the prompt "
@@ -83,11 +83,11 @@ DECODING_FLAGS: list[tuple[str, str, Any, str]] = [
      "of this size (0 = off). Default: the model's, else 0."),
     ("--exponential-decay-length-penalty", "exponential_decay_length_penalty", PAIR, "START,FACTOR: after START "
      "generated tokens, raise EOS's score by FACTOR**k - 1 of itself (k tokens past START). Default: the model's."),
-    ("--early-stopping", "early_stopping", str, "true, false or never (beam search stop rule). Default: false."),
-    ("--num-return-sequences", "num_return_sequences", INT, f"Outputs per prompt (<= beams). Default: {D.num_return_sequences}."),
-    ("--temperature", "temperature", FLOAT, f"Sampling temperature. Default: {D.temperature}."),
-    ("--top-k", "top_k", INT, f"Sample from the k most likely tokens (0 = off). Default: {D.top_k}."),
-    ("--top-p", "top_p", FLOAT, f"Nucleus sampling mass, in (0, 1]. Default: {D.top_p}."),
+    ("--early-stopping", "early_stopping", str, "true, false or never (beam search stop rule). Default: the model's, else false."),
+    ("--num-return-sequences", "num_return_sequences", INT, f"Outputs per prompt (<= beams). Default: the model's, else {D.num_return_sequences}."),
+    ("--temperature", "temperature", FLOAT, f"Sampling temperature. Default: the model's, else {D.temperature}."),
+    ("--top-k", "top_k", INT, f"Sample from the k most likely tokens (0 = off). Default: the model's, else {D.top_k}."),
+    ("--top-p", "top_p", FLOAT, f"Nucleus sampling mass, in (0, 1]. Default: the model's, else {D.top_p}."),
     ("--seed", "seed", INT, "Seed for sampling (random when not given)."),
 ]
 FIELDS = [field for _, field, _, _ in DECODING_FLAGS] + ["do_sample"]

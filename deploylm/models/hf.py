@@ -26,7 +26,8 @@ DEVICES = ("cpu", "cuda")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Generation settings a model may carry as defaults (generation_config.json); deploylm reads these.
 GENERATION_DEFAULT_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "early_stopping",
-                           "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences")
+                           "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences",
+                           "temperature", "top_k", "top_p")   # the last three apply when a call samples
 # generation_config settings the decoder applies as logits processors (carried on ModelInfo.generation).
 # The call's DecodingOptions replace sequence_bias, encoder_repetition_penalty, encoder_no_repeat_ngram_size and
 # exponential_decay_length_penalty when they give them; num_beam_groups > 1 makes beam search a UsageError
@@ -37,10 +38,12 @@ DECODING_KEYS = ("bad_words_ids", "min_length", "forced_bos_token_id", "forced_e
 # generation_config settings that change transformers.generate's output but that deploylm's decoder
 # does not apply (it warns once per model that sets them). diversity_penalty is not one: transformers 5
 # uses it only in group beam search (refused above), so without num_beam_groups it changes nothing there either.
-NOT_APPLIED_KEYS = ("do_sample",)
-# values of DECODING_KEYS that mean "off" (transformers' defaults): not carried
+# do_sample: deploylm samples only when the call asks (do_sample=True), then with the model's temperature,
+# top_k and top_p; the other four are sampling filters it does not implement.
+NOT_APPLIED_KEYS = ("do_sample", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+# values of DECODING_KEYS and NOT_APPLIED_KEYS that mean "off" (transformers' defaults): not carried, not warned
 _OFF_VALUES = {"min_length": 0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
-               "num_beam_groups": 1}
+               "num_beam_groups": 1, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -249,17 +252,32 @@ def _frozen(value: Any) -> Any:
 
 
 def generation_defaults(model: Any) -> dict[str, Any]:
-    """Decoding settings the model's generation_config sets explicitly (its defaults for `generate`).
+    """Decoding settings the model's generation_config sets explicitly (its defaults for `generate`)."""
+    return decoding_defaults(model.generation_config, model.name_or_path)
 
-    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. do_sample) are named in one
-    warning: with them, outputs can differ from transformers.generate's.
+
+def decoding_defaults(gen: Any, name: str) -> dict[str, Any]:
+    """The GENERATION_DEFAULT_KEYS a generation_config (object or generation_config.json's dict) sets.
+
+    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. do_sample), and sampling settings out of
+    DecodingOptions' range (a temperature of 0), are named in one warning: with them, outputs can
+    differ from transformers.generate's.
     """
-    gen = model.generation_config
-    ignored = [key for key in NOT_APPLIED_KEYS if _is_set(key, getattr(gen, key, None))]
+    from deploylm.decoding.options import DecodingOptions
+
+    get = gen.get if isinstance(gen, Mapping) else (lambda key: getattr(gen, key, None))
+    ignored = [key for key in NOT_APPLIED_KEYS if _is_set(key, get(key))]
+    defaults = {key: get(key) for key in GENERATION_DEFAULT_KEYS if get(key) is not None}
+    for key in ("temperature", "top_k", "top_p"):
+        if key in defaults:
+            try:
+                DecodingOptions.from_mapping({key: defaults[key], "do_sample": True})
+            except UsageError:
+                ignored.append(f"{key}={defaults.pop(key)!r} (out of range)")
     if ignored:
         log.warning("model %s: its generation_config sets %s, which deploylm does not apply; outputs may "
-                    "differ from transformers.generate", model.name_or_path, ", ".join(ignored))
-    return {key: getattr(gen, key) for key in GENERATION_DEFAULT_KEYS if getattr(gen, key, None) is not None}
+                    "differ from transformers.generate", name, ", ".join(ignored))
+    return defaults
 
 
 def _is_set(key: str, value: Any) -> bool:
