@@ -1,6 +1,7 @@
 """Distillation: the loss is the documented KD + CE mix, students start from every other teacher layer,
 short runs lower the KD loss and save students that load and generate, bad input is one line, exit 2."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,11 +239,45 @@ def test_teacher_splits_follow_its_recorded_cleaning(tmp_path):
     clean = CleanOptions(enabled=True, min_length=1, max_length=None, unit="chars")
     identity = {"data": str(data), "seed": 3, "arch": "seq2seq", "clean": clean.as_json()}
     teacher = save_checkpoint(tmp_path / "teacher", model, config, training_state={"identity": identity}) or tmp_path / "teacher"
-    splits, task = distill_setup._seq2seq_splits(DistillConfig(teacher=teacher, out=tmp_path / "s"), teacher)
-    assert task is None                                                      # data, not a built-in task
+    splits, record = distill_setup._seq2seq_splits(DistillConfig(teacher=teacher, out=tmp_path / "s"), teacher)
     expected = jsonl_splits(data, 3, clean)
     assert [e.source for e in splits.test] == [e.source for e in expected.test]
     assert len(splits.train) + len(splits.validation) + len(splits.test) == 40  # the 80 duplicates were dropped
+    # distill.json records the data as export's calibration finds it again: not a task, the same splits
+    assert "task" not in record and record["data"] == str(data.resolve()) and record["seed"] == 3
+    assert record["clean"] == clean.as_json() and record["arch"] == "seq2seq" and len(record["data_sha256"]) == 64
+
+
+def test_a_data_students_export_is_judged_on_the_teachers_test_split(tmp_path, monkeypatch):
+    """A student of a --data teacher (trained from a relative path, with cleaning options) is quality-
+    checked on the teacher's own test split, from any folder, as the teacher is; a changed file is said."""
+    from deploylm.export.calibration import describe, text_sets
+    from deploylm.training.config import TrainConfig
+    from deploylm.training.data import jsonl_splits
+    from deploylm.training.trainer import train
+
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = [{"source": f"{i} {i + 1}", "target": f"{i + 1} {i}"} for i in range(300)] + \
+           [{"source": "x " * 40, "target": "long"}]                        # dropped by --max-length 16
+    (work / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.chdir(work)
+    clean = dict(enabled=True, min_length=1, max_length=16, unit="words")
+    from deploylm.training.clean import CleanOptions
+
+    train(TrainConfig(out=Path("teacher"), data=Path("pairs.jsonl"), size="tiny", steps=2, batch_size=8,
+                      eval_examples=4, vocab_size=300, clean=CleanOptions(**clean), progress=False))
+    distill(DistillConfig(teacher=work / "teacher", out=work / "student", steps=2, layers=1, **FAST))
+    monkeypatch.chdir(tmp_path)                                           # export runs elsewhere
+    expected = jsonl_splits(work / "pairs.jsonl", 0, CleanOptions(**clean)).test
+    for model in ("teacher", "student"):
+        calib, held = text_sets(resolve_source(work / model), None, 8, seq2seq=True)
+        assert held.origin == f"data:{(work / 'pairs.jsonl').resolve()}", model
+        assert list(held.inputs) == [e.source for e in expected] and "x x" not in " ".join(held.inputs)
+    with (work / "pairs.jsonl").open("a") as fh:
+        fh.write(json.dumps({"source": "new", "target": "pair"}) + "\n")
+    _, held = text_sets(resolve_source(work / "student"), None, 8, seq2seq=True)
+    assert held.origin.startswith("data-changed:") and "changed since training" in describe(held.origin)
 
 
 def test_learning_rate_default_depends_on_how_the_student_starts(seed_teacher, tmp_path):

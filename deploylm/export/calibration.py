@@ -60,7 +60,7 @@ class TextSet:
 
     inputs: tuple[str, ...]
     targets: tuple[str, ...] | None   # seq2seq only: what each input should produce
-    origin: str                       # "file:PATH" | "task:NAME" | "data:PATH" | "builtin"
+    origin: str                       # "file:PATH" | "task:NAME" | "data:PATH" | "data-changed:PATH" | "builtin"
     scored: tuple[str, ...] | None = None   # decoder-only held-out documents whose perplexity is scored
 
 
@@ -112,15 +112,40 @@ PROMPT_WORDS = 6         # ... and the words of each that make a beam-agreement 
 
 def _run_record(folder: Path) -> dict[str, Any]:
     """What a checkpoint was trained on: its training run's metrics.json, or a distilled student's
-    distill.json ({} when neither names a task or data file)."""
+    distill.json ({} when neither names a task or data file). A --data path that an older run recorded
+    as typed (relative to where it ran) is taken from training_state.pt, which holds it absolute."""
     for record in ("metrics.json", "distill.json"):
         try:
             found = json.loads((Path(folder) / record).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(found, dict) and (found.get("task") or found.get("data")):
+            if found.get("data") and not Path(found["data"]).is_absolute():
+                found = {**found, **_training_identity(folder)}
             return found
     return {}
+
+
+def _training_identity(folder: Path) -> dict[str, Any]:
+    from deploylm.models.checkpoint import load_training_state
+
+    try:
+        identity = (load_training_state(folder) or {}).get("identity") or {}
+    except UsageError:
+        return {}
+    return {k: identity[k] for k in ("data", "clean", "data_sha256") if identity.get(k) is not None}
+
+
+def _clean_options(record: dict[str, Any]) -> Any:
+    """The cleaning a --data run applied (so its splits are drawn again as they were): `clean`, or an
+    older metrics.json's `cleaning.options`; the defaults when neither is there."""
+    from deploylm.training.clean import CleanOptions
+
+    options = record.get("clean") or (record.get("cleaning") or {}).get("options")
+    try:
+        return CleanOptions(**options) if isinstance(options, dict) else CleanOptions()
+    except (TypeError, UsageError):
+        return CleanOptions()
 
 
 def _seed(record: dict[str, Any]) -> int:
@@ -170,19 +195,22 @@ def _data_sets(record: dict[str, Any], samples: int) -> tuple[TextSet, TextSet] 
     path = Path(record["data"])
     if not path.is_file():
         return None
-    from deploylm.training.clean import CleanOptions
+    from deploylm.training.config import file_sha256
 
+    clean = _clean_options(record)
+    changed = isinstance(record.get("data_sha256"), str) and file_sha256(path) != record["data_sha256"]
+    origin = f"{'data-changed' if changed else 'data'}:{path}"
     try:
         if record.get("arch") == "decoder":
             from deploylm.training.text import load_text, text_splits
 
-            docs, _ = load_text(path, CleanOptions())
-            sets = _document_sets(text_splits(path, docs, _seed(record)), samples, f"data:{path}")
+            docs, _ = load_text(path, clean)
+            sets = _document_sets(text_splits(path, docs, _seed(record)), samples, origin)
         else:
             from deploylm.training.data import load_pairs, pair_splits
 
-            examples, _ = load_pairs(path, CleanOptions())
-            sets = _pair_sets(pair_splits(path, examples, _seed(record)), samples, f"data:{path}")
+            examples, _ = load_pairs(path, clean)
+            sets = _pair_sets(pair_splits(path, examples, _seed(record)), samples, origin)
     except UsageError:            # changed since training, too small to split: the built-in text then
         return None
     return sets if sets[1].inputs and sets[0].inputs else None
@@ -214,6 +242,8 @@ def describe(origin: str) -> str:
     """Words for where held-out material came from, for the quality line."""
     kind, _, name = origin.partition(":")
     return {"task": f"the test split of task {name}", "data": f"the test split of {name}",
+            "data-changed": f"the test split of {name}, which changed since training (its split may hold "
+                            "examples the model trained on)",
             "file": f"{name}"}.get(kind, "built-in English text (no training data of this model found)")
 
 

@@ -109,7 +109,7 @@ class TrainConfig:
     def data_sha256(self) -> str | None:
         """The --data file's digest, read once: plan_run asks for it as the data is loaded, and every
         checkpoint then records that value (not a re-read of a file that may have changed since)."""
-        return _sha256(Path(self.data)) if self.data is not None and Path(self.data).is_file() else None
+        return file_sha256(Path(self.data)) if self.data is not None and Path(self.data).is_file() else None
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (not the process count)."""
@@ -127,7 +127,7 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -192,7 +192,8 @@ class Setup:
     logits: Callable[[torch.nn.Module, dict[str, Tensor]], Tensor]  # (model, inputs) -> [B, T, V]
     evaluate: Callable[[torch.nn.Module, int | None], dict[str, float]]      # (model, limit) -> metrics
     save: Callable[[Path], None]                                    # write the student folder (must not exist)
-    task: str | None = None          # the built-in task the data comes from (recorded for export's calibration)
+    data_record: dict[str, Any] = field(default_factory=dict)   # what the data was, in distill.json for export's
+    # calibration: {"task", "seed"} of a built-in task, or {"data" (absolute), "seed", "clean", "data_sha256", "arch"}
     block_size: int | None = None    # text: tokens per block that the run uses
 
 
@@ -228,7 +229,7 @@ def distill(config: DistillConfig, on_step: Callable[[int, dict[str, float]], No
         result = DistillResult(config.out, config.steps, setup.kept, setup.init, losses, teacher, student,
                                {"teacher": _count(setup.teacher), "student": _count(setup.student)},
                                time.perf_counter() - started)
-        distill_setup.publish(config, setup.save, {"task": setup.task, **result.as_json()})
+        distill_setup.publish(config, setup.save, {"task": None, **setup.data_record, **result.as_json()})
         return result
     finally:
         torch.set_num_threads(threads)

@@ -93,7 +93,7 @@ def _seq2seq_setup(config: DistillConfig, source: Source, device: torch.device) 
     sconfig = _student_config(tconfig, kept, config.d_model if width else None)
     if not (source.path / "tokenizer.json").is_file():
         raise UsageError(f"teacher {str(source.path)!r} has no tokenizer.json: the student needs the teacher's tokenizer")
-    splits, task = _seq2seq_splits(config, source.path)
+    splits, record = _seq2seq_splits(config, source.path)
     teacher, _ = load_checkpoint(source.path, device)
     student = _seed_student(teacher, sconfig, kept, width, device)
     tok = load_tokenizer(source.path)
@@ -118,12 +118,12 @@ def _seq2seq_setup(config: DistillConfig, source: Source, device: torch.device) 
         _save_seed(folder, student, sconfig, source.path, generation)
 
     return Setup(teacher, student, kept, "random" if width else "teacher", batch,
-                 lambda model, x: model(x["src_ids"], x["src_mask"], x["tgt_ids"]), evaluate, save, task)
+                 lambda model, x: model(x["src_ids"], x["src_mask"], x["tgt_ids"]), evaluate, save, data_record=record)
 
 
-def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, str | None]:
+def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str, Any]]:
     """The teacher's splits: --task/--data, else the task or data (and split seed) it was trained with;
-    and the built-in task's name (None for data)."""
+    and what they are, for distill.json (`data_record`)."""
     from deploylm.models.checkpoint import load_training_state
     from deploylm.training.clean import CleanOptions
     from deploylm.training.data import jsonl_splits
@@ -137,12 +137,23 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, str | Non
         raise UsageError(f"teacher {str(folder)!r} is a decoder-only LM: distill it with --data FILE.txt, not a seq2seq task")
     if config.data is not None or (config.task is None and identity.get("data")):
         clean = CleanOptions(**identity["clean"]) if identity.get("clean") else None  # the teacher's splits
-        return jsonl_splits(Path(config.data or identity["data"]), seed, clean), None
+        path = Path(config.data or identity["data"])
+        splits = jsonl_splits(path, seed, clean)
+        return splits, data_record(path, seed, clean, "seq2seq")
     task = config.task or identity["task"]
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r} for an encoder-decoder teacher: expected one of {', '.join(TASKS)} "
                          "(a decoder-only teacher is distilled on text: --data FILE.txt)")
-    return task_splits(task, seed), task
+    return task_splits(task, seed), {"task": task, "seed": seed}
+
+
+def data_record(path: Path, seed: int, clean: Any, arch: str) -> dict[str, Any]:
+    """A --data file as export's calibration finds it again: absolute path, split seed, cleaning options
+    (None: the defaults) and the contents' sha256 (to tell a file changed since)."""
+    from deploylm.training.config import file_sha256
+
+    return {"data": str(Path(path).resolve()), "seed": seed, "clean": None if clean is None else clean.as_json(),
+            "data_sha256": file_sha256(Path(path)), "arch": arch}
 
 
 def _student_config(teacher: Any, kept: dict[str, list[int]], d_model: int | None) -> Any:
@@ -225,7 +236,8 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         return {"loss": loss, "perplexity": perplexity(loss), "eval_s": time.perf_counter() - started,
                 "held_out_tokens": count}
 
-    return Setup(teacher, student, kept, "teacher", batch, forward, evaluate, save, block_size=length)
+    record = data_record(config.data, config.seed, None, "decoder") if seed_teacher else {}
+    return Setup(teacher, student, kept, "teacher", batch, forward, evaluate, save, data_record=record, block_size=length)
 
 
 def _block_size(config: DistillConfig, trained: int | None, window: int | None) -> int:

@@ -133,8 +133,9 @@ def _resume_state(config: TrainConfig) -> dict[str, Any]:
 def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
     """metrics.json in the output folder (replaced atomically): test metrics, examples, history."""
     first = "source" if config.arch == "seq2seq" else "prompt"
-    data = {"task": config.task, "data": None if config.data is None else str(config.data), "arch": config.arch,
-            "seed": config.seed,
+    data = {"task": config.task, "data": None if config.data is None else str(Path(config.data).resolve()),
+            "arch": config.arch, "seed": config.seed, "data_sha256": config.data_sha256,
+            "clean": config.clean.as_json() if config.data is not None else None,
             "size": config.size, "steps": result.steps, "world_size": result.world_size, "test": result.test,
             "baseline": result.baseline, "cleaning": result.cleaning,
             "examples": [{first: s, "generated": g, "reference": r} for s, g, r in result.examples],
