@@ -106,7 +106,14 @@ def test_resume_refuses_other_settings(tmp_path, fast):
         train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **fast, seed=1))
     with pytest.raises(UsageError, match=r"lr 0.001 \(now 0.05\)"):      # it was ignored, yet recorded as used
         train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **fast, lr=0.05))
-    resumed = train(TrainConfig(out=tmp_path / "run", steps=3, resume=True, **fast, dropout=0.1))  # the preset's
+    # the schedule's other settings: a changed warmup silently reshaped the learning rate of the rest
+    for change, message in ((dict(warmup=50), r"warmup 200 \(now 50\)"), (dict(schedule="cosine"), "schedule"),
+                            (dict(weight_decay=0.1), "weight_decay"), (dict(label_smoothing=0.0), "label_smoothing"),
+                            (dict(clip_norm=5.0), "clip_norm")):
+        with pytest.raises(UsageError, match=message):
+            train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **{**fast, **change}))
+    resumed = train(TrainConfig(out=tmp_path / "run", steps=3, resume=True, **fast, dropout=0.1,
+                                label_smoothing=0.1))                    # the preset's dropout, seq2seq's smoothing
     assert resumed.steps == 3
 
 

@@ -115,7 +115,9 @@ class TrainConfig:
         """The settings a resumed run must share with the run it continues (not the process count)."""
         ident = {"task": self.task, "data": None if self.data is None else str(self.data.resolve()),
                  "size": self.size, "batch_size": self.batch_size, "seed": self.seed, "vocab_size": self.vocab_size,
-                 "arch": self.arch, "dropout": self.dropout, "lr": self.lr,
+                 "arch": self.arch, "dropout": self.dropout, "lr": self.lr, "warmup": self.warmup,
+                 "schedule": self.schedule, "weight_decay": self.weight_decay, "label_smoothing": self.smoothing,
+                 "clip_norm": self.clip_norm,
                  "clean": self.clean.as_json() if self.data is not None else None}
         if self.data_sha256 is not None:     # other contents at the same path: another run
             ident["data_sha256"] = self.data_sha256
