@@ -312,35 +312,37 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def backend_source(name: str, source: Any) -> Any:
-    """What backend `name` opens for SRC: the torch reference of an artifact is the model it came from."""
-    from deploylm.artifact import read_manifest
+def backend_source(name: str, source: Any, reference: str | Path | None = None) -> Any:
+    """What backend `name` opens for SRC: the torch reference of an artifact is the model it came from,
+    at the path its manifest records, or `reference` (that model moved elsewhere). A model whose weights
+    are not the ones the manifest recorded is refused: parity against it would measure another model."""
+    from deploylm.artifact import read_manifest, weights_sha256
     from deploylm.models.source import resolve_source
 
     if name != "torch" or source.kind != "artifact":
         return source
-    origin = (read_manifest(source.path).get("source") or {}).get("path")
-    if not origin or not Path(origin).exists():
-        raise UsageError(f"the torch reference for artifact {source.path} is the model it was exported from, "
-                         f"{origin!r}, which is gone: run parity with --model pointing at that model, or drop torch from --backends")
-    return resolve_source(origin)
-
-
-def changed_since_export(source: Any) -> str | None:
-    """For an artifact: a note when the model it was exported from no longer has the weights its
-    manifest recorded (then the torch reference is another model, and parity measures the change)."""
-    from deploylm.artifact import read_manifest, weights_sha256
-
-    if source.kind != "artifact":
-        return None
     recorded = read_manifest(source.path).get("source") or {}
     origin, digest = recorded.get("path"), recorded.get("weights_sha256")
-    if not origin or not digest or not Path(origin).exists() or weights_sha256(Path(origin)) == digest:
-        return None
     profile = (read_manifest(source.path).get("profile") or {}).get("name", "fp32")
-    return (f"the model at {origin} changed since this artifact was exported (its weights' sha256 is not the "
-            f"manifest's): the torch reference is not the model the artifact came from; re-export it: "
-            f"deploylm export --model {origin} --profile {profile} --out {source.path} --force")
+    if reference is not None:
+        try:
+            chosen = resolve_source(reference)
+        except UsageError as exc:
+            raise UsageError(f"--reference: {exc}") from None
+        if digest and weights_sha256(chosen.path) != digest:
+            raise UsageError(f"--reference {str(reference)!r} is not the model artifact {source.path} was exported from "
+                             f"(its weights' sha256 is not the manifest's {digest[:12]}...): give that model")
+        return chosen
+    if not origin or not Path(origin).exists():
+        raise UsageError(f"the torch reference for artifact {source.path} is the model it was exported from, "
+                         f"{origin!r}, which is gone: pass --reference SRC with that model where it is now, or "
+                         "drop torch from --backends")
+    if digest and weights_sha256(Path(origin)) != digest:
+        raise UsageError(f"the model at {origin} changed since artifact {source.path} was exported (its weights' "
+                         f"sha256 is not the manifest's), so it is no reference for it: pass --reference SRC with the "
+                         f"model it came from, or re-export: deploylm export --model {origin} --profile {profile} "
+                         f"--out {source.path} --force")
+    return resolve_source(origin)
 
 
 def default_profile(source: Any) -> Any:
@@ -354,10 +356,11 @@ def default_profile(source: Any) -> Any:
 
 
 def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None = None, profile: Any = None,
-               **overrides: Any) -> ParityReport:
+               reference: str | Path | None = None, **overrides: Any) -> ParityReport:
     """`deploylm parity`: open SRC with each backend (the first is the reference) and compare.
 
     profile: a deploylm.profiles.Profile (tolerances, decoding defaults); default: default_profile(SRC).
+    reference: for an artifact, the model the torch backend opens (default: the manifest's source path).
     overrides: DecodingOptions fields replacing the profile's [generation] values.
     """
     from deploylm.backends import backend_class, load_backend
@@ -372,13 +375,13 @@ def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None =
     for name in backends:
         backend_class(name)                      # an unknown name fails before any model loads
     source = resolve_source(src)
+    if reference is not None and (source.kind != "artifact" or "torch" not in backends):
+        raise UsageError(f"--reference {str(reference)!r}: applies to an artifact checked with the torch backend "
+                         "(it names the model the artifact was exported from)")
     profile = profile if profile is not None else default_profile(source)
     options = DecodingOptions.from_mapping({**profile.generation, **overrides})
-    opened = {name: load_backend(name, backend_source(name, source)) for name in backends}
+    opened = {name: load_backend(name, backend_source(name, source, reference)) for name in backends}
     tokenizer = load_tokenizer(source)
-    reference = opened.pop(backends[0])
-    batch = Generator(reference, tokenizer).encode(list(prompts or DEFAULT_PROMPTS), options)
-    report = compare_backends(reference, opened, batch, options, profile.parity, tokenizer)
-    if "torch" in backends:
-        report.notes += [note for note in (changed_since_export(source),) if note]
-    return report
+    first = opened.pop(backends[0])
+    batch = Generator(first, tokenizer).encode(list(prompts or DEFAULT_PROMPTS), options)
+    return compare_backends(first, opened, batch, options, profile.parity, tokenizer)

@@ -93,9 +93,10 @@ def test_export_writes_a_loadable_artifact(tiny_llama_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_parity_says_when_the_model_changed_since_export(tiny_llama_dir, tmp_path):
+def test_parity_refuses_a_reference_that_changed_since_export(tiny_llama_dir, tmp_path):
     """The torch reference of an artifact is the model at its recorded path: when those weights changed,
-    parity fails on the difference, and says that the reference is no longer the exported model."""
+    parity refuses it (it would measure another model) and says how to go on; --reference names the
+    model where it is now, and must be that model."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -109,6 +110,17 @@ def test_parity_says_when_the_model_changed_since_export(tiny_llama_dir, tmp_pat
     weights["model.norm.weight"] = weights["model.norm.weight"] * 3
     save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
     parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--max-new-tokens", "4"])
-    assert parity.exit_code == 1, parity.output
-    assert (f"note: the model at {source} changed since this artifact was exported" in parity.output
+    assert parity.exit_code == 2, parity.output
+    assert (f"the model at {source} changed since artifact {out} was exported" in parity.output
+            and "--reference SRC" in parity.output
             and f"deploylm export --model {source} --profile fp32 --out {out} --force" in parity.output)
+    moved = shutil.copytree(tiny_llama_dir, tmp_path / "moved")          # the original weights, elsewhere
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--max-new-tokens", "4", "--reference", str(moved)])
+    assert parity.exit_code == 0 and "PASSED" in parity.output, parity.output
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--reference", str(source)])
+    assert parity.exit_code == 2 and "is not the model artifact" in parity.output, parity.output
+    shutil.rmtree(source)
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--max-new-tokens", "4"])
+    assert parity.exit_code == 2 and "which is gone: pass --reference SRC" in parity.output, parity.output
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(tiny_llama_dir), "--reference", str(moved)])
+    assert parity.exit_code == 2 and "--reference" in parity.output and "applies to an artifact" in parity.output

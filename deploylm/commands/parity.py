@@ -17,8 +17,11 @@ from deploylm.errors import CheckFailed
               help="Tolerances and decoding defaults. Default: the artifact's profile, else fp32.")
 @click.option("--num-beams", type=int, default=None, help="Override the profile's num_beams.")
 @click.option("--max-new-tokens", type=int, default=None, help="Override the profile's max_new_tokens.")
+@click.option("--reference", metavar="SRC", default=None,
+              help="For an artifact: the model it was exported from, which the torch backend opens. "
+                   "Default: the path its manifest records (give this when that model moved).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens, as_json) -> None:
+def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens, reference, as_json) -> None:
     """Teacher-force the reference's tokens through every backend; report per-step |Δ logit|, top-1
     agreement, the first diverging step and whether final beams match. Exit 1 outside tolerance."""
     from deploylm.parity import read_prompts_file, run_parity
@@ -30,7 +33,7 @@ def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens
     prompts = read_prompts_file(prompts_file) if prompts_file else None
     overrides = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
     names = [name.strip() for name in backends.split(",") if name.strip()]
-    report = run_parity(src, names, prompts, profile, **overrides)
+    report = run_parity(src, names, prompts, profile, reference, **overrides)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
     failures = report.failures()
     if failures:
