@@ -63,7 +63,8 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
 
     backend: "torch" | "onnx" | "trt"; default "onnx" for an artifact, "torch" otherwise.
     backend_options go to the backend (torch: device="cpu"|"cuda", dtype="float32"|"float16"|"bfloat16"|"int8",
-    int8 = dynamic quantization of the Linear layers, CPU only; onnx: device, threads=N intra-op threads,
+    int8 = dynamic quantization of the Linear layers, CPU only; threads=N PyTorch CPU threads, set for the
+    whole process; onnx: device, threads=N intra-op threads,
     spin=True for ONNX Runtime threads that spin briefly between kernels: faster on idle cores, slower
     beside busy processes, see deploylm.backends.onnx_backend.create_session).
     """

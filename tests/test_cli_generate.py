@@ -135,3 +135,26 @@ def test_folder_without_weights_or_tokenizer(tiny_gpt2_dir, tmp_path):
 def test_artifact_with_torch_backend_says_use_onnx(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     _one_line_error(run("--model", str(tmp_path), "--backend", "torch", "hi"), "use --backend onnx")
+
+
+def test_threads_set_pytorchs_cpu_threads_for_the_torch_backend(tiny_llama_dir, monkeypatch):
+    """--threads reaches the torch backend (PyTorch's threads, process-wide), like the onnx backend's pool;
+    a count below 1 and a backend without CPU threads are refused."""
+    import torch
+
+    before = torch.get_num_threads()
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_llama_dir), "--threads", "1",
+                                      "--max-new-tokens", "2", "hello"])
+    assert result.exit_code == 0 and calls == [1], result.output
+    result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_llama_dir), "--threads", "0", "hello"])
+    assert result.exit_code == 2 and "--threads" in result.output
+    result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_llama_dir), "--backend", "trt", "--threads", "2",
+                                      "hello"])
+    assert result.exit_code == 2 and "--threads applies to the torch and onnx backends" in result.output
+    from deploylm.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"threads=0: expected a whole number"):
+        load(tiny_llama_dir, backend="torch", threads=0)
+    assert torch.get_num_threads() == before

@@ -64,4 +64,4 @@ def test_serve_bad_model_is_one_error_line(tmp_path):
 def test_serve_spin_is_for_the_onnx_backend(tiny_gpt2_dir):
     result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--spin", "--port", str(free_port())])
     assert result.exit_code == 2
-    assert result.output.startswith("error: spin=True applies to the onnx backend") and result.output.count("\n") == 1
+    assert result.output.startswith("error: --spin applies to the onnx backend") and result.output.count("\n") == 1

@@ -35,13 +35,18 @@ class TorchBackend:
         self._setup()
 
     @classmethod
-    def from_source(cls, source: Source | str, *, device: str = "cpu", dtype: str = "float32", **_: Any) -> "TorchBackend":
+    def from_source(cls, source: Source | str, *, device: str = "cpu", dtype: str = "float32",
+                    threads: int | None = None, **_: Any) -> "TorchBackend":
         """Open `source` on `device` ("cpu" | "cuda") in `dtype` ("float32" | "float16" | "bfloat16" | "int8").
 
         "int8": fp32 weights, then every Linear layer dynamically quantized to int8 (CPU only; torch_int8.py).
+        threads: PyTorch's CPU threads, set for the whole process (torch.set_num_threads); None leaves
+        PyTorch's default (the physical cores). On a machine shared with busy processes, 1 is much faster.
         """
         from deploylm.models import hf
 
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise UsageError(f"threads={threads!r}: expected a whole number of threads >= 1 (or None: PyTorch's default)")
         source = source if isinstance(source, Source) else resolve_source(source)
         int8 = isinstance(dtype, str) and dtype == "int8"
         if not int8 and not isinstance(dtype, torch.dtype) and dtype not in hf.DTYPES:
@@ -68,6 +73,8 @@ class TorchBackend:
             from deploylm.backends.torch_int8 import quantize_int8
 
             quantize_int8(backend.model)
+        if threads is not None:
+            torch.set_num_threads(threads)
         return backend
 
     def _setup(self) -> None:

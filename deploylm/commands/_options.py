@@ -144,6 +144,14 @@ def torch_options(fn: Callable) -> Callable:
     return click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")(fn)
 
 
+def threads_option(fn: Callable) -> Callable:
+    """Add --threads (CPU threads: ONNX Runtime's intra-op pool, or PyTorch's for the whole process)."""
+    return click.option("--threads", type=click.IntRange(1), default=None,
+                        help="CPU threads: onnx backend, ONNX Runtime's intra-op threads; torch backend, "
+                             "PyTorch's. Default: the physical cores. On a machine shared with busy "
+                             "processes, 1 can be much faster.")(fn)
+
+
 def spin_option(fn: Callable) -> Callable:
     """Add --spin (onnx backend: ONNX Runtime threads spin briefly between kernels)."""
     return click.option("--spin", is_flag=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from deploylm.commands._options import (decoding_options, given_input_options, given_options, input_options,
-                                        quiet_transformers, spin_option, torch_options)
+                                        quiet_transformers, spin_option, threads_option, torch_options)
 from deploylm.errors import UsageError
 
 
@@ -23,8 +23,9 @@ from deploylm.errors import UsageError
 @decoding_options
 @input_options
 @torch_options
+@threads_option
 @spin_option
-def command(src, backend, prompts, input_file, as_json, batch_size, device, dtype, spin, **flags) -> None:
+def command(src, backend, prompts, input_file, as_json, batch_size, device, dtype, threads, spin, **flags) -> None:
     """Generate from PROMPT arguments and/or --input lines; print text, or JSON lines with --json.
 
     Prompts over the model's window are refused unless --truncation says what to do (docs/long-inputs.md).
@@ -40,25 +41,34 @@ def command(src, backend, prompts, input_file, as_json, batch_size, device, dtyp
     from deploylm.generator import load
 
     quiet_transformers()
-    generator = load(src, backend=backend, **backend_options(src, backend, device, dtype, spin))
+    generator = load(src, backend=backend, **backend_options(src, backend, device, dtype, spin, threads))
     for start in range(0, len(texts), batch_size):
         for result in generator.generate(texts[start:start + batch_size], **options):
             click.echo(format_result(result, as_json))
 
 
-def backend_options(src: str, backend: str | None, device: str, dtype: str, spin: bool = False) -> dict[str, object]:
-    """--device/--dtype/--spin for the backend: device and dtype for torch; others take --device only (when
-    not cpu); --spin is the onnx backend's only."""
-    from deploylm.models.source import resolve_source
-
-    name = backend or ("onnx" if resolve_source(src).kind == "artifact" else "torch")
+def backend_options(src: str, backend: str | None, device: str, dtype: str, spin: bool = False,
+                    threads: int | None = None) -> dict[str, object]:
+    """--device/--dtype/--spin/--threads for the backend: device, dtype and threads for torch; others take
+    --device only (when not cpu); --spin is the onnx backend's only, --threads torch's and onnx's."""
+    name = backend_name(src, backend)
     if spin and name != "onnx":
         raise UsageError(f"--spin applies to the onnx backend (ONNX Runtime's threads), not to {name}")
+    if threads is not None and name not in ("torch", "onnx"):
+        raise UsageError(f"--threads applies to the torch and onnx backends (CPU threads), not to {name}")
+    given = {"threads": threads} if threads is not None else {}
     if name == "torch":
-        return {"device": device, "dtype": dtype}
+        return {"device": device, "dtype": dtype, **given}
     if dtype != "float32":
         raise UsageError(f"--dtype {dtype} applies to the torch backend only: an artifact's precision comes from its export profile")
-    return {**({"device": device} if device != "cpu" else {}), "spin": spin}
+    return {**({"device": device} if device != "cpu" else {}), "spin": spin, **given}
+
+
+def backend_name(src: str, backend: str | None) -> str:
+    """--backend, else onnx for an artifact and torch for anything else."""
+    from deploylm.models.source import resolve_source
+
+    return backend or ("onnx" if resolve_source(src).kind == "artifact" else "torch")
 
 
 def read_prompts(path: str) -> list[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from deploylm.commands._options import spin_option
+from deploylm.commands._options import spin_option, threads_option
 
 
 @click.command("serve")
@@ -29,18 +29,21 @@ from deploylm.commands._options import spin_option
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@threads_option
 @spin_option
-def command(src: str, backend: str | None, host: str, port: int, drain_timeout: float, log_level: str, spin: bool,
-            **limits: int | float) -> None:
+def command(src: str, backend: str | None, host: str, port: int, drain_timeout: float, log_level: str,
+            threads: int | None, spin: bool, **limits: int | float) -> None:
     """Serve SRC over HTTP: POST /v1/generate, POST /v1/completions, GET /v1/models, GET /health."""
     import deploylm
+    from deploylm.commands.generate import backend_options
     from deploylm.serving import ServeConfig, serve
     from deploylm.serving.server import check_address, describe_model
 
     check_address(host, port)              # before minutes of loading, and before "serving ... on" is printed
-    generator = deploylm.load(src, backend=backend, spin=spin)
+    generator = deploylm.load(src, backend=backend, **backend_options(src, backend, "cpu", "float32", spin, threads))
     summary = describe_model(src, generator)
     config = ServeConfig(model_name=summary["name"],
                          drain_timeout_s=drain_timeout, model_summary=summary, **limits)
     click.echo(f"serving {src} ({summary['backend']}) on http://{host}:{port}", err=True)
     serve(generator, config, host=host, port=port, log_level=log_level)
+
