@@ -155,7 +155,7 @@ def test_rows_whose_rounds_spread_get_a_note_in_the_table_and_the_json(fake_benc
     """Row 0's rounds (2, 4, 3 s) spread 67% of their median; row 3's (1, 1, 1 s) do not spread."""
     report, *_ = fake_bench
     spread = [n for n in report.rows[0].notes if "rounds spread" in n]
-    assert spread == ["its rounds spread 67% (2.00-4.00 s): other work took the cores in some rounds, so its "
+    assert spread == ["its rounds spread 67% (2-4 s): other work took the cores in some rounds, so its "
                       "ratios are less certain; re-run on a quieter machine to confirm"]
     assert not [n for n in report.rows[3].notes if "rounds spread" in n]
     assert f"note: {report.rows[0].label}: its rounds spread 67%" in report.table()
@@ -271,3 +271,13 @@ def test_a_deploylm_checkpoint_has_no_transformers_reference(tmp_path):
     (row,) = plan_rows(BenchConfig(models=(str(tmp_path),)))
     assert row.backend == "torch" and row.reference is None
     assert "transformers cannot load" in row.notes[0]
+
+
+def test_the_spread_note_shows_short_rounds_apart():
+    """Rounds of 18 and 24 ms read as such, not as "0.02-0.02 s"."""
+    from types import SimpleNamespace
+
+    from deploylm.benchmarking.report import unsteady_note
+
+    [note] = unsteady_note([SimpleNamespace(wall_s=w) for w in (0.0182, 0.0204, 0.0243)])
+    assert note.startswith("its rounds spread 30% (0.0182-0.0243 s)")

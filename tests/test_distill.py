@@ -335,3 +335,11 @@ def test_block_size_past_the_window_is_refused(tmp_path, text_file):
     res = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"),
                                    "--data", str(text_file), "--block-size", "65", "--steps", "1"])
     assert res.exit_code == 2 and "--block-size 65: expected at most the teacher's 64 positions" in res.output, res.output
+
+
+def test_an_artifact_teacher_is_refused_in_plain_words(tmp_path):
+    artifact = tmp_path / "art"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text("{}")
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(artifact), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "is an artifact: expected a deploylm checkpoint" in res.output, res.output

@@ -109,7 +109,7 @@ def unsteady_note(rounds: list[RoundResult]) -> tuple[str, ...]:
     spread = (max(walls) - min(walls)) / median
     if spread <= UNSTEADY_SPREAD:
         return ()
-    return (f"its rounds spread {spread:.0%} ({min(walls):.2f}-{max(walls):.2f} s): other work took the cores "
+    return (f"its rounds spread {spread:.0%} ({min(walls):.3g}-{max(walls):.3g} s): other work took the cores "
             f"in some rounds, so its ratios are less certain; re-run on a quieter machine to confirm",)
 
 
