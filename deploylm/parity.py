@@ -90,7 +90,6 @@ class ParityReport:
     options: dict[str, Any]                 # the decoding options used
     prompts: int
     backends: list[BackendParity] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)   # e.g. the reference model changed since the export
 
     def _tol(self) -> Any:
         from deploylm.profiles import Parity
@@ -120,8 +119,7 @@ class ParityReport:
                 row[key] = _nan(row.get(key))
             rows.append(BackendParity(**{f.name: row[f.name] for f in fields(BackendParity) if f.name in row}))
         return cls(reference=data["reference"], tolerances=dict(data["tolerances"]),
-                   options=dict(data.get("options", {})), prompts=int(data.get("prompts", 0)), backends=rows,
-                   notes=list(data.get("notes", [])))
+                   options=dict(data.get("options", {})), prompts=int(data.get("prompts", 0)), backends=rows)
 
     def summary(self) -> dict[str, Any]:
         """The short form stored in the manifest (the full report goes to parity.json)."""
@@ -148,7 +146,6 @@ class ParityReport:
                          f"{_same(r.beams_identical):<5} {_same(r.text_identical):<6} "
                          f"{'FAIL' if r.failures(tol) else 'PASS'}")
         lines.append("tolerances: " + ", ".join(f"{k} {v}" for k, v in self.tolerances.items() if v is not None))
-        lines += [f"note: {note}" for note in self.notes]
         lines += [f"  {line}" for line in self.failures()]
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
