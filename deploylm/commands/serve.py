@@ -46,4 +46,3 @@ def command(src: str, backend: str | None, host: str, port: int, drain_timeout: 
                          drain_timeout_s=drain_timeout, model_summary=summary, **limits)
     click.echo(f"serving {src} ({summary['backend']}) on http://{host}:{port}", err=True)
     serve(generator, config, host=host, port=port, log_level=log_level)
-
