@@ -147,8 +147,9 @@ def test_cli_json_matches_transformers(model_dirs, pairs, kind, flags, options):
 
 
 def build_layout(kind: str, dest):
-    """Tiny random BART, Marian, Mistral (sliding window shorter than the prompts) or Qwen2 folder."""
-    from transformers import BartConfig, GenerationConfig, MarianConfig, MistralConfig, Qwen2Config
+    """Tiny random BART, Marian, Mistral (sliding window shorter than the prompts), Qwen2 or Phi-3 with
+    longrope (long factors past 16 positions: `phi3-longrope`) folder."""
+    from transformers import BartConfig, GenerationConfig, MarianConfig, MistralConfig, Phi3Config, Qwen2Config
 
     from tests.helpers.tiny_hf import train_tokenizer
 
@@ -164,6 +165,9 @@ def build_layout(kind: str, dest):
         "marian": lambda: MarianConfig(**ids, **seq2seq, decoder_start_token_id=tok.pad_token_id),
         "mistral": lambda: MistralConfig(**ids, **causal, sliding_window=6),
         "qwen2": lambda: Qwen2Config(**ids, **causal),
+        "phi3-longrope": lambda: Phi3Config(**ids, **causal, original_max_position_embeddings=16, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+            "long_factor": [1.0, 4.0, 16.0, 64.0], "original_max_position_embeddings": 16}),
     }[kind]()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM

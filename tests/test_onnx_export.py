@@ -308,6 +308,28 @@ def test_sliding_window_model_exports_and_decodes_past_its_window(tmp_path):
                 == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)])
 
 
+def test_longrope_batches_of_long_and_short_prompts_decode_as_torch(tmp_path):
+    """Phi-3's longrope takes its long or short factors from each call's longest position: the onnx
+    backend must prefill a batch mixing a prompt past that length with a short one in one run, as
+    transformers does (a run per group of lengths gave the short prompt other factors, other tokens)."""
+    from deploylm.backends.ort_kv import prefill_groups
+    from tests.test_hf_parity import build_layout
+
+    src = build_layout("phi3-longrope", tmp_path / "phi3")
+    report = export_model(src, "fp32", tmp_path / "art")
+    assert report.validation.ok and report.parity["passed"]
+    ref, onnx = TorchBackend.from_source(str(src)), OnnxBackend.from_source(str(tmp_path / "art"))
+    gen = Generator(ref, load_tokenizer(resolve_source(src)))
+    batch = gen.encode([" ".join(["the quick brown fox jumps over the lazy dog"] * 2), "hello", "one two", "hi"])
+    lengths = batch.attention_mask.sum(-1).tolist()
+    assert lengths[0] > 16 > max(lengths[1:]) and len(prefill_groups(lengths)) > 1   # grouping would pay
+    (want, _), (got, _) = ref.prefill(batch), onnx.prefill(batch)
+    assert float((want - got).abs().max()) <= PARITY.logits_atol
+    options = DecodingOptions(num_beams=1, max_new_tokens=8, min_new_tokens=8)
+    assert ([[h.token_ids for h in x] for x in generate_ids(onnx, batch, options)]
+            == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)])
+
+
 def test_ctrl_c_swallowed_inside_the_exporter_is_still_an_interrupt(tiny_gpt2_dir, tmp_path, monkeypatch):
     """A SIGINT that torch.export's imports swallow, ending in the exporter's own error, stays a Ctrl-C
     (KeyboardInterrupt: "Aborted!" on the command line), not a long exporter traceback."""

@@ -37,6 +37,7 @@ from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, Specia
 from deploylm.backends.ort_kv import KVAppend, KVCache, prefill_groups
 from deploylm.errors import ArtifactError, MissingDependencyError, UsageError
 from deploylm.export import io_spec
+from deploylm.models.hf import rope_depends_on_length
 from deploylm.models.source import Source, resolve_source
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -186,6 +187,18 @@ class OnnxBackend:
         self._cross_shared = self.is_seq2seq and shapes["encoder_attention_mask"][0] == "rows"
         if self.is_seq2seq:
             self._cross_kv = shapes[io_spec.past_names(1, "encoder")[0]]  # [enc_batch | rows, H, src, Dh]
+        # a rotary embedding chosen by each call's longest position (Phi-3's longrope) must see the whole
+        # batch in one prefill, as transformers does: grouped prefill would give short prompts other factors
+        self._groups_prompts = self.kv_layout == io_spec.KV_APPEND and not rope_depends_on_length(self._config())
+
+    def _config(self) -> dict[str, Any]:
+        import json
+
+        try:
+            found = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
 
     # -- the Backend protocol -------------------------------------------------------------------
     def prefill(self, batch: EncodedBatch) -> tuple[Tensor, State]:
@@ -290,7 +303,7 @@ class OnnxBackend:
         ids, mask = batch.input_ids, batch.attention_mask                        # [B, T]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)               # [B, T]
         lengths = mask.sum(-1).tolist()                                           # [B] prompt lengths
-        groups = prefill_groups(lengths) if self.kv_layout == io_spec.KV_APPEND else []
+        groups = prefill_groups(lengths) if self._groups_prompts else []
         if len(groups) > 1:
             logits, cache = self._grouped_prefill(ids, mask, positions, groups, lengths)
         else:

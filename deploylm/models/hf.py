@@ -46,6 +46,28 @@ _OFF_VALUES = {"min_length": 0, "encoder_repetition_penalty": 1.0, "encoder_no_r
                "num_beam_groups": 1, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
+# rotary embeddings whose frequencies depend on the longest position of each forward call (transformers picks
+# longrope's long or short factors, and dynamic NTK's base, from it): a batch must be prefilled in one call
+LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def rope_depends_on_length(config: Mapping[str, Any]) -> bool:
+    """Whether a config.json's rotary embedding (`rope_parameters`, or the older `rope_scaling`; per
+    layer type too; a multimodal model's `text_config`) is one of LENGTH_DEPENDENT_ROPE."""
+    for scope in (config, config.get("text_config")):
+        if not isinstance(scope, Mapping):
+            continue
+        for key in ("rope_parameters", "rope_scaling"):
+            value = scope.get(key)
+            if not isinstance(value, Mapping):
+                continue
+            tables = [value] if ("rope_type" in value or "type" in value) else list(value.values())
+            for table in tables:
+                if isinstance(table, Mapping) and (table.get("rope_type") or table.get("type")) in LENGTH_DEPENDENT_ROPE:
+                    return True
+    return False
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     """"float32" | "float16" | "bfloat16" (or a torch.dtype) -> torch.dtype; anything else is a UsageError."""
     if isinstance(name, torch.dtype) and name in DTYPES.values():
