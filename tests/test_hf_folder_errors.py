@@ -94,3 +94,83 @@ def test_a_damaged_gguf_file_gives_one_clear_error(smollm2_gguf, tmp_path, damag
     path.write_bytes(data)
     with pytest.raises(UsageError, match=r"GGUF file '.*model\.gguf' does not load with transformers \(damaged"):
         deploylm.load(path)
+
+
+def _save(model_cls, config, dest):
+    from tests.helpers.tiny_hf import train_tokenizer
+
+    torch.manual_seed(0)
+    model_cls(config).eval().save_pretrained(dest)
+    train_tokenizer("llama").save_pretrained(dest)
+    return dest
+
+
+def _one_line_error(args):
+    from click.testing import CliRunner
+
+    from deploylm.cli import cli
+
+    result = CliRunner().invoke(cli, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def _causal(**extra):
+    from tests.helpers.tiny_hf import train_tokenizer
+
+    tok = train_tokenizer("llama")
+    return dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **extra)
+
+
+@pytest.mark.parametrize("name, build, reason", [
+    ("mixtral", lambda: ("MixtralForCausalLM", "MixtralConfig", _causal(num_local_experts=4, num_experts_per_tok=2)),
+     "mixture-of-experts"),
+    ("dynamic-rope", lambda: ("LlamaForCausalLM", "LlamaConfig", _causal(
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})), "dynamic NTK"),
+    ("falcon-alibi", lambda: ("FalconForCausalLM", "FalconConfig", dict(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True, multi_query=True)),
+     "alibi"),
+    ("mamba", lambda: ("MambaForCausalLM", "MambaConfig", dict(vocab_size=300, hidden_size=32, num_hidden_layers=2,
+                                                               state_size=4)), "state-space"),
+])
+def test_architectures_the_exporter_cannot_build_are_refused_in_one_line(name, build, reason, tmp_path):
+    """The torch backend runs them; export says in one line why it cannot, before any tracing."""
+    import transformers
+
+    model_name, config_name, kwargs = build()
+    folder = _save(getattr(transformers, model_name), getattr(transformers, config_name)(**kwargs), tmp_path / name)
+    line = _one_line_error(["export", "--model", str(folder), "--profile", "fp32", "--out", str(tmp_path / "out")])
+    assert "cannot export this" in line and reason in line and "--backend torch" in line
+    assert not (tmp_path / "out").exists()
+    assert deploylm.load(folder, backend="torch").generate("hello", max_new_tokens=2)[0].sequences
+
+
+def test_a_masked_lm_is_refused_as_no_decoder(tmp_path):
+    """BertForMaskedLM's weights load as BertLMHeadModel, which then returns no cache: one line, not a
+    traceback from inside the search or the exporter."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = _save(BertForMaskedLM, BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=64), tmp_path / "bert")
+    for args in (["generate", "--model", str(folder), "hello"],
+                 ["export", "--model", str(folder), "--profile", "fp32", "--out", str(tmp_path / "out")]):
+        assert "returns no key/value cache: it is not a decoder" in _one_line_error(args)
+
+
+def test_a_folder_that_needs_its_own_code_is_refused_without_asking(tmp_path, tiny_llama_dir, monkeypatch):
+    """transformers would ask on the terminal whether to run the folder's Python code; deploylm never runs
+    it and says so in one line (stdin is never read)."""
+    import io
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="my-custom-lm", auto_map={"AutoConfig": "configuration_my.MyConfig",
+                                                       "AutoModelForCausalLM": "modeling_my.MyModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))          # a "yes" that must not be read
+    with pytest.raises(UsageError, match=r"needs its own Python code \(config.json \"auto_map\"\)"):
+        deploylm.load(folder)
+    assert __import__("sys").stdin.read() == "y\n"

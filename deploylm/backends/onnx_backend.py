@@ -431,7 +431,7 @@ def _hf_special(path: Path) -> tuple[SpecialTokens, bool, int | None]:
 
     from deploylm.models.hf import position_window, special_tokens
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     try:
         gen = GenerationConfig.from_pretrained(path)
     except OSError:

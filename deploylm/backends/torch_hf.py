@@ -21,7 +21,7 @@ from torch import Tensor
 
 from deploylm.backends.base import EncodedBatch
 from deploylm.backends.torch_backend import TorchBackend, is_identity
-from deploylm.models.hf import cache_keyword, cache_of
+from deploylm.models.hf import cache_keyword, cache_of, not_a_decoder
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class HFCausalBackend(TorchBackend):
         if bool((mask == 1).all()):
             mask = None  # as transformers.generate: no padding, no mask (the causal fast path)
         logits, cache = self._forward(ids, mask, positions, cache)
+        if cache is None:
+            raise not_a_decoder(self.model)
         return logits, CausalState(cache, mask, positions[:, -1] + 1)
 
     def _decode(self, tokens: Tensor, state: CausalState) -> tuple[Tensor, CausalState]:

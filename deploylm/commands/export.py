@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from deploylm.commands._options import quiet_transformers
 from deploylm.errors import UsageError
 
 
@@ -20,6 +21,7 @@ def command(src: str | None, profile: str, out_dir: str | None, force: bool, cal
         raise UsageError("--model SRC is required: a checkpoint, Hugging Face folder or .gguf file")
     from deploylm.export.pipeline import export_model
 
+    quiet_transformers()   # no weight-loading bars around export's own lines
     report = export_model(src, profile, out_dir, force=force, calibration=calibration,
                           allow_quality_loss=allow_quality_loss)
     for line in report.lines():

@@ -14,7 +14,43 @@ from torch import Tensor, nn
 
 from deploylm.export import io_spec
 from deploylm.export.io_spec import ModelDims
-from deploylm.models.hf import cache_keyword, cache_of
+from deploylm.errors import UsageError
+from deploylm.models.hf import cache_keyword, cache_of, not_a_decoder, rope_types
+
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")   # mixture-of-experts configs
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Refuse, in one line and before any tracing, Hugging Face models whose graphs this exporter
+    cannot build (the torch backend still runs them): mixture-of-experts routing, dynamic NTK rope
+    (its frequencies are recomputed as the cache grows), and Falcon's alibi (built in bfloat16, which
+    ONNX Runtime's CPU kernels do not run)."""
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kind = getattr(config, "model_type", type(model).__name__)
+    why = None
+    if any(isinstance(getattr(text, key, None), int) and getattr(text, key) > 1 for key in EXPERT_KEYS):
+        why = "a mixture-of-experts model: its expert routing does not convert to ONNX"
+    elif "dynamic" in rope_types(config.to_dict()):
+        why = "its rope is dynamic NTK, whose frequencies are recomputed as the sequence grows"
+    elif kind == "falcon" and getattr(config, "alibi", False):
+        why = "Falcon with alibi builds its attention bias in bfloat16, which ONNX Runtime's CPU kernels do not run"
+    if why:
+        raise UsageError(f"cannot export this {kind} model to ONNX: {why}; generate with --backend torch instead")
+
+
+def causal_cache(model: nn.Module, out: Any) -> Any:
+    """The K/V cache of a forward with use_cache=True; a model that returns none, or another kind
+    (a state-space model's), is a UsageError."""
+    cache = cache_of(out)
+    if cache is None:
+        raise not_a_decoder(model)
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    layers = getattr(cache, "layers", None) or []
+    if not layers or not all(hasattr(layer, "keys") for layer in layers):
+        raise UsageError(f"cannot export this {kind} model to ONNX: its cache holds no per-layer keys and values "
+                         "(a state-space or linear-attention model); generate with --backend torch instead")
+    return cache
 
 
 def _dynamic_cache(config, flat: tuple[Tensor, ...]):
@@ -264,7 +300,7 @@ def hf_causal_dims(model: nn.Module) -> ModelDims:
     """Layer count, K/V heads and head size read from one real forward (robust across configs)."""
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
-    cache = cache_of(out)
+    cache = causal_cache(model, out)
     _, heads, _, head_dim = cache.layers[0].keys.shape
     layout = io_spec.KV_APPEND if uses_append_layout(model) else io_spec.KV_CONCAT
     return ModelDims(n_layers=len(cache.layers), kv_heads=heads, head_dim=head_dim,

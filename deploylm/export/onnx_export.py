@@ -66,6 +66,7 @@ def plan_graphs(model: nn.Module) -> GraphPlan:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "get_output_embeddings"):
         raise UsageError(f"cannot export a {type(model).__name__}: expected a transformers model or a deploylm model")
+    hf_graphs.check_exportable(model)
     if getattr(config, "is_encoder_decoder", False):
         dims = hf_graphs.hf_seq2seq_dims(model)
         modules = (hf_graphs.HFEncoderGraph(model), hf_graphs.HFDecoderGraph(model, dims.n_layers))

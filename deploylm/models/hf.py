@@ -52,8 +52,14 @@ LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
 
 
 def rope_depends_on_length(config: Mapping[str, Any]) -> bool:
-    """Whether a config.json's rotary embedding (`rope_parameters`, or the older `rope_scaling`; per
-    layer type too; a multimodal model's `text_config`) is one of LENGTH_DEPENDENT_ROPE."""
+    """Whether a config.json's rotary embedding is one of LENGTH_DEPENDENT_ROPE (see rope_types)."""
+    return bool(rope_types(config) & set(LENGTH_DEPENDENT_ROPE))
+
+
+def rope_types(config: Mapping[str, Any]) -> set[str]:
+    """The rope types a config.json (a dict) names: `rope_parameters`, or the older `rope_scaling`; per
+    layer type too; a multimodal model's `text_config` as well."""
+    found = set()
     for scope in (config, config.get("text_config")):
         if not isinstance(scope, Mapping):
             continue
@@ -62,10 +68,9 @@ def rope_depends_on_length(config: Mapping[str, Any]) -> bool:
             if not isinstance(value, Mapping):
                 continue
             tables = [value] if ("rope_type" in value or "type" in value) else list(value.values())
-            for table in tables:
-                if isinstance(table, Mapping) and (table.get("rope_type") or table.get("type")) in LENGTH_DEPENDENT_ROPE:
-                    return True
-    return False
+            found |= {str(t.get("rope_type") or t.get("type")) for t in tables
+                      if isinstance(t, Mapping) and (t.get("rope_type") or t.get("type"))}
+    return found
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -111,6 +116,15 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return (*_LOAD_ERRORS, SafetensorError)
 
 
+def _needs_own_code(folder: Path) -> bool:
+    import json
+
+    try:
+        return "auto_map" in json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -> Any:
     """Load a Hugging Face folder or a .gguf file as an eval-mode transformers model on `device`.
 
@@ -124,12 +138,15 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
         raise UsageError(f"model {str(source.path)!r} is a {source.kind}, not a Hugging Face folder or .gguf file")
     check_weights(source.path)
     what = f"model folder {str(source.path)!r}"
-    try:
-        config = AutoConfig.from_pretrained(source.path)
+    try:   # trust_remote_code=False: never run a folder's own Python code, nor ask on the terminal whether to
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model, loading = auto.from_pretrained(source.path, dtype=dtype, output_loading_info=True,
+        model, loading = auto.from_pretrained(source.path, dtype=dtype, output_loading_info=True, trust_remote_code=False,
                                               ignore_mismatched_sizes=True)   # named in check_loaded_weights
     except _load_errors() as exc:
+        if _needs_own_code(source.path):
+            raise UsageError(f"{what} needs its own Python code (config.json \"auto_map\"), which deploylm does not "
+                             "run: use a model whose architecture transformers includes") from None
         raise UsageError(f"{what} does not load as a Hugging Face causal or seq2seq LM: {_first_line(exc)}") from None
     check_loaded_weights(what, type(model).__name__, loading)
     return model.to(device).eval()
@@ -322,6 +339,14 @@ def cache_keyword(model: Any) -> str:
     `past_key_values` in earlier ones (5.17 on the GPU machine, for example)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def not_a_decoder(model: Any) -> UsageError:
+    """The error for a model whose forward returns no key/value cache (BertLMHeadModel with is_decoder
+    false, say): an encoder, with nothing to continue."""
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    return UsageError(f"this {kind} model ({type(model).__name__}) returns no key/value cache: it is not a decoder "
+                      "(a BERT-style masked LM is an encoder); expected a causal LM or an encoder-decoder")
 
 
 def cache_of(out: Any) -> Any:

@@ -42,7 +42,7 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
     # open it as PreTrainedTokenizerFast, without AutoTokenizer looking the model type up.
     auto = PreTrainedTokenizerFast if source.kind != "gguf" and _is_deploylm_folder(path) else AutoTokenizer
     try:
-        return auto.from_pretrained(path, **kwargs)
+        return auto.from_pretrained(path, trust_remote_code=False, **kwargs)
     except (ValueError, KeyError, OSError, TypeError) as exc:
         lines = str(exc).strip().splitlines()
         raise UsageError(f"tokenizer of {str(source.path)!r} does not load: {lines[0] if lines else type(exc).__name__}") from None

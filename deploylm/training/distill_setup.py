@@ -288,7 +288,7 @@ def _hf_causal_pair(config: DistillConfig, source: Source, device: torch.device,
 
     from deploylm.models.hf import load_hf_model
 
-    hf_config = AutoConfig.from_pretrained(source.path)
+    hf_config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
     if hf_config.is_encoder_decoder:
         raise UsageError(f"--teacher {str(source.path)!r} is a Hugging Face encoder-decoder: distil deploylm seq2seq checkpoints or Hugging Face causal LMs")
     if config.d_model is not None and config.d_model != getattr(hf_config, "hidden_size", None):
