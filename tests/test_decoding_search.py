@@ -296,3 +296,17 @@ def test_search_steps_run_on_one_thread_and_backend_calls_on_the_process_threads
     with torch_threads(2):
         generate_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=num_beams, max_new_tokens=5))
         assert seen == {"step": {1}, "backend": {2}} and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_sampling_with_every_token_banned_is_a_usage_error(num_beams):
+    """With 6 tokens, a 1-gram ban and EOS banned until 8 tokens, step 5 has nothing left to draw: one
+    UsageError naming the step and the prompt, not torch.multinomial's RuntimeError from deep inside."""
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=num_beams, do_sample=True, seed=0, max_new_tokens=8, min_new_tokens=8,
+                              no_repeat_ngram_size=1)
+    with pytest.raises(UsageError, match=r"nothing left to sample at generated token \d+ of prompt 0: the options "
+                                         r"ban every token"):
+        generate_ids(backend, encode([(2,)]), options)
+    relaxed = DecodingOptions(num_beams=num_beams, do_sample=True, seed=0, max_new_tokens=8, no_repeat_ngram_size=1)
+    assert generate_ids(backend, encode([(2,)]), relaxed)[0]          # EOS may end it: a draw is always there

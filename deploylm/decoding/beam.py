@@ -13,6 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
+from deploylm.decoding.draws import draw
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import ProcessorList
 from deploylm.decoding.threads import no_threads
@@ -155,7 +156,7 @@ class BeamSearch:
             flat = log_probs.view(B, K, vocab).add_(self.running_scores[:, :, None]).view(B, K * vocab)
             if self.options.do_sample:
                 probs = torch.nn.functional.softmax(flat, dim=-1)
-                idx = torch.multinomial(probs, num_samples=self.keep, generator=self.generator)
+                idx = draw(probs, self.keep, self.generator, ~self.input_done(), self.cur_len - self.P)
                 scores = torch.gather(flat, 1, idx)
                 scores, order = scores.sort(dim=-1, descending=True)
                 idx = idx.gather(dim=-1, index=order)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from deploylm.decoding.beam import _chunk_maxima
+from deploylm.decoding.draws import draw
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import ProcessorList
 from deploylm.decoding.threads import no_threads
@@ -68,7 +69,7 @@ class SampleSearch:
             log_probs = self._log_softmax(logits)                                           # [R, V]
         if self.options.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
-            tokens = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+            tokens = draw(probs, 1, self.generator, self.unfinished, self.cur_len - self.P, self.N).squeeze(1)
         else:
             tokens = first_argmax(scores)
         logprob = log_probs.gather(1, tokens[:, None]).squeeze(1)                           # [R]
