@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Mapping
 from deploylm.backends import Backend, EncodedBatch, backend_class
 from deploylm.decoding.options import DecodingOptions, option_names
 from deploylm.errors import UsageError
-from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, join_outputs, prompt_budget, split_rows,
-                                  tokenize, tokenize_windows)
+from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, join_parts, join_texts, prompt_budget,
+                                  split_rows, tokenize, tokenize_windows)
 from deploylm.models.source import Source, resolve_source
 
 if TYPE_CHECKING:
@@ -285,16 +285,21 @@ class Generator:
             for piece in split_rows(chunks, 1):
                 [hyps] = generate_ids(self.backend, piece, opts)
                 outputs.append(hyps[0].token_ids)
-                text = self.decode(join_outputs(outputs, overlap, eos))
+                text = self._joined_text(join_parts(outputs, overlap, eos))
                 if text.startswith(emitted) and len(text) > len(emitted):
                     yield text[len(emitted):]
                     emitted = text
         return self.finish_reason(outputs[-1] if outputs else (), opts.max_new_tokens)
 
     def _joined(self, hyps: list[Any], overlap: int) -> Sequence:
-        """One Sequence from the same-rank hypothesis of each chunk: ids joined, scores summed."""
-        ids = join_outputs([h.token_ids for h in hyps], overlap, self.info.special.eos_token_ids)
-        return self._sequence(ids, sum(float(h.score) for h in hyps))
+        """One Sequence from the same-rank hypothesis of each chunk: ids joined, texts joined (join_texts),
+        scores summed."""
+        parts = join_parts([h.token_ids for h in hyps], overlap, self.info.special.eos_token_ids)
+        ids = tuple(t for part, _ in parts for t in part)
+        return Sequence(self._joined_text(parts), tuple(int(t) for t in ids), sum(float(h.score) for h in hyps))
+
+    def _joined_text(self, parts: list[tuple[tuple[int, ...], bool]]) -> str:
+        return join_texts([self.decode(part) for part, _ in parts], [not shared for _, shared in parts])
 
 
 class TextStream:

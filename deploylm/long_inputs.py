@@ -14,14 +14,17 @@ Truncation is done by the tokenizer (`truncation_side`, `max_length`), and the w
 overflowing tokens (`return_overflowing_tokens`, `stride=window_overlap`), so the special tokens (BOS,
 `</s>`) stay on every prompt and chunk, exactly as a transformers user who truncates gets them.
 
-Joining the chunk outputs (`join_outputs`): the outputs are concatenated in chunk order; every chunk's
+Joining the chunk outputs (`join_outputs`): the outputs' ids are concatenated in chunk order; every chunk's
 EOS is dropped except the last one's. With an overlap, the overlapping source tokens are decoded twice,
 so where the joined output so far ends with the same tokens the next chunk's output starts with, that
 shared run is kept once: the longest run of at most `window_overlap` tokens. Bounding it by the
 overlap means a copy-like model (copying, translation of similar length) gets its duplicate removed
 exactly, while repetitive text ("la la la") never loses more than the overlap could have duplicated.
 A model whose output is longer than its input per token can keep part of the duplicate: use overlap 0
-(plain concatenation) when that matters. The joined score is the sum of the chunk scores.
+(plain concatenation) when that matters. The joined score is the sum of the chunk scores. The joined
+text (`join_texts`) is each part's text in order, with a space where a window's output meets the one
+before it without a shared run and neither side has whitespace (a model starts its output without
+one): so the text can differ from decoding the joined ids by those spaces.
 """
 from __future__ import annotations
 
@@ -141,13 +144,45 @@ def tokenize_windows(tokenizer: Any, text: str, *, window: int, overlap: int) ->
 
 def join_outputs(outputs: Sequence[Sequence[int]], overlap: int, eos_ids: Sequence[int]) -> tuple[int, ...]:
     """Chunk outputs joined in order: EOS only at the end, each overlap's duplicated run kept once."""
+    return tuple(t for part, _ in join_parts(outputs, overlap, eos_ids) for t in part)
+
+
+def join_parts(outputs: Sequence[Sequence[int]], overlap: int,
+               eos_ids: Sequence[int]) -> list[tuple[tuple[int, ...], bool]]:
+    """What each chunk output adds to the join (join_outputs), and whether it continues the output before
+    it through a shared run (True) or starts after it (False: the two met without sharing a token)."""
     joined: list[int] = []
+    parts = []
     for index, output in enumerate(outputs):
         tokens = list(output)
         if index < len(outputs) - 1:
             tokens = [t for t in tokens if t not in eos_ids]
-        joined.extend(tokens[shared_run(joined, tokens, overlap):])
-    return tuple(joined)
+        shared = shared_run(joined, tokens, overlap)
+        joined.extend(tokens[shared:])
+        parts.append((tuple(tokens[shared:]), shared > 0))
+    return parts
+
+
+def join_texts(texts: Sequence[str], separate: Sequence[bool]) -> str:
+    """The texts of join_parts' parts, in order. Where a part is separate from the output before it
+    (`separate[i]`: it does not continue it through a shared run) and neither side has whitespace there,
+    a space goes between: each window's output is a text of its own, which a tokenizer starts without
+    one ("...one hundred" + "ten" is "...one hundred ten", not "hundredten"). Not between wide (CJK)
+    characters, in scripts written without spaces."""
+    out = ""
+    for text, apart in zip(texts, separate):
+        if apart and out and text and not out[-1].isspace() and not text[0].isspace() \
+                and not (_wide(out[-1]) or _wide(text[0])):
+            out += " "
+        out += text
+    return out
+
+
+def _wide(char: str) -> bool:
+    """CJK and other wide characters: scripts written without spaces between words."""
+    import unicodedata
+
+    return unicodedata.east_asian_width(char) in ("W", "F")
 
 
 def shared_run(joined: Sequence[int], following: Sequence[int], limit: int) -> int:

@@ -14,7 +14,7 @@ from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.search import generate_ids
 from deploylm.errors import UsageError
 from deploylm.generator import Generator, load
-from deploylm.long_inputs import join_outputs, shared_run
+from deploylm.long_inputs import join_outputs, join_parts, join_texts, shared_run
 from tests.helpers.scripted_backend import ScriptedBackend
 from tests.helpers.tiny_seed import TEXTS, build_tiny_seed
 
@@ -167,7 +167,8 @@ def test_sliding_window_chunks_and_joins_on_a_seed_checkpoint(seed, monkeypatch,
         hyps = [outputs[rank] for outputs in per_chunk]
         assert sequence.token_ids == join_outputs([h.token_ids for h in hyps], overlap, (EOS,))
         assert sequence.score == pytest.approx(sum(h.score for h in hyps))
-        assert sequence.text == seed.decode(sequence.token_ids)
+        parts = join_parts([h.token_ids for h in hyps], overlap, (EOS,))
+        assert sequence.text == join_texts([seed.decode(p) for p, _ in parts], [not shared for _, shared in parts])
     alone = seed.generate("red fox", **options)[0].sequences  # one chunk: as without windows
     assert [s.token_ids for s in short.sequences] == [s.token_ids for s in alone]
     assert [s.score for s in short.sequences] == pytest.approx([s.score for s in alone])
@@ -214,7 +215,11 @@ def test_sliding_window_over_a_copier_gives_back_the_whole_source(copier, text, 
     assert len(content) > 64
     [result] = copier.generate(text, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1)
     assert list(result.sequences[0].token_ids) == content + [EOS]
-    assert result.sequences[0].text == copier.decode(content)
+    if overlap:                 # each window's copy continues the last through the shared run: the source's text
+        assert result.sequences[0].text == copier.decode(content)
+    else:                       # windows that meet without one are texts of their own, joined as words
+        copies = [copier.decode(chunk[:-1]) for chunk in expected_chunks(content, 63, 0)]
+        assert result.sequences[0].text == join_texts(copies, [False] + [True] * (len(copies) - 1))
     stream = copier.stream(text, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1)
     pieces = list(stream)
     assert len(pieces) == len(expected_chunks(content, 63, overlap)) and "".join(pieces) == result.sequences[0].text
@@ -318,3 +323,33 @@ def test_sliding_window_on_an_onnx_artifact_matches_the_torch_backend(seed_dir, 
         assert [[s.token_ids for s in r.sequences] for r in got] == [[s.token_ids for s in r.sequences] for r in want]
         assert [s.score for r in got for s in r.sequences] == pytest.approx(
             [s.score for r in want for s in r.sequences], abs=1e-4)
+
+
+def word_script(word_id):
+    """An encoder-decoder that answers every window with one word token (no leading space), then EOS:
+    as a translator starts each output."""
+    def script(prompt, generated):
+        target = word_id if not generated else EOS
+        return [1.0 if t == target else 0.0 for t in range(300)]
+    return script
+
+
+def test_window_outputs_are_joined_as_words(seed):
+    """Each window's output is a text of its own: a model answering every window with one word (no leading
+    space, as outputs start) gives the words separated, "red red red", not "redredred"; the ids stay the
+    model's."""
+    word = next(i for i in range(300) if seed.decode([i]).isalpha() and len(seed.decode([i])) > 2)
+    text = seed.decode([word])
+    backend = CopyBackend(word_script(word), vocab_size=300, eos_token_ids=(EOS,), is_encoder_decoder=True,
+                          decoder_start_token_id=1)
+    gen = Generator(backend, seed.tokenizer, defaults={})
+    chunks = expected_chunks(content_ids(gen, LONG), 63, 0)
+    [result] = gen.generate(LONG, truncation="sliding-window", max_new_tokens=4, num_beams=1)
+    assert result.sequences[0].text == " ".join([text] * len(chunks))
+    assert list(result.sequences[0].token_ids) == [word] * len(chunks) + [EOS]
+    assert "".join(gen.stream(LONG, truncation="sliding-window", max_new_tokens=4, num_beams=1)) == result.sequences[0].text
+    from deploylm.long_inputs import join_texts
+
+    assert join_texts(["one hundred", "ten", " twenty", "格", "子"], [False, True, True, True, True]) == \
+        "one hundred ten twenty格子"
+    assert join_texts(["one hun", "dred"], [False, False]) == "one hundred"        # a shared run continues
