@@ -348,8 +348,6 @@ def test_window_outputs_are_joined_as_words(seed):
     assert result.sequences[0].text == " ".join([text] * len(chunks))
     assert list(result.sequences[0].token_ids) == [word] * len(chunks) + [EOS]
     assert "".join(gen.stream(LONG, truncation="sliding-window", max_new_tokens=4, num_beams=1)) == result.sequences[0].text
-    from deploylm.long_inputs import join_texts
-
     assert join_texts(["one hundred", "ten", " twenty", "格", "子"], [False, True, True, True, True]) == \
         "one hundred ten twenty格子"
     assert join_texts(["one hun", "dred"], [False, False]) == "one hundred"        # a shared run continues
