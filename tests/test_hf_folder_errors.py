@@ -174,3 +174,42 @@ def test_a_folder_that_needs_its_own_code_is_refused_without_asking(tmp_path, ti
     with pytest.raises(UsageError, match=r"needs its own Python code \(config.json \"auto_map\"\)"):
         deploylm.load(folder)
     assert __import__("sys").stdin.read() == "y\n"
+
+
+class _Records(__import__("logging").Handler):
+    """Collects what transformers' loading logger emits (its library logger does not propagate to pytest's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def loading_log():
+    import logging
+
+    handler, logger = _Records(), logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_a_missing_head_is_one_line_without_transformers_load_report(llama, loading_log):
+    """transformers' multi-line LOAD REPORT table is not printed before deploylm's own error line."""
+    _rewrite_weights(llama, lambda w: w.pop("lm_head.weight"))
+    line = _one_line_error(["generate", "--model", str(llama), "hello"])
+    assert "1 weight(s) missing (lm_head.weight)" in line
+    assert not [m for m in loading_log if "LOAD REPORT" in m]
+
+
+def test_unused_weights_are_one_warning_line(tiny_llama_dir, tmp_path, caplog, loading_log):
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "extra")
+    _rewrite_weights(folder, lambda w: w.update({"model.spare.weight": torch.zeros(3)}))
+    with caplog.at_level("WARNING"):
+        deploylm.load(folder)
+    ours = [r.getMessage() for r in caplog.records if r.name == "deploylm"]
+    assert any("1 weight(s) in its files are not used by LlamaForCausalLM (model.spare.weight)" in m for m in ours)
+    assert not [m for m in loading_log if "LOAD REPORT" in m]

@@ -7,6 +7,7 @@ from the model's generation_config, then its config, exactly as `transformers.ge
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import struct
@@ -141,8 +142,10 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     try:   # trust_remote_code=False: never run a folder's own Python code, nor ask on the terminal whether to
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model, loading = auto.from_pretrained(source.path, dtype=dtype, output_loading_info=True, trust_remote_code=False,
-                                              ignore_mismatched_sizes=True)   # named in check_loaded_weights
+        with _no_load_report():
+            model, loading = auto.from_pretrained(source.path, dtype=dtype, output_loading_info=True,
+                                                  trust_remote_code=False,
+                                                  ignore_mismatched_sizes=True)   # named in check_loaded_weights
     except _load_errors() as exc:
         if _needs_own_code(source.path):
             raise UsageError(f"{what} needs its own Python code (config.json \"auto_map\"), which deploylm does not "
@@ -152,9 +155,32 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     return model.to(device).eval()
 
 
+@contextlib.contextmanager
+def _no_load_report() -> Any:
+    """transformers logs a table of missing, unexpected and misshapen weights (its LOAD REPORT) at warning
+    level while loading; check_loaded_weights says what matters in one line instead."""
+    logger = logging.getLogger("transformers.modeling_utils")   # (its level is left alone: transformers
+    drop = _DropLoadReport()                                    # reads it to decide other checks)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
 def check_loaded_weights(what: str, model_class: str, loading: Mapping[str, Any]) -> None:
     """UsageError naming the weights `model_class` needs that the files do not hold (or hold in another
-    shape); `loading` is transformers' output_loading_info."""
+    shape); `loading` is transformers' output_loading_info. Weights the files hold that the model does
+    not use are named in a one-line warning (transformers' own report is silenced)."""
+    unused = sorted(str(k) for k in loading.get("unexpected_keys") or ())
+    if unused:
+        log.warning("%s: %d weight(s) in its files are not used by %s (%s)", what, len(unused), model_class,
+                    _some(unused))
     missing = sorted(loading.get("missing_keys") or ())
     mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item)
                   for item in loading.get("mismatched_keys") or ()]
