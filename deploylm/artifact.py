@@ -296,8 +296,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
         fix = "upgrade deploylm or " if newer else ""
         raise ArtifactError(f"{file}: format_version {version!r} is not supported (this deploylm reads "
                             f"{FORMAT_VERSION}); {fix}{rebuild_hint(path, manifest)}")
-    if not isinstance(manifest["files"], dict) or not isinstance(manifest["io"], dict):
-        raise ArtifactError(f"{file}: 'files' and 'io' must be objects; {rebuild_hint(path, manifest)}")
+    objects = [key for key in ("files", "io", "source", "profile") if not isinstance(manifest[key], dict)]
+    if objects:
+        raise ArtifactError(f"{file}: {', '.join(repr(k) for k in objects)} must be object(s); {rebuild_hint(path, manifest)}")
+    profile = manifest["profile"]
+    if not (isinstance(profile.get("name"), str) and isinstance(profile.get("precision"), str)):
+        raise ArtifactError(f"{file}: 'profile' must name the profile and its precision; {rebuild_hint(path, manifest)}")
     return manifest
 
 

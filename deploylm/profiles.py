@@ -32,7 +32,8 @@ METHOD_KEYS: dict[str, dict[str, Any]] = {
 TOP_KEYS = ("name", "description", "precision", "backends", "quantization", "precision_fallback",
             "tensorrt", "parity", "quality", "generation")
 SHAPE_DEFAULTS = {"batch": (1, 4, 16), "sequence": (1, 64, 512), "past": (0, 64, 512)}
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")      # whole names only (fullmatch: no trailing newline)
+_ONE_LINE = re.compile(r"[^\n\r]*")
 
 
 class ProfileError(UsageError):
@@ -158,7 +159,7 @@ class _Table:
 
     def text(self, key: str, default: Any = None, required: bool = False, pattern: re.Pattern | None = None) -> Any:
         value = self._value(key, default, required)
-        if key in self.data and (not isinstance(value, str) or (pattern and not pattern.match(value))):
+        if key in self.data and (not isinstance(value, str) or (pattern and not pattern.fullmatch(value))):
             self.fail(key, f"= {value!r} is not valid", "a string" + (f" matching {pattern.pattern}" if pattern else ""))
         return value
 
@@ -173,7 +174,8 @@ class _Table:
         if key in self.data:
             ok = isinstance(value, int) and not isinstance(value, bool)
             if not ok or value < lo or (hi is not None and value > hi):
-                self.fail(key, f"= {value!r} is out of range", f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+                self.fail(key, f"= {value!r} is {'out of range' if ok else 'not an integer'}",
+                          f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
         return value
 
     def number(self, key: str, lo: float, hi: float | None = None, *, lo_open: bool = False,
@@ -181,10 +183,11 @@ class _Table:
         value = self._value(key, default, required)
         if key not in self.data:
             return value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = numeric and math.isfinite(value)
         if not ok or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
             rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-            self.fail(key, f"= {value!r} is out of range", f"a number {rng}")
+            self.fail(key, f"= {value!r} is {'out of range' if numeric else 'not a number'}", f"a number {rng}")
         return float(value)
 
     def strings(self, key: str, choices: tuple[str, ...] | None = None, default: tuple = ()) -> tuple[str, ...]:
@@ -205,7 +208,7 @@ def _parse(data: dict[str, Any], origin: str) -> Profile:
         top.fail("backends", "is empty", f"a list of {', '.join(BACKENDS)}")
     return Profile(
         name=top.text("name", required=True, pattern=_NAME),
-        description=top.text("description", default=""),
+        description=top.text("description", default="", pattern=_ONE_LINE),
         precision=precision,
         backends=backends,
         quantization=_quantization(data.get("quantization"), origin, precision),
@@ -352,7 +355,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
     path = Path(text).expanduser()
     if text.endswith(".toml") or path.is_file() or "/" in text:
         if not path.is_file():
-            raise ProfileError(f"profile file {text!r} does not exist")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise ProfileError(f"profile file {text!r} {what}: expected a .toml file")
         return read_profile(path)
     if text not in builtin_names():
         raise ProfileError(f"unknown profile {text!r}: expected one of {', '.join(builtin_names())} "

@@ -186,6 +186,10 @@ def test_one_changed_byte_is_refused(artifact):
      r"format_version 2 is not supported .* upgrade deploylm or re-export it"),
     (lambda a: _edit(a, lambda m: m["io"]["model.onnx"]["inputs"][0].update(name="ids")),
      r"model.onnx: graph inputs/outputs differ from the manifest \(input 'ids' is missing\)"),
+    (lambda a: _edit(a, lambda m: m.update(source="hello")), r"manifest.json: 'source' must be object\(s\)"),
+    (lambda a: _edit(a, lambda m: m.update(profile=None)), r"manifest.json: 'profile' must be object\(s\)"),
+    (lambda a: _edit(a, lambda m: m["profile"].pop("precision")),
+     r"manifest.json: 'profile' must name the profile and its precision"),
 ])
 def test_damaged_artifacts_are_refused_with_the_file_named(artifact, damage, message):
     damage(artifact)

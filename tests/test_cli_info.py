@@ -71,8 +71,22 @@ def test_an_artifact_without_its_manifest_is_named_as_such(artifact):
 def test_info_hf_folder(tiny_gpt2_dir):
     result = run("info", str(tiny_gpt2_dir))
     assert result.exit_code == 0, result.output
-    assert "kind       hf" in result.output and "model_type gpt2" in result.output
-    assert "layers     2" in result.output and "model.safetensors" in result.output
+    assert "kind            hf" in result.output and "model_type      gpt2" in result.output
+    assert "layers          2" in result.output and "model.safetensors" in result.output
+
+
+def test_info_names_the_layers_and_heads_of_every_kind(tmp_path):
+    """A deploylm checkpoint's and BART's layer and head counts are in the summary (their config keys
+    differ from Llama's)."""
+    from tests.helpers.tiny_seed import build_tiny_seed
+
+    seed = run("info", str(build_tiny_seed(tmp_path / "seed", layers=3)))
+    assert all(line in seed.output for line in ("encoder layers  3", "decoder layers  3", "heads           2",
+                                                "max positions   64")), seed.output
+    from tests.helpers.tiny_hf import build_tiny_hf
+
+    bart = run("info", str(build_tiny_hf("bart", tmp_path / "bart")))
+    assert "encoder layers  2" in bart.output and "heads           4" in bart.output, bart.output
 
 
 def smollm2_path():

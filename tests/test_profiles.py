@@ -88,6 +88,9 @@ def test_unknown_builtin_lists_the_choices():
 def test_missing_file(tmp_path):
     with pytest.raises(ProfileError, match="does not exist"):
         load_profile(tmp_path / "nope.toml")
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ProfileError, match=r"'.*dir.toml' is a folder: expected a .toml file"):
+        load_profile(tmp_path / "dir.toml")
 
 
 BAD = [
@@ -97,7 +100,11 @@ BAD = [
     ("bad backend", None, r"backends = \['cuda'\] is not allowed: expected a list of torch, onnx, trt"),
     ("negative atol", None, r"parity.logits_atol = -1.0 is out of range: expected a number > 0.0"),
     ("agreement > 1", None, r"parity.min_token_agreement = 1.5 is out of range: expected a number >= 0.0 and <= 1.0"),
-    ("wrong type", None, r"parity.logprob_atol = 'big' is out of range: expected a number"),
+    ("wrong type", None, r"parity.logprob_atol = 'big' is not a number: expected a number"),
+    ("integer as text", "[quantization]\nmethod = \"weight-only\"\nblock_size = \"64\"",
+     r"quantization.block_size = '64' is not an integer: expected an integer >= 16"),
+    ("name with a newline", None, r"name = 'abc\\n' is not valid: expected a string matching"),
+    ("two-line description", None, r"description = 'one\\ntwo' is not valid"),
     ("nan atol", None, r"parity.logits_atol = nan is out of range: expected a number > 0.0"),
     ("nan agreement", None, r"parity.min_token_agreement = nan is out of range: expected a number >= 0.0 and <= 1.0"),
     ("infinite budget", "[quality]\nmax_perplexity_increase = inf",
@@ -127,6 +134,8 @@ def _mutate(case: str) -> str:
         "nan atol": ("logits_atol = 1.0", "logits_atol = nan"),
         "nan agreement": ("min_token_agreement = 0.9", "min_token_agreement = nan"),
         "bad name": ('name = "mine"', 'name = "My Profile"'),
+        "name with a newline": ('name = "mine"', 'name = "abc\\n"'),
+        "two-line description": ('description = "a test profile"', 'description = "one\\ntwo"'),
     }
     old, new = edits[case]
     return BASE.replace(old, new)

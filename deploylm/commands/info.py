@@ -14,10 +14,11 @@ CONFIG_FIELDS = [
     ("vocab_size", ("vocab_size",)),
     ("hidden size", ("hidden_size", "n_embd", "d_model")),
     ("layers", ("num_hidden_layers", "n_layer", "num_layers")),
-    ("decoder layers", ("num_decoder_layers", "decoder_layers")),
-    ("heads", ("num_attention_heads", "n_head", "num_heads")),
+    ("encoder layers", ("encoder_layers", "n_encoder_layers")),
+    ("decoder layers", ("num_decoder_layers", "decoder_layers", "n_decoder_layers")),
+    ("heads", ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads")),
     ("kv heads", ("num_key_value_heads",)),
-    ("max positions", ("max_position_embeddings", "n_positions")),
+    ("max positions", ("max_position_embeddings", "n_positions", "max_positions")),
     ("encoder-decoder", ("is_encoder_decoder",)),
 ]
 
@@ -51,11 +52,11 @@ def _size(path: Path) -> str:
 def describe_folder(kind: str, path: Path) -> list[str]:
     """kind, path, config summary and weight files of a checkpoint or Hugging Face folder."""
     config: dict[str, Any] = json.loads((path / "config.json").read_text())
-    lines = [f"kind       {kind}", f"path       {path}"]
+    lines = [f"{'kind':<15} {kind}", f"{'path':<15} {path}"]
     for label, keys in CONFIG_FIELDS:
         value = next((config[k] for k in keys if k in config), None)
         if value is not None:
-            lines.append(f"{label:<10} {', '.join(value) if isinstance(value, list) else value}")
+            lines.append(f"{label:<15} {', '.join(value) if isinstance(value, list) else value}")
     for file in sorted(path.iterdir()):
         if file.is_file() and file.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json", ".model"):
             lines.append(f"  {_size(file):>10}  {file.name}")
