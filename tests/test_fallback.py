@@ -128,3 +128,22 @@ def test_search_without_a_pass_keeps_only_the_listed_nodes():
     result = search(ranked, {"g": ("base",)}, judge, _verdict({"g": ("base",)}, False))
     assert tried[-1] == ("base", "a", "b", "c")                     # it tried everything ranked
     assert not result.final.passed and result.final.kept["g"] == ("base",) and result.attempts == 4
+
+
+@pytest.mark.parametrize("listed, message", [
+    (dict(nodes=("no_such_node",)), r"\[precision_fallback\] nodes \['no_such_node'\] are not nodes of the exported graphs"),
+    (dict(ops=("Softmx",)), r"\[precision_fallback\] ops \['Softmx'\] are not ONNX operator types"),
+])
+def test_a_misspelt_fallback_node_or_op_is_refused(overflow_model, overflow_fp32, tmp_path, listed, message):
+    """A typo in [precision_fallback] kept nothing in fp32 without a word; an ONNX op type this model
+    lacks (LayerNormalization in a Llama) stays fine: a profile serves many models."""
+    from deploylm.errors import UsageError
+
+    folder = _copy(overflow_fp32, tmp_path)
+    profile = dataclasses.replace(load_profile("fp16"), precision_fallback=PrecisionFallback(**listed, auto=False))
+    with pytest.raises(UsageError, match=message):
+        apply_precision(folder, profile, resolve_source(overflow_model), rounds=0, allow_quality_loss=True)
+    fine = dataclasses.replace(load_profile("fp16"), precision_fallback=PrecisionFallback(ops=("LayerNormalization",),
+                                                                                          auto=False))
+    apply_precision(_copy(overflow_fp32, tmp_path / "again"), fine, resolve_source(overflow_model), rounds=0,
+                    allow_quality_loss=True)

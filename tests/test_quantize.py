@@ -321,3 +321,13 @@ def test_builtin_int4_profile_uses_q4_1_at_accuracy_level_4():
 
     q = load_profile("int4").quantization
     assert (q.algorithm, q.accuracy_level, q.block_size, q.embedding) == ("q4_1", 4, 32, True)
+
+
+def test_percentile_calibration_prints_nothing(fp32, tmp_path, capfd):
+    """onnxruntime's percentile calibrator prints its histogram settings; export's output stays its own."""
+    import dataclasses
+
+    q = dataclasses.replace(CASES["int8 static"][1], calibration_method="percentile")
+    quantize_graph(fp32, tmp_path / "q.onnx", "int8", q, feeds=FEEDS)
+    out = capfd.readouterr().out
+    assert "histogram" not in out and "Percentile" not in out, out

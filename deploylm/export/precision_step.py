@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deploylm.errors import CheckFailed
+from deploylm.errors import CheckFailed, UsageError
 from deploylm.export import io_spec
 from deploylm.export.fallback import Exclusions, SearchResult, Verdict, listed_nodes, rank_nodes, search
 
@@ -274,12 +274,32 @@ def _base_exclusions(work: _Workspace) -> Exclusions:
     fb = work.profile.precision_fallback
     if fb is None:
         return {}
-    out = {}
+    out, names, types = {}, set(), set()
     for file in work.graphs:
         model = onnx.load(str(work.ref / file), load_external_data=False)
         ops = fb.ops if work.profile.precision in ("int8", "int4") else ()  # fp16/bf16 block op types directly
         out[file] = listed_nodes(model, ops, fb.nodes)
+        names |= {n.name for n in model.graph.node}
+        types |= {n.op_type for n in model.graph.node}
+    _check_listed(fb, names, types, work.profile.name)
     return out
+
+
+def _check_listed(fallback: Any, names: set[str], types: set[str], profile: str) -> None:
+    """A [precision_fallback] node that no exported graph holds, or an op type that is neither in them nor
+    an ONNX operator, is a typo that would keep nothing in fp32: a UsageError naming it. (An ONNX op type
+    absent from this model is fine: a profile serves many models.)"""
+    import onnx.defs
+
+    unknown_nodes = [n for n in fallback.nodes if n not in names]
+    if unknown_nodes:
+        some = ", ".join(sorted(names)[:3])
+        raise UsageError(f"profile {profile}: [precision_fallback] nodes {unknown_nodes} are not nodes of the exported "
+                         f"graphs (names as in the .onnx files, e.g. {some})")
+    unknown_ops = [op for op in fallback.ops if op not in types and not onnx.defs.has(op)]
+    if unknown_ops:
+        raise UsageError(f"profile {profile}: [precision_fallback] ops {unknown_ops} are not ONNX operator types "
+                         f"(the graphs hold {', '.join(sorted(types))})")
 
 
 def _searches(profile: Any) -> bool:

@@ -17,6 +17,7 @@ working directory set to a scratch folder: onnxruntime writes helper files to th
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -43,7 +44,8 @@ def scratch_cwd() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """onnxruntime's quantizers log warnings (pre-processing advice, opset bumps) on every call."""
+    """onnxruntime's quantizers log warnings (pre-processing advice, opset bumps) on every call, and its
+    percentile calibrator prints its histogram settings to stdout: neither reaches export's output."""
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -51,7 +53,7 @@ def _quiet() -> Iterator[None]:
     try:
         import warnings
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
