@@ -81,10 +81,29 @@ def test_completions_errors_name_the_field_the_client_sent(client, body, param, 
 
 
 def test_completions_temperature_turns_sampling_on(client, fake):
+    """Sampling draws n independent samples (num_beams 1, OpenAI's meaning), whatever beams the model's
+    defaults name; best_of still asks for beam sampling."""
     r = client.post("/v1/completions", json={"prompt": "a b", "temperature": 0.7, "seed": 3, "max_tokens": 2})
     assert r.status_code == 200, r.text
-    assert fake.calls[-1][1] == {"temperature": 0.7, "seed": 3, "max_new_tokens": 2, "do_sample": True}
+    assert fake.calls[-1][1] == {"temperature": 0.7, "seed": 3, "max_new_tokens": 2, "num_beams": 1, "do_sample": True}
     assert r.json()["choices"][0]["finish_reason"] == "length"
+    r = client.post("/v1/completions", json={"prompt": "a b", "temperature": 0.7, "n": 8, "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8, r.text
+    assert fake.calls[-1][1]["num_beams"] == 1 and fake.calls[-1][1]["num_return_sequences"] == 8
+    r = client.post("/v1/completions", json={"prompt": "a b", "top_p": 0.5, "n": 2, "best_of": 3, "max_tokens": 2})
+    assert r.status_code == 200 and fake.calls[-1][1]["num_beams"] == 3, r.text
+
+
+def test_completions_accept_the_off_values_clients_send(client, fake):
+    """OpenAI client libraries send null / false / 0 for features they do not use; only a real use of an
+    unsupported feature is refused."""
+    off = {"stop": None, "logprobs": None, "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0,
+           "suffix": None, "logit_bias": {}}
+    r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, **off})
+    assert r.status_code == 200, r.text
+    for field, value in (("stop", ["\n"]), ("echo", True), ("presence_penalty", 0.5), ("logit_bias", {"5": 1})):
+        r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_stream_sends_pieces_then_a_final_event(client, fake):
@@ -158,6 +177,9 @@ def test_completions_errors_name_the_openai_field(client, body, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     if "n" in body:
         assert f"n={body['n']}" in r.json()["error"]["message"], r.text     # the value the client sent
+    message = r.json()["error"]["message"]                                 # advice in the client's terms too
+    assert not any(f"{option}" in message for option, field in (("max_new_tokens", "max_tokens"),
+               ("num_return_sequences", "n"), ("num_beams", "best_of")) if field in body), message
 
 
 def test_long_prompts_are_judged_by_tokens_not_characters(client):

@@ -213,6 +213,8 @@ COMPLETION_FIELDS = {"max_tokens": "max_new_tokens", "n": "num_return_sequences"
 COMPLETION_IGNORED = ("model", "user")
 COMPLETION_UNSUPPORTED = ("logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
                           "suffix", "stream_options")
+# what a client library sends for "off": accepted (they ask for nothing), any other value is refused
+_COMPLETION_OFF = (None, False, 0, "", [], {})
 
 
 def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Callable[[str], int],
@@ -220,8 +222,9 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     """`POST /v1/completions` (OpenAI shape) -> Job. temperature > 0 or top_p < 1 turns sampling on."""
     body = dict(body)
     for name in COMPLETION_UNSUPPORTED:
-        if name in body:
-            raise ApiError(400, f"'{name}' is not supported by this server", param=name)
+        if name in body and not any(_same_off(body[name], off) for off in _COMPLETION_OFF):
+            raise ApiError(400, f"'{name}' is not supported by this server (only its off value, e.g. null)", param=name)
+        body.pop(name, None)
     unknown = sorted(set(body) - set(COMPLETION_FIELDS) - set(COMPLETION_IGNORED) - {"prompt", "stream"})
     if unknown:
         raise ApiError(400, f"unknown field '{unknown[0]}': expected any of prompt, stream, "
@@ -232,7 +235,10 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     stream = _bool(body.get("stream", False), "stream")
     options = {COMPLETION_FIELDS[k]: v for k, v in body.items() if k in COMPLETION_FIELDS and v is not None}
     sent = {v: k for k, v in COMPLETION_FIELDS.items()}     # deploylm option -> the field the client sent
-    if "num_return_sequences" in options and "num_beams" not in options and not _sampling(options):
+    given = {v: k for k, v in COMPLETION_FIELDS.items() if k in body}   # ... for the fields it did send
+    if "num_beams" not in options and _sampling(options):
+        options["num_beams"] = 1                            # OpenAI: n independent samples, not beam sampling
+    elif "num_return_sequences" in options and "num_beams" not in options:
         options["num_beams"] = options["num_return_sequences"]
         sent["num_beams"] = "n"                             # beams taken from n: n is the field to fix
     if _sampling(options):
@@ -242,11 +248,23 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     try:
         options = validate_options(options, config, defaults)
         return _job(prompts, options, stream, defaults)
-    except ApiError as exc:   # name the completions field the client sent, not deploylm's option
+    except ApiError as exc:   # name the completions fields the client sent, not deploylm's options
         if exc.param in sent:
             exc.message = exc.message.replace(f"{exc.param}=", f"{sent[exc.param]}=", 1)
             exc.param = sent[exc.param]
+        for option, field in given.items():                 # in the advice too ("use max_tokens >= 1")
+            exc.message = re.sub(rf"\b{option}\b", field, exc.message)
         raise
+
+
+def _same_off(value: Any, off: Any) -> bool:
+    """`value` is the off value `off`: a zero penalty (0 or 0.0), null, false, "", [] or {} (0 is not false)."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if number(value) and number(off):
+        return value == off
+    return type(value) is type(off) and value == off
 
 
 def _sampling(options: dict[str, Any]) -> bool:
