@@ -61,7 +61,7 @@ CASES = [
     ("completions-unknown", "/v1/completions", j({"prompt": "a", "max_tokenz": 3}), 400, "max_tokenz", "unknown field"),
     ("completions-unsupported", "/v1/completions", j({"prompt": "a", "echo": True}), 400, "echo", "not supported"),
     ("completions-n-over-best-of", "/v1/completions", j({"prompt": "a", "n": 3, "best_of": 2}), 400, "n",
-     "at most num_beams=2"),
+     "at most best_of=2"),
     ("completions-max-tokens-negative", "/v1/completions", j({"prompt": "a", "max_tokens": -1}), 400,
      "max_tokens", ">= 1"),
 ]
