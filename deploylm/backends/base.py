@@ -104,3 +104,11 @@ class BackendStats:
         self.calls += 1
         self.seconds += time.perf_counter() - start
         return result
+
+
+def check_threads(threads: Any, default: str) -> None:
+    """A backend's `threads` option: None (`default` decides) or a whole number >= 1; else a UsageError."""
+    from deploylm.errors import UsageError
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"threads={threads!r}: expected a whole number of threads >= 1 (or None: {default})")

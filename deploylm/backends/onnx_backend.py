@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, SpecialTokens, State
+from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, SpecialTokens, State, check_threads
 from deploylm.backends.ort_kv import KVAppend, KVCache, prefill_groups
 from deploylm.errors import ArtifactError, MissingDependencyError, UsageError
 from deploylm.export import io_spec
@@ -140,12 +140,11 @@ class OnnxBackend:
 
         source = source if isinstance(source, Source) else resolve_source(source)
         if source.kind != "artifact":
-            raise UsageError(f"model {str(source.path)!r} is a {source.kind}, not an exported artifact: the onnx "
+            raise UsageError(f"model {str(source.path)!r} is {source.a_kind}, not an exported artifact: the onnx "
                              f"backend runs artifacts; export it first (deploylm export --model {source.path} --profile fp32)")
         if device not in ("cpu", "cuda"):
             raise UsageError(f"device {device!r}: expected cpu or cuda")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise UsageError(f"threads={threads!r}: expected a whole number of threads >= 1 (or None: the physical cores)")
+        check_threads(threads, "the physical cores")
         artifact = load_artifact(source.path)  # verifies checksums and graph IO against the manifest
         return cls.from_folder(artifact.path, name=source.name, generation=artifact.manifest.get("generation"),
                                device=device, threads=threads, providers=providers, opt_level=opt_level,

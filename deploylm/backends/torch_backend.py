@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, State
+from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, State, check_threads
 from deploylm.errors import UsageError
 from deploylm.models.source import Source, resolve_source
 
@@ -45,8 +45,7 @@ class TorchBackend:
         """
         from deploylm.models import hf
 
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise UsageError(f"threads={threads!r}: expected a whole number of threads >= 1 (or None: PyTorch's default)")
+        check_threads(threads, "PyTorch's default")
         source = source if isinstance(source, Source) else resolve_source(source)
         int8 = isinstance(dtype, str) and dtype == "int8"
         if not int8 and not isinstance(dtype, torch.dtype) and dtype not in hf.DTYPES:

@@ -137,8 +137,7 @@ def plan_rows(config: BenchConfig) -> list[RowSpec]:
         source = resolve_source(src)
         names = [b for b in (config.backends or (_default_backend(source.kind),)) if _can_open(b, source.kind)]
         if not names:
-            article = "an" if source.kind in ("artifact", "hf") else "a"
-            raise UsageError(f"--model {src}: none of --backends {','.join(config.backends)} runs {article} {source.kind} "
+            raise UsageError(f"--model {src}: none of --backends {','.join(config.backends)} runs {source.a_kind} "
                              f"(an artifact runs on onnx or trt; other models on torch)")
         ref, notes = _reference_for(source, config.reference, references)
         for name in names:

@@ -136,7 +136,7 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     if source.kind == "gguf":
         return _load_gguf(source.path, dtype=dtype, device=device)
     if source.kind != "hf":
-        raise UsageError(f"model {str(source.path)!r} is a {source.kind}, not a Hugging Face folder or .gguf file")
+        raise UsageError(f"model {str(source.path)!r} is {source.a_kind}, not a Hugging Face folder or .gguf file")
     check_weights(source.path)
     what = f"model folder {str(source.path)!r}"
     try:   # trust_remote_code=False: never run a folder's own Python code, nor ask on the terminal whether to

@@ -21,6 +21,11 @@ class Source:
         """A short name for default output folders: the folder or file stem."""
         return self.path.stem if self.kind == "gguf" else self.path.name
 
+    @property
+    def a_kind(self) -> str:
+        """The kind with its article, for messages: "an artifact", "an hf", "a checkpoint", "a gguf"."""
+        return f"{'an' if self.kind in ('artifact', 'hf') else 'a'} {self.kind}"
+
 
 def resolve_source(src: str | Path) -> Source:
     """Classify SRC by its files; a clear UsageError when it is none of the known kinds.

@@ -56,8 +56,7 @@ def build(config: DistillConfig) -> Setup:
         return _text_setup(config, source, device, _seed_causal_pair)
     if source.kind == "hf":
         return _text_setup(config, source, device, _hf_causal_pair)
-    article = "an" if source.kind[0] in "aeiou" else "a"
-    raise UsageError(f"--teacher {str(config.teacher)!r} is {article} {source.kind}: expected a deploylm checkpoint "
+    raise UsageError(f"--teacher {str(config.teacher)!r} is {source.a_kind}: expected a deploylm checkpoint "
                      "or a Hugging Face causal LM folder (distil before exporting)")
 
 
