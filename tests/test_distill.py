@@ -309,11 +309,13 @@ def test_decoder_teacher_reads_text_as_it_was_trained(tmp_path):
     assert inputs["input_ids"].shape == labels.shape == (16, 12)
     everything = torch.cat([inputs["input_ids"].flatten(), labels.flatten()])
     assert config.bos_token_id in everything.tolist() and config.eos_token_id in everything.tolist()
-    # the whole stream: one <s> and one </s> per paragraph; the blocks tile it (a short tail is dropped)
-    stream = document_stream(teacher, data)
+    # the stream `train --arch decoder` builds from this file: one <s> and one </s> per paragraph; every
+    # block distillation draws is a 13-token window of it at a multiple of 12
+    stream = training_stream(teacher, data)
     assert stream.count(config.bos_token_id) == stream.count(config.eos_token_id) == len(paragraphs)
-    blocks = distill_setup._text_blocks(stream, data, 12)
-    assert [t for b in blocks for t in b[:-1]] == stream[:12 * len(blocks)] and stream[0] == config.bos_token_id
+    windows = [stream[s:s + 13] for s in range(0, len(stream) - 12, 12)]
+    rows = torch.cat([inputs["input_ids"], labels[:, -1:]], dim=1).tolist()          # [16, 13]
+    assert all(row in windows for row in rows) and windows[0][0] == config.bos_token_id
 
     result = distill(DistillConfig(teacher=teacher, out=tmp_path / "student", data=data, steps=2, **FAST))
     assert result.student["held_out_tokens"] > 0
@@ -322,12 +324,13 @@ def test_decoder_teacher_reads_text_as_it_was_trained(tmp_path):
     assert override.batch(0)[0]["input_ids"].shape[1] == 20
 
 
-def document_stream(teacher, data):
-    from deploylm.models.tokenizer import load_tokenizer
+def training_stream(teacher, data):
+    """The token stream the trainer builds from `data` (deploylm.training.text), independently of distill."""
+    from deploylm.training.text import read_documents, token_stream
+    from deploylm.training.tokenizer import load_tokenizer
 
     config = load_checkpoint(teacher)[1]
-    return distill_setup._document_stream(distill_setup._documents(data), load_tokenizer(resolve_source(teacher)),
-                                          config.bos_token_id, config.eos_token_id)
+    return token_stream(load_tokenizer(teacher), read_documents(data), config.bos_token_id, config.eos_token_id)
 
 
 def test_block_size_past_the_window_is_refused(tmp_path, text_file):

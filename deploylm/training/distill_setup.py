@@ -209,8 +209,12 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
     tok = load_tokenizer(source)
     teacher, student, kept, window, save = make_pair(config, source, device, tok)
     length = _block_size(config, _trained_block_size(source.path) if seed_teacher else None, window)
-    if seed_teacher:   # the stream the teacher trained on: <s> document </s>, concatenated
-        ids = _document_stream(docs, tok, teacher.config.bos_token_id, teacher.config.eos_token_id)
+    if seed_teacher:   # the stream the teacher trained on, built by training's own token_stream
+        from deploylm.training.text import token_stream
+        from deploylm.training.tokenizer import load_tokenizer as training_tokenizer
+
+        ids = token_stream(training_tokenizer(source.path), docs, teacher.config.bos_token_id,
+                           teacher.config.eos_token_id)
     else:
         ids = _line_stream(docs, tok)
     train, held_out = _split_blocks(_text_blocks(ids, config.data, length))
@@ -346,14 +350,6 @@ def _documents(path: Path) -> list[str]:
 def _line_stream(lines: list[str], tok: Any) -> list[int]:
     """The lines' tokens without special tokens, concatenated (plain text for a Hugging Face LM)."""
     return [t for row in (tok(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []) for t in row]
-
-
-def _document_stream(docs: list[str], tok: Any, bos: int, eos: int) -> list[int]:
-    """`<s> doc </s>` for every document, concatenated: how a deploylm decoder-only LM is trained."""
-    stream: list[int] = []
-    for row in tok(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-        stream += [bos, *row, eos]
-    return stream
 
 
 def _text_blocks(ids: list[int], path: Path, length: int) -> list[list[int]]:
