@@ -318,9 +318,10 @@ def backend_source(name: str, source: Any, reference: str | Path | None = None) 
 
     if name != "torch" or source.kind != "artifact":
         return source
-    recorded = read_manifest(source.path).get("source") or {}
+    manifest = read_manifest(source.path)
+    recorded = manifest.get("source") or {}
     origin, digest = recorded.get("path"), recorded.get("weights_sha256")
-    profile = (read_manifest(source.path).get("profile") or {}).get("name", "fp32")
+    profile = (manifest.get("profile") or {}).get("name", "fp32")
     if reference is not None:
         try:
             chosen = resolve_source(reference)
