@@ -213,8 +213,6 @@ COMPLETION_FIELDS = {"max_tokens": "max_new_tokens", "n": "num_return_sequences"
 COMPLETION_IGNORED = ("model", "user")
 COMPLETION_UNSUPPORTED = ("logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
                           "suffix", "stream_options")
-# what a client library sends for "off": accepted (they ask for nothing), any other value is refused
-_COMPLETION_OFF = (None, False, 0, "", [], {})
 
 
 def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Callable[[str], int],
@@ -222,7 +220,7 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     """`POST /v1/completions` (OpenAI shape) -> Job. temperature > 0 or top_p < 1 turns sampling on."""
     body = dict(body)
     for name in COMPLETION_UNSUPPORTED:
-        if name in body and not any(_same_off(body[name], off) for off in _COMPLETION_OFF):
+        if name in body and not _is_off(body[name]):
             raise ApiError(400, f"'{name}' is not supported by this server (only its off value, e.g. null)", param=name)
         body.pop(name, None)
     unknown = sorted(set(body) - set(COMPLETION_FIELDS) - set(COMPLETION_IGNORED) - {"prompt", "stream"})
@@ -257,20 +255,17 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
         raise
 
 
-def _same_off(value: Any, off: Any) -> bool:
-    """`value` is the off value `off`: a zero penalty (0 or 0.0), null, false, "", [] or {} (0 is not false)."""
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _is_off(value: Any) -> bool:
+    """What a client library sends for a feature it does not use (accepted; anything else is refused):
+    null, false, a zero number (0 or 0.0; true is no number), "", [] or {}."""
+    return value is None or value is False or (_is_number(value) and value == 0) or value in ("", [], {})
 
-    if number(value) and number(off):
-        return value == off
-    return type(value) is type(off) and value == off
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _sampling(options: dict[str, Any]) -> bool:
     """OpenAI semantics: a temperature above 0 or a top_p below 1 means sampling."""
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
     temperature, top_p = options.get("temperature"), options.get("top_p")
-    return (number(temperature) and temperature > 0) or (number(top_p) and 0 < top_p < 1)
+    return (_is_number(temperature) and temperature > 0) or (_is_number(top_p) and 0 < top_p < 1)
