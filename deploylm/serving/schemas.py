@@ -250,8 +250,8 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
         if exc.param in sent:
             exc.message = exc.message.replace(f"{exc.param}=", f"{sent[exc.param]}=", 1)
             exc.param = sent[exc.param]
-        for option, field in given.items():                 # in the advice too ("use max_tokens >= 1")
-            exc.message = re.sub(rf"\b{option}\b", field, exc.message)
+        for option, name in given.items():                  # in the advice too ("use max_tokens >= 1")
+            exc.message = re.sub(rf"\b{option}\b", name, exc.message)
         raise
 
 
