@@ -65,12 +65,16 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._closing = False
         self.batches = 0          # generate calls made
-        self.decoding = 0         # jobs in the batch being decoded now
-        self._current: tuple[list[_Pending], StopSignal] | None = None     # that batch and its stop
+        self._current: tuple[list[_Pending], StopSignal] | None = None     # the batch decoding now, its stop
 
     @property
     def queued(self) -> int:
         return len(self._waiting)
+
+    @property
+    def decoding(self) -> int:
+        """Jobs in the batch being decoded now."""
+        return len(self._current[0]) if self._current is not None else 0
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="deploylm-batcher")
@@ -153,7 +157,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         prompts = [p for item in batch for p in item.job.prompts]
         stop = StopSignal(self._stop)
-        self.decoding, self._current = len(batch), (batch, stop)
+        self._current = (batch, stop)
         try:
             results: list[Any] = []
             for start in range(0, len(prompts), self.max_batch_size):  # one request may bring more prompts
@@ -179,7 +183,7 @@ class Batcher:
                 _settle(item.future, exc=exc)
             return
         finally:
-            self.decoding, self._current = 0, None
+            self._current = None
         log.debug("batch of %d prompt(s) from %s", len(prompts), [p.request_id for p in batch])
         start = 0
         for item in batch:
