@@ -119,6 +119,8 @@ def test_parity_refuses_a_reference_that_changed_since_export(tiny_llama_dir, tm
     assert parity.exit_code == 0 and "PASSED" in parity.output, parity.output
     parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--reference", str(source)])
     assert parity.exit_code == 2 and "is not the model artifact" in parity.output, parity.output
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--reference", str(tmp_path / "nowhere")])
+    assert parity.exit_code == 2 and parity.output.startswith("error: --reference: "), parity.output
     shutil.rmtree(source)
     parity = CliRunner().invoke(cli, ["parity", "--model", str(out), "--max-new-tokens", "4"])
     assert parity.exit_code == 2 and "which is gone: pass --reference SRC" in parity.output, parity.output
