@@ -115,7 +115,18 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> "Profile":
-        return _parse(data, origin)
+        return _parse(_older_trt_int8(data), origin)
+
+
+def _older_trt_int8(data: Any) -> Any:
+    """A manifest's trt int8 profile as older versions stored it (ONNX Runtime's quantization keys,
+    which TensorRT never used), reduced to the keys that apply."""
+    quant = data.get("quantization") if isinstance(data, dict) else None
+    backends = data.get("backends", ()) if isinstance(data, dict) else ()
+    if not isinstance(quant, dict) or data.get("precision") != "int8" or not isinstance(backends, (list, tuple)) \
+            or "trt" not in backends or "onnx" in backends:
+        return data
+    return {**data, "quantization": {k: v for k, v in quant.items() if k in TRT_INT8_KEYS}}
 
 
 def _drop_none(value: Any) -> Any:
@@ -211,7 +222,7 @@ def _parse(data: dict[str, Any], origin: str) -> Profile:
         description=top.text("description", default="", pattern=_ONE_LINE),
         precision=precision,
         backends=backends,
-        quantization=_quantization(data.get("quantization"), origin, precision),
+        quantization=_quantization(data.get("quantization"), origin, precision, backends),
         precision_fallback=_fallback(data.get("precision_fallback"), origin, precision),
         tensorrt=_tensorrt(data.get("tensorrt"), origin, backends),
         parity=_parity(data.get("parity"), origin),
@@ -221,16 +232,40 @@ def _parse(data: dict[str, Any], origin: str) -> Profile:
     )
 
 
-def _quantization(data: Any, origin: str, precision: str) -> Quantization | None:
+# TensorRT calibrates int8 engines itself (its entropy calibrator on the fp32 graphs): of [quantization]
+# only the method (static) and the number of calibration samples apply.
+TRT_INT8_KEYS = ("method", "calibration_samples")
+
+
+def _check_trt_int8(data: Any, origin: str, backends: tuple[str, ...]) -> None:
+    """int8 for TensorRT: TensorRT's own calibration, so no ORT quantization keys, and not with onnx."""
+    if "onnx" in backends:
+        raise ProfileError(f"{origin}: precision 'int8' with backends {list(backends)}: ONNX Runtime's int8 graphs "
+                           "use asymmetric uint8 activations, which TensorRT does not take; expected one int8 "
+                           "profile for onnx and another for trt (as the built-in int8 and trt-int8)")
+    table = _Table(data, origin, "quantization.", tuple(dict.fromkeys(k for m in METHODS["int8"] for k in METHOD_KEYS[m])) + ("method",))
+    for key in table.data:
+        if key not in TRT_INT8_KEYS:
+            table.fail(key, "does not apply to TensorRT engines (TensorRT calibrates them itself)",
+                       f"only {', '.join(TRT_INT8_KEYS)}")
+    if data.get("method", "static") != "static":
+        table.fail("method", f"= {data['method']!r} does not apply to TensorRT engines", "'static' (calibrated)")
+
+
+def _quantization(data: Any, origin: str, precision: str, backends: tuple[str, ...] = ("onnx",)) -> Quantization | None:
     methods = METHODS.get(precision)
     if methods is None:
         if data is not None:
             raise ProfileError(f"{origin}: [quantization] does not apply to precision {precision!r}: "
                                f"expected it only with precision int8 (dynamic, static, weight-only) or int4 (weight-only)")
         return None
+    default = methods[0]
+    if "trt" in backends and precision == "int8":
+        _check_trt_int8({} if data is None else data, origin, backends)
+        default = "static"
     all_keys = ("method",) + tuple(dict.fromkeys(k for m in methods for k in METHOD_KEYS[m]))
     table = _Table({} if data is None else data, origin, "quantization.", all_keys)
-    method = table.choice("method", methods, default=methods[0])
+    method = table.choice("method", methods, default=default)
     for key in table.data:
         if key != "method" and key not in METHOD_KEYS[method]:
             table.fail(key, f"does not apply to method {method!r}", f"only {', '.join(METHOD_KEYS[method])}")
@@ -255,6 +290,8 @@ def _quantization(data: Any, origin: str, precision: str) -> Quantization | None
         if values["algorithm"] in ("hqq", "q4_1") and precision != "int4":
             table.fail("algorithm", f"= {values['algorithm']!r} does not apply to precision {precision!r}",
                        "'rtn' (onnxruntime's CPU MatMulNBits takes no float zero points at 8 bits)")
+    if "trt" in backends and precision == "int8":
+        return Quantization(method=method, calibration_samples=values["calibration_samples"])
     return Quantization(method=method, **values)
 
 

@@ -113,19 +113,19 @@ def test_benchmark_rows_on_cuda(tiny_llama_dir):
 
 
 @pytest.mark.gpu
-def test_onnxruntime_io_binding_on_cuda(tmp_path):
+def test_onnx_backend_on_cuda_gives_the_cpu_tokens(tiny_llama_dir, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from deploylm.backends import ort_cuda
-    from tests.test_trt_ort_cuda import add_session
+    from deploylm import load
+    from deploylm.export.pipeline import export_model
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider here (CPU build): pip install 'deploylm[gpu]'")
-    session = add_session(tmp_path, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
-    ort_cuda.require_cuda_session(session)
-    a, b = torch.arange(4.0, device="cuda"), torch.full((4,), 10.0, device="cuda")
-    y = torch.zeros(4, device="cuda")
-    ort_cuda.run_bound(session, {"a": a, "b": b}, {"y": y})
-    assert y.tolist() == [10.0, 11.0, 12.0, 13.0]
+    out = tmp_path / "llama-fp32"
+    export_model(tiny_llama_dir, "fp32", out)
+    prompts = ["hello world", "a b c d e f"]
+    want = load(out, backend="onnx", device="cpu").generate(prompts, num_beams=4, max_new_tokens=8)
+    got = load(out, backend="onnx", device="cuda").generate(prompts, num_beams=4, max_new_tokens=8)
+    assert [r.sequences[0].token_ids for r in got] == [r.sequences[0].token_ids for r in want]
 
 
 # ---- TensorRT -------------------------------------------------------------------------------------

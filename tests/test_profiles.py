@@ -216,3 +216,37 @@ def test_docs_explain_every_key():
             *QualityBudget.__dataclass_fields__, "ops", "nodes", "auto", "workspace_gb", "shapes",
             *option_names()]
     assert [k for k in keys if f"`{k}`" not in doc and f"`[{k}]`" not in doc] == []
+
+
+TRT_INT8 = BASE.replace('backends = ["onnx"]', 'backends = ["trt"]')
+
+
+@pytest.mark.parametrize("extra,message", [
+    ('[quantization]\ncalibration_method = "percentile"',
+     r"quantization.calibration_method does not apply to TensorRT engines \(TensorRT calibrates them itself\): "
+     r"expected only method, calibration_samples"),
+    ('[quantization]\nweight_type = "qint8"', r"quantization.weight_type does not apply to TensorRT engines"),
+    ('[quantization]\nmethod = "dynamic"', r"quantization.method = 'dynamic' does not apply to TensorRT engines: "
+                                           r"expected 'static'"),
+])
+def test_trt_int8_takes_only_the_keys_tensorrt_uses(tmp_path, extra, message):
+    with pytest.raises(ProfileError, match=message):
+        load_profile(write(tmp_path, TRT_INT8 + extra + "\n"))
+
+
+def test_trt_int8_is_static_calibration_and_not_shared_with_onnx(tmp_path):
+    plain = load_profile(write(tmp_path, TRT_INT8)).quantization
+    assert plain.method == "static" and plain.calibration_samples == 64 and plain.weight_type is None
+    builtin = load_profile("trt-int8").quantization
+    assert (builtin.method, builtin.calibration_samples, builtin.calibration_method) == ("static", 128, None)
+    both = BASE.replace('backends = ["onnx"]', 'backends = ["onnx", "trt"]')
+    with pytest.raises(ProfileError, match=r"precision 'int8' with backends \['onnx', 'trt'\]: ONNX Runtime's int8 "
+                                           r"graphs use asymmetric uint8 activations"):
+        load_profile(write(tmp_path, both, "both.toml"))
+
+
+def test_an_older_trt_int8_manifest_profile_still_loads():
+    stored = load_profile("trt-int8").to_dict()
+    stored["quantization"].update(weight_type="qint8", per_channel=True, reduce_range=False,
+                                  calibration_method="percentile")     # as earlier versions wrote it
+    assert Profile.from_dict(stored).quantization == load_profile("trt-int8").quantization

@@ -79,14 +79,22 @@ class ToyLM:
 
 
 class FakeContext:
-    def __init__(self, model: ToyLM, dtypes: dict[str, torch.dtype]):
+    """Like TensorRT's IExecutionContext: set_input_shape returns False outside the active profile."""
+
+    def __init__(self, model: ToyLM, dtypes: dict[str, torch.dtype], engine: "FakeEngine"):
         self.model, self.dtypes, self.shapes, self.addr, self.profiles = model, dtypes, {}, {}, []
+        self.engine = engine
 
     def set_optimization_profile_async(self, index, stream):
         self.profiles.append(index)
+        return True
 
     def set_input_shape(self, name, shape):
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profiles[-1])
+        if not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+            return False                                          # TensorRT keeps the old shape
         self.shapes[name] = tuple(shape)
+        return True
 
     def set_tensor_address(self, name, address):
         self.addr[name] = address
@@ -127,11 +135,14 @@ class FakeEngine:
     def get_tensor_shape(self, name):
         return (-1, 1, V) if name == "logits" else (-1, H, -1, D) if "key" in name or "value" in name else (-1, -1)
 
+    def get_tensor_profile_shape(self, name, index):
+        return engine_shapes()[("prefill", "decode")[index]][name]   # [min, opt, max]
+
 
 def fake_runner(model=None):
     engine = FakeEngine()
     dtypes = {n: torch.int64 if engine.types[n].name == "INT64" else torch.float32 for n in engine.names}
-    context = FakeContext(model or ToyLM(), dtypes)
+    context = FakeContext(model or ToyLM(), dtypes, engine)
     return EngineRunner(engine, context, ("prefill", "decode"), torch.device("cpu"))
 
 
@@ -213,3 +224,38 @@ def test_stale_state_and_too_many_rows_are_refused():
         backend.decode(torch.tensor([1]), state)
     with pytest.raises(UsageError, match="5 rows"):
         backend.reorder(newer, torch.tensor([0, 0, 0, 0, 0]))
+
+
+def test_prompts_outside_the_prefill_profile_are_refused_before_the_engine():
+    backend, _, context = _backend()                              # prefill: 4 rows, 16 tokens; decode 8 rows
+    assert (backend.plan.prefill_rows, backend.plan.prefill_tokens, backend.plan.rows) == (4, 16, 8)
+    with pytest.raises(UsageError, match="5 prompts in one call exceed the TensorRT engine's prefill profile of 4"):
+        backend.prefill(EncodedBatch(torch.ones(5, 2, dtype=torch.long), torch.ones(5, 2, dtype=torch.long)))
+    with pytest.raises(UsageError, match="prompt of 17 tokens exceeds the TensorRT engine's prefill profile of 16"):
+        backend.prefill(EncodedBatch(torch.ones(1, 17, dtype=torch.long), torch.ones(1, 17, dtype=torch.long)))
+    assert context.profiles == []                                 # refused before any engine call
+
+
+def test_a_shape_the_engine_refuses_is_a_usage_error_naming_the_input():
+    runner = fake_runner()
+    feeds = {"input_ids": torch.ones(6, 2, dtype=torch.long), "attention_mask": torch.ones(6, 2, dtype=torch.long),
+             "position_ids": torch.ones(6, 2, dtype=torch.long), **{n: torch.zeros(6, H, 0, D) for n in NAMES}}
+    with pytest.raises(UsageError, match=r"input_ids of shape \(6, 2\) is outside the TensorRT engine's prefill "
+                                         r"profile \(\(1, 1\) to \(4, 16\)\)"):
+        runner.run("prefill", feeds, {})
+
+
+def test_kv_buffers_grow_to_what_the_call_needs_not_the_engine_maximum():
+    backend, model, _ = _backend()
+    batch = EncodedBatch(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+    logits, state = backend.prefill(batch)
+    state = backend.reorder(state, torch.tensor([0, 0]))          # 2 beams
+    for step in range(3):
+        logits, state = backend.decode(torch.tensor([step + 1, step + 2]), state)
+    plan, held = backend.plan, [b.numel() for pair in state.kv.buffers.values() for b in pair]
+    assert plan.numel == 8 * H * 33 * D                           # the engine's maximum: 8 rows x 33 tokens
+    assert max(held) == 2 * H * (3 + 64) * D < plan.numel         # 2 rows x (the prompt + 64 tokens of room)
+    want = _reference(model, batch, [(torch.tensor([0, 0]), torch.tensor([1, 2])),
+                                     (torch.tensor([0, 1]), torch.tensor([2, 3])),
+                                     (torch.tensor([0, 1]), torch.tensor([3, 4]))])
+    torch.testing.assert_close(logits, want[-1])

@@ -122,8 +122,11 @@ class _Config:
     def set_flag(self, f): self.flags.add(f)
     def clear_flag(self, f): self.log["cleared"] = f
     def set_memory_pool_limit(self, pool, size): self.log["workspace"] = (pool, size)
-    def create_timing_cache(self, data): self.log["cache_in"] = bytes(data); return "cache"
-    def set_timing_cache(self, cache, ignore_mismatch): self.log["cache_set"] = (cache, ignore_mismatch)
+    def create_timing_cache(self, data): self.log.setdefault("caches", []).append(bytes(data)); return bytes(data)
+
+    def set_timing_cache(self, cache, ignore_mismatch):  # TensorRT: False for another GPU's cache
+        self.log["cache_set"] = (cache, ignore_mismatch)
+        return cache in (b"", b"TIMING")
     def add_optimization_profile(self, p): self.profiles.append(p.shapes); return len(self.profiles) - 1
     def get_timing_cache(self): return types.SimpleNamespace(serialize=lambda: b"TIMING")
 
@@ -167,7 +170,7 @@ def test_build_engines_configures_two_profiles_precision_and_cache(tmp_path, mon
     infos = trt_build.build_engines(tmp_path, load_profile("trt-fp16"))
     (info,) = infos
     assert (tmp_path / "trt" / "model.plan").read_bytes() == b"PLAN-BYTES"
-    assert (tmp_path / "trt" / "timing.cache").read_bytes() == b"TIMING" and log["cache_in"] == b""
+    assert (tmp_path / "trt" / "timing.cache").read_bytes() == b"TIMING" and log["caches"] == [b""]
     assert log["config"].flags == {"FP16", "OBEY"} and log["workspace"] == ("WORKSPACE", 4 << 30)
     prefill, decode = log["config"].profiles                     # profile 0 = prefill, 1 = decode
     assert prefill["input_ids"] == ((1, 1), (4, 64), (32, 512))
@@ -200,3 +203,16 @@ def test_entropy_calibrator_hands_out_opt_shape_batches_by_address(tmp_path):
     assert calib.read_calibration_cache() is None
     calib.write_calibration_cache(b"scales")
     assert calib.read_calibration_cache() == b"scales"
+
+
+def test_a_timing_cache_tensorrt_refuses_is_replaced_by_an_empty_one(tmp_path, monkeypatch):
+    log: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(log))
+    monkeypatch.setattr(trt_env.importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _decoder_graph(tmp_path)
+    (tmp_path / "trt").mkdir()
+    (tmp_path / "trt" / "timing.cache").write_bytes(b"ANOTHER-GPU")
+    trt_build.build_engines(tmp_path, load_profile("trt-fp16"))
+    assert log["caches"] == [b"ANOTHER-GPU", b""] and log["cache_set"] == (b"", False)
+    assert (tmp_path / "trt" / "timing.cache").read_bytes() == b"TIMING"

@@ -94,3 +94,24 @@ def test_trt_profile_build_refuses_and_writes_nothing(tmp_path, no_trt_no_gpu):
         build_engines(tmp_path, load_profile("trt-fp16"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before        # no trt/ folder, no cache
 
+
+
+def test_import_tensorrt_refuses_other_majors_and_broken_installs(monkeypatch):
+    import types
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "11.4.0.106"
+    monkeypatch.setattr(trt_env.importlib, "import_module", lambda name: fake)
+    with pytest.raises(MissingDependencyError, match=r"TensorRT 11.4.0.106 is installed; deploylm builds and runs "
+                                                     r"TensorRT 10.x engines .*tensorrt-cu12>=10.1,<11"):
+        trt_env.import_tensorrt()
+    fake.__version__ = "10.16.1.11"
+    assert trt_env.import_tensorrt() is fake
+
+    def broken(name):
+        raise ImportError("libnvinfer.so.10: cannot open shared object file")
+
+    monkeypatch.setattr(trt_env.importlib, "import_module", broken)
+    with pytest.raises(MissingDependencyError, match=r"TensorRT is installed but cannot be imported "
+                                                     r"\(libnvinfer.so.10: cannot open"):
+        trt_env.import_tensorrt()

@@ -1,16 +1,21 @@
 """The `trt` backend: TensorRT engines from an artifact's trt/ folder, KV cache in torch CUDA memory.
 
-- The engine is deserialized once; one execution context runs every call on the current torch CUDA
-  stream (`execute_async_v3`), selecting the optimization profile of the phase (prefill / decode).
-- Inputs and outputs are torch tensors bound by address (`set_tensor_address`); nothing is copied
-  through the host. The KV cache lives in preallocated ping-pong buffers (trt_buffers.KvPingPong):
-  each step reads `past_key_values.*` from one buffer and writes `present.*` into the other.
+- The engine is deserialized once; one execution context runs every call on its own CUDA stream
+  (`execute_async_v3`; TensorRT synchronizes the device around the legacy default stream), ordered
+  after the caller's current torch stream and before its next work, selecting the optimization
+  profile of the phase (prefill / decode).
+- Inputs and outputs are torch tensors bound by address (`set_tensor_address`, 256-byte aligned);
+  nothing is copied through the host. A shape outside the phase's profile is refused by name. The
+  KV cache lives in ping-pong buffers (trt_buffers.KvPingPong), grown to what a call needs (up to
+  the engine's maximum): each step reads `past_key_values.*` from one buffer and writes `present.*`
+  into the other.
 - `reorder` gathers the kept rows into the other buffer and swaps, so the next engine call reads
   the reordered cache; a state that was already advanced or reordered is refused.
 Decoder-only artifacts (model.onnx -> trt/model.plan). TensorRT is imported via trt_env only.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +31,7 @@ from deploylm.backends.trt_buffers import KvPingPong
 from deploylm.errors import ArtifactError, UsageError
 from deploylm.export.trt_env import (check_engines, current_trt_env, import_tensorrt, require_trt_gpu,
                                      torch_dtype_for, trt_dtype_name)
-from deploylm.export.trt_shapes import KvBufferPlan, check_fits, kv_buffer_plan
+from deploylm.export.trt_shapes import KvBufferPlan, check_prefill, kv_buffer_plan
 
 
 def pair_kv_names(inputs: list[str], outputs: list[str]) -> list[tuple[str, str]]:
@@ -66,12 +71,25 @@ class EngineRunner:
         self._profile: int | None = None
         self._lock = threading.Lock()
         self._dummy = torch.zeros(1, device=device)         # an address for zero-size tensors
-
-    def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        self._cuda = device.type == "cuda"
+        self._side = torch.cuda.Stream(device) if self._cuda else None  # TensorRT's own stream
 
     def _bind(self, name: str, tensor: Tensor) -> None:
         self.context.set_tensor_address(name, tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr())
+
+    def _held(self, name: str, tensor: Tensor) -> Tensor:
+        """The input as the engine's dtype, dense, at a 256-byte aligned address (TensorRT's rule)."""
+        held = tensor.to(self.dtypes[name]).contiguous()
+        if self._cuda and held.numel() and held.data_ptr() % ALIGNMENT:
+            held = held.clone()                              # a view at an offset: a fresh, aligned block
+        return held
+
+    def _set_shape(self, phase: str, index: int, name: str, shape: tuple[int, ...]) -> None:
+        if self.context.set_input_shape(name, shape) is False:
+            lo, _, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, index))
+            raise UsageError(f"{name} of shape {shape} is outside the TensorRT engine's {phase} profile "
+                             f"({lo} to {hi}): shorten the prompts, lower --batch-size/--num-beams, or re-export "
+                             "with larger [tensorrt] shapes")
 
     def run(self, phase: str, feeds: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Run `phase` with inputs `feeds`; outputs in `outputs` are written in place, the others
@@ -79,15 +97,19 @@ class EngineRunner:
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise ArtifactError(f"the TensorRT engine needs inputs {missing} that the trt backend does not provide")
-        with self._lock:
-            stream = self._stream()
+        with self._lock, _on_device(self.device):
+            caller = torch.cuda.current_stream(self.device) if self._cuda else None
+            if self._side is not None:
+                self._side.wait_stream(caller)                # inputs and buffers written by the caller first
+            stream = self._side.cuda_stream if self._side is not None else 0
             index = self.phases.index(phase)
             if self._profile != index:
-                self.context.set_optimization_profile_async(index, stream)
+                if self.context.set_optimization_profile_async(index, stream) is False:
+                    raise RuntimeError(f"TensorRT could not select optimization profile {index} ({phase})")
                 self._profile = index
-            held = {n: feeds[n].to(self.dtypes[n]).contiguous() for n in self.inputs}
+            held = {n: self._held(n, feeds[n]) for n in self.inputs}
             for name, tensor in held.items():
-                self.context.set_input_shape(name, tuple(tensor.shape))
+                self._set_shape(phase, index, name, tuple(tensor.shape))
                 self._bind(name, tensor)
             result = {}
             for name in self.outputs:
@@ -101,7 +123,18 @@ class EngineRunner:
                 result[name] = out
             if not self.context.execute_async_v3(stream):
                 raise RuntimeError(f"TensorRT execute_async_v3 failed in phase {phase}")
+            if self._side is not None:
+                caller.wait_stream(self._side)                # the caller's next work (and the reuse of
+                                                              # `held`'s memory) waits for the engine
         return result
+
+
+ALIGNMENT = 256                                               # bytes, for set_tensor_address
+
+
+def _on_device(device: torch.device) -> Any:
+    """The CUDA device as current for the engine's calls (a no-op context off CUDA)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class TrtBackend:
@@ -121,7 +154,7 @@ class TrtBackend:
                     **_options: Any) -> "TrtBackend":
         """Open an artifact exported with a trt-* profile (refuses missing TensorRT/CUDA or foreign engines).
 
-        rows: KV buffer rows (batch x beams) to preallocate; default the engine's maximum.
+        rows: most KV buffer rows (batch x beams) a call may use; default the engine's maximum.
         """
         from deploylm.artifact import load_artifact
 
@@ -165,7 +198,7 @@ class TrtBackend:
         ids = batch.input_ids.to(self.device)                          # [B, T], left-padded
         mask = batch.attention_mask.to(self.device, torch.long)        # [B, T]
         rows, length = ids.shape
-        check_fits(rows, length, self.plan)
+        check_prefill(rows, length, self.plan)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)                       # [B, T]
         kv = KvPingPong(self.plan, self.kv_dtype, self.device)
         logits = self._step("prefill", kv, rows, 0, length, ids, mask, pos)

@@ -195,7 +195,8 @@ def _builder_config(trt: Any, builder: Any, profile: Any, *, pinned: bool, cache
         config.clear_flag(getattr(trt.BuilderFlag, flag))
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(profile.tensorrt.workspace_gb * (1 << 30)))
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if config.set_timing_cache(cache, ignore_mismatch=False) is False:    # another GPU's or TensorRT's cache
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     return config
 
 

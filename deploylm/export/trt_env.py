@@ -16,6 +16,9 @@ from typing import Any, Mapping
 from deploylm.errors import ArtifactError, MissingDependencyError
 
 INSTALL_HINT = "pip install 'deploylm[trt]'"
+# deploylm builds with the TensorRT 10 API: 11 removed the precision builder flags (FP16, INT8,
+# OBEY_PRECISION_CONSTRAINTS) and the int8 calibrator it uses; the [trt] extra pins 10.x.
+SUPPORTED_MAJOR = 10
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,30 @@ def torch_dtype_for(dtype: Any) -> Any:
 
 
 def import_tensorrt() -> Any:
-    """`import tensorrt`, or MissingDependencyError saying how to install it."""
+    """`import tensorrt` (TensorRT 10.x), or MissingDependencyError saying how to install it."""
     try:
-        return importlib.import_module("tensorrt")
-    except ImportError as exc:
+        trt = importlib.import_module("tensorrt")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "tensorrt":
+            raise MissingDependencyError(f"TensorRT is installed but cannot be imported ({exc.msg}): "
+                                         f"reinstall it with {INSTALL_HINT}") from None
         raise MissingDependencyError(f"TensorRT is not installed ({exc.msg}): {INSTALL_HINT} "
                                      "on a machine with an NVIDIA GPU") from None
+    except (ImportError, OSError) as exc:       # the wheel is there, its libraries (libnvinfer, CUDA) are not
+        raise MissingDependencyError(f"TensorRT is installed but cannot be imported ({exc}): check the NVIDIA "
+                                     f"driver and CUDA libraries, or reinstall it with {INSTALL_HINT}") from None
+    check_trt_version(str(getattr(trt, "__version__", "")))
+    return trt
+
+
+def check_trt_version(version: str) -> None:
+    """MissingDependencyError unless `version` is a TensorRT deploylm builds and runs engines with."""
+    major = version.split(".")[0]
+    if major != str(SUPPORTED_MAJOR):
+        raise MissingDependencyError(
+            f"TensorRT {version or '(unknown version)'} is installed; deploylm builds and runs TensorRT "
+            f"{SUPPORTED_MAJOR}.x engines (TensorRT 11 removed the precision flags and the int8 calibrator "
+            f"it uses): {INSTALL_HINT}, which installs tensorrt-cu12>=10.1,<11")
 
 
 def missing_trt_message(purpose: str, *, has_tensorrt: bool, has_cuda: bool) -> str | None:

@@ -148,7 +148,8 @@ def engine_phases(graph: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class KvBufferPlan:
-    """Preallocated KV memory: per cache tensor two flat buffers (ping-pong) of `numel` elements."""
+    """KV memory: per cache tensor two flat buffers (ping-pong) of at most `numel` elements, and
+    the prefill profile's limits."""
 
     names: tuple[str, ...]        # graph inputs past_key_values.* (the outputs are present.*)
     rows: int                     # batch x beams
@@ -156,6 +157,8 @@ class KvBufferPlan:
     max_len: int
     head_dim: int
     itemsize: int                 # bytes per element of the engine's KV dtype
+    prefill_rows: int | None = None    # the prefill profile's most rows and prompt tokens
+    prefill_tokens: int | None = None  # (None: no prefill profile, or not known)
 
     @property
     def numel(self) -> int:
@@ -182,7 +185,10 @@ def kv_buffer_plan(phase_shapes: Mapping[str, ShapeSet], itemsize: int, rows: in
     max_rows = max(shapes["input_ids"][2][0] for shapes in phase_shapes.values())
     max_len = max(shapes[n][2][2] + shapes["input_ids"][2][1]
                   for shapes in phase_shapes.values() for n in self_kv if n in shapes)
-    return KvBufferPlan(tuple(self_kv), min(rows or max_rows, max_rows), heads, max_len, head_dim, itemsize)
+    prefill = phase_shapes.get("prefill", {}).get("input_ids")
+    prefill_rows, prefill_tokens = (int(prefill[2][0]), int(prefill[2][1])) if prefill else (None, None)
+    return KvBufferPlan(tuple(self_kv), min(rows or max_rows, max_rows), heads, max_len, head_dim, itemsize,
+                        prefill_rows, prefill_tokens)
 
 
 def check_fits(rows: int, length: int, plan: KvBufferPlan) -> None:
@@ -193,3 +199,15 @@ def check_fits(rows: int, length: int, plan: KvBufferPlan) -> None:
     if length > plan.max_len:
         raise UsageError(f"a cache of {length} tokens exceeds the TensorRT engine's {plan.max_len}: shorten "
                          "the prompt/--max-new-tokens or re-export with larger [tensorrt] shapes")
+
+
+def check_prefill(rows: int, length: int, plan: KvBufferPlan) -> None:
+    """UsageError when a prompt batch is outside the engine's prefill profile (or the buffers)."""
+    check_fits(rows, length, plan)
+    if plan.prefill_rows is not None and rows > plan.prefill_rows:
+        raise UsageError(f"{rows} prompts in one call exceed the TensorRT engine's prefill profile of "
+                         f"{plan.prefill_rows}: lower --batch-size or re-export with larger [tensorrt] shapes.batch")
+    if plan.prefill_tokens is not None and length > plan.prefill_tokens:
+        raise UsageError(f"a prompt of {length} tokens exceeds the TensorRT engine's prefill profile of "
+                         f"{plan.prefill_tokens}: shorten the prompt or re-export with larger [tensorrt] "
+                         "shapes.sequence")
