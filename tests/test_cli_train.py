@@ -103,6 +103,9 @@ def test_force_refuses_a_folder_that_is_not_a_run(tmp_path):
     {"config.json": '{"model_type": "llama"}', "model.safetensors": "weights"},                  # a Hugging Face folder
     {"config.json": '{"model_type": "deploylm-seq2seq"}', "manifest.json": "{}"},                # an exported artifact
     {"config.json": "{}", "notes.txt": "keep me"},
+    {"metrics.json": '{"accuracy": 0.9}', "README.md": "my project", "main.py": "print(1)"},  # another tool's
+    {"cleaning.json": '{"rules": []}', "notes.txt": "keep me"},
+    {"metrics.json": "not json", "notes.txt": "keep me"},
 ])
 def test_force_refuses_folders_with_a_config_that_are_no_training_run(tmp_path, files):
     out = tmp_path / "precious"
@@ -116,7 +119,8 @@ def test_force_refuses_folders_with_a_config_that_are_no_training_run(tmp_path, 
 def test_runs_stopped_before_their_first_checkpoint_are_training_runs(tmp_path):
     from deploylm.training.outdir import is_training_run
 
-    (tmp_path / "cleaning.json").write_text("{}")          # all that `train --data` had written when stopped
+    (tmp_path / "cleaning.json").write_text(                # all that `train --data` had written when stopped
+        '{"options": {}, "records_in": 9, "kept": 9, "normalized": 0, "dropped": {}, "examples": {}}')
     assert is_training_run(tmp_path)
     (tmp_path / "cleaning.json").unlink()
     (tmp_path / "config.json").write_text('{"model_type": "deploylm-lm"}')

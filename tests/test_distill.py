@@ -198,6 +198,17 @@ def test_existing_output_is_refused(seed_teacher, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_force_replaces_only_a_model_folder(seed_teacher, tmp_path):
+    out = tmp_path / "service"
+    (out / "src").mkdir(parents=True)
+    (out / "config.json").write_text('{"port": 8080}')      # a config.json, but no model weights beside it
+    (out / "src" / "main.py").write_text("serve()")
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", str(out), "--task", "reverse",
+                                   "--force"])
+    assert res.exit_code == 2 and "holds no model (no config.json beside model.safetensors" in res.output, res.output
+    assert (out / "src" / "main.py").read_text() == "serve()"
+
+
 def test_an_unwritable_output_is_refused(seed_teacher):
     res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", "/proc/deploylm-student",
                                    "--task", "reverse"])
@@ -295,42 +306,78 @@ def test_learning_rate_default_depends_on_how_the_student_starts(seed_teacher, t
 
 
 def test_decoder_teacher_reads_text_as_it_was_trained(tmp_path):
-    """A deploylm decoder-only teacher sees the stream its training built: paragraphs as <s> doc </s>,
-    in blocks of the --block-size recorded in its training_state.pt (not 128 tokens of bare lines)."""
+    """A deploylm decoder-only teacher sees the text as its training did: the same cleaning (hard-wrapped
+    lines joined, duplicate paragraphs dropped), the same split seed, its train split as <s> doc </s>
+    in blocks of its recorded --block-size, and its test split held out (not the last tenth of all)."""
+    from deploylm.training.clean import CleanOptions
+
     teacher = build_tiny_seed(tmp_path / "lm", arch="decoder", layers=2)
-    torch.save({"identity": {"arch": "decoder", "block_size": 12}}, teacher / "training_state.pt")
-    paragraphs = [" ".join(CORPUS[i:i + 3]) for i in range(0, 9, 3)] * 4
+    distinct = [f"paragraph {i}: " + " ".join(CORPUS[i:i + 3]) for i in range(0, 30)]
+    wrapped = ["\n".join(p.split(" ", 4)[:4] + [p.split(" ", 4)[4]]) for p in distinct]   # hard-wrapped
     data = tmp_path / "paragraphs.txt"
-    data.write_text("\n\n".join(paragraphs) + "\n")
+    data.write_text("\n\n".join(wrapped * 2) + "\n")                     # every paragraph twice
+    identity = {"arch": "decoder", "block_size": 12, "data": str(data.resolve()), "seed": 5,
+                "clean": CleanOptions().as_json()}
+    torch.save({"identity": identity}, teacher / "training_state.pt")
     config = load_checkpoint(teacher)[1]
     setup = distill_setup.build(DistillConfig(teacher=teacher, out=tmp_path / "s", data=data, **FAST))
     assert setup.block_size == 12
     inputs, labels = setup.batch(0)
     assert inputs["input_ids"].shape == labels.shape == (16, 12)
-    everything = torch.cat([inputs["input_ids"].flatten(), labels.flatten()])
-    assert config.bos_token_id in everything.tolist() and config.eos_token_id in everything.tolist()
-    # the stream `train --arch decoder` builds from this file: one <s> and one </s> per paragraph; every
-    # block distillation draws is a 13-token window of it at a multiple of 12
-    stream = training_stream(teacher, data)
-    assert stream.count(config.bos_token_id) == stream.count(config.eos_token_id) == len(paragraphs)
-    windows = [stream[s:s + 13] for s in range(0, len(stream) - 12, 12)]
+    # the streams `train --arch decoder` builds from this file (deploylm.training.text), independently of distill
+    train_stream, test_stream, docs = training_streams(teacher, data, seed=5)
+    assert len(docs) == 30 and not any("\n" in d for d in docs)          # duplicates dropped, lines joined
+    windows = [train_stream[s:s + 13] for s in range(0, len(train_stream) - 12, 12)]
     rows = torch.cat([inputs["input_ids"], labels[:, -1:]], dim=1).tolist()          # [16, 13]
     assert all(row in windows for row in rows) and windows[0][0] == config.bos_token_id
+    assert setup.data_record["seed"] == 5 and setup.data_record["clean"] == CleanOptions().as_json()
 
     result = distill(DistillConfig(teacher=teacher, out=tmp_path / "student", data=data, steps=2, **FAST))
-    assert result.student["held_out_tokens"] > 0
+    held = len(test_stream) - 1 if len(test_stream) <= 13 else (len(test_stream) - 1) // 12 * 12
+    assert 0 < result.student["held_out_tokens"] <= len(test_stream) and result.student["held_out_tokens"] >= held - 12
     assert json.loads((tmp_path / "student" / "distill.json").read_text())["settings"]["block_size"] == 12
     override = distill_setup.build(DistillConfig(teacher=teacher, out=tmp_path / "s2", data=data, block_size=20, **FAST))
     assert override.batch(0)[0]["input_ids"].shape[1] == 20
 
 
-def training_stream(teacher, data):
-    """The token stream the trainer builds from `data` (deploylm.training.text), independently of distill."""
-    from deploylm.training.text import read_documents, token_stream
+def test_a_changed_teacher_data_file_is_refused(tmp_path):
+    """The teacher's data file grew since training: drawing its splits anew would train the student on
+    the teacher's test examples, so distillation refuses (both kinds of teacher)."""
+    from deploylm.training.config import file_sha256
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"source": f"a {i}", "target": f"b {i}"}) for i in range(60)) + "\n")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + " ".join(CORPUS[i:i + 3]) for i in range(30)) + "\n")
+    seq2seq = build_tiny_seed(tmp_path / "t1", layers=2)
+    lm = build_tiny_seed(tmp_path / "t2", arch="decoder", layers=2)
+    for teacher, path, arch in ((seq2seq, data, "seq2seq"), (lm, text, "decoder")):
+        identity = {"arch": arch, "data": str(path.resolve()), "seed": 0, "data_sha256": file_sha256(path)}
+        torch.save({"identity": identity}, teacher / "training_state.pt")
+    distill_setup.build(DistillConfig(teacher=seq2seq, out=tmp_path / "s", **FAST))             # unchanged: fine
+    with data.open("a") as fh:
+        fh.write(json.dumps({"source": "new", "target": "pair"}) + "\n")
+    with text.open("a") as fh:
+        fh.write("\na new paragraph\n")
+    for args in (["--teacher", str(seq2seq)], ["--teacher", str(seq2seq), "--data", str(data)],
+                 ["--teacher", str(lm), "--data", str(text)]):
+        res = CliRunner().invoke(cli, ["distill", *args, "--out", str(tmp_path / "student"), "--steps", "1"])
+        assert res.exit_code == 2 and "changed since teacher" in res.output, res.output
+        assert "the teacher's test examples would train the student" in res.output
+    assert not (tmp_path / "student").exists()
+
+
+def training_streams(teacher, data, seed):
+    """The train and test token streams the trainer builds from `data`, and its cleaned documents."""
+    from deploylm.training.clean import CleanOptions
+    from deploylm.training.text import load_text, text_splits, token_stream
     from deploylm.training.tokenizer import load_tokenizer
 
     config = load_checkpoint(teacher)[1]
-    return token_stream(load_tokenizer(teacher), read_documents(data), config.bos_token_id, config.eos_token_id)
+    docs, _ = load_text(data, CleanOptions())
+    splits = text_splits(data, docs, seed)
+    tok, bos, eos = load_tokenizer(teacher), config.bos_token_id, config.eos_token_id
+    return token_stream(tok, splits.train, bos, eos), token_stream(tok, splits.test, bos, eos), docs
 
 
 def test_block_size_past_the_window_is_refused(tmp_path, text_file):

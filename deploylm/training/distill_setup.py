@@ -34,9 +34,18 @@ def check_output(config: DistillConfig) -> None:
     out = config.out
     if config.teacher.exists() and out.exists() and out.resolve() == config.teacher.resolve():
         raise UsageError(f"--out {str(out)!r} is the teacher's folder: choose another folder for the student")
-    check_output_folder(out, config.force, holds="the student", ours=lambda folder: (folder / "config.json").is_file(),
-                        not_ours="holds no model (no config.json)",
+    check_output_folder(out, config.force, holds="the student", ours=is_model_folder,
+                        not_ours=f"holds no model (no config.json beside {' or '.join(MODEL_WEIGHTS)})",
                         without_force="choose another folder or use --force to replace it")
+
+
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A model folder --force may replace: config.json beside model weights, and not an exported artifact."""
+    return ((folder / "config.json").is_file() and any((folder / name).is_file() for name in MODEL_WEIGHTS)
+            and not (folder / "manifest.json").exists())
 
 
 def build(config: DistillConfig) -> Setup:
@@ -138,6 +147,7 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
     if config.data is not None or (config.task is None and identity.get("data")):
         clean = CleanOptions(**identity["clean"]) if identity.get("clean") else None  # the teacher's splits
         path = Path(config.data or identity["data"])
+        check_teacher_data(path, identity, folder)
         splits = jsonl_splits(path, seed, clean)
         return splits, data_record(path, seed, clean, "seq2seq")
     task = config.task or identity["task"]
@@ -145,6 +155,21 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
         raise UsageError(f"unknown task {task!r} for an encoder-decoder teacher: expected one of {', '.join(TASKS)} "
                          "(a decoder-only teacher is distilled on text: --data FILE.txt)")
     return task_splits(task, seed), {"task": task, "seed": seed}
+
+
+def check_teacher_data(path: Path, identity: dict[str, Any], teacher: Path) -> None:
+    """UsageError when `path` is the file the teacher trained on and its contents changed since: its
+    splits would be drawn anew, and the teacher's test examples would train the student."""
+    from deploylm.training.config import file_sha256
+
+    recorded, trained_on = identity.get("data_sha256"), identity.get("data")
+    if not (isinstance(recorded, str) and trained_on and path.is_file()):
+        return
+    if Path(trained_on).resolve() == path.resolve() and file_sha256(path) != recorded:
+        raise UsageError(f"--data {str(path)!r} changed since teacher {str(teacher)!r} was trained on it (sha256 "
+                         f"{recorded[:12]}… then, {file_sha256(path)[:12]}… now): its splits would be drawn anew and "
+                         "the teacher's test examples would train the student; give the file as it was, or a copy "
+                         "of the new contents under another name")
 
 
 def data_record(path: Path, seed: int, clean: Any, arch: str) -> dict[str, Any]:
@@ -205,19 +230,24 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
     if config.data is None:
         raise UsageError("--data FILE.txt is required for a causal LM teacher: the plain text to distil on")
     seed_teacher = source.kind == "checkpoint"
-    docs = _documents(config.data) if seed_teacher else _read_lines(config.data)
+    if seed_teacher:
+        text = _teacher_text(config, source.path)
     tok = load_tokenizer(source)
     teacher, student, kept, window, save = make_pair(config, source, device, tok)
     length = _block_size(config, _trained_block_size(source.path) if seed_teacher else None, window)
-    if seed_teacher:   # the stream the teacher trained on, built by training's own token_stream
+    if seed_teacher:   # the teacher's own splits of the text, through training's token_stream
         from deploylm.training.text import token_stream
         from deploylm.training.tokenizer import load_tokenizer as training_tokenizer
 
-        ids = token_stream(training_tokenizer(source.path), docs, teacher.config.bos_token_id,
-                           teacher.config.eos_token_id)
+        ttok, bos, eos = training_tokenizer(source.path), teacher.config.bos_token_id, teacher.config.eos_token_id
+        ids = token_stream(ttok, text.splits.train, bos, eos)
+        if text.splits.test:
+            train = _text_blocks(ids, config.data, length)
+            held_out = _text_blocks(token_stream(ttok, text.splits.test, bos, eos), config.data, length)
+        else:          # too little text for a test split: hold out the last tenth of the blocks
+            train, held_out = _split_blocks(_text_blocks(ids, config.data, length))
     else:
-        ids = _line_stream(docs, tok)
-    train, held_out = _split_blocks(_text_blocks(ids, config.data, length))
+        train, held_out = _split_blocks(_text_blocks(_line_stream(_read_lines(config.data), tok), config.data, length))
     stream = BatchStream(train, config.batch_size, config.seed)
     forward = _hf_logits if source.kind == "hf" else _seed_logits
 
@@ -240,7 +270,7 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         return {"loss": loss, "perplexity": perplexity(loss), "eval_s": time.perf_counter() - started,
                 "held_out_tokens": count}
 
-    record = data_record(config.data, config.seed, None, "decoder") if seed_teacher else {}
+    record = data_record(config.data, text.seed, text.clean, "decoder") if seed_teacher else {}
     return Setup(teacher, student, kept, "teacher", batch, forward, evaluate, save, data_record=record, block_size=length)
 
 
@@ -337,14 +367,34 @@ def _read_lines(path: Path) -> list[str]:
         raise UsageError(f"--data {str(path)!r} is not UTF-8 text") from None
 
 
-def _documents(path: Path) -> list[str]:
-    """The documents `deploylm train --arch decoder` reads from `path`: paragraphs, or .jsonl "text"s."""
-    from deploylm.training.text import read_documents
+@dataclasses.dataclass(frozen=True)
+class TeacherText:
+    """--data as `deploylm train --arch decoder` read it for the teacher: cleaned with its options, split
+    with its seed (the same file gives the teacher's own train/validation/test documents)."""
 
+    splits: Any           # training.text.TextSplits
+    seed: int
+    clean: Any            # CleanOptions
+
+
+def _teacher_text(config: DistillConfig, folder: Path) -> TeacherText:
+    from deploylm.models.checkpoint import load_training_state
+    from deploylm.training.clean import CleanOptions
+    from deploylm.training.text import TextSplits, load_text, text_splits
+
+    identity = (load_training_state(folder) or {}).get("identity") or {}
+    path = Path(config.data)
+    check_teacher_data(path, identity, folder)
+    same = bool(identity.get("data")) and path.is_file() and Path(identity["data"]).resolve() == path.resolve()
+    clean = CleanOptions(**identity["clean"]) if same and identity.get("clean") else CleanOptions()
+    seed = int(identity.get("seed", config.seed)) if same else config.seed
     try:
-        return read_documents(path)
+        docs, _ = load_text(path, clean)
     except UsageError as exc:
         raise UsageError(f"--data: {exc}") from None
+    if len(set(docs)) < 3:          # too few paragraphs to split: all train, the last blocks held out
+        return TeacherText(TextSplits(docs, [], []), seed, clean)
+    return TeacherText(text_splits(path, docs, seed), seed, clean)
 
 
 def _line_stream(lines: list[str], tok: Any) -> list[int]:

@@ -27,22 +27,33 @@ METRICS = "metrics.json"
 CLEANING = "cleaning.json"
 TEXT_TASKS = {"stories": "generated short stories with long-range references (deploylm/training/stories.py)"}
 RUN_MARKERS = (TRAINING_STATE, METRICS, CLEANING)   # files only `deploylm train` writes into --out
+# the keys that make a metrics.json or cleaning.json deploylm's (other tools write files of those names)
+_MARKER_KEYS = {METRICS: ("arch", "seed", "steps", "test"), CLEANING: ("options", "records_in", "kept", "dropped")}
 
 
 def is_training_run(folder: Path) -> bool:
-    """A folder `deploylm train` made: one of RUN_MARKERS (cleaning.json is written first, so a run stopped
-    before its first checkpoint counts), or a deploylm checkpoint's config.json; never an exported
-    artifact (manifest.json) nor a Hugging Face folder, which have a config.json too."""
+    """A folder `deploylm train` made: its training_state.pt, a metrics.json or cleaning.json with
+    deploylm's keys (cleaning.json is written first, so a run stopped before its first checkpoint
+    counts), or a deploylm checkpoint's config.json; never an exported artifact (manifest.json) nor a
+    Hugging Face folder, which have a config.json too."""
     from deploylm.models.source import folder_source
 
     if (folder / "manifest.json").exists():
         return False
-    if any((folder / name).exists() for name in RUN_MARKERS):
+    if (folder / TRAINING_STATE).exists() or any(_is_ours(folder / name, keys) for name, keys in _MARKER_KEYS.items()):
         return True
     try:
         return folder_source(folder).kind == "checkpoint"     # the one rule for a deploylm config.json
     except UsageError:                                         # none, or not JSON: not ours
         return False
+
+
+def _is_ours(path: Path, keys: tuple[str, ...]) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in keys)
 
 
 @dataclass(frozen=True)
