@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Mapping
 
 from deploylm.backends import Backend, EncodedBatch, backend_class
 from deploylm.decoding.options import DecodingOptions, option_names
-from deploylm.errors import UsageError
+from deploylm.errors import Interrupted, UsageError
 from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, join_parts, join_texts, prompt_budget,
                                   split_rows, tokenize, tokenize_windows)
 from deploylm.models.source import Source, resolve_source
@@ -141,7 +141,7 @@ class Generator:
                 for prompt, per_prompt in zip(texts, hyps)]
 
     def stream(self, prompt: str, *, truncation: str | None = None, window_overlap: int | None = None,
-               **options: Any) -> TextStream:
+               stop: threading.Event | None = None, **options: Any) -> TextStream:
         """The best output's text in pieces, each as soon as every live beam agrees on it (a TextStream:
         iterate it; once exhausted, its `finish_reason` says whether the output stopped or ran out of
         max_new_tokens).
@@ -150,29 +150,34 @@ class Generator:
         The model is held from the first piece until the stream is exhausted or closed: other threads'
         calls wait for it, and a call from the reading thread itself is a UsageError (it would wait for
         itself). Read it to the end, `close()` it, or use it as `with gen.stream(...) as pieces:`.
+        stop: as in `generate`; once set, the stream raises Interrupted after its current step.
         """
         if not isinstance(prompt, str):
             raise UsageError(f"stream takes one prompt string, got {type(prompt).__name__}")
         opts = self.options(**options)
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
         if self._slides(fit):
-            return TextStream(self._stream_windows(prompt, opts, fit.overlap))
+            return TextStream(self._stream_windows(prompt, opts, fit.overlap, stop))
         batch = self.encode([prompt], opts, truncation=fit.truncation)
-        return TextStream(self._stream_text(batch, opts))
+        return TextStream(self._stream_text(batch, opts, stop))
 
     def finish_reason(self, token_ids: Any, max_new_tokens: int) -> str:
         """Why an output ended: "stop" (an end-of-sequence token, or fewer tokens than allowed) or "length"."""
         ended = bool(token_ids) and int(token_ids[-1]) in self.info.special.eos_token_ids
         return "stop" if ended or len(token_ids) < max_new_tokens else "length"
 
-    def _stream_text(self, batch: EncodedBatch, opts: DecodingOptions) -> Generator[str, None, str]:
+    def _stream_text(self, batch: EncodedBatch, opts: DecodingOptions,
+                     stop: threading.Event | None = None) -> Generator[str, None, str]:
         """The pieces of one prompt's best output; returns its finish reason."""
+        from deploylm.decoding.search import STOPPED
         from deploylm.decoding.stream import stream_ids
 
         with self._lock:
             ids: list[int] = []
             emitted = text = ""
             for pieces in stream_ids(self.backend, batch, opts):
+                if stop is not None and stop.is_set():
+                    raise Interrupted(STOPPED)
                 if not pieces[0]:
                     continue
                 ids.extend(pieces[0])
@@ -274,7 +279,8 @@ class Generator:
                                          for r in range(ranks)]))
         return results
 
-    def _stream_windows(self, prompt: str, opts: DecodingOptions, overlap: int) -> Generator[str, None, str]:
+    def _stream_windows(self, prompt: str, opts: DecodingOptions, overlap: int,
+                        stop: threading.Event | None = None) -> Generator[str, None, str]:
         """The joined best output of `prompt`'s chunks, one piece per decoded chunk; returns the finish
         reason of the last chunk's output."""
         from deploylm.decoding.search import generate_ids
@@ -283,7 +289,7 @@ class Generator:
         eos, outputs, emitted = self.info.special.eos_token_ids, [], ""
         with self._lock:
             for piece in split_rows(chunks, 1):
-                [hyps] = generate_ids(self.backend, piece, opts)
+                [hyps] = generate_ids(self.backend, piece, opts, None, stop)
                 outputs.append(hyps[0].token_ids)
                 text = self._joined_text(join_parts(outputs, overlap, eos))
                 if text.startswith(emitted) and len(text) > len(emitted):

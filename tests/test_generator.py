@@ -252,3 +252,15 @@ def test_loading_models_from_several_threads_at_once(tiny_llama_dir, tiny_gpt2_d
     run = subprocess.run([sys.executable, str(script), *sources], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == str(["ok"] * len(sources))
+
+
+def test_a_stopped_stream_ends_after_its_step_and_frees_the_model(llama):
+    from deploylm.errors import Interrupted
+
+    stop = threading.Event()
+    stream = llama.stream("the quick brown fox", num_beams=1, max_new_tokens=20, min_new_tokens=20, stop=stop)
+    first = next(stream)
+    stop.set()
+    with pytest.raises(Interrupted, match="decoding stopped before its end"):
+        list(stream)
+    assert first and llama.generate("hello", max_new_tokens=3)            # the model is free again

@@ -79,6 +79,10 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
     return RequestMiddleware(app, state)
 
 
+SHUTTING_DOWN = ApiError(503, "server is shutting down: this request was not finished; retry on another instance",
+                         type="server_overloaded", headers={"connection": "close"})
+
+
 class _Api:
     """Route handlers sharing the generator, the batcher and the limits."""
 
@@ -144,9 +148,7 @@ class _Api:
                 "max_new_tokens" if message.startswith("max_new_tokens") else None)
             return _error_response(ApiError(400, message, param=param))
         except Interrupted:
-            return _error_response(ApiError(503, "server is shutting down: this request was not finished; retry "
-                                            "on another instance", type="server_overloaded",
-                                            headers={"connection": "close"}))
+            return _error_response(SHUTTING_DOWN)
         except DeployLMError as exc:
             return _error_response(ApiError(500, str(exc), type="server_error"))
         except Exception as exc:  # noqa: BLE001 - a bug or a backend failure: log it, answer 500
@@ -194,14 +196,16 @@ class _Api:
                 yield chunk
         except (ApiError, UsageError) as exc:
             yield sse((exc if isinstance(exc, ApiError) else ApiError(400, str(exc))).body())
+        except Interrupted:       # the drain is over: the stream ends after its current step
+            yield sse(SHUTTING_DOWN.body())
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error becomes the last event
             log.exception("stream failed")
             yield sse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
 
     def _pieces(self, job: Job, opened: list[TextStream]) -> AsyncIterator[str]:
         """The text pieces of the job's stream; the TextStream lands in `opened` (its finish_reason)."""
-        def start() -> TextStream:
-            opened.append(self.generator.stream(job.prompts[0], **job.options))
+        def start() -> TextStream:   # stops after its current step once the drain is over
+            opened.append(self.generator.stream(job.prompts[0], stop=self.state.stop_decoding, **job.options))
             return opened[0]
 
         return stream_pieces(start)

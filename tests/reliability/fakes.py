@@ -61,20 +61,23 @@ class FakeGenerator:
                     raise Interrupted("decoding stopped before its end: the caller asked")
             return [self._answer(p, opts) for p in prompts]
 
-    def stream(self, prompt: str, **options: Any) -> TextStream:
+    def stream(self, prompt: str, *, stop: threading.Event | None = None, **options: Any) -> TextStream:
         opts = DecodingOptions.from_mapping(options)
-        return TextStream(self._stream(self._answer(prompt, opts).sequences[0], opts.max_new_tokens))
+        return TextStream(self._stream(self._answer(prompt, opts).sequences[0], opts.max_new_tokens, stop))
 
     @staticmethod
     def finish_reason(token_ids: list[int], max_new_tokens: int) -> str:
         return "stop" if len(token_ids) < max_new_tokens else "length"      # the fake has no end token
 
-    def _stream(self, best: Sequence, max_new_tokens: int) -> Generator[str, None, str]:
+    def _stream(self, best: Sequence, max_new_tokens: int,
+                stop: threading.Event | None = None) -> Generator[str, None, str]:
         try:
             for word in best.text.split(" ")[1:]:
                 with self._lock:
                     time.sleep(self.step_delay)
                     self.stream_steps += 1
+                if stop is not None and stop.is_set():    # as Generator.stream: stop after the step
+                    raise Interrupted("decoding stopped before its end: the caller asked")
                 yield " " + word
         finally:
             self.streams_closed += 1

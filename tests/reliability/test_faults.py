@@ -98,6 +98,30 @@ def test_shutdown_is_bounded_by_the_drain_timeout(start_fake_server):
     assert slow["r"].status_code == 503 and "was not finished" in slow["r"].json()["error"]["message"]
 
 
+def test_a_stream_still_running_when_the_drain_is_over_ends_with_a_503_event(start_fake_server):
+    """A stream longer than --drain-timeout stops after its current step with a final error event (it
+    used to run on, holding the model: uvicorn then cut it mid-body and the process could abort)."""
+    server = start_fake_server("--step-delay", "0.25", "--drain-timeout", "1")
+    events: list = []
+
+    def read() -> None:
+        with httpx.stream("POST", server.url + "/v1/generate", timeout=40,
+                          json={"prompt": LONG, "max_new_tokens": 40, "stream": True}) as r:
+            events.extend(json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: "))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    assert wait_until(lambda: httpx.get(server.url + "/health", timeout=5).json()["active_streams"] == 1)
+    started = time.monotonic()
+    server.proc.terminate()
+    server.proc.wait(15)
+    assert time.monotonic() - started < 8, "shutdown waited for the stream"
+    thread.join(10)
+    assert 0 < len(events) < 40 and "error" in events[-1], events[-3:]
+    assert "was not finished" in events[-1]["error"]["message"] and events[-1]["error"]["type"] == "server_overloaded"
+    assert "Cancel" not in server.log.read_text()       # uvicorn never had to cancel a task
+
+
 def test_overload_gets_503_with_retry_after_and_nothing_else():
     fake = FakeGenerator(delay=0.2)
     config = ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=2)
