@@ -36,3 +36,9 @@ class Interrupted(DeployLMError):
     """A decode stopped before its end because its caller asked (a server shutting down). Exit status 1."""
 
     exit_code = 1
+
+
+class TrainingDiverged(DeployLMError):
+    """The training loss became NaN or infinite: the weights are unusable, nothing more is saved. Exit status 1."""
+
+    exit_code = 1

@@ -167,3 +167,24 @@ def test_a_save_killed_outright_is_cleaned_up_by_the_next_save(tmp_path, monkeyp
     save_checkpoint(target, model, config)
     assert not stale.exists() and live.is_dir() and load_checkpoint(target)
     assert seen and seen[0].startswith(".run.tmp-") and seen[0].endswith(f"-{os.getpid()}")
+
+
+@pytest.mark.parametrize("failure, reason", [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1142976 vs 1142864"),
+     "the write failed ([enforce fail at inline_container.cc:672] . unexpected pos 1142976 vs 1142864; is the disk full?)"),
+])
+def test_a_save_that_cannot_write_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure, reason):
+    model, config = tiny_model()
+    out = save_checkpoint(tmp_path / "ck", model, config, training_state={"step": 1})
+
+    def full_disk(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteFailed) as err:
+        save_checkpoint(out, model, config, training_state={"step": 2}, overwrite=True)
+    message = str(err.value)
+    assert message == (f"could not save the checkpoint in {str(out)!r}: {reason}; the previous checkpoint there is "
+                       "kept; free space or choose another folder") and err.value.exit_code == 1
+    assert load_training_state(out)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

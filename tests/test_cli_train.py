@@ -69,6 +69,8 @@ def test_short_run_writes_checkpoint_and_metrics(tmp_path, data):
     (["--task", "reverse", "--size", "huge"], ["--size 'huge'", "tiny, small, base"]),
     (["--task", "reverse", "--resume"], ["--resume", "nothing to resume"]),
     (["--task", "reverse", "--resume", "--force"], ["--resume and --force"]),
+    (["--task", "reverse", "--seed", "-1"], ["--seed -1: expected an integer from 0 to 4294967295"]),
+    (["--task", "reverse", "--seed", str(2 ** 64)], [f"--seed {2 ** 64}: expected an integer"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, data, args, words):
     bad = tmp_path / "bad.jsonl"
@@ -155,3 +157,15 @@ def test_cuda_requested_without_gpu(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert_usage_error(run("--task", "reverse", "--out", out, "--device", "cuda"), "--device cuda", "--device cpu")
     assert not out.exists()
+
+
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing(tmp_path):
+    """lr 1e9 makes the loss NaN within a few steps: exit 1, one line naming the step and the remedy, and no
+    checkpoint of NaN weights (which generate would answer with empty text and export blame on ONNX)."""
+    out = tmp_path / "nan"
+    result = run("--task", "reverse", "--out", out, "--steps", 30, "--batch-size", 8, "--lr", "1e9")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: the training loss became nan at step") and "lower --lr" in lines[-1]
+    assert "no checkpoint was saved" in lines[-1]
+    assert not (out / "model.safetensors").exists()

@@ -170,6 +170,7 @@ def test_help():
     (["--teacher", "{seed}", "--task", "stories"], "unknown task 'stories' for an encoder-decoder teacher: expected "
                                                    "one of digits2words, reverse (a decoder-only teacher is distilled on text"),
     (["--teacher", "{seed}", "--steps", "0"], "--steps 0"),
+    (["--teacher", "{seed}", "--task", "reverse", "--seed", "-1"], "--seed -1: expected an integer from 0 to"),
     (["--teacher", "{gpt2}", "--task", "reverse"], "--task applies to encoder-decoder"),
     (["--teacher", "{gpt2}"], "--data FILE.txt is required"),
     (["--teacher", "{gpt2}", "--data", "{tmp}/missing.txt"], "does not exist"),

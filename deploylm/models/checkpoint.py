@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploylm.errors import UsageError
+from deploylm.errors import DeployLMError, UsageError
 from deploylm.fsutil import remove_stale_temporaries, replace_dir, temporary_sibling
 from deploylm.models.config import TransformerConfig
 
@@ -73,16 +73,36 @@ def save_checkpoint(
     target = Path(directory)
     if target.exists() and not overwrite:
         raise UsageError(f"checkpoint folder {str(target)!r} exists: choose another folder or overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)           # saves of this folder that were killed outright
-    tmp = temporary_sibling(target)
-    tmp.mkdir()
     try:
-        _write_files(tmp, model, config, tokenizer, training_state, generation or {})
-        _swap_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)           # saves of this folder that were killed outright
+        tmp = temporary_sibling(target)
+        tmp.mkdir()
+        try:
+            _write_files(tmp, model, config, tokenizer, training_state, generation or {})
+            _swap_into_place(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, RuntimeError) as exc:     # a full disk, a read-only folder (torch.save: RuntimeError)
+        kept = " the previous checkpoint there is kept" if (target / WEIGHTS).exists() else ""
+        raise CheckpointWriteFailed(f"could not save the checkpoint in {str(target)!r}: {_io_reason(exc)};"
+                                    f"{kept or ' nothing was written'}; free space or choose another folder") from None
     return target
+
+
+class CheckpointWriteFailed(DeployLMError):
+    """A checkpoint could not be written (disk full, read-only folder). Exit status 1."""
+
+    exit_code = 1
+
+
+def _io_reason(exc: BaseException) -> str:
+    """One line for an I/O failure: the OS's reason when there is one; torch.save's error for a full disk
+    names none ("[enforce fail at inline_container.cc] . unexpected pos ...")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"the write failed ({first}; is the disk full?)"
 
 
 def _write_files(

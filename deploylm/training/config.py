@@ -72,6 +72,7 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         for name in ("warmup", "threads", "ngram_order"):
             _nonnegative_int(name, getattr(self, name))
+        check_seed(self.seed)
         if self.stride is not None:
             _positive_int("stride", self.stride)
             if self.stride > self.block_size:
@@ -135,6 +136,12 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_seed(seed: Any) -> None:
+    """--seed: an integer numpy, random and torch all take (0 .. 2**32 - 1)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        raise UsageError(f"--seed {seed!r}: expected an integer from 0 to {2 ** 32 - 1}")
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deploylm.errors import UsageError
+from deploylm.training.config import check_seed
 
 REPORT = "distill.json"
 WARMUP_EXAMPLES = 8       # evaluated (untimed) by teacher and student before the timed evaluation
@@ -80,6 +81,7 @@ class DistillConfig:
                 _check_int(name, getattr(self, name), 1)
         _check_int("warmup", self.warmup, 0)
         _check_int("threads", self.threads, 0)
+        check_seed(self.seed)
         if not _finite(self.temperature) or self.temperature <= 0:
             raise UsageError(f"--temperature {self.temperature!r}: expected a number > 0")
         if not _finite(self.alpha) or not 0 <= self.alpha <= 1:
@@ -240,6 +242,7 @@ def _train(setup: Setup, config: DistillConfig, on_step: Callable[[int, dict[str
     from tqdm import tqdm
 
     from deploylm.training.schedule import make_optimizer, make_scheduler
+    from deploylm.training.trainer import check_finite_loss
 
     optimizer = make_optimizer(setup.student, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, min(config.warmup, config.steps // 10), config.steps, "cosine")
@@ -254,6 +257,7 @@ def _train(setup: Setup, config: DistillConfig, on_step: Callable[[int, dict[str
             setup.student.train()
             total, kd, ce = distillation_loss(setup.logits(setup.student, inputs), teacher_logits, labels,
                                               config.temperature, config.alpha)
+            check_finite_loss(float(total.detach()), step + 1, config.lr, None, None)   # nothing saved yet
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(setup.student.parameters(), config.clip_norm)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from deploylm.errors import UsageError
-from deploylm.fsutil import check_output_folder
+from deploylm.fsutil import check_output_folder, check_writable
 from deploylm.models.checkpoint import CONFIG, TOKENIZER, TRAINING_STATE, WEIGHTS, load_training_state
 from deploylm.training import state as train_state
 from deploylm.training.config import TrainConfig, TrainResult
@@ -131,6 +131,7 @@ def _resume_state(config: TrainConfig) -> dict[str, Any]:
     out = config.out
     if not all((out / name).is_file() for name in (CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE)):
         raise UsageError(f"--resume: {str(out)!r} holds no checkpoint with training state: nothing to resume")
+    check_writable(out, f"--resume {str(out)!r}")   # its checkpoints and metrics.json are written there
     saved = load_training_state(out)
     train_state.check(saved, str(out / TRAINING_STATE))
     mine, theirs = _resolved(config.identity()), _resolved(saved.get("identity", {}))

@@ -9,16 +9,18 @@ batch; rank 0 alone evaluates and writes the checkpoint, metrics.json and cleani
 """
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from deploylm.errors import UsageError
+from deploylm.errors import TrainingDiverged, UsageError
 from deploylm.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from deploylm.models.config import TransformerConfig, make_config
 from deploylm.training import distributed, state as train_state
@@ -83,6 +85,7 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
             tick = time.perf_counter()
             batch = work.batch(dist.shard(stream.examples_at(run.step)))
             loss, n_tokens = _train_step(run, batch.to(run.device), config)
+            check_finite_loss(loss, run.step + 1, config.lr, config.out, config.checkpoint_every)
             step_time += time.perf_counter() - tick
             run.step += 1
             run.losses.append(loss)
@@ -101,6 +104,19 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
         write_metrics(config, result)
     dist.barrier()
     return result
+
+
+def check_finite_loss(loss: float, step: int, lr: float, out: Path | None, every: int | None) -> None:
+    """TrainingDiverged before anything is saved when the loss of `step` is NaN or infinite."""
+    if math.isfinite(loss):
+        return
+    kept = ""
+    if out is not None and every:
+        last = (step - 1) // every * every
+        kept = (f"; the last checkpoint in {str(out)!r} (step {last}) is kept" if last else
+                "; no checkpoint was saved")
+    raise TrainingDiverged(f"the training loss became {loss} at step {step} with lr {lr:g}: the weights are no longer "
+                           f"usable; lower --lr or warm up over more steps (--warmup){kept}")
 
 
 def _after_step(config: TrainConfig, plan: Plan, run: Run, stream: BatchStream, bar: Any, tokens_per_s: float) -> None:
