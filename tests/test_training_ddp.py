@@ -154,3 +154,39 @@ def test_sigterm_to_the_command_stops_every_worker(tmp_path, common):
     finally:
         for pid in _training_processes(out):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_the_launcher_ends_when_deploylm_is_killed_outright(tmp_path):
+    """`deploylm train --nproc N` killed with SIGKILL: the torchrun launcher it started gets SIGTERM (and
+    stops its workers); it used to train on and write --out after the command was gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from deploylm.training.distributed import spawn_tied\n"
+        "child = spawn_tied([sys.executable, '-c', 'import time; print(1, flush=True); time.sleep(60)'])\n"
+        "child.stdout.readline()\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        try:                                              # reaped by init; a zombie of ours never stays
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the tied child outlived its killed parent")

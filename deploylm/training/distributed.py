@@ -159,12 +159,27 @@ def stop_workers(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def spawn_tied(command: Sequence[str]) -> subprocess.Popen:
+    """Popen(command), stdout piped as text lines, that gets SIGTERM when this process dies, even by
+    SIGKILL (Linux PR_SET_PDEATHSIG): a killed `deploylm train --nproc N` no longer leaves its launcher
+    and workers training and writing --out. Elsewhere a plain Popen."""
+    return subprocess.Popen(list(command), stdout=subprocess.PIPE, text=True, bufsize=1,
+                            preexec_fn=_term_with_parent if sys.platform == "linux" else None)
+
+
+def _term_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
 def launch(launch: Launch, worker_args: Sequence[str], echo: Any) -> None:
     """Run `python -m torch.distributed.run ... -m deploylm.training worker_args`; `echo(line)` for
     each line the workers print on stdout (stderr passes through). WorkersFailed on a non-zero exit."""
     command = [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(), "-m", "deploylm.training",
                *worker_args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+    proc = spawn_tied(command)
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
