@@ -4,7 +4,7 @@ Public API: load(), Generator, DecodingOptions, __version__.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"   # the one place it is set (pyproject.toml reads it)
 
 
 def __getattr__(name: str):  # lazy: `import deploylm` stays cheap for the CLI

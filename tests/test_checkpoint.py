@@ -188,3 +188,17 @@ def test_a_save_that_cannot_write_is_one_line_and_keeps_the_previous_checkpoint(
     assert message == (f"could not save the checkpoint in {str(out)!r}: {reason}; the previous checkpoint there is "
                        "kept; free space or choose another folder") and err.value.exit_code == 1
     assert load_training_state(out)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_the_weights_are_as_readable_as_the_other_files(tmp_path):
+    """safetensors writes its file 0600; the checkpoint's weights get the mode of its config.json."""
+    import os
+
+    model, config = tiny_model()
+    old = os.umask(0o022)
+    try:
+        out = save_checkpoint(tmp_path / "ck", model, config)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes

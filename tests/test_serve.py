@@ -215,6 +215,11 @@ def test_health_models_and_unknown_routes(client):
     assert health["status"] == "ok" and health["in_flight"] == 0       # an idle server: /health is not counted
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "fake" and models["data"][0]["deploylm"] == {"profile": "fp32"}
+    assert isinstance(models["data"][0]["created"], int)                   # OpenAI's Model has it
+    assert client.get("/v1/models/fake").json() == models["data"][0]       # models.retrieve("fake")
+    other = client.get("/v1/models/gpt-4")
+    assert other.status_code == 404 and other.json()["error"]["type"] == "not_found_error"
+    assert "model 'gpt-4' is not served here: this server serves 'fake'" in other.json()["error"]["message"]
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     assert client.get("/v1/generate").status_code == 405
@@ -242,3 +247,21 @@ def test_web_stack_is_imported_lazily_with_an_install_hint(monkeypatch, fake):
     monkeypatch.setitem(sys.modules, "starlette.applications", None)  # as if `deploylm[serve]` were absent
     with pytest.raises(MissingDependencyError, match=r"pip install 'deploylm\[serve\]'"):
         create_app(fake, CONFIG)
+
+
+@pytest.mark.parametrize("body, options", [
+    ({"temperature": 0, "top_p": 0.5}, {}),                                # temperature 0: deterministic
+    ({"temperature": 0.0}, {}),
+    ({"top_p": 0}, {}),                                                    # top_p 0 alone: no sampling
+    ({"temperature": 0.7, "top_p": 0}, {"temperature": 0.7, "top_k": 1, "do_sample": True, "num_beams": 1}),
+])
+def test_completions_zero_temperature_or_top_p_is_deterministic_as_openai(client, fake, body, options):
+    r = client.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 2, **body})
+    assert r.status_code == 200, r.text
+    assert fake.calls[-1][1] == {"max_new_tokens": 2, **options}
+
+
+def test_completions_n_zero_names_n_in_the_advice(client):
+    r = client.post("/v1/completions", json={"prompt": "a", "n": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert "num_beams" not in r.json()["error"]["message"] and "use n >= 1" in r.json()["error"]["message"]

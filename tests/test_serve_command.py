@@ -65,3 +65,43 @@ def test_serve_spin_is_for_the_onnx_backend(tiny_gpt2_dir):
     result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--spin", "--port", str(free_port())])
     assert result.exit_code == 2
     assert result.output.startswith("error: --spin applies to the onnx backend") and result.output.count("\n") == 1
+
+
+def test_serve_without_starlette_refuses_before_loading(monkeypatch, tmp_path):
+    import builtins
+
+    import deploylm
+
+    real_import = builtins.__import__
+
+    def no_starlette(name, *args, **kwargs):
+        if name.split(".")[0] in ("starlette", "uvicorn"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(deploylm, "load", lambda *a, **k: pytest.fail("loaded the model before checking the extra"))
+    monkeypatch.setattr(builtins, "__import__", no_starlette)
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), "--port", str(free_port())])
+    assert result.exit_code == 2 and result.output == ("error: serving needs starlette and uvicorn: "
+                                                       "pip install 'deploylm[serve]'\n"), result.output
+
+
+def test_serve_prints_an_ipv6_host_in_brackets(monkeypatch, tiny_gpt2_dir):
+    monkeypatch.setattr("deploylm.serving.serve", lambda gen, config, **kw: None)
+    monkeypatch.setattr("deploylm.serving.server.check_address", lambda host, port: None)
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--backend", "torch", "--host", "::1",
+                                      "--port", "8192"])
+    assert result.exit_code == 0 and f"on http://[::1]:8192" in result.output, result.output
+
+
+def test_the_model_summary_shows_no_path_of_the_serving_machine(tiny_gpt2_dir):
+    import json
+
+    from deploylm import load
+    from deploylm.serving.server import _without_paths, describe_model
+
+    summary = describe_model(str(tiny_gpt2_dir), load(tiny_gpt2_dir, backend="torch"))
+    assert summary["source"] == {"kind": "hf", "name": tiny_gpt2_dir.name}
+    assert str(tiny_gpt2_dir.parent) not in json.dumps(summary)
+    assert _without_paths({"kind": "hf", "path": "/srv/models/llama", "sha256": "ab"}) == {
+        "kind": "hf", "path": "llama", "sha256": "ab"}

@@ -81,7 +81,9 @@ def create_session(path: Path, *, device: str = "cpu", threads: int | None = Non
     wanted = providers or (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"])
     if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise MissingDependencyError("onnxruntime has no CUDAExecutionProvider here: pip install 'deploylm[gpu]' "
-                                     "(onnxruntime-gpu) on a machine with a CUDA GPU, or use --device cpu")
+                                     "(onnxruntime-gpu) on a machine with a CUDA GPU, then pip uninstall -y "
+                                     "onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu "
+                                     "(docs/gpu.md); or use --device cpu")
     session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
     if wanted[0] != "CPUExecutionProvider" and session.get_providers()[0] != wanted[0]:
         raise MissingDependencyError(f"onnxruntime could not start {wanted[0]} for {path} (it fell back to "

@@ -37,12 +37,14 @@ def command(src: str, backend: str | None, host: str, port: int, drain_timeout: 
     import deploylm
     from deploylm.commands.generate import backend_options
     from deploylm.serving import ServeConfig, serve
-    from deploylm.serving.server import check_address, describe_model
+    from deploylm.serving.server import check_address, describe_model, require_serving
 
-    check_address(host, port)              # before minutes of loading, and before "serving ... on" is printed
+    require_serving()                      # before minutes of loading, and before "serving ... on" is printed
+    check_address(host, port)
     generator = deploylm.load(src, backend=backend, **backend_options(src, backend, "cpu", "float32", spin, threads))
     summary = describe_model(src, generator)
     config = ServeConfig(model_name=summary["name"],
                          drain_timeout_s=drain_timeout, model_summary=summary, **limits)
-    click.echo(f"serving {src} ({summary['backend']}) on http://{host}:{port}", err=True)
+    shown = f"[{host}]" if ":" in host else host            # an IPv6 address in a URL is bracketed
+    click.echo(f"serving {src} ({summary['backend']}) on http://{shown}:{port}", err=True)
     serve(generator, config, host=host, port=port, log_level=log_level)

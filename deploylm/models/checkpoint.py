@@ -119,6 +119,9 @@ def _write_files(
         _write_tokenizer(folder / TOKENIZER, tokenizer)
     if training_state is not None:
         torch.save(training_state, folder / TRAINING_STATE)
+    # safetensors (>= 0.6) creates its file owner-only (0600); give it the mode every other file got from
+    # the umask, so another user or a server account can read the weights beside the config
+    os.chmod(folder / WEIGHTS, (folder / CONFIG).stat().st_mode & 0o777)
     for path in folder.iterdir():
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())

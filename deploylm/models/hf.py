@@ -205,8 +205,8 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
     from transformers.utils import is_accelerate_available, is_gguf_available
 
     if not (is_gguf_available() and is_accelerate_available()):
-        raise MissingDependencyError("loading a .gguf file needs the `gguf` and `accelerate` packages: "
-                                     "pip install gguf accelerate")
+        raise MissingDependencyError("loading a .gguf file needs the `gguf` and `accelerate` (>= 1.1) packages: "
+                                     "pip install -U gguf 'accelerate>=1.1'")
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except _load_errors() as exc:

@@ -71,6 +71,7 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
 
     routes = [Route("/health", api.health, methods=["GET"]),
               Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
               Route("/v1/generate", api.generate, methods=["POST"]),
               Route("/v1/completions", api.completions, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
@@ -111,12 +112,24 @@ class _Api:
                              "queued": b.queued if b else 0, "decoding": b.decoding if b else 0,
                              "batches": b.batches if b else 0, "active_streams": self.state.active_streams})
 
+    def _model_entry(self) -> dict[str, Any]:
+        return {"id": self.config.model_name, "object": "model", "created": self.state.started, "owned_by": "deploylm",
+                "deploylm": self.config.model_summary}
+
     async def models(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
-        entry = {"id": self.config.model_name, "object": "model", "owned_by": "deploylm",
-                 "deploylm": self.config.model_summary}
-        return JSONResponse({"object": "list", "data": [entry]})
+        return JSONResponse({"object": "list", "data": [self._model_entry()]})
+
+    async def model(self, request: Any) -> Any:
+        """GET /v1/models/{id} (OpenAI's models.retrieve): the served model, or 404 for another id."""
+        from starlette.responses import JSONResponse
+
+        wanted = request.path_params["model_id"]
+        if wanted != self.config.model_name:
+            return _error_response(ApiError(404, f"model {wanted!r} is not served here: this server serves "
+                                            f"{self.config.model_name!r}", type="not_found_error", param="model"))
+        return JSONResponse(self._model_entry())
 
     async def generate(self, request: Any) -> Any:
         return await self._handle(request, parse_generate, self._generate_body, self._generate_events)

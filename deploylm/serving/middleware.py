@@ -30,6 +30,7 @@ class ServerState:
         self.idle = threading.Event()   # set when nothing is in flight (read by the shutdown thread)
         self.idle.set()
         self.stop_decoding = threading.Event()   # set when the drain is over: decodes end after their step
+        self.started = int(time.time())          # unix time the server state was made (models' "created")
 
     def enter(self) -> None:
         self.in_flight += 1

@@ -233,7 +233,13 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     stream = _bool(body.get("stream", False), "stream")
     options = {COMPLETION_FIELDS[k]: v for k, v in body.items() if k in COMPLETION_FIELDS and v is not None}
     sent = {v: k for k, v in COMPLETION_FIELDS.items()}     # deploylm option -> the field the client sent
-    given = {v: k for k, v in COMPLETION_FIELDS.items() if k in body}   # ... for the fields it did send
+    if options.get("temperature") == 0:                     # OpenAI: temperature 0 = deterministic, top_p aside
+        options.pop("temperature")
+        options.pop("top_p", None)
+    elif options.get("top_p") == 0:                         # OpenAI: top_p 0 keeps only the most likely token
+        options.pop("top_p")
+        if _sampling(options):
+            options["top_k"] = 1
     if "num_beams" not in options and _sampling(options):
         options["num_beams"] = 1                            # OpenAI: n independent samples, not beam sampling
     elif "num_return_sequences" in options and "num_beams" not in options:
@@ -241,8 +247,6 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
         sent["num_beams"] = "n"                             # beams taken from n: n is the field to fix
     if _sampling(options):
         options["do_sample"] = True
-    elif options.get("temperature") == 0:
-        options.pop("temperature")  # OpenAI's temperature 0 = deterministic
     try:
         options = validate_options(options, config, defaults)
         return _job(prompts, options, stream, defaults)
@@ -250,8 +254,9 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
         if exc.param in sent:
             exc.message = exc.message.replace(f"{exc.param}=", f"{sent[exc.param]}=", 1)
             exc.param = sent[exc.param]
-        for option, name in given.items():                  # in the advice too ("use max_tokens >= 1")
-            exc.message = re.sub(rf"\b{option}\b", name, exc.message)
+        for option, name in sent.items():                   # in the advice too ("use max_tokens >= 1"),
+            if name in body:                                # for the fields the client sent
+                exc.message = re.sub(rf"\b{option}\b", name, exc.message)
         raise
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from deploylm.errors import MissingDependencyError, UsageError
@@ -103,7 +104,7 @@ def describe_model(src: str, generator: Any) -> dict[str, Any]:
 
     source = resolve_source(src)
     info = getattr(generator, "info", None)
-    summary: dict[str, Any] = {"name": source.name, "source": {"kind": source.kind, "path": str(source.path)},
+    summary: dict[str, Any] = {"name": source.name, "source": {"kind": source.kind, "name": source.path.name},
                                "backend": getattr(getattr(generator, "backend", None), "name", None)}
     if info is not None:
         summary.update(is_encoder_decoder=info.is_encoder_decoder, vocab_size=info.vocab_size,
@@ -116,5 +117,20 @@ def describe_model(src: str, generator: Any) -> dict[str, Any]:
         summary["manifest"] = {"format_version": m.get("format_version"),
                                "deploylm_version": m.get("deploylm_version"), "created": m.get("created"),
                                "profile": {k: profile.get(k) for k in ("name", "precision", "backends")},
-                               "source": m.get("source"), "parity": m.get("parity")}
+                               "source": _without_paths(m.get("source")), "parity": m.get("parity")}
     return summary
+
+
+def _without_paths(source: Any) -> Any:
+    """A manifest's source record as clients may see it: no file system paths of the serving machine."""
+    if not isinstance(source, dict):
+        return source
+    return {k: (Path(v).name if k == "path" and isinstance(v, str) else v) for k, v in source.items()}
+
+
+def require_serving() -> None:
+    """MissingDependencyError now (before a model is loaded) unless starlette and uvicorn import."""
+    from deploylm.serving.app import _starlette
+
+    _starlette()
+    _uvicorn()
