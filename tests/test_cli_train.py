@@ -32,7 +32,7 @@ def test_help_lists_options():
     result = run("--help")
     assert result.exit_code == 0
     for option in ("--task", "--data", "--out", "--size", "--steps", "--resume", "--force", "--batch-size",
-                   "--lr", "--seed", "--eval-every", "--device", "--arch", "--block-size", "--stride", "--ngram-order",
+                   "--lr", "--seed", "--eval-every", "--checkpoint-every", "--device", "--arch", "--block-size", "--stride", "--ngram-order",
                    "--clean", "--no-clean", "--min-length", "--max-length", "--length-unit", "--dropout", "--warmup",
                    "--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port"):
         assert option in result.stdout

@@ -123,3 +123,26 @@ def test_resume_past_the_end_only_evaluates(tmp_path, fast):
     assert again.losses == first.losses and again.test == pytest.approx(first.test)
     assert first.tokens_per_s > 0 and again.tokens_per_s is None        # no step ran: no throughput, not 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["tokens_per_s"] is None
+
+
+def test_an_interrupted_run_says_what_it_saved_and_how_to_go_on(tmp_path, fast, capsys):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit) mid-run: one line naming the last checkpoint and
+    the next command; before the first checkpoint, --resume and a plain re-run both point at --force."""
+    def stop_at(when, exc):
+        def on_step(step, loss):
+            if step == when:
+                raise exc
+        return on_step
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=tmp_path / "a", steps=20, **fast), on_step=stop_at(7, KeyboardInterrupt))
+    assert ("interrupted at step 7: " + repr(str(tmp_path / "a")) + " holds the checkpoint of step 5 or earlier; "
+            "continue it with the same command and --resume") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train(TrainConfig(out=tmp_path / "b", steps=20, **fast), on_step=stop_at(3, SystemExit(143)))
+    assert ("interrupted at step 3: no checkpoint saved yet (every 5 steps, --checkpoint-every); start again "
+            "with --force") in capsys.readouterr().err
+    with pytest.raises(UsageError, match="stopped before its first checkpoint .*start it again with --force"):
+        train(TrainConfig(out=tmp_path / "b", steps=20, resume=True, **fast))
+    with pytest.raises(UsageError, match="it holds no checkpoint yet .*use --force to start over"):
+        train(TrainConfig(out=tmp_path / "b", steps=20, **fast))

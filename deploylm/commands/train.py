@@ -32,6 +32,8 @@ LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 @click.option("--dropout", type=float, default=None, help="Dropout (default: the size preset's, 0.1).")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for data, init and dropout.")
 @click.option("--eval-every", type=int, default=D.eval_every, show_default=True, help="Validate every N steps.")
+@click.option("--checkpoint-every", type=int, default=D.checkpoint_every, show_default=True,
+              help="Save a checkpoint (what --resume continues) every N steps, and at the end.")
 @click.option("--block-size", type=int, default=D.block_size, show_default=True, help="Decoder: tokens per sequence.")
 @click.option("--stride", type=int, default=None, help="Decoder: tokens between sequence starts (default: --block-size).")
 @click.option("--ngram-order", type=int, default=D.ngram_order, show_default=True,

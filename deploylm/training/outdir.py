@@ -114,7 +114,14 @@ def _check_fresh(config: TrainConfig) -> None:
                         ours=is_training_run,
                         not_ours=f"does not look like a training run (no {', '.join(RUN_MARKERS)}, no deploylm "
                                  "checkpoint)",
-                        without_force="use --resume to continue it or --force to start over")
+                        without_force="it holds no checkpoint yet (the run stopped before its first): use --force "
+                        "to start over" if _started_without_checkpoint(config.out) else
+                        "use --resume to continue it or --force to start over")
+
+
+def _started_without_checkpoint(out: Path) -> bool:
+    """A training run stopped before its first checkpoint (cleaning.json and nothing to resume)."""
+    return out.is_dir() and not (out / TRAINING_STATE).is_file() and is_training_run(out)
 
 
 def _resolved(identity: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +137,9 @@ def _resolved(identity: dict[str, Any]) -> dict[str, Any]:
 def _resume_state(config: TrainConfig) -> dict[str, Any]:
     out = config.out
     if not all((out / name).is_file() for name in (CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE)):
-        raise UsageError(f"--resume: {str(out)!r} holds no checkpoint with training state: nothing to resume")
+        raise UsageError(f"--resume: {str(out)!r} holds no checkpoint with training state: nothing to resume"
+                         + ("; the run stopped before its first checkpoint (--checkpoint-every): start it again "
+                            "with --force" if _started_without_checkpoint(out) else ""))
     check_writable(out, f"--resume {str(out)!r}")   # its checkpoints and metrics.json are written there
     saved = load_training_state(out)
     train_state.check(saved, str(out / TRAINING_STATE))

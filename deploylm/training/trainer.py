@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from deploylm.errors import TrainingDiverged, UsageError
-from deploylm.models.checkpoint import build_model, load_checkpoint, save_checkpoint
+from deploylm.models.checkpoint import TRAINING_STATE, build_model, load_checkpoint, save_checkpoint
 from deploylm.models.config import TransformerConfig, make_config
 from deploylm.training import distributed, state as train_state
 from deploylm.training.config import TrainConfig, TrainResult
@@ -93,6 +93,10 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
             _after_step(config, plan, run, stream, bar, tokens / step_time)
             if on_step is not None:
                 on_step(run.step, loss)
+    except (KeyboardInterrupt, SystemExit):       # Ctrl-C, SIGTERM: say what is saved, then stop
+        if dist.is_main:
+            bar.write(interrupted_line(config, run.step), file=sys.stderr)
+        raise
     finally:
         bar.close()
     test, examples, baseline = work.test(run.model, run.device) if dist.is_main else ({}, [], None)
@@ -104,6 +108,16 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
         write_metrics(config, result)
     dist.barrier()
     return result
+
+
+def interrupted_line(config: TrainConfig, step: int) -> str:
+    """What a stopped run left: its last checkpoint and the command that continues from it."""
+    last = step // config.checkpoint_every * config.checkpoint_every
+    if last == 0 and not (config.out / TRAINING_STATE).is_file():
+        return (f"interrupted at step {step}: no checkpoint saved yet (every {config.checkpoint_every} steps, "
+                "--checkpoint-every); start again with --force")
+    return (f"interrupted at step {step}: {str(config.out)!r} holds the checkpoint of step {max(last, 0)} or earlier; "
+            "continue it with the same command and --resume")
 
 
 def check_finite_loss(loss: float, step: int, lr: float, out: Path | None, every: int | None) -> None:
