@@ -7,6 +7,7 @@ a kill between the two renames then leaves the old folder at `.<name>.old-*` bes
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -15,7 +16,12 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:                     # not on Windows: no writer lock there
+    fcntl = None  # type: ignore[assignment]
 
 from deploylm.errors import UsageError
 
@@ -164,3 +170,32 @@ def check_writable(folder: Path, what: str) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"{what}: cannot write in {str(folder)!r} ({exc.strerror or exc})") from None
+
+
+@contextlib.contextmanager
+def exclusive_writer(target: Path, flag: str = "--out") -> Iterator[None]:
+    """Hold `target`'s writer lock (an flock on `.<name>.lock` beside it, removed afterwards) for the
+    whole command: a second command writing the same folder is refused in one line instead of mixing
+    its files with the first one's. Without a parent folder yet, or without flock, nothing is locked."""
+    target = Path(target).resolve()
+    if fcntl is None or not target.parent.is_dir():
+        yield
+        return
+    lock_path = target.parent / f".{target.name}.lock"
+    try:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:                     # a read-only parent: the command's own checks say so
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{flag} {str(target)!r} is being written by another deploylm command (it holds "
+                             f"{lock_path.name}): wait for it to finish, or choose another folder") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

@@ -146,3 +146,17 @@ def test_an_interrupted_run_says_what_it_saved_and_how_to_go_on(tmp_path, fast, 
         train(TrainConfig(out=tmp_path / "b", steps=20, resume=True, **fast))
     with pytest.raises(UsageError, match="it holds no checkpoint yet .*use --force to start over"):
         train(TrainConfig(out=tmp_path / "b", steps=20, **fast))
+
+
+def test_a_second_training_into_the_same_out_is_refused_while_the_first_runs(tmp_path, fast):
+    """Two commands on one --out used to both run and leave one's weights beside the other's metrics."""
+    from deploylm.fsutil import exclusive_writer
+
+    out = tmp_path / "run"
+    with exclusive_writer(out):                                   # another `deploylm train --out run` holds it
+        with pytest.raises(UsageError, match=r"--out '.*run' is being written by another deploylm command "
+                                             r"\(it holds \.run\.lock\): wait for it to finish"):
+            train(TrainConfig(out=out, steps=2, **fast))
+    assert not out.exists()
+    train(TrainConfig(out=out, steps=2, **fast))                  # once it is done, the folder is free
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # and no lock file stays behind

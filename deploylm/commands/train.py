@@ -66,8 +66,11 @@ def command(ctx: click.Context, **opts: Any) -> None:
     if launch.needed:
         if distributed.in_worker():
             raise UsageError("--nproc/--nnodes start torchrun: inside torchrun leave them out")
-        _check_before_launch(config, launch)
-        distributed.launch(launch, worker_args(ctx), click.echo)
+        from deploylm.fsutil import exclusive_writer
+
+        with exclusive_writer(config.out):      # held for the workers, which do not take it themselves
+            _check_before_launch(config, launch)
+            distributed.launch(launch, worker_args(ctx), click.echo)
         return
     from deploylm.training.trainer import train
 

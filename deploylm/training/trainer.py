@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from deploylm.errors import TrainingDiverged, UsageError
+from deploylm.fsutil import exclusive_writer
 from deploylm.models.checkpoint import TRAINING_STATE, build_model, load_checkpoint, save_checkpoint
 from deploylm.models.config import TransformerConfig, make_config
 from deploylm.training import distributed, state as train_state
@@ -56,7 +57,15 @@ class Run:
 
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train (or resume) the run described by `config`; `on_step(step, loss)` after every step.
-    Started by torchrun, joins the process group and trains data-parallel."""
+    Started by torchrun, joins the process group and trains data-parallel (its launcher holds --out's
+    writer lock); otherwise a second command training into the same --out is refused."""
+    if distributed.in_worker():
+        return _train_checked(config, on_step)
+    with exclusive_writer(config.out):
+        return _train_checked(config, on_step)
+
+
+def _train_checked(config: TrainConfig, on_step: Callable[[int, float], None] | None) -> TrainResult:
     plan = plan_run(config)                      # every check that can fail on bad input, no writes
     threads = torch.get_num_threads()
     if config.threads and config.device == "cpu":
