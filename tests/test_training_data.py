@@ -155,3 +155,33 @@ def test_a_damaged_tokenizer_file_is_named(tmp_path):
     (tmp_path / TOKENIZER_FILE).write_text('{"version": "1.0"}')
     with pytest.raises(UsageError, match=r"tokenizer.json: not a readable tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_pairs_longer_than_the_window_are_reported_once():
+    """A target past the model's window is cut (the model then learns to stop mid-text): the run says so."""
+    from deploylm.models.config import make_config
+    from deploylm.training.tokenizer import train_tokenizer
+    from deploylm.training.workloads import Seq2SeqWork
+
+    short = [Example(f"{i} {i + 1}", f"{i + 1} {i}") for i in range(30)]
+    long = [Example("a b", " ".join(["word"] * 600)), Example(" ".join(["x"] * 700), "y")]
+    tok = train_tokenizer([t for ex in short + long for t in (ex.source, ex.target)], 300)
+    config = make_config("tiny", tok.get_vocab_size())
+    work = Seq2SeqWork(Splits(short + long, short[:2], short[:2]), 4)
+    work.bind(tok, config)
+    assert work.notice == (f"warning: of 32 training pairs, 1 sources and 1 targets are longer than the model's window "
+                           f"of {config.max_positions} tokens and are cut to it; drop them with --max-length "
+                           "(cleaning) or split them")
+    fine = Seq2SeqWork(Splits(short, short[:2], short[:2]), 4)
+    fine.bind(tok, config)
+    assert fine.notice is None
+
+
+def test_a_jsonl_suffix_in_capitals_is_still_jsonl(tmp_path):
+    from deploylm.training.config import TrainConfig
+    from deploylm.training.text import read_documents
+
+    data = tmp_path / "DATA.JSONL"
+    data.write_text('{"text": "first paragraph"}\n{"text": "second one"}\n')
+    assert read_documents(data) == ["first paragraph", "second one"]        # not the raw JSON as text
+    assert TrainConfig(out=tmp_path / "o", data=data).arch == "seq2seq"     # accepted as pairs for seq2seq

@@ -63,7 +63,7 @@ class TrainConfig:
             raise UsageError("give exactly one of --task NAME or --data FILE (.jsonl pairs, or text with --arch decoder)")
         if self.arch not in ARCHS:
             raise UsageError(f"unknown --arch {self.arch!r}: expected one of {', '.join(ARCHS)}")
-        if self.arch == "seq2seq" and self.data is not None and self.data.suffix != ".jsonl":
+        if self.arch == "seq2seq" and self.data is not None and self.data.suffix.lower() != ".jsonl":
             raise UsageError(f"--data {str(self.data)!r}: the seq2seq model trains on a .jsonl file of source/target "
                              "pairs; plain text trains the decoder-only LM: add --arch decoder")
         if self.resume and self.force:

@@ -44,7 +44,7 @@ def read_documents(path: Path) -> list[str]:
         content = path.read_text(encoding="utf-8-sig")      # a byte-order mark is no text
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    docs = _jsonl_texts(path, content) if path.suffix == ".jsonl" else _paragraphs(content)
+    docs = _jsonl_texts(path, content) if path.suffix.lower() == ".jsonl" else _paragraphs(content)
     if not docs:
         raise UsageError(f"{path}: no text: expected paragraphs separated by blank lines")
     return docs

@@ -206,6 +206,8 @@ def _start(config: TrainConfig, plan: Plan, dist: Dist, device: torch.device) ->
         model_config = make_config(config.size, tok.get_vocab_size(), **overrides)
         model = build_model(model_config).to(device)
     plan.work.bind(tok, model_config)            # the last check that can fail on bad input (text too short)
+    if dist.is_main and config.progress and getattr(plan.work, "notice", None):
+        print(plan.work.notice, file=sys.stderr)
     if dist.is_main:
         _prepare_output(config, plan)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)

@@ -52,11 +52,27 @@ class Seq2SeqWork:
         # the 2000 longest targets in characters (not the first 2000 in file order): the longest in tokens
         # is among them, and tokenizing 2000 is cheap whatever the size of the data
         sample = heapq.nlargest(2000, (ex.target for ex in self.splits.train), key=len)
-        longest = max(len(enc.ids) for enc in tok.encode_batch(sample, add_special_tokens=False))
-        self.max_new_tokens = min(config.max_positions - 1, 2 * longest + 8)   # 2 x longest target + 8
+        lengths = [len(enc.ids) for enc in tok.encode_batch(sample, add_special_tokens=False)]
+        self.max_new_tokens = min(config.max_positions - 1, 2 * max(lengths) + 8)   # 2 x longest target + 8
+        sources = heapq.nlargest(2000, (ex.source for ex in self.splits.train), key=len)
+        cut_targets = sum(n > config.max_positions - 1 for n in lengths)          # room for </s>
+        cut_sources = sum(len(enc.ids) > config.max_positions - 1
+                          for enc in tok.encode_batch(sources, add_special_tokens=False))
+        self.notice = cut_notice(cut_sources, cut_targets, len(self.splits.train), config.max_positions)
 
     def batch(self, items: list[Any]) -> Batch:
         return make_batch(self.tok, items, self.ids, self.max_len)
+
+
+def cut_notice(sources: int, targets: int, pairs: int, window: int) -> str | None:
+    """One line when training pairs are longer than the model's window: they are cut to it, and a cut
+    target teaches the model to stop mid-text. Counted among the 2000 longest of each side ("2000+")."""
+    if not (sources or targets):
+        return None
+    count = {n: f"{n}+" if n >= 2000 else str(n) for n in (sources, targets)}
+    return (f"warning: of {pairs} training pairs, {count[sources]} sources and {count[targets]} targets are longer "
+            f"than the model's window of {window} tokens and are cut to it; drop them with --max-length "
+            "(cleaning) or split them")
 
     def loss_sum(self, model: nn.Module, batch: Batch, smoothing: float) -> tuple[Tensor, int]:
         logits = model(batch.src_ids, batch.src_mask, batch.tgt_in)                  # [B, T, V]
