@@ -157,3 +157,22 @@ def test_backend_failure_is_a_500_json_error_and_the_server_keeps_serving():
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         assert "scripted backend failure" in r.json()["error"]["message"]
         assert httpx.post(url + "/v1/generate", json={"prompt": "fine"}, timeout=10).status_code == 200
+
+
+def test_counting_a_long_prompt_does_not_block_the_event_loop():
+    """Tokenizing a prompt (for the length limits) runs off the event loop: /health answers meanwhile."""
+    class SlowCounting(FakeGenerator):
+        def count_tokens(self, text: str) -> int:
+            if "SLOW" in text:
+                time.sleep(1.0)                       # a tokenizer on a 100k-character prompt, exaggerated
+            return super().count_tokens(text)
+
+    with inproc_server(SlowCounting(), ServeConfig()) as (url, _app):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, url + "/v1/generate", json={"prompt": "SLOW one", "max_new_tokens": 2},
+                               timeout=10)
+            time.sleep(0.2)                           # the slow request is being counted
+            started = time.monotonic()
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
+            assert time.monotonic() - started < 0.5, "the event loop waited for the tokenizer"
+            assert slow.result().status_code == 200
