@@ -63,17 +63,6 @@ class Seq2SeqWork:
     def batch(self, items: list[Any]) -> Batch:
         return make_batch(self.tok, items, self.ids, self.max_len)
 
-
-def cut_notice(sources: int, targets: int, pairs: int, window: int) -> str | None:
-    """One line when training pairs are longer than the model's window: they are cut to it, and a cut
-    target teaches the model to stop mid-text. Counted among the 2000 longest of each side ("2000+")."""
-    if not (sources or targets):
-        return None
-    count = {n: f"{n}+" if n >= 2000 else str(n) for n in (sources, targets)}
-    return (f"warning: of {pairs} training pairs, {count[sources]} sources and {count[targets]} targets are longer "
-            f"than the model's window of {window} tokens and are cut to it; drop them with --max-length "
-            "(cleaning) or split them")
-
     def loss_sum(self, model: nn.Module, batch: Batch, smoothing: float) -> tuple[Tensor, int]:
         logits = model(batch.src_ids, batch.src_mask, batch.tgt_in)                  # [B, T, V]
         return _summed_loss(logits, batch.labels, smoothing), int((batch.labels != -100).sum())
@@ -150,3 +139,14 @@ def _summed_loss(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
     """Cross-entropy summed over the non-ignored labels (-100); fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                            label_smoothing=smoothing, reduction="sum")
+
+
+def cut_notice(sources: int, targets: int, pairs: int, window: int) -> str | None:
+    """One line when training pairs are longer than the model's window: they are cut to it, and a cut
+    target teaches the model to stop mid-text. Counted among the 2000 longest of each side ("2000+")."""
+    if not (sources or targets):
+        return None
+    count = {n: f"{n}+" if n >= 2000 else str(n) for n in (sources, targets)}
+    return (f"warning: of {pairs} training pairs, {count[sources]} sources and {count[targets]} targets are longer "
+            f"than the model's window of {window} tokens and are cut to it; drop them with --max-length "
+            "(cleaning) or split them")
