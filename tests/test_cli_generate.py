@@ -20,7 +20,8 @@ def test_help_lists_the_decoding_flags():
     assert out.exit_code == 0
     for flag in ("--num-beams", "--max-new-tokens", "--min-new-tokens", "--length-penalty", "--repetition-penalty",
                  "--no-repeat-ngram-size", "--early-stopping", "--num-return-sequences", "--do-sample",
-                 "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--device", "--json", "--input"):
+                 "--temperature", "--top-k", "--top-p", "--seed", "--max-time", "--dtype", "--device", "--json",
+                 "--input"):
         assert flag in out.output
 
 
@@ -102,6 +103,8 @@ def _one_line_error(out, *needles: str) -> None:
     (["--early-stopping", "sometimes"], "early_stopping='sometimes'"),
     (["--num-beams", "four"], "--num-beams 'four': expected an integer"),
     (["--temperature", "0"], "temperature=0.0"),
+    (["--max-time", "0"], "max_time=0.0"),
+    (["--max-time", "soon"], "--max-time 'soon': expected a number"),
 ])
 def test_invalid_options_exit_2_with_one_line(tiny_llama_dir, flags, needle):
     _one_line_error(run("--model", str(tiny_llama_dir), *flags, "hello"), needle)
@@ -158,3 +161,19 @@ def test_threads_set_pytorchs_cpu_threads_for_the_torch_backend(tiny_llama_dir, 
     with pytest.raises(UsageError, match=r"threads=0: expected a whole number"):
         load(tiny_llama_dir, backend="torch", threads=0)
     assert torch.get_num_threads() == before
+
+
+def test_max_time_reaches_the_decoder(tiny_llama_dir, monkeypatch):
+    from deploylm.generator import Generator
+
+    seen = {}
+    real = Generator.generate
+
+    def spy(self, prompts, **options):
+        seen.update(options)
+        return real(self, prompts, **options)
+
+    monkeypatch.setattr(Generator, "generate", spy)
+    out = run("--model", str(tiny_llama_dir), "--max-time", "30", "--max-new-tokens", "3", "hello")
+    assert out.exit_code == 0, out.output
+    assert seen["max_time"] == 30.0

@@ -89,6 +89,8 @@ DECODING_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--top-k", "top_k", INT, f"Sample from the k most likely tokens (0 = off). Default: the model's, else {D.top_k}."),
     ("--top-p", "top_p", FLOAT, f"Nucleus sampling mass, in (0, 1]. Default: the model's, else {D.top_p}."),
     ("--seed", "seed", INT, "Seed for sampling (random when not given)."),
+    ("--max-time", "max_time", FLOAT, "Stop decoding after this many seconds; the outputs so far are returned. "
+     "Default: the model's, else none."),
 ]
 FIELDS = [field for _, field, _, _ in DECODING_FLAGS] + ["do_sample"]
 
