@@ -394,3 +394,27 @@ def test_an_artifact_teacher_is_refused_in_plain_words(tmp_path):
     (artifact / "manifest.json").write_text("{}")
     res = CliRunner().invoke(cli, ["distill", "--teacher", str(artifact), "--out", str(tmp_path / "s")])
     assert res.exit_code == 2 and "is an artifact: expected a deploylm checkpoint" in res.output, res.output
+
+
+def test_a_stories_teacher_is_distilled_on_its_own_task(tmp_path):
+    """A decoder-only teacher trained with --task stories: distill reads the same generated text and
+    split (its seed), without --data; --task stories also works for any deploylm decoder teacher."""
+    from deploylm.training.stories import stories
+    from deploylm.training.text import text_splits, token_stream
+    from deploylm.training.tokenizer import load_tokenizer
+
+    teacher = build_tiny_seed(tmp_path / "lm", arch="decoder", layers=2)
+    torch.save({"identity": {"arch": "decoder", "task": "stories", "seed": 2, "block_size": 12}},
+               teacher / "training_state.pt")
+    setup = distill_setup.build(DistillConfig(teacher=teacher, out=tmp_path / "s", **FAST))
+    assert setup.data_record == {"task": "stories", "seed": 2} and setup.block_size == 12
+    config = load_checkpoint(teacher)[1]
+    splits = text_splits("task stories", stories(2), 2)
+    stream = token_stream(load_tokenizer(teacher), splits.train, config.bos_token_id, config.eos_token_id)
+    windows = {tuple(stream[s:s + 13]) for s in range(0, len(stream) - 12, 12)}
+    inputs, labels = setup.batch(0)
+    rows = torch.cat([inputs["input_ids"], labels[:, -1:]], dim=1).tolist()
+    assert all(tuple(row) in windows for row in rows)
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s2"),
+                                   "--task", "reverse", "--steps", "1"])
+    assert res.exit_code == 2 and "unknown task 'reverse' for a decoder-only teacher: expected one of stories" in res.output

@@ -225,13 +225,14 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
     from deploylm.models.tokenizer import load_tokenizer
     from deploylm.training.data import BatchStream
 
-    if config.task is not None:
-        raise UsageError("--task applies to encoder-decoder teachers: give --data FILE.txt for a causal LM")
-    if config.data is None:
-        raise UsageError("--data FILE.txt is required for a causal LM teacher: the plain text to distil on")
     seed_teacher = source.kind == "checkpoint"
-    if seed_teacher:
+    if seed_teacher:           # --data, a text task (stories), or what the teacher was trained on
         text = _teacher_text(config, source.path)
+    elif config.task is not None:
+        raise UsageError("--task applies to encoder-decoder teachers and deploylm decoder-only ones (stories): "
+                         "give --data FILE.txt for a Hugging Face causal LM")
+    elif config.data is None:
+        raise UsageError("--data FILE.txt is required for a causal LM teacher: the plain text to distil on")
     tok = load_tokenizer(source)
     teacher, student, kept, window, save = make_pair(config, source, device, tok)
     length = _block_size(config, _trained_block_size(source.path) if seed_teacher else None, window)
@@ -242,10 +243,10 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         ttok, bos, eos = training_tokenizer(source.path), teacher.config.bos_token_id, teacher.config.eos_token_id
         ids = token_stream(ttok, text.splits.train, bos, eos)
         if text.splits.test:
-            train = _text_blocks(ids, config.data, length)
-            held_out = _text_blocks(token_stream(ttok, text.splits.test, bos, eos), config.data, length)
+            train = _text_blocks(ids, text.where, length)
+            held_out = _text_blocks(token_stream(ttok, text.splits.test, bos, eos), text.where, length)
         else:          # too little text for a test split: hold out the last tenth of the blocks
-            train, held_out = _split_blocks(_text_blocks(ids, config.data, length))
+            train, held_out = _split_blocks(_text_blocks(ids, text.where, length))
     else:
         train, held_out = _split_blocks(_text_blocks(_line_stream(_read_lines(config.data), tok), config.data, length))
     stream = BatchStream(train, config.batch_size, config.seed)
@@ -270,7 +271,7 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         return {"loss": loss, "perplexity": perplexity(loss), "eval_s": time.perf_counter() - started,
                 "held_out_tokens": count}
 
-    record = data_record(config.data, text.seed, text.clean, "decoder") if seed_teacher else {}
+    record = text.record if seed_teacher else {}
     return Setup(teacher, student, kept, "teacher", batch, forward, evaluate, save, data_record=record, block_size=length)
 
 
@@ -373,8 +374,8 @@ class TeacherText:
     with its seed (the same file gives the teacher's own train/validation/test documents)."""
 
     splits: Any           # training.text.TextSplits
-    seed: int
-    clean: Any            # CleanOptions
+    where: str            # for messages: the file, or "task stories"
+    record: dict[str, Any]  # distill.json's data record (export finds the held-out split again with it)
 
 
 def _teacher_text(config: DistillConfig, folder: Path) -> TeacherText:
@@ -383,6 +384,20 @@ def _teacher_text(config: DistillConfig, folder: Path) -> TeacherText:
     from deploylm.training.text import TextSplits, load_text, text_splits
 
     identity = (load_training_state(folder) or {}).get("identity") or {}
+    task = config.task or (identity.get("task") if config.data is None else None)
+    if task is not None:
+        from deploylm.training.outdir import TEXT_TASKS
+        from deploylm.training.stories import stories
+
+        if task not in TEXT_TASKS:
+            raise UsageError(f"unknown task {task!r} for a decoder-only teacher: expected one of {', '.join(TEXT_TASKS)}, "
+                             "or --data FILE.txt")
+        seed = int(identity.get("seed", config.seed)) if identity.get("task") == task else config.seed
+        where = f"task {task}"
+        return TeacherText(text_splits(where, stories(seed), seed), where, {"task": task, "seed": seed})
+    if config.data is None:
+        raise UsageError(f"teacher {str(folder)!r} does not record its training text: give --data FILE.txt "
+                         "(or --task stories)")
     path = Path(config.data)
     check_teacher_data(path, identity, folder)
     same = bool(identity.get("data")) and path.is_file() and Path(identity["data"]).resolve() == path.resolve()
@@ -392,9 +407,10 @@ def _teacher_text(config: DistillConfig, folder: Path) -> TeacherText:
         docs, _ = load_text(path, clean)
     except UsageError as exc:
         raise UsageError(f"--data: {exc}") from None
+    record = data_record(path, seed, clean, "decoder")
     if len(set(docs)) < 3:          # too few paragraphs to split: all train, the last blocks held out
-        return TeacherText(TextSplits(docs, [], []), seed, clean)
-    return TeacherText(text_splits(path, docs, seed), seed, clean)
+        return TeacherText(TextSplits(docs, [], []), str(path), record)
+    return TeacherText(text_splits(path, docs, seed), str(path), record)
 
 
 def _line_stream(lines: list[str], tok: Any) -> list[int]:
