@@ -42,3 +42,9 @@ class TrainingDiverged(DeployLMError):
     """The training loss became NaN or infinite: the weights are unusable, nothing more is saved. Exit status 1."""
 
     exit_code = 1
+
+
+class CheckpointWriteFailed(DeployLMError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous one is kept. Exit status 1."""
+
+    exit_code = 1

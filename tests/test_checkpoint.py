@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from deploylm.errors import UsageError
+from deploylm.errors import CheckpointWriteFailed, UsageError
 from deploylm.models import checkpoint as ckpt
 from deploylm.models.checkpoint import load_checkpoint, load_generation_config, load_training_state, save_checkpoint
 from deploylm.models.config import make_config
@@ -182,7 +182,7 @@ def test_a_save_that_cannot_write_is_one_line_and_keeps_the_previous_checkpoint(
         raise failure
 
     monkeypatch.setattr(ckpt.torch, "save", full_disk)
-    with pytest.raises(ckpt.CheckpointWriteFailed) as err:
+    with pytest.raises(CheckpointWriteFailed) as err:
         save_checkpoint(out, model, config, training_state={"step": 2}, overwrite=True)
     message = str(err.value)
     assert message == (f"could not save the checkpoint in {str(out)!r}: {reason}; the previous checkpoint there is "

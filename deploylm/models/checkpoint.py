@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploylm.errors import DeployLMError, UsageError
+from deploylm.errors import CheckpointWriteFailed, UsageError
 from deploylm.fsutil import remove_stale_temporaries, replace_dir, temporary_sibling
 from deploylm.models.config import TransformerConfig
 
@@ -88,12 +88,6 @@ def save_checkpoint(
         raise CheckpointWriteFailed(f"could not save the checkpoint in {str(target)!r}: {_io_reason(exc)};"
                                     f"{kept or ' nothing was written'}; free space or choose another folder") from None
     return target
-
-
-class CheckpointWriteFailed(DeployLMError):
-    """A checkpoint could not be written (disk full, read-only folder). Exit status 1."""
-
-    exit_code = 1
 
 
 def _io_reason(exc: BaseException) -> str:

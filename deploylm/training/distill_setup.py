@@ -418,10 +418,11 @@ def _line_stream(lines: list[str], tok: Any) -> list[int]:
     return [t for row in (tok(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []) for t in row]
 
 
-def _text_blocks(ids: list[int], path: Path, length: int) -> list[list[int]]:
-    """Token blocks of length+1 (inputs and next-token labels) over the token stream `ids` of `path`."""
+def _text_blocks(ids: list[int], where: str | Path, length: int) -> list[list[int]]:
+    """Token blocks of length+1 (inputs and next-token labels) over the token stream `ids` of `where`
+    (the --data file, or a text task)."""
     if len(ids) < 2:
-        raise UsageError(f"--data {str(path)!r} holds {len(ids)} token(s): expected some text to distil on")
+        raise UsageError(f"--data {str(where)!r} holds {len(ids)} token(s): expected some text to distil on")
     if len(ids) <= length:
         return [ids]
     return [ids[i:i + length + 1] for i in range(0, len(ids) - length, length)]
