@@ -161,12 +161,20 @@ def _fake_trt(log):
     return mod
 
 
-def test_build_engines_configures_two_profiles_precision_and_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def trt_log(tmp_path, monkeypatch):
+    """The fake tensorrt module installed (with TensorRT and CUDA "present"), a decoder graph in tmp_path;
+    yields the log the fake writes what the builder asked of it into."""
     log: dict = {}
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(log))
     monkeypatch.setattr(trt_env.importlib.util, "find_spec", lambda name, *a: object())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     _decoder_graph(tmp_path)
+    return log
+
+
+def test_build_engines_configures_two_profiles_precision_and_cache(tmp_path, trt_log):
+    log = trt_log
     infos = trt_build.build_engines(tmp_path, load_profile("trt-fp16"))
     (info,) = infos
     assert (tmp_path / "trt" / "model.plan").read_bytes() == b"PLAN-BYTES"
@@ -205,12 +213,8 @@ def test_entropy_calibrator_hands_out_opt_shape_batches_by_address(tmp_path):
     assert calib.read_calibration_cache() == b"scales"
 
 
-def test_a_timing_cache_tensorrt_refuses_is_replaced_by_an_empty_one(tmp_path, monkeypatch):
-    log: dict = {}
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(log))
-    monkeypatch.setattr(trt_env.importlib.util, "find_spec", lambda name, *a: object())
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    _decoder_graph(tmp_path)
+def test_a_timing_cache_tensorrt_refuses_is_replaced_by_an_empty_one(tmp_path, trt_log):
+    log = trt_log
     (tmp_path / "trt").mkdir()
     (tmp_path / "trt" / "timing.cache").write_bytes(b"ANOTHER-GPU")
     trt_build.build_engines(tmp_path, load_profile("trt-fp16"))

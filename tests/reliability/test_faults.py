@@ -28,6 +28,14 @@ def wait_until(condition, timeout=5.0) -> bool:
     return condition()
 
 
+def stopped_within(server, seconds: float) -> bool:
+    """SIGTERM the server process; True when it exited within `seconds`."""
+    started = time.monotonic()
+    server.proc.terminate()
+    server.proc.wait(15)
+    return time.monotonic() - started < seconds
+
+
 def test_client_leaving_mid_stream_stops_decoding_and_frees_the_slot():
     fake = FakeGenerator(step_delay=0.05)
     with inproc_server(fake, ServeConfig(max_new_tokens=64)) as (url, app):
@@ -90,10 +98,7 @@ def test_shutdown_is_bounded_by_the_drain_timeout(start_fake_server):
         server.url + "/v1/generate", json={"prompt": "a long decode", "max_new_tokens": 2}, timeout=40)))
     thread.start()
     assert wait_until(lambda: httpx.get(server.url + "/health", timeout=5).json()["decoding"] == 1)
-    started = time.monotonic()
-    server.proc.terminate()
-    server.proc.wait(15)
-    assert time.monotonic() - started < 8, "shutdown waited for the decode"
+    assert stopped_within(server, 8), "shutdown waited for the decode"
     thread.join(10)
     assert slow["r"].status_code == 503 and "was not finished" in slow["r"].json()["error"]["message"]
 
@@ -112,10 +117,7 @@ def test_a_stream_still_running_when_the_drain_is_over_ends_with_a_503_event(sta
     thread = threading.Thread(target=read)
     thread.start()
     assert wait_until(lambda: httpx.get(server.url + "/health", timeout=5).json()["active_streams"] == 1)
-    started = time.monotonic()
-    server.proc.terminate()
-    server.proc.wait(15)
-    assert time.monotonic() - started < 8, "shutdown waited for the stream"
+    assert stopped_within(server, 8), "shutdown waited for the stream"
     thread.join(10)
     assert 0 < len(events) < 40 and "error" in events[-1], events[-3:]
     assert "was not finished" in events[-1]["error"]["message"] and events[-1]["error"]["type"] == "server_overloaded"
