@@ -147,3 +147,35 @@ def test_a_misspelt_fallback_node_or_op_is_refused(overflow_model, overflow_fp32
                                                                                           auto=False))
     apply_precision(_copy(overflow_fp32, tmp_path / "again"), fine, resolve_source(overflow_model), rounds=0,
                     allow_quality_loss=True)
+
+
+def test_int8_ranking_offers_every_quantized_node_so_the_search_can_keep_them_all():
+    """A quantized node whose output error did not grow (score 0) used to be left out of the ranking: the
+    longest prefix the search tried could then never be "everything in fp32", and int4 exports that would
+    pass with it failed. Now it is ranked last."""
+    import tempfile
+    from pathlib import Path
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deploylm.export.fallback import rank_nodes
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((4, 4)).astype(np.float32), np.eye(4, dtype=np.float32)   # "exact" adds no error
+
+    def graph(first: np.ndarray) -> onnx.ModelProto:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="noisy"),
+                 helper.make_node("MatMul", ["h", "w2"], ["y"], name="exact")]
+        io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+              helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])]
+        inits = [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(w2, "w2")]
+        return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], inits),
+                                 opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, cand = Path(tmp) / "ref", Path(tmp) / "cand"
+        ref.mkdir(), cand.mkdir()
+        onnx.save(graph(w1), ref / "model.onnx")
+        onnx.save(graph(w1 + 0.05), cand / "model.onnx")          # only the first MatMul's weights moved
+        feeds = {"model.onnx": [{"x": rng.standard_normal((2, 4)).astype(np.float32)}]}
+        assert rank_nodes(ref, cand, feeds, "int8", {}) == [("model.onnx", "noisy"), ("model.onnx", "exact")]

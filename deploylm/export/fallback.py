@@ -87,7 +87,7 @@ def _rel_err(ref: np.ndarray, cand: np.ndarray | None) -> float:
 
 def sensitivity(ref_model: Any, cand_model: Any, feeds: dict[str, np.ndarray], precision: str,
                 candidates: set[str]) -> list[tuple[str, float]]:
-    """(node name, score) for `candidates` nodes of ref_model, most sensitive first; score > 0 only."""
+    """(node name, score) for every `candidates` node of ref_model, most sensitive first (score >= 0)."""
     from onnx import numpy_helper
 
     ref = run_all_outputs(ref_model, feeds)
@@ -107,8 +107,7 @@ def sensitivity(ref_model: Any, cand_model: Any, feeds: dict[str, np.ndarray], p
                       [weights[t] for t in node.input if t in weights and weights[t].dtype == np.float32]
             peak = max((float(np.abs(t).max(initial=0.0)) for t in tensors if t.size), default=0.0)
             score = max(score, peak / FP16_MAX)
-        if score > 0:
-            scores.append((node.name, score))
+        scores.append((node.name, score))
     return sorted(scores, key=lambda item: -item[1])
 
 
@@ -161,7 +160,10 @@ def rank_nodes(ref_dir: Path, cand_dir: Path, feeds: dict[str, list[dict]], prec
         if precision in ("int8", "int4"):  # only nodes over constant weights are quantized
             changed &= quantizable_nodes(ref_model)
         for node, score in sensitivity(ref_model, cand_model, batches[0], precision, changed):
-            ranked.append((score, file, node))
+            # int8/int4: every quantized node is a candidate, those whose error did not grow last, so
+            # the longest prefix keeps them all in fp32; fp16: nodes with an error or a range to rank
+            if score > 0 or precision in ("int8", "int4"):
+                ranked.append((score, file, node))
     ranked.sort(key=lambda item: -item[0])
     return [(file, node) for _, file, node in ranked]
 
