@@ -64,3 +64,29 @@ def test_export_of_a_stories_model_quantizes_and_names_its_held_out_text(seed_lm
     assert result.exit_code == 0, result.output
     assert "quality (held out: the test split of task stories): perplexity" in result.output
     assert json.loads((out / "manifest.json").read_text())["quality"]["held_out"] == "task:stories"
+
+
+def test_percentile_calibration_on_prompts_of_different_lengths(tiny_llama_dir, tmp_path):
+    """The percentile calibrator stacks every batch's activations: prompts of different lengths (and a
+    last batch of fewer rows) used to crash it with numpy's "inhomogeneous shape" traceback."""
+    import dataclasses
+
+    from deploylm.export.pipeline import export_model
+    from deploylm.profiles import load_profile
+
+    base = load_profile("int8-static")
+    profile = dataclasses.replace(base, name="int8-pct", quantization=dataclasses.replace(
+        base.quantization, calibration_method="percentile", calibration_samples=8))
+    lines = tmp_path / "calib.txt"
+    lines.write_text("\ufeffhello\nthe quick brown fox jumps over the lazy dog\na b\none two three four five six\n"
+                     "seven\n")                                          # 5 samples: batches of 4 and 1
+    report = export_model(tiny_llama_dir, profile, tmp_path / "pct", calibration=lines, allow_quality_loss=True)
+    assert (tmp_path / "pct" / "model.onnx").is_file() and report is not None
+
+
+def test_a_bom_is_no_calibration_sample(tmp_path):
+    from deploylm.export.calibration import read_lines
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffhello\r\nworld\r\n".encode())
+    assert read_lines(bom) == ["hello", "world"]

@@ -85,7 +85,7 @@ def read_lines(file: Path) -> list[str]:
     """The samples of a calibration file: its non-empty lines; for a .jsonl file (training pairs, say)
     each record's "source", "prompt" or "text"."""
     try:
-        text = Path(file).read_text(encoding="utf-8")
+        text = Path(file).read_text(encoding="utf-8-sig")      # a byte-order mark is no sample text
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--calibration {str(file)!r}: cannot read it ({exc}): expected a UTF-8 text file") from None
     if Path(file).suffix.lower() != ".jsonl":

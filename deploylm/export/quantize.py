@@ -157,13 +157,36 @@ def _static(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...], 
     large = is_large(model)
     save_graph(model, src)
     method = CalibrationMethod.Percentile if q.calibration_method == "percentile" else CalibrationMethod.MinMax
-    quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul"], per_channel=bool(q.per_channel),
-                    reduce_range=bool(q.reduce_range), activation_type=QuantType.QUInt8,
-                    weight_type=_qtype(q.weight_type or "qint8"), nodes_to_exclude=list(exclude),
-                    calibrate_method=method, extra_options={"MatMulConstBOnly": True},
-                    use_external_data_format=large)
+    with _flat_histograms():
+        quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], per_channel=bool(q.per_channel),
+                        reduce_range=bool(q.reduce_range), activation_type=QuantType.QUInt8,
+                        weight_type=_qtype(q.weight_type or "qint8"), nodes_to_exclude=list(exclude),
+                        calibrate_method=method, extra_options={"MatMulConstBOnly": True},
+                        use_external_data_format=large)
     finish_data_file(dst)
+
+
+@contextlib.contextmanager
+def _flat_histograms() -> Iterator[None]:
+    """onnxruntime's percentile calibrator stacks each tensor's values from every batch with np.asarray,
+    which fails when batches differ in shape (prompts of other lengths; prefills beside decode steps)
+    although it only wants the values (it flattens them next). For this call, hand it each tensor's
+    values already flattened into one array: the same histogram, whatever the batch shapes."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    original = HistogramCollector.collect
+
+    def collect(self: Any, name_to_arr: dict[str, Any]) -> Any:
+        flat = {name: (np.concatenate([np.asarray(a).ravel() for a in arrs]) if isinstance(arrs, list) and arrs
+                       else arrs) for name, arrs in name_to_arr.items()}
+        return original(self, flat)
+
+    HistogramCollector.collect = collect
+    try:
+        yield
+    finally:
+        HistogramCollector.collect = original
 
 
 def _weight_only(model: Any, dst: Path, q: Any, bits: int, exclude: tuple[str, ...]) -> None:
