@@ -90,3 +90,24 @@ def test_a_bom_is_no_calibration_sample(tmp_path):
     bom = tmp_path / "bom.txt"
     bom.write_bytes("\ufeffhello\r\nworld\r\n".encode())
     assert read_lines(bom) == ["hello", "world"]
+
+
+def test_an_encoder_decoders_decoder_is_calibrated_on_the_pairs_targets(tmp_path):
+    """--calibration pairs.jsonl for an encoder-decoder: the decoder side is each pair's target (it was
+    the source again, e.g. '366' where the model writes 'three hundred sixty-six')."""
+    import json
+    from types import SimpleNamespace
+
+    from deploylm.export.calibration import text_sets
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": s, "target": t}) + "\n"
+                             for s, t in [("366", "three hundred sixty-six"), ("12", "twelve")]))
+    source = SimpleNamespace(kind="hf", path=tmp_path)
+    calib, _ = text_sets(source, pairs, 8, seq2seq=True)
+    assert calib.inputs == ("366", "12") and calib.targets == ("three hundred sixty-six", "twelve")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": "hello"}) + "\n")
+    calib, _ = text_sets(source, prompts, 8, seq2seq=True)
+    assert calib.targets == ("hello",)                                       # no targets: the text itself
+    assert text_sets(source, pairs, 8, seq2seq=False)[0].targets is None

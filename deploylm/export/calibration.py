@@ -84,12 +84,24 @@ def check_calibration_file(path: str | Path | None) -> Path | None:
 def read_lines(file: Path) -> list[str]:
     """The samples of a calibration file: its non-empty lines; for a .jsonl file (training pairs, say)
     each record's "source", "prompt" or "text"."""
+    return [text for text, _ in read_samples(file)]
+
+
+def read_targets(file: Path) -> list[str] | None:
+    """An encoder-decoder's decoder side of a .jsonl file of pairs: each record's "target", when every
+    record has one (None otherwise, and for plain text files)."""
+    targets = [target for _, target in read_samples(file)]
+    return targets if targets and all(t is not None for t in targets) else None  # type: ignore[return-value]
+
+
+def read_samples(file: Path) -> list[tuple[str, str | None]]:
+    """(sample text, its "target" or None) for every sample of a calibration file (see read_lines)."""
     try:
         text = Path(file).read_text(encoding="utf-8-sig")      # a byte-order mark is no sample text
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--calibration {str(file)!r}: cannot read it ({exc}): expected a UTF-8 text file") from None
     if Path(file).suffix.lower() != ".jsonl":
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return [(line.strip(), None) for line in text.splitlines() if line.strip()]
     from deploylm.training.data import json_lines    # "\n" only: JSON strings may hold U+2028 raw
 
     samples = []
@@ -102,7 +114,8 @@ def read_lines(file: Path) -> list[str]:
         if not isinstance(value, str) or not value.strip():
             raise UsageError(f"--calibration {str(file)!r} line {number}: expected a JSON object with a text field "
                              f"({', '.join(JSONL_FIELDS)}), or give a plain text file, one sample a line")
-        samples.append(value.strip())
+        target = record.get("target") if isinstance(record, dict) else None
+        samples.append((value.strip(), target.strip() if isinstance(target, str) and target.strip() else None))
     return samples
 
 
@@ -233,7 +246,9 @@ def text_sets(source: Any, file: Path | None, samples: int, seq2seq: bool) -> tu
                        HELD_OUT_TEXT[:4] if seq2seq else None, "builtin")
     if file is not None:
         lines = tuple(read_lines(file)[:samples])
-        return TextSet(lines, lines if seq2seq else None, f"file:{file}"), held
+        targets = read_targets(file) if seq2seq else None   # training pairs: the decoder sees their targets
+        return TextSet(lines, (tuple(targets[:samples]) if targets else lines) if seq2seq else None,
+                       f"file:{file}"), held
     texts = tuple((CALIBRATION_TEXT * (1 + samples // len(CALIBRATION_TEXT)))[:max(samples, 1)])
     return TextSet(texts, texts if seq2seq else None, "builtin"), held
 
