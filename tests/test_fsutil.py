@@ -66,3 +66,24 @@ def test_carry_over_keeps_the_old_folders_extra_entries(tmp_path, monkeypatch, a
     fsutil.replace_dir(make(tmp_path / ".new", "new"), old, carry_over=True)
     assert sorted(os.listdir(old)) == ["file.txt", "metrics.json"] and (old / "file.txt").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_the_precision_steps_scratch_is_cleaned_like_the_export_folder(tmp_path):
+    """A SIGKILLed quantizing export left `..<name>.tmp-...precision-XXXX` (690 MB for SmolLM2) that no
+    later export removed; its scratch is now named so that the next export of the folder removes it."""
+    import os
+
+    from deploylm.export.precision_step import _scratch_beside
+    from deploylm.fsutil import remove_stale_temporaries, temporary_sibling
+
+    target = tmp_path / "smollm2-int8"
+    tmp_dir = temporary_sibling(target)
+    tmp_dir.mkdir()
+    with _scratch_beside(tmp_dir) as scratch:
+        assert scratch.parent == tmp_path and scratch.name.endswith(f".precision-{os.getpid()}")
+        assert remove_stale_temporaries(target) == []             # this process is alive: kept
+        assert scratch.is_dir()
+    assert not scratch.exists()
+    dead = tmp_path / f".{target.name}.tmp-0123abcd-999999999.precision-999999999"   # a killed export's
+    dead.mkdir()
+    assert dead in remove_stale_temporaries(target) and not dead.exists()

@@ -11,11 +11,12 @@ A budget that is not met raises CheckFailed unless `allow_quality_loss`.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from deploylm.errors import CheckFailed, UsageError
 from deploylm.export import io_spec
@@ -172,8 +173,8 @@ def apply_precision(tmp_dir: Path, profile: Any, source: Any, calibration: str |
     if "onnx" not in profile.backends:
         return PrecisionReport(profile.name, profile.precision, False,
                                notes=(f"ONNX graphs stay fp32: {', '.join(profile.backends)} applies {profile.precision} itself",))
-    with tempfile.TemporaryDirectory(prefix=f".{tmp_dir.name}.precision-", dir=tmp_dir.parent) as scratch:
-        work = _workspace(Path(scratch), tmp_dir, profile, source, file)
+    with _scratch_beside(tmp_dir) as scratch:
+        work = _workspace(scratch, tmp_dir, profile, source, file)
         base = _base_exclusions(work)
         first = work.judge(base)
         result = SearchResult(first, first, 1, 0)
@@ -193,6 +194,20 @@ def apply_precision(tmp_dir: Path, profile: Any, source: Any, calibration: str |
         report = _report(profile, work, base, result, allow_quality_loss)   # raises before tmp_dir changes
         _replace_graphs(chosen, tmp_dir, work.graphs)
         return report
+
+
+@contextlib.contextmanager
+def _scratch_beside(tmp_dir: Path) -> Iterator[Path]:
+    """A work folder beside the export's temporary folder, named after it and ending in this process's
+    id (`.<name>.tmp-<id>-<pid>.precision-<pid>`), so that when the export is killed outright, the next
+    export of the same folder removes it with the temporary folder (fsutil.remove_stale_temporaries)."""
+    scratch = tmp_dir.parent / f"{tmp_dir.name}.precision-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _replace_graphs(chosen: Path, tmp_dir: Path, graphs: list[str]) -> None:
