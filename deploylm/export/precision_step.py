@@ -350,6 +350,9 @@ def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResu
         notes.append(work.calibration_note)
     if profile.precision == "bf16":
         notes.append("bf16 weights are stored as bf16 and computed in fp32 on CPU")
+    if profile.precision == "fp16":   # ONNX Runtime's CPU build has few fp16 kernels: it casts around the rest
+        notes.append("fp16 on CPU: ONNX Runtime runs most MatMuls in fp32 behind casts it inserts, so these checks "
+                     "measured fp16 storage more than fp16 arithmetic; check again on the GPU that will run it")
     q = profile.quantization
     return PrecisionReport(
         profile=profile.name, precision=profile.precision, applied=True, method=q.method if q else None,
