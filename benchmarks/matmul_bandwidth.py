@@ -10,9 +10,11 @@ how fast the MatMul kernel streams weights. This measures, on the machine at han
   weights at fp32 compute (accuracy_level 1: the same fp32 arithmetic on fewer bytes; exact for
   weights on a GGUF grid), as MatMulNBits 4-bit at accuracy_level 4 (int8 activations), and as torch
   `F.linear` (fp32 rows only; with `--inductor` also compiled by torch.compile with freezing and
-  inductor's C++ GEMM template, which autotunes against MKL: ~30 s of compiling first).
+  inductor's C++ GEMM template, which autotunes against MKL: ~30 s of compiling first); with `--blas`
+  also as numpy's OpenBLAS (`x @ W`) and oneDNN's packed linear (`torch.ops.mkldnn._linear_pointwise`
+  on weights reordered for the row count once, as inductor's CPU freezing does).
 
-    .venv/bin/python benchmarks/matmul_bandwidth.py [--layers 30] [--threads 2] [--runs 7] [--inductor]
+    .venv/bin/python benchmarks/matmul_bandwidth.py [--layers 30] [--threads 2] [--runs 7] [--inductor] [--blas]
 """
 from __future__ import annotations
 
@@ -97,6 +99,29 @@ def compiled_chain(linear: list) -> Any:
     return torch.compile(Chain().eval())
 
 
+def blas_chains(linear: list, rows: int) -> dict[str, Any]:
+    """The same chain on numpy's BLAS (OpenBLAS in numpy's wheels) and on oneDNN's packed linear."""
+    import torch
+
+    arrays = [(up.T.numpy().copy(), down.T.numpy().copy()) for up, down in linear]        # x @ W: [K, N]
+    packed = [(torch.ops.mkldnn._reorder_linear_weight(up, rows), torch.ops.mkldnn._reorder_linear_weight(down, rows))
+              for up, down in linear]
+
+    def numpy_chain(x: torch.Tensor) -> np.ndarray:
+        h = x.numpy()
+        for up, down in arrays:
+            h = np.tanh(h @ up) @ down
+        return h
+
+    def onednn_chain(x: torch.Tensor) -> torch.Tensor:
+        for up, down in packed:
+            x = torch.ops.mkldnn._linear_pointwise(torch.ops.mkldnn._linear_pointwise(x, up, None, "tanh", [], ""),
+                                                   down, None, "none", [], "")
+        return x
+
+    return {"numpy OpenBLAS": numpy_chain, "oneDNN packed": onednn_chain}
+
+
 def main() -> None:
     import torch
 
@@ -105,6 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--inductor", action="store_true", help="also the torch chain compiled by inductor (CPP GEMM)")
+    parser.add_argument("--blas", action="store_true", help="also numpy's OpenBLAS and oneDNN's packed linear")
     args = parser.parse_args()
     weights = torch.randn(135_000_000)
     for threads in (1, args.threads):
@@ -132,6 +158,8 @@ def main() -> None:
     if args.inductor:
         torch_chains["torch inductor"] = compiled_chain(linear)
     for rows in (8, 32):
+        if args.blas:
+            torch_chains.update(blas_chains(linear, rows))
         x = rng.standard_normal((rows, K)).astype(np.float32)
         times: dict[str, list[float]] = {name: [] for name in [*sessions, *torch_chains]}
         for _ in range(args.runs + 1):                        # the first round is a warm-up

@@ -331,3 +331,25 @@ def test_percentile_calibration_prints_nothing(fp32, tmp_path, capfd):
     quantize_graph(fp32, tmp_path / "q.onnx", "int8", q, feeds=FEEDS)
     out = capfd.readouterr().out
     assert "histogram" not in out and "Percentile" not in out, out
+
+
+def test_static_int8_leaves_activation_products_in_fp32(tmp_path):
+    """onnxruntime's QDQ MatMul ignores MatMulConstBOnly: attention-like products (activation x activation)
+    were quantized to uint8 too, which no fallback search could undo; only weight MatMuls are now."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="weights"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "ht"], ["y"], name="scores")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [w])
+    src = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), src)
+    feeds = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(4)]
+    quantize_graph(src, tmp_path / "q.onnx", "int8", CASES["int8 static"][1], feeds=feeds)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    matmul = {n.name: n for n in q.graph.node if n.op_type == "MatMul"}
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert matmul["weights"].output[0] in quantized                          # the weight MatMul is int8
+    assert matmul["scores"].output[0] not in quantized                       # the product of activations is not
+    assert "ht" not in quantized

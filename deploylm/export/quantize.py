@@ -157,6 +157,10 @@ def _static(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...], 
     large = is_large(model)
     save_graph(model, src)
     method = CalibrationMethod.Percentile if q.calibration_method == "percentile" else CalibrationMethod.MinMax
+    # onnxruntime's QDQ MatMul ignores MatMulConstBOnly: without this it also quantizes the attention
+    # products (activation x activation: scores and probabilities to uint8), which the fallback search,
+    # ranking weight MatMuls, could never keep in fp32
+    exclude = (*exclude, *sorted(activation_matmuls(model)))
     with _flat_histograms():
         quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul"], per_channel=bool(q.per_channel),
@@ -165,6 +169,13 @@ def _static(model: Any, tmp: Path, dst: Path, q: Any, exclude: tuple[str, ...], 
                         calibrate_method=method, extra_options={"MatMulConstBOnly": True},
                         use_external_data_format=large)
     finish_data_file(dst)
+
+
+def activation_matmuls(model: Any) -> set[str]:
+    """MatMul nodes whose second input is no constant weight (attention's Q·Kᵀ and P·V)."""
+    from deploylm.export.fallback import quantizable_nodes
+
+    return {n.name for n in model.graph.node if n.op_type == "MatMul"} - quantizable_nodes(model)
 
 
 @contextlib.contextmanager
