@@ -382,7 +382,10 @@ def format_parity(parity: dict[str, Any] | None) -> list[str]:
     """The manifest's parity summary (see deploylm.parity.ParityReport.summary), one line per backend."""
     if not parity:
         return ["  (none recorded)"]
-    lines = [f"  reference {parity.get('reference', '?')}: {'PASSED' if parity.get('passed') else 'FAILED'}"]
+    checked = ", ".join(f"{parity[k]} {label}" for k, label in (("prompts", "prompts"), ("max_new_tokens", "new tokens"),
+                                                                 ("num_beams", "beams")) if parity.get(k) is not None)
+    lines = [f"  reference {parity.get('reference', '?')}: {'PASSED' if parity.get('passed') else 'FAILED'}"
+             + (f" ({checked})" if checked else "")]
     for name, row in (parity.get("backends") or {}).items():
         div = row.get("first_divergence")
         lines.append(f"  {name:<8} max|Δlogit| {row.get('max_abs_logit', float('nan')):.2e}  "

@@ -129,6 +129,7 @@ class ParityReport:
         backends = {r.backend: {**{k: getattr(r, k) for k in keys}, "passed": not r.failures(tol)}
                     for r in self.backends}
         return _finite({"reference": self.reference, "passed": self.passed, "prompts": self.prompts,
+                        "num_beams": self.options.get("num_beams"), "max_new_tokens": self.options.get("max_new_tokens"),
                         "tolerances": self.tolerances, "backends": backends})
 
     def table(self) -> str:

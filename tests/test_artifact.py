@@ -349,3 +349,9 @@ def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(tmp_pat
     other.mkdir()
     write_artifact(out, build, FIELDS)
     assert load_artifact(out) and not stale.exists() and live.is_dir() and other.is_dir()
+
+
+def test_an_older_parity_summary_prints_as_before():
+    from deploylm.artifact import format_parity
+
+    assert format_parity({"reference": "torch", "passed": True, "backends": {}}) == ["  reference torch: PASSED"]

@@ -85,6 +85,8 @@ def test_export_writes_a_loadable_artifact(tiny_llama_dir, tmp_path):
     result = _run("--model", str(tiny_llama_dir), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "validation: graphs match PyTorch" in result.output and "PASSED" in result.output
+    # what export's parity covered, so that `deploylm parity` at the profile's 64 tokens is no surprise
+    assert "reference torch: PASSED (4 prompts, 16 new tokens, 4 beams)" in result.output, result.output
     artifact = load_artifact(out)
     assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "parity.json"} <= set(artifact.files)
     assert artifact.manifest["profile"]["name"] == "fp32" and artifact.manifest["parity"]["passed"]
