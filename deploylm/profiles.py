@@ -259,8 +259,9 @@ def _quantization(data: Any, origin: str, precision: str, backends: tuple[str, .
             raise ProfileError(f"{origin}: [quantization] does not apply to precision {precision!r}: "
                                f"expected it only with precision int8 (dynamic, static, weight-only) or int4 (weight-only)")
         return None
+    trt_int8 = "trt" in backends and precision == "int8"   # TensorRT calibrates: its own rules
     default = methods[0]
-    if "trt" in backends and precision == "int8":
+    if trt_int8:
         _check_trt_int8({} if data is None else data, origin, backends)
         default = "static"
     all_keys = ("method",) + tuple(dict.fromkeys(k for m in methods for k in METHOD_KEYS[m]))
@@ -290,7 +291,7 @@ def _quantization(data: Any, origin: str, precision: str, backends: tuple[str, .
         if values["algorithm"] in ("hqq", "q4_1") and precision != "int4":
             table.fail("algorithm", f"= {values['algorithm']!r} does not apply to precision {precision!r}",
                        "'rtn' (onnxruntime's CPU MatMulNBits takes no float zero points at 8 bits)")
-    if "trt" in backends and precision == "int8":
+    if trt_int8:
         return Quantization(method=method, calibration_samples=values["calibration_samples"])
     return Quantization(method=method, **values)
 

@@ -71,8 +71,7 @@ class EngineRunner:
         self._profile: int | None = None
         self._lock = threading.Lock()
         self._dummy = torch.zeros(1, device=device)         # an address for zero-size tensors
-        self._cuda = device.type == "cuda"
-        self._side = torch.cuda.Stream(device) if self._cuda else None  # TensorRT's own stream
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None  # TensorRT's own stream
 
     def _bind(self, name: str, tensor: Tensor) -> None:
         self.context.set_tensor_address(name, tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr())
@@ -80,7 +79,7 @@ class EngineRunner:
     def _held(self, name: str, tensor: Tensor) -> Tensor:
         """The input as the engine's dtype, dense, at a 256-byte aligned address (TensorRT's rule)."""
         held = tensor.to(self.dtypes[name]).contiguous()
-        if self._cuda and held.numel() and held.data_ptr() % ALIGNMENT:
+        if self._side is not None and held.numel() and held.data_ptr() % ALIGNMENT:   # on CUDA
             held = held.clone()                              # a view at an offset: a fresh, aligned block
         return held
 
@@ -98,7 +97,7 @@ class EngineRunner:
         if missing:
             raise ArtifactError(f"the TensorRT engine needs inputs {missing} that the trt backend does not provide")
         with self._lock, _on_device(self.device):
-            caller = torch.cuda.current_stream(self.device) if self._cuda else None
+            caller = torch.cuda.current_stream(self.device) if self._side is not None else None
             if self._side is not None:
                 self._side.wait_stream(caller)                # inputs and buffers written by the caller first
             stream = self._side.cuda_stream if self._side is not None else 0

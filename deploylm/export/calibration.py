@@ -190,13 +190,10 @@ def _document_sets(splits: Any, samples: int, origin: str) -> tuple[TextSet, Tex
 
 
 def _task_sets(task: str, samples: int, seed: int = 0) -> tuple[TextSet, TextSet]:
-    from deploylm.training.outdir import TEXT_TASKS
+    from deploylm.training.outdir import TEXT_TASKS, text_task_splits
 
     if task in TEXT_TASKS:
-        from deploylm.training.stories import stories
-        from deploylm.training.text import text_splits
-
-        return _document_sets(text_splits(f"task {task}", stories(seed), seed), samples, f"task:{task}")
+        return _document_sets(text_task_splits(task, seed), samples, f"task:{task}")
     from deploylm.training.tasks import SplitSizes, task_splits
 
     splits = task_splits(task, seed, SplitSizes(train=max(samples, 1000), validation=16, test=16))

@@ -157,17 +157,24 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
     return task_splits(task, seed), {"task": task, "seed": seed}
 
 
+def is_teachers_file(path: Path, identity: dict[str, Any]) -> bool:
+    """`path` is the --data file the teacher's training_state.pt `identity` records."""
+    trained_on = identity.get("data")
+    return bool(trained_on) and path.is_file() and Path(trained_on).resolve() == path.resolve()
+
+
 def check_teacher_data(path: Path, identity: dict[str, Any], teacher: Path) -> None:
     """UsageError when `path` is the file the teacher trained on and its contents changed since: its
     splits would be drawn anew, and the teacher's test examples would train the student."""
     from deploylm.training.config import file_sha256
 
-    recorded, trained_on = identity.get("data_sha256"), identity.get("data")
-    if not (isinstance(recorded, str) and trained_on and path.is_file()):
+    recorded = identity.get("data_sha256")
+    if not (isinstance(recorded, str) and is_teachers_file(path, identity)):
         return
-    if Path(trained_on).resolve() == path.resolve() and file_sha256(path) != recorded:
+    now = file_sha256(path)
+    if now != recorded:
         raise UsageError(f"--data {str(path)!r} changed since teacher {str(teacher)!r} was trained on it (sha256 "
-                         f"{recorded[:12]}… then, {file_sha256(path)[:12]}… now): its splits would be drawn anew and "
+                         f"{recorded[:12]}… then, {now[:12]}… now): its splits would be drawn anew and "
                          "the teacher's test examples would train the student; give the file as it was, or a copy "
                          "of the new contents under another name")
 
@@ -386,21 +393,19 @@ def _teacher_text(config: DistillConfig, folder: Path) -> TeacherText:
     identity = (load_training_state(folder) or {}).get("identity") or {}
     task = config.task or (identity.get("task") if config.data is None else None)
     if task is not None:
-        from deploylm.training.outdir import TEXT_TASKS
-        from deploylm.training.stories import stories
+        from deploylm.training.outdir import TEXT_TASKS, text_task_splits
 
         if task not in TEXT_TASKS:
             raise UsageError(f"unknown task {task!r} for a decoder-only teacher: expected one of {', '.join(TEXT_TASKS)}, "
                              "or --data FILE.txt")
         seed = int(identity.get("seed", config.seed)) if identity.get("task") == task else config.seed
-        where = f"task {task}"
-        return TeacherText(text_splits(where, stories(seed), seed), where, {"task": task, "seed": seed})
+        return TeacherText(text_task_splits(task, seed), f"task {task}", {"task": task, "seed": seed})
     if config.data is None:
         raise UsageError(f"teacher {str(folder)!r} does not record its training text: give --data FILE.txt "
                          "(or --task stories)")
     path = Path(config.data)
     check_teacher_data(path, identity, folder)
-    same = bool(identity.get("data")) and path.is_file() and Path(identity["data"]).resolve() == path.resolve()
+    same = is_teachers_file(path, identity)
     clean = CleanOptions(**identity["clean"]) if same and identity.get("clean") else CleanOptions()
     seed = int(identity.get("seed", config.seed)) if same else config.seed
     try:

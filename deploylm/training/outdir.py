@@ -101,12 +101,17 @@ def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
             known = f"text tasks: {', '.join(TEXT_TASKS)}" + (f" ({config.task!r} is a seq2seq task: drop --arch decoder)"
                                                                if config.task in TASKS else "")
             raise UsageError(f"unknown task {config.task!r} for --arch decoder: expected one of the {known}")
-        docs, where = stories(config.seed), f"task {config.task}"
+        splits = text_task_splits(config.task, config.seed)
     else:
         docs, report = load_text(config.data, config.clean)
-        where = str(config.data)
-    splits = text_splits(where, docs, config.seed)
+        splits = text_splits(str(config.data), docs, config.seed)
     return LMWork(splits, config.block_size, config.window_stride, config.ngram_order, config.eval_examples), report
+
+
+def text_task_splits(task: str, seed: int) -> Any:
+    """The train/validation/test documents of a built-in text task (TEXT_TASKS) for `seed`: what
+    `train --arch decoder --task` trains on, and what distillation and export's calibration read again."""
+    return text_splits(f"task {task}", stories(seed), seed)
 
 
 def _check_fresh(config: TrainConfig) -> None:

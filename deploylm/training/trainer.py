@@ -119,13 +119,18 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
     return result
 
 
+def last_checkpoint(steps_done: int, every: int) -> int:
+    """The step of the last periodic checkpoint after `steps_done` steps (0: none yet)."""
+    return steps_done // every * every
+
+
 def interrupted_line(config: TrainConfig, step: int) -> str:
     """What a stopped run left: its last checkpoint and the command that continues from it."""
-    last = step // config.checkpoint_every * config.checkpoint_every
+    last = last_checkpoint(step, config.checkpoint_every)
     if last == 0 and not (config.out / TRAINING_STATE).is_file():
         return (f"interrupted at step {step}: no checkpoint saved yet (every {config.checkpoint_every} steps, "
                 "--checkpoint-every); start again with --force")
-    return (f"interrupted at step {step}: {str(config.out)!r} holds the checkpoint of step {max(last, 0)} or earlier; "
+    return (f"interrupted at step {step}: {str(config.out)!r} holds the checkpoint of step {last} or earlier; "
             "continue it with the same command and --resume")
 
 
@@ -135,7 +140,7 @@ def check_finite_loss(loss: float, step: int, lr: float, out: Path | None, every
         return
     kept = ""
     if out is not None and every:
-        last = (step - 1) // every * every
+        last = last_checkpoint(step - 1, every)
         kept = (f"; the last checkpoint in {str(out)!r} (step {last}) is kept" if last else
                 "; no checkpoint was saved")
     raise TrainingDiverged(f"the training loss became {loss} at step {step} with lr {lr:g}: the weights are no longer "

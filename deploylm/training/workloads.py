@@ -146,7 +146,9 @@ def cut_notice(sources: int, targets: int, pairs: int, window: int) -> str | Non
     target teaches the model to stop mid-text. Counted among the 2000 longest of each side ("2000+")."""
     if not (sources or targets):
         return None
-    count = {n: f"{n}+" if n >= 2000 else str(n) for n in (sources, targets)}
-    return (f"warning: of {pairs} training pairs, {count[sources]} sources and {count[targets]} targets are longer "
+    def count(n: int) -> str:
+        return f"{n}+" if n >= 2000 else str(n)
+
+    return (f"warning: of {pairs} training pairs, {count(sources)} sources and {count(targets)} targets are longer "
             f"than the model's window of {window} tokens and are cut to it; drop them with --max-length "
             "(cleaning) or split them")
