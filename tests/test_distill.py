@@ -418,3 +418,20 @@ def test_a_stories_teacher_is_distilled_on_its_own_task(tmp_path):
     res = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s2"),
                                    "--task", "reverse", "--steps", "1"])
     assert res.exit_code == 2 and "unknown task 'reverse' for a decoder-only teacher: expected one of stories" in res.output
+
+
+def test_a_decoder_teacher_without_recorded_text_needs_data(tmp_path):
+    teacher = build_tiny_seed(tmp_path / "lm", arch="decoder", layers=2)
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--steps", "1"])
+    assert res.exit_code == 2 and "does not record its training text: give --data FILE.txt (or --task stories)" \
+        in res.output, res.output
+
+
+def test_a_diverging_distillation_stops_before_saving(seed_teacher, tmp_path):
+    from deploylm.errors import TrainingDiverged
+
+    out = tmp_path / "student"
+    with pytest.raises(TrainingDiverged, match=r"the training loss became nan at step 1 with lr"):
+        distill(DistillConfig(teacher=seed_teacher, out=out, task="reverse", steps=3, temperature=float("1e-45"),
+                              **FAST))
+    assert not out.exists()

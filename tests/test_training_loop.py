@@ -160,3 +160,23 @@ def test_a_second_training_into_the_same_out_is_refused_while_the_first_runs(tmp
     assert not out.exists()
     train(TrainConfig(out=out, steps=2, **fast))                  # once it is done, the folder is free
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # and no lock file stays behind
+
+
+def test_resume_into_a_folder_it_cannot_write_is_one_error(tmp_path, fast, monkeypatch):
+    """A read-only run folder (simulated: root ignores the mode bits) is refused before training, not a
+    traceback at the first checkpoint."""
+    from deploylm import fsutil
+
+    out = tmp_path / "run"
+    train(TrainConfig(out=out, steps=5, **fast))
+    real = fsutil.tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and fsutil.Path(dir) == out.absolute():
+            raise PermissionError(13, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(fsutil.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(UsageError, match=r"--resume '.*run': cannot write in '.*run' \(Read-only file system\)"):
+        train(TrainConfig(out=out, steps=10, resume=True, **fast))
+    assert load_training_state(out)["step"] == 5

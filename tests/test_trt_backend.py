@@ -259,3 +259,12 @@ def test_kv_buffers_grow_to_what_the_call_needs_not_the_engine_maximum():
                                      (torch.tensor([0, 1]), torch.tensor([2, 3])),
                                      (torch.tensor([0, 1]), torch.tensor([3, 4]))])
     torch.testing.assert_close(logits, want[-1])
+
+
+def test_a_profile_tensorrt_refuses_to_select_is_an_error():
+    runner = fake_runner()
+    runner.context.set_optimization_profile_async = lambda index, stream: False     # as TensorRT on failure
+    feeds = {"input_ids": torch.ones(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+             "position_ids": torch.ones(1, 2, dtype=torch.long), **{n: torch.zeros(1, H, 0, D) for n in NAMES}}
+    with pytest.raises(RuntimeError, match=r"TensorRT could not select optimization profile 0 \(prefill\)"):
+        runner.run("prefill", feeds, {})
