@@ -115,3 +115,13 @@ def test_import_tensorrt_refuses_other_majors_and_broken_installs(monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"TensorRT is installed but cannot be imported "
                                                      r"\(libnvinfer.so.10: cannot open"):
         trt_env.import_tensorrt()
+
+
+def test_a_tensorrt_missing_one_of_its_own_modules_is_a_broken_install(monkeypatch):
+    def missing_part(name):
+        raise ModuleNotFoundError("No module named 'tensorrt_bindings'", name="tensorrt_bindings")
+
+    monkeypatch.setattr(trt_env.importlib, "import_module", missing_part)
+    with pytest.raises(MissingDependencyError, match=r"TensorRT is installed but cannot be imported \(No module named "
+                                                     r"'tensorrt_bindings'\): reinstall it with pip install"):
+        trt_env.import_tensorrt()
