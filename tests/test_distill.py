@@ -260,6 +260,30 @@ def test_teacher_splits_follow_its_recorded_cleaning(tmp_path):
     assert record["clean"] == clean.as_json() and record["arch"] == "seq2seq" and len(record["data_sha256"]) == 64
 
 
+def test_data_for_a_teacher_without_recorded_cleaning_is_cleaned_as_train_does(tmp_path, seed_teacher):
+    """--data for a teacher that records no cleaning (a task teacher, a bare checkpoint) is cleaned with the
+    defaults of `train --data`, and distill.json says so: export's calibration draws the same splits again,
+    so the student's "held-out" examples are not ones it trained on."""
+    from deploylm.export.calibration import text_sets
+    from deploylm.training.clean import CleanOptions
+    from deploylm.training.data import jsonl_splits
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"source": f"item {'  ' if i % 2 else ' '}{i}", "target": f"out {i}"} for i in range(60)]  # double spaces
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    splits, record = distill_setup._seq2seq_splits(DistillConfig(teacher=seed_teacher, out=tmp_path / "s", data=data),
+                                                   seed_teacher)
+    expected = jsonl_splits(data, 0, CleanOptions())
+    assert [e.source for e in splits.train] == [e.source for e in expected.train]
+    assert record["clean"] == CleanOptions().as_json()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "distill.json").write_text(json.dumps(record))
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "s" / name).write_bytes((seed_teacher / name).read_bytes())
+    _, held = text_sets(resolve_source(tmp_path / "s"), None, 8, seq2seq=True)
+    assert list(held.inputs) == [e.source for e in splits.test]
+
+
 def test_a_data_students_export_is_judged_on_the_teachers_test_split(tmp_path, monkeypatch):
     """A student of a --data teacher (trained from a relative path, with cleaning options) is quality-
     checked on the teacher's own test split, from any folder, as the teacher is; a changed file is said."""

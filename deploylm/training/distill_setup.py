@@ -145,7 +145,9 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
     if identity.get("arch") == "decoder":
         raise UsageError(f"teacher {str(folder)!r} is a decoder-only LM: distill it with --data FILE.txt, not a seq2seq task")
     if config.data is not None or (config.task is None and identity.get("data")):
-        clean = CleanOptions(**identity["clean"]) if identity.get("clean") else None  # the teacher's splits
+        # the teacher's cleaning (its splits), else the defaults `train --data` cleans with (recorded, so
+        # export's calibration draws the same splits again)
+        clean = CleanOptions(**identity["clean"]) if identity.get("clean") else CleanOptions()
         path = Path(config.data or identity["data"])
         check_teacher_data(path, identity, folder)
         splits = jsonl_splits(path, seed, clean)
