@@ -76,6 +76,18 @@ def test_one_process_checkpoint_resumes_in_two(tmp_path, common, single):
     assert_same_run(out, single)
 
 
+def test_a_resumed_two_process_run_with_dropout_matches_the_uninterrupted_one(tmp_path, common):
+    """With dropout (the default) a 2-process run stopped at its step-2 checkpoint and resumed ends as
+    the uninterrupted run does: rank 1's masks depend on (seed, rank, step), not on where it started."""
+    args = [*common[:common.index("--dropout")], *common[common.index("--dropout") + 2:], "--dropout", 0.1,
+            "--checkpoint-every", 2, "--nproc", 2]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run(*args, "--out", whole, "--steps", 4).exit_code == 0
+    assert run(*args, "--out", part, "--steps", 2).exit_code == 0
+    assert run(*args, "--out", part, "--steps", 4, "--resume").exit_code == 0
+    assert load_training_state(part)["losses"] == load_training_state(whole)["losses"]
+
+
 @pytest.mark.parametrize("args, words", [
     (["--nproc", 3], ["--batch-size 8", "multiple of the 3 processes"]),
     (["--nproc", 0], ["--nproc 0"]),

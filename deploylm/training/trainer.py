@@ -92,6 +92,8 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
     try:
         while run.step < config.steps:
             tick = time.perf_counter()
+            if dist.rank > 0:     # dropout differs between ranks (model init was the same everywhere)
+                torch.manual_seed(rank_seed(config.seed, dist.rank, run.step))
             batch = work.batch(dist.shard(stream.examples_at(run.step)))
             loss, n_tokens = _train_step(run, batch.to(run.device), config)
             check_finite_loss(loss, run.step + 1, config.lr, config.out, config.checkpoint_every)
@@ -117,6 +119,12 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
         write_metrics(config, result)
     dist.barrier()
     return result
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The dropout seed of rank > 0 at `step`: a function of (seed, rank, step) alone. Only rank 0's RNG
+    state is in the checkpoint, so a resumed rank > 0 draws the masks of the uninterrupted run this way."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
 
 
 def last_checkpoint(steps_done: int, every: int) -> int:
@@ -223,8 +231,6 @@ def _start(config: TrainConfig, plan: Plan, dist: Dist, device: torch.device) ->
               amp_dtype, device, dist, plan.work)
     if plan.resume_state is not None:
         _resume(run, plan.resume_state)
-    if dist.rank > 0:     # dropout differs between ranks (model init above was the same everywhere)
-        torch.manual_seed(config.seed * 1_000_003 + dist.rank * 7_919 + run.step)
     dist.barrier()
     return run
 
