@@ -363,6 +363,9 @@ def test_decoder_teacher_reads_text_as_it_was_trained(tmp_path):
     assert json.loads((tmp_path / "student" / "distill.json").read_text())["settings"]["block_size"] == 12
     override = distill_setup.build(DistillConfig(teacher=teacher, out=tmp_path / "s2", data=data, block_size=20, **FAST))
     assert override.batch(0)[0]["input_ids"].shape[1] == 20
+    # without --data: the text file it records, as a seq2seq teacher's recorded --data file is
+    default = distill_setup.build(DistillConfig(teacher=teacher, out=tmp_path / "s3", **FAST))
+    assert default.data_record == setup.data_record and torch.equal(default.batch(0)[1], labels)
 
 
 def test_a_changed_teacher_data_file_is_refused(tmp_path):

@@ -402,10 +402,10 @@ def _teacher_text(config: DistillConfig, folder: Path) -> TeacherText:
                              "or --data FILE.txt")
         seed = int(identity.get("seed", config.seed)) if identity.get("task") == task else config.seed
         return TeacherText(text_task_splits(task, seed), f"task {task}", {"task": task, "seed": seed})
-    if config.data is None:
+    if config.data is None and not identity.get("data"):
         raise UsageError(f"teacher {str(folder)!r} does not record its training text: give --data FILE.txt "
                          "(or --task stories)")
-    path = Path(config.data)
+    path = Path(config.data or identity["data"])      # default: the file the teacher was trained on
     check_teacher_data(path, identity, folder)
     same = is_teachers_file(path, identity)
     clean = CleanOptions(**identity["clean"]) if same and identity.get("clean") else CleanOptions()
