@@ -64,6 +64,18 @@ def test_options_precedence_call_over_model_over_library(tiny_llama_dir, tmp_pat
     assert len(result.sequences[0].token_ids) <= 3
 
 
+def test_a_model_max_time_is_its_default_as_in_transformers(tiny_llama_dir, tmp_path):
+    # generation_config's max_time stops transformers.generate; --max-time's help says "Default: the model's"
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_time": 1e-9}))
+    gen = load(folder)
+    assert gen.options().max_time == 1e-9 and gen.options(max_time=30).max_time == 30.0
+    [result] = gen.generate(["hello"], num_beams=1, max_new_tokens=5)
+    assert len(result.sequences[0].token_ids) == 1                     # time was up after the first token
+
+
 @pytest.mark.parametrize("prompts, message", [
     ([], "no prompts given"), ("", "prompt 1 is empty"), (["hello", ""], "prompt 2 is empty"),
     ([3], "prompt 1 is a int"), (None, "prompts must be a string or a list"),

@@ -28,7 +28,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 # Generation settings a model may carry as defaults (generation_config.json); deploylm reads these.
 GENERATION_DEFAULT_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "early_stopping",
                            "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences",
-                           "temperature", "top_k", "top_p")   # the last three apply when a call samples
+                           "max_time", "temperature", "top_k", "top_p")   # the last three apply when a call samples
 # generation_config settings the decoder applies as logits processors (carried on ModelInfo.generation).
 # The call's DecodingOptions replace sequence_bias, encoder_repetition_penalty, encoder_no_repeat_ngram_size and
 # exponential_decay_length_penalty when they give them; num_beam_groups > 1 makes beam search a UsageError
