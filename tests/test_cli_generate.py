@@ -177,3 +177,16 @@ def test_max_time_reaches_the_decoder(tiny_llama_dir, monkeypatch):
     out = run("--model", str(tiny_llama_dir), "--max-time", "30", "--max-new-tokens", "3", "hello")
     assert out.exit_code == 0, out.output
     assert seen["max_time"] == 30.0
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--seed", "3"], "--seed applies"),
+    (["--temperature", "0.5", "--top-k", "5"], "--temperature, --top-k apply"),
+    (["--num-beams", "1", "--top-p", "0.5"], "--top-p applies"),
+])
+def test_sampling_flags_without_do_sample_are_a_usage_error(tiny_llama_dir, flags, named):
+    # they would change nothing: the search is deterministic without --do-sample
+    out = run("--model", str(tiny_llama_dir), "--max-new-tokens", "2", *flags, "hello")
+    assert out.exit_code == 2 and named in out.output and "add --do-sample" in out.output, out.output
+    out = run("--model", str(tiny_llama_dir), "--max-new-tokens", "2", "--do-sample", *flags, "hello")
+    assert out.exit_code == 0, out.output

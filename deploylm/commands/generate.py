@@ -42,9 +42,24 @@ def command(src, backend, prompts, input_file, as_json, batch_size, device, dtyp
 
     quiet_transformers()
     generator = load(src, backend=backend, **backend_options(src, backend, device, dtype, spin, threads))
+    check_sampling_flags(options, generator)
     for start in range(0, len(texts), batch_size):
         for result in generator.generate(texts[start:start + batch_size], **options):
             click.echo(format_result(result, as_json))
+
+
+SAMPLING_FLAGS = (("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"), ("--seed", "seed"))
+
+
+def check_sampling_flags(options: dict[str, object], generator) -> None:
+    """--temperature/--top-k/--top-p/--seed change nothing unless the call samples (--do-sample, or an artifact
+    whose profile samples by default): given without it, they are a UsageError, not silently dropped."""
+    given = [flag for flag, name in SAMPLING_FLAGS if name in options]
+    if given and not generator.options(**{k: v for k, v in options.items() if k != "truncation"
+                                          and k != "window_overlap"}).do_sample:
+        raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling, and this "
+                         "call searches deterministically (greedy or beam search): add --do-sample, or leave "
+                         f"{'them' if len(given) > 1 else 'it'} out")
 
 
 def backend_options(src: str, backend: str | None, device: str, dtype: str, spin: bool = False,
