@@ -276,3 +276,23 @@ def test_a_stopped_stream_ends_after_its_step_and_frees_the_model(llama):
     with pytest.raises(Interrupted, match="decoding stopped before its end"):
         list(stream)
     assert first and llama.generate("hello", max_new_tokens=3)            # the model is free again
+
+
+def test_a_model_max_length_that_is_not_applied_is_named_in_the_warning(tiny_llama_dir, tmp_path, caplog):
+    # transformers.generate stops at generation_config's max_length (prompt included); deploylm counts
+    # max_new_tokens only, so the setting is one of those it does not apply, and says so
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    path = folder / "generation_config.json"
+    plain = json.loads(path.read_text())
+    path.write_text(json.dumps({**plain, "max_length": 12}))
+    with caplog.at_level("WARNING", logger="deploylm"):
+        gen = load(folder)
+    warned = [r.getMessage() for r in caplog.records if r.name == "deploylm"]
+    assert len(warned) == 1 and "max_length=12" in warned[0] and "does not apply" in warned[0], warned
+    assert gen.options().max_new_tokens == 64
+    caplog.clear()
+    path.write_text(json.dumps({**plain, "max_length": 12, "max_new_tokens": 3}))   # transformers ignores it then
+    with caplog.at_level("WARNING", logger="deploylm"):
+        assert load(folder).options().max_new_tokens == 3
+    assert not [r for r in caplog.records if r.name == "deploylm"]

@@ -333,6 +333,10 @@ def decoding_defaults(gen: Any, name: str) -> dict[str, Any]:
     get = gen.get if isinstance(gen, Mapping) else (lambda key: getattr(gen, key, None))
     ignored = [key for key in NOT_APPLIED_KEYS if _is_set(key, get(key))]
     defaults = {key: get(key) for key in GENERATION_DEFAULT_KEYS if get(key) is not None}
+    if get("max_length") not in (None, 20) and "max_new_tokens" not in defaults:  # 20: transformers' own default
+        # transformers stops at max_length tokens, prompt (or start token) included, unless max_new_tokens is set
+        ignored.append(f"max_length={get('max_length')!r} (deploylm stops at max_new_tokens, default "
+                       f"{DecodingOptions.max_new_tokens})")
     for key in ("temperature", "top_k", "top_p"):
         if key in defaults:
             try:
