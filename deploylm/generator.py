@@ -106,7 +106,7 @@ class Generator:
         self.info = backend.info
         model_defaults = defaults if defaults is not None else getattr(backend, "generation_defaults", {})
         known = {k: v for k, v in dict(model_defaults).items() if k in option_names()}
-        self.defaults = DecodingOptions.from_mapping(known)
+        self.defaults = _model_defaults(known)
         if tokenizer.pad_token_id is None:  # e.g. GPT-2: pad with the model's pad id (transformers: first EOS)
             tokenizer.pad_token_id = self.info.special.pad_token_id
         self._lock = BackendLock()               # held for every use of the backend
@@ -360,6 +360,24 @@ class BackendLock:
     def __exit__(self, *exc: object) -> None:
         self._holder = None
         self._lock.release()
+
+
+def _model_defaults(known: Mapping[str, Any]) -> DecodingOptions:
+    """The model's decoding defaults as DecodingOptions. A sampling model's generation_config (num_beams=1 with
+    num_return_sequences > 1) is valid only in a call that samples, and deploylm does not apply the model's own
+    do_sample: such defaults are kept (each value checked) and every call's merged options are checked instead,
+    so a call with do_sample=True works, and one without it gets the UsageError (as transformers.generate)."""
+    import copy
+
+    try:
+        return DecodingOptions.from_mapping(known)
+    except UsageError:
+        if not (known.get("num_return_sequences", 1) > 1 and known.get("num_beams", 4) == 1):
+            raise
+    sampling = DecodingOptions.from_mapping({**known, "do_sample": True})   # every value valid on its own
+    defaults = copy.copy(sampling)        # a copy runs no validation; Generator.options validates each call's
+    object.__setattr__(defaults, "do_sample", bool(known.get("do_sample", False)))
+    return defaults
 
 
 @contextlib.contextmanager

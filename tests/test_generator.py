@@ -296,3 +296,21 @@ def test_a_model_max_length_that_is_not_applied_is_named_in_the_warning(tiny_lla
     with caplog.at_level("WARNING", logger="deploylm"):
         assert load(folder).options().max_new_tokens == 3
     assert not [r for r in caplog.records if r.name == "deploylm"]
+
+
+
+def test_a_sampling_model_with_several_return_sequences_loads_and_samples(tiny_llama_dir, tmp_path):
+    # generation_config of a sampling model: num_beams 1, num_return_sequences 2 (transformers.generate samples
+    # two); deploylm does not apply the model's do_sample, so a call samples with do_sample=True, and a call
+    # without it is the UsageError (as transformers', whose greedy search returns one sequence)
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": True, "num_beams": 1,
+                                "num_return_sequences": 2, "temperature": 0.7}))
+    gen = load(folder)
+    [result] = gen.generate(["hello"], do_sample=True, seed=1, max_new_tokens=3)
+    assert len(result.sequences) == 2
+    with pytest.raises(UsageError, match=r"num_return_sequences=2 is invalid: greedy decoding returns one sequence"):
+        gen.generate(["hello"], max_new_tokens=3)
+    assert len(gen.generate(["hello"], num_return_sequences=1, max_new_tokens=3)[0].sequences) == 1
