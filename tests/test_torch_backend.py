@@ -246,3 +246,24 @@ def test_sampling_settings_not_applied_are_named(tiny_llama_dir, tmp_path, caplo
     assert "sets min_p, temperature=0.0 (out of range), which deploylm does not apply" in record.getMessage()
     assert "typical_p" not in record.getMessage()                        # 1.0 is transformers' "off"
     assert backend.generation_defaults == {"top_p": 0.9}
+
+
+def test_a_model_default_out_of_range_is_named_and_a_call_can_give_its_own(tiny_llama_dir, tmp_path, caplog):
+    # transformers takes a length_penalty of 20; deploylm's range is +-10: the model still loads, the value is
+    # named in the warning (not applied), and a call's own value is used (it used to fail every load)
+    import json
+
+    import deploylm
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    gen_file = folder / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "length_penalty": 20.0, "num_beams": 2,
+                                    "repetition_penalty": 0.0}))
+    with caplog.at_level("WARNING", logger="deploylm"):
+        gen = deploylm.load(folder, backend="torch")
+    [record] = [r for r in caplog.records if r.name == "deploylm"]
+    assert "sets length_penalty=20.0 (out of range), repetition_penalty=0.0 (out of range), which deploylm does " \
+           "not apply" in record.getMessage()
+    assert (gen.defaults.num_beams, gen.defaults.length_penalty, gen.defaults.repetition_penalty) == (2, 1.0, 1.0)
+    assert gen.generate("hello", length_penalty=2.0, max_new_tokens=2)[0].sequences

@@ -324,9 +324,9 @@ def generation_defaults(model: Any) -> dict[str, Any]:
 def decoding_defaults(gen: Any, name: str) -> dict[str, Any]:
     """The GENERATION_DEFAULT_KEYS a generation_config (object or generation_config.json's dict) sets.
 
-    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. do_sample), and sampling settings out of
-    DecodingOptions' range (a temperature of 0), are named in one warning: with them, outputs can
-    differ from transformers.generate's.
+    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. do_sample), and settings out of
+    DecodingOptions' range (a temperature of 0, a length_penalty of 20), are named in one warning: with them,
+    outputs can differ from transformers.generate's (the model still loads; a call may give its own value).
     """
     from deploylm.decoding.options import DecodingOptions
 
@@ -337,8 +337,8 @@ def decoding_defaults(gen: Any, name: str) -> dict[str, Any]:
         # transformers stops at max_length tokens, prompt (or start token) included, unless max_new_tokens is set
         ignored.append(f"max_length={get('max_length')!r} (deploylm stops at max_new_tokens, default "
                        f"{DecodingOptions.max_new_tokens})")
-    for key in ("temperature", "top_k", "top_p"):
-        if key in defaults:
+    for key in [k for k in GENERATION_DEFAULT_KEYS if k not in ("min_new_tokens", "num_return_sequences")]:
+        if key in defaults:   # each value alone (those two depend on max_new_tokens / num_beams: checked per call)
             try:
                 DecodingOptions.from_mapping({key: defaults[key], "do_sample": True})
             except UsageError:
