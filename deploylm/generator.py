@@ -363,20 +363,25 @@ class BackendLock:
 
 
 def _model_defaults(known: Mapping[str, Any]) -> DecodingOptions:
-    """The model's decoding defaults as DecodingOptions. A sampling model's generation_config (num_beams=1 with
-    num_return_sequences > 1) is valid only in a call that samples, and deploylm does not apply the model's own
-    do_sample: such defaults are kept (each value checked) and every call's merged options are checked instead,
-    so a call with do_sample=True works, and one without it gets the UsageError (as transformers.generate)."""
+    """The model's decoding defaults as DecodingOptions. Two of their rules depend on the call: a sampling
+    model's num_return_sequences > 1 with num_beams=1 is valid only in a call that samples (deploylm does not
+    apply the model's own do_sample), and a min_new_tokens above the default max_new_tokens only in a call that
+    raises max_new_tokens. Such defaults are kept (each value checked) and every call's merged options are
+    checked instead (Generator.options), so the call that fits works and the others get the UsageError."""
     import copy
 
     try:
         return DecodingOptions.from_mapping(known)
     except UsageError:
-        if not (known.get("num_return_sequences", 1) > 1 and known.get("num_beams", 4) == 1):
+        max_new = known.get("max_new_tokens", DecodingOptions.max_new_tokens)
+        greedy_draws = known.get("num_return_sequences", 1) > 1 and known.get("num_beams", 4) == 1
+        if not (greedy_draws or known.get("min_new_tokens", 0) > max_new):
             raise
-    sampling = DecodingOptions.from_mapping({**known, "do_sample": True})   # every value valid on its own
-    defaults = copy.copy(sampling)        # a copy runs no validation; Generator.options validates each call's
+    loose = DecodingOptions.from_mapping({**known, "do_sample": True,      # every value valid on its own
+                                          "max_new_tokens": max(max_new, known.get("min_new_tokens", 0))})
+    defaults = copy.copy(loose)           # a copy runs no validation; Generator.options validates each call's
     object.__setattr__(defaults, "do_sample", bool(known.get("do_sample", False)))
+    object.__setattr__(defaults, "max_new_tokens", max_new)
     return defaults
 
 

@@ -314,3 +314,15 @@ def test_a_sampling_model_with_several_return_sequences_loads_and_samples(tiny_l
     with pytest.raises(UsageError, match=r"num_return_sequences=2 is invalid: greedy decoding returns one sequence"):
         gen.generate(["hello"], max_new_tokens=3)
     assert len(gen.generate(["hello"], num_return_sequences=1, max_new_tokens=3)[0].sequences) == 1
+
+
+
+def test_a_model_min_new_tokens_over_the_default_max_loads_and_a_call_raises_the_max(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "min_new_tokens": 70}))
+    gen = load(folder)
+    assert gen.options(max_new_tokens=72).min_new_tokens == 70
+    with pytest.raises(UsageError, match=r"max_new_tokens=64 is invalid: must be >= min_new_tokens=70"):
+        gen.options()
