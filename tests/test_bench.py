@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deploylm.bench import STANDARD_PROMPTS, BenchConfig, BenchReport, CallTiming, RoundResult, plot_report, run_bench
-from deploylm.benchmarking.measure import GeneratorRunner, timing_from_marks
+from deploylm.benchmarking.measure import GeneratorRunner, TransformersRunner, timing_from_marks
 from deploylm.benchmarking.report import percentile
 from deploylm.benchmarking.workload import plan_rows, workload_of
 from deploylm.errors import UsageError
@@ -247,6 +247,24 @@ def test_generator_runner_reads_the_clock_once_per_step(tiny_gpt2_dir):
     call = result.calls[0]
     assert (call.steps, call.ttft_s, call.step_s, call.wall_s) == (3, 1.0, (1.0, 1.0), 4.0)
     assert 0 < call.model_s < call.loop_s and [len(t) for t in result.token_ids] == [3, 3, 3, 3]
+
+
+def test_transformers_row_counts_an_encoders_time_as_model_time(tiny_t5_dir):
+    """generate() runs an encoder-decoder's encoder outside model.forward: it is model time, not the
+    decoder's overhead (a long prompt made the encoder look like >50% decoder overhead)."""
+    now = [0.0]
+    config = BenchConfig(models=(str(tiny_t5_dir),), prompts=PROMPTS[:2], batch_size=2, max_new_tokens=2, num_beams=2)
+    runner = TransformersRunner(str(tiny_t5_dir), workload_of(config), clock=lambda: now[0])
+    encoder = runner.model.get_encoder()
+    forward = encoder.forward
+
+    def slow_forward(*args, **kwargs):          # the encoder "takes" 100 s of the fake clock, nothing else does
+        now[0] += 100.0
+        return forward(*args, **kwargs)
+
+    encoder.forward = slow_forward
+    (call,) = runner.run().calls
+    assert call.model_s == 100.0 and call.decoder_s == 0.0 and call.loop_s == 100.0
 
 
 def test_tiny_model_in_process_matches_transformers(tiny_gpt2_dir):

@@ -149,15 +149,23 @@ class TransformersRunner:
         self.load_s = clock() - started
         self.rss_after_load_mib: float | None = None
         self.workload, self.clock = workload, clock
-        self._model_s, self._entered = 0.0, 0.0
-        self.model.register_forward_pre_hook(self._enter)
-        self.model.register_forward_hook(self._leave)
+        self._model_s, self._entered, self._depth = 0.0, 0.0, 0
+        # generate() runs an encoder-decoder's encoder by itself (not through model.forward): hook it too,
+        # or its time would count as the decoder's overhead. Nested calls count once (depth).
+        modules = [self.model] + ([self.model.get_encoder()] if self.model.config.is_encoder_decoder else [])
+        for module in modules:
+            module.register_forward_pre_hook(self._enter)
+            module.register_forward_hook(self._leave)
 
     def _enter(self, *_: Any) -> None:
-        self._entered = self.clock()
+        if self._depth == 0:
+            self._entered = self.clock()
+        self._depth += 1
 
     def _leave(self, *_: Any) -> None:
-        self._model_s += self.clock() - self._entered
+        self._depth -= 1
+        if self._depth == 0:
+            self._model_s += self.clock() - self._entered
 
     def generate_kwargs(self) -> dict[str, Any]:
         """transformers' names for the workload's options (beam search or greedy, never sampling)."""
