@@ -284,6 +284,28 @@ def test_tiny_model_in_process_matches_transformers(tiny_gpt2_dir):
     assert BenchReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
+def test_an_artifact_whose_source_model_changed_has_no_transformers_reference(tiny_gpt2_dir, tmp_path):
+    """The reference is the model the artifact was exported from: a model at that path with other weights
+    would give ratios and token agreement against another model (parity refuses it the same way)."""
+    import shutil
+
+    from deploylm.artifact import weights_sha256
+
+    origin = Path(shutil.copytree(tiny_gpt2_dir, tmp_path / "gpt2"))
+    artifact = tmp_path / "gpt2-fp32"
+    artifact.mkdir()
+    manifest = {"format_version": 1, "deploylm_version": "0", "created": "2026-01-01T00:00:00+00:00",
+                "source": {"kind": "hf", "path": str(origin), "weights_sha256": weights_sha256(origin)},
+                "profile": {"name": "fp32", "precision": "fp32"}, "files": {}, "io": {}, "toolchain": {}}
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    rows = plan_rows(BenchConfig(models=(str(artifact),)))
+    assert [r.backend for r in rows] == ["onnx", "transformers"] and Path(rows[1].src) == origin
+    with open(origin / "model.safetensors", "ab") as fh:      # other weights at the recorded path
+        fh.write(b"\0")
+    (row,) = plan_rows(BenchConfig(models=(str(artifact),)))
+    assert row.reference is None and "changed since this artifact was exported" in row.notes[0]
+
+
 def test_a_deploylm_checkpoint_has_no_transformers_reference(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "deploylm-lm"}')
     (row,) = plan_rows(BenchConfig(models=(str(tmp_path),)))

@@ -187,13 +187,17 @@ def _reference_for(source: Any, wanted: bool, references: dict[str, RowSpec]) ->
 
 def original_model(source: Any) -> tuple[Any, str]:
     """(Source of the Hugging Face/GGUF model transformers can run for `source`, "") or (None, why not)."""
-    from deploylm.artifact import read_manifest
+    from deploylm.artifact import read_manifest, weights_sha256
     from deploylm.models.source import resolve_source
 
     if source.kind == "artifact":
-        origin = (read_manifest(source.path).get("source") or {}).get("path")
+        recorded = read_manifest(source.path).get("source") or {}
+        origin, digest = recorded.get("path"), recorded.get("weights_sha256")
         if not origin or not Path(origin).exists():
             return None, f"no transformers reference: the model this artifact was exported from ({origin}) is gone"
+        if digest and weights_sha256(Path(origin)) != digest:
+            return None, (f"no transformers reference: the model at {origin} changed since this artifact was "
+                          "exported (its weights' sha256 is not the manifest's), so it is another model")
         source = resolve_source(origin)
     if source.kind not in ("hf", "gguf"):
         return None, f"no transformers reference: {source.path} is a deploylm {source.kind}, which transformers cannot load"
