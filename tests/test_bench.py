@@ -76,6 +76,12 @@ def test_rows_refuse_unusable_combinations(tiny_gpt2_dir):
         plan_rows(BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_gpt2_dir))))
 
 
+def test_one_model_by_a_relative_and_an_absolute_path_is_given_twice(tiny_gpt2_dir, monkeypatch):
+    monkeypatch.chdir(tiny_gpt2_dir.parent)
+    with pytest.raises(UsageError, match="given twice"):
+        plan_rows(BenchConfig(models=(tiny_gpt2_dir.name, str(tiny_gpt2_dir))))
+
+
 # -- orchestration with fake runners ------------------------------------------------------------------
 def _round(wall: float, tokens: tuple[tuple[int, ...], ...], steps: int = 4) -> RoundResult:
     step = wall / (steps + 1)

@@ -141,7 +141,7 @@ def plan_rows(config: BenchConfig) -> list[RowSpec]:
                              f"(an artifact runs on onnx or trt; other models on torch)")
         ref, notes = _reference_for(source, config.reference, references)
         for name in names:
-            if any(r.src == str(source.path) and r.backend == name for r in rows):
+            if any(Path(r.src).resolve() == source.path.resolve() and r.backend == name for r in rows):
                 raise UsageError(f"--model {src} with backend {name} is given twice: give each model once")
             for spin in _spins(config.spin if name == "onnx" else "off"):
                 label = _unique(f"{source.name} [{name}{', spin' if spin else ''}]", rows)
