@@ -217,6 +217,9 @@ def _parse(data: dict[str, Any], origin: str) -> Profile:
     backends = top.strings("backends", BACKENDS, default=("onnx",))
     if not backends:
         top.fail("backends", "is empty", f"a list of {', '.join(BACKENDS)}")
+    if precision == "int4" and set(backends) != {"onnx"}:   # torch runs int8 at most; TensorRT builds no int4
+        top.fail("backends", f"= {list(backends)} is not allowed with precision 'int4'",
+                 "['onnx'] (int4 is ONNX Runtime's MatMulNBits: neither TensorRT engines nor the torch backend run int4)")
     return Profile(
         name=top.text("name", required=True, pattern=_NAME),
         description=top.text("description", default="", pattern=_ONE_LINE),

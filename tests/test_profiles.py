@@ -234,6 +234,17 @@ def test_trt_int8_takes_only_the_keys_tensorrt_uses(tmp_path, extra, message):
         load_profile(write(tmp_path, TRT_INT8 + extra + "\n"))
 
 
+@pytest.mark.parametrize("backends", ['["trt"]', '["torch"]', '["onnx", "trt"]', '["onnx", "torch"]'])
+def test_int4_runs_on_onnx_only(tmp_path, backends):
+    """No other backend runs int4: a torch-only int4 export wrote fp32 graphs and said "torch applies int4
+    itself"; a trt one failed only when TensorRT refused the precision after the graphs were exported."""
+    text = BASE.replace('precision = "int8"', 'precision = "int4"').replace('backends = ["onnx"]', f"backends = {backends}")
+    path = write(tmp_path, text)
+    with pytest.raises(ProfileError, match=r"backends = \[.*\] is not allowed with precision 'int4': expected \['onnx'\]") as err:
+        load_profile(path)
+    assert str(err.value).startswith(str(path))
+
+
 def test_trt_int8_is_static_calibration_and_not_shared_with_onnx(tmp_path):
     plain = load_profile(write(tmp_path, TRT_INT8)).quantization
     assert plain.method == "static" and plain.calibration_samples == 64 and plain.weight_type is None
