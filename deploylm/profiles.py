@@ -155,21 +155,21 @@ class _Table:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def _value(self, key: str, default: Any, required: bool) -> Any:
+    def _value(self, key: str, default: Any, required: bool, expected: str = "a value") -> Any:
         if key not in self.data:
             if required:
-                raise ProfileError(f"{self.origin}: missing key {self.prefix}{key}")
+                raise ProfileError(f"{self.origin}: missing key {self.prefix}{key}: expected {expected}")
             return default
         return self.data[key]
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = None, required: bool = False) -> Any:
-        value = self._value(key, default, required)
+        value = self._value(key, default, required, f"one of {', '.join(choices)}")
         if key in self.data and value not in choices:
             self.fail(key, f"= {value!r} is not allowed", f"one of {', '.join(choices)}")
         return value
 
     def text(self, key: str, default: Any = None, required: bool = False, pattern: re.Pattern | None = None) -> Any:
-        value = self._value(key, default, required)
+        value = self._value(key, default, required, "a string" + (f" matching {pattern.pattern}" if pattern else ""))
         if key in self.data and (not isinstance(value, str) or (pattern and not pattern.fullmatch(value))):
             self.fail(key, f"= {value!r} is not valid", "a string" + (f" matching {pattern.pattern}" if pattern else ""))
         return value
@@ -181,7 +181,7 @@ class _Table:
         return value
 
     def integer(self, key: str, lo: int, hi: int | None = None, default: Any = None, required: bool = False) -> Any:
-        value = self._value(key, default, required)
+        value = self._value(key, default, required, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
         if key in self.data:
             ok = isinstance(value, int) and not isinstance(value, bool)
             if not ok or value < lo or (hi is not None and value > hi):
@@ -191,13 +191,13 @@ class _Table:
 
     def number(self, key: str, lo: float, hi: float | None = None, *, lo_open: bool = False,
                default: Any = None, required: bool = False) -> Any:
-        value = self._value(key, default, required)
+        rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        value = self._value(key, default, required, f"a number {rng}")
         if key not in self.data:
             return value
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = numeric and math.isfinite(value)
         if not ok or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-            rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
             self.fail(key, f"= {value!r} is {'out of range' if numeric else 'not a number'}", f"a number {rng}")
         return float(value)
 

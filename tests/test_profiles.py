@@ -173,6 +173,19 @@ def test_missing_required_parity_key(tmp_path):
         load_profile(write(tmp_path, BASE.replace("min_token_agreement = 0.9", "")))
 
 
+@pytest.mark.parametrize("line, message", [
+    ('name = "mine"', r"missing key name: expected a string matching \[a-z0-9\]"),
+    ('precision = "int8"', r"missing key precision: expected one of fp32, fp16, bf16, int8, int4"),
+    ("logits_atol = 1.0", r"missing key parity.logits_atol: expected a number > 0.0"),
+    ("min_token_agreement = 0.9", r"missing key parity.min_token_agreement: expected a number >= 0.0 and <= 1.0"),
+])
+def test_a_missing_key_says_what_is_expected(tmp_path, line, message):
+    path = write(tmp_path, BASE.replace(line, ""))
+    with pytest.raises(ProfileError, match=message) as err:
+        load_profile(path)
+    assert str(err.value).startswith(f"{path}: missing key")
+
+
 @pytest.mark.parametrize("shapes,message", [
     ("{ batch = [4, 1, 16] }", r"tensorrt.shapes.batch = \[4, 1, 16\] is not valid: expected \[min, opt, max\]"),
     ("{ sequence = [1, 2] }", r"tensorrt.shapes.sequence"),
