@@ -217,9 +217,6 @@ def _parse(data: dict[str, Any], origin: str) -> Profile:
     backends = top.strings("backends", BACKENDS, default=("onnx",))
     if not backends:
         top.fail("backends", "is empty", f"a list of {', '.join(BACKENDS)}")
-    if precision == "int4" and set(backends) != {"onnx"}:   # torch runs int8 at most; TensorRT builds no int4
-        top.fail("backends", f"= {list(backends)} is not allowed with precision 'int4'",
-                 "['onnx'] (int4 is ONNX Runtime's MatMulNBits: neither TensorRT engines nor the torch backend run int4)")
     return Profile(
         name=top.text("name", required=True, pattern=_NAME),
         description=top.text("description", default="", pattern=_ONE_LINE),
@@ -387,7 +384,13 @@ def read_profile(path: Path) -> Profile:
         raise ProfileError(f"{origin}: cannot read profile ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{origin}: not valid TOML ({exc})") from None
-    return _parse(data, origin)
+    profile = _parse(data, origin)
+    # checked for files only: an artifact exported before this rule still loads its manifest's profile
+    if profile.precision == "int4" and set(profile.backends) != {"onnx"}:   # torch runs int8 at most; TensorRT no int4
+        raise ProfileError(f"{origin}: backends = {list(profile.backends)} is not allowed with precision 'int4': "
+                           "expected ['onnx'] (int4 is ONNX Runtime's MatMulNBits: neither TensorRT engines nor "
+                           "the torch backend run int4)")
+    return profile
 
 
 def load_profile(name_or_path: str | Path) -> Profile:

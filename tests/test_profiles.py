@@ -256,6 +256,8 @@ def test_int4_runs_on_onnx_only(tmp_path, backends):
     with pytest.raises(ProfileError, match=r"backends = \[.*\] is not allowed with precision 'int4': expected \['onnx'\]") as err:
         load_profile(path)
     assert str(err.value).startswith(str(path))
+    stored = {**load_profile("int4").to_dict(), "backends": json.loads(backends)}   # a manifest exported before
+    assert Profile.from_dict(stored).backends == tuple(json.loads(backends))         # the rule still loads
 
 
 def test_trt_int8_is_static_calibration_and_not_shared_with_onnx(tmp_path):
