@@ -300,7 +300,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
     """Non-empty lines of a UTF-8 text file (one prompt per line)."""
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()     # a byte-order mark is no prompt text
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--prompts {str(path)!r}: cannot read it ({getattr(exc, 'strerror', None) or exc}): "
                          "expected a UTF-8 text file with one prompt per line") from None

@@ -135,6 +135,15 @@ def test_parity_bad_backends(tmp_path, backends, message):
     assert result.exit_code == 2 and message in result.stderr
 
 
+def test_prompts_file_with_a_byte_order_mark_reads_as_generate_input_does(tmp_path):
+    """A UTF-8 BOM (Windows editors) is not part of the first prompt, as with generate --input."""
+    from deploylm.parity import read_prompts_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffhello world\r\n\r\nthe quick fox\r\n".encode())
+    assert read_prompts_file(path) == ["hello world", "the quick fox"]
+
+
 def test_parity_missing_prompts_file(tmp_path):
     result = run("parity", "--model", str(tmp_path), "--prompts", str(tmp_path / "none.txt"))
     assert result.exit_code == 2 and "--prompts" in result.stderr
