@@ -76,6 +76,13 @@ def test_rows_refuse_unusable_combinations(tiny_gpt2_dir):
         plan_rows(BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_gpt2_dir))))
 
 
+@pytest.mark.parametrize("spin", ["on", "both"])
+def test_spin_without_an_onnx_row_is_refused(tiny_gpt2_dir, spin):
+    """--spin with the default backends but no artifact made no onnx row: the flag did nothing, silently."""
+    with pytest.raises(UsageError, match=f"--spin {spin} applies to onnx rows .* none of the models runs on onnx"):
+        plan_rows(BenchConfig(models=(str(tiny_gpt2_dir),), spin=spin))
+
+
 def test_one_model_by_a_relative_and_an_absolute_path_is_given_twice(tiny_gpt2_dir, monkeypatch):
     monkeypatch.chdir(tiny_gpt2_dir.parent)
     with pytest.raises(UsageError, match="given twice"):

@@ -146,6 +146,9 @@ def plan_rows(config: BenchConfig) -> list[RowSpec]:
             for spin in _spins(config.spin if name == "onnx" else "off"):
                 label = _unique(f"{source.name} [{name}{', spin' if spin else ''}]", rows)
                 rows.append(RowSpec(label, str(source.path), name, _profile(source), ref and ref.label, notes, spin))
+    if config.spin != "off" and not any(r.backend == "onnx" for r in rows):
+        raise UsageError(f"--spin {config.spin} applies to onnx rows (ONNX Runtime's threads), and none of the models "
+                         "runs on onnx (artifacts do): add an artifact, or drop --spin")
     return rows + list(references.values())
 
 
