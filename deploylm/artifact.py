@@ -408,6 +408,11 @@ def summary(artifact: Artifact) -> str:
         f"profile    {profile.get('name', '?')} ({profile.get('precision', '?')}; backends "
         f"{', '.join(profile.get('backends', []))}): {profile.get('description', '')}",
         "toolchain  " + ", ".join(f"{k} {v}" for k, v in tools.items() if v),
+    ]
+    if isinstance(m.get("generation"), dict):    # the decoding defaults the artifact ships with
+        lines.append("generation " + (", ".join(f"{k} {v}" for k, v in m["generation"].items())
+                                      or "the model's own (generation_config.json)"))
+    lines += [
         f"files      {len(artifact.files)} checksummed in manifest.json, {format_size(total)} in all",
     ]
     for name, entry in sorted(artifact.files.items(), key=lambda kv: -int(kv[1].get("bytes", 0))):

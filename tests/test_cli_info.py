@@ -49,6 +49,13 @@ def test_info_artifact(artifact):
         assert expected in result.output
 
 
+def test_info_shows_the_decoding_defaults_the_artifact_ships_with(tmp_path):
+    fields = {**FIELDS, "generation": {"num_beams": 4, "max_new_tokens": 32}}
+    result = run("info", str(write_artifact(tmp_path / "tiny-fp32", build, fields)))
+    assert result.exit_code == 0, result.output
+    assert "generation num_beams 4, max_new_tokens 32" in result.output
+
+
 def test_info_damaged_artifact_shows_it_then_exits_2(artifact):
     (artifact / "config.json").write_text('{"model_type": "gpt3"}')   # same size, other bytes
     result = run("info", str(artifact))
