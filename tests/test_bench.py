@@ -239,6 +239,31 @@ def test_table_and_plot(fake_bench, tmp_path):
         plot_report(report, tmp_path / "bench.jpg")
 
 
+def test_a_one_token_run_writes_standard_json(tiny_gpt2_dir, tmp_path):
+    """--max-new-tokens 1 has no step after the first: its step percentiles are NaN, which the JSON
+    writes as null (NaN is not JSON: jq and JSON.parse refuse the file) and the table as '-'."""
+    class OneToken:
+        load_s, rss_after_load_mib = 0.1, None
+
+        def run(self):
+            return _round(1.0, ((1,), (2,)), steps=1)
+
+        def close(self):
+            return None
+
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], max_new_tokens=1, rounds=1, warmup=0)
+    report = run_bench(config, open_runner=lambda spec, workload: OneToken())
+    assert "nan" not in report.table()
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    data = json.loads(report.write_json(tmp_path / "b.json").read_text(), parse_constant=refuse)
+    assert data["rows"][0]["step_p50_ms"] is None and data["rows"][0]["tokens_per_s"] == 2.0
+    back = BenchReport.from_dict(data)
+    assert back.rows[0].step_p50_ms != back.rows[0].step_p50_ms and back.table() == report.table()   # NaN again
+
+
 def test_percentile_interpolates():
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 95) == 5.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -77,8 +78,26 @@ class BenchRow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BenchRow":
-        return cls(**{**data, "notes": tuple(data["notes"]),
+        nan = {k: float("nan") for k in NAN_AS_NULL if data.get(k, 0.0) is None}   # written as null
+        return cls(**{**data, **nan, "notes": tuple(data["notes"]),
                       "rounds": tuple(RoundResult.from_dict(r) for r in data["rounds"])})
+
+
+# Summaries that are NaN when there is nothing to summarize (step percentiles of a one-token run: no step
+# after the first); JSON has no NaN, so they are written as null and read back as NaN.
+NAN_AS_NULL = ("tokens_per_s", "wall_s", "latency_p50_s", "latency_p95_s", "step_p50_ms", "step_p95_ms",
+               "ttft_s", "decoder_ms_per_step", "decoder_pct")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None, so the file is standard JSON (json.dumps would write the non-standard NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def summarize(spec: Any, rounds: list[RoundResult], load_s: float, rss_after_load_mib: float | None,
@@ -160,7 +179,8 @@ class BenchReport:
 
     def write_json(self, path: str | Path) -> Path:
         """Write the report as JSON, atomically (temporary file, then rename)."""
-        return write_atomic(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        text = json.dumps(_json_safe(self.to_dict()), indent=2, allow_nan=False)
+        return write_atomic(Path(path), (text + "\n").encode())
 
     def table(self) -> str:
         from deploylm.benchmarking.table import format_report

@@ -32,7 +32,8 @@ def format_report(report: Any) -> str:
 def _cells(row: Any) -> list[str]:
     n = len(row.token_ids)
     return [row.label, row.profile, f"{row.tokens_per_s:.1f}", _num(row.ratio_vs_reference, "{:.2f}×"),
-            f"{row.latency_p50_s:.2f}/{row.latency_p95_s:.2f}", f"{row.step_p50_ms:.1f}/{row.step_p95_ms:.1f}",
+            f"{row.latency_p50_s:.2f}/{row.latency_p95_s:.2f}",
+            "-" if row.step_p50_ms != row.step_p50_ms else f"{row.step_p50_ms:.1f}/{row.step_p95_ms:.1f}",   # NaN: no step after the first
             f"{row.ttft_s:.2f}", f"{row.decoder_ms_per_step:.2f} ({row.decoder_pct:.1f}%)",
             _num(row.peak_rss_mib, "{:.0f}"), _count(row.same_as_reference, n), _count(row.same_as_first, n)]
 
