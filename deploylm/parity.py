@@ -263,10 +263,11 @@ def compare_backends(reference: Backend, candidates: dict[str, Backend], batch: 
                      options: Any, tolerances: Any, tokenizer: Any = None) -> ParityReport:
     """Compare every candidate with `reference` on `batch` (see the module docstring).
 
-    options: DecodingOptions (sampling is turned off); tolerances: the profile's Parity.
+    options: DecodingOptions (sampling and max_time are turned off); tolerances: the profile's Parity.
     """
-    beam_opts = options.replace(do_sample=False)
-    greedy_opts = options.replace(num_beams=1, num_return_sequences=1, do_sample=False)
+    # no sampling, and no wall-clock limit: a slower backend would stop earlier and "differ"
+    beam_opts = options.replace(do_sample=False, max_time=None)
+    greedy_opts = beam_opts.replace(num_beams=1, num_return_sequences=1)
     ref_greedy = _search(reference, batch, greedy_opts)
     ref_beam = _search(reference, batch, beam_opts) if beam_opts.num_beams > 1 else ref_greedy
     forced = [[g[0].token_ids] + ([b[0].token_ids] if beam_opts.num_beams > 1 else [])

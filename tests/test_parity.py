@@ -93,6 +93,28 @@ def test_noise_below_tolerance_passes_and_above_fails():
     assert report.backends[0].max_abs_logit > FP32.logits_atol
 
 
+def test_max_time_does_not_cut_the_searches(monkeypatch):
+    """A profile's max_time (a wall-clock limit) would stop the slower backend's search earlier: beams
+    that "differ" although every logit matches. Parity compares whole searches."""
+    import types
+
+    import deploylm.decoding.search as search
+
+    now = [0.0]
+    monkeypatch.setattr(search, "time", types.SimpleNamespace(time=lambda: now[0], perf_counter=lambda: now[0]))
+
+    class Slow(Fake):                     # each decode step takes 10 s of the fake clock
+        def decode(self, tokens, state):
+            now[0] += 10.0
+            return super().decode(tokens, state)
+
+    report = compare_backends(Slow(_table(), name="torch"), {"onnx": Fake(_table(), name="onnx")}, _batch(),
+                              OPTIONS.replace(max_time=5.0), FP32)
+    row = report.backends[0]
+    assert report.passed, report.failures()
+    assert row.greedy_identical and row.beams_identical and len(row.steps) == OPTIONS.max_new_tokens
+
+
 def test_divergence_at_step_3_is_located():
     report = _compare(Fake(_table(), name="onnx", diverge_at=3))
     row = report.backends[0]
