@@ -30,6 +30,8 @@ def test_help_lists_every_flag():
     (("--model", "m", "--batch-size", "0"), "--batch-size 0: expected an integer >= 1"),
     (("--model", "m", "--batch-size", "eight"), "--batch-size 'eight': expected an integer"),
     (("--model", "m", "--rounds", "0"), "--rounds 0"),
+    (("--model", "m", "--backends", ","), "--backends ',': expected a comma-separated list of backends"),
+    (("--model", "m", "--backends", ""), "--backends '': expected a comma-separated list of backends"),
     (("--model", "m", "--plot", "out.jpg"), "ending in .png"),
     (("--model", "m", "--json", "no/such/dir/out.json"), "--json"),
     (("--model", "m", "--json", "/proc/bench.json"), "--json '/proc/bench.json': cannot write in '/proc'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from deploylm.commands._options import INT
+from deploylm.errors import UsageError
 
 
 @click.command(name="bench")
@@ -35,6 +36,8 @@ def command(models, backends, prompts_file, batch_size, num_beams, max_new_token
     from deploylm.parity import read_prompts_file
 
     names = tuple(n.strip() for n in backends.split(",") if n.strip())
+    if not names:
+        raise UsageError(f"--backends {backends!r}: expected a comma-separated list of backends, e.g. torch,onnx")
     extra = {"prompts": tuple(read_prompts_file(prompts_file))} if prompts_file else {}
     config = BenchConfig(models=models, backends=names, batch_size=batch_size, num_beams=num_beams,
                          max_new_tokens=max_new_tokens, rounds=rounds, warmup=warmup, threads=threads,
