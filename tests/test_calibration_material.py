@@ -111,3 +111,21 @@ def test_an_encoder_decoders_decoder_is_calibrated_on_the_pairs_targets(tmp_path
     calib, _ = text_sets(source, prompts, 8, seq2seq=True)
     assert calib.targets == ("hello",)                                       # no targets: the text itself
     assert text_sets(source, pairs, 8, seq2seq=False)[0].targets is None
+
+
+def test_an_encoder_decoders_decoder_is_calibrated_after_its_own_start_token(seed_seq2seq_dir, tmp_path):
+    """The decoder's calibration feeds begin with the model's decoder_start_token_id (as every decoded row
+    does), not with token 0: for a deploylm checkpoint 0 is the pad token, for BART/mBART the BOS."""
+    from deploylm.export.calibration import graph_feeds
+    from deploylm.export.pipeline import export_model
+
+    ck = shutil.copytree(seed_seq2seq_dir, tmp_path / "ck")
+    gen = json.loads((ck / "generation_config.json").read_text())
+    gen["decoder_start_token_id"] = 7                    # generation_config first, as the backends read it
+    (ck / "generation_config.json").write_text(json.dumps(gen))
+    out = tmp_path / "fp32"
+    export_model(ck, "fp32", out)
+    feeds = graph_feeds(out, [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]])
+    ids = feeds["decoder_model.onnx"][0]["input_ids"]
+    assert ids[:, 0].tolist() == [7, 7]
+    assert ids[:, 1:].tolist() == [[9, 10, 0], [11, 12, 13]]

@@ -397,23 +397,33 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
     """ModelInfo and generation defaults from config.json, generation_config.json and the graphs."""
     import json
 
-    from deploylm.backends.torch_seq2seq import seed_special_tokens
     from deploylm.models.hf import decoding_defaults, generation_settings
 
-    config = json.loads((folder / "config.json").read_text())
     gen_file = folder / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     graph = sessions.get(io_spec.DECODER_FILE) or sessions[io_spec.MODEL_FILE]
     vocab = int(next(o.shape[-1] for o in graph.get_outputs() if o.name == "logits"))
-    if str(config.get("model_type", "")).startswith("deploylm"):
-        special, is_seq2seq, window = seed_special_tokens(config, gen), config.get("arch") == "seq2seq", config.get("max_positions")
-    else:
-        special, is_seq2seq, window = _hf_special(folder)
+    special, is_seq2seq, window = folder_special(folder)
     info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window,
                      name=name, generation=generation_settings(gen))  # model-level processors, as torch
     defaults = decoding_defaults(gen, name)
     defaults.update(generation)
     return info, defaults
+
+
+def folder_special(folder: Path) -> tuple[SpecialTokens, bool, int | None]:
+    """(special tokens, is_encoder_decoder, position window) of an artifact folder, from its config.json and
+    generation_config.json, as the backends resolve them for the model it came from."""
+    import json
+
+    from deploylm.backends.torch_seq2seq import seed_special_tokens
+
+    config = json.loads((folder / "config.json").read_text())
+    if str(config.get("model_type", "")).startswith("deploylm"):
+        gen_file = folder / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        return seed_special_tokens(config, gen), config.get("arch") == "seq2seq", config.get("max_positions")
+    return _hf_special(folder)
 
 
 def _hf_special(path: Path) -> tuple[SpecialTokens, bool, int | None]:

@@ -279,11 +279,12 @@ def graph_feeds(folder: Path, sequences: list[list[int]], targets: list[list[int
 
     model.onnx: per batch, a prefill (ids/mask/positions + empty past) and one decode step after it.
     encoder_model.onnx: ids/mask (right-padded).
-    decoder_model.onnx: start token + the target (default: the sequence itself) as decoder input,
+    decoder_model.onnx: the model's decoder start token + the target (default: the sequence itself) as decoder input,
     cross K/V from the encoder graph in `folder`.
     """
     import onnxruntime as ort
 
+    from deploylm.backends.onnx_backend import folder_special
     from deploylm.export import io_spec
 
     folder = Path(folder)
@@ -300,7 +301,8 @@ def graph_feeds(folder: Path, sequences: list[list[int]], targets: list[list[int
     enc_feeds = [_pad(b, left=False) for b in batches]
     targets = targets if targets is not None else sequences
     dec_batches = [targets[i:i + rows] for i in range(0, len(targets), rows)]
-    dec_feeds = [_decoder_feeds(enc, dec, f, b) for f, b in zip(enc_feeds, dec_batches)]
+    start = folder_special(folder)[0].decoder_start_token_id
+    dec_feeds = [_decoder_feeds(enc, dec, f, b, start) for f, b in zip(enc_feeds, dec_batches)]
     return {io_spec.ENCODER_FILE: enc_feeds, io_spec.DECODER_FILE: dec_feeds}
 
 
@@ -347,10 +349,11 @@ def _causal_step_feeds(session: Any, prefill: dict[str, np.ndarray]) -> dict[str
             "position_ids": (prefill["position_ids"][:, -1:] + 1).astype(np.int64), **past}
 
 
-def _decoder_feeds(enc: Any, dec: Any, enc_feeds: dict[str, np.ndarray], batch: list[list[int]]) -> dict[str, np.ndarray]:
+def _decoder_feeds(enc: Any, dec: Any, enc_feeds: dict[str, np.ndarray], batch: list[list[int]],
+                   start: int) -> dict[str, np.ndarray]:
     names = [o.name for o in enc.get_outputs()]
     outs = dict(zip(names, enc.run(None, enc_feeds)))
     cross = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
-    ids = _pad([[0] + s for s in batch], left=False)["input_ids"]  # [B, 1 + T]: start token, then the text
+    ids = _pad([[start] + s for s in batch], left=False)["input_ids"]  # [B, 1 + T]: the decoder start token, then the text
     return {"input_ids": ids, "encoder_attention_mask": enc_feeds["attention_mask"],
             **_empty_past(dec, len(batch), "decoder"), **cross}
