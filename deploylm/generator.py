@@ -291,7 +291,7 @@ class Generator:
             for piece in split_rows(chunks, 1):
                 [hyps] = generate_ids(self.backend, piece, opts, None, stop)
                 outputs.append(hyps[0].token_ids)
-                text = self._joined_text(join_parts(outputs, overlap, eos))
+                text = self._joined_text(join_parts(outputs, overlap, eos, self._forced_bos()))
                 if text.startswith(emitted) and len(text) > len(emitted):
                     yield text[len(emitted):]
                     emitted = text
@@ -300,9 +300,16 @@ class Generator:
     def _joined(self, hyps: list[Any], overlap: int) -> Sequence:
         """One Sequence from the same-rank hypothesis of each chunk: ids joined, texts joined (join_texts),
         scores summed."""
-        parts = join_parts([h.token_ids for h in hyps], overlap, self.info.special.eos_token_ids)
+        parts = join_parts([h.token_ids for h in hyps], overlap, self.info.special.eos_token_ids, self._forced_bos())
         ids = tuple(t for part, _ in parts for t in part)
         return Sequence(self._joined_text(parts), tuple(int(t) for t in ids), sum(float(h.score) for h in hyps))
+
+    def _forced_bos(self) -> int | None:
+        """The model's forced_bos_token_id (each window's output starts with it), if it sets one."""
+        from deploylm.decoding.processors import ForcedBOS
+
+        value = self.info.generation.get("forced_bos_token_id")
+        return None if value is None else ForcedBOS(value).token_id
 
     def _joined_text(self, parts: list[tuple[tuple[int, ...], bool]]) -> str:
         return join_texts([self.decode(part) for part, _ in parts], [not shared for _, shared in parts])

@@ -15,7 +15,8 @@ overflowing tokens (`return_overflowing_tokens`, `stride=window_overlap`), so th
 `</s>`) stay on every prompt and chunk, exactly as a transformers user who truncates gets them.
 
 Joining the chunk outputs (`join_outputs`): the outputs' ids are concatenated in chunk order; every chunk's
-EOS is dropped except the last one's. With an overlap, the overlapping source tokens are decoded twice,
+EOS is dropped except the last one's, and so is every chunk's leading forced BOS (a generation_config's
+`forced_bos_token_id`, e.g. mBART's target language code) except the first one's. With an overlap, the overlapping source tokens are decoded twice,
 so where the joined output so far ends with the same tokens the next chunk's output starts with, that
 shared run is kept once: the longest run of at most `window_overlap` tokens. Bounding it by the
 overlap means a copy-like model (copying, translation of similar length) gets its duplicate removed
@@ -142,19 +143,23 @@ def tokenize_windows(tokenizer: Any, text: str, *, window: int, overlap: int) ->
     return EncodedBatch(enc["input_ids"], enc["attention_mask"])                   # [C, T]
 
 
-def join_outputs(outputs: Sequence[Sequence[int]], overlap: int, eos_ids: Sequence[int]) -> tuple[int, ...]:
-    """Chunk outputs joined in order: EOS only at the end, each overlap's duplicated run kept once."""
-    return tuple(t for part, _ in join_parts(outputs, overlap, eos_ids) for t in part)
+def join_outputs(outputs: Sequence[Sequence[int]], overlap: int, eos_ids: Sequence[int],
+                 forced_bos: int | None = None) -> tuple[int, ...]:
+    """Chunk outputs joined in order: EOS only at the end, a forced BOS only at the start, each overlap's
+    duplicated run kept once."""
+    return tuple(t for part, _ in join_parts(outputs, overlap, eos_ids, forced_bos) for t in part)
 
 
-def join_parts(outputs: Sequence[Sequence[int]], overlap: int,
-               eos_ids: Sequence[int]) -> list[tuple[tuple[int, ...], bool]]:
+def join_parts(outputs: Sequence[Sequence[int]], overlap: int, eos_ids: Sequence[int],
+               forced_bos: int | None = None) -> list[tuple[tuple[int, ...], bool]]:
     """What each chunk output adds to the join (join_outputs), and whether it continues the output before
     it through a shared run (True) or starts after it (False: the two met without sharing a token)."""
     joined: list[int] = []
     parts = []
     for index, output in enumerate(outputs):
         tokens = list(output)
+        if index and forced_bos is not None and tokens[:1] == [forced_bos]:
+            tokens = tokens[1:]
         if index < len(outputs) - 1:
             tokens = [t for t in tokens if t not in eos_ids]
         shared = shared_run(joined, tokens, overlap)

@@ -226,6 +226,37 @@ def test_sliding_window_over_a_copier_gives_back_the_whole_source(copier, text, 
     assert stream.finish_reason == "stop"                    # the last chunk's copy ends with the end token
 
 
+LANG = 7   # a target-language code that the model's generation_config forces first (mBART's forced_bos_token_id)
+
+
+@dataclass
+class ForcedBOSCopyBackend(CopyBackend):
+    """The copier of a model whose generation_config sets forced_bos_token_id: LANG, then the source, then EOS."""
+
+    @property
+    def info(self):
+        return dataclasses.replace(super().info, generation={"forced_bos_token_id": LANG})
+
+
+def lang_copy_script(prompt, generated):
+    return copy_script(prompt, generated[1:]) if generated else [1.0 if t == LANG else 0.0 for t in range(300)]
+
+
+@pytest.mark.parametrize("overlap", [0, 8])
+def test_sliding_window_keeps_a_forced_bos_once_at_the_start(seed, overlap):
+    """Every window's output starts with the forced BOS; the join keeps the first window's only, as it keeps
+    only the last window's EOS, so the overlap's duplicate is found and the source comes back whole."""
+    backend = ForcedBOSCopyBackend(lang_copy_script, vocab_size=300, eos_token_ids=(EOS,), is_encoder_decoder=True,
+                                   decoder_start_token_id=1)
+    gen = Generator(backend, seed.tokenizer, defaults={})
+    content = content_ids(gen, LONG)
+    [result] = gen.generate(LONG, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1)
+    assert list(result.sequences[0].token_ids) == [LANG] + content + [EOS]
+    stream = gen.stream(LONG, truncation="sliding-window", window_overlap=overlap, max_new_tokens=64, num_beams=1)
+    assert "".join(stream) == result.sequences[0].text
+    assert join_outputs([(LANG, 5, 6, EOS), (LANG, 6, 8, EOS)], 1, (EOS,), LANG) == (LANG, 5, 6, 8, EOS)
+
+
 def test_an_unbounded_encoder_takes_the_whole_source_as_one_window(tiny_t5_dir):
     t5 = load(tiny_t5_dir)  # relative positions: no window
     assert t5.info.max_positions is None
