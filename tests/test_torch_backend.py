@@ -203,6 +203,50 @@ def test_generation_settings_deploylm_does_not_apply_are_named(tiny_t5_dir, tmp_
         assert applied not in record.getMessage()
 
 
+@pytest.mark.parametrize("fixture", ["seed_seq2seq_dir", "seed_lm_dir"])
+def test_a_checkpoints_generation_config_settings_apply_on_the_torch_backend(fixture, tmp_path, request):
+    """A deploylm checkpoint's generation_config.json settings (forced_bos_token_id, bad_words_ids, ...) are
+    the decoder's processors on the torch backend, as on the onnx backend of its artifact (which read them
+    while the checkpoint ignored them, so export's parity failed on identical_beams)."""
+    import json
+
+    import deploylm
+
+    folder = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "ck")
+    gen_file = folder / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "forced_bos_token_id": 7,
+                                    "bad_words_ids": [[9]]}))
+    gen = deploylm.load(folder, backend="torch")
+    assert gen.info.generation == {"forced_bos_token_id": 7, "bad_words_ids": ((9,),)}
+    for seq in gen.generate(["hello world", "the quick brown fox"], num_beams=2, max_new_tokens=6)[0].sequences:
+        assert 9 not in seq.token_ids
+        assert seq.token_ids[0] == 7 or not gen.info.is_encoder_decoder   # decoder-only: forced after a 1-token prompt
+
+
+def test_a_generation_config_max_length_is_named_as_not_applied(tiny_t5_dir, tmp_path, caplog):
+    """transformers.generate stops a call without max_new_tokens at the generation_config's max_length
+    (Marian, mBART and BART checkpoints set it); deploylm's limit is max_new_tokens, so it says so, unless
+    max_new_tokens is set too (transformers then ignores max_length) or an artifact's profile gives it."""
+    import json
+
+    from deploylm.models.hf import decoding_defaults
+
+    folder = tmp_path / "t5"
+    shutil.copytree(tiny_t5_dir, folder)
+    gen_file = folder / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "max_length": 40}))
+    with caplog.at_level("WARNING", logger="deploylm"):
+        TorchBackend.from_source(str(folder))
+    [record] = [r for r in caplog.records if r.name == "deploylm"]
+    assert "sets max_length=40 (deploylm stops at max_new_tokens, default 64), which deploylm does not apply" \
+        in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deploylm"):
+        assert decoding_defaults({"max_length": 40, "max_new_tokens": 20}, "m") == {"max_new_tokens": 20}
+        decoding_defaults({"max_length": 40}, "m", given={"max_new_tokens": 64})
+    assert not [r for r in caplog.records if r.name == "deploylm"]
+
+
 def test_the_models_sampling_settings_apply_when_a_call_samples(tiny_llama_dir, tmp_path, caplog):
     """A generation_config's temperature, top_k and top_p are a sampling call's defaults, as in
     transformers.generate: the same seeded draws as `model.generate(do_sample=True)`; a call's own

@@ -406,7 +406,7 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
     special, is_seq2seq, window = folder_special(folder)
     info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window,
                      name=name, generation=generation_settings(gen))  # model-level processors, as torch
-    defaults = decoding_defaults(gen, name)
+    defaults = decoding_defaults(gen, name, given=generation)
     defaults.update(generation)
     return info, defaults
 

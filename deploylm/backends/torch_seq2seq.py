@@ -17,7 +17,7 @@ from torch import Tensor
 
 from deploylm.backends.base import EncodedBatch, ModelInfo, SpecialTokens
 from deploylm.backends.torch_backend import TorchBackend, is_identity
-from deploylm.models.hf import decoding_defaults
+from deploylm.models.hf import decoding_defaults, generation_settings
 from deploylm.models.source import Source
 
 KV = tuple[Tensor, Tensor]
@@ -47,7 +47,8 @@ def open_checkpoint(source: Source, *, dtype: torch.dtype, device: torch.device)
     gen = load_generation_config(source.path)
     special = seed_special_tokens(config.to_dict(), gen)
     info = ModelInfo(is_encoder_decoder=config.arch == "seq2seq", vocab_size=config.vocab_size, special=special,
-                     max_positions=config.max_positions, name=source.name)
+                     max_positions=config.max_positions, name=source.name,
+                     generation=generation_settings(gen))   # model-level processors, as its artifact applies them
     defaults = decoding_defaults(gen, source.name)
     impl = DeployLMSeq2SeqBackend if info.is_encoder_decoder else DeployLMCausalBackend
     return impl(model, info, device, defaults)

@@ -321,19 +321,21 @@ def generation_defaults(model: Any) -> dict[str, Any]:
     return decoding_defaults(model.generation_config, model.name_or_path)
 
 
-def decoding_defaults(gen: Any, name: str) -> dict[str, Any]:
+def decoding_defaults(gen: Any, name: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The GENERATION_DEFAULT_KEYS a generation_config (object or generation_config.json's dict) sets.
 
-    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. do_sample), and settings out of
-    DecodingOptions' range (a temperature of 0, a length_penalty of 20), are named in one warning: with them,
-    outputs can differ from transformers.generate's (the model still loads; a call may give its own value).
+    Settings deploylm does not apply (NOT_APPLIED_KEYS, e.g. do_sample; max_length, which transformers uses
+    when max_new_tokens is not set), and settings out of DecodingOptions' range (a temperature of 0, a
+    length_penalty of 20), are named in one warning: with them, outputs can differ from transformers.generate's
+    (the model still loads; a call may give its own value). given: defaults the caller sets itself (an
+    artifact's profile).
     """
     from deploylm.decoding.options import DecodingOptions
 
     get = gen.get if isinstance(gen, Mapping) else (lambda key: getattr(gen, key, None))
     ignored = [key for key in NOT_APPLIED_KEYS if _is_set(key, get(key))]
     defaults = {key: get(key) for key in GENERATION_DEFAULT_KEYS if get(key) is not None}
-    if get("max_length") not in (None, 20) and "max_new_tokens" not in defaults:  # 20: transformers' own default
+    if get("max_length") not in (None, 20) and "max_new_tokens" not in {**defaults, **(given or {})}:  # 20: transformers' own default
         # transformers stops at max_length tokens, prompt (or start token) included, unless max_new_tokens is set
         ignored.append(f"max_length={get('max_length')!r} (deploylm stops at max_new_tokens, default "
                        f"{DecodingOptions.max_new_tokens})")
