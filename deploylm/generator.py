@@ -162,7 +162,11 @@ class Generator:
         return TextStream(self._stream_text(batch, opts, stop))
 
     def finish_reason(self, token_ids: Any, max_new_tokens: int) -> str:
-        """Why an output ended: "stop" (an end-of-sequence token, or fewer tokens than allowed) or "length"."""
+        """Why an output ended: "stop" (an end-of-sequence token, or fewer tokens than allowed) or "length"
+        (max_new_tokens reached; also when the end token there is the one a generation_config's
+        forced_eos_token_id forces at the limit: the model did not choose to stop)."""
+        if len(token_ids) >= max_new_tokens and self.info.generation.get("forced_eos_token_id") is not None:
+            return "length"
         ended = bool(token_ids) and int(token_ids[-1]) in self.info.special.eos_token_ids
         return "stop" if ended or len(token_ids) < max_new_tokens else "length"
 

@@ -121,6 +121,24 @@ def test_finish_reason_is_stop_at_an_end_token_or_short_of_the_limit(llama):
     assert llama.finish_reason((5, 6), 4) == "stop" and llama.finish_reason((), 4) == "stop"
 
 
+def test_finish_reason_is_length_where_a_forced_eos_ends_the_output_at_the_limit(tiny_t5_dir, tmp_path):
+    """A generation_config forced_eos_token_id (Marian, mBART, BART) puts the end token at max_new_tokens:
+    an output cut there ran out of tokens ("length"), it did not stop on its own."""
+    folder = shutil.copytree(tiny_t5_dir, tmp_path / "t5")
+    gen_file = folder / "generation_config.json"
+    eos = json.loads(gen_file.read_text())["eos_token_id"]
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "forced_eos_token_id": eos}))
+    t5 = load(folder, backend="torch")
+    [result] = t5.generate("the quick brown fox", num_beams=1, max_new_tokens=4)
+    ids = result.sequences[0].token_ids
+    assert len(ids) == 4 and ids[-1] == eos and eos not in ids[:-1]       # the end token is the forced one
+    assert t5.finish_reason(ids, 4) == "length"
+    stream = t5.stream("the quick brown fox", num_beams=1, max_new_tokens=4)
+    list(stream)
+    assert stream.finish_reason == "length"
+    assert t5.finish_reason((5, eos), 4) == "stop"                           # an end token before the limit
+
+
 def test_stream_encoder_decoder(t5):
     pieces = list(t5.stream("translate english to french: the house", num_beams=3, max_new_tokens=6))
     [result] = t5.generate("translate english to french: the house", num_beams=3, max_new_tokens=6)
