@@ -390,6 +390,11 @@ def read_profile(path: Path) -> Profile:
         raise ProfileError(f"{origin}: backends = {list(profile.backends)} is not allowed with precision 'int4': "
                            "expected ['onnx'] (int4 is ONNX Runtime's MatMulNBits: neither TensorRT engines nor "
                            "the torch backend run int4)")
+    if "quality" in data and "onnx" not in profile.backends:
+        raise ProfileError(f"{origin}: [quality] applies to ONNX Runtime graphs (export measures it on them), and "
+                           f"backends = {list(profile.backends)} has no onnx: expected no [quality] table (a TensorRT "
+                           "engine is checked against [parity] by `deploylm parity --backends torch,trt`), or 'onnx' "
+                           "among the backends")
     return profile
 
 

@@ -38,7 +38,8 @@ def test_builtins_are_the_documented_set_and_validate():
         assert p.description and p.backends
         assert p.generation == {"num_beams": 4, "max_new_tokens": 64}
         assert p.parity.logits_atol > 0 and 0 <= p.parity.min_token_agreement <= 1
-        assert p.quality.max_perplexity_increase is not None
+        # [quality] is measured on ONNX Runtime graphs: TensorRT-only profiles have [parity] alone
+        assert (p.quality.max_perplexity_increase is not None) == ("onnx" in p.backends)
     assert (builtin_dir() / "fp32.toml").is_file()
 
 
@@ -276,3 +277,21 @@ def test_an_older_trt_int8_manifest_profile_still_loads():
     stored["quantization"].update(weight_type="qint8", per_channel=True, reduce_range=False,
                                   calibration_method="percentile")     # as earlier versions wrote it
     assert Profile.from_dict(stored).quantization == load_profile("trt-int8").quantization
+
+
+TRT_FP16_FILE = (builtin_dir() / "trt-fp16.toml").read_text()
+
+
+def test_a_quality_budget_needs_onnx_graphs_to_measure_it(tmp_path):
+    """[quality] is measured on ONNX Runtime graphs at export: in a TensorRT-only profile it was a budget
+    that nothing ever checked (the built-in trt profiles had one). A file saying so is refused; a stored
+    manifest profile with one still loads."""
+    text = load_profile("trt-fp16")
+    trt_only = (TRT_FP16_FILE + "\n[quality]\nmax_perplexity_increase = 0.01\n")
+    path = write(tmp_path, trt_only, "trt-q.toml")
+    with pytest.raises(ProfileError, match=r"\[quality\] applies to ONNX Runtime graphs .* backends = \['trt'\] has no "
+                                           r"onnx: expected no \[quality\] table"):
+        load_profile(path)
+    assert load_profile(write(tmp_path, TRT_FP16_FILE, "trt.toml")).quality.max_perplexity_increase is None
+    stored = {**text.to_dict(), "quality": {"max_perplexity_increase": 0.01}}       # an artifact exported before
+    assert Profile.from_dict(stored).quality.max_perplexity_increase == 0.01
