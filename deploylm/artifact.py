@@ -296,9 +296,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
         fix = "upgrade deploylm or " if newer else ""
         raise ArtifactError(f"{file}: format_version {version!r} is not supported (this deploylm reads "
                             f"{FORMAT_VERSION}); {fix}{rebuild_hint(path, manifest)}")
-    objects = [key for key in ("files", "io", "source", "profile") if not isinstance(manifest[key], dict)]
+    objects = [key for key in ("files", "io", "source", "profile", "toolchain") if not isinstance(manifest[key], dict)]
+    objects += [key for key in ("generation", "parity", "quality") if not isinstance(manifest.get(key) or {}, dict)]
     if objects:
         raise ArtifactError(f"{file}: {', '.join(repr(k) for k in objects)} must be object(s); {rebuild_hint(path, manifest)}")
+    for name, entry in manifest["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and type(entry.get("bytes")) is int):   # noqa: E721 - a bool is no size
+            raise ArtifactError(f"{file}: 'files' entry for {name} must be an object with sha256 (a string) and "
+                                f"bytes (an integer), got {json.dumps(entry)}; {rebuild_hint(path, manifest)}")
+    for name, sig in manifest["io"].items():
+        if not (isinstance(sig, dict) and all(isinstance(sig.get(side), list)
+                                              and all(isinstance(v, dict) for v in sig[side])
+                                              for side in ("inputs", "outputs"))):
+            raise ArtifactError(f"{file}: 'io' entry for {name} must be an object with lists of inputs and outputs; "
+                                f"{rebuild_hint(path, manifest)}")
     profile = manifest["profile"]
     if not (isinstance(profile.get("name"), str) and isinstance(profile.get("precision"), str)):
         raise ArtifactError(f"{file}: 'profile' must name the profile and its precision; {rebuild_hint(path, manifest)}")
@@ -386,13 +398,20 @@ def format_parity(parity: dict[str, Any] | None) -> list[str]:
                                                                  ("num_beams", "beams")) if parity.get(k) is not None)
     lines = [f"  reference {parity.get('reference', '?')}: {'PASSED' if parity.get('passed') else 'FAILED'}"
              + (f" ({checked})" if checked else "")]
-    for name, row in (parity.get("backends") or {}).items():
+    backends = parity.get("backends")
+    for name, row in (backends if isinstance(backends, dict) else {}).items():
+        row = row if isinstance(row, dict) else {}
         div = row.get("first_divergence")
-        lines.append(f"  {name:<8} max|Δlogit| {row.get('max_abs_logit', float('nan')):.2e}  "
-                     f"top-1 {row.get('token_agreement', float('nan')):.4f}  "
+        lines.append(f"  {name:<8} max|Δlogit| {_number(row.get('max_abs_logit'), '.2e')}  "
+                     f"top-1 {_number(row.get('token_agreement'), '.4f')}  "
                      f"first divergence {'none' if div is None else f'step {div}'}  "
                      f"beams {'identical' if row.get('beams_identical') else 'differ'}")
     return lines
+
+
+def _number(value: Any, spec: str) -> str:
+    """A recorded number; null (how non-finite numbers are stored) or a missing one prints as nan."""
+    return format(value if isinstance(value, (int, float)) else float("nan"), spec)
 
 
 def summary(artifact: Artifact) -> str:

@@ -190,6 +190,16 @@ def test_one_changed_byte_is_refused(artifact):
     (lambda a: _edit(a, lambda m: m.update(profile=None)), r"manifest.json: 'profile' must be object\(s\)"),
     (lambda a: _edit(a, lambda m: m["profile"].pop("precision")),
      r"manifest.json: 'profile' must name the profile and its precision"),
+    # wrong JSON types in a hand-edited manifest: the manifest is named, never a file it lists
+    (lambda a: _edit(a, lambda m: m["files"]["config.json"].update(bytes="22")),
+     r"manifest.json: 'files' entry for config.json must be an object with sha256 \(a string\) and bytes"),
+    (lambda a: _edit(a, lambda m: m["files"].update({"config.json": "abc"})), r"manifest.json: 'files' entry for config.json"),
+    (lambda a: _edit(a, lambda m: m["io"].update({"model.onnx": "x"})),
+     r"manifest.json: 'io' entry for model.onnx must be an object with lists of inputs and outputs"),
+    (lambda a: _edit(a, lambda m: m["io"]["model.onnx"].update(inputs="input_ids")), r"manifest.json: 'io' entry for model.onnx"),
+    (lambda a: _edit(a, lambda m: m.update(generation="beam")), r"manifest.json: 'generation' must be object\(s\)"),
+    (lambda a: _edit(a, lambda m: m.update(parity="passed")), r"manifest.json: 'parity' must be object\(s\)"),
+    (lambda a: _edit(a, lambda m: m.update(toolchain=["torch"])), r"manifest.json: 'toolchain' must be object\(s\)"),
 ])
 def test_damaged_artifacts_are_refused_with_the_file_named(artifact, damage, message):
     damage(artifact)

@@ -65,6 +65,29 @@ def test_info_damaged_artifact_shows_it_then_exits_2(artifact):
     assert result.stderr.startswith("error: ") and "config.json: sha256 does not match" in result.stderr
 
 
+@pytest.mark.parametrize("edit", [lambda m: m["files"].update({"config.json": "abc"}),
+                                  lambda m: m["io"].update({"model.onnx": []}),
+                                  lambda m: m.update(parity="passed"), lambda m: m.update(quality=[1])])
+def test_info_on_a_manifest_with_wrong_json_types_is_one_error_line(artifact, edit):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    edit(manifest)
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    result = run("info", str(artifact))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "manifest.json: '" in result.stderr and "re-export it" in result.stderr
+
+
+def test_info_prints_a_parity_number_stored_as_null(artifact):
+    """Non-finite parity numbers are stored as null (docs/formats.md): info shows them, it does not crash."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["parity"]["backends"]["onnx"]["max_abs_logit"] = None
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    result = run("info", str(artifact))
+    assert result.exit_code == 0, result.output
+    assert "max|Δlogit| nan" in result.output
+
+
 def test_an_artifact_without_its_manifest_is_named_as_such(artifact):
     (artifact / "manifest.json").unlink()
     for argv in (["info", str(artifact)], ["generate", "--model", str(artifact), "hello"],
