@@ -73,6 +73,21 @@ def test_damaged_files_give_one_clear_error(llama, damage, message):
         deploylm.load(llama)
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("vocab_size", "300", r"Field 'vocab_size' expected int, got str \(value: '300'\)"),
+    ("num_hidden_layers", 2.0, r"Field 'num_hidden_layers' expected int, got float"),
+    ("eos_token_id", "</s>", r"Field 'eos_token_id'"),
+])
+def test_a_config_value_of_the_wrong_type_names_the_file_and_the_field(llama, key, value, expected):
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(UsageError, match=r"config\.json: a setting has the wrong type: .*" + expected) as err:
+        deploylm.load(llama)
+    assert "\n" not in str(err.value)
+    line = _one_line_error(["generate", "--model", str(llama), "hello"])
+    assert "config.json: a setting has the wrong type" in line
+
+
 def test_a_tokenizer_from_another_model_is_refused_at_the_prompt(tmp_path):
     folder = build_tiny_hf("llama", tmp_path / "llama")
     config = json.loads((folder / "config.json").read_text())

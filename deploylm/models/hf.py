@@ -110,11 +110,26 @@ _LOAD_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, 
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
+    errors = _LOAD_ERRORS
     try:
         from safetensors import SafetensorError
+        errors = (*errors, SafetensorError)
     except ImportError:                     # pragma: no cover - safetensors comes with transformers
-        return _LOAD_ERRORS
-    return (*_LOAD_ERRORS, SafetensorError)
+        pass
+    try:
+        from huggingface_hub.errors import StrictDataclassError   # config.json values of the wrong type
+        errors = (*errors, StrictDataclassError)
+    except ImportError:                     # pragma: no cover - older huggingface_hub
+        pass
+    return errors
+
+
+def _is_config_type_error(exc: BaseException) -> bool:
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:                     # pragma: no cover - older huggingface_hub: no strict config fields
+        return False
+    return isinstance(exc, StrictDataclassError)
 
 
 def _needs_own_code(folder: Path) -> bool:
@@ -147,6 +162,9 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
                                                   trust_remote_code=False,
                                                   ignore_mismatched_sizes=True)   # named in check_loaded_weights
     except _load_errors() as exc:
+        if _is_config_type_error(exc):   # huggingface_hub's strict config fields: "expected int, got str"
+            raise UsageError(f"{source.path / 'config.json'}: a setting has the wrong type: "
+                             f"{' '.join(str(exc).split())}") from None
         if _needs_own_code(source.path):
             raise UsageError(f"{what} needs its own Python code (config.json \"auto_map\"), which deploylm does not "
                              "run: use a model whose architecture transformers includes") from None
