@@ -61,7 +61,8 @@ def test_a_model_without_a_language_model_head_is_refused(tmp_path, tiny_llama_d
 
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "config.json").write_text("[1, 2]"), r"config\.json: expected a JSON object of model settings, got list"),
-    (lambda f: (f / "generation_config.json").write_text("[1]"), "does not load as a Hugging Face causal or seq2seq LM"),
+    (lambda f: (f / "generation_config.json").write_text("[1]"),
+     r"generation_config\.json: expected a JSON object of generation settings, got list"),
     (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
      "does not load as a Hugging Face causal or seq2seq LM: Error while deserializing header"),
     (lambda f: (f / "model.safetensors").write_bytes(bytes(range(256)) * 64),
@@ -86,6 +87,22 @@ def test_a_config_value_of_the_wrong_type_names_the_file_and_the_field(llama, ke
     assert "\n" not in str(err.value)
     line = _one_line_error(["generate", "--model", str(llama), "hello"])
     assert "config.json: a setting has the wrong type" in line
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{", r"generation_config\.json: not valid JSON .*expected the model's generation settings as a JSON object"),
+    ('{"eos_token_id": "</s>"}', r"generation_config\.json: eos_token_id is \"</s>\": expected a token id"),
+    ('{"eos_token_id": [1, "x"]}', r"generation_config\.json: eos_token_id is \[1, \"x\"\]: expected a token id"),
+    ('{"num_beams": "4"}', r"generation_config\.json: num_beams is \"4\": expected an integer"),
+    ('{"early_stopping": "yes"}', r"generation_config\.json: early_stopping is \"yes\": expected true, false or"),
+])
+def test_a_damaged_generation_config_is_named_not_ignored(llama, text, expected):
+    """transformers silently replaces an unreadable generation_config.json with defaults from config.json."""
+    (llama / "generation_config.json").write_text(text)
+    with pytest.raises(UsageError, match=expected):
+        deploylm.load(llama)
+    line = _one_line_error(["generate", "--model", str(llama), "--num-beams", "1", "hello"])
+    assert "generation_config.json: " in line
 
 
 def test_a_tokenizer_from_another_model_is_refused_at_the_prompt(tmp_path):

@@ -132,6 +132,44 @@ def _is_config_type_error(exc: BaseException) -> bool:
     return isinstance(exc, StrictDataclassError)
 
 
+_TOKEN_KEYS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")
+_INT_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "num_return_sequences", "top_k")
+_NUMBER_KEYS = ("length_penalty", "repetition_penalty", "temperature", "top_p")
+
+
+def check_generation_config(folder: Path) -> None:
+    """generation_config.json, when there is one, must be a JSON object whose token ids and decoding defaults
+    have their types: transformers replaces an unreadable file with defaults derived from config.json without
+    a word (the model's own EOS tokens and defaults would be lost silently), and keeps values of the wrong
+    type, which would fail later far from the file."""
+    import json
+
+    file = Path(folder) / "generation_config.json"
+    if not file.is_file():
+        return
+    try:
+        gen = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{file}: not valid JSON ({_first_line(exc)}): expected the model's generation "
+                         "settings as a JSON object (or no such file)") from None
+    if not isinstance(gen, dict):
+        raise UsageError(f"{file}: expected a JSON object of generation settings, got {type(gen).__name__}")
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key, value in gen.items():
+        ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+        if ((key in _TOKEN_KEYS and value is not None and not all(integer(v) for v in ids))
+                or (key in _INT_KEYS and value is not None and not integer(value))
+                or (key in _NUMBER_KEYS and value is not None and not (integer(value) or isinstance(value, float)))
+                or (key == "early_stopping" and value not in (True, False, "never"))):
+            expected = ("a token id (an integer)" + (" or a list of them" if key == "eos_token_id" else "")
+                        if key in _TOKEN_KEYS else "an integer" if key in _INT_KEYS else "a number"
+                        if key in _NUMBER_KEYS else "true, false or \"never\"")
+            raise UsageError(f"{file}: {key} is {json.dumps(value)}: expected {expected}")
+
+
 def _needs_own_code(folder: Path) -> bool:
     import json
 
@@ -153,6 +191,7 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     if source.kind != "hf":
         raise UsageError(f"model {str(source.path)!r} is {source.a_kind}, not a Hugging Face folder or .gguf file")
     check_weights(source.path)
+    check_generation_config(source.path)
     what = f"model folder {str(source.path)!r}"
     try:   # trust_remote_code=False: never run a folder's own Python code, nor ask on the terminal whether to
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
