@@ -58,10 +58,17 @@ def exchange(a: Path, b: Path) -> bool:
     return True
 
 
+def _through_link(target: Path) -> Path:
+    """The folder a symlinked output stands for: the link's target is written (the link keeps pointing at
+    it), not the link itself, which a swap would turn into a folder and leave beside the output."""
+    target = Path(target)
+    return target.resolve() if target.is_symlink() else target
+
+
 def temporary_sibling(target: Path) -> Path:
     """`.<name>.tmp-<random>-<pid>` beside `target`: unique, and naming the process that writes it, so
     `remove_stale_temporaries` can tell a killed writer's leftover from a save still running."""
-    target = Path(target)
+    target = _through_link(target)
     return target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}"
 
 
@@ -69,7 +76,8 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     """Delete the `.<name>.tmp-...-<pid>` folders that writers of `target` left when they were killed
     outright (SIGKILL, a power cut): those whose process is gone. Returns what it removed."""
     removed = []
-    for tmp in Path(target).parent.glob(f".{Path(target).name}.tmp-*"):
+    target = _through_link(target)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +101,7 @@ def replace_dir(new: Path, target: Path, carry_over: bool = False) -> None:
 
     With an existing target the swap is atomic where `exchange` works; otherwise the old folder is
     renamed aside first and put back if the second rename fails."""
-    new, target = Path(new), Path(target)
+    new, target = Path(new), _through_link(target)
     if not target.exists():
         os.replace(new, target)
         return

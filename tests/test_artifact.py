@@ -104,6 +104,22 @@ def test_force_replaces_and_leaves_nothing_behind(artifact):
     assert leftovers(artifact.parent) == []
 
 
+def test_force_through_a_symlink_replaces_the_linked_artifact_and_leaves_nothing_behind(artifact):
+    """`--out current --force` where current -> tiny-fp32: the link keeps pointing at the new artifact; no
+    `.current.tmp-*` link is left beside it (rmtree cannot delete a symlink, and it was ignored)."""
+    link = artifact.parent / "current"
+    link.symlink_to(artifact.name)
+
+    def build_other(folder):
+        build(folder)
+        (folder / "extra.txt").write_text("new")
+
+    write_artifact(link, build_other, FIELDS, force=True)
+    assert link.is_symlink() and link.resolve() == artifact.resolve()
+    assert "extra.txt" in load_artifact(artifact).files
+    assert leftovers(artifact.parent) == []
+
+
 def test_force_never_replaces_a_file_a_folder_of_other_things_or_the_current_folder(tmp_path, artifact, monkeypatch):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
