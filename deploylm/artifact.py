@@ -279,12 +279,15 @@ def rebuild_hint(path: Path, manifest: dict[str, Any] | None) -> str:
 def read_manifest(path: Path) -> dict[str, Any]:
     """Parse and check the manifest's fields and format version (no file checks)."""
     file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise ArtifactError(f"{path} is not an artifact: {MANIFEST} is missing; {rebuild_hint(path, None)}")
     try:
+        if not file.is_file():
+            raise ArtifactError(f"{path} is not an artifact: {MANIFEST} is missing; {rebuild_hint(path, None)}")
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{file}: not valid JSON ({exc}); {rebuild_hint(path, None)}") from None
+    except OSError as exc:       # unreadable (permissions), or the folder cannot be searched
+        raise ArtifactError(f"{file}: cannot read it ({exc.strerror}): check the permissions of the artifact's "
+                            "files") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{file}: expected a JSON object; {rebuild_hint(path, None)}")
     missing = [key for key in REQUIRED_FIELDS if key not in manifest]
@@ -329,7 +332,12 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise ArtifactError(f"{file}: {size} bytes, the manifest says {entry['bytes']} (changed or truncated); {hint}")
-        if sha256_file(file) != entry["sha256"]:
+        try:
+            digest = sha256_file(file)
+        except OSError as exc:
+            raise ArtifactError(f"{file}: cannot read it ({exc.strerror}): check the permissions of the "
+                                "artifact's files") from None
+        if digest != entry["sha256"]:
             raise ArtifactError(f"{file}: sha256 does not match the manifest (the file was changed); {hint}")
     for name, expected in manifest["io"].items():
         if name not in manifest["files"]:

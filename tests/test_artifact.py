@@ -224,6 +224,46 @@ def test_damaged_artifacts_are_refused_with_the_file_named(artifact, damage, mes
     assert "re-export it" in str(err.value) and "\n" not in str(err.value)
 
 
+def _unreadable(monkeypatch, name: str) -> None:
+    """Reading `name` fails as for a chmod 000 file (the tests run as root, for whom chmod changes nothing)."""
+    real_open, real_read = open, Path.read_text
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(file).name == name:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    def guarded_read(self, *args, **kwargs):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", guarded_open)
+    monkeypatch.setattr(Path, "read_text", guarded_read)
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "tokenizer.json", "model.onnx"])
+def test_an_unreadable_file_is_one_error_naming_it(artifact, monkeypatch, name):
+    _unreadable(monkeypatch, name)
+    with pytest.raises(ArtifactError, match=rf"{name}: cannot read it \(Permission denied\): check the permissions"):
+        load_artifact(artifact)
+
+
+def test_a_folder_that_cannot_be_searched_is_one_error_naming_it(artifact, monkeypatch):
+    from deploylm.models.source import resolve_source
+
+    real = Path.is_file
+
+    def denied(self):
+        if self.name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)      # what stat() of a file in a chmod 000 folder does
+    with pytest.raises(UsageError, match=r"model '.*tiny-fp32': cannot read .*manifest.json \(Permission denied\)"):
+        resolve_source(str(artifact))
+
+
 def test_replaced_graph_with_other_io_is_refused(artifact):
     """A graph swapped for one with other inputs (checksums updated too) still fails the IO check."""
     tiny_graph(artifact / "model.onnx", input_name="tokens")

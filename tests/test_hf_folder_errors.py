@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,16 @@ def test_a_damaged_generation_config_is_named_not_ignored(llama, text, expected)
         deploylm.load(llama)
     line = _one_line_error(["generate", "--model", str(llama), "--num-beams", "1", "hello"])
     assert "generation_config.json: " in line
+
+
+def test_an_unreadable_weight_file_is_named_not_called_missing(llama, monkeypatch):
+    """transformers says "No such file or directory" for a weight file it may not read (chmod 000)."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).name != "model.safetensors" and real(path, mode, **kw))
+    with pytest.raises(UsageError, match=r"model\.safetensors: cannot read it \(permission denied\)"):
+        deploylm.load(llama)
 
 
 def test_a_tokenizer_from_another_model_is_refused_at_the_prompt(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import Any, Mapping
@@ -101,6 +102,11 @@ def check_weights(folder: Path) -> None:
     """A Hugging Face folder must hold weights; say which files were expected when it does not."""
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UsageError(f"model folder {str(folder)!r} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    # transformers reports an unreadable weight file as "No such file or directory"
+    unreadable = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and not os.access(p, os.R_OK)]
+    if unreadable:
+        raise UsageError(f"{unreadable[0]}: cannot read it (permission denied): check the permissions of the model "
+                         "folder's files")
 
 
 # What transformers and its readers raise on a folder or file they cannot read: malformed JSON values,

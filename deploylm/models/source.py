@@ -39,6 +39,14 @@ def resolve_source(src: str | Path) -> Source:
         raise UsageError(f"model {src!r}: expected the path of a checkpoint folder, a Hugging Face folder, a .gguf "
                          "file or an artifact folder")
     path = Path(src).expanduser()
+    try:
+        return _classify(path, src)
+    except PermissionError as exc:   # a folder that cannot be searched, a config.json that cannot be read
+        raise UsageError(f"model {str(src)!r}: cannot read {exc.filename or path} ({exc.strerror}): check its "
+                         "permissions") from None
+
+
+def _classify(path: Path, src: str | Path) -> Source:
     if not path.exists():
         raise UsageError(f"model {str(src)!r} does not exist: expected a checkpoint folder, a Hugging Face folder, a .gguf file or an artifact folder")
     if path.is_file():
