@@ -116,6 +116,19 @@ def test_an_unreadable_weight_file_is_named_not_called_missing(llama, monkeypatc
         deploylm.load(llama)
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("num_attention_heads", 0, "a positive integer"),          # was a ZeroDivisionError inside transformers
+    ("vocab_size", 0, "a positive integer"),                   # an AssertionError from torch's Embedding
+    ("max_position_embeddings", -1, "a positive integer"),     # "a window of -1: lower max_new_tokens to at most -1"
+    ("num_hidden_layers", -1, r"an integer >= 0"),             # loaded, then a ValueError in transformers' cache
+])
+def test_a_config_size_out_of_range_names_the_file_and_the_key(llama, key, value, expected):
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(UsageError, match=rf"config\.json: {key} is {value}: expected {expected}"):
+        deploylm.load(llama).generate("hello", max_new_tokens=2, num_beams=1)
+
+
 def test_a_tokenizer_from_another_model_is_refused_at_the_prompt(tmp_path):
     folder = build_tiny_hf("llama", tmp_path / "llama")
     config = json.loads((folder / "config.json").read_text())

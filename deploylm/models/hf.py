@@ -138,6 +138,34 @@ def _is_config_type_error(exc: BaseException) -> bool:
     return isinstance(exc, StrictDataclassError)
 
 
+# config.json sizes transformers accepts at any integer value, then fails on far from the file (a ZeroDivisionError
+# for 0 heads, an assertion for a vocabulary of 0, a ValueError in the cache for -1 layers)
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head", "num_heads",
+                   "num_key_value_heads", "intermediate_size", "n_inner", "d_ff", "d_kv", "max_position_embeddings",
+                   "n_positions", "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim",
+                   "decoder_ffn_dim", "head_dim")
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
+
+
+def check_config_sizes(folder: Path) -> None:
+    """config.json's sizes must be positive (layer counts: not negative)."""
+    import json
+
+    file = Path(folder) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return                                # named by resolve_source / transformers
+    if not isinstance(config, dict):
+        return
+    for key, value in config.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if (key in _POSITIVE_SIZES and value < 1) or (key in _LAYER_COUNTS and value < 0):
+            expected = "a positive integer" if key in _POSITIVE_SIZES else "an integer >= 0"
+            raise UsageError(f"{file}: {key} is {value}: expected {expected}")
+
+
 _TOKEN_KEYS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")
 _INT_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "num_return_sequences", "top_k")
 _NUMBER_KEYS = ("length_penalty", "repetition_penalty", "temperature", "top_p")
@@ -198,6 +226,7 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
         raise UsageError(f"model {str(source.path)!r} is {source.a_kind}, not a Hugging Face folder or .gguf file")
     check_weights(source.path)
     check_generation_config(source.path)
+    check_config_sizes(source.path)
     what = f"model folder {str(source.path)!r}"
     try:   # trust_remote_code=False: never run a folder's own Python code, nor ask on the terminal whether to
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
