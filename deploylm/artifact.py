@@ -12,6 +12,7 @@ a file the manifest does not list is refused. Artifacts with inline weights (one
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -214,10 +215,28 @@ def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fiel
         manifest = build_manifest(tmp, manifest_fields)
         _write_json_atomic(tmp / MANIFEST, manifest)
         _swap_into_place(tmp, final_dir, force)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(exc)
+        if full is not None:
+            kept = "the artifact already there is kept" if (final_dir / MANIFEST).is_file() else "nothing was written"
+            raise ArtifactError(f"could not write the artifact {final_dir}: {os.strerror(full)}; {kept}; free space "
+                                "or choose another --out") from None
         raise
     return final_dir
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a full disk or quota: the place, not the model, is at fault
+
+
+def _disk_full(exc: BaseException) -> int | None:
+    """The errno when `exc` is a write that failed for want of space (shutil.copytree gathers its
+    failures in one shutil.Error, without an errno of its own)."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return exc.errno
+    if isinstance(exc, shutil.Error):
+        return next((code for code in _FULL if f"[Errno {code}]" in str(exc)), None)
+    return None
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

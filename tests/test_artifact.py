@@ -158,6 +158,25 @@ def test_failed_build_leaves_no_artifact_and_keeps_the_old_one(tmp_path, artifac
     assert leftovers(artifact.parent) == []
 
 
+@pytest.mark.parametrize("failure", [
+    lambda folder: OSError(28, "No space left on device"),               # onnx.save writing model.onnx
+    lambda folder: __import__("shutil").Error([(str(folder / "model.onnx"), str(folder / "copy"),
+                                               f"[Errno 28] No space left on device: '{folder / 'model.onnx'}'")]),
+])
+def test_a_full_disk_is_one_error_line_and_keeps_the_old_artifact(tmp_path, artifact, failure):
+    def build_full(folder):
+        build(folder)
+        raise failure(folder)
+
+    for target, kept in ((tmp_path / "new", "nothing was written"), (artifact, "the artifact already there is kept")):
+        with pytest.raises(ArtifactError, match=rf"could not write the artifact .*: No space left on device; {kept}; "
+                                                r"free space or choose another --out"):
+            write_artifact(target, build_full, FIELDS, force=True)
+        assert leftovers(target.parent) == []
+    assert not (tmp_path / "new").exists()
+    load_artifact(artifact)
+
+
 def test_crash_during_swap_restores_the_old_artifact(artifact, monkeypatch):
     """The two-rename path (no atomic exchange on this system): a failure after the old folder was
     moved aside puts it back."""
