@@ -197,6 +197,8 @@ def draw_attention(maps: list[AttentionMap], out: str | Path, *, layer: LayerCho
     try:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, out)
+    except OSError as exc:          # a full disk, a folder made read-only during the run
+        raise UsageError(f"could not write {out}: {exc.strerror or exc}; nothing was written there") from None
     finally:
         tmp.unlink(missing_ok=True)
     return out

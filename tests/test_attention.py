@@ -1,6 +1,7 @@
 """`deploylm attention`: weights from every model kind are proper (rows sum to 1, causal where they
 must be), the PNG is written, and bad input is one line, exit 2."""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 
 from deploylm.attention import attention_maps, draw_attention, panels
 from deploylm.cli import cli
+from deploylm.errors import UsageError
 from tests.helpers.tiny_seed import build_tiny_seed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -107,6 +109,20 @@ def test_png_is_written(seed_seq2seq, tmp_path):
     data = out.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 20_000
     assert [p.name for p in tmp_path.iterdir()] == ["attn.png"]           # no temporary file left
+
+
+def test_a_full_disk_is_one_error_and_leaves_no_file(seed_seq2seq, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def full(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG")                                # a part was written, then the disk filled
+        raise OSError(28, "No space left on device")
+
+    maps = attention_maps(seed_seq2seq, TEXT, max_new_tokens=2)
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(UsageError, match=r"could not write .*attn.png: No space left on device; nothing was written"):
+        draw_attention(maps, tmp_path / "attn.png", head="all")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_draws_png(tiny_gpt2_dir, tmp_path):

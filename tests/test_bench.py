@@ -359,3 +359,17 @@ def test_the_spread_note_shows_short_rounds_apart():
 
     [note] = unsteady_note([SimpleNamespace(wall_s=w) for w in (0.0182, 0.0204, 0.0243)])
     assert note.startswith("its rounds spread 30% (0.0182-0.0243 s)")
+
+
+def test_a_report_that_cannot_be_written_is_one_error_and_leaves_no_file(tmp_path, monkeypatch):
+    from deploylm.benchmarking.report import write_atomic
+
+    def full(self, data):
+        with open(self, "wb") as fh:
+            fh.write(data[:3])                                            # a part was written, then the disk filled
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UsageError, match=r"could not write .*report.json: No space left on device; nothing was written"):
+        write_atomic(tmp_path / "report.json", b'{"rows": []}')
+    assert list(tmp_path.iterdir()) == []

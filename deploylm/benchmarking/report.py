@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deploylm.benchmarking.measure import RoundResult
+from deploylm.errors import UsageError
 
 FORMAT = "deploylm-bench/1"
 # Rounds of one row whose wall times spread more than this (max - min, over their median) get a note:
@@ -193,6 +194,8 @@ def write_atomic(path: Path, data: bytes) -> Path:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as exc:          # a full disk, a folder made read-only during the run
+        raise UsageError(f"could not write {path}: {exc.strerror or exc}; nothing was written there") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
