@@ -129,6 +129,20 @@ def test_a_config_size_out_of_range_names_the_file_and_the_key(llama, key, value
         deploylm.load(llama).generate("hello", max_new_tokens=2, num_beams=1)
 
 
+@pytest.mark.parametrize("damage, expected", [
+    (lambda f: (f / "tokenizer.json").unlink(), r"the folder has no tokenizer\.json \(Couldn't instantiate the backend "
+                                               r"tokenizer from one of: \(1\) a `tokenizers` library serialization file"),
+    (lambda f: (f / "tokenizer.json").write_text((f / "tokenizer.json").read_text()[:1000]),
+     r"tokenizer\.json is not valid JSON \(Unterminated string"),
+    (lambda f: (f / "tokenizer_config.json").write_text("{"), r"tokenizer_config\.json is not valid JSON"),
+])
+def test_a_damaged_tokenizer_names_the_file(llama, damage, expected):
+    """transformers' own messages name no file, and the first line of one ends in 'from one of:'."""
+    damage(llama)
+    with pytest.raises(UsageError, match=r"tokenizer of '.*llama' does not load: " + expected):
+        deploylm.load(llama)
+
+
 def test_a_tokenizer_from_another_model_is_refused_at_the_prompt(tmp_path):
     folder = build_tiny_hf("llama", tmp_path / "llama")
     config = json.loads((folder / "config.json").read_text())

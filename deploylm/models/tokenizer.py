@@ -45,7 +45,30 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
         return auto.from_pretrained(path, trust_remote_code=False, **kwargs)
     except (ValueError, KeyError, OSError, TypeError) as exc:
         lines = str(exc).strip().splitlines()
-        raise UsageError(f"tokenizer of {str(source.path)!r} does not load: {lines[0] if lines else type(exc).__name__}") from None
+        reason = lines[0].strip() if lines else type(exc).__name__
+        if reason.endswith(":"):          # "Couldn't instantiate the backend tokenizer from one of:" + a list
+            reason = " ".join(str(exc).split())
+        if source.kind != "gguf":         # name the file when it is one of the folder's own that is at fault
+            broken = next((name for name in _JSON_FILES if not _reads_as_json(path / name)), None)
+            if broken is not None:
+                reason = f"{broken} is not valid JSON ({reason})"
+            elif not (path / "tokenizer.json").is_file():
+                reason = f"the folder has no tokenizer.json ({reason})"
+        raise UsageError(f"tokenizer of {str(source.path)!r} does not load: {reason}") from None
+
+
+_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+
+
+def _reads_as_json(file: Path) -> bool:
+    """False for a file that exists and is not JSON (True when it is JSON or absent)."""
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _is_deploylm_folder(path: Path) -> bool:
