@@ -358,6 +358,10 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
                                 "artifact's files") from None
         if digest != entry["sha256"]:
             raise ArtifactError(f"{file}: sha256 does not match the manifest (the file was changed); {hint}")
+    stray = sorted(p.name for p in path.glob("*.onnx") if p.name not in manifest["files"])
+    if stray:   # the backend opens the graphs it finds by name: one the manifest does not list would run unchecked
+        raise ArtifactError(f"{path / stray[0]}: a graph the manifest does not list (left by another export, or "
+                            f"copied in?); remove it or {hint}")
     for name, expected in manifest["io"].items():
         if name not in manifest["files"]:
             raise ArtifactError(f"{path / MANIFEST}: io lists {name}, which is not among its files; {hint}")

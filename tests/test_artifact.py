@@ -283,6 +283,17 @@ def test_a_folder_that_cannot_be_searched_is_one_error_naming_it(artifact, monke
         resolve_source(str(artifact))
 
 
+@pytest.mark.parametrize("name", ["decoder_model.onnx", "encoder_model.onnx"])
+def test_a_graph_the_manifest_does_not_list_is_refused(artifact, name):
+    """The onnx backend opens model.onnx / encoder_model.onnx / decoder_model.onnx by name: a stray one would run
+    unchecked (a decoder_model.onnx beside model.onnx made it treat the artifact as an encoder-decoder)."""
+    import shutil
+
+    shutil.copy(artifact / "model.onnx", artifact / name)
+    with pytest.raises(ArtifactError, match=rf"{name}: a graph the manifest does not list .*remove it or re-export it"):
+        load_artifact(artifact)
+
+
 def test_replaced_graph_with_other_io_is_refused(artifact):
     """A graph swapped for one with other inputs (checksums updated too) still fails the IO check."""
     tiny_graph(artifact / "model.onnx", input_name="tokens")
