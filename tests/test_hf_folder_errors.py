@@ -65,9 +65,11 @@ def test_a_model_without_a_language_model_head_is_refused(tmp_path, tiny_llama_d
     (lambda f: (f / "generation_config.json").write_text("[1]"),
      r"generation_config\.json: expected a JSON object of generation settings, got list"),
     (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
-     "does not load as a Hugging Face causal or seq2seq LM: Error while deserializing header"),
+     r"does not load as a Hugging Face causal or seq2seq LM: .*model\.safetensors is damaged or truncated \(Error while "
+     "deserializing header"),
     (lambda f: (f / "model.safetensors").write_bytes(bytes(range(256)) * 64),
-     "does not load as a Hugging Face causal or seq2seq LM: Error while deserializing header"),
+     r"does not load as a Hugging Face causal or seq2seq LM: .*model\.safetensors is damaged or truncated \(Error while "
+     "deserializing header"),
 ])
 def test_damaged_files_give_one_clear_error(llama, damage, message):
     damage(llama)
@@ -141,6 +143,46 @@ def test_a_damaged_tokenizer_names_the_file(llama, damage, expected):
     damage(llama)
     with pytest.raises(UsageError, match=r"tokenizer of '.*llama' does not load: " + expected):
         deploylm.load(llama)
+
+
+def _shard(folder):
+    """The tiny Llama saved as 4 safetensors shards plus model.safetensors.index.json."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="50KB")
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda f: (f / "model.safetensors.index.json").write_text("{"), r"model\.safetensors\.index\.json is damaged or truncated"),
+    (lambda f: _cut(_shard_of(f, 2), 2000), r"model-00003-of-00004\.safetensors is damaged or truncated \(Error while "
+                                             r"deserializing header"),
+])
+def test_a_damaged_file_of_a_sharded_folder_is_named(llama, damage, expected):
+    _shard(llama)
+    damage(llama)
+    with pytest.raises(UsageError, match=r"does not load as a Hugging Face causal or seq2seq LM: .*" + expected):
+        deploylm.load(llama)
+
+
+def test_a_truncated_pytorch_model_bin_is_named(llama):
+    """transformers said only '[Errno 22] Invalid argument'."""
+    weights = load_file(llama / "model.safetensors")
+    (llama / "model.safetensors").unlink()
+    torch.save(weights, llama / "pytorch_model.bin")
+    _cut(llama / "pytorch_model.bin", 5000)
+    with pytest.raises(UsageError, match=r"pytorch_model\.bin is truncated or damaged"):
+        deploylm.load(llama)
+
+
+def _shard_of(folder, index):
+    return sorted(folder.glob("model-*.safetensors"))[index]
+
+
+def _cut(path, size):
+    path.write_bytes(path.read_bytes()[:size])
 
 
 def test_a_tokenizer_from_another_model_is_refused_at_the_prompt(tmp_path):

@@ -204,6 +204,34 @@ def check_generation_config(folder: Path) -> None:
             raise UsageError(f"{file}: {key} is {json.dumps(value)}: expected {expected}")
 
 
+def _damaged_weight_file(folder: Path) -> str | None:
+    """Which weight file of a folder that did not load is damaged, in words; None when none is seen to be.
+    transformers' own errors name no file ("[Errno 22] Invalid argument" for a truncated pytorch_model.bin,
+    a JSON error for a broken index, "incomplete metadata" for one truncated shard of many)."""
+    import json
+    import zipfile
+
+    for file in sorted(Path(folder).iterdir()):
+        if not file.is_file():
+            continue
+        try:
+            if file.name.endswith(".index.json"):
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix == ".bin":
+                with open(file, "rb") as fh:
+                    zipped = fh.read(2) == b"PK"
+                if zipped and not zipfile.is_zipfile(file):     # torch.save's zip, cut short: no central directory
+                    return f"{file} is truncated or damaged (a zip archive without its end)"
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{file} is damaged or truncated ({_first_line(exc)})"
+    return None
+
+
 def _needs_own_code(folder: Path) -> bool:
     import json
 
@@ -239,6 +267,9 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
         if _is_config_type_error(exc):   # huggingface_hub's strict config fields: "expected int, got str"
             raise UsageError(f"{source.path / 'config.json'}: a setting has the wrong type: "
                              f"{' '.join(str(exc).split())}") from None
+        damaged = _damaged_weight_file(source.path)
+        if damaged is not None:
+            raise UsageError(f"{what} does not load as a Hugging Face causal or seq2seq LM: {damaged}") from None
         if _needs_own_code(source.path):
             raise UsageError(f"{what} needs its own Python code (config.json \"auto_map\"), which deploylm does not "
                              "run: use a model whose architecture transformers includes") from None
