@@ -79,7 +79,9 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
     with _LOADING:   # one load at a time: transformers' lazy imports fail when two threads race through them
         opened = opener.from_source(source, **backend_options)
         tokenizer = load_tokenizer(source, light=source.kind == "artifact")   # artifacts: no transformers import
-    return Generator(opened, tokenizer)
+    where = {"artifact": f"{source.path / 'manifest.json'} ('generation')", "gguf": str(source.path)}.get(
+        source.kind, str(source.path / "generation_config.json"))      # where the model's decoding defaults live
+    return Generator(opened, tokenizer, defaults_from=where)
 
 
 _LOADING = threading.Lock()
@@ -100,13 +102,17 @@ def _check_backend_options(name: str, opener: Any, options: Mapping[str, Any]) -
 class Generator:
     """Generates text from prompts with one backend and its tokenizer; safe to share between threads."""
 
-    def __init__(self, backend: Backend, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, backend: Backend, tokenizer: Any, defaults: Mapping[str, Any] | None = None,
+                 defaults_from: str | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.info = backend.info
         model_defaults = defaults if defaults is not None else getattr(backend, "generation_defaults", {})
         known = {k: v for k, v in dict(model_defaults).items() if k in option_names()}
-        self.defaults = _model_defaults(known)
+        try:
+            self.defaults = _model_defaults(known)
+        except UsageError as exc:   # the model's own defaults, not the caller's options: say where they come from
+            raise UsageError(f"{defaults_from or self.info.name or 'the model'}: the model's default {exc}") from None
         if tokenizer.pad_token_id is None:  # e.g. GPT-2: pad with the model's pad id (transformers: first EOS)
             tokenizer.pad_token_id = self.info.special.pad_token_id
         self._lock = BackendLock()               # held for every use of the backend

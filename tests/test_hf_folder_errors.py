@@ -185,6 +185,24 @@ def _cut(path, size):
     path.write_bytes(path.read_bytes()[:size])
 
 
+@pytest.mark.parametrize("key, value", [("num_beams", 0), ("no_repeat_ngram_size", -1)])
+def test_a_default_decoding_option_out_of_range_is_named_with_its_file(llama, key, value, caplog):
+    """Not the caller's option: a generation_config.json value out of range is named in the load warning and
+    not applied (the model loads, a call gives its own); a default that reaches the Generator invalid (an
+    artifact manifest's 'generation') is refused naming where it comes from."""
+    from deploylm.generator import Generator
+
+    gen = json.loads((llama / "generation_config.json").read_text())
+    (llama / "generation_config.json").write_text(json.dumps({**gen, key: value}))
+    with caplog.at_level("WARNING", logger="deploylm"):
+        loaded = deploylm.load(llama)
+    assert f"sets {key}={value} (out of range)" in caplog.text
+    assert getattr(loaded.defaults, key) != value
+    with pytest.raises(UsageError, match=rf"^a/manifest\.json \('generation'\): the model's default decoding option "
+                                         rf"{key}={value} is invalid"):
+        Generator(loaded.backend, loaded.tokenizer, defaults={key: value}, defaults_from="a/manifest.json ('generation')")
+
+
 def test_a_tokenizer_from_another_model_is_refused_at_the_prompt(tmp_path):
     folder = build_tiny_hf("llama", tmp_path / "llama")
     config = json.loads((folder / "config.json").read_text())
