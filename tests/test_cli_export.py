@@ -78,6 +78,18 @@ def test_default_output_folder(tiny_gpt2_dir, tmp_path):
     assert default_out_dir(resolve_source(gguf), "fp32").as_posix() == "export/SmolLM2-135M-Instruct.Q4_1-fp32"
 
 
+def test_default_output_folder_of_the_current_or_parent_folder_is_named_after_it(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """`export --model .` wrote export/-fp32 (and `--model ..` export/..-fp32)."""
+    import shutil
+
+    model = shutil.copytree(tiny_gpt2_dir, tmp_path / "my-model")
+    (model / "sub").mkdir()
+    monkeypatch.chdir(model)
+    assert default_out_dir(resolve_source("."), "fp32").as_posix() == "export/my-model-fp32"
+    monkeypatch.chdir(model / "sub")
+    assert default_out_dir(resolve_source(".."), "fp32").as_posix() == "export/my-model-fp32"
+
+
 def test_export_writes_a_loadable_artifact(tiny_llama_dir, tmp_path):
     from deploylm.artifact import load_artifact
 

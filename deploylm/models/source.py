@@ -18,8 +18,10 @@ class Source:
 
     @property
     def name(self) -> str:
-        """A short name for default output folders: the folder or file stem."""
-        return self.path.stem if self.kind == "gguf" else self.path.name
+        """A short name for default output folders: the folder or file stem ("." and ".." by the folder's own
+        name, not "" or "..": `export --model .` would write export/-fp32)."""
+        path = self.path if self.path.name not in ("", ".", "..") else self.path.resolve()
+        return path.stem if self.kind == "gguf" else path.name
 
     @property
     def a_kind(self) -> str:
