@@ -145,6 +145,8 @@ def check_output_folder(out: str | Path, force: bool, *, holds: str, ours: Calla
     refuse_current_folder(out, flag)
     if not any(out.iterdir()):
         return
+    if not force and not ours(out):   # --force would be refused too: do not suggest it
+        raise UsageError(f"{flag} {str(out)!r} already exists and {not_ours}: choose another {flag}")
     if not force:
         raise UsageError(f"{flag} {str(out)!r} already exists: {without_force}")
     if not ours(out):

@@ -23,11 +23,23 @@ def test_help_lists_the_options():
 def test_existing_output_folder_needs_force(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "manifest.json").write_text("{}")                 # an (older) artifact: --force replaces it
+    result = _run("--model", str(tiny_gpt2_dir), "--out", str(out))
+    assert result.exit_code == 2
+    assert "already exists: pass --force to replace it" in result.output
+    assert [p.name for p in out.iterdir()] == ["manifest.json"] and (out / "manifest.json").read_text() == "{}"
+
+
+def test_an_existing_folder_of_other_things_is_refused_without_suggesting_force(tiny_gpt2_dir, tmp_path):
+    """--force never replaces a folder that is not an artifact: the error must not send the user there."""
+    out = tmp_path / "out"
+    out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = _run("--model", str(tiny_gpt2_dir), "--out", str(out))
     assert result.exit_code == 2
-    assert "already exists" in result.output and "--force" in result.output
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert "already exists and is not an exported artifact (no manifest.json): choose another --out" in result.output
+    assert "pass --force" not in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_force_refuses_what_is_not_an_artifact(tiny_gpt2_dir, tmp_path, monkeypatch):

@@ -88,9 +88,18 @@ def test_missing_out_is_one_line():
 def test_existing_output_needs_resume_or_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "training_state.pt").write_bytes(b"")                          # a run with a checkpoint to resume
     assert_usage_error(run("--task", "reverse", "--out", out), "exists", "--resume", "--force")
-    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert [p.name for p in out.iterdir()] == ["training_state.pt"]
+
+
+def test_an_existing_folder_that_is_not_a_run_is_refused_without_suggesting_resume_or_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")                 # a Hugging Face folder, say: --force would refuse it
+    assert_usage_error(run("--task", "reverse", "--out", out), "already exists and does not look like a training run",
+                       "choose another --out")
+    assert "--resume" not in run("--task", "reverse", "--out", out).output
 
 
 def test_force_refuses_a_folder_that_is_not_a_run(tmp_path):

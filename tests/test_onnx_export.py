@@ -186,7 +186,7 @@ def test_seed_model_exports_and_matches_torch(tmp_path, arch):
 def test_existing_output_is_refused_before_any_work(tiny_gpt2_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(UsageError, match="already exists: pass --force"):
+    with pytest.raises(UsageError, match="already exists and is not an exported artifact"):
         export_model(tiny_gpt2_dir, "fp32", tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
