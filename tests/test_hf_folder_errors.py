@@ -203,6 +203,25 @@ def test_a_default_decoding_option_out_of_range_is_named_with_its_file(llama, ke
         Generator(loaded.backend, loaded.tokenizer, defaults={key: value}, defaults_from="a/manifest.json ('generation')")
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("vocab_size", "300", r"config\.json: a setting has the wrong type: .*Field 'vocab_size' expected int"),
+    ("num_attention_heads", 0, r"config\.json: num_attention_heads is 0: expected a positive integer"),
+])
+def test_distill_from_a_teacher_with_a_damaged_config_is_one_line(llama, tmp_path, key, value, expected):
+    """distill reads the teacher's tokenizer and config before its model: AutoTokenizer and AutoConfig raised
+    huggingface_hub's validation error or a ZeroDivisionError there."""
+    import re
+
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, key: value}))
+    data = tmp_path / "data.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    line = _one_line_error(["distill", "--teacher", str(llama), "--data", str(data), "--out", str(tmp_path / "student"),
+                            "--steps", "1"])
+    assert re.search(expected, line), line
+    assert not (tmp_path / "student").exists()
+
+
 def test_a_tokenizer_from_another_model_is_refused_at_the_prompt(tmp_path):
     folder = build_tiny_hf("llama", tmp_path / "llama")
     config = json.loads((folder / "config.json").read_text())

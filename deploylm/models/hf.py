@@ -130,6 +130,26 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def load_hf_config(source: Source) -> Any:
+    """A Hugging Face folder's config as transformers reads it, with load_hf_model's checks of its files
+    (for callers that need the config before the model, e.g. distill planning the student's layers)."""
+    from transformers import AutoConfig
+
+    check_generation_config(source.path)
+    check_config_sizes(source.path)
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except _load_errors() as exc:
+        if _is_config_type_error(exc):
+            raise _config_type_error(source, exc) from None
+        raise UsageError(f"model folder {str(source.path)!r} does not load as a Hugging Face causal or seq2seq LM: "
+                         f"{_first_line(exc)}") from None
+
+
+def _config_type_error(source: Source, exc: BaseException) -> UsageError:
+    return UsageError(f"{source.path / 'config.json'}: a setting has the wrong type: {' '.join(str(exc).split())}")
+
+
 def _is_config_type_error(exc: BaseException) -> bool:
     try:
         from huggingface_hub.errors import StrictDataclassError
@@ -265,8 +285,7 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
                                                   ignore_mismatched_sizes=True)   # named in check_loaded_weights
     except _load_errors() as exc:
         if _is_config_type_error(exc):   # huggingface_hub's strict config fields: "expected int, got str"
-            raise UsageError(f"{source.path / 'config.json'}: a setting has the wrong type: "
-                             f"{' '.join(str(exc).split())}") from None
+            raise _config_type_error(source, exc) from None
         damaged = _damaged_weight_file(source.path)
         if damaged is not None:
             raise UsageError(f"{what} does not load as a Hugging Face causal or seq2seq LM: {damaged}") from None

@@ -41,9 +41,19 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
     # deploylm's own folders (config.json model_type "deploylm-*") hold a plain tokenizers file:
     # open it as PreTrainedTokenizerFast, without AutoTokenizer looking the model type up.
     auto = PreTrainedTokenizerFast if source.kind != "gguf" and _is_deploylm_folder(path) else AutoTokenizer
+    if source.kind == "hf":          # AutoTokenizer reads config.json too: its damage named as load_hf_model names it
+        from deploylm.models.hf import check_config_sizes
+
+        check_config_sizes(path)
     try:
         return auto.from_pretrained(path, trust_remote_code=False, **kwargs)
-    except (ValueError, KeyError, OSError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - sorted below; anything else is re-raised
+        from deploylm.models.hf import _config_type_error, _is_config_type_error
+
+        if _is_config_type_error(exc):
+            raise _config_type_error(source, exc) from None
+        if not isinstance(exc, (ValueError, KeyError, OSError, TypeError)):
+            raise
         lines = str(exc).strip().splitlines()
         reason = lines[0].strip() if lines else type(exc).__name__
         if reason.endswith(":"):          # "Couldn't instantiate the backend tokenizer from one of:" + a list

@@ -327,11 +327,11 @@ def _seed_causal_pair(config: DistillConfig, source: Source, device: torch.devic
 
 def _hf_causal_pair(config: DistillConfig, source: Source, device: torch.device, tok: Any) -> Pair:
     """Hugging Face causal teacher and the same architecture with fewer layers, copied from it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from deploylm.models.hf import load_hf_model
+    from deploylm.models.hf import load_hf_config, load_hf_model
 
-    hf_config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    hf_config = load_hf_config(source)
     if hf_config.is_encoder_decoder:
         raise UsageError(f"--teacher {str(source.path)!r} is a Hugging Face encoder-decoder: distil deploylm seq2seq checkpoints or Hugging Face causal LMs")
     if config.d_model is not None and config.d_model != getattr(hf_config, "hidden_size", None):
