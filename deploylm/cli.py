@@ -1,10 +1,12 @@
 """`deploylm` command line: a click group; each command is a thin shell in deploylm/commands/.
 
 Errors deploylm raises on purpose (DeployLMError) become one line on stderr and their exit code
-(2 for bad input, 1 for failed checks); nothing else is caught, so real bugs still show a traceback.
+(2 for bad input, 1 for failed checks), and so do paths the system refuses outright (a file name too long, a
+symlink loop); nothing else is caught, so real bugs still show a traceback.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import signal
 
@@ -53,6 +55,16 @@ class LazyGroup(click.Group):
         except DeployLMError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:
+            # a path the user gave that the system refuses outright (a name over 255 bytes, a symlink loop) is
+            # bad input wherever it is first touched; other OS errors stay tracebacks
+            if exc.errno not in PATH_ERRNOS or not exc.filename:
+                raise
+            click.echo(f"error: {exc.filename}: {exc.strerror}: expected a usable path", err=True)
+            ctx.exit(2)
+
+
+PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -190,3 +190,15 @@ def test_sampling_flags_without_do_sample_are_a_usage_error(tiny_llama_dir, flag
     assert out.exit_code == 2 and named in out.output and "add --do-sample" in out.output, out.output
     out = run("--model", str(tiny_llama_dir), "--max-new-tokens", "2", "--do-sample", *flags, "hello")
     assert out.exit_code == 0, out.output
+
+
+@pytest.mark.parametrize("argv", [["generate", "--model", "{long}", "hello"],
+                                  ["info", "{long}"],
+                                  ["export", "--model", "{long}", "--profile", "fp32"]])
+def test_a_path_over_the_systems_name_limit_is_one_error_line(argv):
+    """Path.exists() raises ENAMETOOLONG (it only answers False for a missing file): that was a traceback."""
+    long = "x" * 300
+    result = CliRunner().invoke(cli, [a.format(long=long) for a in argv])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"error: {long}: File name too long: expected a usable path", result.stderr
