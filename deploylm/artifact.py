@@ -469,5 +469,18 @@ def summary(artifact: Artifact) -> str:
         lines.append(f"  {format_size(int(entry.get('bytes', 0))):>10}  {name}")
     lines += ["io", *format_io(artifact.io), "parity", *format_parity(m.get("parity"))]
     if m.get("quality"):
-        lines += ["quality", *(f"  {k}: {v}" for k, v in m["quality"].items())]
+        lines += ["quality", *format_quality(m["quality"])]
     return "\n".join(lines)
+
+
+def format_quality(quality: dict[str, Any]) -> list[str]:
+    """The precision step's report as export printed it, from the manifest's `quality` field (its raw fields
+    where a manifest of another version lacks some)."""
+    from deploylm.export.precision_step import PrecisionReport
+
+    try:
+        lines = PrecisionReport.from_dict(quality).lines()
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return [f"  {k}: {v}" for k, v in quality.items()]
+    kept = [f"{graph}: {', '.join(nodes)}" for graph, nodes in (quality.get("kept_fp32") or {}).items() if nodes]
+    return [f"  {line}" for line in lines] + [f"  kept in fp32: {k}" for k in kept]

@@ -70,7 +70,7 @@ def test_two_copies_of_one_model_get_two_reference_labels(tiny_gpt2_dir, tmp_pat
 
 
 def test_rows_refuse_unusable_combinations(tiny_gpt2_dir):
-    with pytest.raises(UsageError, match="none of --backends onnx runs an hf"):
+    with pytest.raises(UsageError, match="none of --backends onnx runs a Hugging Face folder"):
         plan_rows(BenchConfig(models=(str(tiny_gpt2_dir),), backends=("onnx",)))
     with pytest.raises(UsageError, match="given twice"):
         plan_rows(BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_gpt2_dir))))

@@ -215,3 +215,34 @@ def test_info_truncated_gguf(tmp_path):
         bad.write_bytes(fh.read(1000))
     result = run("info", str(bad))
     assert result.exit_code == 2 and "not a readable .gguf file" in result.stderr
+
+
+def test_info_prints_the_quality_report_as_export_printed_it():
+    """The manifest's `quality` field reads as export's lines (it was a dump of raw keys and floats), and a
+    field from another version that lacks keys still prints, raw."""
+    import sys
+
+    from deploylm.artifact import format_quality
+    from deploylm.export.precision_step import PrecisionReport
+    from deploylm.export.quality import QualityReport
+
+    quality = QualityReport(10.0, 10.5, 0.75, 1, 4, 4000, 1000, 2.0, 1.0, 96, (2.0, 2.1, 1.9), 2.2)
+    report = PrecisionReport("int8", "int8", True, "weight-only", {"model.onnx": ("/lm_head/MatMul",)}, 1, 3,
+                             quality.to_dict(), held_out="builtin")
+    lines = format_quality(report.to_dict())
+    assert lines[:2] == ["  " + line for line in report.lines()][:2]
+    assert "beam-4 agreement 0.750 (1/4 identical), size 25.0% of fp32" in lines[1]
+    assert lines[-1] == "  kept in fp32: model.onnx: /lm_head/MatMul"
+    assert not any("perplexity_fp32:" in line for line in lines)
+    assert format_quality({"perplexity": 3.0}) == ["  perplexity: 3.0"]
+
+
+def test_info_formats_quality_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from deploylm.artifact import format_quality; "
+            "format_quality({'profile': 'p', 'precision': 'int8', 'applied': False, 'notes': ['n']}); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -420,7 +420,7 @@ def test_an_artifact_teacher_is_refused_in_plain_words(tmp_path):
     artifact.mkdir()
     (artifact / "manifest.json").write_text("{}")
     res = CliRunner().invoke(cli, ["distill", "--teacher", str(artifact), "--out", str(tmp_path / "s")])
-    assert res.exit_code == 2 and "is an artifact: expected a deploylm checkpoint" in res.output, res.output
+    assert res.exit_code == 2 and "is an exported artifact: expected a deploylm checkpoint" in res.output, res.output
 
 
 def test_a_stories_teacher_is_distilled_on_its_own_task(tmp_path):

@@ -52,6 +52,19 @@ class PrecisionReport:
                 "fallback_cost": self.fallback_cost, "calibration": self.calibration, "held_out": self.held_out,
                 "notes": list(self.notes)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrecisionReport":
+        """The report a manifest's `quality` field (to_dict) holds."""
+        from deploylm.export.quality import QualityReport
+
+        names = QualityReport.__dataclass_fields__
+        quality = {k: data[k] for k in names} if all(k in data for k in names) else None
+        return cls(data["profile"], data["precision"], bool(data["applied"]), data.get("method"),
+                   {k: tuple(v) for k, v in (data.get("kept_fp32") or {}).items()}, int(data.get("auto_kept", 0)),
+                   int(data.get("attempts", 0)), quality, tuple(data.get("budget_failures") or ()),
+                   data.get("fallback_cost"), data.get("calibration"), data.get("held_out"),
+                   tuple(data.get("notes") or ()))
+
     def lines(self) -> list[str]:
         if not self.applied:
             return [f"precision: {n}" for n in self.notes]

@@ -16,11 +16,11 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 
-from deploylm.backends.base import EncodedBatch
+if TYPE_CHECKING:     # torch is imported where a report is measured: `deploylm info` formats one without it
+    from deploylm.backends.base import EncodedBatch
 
 GRAPH_SUFFIXES = (".onnx", ".data", ".onnx_data")
 AGREEMENT_BEAMS = 4
@@ -107,6 +107,8 @@ def _targets(tokenizer: Any, texts: tuple[str, ...], eos: int | None) -> list[li
 
 def forced_nll(backend: Any, batch: EncodedBatch, targets: list[list[int]]) -> tuple[float, int]:
     """Sum of -log p(target token) over every target position, teacher-forced; and the count."""
+    import torch
+
     width = max(len(t) for t in targets)
     tokens = torch.zeros((len(targets), width), dtype=torch.long)                    # [B, T]
     for row, seq in enumerate(targets):
@@ -131,6 +133,10 @@ def _window(backend: Any) -> int:
 def perplexity(backend: Any, tokenizer: Any, inputs: tuple[str, ...], targets: tuple[str, ...] | None) -> tuple[float, int]:
     """exp(mean NLL): decoder-only scores each text after its first token; seq2seq the targets.
     Texts are truncated to the model's window (at most MAX_TOKENS)."""
+    import torch
+
+    from deploylm.backends.base import EncodedBatch
+
     window = _window(backend)
     if targets is None:  # decoder-only: prefill on the first token, score the rest
         seqs = [list(tokenizer(t)["input_ids"])[:window] for t in inputs]
@@ -148,6 +154,8 @@ def perplexity(backend: Any, tokenizer: Any, inputs: tuple[str, ...], targets: t
 
 def _prompts(backend: Any, tokenizer: Any, prompts: tuple[str, ...]) -> EncodedBatch:
     """Held-out prompts, truncated so that prompt + AGREEMENT_NEW_TOKENS fit the window."""
+    from deploylm.backends.base import EncodedBatch
+
     seq2seq = backend.info.is_encoder_decoder
     room = _window(backend) - (1 if seq2seq else AGREEMENT_NEW_TOKENS)
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="right" if seq2seq else "left",

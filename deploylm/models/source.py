@@ -25,8 +25,12 @@ class Source:
 
     @property
     def a_kind(self) -> str:
-        """The kind with its article, for messages: "an artifact", "an hf", "a checkpoint", "a gguf"."""
-        return f"{'an' if self.kind in ('artifact', 'hf') else 'a'} {self.kind}"
+        """The kind in words, for messages: "an exported artifact", "a Hugging Face folder", ..."""
+        return KIND_WORDS[self.kind]
+
+
+KIND_WORDS = {"artifact": "an exported artifact", "hf": "a Hugging Face folder",
+              "checkpoint": "a deploylm checkpoint", "gguf": "a .gguf file"}
 
 
 def resolve_source(src: str | Path) -> Source:
