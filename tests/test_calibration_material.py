@@ -129,3 +129,19 @@ def test_an_encoder_decoders_decoder_is_calibrated_after_its_own_start_token(see
     ids = feeds["decoder_model.onnx"][0]["input_ids"]
     assert ids[:, 0].tolist() == [7, 7]
     assert ids[:, 1:].tolist() == [[9, 10, 0], [11, 12, 13]]
+
+
+def test_calibration_feeds_are_padded_with_the_models_pad_token(seed_seq2seq_dir, tmp_path):
+    """Padded positions are masked, but their activations still reach the calibration ranges: they are
+    filled with the pad token the backend pads with at run time, not with token 0."""
+    from deploylm.export.calibration import graph_feeds
+    from deploylm.export.pipeline import export_model
+
+    ck = shutil.copytree(seed_seq2seq_dir, tmp_path / "ck")
+    gen = json.loads((ck / "generation_config.json").read_text())
+    (ck / "generation_config.json").write_text(json.dumps({**gen, "pad_token_id": 3}))
+    out = tmp_path / "fp32"
+    export_model(ck, "fp32", out)
+    feeds = graph_feeds(out, [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]])
+    assert feeds["encoder_model.onnx"][0]["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert feeds["decoder_model.onnx"][0]["input_ids"][:, 1:].tolist() == [[9, 10, 3], [11, 12, 13]]

@@ -275,7 +275,7 @@ def token_ids(tokenizer: Any, texts: tuple[str, ...], max_len: int = 64) -> list
 
 def graph_feeds(folder: Path, sequences: list[list[int]], targets: list[list[int]] | None = None,
                 rows: int = 4) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Feeds for every graph in `folder`, `rows` sequences per batch (left-padded).
+    """Feeds for every graph in `folder`, `rows` sequences per batch, padded with the model's pad token.
 
     model.onnx: per batch, a prefill (ids/mask/positions + empty past) and one decode step after it.
     encoder_model.onnx: ids/mask (right-padded).
@@ -288,21 +288,23 @@ def graph_feeds(folder: Path, sequences: list[list[int]], targets: list[list[int
     from deploylm.export import io_spec
 
     folder = Path(folder)
+    special = folder_special(folder)[0]
+    pad = special.pad_token_id if special.pad_token_id is not None else 0   # as the backend pads at run time
     batches = [sequences[i:i + rows] for i in range(0, len(sequences), rows)]
     if (folder / io_spec.MODEL_FILE).is_file():
         session = ort.InferenceSession(str(folder / io_spec.MODEL_FILE), providers=["CPUExecutionProvider"])
         feeds = []
         for b in batches:
-            prefill = _causal_feeds(session, b)
+            prefill = _causal_feeds(session, b, pad)
             feeds += [prefill, _causal_step_feeds(session, prefill)]
         return {io_spec.MODEL_FILE: feeds}
     enc = ort.InferenceSession(str(folder / io_spec.ENCODER_FILE), providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(folder / io_spec.DECODER_FILE), providers=["CPUExecutionProvider"])
-    enc_feeds = [_pad(b, left=False) for b in batches]
+    enc_feeds = [_pad(b, left=False, pad=pad) for b in batches]
     targets = targets if targets is not None else sequences
     dec_batches = [targets[i:i + rows] for i in range(0, len(targets), rows)]
-    start = folder_special(folder)[0].decoder_start_token_id
-    dec_feeds = [_decoder_feeds(enc, dec, f, b, start) for f, b in zip(enc_feeds, dec_batches)]
+    dec_feeds = [_decoder_feeds(enc, dec, f, b, special.decoder_start_token_id, pad)
+                 for f, b in zip(enc_feeds, dec_batches)]
     return {io_spec.ENCODER_FILE: enc_feeds, io_spec.DECODER_FILE: dec_feeds}
 
 
@@ -324,8 +326,8 @@ def _empty_past(session: Any, rows: int, part: str = "") -> dict[str, np.ndarray
     return feeds
 
 
-def _causal_feeds(session: Any, batch: list[list[int]]) -> dict[str, np.ndarray]:
-    feeds = _pad(batch, left=True)
+def _causal_feeds(session: Any, batch: list[list[int]], pad: int = 0) -> dict[str, np.ndarray]:
+    feeds = _pad(batch, left=True, pad=pad)
     positions = np.clip(feeds["attention_mask"].cumsum(-1) - 1, 0, None)  # [B, T]
     return {**feeds, "position_ids": positions.astype(np.int64), **_empty_past(session, len(batch))}
 
@@ -350,10 +352,10 @@ def _causal_step_feeds(session: Any, prefill: dict[str, np.ndarray]) -> dict[str
 
 
 def _decoder_feeds(enc: Any, dec: Any, enc_feeds: dict[str, np.ndarray], batch: list[list[int]],
-                   start: int) -> dict[str, np.ndarray]:
+                   start: int, pad: int = 0) -> dict[str, np.ndarray]:
     names = [o.name for o in enc.get_outputs()]
     outs = dict(zip(names, enc.run(None, enc_feeds)))
     cross = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
-    ids = _pad([[start] + s for s in batch], left=False)["input_ids"]  # [B, 1 + T]: the decoder start token, then the text
+    ids = _pad([[start] + s for s in batch], left=False, pad=pad)["input_ids"]  # [B, 1 + T]: the decoder start token, then the text
     return {"input_ids": ids, "encoder_attention_mask": enc_feeds["attention_mask"],
             **_empty_past(dec, len(batch), "decoder"), **cross}
