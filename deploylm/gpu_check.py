@@ -98,14 +98,14 @@ def run_tests(out: Path, timeout: float, tests: Path = Path("tests")) -> dict[st
     if not files:
         return {"skipped_reason": f"no gpu/trt-marked tests under {tests} (run from the repository root)"}
     junit, log = out / "junit.xml", out / "pytest.txt"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu or trt", "-q", "-rs", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu or trt", "-v", "-rs", "--durations=10", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", f"--junitxml={junit}", *files]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        log.write_text(str(exc.stdout or ""))
-        return {"skipped_reason": f"pytest ran past {timeout:.0f} s and was stopped", "exit_code": None}
-    log.write_text(proc.stdout + proc.stderr)
+    with log.open("w") as console:   # written as pytest runs: a stopped run still leaves its log
+        try:
+            proc = subprocess.run(cmd, stdout=console, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"skipped_reason": f"pytest ran past {timeout:.0f} s and was stopped (see pytest.txt)",
+                    "exit_code": None}
     if not junit.is_file():
         return {"exit_code": proc.returncode, "skipped_reason": "pytest wrote no junit report (see pytest.txt)"}
     return {"exit_code": proc.returncode, **parse_junit(junit)}

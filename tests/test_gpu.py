@@ -62,6 +62,17 @@ def test_run_tests_collects_only_marked_files_and_reads_junit(tmp_path):
     assert result["skipped_tests"][0].endswith("no engine") and (tmp_path / "junit.xml").is_file()
 
 
+def test_run_tests_past_its_timeout_keeps_a_readable_log(tmp_path):
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_slow.py").write_text("import time\nimport pytest\n\n@pytest.mark.gpu\ndef test_fast():\n    pass\n\n"
+                                        "@pytest.mark.gpu\ndef test_slow():\n    time.sleep(60)\n")
+    result = gpu_check.run_tests(tmp_path, timeout=12, tests=tests)
+    assert result["exit_code"] is None and "was stopped" in result["skipped_reason"]
+    log = (tmp_path / "pytest.txt").read_text()
+    assert not log.startswith("b'") and "test_fast PASSED" in log          # the lines, not a bytes repr
+
+
 def test_gpu_check_without_cuda_writes_a_report_saying_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path)]) == 0
