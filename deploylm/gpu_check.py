@@ -15,6 +15,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -150,7 +151,8 @@ def _smollm2(_: Path) -> Path:
 
 def _smollm2_shaped(folder: Path) -> Path:
     """A Llama with SmolLM2-135M's shapes (30 layers, 576 wide, 9 query / 3 K/V heads, 49,152-token
-    vocabulary) and random weights: the real model's arithmetic where its GGUF can't be carried."""
+    vocabulary) and random weights: the real model's arithmetic where its GGUF can't be carried. Made once
+    per `folder` (the profile reuses the benchmark's)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -158,6 +160,8 @@ def _smollm2_shaped(folder: Path) -> Path:
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                          rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if (folder / "smollm2-shaped" / "config.json").is_file():
+        return folder / "smollm2-shaped"
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder / "smollm2-shaped")
     return folder / "smollm2-shaped"
@@ -313,24 +317,30 @@ def bench_transformers(name: str, folder: Path, reference: Any, batch: Any, opti
             "parity": f"deploylm fp32 = {ours['tokens_per_s'] / tokens_per_s:.2f}x transformers"}
 
 
-def run_bench(env: dict[str, Any], work: Path, new_tokens: int, runs: int, budget_s: float) -> tuple[list, list]:
-    """Rows for every model that loads, and (what, why) for each thing skipped."""
+def run_bench(env: dict[str, Any], work: Path, new_tokens: int, runs: int, budget_s: float, device: str = "cuda",
+              on_model: Callable[[list, list], None] | None = None) -> tuple[list, list]:
+    """Rows for every model that loads, and (what, why) for each thing skipped; `on_model(rows, skipped)`
+    after each model (main writes the report then, so a run stopped later still returns these)."""
     rows, skipped = [], []
-    dtypes = [d for d in DTYPES if d != "bfloat16" or env.get("bf16")]
+    dtypes = [d for d in DTYPES if d != "bfloat16" or env.get("bf16") or not device.startswith("cuda")]
     if "bfloat16" not in dtypes:
         skipped.append(("bfloat16", "this GPU does not support bf16"))
     _quiet_transformers()
     start = time.perf_counter()
     for name, make in MODELS.items():
-        if time.perf_counter() - start > budget_s:
+        began = time.perf_counter()
+        if began - start > budget_s:
             skipped.append((name, f"benchmark time budget of {budget_s:.0f} s spent"))
             continue
         try:
-            rows += bench_model(name, make(work), dtypes, new_tokens, runs)
+            rows += bench_model(name, make(work), dtypes, new_tokens, runs, device)
         except (ImportError, FileNotFoundError, DeployLMError) as exc:   # a missing package or file
             skipped.append((name, f"{type(exc).__name__}: {exc}"))
         except Exception as exc:  # noqa: BLE001 - report and go on: one model must not hide the others
             skipped.append((name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+        print(f"  {name}: {time.perf_counter() - began:.0f} s", flush=True)
+        if on_model is not None:
+            on_model(rows, skipped)
     return rows, skipped
 
 
@@ -381,22 +391,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also write gpu-profile.txt (torch.profiler tables)")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda (default); cpu runs the benchmark and the profile on the CPU, to check this script "
+                             "without a GPU (with a small --new-tokens and --runs)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the GPU machines have no network: never wait on the hub
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
-    report: dict[str, Any] = {"environment": env, "skipped": []}
+    report: dict[str, Any] = {"environment": env, "skipped": [], "tests": {"skipped_reason": "the run stopped before pytest finished"},
+                              "bench": []}
+    write_report(args.out, report)   # rewritten after every stage: a run stopped midway still leaves a report
+    on_cuda = args.device.startswith("cuda")
     if not env["cuda_available"]:
-        report["skipped"].append(("everything", "torch.cuda.is_available() is False: no CUDA GPU or a CPU-only torch"))
-        report["tests"] = {"skipped_reason": "no CUDA GPU"}
-    else:
-        print(f"gpu-check on {env['gpu']}: running pytest -m 'gpu or trt' ...", flush=True)
-        report["tests"] = run_tests(args.out, args.test_timeout)
-        print("benchmarking the torch backend on CUDA ...", flush=True)
+        report["skipped"].append(("CUDA", "torch.cuda.is_available() is False: no CUDA GPU or a CPU-only torch; the "
+                                  "gpu/trt tests skip" + ("" if not on_cuda else ", the benchmark is not run "
+                                                          "(--device cpu runs it on the CPU)")))
+    print(f"gpu-check on {env.get('gpu', 'no GPU')}: running pytest -m 'gpu or trt' ...", flush=True)
+    report["tests"] = run_tests(args.out, args.test_timeout)
+    write_report(args.out, report)
+    if env["cuda_available"] or not on_cuda:
+        print(f"benchmarking the torch backend on {args.device} ...", flush=True)
+
+        def progress(rows: list, skipped: list) -> None:
+            write_report(args.out, {**report, "bench": rows, "skipped": report["skipped"] + skipped})
+
         with tempfile.TemporaryDirectory() as work:
-            report["bench"], skipped = run_bench(env, Path(work), args.new_tokens, args.runs, args.bench_budget)
+            report["bench"], skipped = run_bench(env, Path(work), args.new_tokens, args.runs, args.bench_budget,
+                                                 args.device, progress)
             if args.profile:
+                progress(report["bench"], skipped + [("profile", "not written (stopped while profiling)")])
                 try:
-                    print(f"profiled: {profile_search(_smollm2_shaped(Path(work)), args.out)}", flush=True)
+                    path = profile_search(_smollm2_shaped(Path(work)), args.out, device=args.device)
+                    print(f"profiled: {path}", flush=True)
                 except Exception as exc:  # noqa: BLE001 - the profile is extra: report and go on
                     skipped.append(("profile", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
         report["skipped"] += skipped

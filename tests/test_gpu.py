@@ -75,10 +75,52 @@ def test_run_tests_past_its_timeout_keeps_a_readable_log(tmp_path):
 
 def test_gpu_check_without_cuda_writes_a_report_saying_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_tests", lambda out, timeout: ran.append(out) or {"skipped_reason": "stub"})
+    monkeypatch.setattr(gpu_check, "run_bench", lambda *a, **k: pytest.fail("benchmarked without CUDA"))
     assert gpu_check.main(["--out", str(tmp_path)]) == 0
     text = (tmp_path / "gpu-check.md").read_text()
-    assert "- everything: torch.cuda.is_available() is False" in text and "Tests: not run (no CUDA GPU)" in text
+    assert "- CUDA: torch.cuda.is_available() is False" in text and "--device cpu runs it on the CPU" in text
+    assert ran == [tmp_path]                           # the tests still run (and skip, each with its reason)
     assert "gpu-check on no GPU" in capsys.readouterr().out
+
+
+def test_gpu_check_on_the_cpu_runs_the_benchmark_and_the_profile(tmp_path, monkeypatch, tiny_llama_dir):
+    """--device cpu: the benchmark's and the profile's code on the CPU (tiny models only here)."""
+    monkeypatch.setattr(gpu_check, "run_tests", lambda out, timeout: {"skipped_reason": "stub"})
+    monkeypatch.setattr(gpu_check, "MODELS", {"seed-tiny": gpu_check._seed_model, "llama-tiny": gpu_check._tiny_llama})
+    monkeypatch.setattr(gpu_check, "_smollm2_shaped", lambda work: tiny_llama_dir)
+    code = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--new-tokens", "2", "--runs", "1", "--profile"])
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert code == 0, report["skipped"]
+    assert [(r["model"], r["dtype"]) for r in report["bench"]] == [
+        ("seed-tiny", "float32"), ("seed-tiny", "float16"), ("seed-tiny", "bfloat16"),
+        ("llama-tiny", "float32"), ("llama-tiny", "float16"), ("llama-tiny", "bfloat16"),
+        ("llama-tiny", "float32 transformers.generate")]
+    assert report["bench"][0]["parity"] == "pass (fp32)" and report["bench"][-1]["beams_identical"] is True
+    profile = (tmp_path / "gpu-profile.txt").read_text()
+    assert "## deploylm (16 steps)" in profile and "## transformers (16 steps)" in profile
+
+
+def test_gpu_check_stopped_midway_leaves_the_stages_done(tmp_path, monkeypatch):
+    """The report is rewritten after the tests and after every model: a run killed at the device's time
+    limit still returns what it measured."""
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"cuda_available": True, "gpu": "Fake GPU", "bf16": True})
+    monkeypatch.setattr(gpu_check, "run_tests", lambda out, timeout: {"passed": 3, "failed": 0, "skipped": 1})
+    monkeypatch.setattr(gpu_check, "MODELS", {"first": lambda work: work, "second": lambda work: work})
+
+    def bench_model(name, src, dtypes, new_tokens, runs, device="cuda"):
+        if name == "second":
+            raise KeyboardInterrupt   # stands for the process being killed
+        return [{"model": name, "dtype": "float32", "tokens_per_s": 10.0}]
+
+    monkeypatch.setattr(gpu_check, "bench_model", bench_model)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert report["tests"]["passed"] == 3 and report["bench"] == [{"model": "first", "dtype": "float32",
+                                                                   "tokens_per_s": 10.0}]
+    assert "| first | float32 | 10.0 |" in (tmp_path / "gpu-check.md").read_text()
 
 
 # ---- on a CUDA GPU --------------------------------------------------------------------------------
