@@ -28,10 +28,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Run on a GPU machine that already has PyTorch with CUDA (no network): see deploylm/gpu_check.py.
+# Installs nothing: deploylm runs from this tree (PYTHONPATH), the machine's own packages do the rest.
 GPU_CHECK_ARGS ?= --profile
 gpu-check:
-	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e . || true
-	$(PYTHON) -m deploylm.gpu_check --out "$${OUT:-gpu-check-out}" $(GPU_CHECK_ARGS)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m deploylm.gpu_check --out "$${OUT:-gpu-check-out}" $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) export/*/ runs/

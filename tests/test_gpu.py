@@ -241,3 +241,17 @@ def test_trt_int8_engine_within_int8_tolerances(tiny_llama_dir, tmp_path):
     out = tmp_path / "llama-trt-int8"
     export_model(tiny_llama_dir, "trt-int8", out)
     assert run_parity(out, ["torch", "trt"], max_new_tokens=16).failures() == []
+
+
+def test_make_gpu_check_installs_nothing(tmp_path):
+    """The GPU machine has no network and its own torch build: the target only runs the script from this tree."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-C", str(root), "gpu-check", "PYTHON=python3"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "pip" not in dry and "-m deploylm.gpu_check" in dry and f'PYTHONPATH="{root}' in dry
