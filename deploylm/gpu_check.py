@@ -47,7 +47,7 @@ def environment() -> dict[str, Any]:
                    gpu_memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
     for module in ("tensorrt", "onnxruntime", "transformers"):
         env[module] = _version_of(module)
-    if env["onnxruntime"]:
+    if env["onnxruntime"] and not env["onnxruntime"].startswith("broken"):
         import onnxruntime
 
         env["onnxruntime_providers"] = onnxruntime.get_available_providers()

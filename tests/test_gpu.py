@@ -35,6 +35,17 @@ def test_report_writer_makes_markdown_table_and_json(tmp_path):
     assert json.loads(js.read_text())["bench"][0]["tokens_per_s"] == 1234.5
 
 
+def test_environment_with_a_broken_onnxruntime_says_so(monkeypatch):
+    import sys
+
+    real = gpu_check._version_of
+    monkeypatch.setattr(gpu_check, "_version_of", lambda m: "broken (ImportError: libfoo.so)" if m == "onnxruntime"
+                        else real(m))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)           # importing it fails
+    env = gpu_check.environment()
+    assert env["onnxruntime"].startswith("broken") and "onnxruntime_providers" not in env
+
+
 def test_parse_junit_counts_and_reasons(tmp_path):
     (tmp_path / "j.xml").write_text(
         '<testsuites><testsuite>'
