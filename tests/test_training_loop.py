@@ -100,6 +100,22 @@ def test_resume_refuses_other_data_at_the_same_path(tmp_path, fast):
         train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **settings))
 
 
+def test_a_cosine_run_resumes_to_its_own_end_only(tmp_path, fast):
+    """The cosine schedule decays to 0 at `steps`: extending a cosine run with --resume --steps N' made the
+    learning rate jump back up mid-run. Resuming to the same end works; another end is refused by name."""
+    settings = {**fast, "schedule": "cosine"}
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(TrainConfig(out=tmp_path / "run", steps=4, **{**settings, "checkpoint_every": 2}), on_step=kill_at_3)
+    with pytest.raises(UsageError, match=r"cosine_steps 4 \(now 8\)"):
+        train(TrainConfig(out=tmp_path / "run", steps=8, resume=True, **settings))
+    assert train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **settings)).steps == 4
+
+
 def test_resume_refuses_other_settings(tmp_path, fast):
     train(TrainConfig(out=tmp_path / "run", steps=2, **fast))
     with pytest.raises(UsageError, match="seed 0"):

@@ -120,6 +120,8 @@ class TrainConfig:
                  "schedule": self.schedule, "weight_decay": self.weight_decay, "label_smoothing": self.smoothing,
                  "clip_norm": self.clip_norm,
                  "clean": self.clean.as_json() if self.data is not None else None}
+        if self.schedule == "cosine":        # it decays to 0 at `steps`: more steps would raise the rate again
+            ident["cosine_steps"] = self.steps
         if self.data_sha256 is not None:     # other contents at the same path: another run
             ident["data_sha256"] = self.data_sha256
         if self.arch == "decoder":
