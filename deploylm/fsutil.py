@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import math
 import os
 import shutil
 import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 try:
     import fcntl
@@ -209,3 +210,15 @@ def exclusive_writer(target: Path, flag: str = "--out") -> Iterator[None]:
             lock_path.unlink(missing_ok=True)
     finally:
         os.close(fd)
+
+
+def json_finite(value: Any) -> Any:
+    """`value` with every NaN/inf float (in dicts, lists, tuples) replaced by None: standard JSON, which
+    json.dumps would otherwise write as the non-standard NaN / Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_finite(v) for v in value]
+    return value

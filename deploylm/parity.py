@@ -19,6 +19,7 @@ from torch import Tensor
 
 from deploylm.backends.base import Backend, EncodedBatch
 from deploylm.errors import UsageError
+from deploylm.fsutil import json_finite
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -105,7 +106,7 @@ class ParityReport:
         return not self.failures()
 
     def to_dict(self) -> dict[str, Any]:
-        data = _finite(asdict(self))
+        data = json_finite(asdict(self))
         data["passed"] = self.passed
         return data
 
@@ -128,7 +129,7 @@ class ParityReport:
         tol = self._tol()
         backends = {r.backend: {**{k: getattr(r, k) for k in keys}, "passed": not r.failures(tol)}
                     for r in self.backends}
-        return _finite({"reference": self.reference, "passed": self.passed, "prompts": self.prompts,
+        return json_finite({"reference": self.reference, "passed": self.passed, "prompts": self.prompts,
                         "num_beams": self.options.get("num_beams"), "max_new_tokens": self.options.get("max_new_tokens"),
                         "tolerances": self.tolerances, "backends": backends})
 
@@ -154,17 +155,6 @@ class ParityReport:
 
 def _same(ok: bool | None) -> str:
     return "-" if ok is None else ("same" if ok else "DIFF")
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: NaN/inf become None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _nan(value: Any) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 from deploylm.benchmarking.measure import RoundResult
 from deploylm.errors import UsageError
+from deploylm.fsutil import json_finite
 
 FORMAT = "deploylm-bench/1"
 # Rounds of one row whose wall times spread more than this (max - min, over their median) get a note:
@@ -88,17 +88,6 @@ class BenchRow:
 # after the first); JSON has no NaN, so they are written as null and read back as NaN.
 NAN_AS_NULL = ("tokens_per_s", "wall_s", "latency_p50_s", "latency_p95_s", "step_p50_ms", "step_p95_ms",
                "ttft_s", "decoder_ms_per_step", "decoder_pct")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None, so the file is standard JSON (json.dumps would write the non-standard NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def summarize(spec: Any, rounds: list[RoundResult], load_s: float, rss_after_load_mib: float | None,
@@ -180,7 +169,7 @@ class BenchReport:
 
     def write_json(self, path: str | Path) -> Path:
         """Write the report as JSON, atomically (temporary file, then rename)."""
-        text = json.dumps(_json_safe(self.to_dict()), indent=2, allow_nan=False)
+        text = json.dumps(json_finite(self.to_dict()), indent=2, allow_nan=False)
         return write_atomic(Path(path), (text + "\n").encode())
 
     def table(self) -> str:
