@@ -24,7 +24,8 @@ import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Generator as PieceStream  # the class below is named Generator
 
 from deploylm.backends import Backend, EncodedBatch, backend_class
 from deploylm.decoding.options import DecodingOptions, option_names
@@ -177,7 +178,7 @@ class Generator:
         return "stop" if ended or len(token_ids) < max_new_tokens else "length"
 
     def _stream_text(self, batch: EncodedBatch, opts: DecodingOptions,
-                     stop: threading.Event | None = None) -> Generator[str, None, str]:
+                     stop: threading.Event | None = None) -> PieceStream[str, None, str]:
         """The pieces of one prompt's best output; returns its finish reason."""
         from deploylm.decoding.search import STOPPED
         from deploylm.decoding.stream import stream_ids
@@ -290,7 +291,7 @@ class Generator:
         return results
 
     def _stream_windows(self, prompt: str, opts: DecodingOptions, overlap: int,
-                        stop: threading.Event | None = None) -> Generator[str, None, str]:
+                        stop: threading.Event | None = None) -> PieceStream[str, None, str]:
         """The joined best output of `prompt`'s chunks, one piece per decoded chunk; returns the finish
         reason of the last chunk's output."""
         from deploylm.decoding.search import generate_ids
@@ -333,7 +334,7 @@ class TextStream:
     and releases the generator's lock.
     """
 
-    def __init__(self, pieces: Generator[str, None, str]) -> None:
+    def __init__(self, pieces: PieceStream[str, None, str]) -> None:
         self._pieces = pieces
         self.finish_reason: str | None = None
 
