@@ -245,6 +245,30 @@ def test_a_damaged_gguf_file_gives_one_clear_error(smollm2_gguf, tmp_path, damag
         deploylm.load(path)
 
 
+
+def test_a_gguf_file_loads_and_matches_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name)
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ids = tok("the quick brown fox", return_tensors="pt")
+    expected = model.generate(**ids, max_new_tokens=4, do_sample=False)[0, ids.input_ids.shape[1]:].tolist()
+    result = deploylm.load(path).generate("the quick brown fox", max_new_tokens=4, num_beams=1)
+    assert list(result[0].sequences[0].token_ids) == expected
+
+
+def test_a_gguf_file_missing_tensors_is_refused_not_filled_with_random_values(tmp_path):
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "cut.gguf", drop_tensors=("blk.1.ffn_down.weight",))
+    with pytest.raises(UsageError, match=r"GGUF file '.*cut\.gguf' does not hold the weights of LlamaForCausalLM: "
+                                         r"1 weight\(s\) missing \(model\.layers\.1\.mlp\.down_proj\.weight\)"):
+        deploylm.load(path)
+
+
 def _save(model_cls, config, dest):
     from tests.helpers.tiny_hf import train_tokenizer
 

@@ -315,7 +315,8 @@ class _DropLoadReport(logging.Filter):
         return "LOAD REPORT" not in str(record.msg)
 
 
-def check_loaded_weights(what: str, model_class: str, loading: Mapping[str, Any]) -> None:
+def check_loaded_weights(what: str, model_class: str, loading: Mapping[str, Any], hint: str = (
+        "check config.json against the weight files, and that the folder holds a language-model head")) -> None:
     """UsageError naming the weights `model_class` needs that the files do not hold (or hold in another
     shape); `loading` is transformers' output_loading_info. Weights the files hold that the model does
     not use are named in a one-line warning (transformers' own report is silenced)."""
@@ -334,8 +335,7 @@ def check_loaded_weights(what: str, model_class: str, loading: Mapping[str, Any]
     if mismatched:
         problems.append(f"{len(mismatched)} of another shape ({_some(mismatched)})")
     raise UsageError(f"{what} does not hold the weights of {model_class}: {'; '.join(problems)}; a model "
-                     "with these left at random values would generate nonsense (check config.json against "
-                     "the weight files, and that the folder holds a language-model head)")
+                     f"with these left at random values would generate nonsense ({hint})")
 
 
 def _some(names: list[str], shown: int = 3) -> str:
@@ -349,11 +349,17 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
     if not (is_gguf_available() and is_accelerate_available()):
         raise MissingDependencyError("loading a .gguf file needs the `gguf` and `accelerate` (>= 1.1) packages: "
                                      "pip install -U gguf 'accelerate>=1.1'")
+    what = f"GGUF file {str(path)!r}"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        with _no_load_report():
+            model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                                  output_loading_info=True,
+                                                                  ignore_mismatched_sizes=True)   # named below
     except _load_errors() as exc:
-        raise UsageError(f"GGUF file {str(path)!r} does not load with transformers (damaged or not a GGUF "
+        raise UsageError(f"{what} does not load with transformers (damaged or not a GGUF "
                          f"model file?): {_first_line(exc)}") from None
+    check_loaded_weights(what, type(model).__name__, loading,
+                         hint="check the sizes and vocabulary in the file's metadata against its tensors")
     return model.to(device).eval()
 
 

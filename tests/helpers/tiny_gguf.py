@@ -1,0 +1,64 @@
+"""A tiny random Llama written as a .gguf file (F32, byte-level BPE tokenizer in its metadata), the way
+llama.cpp's converter writes one: llama.cpp's tensor names, q/k rows permuted, tokenizer.ggml.* keys.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _permute(w, n_head: int):
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tensors: tuple[str, ...] = ()) -> Path:
+    """Write a tiny random Llama to `dest` (a .gguf path); `architecture` is the general.architecture it
+    states; `drop_tensors` are GGUF tensor names left out of the file."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.helpers.tiny_hf import train_tokenizer
+
+    tok = train_tokenizer("llama")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    writer = gguf.GGUFWriter(str(dest), architecture)
+    writer.add_name("tiny-llama")
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(8)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in tok.all_special_tokens else 1 for t in tokens])
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_pad_token_id(tok.pad_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    for hf_name, tensor in model.state_dict().items():
+        base, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(base)}.{suffix}"
+        if name in drop_tensors:
+            continue
+        array = tensor.float().numpy()
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            array = _permute(array, 4 if "attn_q" in name else 2)
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(dest)
