@@ -269,6 +269,16 @@ def test_a_gguf_file_missing_tensors_is_refused_not_filled_with_random_values(tm
         deploylm.load(path)
 
 
+def test_a_gguf_file_of_an_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "other.gguf", architecture="rwkv7")
+    with pytest.raises(UsageError, match=r"GGUF file '.*other\.gguf' is of architecture 'rwkv7', which transformers "
+                                         r"does not load from GGUF: supported are .*llama.*qwen2") as info:
+        deploylm.load(path)
+    assert "damaged" not in str(info.value) and "general" not in str(info.value).split("supported are")[1]
+
+
 def _save(model_cls, config, dest):
     from tests.helpers.tiny_hf import train_tokenizer
 

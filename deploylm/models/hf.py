@@ -356,11 +356,31 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
                                                                   output_loading_info=True,
                                                                   ignore_mismatched_sizes=True)   # named below
     except _load_errors() as exc:
+        architecture = _unsupported_gguf_architecture(exc)
+        if architecture is not None:
+            raise UsageError(f"{what} is of architecture {architecture!r}, which transformers does not load "
+                             f"from GGUF: supported are {', '.join(_gguf_architectures())}") from None
         raise UsageError(f"{what} does not load with transformers (damaged or not a GGUF "
                          f"model file?): {_first_line(exc)}") from None
     check_loaded_weights(what, type(model).__name__, loading,
                          hint="check the sizes and vocabulary in the file's metadata against its tensors")
     return model.to(device).eval()
+
+
+def _unsupported_gguf_architecture(exc: BaseException) -> str | None:
+    """The architecture named by transformers' "GGUF model with architecture X is not supported yet"."""
+    import re
+
+    found = re.match(r"GGUF model with architecture (.+) is not supported", str(exc))
+    return found.group(1) if isinstance(exc, ValueError) and found else None
+
+
+def _gguf_architectures() -> list[str]:
+    """The general.architecture values transformers' GGUF loader knows (its table also holds the
+    "general" and "tokenizer" key groups, which are not architectures)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [name for name in GGUF_SUPPORTED_ARCHITECTURES if name not in ("general", "tokenizer")]
 
 
 def special_tokens(model: Any) -> SpecialTokens:
