@@ -86,7 +86,8 @@ def _seq2seq_maps(gen: Any, src_ids: Tensor, generated: list[int]) -> list[Atten
     else:
         model.set_attn_implementation("eager")
         out = model(input_ids=src_ids, attention_mask=mask, decoder_input_ids=tgt, output_attentions=True)
-        encoder, decoder, cross = out.encoder_attentions, out.decoder_attentions, out.cross_attentions
+        encoder, decoder, cross = (_returned(model, out, name) for name in
+                                   ("encoder_attentions", "decoder_attentions", "cross_attentions"))
     source, target = token_labels(tok, src_ids[0].tolist()), token_labels(tok, tgt[0].tolist())
     return [AttentionMap("encoder", _first(encoder), source, source),
             AttentionMap("decoder", _first(decoder), target, target),
@@ -101,9 +102,20 @@ def _causal_maps(gen: Any, ids: Tensor) -> list[AttentionMap]:
         weights = model.attention_maps(ids)
     else:
         model.set_attn_implementation("eager")
-        weights = model(input_ids=ids, output_attentions=True).attentions
+        weights = _returned(model, model(input_ids=ids, output_attentions=True), "attentions")
     labels = token_labels(gen.tokenizer, ids[0].tolist())
     return [AttentionMap("self", _first(weights), labels, labels)]
+
+
+def _returned(model: Any, output: Any, name: str) -> Any:
+    """output.<name>, the per-layer attention weights; a model that returns none (a state-space model such
+    as Mamba has no attention layers) is a UsageError."""
+    weights = getattr(output, name, None)
+    if not weights or any(w is None for w in weights):
+        raise UsageError(f"model {model.name_or_path!r}: {type(model).__name__} returns no attention weights "
+                         f"for some or all of its layers (state-space or convolution layers have none): "
+                         f"nothing to draw")
+    return weights
 
 
 def _first(per_layer: Any) -> list[Tensor]:

@@ -199,3 +199,24 @@ def test_colorbar_overlaps_no_panel(seed_seq2seq, tmp_path, monkeypatch, head):
     for ax in fig.axes[:-1]:
         if ax.get_visible() and ax.axison:
             assert not ax.get_tightbbox(renderer).overlaps(bar), ax.get_title()
+
+
+def test_a_model_without_attention_layers_is_refused_in_one_line(tmp_path):
+    """Mamba runs on the torch backend (docs/models.md) but has no attention weights to draw."""
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    from tests.helpers.tiny_hf import train_tokenizer
+
+    tok = train_tokenizer("gpt2")
+    config = MambaConfig(vocab_size=len(tok), hidden_size=16, state_size=4, num_hidden_layers=1,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mamba")
+    tok.save_pretrained(tmp_path / "mamba")
+    out = tmp_path / "a.png"
+    res = CliRunner().invoke(cli, ["attention", "--model", str(tmp_path / "mamba"), "the fox", "--out", str(out),
+                                   "--max-new-tokens", "1"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "MambaForCausalLM returns no attention weights" in lines[-1], res.output
+    assert not out.exists()
