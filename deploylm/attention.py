@@ -56,11 +56,27 @@ def attention_maps(src: str | Path, text: str, *, max_new_tokens: int = 16, devi
     gen = load(source, backend="torch", device=device)
     prompt = gen.encode([text])                                             # input_ids [1, S]
     generated = _greedy(gen, text, max_new_tokens)
+    _check_window(gen.info, prompt.input_ids.shape[1], len(generated))
     with torch.no_grad():
         if gen.info.is_encoder_decoder:
             return _seq2seq_maps(gen, prompt.input_ids.to(gen.backend.device), generated)
         ids = torch.tensor([prompt.input_ids[0].tolist() + generated], device=gen.backend.device)   # [1, T]
         return _causal_maps(gen, ids)
+
+
+def _check_window(info: Any, text_tokens: int, generated: int) -> None:
+    """The maps feed the text and every generated token (the generator never feeds back its last one, so
+    its own check lets one more through): more than the model's window is a UsageError."""
+    window = info.max_positions
+    if info.is_encoder_decoder:      # the source, and the decoder's start token + generated tokens
+        inputs = {f"TEXT ({text_tokens} tokens)": text_tokens,
+                  f"the decoder input (start token + {generated} generated)": generated + 1}
+    else:
+        inputs = {f"TEXT ({text_tokens} tokens) + {generated} generated": text_tokens + generated}
+    for what, positions in inputs.items():
+        if window is not None and positions > window:
+            raise UsageError(f"{what} is {positions} positions, over the model's window of {window}: shorten "
+                             "TEXT or lower --max-new-tokens")
 
 
 def _greedy(gen: Any, text: str, max_new_tokens: int) -> list[int]:

@@ -220,3 +220,23 @@ def test_a_model_without_attention_layers_is_refused_in_one_line(tmp_path):
     lines = res.output.strip().splitlines()
     assert lines[-1].startswith("error: ") and "MambaForCausalLM returns no attention weights" in lines[-1], res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 2])
+def test_a_text_over_the_window_is_refused_in_one_line(tiny_gpt2_dir, tmp_path, max_new_tokens):
+    """The maps feed the text and every generated token (the generator's check lets the last one out):
+    more than the window of GPT-2's position table is one error line, not an IndexError."""
+    import deploylm
+
+    gen = deploylm.load(tiny_gpt2_dir)
+    window = gen.info.max_positions
+    words = ["the"]                                                # one token more per word
+    while gen.count_tokens(" ".join(words)) < window - max_new_tokens + 1:   # as long as generate accepts
+        words.append("the")
+    out = tmp_path / "a.png"
+    res = CliRunner().invoke(cli, ["attention", "--model", str(tiny_gpt2_dir), " ".join(words), "--out", str(out),
+                                   "--max-new-tokens", str(max_new_tokens)])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"window of {window}" in lines[0], res.output
+    assert not out.exists()
