@@ -279,6 +279,15 @@ def test_a_gguf_file_of_an_unsupported_architecture_names_the_supported_ones(tmp
     assert "damaged" not in str(info.value) and "general" not in str(info.value).split("supported are")[1]
 
 
+
+def test_a_gguf_file_whose_special_token_id_is_outside_its_tokens_gives_one_clear_error(tmp_path):
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "eos.gguf", eos_token_id=5000)
+    with pytest.raises(UsageError, match=r"tokenizer of '.*eos\.gguf' does not load: .*special token id .*outside"):
+        deploylm.load(path)
+
+
 def _save(model_cls, config, dest):
     from tests.helpers.tiny_hf import train_tokenizer
 

@@ -52,6 +52,10 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
 
         if _is_config_type_error(exc):
             raise _config_type_error(source, exc) from None
+        if isinstance(exc, IndexError) and source.kind == "gguf":
+            raise UsageError(f"tokenizer of {str(source.path)!r} does not load: a special token id in its metadata "
+                             "(tokenizer.ggml.bos/eos/unknown/padding_token_id) is outside its token list "
+                             "(tokenizer.ggml.tokens)") from None
         if not isinstance(exc, (ValueError, KeyError, OSError, TypeError)):
             raise
         lines = str(exc).strip().splitlines()

@@ -11,9 +11,11 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tensors: tuple[str, ...] = ()) -> Path:
+def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tensors: tuple[str, ...] = (),
+                          eos_token_id: int | None = None) -> Path:
     """Write a tiny random Llama to `dest` (a .gguf path); `architecture` is the general.architecture it
-    states; `drop_tensors` are GGUF tensor names left out of the file."""
+    states; `drop_tensors` are GGUF tensor names left out of the file; `eos_token_id` replaces the
+    tokenizer's in the metadata."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -45,7 +47,7 @@ def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tenso
     merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_bos_token_id(tok.bos_token_id)
-    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id if eos_token_id is None else eos_token_id)
     writer.add_pad_token_id(tok.pad_token_id)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     for hf_name, tensor in model.state_dict().items():
