@@ -70,6 +70,10 @@ def test_a_model_without_a_language_model_head_is_refused(tmp_path, tiny_llama_d
     (lambda f: (f / "model.safetensors").write_bytes(bytes(range(256)) * 64),
      r"does not load as a Hugging Face causal or seq2seq LM: .*model\.safetensors is damaged or truncated \(Error while "
      "deserializing header"),
+    (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
+                                                          "num_attention_heads": 3, "num_key_value_heads": 3})),
+     r"does not load as a Hugging Face causal or seq2seq LM: .*hidden size \(32\) is not a multiple of the number "
+     r"of attention heads \(3\)"),
 ])
 def test_damaged_files_give_one_clear_error(llama, damage, message):
     damage(llama)

@@ -151,11 +151,12 @@ def _config_type_error(source: Source, exc: BaseException) -> UsageError:
 
 
 def _is_config_type_error(exc: BaseException) -> bool:
+    """A config.json field of the wrong type (not a config whose values do not fit together: _first_line)."""
     try:
-        from huggingface_hub.errors import StrictDataclassError
+        from huggingface_hub.errors import StrictDataclassFieldValidationError
     except ImportError:                     # pragma: no cover - older huggingface_hub: no strict config fields
         return False
-    return isinstance(exc, StrictDataclassError)
+    return isinstance(exc, StrictDataclassFieldValidationError)
 
 
 # config.json sizes transformers accepts at any integer value, then fails on far from the file (a ZeroDivisionError
@@ -531,6 +532,8 @@ def _first_set(*values: Any) -> Any:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
+    if len(text) > 1 and text[0].startswith("Class validation error"):   # huggingface_hub's: the cause follows
+        return text[1].strip()
     return text[0] if text else type(exc).__name__
 
 
