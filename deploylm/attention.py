@@ -191,6 +191,10 @@ def panels(maps: list[AttentionMap], layer: LayerChoice = "all", head: HeadChoic
 
 
 def _check_choice(maps: list[AttentionMap], layer: LayerChoice, head: HeadChoice) -> None:
+    if layer != "all" and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        raise UsageError(f"layer {layer!r}: expected 'all' or a layer index >= 0")
+    if head not in ("mean", "all") and (isinstance(head, bool) or not isinstance(head, int) or head < 0):
+        raise UsageError(f"head {head!r}: expected 'mean', 'all' or a head index >= 0")
     depth = max(len(m.layers) for m in maps)
     if layer != "all" and layer >= depth:
         raise UsageError(f"--layer {layer}: the model has {depth} layer(s), 0..{depth - 1}")

@@ -1,5 +1,6 @@
 """`deploylm attention`: weights from every model kind are proper (rows sum to 1, causal where they
 must be), the PNG is written, and bad input is one line, exit 2."""
+import re
 import sys
 from pathlib import Path
 
@@ -240,3 +241,19 @@ def test_a_text_over_the_window_is_refused_in_one_line(tiny_gpt2_dir, tmp_path, 
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"window of {window}" in lines[0], res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("choice, message", [
+    ({"layer": -1}, "layer -1: expected 'all' or a layer index >= 0"),
+    ({"layer": True}, "layer True: expected 'all' or a layer index >= 0"),
+    ({"layer": "1"}, "layer '1': expected 'all' or a layer index >= 0"),
+    ({"head": -1}, "head -1: expected 'mean', 'all' or a head index >= 0"),
+    ({"head": "foo"}, "head 'foo': expected 'mean', 'all' or a head index >= 0"),
+])
+def test_python_api_refuses_a_layer_or_head_it_cannot_draw(seed_seq2seq, tmp_path, choice, message):
+    from deploylm.errors import UsageError
+
+    maps = attention_maps(seed_seq2seq, TEXT, max_new_tokens=1)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        draw_attention(maps, tmp_path / "a.png", **choice)
+    assert list(tmp_path.iterdir()) == []
