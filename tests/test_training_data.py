@@ -125,6 +125,16 @@ def test_metrics():
         exact_match(["a"], [])
 
 
+def test_bleu_on_chinese_counts_characters_not_whole_sentences():
+    # with 13a (space/punctuation) tokenization each Chinese sentence is one token: BLEU was 0 for an
+    # output that differs in one character, and 0 for a test split with half of it exactly right
+    refs = ["九百七十五个苹果", "一百二十四个人", "五百四十九本书"]
+    assert bleu(["九百八十五个苹果", "一百二十四个人", "五百四十九本书"], refs) > 50
+    assert bleu(refs, refs) == pytest.approx(100.0)
+    assert bleu(["今天天气很好"], ["九百七十五"]) < 10
+    assert bleu(["four hundred and twenty one", "Beijing"], ["four hundred and twenty one", "Beijing"]) == pytest.approx(100.0)
+
+
 def test_text_data_drops_a_byte_order_mark(tmp_path):
     from deploylm.training.clean import CleanOptions
     from deploylm.training.text import load_text

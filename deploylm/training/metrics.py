@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import math
+import re
+
+# Han ideographs (CJK Unified Ideographs, Extension A, Compatibility, Extensions B..F and the
+# compatibility supplement): text written in them has no spaces between words.
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -12,14 +17,21 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
+def bleu_tokenize(references: list[str]) -> str:
+    """The sacrebleu tokenization for `references`: "zh" (each Han character a token, the rest as 13a)
+    when any reference has a Han character, else the default "13a". 13a splits at spaces and
+    punctuation only, so a Chinese sentence would be one token and its BLEU 0 unless exactly right."""
+    return "zh" if any(_HAN.search(ref) for ref in references) else "13a"
+
+
 def bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU (0..100) with sacrebleu's default 13a tokenization, one reference each."""
+    """Corpus BLEU (0..100), one reference each, tokenized by sacrebleu as `bleu_tokenize` chooses."""
     import sacrebleu
 
     _check_lengths(predictions, references)
     if not references:
         return 0.0
-    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize=bleu_tokenize(references)).score)
 
 
 def perplexity(mean_loss: float) -> float:
