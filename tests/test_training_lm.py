@@ -54,6 +54,22 @@ def test_text_trains_a_deploylm_lm_with_perplexity_and_ngram_baseline(trained):
     assert f"baseline: 3-gram Kneser-Ney perplexity {baseline['perplexity']:.2f}" in stdout
 
 
+def test_lm_examples_of_chinese_text_are_cut_between_characters(tmp_path):
+    # each Han character is 3 bytes; rare ones stay 3 byte-level tokens, and a prompt of 8 tokens cut
+    # one in half: the example showed '...\ufffd' -> ... (reference '\ufffd...')
+    rng = np.random.default_rng(0)
+    paragraphs = ["".join(chr(0x4E00 + int(c)) for c in rng.integers(0, 20000, 30)) for _ in range(40)]
+    path = tmp_path / "中文.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    out = tmp_path / "运行"
+    result = run("--data", path, "--out", out, *SHORT)
+    assert result.exit_code == 0, result.output
+    examples = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["examples"]
+    for ex in examples:
+        assert "\ufffd" not in ex["prompt"] + ex["reference"], ex
+        assert ex["prompt"] and any(p.startswith(ex["prompt"] + ex["reference"]) for p in paragraphs), ex
+
+
 def test_checkpoint_generates_with_the_torch_backend(trained):
     out, _ = trained
     from deploylm.models.source import resolve_source

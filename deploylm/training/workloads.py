@@ -129,10 +129,24 @@ class LMWork:
         shown = []
         for doc in self.splits.test[:LM_EXAMPLES]:
             ids = [model.config.bos_token_id, *self.tok.encode(doc, add_special_tokens=False).ids]
-            prompt, rest = ids[:LM_PROMPT_TOKENS], ids[LM_PROMPT_TOKENS:LM_PROMPT_TOKENS + self.max_new_tokens]
+            cut = _whole_characters(self.tok, ids, LM_PROMPT_TOKENS)
+            prompt = ids[:cut]
+            rest = ids[cut:][:_whole_characters(self.tok, ids[cut:], self.max_new_tokens)]
             generated = continue_greedily(model, prompt, self.max_new_tokens, self.eos, device)
             shown.append(tuple(decode(self.tok, [part])[0] for part in (prompt, generated, rest)))
         return shown
+
+
+def _whole_characters(tok: Tokenizer, ids: list[int], at: int) -> int:
+    """The largest n <= `at` (and >= 2) where ids[:n] ends at a character boundary: a byte-level token
+    can hold part of a multi-byte (e.g. Chinese) character, and cutting there shows it as U+FFFD on
+    both sides. `at` itself when there is no such n."""
+    whole = decode(tok, [ids])[0]
+    for n in range(min(at, len(ids)), 1, -1):
+        head, tail = decode(tok, [ids[:n], ids[n:]])
+        if head + tail == whole:
+            return n
+    return at
 
 
 def _summed_loss(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
