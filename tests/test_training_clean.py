@@ -92,3 +92,18 @@ def test_bad_cleaning_options_are_one_line(tmp_path, pairs, args, words):
     line = result.stderr.strip()
     assert line.startswith("error: ") and "\n" not in line and all(w in line for w in words), line
     assert not out.exists()
+
+
+def test_data_emptied_by_cleaning_says_what_cleaning_dropped(tmp_path):
+    # unsegmented Chinese is one whitespace "word": --length-unit words --min-length 2 dropped every
+    # pair and the error only said "0 distinct sources (after cleaning)"
+    data = tmp_path / "中英.jsonl"
+    data.write_text("".join(json.dumps({"source": f"第{i}个句子", "target": f"sentence number {i}"},
+                                       ensure_ascii=False) + "\n" for i in range(10)), encoding="utf-8")
+    out = tmp_path / "out"
+    result = run("--data", data, "--out", out, "--length-unit", "words", "--min-length", "2", *QUICK)
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line, line
+    assert "0 distinct sources" in line and "10 records in, 0 kept; dropped 10 shorter than 2 words" in line, line
+    assert not out.exists()

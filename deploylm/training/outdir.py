@@ -2,12 +2,13 @@
 --force, metrics.json and cleaning.json."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -83,6 +84,18 @@ def plan_run(config: TrainConfig) -> Plan:
     return Plan(config.out, work, saved, config.force, report and report.as_json(), report and report.summary())
 
 
+@contextlib.contextmanager
+def _naming_the_drops(report: Any) -> Iterator[None]:
+    """A too-small data file after cleaning says what cleaning dropped (e.g. every Chinese pair is
+    one "word" under --length-unit words), not only how few records were left."""
+    try:
+        yield
+    except UsageError as exc:
+        if report is None or report.kept == report.records_in:
+            raise
+        raise UsageError(f"{exc}; {report.summary()}") from None
+
+
 def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
     """The workload of the request and, for --data, its cleaning report."""
     report = None
@@ -94,7 +107,8 @@ def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
             splits = task_splits(config.task, config.seed)
         else:
             examples, report = load_pairs(config.data, config.clean)
-            splits = pair_splits(config.data, examples, config.seed)
+            with _naming_the_drops(report):
+                splits = pair_splits(config.data, examples, config.seed)
         return Seq2SeqWork(splits, config.eval_examples), report
     if config.task:
         if config.task not in TEXT_TASKS:
@@ -104,7 +118,8 @@ def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
         splits = text_task_splits(config.task, config.seed)
     else:
         docs, report = load_text(config.data, config.clean)
-        splits = text_splits(str(config.data), docs, config.seed)
+        with _naming_the_drops(report):
+            splits = text_splits(str(config.data), docs, config.seed)
     return LMWork(splits, config.block_size, config.window_stride, config.ngram_order, config.eval_examples), report
 
 
