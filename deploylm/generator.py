@@ -73,6 +73,8 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
 
     source = src if isinstance(src, Source) else resolve_source(src)
     name = backend or ("onnx" if source.kind == "artifact" else "torch")
+    if not isinstance(backend_options.get("spin", False), bool):   # spin="no" is truthy: it would turn spinning on
+        raise UsageError(f"spin={backend_options['spin']!r}: expected True or False")
     if backend_options.get("spin") and name != "onnx":
         raise UsageError(f"spin=True applies to the onnx backend (ONNX Runtime's threads), not to {name!r}")
     opener = backend_class(name)                    # unknown name: UsageError listing them

@@ -232,6 +232,13 @@ def test_options_a_backend_does_not_take_are_refused_not_dropped(tiny_llama_dir,
     assert load(tiny_llama_dir, spin=False).info is not None             # the CLI passes spin=False to any backend
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("spin", ["no", 1, None])
+def test_spin_must_be_true_or_false(tiny_llama_dir, backend, spin):
+    with pytest.raises(UsageError, match=r"spin=.*: expected True or False"):   # "no" is truthy: it would spin
+        load(tiny_llama_dir, backend=backend, spin=spin)
+
+
 @pytest.mark.parametrize("threads", ["2", -1, 0, True])
 def test_onnx_threads_must_be_a_count(threads, tmp_path):
     from deploylm.backends.onnx_backend import OnnxBackend
