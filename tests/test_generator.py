@@ -248,6 +248,15 @@ def test_onnx_threads_must_be_a_count(threads, tmp_path):
         OnnxBackend.from_source(Source("artifact", tmp_path), threads=threads)
 
 
+@pytest.mark.parametrize("providers", ["CPUExecutionProvider", ["Foo"], [], "CPU"])
+def test_onnx_providers_must_be_a_list_of_provider_names(providers, tmp_path):
+    from deploylm.backends.onnx_backend import OnnxBackend
+    from deploylm.models.source import Source
+
+    with pytest.raises(UsageError, match=r"providers=.*: expected a list of ONNX Runtime execution providers"):
+        OnnxBackend.from_source(Source("artifact", tmp_path), providers=providers)
+
+
 @pytest.mark.parametrize("error", [RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
                                                  "memory: you tried to allocate 196608000000 bytes"), MemoryError()])
 def test_a_call_too_large_for_memory_says_what_to_lower(llama, monkeypatch, error):

@@ -54,6 +54,20 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+def check_providers(providers: Any) -> None:
+    """`providers`: None (device decides) or a non-empty list of ONNX Runtime execution provider names; else a
+    UsageError (a plain string would be read letter by letter, an unknown name ends in ORT's fallback to CPU)."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return
+    known = ort.get_all_providers()
+    if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not providers \
+            or not all(isinstance(p, str) and p in known for p in providers):
+        raise UsageError(f"providers={providers!r}: expected a list of ONNX Runtime execution providers, "
+                         f"e.g. ['CPUExecutionProvider'] (this onnxruntime has {', '.join(ort.get_available_providers())})")
+
+
 def create_session(path: Path, *, device: str = "cpu", threads: int | None = None,
                    providers: list[str] | None = None, opt_level: str = DEFAULT_OPT_LEVEL, spin: bool = False) -> Any:
     """An InferenceSession for one graph; CUDA is refused loudly when ORT would fall back to CPU.
@@ -147,6 +161,7 @@ class OnnxBackend:
         if device not in ("cpu", "cuda"):
             raise UsageError(f"device {device!r}: expected cpu or cuda")
         check_threads(threads, "the physical cores")
+        check_providers(providers)
         artifact = load_artifact(source.path)  # verifies checksums and graph IO against the manifest
         return cls.from_folder(artifact.path, name=source.name, generation=artifact.manifest.get("generation"),
                                device=device, threads=threads, providers=providers, opt_level=opt_level,
