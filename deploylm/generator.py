@@ -108,6 +108,7 @@ class Generator:
 
     def __init__(self, backend: Backend, tokenizer: Any, defaults: Mapping[str, Any] | None = None,
                  defaults_from: str | None = None) -> None:
+        _check_backend(backend)
         self.backend = backend
         self.tokenizer = tokenizer
         self.info = backend.info
@@ -404,6 +405,19 @@ def _model_defaults(known: Mapping[str, Any]) -> DecodingOptions:
     object.__setattr__(defaults, "do_sample", bool(known.get("do_sample", False)))
     object.__setattr__(defaults, "max_new_tokens", max_new)
     return defaults
+
+
+def _check_backend(backend: Any) -> None:
+    """A Backend (deploylm.backends.base): name, device, info (a ModelInfo), prefill, decode, reorder; else a
+    UsageError naming what is missing (a custom backend: docs/serving.md, "A backend of your own")."""
+    from deploylm.backends.base import ModelInfo
+
+    missing = [a for a in ("name", "device", "info", "prefill", "decode", "reorder") if not hasattr(backend, a)]
+    if missing or not isinstance(backend.info, ModelInfo):
+        what = f"no {', '.join(missing)}" if missing else f"info={backend.info!r}, not a ModelInfo"
+        raise UsageError(f"{type(backend).__name__} is not a deploylm Backend ({what}): a backend has name, device, "
+                         "info (deploylm.backends.ModelInfo), prefill, decode and reorder (docs/serving.md, "
+                         "\"A backend of your own\")")
 
 
 @contextlib.contextmanager

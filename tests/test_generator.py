@@ -360,3 +360,34 @@ def test_a_model_min_new_tokens_over_the_default_max_loads_and_a_call_raises_the
     assert gen.options(max_new_tokens=72).min_new_tokens == 70
     with pytest.raises(UsageError, match=r"max_new_tokens=64 is invalid: must be >= min_new_tokens=70"):
         gen.options()
+
+
+def _doc_backend_class():
+    """The HFBackend of docs/serving.md, "A backend of your own" (its code block up to `gen = ...`)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    section = text[text.index("### A backend of your own"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("\ngen = ")]
+    scope: dict = {}
+    exec(compile(code, "docs/serving.md", "exec"), scope)
+    return scope["HFBackend"]
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")   # the example's keyword, renamed in transformers 5.24
+def test_a_backend_of_your_own_runs_the_shared_decoder(tiny_gpt2_dir, llama):
+    from transformers import AutoTokenizer
+
+    backend = _doc_backend_class()(tiny_gpt2_dir)
+    mine, ours = Generator(backend, AutoTokenizer.from_pretrained(tiny_gpt2_dir)), load(tiny_gpt2_dir)
+    for options in ({"num_beams": 3, "max_new_tokens": 6}, {"num_beams": 1, "max_new_tokens": 6}):
+        got, want = mine.generate(PROMPTS[:2], **options), ours.generate(PROMPTS[:2], **options)
+        assert [s.token_ids for r in got for s in r.sequences] == [s.token_ids for r in want for s in r.sequences]
+        assert "".join(mine.stream(PROMPTS[0], **options)) == got[0].sequences[0].text
+
+    class NoInfo:   # DESIGN.md §4's attributes only: the decoder also needs `info`
+        name, device = backend.name, backend.device
+        prefill, decode, reorder = backend.prefill, backend.decode, backend.reorder
+
+    with pytest.raises(UsageError, match=r"NoInfo is not a deploylm Backend \(no info\).*ModelInfo"):
+        Generator(NoInfo(), llama.tokenizer)
