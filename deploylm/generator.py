@@ -141,6 +141,7 @@ class Generator:
         from deploylm.decoding.search import generate_ids
 
         texts = _prompt_list(prompts)
+        _check_stop(stop, stats)
         opts = self.options(**options)
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
         if self._slides(fit):
@@ -165,6 +166,7 @@ class Generator:
         """
         if not isinstance(prompt, str):
             raise UsageError(f"stream takes one prompt string, got {type(prompt).__name__}")
+        _check_stop(stop)
         opts = self.options(**options)
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
         if self._slides(fit):
@@ -434,6 +436,18 @@ def _memory_is_usage(prompts: int, opts: DecodingOptions) -> Iterator[None]:
         raise UsageError(f"not enough memory for {prompts} prompt(s) x {opts.rows_per_input} row(s) each "
                          f"(num_beams={opts.num_beams}, num_return_sequences={opts.num_return_sequences}): lower "
                          f"num_beams or num_return_sequences, or send fewer prompts at once") from None
+
+
+def _check_stop(stop: Any, stats: Any = None) -> None:
+    """`stop` is None or a threading.Event (not stop strings, which deploylm does not have); `stats` None or a
+    SearchStats: else a UsageError, not an AttributeError from inside the decode loop."""
+    from deploylm.decoding.search import SearchStats
+
+    if stop is not None and not callable(getattr(stop, "is_set", None)):
+        raise UsageError(f"stop={stop!r}: expected a threading.Event (set it to end the decode after its current "
+                         "step) or None; deploylm has no stop strings")
+    if stats is not None and not isinstance(stats, SearchStats):
+        raise UsageError(f"stats={stats!r}: expected a deploylm.decoding.search.SearchStats (filled in place) or None")
 
 
 def _prompt_list(prompts: str | list[str]) -> list[str]:

@@ -391,3 +391,16 @@ def test_a_backend_of_your_own_runs_the_shared_decoder(tiny_gpt2_dir, llama):
 
     with pytest.raises(UsageError, match=r"NoInfo is not a deploylm Backend \(no info\).*ModelInfo"):
         Generator(NoInfo(), llama.tokenizer)
+
+
+@pytest.mark.parametrize("call", ["generate", "stream"])
+@pytest.mark.parametrize("stop", [["\n"], "\n", True])
+def test_stop_is_an_event_not_stop_strings(llama, call, stop):
+    """An OpenAI-style stop=["\\n"] was an AttributeError ('list' object has no attribute 'is_set')."""
+    run = (lambda: llama.generate(["hello"], stop=stop, max_new_tokens=2)) if call == "generate" else \
+        (lambda: list(llama.stream("hello", stop=stop, max_new_tokens=2)))
+    with pytest.raises(UsageError, match=r"stop=.*: expected a threading.Event .*no stop strings"):
+        run()
+    with pytest.raises(UsageError, match=r"stats=\{\}: expected a deploylm.decoding.search.SearchStats"):
+        llama.generate(["hello"], stats={}, max_new_tokens=2)
+    assert llama.generate(["hello"], stop=threading.Event(), max_new_tokens=2)[0].sequences
