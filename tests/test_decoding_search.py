@@ -310,3 +310,33 @@ def test_sampling_with_every_token_banned_is_a_usage_error(num_beams):
         generate_ids(backend, encode([(2,)]), options)
     relaxed = DecodingOptions(num_beams=num_beams, do_sample=True, seed=0, max_new_tokens=8, no_repeat_ngram_size=1)
     assert generate_ids(backend, encode([(2,)]), relaxed)[0]          # EOS may end it: a draw is always there
+
+
+class _Narrow(ScriptedBackend):
+    """Logits with fewer columns than info.vocab_size (or every position's, at `call`): a custom backend's bug."""
+
+    def __init__(self, call: str, shape: str, **kwargs):
+        super().__init__(**kwargs)
+        self.call, self.shape = call, shape
+
+    def _wrong(self, out):
+        logits, state = out
+        return (logits[:, :-1] if self.shape == "narrow" else logits[:, None, :]), state
+
+    def prefill(self, batch):
+        out = super().prefill(batch)
+        return self._wrong(out) if self.call == "prefill" else out
+
+    def decode(self, tokens, state):
+        out = super().decode(tokens, state)
+        return self._wrong(out) if self.call == "decode" else out
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("shape", ["narrow", "every position"])
+@pytest.mark.parametrize("call", ["prefill", "decode"])
+def test_logits_of_the_wrong_shape_are_an_error_naming_the_backend_call(call, shape, num_beams):
+    """Narrow logits were searched over silently (the missing tokens never chosen)."""
+    backend = _Narrow(call, shape, script=random_script(eos_weight=0.0), vocab_size=VOCAB)
+    with pytest.raises(RuntimeError, match=rf"backend 'scripted': {call} returned logits \(.*\), expected \[\d, {VOCAB}\]"):
+        generate_ids(backend, encode(PROMPTS[:2]), DecodingOptions(num_beams=num_beams, max_new_tokens=3))

@@ -171,6 +171,7 @@ def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | Sampl
 
     started = time.time()
     logits, state = call(backend.prefill, batch)                                      # [B, V]
+    _check_logits(backend, "prefill", logits, batch.batch_size)
     rows = options.rows_per_input
     if rows > 1:
         expand = torch.arange(batch.batch_size, device=backend.device).repeat_interleave(rows)
@@ -194,10 +195,21 @@ def run_search(backend: Backend, batch: EncodedBatch, search: BeamSearch | Sampl
         if parents is not None:
             state = call(backend.reorder, state, parents)
         logits, state = call(backend.decode, tokens, state)                           # [R, V]
+        _check_logits(backend, "decode", logits, tokens.shape[0])
     result = [[Hypothesis(ids, score) for ids, score in hyps]
               for hyps in search.result(options.num_return_sequences)]
     stats.total_seconds += time.perf_counter() - resumed
     return result
+
+
+def _check_logits(backend: Backend, call: str, logits: Tensor, rows: int) -> None:
+    """A backend's logits are [rows, info.vocab_size] (the Backend protocol): a custom backend that returns
+    every position's logits, or fewer columns than its ModelInfo says, is an error, not a silently wrong search."""
+    vocab = backend.info.vocab_size
+    if not isinstance(logits, Tensor) or tuple(logits.shape) != (rows, vocab):
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise RuntimeError(f"backend {backend.name!r}: {call} returned logits {shape}, expected [{rows}, {vocab}] "
+                           f"(one row per batch row, info.vocab_size={vocab} columns: the last position's logits)")
 
 
 STOPPED = "decoding stopped before its end: the caller asked (a server shutting down, or every client of the request gone)"
