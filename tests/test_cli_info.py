@@ -220,8 +220,6 @@ def test_info_truncated_gguf(tmp_path):
 def test_info_prints_the_quality_report_as_export_printed_it():
     """The manifest's `quality` field reads as export's lines (it was a dump of raw keys and floats), and a
     field from another version that lacks keys still prints, raw."""
-    import sys
-
     from deploylm.artifact import format_quality
     from deploylm.export.precision_step import PrecisionReport
     from deploylm.export.quality import QualityReport

@@ -1,5 +1,4 @@
 """The shared tiny models load back with transformers and generate."""
-import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 

@@ -91,7 +91,7 @@ def test_serve_prints_an_ipv6_host_in_brackets(monkeypatch, tiny_gpt2_dir):
     monkeypatch.setattr("deploylm.serving.server.check_address", lambda host, port: None)
     result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--backend", "torch", "--host", "::1",
                                       "--port", "8192"])
-    assert result.exit_code == 0 and f"on http://[::1]:8192" in result.output, result.output
+    assert result.exit_code == 0 and "on http://[::1]:8192" in result.output, result.output
 
 
 def test_the_model_summary_shows_no_path_of_the_serving_machine(tiny_gpt2_dir):
