@@ -431,3 +431,29 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_resul
         options = DecodingOptions(num_beams=beams, max_new_tokens=6, min_new_tokens=6)
         expected = [[h.token_ids for h in hyps] for hyps in generate_ids(ref, batch, options)]
         assert [[h.token_ids for h in hyps] for hyps in generate_ids(onnx, batch, options)] == expected
+
+
+def test_seq2seq_reorder_moves_only_the_rows_that_change(artifact):
+    """DESIGN §4: a reorder moving at most half the rows gathers those rows into the self-attention K/V in
+    place (the same tensors, the other rows untouched), with the values of a full gather; the state it was
+    given is superseded and refused afterwards. More changed rows, or another row count, gather anew."""
+    _, out = artifact("t5")
+    onnx = OnnxBackend.from_source(str(out))
+    batch = _batch(TorchBackend.from_source(str(artifact("t5")[0])), artifact("t5")[0])
+    _, state = onnx.prefill(batch)
+    state = onnx.reorder(state, torch.tensor([0, 0, 0, 1, 1, 1]))               # B -> B x 3: a new gather
+    _, state = onnx.decode(torch.tensor([5, 6, 7, 8, 9, 10]), state)
+    _, state = onnx.decode(torch.tensor([11] * 6), state)
+    before = [t.clone() for t in state.self_past]
+    pointers = [t.data_ptr() for t in state.self_past]
+    idx = torch.tensor([0, 0, 2, 3, 4, 4])                                          # rows 1 and 5 change
+    moved = onnx.reorder(state, idx)
+    assert [t.data_ptr() for t in moved.self_past] == pointers                        # in place, no new cache
+    for got, old in zip(moved.self_past, before):
+        assert torch.equal(got, old.index_select(0, idx))
+    with pytest.raises(RuntimeError, match="superseded"):
+        onnx.decode(torch.tensor([5] * 6), state)
+    logits, moved = onnx.decode(torch.tensor([5] * 6), moved)                        # the new state runs on
+    many = onnx.reorder(moved, torch.tensor([1, 0, 3, 2, 5, 4]))                      # every row changes
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(many.self_past, moved.self_past))
+    onnx.decode(torch.tensor([5] * 6), moved)                                         # a gather leaves it valid

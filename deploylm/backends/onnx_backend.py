@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,13 @@ class Seq2SeqState:
     src_mask: Tensor               # [C, S]
     row_input: Tensor              # [R] input each decoder row belongs to
     cross_input: Tensor            # [C] input each cross row holds
+    clock: list[int] = field(default_factory=lambda: [0])   # one per generation: bumped by an in-place reorder
+    epoch: int = 0                 # the clock when this state was made; older states' self_past may be rewritten
+
+    def check_latest(self) -> None:
+        if self.epoch != self.clock[0]:
+            raise RuntimeError("onnx backend: this state was superseded by a later step of the same generation; "
+                               "only the newest state can be advanced (its self-attention K/V were reordered in place)")
 
 
 class OnnxBackend:
@@ -371,6 +378,7 @@ class OnnxBackend:
         return self._decode_seq2seq(start, state)
 
     def _decode_seq2seq(self, tokens: Tensor, state: Seq2SeqState) -> tuple[Tensor, Seq2SeqState]:
+        state.check_latest()
         rows, past_len = tokens.shape[0], state.self_past[0].shape[2]
         feeds = {"input_ids": tokens[:, None], "encoder_attention_mask": state.src_mask,
                  **dict(zip(io_spec.past_names(self.n_layers, "decoder"), state.self_past)),
@@ -379,19 +387,35 @@ class OnnxBackend:
         out = self._run(io_spec.DECODER_FILE, feeds, {"logits": (rows, 1, self.info.vocab_size),
                                                       **{n: self._kv_shape(rows, past_len + 1) for n in names}})
         return out["logits"][:, 0, :], Seq2SeqState(tuple(out[n] for n in names), state.cross, state.src_mask,
-                                                     state.row_input, state.cross_input)
+                                                     state.row_input, state.cross_input, state.clock, state.clock[0])
 
     def _reorder_seq2seq(self, state: Seq2SeqState, beam_idx: Tensor) -> Seq2SeqState:
-        if _is_identity(beam_idx, state.row_input.shape[0]):
+        """Rows beam_idx [R'] of the state. When R' = R and at most half the rows change, only those rows of
+        the self-attention K/V move, in place (gather them, then scatter: no copy of the whole cache); the
+        state passed in is then superseded. Otherwise a gather into new tensors. Cross K/V are shared."""
+        state.check_latest()
+        rows = state.row_input.shape[0]
+        if _is_identity(beam_idx, rows):
             return state
-        self_past = tuple(t.index_select(0, beam_idx) for t in state.self_past)
+        changed = (beam_idx != torch.arange(rows, device=beam_idx.device)).nonzero().squeeze(1) \
+            if beam_idx.shape[0] == rows else None                                 # [Ch] rows whose parent changed
+        epoch = state.epoch
+        if changed is not None and 2 * changed.numel() <= rows:
+            parents = beam_idx.index_select(0, changed)                          # [Ch]
+            for t in state.self_past:                                             # each [R, H, P, Dh]
+                t.index_copy_(0, changed, t.index_select(0, parents))
+            self_past = state.self_past
+            state.clock[0] += 1
+            epoch = state.clock[0]
+        else:
+            self_past = tuple(t.index_select(0, beam_idx) for t in state.self_past)
         row_input = state.row_input.index_select(0, beam_idx)                    # [R']
         cross, src_mask, cross_input = state.cross, state.src_mask, state.cross_input
         if not self._cross_fits(row_input, cross_input):
             idx = (cross_input[None, :] == row_input[:, None]).long().argmax(1)  # [R'] first cross row of each input
             cross = tuple(t.index_select(0, idx) for t in cross)                  # one row per decoder row
             src_mask, cross_input = src_mask.index_select(0, idx), row_input
-        return Seq2SeqState(self_past, cross, src_mask, row_input, cross_input)
+        return Seq2SeqState(self_past, cross, src_mask, row_input, cross_input, state.clock, epoch)
 
     def _cross_fits(self, row_input: Tensor, cross_input: Tensor) -> bool:
         """Can decoder rows read these cross rows as they are? (row r reads cross row r // (R / C))."""
