@@ -163,15 +163,17 @@ class _Table:
         return self.data[key]
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = None, required: bool = False) -> Any:
-        value = self._value(key, default, required, f"one of {', '.join(choices)}")
+        expected = f"one of {', '.join(choices)}"
+        value = self._value(key, default, required, expected)
         if key in self.data and value not in choices:
-            self.fail(key, f"= {value!r} is not allowed", f"one of {', '.join(choices)}")
+            self.fail(key, f"= {value!r} is not allowed", expected)
         return value
 
     def text(self, key: str, default: Any = None, required: bool = False, pattern: re.Pattern | None = None) -> Any:
-        value = self._value(key, default, required, "a string" + (f" matching {pattern.pattern}" if pattern else ""))
+        expected = "a string" + (f" matching {pattern.pattern}" if pattern else "")
+        value = self._value(key, default, required, expected)
         if key in self.data and (not isinstance(value, str) or (pattern and not pattern.fullmatch(value))):
-            self.fail(key, f"= {value!r} is not valid", "a string" + (f" matching {pattern.pattern}" if pattern else ""))
+            self.fail(key, f"= {value!r} is not valid", expected)
         return value
 
     def boolean(self, key: str, default: Any = None) -> Any:

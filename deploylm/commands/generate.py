@@ -55,8 +55,8 @@ def check_sampling_flags(options: dict[str, object], generator) -> None:
     """--temperature/--top-k/--top-p/--seed change nothing unless the call samples (--do-sample, or an artifact
     whose profile samples by default): given without it, they are a UsageError, not silently dropped."""
     given = [flag for flag, name in SAMPLING_FLAGS if name in options]
-    if given and not generator.options(**{k: v for k, v in options.items() if k != "truncation"
-                                          and k != "window_overlap"}).do_sample:
+    if given and not generator.options(**{k: v for k, v in options.items()
+                                          if k not in ("truncation", "window_overlap")}).do_sample:
         raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling, and this "
                          "call searches deterministically (greedy or beam search): add --do-sample, or leave "
                          f"{'them' if len(given) > 1 else 'it'} out")

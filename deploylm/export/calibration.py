@@ -87,10 +87,10 @@ def read_lines(file: Path) -> list[str]:
     return [text for text, _ in read_samples(file)]
 
 
-def read_targets(file: Path) -> list[str] | None:
-    """An encoder-decoder's decoder side of a .jsonl file of pairs: each record's "target", when every
-    record has one (None otherwise, and for plain text files)."""
-    targets = [target for _, target in read_samples(file)]
+def pair_targets(samples: list[tuple[str, str | None]]) -> list[str] | None:
+    """An encoder-decoder's decoder side of read_samples' samples of a .jsonl file of pairs: each record's
+    "target", when every record has one (None otherwise, and for plain text files)."""
+    targets = [target for _, target in samples]
     return targets if targets and all(t is not None for t in targets) else None  # type: ignore[return-value]
 
 
@@ -242,8 +242,9 @@ def text_sets(source: Any, file: Path | None, samples: int, seq2seq: bool) -> tu
         held = TextSet(HELD_OUT_PROMPTS if not seq2seq else HELD_OUT_TEXT[:4],
                        HELD_OUT_TEXT[:4] if seq2seq else None, "builtin")
     if file is not None:
-        lines = tuple(read_lines(file)[:samples])
-        targets = read_targets(file) if seq2seq else None   # training pairs: the decoder sees their targets
+        records = read_samples(file)                        # read once: texts, and pairs' targets
+        lines = tuple(text for text, _ in records[:samples])
+        targets = pair_targets(records) if seq2seq else None   # training pairs: the decoder sees their targets
         return TextSet(lines, (tuple(targets[:samples]) if targets else lines) if seq2seq else None,
                        f"file:{file}"), held
     texts = tuple((CALIBRATION_TEXT * (1 + samples // len(CALIBRATION_TEXT)))[:max(samples, 1)])

@@ -140,10 +140,22 @@ def load_hf_config(source: Source) -> Any:
     try:
         return AutoConfig.from_pretrained(source.path, trust_remote_code=False)
     except _load_errors() as exc:
-        if _is_config_type_error(exc):
-            raise _config_type_error(source, exc) from None
-        raise UsageError(f"model folder {str(source.path)!r} does not load as a Hugging Face causal or seq2seq LM: "
-                         f"{_first_line(exc)}") from None
+        raise _load_error(source, exc) from None
+
+
+def _load_error(source: Source, exc: BaseException) -> UsageError:
+    """What a Hugging Face folder that transformers did not load is told, most specific first: a config.json
+    field of the wrong type, a damaged weight file, a model that needs its own code, else transformers' reason."""
+    what = f"model folder {str(source.path)!r}"
+    if _is_config_type_error(exc):   # huggingface_hub's strict config fields: "expected int, got str"
+        return _config_type_error(source, exc)
+    damaged = _damaged_weight_file(source.path)
+    if damaged is not None:
+        return UsageError(f"{what} does not load as a Hugging Face causal or seq2seq LM: {damaged}")
+    if _needs_own_code(source.path):
+        return UsageError(f"{what} needs its own Python code (config.json \"auto_map\"), which deploylm does not "
+                          "run: use a model whose architecture transformers includes")
+    return UsageError(f"{what} does not load as a Hugging Face causal or seq2seq LM: {_first_line(exc)}")
 
 
 def _config_type_error(source: Source, exc: BaseException) -> UsageError:
@@ -285,15 +297,7 @@ def load_hf_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
                                                   trust_remote_code=False,
                                                   ignore_mismatched_sizes=True)   # named in check_loaded_weights
     except _load_errors() as exc:
-        if _is_config_type_error(exc):   # huggingface_hub's strict config fields: "expected int, got str"
-            raise _config_type_error(source, exc) from None
-        damaged = _damaged_weight_file(source.path)
-        if damaged is not None:
-            raise UsageError(f"{what} does not load as a Hugging Face causal or seq2seq LM: {damaged}") from None
-        if _needs_own_code(source.path):
-            raise UsageError(f"{what} needs its own Python code (config.json \"auto_map\"), which deploylm does not "
-                             "run: use a model whose architecture transformers includes") from None
-        raise UsageError(f"{what} does not load as a Hugging Face causal or seq2seq LM: {_first_line(exc)}") from None
+        raise _load_error(source, exc) from None
     check_loaded_weights(what, type(model).__name__, loading)
     return model.to(device).eval()
 

@@ -48,7 +48,7 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
     try:
         return auto.from_pretrained(path, trust_remote_code=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - sorted below; anything else is re-raised
-        from deploylm.models.hf import _config_type_error, _is_config_type_error
+        from deploylm.models.hf import _config_type_error, _first_line, _is_config_type_error
 
         if _is_config_type_error(exc):
             raise _config_type_error(source, exc) from None
@@ -58,8 +58,7 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
                              "(tokenizer.ggml.tokens)") from None
         if not isinstance(exc, (ValueError, KeyError, OSError, TypeError)):
             raise
-        lines = str(exc).strip().splitlines()
-        reason = lines[0].strip() if lines else type(exc).__name__
+        reason = _first_line(exc).strip()
         if reason.endswith(":"):          # "Couldn't instantiate the backend tokenizer from one of:" + a list
             reason = " ".join(str(exc).split())
         if source.kind != "gguf":         # name the file when it is one of the folder's own that is at fault
