@@ -133,13 +133,14 @@ def plan_rows(config: BenchConfig) -> list[RowSpec]:
 
     rows: list[RowSpec] = []
     references: dict[str, RowSpec] = {}
+    digests: dict[str, str | None] = {}     # an original model's weights hashed once, however many artifacts
     for src in config.models:
         source = resolve_source(src)
         names = [b for b in (config.backends or (_default_backend(source.kind),)) if _can_open(b, source.kind)]
         if not names:
             raise UsageError(f"--model {src}: none of --backends {','.join(config.backends)} runs {source.a_kind} "
                              f"(an artifact runs on onnx or trt; other models on torch)")
-        ref, notes = _reference_for(source, config.reference, references)
+        ref, notes = _reference_for(source, config.reference, references, digests)
         for name in names:
             if any(Path(r.src).resolve() == source.path.resolve() and r.backend == name for r in rows):
                 raise UsageError(f"--model {src} with backend {name} is given twice: give each model once")
@@ -174,11 +175,12 @@ def _profile(source: Any) -> str:
     return str(profile.get("name", "?")) if isinstance(profile, dict) else str(profile)
 
 
-def _reference_for(source: Any, wanted: bool, references: dict[str, RowSpec]) -> tuple[RowSpec | None, tuple[str, ...]]:
+def _reference_for(source: Any, wanted: bool, references: dict[str, RowSpec],
+                   digests: dict[str, str | None]) -> tuple[RowSpec | None, tuple[str, ...]]:
     """The reference row for `source` (created once per original model), or None and why."""
     if not wanted:
         return None, ()
-    origin, why = original_model(source)
+    origin, why = original_model(source, digests)
     if origin is None:
         return None, (why,)
     key = str(origin.path.resolve())
@@ -188,8 +190,9 @@ def _reference_for(source: Any, wanted: bool, references: dict[str, RowSpec]) ->
     return references[key], ()
 
 
-def original_model(source: Any) -> tuple[Any, str]:
-    """(Source of the Hugging Face/GGUF model transformers can run for `source`, "") or (None, why not)."""
+def original_model(source: Any, digests: dict[str, str | None] | None = None) -> tuple[Any, str]:
+    """(Source of the Hugging Face/GGUF model transformers can run for `source`, "") or (None, why not).
+    digests: weights_sha256 by resolved path, filled in (one hash per original model of a plan)."""
     from deploylm.artifact import read_manifest, weights_sha256
     from deploylm.models.source import resolve_source
 
@@ -198,9 +201,14 @@ def original_model(source: Any) -> tuple[Any, str]:
         origin, digest = recorded.get("path"), recorded.get("weights_sha256")
         if not origin or not Path(origin).exists():
             return None, f"no transformers reference: the model this artifact was exported from ({origin}) is gone"
-        if digest and weights_sha256(Path(origin)) != digest:
-            return None, (f"no transformers reference: the model at {origin} changed since this artifact was "
-                          "exported (its weights' sha256 is not the manifest's), so it is another model")
+        if digest:
+            digests = {} if digests is None else digests
+            key = str(Path(origin).resolve())
+            if key not in digests:
+                digests[key] = weights_sha256(Path(origin))
+            if digests[key] != digest:
+                return None, (f"no transformers reference: the model at {origin} changed since this artifact was "
+                              "exported (its weights' sha256 is not the manifest's), so it is another model")
         source = resolve_source(origin)
     if source.kind not in ("hf", "gguf"):
         return None, f"no transformers reference: {source.path} is a deploylm {source.kind}, which transformers cannot load"
