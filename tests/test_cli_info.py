@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -134,6 +135,7 @@ def test_info_gguf():
     assert result.exit_code == 0, result.output
     assert "kind       gguf" in result.output and "llama.block_count" in result.output
     assert "Q4_1" in result.output and "tokenizer.ggml.tokens" not in result.output
+    assert re.search(r"general\.file_type +3 \(MOSTLY_Q4_1\)$", result.output, re.M)   # the name, not a bare 3
 
 
 def test_info_missing_source(tmp_path):

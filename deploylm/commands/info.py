@@ -81,7 +81,19 @@ def describe_gguf(path: Path) -> list[str]:
             value = field.contents()
             if isinstance(value, list) and len(value) > 8:
                 value = f"[{len(value)} values]"
+            elif key == "general.file_type":
+                value = _gguf_file_type(value)
             lines.append(f"  {key:<44} {value}")
     types = collections.Counter(t.tensor_type.name for t in reader.tensors)
     lines.append("tensors    " + ", ".join(f"{n} {name}" for name, n in types.most_common()))
     return lines
+
+
+def _gguf_file_type(value: object) -> str:
+    """general.file_type as its name, e.g. 3 -> "3 (MOSTLY_Q4_1)"; an unknown number stays a number."""
+    from gguf import LlamaFileType
+
+    try:
+        return f"{value} ({LlamaFileType(value).name})"
+    except (ValueError, TypeError):
+        return str(value)
