@@ -30,8 +30,8 @@ from typing import Generator as PieceStream  # the class below is named Generato
 from deploylm.backends import Backend, EncodedBatch, backend_class
 from deploylm.decoding.options import DecodingOptions, option_names
 from deploylm.errors import Interrupted, UsageError
-from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, join_parts, join_texts, prompt_budget,
-                                  split_rows, tokenize, tokenize_windows)
+from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, encoding, join_parts, join_texts,
+                                  prompt_budget, split_rows, tokenize, tokenize_windows)
 from deploylm.models.source import Source, resolve_source
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ class Generator:
 
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` is as a prompt (the tokenizer's special tokens included)."""
-        with self._tokenizer_lock:
+        with self._tokenizer_lock, encoding(self.tokenizer, [text]):
             return len(self.tokenizer(text, verbose=False)["input_ids"])
 
     def _sequence(self, token_ids: tuple[int, ...], score: float) -> Sequence:

@@ -29,8 +29,9 @@ one): so the text can differ from decoding the joined ids by those spaces.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -106,6 +107,29 @@ def check_fits(lengths: list[int], info: ModelInfo, max_new_tokens: int) -> None
                      "or pass truncation='left' or 'right' (deploylm generate: --truncation left|right)")
 
 
+@contextmanager
+def encoding(tokenizer: Any, texts: Sequence[str]) -> Iterator[None]:
+    """A text the tokenizer itself refuses (a WordLevel vocabulary without an unknown token meeting a word
+    it lacks) is a UsageError naming that text, not the `tokenizers` library's bare Exception."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc) is not Exception:   # tokenizers raises plain Exception; anything else is not the input's fault
+            raise
+        bad = next((t for t in texts if not _encodes(tokenizer, t)), texts[0] if texts else "")
+        short = bad if len(bad) <= 60 else bad[:57] + "..."
+        raise UsageError(f"prompt {short!r}: the model's tokenizer cannot encode it ({exc}); a tokenizer "
+                         "without an unknown token cannot encode words outside its vocabulary") from None
+
+
+def _encodes(tokenizer: Any, text: str) -> bool:
+    try:
+        tokenizer(text, verbose=False)
+    except Exception:
+        return False
+    return True
+
+
 def tokenize(tokenizer: Any, texts: list[str], *, padding_side: str, max_length: int | None = None,
              truncation_side: str | None = None) -> EncodedBatch:
     """Tokenize and pad `texts`; with `truncation_side`, cut each to `max_length` tokens from that side.
@@ -114,14 +138,16 @@ def tokenize(tokenizer: Any, texts: list[str], *, padding_side: str, max_length:
     """
     if truncation_side is None or max_length is None:
         # verbose=False: no "longer than the maximum sequence length" warning; check_fits says it better
-        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side, verbose=False)
+        with encoding(tokenizer, texts):
+            enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side, verbose=False)
         return EncodedBatch(enc["input_ids"], enc["attention_mask"])
     _check_room(tokenizer, max_length, 0)
     saved = tokenizer.truncation_side
     tokenizer.truncation_side = truncation_side
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side,
-                        truncation=True, max_length=max_length)
+        with encoding(tokenizer, texts):
+            enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side,
+                            truncation=True, max_length=max_length)
     finally:
         tokenizer.truncation_side = saved
     return EncodedBatch(enc["input_ids"], enc["attention_mask"])
@@ -136,8 +162,9 @@ def tokenize_windows(tokenizer: Any, text: str, *, window: int, overlap: int) ->
     saved = tokenizer.truncation_side
     tokenizer.truncation_side = "right"
     try:
-        enc = tokenizer([text], return_tensors="pt", padding=True, padding_side="right", truncation=True,
-                        max_length=window, stride=overlap, return_overflowing_tokens=True)
+        with encoding(tokenizer, [text]):
+            enc = tokenizer([text], return_tensors="pt", padding=True, padding_side="right", truncation=True,
+                            max_length=window, stride=overlap, return_overflowing_tokens=True)
     finally:
         tokenizer.truncation_side = saved
     return EncodedBatch(enc["input_ids"], enc["attention_mask"])                   # [C, T]

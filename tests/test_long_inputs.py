@@ -382,3 +382,25 @@ def test_window_outputs_are_joined_as_words(seed):
     assert join_texts(["one hundred", "ten", " twenty", "格", "子"], [False, True, True, True, True]) == \
         "one hundred ten twenty格子"
     assert join_texts(["one hun", "dred"], [False, False]) == "one hundred"        # a shared run continues
+
+
+def test_tokenizer_that_cannot_encode_a_prompt_is_named():
+    """A WordLevel tokenizer without an unknown token meets a word it lacks: one UsageError naming the
+    prompt, not tokenizers' bare `Exception: WordLevel error: Missing [UNK] token`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deploylm.long_inputs import tokenize, tokenize_windows
+
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "the": 1, "quick": 2, "fox": 3}))   # no unk_token
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>")
+    assert tokenize(tokenizer, ["the quick fox"], padding_side="left").input_ids.tolist() == [[1, 2, 3]]
+    for call in (lambda: tokenize(tokenizer, ["the quick fox", "the slow fox"], padding_side="left"),
+                 lambda: tokenize(tokenizer, ["the slow fox"], padding_side="left", max_length=2,
+                                  truncation_side="left"),
+                 lambda: tokenize_windows(tokenizer, "the slow fox", window=8, overlap=0)):
+        with pytest.raises(UsageError, match=r"prompt 'the slow fox': the model's tokenizer cannot encode it "
+                                             r"\(WordLevel error: Missing \[UNK\]"):
+            call()
+    assert tokenizer.truncation_side == "right"          # restored after the refusal
