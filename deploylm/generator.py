@@ -189,6 +189,9 @@ class Generator:
         from deploylm.decoding.search import STOPPED
         from deploylm.decoding.stream import stream_ids
 
+        # A tokenizer that cleans up spaces (" n't" -> "n't", " ," -> ",": T5's, Marian's) rewrites the end of
+        # the text as tokens arrive: its text is final only up to its last space.
+        cleans = getattr(self.tokenizer, "clean_up_tokenization_spaces", False) is True
         with self._lock:
             ids: list[int] = []
             emitted = text = ""
@@ -199,9 +202,10 @@ class Generator:
                     continue
                 ids.extend(pieces[0])
                 text = self.decode(ids)
-                if text.startswith(emitted) and len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    yield text[len(emitted):]  # held back while it ends in a half-decoded character
-                    emitted = text
+                ready = text[:max(text.rfind(" "), 0)] if cleans else text
+                if ready.startswith(emitted) and len(ready) > len(emitted) and not ready.endswith("\ufffd"):
+                    yield ready[len(emitted):]  # held back while it ends in a half-decoded character
+                    emitted = ready
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield text[len(emitted):]
         return self.finish_reason(ids, opts.max_new_tokens)

@@ -63,3 +63,27 @@ def test_beam_search_streams_before_the_end_when_beams_agree():
     pieces, hyps = drain(stream_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=3, max_new_tokens=10)))
     early = [t for step in pieces[:-1] for per_input in step for t in per_input]
     assert early, "nothing was streamed before the search ended"
+
+
+def test_a_tokenizer_that_cleans_up_spaces_streams_its_whole_text():
+    """T5's and Marian's tokenizers clean up spaces (" n't" -> "n't", " ," -> ","): the text of the tokens so
+    far is not a prefix of the next one's, and the stream must neither stall nor lose the rest."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import deploylm
+
+    backend_tok = Tokenizer(models.Unigram())
+    backend_tok.pre_tokenizer, backend_tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    backend_tok.train_from_iterator(["I do n't know , he said . it 's here"] * 4, trainers.UnigramTrainer(
+        vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend_tok, eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", clean_up_tokenization_spaces=True)
+    for text in ["I do n't know , he said .", "it 's here ."]:
+        ids = tok.encode(text, add_special_tokens=False)
+        table = {tuple(ids[:i]): [1.0 if t == ids[i] else 0.0 for t in range(len(tok))] for i in range(len(ids))}
+        script = scripted_backend.table_script(table, [1.0 if t == 1 else 0.0 for t in range(len(tok))])
+        gen = deploylm.Generator(ScriptedBackend(script, len(tok)), tok)
+        whole = gen.generate("hi", num_beams=1, max_new_tokens=len(ids) + 1)[0].sequences[0].text
+        assert whole == tok.decode(ids) and "'" in whole
+        assert "".join(gen.stream("hi", num_beams=1, max_new_tokens=len(ids) + 1)) == whole

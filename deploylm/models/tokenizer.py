@@ -143,6 +143,8 @@ class LightTokenizer:
     cover (truncation, windows, anything else) go to the transformers tokenizer, loaded on first use.
     """
 
+    clean_up_tokenization_spaces = False   # light_tokenizer refuses folders that clean up
+
     def __init__(self, folder: Path, backend: Any, special: dict[str, str | None]) -> None:
         self.name_or_path = str(folder)
         self.backend_tokenizer = backend
