@@ -153,6 +153,8 @@ def test_completions_stream_ends_with_the_reason_it_ended_then_done(client, prom
     (json.dumps({"prompt": "a", "min_new_tokens": 40}).encode(), 400, "min_new_tokens",
      "(max_new_tokens=32 is this server's limit, applied because the request left max_new_tokens out)"),
     (json.dumps({"prompt": "a", "stream": "yes"}).encode(), 400, "stream", "true or false"),
+    (json.dumps({"prompt": "a", "temperature": 0.7}).encode(), 400, "temperature", "add \"do_sample\": true"),
+    (json.dumps({"prompt": "a", "top_k": 5, "seed": 1}).encode(), 400, "top_k", "top_k, seed apply only when sampling"),
     (json.dumps({"prompt": ["a", "b"], "stream": True}).encode(), 400, "prompt", "exactly one prompt"),
     (json.dumps({"prompt": "a", "x": "y" * 500_000}).encode(), 413, None, "limit of 400000"),
 ])

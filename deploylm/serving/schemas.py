@@ -100,7 +100,15 @@ def parse_generate(body: dict[str, Any], config: ServeConfig, count_tokens: Call
     prompts = _prompts(body.pop("prompt"), config, count_tokens, "prompt")
     stream = _bool(body.pop("stream", False), "stream")
     options = validate_options(body, config, defaults)
+    given = [name for name in SAMPLING_OPTIONS if name in options]
+    if given and not resolve(options, defaults).do_sample:  # as `deploylm generate`: not silently deterministic
+        raise ApiError(400, f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling, and this "
+                       "request searches deterministically (greedy or beam search): add \"do_sample\": true, or leave "
+                       f"{'them' if len(given) > 1 else 'it'} out", param=given[0])
     return _job(prompts, options, stream, defaults)
+
+
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "seed")   # change nothing unless the request samples
 
 
 def resolve(options: dict[str, Any], defaults: Any = None) -> Any:
