@@ -75,3 +75,16 @@ def test_server_over_a_real_model_answers_what_the_generator_answers(generator):
     assert c.json()["usage"]["prompt_tokens"] == generator.count_tokens(PROMPTS[2])
     capped = generator.generate(PROMPTS[3], max_new_tokens=8)[0].sequences[0]  # the server caps the default 64
     assert default.json()["results"][0]["outputs"][0]["token_ids"] == list(capped.token_ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_option_the_model_refuses_is_a_400_naming_it_streamed_or_not(generator, stream):
+    """A sequence_bias token past the vocabulary: refused before any 200 (a stream's too), param named."""
+    outside = generator.info.vocab_size + 5
+    with TestClient(create_app(generator, ServeConfig(max_new_tokens=8))) as client:
+        r = client.post("/v1/generate", json={"prompt": PROMPTS[0], "max_new_tokens": 3, "stream": stream,
+                                              "sequence_bias": [[[outside], 1.0]]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "sequence_bias" and str(outside) in r.json()["error"]["message"]
+        assert client.post("/v1/generate", json={"prompt": PROMPTS[0], "max_new_tokens": 2,
+                                                 "stream": stream}).status_code == 200

@@ -157,9 +157,11 @@ class _Api:
         except ApiError as exc:
             return _error_response(exc)
         except UsageError as exc:  # the generator refused the input (e.g. longer than the model's window)
+            from deploylm.decoding.options import option_names
+
             message = str(exc)
-            param = "prompt" if message.startswith("prompt") else (
-                "max_new_tokens" if message.startswith("max_new_tokens") else None)
+            param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
+                (name for name in sorted(option_names(), key=len, reverse=True) if message.startswith(name)), None)
             return _error_response(ApiError(400, message, param=param))
         except Interrupted:
             return _error_response(SHUTTING_DOWN)
@@ -191,7 +193,14 @@ class _Api:
         """Refuse (400) a stream the generator would refuse, before the 200 and the first event go out."""
         encode, options = getattr(self.generator, "encode", None), getattr(self.generator, "options", None)
         if callable(encode) and callable(options):
-            encode(list(job.prompts), options(**job.options))  # raises UsageError (prompt too long, ...)
+            opts = options(**job.options)
+            batch = encode(list(job.prompts), opts)  # raises UsageError (prompt too long, ...)
+            info = getattr(self.generator, "info", None)
+            if info is not None:   # options checked against the model (a sequence_bias token past its vocabulary)
+                from deploylm.decoding.processors import build_processors
+
+                build_processors(opts, info, 1 if info.is_encoder_decoder else batch.input_ids.shape[1],
+                                 encoder_input_ids=batch.input_ids)
 
     def _reserve_stream(self) -> None:
         if self.state.active_streams >= self.config.max_streams:
