@@ -105,3 +105,18 @@ def test_the_model_summary_shows_no_path_of_the_serving_machine(tiny_gpt2_dir):
     assert str(tiny_gpt2_dir.parent) not in json.dumps(summary)
     assert _without_paths({"kind": "hf", "path": "/srv/models/llama", "sha256": "ab"}) == {
         "kind": "hf", "path": "llama", "sha256": "ab"}
+
+
+@pytest.mark.parametrize("flag, value", [("--max-wait-ms", "nan"), ("--max-wait-ms", "inf"), ("--drain-timeout", "nan")])
+def test_serve_refuses_a_wait_that_never_ends_before_loading(monkeypatch, flag, value):
+    """FloatRange(0) lets nan through: --max-wait-ms nan served, and every request hung until its client gave up."""
+    import deploylm
+    from deploylm.errors import UsageError
+    from deploylm.serving import ServeConfig
+
+    monkeypatch.setattr(deploylm, "load", lambda *a, **k: pytest.fail("loaded the model before checking the flags"))
+    result = CliRunner().invoke(cli, ["serve", "--model", "x", flag, value])
+    assert result.exit_code == 2 and flag in result.output and "finite" in result.output, result.output
+    name = "max_wait_ms" if flag == "--max-wait-ms" else "drain_timeout_s"
+    with pytest.raises(UsageError, match="finite numbers >= 0"):
+        ServeConfig(**{name: float(value)})

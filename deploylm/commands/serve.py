@@ -1,6 +1,8 @@
 """`deploylm serve`: an HTTP JSON API over one model, with request batching and streaming."""
 from __future__ import annotations
 
+import math
+
 import click
 
 from deploylm.commands._options import spin_option, threads_option
@@ -15,7 +17,7 @@ from deploylm.commands._options import spin_option, threads_option
 @click.option("--max-batch-size", type=click.IntRange(1), default=8, show_default=True,
               help="Prompts decoded together in one batch.")
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
-              help="How long a request waits for others to batch with.")
+              callback=lambda c, p, v: _finite(p, v), help="How long a request waits for others to batch with.")
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests waiting to be decoded; beyond: 503 with Retry-After.")
 @click.option("--max-streams", type=click.IntRange(1), default=16, show_default=True,
@@ -26,6 +28,7 @@ from deploylm.commands._options import spin_option, threads_option
 @click.option("--max-beams", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True)
 @click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              callback=lambda c, p, v: _finite(p, v, inf_ok=True),
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
@@ -48,3 +51,11 @@ def command(src: str, backend: str | None, host: str, port: int, drain_timeout: 
     shown = f"[{host}]" if ":" in host else host            # an IPv6 address in a URL is bracketed
     click.echo(f"serving {src} ({summary['backend']}) on http://{shown}:{port}", err=True)
     serve(generator, config, host=host, port=port, log_level=log_level)
+
+
+def _finite(param: click.Parameter, value: float, inf_ok: bool = False) -> float:
+    """FloatRange lets nan through (every comparison with it is false), and inf: a wait of nan or inf ms
+    never ends, so every request would hang. A drain of inf is "wait for them all" (a second SIGTERM cuts it)."""
+    if math.isnan(value) or (math.isinf(value) and not inf_ok):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value

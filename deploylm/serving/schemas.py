@@ -6,6 +6,7 @@ turns ApiError into `{"error": {"message", "type", "param"}}` with the error's s
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -35,8 +36,9 @@ class ServeConfig:
                      "max_beams", "max_prompts", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise UsageError(f"serve option {name}={getattr(self, name)} is invalid: use a value >= 1")
-        if self.max_wait_ms < 0 or self.drain_timeout_s < 0:
-            raise UsageError("serve options max_wait_ms and drain_timeout_s must be >= 0")
+        if not self.max_wait_ms >= 0 or self.max_wait_ms == math.inf or not self.drain_timeout_s >= 0:  # nan too
+            raise UsageError(f"serve options max_wait_ms={self.max_wait_ms} and drain_timeout_s={self.drain_timeout_s}: "
+                             "use finite numbers >= 0 (drain_timeout_s may be inf)")
 
 
 class ApiError(Exception):
