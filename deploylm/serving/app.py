@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -80,6 +81,8 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
     return RequestMiddleware(app, state)
 
 
+_TRUNCATION_ADVICE = re.compile(r",? or pass truncation=.*\(deploylm generate: --truncation [a-z|-]+\)")
+
 SHUTTING_DOWN = ApiError(503, "server is shutting down: this request was not finished; retry on another instance",
                          type="server_overloaded", headers={"connection": "close"})
 
@@ -145,8 +148,10 @@ class _Api:
             body = parse_json_body(await _read_body(request, self.config.max_body_bytes))
             # tokenizing a long prompt takes ~0.1 s: off the event loop, so /health and others go on
             job = await asyncio.to_thread(parse, body, self.config, self.count_tokens, self.defaults)
+            # the model's own checks on this request alone: a batch (or a chunk of a long request) would number
+            # its prompts among the others'
+            await asyncio.to_thread(self._precheck, job)
             if job.stream:
-                await asyncio.to_thread(self._precheck, job)
                 self._reserve_stream()
                 return _StreamSlotResponse(self._release_stream, self._guarded(events(job, rid)),
                                            media_type="text/event-stream", headers={"cache-control": "no-cache"})
@@ -159,7 +164,9 @@ class _Api:
         except UsageError as exc:  # the generator refused the input (e.g. longer than the model's window)
             from deploylm.decoding.options import option_names
 
-            message = str(exc)
+            message = _TRUNCATION_ADVICE.sub("", str(exc))   # the HTTP API has no truncation option
+            if parse is parse_completion and "max_tokens" in body:
+                message = message.replace("max_new_tokens", "max_tokens")   # the field the client sent
             param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
                 (name for name in sorted(option_names(), key=len, reverse=True) if message.startswith(name)), None)
             return _error_response(ApiError(400, message, param=param))
