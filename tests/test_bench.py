@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,31 @@ def test_a_report_that_cannot_be_written_is_one_error_and_leaves_no_file(tmp_pat
     with pytest.raises(UsageError, match=r"could not write .*report.json: No space left on device; nothing was written"):
         write_atomic(tmp_path / "report.json", b'{"rows": []}')
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_dies_quietly_with_a_bench_killed_outright(tiny_gpt2_dir, tmp_path):
+    """`kill -9` of `deploylm bench`: its row worker used to go on (loading its model) and then print a
+    BrokenPipeError traceback into the terminal; it now dies with the bench, silently."""
+    import os
+    import subprocess
+
+    script = tmp_path / "killed_bench.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from deploylm.bench import BenchConfig\n"
+        "from deploylm.benchmarking.worker import ProcessRunner\n"
+        "from deploylm.benchmarking.workload import plan_rows, workload_of\n"
+        "if __name__ == '__main__':\n"
+        "    config = BenchConfig(models=(sys.argv[1],), prompts=('hello world',), batch_size=1, max_new_tokens=2,\n"
+        "                         rounds=1, warmup=0, reference=False)\n"
+        "    runner = ProcessRunner(plan_rows(config)[0], workload_of(config))\n"
+        "    runner.ready()\n"
+        "    print(runner._proc.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(script), str(tiny_gpt2_dir)], capture_output=True, text=True,
+                         timeout=120, env=env)   # returns once the worker, which shares its pipes, is gone too
+    assert run.returncode == -9 and run.stdout.strip().isdigit(), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr[-2000:]

@@ -106,6 +106,7 @@ class ProcessRunner:
 
 def serve(conn: Any, spec: Any, workload: Any) -> None:
     """Worker main: load the row, answer ("ok", (load_s, rss)), then one round per "run" until "close"."""
+    _die_with_parent()
     quiet_libraries_env()
     try:
         import torch
@@ -121,8 +122,33 @@ def serve(conn: Any, spec: Any, workload: Any) -> None:
     except DeployLMError as exc:
         conn.send(("error", exc))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        if not _parent_alive():   # the bench was killed outright: nobody reads the report (no traceback)
+            return
         conn.send(("crash", traceback.format_exc()))
     finally:
         conn.close()
+
+
+def _parent_alive() -> bool:
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker is killed when the bench process dies, even by SIGKILL (PR_SET_PDEATHSIG), as
+    `train --nproc` ties its launcher; else a `kill -9` of `deploylm bench` left the worker loading its model,
+    then printing a BrokenPipeError traceback into the terminal once it found its parent gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if not _parent_alive():      # it died before the call above
+        os._exit(0)
 
 
