@@ -196,3 +196,30 @@ def test_resume_into_a_folder_it_cannot_write_is_one_error(tmp_path, fast, monke
     with pytest.raises(UsageError, match=r"--resume '.*run': cannot write in '.*run' \(Read-only file system\)"):
         train(TrainConfig(out=out, steps=10, resume=True, **fast))
     assert load_training_state(out)["step"] == 5
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "tokenizer_config.json"])
+def test_a_full_disk_for_the_runs_small_files_is_one_line_and_leaves_no_temporary_file(tmp_path, fast, monkeypatch, name):
+    """metrics.json (and the tokenizer's side files) are written beside the checkpoint: a full disk there was a
+    traceback from pathlib and left `.<name>.tmp-<pid>` in the run folder (carried over by every later save)."""
+    from deploylm.errors import CheckpointWriteFailed
+
+    out = tmp_path / "run"
+    train(TrainConfig(out=out, steps=5, **fast))
+    (out / name).unlink()
+    write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith(f".{name}.tmp-"):
+            write_text(self, "{")                  # the part that fit
+            raise OSError(28, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(CheckpointWriteFailed) as err:
+        train(TrainConfig(out=out, steps=10, resume=True, **fast))
+    assert str(err.value) == (f"could not write {str(out / name)!r}: No space left on device; free space or choose "
+                              "another folder") and err.value.exit_code == 1
+    assert not any(p.name.startswith(".") for p in out.iterdir()) and not (out / name).exists()
+    monkeypatch.undo()
+    assert load_training_state(out)["step"] in (5, 10)

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-from deploylm.errors import UsageError
+from deploylm.errors import CheckpointWriteFailed, UsageError
 from deploylm.fsutil import check_output_folder, check_writable
 from deploylm.models.checkpoint import CONFIG, TOKENIZER, TRAINING_STATE, WEIGHTS, load_training_state
 from deploylm.training import state as train_state
@@ -186,10 +186,17 @@ def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """`data` as indented JSON at `path`, replaced atomically."""
+    """`data` as indented JSON at `path`, replaced atomically; a full disk (or a folder made read-only) is
+    one CheckpointWriteFailed line, and its temporary file is removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointWriteFailed(f"could not write {str(path)!r}: {exc.strerror or exc}; free space or choose "
+                                    "another folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -9,8 +9,6 @@ no </s>, as Llama's does, so a prompt tokenized by transformers starts like a tr
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -68,9 +66,9 @@ def write_side_files(folder: Path, model_max_length: int) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from deploylm.training.outdir import write_json
+
+    write_json(path, data)
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
