@@ -202,3 +202,27 @@ def test_the_weights_are_as_readable_as_the_other_files(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+
+
+def test_weights_that_do_not_fit_on_the_disk_are_one_line_and_keep_the_previous_checkpoint(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError: `train` and `distill` on a full disk
+    showed its traceback instead of CheckpointWriteFailed."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    model, config = tiny_model()
+    out = save_checkpoint(tmp_path / "ck", model, config, training_state={"step": 1})
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(CheckpointWriteFailed) as err:
+        save_checkpoint(out, model, config, training_state={"step": 2}, overwrite=True)
+    assert str(err.value) == (f"could not save the checkpoint in {str(out)!r}: the write failed (Error while "
+                              "serializing: I/O error: No space left on device (os error 28); is the disk full?); "
+                              "the previous checkpoint there is kept; free space or choose another folder")
+    assert load_training_state(out)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    with pytest.raises(CheckpointWriteFailed, match="nothing was written"):
+        save_checkpoint(tmp_path / "new", model, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

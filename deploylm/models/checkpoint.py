@@ -103,10 +103,14 @@ def _write_files(
     folder: Path, model: nn.Module, config: TransformerConfig, tokenizer: Any,
     training_state: dict[str, Any] | None, generation: dict[str, Any],
 ) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    try:
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    except SafetensorError as exc:   # a full disk: safetensors' own error, neither OSError nor RuntimeError
+        raise RuntimeError(str(exc)) from None
     _write_json(folder / CONFIG, {"model_type": config.model_type, **config.to_dict()})
     _write_json(folder / GENERATION, generation_config(config, **generation))
     if tokenizer is not None:
