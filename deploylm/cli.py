@@ -2,13 +2,16 @@
 
 Errors deploylm raises on purpose (DeployLMError) become one line on stderr and their exit code
 (2 for bad input, 1 for failed checks), and so do paths the system refuses outright (a file name too long, a
-symlink loop); nothing else is caught, so real bugs still show a traceback.
+symlink loop), and output the terminal side cannot take (`> /dev/full`, a full disk behind a redirect: exit 1);
+nothing else is caught, so real bugs still show a traceback.
 """
 from __future__ import annotations
 
 import errno
 import importlib
+import os
 import signal
+import sys
 
 import click
 
@@ -65,6 +68,18 @@ class LazyGroup(click.Group):
 
 
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what its buffer still holds would fail again when Python flushes it at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):   # not a real file (CliRunner's capture)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +91,16 @@ def cli() -> None:
 def main() -> None:
     """Console entry point (`deploylm`)."""
     exit_on_sigterm()
-    cli(prog_name="deploylm")
+    try:
+        cli(prog_name="deploylm")
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS or exc.filename:
+            raise
+        # the output a command prints (`generate > /dev/full`, a full disk behind a redirect); the files deploylm
+        # writes itself say so with their names where they are written
+        _drop_stdout()
+        click.echo(f"error: could not write the output: {exc.strerror}", err=True)
+        sys.exit(1)
 
 
 def exit_on_sigterm() -> None:

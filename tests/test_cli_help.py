@@ -35,3 +35,20 @@ def test_python_dash_m_runs_the_same_command_line():
     result = subprocess.run([sys.executable, "-m", "deploylm", "profiles"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("bf16")
+
+
+@pytest.mark.parametrize("args", [["profiles"], ["--help"]])
+def test_output_to_a_full_device_is_one_line(args):
+    """`deploylm profiles > /dev/full`: one line and exit 1, not click.echo's OSError traceback (nor a second
+    error when Python flushes stdout at exit)."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "deploylm", *args], stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == "error: could not write the output: No space left on device\n"
