@@ -201,3 +201,81 @@ def test_chunked_topk_equals_the_full_topk_whenever_it_answers():
             answered += 1
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial
     assert answered > 100  # the fast path is really taken
+
+
+# Case N: with a negative length_penalty (score = sum(log p) * len), "never" bounds the running beams at the
+# current length, as transformers does for length_penalty <= 0: "a a" (ln .42 * 2 = -1.74) can still beat
+# the worst finished "a EOS" (ln .18 * 2 = -3.43), and "a a EOS" (ln .378 * 3 = -2.92) does. Bounding at
+# max_new_tokens (ln .42 * 10) would stop after step 2 and return "a EOS".
+TABLE_N = {
+    (): [0, .3, .6, .1],
+    (A,): [0, .3, .7, 0],
+    (B,): [0, .4, .6, 0],
+    (A, A): [0, .9, .1, 0],
+}
+
+
+def test_never_with_a_negative_length_penalty_bounds_the_running_beams_at_the_current_length():
+    out, _ = run(TABLE_N, DEFAULT, num_beams=2, max_new_tokens=10, num_return_sequences=2,
+                 early_stopping="never", length_penalty=-1.0)
+    assert out == [expect([((EOS,), ln(.3) * 1), ((A, A, EOS), ln(.6 * .7 * .9) * 3)])]
+
+
+def test_a_done_input_stays_done_when_its_running_score_per_token_recovers():
+    # Input (a,): after step 2 "EOS" (ln .3 / 1) and "a EOS" (ln .48 / 2) are finished and the best running
+    # beam "a a" is worse than both (ln .072 / 2 = -1.32 < -1.20): the input is done. Its leftover beam then
+    # grows at p ~ 1, so its score per token recovers ("a a a": -0.88, "a a a EOS": -0.66) and would beat
+    # "EOS"; transformers' heuristic flag is sticky, so the done input keeps its hypotheses. Input (b,)
+    # never ends and keeps the batch running.
+    table = {
+        (): [0, .3, .6, .1],
+        (A,): [0, .8, .12, .08],
+        (B,): [0, .1, .5, .4],
+        (A, A): [0, .001, .998, .001],
+        (A, A, A): [0, .998, .001, .001],
+    }
+
+    def script(prompt, generated):
+        return table.get(tuple(generated), DEFAULT) if prompt == (A,) else [0, 0, .6, .4]
+
+    backend = ScriptedBackend(script, vocab_size=4)
+    options = DecodingOptions(num_beams=2, max_new_tokens=6, num_return_sequences=2)
+    out = generate_ids(backend, encode([(A,), (B,)]), options)
+    assert [(h.token_ids, h.score) for h in out[0]] == expect([((A, EOS), ln(.48) / 2), ((EOS,), ln(.3))])
+    done = [event.done.tolist()[0] for event in iter_search(backend, encode([(A,), (B,)]), options)]
+    assert done == [False, True, True, True, True, True]
+
+
+def test_two_eos_ids_keep_three_candidates_per_beam():
+    # EOS2 = 4 is a second end token: transformers keeps max(2, 1 + n_eos) * num_beams = 6 candidates, so
+    # that num_beams of them do not end. At step 1 the top four are "b EOS", "a a", "a EOS2", "a EOS": only
+    # "a a" of them runs on; the 5th, "a b", is the second running beam and ends as "a b EOS", the
+    # second-best hypothesis. With 4 candidates the second beam would be a dead one (score -1e9).
+    EOS2 = 4
+    table = {
+        (): [0, .1, .5, .3, .1],
+        (A,): [0, .2, .4, .18, .22],
+        (B,): [0, .8, .1, .05, .05],
+        (A, A): [.2, .17, .21, .22, .2],
+        (A, B): [0, .95, .03, .01, .01],
+    }
+    backend = ScriptedBackend(table_script(table, [0, .9, .04, .03, .03]), vocab_size=5, eos_token_ids=(EOS, EOS2))
+    hyps = generate_ids(backend, encode([(A,)]), DecodingOptions(num_beams=2, max_new_tokens=3,
+                                                                 num_return_sequences=2))
+    assert [(h.token_ids, h.score) for h in hyps[0]] == expect([((B, EOS), ln(.24) / 2),
+                                                               ((A, B, EOS), ln(.5 * .18 * .95) / 3)])
+
+
+def test_early_stopping_true_marks_an_input_done_and_streams_only_its_best_hypothesis():
+    # TABLE_E with early_stopping=True: input (a,) has num_beams finished hypotheses after step 2; it is done
+    # then, even though input (b,) keeps the batch running, and its only candidate is its best hypothesis.
+    def script(prompt, generated):
+        return TABLE_E.get(tuple(generated), DEFAULT) if prompt == (A,) else [0, 0, .6, .4]
+
+    backend = ScriptedBackend(script, vocab_size=4)
+    options = DecodingOptions(num_beams=2, max_new_tokens=5, early_stopping=True)
+    seen = [(event.done.tolist(), event.live_token_ids(0)) for event in iter_search(backend, encode([(A,), (B,)]),
+                                                                                    options)]
+    assert [done for done, _ in seen] == [[False, False], [True, False], [True, False], [True, False],
+                                          [True, True]]
+    assert seen[1][1] == [(A, EOS)]
