@@ -340,3 +340,37 @@ def test_logits_of_the_wrong_shape_are_an_error_naming_the_backend_call(call, sh
     backend = _Narrow(call, shape, script=random_script(eos_weight=0.0), vocab_size=VOCAB)
     with pytest.raises(RuntimeError, match=rf"backend 'scripted': {call} returned logits \(.*\), expected \[\d, {VOCAB}\]"):
         generate_ids(backend, encode(PROMPTS[:2]), DecodingOptions(num_beams=num_beams, max_new_tokens=3))
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_repetition_penalty_skips_the_left_padding_of_a_shorter_prompt(num_beams):
+    """As transformers (prompt_ignore_length = padding lengths): the pad positions of a left-padded prompt are
+    not earlier tokens. Here the pad id is token 2, which the model prefers; penalizing it (ln .45 * 2 < ln .25)
+    would make the padded prompt (3,) end at once. Beams: rows of one input share its padding length."""
+    table = {(): [0, .25, .45, .3]}
+    backend = ScriptedBackend(table_script(table, [0, .25, .45, .3]), vocab_size=4)
+    batch = encode([(3, 3, 3), (3,)], pad_token_id=2)
+    out = generate_ids(backend, batch, DecodingOptions(num_beams=num_beams, max_new_tokens=1,
+                                                       repetition_penalty=2.0))
+    assert [[h.token_ids for h in per_input] for per_input in out] == [[(2,)], [(2,)]]
+    assert out[1][0].score == pytest.approx(torch.tensor(.45).log().item(), rel=1e-5)
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_every_token():
+    """transformers' TopKLogitsWarper caps top_k at the vocabulary: top_k=100 over 6 tokens changes nothing."""
+    backend = ScriptedBackend(random_script(eos_weight=0.05), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=1, do_sample=True, seed=4, max_new_tokens=6, num_return_sequences=2)
+    assert generate_ids(backend, encode(PROMPTS), options.replace(top_k=100)) == \
+        generate_ids(backend, encode(PROMPTS), options)
+
+
+def test_sampling_does_not_fail_on_a_finished_row_whose_every_token_is_banned():
+    """Prompt (2, 3, 4, 5) ends at once; with no_repeat_ngram_size=1 its row (EOS, then padding) has every token
+    banned from the third step on, while prompt (2,) still samples: only an active row may raise."""
+    def script(prompt, generated):
+        return [0, .99, .0025, .0025, .0025, .0025] if prompt == (2, 3, 4, 5) else [0, 1e-6, .25, .25, .25, .25 - 1e-6]
+
+    backend = ScriptedBackend(script, vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=1, do_sample=True, seed=0, max_new_tokens=3, no_repeat_ngram_size=1)
+    out = generate_ids(backend, encode([(2, 3, 4, 5), (2,)]), options)
+    assert out[0][0].token_ids == (EOS,) and len(out[1][0].token_ids) == 3
