@@ -107,3 +107,20 @@ def test_build_processors_follows_transformers_order():
                                         P.TopK, P.TopP]
     assert built[4].top_k == 3 and built[5].min_keep == 3           # beams keep len(eos) + 1 tokens
     assert P.build_processors(DecodingOptions(top_k=5, temperature=0.5), info, 4) == []   # warpers: sampling only
+
+
+@pytest.mark.parametrize("vocab, top_p, kept", [
+    (4, 0.5, 2),      # two tokens reach exactly 0.5: the third is not needed
+    (4, 0.75, 3),
+    (4, 0.6, 3),      # the token that crosses top_p is kept
+    (8, 0.5, 4),
+    (8, 0.125, 1),
+    (4, 1.0, 4),
+])
+def test_top_p_keeps_the_smallest_set_that_reaches_top_p(vocab, top_p, kept):
+    """Equal scores give exact probabilities (1/4, 1/8): a set whose mass equals top_p exactly is enough, as
+    in transformers (it removes the tokens whose ascending cumulative mass is <= 1 - top_p)."""
+    scores = torch.zeros(2, vocab)
+    out = P.TopP(top_p)(torch.zeros(2, 1, dtype=torch.long), scores)
+    assert (torch.isfinite(out).sum(dim=-1) == kept).all()
+    assert torch.equal(out, _hf().TopPLogitsWarper(top_p)(None, scores.clone()))
