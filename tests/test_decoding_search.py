@@ -374,3 +374,18 @@ def test_sampling_does_not_fail_on_a_finished_row_whose_every_token_is_banned():
     options = DecodingOptions(num_beams=1, do_sample=True, seed=0, max_new_tokens=3, no_repeat_ngram_size=1)
     out = generate_ids(backend, encode([(2, 3, 4, 5), (2,)]), options)
     assert out[0][0].token_ids == (EOS,) and len(out[1][0].token_ids) == 3
+
+
+def test_a_sampled_input_is_done_only_when_every_draw_has_finished():
+    backend = ScriptedBackend(random_script(eos_weight=0.6), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=1, do_sample=True, seed=0, max_new_tokens=8, num_return_sequences=3)
+    events = iter_search(backend, encode([(2, 3)]), options)
+    done = []
+    while True:
+        try:
+            done.append(next(events).done.tolist())
+        except StopIteration as stop:
+            hyps = stop.value[0]
+            break
+    assert len({len(h.token_ids) for h in hyps}) > 1           # the draws end at different steps
+    assert done == [[False]] * (len(done) - 1) + [[True]] and len(done) == max(len(h.token_ids) for h in hyps)
