@@ -124,3 +124,12 @@ def test_top_p_keeps_the_smallest_set_that_reaches_top_p(vocab, top_p, kept):
     out = P.TopP(top_p)(torch.zeros(2, 1, dtype=torch.long), scores)
     assert (torch.isfinite(out).sum(dim=-1) == kept).all()
     assert torch.equal(out, _hf().TopPLogitsWarper(top_p)(None, scores.clone()))
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """transformers removes only scores below the k-th highest: tokens tied with it all stay."""
+    scores = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 5.0, -1.0, 2.0]])
+    out = P.TopK(2)(torch.zeros(2, 1, dtype=torch.long), scores)
+    inf = -float("inf")
+    assert torch.equal(out, torch.tensor([[inf, 3.0, 3.0, 3.0, inf], [2.0, 2.0, 5.0, inf, 2.0]]))
+    assert torch.equal(out, _hf().TopKLogitsWarper(2)(None, scores.clone()))
