@@ -389,3 +389,26 @@ def test_a_sampled_input_is_done_only_when_every_draw_has_finished():
             break
     assert len({len(h.token_ids) for h in hyps}) > 1           # the draws end at different steps
     assert done == [[False]] * (len(done) - 1) + [[True]] and len(done) == max(len(h.token_ids) for h in hyps)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_encoder_decoder_min_new_tokens_counts_from_the_start_token_not_the_source(num_beams):
+    """The running sequence of an encoder-decoder is the start token plus the generated tokens: with
+    min_new_tokens=2 EOS (every step's favourite) is allowed from the third token on, whatever the source's length."""
+    table = {(): [0, .6, .3, .1, 0, 0], (2,): [0, .6, .1, .3, 0, 0]}
+    backend = ScriptedBackend(table_script(table, [0, .6, .2, .2, 0, 0]), vocab_size=VOCAB, is_encoder_decoder=True,
+                              decoder_start_token_id=0)
+    out = generate_ids(backend, encode([(4, 5, 4, 5, 4)], left=False),
+                       DecodingOptions(num_beams=num_beams, max_new_tokens=5, min_new_tokens=2))
+    assert out[0][0].token_ids == (2, 3, EOS)
+
+
+def test_sampled_draws_of_one_prompt_see_that_prompt():
+    """Draws of an input are contiguous rows: with top_k=1 each draw is greedy decoding of its own prompt,
+    repetition penalty (which reads the prompt) included."""
+    backend = ScriptedBackend(random_script(eos_weight=0.05), vocab_size=VOCAB)
+    greedy = DecodingOptions(num_beams=1, max_new_tokens=5, repetition_penalty=3.0)
+    sampled = greedy.replace(do_sample=True, top_k=1, seed=0, num_return_sequences=2)
+    alone = [generate_ids(backend, encode([p]), greedy)[0][0].token_ids for p in PROMPTS]
+    batched = generate_ids(backend, encode(PROMPTS), sampled)
+    assert [[h.token_ids for h in per_input] for per_input in batched] == [[ids, ids] for ids in alone]
