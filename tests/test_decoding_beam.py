@@ -278,4 +278,4 @@ def test_early_stopping_true_marks_an_input_done_and_streams_only_its_best_hypot
                                                                                     options)]
     assert [done for done, _ in seen] == [[False, False], [True, False], [True, False], [True, False],
                                           [True, True]]
-    assert seen[1][1] == [(A, EOS)]
+    assert [live for _, live in seen[1:]] == [[(A, EOS)]] * 4      # its length, not the step's, at later steps
