@@ -412,3 +412,19 @@ def test_sampled_draws_of_one_prompt_see_that_prompt():
     alone = [generate_ids(backend, encode([p]), greedy)[0][0].token_ids for p in PROMPTS]
     batched = generate_ids(backend, encode(PROMPTS), sampled)
     assert [[h.token_ids for h in per_input] for per_input in batched] == [[ids, ids] for ids in alone]
+
+
+def test_a_finished_greedy_row_is_fed_the_pad_token():
+    """As in transformers, a row that has ended keeps receiving the pad token while others run on."""
+    seen = []
+
+    def script(prompt, generated):
+        seen.append((prompt, generated))
+        if prompt == (2,):
+            return [0, .9, .05, .05, 0, 0]                 # ends at once
+        return [0, 0, .5, .5 - 1e-3, 1e-3, 0]              # never ends
+
+    backend = ScriptedBackend(script, vocab_size=VOCAB)
+    out = generate_ids(backend, encode([(2,), (3, 3)]), DecodingOptions(num_beams=1, max_new_tokens=3))
+    assert out[0][0].token_ids == (EOS,) and len(out[1][0].token_ids) == 3
+    assert ((2,), (EOS, PAD)) in seen and not any(prompt == (2,) and g[1:2] not in ((), (PAD,)) for prompt, g in seen)
