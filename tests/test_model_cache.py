@@ -1,12 +1,14 @@
 """Seq2SeqTransformer: the explicit KV cache reproduces the full forward pass, beams share memory."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from deploylm.errors import UsageError
 from deploylm.models.config import make_config
-from deploylm.models.transformer import Seq2SeqTransformer
+from deploylm.models.transformer import Seq2SeqTransformer, attend, sinusoidal_table
 
 ATOL = 1e-5  # issue 2: incremental decoding equals the full forward within 1e-5
 VOCAB = 40
@@ -143,3 +145,50 @@ def test_model_learns_to_copy():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0]
+
+
+def test_position_table_is_the_papers_sinusoid():
+    # PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) (Vaswani et al. 3.5)
+    d = 6
+    table = sinusoidal_table(5, d)
+    for pos in range(5):
+        for i in range(d // 2):
+            angle = pos / 10000 ** (2 * i / d)
+            assert float(table[pos, 2 * i]) == pytest.approx(math.sin(angle), abs=1e-6)
+            assert float(table[pos, 2 * i + 1]) == pytest.approx(math.cos(angle), abs=1e-6)
+    assert sinusoidal_table(3, 5).shape == (3, 5)                      # an odd width keeps its last sine
+
+
+def test_embeddings_are_scaled_by_sqrt_d_model_before_the_positions_are_added():
+    model = build(tied=False)
+    src, mask, tgt = batch()
+    seen = {}
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = args[0]                                          # the layer's input [B, T, D]
+        return hook
+
+    model.encoder_layers[0].register_forward_pre_hook(keep("enc"))
+    model.decoder_layers[0].register_forward_pre_hook(keep("dec"))
+    d = model.config.d_model
+    with torch.no_grad():
+        model(src, mask, tgt)
+        assert torch.allclose(seen["enc"], model.src_embed(src) * math.sqrt(d) + model.positions[:src.shape[1]], atol=1e-5)
+        assert torch.allclose(seen["dec"], model.tgt_embed(tgt) * math.sqrt(d) + model.positions[:tgt.shape[1]], atol=1e-5)
+        cross = model.cross_kv(model.encode(src, mask))
+        _, past = model.decode_step(tgt[:, :3], None, cross, mask)
+        model.decode_step(tgt[:, 3:4], past, cross, mask)              # the 4th token sits at position 3
+        assert torch.allclose(seen["dec"], model.tgt_embed(tgt[:, 3:4]) * math.sqrt(d) + model.positions[3], atol=1e-5)
+
+
+def test_recorded_attention_weights_are_scaled_softmax_and_give_the_same_output():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 8, generator=g) for _ in range(3))      # [B, H, T, Dh]
+    mask = torch.tensor([True, True, False, True])[None, None, None, :]
+    record = []
+    out = attend(q, k, v, mask, 0.0, record)
+    want = ((q @ k.transpose(-2, -1)) / math.sqrt(8)).masked_fill(~mask, float("-inf")).softmax(-1)
+    torch.testing.assert_close(record[0], want)
+    assert record[0][..., 2].abs().max() == 0                          # the masked key gets no weight
+    torch.testing.assert_close(out, attend(q, k, v, mask, 0.0, None))   # the SDPA path computes the same

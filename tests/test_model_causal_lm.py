@@ -1,6 +1,8 @@
 """CausalTransformerLM: left padding, explicit positions and the KV cache reproduce the full pass."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from deploylm.models.causal_lm import CausalTransformerLM
@@ -59,3 +61,15 @@ def test_empty_past_and_explicit_positions_equal_defaults():
         shifted, _ = model(ids, mask, positions + 1)
     assert (a - b).abs().max() <= ATOL
     assert (a - shifted).abs().max() > ATOL  # position ids are used
+
+
+def test_embeddings_are_scaled_by_sqrt_d_model_before_the_positions_are_added():
+    model = build()
+    ids, mask = left_padded()
+    seen = {}
+    model.layers[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(ids, mask)
+        want = model.embed(ids) * math.sqrt(model.config.d_model) + model.positions[positions]
+    assert torch.allclose(seen["x"], want, atol=1e-5)
