@@ -195,3 +195,54 @@ def test_a_jsonl_suffix_in_capitals_is_still_jsonl(tmp_path):
     data.write_text('{"text": "first paragraph"}\n{"text": "second one"}\n')
     assert read_documents(data) == ["first paragraph", "second one"]        # not the raw JSON as text
     assert TrainConfig(out=tmp_path / "o", data=data).arch == "seq2seq"     # accepted as pairs for seq2seq
+
+
+def test_exact_match_ignores_outer_whitespace_only():
+    assert exact_match([" a b\n", "a  b"], ["a b", "a b"]) == 0.5
+
+
+def test_held_out_loss_is_the_mean_over_tokens_and_perplexity_its_exp(d2w_tokenizer):
+    """Loss = summed token cross-entropy (no smoothing) / label tokens over the whole split, whatever the
+    batching; perplexity = exp of it, not a mean of per-sentence perplexities."""
+    import math
+
+    import torch
+
+    from deploylm.models.config import make_config
+    from deploylm.models.transformer import Seq2SeqTransformer
+    from deploylm.training.evaluate import evaluate
+
+    torch.manual_seed(0)
+    config = make_config("tiny", d2w_tokenizer.get_vocab_size(), d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
+                         n_decoder_layers=1, dropout=0.0)
+    model = Seq2SeqTransformer(config)
+    examples = [Example("7", "seven"), Example("4096", "four thousand ninety-six"), Example("12", "twelve")]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            one = make_batch(d2w_tokenizer, [ex], IDS, 64)
+            logp = model(one.src_ids, one.src_mask, one.tgt_in)[0].log_softmax(-1)
+            nll -= sum(float(logp[i, y]) for i, y in enumerate(one.labels[0].tolist()))
+            count += one.labels.shape[1]
+    for batch_size in (1, 2, 3):
+        res = evaluate(model, d2w_tokenizer, examples, IDS, torch.device("cpu"), 64, 4, batch_size=batch_size)
+        assert res.loss == pytest.approx(nll / count, rel=1e-5)
+        assert res.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_each_epoch_has_its_own_order():
+    examples = [Example(str(i), str(i)) for i in range(10)]
+    stream = BatchStream(examples, batch_size=10, seed=0)
+    epochs = [[ex.source for ex in stream.examples_at(step)] for step in range(3)]
+    assert all(sorted(e) == sorted(str(i) for i in range(10)) for e in epochs)   # each epoch visits every example once
+    assert epochs[0] != epochs[1] != epochs[2]                                  # in a new order each time
+    assert epochs != [[ex.source for ex in BatchStream(examples, 10, 1).examples_at(s)] for s in range(3)]
+
+
+def test_long_pairs_are_cut_to_the_window_keeping_the_source_end_token(d2w_tokenizer):
+    long = "123456789012"                                # 12 digits, one token each, + </s>
+    batch = make_batch(d2w_tokenizer, [Example(long, long)], IDS, 8)
+    src = batch.src_ids[0].tolist()
+    assert len(src) == 8 and src[-1] == IDS.eos and src[:7] == d2w_tokenizer.encode(long).ids[:7]
+    assert batch.tgt_in.shape[1] == 8 and batch.labels.shape[1] == 8              # <s> + 7 tokens; 7 tokens + </s>
+    assert batch.labels[0, -1] == IDS.eos and batch.tgt_in[0, 0] == IDS.bos

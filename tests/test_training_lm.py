@@ -166,3 +166,35 @@ def test_trained_lm_exports_and_onnx_generates_like_torch(tmp_path, trained):
         assert result.exit_code == 0, result.output
         texts.append(json.loads(result.stdout.splitlines()[0])["outputs"])
     assert [o["token_ids"] for o in texts[0]] == [o["token_ids"] for o in texts[1]]
+
+
+def test_the_ngram_baseline_scores_each_test_token_with_its_n_minus_1_previous_tokens():
+    from deploylm.training.lm_eval import ngram_baseline
+    from deploylm.training.ngram import NGramLM
+
+    train = np.array([1, 4, 5, 6, 4, 5, 7, 2, 1, 4, 6, 5, 2])
+    test = np.array([1, 4, 5, 6, 5, 7, 2])
+    for order in (2, 3):
+        lm = NGramLM(order, 8).fit([train.tolist()])
+        # the first token (<s>) is context only, as for the neural LM; every other token is scored with its
+        # n-1 previous tokens (log_likelihood pads the context with start symbols)
+        total, count = lm.log_likelihood([test.tolist()], score_from=1)
+        got = ngram_baseline(train, test, order, 8)
+        assert got["tokens"] == count == 6 and got["loss"] == pytest.approx(-total / 6, rel=1e-9)
+        assert got["perplexity"] == pytest.approx(math.exp(-total / 6), rel=1e-9)
+
+
+def test_greedy_continuation_with_the_cache_equals_greedy_without_it():
+    from deploylm.training.lm_eval import continue_greedily
+
+    torch.manual_seed(0)
+    model = build_model(make_config("tiny", 50, arch="decoder", n_encoder_layers=0, dropout=0.0, d_model=16,
+                                    n_heads=2, d_ff=32, max_positions=16)).eval()
+    prompt = [1, 7, 9, 11]
+    got = continue_greedily(model, prompt, 10, eos=-1, device=torch.device("cpu"))   # no eos: runs to the window
+    ids = list(prompt)
+    with torch.no_grad():
+        while len(ids) < 14:
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert got == ids[len(prompt):]
+    assert len(continue_greedily(model, prompt, 100, eos=-1, device=torch.device("cpu"))) == 16 - len(prompt)
