@@ -113,6 +113,27 @@ def test_seq2seq_run_lowers_kd_and_saves_a_checkpoint_that_generates(seed_teache
     assert all(t.split() == s.split()[::-1] for s, t in zip(calib.inputs, calib.targets))
 
 
+def test_the_student_trains_with_decay_on_matrices_clipping_and_a_cosine_to_zero(seed_teacher, tmp_path, monkeypatch):
+    """docs/distillation.md: AdamW without decay on biases and LayerNorm weights, gradient clipping,
+    linear warmup (min(100, steps/10)) then cosine decay: the optimizer after the run says so."""
+    from deploylm.training import schedule
+
+    made = {}
+    real_optimizer, real_scheduler = schedule.make_optimizer, schedule.make_scheduler
+    monkeypatch.setattr(schedule, "make_optimizer", lambda *a, **k: made.setdefault("opt", real_optimizer(*a, **k)))
+    monkeypatch.setattr(schedule, "make_scheduler", lambda *a, **k: made.setdefault("sched", real_scheduler(*a, **k)))
+    distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "s", task="reverse", steps=1, clip_norm=1e-4,
+                          weight_decay=0.03, **{**FAST, "eval_examples": 2}))
+    decay, no_decay = made["opt"].param_groups
+    assert decay["weight_decay"] == 0.03 and no_decay["weight_decay"] == 0.0
+    # Adam's first moment after one step is 0.1 * the clipped gradient, whose norm is clip_norm
+    moments = [state["exp_avg"] for state in made["opt"].state.values()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m) for m in moments]))
+    assert float(norm) == pytest.approx(0.1 * 1e-4, rel=1e-3)
+    # one step: no warmup (capped at steps // 10 = 0), and the cosine has reached 0 after its only step
+    assert made["sched"].last_epoch == 1 and decay["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 @pytest.mark.parametrize("teacher_kind", ["hf", "seed-decoder"])
 def test_causal_run_on_text(teacher_kind, tiny_gpt2_dir, text_file, tmp_path):
     teacher = tiny_gpt2_dir if teacher_kind == "hf" else build_tiny_seed(tmp_path / "lm", arch="decoder", layers=2)
