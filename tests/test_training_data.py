@@ -246,3 +246,24 @@ def test_long_pairs_are_cut_to_the_window_keeping_the_source_end_token(d2w_token
     assert len(src) == 8 and src[-1] == IDS.eos and src[:7] == d2w_tokenizer.encode(long).ids[:7]
     assert batch.tgt_in.shape[1] == 8 and batch.labels.shape[1] == 8              # <s> + 7 tokens; 7 tokens + </s>
     assert batch.labels[0, -1] == IDS.eos and batch.tgt_in[0, 0] == IDS.bos
+
+
+def test_greedy_decoding_of_a_padded_batch_equals_each_source_alone(d2w_tokenizer):
+    """The trainer's greedy loop (exact match, BLEU) masks source padding in the encoder and the
+    cross-attention: a short source decodes the same beside a long one as alone."""
+    import torch
+
+    from deploylm.models.config import make_config
+    from deploylm.models.transformer import Seq2SeqTransformer
+    from deploylm.training.evaluate import greedy_decode
+
+    torch.manual_seed(1)
+    model = Seq2SeqTransformer(make_config("tiny", d2w_tokenizer.get_vocab_size(), d_model=32, n_heads=2, d_ff=64,
+                                           n_encoder_layers=1, n_decoder_layers=1, dropout=0.0,
+                                           tie_embeddings=False)).eval()
+    with torch.no_grad():     # a random model that listens to its source (else it repeats one token whatever the input)
+        model.decoder_layers[0].cross_attn.out_proj.weight.mul_(20)
+    examples = [Example("7", "seven"), Example("409612345678", "x"), Example("12", "twelve")]
+    together = greedy_decode(model, make_batch(d2w_tokenizer, examples, IDS, 64), IDS, 6)
+    alone = [greedy_decode(model, make_batch(d2w_tokenizer, [ex], IDS, 64), IDS, 6)[0] for ex in examples]
+    assert together == alone and len({tuple(row) for row in alone}) == 3      # each source its own output
