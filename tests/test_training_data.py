@@ -267,3 +267,17 @@ def test_greedy_decoding_of_a_padded_batch_equals_each_source_alone(d2w_tokenize
     together = greedy_decode(model, make_batch(d2w_tokenizer, examples, IDS, 64), IDS, 6)
     alone = [greedy_decode(model, make_batch(d2w_tokenizer, [ex], IDS, 64), IDS, 6)[0] for ex in examples]
     assert together == alone and len({tuple(row) for row in alone}) == 3      # each source its own output
+
+
+def test_held_out_splits_are_ten_and_five_percent_capped_at_1000(tmp_path):
+    from collections import Counter
+
+    from deploylm.training.data import split_keys
+
+    def sizes(n):
+        counts = Counter(split_keys(tmp_path / "d.jsonl", [f"s{i}" for i in range(n)], 0, "sources").values())
+        return counts[0], counts[1], counts[2]
+
+    assert sizes(100) == (85, 5, 10)
+    assert sizes(3) == (1, 1, 1)                                   # each held-out split at least 1
+    assert sizes(25_000) == (23_000, 1000, 1000)                   # 10% and 5% of 25,000, capped at 1000
