@@ -152,4 +152,4 @@ def test_the_loss_is_a_mean_over_real_target_tokens_not_padding():
     with torch.no_grad():
         logp = model(batch.src_ids, batch.src_mask, batch.tgt_in).log_softmax(-1)
     want = -sum(float(logp[b, i, y]) for b in range(2) for i, y in enumerate(batch.labels[b].tolist()) if y != -100)
-    assert float(loss_sum) == pytest.approx(want, rel=1e-5)
+    assert float(loss_sum.detach()) == pytest.approx(want, rel=1e-5)
