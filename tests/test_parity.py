@@ -208,3 +208,120 @@ def test_teacher_force_rows_of_an_input_stay_contiguous():
     prev_after_reorder, fed = ref.seen[0]
     assert prev_after_reorder == [7, 7, 8, 8, 1, 1]      # each prompt's last token, once per sequence
     assert fed == [10, 12, 14, 16, 18, 20]
+
+
+class _Diverging(Fake):
+    """Changes the argmax of the listed rows at the listed steps: {step: [rows] or None for every row}."""
+
+    def __init__(self, table, where, **kw):
+        super().__init__(table, **kw)
+        self.where = where
+
+    def _logits(self, cur, prev, step):
+        logits = super()._logits(cur, prev, step)
+        if step in self.where:
+            rows = self.where[step] if self.where[step] is not None else list(range(len(cur)))
+            logits = logits.clone()
+            logits[rows, logits[rows].argmax(-1)] -= 50.0
+        return logits
+
+
+def test_first_divergence_is_the_earliest_step_of_the_earliest_row():
+    """first_divergence_by_row keeps each row's FIRST differing step (later ones do not overwrite it);
+    first_divergence is the smallest of them, not the largest."""
+    report = _compare(_Diverging(_table(), {2: [0], 4: None}, name="onnx"))
+    row = report.backends[0]
+    assert row.first_divergence_by_row == [2, 4, 4, 4, 4, 4]
+    assert row.first_divergence == 2
+    assert [round(s.top1_agreement, 4) for s in row.steps] == [1.0, 1.0, round(5 / 6, 4), 1.0, 0.0, 1.0]
+    assert row.token_agreement == (36 - 1 - 6) / 36
+
+
+def test_logprob_difference_ignores_a_constant_logit_shift():
+    """A candidate whose logits are the reference's + 5 has |Δ logit| = 5 but the same log-softmax:
+    max_abs_logprob measures the log-probabilities, not the logits."""
+
+    class Shifted(Fake):
+        def _logits(self, cur, prev, step):
+            return super()._logits(cur, prev, step) + 5.0
+
+    row = _compare(Shifted(_table(), name="onnx")).backends[0]
+    assert abs(row.max_abs_logit - 5.0) < 1e-4
+    assert row.max_abs_logprob < 1e-4
+    assert row.token_agreement == 1.0 and row.greedy_identical and row.beams_identical
+
+
+def test_nan_at_one_step_is_the_reported_maximum():
+    """A NaN at a single middle step (the others exact) is the maximum reported, and fails."""
+
+    class NanAt2(Fake):
+        def _logits(self, cur, prev, step):
+            logits = super()._logits(cur, prev, step)
+            return torch.full_like(logits, float("nan")) if step == 2 else logits
+
+    report = _compare(NanAt2(_table(), name="onnx"))
+    row = report.backends[0]
+    assert row.steps[0].max_abs_logit == 0.0 and row.steps[2].max_abs_logit != row.steps[2].max_abs_logit
+    assert row.max_abs_logit != row.max_abs_logit and row.max_abs_logprob != row.max_abs_logprob
+    assert any("logits_atol" in line for line in report.failures())
+
+
+def _row(**kw):
+    from deploylm.parity import BackendParity
+
+    base = dict(backend="onnx", steps=[], max_abs_logit=0.0, max_abs_logprob=0.0, token_agreement=1.0,
+                first_divergence=None, first_divergence_by_row=[], greedy_identical=True, beams_identical=True)
+    return BackendParity(**{**base, **kw})
+
+
+def test_tolerances_are_inclusive_and_identical_beams_covers_greedy():
+    """A difference exactly at the tolerance passes ('largest allowed'); just above it fails. With
+    identical_beams, greedy outputs that differ fail even when the beams are the same."""
+    import dataclasses
+
+    tol = dataclasses.replace(FP32, logits_atol=0.5, logprob_atol=0.25, min_token_agreement=0.75,
+                              identical_beams=True)
+    assert _row(max_abs_logit=0.5, max_abs_logprob=0.25, token_agreement=0.75).failures(tol) == []
+    assert len(_row(max_abs_logit=0.5000001).failures(tol)) == 1
+    assert len(_row(max_abs_logprob=0.2500001).failures(tol)) == 1
+    assert len(_row(token_agreement=0.7499).failures(tol)) == 1
+    assert _row(max_abs_logit=float("inf")).failures(tol)
+    failures = _row(greedy_identical=False).failures(tol)
+    assert len(failures) == 1 and "greedy" in failures[0]
+    assert _row(greedy_identical=False).failures(dataclasses.replace(tol, identical_beams=False)) == []
+
+
+def test_score_gap_is_absolute():
+    from types import SimpleNamespace as H
+
+    from deploylm.parity import _score_gap
+
+    a = [[H(token_ids=(1, 2), score=-1.5)], [H(token_ids=(3,), score=-2.0)]]
+    b = [[H(token_ids=(1, 2), score=-1.0)], [H(token_ids=(3,), score=-2.25)]]
+    assert _score_gap(a, b) == 0.5 and _score_gap(b, a) == 0.5
+    assert _score_gap(a, [[H(token_ids=(1, 3), score=-1.5)], b[1]]) is None
+
+
+def test_text_level_compares_the_best_beams():
+    """A candidate with a broken reorder keeps the reference's greedy output but not its beams: the
+    texts compared are the beam-search outputs, so they differ."""
+    row = _compare(Fake(_table(), name="onnx", broken_reorder=True), tokenizer=_Tok()).backends[0]
+    assert row.greedy_identical and not row.beams_identical
+    assert row.text_identical is False
+
+
+def test_summary_judges_each_backend_on_its_own():
+    ref = Fake(_table(), name="torch")
+    report = compare_backends(ref, {"good": Fake(_table(), name="good"),
+                                    "bad": Fake(_table(), name="bad", diverge_at=3)}, _batch(), OPTIONS, FP32)
+    summary = report.summary()
+    assert summary["passed"] is False
+    assert summary["backends"]["good"]["passed"] is True and summary["backends"]["bad"]["passed"] is False
+
+
+def test_prompts_file_skips_blank_and_whitespace_lines(tmp_path):
+    from deploylm.parity import read_prompts_file
+
+    path = tmp_path / "p.txt"
+    path.write_text("first\n   \n\t\nsecond  \n\n", encoding="utf-8")
+    assert read_prompts_file(path) == ["first", "second  "]
