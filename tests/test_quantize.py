@@ -226,6 +226,25 @@ def test_q4_1_matches_fp32_on_q4_1_weights_where_integer_zero_points_do_not(tmp_
     assert np.abs(run_x(tmp_path / "q41-acc4.onnx", x) - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_q4_1_is_exact_with_a_partial_last_block_and_constant_blocks(tmp_path):
+    """K = 80 at block 32: the last block holds 16 rows (the block-sum indicator has 3 columns, not 2);
+    a zero column and a constant block (max = min, d = 0) give their exact values, not NaN."""
+    from deploylm.export.q4_1 import q4_1_fit
+
+    rng = np.random.default_rng(5)
+    w1, w2 = q4_1_weight(rng, 80, 48), q4_1_weight(rng, 48, 40)
+    w1[:, 3] = 0.0
+    w1[32:64, 5] = 0.25
+    centred, offsets = q4_1_fit(w1, 32)
+    assert offsets.shape == (3, 48) and np.isfinite(centred).all() and np.isfinite(offsets).all()
+    assert np.abs(centred + np.repeat(offsets, 32, axis=0)[:80] - w1).max() <= 1e-6
+    src = mlp_graph(tmp_path / "fp32.onnx", w1, w2)
+    x = rng.normal(0, 1, (2, 3, 80)).astype(np.float32)
+    ref = run_x(src, x)
+    quantize_graph(src, tmp_path / "q.onnx", "int4", Q41)
+    assert np.abs(run_x(tmp_path / "q.onnx", x) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
 def test_q4_1_graph_is_symmetric_4bit_plus_offsets(fp32, tmp_path):
     out = tmp_path / "q.onnx"
     q = Quantization("weight-only", block_size=32, accuracy_level=4, algorithm="q4_1", embedding=True)
@@ -265,6 +284,7 @@ def test_q4_1_matmuls_of_one_input_share_block_sums_and_fuse(fuse):
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     done = split_offsets(model, ["proj0", "proj1", "proj2"], 32, fuse=fuse)
     assert done == (["proj0+proj1+proj2"] if fuse else ["proj0", "proj1", "proj2"])
+    assert not {"w0", "w1", "w2"} & {i.name for i in model.graph.initializer}   # the fp32 weights are gone
     sums = [n for n in model.graph.node if n.op_type == "MatMul" and ".block_sum" in n.name]
     assert len(sums) == 1
     assert sum(n.op_type == "Split" for n in model.graph.node) == (1 if fuse else 0)
