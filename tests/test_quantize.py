@@ -373,3 +373,65 @@ def test_static_int8_leaves_activation_products_in_fp32(tmp_path):
     assert matmul["weights"].output[0] in quantized                          # the weight MatMul is int8
     assert matmul["scores"].output[0] not in quantized                       # the product of activations is not
     assert "ht" not in quantized
+
+
+@pytest.mark.parametrize("weight_type, per_channel, reduce_range", [("quint8", True, False), ("qint8", False, True)])
+def test_dynamic_honours_weight_type_per_channel_and_reduce_range(fp32, tmp_path, weight_type, per_channel,
+                                                                  reduce_range):
+    out = tmp_path / "q.onnx"
+    quantize_graph(fp32, out, "int8", Quantization("dynamic", weight_type=weight_type, per_channel=per_channel,
+                                                   reduce_range=reduce_range))
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    w1 = inits["w1_quantized"]
+    assert w1.dtype == (np.uint8 if weight_type == "quint8" else np.int8)
+    assert inits["w1_scale"].shape == ((H,) if per_channel else ())            # one scale per output channel
+    span = int(w1.max()) - int(w1.min())
+    assert (span <= 128) if reduce_range else (span > 128)                     # 7-bit weights
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_zero_points_follow_symmetric(fp32, tmp_path, symmetric):
+    out = tmp_path / "q.onnx"
+    q = Quantization("weight-only", block_size=32, accuracy_level=0, algorithm="rtn", symmetric=symmetric,
+                     embedding=False)
+    quantize_graph(fp32, out, "int8", q)
+    nbits = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 3
+    assert all((len(n.input) > 3 and bool(n.input[3])) is not symmetric for n in nbits)
+
+
+@pytest.mark.parametrize("precision, case", [("int4", "int4 hqq"), ("int4", "int4 q4_1"),
+                                             ("int8", "int8 weight-only")])
+def test_excluded_lm_head_and_embedding_stay_fp32(fp32, tmp_path, precision, case):
+    """The fallback search ranks the lm_head and the embedding Gather too (quantizable_nodes): keeping
+    them in fp32 must keep them out of the int8 lm_head pass and the embedding quantization."""
+    import dataclasses
+
+    out = tmp_path / "q.onnx"
+    q = dataclasses.replace(CASES[case][1], embedding=True)
+    quantize_graph(fp32, out, precision, q, exclude=("lm_head", "embed"))
+    model = onnx.load(str(out))
+    nodes = {n.name: n for n in model.graph.node}
+    assert nodes["lm_head"].op_type == "MatMul" and nodes["lm_head"].input[1] == "emb.untied_T"
+    assert nodes["embed"].op_type == "Gather" and nodes["embed"].input[0] == "emb"
+    assert not any(n.op_type == "MatMulNBits" and n.name.startswith("lm_head") for n in model.graph.node)
+
+
+def test_int8_embedding_is_per_row_absmax_over_127_and_keeps_zero_rows(tmp_path):
+    """Hand-computed: each row r is round(table[r] / s_r) * s_r with s_r = max |table[r]| / 127, so the
+    row's largest magnitude comes back exactly; an all-zero row (a padding embedding) stays zeros."""
+    from deploylm.export.quantize import quantize_embedding
+
+    table = np.array([[0.5, -1.27, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0], [2.54, 1.0, -0.01, 0.02]], dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["y"], name="embed")], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              [numpy_helper.from_array(table, "emb")])
+    model = quantize_embedding(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 8, 32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": np.array([0, 1, 2], dtype=np.int64)})[0]
+    s0, s2 = 1.27 / 127, 2.54 / 127
+    want = np.array([[round(0.5 / s0) * s0, -1.27, round(0.3 / s0) * s0, 0.0], [0.0] * 4,
+                     [2.54, round(1.0 / s2) * s2, round(-0.01 / s2) * s2, round(0.02 / s2) * s2]])
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
