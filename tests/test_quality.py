@@ -198,3 +198,73 @@ def test_a_short_calibration_file_is_noted(tiny_gpt2_dir, tmp_path):
                      "--calibration", str(text), "--allow-quality-loss")
     assert result.exit_code == 0, result.output
     assert f"note: --calibration {text} has 2 sample(s), fewer than the profile's calibration_samples = 64" in result.output
+
+
+class _Bigram:
+    """A fake decoder-only Backend: logits = table[last token]; the state is nothing."""
+
+    def __init__(self, table, max_positions=None):
+        from deploylm.backends.base import ModelInfo, SpecialTokens
+
+        self.table = table
+        self.info = ModelInfo(is_encoder_decoder=False, vocab_size=table.shape[0], max_positions=max_positions,
+                              special=SpecialTokens(eos_token_ids=(2,), pad_token_id=0))
+        self.fed = []
+
+    def prefill(self, batch):
+        return self.table[batch.input_ids[:, -1]], None
+
+    def decode(self, tokens, state):
+        self.fed.append(tokens.tolist())
+        return self.table[tokens], state
+
+
+def _words_tokenizer(text):
+    return {"input_ids": [int(w) for w in text.split()]}
+
+
+def _bigram_table():
+    import torch
+
+    return torch.randn(10, 10, generator=torch.Generator().manual_seed(0)) * 3
+
+
+def _by_hand(table, seqs):
+    """-sum log p(s[i+1] | s[i]) over every sequence, and the count of scored tokens."""
+    logp = table.log_softmax(-1)
+    return -sum(float(logp[s[i], s[i + 1]]) for s in seqs for i in range(len(s) - 1)), sum(len(s) - 1 for s in seqs)
+
+
+@pytest.mark.parametrize("max_positions, seqs", [(None, [[3, 5, 7, 2, 9], [4, 6], [8, 1, 1]]),
+                                                 (3, [[3, 5, 7], [4, 6], [8, 1, 1]])])
+def test_perplexity_is_teacher_forced_exp_mean_nll_by_hand(max_positions, seqs):
+    """Decoder-only: each text is prefilled on its first token and every later token is scored once,
+    fed the text's own previous token; rows of different lengths stop at their own end; texts are cut
+    to the model's window; a text of one token scores nothing."""
+    from deploylm.export.quality import perplexity
+
+    table = _bigram_table()
+    backend = _Bigram(table, max_positions)
+    texts = ("3 5 7 2 9", "4 6", "8 1 1", "5")
+    ppl, n = perplexity(backend, _words_tokenizer, texts, None)
+    nll, count = _by_hand(table, seqs)
+    assert n == count
+    assert math.isclose(ppl, math.exp(nll / count), rel_tol=1e-5)
+    assert backend.fed[0] == [s[1] for s in seqs]                 # step 1 is fed each text's second token
+
+
+def test_seq2seq_targets_end_with_one_eos():
+    from deploylm.export.quality import _targets
+
+    assert _targets(_words_tokenizer, ("4 5", "6 2", ""), 2) == [[4, 5, 2], [6, 2], [2]]
+    assert _targets(_words_tokenizer, ("4 5",), None) == [[4, 5]]
+
+
+def test_budget_limits_are_inclusive():
+    """A report exactly at its budget meets it: +5% against max_perplexity_increase = 0.05 (10.5 / 10 - 1
+    is 0.050000000000000044 in floating point), agreement 0.75 against min_beam_agreement = 0.75."""
+    report = _report()
+    assert report.failures(QualityBudget(max_perplexity_increase=0.05, min_beam_agreement=0.75)) == []
+    assert len(report.failures(QualityBudget(max_perplexity_increase=0.0499, min_beam_agreement=0.7501))) == 2
+    better = _report(perplexity=9.0)                                 # lower perplexity than fp32 is no loss
+    assert better.perplexity_increase < 0 and better.failures(QualityBudget(max_perplexity_increase=0.0)) == []
