@@ -268,3 +268,40 @@ def test_budget_limits_are_inclusive():
     assert len(report.failures(QualityBudget(max_perplexity_increase=0.0499, min_beam_agreement=0.7501))) == 2
     better = _report(perplexity=9.0)                                 # lower perplexity than fp32 is no loss
     assert better.perplexity_increase < 0 and better.failures(QualityBudget(max_perplexity_increase=0.0)) == []
+
+
+def test_measure_quality_times_after_the_warm_up_and_judges_against_fp32(monkeypatch, tmp_path):
+    """measure_quality with its pieces faked: the warm-up round is not timed, the speed ratio is fp32
+    time / profile time, agreement is the share of fp32's tokens the profile reproduces."""
+    from types import SimpleNamespace
+
+    import deploylm.backends.onnx_backend as onnx_backend
+    import deploylm.export.calibration as calibration
+    import deploylm.export.quality as quality
+    import deploylm.models.source as source
+    import deploylm.models.tokenizer as tokenizer
+
+    ref_dir, cand_dir = tmp_path / "fp32", tmp_path / "int4"
+    backends = {ref_dir: SimpleNamespace(kind="ref"), cand_dir: SimpleNamespace(kind="cand")}
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "from_folder", classmethod(lambda cls, d, name=None: backends[d]))
+    monkeypatch.setattr(source, "folder_source", lambda path: path)
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda src: None)
+    monkeypatch.setattr(calibration, "perplexity_texts", lambda held: (("t",), None))
+    monkeypatch.setattr(quality, "perplexity", lambda b, tok, texts, targets: (10.0 if b.kind == "ref" else 11.0, 7))
+    monkeypatch.setattr(quality, "_prompts", lambda b, tok, prompts: None)
+    monkeypatch.setattr(quality, "graph_bytes", lambda d: 1000 if d == ref_dir else 250)
+    calls = []
+
+    def beam_run(backend, batch, options):
+        calls.append(backend.kind)
+        warm = calls.count(backend.kind) == 1
+        if backend.kind == "ref":
+            return [(1, 2, 3, 4), (5, 6)], 1.0 if warm else 3.0, 2.0
+        return [(1, 2, 9), (5, 6)], 100.0 if warm else 1.5, 1.0       # 4 of fp32's 6 tokens in place
+
+    monkeypatch.setattr(quality, "_beam_run", beam_run)
+    report = measure_quality(ref_dir, cand_dir, SimpleNamespace(inputs=("a", "b")), rounds=1)
+    assert calls == ["ref", "cand", "cand", "ref"]                       # rounds alternate who goes first
+    assert report.round_ratios == (2.0,) and report.speed_ratio == 2.0 and report.cpu_ratio == 2.0
+    assert report.beam_agreement == 4 / 6 and report.sequences_identical == 1 and report.prompts == 2
+    assert math.isclose(report.perplexity_increase, 0.1) and report.size_ratio == 0.25 and report.scored_tokens == 7
