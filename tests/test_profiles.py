@@ -295,3 +295,54 @@ def test_a_quality_budget_needs_onnx_graphs_to_measure_it(tmp_path):
     assert load_profile(write(tmp_path, TRT_FP16_FILE, "trt.toml")).quality.max_perplexity_increase is None
     stored = {**text.to_dict(), "quality": {"max_perplexity_increase": 0.01}}       # an artifact exported before
     assert Profile.from_dict(stored).quality.max_perplexity_increase == 0.01
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("logits_atol = 1.0", "logits_atol = 0.0", r"parity.logits_atol = 0.0 is out of range: expected a number > 0.0"),
+    ("logprob_atol = 1.0", "logprob_atol = 0", r"parity.logprob_atol = 0 is out of range: expected a number > 0.0"),
+    ("logits_atol = 1.0", "logits_atol = true", r"parity.logits_atol = True is not a number"),
+    ("min_token_agreement = 0.9", "min_token_agreement = 0.9\nidentical_beams = 1",
+     r"parity.identical_beams = 1 is not a boolean: expected true or false"),
+    ("min_token_agreement = 0.9", "min_token_agreement = 0.9\nfirst_divergence_min_step = -1",
+     r"parity.first_divergence_min_step = -1 is out of range: expected an integer >= 0"),
+    ("min_token_agreement = 0.9", "min_token_agreement = 0.9\nfirst_divergence_min_step = true",
+     r"parity.first_divergence_min_step = True is not an integer"),
+    ("min_token_agreement = 0.9", "min_token_agreement = 0.9\nfirst_divergence_min_step = 2.0",
+     r"parity.first_divergence_min_step = 2.0 is not an integer"),
+    ('backends = ["onnx"]', "backends = []", r"backends is empty: expected a list of torch, onnx, trt"),
+    ('description = "a test profile"', 'description = "one\\rtwo"', r"description = 'one\\rtwo' is not valid"),
+])
+def test_boundaries_and_types_are_refused(tmp_path, old, new, message):
+    """Open lower bounds (a tolerance of 0 would fail every fp32 backend on rounding), booleans are no
+    numbers and numbers no booleans, and an empty backends list means nothing to run."""
+    path = write(tmp_path, BASE.replace(old, new))
+    with pytest.raises(ProfileError, match=message) as err:
+        load_profile(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_boundary_values_that_are_allowed(tmp_path):
+    text = BASE.replace("min_token_agreement = 0.9", "min_token_agreement = 1\nfirst_divergence_min_step = 0")
+    parity = load_profile(write(tmp_path, text)).parity
+    assert parity.min_token_agreement == 1.0 and parity.first_divergence_min_step == 0
+    text = BASE.replace("min_token_agreement = 0.9", "min_token_agreement = 0")
+    assert load_profile(write(tmp_path, text)).parity.min_token_agreement == 0.0
+
+
+@pytest.mark.parametrize("table, message", [
+    ("shapes = { batch = [0, 4, 16] }", r"tensorrt.shapes.batch = \[0, 4, 16\] is not valid: expected \[min, opt, max\] "
+                                        r"integers with 1 <= min"),
+    ("shapes = { sequence = [1.0, 64, 512] }", r"tensorrt.shapes.sequence = \[1.0, 64, 512\] is not valid"),
+    ("shapes = { past = [true, 64, 512] }", r"tensorrt.shapes.past = \[True, 64, 512\] is not valid"),
+    ("workspace_gb = 0", r"tensorrt.workspace_gb = 0 is out of range: expected a number > 0.0 and <= 1024.0"),
+])
+def test_tensorrt_values_are_checked(tmp_path, table, message):
+    text = BASE.replace('backends = ["onnx"]', 'backends = ["trt"]').replace('precision = "int8"', 'precision = "fp16"')
+    with pytest.raises(ProfileError, match=message):
+        load_profile(write(tmp_path, text + f"[tensorrt]\n{table}\n"))
+
+
+def test_tensorrt_past_may_start_at_zero_and_defaults_fill_the_rest(tmp_path):
+    text = BASE.replace('backends = ["onnx"]', 'backends = ["trt"]').replace('precision = "int8"', 'precision = "fp16"')
+    trt = load_profile(write(tmp_path, text + "[tensorrt]\nshapes = { past = [0, 8, 32] }\n")).tensorrt
+    assert trt.shapes == {"batch": (1, 4, 16), "sequence": (1, 64, 512), "past": (0, 8, 32)} and trt.workspace_gb == 4.0
