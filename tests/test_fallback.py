@@ -180,3 +180,74 @@ def test_int8_ranking_offers_every_quantized_node_so_the_search_can_keep_them_al
         onnx.save(graph(w1 + 0.05), cand / "model.onnx")          # only the first MatMul's weights moved
         feeds = {"model.onnx": [{"x": rng.standard_normal((2, 4)).astype(np.float32)}]}
         assert rank_nodes(ref, cand, feeds, "int8", {}) == [("model.onnx", "noisy"), ("model.onnx", "exact")]
+
+
+def _chain(w1, w2, transpose_w2=False):
+    """x [2, 4] -> MatMul(w1) 'first' -> MatMul(w2 or Transpose(w2)) 'second' -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first")]
+    if transpose_w2:
+        nodes.append(helper.make_node("Transpose", ["w2"], ["w2t"], name="tie", perm=[1, 0]))
+    nodes.append(helper.make_node("MatMul", ["h", "w2t" if transpose_w2 else "w2"], ["y"], name="second"))
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+          helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], inits),
+                             opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+_RNG = np.random.default_rng(7)
+_W1, _W2 = _RNG.standard_normal((4, 4)).astype(np.float32), _RNG.standard_normal((4, 4)).astype(np.float32)
+_I = np.eye(4, dtype=np.float32)
+_FEEDS = {"x": _RNG.standard_normal((2, 4)).astype(np.float32)}
+
+
+def test_sensitivity_scores_the_error_a_node_adds_not_the_error_it_inherits():
+    """Only 'first' has perturbed weights: 'second' (the identity, which keeps relative errors) reads its error but
+    adds none of its own (score 0). A node that turns finite inputs into inf scores highest (1e30); its
+    consumer adds nothing."""
+    from deploylm.export.fallback import sensitivity
+
+    scores = dict(sensitivity(_chain(_W1, _I), _chain(_W1 + 0.1, _I), _FEEDS, "bf16", {"first", "second"}))
+    assert scores["first"] > 0.01 and scores["second"] < 1e-6
+    broken = _W1.copy()
+    broken[0, 0] = np.inf
+    ranked = sensitivity(_chain(_W1, _I), _chain(broken, _I), _FEEDS, "bf16", {"first", "second"})
+    assert ranked[0] == ("first", 1e30) and dict(ranked)["second"] == 0.0
+
+
+def _rank(tmp_path, graphs, precision, base):
+    from deploylm.export.fallback import rank_nodes
+
+    ref, cand = tmp_path / "ref", tmp_path / "cand"
+    ref.mkdir(parents=True), cand.mkdir(parents=True)
+    for file, (r, c) in graphs.items():
+        onnx.save(r, ref / file), onnx.save(c, cand / file)
+    return rank_nodes(ref, cand, {file: [_FEEDS] for file in graphs}, precision, base)
+
+
+def test_float_ranking_leaves_out_nodes_without_error_and_the_listed_ones(tmp_path):
+    pair = (_chain(_W1, _W2), _chain(_W1 + 0.1, _W2 + 0.1))
+    assert sorted(_rank(tmp_path / "a", {"model.onnx": pair}, "bf16", {})) == [("model.onnx", "first"),
+                                                                               ("model.onnx", "second")]
+    only_first = (_chain(_W1, _I), _chain(_W1 + 0.1, _I))
+    assert _rank(tmp_path / "b", {"model.onnx": only_first}, "bf16", {}) == [("model.onnx", "first")]
+    assert _rank(tmp_path / "c", {"model.onnx": pair}, "bf16", {"model.onnx": ("first",)}) == [("model.onnx", "second")]
+
+
+def test_ranking_is_sorted_across_graph_files(tmp_path):
+    small = (_chain(_W1, _I), _chain(_W1 + 0.001, _I))
+    large = (_chain(_W1, _I), _chain(_W1 + 0.5, _I))
+    ranked = _rank(tmp_path, {"encoder_model.onnx": small, "decoder_model.onnx": large}, "bf16", {})
+    assert ranked == [("decoder_model.onnx", "first"), ("encoder_model.onnx", "first")]
+
+
+def test_listed_nodes_are_the_listed_op_types_and_node_names():
+    from deploylm.export.fallback import listed_nodes, quantizable_nodes
+
+    model = _chain(_W1, _W2, transpose_w2=True)
+    assert listed_nodes(model, ("Transpose",), ()) == ("tie",)
+    assert listed_nodes(model, (), ("second", "elsewhere")) == ("second",)      # names of other graphs skipped
+    assert set(listed_nodes(model, ("MatMul",), ("tie",))) == {"first", "second", "tie"}
+    assert quantizable_nodes(model) == {"first", "second"}                     # a tied (transposed) weight counts
