@@ -229,6 +229,8 @@ def test_one_changed_byte_is_refused(artifact):
     (lambda a: _edit(a, lambda m: m["files"]["config.json"].update(bytes="22")),
      r"manifest.json: 'files' entry for config.json must be an object with sha256 \(a string\) and bytes"),
     (lambda a: _edit(a, lambda m: m["files"].update({"config.json": "abc"})), r"manifest.json: 'files' entry for config.json"),
+    (lambda a: _edit(a, lambda m: m["files"]["config.json"].update(bytes=True)),   # a bool is no size
+     r"manifest.json: 'files' entry for config.json must be an object with sha256 \(a string\) and bytes"),
     (lambda a: _edit(a, lambda m: m["io"].update({"model.onnx": "x"})),
      r"manifest.json: 'io' entry for model.onnx must be an object with lists of inputs and outputs"),
     (lambda a: _edit(a, lambda m: m["io"]["model.onnx"].update(inputs="input_ids")), r"manifest.json: 'io' entry for model.onnx"),
@@ -321,6 +323,36 @@ def test_weights_sha256_and_source_fields(tmp_path):
     assert len(first) == 64 and weights_sha256(folder) != first
     fields = source_fields(Source("hf", folder))
     assert fields["kind"] == "hf" and fields["weights_sha256"] == weights_sha256(folder)
+
+
+def test_weights_sha256_covers_each_weight_file_by_its_path_and_nothing_else(tmp_path):
+    """The digest names each weight file: a renamed (or moved) shard is another model; files that are
+    no weights (config, tokenizer) leave it alone."""
+    folder = tmp_path / "hf"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model-1.safetensors").write_bytes(b"one")
+    (folder / "sub" / "model-2.bin").write_bytes(b"two")
+    first = weights_sha256(folder)
+    (folder / "config.json").write_text('{"changed": true}')
+    (folder / "tokenizer.json").write_text("{}")
+    assert weights_sha256(folder) == first
+    (folder / "model-1.safetensors").rename(folder / "model-0.safetensors")
+    assert weights_sha256(folder) != first
+    (folder / "model-0.safetensors").rename(folder / "model-1.safetensors")
+    assert weights_sha256(folder) == first
+
+
+def test_io_signature_leaves_out_initializers_listed_as_inputs(tmp_path):
+    """Older ONNX exports list every weight among the graph inputs too: they are no inputs to feed."""
+    import onnx
+    from onnx import helper
+
+    tiny_graph(tmp_path / "model.onnx")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    model.graph.input.append(helper.make_tensor_value_info("embed", onnx.TensorProto.FLOAT, [10, 4]))
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    sig = io_signature(tmp_path / "old.onnx")
+    assert [v["name"] for v in sig["inputs"]] == ["input_ids"] and sig == io_signature(tmp_path / "model.onnx")
 
 
 def test_summary_shows_profile_io_sizes_and_parity(artifact):
