@@ -100,3 +100,23 @@ def test_bf16_stores_weights_in_bf16_and_runs(fp32):
 def test_convert_float_refuses_other_precisions(fp32):
     with pytest.raises(ValueError, match="int8"):
         convert_float(fp32, "int8")
+
+
+def test_bf16_bits_keep_every_nan_a_nan():
+    """Rounding adds 0x7FFF: a NaN with only low mantissa bits would carry into the exponent (+inf) and a
+    negative NaN with all bits set would wrap around to +0; both must stay NaN."""
+    values = np.array([0x7F800001, 0xFFFFFFFF, 0x7FFFFFFF], np.uint32).view(np.float32)
+    assert bf16_bits(values).tolist() == [0x7FC0] * 3
+    assert bf16_bits(np.array([np.inf, -np.inf, 3.0e38], np.float32)).tolist() == [0x7F80, 0xFF80, 0x7F62]
+
+
+def test_bf16_leaves_initializers_below_16_elements_in_fp32():
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("Add", ["x", "small"], ["h"], name="a"), helper.make_node("Add", ["h", "big"], ["y"], name="b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+                              [numpy_helper.from_array(np.ones(15, np.float32), "small"),
+                               numpy_helper.from_array(np.ones(16, np.float32), "big")])
+    types = init_types(to_bf16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    assert types == {"small": TensorProto.FLOAT, "big.bf16": TensorProto.BFLOAT16}
