@@ -145,3 +145,65 @@ def test_calibration_feeds_are_padded_with_the_models_pad_token(seed_seq2seq_dir
     feeds = graph_feeds(out, [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]])
     assert feeds["encoder_model.onnx"][0]["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert feeds["decoder_model.onnx"][0]["input_ids"][:, 1:].tolist() == [[9, 10, 3], [11, 12, 13]]
+
+
+def test_a_calibration_file_gives_at_most_the_samples_asked_and_pairs_only_when_every_record_has_a_target(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in [{"source": "a b", "target": "1 2"}, {"source": "c", "target": "3"},
+                                                        {"source": "d e", "target": "4 5"}]) + "\n")
+    hf = Source("hf", tmp_path)
+    calib, held = text_sets(hf, pairs, 2, seq2seq=True)
+    assert calib.inputs == ("a b", "c") and calib.targets == ("1 2", "3") and calib.origin == f"file:{pairs}"
+    assert held.origin == "builtin"
+    assert text_sets(hf, pairs, 2, seq2seq=False)[0].targets is None
+    pairs.write_text('{"source": "a b", "target": "1 2"}\n{"source": "c"}\n')     # one without a target
+    calib, _ = text_sets(hf, pairs, 8, seq2seq=True)
+    assert calib.inputs == ("a b", "c") and calib.targets == ("a b", "c")          # the sources feed the decoder
+
+
+@pytest.mark.parametrize("samples", [1, 5, 70])
+def test_the_builtin_calibration_text_gives_exactly_the_samples_asked(tmp_path, samples):
+    calib, _ = text_sets(Source("hf", tmp_path), None, samples, seq2seq=False)
+    assert len(calib.inputs) == samples and calib.origin == "builtin" and all(calib.inputs)
+
+
+class _Session:
+    """An onnxruntime session stand-in for a decoder-only graph without K/V: logits favour token (id + 1)."""
+
+    def get_inputs(self):
+        return []
+
+    def get_outputs(self):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name="logits")]
+
+    def run(self, _, feeds):
+        import numpy as np
+
+        ids = feeds["input_ids"]
+        logits = np.zeros((*ids.shape, 16), np.float32)
+        np.put_along_axis(logits, (ids + 1)[..., None], 1.0, axis=-1)
+        return [logits]
+
+
+def test_causal_calibration_feeds_are_left_padded_with_positions_and_one_step_after():
+    """Prefill: left padding with the pad token, mask, positions counting real tokens from 0; the decode
+    step after it: the model's own next token at the next position, the mask one column wider."""
+    from deploylm.export.calibration import _causal_feeds, _causal_step_feeds
+
+    prefill = _causal_feeds(_Session(), [[5, 6, 7], [8]], pad=9)
+    assert prefill["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert prefill["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert prefill["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    step = _causal_step_feeds(_Session(), prefill)
+    assert step["input_ids"].tolist() == [[8], [9]]
+    assert step["position_ids"].tolist() == [[3], [1]]
+    assert step["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+
+
+def test_calibration_token_ids_are_cut_and_empty_texts_dropped():
+    from deploylm.export.calibration import token_ids
+
+    tok = lambda text: {"input_ids": [int(w) for w in text.split()]}   # noqa: E731
+    assert token_ids(tok, ("1 2 3 4", "", "5"), max_len=3) == [[1, 2, 3], [5]]
