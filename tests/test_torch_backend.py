@@ -104,6 +104,29 @@ def test_seed_seq2seq_reorder_across_inputs_falls_back_to_per_row_memory(sources
                                atol=LOGITS_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["t5", "seed-seq2seq"])
+def test_seq2seq_reorder_that_moves_rows_across_inputs_keeps_each_rows_encoder_memory(sources, kind):
+    """reorder is a gather on the batch axis (base.py): with the row count unchanged, rows that take the
+    place of another input's rows read their own input's encoder memory / cross K/V, and so do the rows
+    of a further reorder after that (the per-row memory layout of the fallback)."""
+    from deploylm.generator import load
+
+    gen = load(sources[kind])
+    backend, batch = gen.backend, gen.encode(PROMPTS)
+    _, state = backend.prefill(batch)
+    rows, history = torch.tensor([0, 0, 1, 1, 2, 2]), torch.zeros(6, 0, dtype=torch.long)
+    state = backend.reorder(state, rows)
+    for step, parents in enumerate([None, torch.tensor([4, 5, 0, 1, 2, 3]), torch.tensor([1, 0, 3, 2, 5, 4]),
+                                    torch.tensor([2, 2, 4, 4, 0, 0])]):
+        if parents is not None:                                 # rows rotate across inputs, divisible counts
+            state = backend.reorder(state, parents)
+            rows, history = rows[parents], history[parents]
+        tokens = torch.tensor([5, 7, 9, 11, 13, 15]) + step
+        logits, state = backend.decode(tokens, state)
+        history = torch.cat([history, tokens[:, None]], dim=1)
+        torch.testing.assert_close(logits, full_logits(backend, batch, rows, history), atol=LOGITS_ATOL, rtol=0)
+
+
 def test_identity_reorder_keeps_state_and_stats_count_calls(sources):
     from deploylm.generator import load
 
