@@ -93,3 +93,16 @@ def test_cli_generate_with_int8(tiny_llama_dir):
     bad = CliRunner().invoke(cli, [*args, "--dtype", "int8", "--device", "cuda", "hello"])
     assert bad.exit_code == 2
     assert len(bad.output.strip().splitlines()) == 1 and "runs on CPU only" in bad.output
+
+
+def test_weights_get_one_scale_per_output_channel():
+    """The module docstring's "one scale per output channel": a row of small weights next to a row of
+    large ones keeps its precision (one scale for the whole tensor would round the small row to zero)."""
+    layer = torch.nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1e-3, -2e-3, 3e-3, -4e-3], [10.0, -20.0, 30.0, -40.0]]))
+    model = quantize_int8(torch.nn.Sequential(layer))
+    weight = model[0].weight()
+    assert weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+    small = weight.dequantize()[0]
+    torch.testing.assert_close(small, torch.tensor([1e-3, -2e-3, 3e-3, -4e-3]), atol=4e-3 / 127, rtol=0)
