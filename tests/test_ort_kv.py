@@ -51,6 +51,36 @@ def test_a_superseded_state_cannot_be_advanced():
         first.next_buffer(2, 2)
 
 
+
+def test_in_place_reorder_up_to_half_the_rows_and_a_gather_past_that():
+    """Exactly half of the rows changing is still done in place; one more row is a gather into the other
+    buffer. Either way the values are those of index_select."""
+    gen = torch.Generator().manual_seed(9)
+    cache = KVCache.empty(2, 4, 1, 2, torch.device("cpu"))
+    cache, ref = _step(cache, torch.zeros((2, 4, 1, 0, 2)), gen)
+    half = torch.tensor([0, 0, 3, 3])                          # rows 1 and 2 change: 2 of 4
+    moved = cache.reorder(half)
+    assert moved.which == cache.which and torch.equal(moved.kv, ref.index_select(1, half))
+    ref = ref.index_select(1, half)
+    more = torch.tensor([1, 0, 3, 3])                          # rows 0, 1, 2 change: 3 of 4
+    gathered = moved.reorder(more)
+    assert gathered.which != moved.which and torch.equal(gathered.kv, ref.index_select(1, more))
+
+
+def test_a_state_reordered_in_place_is_superseded():
+    """An in-place reorder rewrites the rows of the buffer the old state points at: the old state must be
+    refused, not silently advanced with the reordered K/V."""
+    gen = torch.Generator().manual_seed(10)
+    cache = KVCache.empty(2, 4, 1, 2, torch.device("cpu"))
+    cache, _ = _step(cache, torch.zeros((2, 4, 1, 0, 2)), gen)
+    moved = cache.reorder(torch.tensor([0, 0, 2, 3]))
+    assert moved.kv.data_ptr() == cache.kv.data_ptr()        # in place
+    with pytest.raises(RuntimeError, match="superseded"):
+        cache.next_buffer(4, 2)
+    with pytest.raises(RuntimeError, match="superseded"):
+        cache.reorder(torch.tensor([1, 1, 2, 3]))
+    moved.next_buffer(4, 2)                                    # the new state runs on
+
 # -- the append layout: one buffer, new positions written in place ----------------------------------
 
 def _append_step(cache: KVAppend, reference: torch.Tensor, gen: torch.Generator, count: int = 1):
