@@ -116,7 +116,9 @@ def test_append_steps_and_reorders_match_index_select():
 
 
 # 9 prompt positions, then 64 steps: capacity 25 -> 42 -> 59 -> 76; the first buffer holds 25 + room positions
-@pytest.mark.parametrize("room, blocks, new_buffers", [(0, 64, 3), (20, 64, 1), (40, 1, 1), (40, 5, 1), (200, 7, 0)])
+# room 17: each growth either fits the room exactly (in place) or does not fit at all
+@pytest.mark.parametrize("room, blocks, new_buffers", [(0, 64, 3), (17, 64, 1), (20, 64, 1), (40, 1, 1), (40, 5, 1),
+                                                       (200, 7, 0)])
 def test_append_growth_in_place_or_into_a_new_buffer_keeps_every_position(monkeypatch, room, blocks, new_buffers):
     """Growth re-strides a buffer in place while it has room (moving blocks from the last one down, in
     chunks of RESTRIDE_BLOCKS that may overlap themselves), else allocates a new buffer with room again:
@@ -191,6 +193,17 @@ def test_append_reorder_copies_only_the_extra_children_of_a_parent():
     assert torch.equal(cache.written(), ref)
 
 
+def test_append_reorder_to_another_row_count_after_slots_gathers_the_logical_rows():
+    """A reorder that changes the row count when the rows are already slots (after a permutation) gathers
+    each logical row's K/V, not the physical row of the same number."""
+    gen = torch.Generator().manual_seed(12)
+    cache = KVAppend.empty(3, 4, 2, 3, torch.device("cpu"))
+    cache, ref = _append_step(cache, torch.zeros((3, 4, 2, 0, 3)), gen, count=2)
+    for idx in ([2, 0, 3, 1], [1, 1, 3, 3, 0, 2], [5, 0, 2]):   # slots, then 4 -> 6 rows, then 6 -> 3
+        cache, ref = cache.reorder(torch.tensor(idx)), ref.index_select(1, torch.tensor(idx))
+        assert torch.equal(cache.written(), ref), idx
+        cache, ref = _append_step(cache, ref, gen)
+
 def test_slots_put_per_row_inputs_in_physical_order_and_outputs_back():
     gen = torch.Generator().manual_seed(8)
     cache = KVAppend.empty(2, 4, 1, 2, torch.device("cpu"))
@@ -235,6 +248,7 @@ def test_prefill_groups_cut_only_where_the_padding_costs_more_than_a_run():
     assert prefill_groups(bench) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert prefill_groups(bench, run_cost=10**6) == [list(range(8))]               # runs too dear to split
     assert prefill_groups([7], PREFILL_RUN_COST) == [[0]]
+    assert prefill_groups([1, 65], run_cost=64) == [[0, 1]]                        # a tie: the cut saves nothing
 
 
 @pytest.mark.parametrize("seed", range(20))
