@@ -457,3 +457,24 @@ def test_seq2seq_reorder_moves_only_the_rows_that_change(artifact):
     many = onnx.reorder(moved, torch.tensor([1, 0, 3, 2, 5, 4]))                      # every row changes
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(many.self_past, moved.self_past))
     onnx.decode(torch.tensor([5] * 6), moved)                                         # a gather leaves it valid
+
+
+def test_seq2seq_reorder_across_inputs_regathers_cross_kv_as_torch(artifact):
+    """reorder is a gather on the batch axis: rows that take the place of another input's rows read their
+    own input's cross K/V (T5 graphs take them per row), again after a second such reorder; the logits stay
+    those of torch. Exactly half of the rows changing is still done in place (DESIGN §4: at most half)."""
+    src, out = artifact("t5")
+    ref, onnx = TorchBackend.from_source(str(src)), OnnxBackend.from_source(str(out))
+    batch = _batch(ref, src)
+    (want, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
+    _close(want, got)
+    for step, idx in enumerate([[0, 0, 0, 1, 1, 1], [0, 0, 2, 2, 4, 4], [3, 4, 5, 0, 1, 2], [1, 0, 2, 4, 3, 5],
+                                [5, 5, 5, 0, 0, 0]]):
+        idx = torch.tensor(idx)
+        pointers = [t.data_ptr() for t in state.self_past]
+        ref_state, state = ref.reorder(ref_state, idx), onnx.reorder(state, idx)
+        if step == 1:                                                       # rows 1, 3, 5 of 6 change
+            assert [t.data_ptr() for t in state.self_past] == pointers
+        tokens = torch.tensor([5, 6, 7, 8, 9, 10]) + step
+        (want, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
+        _close(want, got)
