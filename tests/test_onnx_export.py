@@ -178,6 +178,10 @@ def test_seed_model_exports_and_matches_torch(tmp_path, arch):
         tokens = torch.full((6,), token)
         (want, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
         assert float((want - got).abs().max()) <= PARITY.logits_atol
+    for idx in ([3, 4, 5, 0, 1, 2], [1, 0, 2, 5, 3, 4]):  # rows move across inputs: each reads its own source
+        ref_state, state = ref.reorder(ref_state, torch.tensor(idx)), onnx.reorder(state, torch.tensor(idx))
+        (want, ref_state), (got, state) = ref.decode(torch.full((6,), 7), ref_state), onnx.decode(torch.full((6,), 7), state)
+        assert float((want - got).abs().max()) <= PARITY.logits_atol
     for options in (DecodingOptions(num_beams=1, max_new_tokens=10), DecodingOptions(num_beams=4, max_new_tokens=10)):
         assert ([[h.token_ids for h in x] for x in generate_ids(onnx, batch, options)]
                 == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)])
