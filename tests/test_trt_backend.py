@@ -28,6 +28,9 @@ def test_gather_rows_writes_the_kept_rows_into_the_other_buffer():
     assert torch.equal(dense_view(dst, (4, 1, 2, 2)), expected)   # the memory itself changed
     with pytest.raises(ValueError, match="distinct"):
         gather_rows(src, src, shape, torch.tensor([0]))
+    assert dense_view(dst, (2, 12)).shape == (2, 12)                # a buffer exactly full
+    with pytest.raises(ValueError, match="needs 25 elements, the buffer has 24"):
+        dense_view(dst, (5, 5))                                   # one element more: refused by name
 
 
 def test_ping_pong_swaps_and_reorder_moves_live_cache():
