@@ -412,8 +412,12 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_resul
         return [list(range(len(lengths)))]
 
     monkeypatch.setattr(onnx_backend, "prefill_groups", recorded)
+    widths, step = [], OnnxBackend._append_step
+    monkeypatch.setattr(OnnxBackend, "_append_step", lambda self, ids, *a: (widths.append(ids.shape), step(self, ids, *a))[1])
     (ref_logits, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
     assert runs == [[[1, 4, 3, 6], [7, 0, 5, 2]]]
+    assert widths == [(4, 5), (4, 41)]                         # each run cut to its own longest prompt
+    monkeypatch.setattr(OnnxBackend, "_append_step", step)
     monkeypatch.setattr(onnx_backend, "prefill_groups", one)   # the same backend, one padded prefill: a second generation
     single, single_state = onnx.prefill(batch)
     assert float((got - single).abs().max()) <= 1e-5
@@ -468,6 +472,7 @@ def test_seq2seq_reorder_across_inputs_regathers_cross_kv_as_torch(artifact):
     batch = _batch(ref, src)
     (want, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
     _close(want, got)
+    assert onnx.encoder_calls == 2                                          # one encoder row per input
     for step, idx in enumerate([[0, 0, 0, 1, 1, 1], [0, 0, 2, 2, 4, 4], [3, 4, 5, 0, 1, 2], [1, 0, 2, 4, 3, 5],
                                 [5, 5, 5, 0, 0, 0]]):
         idx = torch.tensor(idx)
