@@ -476,10 +476,12 @@ def test_seq2seq_reorder_across_inputs_regathers_cross_kv_as_torch(artifact):
     for step, idx in enumerate([[0, 0, 0, 1, 1, 1], [0, 0, 2, 2, 4, 4], [3, 4, 5, 0, 1, 2], [1, 0, 2, 4, 3, 5],
                                 [5, 5, 5, 0, 0, 0]]):
         idx = torch.tensor(idx)
-        pointers = [t.data_ptr() for t in state.self_past]
+        pointers, old = [t.data_ptr() for t in state.self_past], state
         ref_state, state = ref.reorder(ref_state, idx), onnx.reorder(state, idx)
         if step == 1:                                                       # rows 1, 3, 5 of 6 change
             assert [t.data_ptr() for t in state.self_past] == pointers
+            with pytest.raises(RuntimeError, match="superseded"):
+                onnx.reorder(old, idx)                                      # its rows were rewritten in place
         tokens = torch.tensor([5, 6, 7, 8, 9, 10]) + step
         (want, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
         _close(want, got)
