@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -409,3 +410,35 @@ def test_unused_weights_are_one_warning_line(tiny_llama_dir, tmp_path, caplog, l
     ours = [r.getMessage() for r in caplog.records if r.name == "deploylm"]
     assert any("1 weight(s) in its files are not used by LlamaForCausalLM (model.spare.weight)" in m for m in ours)
     assert not [m for m in loading_log if "LOAD REPORT" in m]
+
+
+@pytest.mark.parametrize("tensor_type", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_weights_load_as_the_files_tensors_dequantized_in_hugging_face_layout(tmp_path, tensor_type):
+    """Every weight of a loaded .gguf file is gguf's own dequantization of the file's tensor, with the
+    q/k rows that llama.cpp's converter permuted put back in Hugging Face order; F32 gives back the
+    Hugging Face model the file was written from, bit for bit."""
+    import gguf
+
+    from deploylm.models.hf import load_hf_model
+    from deploylm.models.source import resolve_source
+    from tests.helpers.tiny_gguf import _permute, tiny_llama_model, write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / f"tiny-{tensor_type}.gguf", tensor_type=tensor_type)
+    _, original = tiny_llama_model()
+    loaded = load_hf_model(resolve_source(path), dtype=torch.float32, device=torch.device("cpu")).state_dict()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    reader = gguf.GGUFReader(path)
+    in_file = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32", tensor_type}
+    assert len(in_file) == len(original.state_dict()) == len(loaded)
+    for hf_name, want in original.state_dict().items():
+        base, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(base)}.{suffix}"
+        got = loaded[hf_name].numpy()
+        as_stored = _permute(got, 4 if "attn_q" in name else 2) if name.endswith(("attn_q.weight", "attn_k.weight")) else got
+        np.testing.assert_array_equal(as_stored, in_file[name].reshape(got.shape).astype(np.float32), err_msg=hf_name)
+        if tensor_type == "F32":
+            np.testing.assert_array_equal(got, want.numpy(), err_msg=hf_name)
+        else:    # a 4-bit grid of 16 steps over each block of 32 values: within a step of the original
+            step = float((want.max() - want.min()) / (15 if "Q4" in tensor_type else 255))
+            assert float(np.abs(got - want.numpy()).max()) <= step, hf_name

@@ -11,12 +11,9 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tensors: tuple[str, ...] = (),
-                          eos_token_id: int | None = None) -> Path:
-    """Write a tiny random Llama to `dest` (a .gguf path); `architecture` is the general.architecture it
-    states; `drop_tensors` are GGUF tensor names left out of the file; `eos_token_id` replaces the
-    tokenizer's in the metadata."""
-    import gguf
+def tiny_llama_model():
+    """(tokenizer, the tiny random LlamaForCausalLM) that write_tiny_llama_gguf writes (seeded: the same
+    weights on every call)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -28,7 +25,20 @@ def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tenso
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    return tok, AutoModelForCausalLM.from_config(config).eval()
+
+
+def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tensors: tuple[str, ...] = (),
+                          eos_token_id: int | None = None, tensor_type: str = "F32") -> Path:
+    """Write a tiny random Llama (tiny_llama_model) to `dest` (a .gguf path); `architecture` is the
+    general.architecture it states; `drop_tensors` are GGUF tensor names left out of the file;
+    `eos_token_id` replaces the tokenizer's in the metadata; `tensor_type` is the GGML type of its 2-D
+    tensors (F32, F16, Q8_0, Q4_0, ...: quantized with gguf's own quantize; 1-D norms stay F32)."""
+    import gguf
+
+    tok, model = tiny_llama_model()
+    config = model.config
+    qtype = gguf.GGMLQuantizationType[tensor_type]
     writer = gguf.GGUFWriter(str(dest), architecture)
     writer.add_name("tiny-llama")
     writer.add_block_count(2)
@@ -58,7 +68,10 @@ def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tenso
         array = tensor.float().numpy()
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             array = _permute(array, 4 if "attn_q" in name else 2)
-        writer.add_tensor(name, array)
+        if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
