@@ -162,6 +162,32 @@ def test_special_tokens_follow_generation_config_then_config(tiny_llama_dir, tmp
     assert special_tokens(model).eos_token_ids == (model.config.eos_token_id,)
 
 
+def test_every_special_token_comes_from_generation_config_then_config(tiny_llama_dir, tiny_t5_dir):
+    """bos, pad, EOS (several) and the decoder start each: generation_config's value when it sets one, else
+    config's; the decoder start then falls back to bos (the tiny configs: Llama bos 0, eos 1, pad 2; T5 start 0)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from deploylm.backends.base import SpecialTokens
+    from deploylm.models.hf import special_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (0, 1, 2)
+    gen = model.generation_config
+    gen.bos_token_id, gen.pad_token_id, gen.eos_token_id = 5, 6, [7, 8]
+    assert special_tokens(model) == SpecialTokens(eos_token_ids=(7, 8), pad_token_id=6, bos_token_id=5)
+    gen.bos_token_id = gen.pad_token_id = gen.eos_token_id = None
+    assert special_tokens(model) == SpecialTokens(eos_token_ids=(1,), pad_token_id=2, bos_token_id=0)
+
+    t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)
+    assert t5.config.decoder_start_token_id == 0 and getattr(t5.config, "bos_token_id", None) is None
+    t5.generation_config.decoder_start_token_id = 5
+    assert special_tokens(t5).decoder_start_token_id == 5
+    t5.generation_config.decoder_start_token_id = None
+    assert special_tokens(t5).decoder_start_token_id == 0
+    t5.config.decoder_start_token_id, t5.generation_config.bos_token_id = None, 9
+    assert special_tokens(t5).decoder_start_token_id == 9 == special_tokens(t5).bos_token_id
+
+
 def test_t5_decoder_start_comes_from_config(sources):
     from deploylm.generator import load
 
