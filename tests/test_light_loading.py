@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -83,6 +84,32 @@ def test_special_tokens_from_files_match_transformers(tiny_llama_dir, tiny_gpt2_
     assert special_tokens_from_files(tiny_llama_dir)[0].eos_token_ids == (gen["eos_token_id"],)
     assert special_tokens_from_files(tiny_gpt2_dir) is None      # n_positions: attribute_map, not plain
     assert special_tokens_from_files(tiny_t5_dir) is None        # encoder-decoder
+
+
+
+@pytest.mark.parametrize("generation", [
+    {"bos_token_id": 6, "eos_token_id": [1, 7], "pad_token_id": 5},   # several EOS ids, all three its own
+    {"eos_token_id": 7},                                                # bos and pad: config's
+    None,                                                               # no generation_config.json
+])
+def test_special_tokens_from_files_match_the_loaded_model(tiny_llama_dir, tmp_path, generation):
+    """special_tokens_from_files (what an onnx-only process reads) against special_tokens of the model the
+    torch backend loads from the same files (the comparison above goes through special_tokens_from_files
+    on both sides for a Llama folder)."""
+    from transformers import AutoModelForCausalLM
+
+    from deploylm.models.hf import position_window, special_tokens
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "llama")
+    (folder / "generation_config.json").unlink()
+    if generation is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    found = special_tokens_from_files(folder)
+    assert found == (special_tokens(model), False, position_window(model.config))
+    if generation is not None:
+        eos = generation["eos_token_id"]
+        assert found[0].eos_token_ids == tuple(eos if isinstance(eos, list) else [eos])
 
 
 @pytest.fixture(scope="module")
