@@ -35,6 +35,8 @@ def _same_as_transformers(folder: Path) -> None:
         a = light(TEXTS, return_tensors="pt", padding=True, padding_side=side, verbose=False)
         b = full(TEXTS, return_tensors="pt", padding=True, padding_side=side, verbose=False)
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    a, b = light(TEXTS, return_tensors="pt", padding=True), full(TEXTS, return_tensors="pt", padding=True)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
     for text in TEXTS:
         assert light(text, verbose=False)["input_ids"] == full(text, verbose=False)["input_ids"] == light.encode(text)
     rng, vocab = random.Random(0), light.backend_tokenizer.get_vocab_size()
@@ -42,6 +44,10 @@ def _same_as_transformers(folder: Path) -> None:
         ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))] + [0, 1, 2][: n % 4]
         for skip in (True, False):
             assert light.decode(ids, skip_special_tokens=skip) == full.decode(ids, skip_special_tokens=skip), ids
+        assert light.decode(ids) == full.decode(ids), ids                    # the defaults: specials kept
+    rows = [[rng.randrange(vocab) for _ in range(5)] + [0, 1, 2] for _ in range(3)]
+    for skip in (True, False):
+        assert light.batch_decode(rows, skip_special_tokens=skip) == full.batch_decode(rows, skip_special_tokens=skip)
 
 
 @pytest.mark.slow
@@ -63,6 +69,14 @@ def test_light_tokenizer_refuses_what_transformers_would_change(tiny_llama_dir, 
                    {"clean_up_tokenization_spaces": True}):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
         assert light_tokenizer(tmp_path) is None, change
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    from tokenizers import Tokenizer
+
+    for stored in ("padding", "truncation"):   # settings in tokenizer.json itself
+        backend = Tokenizer.from_file(str(tiny_llama_dir / "tokenizer.json"))
+        backend.enable_padding() if stored == "padding" else backend.enable_truncation(8)
+        backend.save(str(tmp_path / "tokenizer.json"))
+        assert light_tokenizer(tmp_path) is None, stored
 
 
 def test_light_tokenizer_hands_the_rest_to_transformers(tiny_llama_dir):
