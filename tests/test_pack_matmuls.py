@@ -134,3 +134,29 @@ def test_quality_compares_with_the_fp32_graphs_as_shipped_packed(llama_graph, tm
     assert _matmuls(ref / path.name) == _matmuls(path)                 # the candidates' base stays as exported
     for want, got in zip(_run(ref / path.name, feeds), _run(shipped / path.name, feeds)):
         assert float(np.abs(got - want).max()) <= 1e-6
+
+
+def test_a_graph_with_external_weights_keeps_them_in_its_data_file_with_its_permissions(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    wq, wk = (rng.standard_normal((4, n)).astype(np.float32) for n in (300, 200))   # > 1 KiB: stay external
+    f32 = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+                               helper.make_node("MatMul", ["x", "wk"], ["k"], name="k")], "g", [f32("x", [2, 4])],
+                              [f32("q", None), f32("k", None)],
+                              [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(wk, "wk")])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+              save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    (tmp_path / "g.onnx.data").chmod(0o600)
+    path.chmod(0o644)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    assert pack_graph_file(path) == [["q", "k"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
+    assert (tmp_path / "g.onnx.data").stat().st_mode & 0o777 == 0o600
+    assert not onnx.load(str(path), load_external_data=False).graph.initializer[0].raw_data   # still external
+    q, k = _run(path, {"x": x})
+    np.testing.assert_allclose(q, x @ wq, rtol=1e-6)
+    np.testing.assert_allclose(k, x @ wk, rtol=1e-6)
