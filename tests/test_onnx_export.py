@@ -39,6 +39,11 @@ def test_io_spec_names_follow_optimum():
     assert dec.input_names[:4] == ["input_ids", "encoder_attention_mask", "past_key_values.0.decoder.key",
                                    "past_key_values.0.decoder.value"]
     assert "past_key_values.1.encoder.value" in dec.input_names
+    # self-attention K/V: kv_heads (2); cross-attention K/V: cross_heads (4), one row per input
+    assert enc.outputs[0].axes == ("batch", "src", 16) and enc.outputs[1].axes == ("batch", 4, "src", 8)
+    assert dec.inputs[2].axes == ("rows", 2, "past", 8) and dec.outputs[1].axes == ("rows", 2, "total", 8)
+    assert dec.inputs[dec.input_names.index("past_key_values.0.encoder.key")].axes == ("enc_batch", 4, "src", 8)
+    assert model.inputs[0].dynamic_axes == {0: "batch", 1: "seq"} and model.outputs[0].dynamic_axes == {0: "batch"}
     assert dec.output_names == ["logits", *io_spec.present_names(2, "decoder")]
     assert dec.inputs[1].axes == ("enc_batch", "src")  # deploylm: one cross row per input
     _, hf_dec = io_spec.graph_specs("encoder-decoder", dims, cross_rows="rows")
