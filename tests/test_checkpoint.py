@@ -8,7 +8,8 @@ import torch
 
 from deploylm.errors import CheckpointWriteFailed, UsageError
 from deploylm.models import checkpoint as ckpt
-from deploylm.models.checkpoint import load_checkpoint, load_generation_config, load_training_state, save_checkpoint
+from deploylm.models.checkpoint import (build_model, load_checkpoint, load_generation_config, load_training_state,
+                                         save_checkpoint)
 from deploylm.models.config import make_config
 from deploylm.models.source import resolve_source
 
@@ -60,6 +61,13 @@ def test_generation_config_and_tokenizer(tmp_path):
     copy = save_checkpoint(tmp_path / "ck2", model, config, out / "tokenizer.json")
     assert (copy / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
     assert load_generation_config(copy)["num_beams"] == 4
+
+
+def test_a_decoder_only_checkpoint_has_no_decoder_start_token(tmp_path):
+    config = make_config("tiny", 50, arch="decoder", n_decoder_layers=1, d_model=16, n_heads=2, d_ff=32)
+    out = save_checkpoint(tmp_path / "lm", build_model(config), config)
+    assert load_generation_config(out) == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                           "num_beams": 4, "max_new_tokens": 64}
 
 
 def test_training_state_round_trip_loads_weights_only(tmp_path):

@@ -53,7 +53,18 @@ def test_from_dict_names_unknown_keys():
     ("eos_token_id", 1000, "below vocab_size"),
     ("tie_embeddings", "yes", "tie_embeddings"),
     ("n_decoder_layers", 2.5, "n_decoder_layers"),
+    ("dropout", 1, "dropout"),                        # [0, 1): a dropout of 1 zeroes every activation
+    ("dropout", -0.1, "dropout"),
+    ("n_heads", True, "n_heads"),                     # a JSON true is not a count
+    ("n_encoder_layers", 0, "n_encoder_layers"),      # an encoder-decoder needs an encoder
+    ("pad_token_id", -1, "pad_token_id"),
 ])
 def test_invalid_values_are_usage_errors(field, value, message):
     with pytest.raises(UsageError, match=message):
         make_config("tiny", 1000, **{field: value})
+
+
+def test_a_decoder_only_config_needs_no_encoder_layers():
+    config = make_config("tiny", 1000, arch="decoder", n_encoder_layers=0, dropout=0.0)
+    assert config.n_encoder_layers == 0 and TransformerConfig.from_dict(config.to_dict()) == config
+    assert make_config("tiny", 1000, eos_token_id=999).eos_token_id == 999       # the last id is an id
