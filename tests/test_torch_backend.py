@@ -252,6 +252,39 @@ def test_generation_settings_deploylm_does_not_apply_are_named(tiny_t5_dir, tmp_
         assert applied not in record.getMessage()
 
 
+
+def test_generation_config_values_that_mean_off_are_not_named(caplog):
+    """do_sample false, max_length 20, min_p 0, typical_p 1 (transformers' defaults) change nothing: no warning;
+    each set to something else is named."""
+    from deploylm.models.hf import decoding_defaults, generation_settings
+
+    off = {"do_sample": False, "max_length": 20, "min_p": 0.0, "typical_p": 1.0, "min_length": 0,
+           "encoder_repetition_penalty": 1.0, "num_beam_groups": 1, "bad_words_ids": [], "num_beams": 3}
+    with caplog.at_level("WARNING", logger="deploylm"):
+        assert decoding_defaults(off, "m") == {"num_beams": 3}
+    assert not caplog.records and generation_settings(off) == {}
+    with caplog.at_level("WARNING", logger="deploylm"):
+        decoding_defaults({"do_sample": True, "max_length": 50, "min_p": 0.1}, "m")
+    [record] = caplog.records
+    assert "do_sample, min_p, max_length=50" in record.getMessage()
+    assert generation_settings({"min_length": 2, "bad_words_ids": [[1, 2]], "sequence_bias": {(3,): -1.0}}) == {
+        "min_length": 2, "bad_words_ids": ((1, 2),), "sequence_bias": (((3,), -1.0),)}
+
+
+@pytest.mark.parametrize("config, types", [
+    ({"rope_parameters": {"rope_type": "longrope"}}, {"longrope"}),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, {"dynamic"}),             # the older key and field
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"},                 # per layer type
+                          "sliding_attention": {"rope_type": "linear"}}}, {"default", "linear"}),
+    ({"text_config": {"rope_scaling": {"rope_type": "yarn"}}}, {"yarn"}),             # a multimodal model's
+    ({"rope_scaling": None}, set()),
+])
+def test_rope_types_read_every_form_of_config_json(config, types):
+    from deploylm.models.hf import rope_depends_on_length, rope_types
+
+    assert rope_types(config) == types
+    assert rope_depends_on_length(config) == bool(types & {"longrope", "dynamic"})
+
 @pytest.mark.parametrize("fixture", ["seed_seq2seq_dir", "seed_lm_dir"])
 def test_a_checkpoints_generation_config_settings_apply_on_the_torch_backend(fixture, tmp_path, request):
     """A deploylm checkpoint's generation_config.json settings (forced_bos_token_id, bad_words_ids, ...) are
