@@ -17,7 +17,7 @@ import torch
 
 from deploylm.benchmarking.workload import STANDARD_PROMPTS
 from deploylm.models.hf import special_tokens_from_files
-from deploylm.models.source import resolve_source
+from deploylm.models.source import Source, resolve_source
 from deploylm.models.tokenizer import LightTokenizer, light_tokenizer, load_tokenizer
 
 TEXTS = [*STANDARD_PROMPTS, "<|im_start|>user\nHi<|im_end|>", "  two leading spaces", "émoji 🙂 and 中文", "a",
@@ -66,9 +66,15 @@ def test_light_tokenizer_refuses_what_transformers_would_change(tiny_llama_dir, 
     assert light_tokenizer(tmp_path) is not None
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     for change in ({"add_bos_token": True}, {"tokenizer_class": "LlamaTokenizer"}, {"pad_token": "not-a-token"},
-                   {"clean_up_tokenization_spaces": True}):
+                   {"clean_up_tokenization_spaces": True}, {"backend": "sentencepiece"}, {"eos_token": ["</s>"]}):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
         assert light_tokenizer(tmp_path) is None, change
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "pad_token"}))
+    light, full = light_tokenizer(tmp_path), load_tokenizer(Source("hf", tmp_path))
+    assert light.pad_token_id is None is full.pad_token_id
+    for tok in (light, full):   # no pad token: padding texts of different lengths is transformers' ValueError
+        with pytest.raises(ValueError, match="Asking to pad but the tokenizer does not have a padding token"):
+            tok(["a", "the quick brown fox"], padding=True)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     from tokenizers import Tokenizer
 
