@@ -234,3 +234,9 @@ def test_weights_that_do_not_fit_on_the_disk_are_one_line_and_keep_the_previous_
     with pytest.raises(CheckpointWriteFailed, match="nothing was written"):
         save_checkpoint(tmp_path / "new", model, config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_a_hugging_face_config_is_named_as_not_a_deploylm_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    with pytest.raises(UsageError, match=r"config.json: not a deploylm config \(model_type should be"):
+        load_checkpoint(tmp_path)
