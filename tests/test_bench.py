@@ -165,6 +165,32 @@ def test_summaries_are_medians_of_the_recorded_rounds(fake_bench):
         assert (row.load_s, row.rss_after_load_mib, row.peak_rss_mib) == (0.5, 100.0, 321.0)
 
 
+def test_summaries_of_rounds_of_several_calls_against_hand_computed_values():
+    """Two rounds (an even count: medians average the middle two) of two calls each (a batch split): TTFT is
+    the median over every call, decoder ms/step divides the round's decoder time by all its calls' steps,
+    latency counts each request, step percentiles run over every step."""
+    from deploylm.benchmarking.report import summarize
+    from deploylm.benchmarking.workload import RowSpec
+
+    def call(wall, ttft, steps_s, model, loop, requests):
+        return CallTiming(wall, ttft, steps_s, model, loop, steps=3, requests=requests)
+
+    tokens = ((1, 2, 3), (4, 5, 6), (7, 8, 9))
+    a = RoundResult((call(1.0, 0.1, (0.01, 0.02), 0.5, 0.8, 2), call(2.0, 0.3, (0.03, 0.04), 1.0, 1.1, 1)), tokens)
+    b = RoundResult((call(1.5, 0.2, (0.05, 0.06), 0.6, 1.0, 2), call(2.5, 0.5, (0.07, 0.08), 1.2, 1.4, 1)), tokens)
+    row = summarize(RowSpec("m [torch]", "m", "torch", "fp32"), [a, b], 0.5, None, None)
+    assert row.wall_s == pytest.approx(3.5)                           # rounds of 3 s and 4 s
+    assert row.tokens_per_s == pytest.approx((9 / 3 + 9 / 4) / 2)     # 9 best-sequence tokens a round
+    assert row.ttft_s == pytest.approx(0.25)                          # median of 0.1, 0.3, 0.2, 0.5
+    assert row.decoder_ms_per_step == pytest.approx((1e3 * 0.4 / 6 + 1e3 * 0.6 / 6) / 2)
+    assert row.decoder_pct == pytest.approx((100 * 0.4 / 1.9 + 100 * 0.6 / 2.4) / 2)
+    assert row.latency_p50_s == pytest.approx(1.5)                    # 1, 1, 1.5, 1.5, 2, 2.5
+    assert row.latency_p95_s == pytest.approx(2.375)
+    assert row.step_p50_ms == pytest.approx(45.0)                     # 10, 20, ..., 80 ms
+    assert row.step_p95_ms == pytest.approx(76.5)
+    assert row.deterministic
+
+
 def test_rows_whose_rounds_spread_get_a_note_in_the_table_and_the_json(fake_bench):
     """Row 0's rounds (2, 4, 3 s) spread 67% of their median; row 3's (1, 1, 1 s) do not spread."""
     report, *_ = fake_bench
