@@ -266,6 +266,53 @@ def test_table_and_plot(fake_bench, tmp_path):
         plot_report(report, tmp_path / "bench.jpg")
 
 
+def test_table_cells_and_plot_bars_against_hand_computed_values(tiny_gpt2_dir, tiny_llama_dir, tmp_path, monkeypatch):
+    """The fake_bench timings, with the llama row agreeing with its reference on both prompts but with the
+    first row on one: every cell of the two model rows, and the plot's bars, colours and ratio labels."""
+    import re
+
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from deploylm.benchmarking import table
+
+    walls = {0: [9.0, 2.0, 4.0, 3.0], 1: [9.0, 5.0, 1.0, 6.0], 2: [9.0, 8.0, 4.0, 6.0], 3: [9.0, 1.0, 1.0, 1.0]}
+    tokens = {0: SAME, 1: OTHER, 2: SAME, 3: OTHER}
+    runners = []
+
+    def opener(spec, workload):
+        runners.append(FakeRunner(spec, [], walls[len(runners)], tokens[len(runners)]))
+        return runners[-1]
+
+    config = BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_llama_dir)), prompts=PROMPTS[:2])
+    report = run_bench(config, open_runner=opener)
+    lines = {line.split("  ")[0]: re.split(r"\s{2,}", line.strip()) for line in report.table().splitlines()}
+    gpt2, llama, ref_gpt2, ref_llama = report.rows
+    # tok/s: median of 8 tokens / (2, 4, 3 s); × tf against transformers' median of 8 / (8, 4, 6 s); latency over
+    # 2 requests a round; steps of wall / 5 (3 a round); TTFT 2 × wall / 5; decoder 0.1 × wall over 4 steps
+    assert lines[gpt2.label] == [gpt2.label, "fp32", "2.7", "2.00×", "3.00/4.00", "600.0/800.0", "1.20",
+                                 "75.00 (11.1%)", "321", "2/2", "2/2"]
+    assert lines[llama.label] == [llama.label, "fp32", "1.6", "0.20×", "5.00/6.00", "1000.0/1200.0", "2.00",
+                                  "125.00 (11.1%)", "321", "2/2", "1/2"]
+    assert not [n for n in report.notes if "round(s)" in n]          # 3 rounds: the standard, no note
+
+    figures = []
+
+    class Recording(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(table, "_figure_class", lambda: Recording)
+    plot_report(report, tmp_path / "bench.png")
+    (ax,) = figures[-1].axes
+    assert [bar.get_height() for bar in ax.patches] == [r.tokens_per_s for r in report.rows]
+    grey, blue = to_rgba("#9e9e9e"), to_rgba("#1f77b4")
+    assert [bar.get_facecolor() for bar in ax.patches] == [blue, blue, grey, grey]
+    assert [t.get_text() for t in ax.texts] == ["2.00×", "0.20×", "1.00×", "1.00×"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{r.label}\n{r.profile}" for r in report.rows]
+
+
 def test_a_one_token_run_writes_standard_json(tiny_gpt2_dir, tmp_path):
     """--max-new-tokens 1 has no step after the first: its step percentiles are NaN, which the JSON
     writes as null (NaN is not JSON: jq and JSON.parse refuse the file) and the table as '-'."""
