@@ -350,6 +350,42 @@ def test_timing_from_marks():
     assert timing.decoder_s == 0.5 and timing.requests == 8
 
 
+def test_rows_in_this_process_run_with_the_bench_threads_then_restore_them(tiny_gpt2_dir, monkeypatch):
+    """--in-process: torch's intra-op threads are --threads while the rows run (2 by default, not every core)."""
+    import torch
+
+    from deploylm.benchmarking import measure
+
+    seen, before = [], torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+
+    class Recording(FakeRunner):
+        def run(self):
+            seen.append(torch.get_num_threads())
+            return super().run()
+
+    monkeypatch.setattr(measure, "open_local_runner",
+                        lambda spec, workload: Recording(spec, [], [1.0] * 3, SAME))
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], threads=wanted, rounds=1, isolate=False)
+    run_bench(config)
+    assert seen == [wanted] * 4 and torch.get_num_threads() == before     # 2 rows × (warm-up + 1 round)
+
+
+def test_an_onnx_row_loads_with_the_bench_threads_and_its_spin(monkeypatch):
+    """ONNX Runtime's intra-op threads are --threads, and an [onnx, spin] row really loads with spin=True."""
+    import deploylm.generator
+    from deploylm.benchmarking.measure import open_local_runner
+    from deploylm.benchmarking.workload import RowSpec
+
+    loads = []
+    monkeypatch.setattr(deploylm.generator, "load", lambda src, **kwargs: loads.append((src, kwargs)))
+    workload = workload_of(BenchConfig(models=("m",), prompts=PROMPTS[:2], threads=3))
+    for spin in (False, True):
+        open_local_runner(RowSpec("a [onnx]", "export/a", "onnx", "fp32", spin=spin), workload)
+    assert loads == [("export/a", dict(backend="onnx", spin=False, threads=3)),
+                     ("export/a", dict(backend="onnx", spin=True, threads=3))]
+
+
 # -- the real decoder on a tiny model -----------------------------------------------------------------
 def test_generator_runner_reads_the_clock_once_per_step(tiny_gpt2_dir):
     ticks = iter(range(1000))
