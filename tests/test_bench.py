@@ -415,6 +415,45 @@ def test_transformers_row_counts_an_encoders_time_as_model_time(tiny_t5_dir):
     assert call.model_s == 100.0 and call.decoder_s == 0.0 and call.loop_s == 100.0
 
 
+def test_transformers_row_times_the_model_of_each_call_alone(tiny_gpt2_dir):
+    """Two calls a round, two rounds: each call's model time is its own forward passes (each "takes" 1 s of
+    the fake clock), not the running total of the earlier calls; the loop is generate() alone, while the
+    call's wall time and TTFT include tokenizing (and the wall time detokenizing)."""
+    now = [0.0]
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS, batch_size=2, max_new_tokens=3, num_beams=2)
+    runner = TransformersRunner(str(tiny_gpt2_dir), workload_of(config), clock=lambda: now[0])
+    forward = runner.model.forward
+
+    def slow_forward(*args, **kwargs):
+        now[0] += 1.0
+        return forward(*args, **kwargs)
+
+    class SlowTokenizer:                        # encoding "takes" 10 s, decoding 100 s: call time, not loop time
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            now[0] += 10.0
+            return self.inner(*args, **kwargs)
+
+        def batch_decode(self, *args, **kwargs):
+            now[0] += 100.0
+            return self.inner.batch_decode(*args, **kwargs)
+
+    runner.model.forward = slow_forward
+    runner.tokenizer = SlowTokenizer(runner.tokenizer)
+    calls = runner.run().calls + runner.run().calls
+    assert [(c.model_s, c.loop_s, c.decoder_s, c.steps) for c in calls] == [(3.0, 3.0, 0.0, 3)] * 4
+    assert [(c.wall_s, c.ttft_s, c.step_s, c.requests) for c in calls] == [(113.0, 11.0, (1.0, 1.0), 2)] * 4
+
+
+def test_cut_at_eos_keeps_the_eos_and_drops_the_padding_after_it():
+    from deploylm.benchmarking.measure import cut_at_eos
+
+    rows = [[5, 2, 0, 0], [5, 6, 7, 2], [5, 6, 7, 8], [9, 3, 2, 3]]
+    assert cut_at_eos(rows, (2, 3)) == [(5, 2), (5, 6, 7, 2), (5, 6, 7, 8), (9, 3)]
+
+
 def test_tiny_model_in_process_matches_transformers(tiny_gpt2_dir):
     config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS, batch_size=4, max_new_tokens=5,
                          rounds=1, warmup=0, isolate=False)
