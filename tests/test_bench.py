@@ -471,6 +471,30 @@ def test_tiny_model_in_process_matches_transformers(tiny_gpt2_dir):
     assert BenchReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
+def test_every_row_runs_the_bench_options_not_the_models_decoding_defaults(tiny_gpt2_dir, tmp_path):
+    """A model whose generation_config samples, penalizes repeats, bans repeated tokens and whose EOS is the
+    token it picks first: both rows still run the bench's deterministic beam search with EOS banned until the
+    last token, so each prompt gets exactly max_new_tokens tokens and transformers' are deploylm's."""
+    import shutil
+
+    import deploylm
+
+    model = Path(shutil.copytree(tiny_gpt2_dir, tmp_path / "eager"))
+    first = deploylm.load(str(model), backend="torch").generate([PROMPTS[0]], num_beams=1, max_new_tokens=1)
+    eos = first[0].sequences[0].token_ids[0]
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({
+        **generation, "eos_token_id": eos, "do_sample": True, "temperature": 5.0, "repetition_penalty": 5.0,
+        "no_repeat_ngram_size": 1, "num_beams": 1, "length_penalty": -2.0}))
+    config = BenchConfig(models=(str(model),), prompts=PROMPTS, batch_size=4, max_new_tokens=5, num_beams=2,
+                         rounds=2, warmup=0, isolate=False)
+    torch_row, ref = run_bench(config).rows
+    assert [len(t) for t in ref.token_ids] == [5] * 4 and ref.deterministic
+    assert torch_row.same_as_reference == 4
+
+
 def test_an_artifact_whose_source_model_changed_has_no_transformers_reference(tiny_gpt2_dir, tmp_path):
     """The reference is the model the artifact was exported from: a model at that path with other weights
     would give ratios and token agreement against another model (parity refuses it the same way)."""
