@@ -471,6 +471,18 @@ def test_tiny_model_in_process_matches_transformers(tiny_gpt2_dir):
     assert BenchReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
+def test_an_encoder_decoders_rows_count_generated_tokens_only(tiny_t5_dir):
+    """transformers' output for T5 starts with the decoder start token: not a generated token, so not counted
+    in tokens/s nor compared with deploylm's (which has none)."""
+    config = BenchConfig(models=(str(tiny_t5_dir),), prompts=PROMPTS[:2], batch_size=2, max_new_tokens=3,
+                         num_beams=2, rounds=1, warmup=0, isolate=False)
+    torch_row, ref = run_bench(config).rows
+    for row in (torch_row, ref):
+        assert [len(t) for t in row.token_ids] == [3, 3]
+        assert row.tokens_per_s == pytest.approx(6 / row.rounds[0].wall_s)
+    assert torch_row.same_as_reference == 2
+
+
 def test_every_row_runs_the_bench_options_not_the_models_decoding_defaults(tiny_gpt2_dir, tmp_path):
     """A model whose generation_config samples, penalizes repeats, bans repeated tokens and whose EOS is the
     token it picks first: both rows still run the bench's deterministic beam search with EOS banned until the
