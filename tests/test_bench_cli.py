@@ -102,3 +102,28 @@ def test_a_worker_error_reaches_the_caller_as_itself(tiny_gpt2_dir, tmp_path):
     out = run("--model", str(broken), "--no-reference", "--rounds", "1", "--max-new-tokens", "2")
     assert out.exit_code == 2, out.output
     assert out.stderr.splitlines()[-1].startswith("error: ") and "has no weights" in out.stderr
+
+
+def test_every_flag_reaches_the_run(tiny_gpt2_dir, tmp_path):
+    """2 prompts in one call of batch 3 (a prompt repeated), 2 beams, 2 tokens, 2 rounds, no warm-up, 1 thread,
+    no reference, in this process: the JSON's workload, rows and notes say so."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick brown fox\nhello world\n")
+    out = run("--model", str(tiny_gpt2_dir), "--prompts", str(prompts), "--batch-size", "3", "--num-beams", "2",
+              "--max-new-tokens", "2", "--rounds", "2", "--warmup", "0", "--threads", "1", "--no-reference",
+              "--in-process", "--json", str(tmp_path / "b.json"))
+    assert out.exit_code == 0, out.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    workload = data["workload"]
+    assert (workload["prompts"], workload["batch_size"], workload["calls_per_round"], workload["requests_per_round"]) \
+        == (2, 3, 1, 3)
+    assert (workload["rounds"], workload["warmup"], workload["threads"], workload["spin"]) == (2, 0, 1, "off")
+    options = workload["options"]
+    assert (options["num_beams"], options["max_new_tokens"], options["min_new_tokens"]) == (2, 2, 2)
+    assert data["machine"]["threads"] == 1
+    assert [r["backend"] for r in data["rows"]] == ["torch"] and data["rows"][0]["reference"] is None
+    assert data["rss_scope"] == "process" and data["process_peak_rss_mib"] > 0
+    (row,) = data["rows"]
+    assert len(row["rounds"]) == 2 and [len(t) for t in row["rounds"][0]["token_ids"]] == [2, 2, 2]
+    assert any("only 2 round(s)" in n for n in data["notes"])
+    assert "2 prompts in 1 call(s) of batch 3, num_beams=2, exactly 2 new tokens, 0 warm-up + 2 interleaved" in out.stdout
