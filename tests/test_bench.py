@@ -560,6 +560,41 @@ def test_a_report_that_cannot_be_written_is_one_error_and_leaves_no_file(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_worker_runs_its_row_with_the_bench_threads_and_answers_each_message(tiny_gpt2_dir, monkeypatch):
+    """The worker's main loop, here in this process: it sets torch's threads to --threads before loading, answers
+    (load time, RSS), then one round per "run", then its peak RSS on "close"."""
+    import multiprocessing
+
+    import torch
+
+    from deploylm.benchmarking import measure, worker
+
+    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
+    monkeypatch.setattr(worker, "quiet_libraries_env", lambda: None)
+    seen = []
+
+    class Recording(FakeRunner):
+        def run(self):
+            seen.append(torch.get_num_threads())
+            return super().run()
+
+    monkeypatch.setattr(measure, "open_local_runner", lambda spec, workload: Recording(spec, [], [1.5], SAME))
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], threads=wanted)
+    parent, child = multiprocessing.Pipe()
+    parent.send("run")
+    parent.send("close")
+    try:
+        worker.serve(child, plan_rows(config)[0], workload_of(config))
+    finally:
+        torch.set_num_threads(before)
+    (kind, (load_s, rss)), (kind2, result), (kind3, peak) = parent.recv(), parent.recv(), parent.recv()
+    assert (kind, kind2, kind3) == ("ok", "ok", "ok") and seen == [wanted]
+    assert load_s == 0.5 and rss > 0 and result.wall_s == 1.5 and result.token_ids == SAME
+    assert peak == pytest.approx(worker.peak_rss_mib(), rel=0.1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_worker_dies_quietly_with_a_bench_killed_outright(tiny_gpt2_dir, tmp_path):
     """`kill -9` of `deploylm bench`: its row worker used to go on (loading its model) and then print a
