@@ -214,6 +214,32 @@ def test_steady_rounds_within_the_threshold_get_no_note():
     assert unsteady_note(rounds(4.0)) == ()
 
 
+def test_each_row_keeps_its_own_memory_warmups_and_determinism(tiny_gpt2_dir, tiny_llama_dir):
+    """Two warm-ups each, then the rounds; each row reports its own load time and RSS; a row whose rounds
+    produced different tokens is not deterministic; two rounds that spread get the note too."""
+    log, runners = [], []
+
+    class Varying(FakeRunner):
+        def run(self):
+            result = super().run()
+            return RoundResult(result.calls, OTHER) if self.runs % 2 else result   # SAME, OTHER, SAME ...
+
+    def opener(spec, workload):
+        i = len(runners)
+        runners.append((Varying if i == 1 else FakeRunner)(spec, log, [9.0, 9.0, 4.0, 6.0], SAME))
+        runners[-1].load_s, runners[-1].rss_after_load_mib, runners[-1].close = i + 0.5, 100.0 + i, lambda i=i: 200.0 + i
+        return runners[-1]
+
+    config = BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_llama_dir)), prompts=PROMPTS[:2], rounds=2, warmup=2)
+    report = run_bench(config, open_runner=opener)
+    labels = [r.label for r in report.rows]
+    assert log == labels * 4
+    assert [(r.load_s, r.rss_after_load_mib, r.peak_rss_mib) for r in report.rows] == [
+        (0.5, 100.0, 200.0), (1.5, 101.0, 201.0), (2.5, 102.0, 202.0), (3.5, 103.0, 203.0)]
+    assert [r.deterministic for r in report.rows] == [True, False, True, True]
+    assert all(any("its rounds spread 40% (4-6 s)" in n for n in r.notes) for r in report.rows)
+
+
 def test_ratios_and_token_agreement(fake_bench):
     report, *_ = fake_bench
     gpt2, llama, ref_gpt2, ref_llama = report.rows
