@@ -412,6 +412,19 @@ def test_an_onnx_row_loads_with_the_bench_threads_and_its_spin(monkeypatch):
                      ("export/a", dict(backend="onnx", spin=True, threads=3))]
 
 
+def test_machine_info_reads_cores_flags_and_memory(monkeypatch):
+    """Two sockets of two cores with two hyper-threads each: 4 physical cores; MemTotal in KiB -> GiB."""
+    from deploylm.benchmarking import machine
+
+    cpuinfo = "".join(f"processor\t: {n}\nmodel name\t: Test CPU @ 2.0GHz\nphysical id\t: {n // 4}\n"
+                      f"core id\t\t: {n % 2}\nflags\t\t: fpu sse avx512f fma avx2\n\n" for n in range(8))
+    files = {"/proc/cpuinfo": cpuinfo, "/proc/meminfo": "MemTotal:       16777216 kB\nMemFree:  1 kB\n"}
+    monkeypatch.setattr(machine, "_read", lambda path: files.get(path, ""))
+    info = machine.machine_info(3)
+    assert (info["cpu"], info["physical_cores"], info["memory_gib"], info["threads"]) == ("Test CPU @ 2.0GHz", 4, 16.0, 3)
+    assert info["cpu_flags"] == ["avx2", "avx512f", "fma"]
+
+
 # -- the real decoder on a tiny model -----------------------------------------------------------------
 def test_generator_runner_reads_the_clock_once_per_step(tiny_gpt2_dir):
     ticks = iter(range(1000))
