@@ -35,7 +35,7 @@ STANDARD_PROMPTS: tuple[str, ...] = (
 )
 REFERENCE = "transformers"          # the backend name of reference rows
 SPIN_CHOICES = ("off", "on", "both")
-FIXED_LENGTH_NOTE = ("EOS is banned until the last token (min_new_tokens = max_new_tokens): every prompt "
+FIXED_LENGTH_NOTE = ("EOS is banned at every step (min_new_tokens = max_new_tokens): every prompt "
                      "generates exactly max_new_tokens tokens")
 
 
