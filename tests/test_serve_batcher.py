@@ -172,3 +172,58 @@ def test_the_servers_stop_event_reaches_the_batch():
         await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_a_full_batch_is_decoded_without_waiting_out_max_wait():
+    """The oldest request waits for company only while the batch is not full: two requests that fill a batch
+    of 2 are decoded at once, not after --max-wait-ms."""
+    async def main():
+        fake = FakeGenerator()
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=2, max_wait_ms=30_000,
+                          max_queue=10)
+        batcher.start()
+        futures = [batcher.submit(job("a")), batcher.submit(job("b"))]
+        done, _ = await asyncio.wait(futures, timeout=10)
+        await batcher.stop()
+        return len(done), fake.calls
+
+    done, calls = asyncio.run(main())
+    assert done == 2 and [c[0] for c in calls] == [["a", "b"]]
+
+
+def test_a_cancelled_waiting_request_frees_its_place_in_the_queue():
+    async def main():
+        fake = FakeGenerator(delay=0.05)
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=1, max_wait_ms=0, max_queue=2)
+        batcher.start()
+        first = batcher.submit(job("first"))
+        await asyncio.sleep(0.01)           # "first" is decoding; "second" and "third" fill the queue
+        second, third = batcher.submit(job("second")), batcher.submit(job("third"))
+        batcher.cancel(second)
+        queued = batcher.queued
+        fourth = batcher.submit(job("fourth"))   # the cancelled request's place is free
+        await asyncio.gather(first, third, fourth)
+        await batcher.stop()
+        return queued, fake.calls
+
+    queued, calls = asyncio.run(main())
+    assert queued == 1 and [c[0] for c in calls] == [["first"], ["third"], ["fourth"]]
+
+
+def test_decoding_and_batches_count_what_health_reports():
+    """`decoding` is the jobs of the batch decoding now (0 once it is answered); `batches` the generate calls."""
+    async def main():
+        fake = FakeGenerator(delay=0.2)
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=2, max_wait_ms=0, max_queue=10)
+        batcher.start()
+        futures = [batcher.submit(job("a")), batcher.submit(job("b")), batcher.submit(job("c", "d", "e"))]
+        await asyncio.sleep(0.1)
+        decoding = batcher.decoding                    # "a" and "b" share the first batch
+        await asyncio.gather(*futures)
+        after = batcher.decoding
+        await batcher.stop()
+        return decoding, after, batcher.batches, fake.calls
+
+    decoding, after, batches, calls = asyncio.run(main())
+    assert decoding == 2 and after == 0
+    assert [c[0] for c in calls] == [["a", "b"], ["c", "d"], ["e"]] and batches == 3
