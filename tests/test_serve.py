@@ -267,3 +267,44 @@ def test_completions_n_zero_names_n_in_the_advice(client):
     r = client.post("/v1/completions", json={"prompt": "a", "n": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
     assert "num_beams" not in r.json()["error"]["message"] and "use n >= 1" in r.json()["error"]["message"]
+
+
+def test_completions_with_several_prompts_list_choices_prompt_by_prompt_and_count_every_token(client, fake):
+    """OpenAI's layout: the n choices of prompt i are choices i*n .. i*n+n-1, indexed 0.. over the whole list;
+    usage counts the tokens of every prompt and of every returned completion."""
+    prompts = ["a b c", "d e"]
+    r = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 3, "n": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = [s for p in prompts for s in alone(fake, p, max_new_tokens=3, num_return_sequences=2, num_beams=2).sequences]
+    assert [c["text"] for c in body["choices"]] == [s.text for s in want]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["usage"] == {"prompt_tokens": 3 + 2, "completion_tokens": 4 * 3, "total_tokens": 5 + 12}
+
+
+def test_a_request_may_have_as_many_prompts_as_the_limit(client):
+    r = client.post("/v1/generate", json={"prompt": ["a", "b", "c", "d"], "max_new_tokens": 1})   # max_prompts=4
+    assert r.status_code == 200 and len(r.json()["results"]) == 4, r.text
+
+
+@pytest.mark.parametrize("body", [{"top_p": 1}, {"top_p": 1.0, "seed": None}, {"temperature": None, "n": None,
+                                                                              "best_of": None, "top_p": None}])
+def test_completions_top_p_one_and_null_fields_change_nothing(client, fake, body):
+    """top_p 1 keeps every token (no sampling, as OpenAI); a field sent as null takes its default."""
+    r = client.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 2, **body})
+    assert r.status_code == 200, r.text
+    assert fake.calls[-1][1] == {"max_new_tokens": 2, **({"top_p": 1} if body.get("top_p") == 1 else {})}
+
+
+def test_a_score_that_is_not_finite_is_null_in_the_json(fake):
+    """JSON has no -Infinity: such a score (an output the processors ruled out) is answered as null, not a 500."""
+    class MinusInf(FakeGenerator):
+        @staticmethod
+        def _answer(prompt, opts):
+            result = FakeGenerator._answer(prompt, opts)
+            return type(result)(prompt, [type(s)(s.text, s.token_ids, float("-inf")) for s in result.sequences])
+
+    with TestClient(create_app(MinusInf(), CONFIG)) as c:
+        r = c.post("/v1/generate", json={"prompt": "a b", "max_new_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert [o["score"] for o in r.json()["results"][0]["outputs"]] == [None]
