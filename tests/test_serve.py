@@ -308,3 +308,15 @@ def test_a_score_that_is_not_finite_is_null_in_the_json(fake):
         r = c.post("/v1/generate", json={"prompt": "a b", "max_new_tokens": 2})
     assert r.status_code == 200, r.text
     assert [o["score"] for o in r.json()["results"][0]["outputs"]] == [None]
+
+
+def test_a_decode_stopped_by_the_end_of_the_drain_is_a_503_with_retry_after():
+    """docs/serving.md: every 503 comes with Retry-After: 1, the one of a decode that the end of the drain
+    stopped too (its client is told to retry on another instance)."""
+    fake = FakeGenerator(delay=0.5)
+    app = create_app(fake, CONFIG)
+    with TestClient(app) as client:
+        app.state.stop_decoding.set()              # the drain is over: decodes stop after their step
+        r = client.post("/v1/generate", json={"prompt": "a b"})
+    assert r.status_code == 503 and "was not finished" in r.json()["error"]["message"], r.text
+    assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"

@@ -84,7 +84,7 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
 _TRUNCATION_ADVICE = re.compile(r",? or pass truncation=.*\(deploylm generate: --truncation [a-z|-]+\)")
 
 SHUTTING_DOWN = ApiError(503, "server is shutting down: this request was not finished; retry on another instance",
-                         type="server_overloaded", headers={"connection": "close"})
+                         type="server_overloaded", headers={"retry-after": "1", "connection": "close"})
 
 
 class _Api:
