@@ -145,7 +145,7 @@ class Generator:
         opts = self.options(**options)
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
         if self._slides(fit):
-            return self._generate_windows(texts, opts, fit.overlap)
+            return self._generate_windows(texts, opts, fit.overlap, stop)
         batch = self.encode(texts, opts, truncation=fit.truncation)
         with self._lock, _memory_is_usage(len(texts), opts):
             hyps = generate_ids(self.backend, batch, opts, stats, stop)
@@ -283,7 +283,8 @@ class Generator:
         self._check_vocabulary([chunk.input_ids[chunk.attention_mask.bool()] for chunk in chunks])
         return chunks
 
-    def _generate_windows(self, texts: list[str], opts: DecodingOptions, overlap: int) -> list[Result]:
+    def _generate_windows(self, texts: list[str], opts: DecodingOptions, overlap: int,
+                          stop: threading.Event | None = None) -> list[Result]:
         """Decode every chunk of every text (in batches of rows), then join each text's chunk outputs."""
         from deploylm.decoding.search import generate_ids
 
@@ -291,7 +292,7 @@ class Generator:
         hyps = []
         with self._lock:
             for piece in split_rows(concat_rows(chunks, self.tokenizer.pad_token_id), max(len(texts), WINDOW_ROWS)):
-                hyps.extend(generate_ids(self.backend, piece, opts))
+                hyps.extend(generate_ids(self.backend, piece, opts, None, stop))
         results, start = [], 0
         for text, chunk in zip(texts, chunks):
             per_chunk, start = hyps[start:start + chunk.batch_size], start + chunk.batch_size

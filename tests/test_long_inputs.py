@@ -404,3 +404,17 @@ def test_tokenizer_that_cannot_encode_a_prompt_is_named():
                                              r"\(WordLevel error: Missing \[UNK\]"):
             call()
     assert tokenizer.truncation_side == "right"          # restored after the refusal
+
+
+def test_a_set_stop_event_stops_a_sliding_window_generate(copier):
+    """stop= reaches the windows' decode too: once set, generate raises Interrupted instead of decoding on."""
+    import threading
+
+    from deploylm.errors import Interrupted
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted, match="decoding stopped before its end"):
+        copier.generate(LONG, truncation="sliding-window", max_new_tokens=8, num_beams=1, stop=stop)
+    with pytest.raises(Interrupted, match="decoding stopped before its end"):
+        list(copier.stream(LONG, truncation="sliding-window", max_new_tokens=8, num_beams=1, stop=stop))
