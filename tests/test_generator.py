@@ -404,3 +404,37 @@ def test_stop_is_an_event_not_stop_strings(llama, call, stop):
     with pytest.raises(UsageError, match=r"stats=\{\}: expected a deploylm.decoding.search.SearchStats"):
         llama.generate(["hello"], stats={}, max_new_tokens=2)
     assert llama.generate(["hello"], stop=threading.Event(), max_new_tokens=2)[0].sequences
+
+
+def test_a_prompt_token_id_equal_to_the_vocabulary_size_is_refused(llama):
+    """The embedding has rows 0 .. vocab_size - 1: an id of vocab_size is already outside it."""
+    from tests.helpers.scripted_backend import ScriptedBackend
+
+    top = max(llama.tokenizer("the quick brown fox")["input_ids"])
+    for vocab, ok in ((top, False), (top + 1, True)):
+        backend = ScriptedBackend(lambda prompt, generated, v=vocab: [1.0 / v] * v, vocab_size=vocab,
+                                  eos_token_ids=(1,))
+        gen = Generator(backend, llama.tokenizer, defaults={})
+        if ok:
+            assert gen.generate("the quick brown fox", num_beams=1, max_new_tokens=1)[0].sequences
+        else:
+            with pytest.raises(UsageError, match=rf"prompt 1 has token id {top} .*vocabulary of {vocab} ids"):
+                gen.generate("the quick brown fox", num_beams=1, max_new_tokens=1)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_the_models_pad_id(tiny_llama_dir):
+    """GPT-2's tokenizer has no pad token: the Generator pads with the model's pad id (as transformers), so a
+    batch of prompts of different lengths decodes as each prompt alone."""
+    from transformers import AutoTokenizer
+
+    from deploylm.models.source import resolve_source
+    from deploylm.backends import backend_class
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.pad_token = None
+    backend = backend_class("torch").from_source(resolve_source(tiny_llama_dir))
+    gen = Generator(backend, tokenizer)
+    assert tokenizer.pad_token_id == backend.info.special.pad_token_id
+    batched = gen.generate(["hello", "the quick brown fox"], num_beams=2, max_new_tokens=3)
+    assert [r.sequences[0].token_ids for r in batched] == \
+        [gen.generate(p, num_beams=2, max_new_tokens=3)[0].sequences[0].token_ids for p in ["hello", "the quick brown fox"]]

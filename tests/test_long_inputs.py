@@ -406,6 +406,30 @@ def test_tokenizer_that_cannot_encode_a_prompt_is_named():
     assert tokenizer.truncation_side == "right"          # restored after the refusal
 
 
+def test_a_sliding_window_stream_ends_with_its_last_windows_reason(copier):
+    """The first window's copy runs out of max_new_tokens (63 tokens for 40), the last one's (36 tokens) ends
+    with the end token: the stream's finish_reason is the last window's, as the joined output's end is."""
+    content = content_ids(copier, LONG)
+    assert [len(c) - 1 for c in expected_chunks(content, 63, 0)] == [63, 63, 36]
+    stream = copier.stream(LONG, truncation="sliding-window", max_new_tokens=40, num_beams=1)
+    assert len(list(stream)) == 3 and stream.finish_reason == "stop"
+    [result] = copier.generate(LONG, truncation="sliding-window", max_new_tokens=40, num_beams=1)
+    assert list(result.sequences[0].token_ids) == content[:40] + content[63:103] + content[126:] + [EOS]
+
+
+def test_windows_start_at_the_source_start_whatever_the_tokenizers_truncation_side(copier):
+    """A tokenizer whose truncation_side is "left" (a tokenizer_config may say so) still gives the windows in
+    source order: the copier's join is the source, and the tokenizer's side is left as it was."""
+    content = content_ids(copier, LONG)
+    copier.tokenizer.truncation_side = "left"
+    try:
+        [result] = copier.generate(LONG, truncation="sliding-window", window_overlap=8, max_new_tokens=64, num_beams=1)
+        assert copier.tokenizer.truncation_side == "left"
+    finally:
+        copier.tokenizer.truncation_side = "right"
+    assert list(result.sequences[0].token_ids) == content + [EOS]
+
+
 def test_a_set_stop_event_stops_a_sliding_window_generate(copier):
     """stop= reaches the windows' decode too: once set, generate raises Interrupted instead of decoding on."""
     import threading
@@ -418,3 +442,13 @@ def test_a_set_stop_event_stops_a_sliding_window_generate(copier):
         copier.generate(LONG, truncation="sliding-window", max_new_tokens=8, num_beams=1, stop=stop)
     with pytest.raises(Interrupted, match="decoding stopped before its end"):
         list(copier.stream(LONG, truncation="sliding-window", max_new_tokens=8, num_beams=1, stop=stop))
+
+
+@pytest.mark.parametrize("overlap", [True, False, 2.0, "8"])
+def test_window_overlap_must_be_a_whole_number(seed, overlap):
+    with pytest.raises(UsageError, match=f"window_overlap {overlap!r}: expected an integer >= 0"):
+        seed.generate(LONG, truncation="sliding-window", window_overlap=overlap, max_new_tokens=4)
+
+
+def test_join_texts_adds_no_space_where_one_side_has_whitespace():
+    assert join_texts(["one ", "two", "three", "\nfour"], [False, True, True, True]) == "one two three\nfour"
