@@ -227,3 +227,22 @@ def test_decoding_and_batches_count_what_health_reports():
     decoding, after, batches, calls = asyncio.run(main())
     assert decoding == 2 and after == 0
     assert [c[0] for c in calls] == [["a", "b"], ["c", "d"], ["e"]] and batches == 3
+
+
+def test_the_servers_stop_reaches_every_request_of_the_batch():
+    """Every request of a batch that the end of the drain stopped gets Interrupted (its 503), not only the first."""
+    async def main():
+        fake = FakeGenerator(delay=1.0)
+        server_stop = threading.Event()
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=4, max_wait_ms=0,
+                          max_queue=10, stop=server_stop)
+        batcher.start()
+        futures = [batcher.submit(job("a")), batcher.submit(job("b", "c"))]
+        await asyncio.sleep(0.05)
+        server_stop.set()
+        out = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
+        await batcher.stop()
+        return out, fake.calls
+
+    out, calls = asyncio.run(main())
+    assert [c[0] for c in calls] == [["a", "b", "c"]] and all(isinstance(r, Interrupted) for r in out)
