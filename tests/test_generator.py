@@ -438,3 +438,11 @@ def test_a_tokenizer_without_a_pad_token_pads_with_the_models_pad_id(tiny_llama_
     batched = gen.generate(["hello", "the quick brown fox"], num_beams=2, max_new_tokens=3)
     assert [r.sequences[0].token_ids for r in batched] == \
         [gen.generate(p, num_beams=2, max_new_tokens=3)[0].sequences[0].token_ids for p in ["hello", "the quick brown fox"]]
+
+
+def test_a_finished_streams_reason_survives_reading_it_again(llama):
+    stream = llama.stream("hello", num_beams=1, max_new_tokens=3)
+    pieces = list(stream)
+    reason = stream.finish_reason
+    assert pieces and reason in ("stop", "length")
+    assert list(stream) == [] and next(stream, None) is None and stream.finish_reason == reason
