@@ -25,7 +25,8 @@ def run_jobs(jobs, *, fake=None, max_batch_size=8, max_wait_ms=50, max_queue=100
                           max_wait_ms=max_wait_ms, max_queue=max_queue)
         batcher.start()
         futures = [batcher.submit(j) for j in jobs]
-        out = await asyncio.gather(*futures, return_exceptions=True)
+        # bounded: a request the batcher never settles fails the test instead of hanging the suite
+        out = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=30)
         await batcher.stop()
         return out
 
