@@ -345,6 +345,26 @@ def test_architectures_the_exporter_cannot_build_are_refused_in_one_line(name, b
     assert deploylm.load(folder, backend="torch").generate("hello", max_new_tokens=2)[0].sequences
 
 
+@pytest.mark.parametrize("config", [
+    lambda t: t.Qwen2MoeConfig(num_experts=4),                            # Qwen2-MoE, OLMoE: num_experts
+    lambda t: t.DeepseekV3Config(n_routed_experts=4),                      # DeepSeek V2/V3, GLM-4 MoE: n_routed_experts
+    lambda t: t.Llama4Config(text_config={"num_local_experts": 4}),       # a multimodal model's text config
+], ids=["num_experts", "n_routed_experts", "text_config"])
+def test_every_mixture_of_experts_config_is_refused_for_export(config):
+    """Mixtral's num_local_experts is not the only name: the other families' expert counts, and a multimodal
+    model's nested text config, are refused too (a dense config, or one of a single expert, is not)."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from deploylm.export.hf_graphs import check_exportable
+
+    with pytest.raises(UsageError, match=r"cannot export this .* model to ONNX: a mixture-of-experts model"):
+        check_exportable(SimpleNamespace(config=config(transformers)))
+    check_exportable(SimpleNamespace(config=transformers.LlamaConfig()))
+    check_exportable(SimpleNamespace(config=transformers.Qwen2MoeConfig(num_experts=1)))
+
+
 def test_a_masked_lm_is_refused_as_no_decoder(tmp_path):
     """BertForMaskedLM's weights load as BertLMHeadModel, which then returns no cache: one line, not a
     traceback from inside the search or the exporter."""
@@ -410,6 +430,23 @@ def test_unused_weights_are_one_warning_line(tiny_llama_dir, tmp_path, caplog, l
     ours = [r.getMessage() for r in caplog.records if r.name == "deploylm"]
     assert any("1 weight(s) in its files are not used by LlamaForCausalLM (model.spare.weight)" in m for m in ours)
     assert not [m for m in loading_log if "LOAD REPORT" in m]
+
+
+def test_many_missing_weights_name_three_and_count_the_rest():
+    """The one line names the first three (sorted) weights and counts the others; mismatched weights come as
+    transformers' (name, file shape, model shape) tuples and are named by their name alone."""
+    from deploylm.models.hf import check_loaded_weights
+
+    loading = {"missing_keys": {"w.e", "w.a", "w.d", "w.c", "w.b"}, "unexpected_keys": [],
+               "mismatched_keys": [("w.x", (3,), (4,))]}
+    with pytest.raises(UsageError) as info:
+        check_loaded_weights("model folder 'm'", "LlamaForCausalLM", loading)
+    assert ("model folder 'm' does not hold the weights of LlamaForCausalLM: 5 weight(s) missing "
+            "(w.a, w.b, w.c, ... 2 more); 1 of another shape (w.x); ") in str(info.value)
+    loading["missing_keys"] = {"w.c", "w.b", "w.a"}          # exactly three: no "... 0 more"
+    with pytest.raises(UsageError, match=r"3 weight\(s\) missing \(w\.a, w\.b, w\.c\); 1 of"):
+        check_loaded_weights("model folder 'm'", "LlamaForCausalLM", loading)
+    check_loaded_weights("model folder 'm'", "LlamaForCausalLM", {"missing_keys": [], "mismatched_keys": []})
 
 
 @pytest.mark.parametrize("tensor_type", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
