@@ -87,3 +87,21 @@ def test_the_precision_steps_scratch_is_cleaned_like_the_export_folder(tmp_path)
     dead = tmp_path / f".{target.name}.tmp-0123abcd-999999999.precision-999999999"   # a killed export's
     dead.mkdir()
     assert dead in remove_stale_temporaries(target) and not dead.exists()
+
+
+def test_json_finite_replaces_nan_and_both_infinities_at_any_depth():
+    """Standard JSON has no NaN / Infinity: every non-finite float becomes null, in dicts, lists and tuples;
+    everything else is kept as it is."""
+    import json
+
+    inf = float("inf")
+    value = {"a": [1.5, float("nan"), (inf, -inf)], "b": {"c": -inf, "d": 0}, "e": "inf", "f": None, "g": True}
+    assert fsutil.json_finite(value) == {"a": [1.5, None, [None, None]], "b": {"c": None, "d": 0}, "e": "inf",
+                                         "f": None, "g": True}
+    json.dumps(fsutil.json_finite(value), allow_nan=False)
+
+
+def test_check_output_file_takes_the_suffix_in_any_case(tmp_path):
+    assert fsutil.check_output_file(tmp_path / "plot.PNG", "--plot", ".png") == tmp_path / "plot.PNG"
+    with pytest.raises(fsutil.UsageError, match=r"--plot '.*plot\.svg': expected a file name ending in \.png"):
+        fsutil.check_output_file(tmp_path / "plot.svg", "--plot", ".png")
