@@ -168,3 +168,39 @@ def test_onnx_bench_worker_does_not_import_transformers(llama_artifact, special)
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["LightTokenizer", "8", "False"]
+
+
+def test_a_tokenizer_without_tokenizer_json_loads_by_its_class(tiny_gpt2_dir, tmp_path):
+    """A Hugging Face folder whose tokenizer is GPT-2's vocab.json + merges.txt (no tokenizer.json) loads through
+    AutoTokenizer by its tokenizer_class, with the same ids as the tokenizer.json it was written from."""
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    shutil.copy(tiny_gpt2_dir / "config.json", folder / "config.json")
+    model = json.loads((tiny_gpt2_dir / "tokenizer.json").read_text())["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in model["merges"]) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    slow, fast = load_tokenizer(Source("hf", folder)), load_tokenizer(Source("hf", tiny_gpt2_dir))
+    for text in TEXTS:
+        assert slow(text)["input_ids"] == fast(text)["input_ids"], text
+
+
+def test_a_deploylm_checkpoints_tokenizer_loads_without_transformers_reading_its_model_type(seed_lm_dir):
+    """AutoTokenizer would read config.json's model_type "deploylm-lm", which transformers does not know, and
+    log "You are using a model of type `deploylm-lm` ..." on every load: a checkpoint's plain tokenizers file
+    opens directly."""
+    import logging
+
+    messages = []
+
+    class Records(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler, logger = Records(), logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        tokenizer = load_tokenizer(Source("checkpoint", seed_lm_dir))
+    finally:
+        logger.removeHandler(handler)
+    assert tokenizer("12")["input_ids"] and not [m for m in messages if "deploylm-lm" in m], messages
