@@ -36,6 +36,7 @@ def test_profiles_lists_every_builtin_with_its_description():
     assert len(lines) == len(builtin_profiles())
     for line, profile in zip(lines, builtin_profiles()):
         assert line.startswith(profile.name) and line.endswith(profile.description)
+        assert line.split()[1:3] == [profile.precision, ",".join(profile.backends)], line
 
 
 @pytest.fixture()
@@ -104,6 +105,13 @@ def test_info_hf_folder(tiny_gpt2_dir):
     assert result.exit_code == 0, result.output
     assert "kind            hf" in result.output and "model_type      gpt2" in result.output
     assert "layers          2" in result.output and "model.safetensors" in result.output
+    # GPT-2 names its width and window n_embd and n_positions, not hidden_size and max_position_embeddings
+    assert "hidden size     32" in result.output and "max positions   128" in result.output, result.output
+
+
+def test_info_hf_folder_shows_grouped_query_heads(tiny_llama_dir):
+    result = run("info", str(tiny_llama_dir))
+    assert "heads           4\nkv heads        2\n" in result.output, result.output
 
 
 def test_info_names_the_layers_and_heads_of_every_kind(tmp_path):
