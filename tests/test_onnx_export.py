@@ -365,3 +365,102 @@ def test_ctrl_c_swallowed_inside_the_exporter_is_still_an_interrupt(tiny_gpt2_di
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a real failure")))
     with pytest.raises(RuntimeError, match="a real failure"):                   # other failures stay themselves
         export_graph(module, spec, tmp_path, plan.dims.vocab_size)
+
+
+class _FakeSession:
+    """An ONNX Runtime session stand-in that runs the torch module itself (no export needed), declares the
+    IO `declared` ([(name, shape)] inputs, outputs) and passes its outputs through `edit(name, value, feeds)`."""
+
+    def __init__(self, spec, module, edit=lambda name, value, feeds: value, declared=None):
+        from types import SimpleNamespace
+
+        def args(tensors):
+            return [SimpleNamespace(name=t.name, shape=[a if isinstance(a, str) else a for a in t.axes]) for t in tensors]
+
+        self.inputs, self.outputs = declared or (args(spec.inputs), args(spec.outputs))
+        self.spec, self.module, self.edit = spec, module, edit
+
+    def get_inputs(self):
+        return self.inputs
+
+    def get_outputs(self):
+        return self.outputs
+
+    def run(self, _, feeds):
+        with torch.no_grad():
+            got = self.module(*[torch.from_numpy(feeds[n]) for n in self.spec.input_names])
+        named = dict(zip(self.spec.output_names, (t.float().numpy().copy() for t in got)))
+        return [self.edit(o.name, named[o.name], feeds) for o in self.outputs]
+
+
+@pytest.fixture(scope="module")
+def gpt2_plan(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return plan_graphs(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval())
+
+
+def _validate_with(monkeypatch, plan, **session):
+    from deploylm.backends import onnx_backend
+
+    ((spec, module),) = plan.graphs
+    monkeypatch.setattr(onnx_backend, "create_session", lambda path: _FakeSession(spec, module, **session))
+    return validate_graphs(plan, "unused", PARITY.logits_atol)
+
+
+def test_validation_fails_a_nan_output(gpt2_plan, monkeypatch):
+    """A NaN is no match (`diff > atol` is False for NaN: the validator must ask `not diff <= atol`)."""
+    def nan(name, value, feeds):
+        if name == "logits":
+            value[0, 0, 0] = float("nan")
+        return value
+
+    assert _validate_with(monkeypatch, gpt2_plan).ok
+    report = _validate_with(monkeypatch, gpt2_plan, edit=nan)
+    assert not report.ok and {(f.check, f.detail.split(":")[0]) for f in report.failures} == {
+        ("values", "empty past"), ("values", "decode step")}
+
+
+def test_validation_reports_the_largest_difference_over_both_cases(gpt2_plan, monkeypatch):
+    def off_on_prefill(name, value, feeds):
+        return value + 3e-6 if name == "logits" and feeds["input_ids"].shape[1] > 1 else value
+
+    report = _validate_with(monkeypatch, gpt2_plan, edit=off_on_prefill)
+    assert report.ok and report.max_abs_diff["model.onnx"] == pytest.approx(3e-6, rel=0.1)
+
+
+def test_validation_checks_fixed_axes_and_the_order_of_names_before_values(gpt2_plan, monkeypatch):
+    from types import SimpleNamespace
+
+    ((spec, _),) = gpt2_plan.graphs
+    ins = [SimpleNamespace(name=t.name, shape=list(t.axes)) for t in spec.inputs]
+    outs = [SimpleNamespace(name=t.name, shape=list(t.axes)) for t in spec.outputs]
+    vocab = gpt2_plan.dims.vocab_size
+    wrong_vocab = [SimpleNamespace(name="logits", shape=["batch", 1, vocab + 1]), *outs[1:]]
+    report = _validate_with(monkeypatch, gpt2_plan, declared=(ins, wrong_vocab))
+    assert [(f.check, f.detail) for f in report.failures] == [
+        ("shapes", f"logits is declared ['batch', 1, {vocab + 1}], expected ['batch', 1, {vocab}]")]
+    swapped = [outs[0], outs[2], outs[1], *outs[3:]]                  # the same names in another order
+    report = _validate_with(monkeypatch, gpt2_plan, declared=(ins, swapped))
+    assert [f.check for f in report.failures] == ["names"] and "or order" in report.failures[0].detail
+
+
+def test_validation_ignores_what_padded_positions_hold(gpt2_plan, monkeypatch):
+    """present.* of the concat layout has a `total` axis: positions where attention_mask is 0 are never read,
+    so the validator compares only the others (garbage there is no failure; garbage elsewhere is)."""
+    from deploylm.export.hf_graphs import with_concat_layout
+
+    import numpy as np
+
+    concat = with_concat_layout(gpt2_plan)
+
+    def garbage(where):
+        def edit(name, value, feeds):
+            if name.startswith("present."):
+                mask = feeds["attention_mask"] == where       # [B, total]
+                value[np.broadcast_to(mask[:, None, :, None], value.shape)] = 1e3
+            return value
+        return edit
+
+    assert _validate_with(monkeypatch, concat, edit=garbage(0)).ok
+    assert not _validate_with(monkeypatch, concat, edit=garbage(1)).ok
