@@ -251,3 +251,25 @@ def test_listed_nodes_are_the_listed_op_types_and_node_names():
     assert listed_nodes(model, (), ("second", "elsewhere")) == ("second",)      # names of other graphs skipped
     assert set(listed_nodes(model, ("MatMul",), ("tie",))) == {"first", "second", "tie"}
     assert quantizable_nodes(model) == {"first", "second"}                     # a tied (transposed) weight counts
+
+
+def test_the_search_keeps_the_folder_of_the_candidate_it_chooses_and_deletes_the_others(tmp_path, monkeypatch):
+    """_Workspace.judge prunes candidate folders as the search goes: the chosen one (here the smallest pass,
+    judged before a failing smaller one) and the first must still be there at the end, the others gone."""
+    from types import SimpleNamespace
+
+    from deploylm.export import precision_step, quality
+
+    needed = 10                                     # 1, 2, 4, 8 fail, 16 passes, 12, 10 pass, 9 fails: 10 it is
+    monkeypatch.setattr(precision_step._Workspace, "convert", lambda self, kept, dest: setattr(self, "kept", kept) or dest.mkdir())
+    monkeypatch.setattr(precision_step._Workspace, "_parity",
+                        lambda self, dest: [] if len(self.kept["g"]) >= needed else ["fails"])
+    monkeypatch.setattr(quality, "measure_quality", lambda *a, **k: SimpleNamespace(failures=lambda budget: []))
+    work = precision_step._Workspace(tmp_path, tmp_path / "fp32", tmp_path / "fp32", SimpleNamespace(quality=None),
+                                     ["model.onnx"], {}, None)
+    first = work.judge({"g": ()})
+    result = search([("g", f"n{i}") for i in range(20)], {"g": ()}, work.judge, first)
+    assert result.final.kept_count == needed and [v.kept_count for v in work.verdicts][-1] == needed - 1
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert work.dirs[id(result.final)].is_dir() and work.dirs[id(first)].is_dir()
+    assert left == sorted({work.dirs[id(first)].name, work.dirs[id(result.final)].name, work.dirs[id(work.verdicts[-1])].name})
