@@ -245,6 +245,29 @@ def test_info_prints_the_quality_report_as_export_printed_it():
     assert format_quality({"perplexity": 3.0}) == ["  perplexity: 3.0"]
 
 
+def test_info_prints_every_line_of_a_quality_report_from_its_manifest_field():
+    """Every line export printed comes back from the manifest's `quality` field (through JSON): the auto
+    search's fallback cost, a budget missed with --allow-quality-loss, the notes."""
+    from deploylm.artifact import format_quality
+    from deploylm.export.precision_step import PrecisionReport
+    from deploylm.export.quality import QualityReport
+
+    quality = QualityReport(10.0, 10.5, 0.75, 1, 4, 4000, 1000, 2.0, 1.0, 96, (2.0, 2.1, 1.9), 2.2)
+    report = PrecisionReport("fp16", "fp16", True, None, {"model.onnx": ("/a", "/b")}, 1, 5, quality.to_dict(),
+                             ("beam-4 token agreement 0.750 < min_beam_agreement 0.9",),
+                             {"bytes_before": 2**20, "bytes_after": 3 * 2**19, "speed_before": 1.5, "speed_after": 1.25},
+                             calibration="builtin", held_out="builtin", notes=("fp16 on CPU",))
+    back = PrecisionReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert back.lines() == report.lines()
+    assert (back.budget_failures, back.fallback_cost, back.notes, back.calibration, back.kept_fp32, back.attempts) == (
+        report.budget_failures, report.fallback_cost, report.notes, "builtin", report.kept_fp32, 5)
+    lines = format_quality(report.to_dict())
+    assert "  fallback cost: size 1.0 -> 1.5 MiB, speed 1.50x -> 1.25x fp32" in lines
+    assert "  quality budget NOT met (--allow-quality-loss): beam-4 token agreement 0.750 < min_beam_agreement 0.9" in lines
+    assert "  note: fp16 on CPU" in lines and lines[-1] == "  kept in fp32: model.onnx: /a, /b"
+    assert report.to_dict()["budget_met"] is False
+
+
 def test_info_formats_quality_without_importing_torch():
     import subprocess
     import sys
