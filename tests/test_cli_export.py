@@ -152,3 +152,54 @@ def test_parity_refuses_a_reference_that_changed_since_export(tiny_llama_dir, tm
     assert parity.exit_code == 2 and "which is gone: pass --reference SRC" in parity.output, parity.output
     parity = CliRunner().invoke(cli, ["parity", "--model", str(tiny_llama_dir), "--reference", str(moved)])
     assert parity.exit_code == 2 and "--reference" in parity.output and "applies to an artifact" in parity.output
+
+
+def _no_graphs(monkeypatch):
+    """Export stages that write a placeholder graph in no time (for the checks that follow them)."""
+    from deploylm.export import pipeline
+
+    monkeypatch.setattr(pipeline, "_export_graphs", lambda plan, folder: (folder / "model.onnx").write_bytes(b"graph"))
+    monkeypatch.setattr(pipeline, "_pack_graphs", lambda plan, folder: {})
+    return pipeline
+
+
+@pytest.mark.parametrize("profile", ["fp32", "int8"])
+def test_graphs_that_do_not_match_pytorch_fail_the_export_and_leave_nothing(tiny_gpt2_dir, tmp_path, monkeypatch, profile):
+    """Validation compares the fp32 graphs at the fp32 profile's tolerance whatever the profile (its own
+    tolerance is for converted graphs); a mismatch exits 1 before the precision step and parity."""
+    from deploylm.export import precision_step
+    from deploylm.export.validate import ValidationFailure, ValidationReport
+    from deploylm.profiles import load_profile
+
+    pipeline = _no_graphs(monkeypatch)
+    seen = []
+    failure = ValidationFailure("model.onnx", "values", "decode step: logits differs from PyTorch by 1.00e-02")
+    monkeypatch.setattr(pipeline, "validate_graphs", lambda plan, folder, atol: seen.append(atol) or ValidationReport(atol, (failure,)))
+    monkeypatch.setattr(precision_step, "apply_precision", lambda *a, **k: pytest.fail("converted unvalidated graphs"))
+    monkeypatch.setattr(pipeline, "_parity", lambda *a: pytest.fail("checked parity of unvalidated graphs"))
+    result = _run("--model", str(tiny_gpt2_dir), "--profile", profile, "--out", str(tmp_path / "art" / "out"))
+    assert result.exit_code == 1, result.output
+    assert ("error: exported graphs do not match PyTorch: model.onnx: values: decode step: logits differs from "
+            "PyTorch by 1.00e-02") in result.output
+    assert seen == [load_profile("fp32").parity.logits_atol]
+    assert list((tmp_path / "art").iterdir()) == []
+
+
+def test_an_export_outside_its_parity_tolerances_exits_1_and_leaves_nothing(tiny_gpt2_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from deploylm import parity
+    from deploylm.backends.onnx_backend import OnnxBackend
+    from deploylm.export.validate import ValidationReport
+
+    pipeline = _no_graphs(monkeypatch)
+    monkeypatch.setattr(pipeline, "validate_graphs", lambda plan, folder, atol: ValidationReport(atol, ()))
+    monkeypatch.setattr(OnnxBackend, "from_folder", classmethod(lambda cls, folder, **kw: object()))
+    failing = SimpleNamespace(passed=False, failures=lambda: ["onnx: top-1 agreement 0.500 < 0.99", "onnx: beams differ"],
+                              to_dict=lambda: {"passed": False})
+    monkeypatch.setattr(parity, "compare_backends", lambda *a, **k: failing)
+    result = _run("--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "art" / "out"))
+    assert result.exit_code == 1, result.output
+    assert ("error: onnx does not match torch within the profile's [parity] tolerances: "
+            "onnx: top-1 agreement 0.500 < 0.99; onnx: beams differ") in result.output
+    assert list((tmp_path / "art").iterdir()) == []
