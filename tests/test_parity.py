@@ -325,3 +325,42 @@ def test_prompts_file_skips_blank_and_whitespace_lines(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("first\n   \n\t\nsecond  \n\n", encoding="utf-8")
     assert read_prompts_file(path) == ["first", "second  "]
+
+
+def _artifact_of(folder, model, digest, profile="int8"):
+    """A folder with just the manifest fields backend_source reads: the model it came from and its digest."""
+    from deploylm.models.source import Source
+
+    folder.mkdir()
+    manifest = {"format_version": 1, "deploylm_version": "0", "created": "now", "files": {}, "io": {}, "toolchain": {},
+                "source": {"kind": "hf", "path": str(model), "weights_sha256": digest}, "profile": {"name": profile, "precision": "int8"}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return Source("artifact", folder)
+
+
+def test_backend_source_opens_the_recorded_model_for_torch_only(tiny_gpt2_dir, tmp_path):
+    import pytest
+
+    from deploylm.artifact import weights_sha256
+    from deploylm.errors import UsageError
+    from deploylm.parity import backend_source
+
+    art = _artifact_of(tmp_path / "art", tiny_gpt2_dir, weights_sha256(tiny_gpt2_dir))
+    assert backend_source("onnx", art) is art
+    torch_src = backend_source("torch", art)
+    assert (torch_src.kind, torch_src.path) == ("hf", tiny_gpt2_dir)
+    other = _artifact_of(tmp_path / "other", tiny_gpt2_dir, "0" * 64)           # the model changed since
+    with pytest.raises(UsageError, match=f"changed since artifact .* --profile int8 --out {other.path} --force"):
+        backend_source("torch", other)
+    with pytest.raises(UsageError, match="is not the model artifact"):
+        backend_source("torch", other, reference=tiny_gpt2_dir)
+
+
+def test_backend_source_without_a_recorded_digest_takes_the_model_as_it_is(tiny_gpt2_dir, tiny_llama_dir, tmp_path):
+    """A manifest that recorded no weights digest (a source without weight files) has nothing to compare:
+    the recorded model, or --reference, is opened as it is."""
+    from deploylm.parity import backend_source
+
+    art = _artifact_of(tmp_path / "art", tiny_gpt2_dir, None)
+    assert backend_source("torch", art).path == tiny_gpt2_dir
+    assert backend_source("torch", art, reference=tiny_llama_dir).path == tiny_llama_dir
