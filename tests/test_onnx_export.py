@@ -464,3 +464,41 @@ def test_validation_ignores_what_padded_positions_hold(gpt2_plan, monkeypatch):
 
     assert _validate_with(monkeypatch, concat, edit=garbage(0)).ok
     assert not _validate_with(monkeypatch, concat, edit=garbage(1)).ok
+
+
+@pytest.mark.parametrize("arch", ["seq2seq", "decoder"])
+def test_seed_graph_modules_give_the_last_position_of_the_teacher_forced_forward(arch):
+    """The flat-IO modules export traces: a prefill over 3 tokens and one step on its present give the
+    logits of the model's own forward over the whole target at its last position (not the first, and with
+    each past K/V pair in place), and the IO counts follow seed_dims."""
+    from deploylm.models.checkpoint import build_model
+    from deploylm.models.config import make_config
+
+    torch.manual_seed(0)
+    config = make_config("tiny", 40, arch=arch, d_model=32, n_heads=4, d_ff=64, dropout=0.0, n_decoder_layers=2,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2, decoder_start_token_id=2)
+    model = build_model(config).eval()
+    plan = plan_graphs(model)
+    assert plan.dims.n_layers == 2 and plan.dims.vocab_size == 40 and plan.dims.head_dim == 8
+    tgt = torch.tensor([[2, 7, 9, 11], [2, 5, 5, 30]])
+    with torch.no_grad():
+        if arch == "seq2seq":
+            (enc_spec, encoder), (spec, decoder) = plan.graphs
+            src, src_mask = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 0, 0]]), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+            want = model(src, src_mask, tgt)[:, -2:]                                          # [B, 2, V]
+            made = encoder(src, src_mask)
+            assert len(made) == len(enc_spec.output_names)
+            cross = list(made[1:])
+            empty = [torch.zeros(2, 4, 0, 8)] * (2 * plan.dims.n_layers)
+            first = decoder(tgt[:, :3], src_mask, *empty, *cross)
+            step = decoder(tgt[:, 3:], src_mask, *first[1:], *cross)
+        else:
+            ((spec, graph),) = plan.graphs
+            mask, positions = torch.ones(2, 4, dtype=torch.long), torch.arange(4).expand(2, 4)
+            want = model(tgt, mask, positions)[0][:, -2:]
+            empty = [torch.zeros(2, 4, 0, 8)] * (2 * plan.dims.n_layers)
+            first = graph(tgt[:, :3], mask[:, :3], positions[:, :3], *empty)
+            step = graph(tgt[:, 3:], mask, positions[:, 3:], *first[1:])
+    assert len(first) == len(spec.output_names) and first[0].shape == (2, 1, 40)
+    torch.testing.assert_close(first[0][:, 0], want[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[0][:, 0], want[:, 1], atol=1e-5, rtol=0)
