@@ -9,12 +9,12 @@ import pytest
 from deploylm.artifact import external_data_files, load_artifact
 
 
-def _graph(path: Path, external: bool, offset: float = 0.0) -> None:
+def _graph(path: Path, external: bool, offset: float = 0.0, rows: int = 10) -> None:
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4) + offset, "embed")
+    table = numpy_helper.from_array(np.arange(4 * rows, dtype=np.float32).reshape(rows, 4) + offset, "embed")
     graph = helper.make_graph([helper.make_node("Gather", ["embed", "input_ids"], ["logits"])], "g",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 4])], [table])
@@ -48,6 +48,21 @@ def test_converted_graphs_bring_their_own_data_file(tmp_path):
     assert (tmp / "model.onnx.data").read_bytes() != (chosen / "model.onnx.data").read_bytes()
     _replace_graphs(chosen, tmp, ["model.onnx"])
     assert (tmp / "model.onnx.data").read_bytes() == (chosen / "model.onnx.data").read_bytes()
+
+
+def test_saving_a_graph_over_its_own_data_file_rewrites_it(tmp_path):
+    """save_graph in place (as pack_matmuls does): the data file holds the weights once, not the old bytes
+    followed by the new ones (onnx appends to a data file that exists)."""
+    import onnx
+
+    from deploylm.export.onnx_export import save_graph
+
+    path = tmp_path / "model.onnx"
+    _graph(path, external=True, rows=100)                   # 1600 bytes: over save_graph's 1 KiB threshold
+    for _ in range(2):
+        save_graph(onnx.load(str(path)), path, location="model.onnx.data")
+        assert (tmp_path / "model.onnx.data").stat().st_size == 100 * 4 * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 
 @pytest.fixture(scope="module")
