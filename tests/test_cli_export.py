@@ -1,6 +1,8 @@
 """`deploylm export` on the command line: help, refusals with exit 2 and nothing written, a real export."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -185,7 +187,10 @@ def test_graphs_that_do_not_match_pytorch_fail_the_export_and_leave_nothing(tiny
     assert list((tmp_path / "art").iterdir()) == []
 
 
-def test_an_export_outside_its_parity_tolerances_exits_1_and_leaves_nothing(tiny_gpt2_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("generation, checked", [("max_new_tokens = 64\nmin_new_tokens = 20", (16, 0)),
+                                                 ("max_new_tokens = 8\nmin_new_tokens = 4", (8, 0))])
+def test_an_export_outside_its_parity_tolerances_exits_1_and_leaves_nothing(tiny_gpt2_dir, tmp_path, monkeypatch,
+                                                                             generation, checked):
     from types import SimpleNamespace
 
     from deploylm import parity
@@ -197,9 +202,17 @@ def test_an_export_outside_its_parity_tolerances_exits_1_and_leaves_nothing(tiny
     monkeypatch.setattr(OnnxBackend, "from_folder", classmethod(lambda cls, folder, **kw: object()))
     failing = SimpleNamespace(passed=False, failures=lambda: ["onnx: top-1 agreement 0.500 < 0.99", "onnx: beams differ"],
                               to_dict=lambda: {"passed": False})
-    monkeypatch.setattr(parity, "compare_backends", lambda *a, **k: failing)
-    result = _run("--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "art" / "out"))
+    monkeypatch.setattr(parity, "compare_backends", lambda ref, cands, batch, options, *a, **k: seen.append(options) or failing)
+    seen = []
+    # the profile's decoding defaults, at most PARITY_MAX_NEW_TOKENS (16) new tokens, and no minimum
+    profile = tmp_path / "long.toml"
+    fp32 = (Path(__file__).parents[1] / "deploylm" / "builtin_profiles" / "fp32.toml").read_text()
+    profile.write_text(fp32.replace('name = "fp32"', 'name = "long"').replace("num_beams = 4", "num_beams = 3")
+                       .replace("max_new_tokens = 64", generation))
+    result = _run("--model", str(tiny_gpt2_dir), "--profile", str(profile), "--out", str(tmp_path / "art" / "out"))
     assert result.exit_code == 1, result.output
     assert ("error: onnx does not match torch within the profile's [parity] tolerances: "
             "onnx: top-1 agreement 0.500 < 0.99; onnx: beams differ") in result.output
     assert list((tmp_path / "art").iterdir()) == []
+    ((options),) = seen
+    assert (options.max_new_tokens, options.min_new_tokens, options.num_beams) == (*checked, 3)
