@@ -364,3 +364,14 @@ def test_backend_source_without_a_recorded_digest_takes_the_model_as_it_is(tiny_
     art = _artifact_of(tmp_path / "art", tiny_gpt2_dir, None)
     assert backend_source("torch", art).path == tiny_gpt2_dir
     assert backend_source("torch", art, reference=tiny_llama_dir).path == tiny_llama_dir
+
+
+def test_reference_is_refused_when_torch_does_not_check_the_artifact(tiny_gpt2_dir, tmp_path):
+    import pytest
+
+    from deploylm.errors import UsageError
+    from deploylm.parity import run_parity
+
+    art = _artifact_of(tmp_path / "art", tiny_gpt2_dir, None)
+    with pytest.raises(UsageError, match="applies to an artifact checked with the torch backend"):
+        run_parity(art.path, ["onnx", "trt"], reference=tiny_gpt2_dir)
