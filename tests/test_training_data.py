@@ -135,6 +135,29 @@ def test_bleu_on_chinese_counts_characters_not_whole_sentences():
     assert bleu(["four hundred and twenty one", "Beijing"], ["four hundred and twenty one", "Beijing"]) == pytest.approx(100.0)
 
 
+def test_bleu_is_corpus_bleu_not_a_mean_of_sentence_bleus():
+    # n-gram matches pooled over the corpus: 1-grams 4/5, 2-grams 3/3, 3-grams 2/2, 4-grams 1/1, lengths
+    # equal (no brevity penalty): 100 * (0.8 * 1 * 1 * 1) ** (1/4) = 94.57; the mean of the two sentence
+    # BLEUs (100 and about 0) would be near 50
+    assert bleu(["a b c d", "x"], ["a b c d", "y"]) == pytest.approx(100 * 0.8 ** 0.25, abs=1e-6)
+
+
+def test_bleu_tokenizes_characters_when_any_reference_is_chinese():
+    from deploylm.training.metrics import bleu_tokenize
+
+    assert bleu_tokenize(["four hundred", "九百七十五"]) == "zh" and bleu_tokenize(["four hundred"]) == "13a"
+    assert bleu_tokenize(["\U00020000", "one"]) == "zh" and bleu_tokenize(["\uf900"]) == "zh"   # Ext. B, compatibility
+    # a mixed test split: the Chinese sentence that is one character off still scores its n-grams
+    assert bleu(["九百七十四个苹果", "four hundred"], ["九百七十五个苹果", "four hundred"]) > 50
+
+
+def test_metrics_of_an_empty_split_and_a_huge_loss():
+    import math
+
+    assert bleu([], []) == 0.0 and exact_match([], []) == 0.0          # sacrebleu itself raises on no sentences
+    assert perplexity(1e4) == math.exp(50.0)                           # capped: still a finite JSON number
+
+
 def test_text_data_drops_a_byte_order_mark(tmp_path):
     from deploylm.training.clean import CleanOptions
     from deploylm.training.text import load_text
