@@ -107,3 +107,21 @@ def test_data_emptied_by_cleaning_says_what_cleaning_dropped(tmp_path):
     assert line.startswith("error: ") and "\n" not in line, line
     assert "0 distinct sources" in line and "10 records in, 0 kept; dropped 10 shorter than 2 words" in line, line
     assert not out.exists()
+
+
+def test_length_limits_are_inclusive_and_judge_every_field():
+    """--min-length/--max-length keep a field of exactly that length; a record is dropped when ANY field
+    (the target too, not only the source) is empty, too short or too long."""
+    options = CleanOptions(min_length=2, max_length=4)
+    records = [("ab", "abcd"), ("abcd", "ab"), ("abc", ""), ("abc", "a"), ("abc", "abcde"), ("abcde", "abc")]
+    kept, report = clean_records(records, options)
+    assert kept == [("ab", "abcd"), ("abcd", "ab")]
+    assert report.dropped == {"empty": 1, "too_short": 1, "too_long": 2, "duplicate": 0}
+    words = CleanOptions(min_length=2, max_length=3, unit="words")
+    kept, _ = clean_records([("a b", "c d e"), ("a b", "c"), ("a b c d", "e f")], words)
+    assert kept == [("a b", "c d e")]
+
+
+def test_a_report_shows_at_most_three_dropped_records_per_reason():
+    kept, report = clean_records([("x",)] * 6, CleanOptions())
+    assert kept == [("x",)] and report.dropped["duplicate"] == 5 and report.examples == {"duplicate": ["x"] * 3}
