@@ -96,3 +96,35 @@ def test_bad_ids_and_empty_input():
         lm.fit([[1, 7]])
     with pytest.raises(UsageError, match="no tokens"):
         NGramLM(2, 5).fit([[1, 2]]).perplexity([[]])
+
+
+def test_kneser_ney_probabilities_by_hand():
+    """Bigram KN, V=4, d=0.75 (the default) on [0 1], [0 1], [2 1], written out from the module docstring.
+
+    Continuation unigrams (distinct left neighbours, the start symbol S included): 0 <- {S}, 1 <- {0, 2},
+    2 <- {S}: 4 in all, 3 types, so the interpolation weight is .75 * 3/4 and
+      P_1(w) = max(N(. w) - .75, 0)/4 + .75*3/4 * 1/4:  P_1(0) = P_1(2) = 13/64, P_1(1) = 29/64, P_1(3) = 9/64.
+    Bigram context 0 (seen twice, one type; weight .75 * 1/2):
+      P(1|0) = (2 - .75)/2 + 3/8 * 29/64 = 407/512, P(0|0) = P(2|0) = 3/8 * 13/64 = 39/512, P(3|0) = 27/512.
+    Context S (a sequence's first token; 0 twice, 2 once; weight .75 * 2/3): P(1|S) = 1/2 * 29/64.
+    """
+    lm = NGramLM(2, 4).fit([[0, 1], [0, 1], [2, 1]])
+    assert lm.prob(1, [3]) == pytest.approx(29 / 64) and lm.prob(3, [3]) == pytest.approx(9 / 64)   # 3: unseen
+    assert lm.prob(1, [0]) == pytest.approx(407 / 512) and lm.prob(3, [0]) == pytest.approx(27 / 512)
+    assert lm.prob(1) == pytest.approx(29 / 128) and lm.prob(0) == pytest.approx((2 - 0.75) / 3 + 0.5 * 13 / 64)
+    # only the newest n-1 tokens of a longer context matter
+    assert lm.prob(1, [2, 3, 0]) == pytest.approx(407 / 512)
+    np.testing.assert_allclose(lm.distribution([2, 3, 0]), np.array([39, 407, 39, 27]) / 512)
+
+
+def test_trigram_backs_off_to_the_newest_token():
+    # the trigram context (4, 1) was never seen: the bigram level of its newest token 1 decides. Continuation
+    # counts: 2 <- (0 1) once, so P_2(2|1) = (1 - .75) + .75 * P_1(2), with unigrams 0, 1, 2 once each:
+    # P_1(2) = .25/3 + .75 * 1/6 = 5/24, P_2(2|1) = 13/32; context (1, 4) ends in the unseen 4: P_1(2)
+    lm = NGramLM(3, 6).fit([[0, 1, 2]] * 3)
+    assert lm.prob(2, [4, 1]) == pytest.approx(13 / 32) and lm.prob(2, [1, 4]) == pytest.approx(5 / 24)
+
+
+def test_an_id_equal_to_the_vocabulary_size_is_refused():
+    with pytest.raises(UsageError, match="token id 5 is outside the n-gram model's vocabulary 0..4"):
+        NGramLM(2, 5).fit([[1, 5]])
