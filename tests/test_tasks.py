@@ -93,6 +93,7 @@ def test_reverse_targets_are_reversed_sources():
     for ex in splits.train[:200] + splits.test:
         assert ex.target.split() == ex.source.split()[::-1]
         assert 3 <= len(ex.source.split()) <= 8
+    assert {len(ex.source.split()) for ex in splits.train} == set(range(3, 9))     # 3..8 words, both ends included
 
 
 def test_unknown_task_lists_known_ones():
