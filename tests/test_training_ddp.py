@@ -202,3 +202,29 @@ def test_the_launcher_ends_when_deploylm_is_killed_outright(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the tied child outlived its killed parent")
+
+
+def test_each_rank_trains_on_its_contiguous_slice_of_the_global_batch():
+    from deploylm.training.distributed import Dist
+
+    batch = list(range(8))
+    assert [Dist(rank, 2).shard(batch) for rank in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [Dist(rank, 4).shard(batch) for rank in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert Dist().shard(batch) == batch
+
+
+def test_dropout_seed_of_a_rank_depends_on_seed_rank_and_step():
+    import numpy as np
+
+    from deploylm.training.trainer import rank_seed
+
+    assert rank_seed(0, 1, 3) == int(np.random.SeedSequence([0, 1, 3]).generate_state(1, np.uint64)[0])
+    seeds = {rank_seed(seed, rank, step) for seed in (0, 1) for rank in (1, 2) for step in (0, 1, 2)}
+    assert len(seeds) == 12                      # a new mask every step, on every rank, for every --seed
+
+
+def test_one_node_with_a_master_address_is_not_standalone():
+    from deploylm.training.distributed import Launch
+
+    assert Launch(nproc=2, master_addr="10.0.0.1").torchrun_args() == [
+        "--nproc-per-node=2", "--nnodes=1", "--node-rank=0", "--master-addr=10.0.0.1", "--master-port=29500"]
