@@ -150,6 +150,7 @@ def test_help():
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--layer", "2"], "--layer 2: the model has 2 layer(s)"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--layer", "first"], "--layer 'first'"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--head", "5"], "--head 5: the model has 2 head(s)"),
+    (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--head", "2"], "--head 2: the model has 2 head(s), 0..1"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--head", "-1"], "--head '-1'"),
     (["--model", "{seed}", TEXT, "--out", "{tmp}/a.png", "--max-new-tokens", "-1"], "--max-new-tokens -1"),
 ])
@@ -257,3 +258,48 @@ def test_python_api_refuses_a_layer_or_head_it_cannot_draw(seed_seq2seq, tmp_pat
     with pytest.raises(UsageError, match=re.escape(message)):
         draw_attention(maps, tmp_path / "a.png", **choice)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_final_eos_is_not_fed_back_and_the_window_counts_every_fed_position():
+    from types import SimpleNamespace
+
+    from deploylm.attention import _check_window, _greedy
+
+    def gen(tokens):
+        special = SimpleNamespace(eos_token_ids=[2])
+        result = [SimpleNamespace(sequences=[SimpleNamespace(token_ids=tokens)])]
+        return SimpleNamespace(info=SimpleNamespace(special=special), generate=lambda *a, **k: result)
+
+    assert _greedy(gen([5, 6, 2]), "x", 3) == [5, 6] and _greedy(gen([5, 6, 7]), "x", 3) == [5, 6, 7]
+    assert _greedy(gen([5]), "x", 0) == []
+    causal = SimpleNamespace(max_positions=10, is_encoder_decoder=False)
+    _check_window(causal, 8, 2)                                               # exactly the window: fine
+    with pytest.raises(UsageError, match=r"TEXT \(9 tokens\) \+ 2 generated is 11 positions, over the model's window of 10"):
+        _check_window(causal, 9, 2)
+    seq2seq = SimpleNamespace(max_positions=10, is_encoder_decoder=True)
+    _check_window(seq2seq, 10, 9)                                             # start token + 9 = 10
+    with pytest.raises(UsageError, match=r"start token \+ 10 generated\) is 11 positions"):
+        _check_window(seq2seq, 10, 10)
+
+
+def test_a_layer_of_the_deeper_stack_draws_that_stack_only():
+    from deploylm.attention import AttentionMap
+
+    def stack(kind, depth):
+        return AttentionMap(kind, [torch.full((2, 3, 3), 1 / 3) for _ in range(depth)], list("abc"), list("abc"))
+
+    maps = [stack("encoder", 3), stack("decoder", 1), stack("cross", 1)]
+    assert [[title for title, _, _ in row] for row in panels(maps, layer=2, head=1)] == [["encoder layer 2 head 1"]]
+    with pytest.raises(UsageError, match=r"--layer 3: the model has 3 layer\(s\), 0..2"):
+        panels(maps, layer=3)
+
+
+def test_token_labels_fall_back_to_the_vocabulary_entry_and_are_cut():
+    from types import SimpleNamespace
+
+    from deploylm.attention import MAX_LABEL, token_labels
+
+    texts = {1: " ", 2: "\ufffd", 3: "hello", 4: "x" * 30}
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: texts[ids[0]],
+                          convert_ids_to_tokens=lambda i: f"<tok{i}>")
+    assert token_labels(tok, [1, 2, 3, 4]) == ["<tok1>", "<tok2>", "hello", "x" * MAX_LABEL]
