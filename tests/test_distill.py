@@ -483,3 +483,63 @@ def test_a_diverging_distillation_stops_before_saving(seed_teacher, tmp_path):
         distill(DistillConfig(teacher=seed_teacher, out=out, task="reverse", steps=3, temperature=float("1e-45"),
                               **FAST))
     assert not out.exists()
+
+
+def test_text_blocks_are_length_plus_one_tokens_and_the_last_tenth_is_held_out():
+    """Blocks start every `length` tokens and hold length + 1 (inputs and next-token labels); a stream no
+    longer than one block is one block; the last tenth of the blocks is held out (fewer than ten: all)."""
+    blocks = distill_setup._text_blocks
+    assert blocks(list(range(10)), "f", 3) == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    assert blocks(list(range(9)), "f", 3) == [[0, 1, 2, 3], [3, 4, 5, 6]]          # never a short last block
+    assert blocks([0, 1, 2], "f", 3) == [[0, 1, 2]] and blocks([0, 1, 2, 3], "f", 3) == [[0, 1, 2, 3]]
+    rows = [[i] for i in range(20)]
+    assert distill_setup._split_blocks(rows) == (rows[:18], rows[18:])
+    assert distill_setup._split_blocks(rows[:9]) == (rows[:9], rows[:9])
+
+
+def test_block_size_defaults_and_the_window(tmp_path):
+    """--block-size up to the window (inclusive); else the teacher's trained block size, else 128, both
+    cut to the window."""
+    size = distill_setup._block_size
+    config = DistillConfig(teacher=tmp_path / "t", out=tmp_path / "s")
+    assert size(config, None, None) == distill_setup.DEFAULT_BLOCK_SIZE == 128 and size(config, None, 64) == 64
+    assert size(config, 12, 64) == 12 and size(config, 100, 64) == 64
+    assert size(DistillConfig(teacher=tmp_path / "t", out=tmp_path / "s", block_size=64), None, 64) == 64
+
+
+def test_hugging_face_text_is_its_non_blank_lines_without_special_tokens(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from deploylm.training.tokenizer import for_language_model, train_tokenizer
+
+    data = tmp_path / "lines.txt"
+    data.write_text("red fox\n\n   \nblue owl\n")
+    assert distill_setup._read_lines(data) == ["red fox\n", "blue owl\n"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=for_language_model(train_tokenizer(CORPUS, 300)), bos_token="<s>")
+    assert tok("red")["input_ids"][0] == tok.bos_token_id                # this tokenizer adds <s> by default
+    stream = distill_setup._line_stream(["red fox\n", "blue owl\n"], tok)
+    assert tok.bos_token_id not in stream and tok.decode(stream) == "red fox\nblue owl\n"
+
+
+def test_decoder_teacher_on_another_file_uses_the_given_seed_and_default_cleaning(tmp_path):
+    """The teacher's recorded seed and cleaning belong to ITS file: another --data file is cleaned with the
+    defaults and split with --seed; a recorded task does not override --data; two paragraphs are too few
+    to split (all train)."""
+    from deploylm.training.clean import CleanOptions
+
+    teacher = tmp_path / "lm"
+    teacher.mkdir()
+    trained, other = tmp_path / "trained.txt", tmp_path / "other.txt"
+    trained.write_text("\n\n".join(f"paragraph {i}: the fox" for i in range(30)) + "\n")
+    other.write_text("\n\n".join(f"another {i}: the owl" for i in range(30)) + "\n")
+    clean = CleanOptions(min_length=3, max_length=500)
+    torch.save({"identity": {"arch": "decoder", "data": str(trained.resolve()), "seed": 5, "clean": clean.as_json(),
+                             "task": "stories"}}, teacher / "training_state.pt")
+    own = distill_setup._teacher_text(DistillConfig(teacher=teacher, out=tmp_path / "s", data=trained, seed=1), teacher)
+    assert own.record["seed"] == 5 and own.record["clean"] == clean.as_json()
+    text = distill_setup._teacher_text(DistillConfig(teacher=teacher, out=tmp_path / "s", data=other, seed=1), teacher)
+    assert text.where == str(other) and text.record["seed"] == 1 and text.record["clean"] == CleanOptions().as_json()
+    two = tmp_path / "two.txt"
+    two.write_text("first paragraph\n\nsecond paragraph\n")
+    few = distill_setup._teacher_text(DistillConfig(teacher=teacher, out=tmp_path / "s", data=two), teacher)
+    assert few.splits.train == ["first paragraph", "second paragraph"] and few.splits.test == []
