@@ -59,6 +59,16 @@ class Result:
     sequences: list[Sequence]
 
 
+def _settled(text: str) -> str:
+    """The part of a space-cleaned text that later tokens cannot rewrite. transformers' cleanup drops the space
+    before ". ? ! ," and "' ", "n't", "'m", "'s", "'ve", "'re": at most three characters decide whether a space
+    goes, so only a space among the last three characters may still be dropped; text without one (Chinese,
+    Japanese) streams token by token."""
+    tail = len(text) - 3
+    space = text.find(" ", max(tail, 0))
+    return text if space < 0 else text[:space]
+
+
 def load(src: str | Path | Source, backend: str | None = None, **backend_options: Any) -> "Generator":
     """Open SRC (checkpoint, Hugging Face folder, .gguf file or artifact) with `backend`.
 
@@ -190,7 +200,7 @@ class Generator:
         from deploylm.decoding.stream import stream_ids
 
         # A tokenizer that cleans up spaces (" n't" -> "n't", " ," -> ",": T5's, Marian's) rewrites the end of
-        # the text as tokens arrive: its text is final only up to its last space.
+        # the text as tokens arrive: its text is final only before a space that may still be dropped.
         cleans = getattr(self.tokenizer, "clean_up_tokenization_spaces", False) is True
         with self._lock:
             ids: list[int] = []
@@ -202,7 +212,7 @@ class Generator:
                     continue
                 ids.extend(pieces[0])
                 text = self.decode(ids)
-                ready = text[:max(text.rfind(" "), 0)] if cleans else text
+                ready = _settled(text) if cleans else text
                 if ready.startswith(emitted) and len(ready) > len(emitted) and not ready.endswith("\ufffd"):
                     yield ready[len(emitted):]  # held back while it ends in a half-decoded character
                     emitted = ready

@@ -87,3 +87,31 @@ def test_a_tokenizer_that_cleans_up_spaces_streams_its_whole_text():
         whole = gen.generate("hi", num_beams=1, max_new_tokens=len(ids) + 1)[0].sequences[0].text
         assert whole == tok.decode(ids) and "'" in whole
         assert "".join(gen.stream("hi", num_beams=1, max_new_tokens=len(ids) + 1)) == whole
+
+
+def test_a_space_cleaning_tokenizer_streams_text_without_spaces_piece_by_piece():
+    """Holding text back only where a space may still be dropped: Chinese (no spaces) through a tokenizer that
+    cleans up spaces still streams as it is generated, not as one piece at the end; and in English only a
+    space among the last three characters waits ("I do n" -> "I do", then "I don't")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import deploylm
+    from deploylm.generator import _settled
+
+    assert _settled("I do n") == "I do" and _settled("I do n'") == "I do" and _settled("I don't") == "I don't"
+    assert _settled("he said ,") == "he said" and _settled("said") == "said" and _settled("你好世界") == "你好世界"
+    backend_tok = Tokenizer(models.Unigram())
+    backend_tok.pre_tokenizer, backend_tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    backend_tok.train_from_iterator(["我们今天去公园散步", "你好世界"] * 4, trainers.UnigramTrainer(
+        vocab_size=40, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend_tok, eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", clean_up_tokenization_spaces=True)
+    ids = tok.encode("我们今天去公园散步", add_special_tokens=False)
+    assert len(ids) >= 3
+    table = {tuple(ids[:i]): [1.0 if t == ids[i] else 0.0 for t in range(len(tok))] for i in range(len(ids))}
+    script = scripted_backend.table_script(table, [1.0 if t == 1 else 0.0 for t in range(len(tok))])
+    gen = deploylm.Generator(ScriptedBackend(script, len(tok)), tok)
+    pieces = list(gen.stream("hi", num_beams=1, max_new_tokens=len(ids) + 1))
+    assert "".join(pieces) == gen.generate("hi", num_beams=1, max_new_tokens=len(ids) + 1)[0].sequences[0].text
+    assert len(pieces) >= len(ids) - 1          # token by token (the first may carry the decoder's leading space)
