@@ -158,23 +158,6 @@ def test_a_batch_whose_every_client_left_stops_decoding():
     assert len(seen) == 1 and not seen[0].is_set() and b.result()[0].prompt == "b"
 
 
-def test_the_servers_stop_event_reaches_the_batch():
-    async def main():
-        fake = FakeGenerator(delay=1.0)
-        server_stop = threading.Event()
-        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=4, max_wait_ms=0,
-                          max_queue=10, stop=server_stop)
-        batcher.start()
-        future = batcher.submit(job("a", max_new_tokens=50))
-        await asyncio.sleep(0.05)
-        server_stop.set()
-        with pytest.raises(Interrupted):
-            await future
-        await batcher.stop()
-
-    asyncio.run(main())
-
-
 def test_a_full_batch_is_decoded_without_waiting_out_max_wait():
     """The oldest request waits for company only while the batch is not full: two requests that fill a batch
     of 2 are decoded at once, not after --max-wait-ms."""
@@ -231,7 +214,8 @@ def test_decoding_and_batches_count_what_health_reports():
 
 
 def test_the_servers_stop_reaches_every_request_of_the_batch():
-    """Every request of a batch that the end of the drain stopped gets Interrupted (its 503), not only the first."""
+    """The server's stop event reaches the batch: every request of a batch that the end of the drain stopped gets
+    Interrupted (its 503), not only the first."""
     async def main():
         fake = FakeGenerator(delay=1.0)
         server_stop = threading.Event()
