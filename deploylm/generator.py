@@ -173,11 +173,15 @@ class Generator:
         calls wait for it, and a call from the reading thread itself is a UsageError (it would wait for
         itself). Read it to the end, `close()` it, or use it as `with gen.stream(...) as pieces:`.
         stop: as in `generate`; once set, the stream raises Interrupted after its current step.
+        num_return_sequences must be 1: a stream is one text (generate returns several).
         """
         if not isinstance(prompt, str):
             raise UsageError(f"stream takes one prompt string, got {type(prompt).__name__}")
         _check_stop(stop)
         opts = self.options(**options)
+        if opts.num_return_sequences != 1:   # it would decode them all and stream one (the server refuses it too)
+            raise UsageError(f"stream returns one sequence, the best: num_return_sequences={opts.num_return_sequences} "
+                             "must be 1 (generate() returns several)")
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
         if self._slides(fit):
             return TextStream(self._stream_windows(prompt, opts, fit.overlap, stop))

@@ -139,6 +139,14 @@ def test_finish_reason_is_length_where_a_forced_eos_ends_the_output_at_the_limit
     assert t5.finish_reason((5, eos), 4) == "stop"                           # an end token before the limit
 
 
+def test_stream_of_several_sequences_is_refused(llama):
+    """A stream gives one text: num_return_sequences=2 would decode two and stream one (the server refuses it
+    too), so it is a UsageError naming the option."""
+    with pytest.raises(UsageError, match="stream returns one sequence, the best: num_return_sequences=2 must be 1"):
+        llama.stream("the quick brown fox", num_beams=2, num_return_sequences=2)
+    assert "".join(llama.stream("the quick brown fox", num_beams=2, num_return_sequences=1, max_new_tokens=3))
+
+
 def test_stream_encoder_decoder(t5):
     pieces = list(t5.stream("translate english to french: the house", num_beams=3, max_new_tokens=6))
     [result] = t5.generate("translate english to french: the house", num_beams=3, max_new_tokens=6)
