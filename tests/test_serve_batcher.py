@@ -76,6 +76,26 @@ def test_a_refused_request_does_not_fail_its_batch_neighbours():
     assert [c[0] for c in calls][0] == ["ok one", "BAD two", "ok three"]  # tried together first
 
 
+def test_a_refused_batch_decodes_alone_only_the_requests_still_waited_for():
+    """After a refusal the batch's requests are decoded one by one; a client that left meanwhile is skipped,
+    not decoded for nobody."""
+    async def main():
+        fake = FakeGenerator(delay=1.0)
+        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=8, max_wait_ms=20,
+                          max_queue=10)
+        batcher.start()
+        futures = [batcher.submit(job(text)) for text in ("ok one", "BAD two", "gone three")]
+        await asyncio.sleep(0.3)              # the batch was refused at once; "ok one" is decoding alone (1 s)
+        batcher.cancel(futures[2])
+        out = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        await batcher.stop()
+        return out, fake.calls
+
+    out, calls = asyncio.run(main())
+    assert [c[0] for c in calls] == [["ok one", "BAD two", "gone three"], ["ok one"], ["BAD two"]]
+    assert isinstance(out[1], UsageError) and isinstance(out[2], asyncio.CancelledError)
+
+
 def test_a_backend_failure_reaches_every_request_of_the_batch():
     results, _ = run_jobs([job("a"), job("BOOM")])
     assert all(isinstance(r, RuntimeError) for r in results)

@@ -167,7 +167,8 @@ class Batcher:
         except UsageError as exc:
             if len(batch) > 1:  # one bad request must not fail its neighbours: decode each alone
                 for item in batch:
-                    await self._decode([item])
+                    if not item.future.done():   # a client that left (cancelled) is not decoded for
+                        await self._decode([item])
                 return
             _settle(batch[0].future, exc=exc)
             return
