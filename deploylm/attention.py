@@ -13,7 +13,6 @@ Every map is per layer [H, Tq, Tk] with rows (queries) that sum to 1 over the ke
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -225,7 +224,10 @@ def draw_attention(maps: list[AttentionMap], out: str | Path, *, layer: LayerCho
             image = axes[r][c].imshow(weights.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
             _label_axes(axes[r][c], title, amap)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-    tmp = out.with_name(f".{out.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
+    from deploylm.fsutil import remove_stale_temporaries, temporary_sibling
+
+    remove_stale_temporaries(out)            # half-written pictures of runs that were killed outright
+    tmp = temporary_sibling(out)             # names this process, so a later run can tell it is stale
     try:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, out)

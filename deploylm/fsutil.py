@@ -74,15 +74,22 @@ def temporary_sibling(target: Path) -> Path:
 
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Delete the `.<name>.tmp-...-<pid>` folders that writers of `target` left when they were killed
-    outright (SIGKILL, a power cut): those whose process is gone. Returns what it removed."""
+    """Delete the `.<name>.tmp-...-<pid>` folders (and files: a half-written .png) that writers of `target`
+    left when they were killed outright (SIGKILL, a power cut): those whose process is gone. Returns what it
+    removed."""
     removed = []
     target = _through_link(target)
     for tmp in target.parent.glob(f".{target.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
+        elif tmp.is_file():
+            tmp.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(tmp)
     return removed
 
 

@@ -89,6 +89,24 @@ def test_the_precision_steps_scratch_is_cleaned_like_the_export_folder(tmp_path)
     assert dead in remove_stale_temporaries(target) and not dead.exists()
 
 
+def test_a_killed_writers_temporary_file_is_removed_and_a_live_ones_kept(tmp_path):
+    """`deploylm attention --out a.png` writes `.a.png.tmp-<random>-<pid>`: a kill -9 left it behind for good;
+    the next write of a.png removes it, and never a file of a writer still running."""
+    import os
+
+    from deploylm.fsutil import remove_stale_temporaries, temporary_sibling
+
+    target = tmp_path / "a.png"
+    dead = tmp_path / ".a.png.tmp-0123abcd-999999999"
+    live = temporary_sibling(target)
+    other = tmp_path / ".b.png.tmp-0123abcd-999999999"               # another output's: not this target's
+    for path in (dead, live, other):
+        path.write_bytes(b"\x89PNG")
+    assert live.name.endswith(f"-{os.getpid()}")
+    assert remove_stale_temporaries(target) == [dead]
+    assert not dead.exists() and live.exists() and other.exists()
+
+
 def test_json_finite_replaces_nan_and_both_infinities_at_any_depth():
     """Standard JSON has no NaN / Infinity: every non-finite float becomes null, in dicts, lists and tuples;
     everything else is kept as it is."""
