@@ -3,7 +3,7 @@
 A Hugging Face folder loads with AutoModelForCausalLM (decoder-only) or AutoModelForSeq2SeqLM
 (encoder-decoder, chosen by `config.is_encoder_decoder`). A `.gguf` file loads through transformers'
 GGUF support (dequantized to `dtype`; needs the `gguf` and `accelerate` packages). Special tokens come
-from the model's generation_config, then its config, exactly as `transformers.generate` resolves them.
+from the model's generation_config, then its config (`special_tokens`).
 """
 from __future__ import annotations
 
@@ -389,10 +389,13 @@ def _gguf_architectures() -> list[str]:
 
 
 def special_tokens(model: Any) -> SpecialTokens:
-    """EOS (possibly several), pad, bos and decoder start, resolved as `transformers.generate` does.
+    """EOS (possibly several), pad, bos and decoder start, resolved as `transformers.generate` does where the
+    generation_config sets them.
 
     generation_config first, then config; pad falls back to the first EOS; the decoder start of an
-    encoder-decoder falls back to bos.
+    encoder-decoder falls back to bos. One difference: a generation_config.json that leaves out an id that
+    config.json sets gets it from config.json here, while transformers 5 generates without it (no EOS at
+    all when generation_config.json lacks eos_token_id); deploylm stops at the model's end token.
     """
     gen, config = model.generation_config, model.config
     eos = _first_set(gen.eos_token_id, getattr(config, "eos_token_id", None))
