@@ -12,7 +12,7 @@ Every map is per layer [H, Tq, Tk] with rows (queries) that sum to 1 over the ke
 """
 from __future__ import annotations
 
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -224,18 +224,12 @@ def draw_attention(maps: list[AttentionMap], out: str | Path, *, layer: LayerCho
             image = axes[r][c].imshow(weights.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
             _label_axes(axes[r][c], title, amap)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-    from deploylm.fsutil import remove_stale_temporaries, temporary_sibling
+    from deploylm.fsutil import remove_stale_temporaries, write_atomic
 
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     remove_stale_temporaries(out)            # half-written pictures of runs that were killed outright
-    tmp = temporary_sibling(out)             # names this process, so a later run can tell it is stale
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
-    except OSError as exc:          # a full disk, a folder made read-only during the run
-        raise UsageError(f"could not write {out}: {exc.strerror or exc}; nothing was written there") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_atomic(out, buffer.getvalue())
 
 
 def _label_axes(ax: Any, title: str, amap: AttentionMap) -> None:

@@ -219,6 +219,23 @@ def exclusive_writer(target: Path, flag: str = "--out") -> Iterator[None]:
         os.close(fd)
 
 
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """`data` at `path`, replaced atomically (a temporary sibling named by this process, then a rename); a full
+    disk or a folder made read-only is one UsageError, and nothing is left there."""
+    from deploylm.errors import UsageError
+
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:          # a full disk, a folder made read-only during the run
+        raise UsageError(f"could not write {path}: {exc.strerror or exc}; nothing was written there") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def json_finite(value: Any) -> Any:
     """`value` with every NaN/inf float (in dicts, lists, tuples) replaced by None: standard JSON, which
     json.dumps would otherwise write as the non-standard NaN / Infinity."""

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deploylm.benchmarking.measure import RoundResult
-from deploylm.errors import UsageError
-from deploylm.fsutil import json_finite
+from deploylm.fsutil import json_finite, write_atomic
 
 FORMAT = "deploylm-bench/1"
 # Rounds of one row whose wall times spread more than this (max - min, over their median) get a note:
@@ -177,14 +175,3 @@ class BenchReport:
 
         return format_report(self)
 
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:          # a full disk, a folder made read-only during the run
-        raise UsageError(f"could not write {path}: {exc.strerror or exc}; nothing was written there") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -57,7 +57,7 @@ def check_plot_path(path: str | Path) -> Path:
 
 def plot_report(report: Any, path: str | Path) -> Path:
     """Bars of tokens/s per row (references grey), each labelled with its ratio vs transformers; PNG."""
-    from deploylm.benchmarking.report import write_atomic
+    from deploylm.fsutil import write_atomic
 
     out = check_plot_path(path)
     rows = list(report.rows)
