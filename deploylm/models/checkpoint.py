@@ -70,6 +70,8 @@ def save_checkpoint(
     tokenizer.json or training state saved earlier) are kept. Without overwrite an existing folder
     is an error. Returns the folder.
     """
+    from safetensors import SafetensorError
+
     target = Path(directory)
     if target.exists() and not overwrite:
         raise UsageError(f"checkpoint folder {str(target)!r} exists: choose another folder or overwrite it")
@@ -83,7 +85,8 @@ def save_checkpoint(
             _swap_into_place(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except (OSError, RuntimeError) as exc:     # a full disk, a read-only folder (torch.save: RuntimeError)
+    except (OSError, RuntimeError, SafetensorError) as exc:   # a full disk, a read-only folder (torch.save:
+        # RuntimeError; safetensors: its own error, neither OSError nor RuntimeError)
         kept = " the previous checkpoint there is kept" if (target / WEIGHTS).exists() else ""
         raise CheckpointWriteFailed(f"could not save the checkpoint in {str(target)!r}: {_io_reason(exc)};"
                                     f"{kept or ' nothing was written'}; free space or choose another folder") from None
@@ -103,14 +106,10 @@ def _write_files(
     folder: Path, model: nn.Module, config: TransformerConfig, tokenizer: Any,
     training_state: dict[str, Any] | None, generation: dict[str, Any],
 ) -> None:
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    try:
-        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
-    except SafetensorError as exc:   # a full disk: safetensors' own error, neither OSError nor RuntimeError
-        raise RuntimeError(str(exc)) from None
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
     _write_json(folder / CONFIG, {"model_type": config.model_type, **config.to_dict()})
     _write_json(folder / GENERATION, generation_config(config, **generation))
     if tokenizer is not None:
