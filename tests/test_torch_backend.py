@@ -51,11 +51,19 @@ def test_prefill_decode_reorder_equal_full_forward(sources, kind):
     assert logits.shape == (3, backend.info.vocab_size) and logits.dtype == torch.float32
     torch.testing.assert_close(logits, full_logits(backend, batch, torch.arange(3), torch.zeros(3, 0, dtype=torch.long)),
                                atol=LOGITS_ATOL, rtol=0)
-    rows = torch.tensor([0, 0, 1, 1, 2, 2])                     # expand to 2 beams per input
+    # beams swap and duplicate within an input
+    decode_through_reorders(backend, batch, state, [None, torch.tensor([1, 0, 3, 3, 4, 5]),
+                                                    torch.tensor([0, 0, 2, 3, 5, 4])])
+
+
+def decode_through_reorders(backend, batch, state, reorders):
+    """Expand `state` to 2 rows per input of PROMPTS, then per step apply the reorder (None: none), decode one
+    token per row, and check the logits against a full forward of each row's own history."""
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
     state = backend.reorder(state, rows)
     history = torch.zeros(6, 0, dtype=torch.long)
-    for step, parents in enumerate([None, torch.tensor([1, 0, 3, 3, 4, 5]), torch.tensor([0, 0, 2, 3, 5, 4])]):
-        if parents is not None:                                 # beams swap and duplicate within an input
+    for step, parents in enumerate(reorders):
+        if parents is not None:
             state = backend.reorder(state, parents)
             rows, history = rows[parents], history[parents]
         tokens = torch.tensor([5, 7, 9, 11, 13, 15]) + step
@@ -114,17 +122,9 @@ def test_seq2seq_reorder_that_moves_rows_across_inputs_keeps_each_rows_encoder_m
     gen = load(sources[kind])
     backend, batch = gen.backend, gen.encode(PROMPTS)
     _, state = backend.prefill(batch)
-    rows, history = torch.tensor([0, 0, 1, 1, 2, 2]), torch.zeros(6, 0, dtype=torch.long)
-    state = backend.reorder(state, rows)
-    for step, parents in enumerate([None, torch.tensor([4, 5, 0, 1, 2, 3]), torch.tensor([1, 0, 3, 2, 5, 4]),
-                                    torch.tensor([2, 2, 4, 4, 0, 0])]):
-        if parents is not None:                                 # rows rotate across inputs, divisible counts
-            state = backend.reorder(state, parents)
-            rows, history = rows[parents], history[parents]
-        tokens = torch.tensor([5, 7, 9, 11, 13, 15]) + step
-        logits, state = backend.decode(tokens, state)
-        history = torch.cat([history, tokens[:, None]], dim=1)
-        torch.testing.assert_close(logits, full_logits(backend, batch, rows, history), atol=LOGITS_ATOL, rtol=0)
+    # rows rotate across inputs, divisible counts
+    decode_through_reorders(backend, batch, state, [None, torch.tensor([4, 5, 0, 1, 2, 3]),
+                                                    torch.tensor([1, 0, 3, 2, 5, 4]), torch.tensor([2, 2, 4, 4, 0, 0])])
 
 
 def test_identity_reorder_keeps_state_and_stats_count_calls(sources):
