@@ -305,8 +305,8 @@ def test_sampling_with_every_token_banned_is_a_usage_error(num_beams):
     backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
     options = DecodingOptions(num_beams=num_beams, do_sample=True, seed=0, max_new_tokens=8, min_new_tokens=8,
                               no_repeat_ngram_size=1)
-    with pytest.raises(UsageError, match=r"nothing left to sample at generated token \d+ of prompt 0: the options "
-                                         r"ban every token"):
+    with pytest.raises(UsageError, match=r"nothing left to sample at generated token \d+ of prompt 1: the options "
+                                         r"ban every token"):   # counted from 1, as "prompt 1 is empty"
         generate_ids(backend, encode([(2,)]), options)
     relaxed = DecodingOptions(num_beams=num_beams, do_sample=True, seed=0, max_new_tokens=8, no_repeat_ngram_size=1)
     assert generate_ids(backend, encode([(2,)]), relaxed)[0]          # EOS may end it: a draw is always there

@@ -14,14 +14,15 @@ def draw(probs: Tensor, n: int, generator: torch.Generator | None, active: Tenso
 
     A row whose every token the processors banned (n-gram bans, min_new_tokens, bad words, suppressed
     tokens: all scores -inf, so softmax gives NaN) cannot be sampled: for an active row (`active` [R])
-    that is a UsageError naming the step and the input (row // inputs_per_row), where torch.multinomial
-    would fail deep inside; a finished row draws from a uniform stand-in (its token becomes padding)."""
+    that is a UsageError naming the step and the prompt (row // inputs_per_row, counted from 1 as in every
+    "prompt N" message), where torch.multinomial would fail deep inside; a finished row draws from a
+    uniform stand-in (its token becomes padding)."""
     empty = ~torch.isfinite(probs).all(-1)                                            # [R] rows of NaN
     if bool(empty.any()):
         stuck = empty & active
         if bool(stuck.any()):
             row = int(stuck.nonzero()[0, 0])
-            raise UsageError(f"nothing left to sample at generated token {step + 1} of prompt {row // inputs_per_row}: "
+            raise UsageError(f"nothing left to sample at generated token {step + 1} of prompt {row // inputs_per_row + 1}: "
                              "the options ban every token (no_repeat_ngram_size, min_new_tokens, bad_words_ids, "
                              "suppress_tokens or sequence_bias); relax them or lower max_new_tokens")
         probs = torch.where(empty[:, None], torch.ones_like(probs), probs)
