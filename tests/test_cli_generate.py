@@ -202,3 +202,21 @@ def test_a_path_over_the_systems_name_limit_is_one_error_line(argv):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == f"error: {long}: File name too long: expected a usable path", result.stderr
+
+
+def test_errors_name_the_prompt_counted_over_all_batches(tiny_llama_dir):
+    """--batch-size decodes the prompts in slices; an error names the user's prompt (the 3rd is "prompt 3"),
+    not its place in its slice ("prompt 1")."""
+    model, fast = str(tiny_llama_dir), ["--num-beams", "1", "--max-new-tokens", "2", "--batch-size", "2"]
+    out = run("--model", model, *fast, "a", "b", "   ")
+    assert out.exit_code == 2 and out.stderr.strip() == "error: prompt 3 is only whitespace: expected some text"
+    out = run("--model", model, *fast, "a", "b", "c", "one two three " * 100)
+    assert out.exit_code == 2 and out.stderr.strip().startswith("error: prompt 4 has "), out.stderr
+    from deploylm.commands.generate import counted_over_all
+    from deploylm.errors import UsageError
+
+    drawn = UsageError("nothing left to sample at generated token 3 of prompt 2: the options ban every token")
+    assert str(counted_over_all(drawn, 8)) == "nothing left to sample at generated token 3 of prompt 10: the " \
+                                              "options ban every token"
+    quoted = UsageError("prompt 'see prompt 2': the model's tokenizer cannot encode it")   # the user's text stays
+    assert str(counted_over_all(quoted, 8)) == str(quoted)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -44,8 +45,27 @@ def command(src, backend, prompts, input_file, as_json, batch_size, device, dtyp
     generator = load(src, backend=backend, **backend_options(src, backend, device, dtype, spin, threads))
     check_sampling_flags(options, generator)
     for start in range(0, len(texts), batch_size):
-        for result in generator.generate(texts[start:start + batch_size], **options):
+        try:
+            results = generator.generate(texts[start:start + batch_size], **options)
+        except UsageError as exc:   # it numbers the prompts of its batch: name the user's prompt
+            raise counted_over_all(exc, start) from None
+        for result in results:
             click.echo(format_result(result, as_json))
+
+
+PROMPT_NUMBER = re.compile(r"(?:^|\bof )prompt (\d+)\b")   # "prompt 2 is empty", "... of prompt 2: ..."
+
+
+def counted_over_all(exc: UsageError, offset: int) -> UsageError:
+    """`exc` from the batch of prompts that starts after `offset` others, with its "prompt N" counted over
+    all the prompts (the 10th prompt is "prompt 10", not the 2nd of its batch of 8)."""
+    if not offset:
+        return exc
+
+    def renumber(match: re.Match) -> str:
+        return match.group(0)[:match.start(1) - match.start(0)] + str(int(match.group(1)) + offset)
+
+    return UsageError(PROMPT_NUMBER.sub(renumber, str(exc), count=1))
 
 
 SAMPLING_FLAGS = (("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"), ("--seed", "seed"))
