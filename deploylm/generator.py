@@ -443,8 +443,9 @@ def _check_backend(backend: Any) -> None:
 
 @contextlib.contextmanager
 def _memory_is_usage(prompts: int, opts: DecodingOptions) -> Iterator[None]:
-    """A call too large for the machine's memory (num_beams=10**6, say) ends in one UsageError that says
-    what to lower, not in the allocator's message from inside torch or ONNX Runtime."""
+    """A call too large for the machine's memory (num_beams=10**6, or max_new_tokens=10**9 on a model without
+    a window, say: the search keeps every row's tokens) ends in one UsageError that says what to lower, not in
+    the allocator's message from inside torch or ONNX Runtime."""
     try:
         yield
     except (MemoryError, RuntimeError) as exc:
@@ -453,8 +454,9 @@ def _memory_is_usage(prompts: int, opts: DecodingOptions) -> Iterator[None]:
                 or "can't allocate memory" in text or "Failed to allocate memory" in text):
             raise
         raise UsageError(f"not enough memory for {prompts} prompt(s) x {opts.rows_per_input} row(s) each "
-                         f"(num_beams={opts.num_beams}, num_return_sequences={opts.num_return_sequences}): lower "
-                         f"num_beams or num_return_sequences, or send fewer prompts at once") from None
+                         f"(num_beams={opts.num_beams}, num_return_sequences={opts.num_return_sequences}) of up to "
+                         f"max_new_tokens={opts.max_new_tokens} tokens: lower num_beams, num_return_sequences or "
+                         f"max_new_tokens, or send fewer prompts at once") from None
 
 
 def _check_stop(stop: Any, stats: Any = None) -> None:

@@ -273,8 +273,12 @@ def test_a_call_too_large_for_memory_says_what_to_lower(llama, monkeypatch, erro
 
     monkeypatch.setattr(llama.backend, "prefill", out_of_memory)
     with pytest.raises(UsageError, match=r"not enough memory for 2 prompt\(s\) x 5 row\(s\) each \(num_beams=5, "
-                                         r"num_return_sequences=1\): lower num_beams"):
+                                         r"num_return_sequences=1\) of up to max_new_tokens=2 tokens: lower num_beams"):
         llama.generate(["a", "b"], num_beams=5, max_new_tokens=2)
+    with pytest.raises(UsageError, match=r"1 row\(s\) each \(num_beams=1, num_return_sequences=1\) of up to "
+                                         r"max_new_tokens=100 tokens: lower num_beams, num_return_sequences or "
+                                         r"max_new_tokens,"):   # one row: the length is what to lower
+        llama.generate(["a"], num_beams=1, max_new_tokens=100)
     monkeypatch.setattr(llama.backend, "prefill", lambda batch: (_ for _ in ()).throw(RuntimeError("a real bug")))
     with pytest.raises(RuntimeError, match="a real bug"):                 # other errors are not hidden
         llama.generate(["a", "b"], num_beams=5, max_new_tokens=2)
