@@ -206,7 +206,7 @@ class Generator:
         # A tokenizer that cleans up spaces (" n't" -> "n't", " ," -> ",": T5's, Marian's) rewrites the end of
         # the text as tokens arrive: its text is final only before a space that may still be dropped.
         cleans = getattr(self.tokenizer, "clean_up_tokenization_spaces", False) is True
-        with self._lock:
+        with self._lock, _memory_is_usage(1, opts):
             ids: list[int] = []
             emitted = text = ""
             for pieces in stream_ids(self.backend, batch, opts):
@@ -304,7 +304,7 @@ class Generator:
 
         chunks = self._windows(texts, opts, overlap)
         hyps = []
-        with self._lock:
+        with self._lock, _memory_is_usage(len(texts), opts):
             for piece in split_rows(concat_rows(chunks, self.tokenizer.pad_token_id), max(len(texts), WINDOW_ROWS)):
                 hyps.extend(generate_ids(self.backend, piece, opts, None, stop))
         results, start = [], 0
@@ -323,7 +323,7 @@ class Generator:
 
         chunks = self._windows([prompt], opts, overlap)[0]
         eos, outputs, emitted = self.info.special.eos_token_ids, [], ""
-        with self._lock:
+        with self._lock, _memory_is_usage(1, opts):
             for piece in split_rows(chunks, 1):
                 [hyps] = generate_ids(self.backend, piece, opts, None, stop)
                 outputs.append(hyps[0].token_ids)

@@ -279,6 +279,8 @@ def test_a_call_too_large_for_memory_says_what_to_lower(llama, monkeypatch, erro
                                          r"max_new_tokens=100 tokens: lower num_beams, num_return_sequences or "
                                          r"max_new_tokens,"):   # one row: the length is what to lower
         llama.generate(["a"], num_beams=1, max_new_tokens=100)
+    with pytest.raises(UsageError, match=r"not enough memory for 1 prompt\(s\) x 3 row\(s\) each"):   # streams too
+        "".join(llama.stream("a", num_beams=3, max_new_tokens=2))
     monkeypatch.setattr(llama.backend, "prefill", lambda batch: (_ for _ in ()).throw(RuntimeError("a real bug")))
     with pytest.raises(RuntimeError, match="a real bug"):                 # other errors are not hidden
         llama.generate(["a", "b"], num_beams=5, max_new_tokens=2)

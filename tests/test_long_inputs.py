@@ -452,3 +452,16 @@ def test_window_overlap_must_be_a_whole_number(seed, overlap):
 
 def test_join_texts_adds_no_space_where_one_side_has_whitespace():
     assert join_texts(["one ", "two", "three", "\nfour"], [False, True, True, True]) == "one two three\nfour"
+
+
+def test_a_sliding_window_decode_too_large_for_memory_says_what_to_lower(seed, monkeypatch):
+    """generate and stream over windows end in the same UsageError as a plain call, not the allocator's
+    RuntimeError from inside torch."""
+    def out_of_memory(batch):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(seed.backend, "prefill", out_of_memory)
+    with pytest.raises(UsageError, match=r"not enough memory for 1 prompt\(s\) x 2 row\(s\) each .*: lower"):
+        seed.generate([LONG], truncation="sliding-window", num_beams=2, max_new_tokens=4)
+    with pytest.raises(UsageError, match=r"not enough memory for 1 prompt\(s\) x 2 row\(s\) each .*: lower"):
+        "".join(seed.stream(LONG, truncation="sliding-window", num_beams=2, max_new_tokens=4))
