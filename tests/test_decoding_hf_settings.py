@@ -378,6 +378,22 @@ def test_a_call_value_replaces_the_models(configured, kind):
 
 
 
+
+@pytest.mark.parametrize("search", list(SEARCHES))
+def test_a_model_min_new_tokens_above_the_calls_max_new_tokens_runs_as_transformers(models, tmp_path, search):
+    """generation_config min_new_tokens=6 and a call for 3 tokens: EOS banned to the end, as transformers' generate
+    (it was refused as "max_new_tokens must be >= min_new_tokens=6", a number the caller never gave)."""
+    model, tokenizer = models["gpt2"]
+    model.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    dest = _configured(tmp_path / "plain", tmp_path / "min6", dict(min_new_tokens=6))
+    gen, theirs = load(dest), _load(dest)[0]
+    expected, _ = generate_reference(theirs, gen.tokenizer, PROMPTS, 3, SEARCHES[search])
+    results = gen.generate(PROMPTS, max_new_tokens=3, **SEARCHES[search])
+    assert [[s.token_ids for s in r.sequences] for r in results] == expected
+    assert all(len(s.token_ids) == 3 for r in results for s in r.sequences)
+
+
 # -- group beam search: refused, as transformers 5 refuses it -------------------------------------------------
 @pytest.mark.parametrize("option", [dict(num_beam_groups=2), dict(diversity_penalty=0.5)])
 def test_group_beam_search_options_are_refused_with_one_line(option):

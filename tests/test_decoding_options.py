@@ -124,3 +124,16 @@ def test_group_beam_search_is_refused_saying_why(name):
         DecodingOptions.from_mapping({name: 2})
     with pytest.raises(UsageError, match="group beam search"):
         DecodingOptions().replace(**{name: 2})
+
+
+def test_a_default_min_new_tokens_above_a_given_max_new_tokens_is_lowered_to_it():
+    """A model whose generation_config says min_new_tokens=8 still answers max_new_tokens=2 (EOS banned to the
+    end, as transformers' generate runs it); the two given together and contradictory are still refused."""
+    model_defaults = DecodingOptions(min_new_tokens=8, max_new_tokens=32)
+    call = model_defaults.replace(max_new_tokens=2)
+    assert (call.max_new_tokens, call.min_new_tokens) == (2, 2)
+    assert model_defaults.replace(max_new_tokens=12).min_new_tokens == 8      # above the default: kept
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        model_defaults.replace(max_new_tokens=2, min_new_tokens=8)
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        model_defaults.replace(max_new_tokens=0)                                 # still its own range error

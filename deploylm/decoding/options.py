@@ -78,12 +78,19 @@ class DecodingOptions:
         return cls(**dict(values))
 
     def replace(self, **changes: Any) -> "DecodingOptions":
-        """A copy with `changes` applied (validated); unknown names are an error."""
+        """A copy with `changes` applied (validated); unknown names are an error.
+
+        A min_new_tokens kept from here (a model's default) above the max_new_tokens given in `changes` is
+        lowered to it: EOS is then banned to the end, as transformers' generate does with such a
+        generation_config. Both given together and contradictory is still a UsageError."""
         _refuse(changes)
         unknown = sorted(set(changes) - set(option_names()))
         if unknown:
             raise UsageError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}: "
                              f"expected any of {', '.join(option_names())}")
+        wanted = changes.get("max_new_tokens")
+        if "min_new_tokens" not in changes and type(wanted) is int and 1 <= wanted < self.min_new_tokens:
+            changes = {**changes, "min_new_tokens": wanted}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
