@@ -1,6 +1,8 @@
 """Errors users see. Each carries one readable line; the CLI prints it and exits with `exit_code`."""
 from __future__ import annotations
 
+import re
+
 
 class DeployLMError(Exception):
     """Base for every error deploylm raises on purpose. `str(err)` is one line for the user."""
@@ -48,3 +50,18 @@ class CheckpointWriteFailed(DeployLMError):
     """A checkpoint could not be written (disk full, read-only folder); the previous one is kept. Exit status 1."""
 
     exit_code = 1
+
+
+PROMPT_NUMBER = re.compile(r"(?:^|\bof )prompt (\d+)\b")   # "prompt 2 is empty", "... of prompt 2: ..."
+
+
+def counted_over_all(exc: UsageError, offset: int) -> UsageError:
+    """`exc` from the batch of prompts that starts after `offset` others, with its "prompt N" counted over
+    all the prompts (the 10th prompt is "prompt 10", not the 2nd of its batch of 8)."""
+    if not offset:
+        return exc
+
+    def renumber(match: re.Match) -> str:
+        return match.group(0)[:match.start(1) - match.start(0)] + str(int(match.group(1)) + offset)
+
+    return UsageError(PROMPT_NUMBER.sub(renumber, str(exc), count=1))

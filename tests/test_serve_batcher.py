@@ -63,6 +63,14 @@ def test_one_request_with_more_prompts_than_the_batch_size_is_decoded_in_bounded
     assert [c[0] for c in calls] == [[str(i)] for i in range(5)]
 
 
+
+def test_a_refusal_in_a_later_call_of_a_big_request_names_the_prompt_counted_over_the_request():
+    """5 prompts, 2 per call: the generator names the 4th "prompt 2" (its place in the second call)."""
+    big = job("a", "b", "c", "BAD d", "e", max_new_tokens=3)
+    results, calls = run_jobs([big], max_batch_size=2)
+    assert [c[0] for c in calls] == [["a", "b"], ["c", "BAD d"]]
+    assert isinstance(results[0], UsageError) and str(results[0]) == "prompt 4 contains BAD: scripted refusal"
+
 def test_sampling_requests_are_decoded_alone():
     jobs = [job("a", do_sample=True, seed=1), job("b", do_sample=True, seed=1)]
     _, calls = run_jobs(jobs)

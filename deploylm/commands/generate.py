@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import click
 
 from deploylm.commands._options import (decoding_options, given_input_options, given_options, input_options,
                                         quiet_transformers, spin_option, threads_option, torch_options)
-from deploylm.errors import UsageError
+from deploylm.errors import UsageError, counted_over_all
 
 
 @click.command(name="generate")
@@ -51,21 +50,6 @@ def command(src, backend, prompts, input_file, as_json, batch_size, device, dtyp
             raise counted_over_all(exc, start) from None
         for result in results:
             click.echo(format_result(result, as_json))
-
-
-PROMPT_NUMBER = re.compile(r"(?:^|\bof )prompt (\d+)\b")   # "prompt 2 is empty", "... of prompt 2: ..."
-
-
-def counted_over_all(exc: UsageError, offset: int) -> UsageError:
-    """`exc` from the batch of prompts that starts after `offset` others, with its "prompt N" counted over
-    all the prompts (the 10th prompt is "prompt 10", not the 2nd of its batch of 8)."""
-    if not offset:
-        return exc
-
-    def renumber(match: re.Match) -> str:
-        return match.group(0)[:match.start(1) - match.start(0)] + str(int(match.group(1)) + offset)
-
-    return UsageError(PROMPT_NUMBER.sub(renumber, str(exc), count=1))
 
 
 SAMPLING_FLAGS = (("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"), ("--seed", "seed"))

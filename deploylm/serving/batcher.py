@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from deploylm.errors import Interrupted, UsageError
+from deploylm.errors import Interrupted, UsageError, counted_over_all
 from deploylm.serving.schemas import Job
 
 log = logging.getLogger("deploylm.serve")
@@ -162,7 +162,11 @@ class Batcher:
             results: list[Any] = []
             for start in range(0, len(prompts), self.max_batch_size):  # one request may bring more prompts
                 chunk = prompts[start:start + self.max_batch_size]
-                results += await loop.run_in_executor(self._executor, self._generate, chunk, batch[0].job.options, stop)
+                try:
+                    results += await loop.run_in_executor(self._executor, self._generate, chunk,
+                                                          batch[0].job.options, stop)
+                except UsageError as exc:   # it numbers the prompts of its chunk: count them over the request
+                    raise counted_over_all(exc, start) from None
                 self.batches += 1
         except UsageError as exc:
             if len(batch) > 1:  # one bad request must not fail its neighbours: decode each alone

@@ -52,8 +52,9 @@ class FakeGenerator:
             self.calls.append((prompts, dict(options)))
             if any("BOOM" in p for p in prompts):
                 raise RuntimeError("scripted backend failure")
-            if any("BAD" in p for p in prompts):
-                raise UsageError("prompt contains BAD: scripted refusal")
+            bad = [i for i, p in enumerate(prompts) if "BAD" in p]
+            if bad:   # numbered in this call, from 1, as the real Generator numbers the prompts it refuses
+                raise UsageError(f"prompt {bad[0] + 1} contains BAD: scripted refusal")
             ends = time.monotonic() + self.delay          # a decode of `delay` seconds, in 10 ms steps
             while time.monotonic() < ends:
                 time.sleep(min(0.01, max(0.0, ends - time.monotonic())))
