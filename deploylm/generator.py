@@ -162,6 +162,23 @@ class Generator:
         return [Result(prompt, [self._sequence(h.token_ids, h.score) for h in per_prompt])
                 for prompt, per_prompt in zip(texts, hyps)]
 
+    def check(self, prompts: str | list[str], *, truncation: str | None = None, window_overlap: int | None = None,
+              **options: Any) -> None:
+        """Raise the UsageError `generate` would raise before decoding (the options; an empty prompt, one over
+        the window, one the tokenizer cannot encode; a sequence_bias past the vocabulary), without decoding:
+        a caller with many batches refuses a bad input before any output goes out."""
+        from deploylm.decoding.processors import build_processors
+
+        texts = _prompt_list(prompts)
+        opts = self.options(**options)
+        fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
+        if self._slides(fit):
+            self._windows(texts, opts, fit.overlap)
+            return
+        batch = self.encode(texts, opts, truncation=fit.truncation)
+        build_processors(opts, self.info, 1 if self.info.is_encoder_decoder else batch.input_ids.shape[1],
+                         encoder_input_ids=batch.input_ids)
+
     def stream(self, prompt: str, *, truncation: str | None = None, window_overlap: int | None = None,
                stop: threading.Event | None = None, **options: Any) -> TextStream:
         """The best output's text in pieces, each as soon as every live beam agrees on it (a TextStream:

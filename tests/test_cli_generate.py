@@ -206,14 +206,18 @@ def test_a_path_over_the_systems_name_limit_is_one_error_line(argv):
 
 def test_errors_name_the_prompt_counted_over_all_batches(tiny_llama_dir):
     """--batch-size decodes the prompts in slices; an error names the user's prompt (the 3rd is "prompt 3"),
-    not its place in its slice ("prompt 1")."""
+    not its place in its slice ("prompt 1"), and comes before any slice's output (a file of results is
+    never half written)."""
     model, fast = str(tiny_llama_dir), ["--num-beams", "1", "--max-new-tokens", "2", "--batch-size", "2"]
     out = run("--model", model, *fast, "a", "b", "   ")
     assert out.exit_code == 2 and out.stderr.strip() == "error: prompt 3 is only whitespace: expected some text"
+    assert out.stdout == ""
     out = run("--model", model, *fast, "a", "b", "c", "one two three " * 100)
     assert out.exit_code == 2 and out.stderr.strip().startswith("error: prompt 4 has "), out.stderr
-    from deploylm.commands.generate import counted_over_all
-    from deploylm.errors import UsageError
+    assert out.stdout == ""
+    out = run("--model", model, *fast, "a", "b", "c")
+    assert out.exit_code == 0 and len(out.stdout.splitlines()) == 3
+    from deploylm.errors import UsageError, counted_over_all
 
     drawn = UsageError("nothing left to sample at generated token 3 of prompt 2: the options ban every token")
     assert str(counted_over_all(drawn, 8)) == "nothing left to sample at generated token 3 of prompt 10: the " \

@@ -101,6 +101,26 @@ def test_prompt_that_cannot_fit_the_window_is_a_usage_error(llama):
         llama.generate(long, max_new_tokens=64)
 
 
+
+def test_check_refuses_what_generate_refuses_without_decoding(llama, t5, monkeypatch):
+    long = " ".join(["the quick brown fox"] * 40)
+    outside = llama.info.vocab_size + 3
+    cases = [((["hello", ""],), {}, "prompt 2 is empty"), ((long,), dict(max_new_tokens=64), "window of 128"),
+             (("hello",), dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+             (("hello",), dict(sequence_bias=[[[outside], 1.0]]), str(outside)),
+             (("hello",), dict(truncation="sliding-window"), "decoder-only")]
+    for args, options, message in cases:      # each as generate refuses it
+        with pytest.raises(UsageError, match=message):
+            llama.generate(*args, **{"max_new_tokens": 2, **options})
+    monkeypatch.setattr(llama.backend, "prefill", lambda *a, **k: pytest.fail("check() decoded"))
+    for args, options, message in cases:
+        with pytest.raises(UsageError, match=message):
+            llama.check(*args, **{"max_new_tokens": 2, **options})
+    llama.check(["hello", long], max_new_tokens=4, truncation="left")     # fits once cut: nothing to refuse
+    t5.check(" ".join(["word"] * 600), truncation="sliding-window", max_new_tokens=4)
+    with pytest.raises(UsageError, match="prompt 2 is empty"):
+        t5.check(["a", ""], truncation="sliding-window")
+
 @pytest.mark.parametrize("options", [dict(num_beams=4), dict(num_beams=1)], ids=["beam4", "greedy"])
 def test_stream_pieces_join_to_the_generated_text(llama, options):
     prompt = "the quick brown fox"

@@ -43,6 +43,11 @@ def command(src, backend, prompts, input_file, as_json, batch_size, device, dtyp
     quiet_transformers()
     generator = load(src, backend=backend, **backend_options(src, backend, device, dtype, spin, threads))
     check_sampling_flags(options, generator)
+    for start in range(0, len(texts), batch_size):   # a bad prompt is refused before any output goes out
+        try:
+            generator.check(texts[start:start + batch_size], **options)
+        except UsageError as exc:
+            raise counted_over_all(exc, start) from None
     for start in range(0, len(texts), batch_size):
         try:
             results = generator.generate(texts[start:start + batch_size], **options)
