@@ -11,11 +11,12 @@ import functools
 import logging
 import math
 import re
+import threading
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from deploylm.errors import DeployLMError, Interrupted, MissingDependencyError, UsageError
-from deploylm.serving.batcher import Batcher, QueueFull
+from deploylm.serving.batcher import Batcher, QueueFull, StopSignal
 from deploylm.serving.middleware import RequestMiddleware, ServerState, request_id_of
 from deploylm.serving.schemas import ApiError, Job, ServeConfig, parse_completion, parse_generate, parse_json_body
 from deploylm.serving.streaming import sse, stream_pieces
@@ -234,8 +235,9 @@ class _Api:
 
     def _pieces(self, job: Job, opened: list[TextStream]) -> AsyncIterator[str]:
         """The text pieces of the job's stream; the TextStream lands in `opened` (its finish_reason)."""
-        def start() -> TextStream:   # stops after its current step once the drain is over
-            opened.append(self.generator.stream(job.prompts[0], stop=self.state.stop_decoding, **job.options))
+        def start(left: threading.Event) -> TextStream:   # stops after its current step once the drain is
+            stop = StopSignal(self.state.stop_decoding, abandoned=left)   # over or the client has left
+            opened.append(self.generator.stream(job.prompts[0], stop=stop, **job.options))
             return opened[0]
 
         return stream_pieces(start)

@@ -35,10 +35,11 @@ class QueueFull(Exception):
 
 class StopSignal:
     """What a batch's generate call reads as its `stop` (`is_set()`, as threading.Event): set when the
-    server's stop event is, or when every request of the batch has been cancelled (clients gone)."""
+    server's stop event is, or when every request of the batch has been cancelled (clients gone); a stream's
+    `abandoned` is the event its reader sets when the client has gone."""
 
-    def __init__(self, server: threading.Event | None) -> None:
-        self.server, self.abandoned = server, threading.Event()
+    def __init__(self, server: threading.Event | None, abandoned: threading.Event | None = None) -> None:
+        self.server, self.abandoned = server, abandoned if abandoned is not None else threading.Event()
 
     def is_set(self) -> bool:
         return self.abandoned.is_set() or (self.server is not None and self.server.is_set())

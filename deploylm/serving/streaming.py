@@ -1,7 +1,9 @@
 """Streaming: run `Generator.stream` on its own thread and hand its pieces to the event loop.
 
-When the client goes away the async side stops reading; the thread sees the stop flag at the next
-piece, closes the generator (releasing the model) and ends, so a dropped stream costs at most one step.
+When the client goes away the async side stops reading and sets the stop flag; `start` receives that
+flag and hands it to the generator as its `stop`, which ends the decode after its current step (a beam
+search may go many steps without a piece, so the flag is not only read between pieces); the thread then
+closes the generator (releasing the model) and ends, so a dropped stream costs at most one step.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 _END = object()
 
 
-async def stream_pieces(start: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
-    """Yield the pieces of `start()` (a blocking iterator) as they come, from a worker thread."""
+async def stream_pieces(start: Callable[[threading.Event], Iterator[str]]) -> AsyncIterator[str]:
+    """Yield the pieces of `start(left)` (a blocking iterator) as they come, from a worker thread; `left` is
+    set once nobody reads them any more (the iterator should stop after its current step)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -28,7 +31,7 @@ async def stream_pieces(start: Callable[[], Iterator[str]]) -> AsyncIterator[str
     def produce() -> None:
         iterator = None
         try:
-            iterator = start()
+            iterator = start(stop)
             for piece in iterator:
                 if stop.is_set():
                     break

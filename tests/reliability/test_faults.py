@@ -51,6 +51,39 @@ def test_client_leaving_mid_stream_stops_decoding_and_frees_the_slot():
         assert r.status_code == 200
 
 
+class QuietStreams(FakeGenerator):
+    """Streams as a beam search whose beams disagree until the end: every step decodes, and the one piece
+    comes after the last step."""
+
+    def _stream(self, best, max_new_tokens, stop=None):
+        inner, pieces = super()._stream(best, max_new_tokens, stop), []
+        while True:
+            try:
+                pieces.append(next(inner))
+            except StopIteration as end:
+                reason = end.value
+                break
+        yield "".join(pieces)
+        return reason
+
+
+def test_client_leaving_a_stream_before_its_first_piece_stops_decoding_after_the_step():
+    """The stream's thread used to learn of the disconnect only at its next piece: a beam search with no
+    agreed text held the model to its last step for nobody."""
+    fake = QuietStreams(step_delay=0.05)
+    with inproc_server(fake, ServeConfig(max_new_tokens=64)) as (url, app):
+        with httpx.stream("POST", url + "/v1/generate", timeout=10,
+                          json={"prompt": LONG, "max_new_tokens": 40, "stream": True}) as r:
+            assert r.status_code == 200
+            assert wait_until(lambda: fake.stream_steps >= 2)
+        # the client hung up after two steps of forty, with no piece sent yet
+        assert wait_until(lambda: fake.streams_closed == 1), "the stream's generator was never closed"
+        assert fake.stream_steps < 20
+        assert wait_until(lambda: app.state.active_streams == 0 and app.state.in_flight == 0)
+        r = httpx.post(url + "/v1/generate", json={"prompt": "still here", "max_new_tokens": 2}, timeout=10)
+        assert r.status_code == 200
+
+
 def test_a_request_whose_client_gives_up_while_queued_is_never_decoded():
     fake = FakeGenerator(delay=1.0)
     with inproc_server(fake, ServeConfig(max_batch_size=1, max_wait_ms=0)) as (url, app), \
