@@ -212,6 +212,21 @@ def test_request_ids_are_echoed_generated_and_logged(client, caplog):
     assert any("abc-123 POST /v1/generate 200" in m for m in caplog.messages)
 
 
+def test_the_app_mounted_in_another_app_answers_without_its_own_lifespan(fake):
+    """docs/serving.md says to mount create_app's app; Starlette runs only the outer app's lifespan, and the
+    batcher that the lifespan starts was missing: every request that was not a stream was a 500
+    (AssertionError)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    outer = Starlette(routes=[Mount("/llm", app=create_app(fake, CONFIG))])
+    with TestClient(outer) as c:
+        r = c.post("/llm/v1/generate", json={"prompt": "one two", "max_new_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"results": [as_json(alone(fake, "one two", max_new_tokens=2))]}
+        assert c.post("/llm/v1/completions", json={"prompt": "one two", "max_tokens": 2}).status_code == 200
+
+
 def test_health_models_and_unknown_routes(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["in_flight"] == 0       # an idle server: /health is not counted

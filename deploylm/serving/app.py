@@ -181,6 +181,8 @@ class _Api:
                                             type="server_error"))
 
     async def _decode(self, request: Any, job: Job, rid: str) -> list[Any] | None:
+        if self.batcher is None:   # the lifespan did not run: an app mounted in another (Starlette runs only the
+            self.start()           # outer app's lifespan); the batcher starts with the first request instead
         assert self.batcher is not None
         try:
             future = self.batcher.submit(job, rid)
