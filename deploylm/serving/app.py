@@ -19,7 +19,7 @@ from deploylm.errors import DeployLMError, Interrupted, MissingDependencyError, 
 from deploylm.serving.batcher import Batcher, QueueFull, StopSignal
 from deploylm.serving.middleware import RequestMiddleware, ServerState, request_id_of
 from deploylm.serving.schemas import ApiError, Job, ServeConfig, parse_completion, parse_generate, parse_json_body
-from deploylm.serving.streaming import sse, stream_pieces
+from deploylm.serving.streaming import StreamSlot, sse, stream_pieces
 
 if TYPE_CHECKING:
     from deploylm.generator import TextStream
@@ -153,8 +153,8 @@ class _Api:
             # its prompts among the others'
             await asyncio.to_thread(self._precheck, job)
             if job.stream:
-                self._reserve_stream()
-                return _StreamSlotResponse(self._release_stream, self._guarded(events(job, rid)),
+                slot = self._reserve_stream()
+                return _StreamSlotResponse(slot.drop, self._guarded(events(job, rid, slot)),
                                            media_type="text/event-stream", headers={"cache-control": "no-cache"})
             results = await self._decode(request, job, rid)
             if results is None:  # client went away; nobody reads this
@@ -212,12 +212,13 @@ class _Api:
                 build_processors(opts, info, 1 if info.is_encoder_decoder else batch.input_ids.shape[1],
                                  encoder_input_ids=batch.input_ids)
 
-    def _reserve_stream(self) -> None:
+    def _reserve_stream(self) -> StreamSlot:
         if self.state.active_streams >= self.config.max_streams:
             raise ApiError(503, f"server is busy ({self.state.active_streams} streams open, limit "
                            f"{self.config.max_streams}): retry later", type="server_overloaded",
                            headers={"retry-after": "1"})
         self.state.active_streams += 1
+        return StreamSlot(self._release_stream)
 
     def _release_stream(self) -> None:
         self.state.active_streams -= 1
@@ -235,29 +236,29 @@ class _Api:
             log.exception("stream failed")
             yield sse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
 
-    def _pieces(self, job: Job, opened: list[TextStream]) -> AsyncIterator[str]:
+    def _pieces(self, job: Job, opened: list[TextStream], slot: StreamSlot) -> AsyncIterator[str]:
         """The text pieces of the job's stream; the TextStream lands in `opened` (its finish_reason)."""
         def start(left: threading.Event) -> TextStream:   # stops after its current step once the drain is
             stop = StopSignal(self.state.stop_decoding, abandoned=left)   # over or the client has left
             opened.append(self.generator.stream(job.prompts[0], stop=stop, **job.options))
             return opened[0]
 
-        return stream_pieces(start)
+        return stream_pieces(start, slot)
 
-    async def _generate_events(self, job: Job, rid: str) -> AsyncIterator[bytes]:
+    async def _generate_events(self, job: Job, rid: str, slot: StreamSlot) -> AsyncIterator[bytes]:
         text: list[str] = []
         opened: list[TextStream] = []
-        async for piece in self._pieces(job, opened):
+        async for piece in self._pieces(job, opened, slot):
             text.append(piece)
             yield sse({"text": piece})
         yield sse({"done": True, "prompt": job.prompts[0], "text": "".join(text),
                    "finish_reason": opened[0].finish_reason})
 
-    async def _completion_events(self, job: Job, rid: str) -> AsyncIterator[bytes]:
+    async def _completion_events(self, job: Job, rid: str, slot: StreamSlot) -> AsyncIterator[bytes]:
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
                 "model": self.config.model_name}
         opened: list[TextStream] = []
-        async for piece in self._pieces(job, opened):
+        async for piece in self._pieces(job, opened, slot):
             yield sse({**head, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]})
         yield sse({**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": opened[0].finish_reason}]})
         yield sse("[DONE]")

@@ -15,9 +15,29 @@ from typing import Any, AsyncIterator, Callable, Iterator
 _END = object()
 
 
-async def stream_pieces(start: Callable[[threading.Event], Iterator[str]]) -> AsyncIterator[str]:
+class StreamSlot:
+    """One stream's place among the server's `max_streams`, held by its response and by its worker thread
+    (event-loop side only): `release` runs once both are done. A client that leaves ends the response at
+    once, but the thread may still wait for the model behind other work; the slot stays taken until it
+    ends, so streams opened and dropped at once cannot pile up threads beyond the limit."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release, self._holders = release, 1   # the response's hold
+
+    def hold(self) -> None:
+        self._holders += 1
+
+    def drop(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._release()
+
+
+async def stream_pieces(start: Callable[[threading.Event], Iterator[str]],
+                        slot: StreamSlot | None = None) -> AsyncIterator[str]:
     """Yield the pieces of `start(left)` (a blocking iterator) as they come, from a worker thread; `left` is
-    set once nobody reads them any more (the iterator should stop after its current step)."""
+    set once nobody reads them any more (the iterator should stop after its current step). `slot` is held
+    until the thread ends."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -43,9 +63,21 @@ async def stream_pieces(start: Callable[[threading.Event], Iterator[str]]) -> As
             if close is not None:
                 close()
             put(_END)
+            if slot is not None:
+                try:
+                    loop.call_soon_threadsafe(slot.drop)
+                except RuntimeError:  # loop closed: the server is gone
+                    pass
 
     thread = threading.Thread(target=produce, name="deploylm-stream", daemon=True)
-    thread.start()
+    if slot is not None:
+        slot.hold()
+    try:
+        thread.start()
+    except BaseException:
+        if slot is not None:
+            slot.drop()
+        raise
     try:
         while True:
             item = await queue.get()

@@ -84,6 +84,35 @@ def test_client_leaving_a_stream_before_its_first_piece_stops_decoding_after_the
         assert r.status_code == 200
 
 
+def test_streams_dropped_while_the_model_is_busy_keep_their_slots_until_their_threads_end():
+    """A dropped stream freed its slot when its response ended, while its thread still waited for the model:
+    streams opened and dropped during a long decode piled up threads past max_streams (400 such streams
+    against a busy `deploylm serve --max-streams 4`: 274 threads)."""
+    fake = FakeGenerator(delay=1.5)
+
+    def stream_threads():
+        return sum(t.name.startswith("deploylm-stream") for t in threading.enumerate())
+
+    with inproc_server(fake, ServeConfig(max_streams=2, max_new_tokens=64)) as (url, app):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(httpx.post, url + "/v1/generate", json={"prompt": "busy"}, timeout=10)
+            assert wait_until(lambda: len(fake.calls) == 1)      # the model is busy for 1.5 s
+            answers = []
+            for _ in range(6):
+                with httpx.stream("POST", url + "/v1/generate", timeout=10,
+                                  json={"prompt": LONG, "max_new_tokens": 40, "stream": True}) as r:
+                    answers.append(r.status_code)                 # and the client leaves at once
+            assert answers == [200, 200, 503, 503, 503, 503]
+            assert stream_threads() <= 2
+            assert busy.result().status_code == 200
+        # the dropped streams' threads end after one step each, and give their slots back
+        assert wait_until(lambda: app.state.active_streams == 0 and stream_threads() == 0)
+        with httpx.stream("POST", url + "/v1/generate", timeout=10,
+                          json={"prompt": "one two", "max_new_tokens": 2, "stream": True}) as r:
+            assert r.status_code == 200
+            assert '"done": true' in r.read().decode()
+
+
 def test_a_request_whose_client_gives_up_while_queued_is_never_decoded():
     fake = FakeGenerator(delay=1.0)
     with inproc_server(fake, ServeConfig(max_batch_size=1, max_wait_ms=0)) as (url, app), \
