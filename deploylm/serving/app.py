@@ -200,17 +200,11 @@ class _Api:
         return future.result() if not future.cancelled() else None
 
     def _precheck(self, job: Job) -> None:
-        """Refuse (400) a stream the generator would refuse, before the 200 and the first event go out."""
-        encode, options = getattr(self.generator, "encode", None), getattr(self.generator, "options", None)
-        if callable(encode) and callable(options):
-            opts = options(**job.options)
-            batch = encode(list(job.prompts), opts)  # raises UsageError (prompt too long, ...)
-            info = getattr(self.generator, "info", None)
-            if info is not None:   # options checked against the model (a sequence_bias token past its vocabulary)
-                from deploylm.decoding.processors import build_processors
-
-                build_processors(opts, info, 1 if info.is_encoder_decoder else batch.input_ids.shape[1],
-                                 encoder_input_ids=batch.input_ids)
+        """Refuse (400) what the generator would refuse (prompt over the window, sequence_bias past the
+        vocabulary, ...) before the 200 and a stream's first event go out: `Generator.check`."""
+        check = getattr(self.generator, "check", None)
+        if callable(check):
+            check(list(job.prompts), **job.options)
 
     def _reserve_stream(self) -> StreamSlot:
         if self.state.active_streams >= self.config.max_streams:
