@@ -174,6 +174,9 @@ def test_cli_run(seed_teacher, tmp_path):
 def test_help():
     res = CliRunner().invoke(cli, ["distill", "--help"])
     assert res.exit_code == 0 and "--temperature" in res.output and "--alpha" in res.output
+    # --task is not for encoder-decoder teachers only: a deploylm decoder-only teacher takes stories
+    help_text = " ".join(res.output.split())
+    assert "digits2words or reverse (encoder-decoder teachers), stories (deploylm decoder-only teachers)" in help_text
 
 
 @pytest.mark.parametrize("args, message", [

@@ -18,8 +18,10 @@ D = DistillConfig  # defaults shown in --help come from the library
 @click.option("--temperature", type=FLOAT, default=D.temperature, show_default=True, help="Softmax temperature T of the soft targets.")
 @click.option("--alpha", type=FLOAT, default=D.alpha, show_default=True, help="Weight of the KD term; 1 - alpha weighs the hard-label CE.")
 @click.option("--steps", type=INT, default=D.steps, show_default=True, help="Optimizer steps.")
-@click.option("--task", help="Built-in task (encoder-decoder teachers). Default: the teacher's own.")
-@click.option("--data", metavar="FILE", help=".jsonl (encoder-decoder) or plain text file (causal LM).")
+@click.option("--task", help="Built-in task: digits2words or reverse (encoder-decoder teachers), stories (deploylm "
+                             "decoder-only teachers). Default: the teacher's own.")
+@click.option("--data", metavar="FILE", help=".jsonl pairs (encoder-decoder), or text (causal LM: a plain text file; "
+                                             "for a deploylm decoder-only teacher also .jsonl of {\"text\"} lines).")
 @click.option("--block-size", type=INT, default=None,
               help="Causal LMs: tokens per text block. Default: a deploylm teacher's training --block-size, else 128.")
 @click.option("--batch-size", type=INT, default=D.batch_size, show_default=True, help="Examples (or text blocks) per step.")
