@@ -184,6 +184,20 @@ def test_completions_errors_name_the_openai_field(client, body, param):
                ("num_return_sequences", "n"), ("num_beams", "best_of")) if field in body), message
 
 
+@pytest.mark.parametrize("body, param, words", [
+    ({"n": 2, "best_of": 1}, "n", "use best_of >= n or a temperature > 0 (sampling)"),
+    ({"n": 2, "best_of": 1, "temperature": 0}, "n", "use best_of >= n or a temperature > 0 (sampling)"),
+    ({"temperature": -1}, "temperature", "(or temperature 0 for greedy decoding)"),
+    ({"temperature": 1e-9}, "temperature", "(or temperature 0 for greedy decoding)"),
+])
+def test_completions_advice_names_no_do_sample(client, body, param, words):
+    """/v1/completions refuses a do_sample field (sampling is a temperature > 0): its advice must not ask for one."""
+    r = client.post("/v1/completions", json={"prompt": "a", **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"] and "do_sample" not in error["message"], error
+
+
 def test_long_prompts_are_judged_by_tokens_not_characters(client):
     """Whitespace runs and rules of "=" are few tokens for many characters (SmolLM2: 9,000 spaces are 143
     tokens): only a prompt beyond CHARS_PER_TOKEN_CAP characters per allowed token is refused untokenized."""

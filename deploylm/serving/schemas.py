@@ -221,6 +221,9 @@ def _bool(value: Any, param: str) -> bool:
 COMPLETION_FIELDS = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "best_of": "num_beams",
                      "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 COMPLETION_IGNORED = ("model", "user")
+# DecodingOptions' advice that names do_sample, in completions' terms (a temperature > 0 samples, 0 is greedy)
+COMPLETION_ADVICE = {"or do_sample": "or a temperature > 0 (sampling)",
+                     "(for greedy decoding leave do_sample off)": "(or temperature 0 for greedy decoding)"}
 COMPLETION_UNSUPPORTED = ("logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
                           "suffix", "stream_options")
 
@@ -267,6 +270,8 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
         for option, name in sent.items():                   # in the advice too ("use max_tokens >= 1"),
             if name in body:                                # for the fields the client sent
                 exc.message = re.sub(rf"\b{option}\b", name, exc.message)
+        for advice, completion_advice in COMPLETION_ADVICE.items():   # no do_sample field here: temperature
+            exc.message = exc.message.replace(advice, completion_advice)
         raise
 
 
