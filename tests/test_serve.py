@@ -80,6 +80,15 @@ def test_completions_errors_name_the_field_the_client_sent(client, body, param, 
     assert error["param"] == param and words in error["message"], error
 
 
+
+def test_completions_accept_a_seed_in_a_request_that_does_not_sample(client, fake):
+    """OpenAI clients send a seed with every request: accepted (and unused) where /v1/generate refuses it."""
+    r = client.post("/v1/completions", json={"prompt": "a b", "seed": 3, "temperature": 0, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert fake.calls[-1][1].get("do_sample") is not True
+    r = client.post("/v1/generate", json={"prompt": "a b", "seed": 3, "max_new_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+
 def test_completions_temperature_turns_sampling_on(client, fake):
     """Sampling draws n independent samples (num_beams 1, OpenAI's meaning), whatever beams the model's
     defaults name; best_of still asks for beam sampling."""
