@@ -192,7 +192,8 @@ def test_help():
     (["--teacher", "{seed}", "--d-model", "33"], "multiple of the teacher's n_heads"),
     (["--teacher", "{seed}", "--task", "nope"], "unknown task 'nope'"),
     (["--teacher", "{seed}", "--task", "stories"], "unknown task 'stories' for an encoder-decoder teacher: expected "
-                                                   "one of digits2words, reverse (a decoder-only teacher is distilled on text"),
+                                                   "one of digits2words, reverse (a decoder-only teacher is distilled on text: "
+                                                   "--data FILE.txt, or --task stories for a deploylm one)"),
     (["--teacher", "{seed}", "--steps", "0"], "--steps 0"),
     (["--teacher", "{seed}", "--task", "reverse", "--seed", "-1"], "--seed -1: expected an integer from 0 to"),
     (["--teacher", "{gpt2}", "--task", "reverse"], "--task applies to encoder-decoder"),

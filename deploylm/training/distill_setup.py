@@ -154,8 +154,11 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
         return splits, data_record(path, seed, clean, "seq2seq")
     task = config.task or identity["task"]
     if task not in TASKS:
+        from deploylm.training.outdir import TEXT_TASKS
+
         raise UsageError(f"unknown task {task!r} for an encoder-decoder teacher: expected one of {', '.join(TASKS)} "
-                         "(a decoder-only teacher is distilled on text: --data FILE.txt)")
+                         f"(a decoder-only teacher is distilled on text: --data FILE.txt, or --task "
+                         f"{' or '.join(TEXT_TASKS)} for a deploylm one)")
     return task_splits(task, seed), {"task": task, "seed": seed}
 
 
