@@ -159,6 +159,26 @@ def test_a_missed_budget_advises_the_auto_search_only_when_it_is_off(auto):
     assert ("after the auto search" in str(err.value)) is auto and "--allow-quality-loss" in str(err.value)
 
 
+
+@pytest.mark.parametrize("ranked, kept, noted", [(12, 12, True), (12, 5, False), (0, 0, False)])
+def test_an_auto_search_that_kept_every_convertible_node_says_the_graphs_are_fp32(ranked, kept, noted):
+    """Tiny Gemma 2 in fp16: the search kept all 184 nodes it could convert, and the report read like an fp16
+    artifact ("184 node(s) kept in fp32")."""
+    from types import SimpleNamespace
+
+    from deploylm.export.precision_step import _report
+
+    quality = SimpleNamespace(bytes=1000, speed_ratio=1.0, to_dict=dict)
+    profile = SimpleNamespace(name="fp16", precision="fp16", quantization=None,
+                              precision_fallback=SimpleNamespace(auto=True, ops=(), nodes=()))
+    first = SimpleNamespace(failures=("beam-4 token agreement 0.891 < min_beam_agreement 0.95",), kept_count=0,
+                            quality=quality)
+    final = SimpleNamespace(failures=(), kept_count=kept, quality=quality, kept={"model.onnx": ("n",) * kept})
+    result = SimpleNamespace(final=final, first=first, attempts=6, ranked=ranked)
+    work = SimpleNamespace(calibration_note=None, calibration_origin=None, held=SimpleNamespace(origin=None))
+    notes = _report(profile, work, {}, result, allow_quality_loss=False).notes
+    assert any("fp16 in name only" in n and f"every one of the {ranked} node(s)" in n for n in notes) is noted
+
 def test_calibration_files_folders_and_jsonl(tmp_path):
     from deploylm.errors import UsageError
     from deploylm.export.calibration import check_calibration_file, read_lines

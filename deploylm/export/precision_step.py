@@ -359,6 +359,11 @@ def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResu
                 "speed_before": before.speed_ratio, "speed_after": after.speed_ratio}
     base_count = sum(len(v) for v in base.values())
     notes = [f"without the auto fallback: {'; '.join(result.first.failures)}"] if result.attempts > 1 else []
+    auto_kept = final.kept_count - base_count
+    if result.attempts > 1 and 0 < result.ranked <= auto_kept:   # nothing of the profile's conversion is left
+        notes.append(f"the auto search kept every one of the {result.ranked} node(s) {profile.precision} would convert "
+                     f"in fp32: these graphs compute in fp32, {profile.precision} in name only; for this model "
+                     "--profile fp32 gives the same quality without the casts")
     if work.calibration_note:
         notes.append(work.calibration_note)
     if profile.precision == "bf16":
@@ -369,7 +374,7 @@ def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResu
     q = profile.quantization
     return PrecisionReport(
         profile=profile.name, precision=profile.precision, applied=True, method=q.method if q else None,
-        kept_fp32={f: v for f, v in final.kept.items() if v}, auto_kept=final.kept_count - base_count,
+        kept_fp32={f: v for f, v in final.kept.items() if v}, auto_kept=auto_kept,
         attempts=result.attempts, quality=final.quality.to_dict(), budget_failures=tuple(failures),
         fallback_cost=cost, calibration=work.calibration_origin, held_out=work.held.origin,
         notes=tuple(notes))
