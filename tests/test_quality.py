@@ -179,6 +179,20 @@ def test_an_auto_search_that_kept_every_convertible_node_says_the_graphs_are_fp3
     notes = _report(profile, work, {}, result, allow_quality_loss=False).notes
     assert any("fp16 in name only" in n and f"every one of the {ranked} node(s)" in n for n in notes) is noted
 
+
+@pytest.mark.parametrize("nll, n, expected", [(2.0, 2, math.e), (1e4, 2, math.inf), (math.inf, 2, math.inf),
+                                              (math.nan, 2, math.inf), (0.0, 0, math.inf)])
+def test_perplexity_past_what_a_float_holds_is_infinite_not_an_overflow(monkeypatch, nll, n, expected):
+    """exp(mean NLL) of a wildly wrong graph (mean NLL 5000) raised OverflowError out of the quality report."""
+    from types import SimpleNamespace
+
+    from deploylm.export import quality
+
+    monkeypatch.setattr(quality, "forced_nll", lambda *_: (nll, n))
+    backend = SimpleNamespace(info=SimpleNamespace(max_positions=64, is_encoder_decoder=False))
+    got, count = quality.perplexity(backend, lambda text: {"input_ids": [1, 2, 3]}, ("a b",), None)
+    assert got == pytest.approx(expected) and count == n
+
 def test_calibration_files_folders_and_jsonl(tmp_path):
     from deploylm.errors import UsageError
     from deploylm.export.calibration import check_calibration_file, read_lines

@@ -149,7 +149,11 @@ def perplexity(backend: Any, tokenizer: Any, inputs: tuple[str, ...], targets: t
         eos = backend.info.special.eos_token_ids[0] if backend.info.special.eos_token_ids else None
         nll, n = forced_nll(backend, EncodedBatch(enc["input_ids"], enc["attention_mask"]),
                             [t[: window - 1] for t in _targets(tokenizer, targets, eos)])
-    return (math.exp(nll / n) if n and math.isfinite(nll) else math.inf), n
+    mean = nll / n if n else math.inf
+    return (math.exp(mean) if mean < MAX_EXP_ARGUMENT else math.inf), n   # exp(710) overflows a float
+
+
+MAX_EXP_ARGUMENT = 709.0
 
 
 def _prompts(backend: Any, tokenizer: Any, prompts: tuple[str, ...]) -> EncodedBatch:
