@@ -125,14 +125,20 @@ def test_the_first_request_waits_at_most_max_wait_for_company():
     assert 0.015 <= waited < 1.0 and calls == [(["alone"], {})]
 
 
+async def full_queue(fake):
+    """A one-at-a-time batcher with a queue of 2, decoding "first" while "second" and "third" fill the queue;
+    returns (batcher, first, second, third)."""
+    batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=1, max_wait_ms=0, max_queue=2)
+    batcher.start()
+    first = batcher.submit(job("first"))
+    await asyncio.sleep(0.01)           # "first" is decoding now; the queue is empty
+    return batcher, first, batcher.submit(job("second")), batcher.submit(job("third"))
+
+
 def test_queue_limit_and_cancelled_requests_are_not_decoded():
     async def main():
         fake = FakeGenerator(delay=0.05)
-        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=1, max_wait_ms=0, max_queue=2)
-        batcher.start()
-        first = batcher.submit(job("first"))
-        await asyncio.sleep(0.01)           # "first" is decoding now; the queue is empty
-        second, third = batcher.submit(job("second")), batcher.submit(job("third"))
+        batcher, first, second, third = await full_queue(fake)
         with pytest.raises(QueueFull):
             batcher.submit(job("fourth"))
         batcher.cancel(second)
@@ -206,11 +212,7 @@ def test_a_full_batch_is_decoded_without_waiting_out_max_wait():
 def test_a_cancelled_waiting_request_frees_its_place_in_the_queue():
     async def main():
         fake = FakeGenerator(delay=0.05)
-        batcher = Batcher(lambda p, o, s: fake.generate(p, stop=s, **o), max_batch_size=1, max_wait_ms=0, max_queue=2)
-        batcher.start()
-        first = batcher.submit(job("first"))
-        await asyncio.sleep(0.01)           # "first" is decoding; "second" and "third" fill the queue
-        second, third = batcher.submit(job("second")), batcher.submit(job("third"))
+        batcher, first, second, third = await full_queue(fake)
         batcher.cancel(second)
         queued = batcher.queued
         fourth = batcher.submit(job("fourth"))   # the cancelled request's place is free
