@@ -26,6 +26,7 @@ GRAPH_SUFFIXES = (".onnx", ".data", ".onnx_data")
 AGREEMENT_BEAMS = 4
 AGREEMENT_NEW_TOKENS = 16
 MAX_TOKENS = 128  # held-out texts and prompts are cut to this (or the model's window)
+MAX_EXP_ARGUMENT = 709.0  # exp() of more overflows a float: such a perplexity is infinite
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,7 @@ def perplexity(backend: Any, tokenizer: Any, inputs: tuple[str, ...], targets: t
         nll, n = forced_nll(backend, EncodedBatch(enc["input_ids"], enc["attention_mask"]),
                             [t[: window - 1] for t in _targets(tokenizer, targets, eos)])
     mean = nll / n if n else math.inf
-    return (math.exp(mean) if mean < MAX_EXP_ARGUMENT else math.inf), n   # exp(710) overflows a float
-
-
-MAX_EXP_ARGUMENT = 709.0
+    return (math.exp(mean) if mean < MAX_EXP_ARGUMENT else math.inf), n
 
 
 def _prompts(backend: Any, tokenizer: Any, prompts: tuple[str, ...]) -> EncodedBatch:
