@@ -449,6 +449,31 @@ def test_many_missing_weights_name_three_and_count_the_rest():
     check_loaded_weights("model folder 'm'", "LlamaForCausalLM", {"missing_keys": [], "mismatched_keys": []})
 
 
+def test_a_quantized_gguf_loads_unpacked_without_asking_the_hub_for_a_kernel(tmp_path, monkeypatch, capfd):
+    """transformers >= 5.2x keeps quantized GGUF weights packed for some architectures when it finds a
+    matmul kernel, which it fetches from the hub (with the `kernels` package installed), and for every
+    file loaded in fp16/bf16 it warns that "its weights packed" are fastest in float32 — about weights
+    it then unpacks anyway. deploylm asks for them unpacked at load: no kernel is looked up, no such
+    warning, and every layer is a plain Linear in the dtype asked for."""
+    quantizer = pytest.importorskip("transformers.quantizers.quantizer_gguf")
+    if not hasattr(quantizer, "get_gguf_kernel"):
+        pytest.skip("this transformers never packs GGUF weights")
+    from deploylm.models.hf import load_hf_model
+    from deploylm.models.source import resolve_source
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    looked_up = []
+    monkeypatch.setattr(quantizer, "get_gguf_kernel", lambda: looked_up.append(True) or False)
+    path = write_tiny_llama_gguf(tmp_path / "tiny-Q8_0.gguf", tensor_type="Q8_0")
+    capfd.readouterr()
+    model = load_hf_model(resolve_source(path), dtype=torch.float16, device=torch.device("cpu"))
+    assert "packed" not in capfd.readouterr().err
+    assert looked_up == []
+    linears = [m for m in model.modules() if "Linear" in type(m).__name__]
+    assert linears and {type(m) for m in linears} == {torch.nn.Linear}
+    assert {m.weight.dtype for m in linears} == {torch.float16}
+
+
 @pytest.mark.parametrize("tensor_type", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_weights_load_as_the_files_tensors_dequantized_in_hugging_face_layout(tmp_path, tensor_type):
     """Every weight of a loaded .gguf file is gguf's own dequantization of the file's tensor, with the

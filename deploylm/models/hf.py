@@ -359,7 +359,8 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
         with _no_load_report():
             model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
                                                                   output_loading_info=True,
-                                                                  ignore_mismatched_sizes=True)   # named below
+                                                                  ignore_mismatched_sizes=True,   # named below
+                                                                  **_dequantized_gguf())
     except _load_errors() as exc:
         architecture = _unsupported_gguf_architecture(exc)
         if architecture is not None:
@@ -370,6 +371,22 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
     check_loaded_weights(what, type(model).__name__, loading,
                          hint="check the sizes and vocabulary in the file's metadata against its tensors")
     return model.to(device).eval()
+
+
+def _dequantized_gguf() -> dict[str, Any]:
+    """from_pretrained arguments that unpack every GGUF weight into a plain dense layer at load.
+
+    Since 5.2x, transformers keeps quantized GGUF weights packed when the `kernels` package is installed,
+    and fetches its matmul kernel from the Hugging Face hub to do so: a download at run time, and layers
+    that neither the exporter nor the parity reference expect. Unpacked is what older transformers always
+    did (and what it falls back to without `kernels`). Older transformers has no such option: nothing."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _unsupported_gguf_architecture(exc: BaseException) -> str | None:
