@@ -21,6 +21,13 @@ def run(*args):
     return CliRunner().invoke(cli, ["train", *map(str, args)])
 
 
+@pytest.fixture(autouse=True)
+def torchrun_tmpdir(tmp_path_factory, monkeypatch):
+    """torchrun (without --log-dir) makes a torchelastic_* folder in the temporary directory and leaves it
+    there: the launches here make theirs under pytest's tmp folders, not one more in /tmp per run."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("torchrun-tmp")))
+
+
 @pytest.fixture(scope="module")
 def common(tmp_path_factory):
     """Variable-length pairs (so ranks hold different token counts) and settings for 5-step runs."""
