@@ -406,12 +406,19 @@ class _Records(__import__("logging").Handler):
 
 @pytest.fixture
 def loading_log():
+    """What transformers' loading logger emits, at transformers' default verbosity (warning): an earlier test
+    may have left it at error (`bench --in-process` quiets transformers), where no LOAD REPORT is ever logged."""
     import logging
 
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
     handler, logger = _Records(), logging.getLogger("transformers.modeling_utils")
     logger.addHandler(handler)
     yield handler.messages
     logger.removeHandler(handler)
+    transformers_logging.set_verbosity(verbosity)
 
 
 def test_a_missing_head_is_one_line_without_transformers_load_report(llama, loading_log):
