@@ -397,6 +397,33 @@ def test_rows_in_this_process_run_with_the_bench_threads_then_restore_them(tiny_
     assert seen == [wanted] * 4 and torch.get_num_threads() == before     # 2 rows × (warm-up + 1 round)
 
 
+def test_rows_in_this_process_quiet_transformers_only_while_they_run(tiny_gpt2_dir, monkeypatch):
+    """run_bench is a library call: in-process rows run with transformers' advice and progress bars off,
+    and the calling program gets its own settings back (it used to keep error-only logging for good)."""
+    from transformers.utils import logging
+
+    from deploylm.benchmarking import measure
+
+    seen = []
+
+    class Recording(FakeRunner):
+        def run(self):
+            seen.append((logging.get_verbosity(), logging.is_progress_bar_enabled()))
+            return super().run()
+
+    monkeypatch.setattr(measure, "open_local_runner", lambda spec, workload: Recording(spec, [], [1.0] * 3, SAME))
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_info()
+    logging.enable_progress_bar()
+    try:
+        run_bench(BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], rounds=1, isolate=False))
+        assert seen == [(logging.ERROR, False)] * 4
+        assert logging.get_verbosity() == logging.INFO and logging.is_progress_bar_enabled()
+    finally:
+        logging.set_verbosity(verbosity)
+        (logging.enable_progress_bar if bars else logging.disable_progress_bar)()
+
+
 def test_an_onnx_row_loads_with_the_bench_threads_and_its_spin(monkeypatch):
     """ONNX Runtime's intra-op threads are --threads, and an [onnx, spin] row really loads with spin=True."""
     import deploylm.generator

@@ -27,7 +27,8 @@ def run_bench(config: BenchConfig, *, open_runner: OpenRunner | None = None,
     say = progress or (lambda _: None)
     machine = machine_info(config.threads)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    with _threads(config.threads, not config.isolate and open_runner is None):
+    in_process = not config.isolate and open_runner is None
+    with _threads(config.threads, in_process), _quiet(in_process):
         opener = open_runner or _default_opener(config.isolate)
         rounds, memory = _measure(specs, workload, opener, config, say)
     rows = compare([summarize(s, rounds[i], *memory[i]) for i, s in enumerate(specs)])
@@ -69,9 +70,7 @@ def _default_opener(isolate: bool) -> OpenRunner:
 
         return ProcessRunner
     from deploylm.benchmarking.measure import open_local_runner
-    from deploylm.benchmarking.worker import quiet_libraries
 
-    quiet_libraries()
     return open_local_runner
 
 
@@ -91,6 +90,18 @@ def _threads(threads: int, apply: bool) -> Iterator[None]:
     from deploylm.decoding.threads import torch_threads
 
     with torch_threads(threads):
+        yield
+
+
+@contextmanager
+def _quiet(apply: bool) -> Iterator[None]:
+    """transformers quiet while rows run in this process, as it was afterwards."""
+    if not apply:
+        yield
+        return
+    from deploylm.benchmarking.worker import quiet_libraries
+
+    with quiet_libraries():
         yield
 
 

@@ -12,7 +12,8 @@ import os
 import resource
 import sys
 import traceback
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from deploylm.errors import DeployLMError
 
@@ -33,12 +34,21 @@ def current_rss_mib() -> float | None:
     return pages * resource.getpagesize() / 2**20
 
 
-def quiet_libraries() -> None:
-    """No progress bars or advice from transformers around the measurements (imports transformers)."""
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """No progress bars or advice from transformers around the measurements (imports transformers); its
+    verbosity and progress bars are as they were afterwards (run_bench is a library call too)."""
     from transformers.utils import logging
 
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def quiet_libraries_env() -> None:
