@@ -23,9 +23,11 @@ def run(*args):
 
 @pytest.fixture(autouse=True)
 def torchrun_tmpdir(tmp_path_factory, monkeypatch):
-    """torchrun (without --log-dir) makes a torchelastic_* folder in the temporary directory and leaves it
-    there: the launches here make theirs under pytest's tmp folders, not one more in /tmp per run."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("torchrun-tmp")))
+    """The launched processes' temporary directory: a pytest folder, so that whatever they leave there
+    stays out of /tmp, and a test can see it (torchrun without --log-dir leaves a torchelastic_* folder)."""
+    folder = tmp_path_factory.mktemp("torchrun-tmp")
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +61,11 @@ def assert_same_run(a, b):
     torch.testing.assert_close(test_a["loss"], test_b["loss"], **TOLERANCE)
 
 
-def test_two_processes_match_one_and_resume_in_one(tmp_path, common, single):
+def test_two_processes_match_one_and_resume_in_one(tmp_path, common, single, torchrun_tmpdir):
     out = tmp_path / "ddp"
     result = run(*common, "--out", out, "--steps", 3, "--nproc", 2)
     assert result.exit_code == 0, result.output
+    assert not list(torchrun_tmpdir.glob("torchelastic_*"))   # torchrun's log folder goes with the run
     assert "trained data-parallel on 2 processes" in result.stdout and "test: exact match" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -179,17 +180,20 @@ def launch(launch: Launch, worker_args: Sequence[str], echo: Any) -> None:
     each line the workers print on stdout (stderr passes through). WorkersFailed on a non-zero exit."""
     command = [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(), "-m", "deploylm.training",
                *worker_args]
-    proc = spawn_tied(command)
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            echo(line.rstrip("\n"))
-        proc.wait()
-    except BaseException:        # Ctrl-C, SIGTERM (SystemExit), a closed stdout: the workers stop too
-        stop_workers(proc)
-        raise
-    finally:
-        proc.stdout.close()
+    # torchrun's log folder: without --log-dir it makes a torchelastic_* folder in the temporary
+    # directory and leaves it there, one more per run; this one goes when the run ends
+    with tempfile.TemporaryDirectory(prefix="deploylm-torchrun-") as log_dir:
+        proc = spawn_tied([*command[:3], f"--log-dir={log_dir}", *command[3:]])
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                echo(line.rstrip("\n"))
+            proc.wait()
+        except BaseException:        # Ctrl-C, SIGTERM (SystemExit), a closed stdout: the workers stop too
+            stop_workers(proc)
+            raise
+        finally:
+            proc.stdout.close()
     if proc.returncode != 0:
         raise WorkersFailed(f"training processes exited with status {proc.returncode} (their errors are above); "
                             f"command: {' '.join(command)}")
