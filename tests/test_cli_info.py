@@ -277,3 +277,18 @@ def test_info_formats_quality_without_importing_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_info_prints_the_quality_line_of_a_report_written_before_round_ratios():
+    """Artifacts exported before the quality report timed rounds (no round_ratios/cpu_ratio in the manifest's
+    `quality`) still show export's quality line: perplexity, agreement, size and speed (it was dropped)."""
+    from deploylm.artifact import format_quality
+    from deploylm.export.precision_step import PrecisionReport
+    from deploylm.export.quality import QualityReport
+
+    quality = QualityReport(10.0, 10.5, 0.75, 1, 4, 4000, 1000, 2.0, 1.0, 96).to_dict()
+    old = {k: v for k, v in quality.items() if k not in ("round_ratios", "cpu_ratio")}
+    report = PrecisionReport("int8", "int8", True, "weight-only", {}, 0, 1, old, held_out="builtin")
+    lines = format_quality(json.loads(json.dumps(report.to_dict())))
+    assert any("quality" in line and "perplexity 10.500 vs fp32 10.000" in line and "speed 2.00x fp32" in line
+               for line in lines), lines

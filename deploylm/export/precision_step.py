@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,8 +57,10 @@ class PrecisionReport:
         """The report a manifest's `quality` field (to_dict) holds."""
         from deploylm.export.quality import QualityReport
 
-        names = QualityReport.__dataclass_fields__
-        quality = {k: data[k] for k in names} if all(k in data for k in names) else None
+        # a report written before a field with a default existed (round_ratios, cpu_ratio) still reads
+        fields = QualityReport.__dataclass_fields__.values()
+        needed = [f.name for f in fields if f.default is MISSING and f.default_factory is MISSING]
+        quality = {f.name: data[f.name] for f in fields if f.name in data} if all(k in data for k in needed) else None
         return cls(data["profile"], data["precision"], bool(data["applied"]), data.get("method"),
                    {k: tuple(v) for k, v in (data.get("kept_fp32") or {}).items()}, int(data.get("auto_kept", 0)),
                    int(data.get("attempts", 0)), quality, tuple(data.get("budget_failures") or ()),
@@ -75,7 +77,7 @@ class PrecisionReport:
             from deploylm.export.calibration import describe
             from deploylm.export.quality import QualityReport
 
-            fields = {k: self.quality[k] for k in QualityReport.__dataclass_fields__}
+            fields = {k: self.quality[k] for k in QualityReport.__dataclass_fields__ if k in self.quality}
             where = f" (held out: {describe(self.held_out)})" if self.held_out else ""
             out.append(f"quality{where}: " + QualityReport(**{k: (float("inf") if v is None else v)
                                                        for k, v in fields.items()}).line())
