@@ -45,6 +45,18 @@ def test_export_trt_profile_without_tensorrt_writes_nothing(tiny_gpt2_dir, tmp_p
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_export_trt_profile_refused_before_the_model_loads(tiny_gpt2_dir, tmp_path, no_trt_no_gpu, monkeypatch):
+    """The refusal comes before minutes of export (SmolLM2: ~2 min of load, export and validation), not after."""
+    from deploylm.export import pipeline
+
+    monkeypatch.setattr(pipeline, "_load_model", lambda source: pytest.fail("loaded the model before checking TensorRT"))
+    for profile in ("trt-fp16", "trt-int8"):
+        result = CliRunner().invoke(cli, ["export", "--model", str(tiny_gpt2_dir), "--profile", profile,
+                                          "--out", str(tmp_path / profile)])
+        assert f"export --profile {profile} needs TensorRT and a CUDA GPU" in _one_error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
 SECTION = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA H200", "compute_capability": "9.0",
            "engines": [{"name": "model", "file": "trt/model.plan", "phases": ["prefill", "decode"]}]}
 

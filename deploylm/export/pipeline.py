@@ -87,6 +87,10 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     from deploylm.export.precision_step import uses_calibration
 
     check_calibration_file(calibration)  # before minutes of export, not after
+    if "trt" in profile.backends:        # so is a machine without TensorRT or a CUDA GPU
+        from deploylm.export.trt_env import require_trt_gpu
+
+        require_trt_gpu(f"export --profile {profile.name}")
     if calibration is not None and not (apply_precision is not None and uses_calibration(profile)):
         raise UsageError(f"--calibration: profile {profile.name} reads no calibration text (static int8 and profiles "
                          "with [precision_fallback] auto = true do): drop --calibration or choose such a profile")
