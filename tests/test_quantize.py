@@ -119,6 +119,19 @@ def test_untie_gives_the_lm_head_its_own_weight(fp32):
     assert weight.shape == (D, V)
 
 
+def test_an_lm_head_kept_in_fp32_shares_the_embedding_in_int8_dynamic(fp32, tmp_path):
+    """int8-dynamic with the lm_head kept fp32 (SmolLM2's auto search keeps every MatMul): no untied copy
+    of the embedding table next to it (the artifact was 121% of the fp32 one's size)."""
+    precision, q, want_ops, rel = CASES["int8 dynamic"]
+    out = tmp_path / "q.onnx"
+    quantize_graph(fp32, out, precision, q, exclude=("lm_head",))
+    model = onnx.load(str(out))
+    assert "emb.untied_T" not in {i.name for i in model.graph.initializer}
+    assert want_ops <= ops(out)                                   # the other MatMuls are quantized
+    ref, got = run(fp32), run(out)
+    assert np.abs(got - ref).max() <= rel * np.abs(ref).max()
+
+
 def test_hqq_is_refused_at_8_bits(fp32, tmp_path):
     q = Quantization("weight-only", block_size=32, accuracy_level=0, algorithm="hqq")
     with pytest.raises(UsageError, match="hqq.*4-bit only"):
@@ -412,7 +425,11 @@ def test_excluded_lm_head_and_embedding_stay_fp32(fp32, tmp_path, precision, cas
     quantize_graph(fp32, out, precision, q, exclude=("lm_head", "embed"))
     model = onnx.load(str(out))
     nodes = {n.name: n for n in model.graph.node}
-    assert nodes["lm_head"].op_type == "MatMul" and nodes["lm_head"].input[1] == "emb.untied_T"
+    producers = {o: n for n in model.graph.node for o in n.output}
+    # kept in fp32, the lm_head reads the embedding through its Transpose: no second fp32 copy of the table
+    weight = producers[nodes["lm_head"].input[1]]
+    assert nodes["lm_head"].op_type == "MatMul" and weight.op_type == "Transpose" and weight.input[0] == "emb"
+    assert "emb.untied_T" not in {i.name for i in model.graph.initializer}
     assert nodes["embed"].op_type == "Gather" and nodes["embed"].input[0] == "emb"
     assert not any(n.op_type == "MatMulNBits" and n.name.startswith("lm_head") for n in model.graph.node)
 
