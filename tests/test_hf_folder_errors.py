@@ -345,6 +345,41 @@ def test_architectures_the_exporter_cannot_build_are_refused_in_one_line(name, b
     assert deploylm.load(folder, backend="torch").generate("hello", max_new_tokens=2)[0].sequences
 
 
+def test_a_state_space_cache_under_its_older_name_is_found():
+    """Before transformers 5.24 Mamba's forward takes and returns its cache as `cache_params` (neither
+    `cache` nor `past_key_values`): the torch backend passes and reads it under that name, and export
+    refuses the model in one line instead of an AttributeError."""
+    from types import SimpleNamespace
+
+    from deploylm.export.hf_graphs import causal_cache
+    from deploylm.models.hf import cache_keyword, cache_of
+
+    class OldMamba(torch.nn.Module):
+        config = SimpleNamespace(model_type="mamba")
+
+        def forward(self, input_ids=None, cache_params=None, use_cache=None, **kwargs):
+            raise AssertionError("not called")
+
+    state = SimpleNamespace(conv_states=[], ssm_states=[])
+    out = SimpleNamespace(logits=None, cache_params=state)
+    assert cache_keyword(OldMamba()) == "cache_params"
+    assert cache_of(out) is state
+    with pytest.raises(UsageError, match="cannot export this mamba model to ONNX: .*state-space"):
+        causal_cache(OldMamba(), out)
+
+
+    class NewOutput:   # transformers 5.24: the old names are properties that log a deprecation warning
+        cache = state
+
+        @property
+        def past_key_values(self):
+            raise AssertionError("read the deprecated name")
+
+        cache_params = past_key_values
+
+    assert cache_of(NewOutput()) is state
+
+
 @pytest.mark.parametrize("config", [
     lambda t: t.Qwen2MoeConfig(num_experts=4),                            # Qwen2-MoE, OLMoE: num_experts
     lambda t: t.DeepseekV3Config(n_routed_experts=4),                      # DeepSeek V2/V3, GLM-4 MoE: n_routed_experts

@@ -563,9 +563,10 @@ def _first_line(exc: BaseException) -> str:
 
 def cache_keyword(model: Any) -> str:
     """The forward() keyword for the KV cache: `cache` in recent transformers 5 releases,
-    `past_key_values` in earlier ones (5.17 on the GPU machine, for example)."""
+    `past_key_values` in earlier ones (5.17 on the GPU machine, for example), `cache_params` for a
+    state-space model (Mamba) before 5.24."""
     params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return next((k for k in ("cache", "cache_params") if k in params), "past_key_values")
 
 
 def not_a_decoder(model: Any) -> UsageError:
@@ -577,6 +578,11 @@ def not_a_decoder(model: Any) -> UsageError:
 
 
 def cache_of(out: Any) -> Any:
-    """The updated cache of a model output, under either of its transformers 5 names."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+    """The updated cache of a model output, under any of its transformers 5 names (`cache_params`:
+    a state-space model's before 5.24). Lazily: in 5.24 the older names are properties that log a
+    deprecation warning."""
+    for name in ("cache", "past_key_values", "cache_params"):
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
