@@ -28,7 +28,7 @@ def tiny_graph(path: Path, input_name: str = "input_ids") -> None:
         [helper.make_tensor_value_info(input_name, TensorProto.INT64, ["batch", "sequence"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", 4])],
         [table])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
 
 
 def build(folder: Path) -> None:

@@ -18,7 +18,7 @@ def _graph(path: Path, external: bool, offset: float = 0.0, rows: int = 10) -> N
     graph = helper.make_graph([helper.make_node("Gather", ["embed", "input_ids"], ["logits"])], "g",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 4])], [table])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     if external:
         onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
     else:

@@ -45,7 +45,7 @@ def test_shared_input_matmuls_become_one_matmul_and_a_split_with_the_same_output
                               [f32(n, None) for n in ("a_relu", "b", "c", "yo", "xz")],
                               [numpy_helper.from_array(w, name) for name, w in weights.items()])
     path = tmp_path / "g.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
     feeds = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32), "y": rng.standard_normal((2, 4)).astype(np.float32),
              "z": rng.standard_normal((4, 6)).astype(np.float32)}
     before = _run(path, feeds)
@@ -148,7 +148,7 @@ def test_a_graph_with_external_weights_keeps_them_in_its_data_file_with_its_perm
                               [f32("q", None), f32("k", None)],
                               [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(wk, "wk")])
     path = tmp_path / "g.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path),
               save_as_external_data=True, location="g.onnx.data", size_threshold=0)
     (tmp_path / "g.onnx.data").chmod(0o600)
     path.chmod(0o644)

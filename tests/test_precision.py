@@ -54,7 +54,7 @@ def _overflow_graph():
              numpy_helper.from_array(np.array(1e-4, np.float32), "small")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
 def test_fp32_island_carries_values_above_the_fp16_range():
@@ -118,5 +118,5 @@ def test_bf16_leaves_initializers_below_16_elements_in_fp32():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
                               [numpy_helper.from_array(np.ones(15, np.float32), "small"),
                                numpy_helper.from_array(np.ones(16, np.float32), "big")])
-    types = init_types(to_bf16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    types = init_types(to_bf16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)))
     assert types == {"small": TensorProto.FLOAT, "big.bf16": TensorProto.BFLOAT16}

@@ -34,7 +34,7 @@ def tied_graph(path):
     graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", V])],
                               [numpy_helper.from_array(a, n) for a, n in ((emb, "emb"), (w1, "w1"), (w2, "w2"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     onnx.save(model, str(path))
     return path
 
@@ -203,7 +203,7 @@ def mlp_graph(path, w1, w2):
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", w1.shape[0]])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", w2.shape[1]])],
                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
     return path
 
 
@@ -284,7 +284,7 @@ def qkv_model(rng):
     graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
                               [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -444,7 +444,7 @@ def test_int8_embedding_is_per_row_absmax_over_127_and_keeps_zero_rows(tmp_path)
                               [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
                               [numpy_helper.from_array(table, "emb")])
-    model = quantize_embedding(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 8, 32)
+    model = quantize_embedding(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), 8, 32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"ids": np.array([0, 1, 2], dtype=np.int64)})[0]
     s0, s2 = 1.27 / 127, 2.54 / 127
