@@ -376,10 +376,11 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
 def _dequantized_gguf() -> dict[str, Any]:
     """from_pretrained arguments that unpack every GGUF weight into a plain dense layer at load.
 
-    Since 5.2x, transformers keeps quantized GGUF weights packed when the `kernels` package is installed,
-    and fetches its matmul kernel from the Hugging Face hub to do so: a download at run time, and layers
-    that neither the exporter nor the parity reference expect. Unpacked is what older transformers always
-    did (and what it falls back to without `kernels`). Older transformers has no such option: nothing."""
+    transformers (5.17 has it; 5.10 does not) keeps quantized GGUF weights packed for the architectures its
+    new loader handles (qwen35, lfm2 in 5.24) when the `kernels` package is installed, fetching a matmul
+    kernel from the Hugging Face hub to do so: a download at run time, and layers that neither the exporter
+    nor the parity reference expect. It also warns on every fp16/bf16 load that "packed" weights are fastest
+    in float32. Unpacked is what it falls back to without `kernels`, and what older transformers always did."""
     try:
         from transformers import GgufConfig
     except ImportError:
