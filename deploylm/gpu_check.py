@@ -257,7 +257,7 @@ def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: 
         rows.append({"model": name, "dtype": dtype, "tokens_per_s": round(batch.batch_size * new_tokens / seconds, 1),
                      "token_agreement": round(row.token_agreement, 4),
                      "max_abs_dlogit": float(f"{row.max_abs_logit:.3g}"), "beams_identical": row.beams_identical,
-                     "parity": _verdict(report, profile.name)})
+                     "parity": _verdict(row, profile)})
     rows[0]["host_ms_per_step"] = _host_split(reference, batch, options)
     if source.kind in ("hf", "gguf") and not reference.info.is_encoder_decoder and "float32" in dtypes:
         rows.append(bench_transformers(name, source.path, reference, batch, options, runs, device, rows[0],
@@ -265,13 +265,11 @@ def bench_model(name: str, src: Path, dtypes: list[str], new_tokens: int, runs: 
     return rows
 
 
-def _verdict(report: Any, profile: str) -> str:
-    """"pass (fp16)", or "FAIL (fp16: ...)" naming each of the profile's budgets the row is outside."""
-    failures = report.failures()
-    if not failures:
-        return f"pass ({profile})"
-    reasons = "; ".join(line.split(": ", 1)[1] for line in failures)   # drop the "<backend>: " prefix
-    return f"FAIL ({profile}: {reasons})"
+def _verdict(row: Any, profile: Any) -> str:
+    """"pass (fp16)", or "FAIL (fp16: ...)" naming each of the profile's [parity] budgets that `row` (a
+    deploylm.parity.BackendParity) is outside."""
+    reasons = row.reasons(profile.parity)
+    return f"FAIL ({profile.name}: {'; '.join(reasons)})" if reasons else f"pass ({profile.name})"
 
 
 def _host_split(backend: Any, batch: Any, options: Any) -> str:

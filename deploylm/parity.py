@@ -57,21 +57,24 @@ class BackendParity:
     text_identical: bool | None = None      # None without a tokenizer
 
     def failures(self, tol: Any) -> list[str]:
-        """Why this backend is outside `tol` (a deploylm.profiles.Parity); empty when it passes."""
+        """Why this backend is outside `tol` (a deploylm.profiles.Parity), each line naming the backend;
+        empty when it passes."""
+        return [f"{self.backend}: {reason}" for reason in self.reasons(tol)]
+
+    def reasons(self, tol: Any) -> list[str]:
+        """Each of `tol`'s budgets this backend is outside, by how much ("max |Δ logit| 0.237 > logits_atol 0.05")."""
         out = []
         if not _within(self.max_abs_logit, tol.logits_atol):
-            out.append(f"{self.backend}: max |Δ logit| {_num(self.max_abs_logit)} > logits_atol {tol.logits_atol:g}")
+            out.append(f"max |Δ logit| {_num(self.max_abs_logit)} > logits_atol {tol.logits_atol:g}")
         if not _within(self.max_abs_logprob, tol.logprob_atol):
-            out.append(f"{self.backend}: max |Δ log-prob| {_num(self.max_abs_logprob)} > logprob_atol {tol.logprob_atol:g}")
+            out.append(f"max |Δ log-prob| {_num(self.max_abs_logprob)} > logprob_atol {tol.logprob_atol:g}")
         if not self.token_agreement >= tol.min_token_agreement:
-            out.append(f"{self.backend}: top-1 agreement {self.token_agreement:.4f} < min_token_agreement "
-                       f"{tol.min_token_agreement:g}")
+            out.append(f"top-1 agreement {self.token_agreement:.4f} < min_token_agreement {tol.min_token_agreement:g}")
         min_step = tol.first_divergence_min_step
         if min_step is not None and self.first_divergence is not None and self.first_divergence < min_step:
-            out.append(f"{self.backend}: tokens diverge at step {self.first_divergence} < "
-                       f"first_divergence_min_step {min_step}")
+            out.append(f"tokens diverge at step {self.first_divergence} < first_divergence_min_step {min_step}")
         if tol.identical_beams and not (self.greedy_identical and self.beams_identical):
-            out.append(f"{self.backend}: final {'beams' if not self.beams_identical else 'greedy tokens'} "
+            out.append(f"final {'beams' if not self.beams_identical else 'greedy tokens'} "
                        f"differ from the reference (identical_beams = true)")
         return out
 

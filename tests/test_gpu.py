@@ -142,13 +142,18 @@ def test_models_and_no_tests_choose_what_a_rerun_spends_the_device_on(tmp_path, 
 
 
 def test_a_failing_parity_row_names_the_budgets_it_is_outside():
-    from types import SimpleNamespace
+    from deploylm.parity import BackendParity
+    from deploylm.profiles import load_profile
 
-    report = SimpleNamespace(failures=lambda: ["float16: max |Δ logit| 0.237 > logits_atol 0.05",
-                                               "float16: top-1 agreement 0.9700 < min_token_agreement 0.98"])
-    assert gpu_check._verdict(report, "fp16") == ("FAIL (fp16: max |Δ logit| 0.237 > logits_atol 0.05; "
-                                                  "top-1 agreement 0.9700 < min_token_agreement 0.98)")
-    assert gpu_check._verdict(SimpleNamespace(failures=lambda: []), "fp16") == "pass (fp16)"
+    def row(max_abs_logit, token_agreement):
+        return BackendParity(backend="float16", steps=[], max_abs_logit=max_abs_logit, max_abs_logprob=0.01,
+                             token_agreement=token_agreement, first_divergence=None, first_divergence_by_row=[],
+                             greedy_identical=True, beams_identical=True)
+
+    fp16 = load_profile("fp16")   # logits_atol 0.05, logprob_atol 0.1, min_token_agreement 0.98
+    assert gpu_check._verdict(row(0.237, 0.97), fp16) == ("FAIL (fp16: max |Δ logit| 0.237 > logits_atol 0.05; "
+                                                         "top-1 agreement 0.9700 < min_token_agreement 0.98)")
+    assert gpu_check._verdict(row(0.01, 1.0), fp16) == "pass (fp16)"
 
 
 def test_a_gguf_model_is_benchmarked_against_transformers_generate_too(tmp_path):
