@@ -178,12 +178,12 @@ def _term_with_parent() -> None:
 def launch(launch: Launch, worker_args: Sequence[str], echo: Any) -> None:
     """Run `python -m torch.distributed.run ... -m deploylm.training worker_args`; `echo(line)` for
     each line the workers print on stdout (stderr passes through). WorkersFailed on a non-zero exit."""
-    command = [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(), "-m", "deploylm.training",
-               *worker_args]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    args = [*launch.torchrun_args(), "-m", "deploylm.training", *worker_args]
     # torchrun's log folder: without --log-dir it makes a torchelastic_* folder in the temporary
     # directory and leaves it there, one more per run; this one goes when the run ends
     with tempfile.TemporaryDirectory(prefix="deploylm-torchrun-") as log_dir:
-        proc = spawn_tied([*command[:3], f"--log-dir={log_dir}", *command[3:]])
+        proc = spawn_tied([*torchrun, f"--log-dir={log_dir}", *args])
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
@@ -196,4 +196,4 @@ def launch(launch: Launch, worker_args: Sequence[str], echo: Any) -> None:
             proc.stdout.close()
     if proc.returncode != 0:
         raise WorkersFailed(f"training processes exited with status {proc.returncode} (their errors are above); "
-                            f"command: {' '.join(command)}")
+                            f"command: {' '.join([*torchrun, *args])}")
