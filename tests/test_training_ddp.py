@@ -113,6 +113,20 @@ def test_bad_launch_is_one_line_and_starts_nothing(tmp_path, common, args, words
     assert not out.exists()
 
 
+def test_failed_workers_are_one_error_naming_the_command_and_leave_no_log_folder(torchrun_tmpdir):
+    """Workers that exit non-zero (a bad argument here) end in WorkersFailed with the torchrun command a user
+    can rerun (without the run's temporary --log-dir), and torchrun's log folder goes with the run."""
+    from deploylm.training.distributed import Launch, WorkersFailed, launch
+
+    with pytest.raises(WorkersFailed) as info:
+        launch(Launch(nproc=2), ["--no-such-option"], echo=lambda line: None)
+    message = str(info.value)
+    assert message.startswith("training processes exited with status ") and "--log-dir" not in message
+    assert message.endswith("-m torch.distributed.run --nproc-per-node=2 --standalone -m deploylm.training "
+                            "--no-such-option")
+    assert not list(torchrun_tmpdir.glob("torchelastic_*"))
+
+
 def test_launcher_passes_options_through_to_torchrun():
     from deploylm.training.distributed import Launch
 
