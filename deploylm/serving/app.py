@@ -218,10 +218,15 @@ class _Api:
         self.state.active_streams -= 1
 
     async def _guarded(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Pass the events through; a failure after the headers went out becomes a final error event."""
+        """Pass the events through; a failure after the headers went out becomes a final error event.
+
+        Between two events the event loop runs once: pieces that arrived together would otherwise be
+        written back to back without it ever reading the socket, so after a client left, every write of
+        the burst went to the closed connection (asyncio logs "socket.send() raised exception." for each)."""
         try:
             async for chunk in events:
                 yield chunk
+                await asyncio.sleep(0)   # lets the loop see a disconnect (uvicorn then drops our writes)
         except (ApiError, UsageError) as exc:
             yield sse((exc if isinstance(exc, ApiError) else ApiError(400, str(exc))).body())
         except Interrupted:       # the drain is over: the stream ends after its current step

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import re
 import threading
 import time
@@ -12,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from deploylm.generator import TextStream
 from deploylm.serving import ServeConfig
 from tests.reliability.conftest import inproc_server
 from tests.reliability.fakes import FakeGenerator
@@ -111,6 +113,40 @@ def test_streams_dropped_while_the_model_is_busy_keep_their_slots_until_their_th
                           json={"prompt": "one two", "max_new_tokens": 2, "stream": True}) as r:
             assert r.status_code == 200
             assert '"done": true' in r.read().decode()
+
+
+class Bursts(FakeGenerator):
+    """A fast model's stream: its pieces reach the event loop fifty at a time."""
+
+    def stream(self, prompt, *, stop=None, **options):
+        def pieces():
+            for i in range(20_000):
+                if i % 50 == 0:
+                    time.sleep(0.001)
+                if stop is not None and stop.is_set():
+                    return "length"
+                yield " x"
+            return "length"
+
+        return TextStream(pieces())
+
+
+def test_a_client_leaving_a_fast_stream_gets_no_writes_after_it_left(caplog):
+    """The server wrote each burst of pieces back to back without the event loop reading the socket, so a
+    client that left mid-burst had the rest of it written to its closed connection: asyncio logged
+    "socket.send() raised exception." dozens of times per dropped stream."""
+    with caplog.at_level(logging.WARNING, logger="asyncio"), inproc_server(Bursts(), ServeConfig()) as (url, app):
+        for _ in range(3):
+            with httpx.stream("POST", url + "/v1/generate", timeout=10,
+                              json={"prompt": "a b", "max_new_tokens": 8, "stream": True}) as r:
+                got = 0
+                for chunk in r.iter_raw():
+                    got += len(chunk)
+                    if got > 20_000:
+                        break                            # and the client leaves in the middle of the stream
+        assert wait_until(lambda: app.state.active_streams == 0)
+    sent_to_closed = [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+    assert not sent_to_closed, f"{len(sent_to_closed)} writes after the client left"
 
 
 def test_a_request_whose_client_gives_up_while_queued_is_never_decoded():
