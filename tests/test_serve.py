@@ -7,6 +7,8 @@ import logging
 import pytest
 from starlette.testclient import TestClient
 
+from deploylm.errors import UsageError
+from deploylm.generator import TextStream
 from deploylm.serving import ServeConfig, create_app
 from tests.reliability.fakes import FakeGenerator
 
@@ -224,6 +226,37 @@ def test_generator_usage_error_is_a_400_and_failure_a_500(client):
     r = client.post("/v1/generate", json={"prompt": "BOOM"})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert client.post("/v1/generate", json={"prompt": "fine"}).status_code == 200
+
+
+@pytest.mark.parametrize("path, key", [("/v1/generate", "max_new_tokens"), ("/v1/completions", "max_tokens")])
+def test_errors_name_a_prompt_by_its_json_path_whoever_refuses_it(client, path, key):
+    """The server's own checks say prompt[1] (the JSON index) and the generator's said "prompt 2" (1-based,
+    as the CLI counts): one endpoint answered in two styles. Both are now the JSON path, "prompt" alone for
+    a string."""
+    def message(prompt):
+        r = client.post(path, json={"prompt": prompt, key: 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        return r.json()["error"]["message"]
+
+    assert message(["fine", "  "]).startswith("prompt[1] is empty")                 # the server's own check
+    assert message(["fine", "BAD one"]).startswith("prompt[1] contains BAD")        # the generator's
+    assert message("BAD one").startswith("prompt contains BAD")
+    assert message(["fine", "ok", "BAD one", "BAD two"]).startswith("prompt[2] contains BAD")
+
+
+@pytest.mark.parametrize("prompt, words", [("a b", "of prompt: "), (["a b"], "of prompt[0]: ")])
+def test_a_refusal_during_a_stream_names_the_prompt_by_its_json_path(prompt, words):
+    class Refusing(FakeGenerator):
+        def stream(self, prompt, *, stop=None, **options):
+            def pieces():
+                yield " a"
+                raise UsageError("nothing left to sample at generated token 2 of prompt 1: scripted")
+            return TextStream(pieces())
+
+    with TestClient(create_app(Refusing(), CONFIG)) as c:
+        r = c.post("/v1/generate", json={"prompt": prompt, "max_new_tokens": 3, "stream": True})
+    last = json.loads(sse_events(r.text)[-1])
+    assert words in last["error"]["message"], last
 
 
 def test_request_ids_are_echoed_generated_and_logged(client, caplog):

@@ -91,7 +91,7 @@ def test_an_option_the_model_refuses_is_a_400_naming_it_streamed_or_not(generato
 
 
 def test_a_prompt_over_the_window_is_named_by_its_place_in_the_request_with_advice_that_applies(generator):
-    """The 10th prompt of a request is "prompt 10", not its place in a chunk of max_batch_size prompts; the
+    """The 10th prompt of a request is prompt[9] (its JSON path), not its place in a chunk of max_batch_size prompts; the
     HTTP API has no truncation option to advise; completions name the field the client sent (max_tokens)."""
     long = "the quick brown fox " * 30                          # over tiny GPT-2's window of 128 with 8 new tokens
     with TestClient(create_app(generator, ServeConfig(max_new_tokens=8, max_batch_size=8))) as client:
@@ -99,6 +99,7 @@ def test_a_prompt_over_the_window_is_named_by_its_place_in_the_request_with_advi
         c = client.post("/v1/completions", json={"prompt": long, "max_tokens": 8})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     message = r.json()["error"]["message"]
-    assert message.startswith("prompt 10 has ") and "lower max_new_tokens" in message and "truncation" not in message
+    assert message.startswith("prompt[9] has ") and "lower max_new_tokens" in message and "truncation" not in message
     assert c.status_code == 400 and "max_tokens=8" in c.json()["error"]["message"], c.text
+    assert c.json()["error"]["message"].startswith("prompt has "), c.text        # a string: no index
     assert "max_new_tokens" not in c.json()["error"]["message"] and "truncation" not in c.json()["error"]["message"]

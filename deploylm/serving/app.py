@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from deploylm.errors import DeployLMError, Interrupted, MissingDependencyError, UsageError
+from deploylm.errors import PROMPT_NUMBER, DeployLMError, Interrupted, MissingDependencyError, UsageError
 from deploylm.serving.batcher import Batcher, QueueFull, StopSignal
 from deploylm.serving.middleware import RequestMiddleware, ServerState, request_id_of
 from deploylm.serving.schemas import ApiError, Job, ServeConfig, parse_completion, parse_generate, parse_json_body
@@ -154,7 +154,7 @@ class _Api:
             await asyncio.to_thread(self._precheck, job)
             if job.stream:
                 slot = self._reserve_stream()
-                return _StreamSlotResponse(slot.drop, self._guarded(events(job, rid, slot)),
+                return _StreamSlotResponse(slot.drop, self._guarded(events(job, rid, slot), _listed(body)),
                                            media_type="text/event-stream", headers={"cache-control": "no-cache"})
             results = await self._decode(request, job, rid)
             if results is None:  # client went away; nobody reads this
@@ -165,7 +165,7 @@ class _Api:
         except UsageError as exc:  # the generator refused the input (e.g. longer than the model's window)
             from deploylm.decoding.options import option_names
 
-            message = _TRUNCATION_ADVICE.sub("", str(exc))   # the HTTP API has no truncation option
+            message = _json_paths(_TRUNCATION_ADVICE.sub("", str(exc)), _listed(body))  # no truncation option here
             if parse is parse_completion and "max_tokens" in body:
                 message = message.replace("max_new_tokens", "max_tokens")   # the field the client sent
             param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
@@ -217,7 +217,7 @@ class _Api:
     def _release_stream(self) -> None:
         self.state.active_streams -= 1
 
-    async def _guarded(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def _guarded(self, events: AsyncIterator[bytes], listed: bool) -> AsyncIterator[bytes]:
         """Pass the events through; a failure after the headers went out becomes a final error event.
 
         Between two events the event loop runs once: pieces that arrived together would otherwise be
@@ -228,7 +228,7 @@ class _Api:
                 yield chunk
                 await asyncio.sleep(0)   # lets the loop see a disconnect (uvicorn then drops our writes)
         except (ApiError, UsageError) as exc:
-            yield sse((exc if isinstance(exc, ApiError) else ApiError(400, str(exc))).body())
+            yield sse((exc if isinstance(exc, ApiError) else ApiError(400, _json_paths(str(exc), listed))).body())
         except Interrupted:       # the drain is over: the stream ends after its current step
             yield sse(SHUTTING_DOWN.body())
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error becomes the last event
@@ -303,6 +303,22 @@ def _stream_slot_response() -> Any:
 
 def _StreamSlotResponse(release: Callable[[], None], *args: Any, **kwargs: Any) -> Any:
     return _stream_slot_response()(release, *args, **kwargs)
+
+
+def _listed(body: Any) -> bool:
+    """Whether the request gave its prompts as a JSON list (else one string)."""
+    return not isinstance(body.get("prompt"), str)
+
+
+def _json_paths(message: str, listed: bool) -> str:
+    """The generator's "prompt N" (1-based, as `deploylm generate` numbers prompts) as the JSON path of that
+    prompt in the request, the way the server's own checks name it: prompt[N-1] in a list, prompt alone for a
+    single string. One endpoint then answers in one style."""
+    def path(match: re.Match) -> str:
+        name = match.group(0)[:match.start(1) - match.start(0) - 1]          # "prompt" or "of prompt"
+        return name + (f"[{int(match.group(1)) - 1}]" if listed else "")
+
+    return PROMPT_NUMBER.sub(path, message)
 
 
 def _output(seq: Any) -> dict[str, Any]:
