@@ -98,6 +98,8 @@ class _Api:
         self.batcher: Batcher | None = None
 
     def start(self) -> None:
+        if self.batcher is not None:   # started on the loop of a server that is gone: its worker task went
+            self.batcher.abandon()     # with that loop; its thread goes now
         self.batcher = Batcher(lambda prompts, options, stop: self.generator.generate(prompts, stop=stop, **options),
                                max_batch_size=self.config.max_batch_size, max_wait_ms=self.config.max_wait_ms,
                                max_queue=self.config.max_queue, stop=self.state.stop_decoding)
@@ -106,6 +108,7 @@ class _Api:
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
+            self.batcher = None
 
     async def health(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
@@ -181,8 +184,11 @@ class _Api:
                                             type="server_error"))
 
     async def _decode(self, request: Any, job: Job, rid: str) -> list[Any] | None:
-        if self.batcher is None:   # the lifespan did not run: an app mounted in another (Starlette runs only the
-            self.start()           # outer app's lifespan); the batcher starts with the first request instead
+        if self.batcher is None or not self.batcher.runs_on(asyncio.get_running_loop()):
+            # the lifespan did not run (an app mounted in another whose lifespan does not pass it on): the batcher
+            # starts with the first request instead, and again under a later server of the same app (another
+            # event loop: the first one's worker task is gone with its loop)
+            self.start()
         assert self.batcher is not None
         try:
             future = self.batcher.submit(job, rid)

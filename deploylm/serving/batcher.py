@@ -64,6 +64,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deploylm-batch")
         self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.batches = 0          # generate calls made
         self._current: tuple[list[_Pending], StopSignal] | None = None     # the batch decoding now, its stop
@@ -78,7 +79,17 @@ class Batcher:
         return len(self._current[0]) if self._current is not None else 0
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="deploylm-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._worker = self._loop.create_task(self._run(), name="deploylm-batcher")
+
+    def runs_on(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether this batcher's worker runs on `loop` (it was started there and has not ended)."""
+        return self._loop is loop and self._worker is not None and not self._worker.done()
+
+    def abandon(self) -> None:
+        """Let go of a batcher whose event loop is gone (its worker with it): its thread ends."""
+        self._closing = True
+        self._executor.shutdown(wait=False)
 
     async def stop(self) -> None:
         """Finish every waiting job, then stop the worker."""

@@ -116,15 +116,17 @@ def start_fake_server(tmp_path) -> Iterator:
 
 
 @contextlib.contextmanager
-def inproc_server(generator, config) -> Iterator[tuple[str, object]]:
-    """uvicorn on a thread of this process; yields (base url, the app). Stops on exit."""
+def inproc_server(generator, config, *, app=None, outer=None) -> Iterator[tuple[str, object]]:
+    """uvicorn on a thread of this process; yields (base url, the app). Stops on exit. `app`: serve this one
+    (made by create_app) instead of a new one; `outer(app)`: the ASGI app to serve around it (one it is
+    mounted in)."""
     import uvicorn
 
     from deploylm.serving import create_app
 
-    app = create_app(generator, config)
+    app = app if app is not None else create_app(generator, config)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(outer(app) if outer else app, host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

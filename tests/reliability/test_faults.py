@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from deploylm.generator import TextStream
-from deploylm.serving import ServeConfig
+from deploylm.serving import ServeConfig, create_app
 from tests.reliability.conftest import inproc_server
 from tests.reliability.fakes import FakeGenerator
 
@@ -279,3 +279,23 @@ def test_counting_a_long_prompt_does_not_block_the_event_loop():
             # an order, not a speed: /health answered while the count was still running (1.8 s of margin)
             assert not counted.is_set(), "the event loop waited for the tokenizer"
             assert slow.result().status_code == 200
+
+
+def mounted(app, lifespan=None):
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    return Starlette(routes=[Mount("/llm", app=app)], lifespan=lifespan)
+
+
+def test_a_mounted_app_served_again_by_a_later_server_answers():
+    """Without a lifespan, a mounted app starts its batcher with its first request. A second server of the
+    same app (a test client per test, a restart in one process) found that batcher bound to the first
+    server's event loop, gone: every request that was not a stream waited forever."""
+    fake = FakeGenerator()
+    app = create_app(fake, ServeConfig())
+    body = {"prompt": "one two", "max_new_tokens": 2}
+    for _ in range(2):
+        with inproc_server(fake, None, app=app, outer=mounted) as (url, _app):
+            assert httpx.post(url + "/llm/v1/generate", json=body, timeout=3).status_code == 200
+    assert len(fake.calls) == 2
