@@ -79,7 +79,12 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.serve = state
     app.state.api = api
-    return RequestMiddleware(app, state)
+    served = RequestMiddleware(app, state)
+    # Mounted in another app, this app's own lifespan does not run (Starlette runs only the outer one's): the
+    # outer app passes it on, `Starlette(..., lifespan=served.lifespan)` or `async with served.lifespan(app):`
+    # in its own, so its shutdown finishes the queued requests and stops the batcher's thread.
+    served.lifespan = lifespan
+    return served
 
 
 _TRUNCATION_ADVICE = re.compile(r",? or pass truncation=.*\(deploylm generate: --truncation [a-z|-]+\)")

@@ -51,6 +51,7 @@ class RequestMiddleware:
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
+        self.lifespan: Callable[[Any], Any] | None = None   # the wrapped app's lifespan, for an outer app to run
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":

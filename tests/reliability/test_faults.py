@@ -4,6 +4,7 @@ generator, so timings are exact; each test is bounded to a few seconds."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import re
@@ -281,6 +282,10 @@ def test_counting_a_long_prompt_does_not_block_the_event_loop():
             assert slow.result().status_code == 200
 
 
+def batch_threads() -> int:
+    return sum(t.name.startswith("deploylm-batch") for t in threading.enumerate())
+
+
 def mounted(app, lifespan=None):
     from starlette.applications import Starlette
     from starlette.routing import Mount
@@ -299,3 +304,23 @@ def test_a_mounted_app_served_again_by_a_later_server_answers():
         with inproc_server(fake, None, app=app, outer=mounted) as (url, _app):
             assert httpx.post(url + "/llm/v1/generate", json=body, timeout=3).status_code == 200
     assert len(fake.calls) == 2
+
+
+@pytest.mark.parametrize("style", ["passed", "nested"])
+def test_the_outer_apps_lifespan_stops_a_mounted_apps_batcher(style):
+    """docs/serving.md: pass the app's lifespan on to the outer app's; its shutdown then stops the batcher
+    (the thread used to stay, idle, one per mounted app)."""
+    app = create_app(FakeGenerator(), ServeConfig())
+
+    @contextlib.asynccontextmanager
+    async def own(outer):
+        async with app.lifespan(outer):
+            yield
+
+    before = batch_threads()
+    with inproc_server(None, None, app=app,
+                       outer=lambda a: mounted(a, a.lifespan if style == "passed" else own)) as (url, _app):
+        assert httpx.post(url + "/llm/v1/generate", json={"prompt": "one two", "max_new_tokens": 2},
+                          timeout=3).status_code == 200
+        assert batch_threads() == before + 1
+    assert wait_until(lambda: batch_threads() == before), "the batcher's thread outlived the server"
