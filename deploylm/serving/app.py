@@ -89,6 +89,8 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
 
 _TRUNCATION_ADVICE = re.compile(r",? or pass truncation=.*\(deploylm generate: --truncation [a-z|-]+\)")
 
+STREAM_STEP_WAIT_S = 10.0   # at shutdown: how long the threads of streams whose clients left get to end their step
+
 SHUTTING_DOWN = ApiError(503, "server is shutting down: this request was not finished; retry on another instance",
                          type="server_overloaded", headers={"retry-after": "1", "connection": "close"})
 
@@ -114,6 +116,17 @@ class _Api:
         if self.batcher is not None:
             await self.batcher.stop()
             self.batcher = None
+        await self._streams_ended(STREAM_STEP_WAIT_S)
+
+    async def _streams_ended(self, timeout_s: float) -> None:
+        """Wait until every stream's thread has ended. Their responses are over by now, but a thread whose
+        client left is still in its current step on the model (it stops after it): the server must not be
+        gone (the process exiting around a daemon thread inside the backend) before it is done."""
+        deadline = time.monotonic() + timeout_s
+        while self.state.active_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.state.active_streams:
+            log.warning("%d stream(s) still decoding after %.0fs at shutdown", self.state.active_streams, timeout_s)
 
     async def health(self, request: Any) -> Any:
         from starlette.responses import JSONResponse

@@ -324,3 +324,17 @@ def test_the_outer_apps_lifespan_stops_a_mounted_apps_batcher(style):
                           timeout=3).status_code == 200
         assert batch_threads() == before + 1
     assert wait_until(lambda: batch_threads() == before), "the batcher's thread outlived the server"
+
+
+def test_shutdown_waits_for_the_step_of_a_stream_whose_client_left():
+    """A stream's thread outlives its response by up to one step after its client leaves. The server's
+    shutdown counted requests only, so it returned (and `deploylm serve` exited) while that thread was still
+    decoding on the model: a daemon thread inside the backend during the interpreter's exit."""
+    fake = FakeGenerator(step_delay=1.0)
+    with inproc_server(fake, ServeConfig(max_new_tokens=64)) as (url, app):
+        with httpx.stream("POST", url + "/v1/generate", timeout=10,
+                          json={"prompt": LONG, "max_new_tokens": 40, "stream": True}) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        # the client left after one piece; the thread is in its second step (1 s) as the server stops
+    assert fake.streams_closed == 1, "the server stopped while the stream's thread was still decoding"
+    assert fake.stream_steps < 5                       # it stopped after that step, not at the 40th
