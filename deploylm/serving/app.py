@@ -339,7 +339,7 @@ def _json_paths(message: str, listed: bool) -> str:
     prompt in the request, the way the server's own checks name it: prompt[N-1] in a list, prompt alone for a
     single string. One endpoint then answers in one style."""
     def path(match: re.Match) -> str:
-        name = match.group(0)[:match.start(1) - match.start(0) - 1]          # "prompt" or "of prompt"
+        name = match.group(0).rsplit(" ", 1)[0]          # "prompt" or "of prompt"
         return name + (f"[{int(match.group(1)) - 1}]" if listed else "")
 
     return PROMPT_NUMBER.sub(path, message)
