@@ -1,7 +1,7 @@
 """`deploylm` command line: a click group; each command is a thin shell in deploylm/commands/.
 
-Errors deploylm raises on purpose (DeployLMError) become one line on stderr and their exit code
-(2 for bad input, 1 for failed checks), and so do paths the system refuses outright (a file name too long, a
+Errors deploylm raises on purpose (DeployLMError) become one line on stderr, options named by their flags, and
+their exit code (2 for bad input, 1 for failed checks), and so do paths the system refuses outright (a file name too long, a
 symlink loop), and output the terminal side cannot take (`> /dev/full`, a full disk behind a redirect: exit 1);
 nothing else is caught, so real bugs still show a traceback.
 """
@@ -16,7 +16,7 @@ import sys
 import click
 
 from deploylm import __version__
-from deploylm.errors import DeployLMError
+from deploylm.errors import DeployLMError, OptionError
 
 # command name -> module in deploylm.commands exposing `command` (a click.Command)
 COMMANDS = {
@@ -56,7 +56,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except DeployLMError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {self._message(ctx, exc)}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:
             # a path the user gave that the system refuses outright (a name over 255 bytes, a symlink loop) is
@@ -65,6 +65,16 @@ class LazyGroup(click.Group):
                 raise
             click.echo(f"error: {exc.filename}: {exc.strerror}: expected a usable path", err=True)
             ctx.exit(2)
+
+    def _message(self, ctx: click.Context, exc: DeployLMError) -> str:
+        """An OptionError names options by their Python keyword (num_beams): on the command line, by the flags of
+        the command that ran (--num-beams)."""
+        command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+        if not isinstance(exc, OptionError) or command is None:
+            return str(exc)
+        flags = {param.name: flag for param in command.params if isinstance(param, click.Option) and param.name
+                 for flag in param.opts[:1] if flag.startswith("--")}
+        return exc.with_flags(flags)
 
 
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)

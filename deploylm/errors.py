@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 
 class DeployLMError(Exception):
@@ -14,6 +15,30 @@ class UsageError(DeployLMError):
     """Bad input: an option, a file, a model folder, a profile. Exit status 2."""
 
     exit_code = 2
+
+
+class OptionError(UsageError):
+    """A bad option value (or combination) of a call, named as the Python API takes it: `num_beams=0`. The CLI,
+    where the user typed flags, prints `with_flags(...)` instead: `--num-beams 0`. `option`: the keyword it is about."""
+
+    def __init__(self, message: str, option: str = "") -> None:
+        super().__init__(message)
+        self.option = option
+
+    def with_flags(self, flags: Mapping[str, str]) -> str:
+        """The message with the options in `flags` (keyword -> flag, num_beams -> --num-beams) written as flags:
+        `num_beams=2` as `--num-beams 2`; a bare keyword as its flag when it has an underscore (a plain word
+        such as "temperature" in the prose stays), and the option this error is about where it opens the
+        message without `=` ("truncation 'middle': ...")."""
+        text = str(self)
+        for name, flag in flags.items():
+            text = re.sub(rf"(?<![\w-]){re.escape(name)}=", f"{flag} ", text)
+            if "_" in name:
+                text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, text)
+        flag = flags.get(self.option)
+        if flag and flag not in text:
+            text = re.sub(rf"(?<![\w-]){re.escape(self.option)}(?![\w-])", flag, text, count=1)
+        return text
 
 
 class ArtifactError(DeployLMError):

@@ -29,7 +29,7 @@ from typing import Generator as PieceStream  # the class below is named Generato
 
 from deploylm.backends import Backend, EncodedBatch, backend_class
 from deploylm.decoding.options import DecodingOptions, option_names
-from deploylm.errors import Interrupted, UsageError
+from deploylm.errors import Interrupted, OptionError, UsageError
 from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, encoding, join_parts, join_texts,
                                   prompt_budget, split_rows, tokenize, tokenize_windows)
 from deploylm.models.source import Source, resolve_source
@@ -298,9 +298,8 @@ class Generator:
         if fit.truncation != "sliding-window":
             return False
         if not self.info.is_encoder_decoder:
-            raise UsageError(f"truncation='sliding-window' splits the source of an encoder-decoder model; "
-                             f"{self.info.name!r} is decoder-only: use truncation='left' or 'right' "
-                             "(--truncation left|right)")
+            raise OptionError(f"truncation='sliding-window' splits the source of an encoder-decoder model; "
+                              f"{self.info.name!r} is decoder-only: use truncation='left' or 'right'", "truncation")
         return self.info.max_positions is not None  # an unbounded encoder: every source fits as it is
 
     def _windows(self, texts: list[str], opts: DecodingOptions, overlap: int) -> list[EncodedBatch]:

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from deploylm.backends.base import EncodedBatch, ModelInfo
-from deploylm.errors import UsageError
+from deploylm.errors import OptionError, UsageError
 
 TRUNCATION_MODES = ("left", "right", "sliding-window")
 
@@ -54,16 +54,16 @@ class LongInputs:
 
     def __post_init__(self) -> None:
         if self.truncation is not None and self.truncation not in TRUNCATION_MODES:
-            raise UsageError(f"truncation {self.truncation!r}: expected one of {', '.join(TRUNCATION_MODES)} "
-                             "(or none, to refuse over-long prompts)")
+            raise OptionError(f"truncation {self.truncation!r}: expected one of {', '.join(TRUNCATION_MODES)} "
+                              "(or none, to refuse over-long prompts)", "truncation")
         overlap = self.window_overlap
         if overlap is None:
             return
         if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-            raise UsageError(f"window_overlap {overlap!r}: expected an integer >= 0")
+            raise OptionError(f"window_overlap {overlap!r}: expected an integer >= 0", "window_overlap")
         if self.truncation != "sliding-window":
-            raise UsageError(f"window_overlap={overlap} applies only with truncation='sliding-window' "
-                             "(--truncation sliding-window)")
+            raise OptionError(f"window_overlap={overlap} applies only with truncation='sliding-window'",
+                              "window_overlap")
 
     @property
     def overlap(self) -> int:
@@ -80,13 +80,13 @@ def prompt_budget(info: ModelInfo, max_new_tokens: int) -> int | None:
         return None
     if info.is_encoder_decoder:
         if max_new_tokens > window:
-            raise UsageError(f"max_new_tokens={max_new_tokens} is over the model's window of {window}: "
-                             f"lower max_new_tokens to at most {window}")
+            raise OptionError(f"max_new_tokens={max_new_tokens} is over the model's window of {window}: "
+                              f"lower max_new_tokens to at most {window}", "max_new_tokens")
         return window
     budget = window - max_new_tokens + 1  # the last generated token is never fed back
     if budget < 1:
-        raise UsageError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of "
-                         f"{window}: lower max_new_tokens to at most {window}")
+        raise OptionError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of "
+                          f"{window}: lower max_new_tokens to at most {window}", "max_new_tokens")
     return budget
 
 

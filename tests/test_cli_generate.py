@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from deploylm.cli import cli
+from deploylm.errors import UsageError
 from deploylm.generator import load
 
 
@@ -93,21 +94,35 @@ def _one_line_error(out, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--num-beams", "0"], "num_beams=0"),
-    (["--num-beams", "2", "--num-return-sequences", "3"], "num_return_sequences=3"),
-    (["--top-p", "0"], "top_p=0.0"),
-    (["--top-p", "1.5"], "top_p=1.5"),
-    (["--repetition-penalty", "-1"], "repetition_penalty=-1.0"),
-    (["--no-repeat-ngram-size", "-2"], "no_repeat_ngram_size=-2"),
-    (["--max-new-tokens", "2", "--min-new-tokens", "5"], "max_new_tokens=2"),
-    (["--early-stopping", "sometimes"], "early_stopping='sometimes'"),
+    (["--num-beams", "0"], "decoding option --num-beams 0 is invalid: use --num-beams >= 1"),
+    (["--num-beams", "2", "--num-return-sequences", "3"], "--num-return-sequences 3 is invalid: beam search returns at most --num-beams 2 sequences; raise --num-beams or lower --num-return-sequences"),
+    (["--top-p", "0"], "--top-p 0.0 is invalid: use 0 < --top-p <= 1"),
+    (["--top-p", "1.5"], "--top-p 1.5"),
+    (["--repetition-penalty", "-1"], "--repetition-penalty -1.0"),
+    (["--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size -2"),
+    (["--max-new-tokens", "2", "--min-new-tokens", "5"], "--max-new-tokens 2 is invalid: must be >= --min-new-tokens 5"),
+    (["--early-stopping", "sometimes"], "--early-stopping 'sometimes'"),
     (["--num-beams", "four"], "--num-beams 'four': expected an integer"),
-    (["--temperature", "0"], "temperature=0.0"),
-    (["--max-time", "0"], "max_time=0.0"),
+    (["--temperature", "0"], "--temperature 0.0 is invalid: use a temperature >= 1e-06 (for greedy decoding leave --do-sample off)"),
+    (["--max-time", "0"], "--max-time 0.0"),
     (["--max-time", "soon"], "--max-time 'soon': expected a number"),
 ])
 def test_invalid_options_exit_2_with_one_line(tiny_llama_dir, flags, needle):
     _one_line_error(run("--model", str(tiny_llama_dir), *flags, "hello"), needle)
+
+
+def test_option_errors_name_the_flags_on_the_command_line_and_the_keywords_in_python(tiny_llama_dir):
+    """The shared validation names keywords (the Python API's); each command that takes them as flags names
+    the flag the user typed instead."""
+    out = run("--model", str(tiny_llama_dir), "--num-beams", "2", "--num-return-sequences", "5", "hello")
+    _one_line_error(out, "--num-return-sequences 5", "--num-beams 2")
+    assert "num_return_sequences" not in out.stderr and "num_beams" not in out.stderr
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(tiny_llama_dir), "--num-beams", "0"])
+    assert parity.exit_code == 2 and parity.stderr.strip() == (
+        "error: decoding option --num-beams 0 is invalid: use --num-beams >= 1 (1 = greedy or plain sampling)")
+    with pytest.raises(UsageError, match=r"^decoding option num_return_sequences=5 is invalid: beam search returns "
+                                         r"at most num_beams=2 sequences; raise num_beams or lower num_return_sequences$"):
+        load(tiny_llama_dir).generate("hello", num_beams=2, num_return_sequences=5)
 
 
 def test_usage_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, monkeypatch):

@@ -311,9 +311,9 @@ def test_cli_sliding_window_matches_the_library(seed_dir, seed):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--truncation", "sliding-window"], "is decoder-only: use truncation='left' or 'right'"),
-    (["--truncation", "middle"], "truncation 'middle': expected one of left, right, sliding-window"),
-    (["--window-overlap", "4"], "window_overlap=4 applies only with truncation='sliding-window'"),
+    (["--truncation", "sliding-window"], "is decoder-only: use --truncation 'left' or 'right'"),
+    (["--truncation", "middle"], "error: --truncation 'middle': expected one of left, right, sliding-window"),
+    (["--window-overlap", "4"], "error: --window-overlap 4 applies only with --truncation 'sliding-window'"),
     (["--truncation", "sliding-window", "--window-overlap", "x"], "--window-overlap 'x': expected an integer"),
 ])
 def test_cli_bad_long_input_options_are_one_line(tiny_gpt2_dir, args, message):

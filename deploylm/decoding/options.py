@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import math
 from typing import Any, Mapping
 
-from deploylm.errors import UsageError
+from deploylm.errors import OptionError, UsageError
 
 EarlyStopping = bool | str  # True | False | "never"
 SequenceBias = tuple[tuple[tuple[int, ...], float], ...]  # ((token ids, bias), ...)
@@ -124,7 +124,13 @@ MAX_SEQUENCE_BIAS = 1e6
 
 
 def _bad(name: str, value: Any, expected: str) -> UsageError:
-    return UsageError(f"decoding option {name}={value!r} is invalid: {expected}")
+    return OptionError(f"decoding option {name}={value!r} is invalid: {expected}", name)
+
+
+def _invalid(where: str, name: str, message: str) -> UsageError:
+    """A call's option (`where` "decoding option") is an OptionError the CLI names by its flag; a model's own
+    setting ("generation setting") is not one the user typed."""
+    return OptionError(message, name) if where == "decoding option" else UsageError(message)
 
 
 def _refuse(names: Any) -> None:
@@ -137,8 +143,8 @@ def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceB
     as a tuple of (ids tuple, float) pairs; a repeated token sequence keeps its last bias (transformers' dict).
     Empty means no bias. Anything else is a UsageError naming `where` ("decoding option", "generation setting")."""
     def bad() -> UsageError:
-        return UsageError(f"{where} sequence_bias={value!r} is invalid: expected a list of [token ids, bias] "
-                          "pairs, e.g. [[[10, 45], -2.0], [[64], 1.5]]")
+        return _invalid(where, "sequence_bias", f"{where} sequence_bias={value!r} is invalid: expected a list of "
+                        "[token ids, bias] pairs, e.g. [[[10, 45], -2.0], [[64], 1.5]]")
     if isinstance(value, Mapping):
         pairs = list(value.items())
     elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
@@ -153,9 +159,9 @@ def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceB
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
             raise bad()
         if abs(bias) > MAX_SEQUENCE_BIAS:
-            raise UsageError(f"{where} sequence_bias={value!r} is invalid: a bias of {bias!r} is beyond "
-                             f"±{MAX_SEQUENCE_BIAS:g}, which already decides every step (larger values overflow "
-                             "the float32 scores); to forbid a sequence use bad_words_ids")
+            raise _invalid(where, "sequence_bias", f"{where} sequence_bias={value!r} is invalid: a bias of {bias!r} is "
+                           f"beyond ±{MAX_SEQUENCE_BIAS:g}, which already decides every step (larger values overflow "
+                           "the float32 scores); to forbid a sequence use bad_words_ids")
         out[tuple(ids)] = float(bias)
     return tuple(out.items())
 
@@ -169,8 +175,9 @@ def parse_exponential_decay(value: Any, where: str = "decoding option") -> tuple
     ok = ok and isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) \
         and factor > 0
     if not ok:
-        raise UsageError(f"{where} exponential_decay_length_penalty={value!r} is invalid: expected "
-                         "[start, factor] with start an integer >= 0 and factor a number > 0, e.g. [8, 1.5]")
+        raise _invalid(where, "exponential_decay_length_penalty", f"{where} exponential_decay_length_penalty={value!r} "
+                       "is invalid: expected [start, factor] with start an integer >= 0 and factor a number > 0, "
+                       "e.g. [8, 1.5]")
     return int(start), float(factor)
 
 
