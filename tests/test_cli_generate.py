@@ -125,6 +125,19 @@ def test_option_errors_name_the_flags_on_the_command_line_and_the_keywords_in_py
         load(tiny_llama_dir).generate("hello", num_beams=2, num_return_sequences=5)
 
 
+def test_a_gguf_model_draws_no_progress_bar_on_stderr(tmp_path):
+    """transformers' GGUF loader draws its "Converting and de-quantizing" bar with tqdm directly: generate and
+    parity keep stderr for warnings and errors, as with other models."""
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
+    out = run("--model", path, "--max-new-tokens", "2", "--num-beams", "1", "hello")
+    assert out.exit_code == 0 and out.stdout.strip() and out.stderr == "", out.stderr
+    parity = CliRunner().invoke(cli, ["parity", "--model", path, "--backends", "torch,onnx"])
+    assert parity.exit_code == 2 and parity.stderr.startswith("error: ") and len(parity.stderr.splitlines()) == 1, \
+        parity.stderr
+
+
 def test_usage_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, monkeypatch):
     model = str(tiny_llama_dir)
     _one_line_error(run("hello"), "--model SRC is required")

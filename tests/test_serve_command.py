@@ -120,3 +120,18 @@ def test_serve_refuses_a_wait_that_never_ends_before_loading(monkeypatch, flag, 
     name = "max_wait_ms" if flag == "--max-wait-ms" else "drain_timeout_s"
     with pytest.raises(UsageError, match="finite numbers >= 0"):
         ServeConfig(**{name: float(value)})
+
+
+def test_serve_loads_a_model_without_progress_bars_on_stderr(monkeypatch, tmp_path):
+    """The server's stderr is its log: transformers' loading bars (a GGUF's too) stay out of it."""
+    from transformers.utils import logging
+
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setattr("deploylm.serving.serve", lambda gen, config, **kw: None)
+    monkeypatch.setattr("deploylm.serving.server.check_address", lambda host, port: None)
+    logging.enable_progress_bar()      # as in a fresh process
+    result = CliRunner().invoke(cli, ["serve", "--model", str(path), "--port", "8192"])
+    assert result.exit_code == 0 and result.stderr.splitlines() == [f"serving {path} (torch) on http://127.0.0.1:8192"], \
+        result.stderr

@@ -5,7 +5,7 @@ import math
 
 import click
 
-from deploylm.commands._options import spin_option, threads_option
+from deploylm.commands._options import quiet_transformers, spin_option, threads_option
 
 
 @click.command("serve")
@@ -44,6 +44,7 @@ def command(src: str, backend: str | None, host: str, port: int, drain_timeout: 
 
     require_serving()                      # before minutes of loading, and before "serving ... on" is printed
     check_address(host, port)
+    quiet_transformers()                   # no weight-loading bars in the server's log
     generator = deploylm.load(src, backend=backend, **backend_options(src, backend, "cpu", "float32", spin, threads))
     summary = describe_model(src, generator)
     config = ServeConfig(model_name=summary["name"],

@@ -356,7 +356,7 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
                                      "pip install -U gguf 'accelerate>=1.1'")
     what = f"GGUF file {str(path)!r}"
     try:
-        with _no_load_report():
+        with _no_load_report(), _gguf_bar_follows_transformers():
             model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
                                                                   output_loading_info=True,
                                                                   ignore_mismatched_sizes=True,   # named below
@@ -371,6 +371,28 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
     check_loaded_weights(what, type(model).__name__, loading,
                          hint="check the sizes and vocabulary in the file's metadata against its tensors")
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers() -> Any:
+    """transformers' GGUF loader draws its "Converting and de-quantizing GGUF tensors" bar with tqdm itself, not
+    through transformers.utils.logging.tqdm, so `disable_progress_bar()` (the CLI commands' quiet_transformers)
+    left it on stderr. For the load, it goes through that switch like transformers' other loading bars."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    drawn = getattr(gguf_loader, "tqdm", None)
+    if drawn is None:
+        yield
+        return
+    gguf_loader.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        gguf_loader.tqdm = drawn
 
 
 def _dequantized_gguf() -> dict[str, Any]:
