@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,44 @@ def test_replaced_graph_with_other_io_is_refused(artifact):
         {"model.onnx": json.loads(json.dumps(_entry(artifact / "model.onnx")))}))
     with pytest.raises(ArtifactError, match="input 'input_ids' is missing"):
         load_artifact(artifact)
+
+
+def _graph_of(path: Path, inputs: list[str], output: str = "logits") -> None:
+    """input_ids plus `inputs` (float [batch, 2, past, 4], unused) -> `output` [batch, sequence, 4]."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "embed")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed", "input_ids"], [output])], "tiny",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
+        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 2, "past", 4]) for name in inputs],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", "sequence", 4])], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+
+
+@pytest.mark.parametrize("graph, message", [
+    (lambda path: tiny_graph(path), r"graph inputs do not follow the IO spec \(no past_key_values\.0\.value\)"),
+    (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"]),
+     r"graph outputs follow neither KV layout of the IO spec \(no present\.0\.value\)"),
+    (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"], output="scores"),
+     r"the graph has no logits output, which the IO spec requires"),
+])
+def test_graphs_the_onnx_backend_cannot_run_name_the_command_that_rebuilds_the_artifact(tmp_path, graph, message):
+    """An intact artifact (checksums and IO match its manifest) whose graphs do not follow this deploylm's IO spec
+    (another version wrote it, or a hand-made one): one ArtifactError with the full re-export command."""
+    from deploylm.backends.onnx_backend import OnnxBackend
+
+    def build_with(folder: Path) -> None:
+        build(folder)
+        graph(folder / "model.onnx")
+
+    artifact = write_artifact(tmp_path / "export" / "tiny-fp32", build_with, FIELDS)
+    folder = re.escape(str(artifact))
+    with pytest.raises(ArtifactError, match=rf"^{folder}: {message}; re-export it: deploylm export --model "
+                                            rf"/models/tiny --profile fp32 --out {folder} --force$"):
+        OnnxBackend.from_source(str(artifact))
 
 
 def test_io_signature_of_a_broken_file(tmp_path):

@@ -136,6 +136,11 @@ class Seq2SeqState:
                                "only the newest state can be advanced (its self-attention K/V were reordered in place)")
 
 
+class _LayoutError(ArtifactError):
+    """Graphs whose inputs/outputs this deploylm cannot run; from_folder turns it into an ArtifactError naming
+    the command that rebuilds the artifact."""
+
+
 class OnnxBackend:
     """Backend protocol over ONNX Runtime sessions of one artifact (see module docstring)."""
 
@@ -172,22 +177,32 @@ class OnnxBackend:
         artifact = load_artifact(source.path)  # verifies checksums and graph IO against the manifest
         return cls.from_folder(artifact.path, name=source.name, generation=artifact.manifest.get("generation"),
                                device=device, threads=threads, providers=providers, opt_level=opt_level,
-                               spin=spin)
+                               spin=spin, manifest=artifact.manifest)
 
     @classmethod
     def from_folder(cls, folder: Path, *, name: str, generation: dict[str, Any] | None = None, device: str = "cpu",
                     threads: int | None = None, providers: list[str] | None = None,
-                    opt_level: str = DEFAULT_OPT_LEVEL, spin: bool = False) -> "OnnxBackend":
-        """Open the graphs in `folder` without a manifest (export uses it on its temporary folder)."""
+                    opt_level: str = DEFAULT_OPT_LEVEL, spin: bool = False,
+                    manifest: dict[str, Any] | None = None) -> "OnnxBackend":
+        """Open the graphs in `folder` without verifying a manifest (export uses it on its temporary folder).
+
+        manifest: the artifact's, when there is one: graphs this deploylm cannot run are refused with the
+        command that rebuilds the artifact (its source and profile)."""
+        from deploylm.artifact import rebuild_hint
+
         folder = Path(folder)
+        hint = rebuild_hint(folder, manifest) if manifest is not None else "re-export it with this deploylm (deploylm export)"
         files = [f for f in (io_spec.MODEL_FILE, io_spec.ENCODER_FILE, io_spec.DECODER_FILE) if (folder / f).is_file()]
         if not files or (io_spec.MODEL_FILE not in files and len(files) < 2):
             raise ArtifactError(f"{folder}: no complete set of ONNX graphs (expected {io_spec.MODEL_FILE} or "
-                                f"{io_spec.ENCODER_FILE} + {io_spec.DECODER_FILE})")
+                                f"{io_spec.ENCODER_FILE} + {io_spec.DECODER_FILE}); {hint}")
         sessions = {f: create_session(folder / f, device=device, threads=threads, providers=providers,
                                       opt_level=opt_level, spin=spin) for f in files}
-        info, defaults = artifact_info(folder, sessions, generation or {}, name)
-        return cls(folder, sessions, info, torch.device(device), defaults)
+        try:
+            info, defaults = artifact_info(folder, sessions, generation or {}, name)
+            return cls(folder, sessions, info, torch.device(device), defaults)
+        except _LayoutError as exc:
+            raise ArtifactError(f"{exc}; {hint}") from None
 
     def _layout(self) -> None:
         """Read layer count and fixed sizes from the graphs themselves."""
@@ -197,16 +212,16 @@ class OnnxBackend:
         part = "decoder" if self.is_seq2seq else ""
         self.n_layers = sum(1 for n in shapes if n.startswith("past_key_values.") and n.endswith(".key")
                             and (".decoder." in n or not self.is_seq2seq))
-        if io_spec.past_names(self.n_layers, part)[-1] not in shapes:
-            raise ArtifactError(f"{self.path}: graph inputs do not follow the IO spec (no {io_spec.past_names(self.n_layers, part)[-1]})")
+        expected = io_spec.past_names(max(self.n_layers, 1), part)[-1]
+        if not self.n_layers or expected not in shapes:
+            raise _LayoutError(f"{self.path}: graph inputs do not follow the IO spec (no {expected})")
         self._self_kv = shapes[io_spec.past_names(1, part)[0]]          # [rows, H, past, Dh]
         outputs = [o.name for o in graph.get_outputs()]
         self.kv_layout = io_spec.KV_CONCAT if self.is_seq2seq else io_spec.kv_layout(outputs)
         kv_out = (io_spec.new_kv_names(self.n_layers) if self.kv_layout == io_spec.KV_APPEND
                   else io_spec.present_names(self.n_layers, part))
         if not set(kv_out) <= set(outputs):
-            raise ArtifactError(f"{self.path}: graph outputs follow neither KV layout of the IO spec (no {kv_out[-1]}): "
-                                f"re-export it with this deploylm (deploylm export)")
+            raise _LayoutError(f"{self.path}: graph outputs follow neither KV layout of the IO spec (no {kv_out[-1]})")
         self._cross_shared = self.is_seq2seq and shapes["encoder_attention_mask"][0] == "rows"
         if self.is_seq2seq:
             self._cross_kv = shapes[io_spec.past_names(1, "encoder")[0]]  # [enc_batch | rows, H, src, Dh]
@@ -441,7 +456,10 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
     gen_file = folder / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     graph = sessions.get(io_spec.DECODER_FILE) or sessions[io_spec.MODEL_FILE]
-    vocab = int(next(o.shape[-1] for o in graph.get_outputs() if o.name == "logits"))
+    vocab = next((o.shape[-1] for o in graph.get_outputs() if o.name == "logits"), None)
+    if vocab is None:
+        raise _LayoutError(f"{folder}: the graph has no logits output, which the IO spec requires")
+    vocab = int(vocab)
     special, is_seq2seq, window = folder_special(folder)
     info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window,
                      name=name, generation=generation_settings(gen))  # model-level processors, as torch
