@@ -373,7 +373,10 @@ def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None =
                          "(it names the model the artifact was exported from)")
     profile = profile if profile is not None else default_profile(source)
     options = DecodingOptions.from_mapping({**profile.generation, **overrides})
-    opened = {name: load_backend(name, backend_source(name, source, reference)) for name in backends}
+    # torch last: it opens any model (a GGUF for many seconds), the others refuse a non-artifact at once
+    loaded = {name: load_backend(name, backend_source(name, source, reference))
+              for name in sorted(backends, key=lambda name: name == "torch")}
+    opened = {name: loaded[name] for name in backends}
     tokenizer = load_tokenizer(source)
     first = opened.pop(backends[0])
     batch = Generator(first, tokenizer).encode(list(prompts or DEFAULT_PROMPTS), options)

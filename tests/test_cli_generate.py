@@ -138,6 +138,16 @@ def test_a_gguf_model_draws_no_progress_bar_on_stderr(tmp_path):
         parity.stderr
 
 
+def test_parity_refuses_a_model_the_onnx_backend_cannot_open_before_loading_it_with_torch(tmp_path, monkeypatch):
+    from deploylm.backends.torch_backend import TorchBackend
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
+    monkeypatch.setattr(TorchBackend, "from_source", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    parity = CliRunner().invoke(cli, ["parity", "--model", path, "--backends", "torch,onnx"])
+    assert parity.exit_code == 2 and "is a .gguf file, not an exported artifact" in parity.stderr, parity.output
+
+
 def test_usage_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, monkeypatch):
     model = str(tiny_llama_dir)
     _one_line_error(run("hello"), "--model SRC is required")
