@@ -93,6 +93,18 @@ def test_noise_below_tolerance_passes_and_above_fails():
     assert report.backends[0].max_abs_logit > FP32.logits_atol
 
 
+def test_each_failure_line_names_its_backend_and_reasons_do_not():
+    """With several backends compared, a failure line says which one is outside the budget (the parity
+    command and export's refusal print these lines); reasons() gives the same lines without the name."""
+    fine, noisy = Fake(_table(), name="onnx"), Fake(_table(), name="trt", noise=FP32.logits_atol * 10)
+    report = compare_backends(Fake(_table(), name="torch"), {"onnx": fine, "trt": noisy}, _batch(), OPTIONS, FP32)
+    failures = report.failures()
+    assert failures and all(line.startswith("trt: ") for line in failures), failures
+    row = next(r for r in report.backends if r.backend == "trt")
+    assert [f"trt: {reason}" for reason in row.reasons(FP32)] == failures
+    assert row.reasons(FP32)[0].startswith("max |Δ logit| ")
+
+
 def test_max_time_does_not_cut_the_searches(monkeypatch):
     """A profile's max_time (a wall-clock limit) would stop the slower backend's search earlier: beams
     that "differ" although every logit matches. Parity compares whole searches."""
