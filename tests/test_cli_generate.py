@@ -242,6 +242,28 @@ def test_a_path_over_the_systems_name_limit_is_one_error_line(argv):
     assert len(lines) == 1 and lines[0] == f"error: {long}: File name too long: expected a usable path", result.stderr
 
 
+def test_an_error_while_decoding_a_later_batch_names_the_prompt_counted_over_all(tiny_llama_dir, monkeypatch):
+    """What only the decode finds (sampling with every token banned, for one prompt's text) comes after the
+    pre-check: it too names the user's prompt (the 3rd is "prompt 3"), not its place in its batch."""
+    from deploylm.errors import UsageError
+    from deploylm.generator import Generator
+
+    real = Generator.generate
+
+    def generate(self, prompts, **options):
+        if "c" in prompts:   # as draws.py words it, counting within the batch it was given
+            raise UsageError(f"nothing left to sample at generated token 2 of prompt {prompts.index('c') + 1}: "
+                             "the options ban every token")
+        return real(self, prompts, **options)
+
+    monkeypatch.setattr(Generator, "generate", generate)
+    out = run("--model", str(tiny_llama_dir), "--num-beams", "1", "--max-new-tokens", "2", "--batch-size", "2",
+              "a", "b", "c", "d")
+    assert out.exit_code == 2, out.output
+    assert out.stderr.strip() == ("error: nothing left to sample at generated token 2 of prompt 3: the options ban "
+                                  "every token"), out.stderr
+
+
 def test_errors_name_the_prompt_counted_over_all_batches(tiny_llama_dir):
     """--batch-size decodes the prompts in slices; an error names the user's prompt (the 3rd is "prompt 3"),
     not its place in its slice ("prompt 1"), and comes before any slice's output (a file of results is
