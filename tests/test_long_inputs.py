@@ -91,6 +91,21 @@ def test_max_new_tokens_over_the_window_cannot_be_truncated_away(gpt2, seed, tru
         seed.generate("red fox", max_new_tokens=65, truncation=truncation)
 
 
+def test_check_refuses_a_sliding_window_call_as_generate_does_without_decoding(seed, monkeypatch):
+    """Generator.check (what `generate` and the server run before any output goes out) on a sliding-window
+    call: the window's limits refuse there too, not only once the decode starts."""
+    cases = [(dict(max_new_tokens=65), "max_new_tokens=65 is over the model's window of 64"),
+             (dict(window_overlap=63), "window_overlap=63 must be smaller than the 63 prompt tokens")]
+    for options, message in cases:
+        with pytest.raises(UsageError, match=message):
+            seed.generate(LONG, truncation="sliding-window", **options)
+    monkeypatch.setattr(seed.backend, "prefill", lambda *a, **k: pytest.fail("check() decoded"))
+    for options, message in cases:
+        with pytest.raises(UsageError, match=message):
+            seed.check(LONG, truncation="sliding-window", **options)
+    seed.check(LONG, truncation="sliding-window", max_new_tokens=4)   # fits once split: nothing to refuse
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(truncation="middle"), "truncation 'middle': expected one of left, right, sliding-window"),
     (dict(window_overlap=4), "window_overlap=4 applies only with truncation='sliding-window'"),
