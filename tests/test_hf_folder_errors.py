@@ -516,6 +516,33 @@ def test_a_quantized_gguf_loads_unpacked_without_asking_the_hub_for_a_kernel(tmp
     assert {m.weight.dtype for m in linears} == {torch.float16}
 
 
+def test_a_gguf_file_is_loaded_with_its_weights_asked_for_unpacked(tmp_path, monkeypatch):
+    """The test above loads a Llama file, which transformers 5.24 never packs (its packing loader takes
+    qwen35/lfm2 only): here the load itself must ask for dequantize=True wherever GgufConfig has it, so
+    that a packing architecture gets plain layers and no kernel download too."""
+    import inspect
+
+    import transformers
+
+    if "dequantize" not in inspect.signature(getattr(transformers, "GgufConfig", lambda: None)).parameters:
+        pytest.skip("this transformers has no GgufConfig(dequantize=...)")
+    from deploylm.models.hf import load_hf_model
+    from deploylm.models.source import resolve_source
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    asked = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        asked.append(kwargs.get("quantization_config"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    path = write_tiny_llama_gguf(tmp_path / "tiny-Q8_0.gguf", tensor_type="Q8_0")
+    load_hf_model(resolve_source(path), dtype=torch.float32, device=torch.device("cpu"))
+    assert len(asked) == 1 and isinstance(asked[0], transformers.GgufConfig) and asked[0].dequantize is True, asked
+
+
 @pytest.mark.parametrize("tensor_type", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_weights_load_as_the_files_tensors_dequantized_in_hugging_face_layout(tmp_path, tensor_type):
     """Every weight of a loaded .gguf file is gguf's own dequantization of the file's tensor, with the
