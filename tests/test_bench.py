@@ -419,6 +419,10 @@ def test_rows_in_this_process_quiet_transformers_only_while_they_run(tiny_gpt2_d
         run_bench(BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], rounds=1, isolate=False))
         assert seen == [(logging.ERROR, False)] * 4
         assert logging.get_verbosity() == logging.INFO and logging.is_progress_bar_enabled()
+        logging.set_verbosity_warning()
+        logging.disable_progress_bar()   # a caller that turned the bars off keeps them off
+        run_bench(BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], rounds=1, isolate=False))
+        assert logging.get_verbosity() == logging.WARNING and not logging.is_progress_bar_enabled()
     finally:
         logging.set_verbosity(verbosity)
         (logging.enable_progress_bar if bars else logging.disable_progress_bar)()
