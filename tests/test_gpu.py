@@ -125,6 +125,13 @@ def test_the_profile_is_of_the_real_smollm2_when_it_is_there(tmp_path, monkeypat
     monkeypatch.setattr(gpu_check, "_smollm2", _no_smollm2)
     monkeypatch.setattr(gpu_check, "_smollm2_shaped", lambda work: tmp_path / "shaped")
     assert gpu_check._profiled_model(tmp_path) == tmp_path / "shaped"
+    monkeypatch.setattr(gpu_check, "_smollm2", lambda work: tmp_path / "SmolLM2.gguf")   # what --profile profiles
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"cuda_available": True, "gpu": "Fake GPU", "bf16": True})
+    monkeypatch.setattr(gpu_check, "bench_model", lambda name, *a, **k: [{"model": name, "dtype": "float32"}])
+    profiled = []
+    monkeypatch.setattr(gpu_check, "profile_search", lambda src, out, **k: profiled.append(src) or out / "p.txt")
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--no-tests", "--models", "smollm2-135m", "--profile"]) == 0
+    assert profiled == [tmp_path / "SmolLM2.gguf"]
 
 
 def test_models_and_no_tests_choose_what_a_rerun_spends_the_device_on(tmp_path, monkeypatch, capsys):
