@@ -160,10 +160,12 @@ def test_a_missed_budget_advises_the_auto_search_only_when_it_is_off(auto):
 
 
 
-@pytest.mark.parametrize("ranked, kept, noted", [(12, 12, True), (12, 5, False), (0, 0, False)])
-def test_an_auto_search_that_kept_every_convertible_node_says_the_graphs_are_fp32(ranked, kept, noted):
+@pytest.mark.parametrize("ranked, kept, base, noted", [(12, 12, 0, True), (12, 5, 0, False), (0, 0, 0, False),
+                                                      (12, 13, 5, False), (12, 17, 5, True)])
+def test_an_auto_search_that_kept_every_convertible_node_says_the_graphs_are_fp32(ranked, kept, base, noted):
     """Tiny Gemma 2 in fp16: the search kept all 184 nodes it could convert, and the report read like an fp16
-    artifact ("184 node(s) kept in fp32")."""
+    artifact ("184 node(s) kept in fp32"). The profile's own [precision_fallback] nodes (`base`, left out of the
+    ranking) are not the search's: 5 of them and 8 of 12 ranked kept is not "every one", and auto_kept is 8."""
     from types import SimpleNamespace
 
     from deploylm.export.precision_step import _report
@@ -176,8 +178,9 @@ def test_an_auto_search_that_kept_every_convertible_node_says_the_graphs_are_fp3
     final = SimpleNamespace(failures=(), kept_count=kept, quality=quality, kept={"model.onnx": ("n",) * kept})
     result = SimpleNamespace(final=final, first=first, attempts=6, ranked=ranked)
     work = SimpleNamespace(calibration_note=None, calibration_origin=None, held=SimpleNamespace(origin=None))
-    notes = _report(profile, work, {}, result, allow_quality_loss=False).notes
-    assert any("fp16 in name only" in n and f"every one of the {ranked} node(s)" in n for n in notes) is noted
+    report = _report(profile, work, {"model.onnx": ("b",) * base} if base else {}, result, allow_quality_loss=False)
+    assert report.auto_kept == kept - base
+    assert any("fp16 in name only" in n and f"every one of the {ranked} node(s)" in n for n in report.notes) is noted
 
 
 @pytest.mark.parametrize("nll, n, expected", [(2.0, 2, math.e), (1e4, 2, math.inf), (math.inf, 2, math.inf),
