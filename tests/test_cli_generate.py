@@ -125,6 +125,19 @@ def test_option_errors_name_the_flags_on_the_command_line_and_the_keywords_in_py
         load(tiny_llama_dir).generate("hello", num_beams=2, num_return_sequences=5)
 
 
+@pytest.mark.parametrize("flag, value", [("--num-beam-groups", "2"), ("--diversity-penalty", "0.5")])
+def test_group_beam_search_refusal_names_the_flags_on_the_command_line(tiny_llama_dir, flag, value):
+    """The refusal shares its wording with the Python API (num_beam_groups, num_beams): on the command line it
+    names --num-beam-groups, --num-beams and --do-sample."""
+    out = run("--model", str(tiny_llama_dir), flag, value, "hello")
+    _one_line_error(out, f"error: {flag}: group beam search (--num-beam-groups > 1, --diversity-penalty) is not "
+                         "supported", "use plain beam search (--num-beams) or sampling (--do-sample) instead")
+    for keyword in ("num_beam_groups", "diversity_penalty", "num_beams", "do_sample"):
+        assert keyword not in out.stderr
+    with pytest.raises(UsageError, match=r"\(num_beams\) or sampling \(do_sample\)"):
+        load(tiny_llama_dir).generate("hello", num_beam_groups=2)
+
+
 def test_a_gguf_model_draws_no_progress_bar_on_stderr(tmp_path):
     """transformers' GGUF loader draws its "Converting and de-quantizing" bar with tqdm directly: generate and
     parity keep stderr for warnings and errors, as with other models."""

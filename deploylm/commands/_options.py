@@ -15,7 +15,7 @@ from typing import Any, Callable
 import click
 
 from deploylm.decoding.options import GROUP_BEAM_SEARCH_REFUSED, DecodingOptions
-from deploylm.errors import UsageError
+from deploylm.errors import OptionError, UsageError
 
 D = DecodingOptions()  # the defaults shown in --help
 
@@ -106,8 +106,9 @@ def decoding_options(fn: Callable) -> Callable:
 
 
 def _refuse_groups(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    # an OptionError: the CLI writes the keywords of the shared message as this command's flags
     if value is not None:
-        raise UsageError(f"{param.opts[0]}: {GROUP_BEAM_SEARCH_REFUSED}")
+        raise OptionError(f"{param.opts[0]}: {GROUP_BEAM_SEARCH_REFUSED}", param.name or "")
 
 
 def given_options(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ REFUSED_OPTIONS = ("num_beam_groups", "diversity_penalty")
 GROUP_BEAM_SEARCH_REFUSED = (
     "group beam search (num_beam_groups > 1, diversity_penalty) is not supported: transformers 5's generate moved "
     "it to the Hub repo transformers-community/group-beam-search (it runs only with trust_remote_code=True), "
-    "and deploylm does not run remote code; use plain beam search (num_beams) or sampling instead")
+    "and deploylm does not run remote code; use plain beam search (num_beams) or sampling (do_sample) instead")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,8 +134,9 @@ def _invalid(where: str, name: str, message: str) -> UsageError:
 
 
 def _refuse(names: Any) -> None:
-    if any(name in names for name in REFUSED_OPTIONS):
-        raise UsageError(GROUP_BEAM_SEARCH_REFUSED)
+    for name in REFUSED_OPTIONS:
+        if name in names:
+            raise OptionError(GROUP_BEAM_SEARCH_REFUSED, name)
 
 
 def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceBias:
