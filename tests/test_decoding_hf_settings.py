@@ -509,12 +509,12 @@ def test_generate_flags_reach_the_decoder(tiny_llama_dir):
 
 @pytest.mark.parametrize("flags, needle", [
     (["--sequence-bias", "[[[5], -3.0]"], "--sequence-bias '[[[5], -3.0]': expected JSON"),
-    (["--sequence-bias", "[[5, -3.0]]"], "sequence_bias=[[5, -3.0]] is invalid"),
-    (["--sequence-bias", "[[[100000], 1.0]]"], "sequence_bias has token(s) [100000] outside the vocabulary"),
+    (["--sequence-bias", "[[5, -3.0]]"], "--sequence-bias [[5, -3.0]] is invalid"),
+    (["--sequence-bias", "[[[100000], 1.0]]"], "--sequence-bias has token(s) [100000] outside the vocabulary"),
     (["--exponential-decay-length-penalty", "3"], "expected START,FACTOR"),
-    (["--exponential-decay-length-penalty", "3,0"], "exponential_decay_length_penalty=(3, 0.0) is invalid"),
-    (["--encoder-repetition-penalty", "0"], "encoder_repetition_penalty=0.0"),
-    (["--encoder-no-repeat-ngram-size", "-1"], "encoder_no_repeat_ngram_size=-1"),
+    (["--exponential-decay-length-penalty", "3,0"], "--exponential-decay-length-penalty (3, 0.0) is invalid"),
+    (["--encoder-repetition-penalty", "0"], "--encoder-repetition-penalty 0.0"),
+    (["--encoder-no-repeat-ngram-size", "-1"], "--encoder-no-repeat-ngram-size -1"),
     (["--num-beam-groups", "2"], "--num-beam-groups: group beam search"),
     (["--diversity-penalty", "0.5"], "trust_remote_code"),
 ])
