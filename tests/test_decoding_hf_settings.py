@@ -512,7 +512,10 @@ def test_generate_flags_reach_the_decoder(tiny_llama_dir):
     (["--sequence-bias", "[[5, -3.0]]"], "--sequence-bias [[5, -3.0]] is invalid"),
     (["--sequence-bias", "[[[100000], 1.0]]"], "--sequence-bias has token(s) [100000] outside the vocabulary"),
     (["--exponential-decay-length-penalty", "3"], "expected START,FACTOR"),
-    (["--exponential-decay-length-penalty", "3,0"], "--exponential-decay-length-penalty (3, 0.0) is invalid"),
+    (["--exponential-decay-length-penalty", "3,0"], "--exponential-decay-length-penalty '3,0': expected START,FACTOR "
+                                                    "with START an integer >= 0 and FACTOR a number > 0, e.g. 8,1.5"),
+    (["--exponential-decay-length-penalty", "-1,1.5"], "'-1,1.5': expected START,FACTOR"),
+    (["--exponential-decay-length-penalty", "3,nan"], "'3,nan': expected START,FACTOR"),
     (["--encoder-repetition-penalty", "0"], "--encoder-repetition-penalty 0.0"),
     (["--encoder-no-repeat-ngram-size", "-1"], "--encoder-no-repeat-ngram-size -1"),
     (["--num-beam-groups", "2"], "--num-beam-groups: group beam search"),
@@ -523,3 +526,9 @@ def test_bad_flag_values_are_one_line_errors(tiny_llama_dir, flags, needle):
     assert out.exit_code == 2 and out.stdout == "", out.output
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
+    assert "[8, 1.5]" not in out.stderr          # the API's list form, which the flag does not take
+
+
+def test_a_bad_exponential_decay_keeps_its_list_form_in_python(tiny_llama_dir):
+    with pytest.raises(UsageError, match=r"exponential_decay_length_penalty=\(3, 0\) is invalid: .*e\.g\. \[8, 1\.5\]$"):
+        load(tiny_llama_dir).generate("hello", exponential_decay_length_penalty=(3, 0))

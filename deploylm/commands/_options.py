@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from deploylm.decoding.options import GROUP_BEAM_SEARCH_REFUSED, DecodingOptions
+from deploylm.decoding.options import GROUP_BEAM_SEARCH_REFUSED, DecodingOptions, parse_exponential_decay
 from deploylm.errors import OptionError, UsageError
 
 D = DecodingOptions()  # the defaults shown in --help
@@ -59,13 +59,18 @@ class _Parsed(click.ParamType):
 
 
 def _start_factor(text: str) -> tuple[int, float]:
+    """START,FACTOR checked here, so a bad value is named as typed (8,-1), not as the API's [start, factor]."""
     start, factor = text.split(",")
-    return int(start), float(factor)
+    try:
+        return parse_exponential_decay((int(start), float(factor)))
+    except UsageError:
+        raise ValueError(text) from None
 
 
 # --sequence-bias '[[[10, 45], -2.0]]': JSON; --exponential-decay-length-penalty 8,1.5: (int, float)
 JSON = _Parsed("json", json.loads, lambda exc: f"JSON ({exc})")
-PAIR = _Parsed("pair", _start_factor, lambda exc: "START,FACTOR, e.g. 8,1.5")
+PAIR = _Parsed("pair", _start_factor, lambda exc: "START,FACTOR with START an integer >= 0 and FACTOR a number > 0, "
+                                                   "e.g. 8,1.5")
 
 # (flag, DecodingOptions field, type, help); help ends with the library default.
 DECODING_FLAGS: list[tuple[str, str, Any, str]] = [
