@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from deploylm.decoding.options import DecodingOptions, option_names
+from deploylm.decoding.options import DecodingOptions, option_names, parse_sequence_bias
 from deploylm.errors import UsageError
 
 
@@ -137,3 +137,17 @@ def test_a_default_min_new_tokens_above_a_given_max_new_tokens_is_lowered_to_it(
         model_defaults.replace(max_new_tokens=2, min_new_tokens=8)
     with pytest.raises(UsageError, match="max_new_tokens"):
         model_defaults.replace(max_new_tokens=0)                                 # still its own range error
+
+
+def test_a_sequence_bias_over_the_bound_advises_what_a_call_can_pass():
+    """bad_words_ids is a setting of the model's generation_config, not an option of a call: the refusal of a
+    call's bias names the bias that forbids a sequence (accepted) and where bad_words_ids lives; a model's own
+    sequence_bias, set in that same generation_config, keeps the bad_words_ids advice."""
+    with pytest.raises(UsageError, match="unknown decoding option"):
+        DecodingOptions.from_mapping({"bad_words_ids": [[3]]})
+    with pytest.raises(UsageError, match=r"beyond ±1e\+06.*; to forbid a sequence give it a bias of -1e\+06 \(or "
+                                         r"list it in the model's generation_config bad_words_ids\)$"):
+        DecodingOptions(sequence_bias=[[[3], -1e9]])
+    assert DecodingOptions(sequence_bias=[[[3], -1e6]]).sequence_bias == (((3,), -1e6),)
+    with pytest.raises(UsageError, match="to forbid a sequence use bad_words_ids$"):
+        parse_sequence_bias([[[3], -1e9]], "generation setting")

@@ -160,9 +160,13 @@ def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceB
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
             raise bad()
         if abs(bias) > MAX_SEQUENCE_BIAS:
+            # bad_words_ids is a generation_config setting only, not an option of a call
+            forbid = ("use bad_words_ids" if where != "decoding option" else
+                      f"give it a bias of -{MAX_SEQUENCE_BIAS:g} (or list it in the model's generation_config "
+                      "bad_words_ids)")
             raise _invalid(where, "sequence_bias", f"{where} sequence_bias={value!r} is invalid: a bias of {bias!r} is "
                            f"beyond ±{MAX_SEQUENCE_BIAS:g}, which already decides every step (larger values overflow "
-                           "the float32 scores); to forbid a sequence use bad_words_ids")
+                           f"the float32 scores); to forbid a sequence {forbid}")
         out[tuple(ids)] = float(bias)
     return tuple(out.items())
 
