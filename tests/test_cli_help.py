@@ -52,3 +52,26 @@ def test_output_to_a_full_device_is_one_line(args):
                                 text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr == "error: could not write the output: No space left on device\n"
+
+
+def test_no_option_uses_click_s_bare_int_or_float():
+    """click's own int/float answer a bad value with its usage block; deploylm's INT/FLOAT (commands/_options.py)
+    with one `error: --flag 'value': expected ...` line, as every other input error."""
+    import click
+
+    from deploylm.cli import LazyGroup
+
+    bare = [f"{name} {param.opts[0]}" for name in COMMANDS for param in LazyGroup._load(name).params
+            if type(param.type) in (click.types.IntParamType, click.types.FloatParamType)]
+    assert bare == [], f"use _options.INT / FLOAT for: {', '.join(bare)}"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["parity", "--model", "m", "--num-beams", "abc"], "error: --num-beams 'abc': expected an integer"),
+    (["train", "--steps", "abc"], "error: --steps 'abc': expected an integer"),
+    (["train", "--lr", "fast"], "error: --lr 'fast': expected a number"),
+    (["generate", "--model", "m", "--batch-size", "many", "hi"], "error: --batch-size 'many': expected an integer"),
+])
+def test_a_bad_number_is_one_line_naming_the_flag(args, line):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and result.output == line + "\n", result.output

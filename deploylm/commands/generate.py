@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from deploylm.commands._options import (decoding_options, given_input_options, given_options, input_options,
+from deploylm.commands._options import (INT, decoding_options, given_input_options, given_options, input_options,
                                         quiet_transformers, spin_option, threads_option, torch_options)
 from deploylm.errors import UsageError, counted_over_all
 
@@ -19,7 +19,7 @@ from deploylm.errors import UsageError, counted_over_all
 @click.argument("prompts", nargs=-1)
 @click.option("--input", "input_file", metavar="FILE", help="Read prompts from FILE, one per line ('-' = stdin).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts decoded together.")
+@click.option("--batch-size", type=INT, default=8, show_default=True, help="Prompts decoded together.")
 @decoding_options
 @input_options
 @torch_options

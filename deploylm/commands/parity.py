@@ -5,7 +5,7 @@ import json
 
 import click
 
-from deploylm.commands._options import quiet_transformers
+from deploylm.commands._options import INT, quiet_transformers
 from deploylm.errors import CheckFailed
 
 
@@ -15,8 +15,8 @@ from deploylm.errors import CheckFailed
 @click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts, one per line. Default: a few built-in prompts.")
 @click.option("--profile", "profile_name", metavar="NAME|FILE.toml",
               help="Tolerances and decoding defaults. Default: the artifact's profile, else fp32.")
-@click.option("--num-beams", type=int, default=None, help="Override the profile's num_beams.")
-@click.option("--max-new-tokens", type=int, default=None, help="Override the profile's max_new_tokens.")
+@click.option("--num-beams", type=INT, default=None, help="Override the profile's num_beams.")
+@click.option("--max-new-tokens", type=INT, default=None, help="Override the profile's max_new_tokens.")
 @click.option("--reference", metavar="SRC", default=None,
               help="For an artifact: the model it was exported from, which the torch backend opens. "
                    "Default: the path its manifest records (give this when that model moved).")

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from deploylm.commands._options import FLOAT, INT
 from deploylm.errors import UsageError
 from deploylm.training.clean import LENGTH_UNITS, CleanOptions
 from deploylm.training.config import ARCHS, TrainConfig, TrainResult
@@ -24,38 +25,38 @@ LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 @click.option("--arch", type=click.Choice(ARCHS), default=D.arch, show_default=True,
               help="seq2seq: encoder-decoder on pairs; decoder: decoder-only LM on text.")
 @click.option("--size", default=D.size, show_default=True, help="Model size: tiny, small or base.")
-@click.option("--steps", type=int, default=D.steps, show_default=True, help="Optimizer steps in total.")
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True,
+@click.option("--steps", type=INT, default=D.steps, show_default=True, help="Optimizer steps in total.")
+@click.option("--batch-size", type=INT, default=D.batch_size, show_default=True,
               help="Examples (LM: sequences) per step: the GLOBAL batch, split across --nproc processes.")
-@click.option("--lr", type=float, default=D.lr, show_default=True, help="Peak learning rate (after warmup).")
-@click.option("--warmup", type=int, default=D.warmup, show_default=True, help="Linear warmup steps.")
-@click.option("--dropout", type=float, default=None, help="Dropout (default: the size preset's, 0.1).")
-@click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for data, init and dropout.")
-@click.option("--eval-every", type=int, default=D.eval_every, show_default=True, help="Validate every N steps.")
-@click.option("--checkpoint-every", type=int, default=D.checkpoint_every, show_default=True,
+@click.option("--lr", type=FLOAT, default=D.lr, show_default=True, help="Peak learning rate (after warmup).")
+@click.option("--warmup", type=INT, default=D.warmup, show_default=True, help="Linear warmup steps.")
+@click.option("--dropout", type=FLOAT, default=None, help="Dropout (default: the size preset's, 0.1).")
+@click.option("--seed", type=INT, default=D.seed, show_default=True, help="Seed for data, init and dropout.")
+@click.option("--eval-every", type=INT, default=D.eval_every, show_default=True, help="Validate every N steps.")
+@click.option("--checkpoint-every", type=INT, default=D.checkpoint_every, show_default=True,
               help="Save a checkpoint (what --resume continues) every N steps, and at the end.")
-@click.option("--block-size", type=int, default=D.block_size, show_default=True, help="Decoder: tokens per sequence.")
-@click.option("--stride", type=int, default=None, help="Decoder: tokens between sequence starts (default: --block-size).")
-@click.option("--ngram-order", type=int, default=D.ngram_order, show_default=True,
+@click.option("--block-size", type=INT, default=D.block_size, show_default=True, help="Decoder: tokens per sequence.")
+@click.option("--stride", type=INT, default=None, help="Decoder: tokens between sequence starts (default: --block-size).")
+@click.option("--ngram-order", type=INT, default=D.ngram_order, show_default=True,
               help="Decoder: n of the n-gram baseline reported beside the LM (0: none).")
 @click.option("--clean/--no-clean", default=C.enabled, show_default=True,
               help="Clean --data: NFKC, whitespace collapse, exact dedup, length filter.")
-@click.option("--min-length", type=int, default=C.min_length, show_default=True,
+@click.option("--min-length", type=INT, default=C.min_length, show_default=True,
               help="Cleaning: drop records with a text shorter than this (--length-unit).")
-@click.option("--max-length", type=int, default=None, help="Cleaning: drop records with a text longer than this.")
+@click.option("--max-length", type=INT, default=None, help="Cleaning: drop records with a text longer than this.")
 @click.option("--length-unit", type=click.Choice(LENGTH_UNITS), default=C.unit, show_default=True,
               help="Unit of --min-length/--max-length.")
 @click.option("--device", default=D.device, show_default=True, help="cpu or cuda (AMP on cuda).")
-@click.option("--threads", type=int, default=D.threads, show_default=True,
+@click.option("--threads", type=INT, default=D.threads, show_default=True,
               help="CPU threads for PyTorch per process (0: its default).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
 @click.option("--force", is_flag=True, help="Delete the run in --out and start over.")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=INT, default=1, show_default=True,
               help="Data-parallel processes on this machine (torchrun; gloo on CPU, NCCL on CUDA).")
-@click.option("--nnodes", type=int, default=1, show_default=True, help="Machines in the run (passed to torchrun).")
-@click.option("--node-rank", type=int, default=0, show_default=True, help="This machine's rank (torchrun).")
+@click.option("--nnodes", type=INT, default=1, show_default=True, help="Machines in the run (passed to torchrun).")
+@click.option("--node-rank", type=INT, default=0, show_default=True, help="This machine's rank (torchrun).")
 @click.option("--master-addr", default=None, help="Address of the rank-0 machine (torchrun).")
-@click.option("--master-port", type=int, default=29500, show_default=True, help="Its port (torchrun).")
+@click.option("--master-port", type=INT, default=29500, show_default=True, help="Its port (torchrun).")
 @click.pass_context
 def command(ctx: click.Context, **opts: Any) -> None:
     """Train a model and write a checkpoint folder with test-split metrics.json."""
