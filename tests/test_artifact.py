@@ -306,18 +306,28 @@ def test_replaced_graph_with_other_io_is_refused(artifact):
         load_artifact(artifact)
 
 
-def _graph_of(path: Path, inputs: list[str], output: str = "logits") -> None:
-    """input_ids plus `inputs` (float [batch, 2, past, 4], unused) -> `output` [batch, sequence, 4]."""
+def _graph_of(path: Path, inputs: list[str], output: str = "logits", symbolic_vocab: bool = False) -> None:
+    """input_ids plus `inputs` (float [batch, 2, past, 4], unused) -> `output` [batch, sequence, 4];
+    symbolic_vocab: [batch, sequence, past] instead (the rows of past_key_values.0.key[0, 0] as the vocabulary)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "embed")
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["hidden" if symbolic_vocab else output])]
+    if symbolic_vocab:
+        zero = numpy_helper.from_array(np.array(0, dtype=np.int64), "zero")
+        nodes = [helper.make_node("Constant", [], ["zero"], value=zero), *nodes,
+                 helper.make_node("Gather", [inputs[0], "zero"], ["k0"], axis=0),          # [2, past, 4]
+                 helper.make_node("Gather", ["k0", "zero"], ["k00"], axis=0),              # [past, 4]
+                 helper.make_node("Transpose", ["k00"], ["kt"]),                           # [4, past]
+                 helper.make_node("MatMul", ["hidden", "kt"], [output])]                  # [batch, sequence, past]
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["embed", "input_ids"], [output])], "tiny",
+        nodes, "tiny",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
         + [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 2, "past", 4]) for name in inputs],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", "sequence", 4])], [table])
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", "sequence", "past" if symbolic_vocab else 4])],
+        [table])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
 
 
@@ -327,6 +337,9 @@ def _graph_of(path: Path, inputs: list[str], output: str = "logits") -> None:
      r"graph outputs follow neither KV layout of the IO spec \(no present\.0\.value\)"),
     (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"], output="scores"),
      r"the graph has no logits output, which the IO spec requires"),
+    (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"], symbolic_vocab=True),
+     r"the graph's logits output has no fixed vocabulary size \(last dimension 'past'\), which the IO spec "
+     r"requires"),
 ])
 def test_graphs_the_onnx_backend_cannot_run_name_the_command_that_rebuilds_the_artifact(tmp_path, graph, message):
     """An intact artifact (checksums and IO match its manifest) whose graphs do not follow this deploylm's IO spec

@@ -456,10 +456,13 @@ def artifact_info(folder: Path, sessions: dict[str, Any], generation: dict[str, 
     gen_file = folder / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     graph = sessions.get(io_spec.DECODER_FILE) or sessions[io_spec.MODEL_FILE]
-    vocab = next((o.shape[-1] for o in graph.get_outputs() if o.name == "logits"), None)
-    if vocab is None:
+    logits = next((o for o in graph.get_outputs() if o.name == "logits"), None)
+    if logits is None:
         raise _LayoutError(f"{folder}: the graph has no logits output, which the IO spec requires")
-    vocab = int(vocab)
+    vocab = logits.shape[-1] if logits.shape else None          # a dim name ('vocab') or None where not fixed
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise _LayoutError(f"{folder}: the graph's logits output has no fixed vocabulary size (last dimension "
+                           f"{vocab!r}), which the IO spec requires")
     special, is_seq2seq, window = folder_special(folder)
     info = ModelInfo(is_encoder_decoder=is_seq2seq, vocab_size=vocab, special=special, max_positions=window,
                      name=name, generation=generation_settings(gen))  # model-level processors, as torch
