@@ -24,10 +24,13 @@ SequenceBias = tuple[tuple[tuple[int, ...], float], ...]  # ((token ids, bias), 
 # Options transformers 5's generate() no longer runs itself: group beam search lives in a Hub repo
 # (transformers-community/group-beam-search) that `generate` loads only with trust_remote_code=True.
 REFUSED_OPTIONS = ("num_beam_groups", "diversity_penalty")
-GROUP_BEAM_SEARCH_REFUSED = (
+GROUP_BEAM_SEARCH_UNSUPPORTED = (
     "group beam search (num_beam_groups > 1, diversity_penalty) is not supported: transformers 5's generate moved "
     "it to the Hub repo transformers-community/group-beam-search (it runs only with trust_remote_code=True), "
-    "and deploylm does not run remote code; use plain beam search (num_beams) or sampling (do_sample) instead")
+    "and deploylm does not run remote code")
+# the refusal of a call's options; a model whose generation_config sets the groups has its own advice
+GROUP_BEAM_SEARCH_REFUSED = (GROUP_BEAM_SEARCH_UNSUPPORTED
+                             + "; use plain beam search (num_beams) or sampling (do_sample) instead")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import ModelInfo
-from deploylm.decoding.options import (GROUP_BEAM_SEARCH_REFUSED, DecodingOptions, parse_exponential_decay,
+from deploylm.decoding.options import (GROUP_BEAM_SEARCH_UNSUPPORTED, DecodingOptions, parse_exponential_decay,
                                        parse_sequence_bias)
 from deploylm.errors import OptionError, UsageError
 
@@ -420,8 +420,10 @@ def build_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int,
     model = info.generation
     groups = model.get("num_beam_groups")
     if options.num_beams > 1 and isinstance(groups, int) and groups > 1:
+        # any beam search of this model is group beam search: only num_beams=1 decodes it (as transformers)
         raise UsageError(f"model {info.name!r}: its generation_config sets num_beam_groups={groups}: "
-                         + GROUP_BEAM_SEARCH_REFUSED)
+                         f"{GROUP_BEAM_SEARCH_UNSUPPORTED}; decode it with num_beams=1 (greedy or sampling: the "
+                         "groups then change nothing, as in transformers)")
     out = ProcessorList()
     eos = info.special.eos_token_ids
     bias, where = _setting(options, info, "sequence_bias")
