@@ -485,3 +485,15 @@ def test_seq2seq_reorder_across_inputs_regathers_cross_kv_as_torch(artifact):
         tokens = torch.tensor([5, 6, 7, 8, 9, 10]) + step
         (want, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
         _close(want, got)
+
+
+def test_beams_wider_than_the_prompt_grow_the_new_positions_scratch(artifact):
+    """The scratch ORT writes a step's new K/V into is sized by the prefill (rows x prompt positions); a
+    one-token prompt searched with 4 beams needs 4 rows x 1 position at the first decode step, so the
+    scratch must grow then: the tokens are torch's (every other test's prompt is longer than its beams)."""
+    ref, onnx = _backends(artifact, "llama")
+    batch = EncodedBatch(torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.long))
+    for beams in (4, 6):
+        options = DecodingOptions(num_beams=beams, num_return_sequences=beams, max_new_tokens=5)
+        want = [[h.token_ids for h in hyps] for hyps in generate_ids(ref, batch, options)]
+        assert [[h.token_ids for h in hyps] for hyps in generate_ids(onnx, batch, options)] == want
