@@ -383,6 +383,12 @@ def test_concat_layout_graph_still_runs(artifact, tmp_path):
     options = DecodingOptions(num_beams=4, max_new_tokens=10)
     assert ([[h.token_ids for h in x] for x in generate_ids(onnx, batch, options)]
             == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)])
+    # prompts of very different lengths: the concat layout's KVCache cannot be put together from
+    # grouped prefills (KVAppend.from_parts), so it prefills them in one padded run, as torch does
+    ragged = _ragged_batch(ref.info.vocab_size)
+    (want, _), (got, state) = ref.prefill(ragged), onnx.prefill(ragged)
+    assert isinstance(state.cache, KVCache)
+    _close(want, got)
 
 
 def _ragged_batch(vocab: int) -> EncodedBatch:
