@@ -503,3 +503,34 @@ def test_beams_wider_than_the_prompt_grow_the_new_positions_scratch(artifact):
         options = DecodingOptions(num_beams=beams, num_return_sequences=beams, max_new_tokens=5)
         want = [[h.token_ids for h in hyps] for hyps in generate_ids(ref, batch, options)]
         assert [[h.token_ids for h in hyps] for hyps in generate_ids(onnx, batch, options)] == want
+
+
+def test_two_threads_binding_before_either_runs_get_their_own_logits(artifact):
+    """Each thread keeps its own IO binding: two threads that both bind their inputs before either runs
+    (forced here, a race otherwise) each get the logits of their own prompts, as alone."""
+    _, onnx = _backends(artifact, "llama")
+    batches = [EncodedBatch(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)),
+               EncodedBatch(torch.tensor([[9, 10, 11, 12, 13], [14, 15, 16, 17, 18]]), torch.ones(2, 5, dtype=torch.long))]
+    alone = [onnx.prefill(b)[0] for b in batches]
+    session, both_bound = onnx.sessions["model.onnx"], threading.Barrier(2, timeout=20)
+
+    class BothBindFirst:
+        def __getattr__(self, attr):
+            return getattr(session, attr)
+
+        def run_with_iobinding(self, binding, *args):
+            both_bound.wait()                    # the other thread has bound its inputs too
+            return session.run_with_iobinding(binding, *args)
+
+    onnx.sessions["model.onnx"] = BothBindFirst()
+    got: list = [None, None]
+
+    def work(i: int) -> None:
+        got[i] = onnx.prefill(batches[i])[0]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    onnx.sessions["model.onnx"] = session
+    assert all(g is not None and torch.equal(g, a) for g, a in zip(got, alone))
