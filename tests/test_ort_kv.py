@@ -116,8 +116,9 @@ def test_append_steps_and_reorders_match_index_select():
 
 
 # 9 prompt positions, then 64 steps: capacity 25 -> 42 -> 59 -> 76; the first buffer holds 25 + room positions
-# room 17: each growth either fits the room exactly (in place) or does not fit at all
-@pytest.mark.parametrize("room, blocks, new_buffers", [(0, 64, 3), (17, 64, 1), (20, 64, 1), (40, 1, 1), (40, 5, 1),
+# room 17: each growth either fits the room exactly (in place) or does not fit at all; room 16: each growth
+# needs one position more than the buffer holds (a new buffer, never a re-stride past its end)
+@pytest.mark.parametrize("room, blocks, new_buffers", [(0, 64, 3), (16, 64, 3), (17, 64, 1), (20, 64, 1), (40, 1, 1), (40, 5, 1),
                                                        (200, 7, 0)])
 def test_append_growth_in_place_or_into_a_new_buffer_keeps_every_position(monkeypatch, room, blocks, new_buffers):
     """Growth re-strides a buffer in place while it has room (moving blocks from the last one down, in
