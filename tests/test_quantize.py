@@ -452,3 +452,19 @@ def test_int8_embedding_is_per_row_absmax_over_127_and_keeps_zero_rows(tmp_path)
                      [2.54, round(1.0 / s2) * s2, round(-0.01 / s2) * s2, round(0.02 / s2) * s2]])
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_method_leaves_excluded_nodes_in_fp32(case, fp32, tmp_path):
+    """The fallback's kept nodes reach every quantizer: an excluded fc1 still reads its fp32 weight while
+    fc2 does not (dynamic and static ignored `exclude` without a test noticing)."""
+    precision, q, _, _ = CASES[case]
+    out = tmp_path / "q.onnx"
+    quantize_graph(fp32, out, precision, q, feeds=FEEDS, exclude=("fc1",))
+    model = onnx.load(str(out))
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {i.name: i for i in model.graph.initializer}
+    assert nodes["fc1"].op_type == "MatMul" and nodes["fc1"].input[1] == "w1"
+    assert inits["w1"].data_type == TensorProto.FLOAT
+    assert "w2" not in inits or not (nodes.get("fc2") and nodes["fc2"].op_type == "MatMul"
+                                     and nodes["fc2"].input[1] == "w2")   # fc2 was quantized
