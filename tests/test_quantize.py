@@ -468,3 +468,21 @@ def test_every_method_leaves_excluded_nodes_in_fp32(case, fp32, tmp_path):
     assert inits["w1"].data_type == TensorProto.FLOAT
     assert "w2" not in inits or not (nodes.get("fc2") and nodes["fc2"].op_type == "MatMul"
                                      and nodes["fc2"].input[1] == "w2")   # fc2 was quantized
+
+
+@pytest.mark.parametrize("weight_type, per_channel, reduce_range", [("qint8", True, True), ("quint8", False, False)])
+def test_static_honours_weight_type_per_channel_and_reduce_range_with_uint8_activations(fp32, tmp_path, weight_type,
+                                                                                        per_channel, reduce_range):
+    import dataclasses
+
+    out = tmp_path / "q.onnx"
+    q = dataclasses.replace(CASES["int8 static"][1], weight_type=weight_type, per_channel=per_channel,
+                            reduce_range=reduce_range)
+    quantize_graph(fp32, out, "int8", q, feeds=FEEDS)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    w1 = inits["w1_quantized"]
+    assert w1.dtype == (np.uint8 if weight_type == "quint8" else np.int8)
+    assert inits["w1_scale"].shape == ((H,) if per_channel else ())            # one scale per output channel
+    span = int(w1.max()) - int(w1.min())
+    assert (span <= 128) if reduce_range else (span > 128)                     # 7-bit weights
+    assert inits["x_zero_point"].dtype == np.uint8                             # activations: QUInt8
