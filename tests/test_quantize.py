@@ -486,3 +486,26 @@ def test_static_honours_weight_type_per_channel_and_reduce_range_with_uint8_acti
     span = int(w1.max()) - int(w1.min())
     assert (span <= 128) if reduce_range else (span > 128)                     # 7-bit weights
     assert inits["x_zero_point"].dtype == np.uint8                             # activations: QUInt8
+
+
+def test_percentile_calibration_clips_an_outlier_that_minmax_keeps(tmp_path):
+    """calibration_method = "percentile" reaches onnxruntime: one outlier among many small activations
+    sets minmax's range, not percentile's (a quantizer always calibrating with MinMax passed)."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [w])
+    src = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), src)
+    x = rng.standard_normal((1 << 17, 8)).astype(np.float32)      # 2^20 values: 99.999% leaves out 10
+    x[0, 0] = 1000.0
+    scales = {}
+    for method in ("minmax", "percentile"):
+        q = dataclasses.replace(CASES["int8 static"][1], calibration_method=method)
+        quantize_graph(src, tmp_path / f"{method}.onnx", "int8", q, feeds=[{"x": x}])
+        inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / f"{method}.onnx")).graph.initializer}
+        scales[method] = float(inits["x_scale"])
+    assert scales["minmax"] > 1000.0 / 255 * 0.99 and scales["percentile"] < 0.1 * scales["minmax"], scales
