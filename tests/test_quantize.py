@@ -509,3 +509,23 @@ def test_percentile_calibration_clips_an_outlier_that_minmax_keeps(tmp_path):
         inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / f"{method}.onnx")).graph.initializer}
         scales[method] = float(inits["x_scale"])
     assert scales["minmax"] > 1000.0 / 255 * 0.99 and scales["percentile"] < 0.1 * scales["minmax"], scales
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq", "q4_1"])
+def test_weight_only_uses_the_profiles_block_size(algorithm, tmp_path):
+    """block_size = 64 (not the built-in 32) reaches every 4-bit MatMulNBits and q4_1's offsets: one offset
+    row per 64 weights, and weights on a Q4_1 grid of 64-blocks still come back exactly."""
+    rng = np.random.default_rng(6)
+    src = mlp_graph(tmp_path / "fp32.onnx", q4_1_weight(rng, 128, 64, block=64), q4_1_weight(rng, 64, 40, block=64))
+    q = Quantization("weight-only", block_size=64, accuracy_level=0, algorithm=algorithm, symmetric=False,
+                     embedding=False)
+    quantize_graph(src, tmp_path / "q.onnx", "int4", q)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and all(next(a.i for a in n.attribute if a.name == "block_size") == 64 for n in nbits)
+    if algorithm == "q4_1":
+        offsets = {i.name: tuple(i.dims) for i in model.graph.initializer if i.name.endswith(".q4_1_offset")}
+        assert sorted(offsets.values()) == [(1, 40), (2, 64)], offsets
+        x = rng.normal(0, 1, (2, 3, 128)).astype(np.float32)
+        ref = run_x(src, x)
+        assert np.abs(run_x(tmp_path / "q.onnx", x) - ref).max() < 1e-4 * np.abs(ref).max()
