@@ -273,3 +273,22 @@ def test_the_search_keeps_the_folder_of_the_candidate_it_chooses_and_deletes_the
     left = sorted(p.name for p in tmp_path.iterdir())
     assert work.dirs[id(result.final)].is_dir() and work.dirs[id(first)].is_dir()
     assert left == sorted({work.dirs[id(first)].name, work.dirs[id(result.final)].name, work.dirs[id(work.verdicts[-1])].name})
+
+
+def test_int8_ranking_offers_exactly_the_quantizable_nodes(tmp_path):
+    """int8/int4 rank the nodes quantization touches: weight MatMuls, the tied lm_head and the embedding
+    Gather; not Relu or the tie's Transpose, which quantization never changes (keeping them "in fp32"
+    would spend search steps and report nodes kept that were never converted)."""
+    from tests.test_quantize import FEEDS, tied_graph
+
+    ref = onnx.load(str(tied_graph(tmp_path / "ref.onnx")))
+    cand = onnx.ModelProto.FromString(ref.SerializeToString())
+    for init in cand.graph.initializer:
+        values = onnx.numpy_helper.to_array(init)
+        init.CopyFrom(onnx.numpy_helper.from_array(values + 0.05 * np.sign(values), init.name))
+    from deploylm.export.fallback import rank_nodes
+
+    (tmp_path / "ref").mkdir(), (tmp_path / "cand").mkdir()
+    onnx.save(ref, tmp_path / "ref" / "model.onnx"), onnx.save(cand, tmp_path / "cand" / "model.onnx")
+    ranked = rank_nodes(tmp_path / "ref", tmp_path / "cand", {"model.onnx": [FEEDS[0]]}, "int8", {})
+    assert sorted(node for _, node in ranked) == ["embed", "fc1", "fc2", "lm_head"]
