@@ -292,3 +292,17 @@ def test_int8_ranking_offers_exactly_the_quantizable_nodes(tmp_path):
     onnx.save(ref, tmp_path / "ref" / "model.onnx"), onnx.save(cand, tmp_path / "cand" / "model.onnx")
     ranked = rank_nodes(tmp_path / "ref", tmp_path / "cand", {"model.onnx": [FEEDS[0]]}, "int8", {})
     assert sorted(node for _, node in ranked) == ["embed", "fc1", "fc2", "lm_head"]
+
+
+def test_fp16_sensitivity_scores_a_node_by_its_range_even_without_error():
+    """fp16: a node whose fp32 values pass 65504 scores max |value| / 65504 (> 1) although this candidate
+    adds no error: the range term alone ranks it (it would overflow in fp16); bf16 has no range term."""
+    from deploylm.export.fallback import sensitivity
+
+    weight = np.full((4, 4), 6e4, np.float32)                # in range itself; the outputs (sums of 4) are not
+    big = _chain(weight, _I)
+    peak = float(np.abs(_FEEDS["x"] @ weight).max())
+    assert peak > FP16_MAX
+    scores = dict(sensitivity(big, big, _FEEDS, "fp16", {"first", "second"}))
+    assert scores["first"] == pytest.approx(peak / FP16_MAX, rel=1e-5) and scores["second"] >= scores["first"]
+    assert dict(sensitivity(big, big, _FEEDS, "bf16", {"first"}))["first"] == 0.0
