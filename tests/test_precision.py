@@ -120,3 +120,12 @@ def test_bf16_leaves_initializers_below_16_elements_in_fp32():
                                numpy_helper.from_array(np.ones(16, np.float32), "big")])
     types = init_types(to_bf16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)))
     assert types == {"small": TensorProto.FLOAT, "big.bf16": TensorProto.BFLOAT16}
+
+
+def test_fp16_blocked_graph_edges_carry_values_above_the_fp16_range():
+    """keep_io_types casts a graph input to fp16 and back before a blocked first node, and a blocked last
+    node's output to fp16 and back: to_fp16 joins those round trips too, so a value above 65504 (or one
+    fp16 cannot hold exactly) passes a graph kept in fp32 unchanged, as fp32 logits from an fp32 lm_head."""
+    x = {"x": np.array([7e4, 1.0001, -3.3e5, 1.0], np.float32)}
+    island = to_fp16(_overflow_graph(), node_block_list=("up", "down"))
+    np.testing.assert_allclose(session(island).run(None, x)[0], x["x"], rtol=1e-5)
