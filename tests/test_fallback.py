@@ -306,3 +306,34 @@ def test_fp16_sensitivity_scores_a_node_by_its_range_even_without_error():
     scores = dict(sensitivity(big, big, _FEEDS, "fp16", {"first", "second"}))
     assert scores["first"] == pytest.approx(peak / FP16_MAX, rel=1e-5) and scores["second"] >= scores["first"]
     assert dict(sensitivity(big, big, _FEEDS, "bf16", {"first"}))["first"] == 0.0
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_the_workspace_keeps_listed_ops_and_kept_nodes_in_fp32(tmp_path, precision):
+    """[precision_fallback] ops/nodes and the search's kept nodes reach the converters: int8 turns listed op
+    types into node names (the quantizers take names only) and leaves kept MatMuls fp32; fp16 blocks
+    listed op types directly and kept nodes by name."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto
+
+    from deploylm.export.precision_step import _base_exclusions, _Workspace
+    from deploylm.profiles import Quantization
+    from tests.test_quantize import tied_graph
+
+    ref = tmp_path / "fp32"
+    ref.mkdir()
+    tied_graph(ref / "model.onnx")
+    listed = PrecisionFallback(ops=("Gather", "Transpose"), nodes=("fc2",))
+    profile = SimpleNamespace(name="p", precision=precision, precision_fallback=listed,
+                              quantization=Quantization("dynamic", weight_type="quint8") if precision == "int8" else None)
+    work = _Workspace(tmp_path, ref, ref, profile, ["model.onnx"], {}, None)
+    base = _base_exclusions(work)
+    assert base == {"model.onnx": (("embed", "tie", "fc2") if precision == "int8" else ("fc2",))}
+    work.convert({"model.onnx": (*base["model.onnx"], "fc1")}, tmp_path / "out")
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    assert [nodes[n].input[1] for n in ("fc1", "fc2")] == ["w1", "w2"]               # kept: fp32 weights
+    assert inits["w1"] == inits["w2"] == inits["emb"] == TensorProto.FLOAT             # the table's users listed
+    assert nodes["embed"].op_type == "Gather" and nodes["embed"].input[0] == "emb"
