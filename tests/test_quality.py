@@ -342,3 +342,14 @@ def test_measure_quality_times_after_the_warm_up_and_judges_against_fp32(monkeyp
     assert report.round_ratios == (2.0,) and report.speed_ratio == 2.0 and report.cpu_ratio == 2.0
     assert report.beam_agreement == 4 / 6 and report.sequences_identical == 1 and report.prompts == 2
     assert math.isclose(report.perplexity_increase, 0.1) and report.size_ratio == 0.25 and report.scored_tokens == 7
+
+
+def test_graph_bytes_count_external_weights_and_nothing_else(tmp_path):
+    """The size in the quality report is the graphs' with their external data (large exports keep the
+    weights in model.onnx.data): not the tokenizer or config beside them."""
+    from deploylm.export.quality import graph_bytes
+
+    for name, size in (("model.onnx", 100), ("model.onnx.data", 5000), ("decoder_model.onnx_data", 700),
+                       ("tokenizer.json", 40000), ("config.json", 300)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert graph_bytes(tmp_path) == 5800
