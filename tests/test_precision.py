@@ -129,3 +129,26 @@ def test_fp16_blocked_graph_edges_carry_values_above_the_fp16_range():
     x = {"x": np.array([7e4, 1.0001, -3.3e5, 1.0], np.float32)}
     island = to_fp16(_overflow_graph(), node_block_list=("up", "down"))
     np.testing.assert_allclose(session(island).run(None, x)[0], x["x"], rtol=1e-5)
+
+
+def test_fp16_keeps_onnxruntimes_default_blocked_ops_beside_the_profiles():
+    """The profile's op_block_list adds to onnxruntime's default list, it does not replace it: a CumSum
+    (default-blocked: fp16 stops counting past 2048) stays fp32 in the graph, read through a Cast to fp32,
+    while the Mul before it is fp16. (ONNX Runtime's CPU provider would cast an fp16 CumSum back to fp32
+    itself, so only the graph shows it; a GPU runs what the graph says.)"""
+    nodes = [helper.make_node("Mul", ["x", "w"], ["m"], name="scale"),
+             helper.make_node("CumSum", ["m", "axis"], ["y"], name="cumsum")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])],
+                              [numpy_helper.from_array(np.ones(4096, np.float32), "w"),
+                               numpy_helper.from_array(np.array(1, np.int64), "axis")],
+                              value_info=[helper.make_tensor_value_info("m", TensorProto.FLOAT, [1, 4096])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)   # typed as exported
+    converted = to_fp16(model, op_block_list=("Relu",))
+    assert init_types(converted)["w"] == TensorProto.FLOAT16                    # the Mul is fp16
+    producers = {o: n for n in converted.graph.node for o in n.output}
+    cumsum = next(n for n in converted.graph.node if n.op_type == "CumSum")
+    cast = producers[cumsum.input[0]]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
+    y = session(converted).run(None, {"x": np.ones((1, 4096), np.float32)})[0]
+    np.testing.assert_array_equal(y[0], np.arange(1, 4097, dtype=np.float32))
