@@ -529,3 +529,15 @@ def test_weight_only_uses_the_profiles_block_size(algorithm, tmp_path):
         x = rng.normal(0, 1, (2, 3, 128)).astype(np.float32)
         ref = run_x(src, x)
         assert np.abs(run_x(tmp_path / "q.onnx", x) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_q4_1_writes_one_block_indicator_per_input_width():
+    """Unfused, three MatMuls over the same K share one 0/1 block indicator initializer: no duplicate
+    initializer names (an invalid ONNX graph that onnx.checker refuses) and no copies in the artifact."""
+    from deploylm.export.q4_1 import split_offsets
+
+    model = qkv_model(np.random.default_rng(3))
+    split_offsets(model, ["proj0", "proj1", "proj2"], 32, fuse=False)
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names)) and sum(n.startswith("q4_1.block_sum.") for n in names) == 1
+    onnx.checker.check_model(model)
