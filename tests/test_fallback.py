@@ -337,3 +337,23 @@ def test_the_workspace_keeps_listed_ops_and_kept_nodes_in_fp32(tmp_path, precisi
     assert [nodes[n].input[1] for n in ("fc1", "fc2")] == ["w1", "w2"]               # kept: fp32 weights
     assert inits["w1"] == inits["w2"] == inits["emb"] == TensorProto.FLOAT             # the table's users listed
     assert nodes["embed"].op_type == "Gather" and nodes["embed"].input[0] == "emb"
+
+
+def test_a_first_candidate_that_passes_is_not_searched(tmp_path, monkeypatch):
+    """auto = true searches only when the listed-nodes candidate misses its checks: a passing one ships as
+    it is (a search on it would keep its most sensitive node in fp32 for nothing)."""
+    from types import SimpleNamespace
+
+    from deploylm.export import precision_step, quality
+
+    monkeypatch.setattr(precision_step._Workspace, "convert", lambda self, kept, dest: dest.mkdir())
+    monkeypatch.setattr(precision_step._Workspace, "_parity", lambda self, dest: [])
+    monkeypatch.setattr(quality, "measure_quality",
+                        lambda *a, **k: SimpleNamespace(failures=lambda budget: [], to_dict=lambda: {}))
+    fake = lambda root, tmp_dir, profile, source, file: precision_step._Workspace(  # noqa: E731
+        root, tmp_path / "fp32", tmp_path / "fp32", profile, [], {}, SimpleNamespace(origin="builtin"))
+    monkeypatch.setattr(precision_step, "_workspace", fake)
+    monkeypatch.setattr(precision_step, "rank_nodes", lambda *a: pytest.fail("searched although the first passed"))
+    profile = dataclasses.replace(load_profile("int8"), precision_fallback=PrecisionFallback(auto=True))
+    report = apply_precision(tmp_path / "artifact", profile, None, rounds=0)
+    assert report.attempts == 1 and report.auto_kept == 0 and report.budget_failures == ()
