@@ -353,3 +353,24 @@ def test_graph_bytes_count_external_weights_and_nothing_else(tmp_path):
                        ("tokenizer.json", 40000), ("config.json", 300)):
         (tmp_path / name).write_bytes(b"x" * size)
     assert graph_bytes(tmp_path) == 5800
+
+
+@pytest.mark.parametrize("seq2seq, room", [(False, 24 - 16), (True, 24 - 1)])
+def test_agreement_prompts_leave_room_for_the_new_tokens(tiny_gpt2_dir, seq2seq, room):
+    """Beam-agreement prompts are cut so that prompt + AGREEMENT_NEW_TOKENS (16) fit the model's window
+    (seq2seq: the source, less one), a decoder-only prompt from the left (its end is what it continues).
+    transformers 5 ignores a truncation_side call argument: decoder-only prompts were cut from the right."""
+    from types import SimpleNamespace
+
+    from deploylm.export.quality import _prompts
+    from deploylm.models.source import resolve_source
+    from deploylm.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_source(tiny_gpt2_dir))
+    backend = SimpleNamespace(info=SimpleNamespace(max_positions=24, is_encoder_decoder=seq2seq))
+    text = " ".join(str(i) for i in range(60))
+    full = list(tokenizer(text)["input_ids"])
+    batch = _prompts(backend, tokenizer, (text, "0 1"))
+    assert batch.input_ids.shape[1] == room < len(full)
+    assert batch.input_ids[0].tolist() == (full[:room] if seq2seq else full[-room:])
+    assert tokenizer.truncation_side == "right"                       # the tokenizer's own setting is back

@@ -160,8 +160,13 @@ def _prompts(backend: Any, tokenizer: Any, prompts: tuple[str, ...]) -> EncodedB
 
     seq2seq = backend.info.is_encoder_decoder
     room = _window(backend) - (1 if seq2seq else AGREEMENT_NEW_TOKENS)
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="right" if seq2seq else "left",
-                    truncation=True, max_length=max(1, room), truncation_side="left" if not seq2seq else "right")
+    saved = tokenizer.truncation_side   # tokenizer state: a truncation_side call argument is ignored (transformers 5)
+    tokenizer.truncation_side = "right" if seq2seq else "left"   # decoder-only: keep the end it continues
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="right" if seq2seq else "left",
+                        truncation=True, max_length=max(1, room))
+    finally:
+        tokenizer.truncation_side = saved
     return EncodedBatch(enc["input_ids"], enc["attention_mask"])
 
 
