@@ -541,3 +541,15 @@ def test_q4_1_writes_one_block_indicator_per_input_width():
     names = [i.name for i in model.graph.initializer]
     assert len(names) == len(set(names)) and sum(n.startswith("q4_1.block_sum.") for n in names) == 1
     onnx.checker.check_model(model)
+
+
+@pytest.mark.parametrize("case", ["int4 rtn", "int4 hqq", "int4 q4_1"])
+def test_int4s_8_bit_lm_head_is_symmetric(fp32, tmp_path, case):
+    """The int8 lm_head of every int4 algorithm is symmetric RTN: no zero points (even where the profile's
+    4-bit weights are asymmetric, rtn with symmetric = false)."""
+    out = tmp_path / "q.onnx"
+    quantize_graph(fp32, out, "int4", CASES[case][1])
+    heads = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
+             and next(a.i for a in n.attribute if a.name == "bits") == 8]
+    assert len(heads) == 1 and heads[0].name.startswith("lm_head")
+    assert len(heads[0].input) < 4 or not heads[0].input[3]
