@@ -691,3 +691,17 @@ def test_a_worker_dies_quietly_with_a_bench_killed_outright(tiny_gpt2_dir, tmp_p
                          timeout=120, env=env)   # returns once the worker, which shares its pipes, is gone too
     assert run.returncode == -9 and run.stdout.strip().isdigit(), run.stderr[-2000:]
     assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr[-2000:]
+
+
+def test_decoder_share_is_the_median_over_rounds_not_the_mean():
+    """Three rounds whose decoder shares are 10%, 20% and 60% of their loop time: the row says 20% (the
+    median, as the docs say), not 30% (the mean, which one disturbed round would pull up)."""
+    from deploylm.benchmarking.report import summarize
+    from deploylm.benchmarking.workload import RowSpec
+
+    def one(model_s):
+        return RoundResult((CallTiming(2.0, 0.1, (0.1,) * 3, model_s, 1.0, steps=4),), ((1, 2, 3, 4),))
+
+    row = summarize(RowSpec("m [torch]", "m", "torch", "fp32"), [one(0.9), one(0.8), one(0.4)], 0.5, None, None)
+    assert row.decoder_pct == pytest.approx(20.0)
+    assert row.decoder_ms_per_step == pytest.approx(1e3 * 0.2 / 4)
