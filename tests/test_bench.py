@@ -705,3 +705,16 @@ def test_decoder_share_is_the_median_over_rounds_not_the_mean():
     row = summarize(RowSpec("m [torch]", "m", "torch", "fp32"), [one(0.9), one(0.8), one(0.4)], 0.5, None, None)
     assert row.decoder_pct == pytest.approx(20.0)
     assert row.decoder_ms_per_step == pytest.approx(1e3 * 0.2 / 4)
+
+
+def test_rounds_spread_exactly_the_threshold_get_no_note():
+    """The note is for a spread of MORE than UNSTEADY_SPREAD (docs/bench.md: "more than 10% of their median"):
+    rounds of 9.5, 10 and 10.5 s spread exactly 10% and get none; a hair more gets one."""
+    from deploylm.benchmarking.report import UNSTEADY_SPREAD, unsteady_note
+
+    def rounds(*walls):
+        return [RoundResult(calls=(CallTiming(w, 0.1, (), w, w, 4),), token_ids=((1,),)) for w in walls]
+
+    assert (10.5 - 9.5) / 10.0 == UNSTEADY_SPREAD                         # exactly, in floating point
+    assert unsteady_note(rounds(9.5, 10.0, 10.5)) == ()
+    assert unsteady_note(rounds(9.5, 10.0, 10.5 + 1e-9))
