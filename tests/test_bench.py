@@ -718,3 +718,38 @@ def test_rounds_spread_exactly_the_threshold_get_no_note():
     assert (10.5 - 9.5) / 10.0 == UNSTEADY_SPREAD                         # exactly, in floating point
     assert unsteady_note(rounds(9.5, 10.0, 10.5)) == ()
     assert unsteady_note(rounds(9.5, 10.0, 10.5 + 1e-9))
+
+
+def test_a_rows_peak_rss_is_the_one_its_worker_reports_not_the_parents():
+    """ProcessRunner.close returns the peak RSS the worker sent back (its own ru_maxrss), which the row
+    reports as peak_rss_mib; the parent's own peak (this pytest process) would be every row's same number."""
+    from deploylm.benchmarking.worker import ProcessRunner, peak_rss_mib
+
+    sent = []
+
+    class Conn:
+        def send(self, message):
+            sent.append(message)
+
+        def recv(self):
+            return ("ok", 12345.0)
+
+        def close(self):
+            pass
+
+    class Proc:
+        alive = True
+
+        def is_alive(self):
+            return self.alive
+
+        def join(self, timeout=None):
+            self.alive = False
+
+        def kill(self):
+            self.alive = False
+
+    runner = ProcessRunner.__new__(ProcessRunner)
+    runner.label, runner._conn, runner._proc = "m [torch]", Conn(), Proc()
+    assert peak_rss_mib() != 12345.0
+    assert runner.close() == 12345.0 and sent == ["close"]
