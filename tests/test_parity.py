@@ -387,3 +387,23 @@ def test_reference_is_refused_when_torch_does_not_check_the_artifact(tiny_gpt2_d
     art = _artifact_of(tmp_path / "art", tiny_gpt2_dir, None)
     with pytest.raises(UsageError, match="applies to an artifact checked with the torch backend"):
         run_parity(art.path, ["onnx", "trt"], reference=tiny_gpt2_dir)
+
+
+def test_one_logit_off_at_one_step_is_the_reported_maximum():
+    """max |Δ logit| is the largest difference over every step, row and vocabulary entry: one entry off by
+    0.5 in one row at one step (every other logit exact) is reported as 0.5 and fails fp32's budget, not
+    averaged away over the row's 24 entries and the step's 6 rows."""
+
+    class OneOff(Fake):
+        def _logits(self, cur, prev, step):
+            logits = super()._logits(cur, prev, step)
+            if step == 2:
+                logits = logits.clone()
+                logits[0, 1] += 0.5
+            return logits
+
+    report = _compare(OneOff(_table(), name="onnx"))
+    row = report.backends[0]
+    assert abs(row.max_abs_logit - 0.5) < 1e-5 and row.steps[2].max_abs_logit == row.max_abs_logit
+    assert [s.max_abs_logit for i, s in enumerate(row.steps) if i != 2] == [0.0] * (len(row.steps) - 1)
+    assert not report.passed and any("logits_atol" in line for line in report.failures())
