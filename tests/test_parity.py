@@ -407,3 +407,29 @@ def test_one_logit_off_at_one_step_is_the_reported_maximum():
     assert abs(row.max_abs_logit - 0.5) < 1e-5 and row.steps[2].max_abs_logit == row.max_abs_logit
     assert [s.max_abs_logit for i, s in enumerate(row.steps) if i != 2] == [0.0] * (len(row.steps) - 1)
     assert not report.passed and any("logits_atol" in line for line in report.failures())
+
+
+def test_the_reference_best_beam_is_teacher_forced_too():
+    """With num_beams > 1 the candidate is fed the reference's best beam as well as its greedy path: a
+    candidate off only after a token that the best beam takes and no greedy path does (at that position)
+    is caught. Its difference sits on the PAD logit (-100), so neither backend's own search changes."""
+    from deploylm.decoding.search import generate_ids
+
+    ref = Fake(_table(), name="torch")
+    greedy = [h[0].token_ids for h in generate_ids(ref, _batch(), OPTIONS.replace(num_beams=1))]
+    beams = [h[0].token_ids for h in generate_ids(ref, _batch(), OPTIONS)]
+    pos, token = next((p, b[p]) for b in beams for p in range(len(b)) if all(len(g) <= p or g[p] != b[p] for g in greedy))
+
+    class OffOnTheBeamPath(Fake):
+        def _logits(self, cur, prev, step):
+            logits = super()._logits(cur, prev, step)
+            if step == pos + 1:                                   # the logits after the token at `pos`
+                logits = logits.clone()
+                logits[cur == token, PAD] += 1.0
+            return logits
+
+    report = _compare(OffOnTheBeamPath(_table(), name="onnx"))
+    row = report.backends[0]
+    assert row.greedy_identical and row.beams_identical
+    assert row.max_abs_logit == 1.0 and row.steps[pos + 1].max_abs_logit == 1.0
+    assert not report.passed
