@@ -433,3 +433,16 @@ def test_the_reference_best_beam_is_teacher_forced_too():
     assert row.greedy_identical and row.beams_identical
     assert row.max_abs_logit == 1.0 and row.steps[pos + 1].max_abs_logit == 1.0
     assert not report.passed
+
+
+def test_each_steps_top1_agreement_is_over_its_active_rows():
+    """A step's top1_agreement (in --json's steps) is the share of the rows still generating at that step:
+    with prompt 0's two rows finished after step 0 and every active row agreeing, it is 1.0 at every step,
+    not 4/6 (finished rows counted as disagreeing)."""
+    table = _table()
+    table[7, :] = -100.0
+    table[7, EOS] = 100.0                         # prompt 0 ends in 7: its reference stops at once
+    report = compare_backends(Fake(table, name="torch"), {"onnx": Fake(table, name="onnx")}, _batch(), OPTIONS, FP32)
+    steps = report.backends[0].steps
+    assert [s.rows for s in steps[:2]] == [6, 4]
+    assert [s.top1_agreement for s in steps] == [1.0] * len(steps)
