@@ -446,3 +446,14 @@ def test_each_steps_top1_agreement_is_over_its_active_rows():
     steps = report.backends[0].steps
     assert [s.rows for s in steps[:2]] == [6, 4]
     assert [s.top1_agreement for s in steps] == [1.0] * len(steps)
+
+
+def test_the_table_marks_each_backends_own_result():
+    """The table's result column says FAIL on the row of the backend outside its budget and PASS on the one
+    within, not only in the last line (FAILED) for the whole report."""
+    fine, noisy = Fake(_table(), name="onnx"), Fake(_table(), name="trt", noise=FP32.logits_atol * 10)
+    report = compare_backends(Fake(_table(), name="torch"), {"onnx": fine, "trt": noisy}, _batch(), OPTIONS, FP32)
+    lines = report.table().splitlines()
+    onnx, trt = (next(line for line in lines if line.startswith(name + " ")) for name in ("onnx", "trt"))
+    assert onnx.split()[-1] == "PASS" and trt.split()[-1] == "FAIL"
+    assert lines[-1] == "FAILED"
