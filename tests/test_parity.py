@@ -457,3 +457,16 @@ def test_the_table_marks_each_backends_own_result():
     onnx, trt = (next(line for line in lines if line.startswith(name + " ")) for name in ("onnx", "trt"))
     assert onnx.split()[-1] == "PASS" and trt.split()[-1] == "FAIL"
     assert lines[-1] == "FAILED"
+
+
+def test_beams_identical_compares_every_returned_sequence():
+    """With num_return_sequences > 1 (a profile's [generation] may ask for it) "beams identical" means every
+    returned sequence of every prompt, in order, not only the best one."""
+    from types import SimpleNamespace as H
+
+    from deploylm.parity import _same_ids
+
+    ref = [[H(token_ids=(1, 2)), H(token_ids=(1, 3))], [H(token_ids=(4,)), H(token_ids=(5,))]]
+    assert _same_ids(ref, [[H(token_ids=(1, 2)), H(token_ids=(1, 3))], [H(token_ids=(4,)), H(token_ids=(5,))]])
+    assert not _same_ids(ref, [[H(token_ids=(1, 2)), H(token_ids=(1, 4))], [H(token_ids=(4,)), H(token_ids=(5,))]])
+    assert not _same_ids(ref, [[H(token_ids=(1, 2)), H(token_ids=(1, 3))], [H(token_ids=(4,)), H(token_ids=(6,))]])
