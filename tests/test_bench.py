@@ -753,3 +753,13 @@ def test_a_rows_peak_rss_is_the_one_its_worker_reports_not_the_parents():
     runner.label, runner._conn, runner._proc = "m [torch]", Conn(), Proc()
     assert peak_rss_mib() != 12345.0
     assert runner.close() == 12345.0 and sent == ["close"]
+
+
+def test_a_rows_load_time_is_the_clock_around_opening_its_model(tiny_gpt2_dir):
+    """load_s (in --json) is the time the runner took to open its model: both runners read the clock before
+    and after loading (a fake clock that ticks once per read gives exactly 1 s)."""
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:1], batch_size=1, max_new_tokens=1)
+    for make in (lambda clock: GeneratorRunner(str(tiny_gpt2_dir), "torch", workload_of(config), clock=clock),
+                 lambda clock: TransformersRunner(str(tiny_gpt2_dir), workload_of(config), clock=clock)):
+        ticks = iter(range(1000))
+        assert make(lambda: float(next(ticks))).load_s == 1.0
