@@ -428,3 +428,28 @@ def test_a_finished_greedy_row_is_fed_the_pad_token():
     out = generate_ids(backend, encode([(2,), (3, 3)]), DecodingOptions(num_beams=1, max_new_tokens=3))
     assert out[0][0].token_ids == (EOS,) and len(out[1][0].token_ids) == 3
     assert ((2,), (EOS, PAD)) in seen and not any(prompt == (2,) and g[1:2] not in ((), (PAD,)) for prompt, g in seen)
+
+
+def test_reorder_time_is_backend_time_not_decoder_overhead(monkeypatch):
+    """Reordering the backend's cache (the KV gather after each beam step) is a backend call: its time is in
+    backend_seconds, so `deploylm bench`'s decoder overhead (total - backend) does not include it."""
+    from deploylm.decoding import search
+
+    now = [0.0]
+
+    def clock():   # a fake perf_counter: 1 s per read, 1000 s inside each reorder
+        now[0] += 1.0
+        return now[0]
+
+    class SlowReorder(ScriptedBackend):
+        def reorder(self, state, beam_idx):
+            now[0] += 1000.0
+            self.reorders = getattr(self, "reorders", 0) + 1
+            return super().reorder(state, beam_idx)
+
+    monkeypatch.setattr(search.time, "perf_counter", clock)
+    backend = SlowReorder(random_script(eos_weight=0.0), vocab_size=VOCAB)
+    stats = SearchStats()
+    generate_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=2, max_new_tokens=4), stats)
+    assert backend.reorders >= 2
+    assert stats.backend_seconds >= 1000.0 * backend.reorders and stats.decoder_seconds < 1000.0
