@@ -453,3 +453,28 @@ def test_reorder_time_is_backend_time_not_decoder_overhead(monkeypatch):
     generate_ids(backend, encode(PROMPTS), DecodingOptions(num_beams=2, max_new_tokens=4), stats)
     assert backend.reorders >= 2
     assert stats.backend_seconds >= 1000.0 * backend.reorders and stats.decoder_seconds < 1000.0
+
+
+def test_building_the_results_is_loop_time(monkeypatch):
+    """Collecting the finished hypotheses after the last step is the decoder's own work: it is in
+    total_seconds (and so in bench's decoder overhead), not lost between the loop and the return."""
+    from deploylm.decoding import search
+
+    now = [0.0]
+
+    def clock():   # a fake perf_counter: 1 s per read, 1000 s inside result()
+        now[0] += 1.0
+        return now[0]
+
+    result = BeamSearch.result
+
+    def slow_result(self, *args, **kwargs):
+        now[0] += 1000.0
+        return result(self, *args, **kwargs)
+
+    monkeypatch.setattr(search.time, "perf_counter", clock)
+    monkeypatch.setattr(BeamSearch, "result", slow_result)
+    stats = SearchStats()
+    generate_ids(ScriptedBackend(random_script(eos_weight=0.0), vocab_size=VOCAB), encode(PROMPTS),
+                 DecodingOptions(num_beams=2, max_new_tokens=3), stats)
+    assert stats.total_seconds >= 1000.0 and stats.decoder_seconds >= 1000.0
