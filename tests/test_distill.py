@@ -547,3 +547,25 @@ def test_decoder_teacher_on_another_file_uses_the_given_seed_and_default_cleanin
     two.write_text("first paragraph\n\nsecond paragraph\n")
     few = distill_setup._teacher_text(DistillConfig(teacher=teacher, out=tmp_path / "s", data=two), teacher)
     assert few.splits.train == ["first paragraph", "second paragraph"] and few.splits.test == []
+
+
+def test_the_teacher_runs_in_eval_mode_without_gradients(seed_teacher, tmp_path, monkeypatch):
+    """docs/distillation.md: the teacher runs in eval mode (its soft targets are its own distribution, not
+    dropout noise) and without gradients; the student trains with dropout."""
+    real_build, seen = distill_setup.build, []
+
+    def build(config):
+        setup = real_build(config)
+        forward = setup.logits
+
+        def logits(model, inputs):
+            seen.append((model is setup.teacher, model.training, torch.is_grad_enabled()))
+            return forward(model, inputs)
+
+        setup.logits = logits
+        return setup
+
+    monkeypatch.setattr(distill_setup, "build", build)
+    distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "s", task="reverse", steps=2, **{**FAST, "eval_examples": 2}))
+    assert [s for s in seen if s[0]] == [(True, False, False)] * 2          # teacher: eval mode, no gradients
+    assert [s for s in seen if not s[0]] == [(False, True, True)] * 2       # student: training, with gradients
