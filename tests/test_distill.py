@@ -569,3 +569,21 @@ def test_the_teacher_runs_in_eval_mode_without_gradients(seed_teacher, tmp_path,
     distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "s", task="reverse", steps=2, **{**FAST, "eval_examples": 2}))
     assert [s for s in seen if s[0]] == [(True, False, False)] * 2          # teacher: eval mode, no gradients
     assert [s for s in seen if not s[0]] == [(False, True, True)] * 2       # student: training, with gradients
+
+
+@pytest.mark.parametrize("d_model", [None, 16])
+def test_the_same_seed_gives_the_same_student(seed_teacher, tmp_path, d_model):
+    """--seed fixes the run: dropout masks and (for another --d-model) the random init, whatever ran before
+    in the process; another seed gives another run."""
+    def run(name, seed):
+        torch.manual_seed(1000 + len(name))      # a different global RNG state before each call
+        return distill(DistillConfig(teacher=seed_teacher, out=tmp_path / name, task="reverse", steps=3, d_model=d_model,
+                                     seed=seed, **{**FAST, "eval_examples": 2}))
+
+    first, again, other = run("a", 0), run("bb", 0), run("ccc", 1)
+    assert [step["total"] for step in first.losses] == [step["total"] for step in again.losses]
+    assert [step["total"] for step in first.losses] != [step["total"] for step in other.losses]
+    a, _ = load_checkpoint(tmp_path / "a")
+    b, _ = load_checkpoint(tmp_path / "bb")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
