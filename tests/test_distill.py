@@ -587,3 +587,19 @@ def test_the_same_seed_gives_the_same_student(seed_teacher, tmp_path, d_model):
     b, _ = load_checkpoint(tmp_path / "bb")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("arch", ["seq2seq", "decoder"])
+def test_a_deploylm_student_starts_from_the_teachers_kept_layers(arch, seed_teacher, text_file, tmp_path):
+    """Same width: the student is the teacher's embeddings, norms, output layer and kept layers ([0, 3] of 4),
+    not a random model of the student's shape."""
+    if arch == "seq2seq":
+        teacher, data = seed_teacher, {"task": "reverse"}
+    else:
+        teacher, data = build_tiny_seed(tmp_path / "lm", arch="decoder", layers=4), {"data": text_file, "block_size": 16}
+    setup = distill_setup.build(DistillConfig(teacher=teacher, out=tmp_path / "s", **data, **FAST))
+    assert setup.init == "teacher" and all(kept == [0, 3] for kept in setup.kept.values())
+    want, got = remap_layers(setup.teacher.state_dict(), setup.kept), setup.student.state_dict()
+    assert set(got) == set(want)
+    for key, value in got.items():
+        assert torch.equal(value, want[key]), key
