@@ -603,3 +603,23 @@ def test_a_deploylm_student_starts_from_the_teachers_kept_layers(arch, seed_teac
     assert set(got) == set(want)
     for key, value in got.items():
         assert torch.equal(value, want[key]), key
+
+
+def test_a_seq2seq_student_trains_on_the_train_split_and_is_judged_on_the_test_split(seed_teacher, tmp_path, monkeypatch):
+    """docs/distillation.md: batches come from the teacher's training split (never its test split), and
+    the held-out evaluation is the first --eval-examples test examples."""
+    from deploylm.training import data, evaluate
+    from deploylm.training.tasks import task_splits
+
+    batched, judged = [], []
+    real_batch, real_eval = data.make_batch, evaluate.evaluate
+    monkeypatch.setattr(data, "make_batch", lambda tok, examples, *a: batched.extend(examples) or real_batch(tok, examples, *a))
+    monkeypatch.setattr(evaluate, "evaluate", lambda m, t, examples, *a: judged.extend(examples) or real_eval(m, t, examples, *a))
+    setup = distill_setup.build(DistillConfig(teacher=seed_teacher, out=tmp_path / "s", task="reverse", seed=3,
+                                              **{**FAST, "eval_examples": 4}))
+    for step in range(3):
+        setup.batch(step)
+    setup.evaluate(setup.student, None)
+    splits = task_splits("reverse", 3)
+    assert len(batched) == 3 * FAST["batch_size"] and set(batched) <= set(splits.train)
+    assert judged == splits.test[:4]
