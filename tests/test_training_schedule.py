@@ -153,3 +153,17 @@ def test_the_loss_is_a_mean_over_real_target_tokens_not_padding():
         logp = model(batch.src_ids, batch.src_mask, batch.tgt_in).log_softmax(-1)
     want = -sum(float(logp[b, i, y]) for b in range(2) for i, y in enumerate(batch.labels[b].tolist()) if y != -100)
     assert float(loss_sum.detach()) == pytest.approx(want, rel=1e-5)
+
+
+def test_each_optimizer_step_uses_the_rate_of_its_own_step(tmp_path, pairs):
+    """The scheduler steps after the optimizer: the first update uses 1/warmup of the peak, the
+    warmup-th the peak, then the decay (a schedule stepped first would skip the first warmup rate)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    used = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        short_run(tmp_path / "run", pairs, steps=4, warmup=2, lr=1e-2)
+    finally:
+        handle.remove()
+    assert used == pytest.approx([5e-3, 1e-2, 1e-2 * math.sqrt(2 / 3), 1e-2 * math.sqrt(2 / 4)])
