@@ -623,3 +623,22 @@ def test_a_seq2seq_student_trains_on_the_train_split_and_is_judged_on_the_test_s
     splits = task_splits("reverse", 3)
     assert len(batched) == 3 * FAST["batch_size"] and set(batched) <= set(splits.train)
     assert judged == splits.test[:4]
+
+
+def test_each_distillation_step_uses_the_rate_of_its_own_step(seed_teacher, tmp_path):
+    """Warmup min(100, steps/10) then cosine to 0: with 20 steps the first update uses half of --lr, the
+    second all of it, the last a small positive rate (a schedule stepped before the optimizer is one ahead)."""
+    import math
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    used = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        distill(DistillConfig(teacher=seed_teacher, out=tmp_path / "s", task="reverse", steps=20,
+                              **{**FAST, "batch_size": 4, "eval_examples": 2}))
+    finally:
+        handle.remove()
+    lr = FAST["lr"]
+    assert used == pytest.approx([lr * (s + 1) / 2 if s < 2 else lr * 0.5 * (1 + math.cos(math.pi * (s - 2) / 18))
+                                  for s in range(20)])
