@@ -642,3 +642,22 @@ def test_each_distillation_step_uses_the_rate_of_its_own_step(seed_teacher, tmp_
     lr = FAST["lr"]
     assert used == pytest.approx([lr * (s + 1) / 2 if s < 2 else lr * 0.5 * (1 + math.cos(math.pi * (s - 2) / 18))
                                   for s in range(20)])
+
+
+def test_a_student_save_that_fails_midway_keeps_the_previous_student(seed_teacher, tmp_path, monkeypatch):
+    """The student is built in a temporary folder and renamed into place: a save that fails halfway (a
+    full disk) leaves --out (here a student replaced with --force) as it was, and no temporary folder."""
+    out, settings = tmp_path / "s", dict(teacher=seed_teacher, task="reverse", steps=1, **{**FAST, "eval_examples": 2})
+    distill(DistillConfig(out=out, **settings))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def half_save(folder, *args):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(distill_setup, "_save_seed", half_save)
+    with pytest.raises(OSError):
+        distill(DistillConfig(out=out, force=True, **settings))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
