@@ -223,3 +223,13 @@ def test_a_full_disk_for_the_runs_small_files_is_one_line_and_leaves_no_temporar
     assert not any(p.name.startswith(".") for p in out.iterdir()) and not (out / name).exists()
     monkeypatch.undo()
     assert load_training_state(out)["step"] in (5, 10)
+
+
+def test_a_resumed_run_keeps_the_validation_history(tmp_path, fast):
+    """training_state.pt carries the validation history: after --resume, the result and metrics.json list
+    every validation of the run, not only those since the resume."""
+    settings = {**fast, "eval_every": 5, "checkpoint_every": 5}
+    train(TrainConfig(out=tmp_path / "run", steps=10, **settings))
+    resumed = train(TrainConfig(out=tmp_path / "run", steps=15, resume=True, **settings))
+    assert [v["step"] for v in resumed.validation] == [5, 10, 15]
+    assert [v["step"] for v in json.loads((tmp_path / "run" / "metrics.json").read_text())["validation"]] == [5, 10, 15]
