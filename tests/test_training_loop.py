@@ -233,3 +233,17 @@ def test_a_resumed_run_keeps_the_validation_history(tmp_path, fast):
     resumed = train(TrainConfig(out=tmp_path / "run", steps=15, resume=True, **settings))
     assert [v["step"] for v in resumed.validation] == [5, 10, 15]
     assert [v["step"] for v in json.loads((tmp_path / "run" / "metrics.json").read_text())["validation"]] == [5, 10, 15]
+
+
+def test_validation_uses_the_validation_split_and_the_final_report_the_test_split(tmp_path, fast, monkeypatch):
+    """Validation during training decodes the first eval_examples validation examples, the final metrics
+    the whole test split: never training examples (they would flatter the numbers)."""
+    from deploylm.training import workloads
+    from deploylm.training.clean import CleanOptions
+    from deploylm.training.data import jsonl_splits
+
+    seen, real = [], workloads.evaluate
+    monkeypatch.setattr(workloads, "evaluate", lambda m, t, examples, *a: seen.append(list(examples)) or real(m, t, examples, *a))
+    train(TrainConfig(out=tmp_path / "run", steps=5, eval_examples=8, **{**fast, "eval_every": 5, "checkpoint_every": 5}))
+    splits = jsonl_splits(fast["data"], 0, CleanOptions())
+    assert seen == [splits.validation[:8], splits.test]
