@@ -198,3 +198,30 @@ def test_greedy_continuation_with_the_cache_equals_greedy_without_it():
             ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
     assert got == ids[len(prompt):]
     assert len(continue_greedily(model, prompt, 100, eos=-1, device=torch.device("cpu"))) == 16 - len(prompt)
+
+
+def test_the_lm_is_scored_on_the_held_out_paragraphs():
+    """Validation perplexity is measured on the validation paragraphs (the first eval_examples), the final
+    one on the test paragraphs: each split its own `<s> doc </s>` stream, never the training text."""
+    from deploylm.training.text import TextSplits, token_stream
+    from deploylm.training.workloads import LMWork
+
+    splits = TextSplits([f"the fox ran to tree number {i}" for i in range(20)], ["an owl sat", "a cat slept"], ["the sun rose"])
+    work = LMWork(splits, block_size=8, stride=8, ngram_order=3, eval_examples=1)
+    tok = work.make_tokenizer(200)
+    config = make_config("tiny", tok.get_vocab_size(), arch="decoder", n_encoder_layers=0)
+    work.bind(tok, config)
+
+    def stream(docs):
+        return token_stream(tok, docs, config.bos_token_id, config.eos_token_id)
+
+    assert work.train_stream.tolist() == stream(splits.train)
+    assert work.validation_stream.tolist() == stream(["an owl sat"])
+    assert work.test_stream.tolist() == stream(["the sun rose"])
+    seen = []
+    work._scores = lambda model, ids, device: seen.append(ids.tolist()) or {"loss": 1.0}
+    work.ngram_order = 0
+    work._examples = lambda model, device: []
+    work.validate(None, torch.device("cpu"))
+    work.test(None, torch.device("cpu"))
+    assert seen == [stream(["an owl sat"]), stream(["the sun rose"])]
