@@ -247,3 +247,16 @@ def test_validation_uses_the_validation_split_and_the_final_report_the_test_spli
     train(TrainConfig(out=tmp_path / "run", steps=5, eval_examples=8, **{**fast, "eval_every": 5, "checkpoint_every": 5}))
     splits = jsonl_splits(fast["data"], 0, CleanOptions())
     assert seen == [splits.validation[:8], splits.test]
+
+
+def test_every_step_trains_in_training_mode_also_after_validation_and_resume(tmp_path, fast, monkeypatch):
+    """Validation puts the model in eval mode and a resumed checkpoint loads in eval mode: every training
+    step must switch dropout back on, or it is silently off after the first validation or a --resume."""
+    from deploylm.training.workloads import Seq2SeqWork
+
+    modes, real = [], Seq2SeqWork.loss_sum
+    monkeypatch.setattr(Seq2SeqWork, "loss_sum", lambda self, model, *a: modes.append(model.training) or real(self, model, *a))
+    settings = {**fast, "eval_every": 2, "checkpoint_every": 2}
+    train(TrainConfig(out=tmp_path / "run", steps=4, **settings))
+    train(TrainConfig(out=tmp_path / "run", steps=6, resume=True, **settings))
+    assert modes == [True] * 6
