@@ -167,3 +167,18 @@ def test_each_optimizer_step_uses_the_rate_of_its_own_step(tmp_path, pairs):
     finally:
         handle.remove()
     assert used == pytest.approx([5e-3, 1e-2, 1e-2 * math.sqrt(2 / 3), 1e-2 * math.sqrt(2 / 4)])
+
+
+def test_the_gradient_is_that_of_the_mean_loss_over_target_tokens(tmp_path, monkeypatch):
+    """The step minimises the mean over target tokens: with one training example, a batch of 8 copies
+    has the gradient of a batch of 4 (a summed loss would double it, and clipping at --clip-norm would
+    then act on another scale than documented)."""
+    data = tmp_path / "three.jsonl"            # 3 distinct sources: 1 test, 1 validation, 1 train
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n"
+                            for s, t in [("red fox sun", "sun fox red"), ("blue owl", "owl blue"), ("tree", "tree")]))
+    norms, real = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: norms.append(float(real(params, max_norm))))
+    for batch_size in (4, 8):
+        train(TrainConfig(out=tmp_path / f"b{batch_size}", data=data, batch_size=batch_size, steps=1, dropout=0.0,
+                          eval_every=100, checkpoint_every=100, progress=False, vocab_size=120))
+    assert norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-4)
