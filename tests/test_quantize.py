@@ -388,18 +388,24 @@ def test_static_int8_leaves_activation_products_in_fp32(tmp_path):
     assert "ht" not in quantized
 
 
-@pytest.mark.parametrize("weight_type, per_channel, reduce_range", [("quint8", True, False), ("qint8", False, True)])
-def test_dynamic_honours_weight_type_per_channel_and_reduce_range(fp32, tmp_path, weight_type, per_channel,
-                                                                  reduce_range):
-    out = tmp_path / "q.onnx"
-    quantize_graph(fp32, out, "int8", Quantization("dynamic", weight_type=weight_type, per_channel=per_channel,
-                                                   reduce_range=reduce_range))
+def _weights_follow(out, weight_type: str, per_channel: bool, reduce_range: bool) -> dict:
+    """Check w1 of the quantized graph `out` against the profile's weight settings; its initializers by name."""
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
     w1 = inits["w1_quantized"]
     assert w1.dtype == (np.uint8 if weight_type == "quint8" else np.int8)
     assert inits["w1_scale"].shape == ((H,) if per_channel else ())            # one scale per output channel
     span = int(w1.max()) - int(w1.min())
     assert (span <= 128) if reduce_range else (span > 128)                     # 7-bit weights
+    return inits
+
+
+@pytest.mark.parametrize("weight_type, per_channel, reduce_range", [("quint8", True, False), ("qint8", False, True)])
+def test_dynamic_honours_weight_type_per_channel_and_reduce_range(fp32, tmp_path, weight_type, per_channel,
+                                                                  reduce_range):
+    out = tmp_path / "q.onnx"
+    quantize_graph(fp32, out, "int8", Quantization("dynamic", weight_type=weight_type, per_channel=per_channel,
+                                                   reduce_range=reduce_range))
+    _weights_follow(out, weight_type, per_channel, reduce_range)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -479,12 +485,7 @@ def test_static_honours_weight_type_per_channel_and_reduce_range_with_uint8_acti
     q = dataclasses.replace(CASES["int8 static"][1], weight_type=weight_type, per_channel=per_channel,
                             reduce_range=reduce_range)
     quantize_graph(fp32, out, "int8", q, feeds=FEEDS)
-    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
-    w1 = inits["w1_quantized"]
-    assert w1.dtype == (np.uint8 if weight_type == "quint8" else np.int8)
-    assert inits["w1_scale"].shape == ((H,) if per_channel else ())            # one scale per output channel
-    span = int(w1.max()) - int(w1.min())
-    assert (span <= 128) if reduce_range else (span > 128)                     # 7-bit weights
+    inits = _weights_follow(out, weight_type, per_channel, reduce_range)
     assert inits["x_zero_point"].dtype == np.uint8                             # activations: QUInt8
 
 
