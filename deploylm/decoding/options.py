@@ -130,7 +130,7 @@ def _bad(name: str, value: Any, expected: str) -> UsageError:
     return OptionError(f"decoding option {name}={value!r} is invalid: {expected}", name)
 
 
-def _invalid(where: str, name: str, message: str) -> UsageError:
+def invalid(where: str, name: str, message: str) -> UsageError:
     """A call's option (`where` "decoding option") is an OptionError the CLI names by its flag; a model's own
     setting ("generation setting") is not one the user typed."""
     return OptionError(message, name) if where == "decoding option" else UsageError(message)
@@ -147,7 +147,7 @@ def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceB
     as a tuple of (ids tuple, float) pairs; a repeated token sequence keeps its last bias (transformers' dict).
     Empty means no bias. Anything else is a UsageError naming `where` ("decoding option", "generation setting")."""
     def bad() -> UsageError:
-        return _invalid(where, "sequence_bias", f"{where} sequence_bias={value!r} is invalid: expected a list of "
+        return invalid(where, "sequence_bias", f"{where} sequence_bias={value!r} is invalid: expected a list of "
                         "[token ids, bias] pairs, e.g. [[[10, 45], -2.0], [[64], 1.5]]")
     if isinstance(value, Mapping):
         pairs = list(value.items())
@@ -167,7 +167,7 @@ def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceB
             forbid = ("use bad_words_ids" if where != "decoding option" else
                       f"give it a bias of -{MAX_SEQUENCE_BIAS:g} (or list it in the model's generation_config "
                       "bad_words_ids)")
-            raise _invalid(where, "sequence_bias", f"{where} sequence_bias={value!r} is invalid: a bias of {bias!r} is "
+            raise invalid(where, "sequence_bias", f"{where} sequence_bias={value!r} is invalid: a bias of {bias!r} is "
                            f"beyond ±{MAX_SEQUENCE_BIAS:g}, which already decides every step (larger values overflow "
                            f"the float32 scores); to forbid a sequence {forbid}")
         out[tuple(ids)] = float(bias)
@@ -183,7 +183,7 @@ def parse_exponential_decay(value: Any, where: str = "decoding option") -> tuple
     ok = ok and isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) \
         and factor > 0
     if not ok:
-        raise _invalid(where, "exponential_decay_length_penalty", f"{where} exponential_decay_length_penalty={value!r} "
+        raise invalid(where, "exponential_decay_length_penalty", f"{where} exponential_decay_length_penalty={value!r} "
                        "is invalid: expected [start, factor] with start an integer >= 0 and factor a number > 0, "
                        "e.g. [8, 1.5]")
     return int(start), float(factor)

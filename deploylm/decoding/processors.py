@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import ModelInfo
-from deploylm.decoding.options import (GROUP_BEAM_SEARCH_UNSUPPORTED, DecodingOptions, parse_exponential_decay,
-                                       parse_sequence_bias)
-from deploylm.errors import OptionError, UsageError
+from deploylm.decoding.options import (GROUP_BEAM_SEARCH_UNSUPPORTED, DecodingOptions, invalid,
+                                       parse_exponential_decay, parse_sequence_bias)
+from deploylm.errors import UsageError
 
 Processor = Callable[[Tensor, Tensor], Tensor]
 
@@ -113,8 +113,8 @@ class SequenceBias:
         pairs = parse_sequence_bias(sequence_bias, where)
         outside = sorted({t for ids, _ in pairs for t in ids if t >= vocab_size})
         if outside:
-            message = f"sequence_bias has token(s) {outside} outside the vocabulary of {vocab_size}"
-            raise OptionError(message, "sequence_bias") if where == "decoding option" else UsageError(message)
+            raise invalid(where, "sequence_bias",
+                          f"sequence_bias has token(s) {outside} outside the vocabulary of {vocab_size}")
         self.pairs = pairs
         self.single = torch.zeros(vocab_size, dtype=torch.float, device=device)           # [V]
         singles = [(ids[0], bias) for ids, bias in pairs if len(ids) == 1]
