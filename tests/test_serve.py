@@ -308,6 +308,19 @@ def test_draining_server_answers_503_with_retry_after(fake):
     assert fake.calls == []
 
 
+def test_shutdown_gives_up_on_a_stream_still_decoding_after_its_wait_and_says_so(fake, monkeypatch, caplog):
+    """Shutdown waits for the threads of streams whose clients left, but not forever: past the wait it logs
+    how many are still decoding and returns."""
+    from deploylm.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "STREAM_STEP_WAIT_S", 0.05)
+    app = create_app(fake, CONFIG)
+    with caplog.at_level(logging.WARNING, logger="deploylm.serve"):
+        with TestClient(app):
+            app.state.active_streams = 1          # a stream thread that never ends its step
+    assert "1 stream(s) still decoding after 0s at shutdown" in caplog.text
+
+
 def test_web_stack_is_imported_lazily_with_an_install_hint(monkeypatch, fake):
     import subprocess
     import sys
