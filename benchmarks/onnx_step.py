@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/onnx_step.py GRAPH.onnx[@SLACK] [GRAPH2.onnx[@SLACK] ...] [--rows 32]
                                              [--past 100] [--slack 0] [--runs 30] [--threads 2] [--profile]
+                                             [--beams 4 --prompt 33]
 
 Every graph gets the same inputs: `rows` rows (the first quarter left-padded by up to 40 tokens), a
 random past of length `past`, one new token. Graphs of the "append" KV layout (io_spec.KV_APPEND)
@@ -25,21 +26,34 @@ from pathlib import Path
 import numpy as np
 
 
-def is_append(session) -> bool:
+def layout(session) -> str:
     from deploylm.export import io_spec
 
-    return io_spec.kv_layout([o.name for o in session.get_outputs()]) == io_spec.KV_APPEND
+    return io_spec.kv_layout([o.name for o in session.get_outputs()], [i.name for i in session.get_inputs()])
 
 
-def feeds_for(session, rows: int, past: int, slack: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of one decode step: ids [R,1], mask [R,P+1] (some rows left-padded), positions, past
-    (append layout: a [R, H, P + slack, Dh] buffer, mask [R, P + slack + 1])."""
+def is_append(session) -> bool:
+    """Graphs that read a past buffer with unwritten room (the append and shared-prompt layouts)."""
+    from deploylm.export import io_spec
+
+    return layout(session) in (io_spec.KV_APPEND, io_spec.KV_SHARED)
+
+
+def feeds_for(session, rows: int, past: int, slack: int = 0, seed: int = 0, beams: int = 1,
+              prompt: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of one decode step: ids [R,1], mask [R,P+1] (some prompts left-padded), positions, past
+    (append layout: a [R, H, P + slack, Dh] buffer, mask [R, P + slack + 1]). Rows come in blocks of
+    `beams` rows of one prompt: the first `prompt` past positions are the same in a block. Shared-prompt
+    graphs get those once per block as their prompt K/V [R / beams, H, prompt, Dh], and the rest in the
+    buffer; the mask is the same for every layout (prompt, buffer, new)."""
+    from deploylm.export import io_spec
+
     rng = np.random.default_rng(seed)
     mask = np.ones((rows, past + 1), dtype=np.int64)
     for r in range(rows // 4):
-        mask[r, : (r * 7) % 40] = 0
+        mask[r, : (r // beams * beams * 7) % 40] = 0
     positions = (mask.sum(-1, keepdims=True) - 1).astype(np.int64)  # [R, 1]
-    append = is_append(session)
+    append, shared = is_append(session), layout(session) == io_spec.KV_SHARED
     if append and slack:
         mask = np.concatenate([mask[:, :past], np.zeros((rows, slack), np.int64), mask[:, past:]], axis=1)
     feeds = {"input_ids": rng.integers(0, 250, (rows, 1), dtype=np.int64), "attention_mask": mask,
@@ -48,9 +62,13 @@ def feeds_for(session, rows: int, past: int, slack: int = 0, seed: int = 0) -> d
         if arg.name.startswith("past_key_values."):
             _, heads, _, head_dim = arg.shape
             kv = rng.standard_normal((rows, heads, past, head_dim), dtype=np.float32)
+            kv[:, :, :prompt] = np.repeat(kv[::beams, :, :prompt], beams, axis=0)     # one prompt per block
+            if shared:
+                feeds[arg.name.replace("past_key_values.", "prompt_key_values.")] = np.ascontiguousarray(kv[::beams, :, :prompt])
+                kv = kv[:, :, prompt:]
             if append and slack:
                 kv = np.concatenate([kv, np.zeros((rows, heads, slack, head_dim), np.float32)], axis=2)
-            feeds[arg.name] = kv
+            feeds[arg.name] = np.ascontiguousarray(kv)
     return feeds
 
 
@@ -141,12 +159,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slack", type=int, default=0,
                         help="append-layout graphs: unwritten (masked) positions in the past buffer")
+    parser.add_argument("--beams", type=int, default=1, help="rows per prompt")
+    parser.add_argument("--prompt", type=int, default=0,
+                        help="past positions that are the prompt's (shared-prompt graphs hold them once per prompt)")
     parser.add_argument("--profile", action="store_true", help="also print ORT's per-op profile of each graph")
     args = parser.parse_args()
     slacks = [int(g.rpartition("@")[2]) if "@" in g else args.slack for g in args.graphs]
     paths = [g.rpartition("@")[0] if "@" in g else g for g in args.graphs]
     sessions = [open_session(p, args.threads) for p in paths]
-    feeds = [feeds_for(s, args.rows, args.past, slack) for s, slack in zip(sessions, slacks)]
+    feeds = [feeds_for(s, args.rows, args.past, slack, beams=args.beams, prompt=args.prompt)
+             for s, slack in zip(sessions, slacks)]
     bound = [bind(s, f, args.rows, args.past) for s, f in zip(sessions, feeds)]
     for s, (binding, _) in zip(sessions, bound):
         s.run_with_iobinding(binding)  # warm-up

@@ -69,6 +69,42 @@ def _backends(artifact, kind):
     return TorchBackend.from_source(str(src)), OnnxBackend.from_source(str(out))
 
 
+@pytest.fixture(scope="module")
+def llama_in(artifact, tmp_path_factory):
+    """layout -> (torch backend, onnx backend) of the llama artifact: "shared-prompt" as exported, "append" with
+    its graph re-exported in the append layout (past buffer, no prompt K/V), as artifacts exported before the
+    shared-prompt layout hold it (opened without the manifest, whose checksum is the other graph's)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from deploylm.export import io_spec
+    from deploylm.export.hf_graphs import HFCausalGraph
+    from deploylm.export.onnx_export import export_graph, plan_graphs
+
+    made: dict[str, tuple] = {}
+
+    def get(layout: str):
+        if layout not in made:
+            src, out = artifact("llama")
+            if layout == io_spec.KV_SHARED:
+                made[layout] = _backends(artifact, "llama")
+            else:
+                folder = tmp_path_factory.mktemp("llama-append") / "artifact"
+                shutil.copytree(out, folder)
+                plan = plan_graphs(AutoModelForCausalLM.from_pretrained(src).eval())
+                dims = dataclasses.replace(plan.dims, kv_layout=layout)
+                ((_, module),) = plan.graphs
+                export_graph(HFCausalGraph(module.model, layout), io_spec.decoder_only_spec(dims), folder, dims.vocab_size)
+                made[layout] = TorchBackend.from_source(str(src)), OnnxBackend.from_folder(folder, name="append")
+            assert made[layout][1].kv_layout == layout
+        return made[layout]
+    return get
+
+
+LAYOUTS = ["shared-prompt", "append"]
+
+
 def _batch(torch_backend, src) -> EncodedBatch:
     from transformers import AutoTokenizer
 
@@ -276,15 +312,13 @@ def test_model_generation_settings_reach_the_onnx_backend(tmp_path):
     assert all(hyps[0].token_ids[0] == 5 for hyps in got)  # the forced BOS really applied
 
 
-def test_hf_causal_artifacts_use_one_kv_buffer_written_in_place(artifact):
+def test_hf_causal_artifacts_use_one_kv_buffer_written_in_place(llama_in):
     """Append layout: the graph outputs only the new K/V; the backend keeps one buffer for a
     generation (steps and in-place reorders reuse it until it has to grow)."""
     from deploylm.backends.ort_kv import KVAppend
-    from deploylm.export import io_spec
 
-    ref, onnx = _backends(artifact, "llama")
-    assert onnx.kv_layout == io_spec.KV_APPEND
-    _, state = onnx.prefill(_batch(ref, artifact("llama")[0]))
+    ref, onnx = llama_in("append")
+    _, state = onnx.prefill(_batch(ref, onnx.path))
     state = onnx.reorder(state, torch.tensor([0, 0, 1, 1]))
     assert isinstance(state.cache, KVAppend)
     pointers = set()
@@ -294,6 +328,80 @@ def test_hf_causal_artifacts_use_one_kv_buffer_written_in_place(artifact):
         pointers.add(tuple(g.data_ptr() for g in state.cache.groups))
         assert state.cache.length == state.attention_mask.shape[1] <= state.cache.capacity
     assert len(pointers) == 1
+
+
+def test_shared_prompt_artifacts_hold_each_prompt_once_through_a_beam_search(llama_in):
+    """Shared-prompt layout (what export writes for Hugging Face causal LMs): the prefill's K/V become the
+    prompts' K/V, held once per prompt; turning prompt rows into beams and every beam reorder within a
+    prompt leave them where they are (no copy per beam), while the generated positions live in one buffer
+    written in place."""
+    from deploylm.backends.ort_kv import KVShared
+
+    ref, onnx = llama_in("shared-prompt")
+    batch = _batch(ref, onnx.path)
+    _, state = onnx.prefill(batch)
+    assert isinstance(state.cache, KVShared)
+    prompt = [t.data_ptr() for t in state.cache.prompt]
+    assert state.cache.prompt[0].shape[:3] == (2, onnx._self_kv[1], batch.input_ids.shape[1])
+    state = onnx.reorder(state, torch.tensor([0, 0, 0, 1, 1, 1]))
+    generated = set()
+    for step, idx in enumerate([[1, 0, 2, 5, 3, 4], [0, 0, 0, 3, 3, 4], [2, 2, 1, 5, 5, 5]] * 2):
+        _, state = onnx.decode(torch.tensor([5, 6, 7, 8, 9, 10]) + step, state)
+        state = onnx.reorder(state, torch.tensor(idx))
+        generated.add(tuple(g.data_ptr() for g in state.cache.generated.groups))
+        assert [t.data_ptr() for t in state.cache.prompt] == prompt
+        assert state.cache.prompt_length + state.cache.generated.length == state.attention_mask.shape[1]
+    assert len(generated) == 1 and state.cache.prompt_gathers == [0]
+    options = DecodingOptions(num_beams=4, num_return_sequences=2, max_new_tokens=8)
+    gathers = []
+    original = KVShared.reorder
+    def counted(cache, idx):
+        out = original(cache, idx)
+        gathers.append(out.prompt_gathers[0])
+        return out
+    KVShared.reorder = counted
+    try:
+        got = generate_ids(onnx, batch, options)
+    finally:
+        KVShared.reorder = original
+    assert gathers and set(gathers) == {0}              # beam search never copied a prompt
+    assert [[h.token_ids for h in x] for x in got] == [[h.token_ids for h in x] for x in generate_ids(ref, batch, options)]
+
+
+def test_shared_prompt_greedy_folds_the_prompt_into_the_rows_buffer(llama_in):
+    """One row per prompt: the first decode step moves the prompts' K/V into the rows' own buffer (the
+    graph's prompt products would only cost), and the logits stay torch's."""
+    ref, onnx = llama_in("shared-prompt")
+    batch = _batch(ref, onnx.path)
+    (want, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
+    assert state.cache.prompt_length == batch.input_ids.shape[1]
+    for step in range(3):
+        tokens = torch.tensor([5, 9]) + step
+        (want, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
+        _close(want, got)
+        assert state.cache.prompt_length == 0 and state.cache.generated.length == batch.input_ids.shape[1] + step + 1
+
+
+def test_shared_prompt_reorders_across_prompts_give_torch_logits(llama_in):
+    """A caller may reorder rows across prompts (the Backend protocol allows any rows): the prompts' K/V
+    are then gathered into the blocks the rows need (in another prompt order, or one prompt per row, or
+    fewer rows), and the logits stay those of torch step after step."""
+    ref, onnx = llama_in("shared-prompt")
+    batch = _batch(ref, onnx.path)
+    (want, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
+    _close(want, got)
+    gathers = []
+    for step, idx in enumerate([[0, 0, 1, 1], [2, 3, 0, 1], [0, 2, 2, 2], [3, 3, 3, 3], [1, 0, 2, 3], [0, 3]]):
+        idx = torch.tensor(idx)
+        ref_state, state = ref.reorder(ref_state, idx), onnx.reorder(state, idx)
+        gathers.append(state.cache.prompt_gathers[0])
+        tokens = torch.arange(len(idx)) + 5 + step
+        (want, ref_state), (got, state) = ref.decode(tokens, ref_state), onnx.decode(tokens, state)
+        _close(want, got)
+    # expanding into beams and permuting rows copy nothing (rows are slots: a permutation moves no K/V, so
+    # every physical row keeps its prompt); a block of mixed prompts, rows all from one prompt, and fewer
+    # rows each gather the prompt rows once
+    assert gathers == [0, 0, 1, 2, 2, 3]
 
 
 class _CountingBinding:
@@ -314,14 +422,16 @@ class _CountingBinding:
         return getattr(self.binding, attr)
 
 
-def test_a_decode_step_binds_again_only_what_moved(artifact, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_decode_step_binds_again_only_what_moved(llama_in, layout, monkeypatch):
     """The IO binding is kept per thread and graph: a decode step that does not grow the K/V binds only
-    the ids, mask, positions and logits again; a growth binds every past again (new shape); the logits
-    are those of a fresh binding of every name per run."""
+    the ids, mask, positions and logits again; a growth binds every past again (new shape), and the
+    prompts' K/V are bound once, when the prompt rows become beams; the logits are those of a fresh
+    binding of every name per run."""
     from deploylm.export import io_spec
 
-    ref, onnx = _backends(artifact, "llama")
-    batch = _batch(ref, artifact("llama")[0])
+    ref, onnx = llama_in(layout)
+    batch = _batch(ref, onnx.path)
     kept = OnnxBackend._binding
 
     def run(policy, names_per_step: list[list[str]]) -> list[torch.Tensor]:
@@ -332,8 +442,8 @@ def test_a_decode_step_binds_again_only_what_moved(artifact, monkeypatch):
         out = [logits]
         for step in range(APPEND_GROW + 4):
             names.clear()
-            state = onnx.reorder(state, torch.tensor([1, 0] if step % 2 else [0, 0]))
-            logits, state = onnx.decode(torch.tensor([5 + step, 9]), state)
+            state = onnx.reorder(state, torch.tensor([0, 0, 1, 1] if step == 0 else [1, 0, 3, 2] if step % 2 else [0, 0, 2, 2]))
+            logits, state = onnx.decode(torch.tensor([5 + step, 9, 4, 11]), state)
             names_per_step.append(list(names))
             out.append(logits)
         return out
@@ -342,14 +452,21 @@ def test_a_decode_step_binds_again_only_what_moved(artifact, monkeypatch):
     kept_logits = run(kept, kept_names)
     fresh_logits = run(lambda self, file: (self.sessions[file].io_binding(), {}), [])
     assert all(torch.equal(a, b) for a, b in zip(kept_logits, fresh_logits))
-    pasts = set(io_spec.past_names(onnx.n_layers))
+    pasts, prompts = set(io_spec.past_names(onnx.n_layers)), set(io_spec.prompt_names(onnx.n_layers))
     per_step = ({"input_ids", "attention_mask", "position_ids", "logits"}, pasts | set(io_spec.new_kv_names(onnx.n_layers)))
     growths = [i for i, names in enumerate(kept_names) if pasts <= set(names)]
-    # step 0: the prefill ran on an empty past; the buffer (prompt + APPEND_GROW positions) is full after
-    # APPEND_GROW steps, so the step after that runs on the grown one
-    assert growths == [0, APPEND_GROW + 1]
+    if layout == io_spec.KV_APPEND:
+        # step 0: the prompt rows became beams (new buffers); the buffer (prompt + APPEND_GROW positions) is
+        # full after APPEND_GROW steps, so the step after that runs on the grown one
+        assert growths == [0, APPEND_GROW + 1]
+    else:
+        # step 0: beams, on an empty buffer of generated positions, which it grows to 1 + APPEND_GROW
+        # positions for step 1; that is full after step APPEND_GROW, so step APPEND_GROW + 2 runs on a grown one
+        assert growths == [0, 1, APPEND_GROW + 2]
+        assert prompts <= set(kept_names[0]) and not any(prompts & set(names) for names in kept_names[1:])
     for i, names in enumerate(kept_names):
-        assert set(names) <= (per_step[0] | per_step[1] if i in growths else per_step[0]), (i, names)
+        allowed = per_step[0] | per_step[1] | (prompts if i == 0 else set()) if i in growths else per_step[0]
+        assert set(names) <= allowed, (i, names)
 
 
 def test_concat_layout_graph_still_runs(artifact, tmp_path):
@@ -400,12 +517,14 @@ def _ragged_batch(vocab: int) -> EncodedBatch:
     return EncodedBatch(ids * mask, mask)
 
 
-def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_results(artifact, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_results(llama_in, layout, monkeypatch):
     """Grouped prefill (short prompts not padded to the longest) gives the logits of one padded prefill
     and of torch, step after step, and the same greedy and beam tokens."""
     import deploylm.backends.onnx_backend as onnx_backend
 
-    ref, onnx = _backends(artifact, "llama")
+    ref, onnx = llama_in(layout)
+    prefill_run = "_append_step" if layout == "append" else "_shared_prefill_run"
     batch = _ragged_batch(ref.info.vocab_size)
     runs = []
     grouped = onnx_backend.prefill_groups
@@ -418,17 +537,18 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_resul
         return [list(range(len(lengths)))]
 
     monkeypatch.setattr(onnx_backend, "prefill_groups", recorded)
-    widths, step = [], OnnxBackend._append_step
-    monkeypatch.setattr(OnnxBackend, "_append_step", lambda self, ids, *a: (widths.append(ids.shape), step(self, ids, *a))[1])
+    widths, step = [], getattr(OnnxBackend, prefill_run)
+    monkeypatch.setattr(OnnxBackend, prefill_run, lambda self, ids, *a: (widths.append(ids.shape), step(self, ids, *a))[1])
     (ref_logits, ref_state), (got, state) = ref.prefill(batch), onnx.prefill(batch)
     assert runs == [[[1, 4, 3, 6], [7, 0, 5, 2]]]
     assert widths == [(4, 5), (4, 41)]                         # each run cut to its own longest prompt
-    monkeypatch.setattr(OnnxBackend, "_append_step", step)
+    monkeypatch.setattr(OnnxBackend, prefill_run, step)
     monkeypatch.setattr(onnx_backend, "prefill_groups", one)   # the same backend, one padded prefill: a second generation
     single, single_state = onnx.prefill(batch)
     assert float((got - single).abs().max()) <= 1e-5
     _close(ref_logits, got)
-    assert state.cache.length == single_state.cache.length == batch.input_ids.shape[1]
+    length = (lambda cache: cache.length) if layout == "append" else (lambda cache: cache.prompt_length)
+    assert length(state.cache) == length(single_state.cache) == batch.input_ids.shape[1]
     for idx, token in (([0, 1, 2, 3, 4, 5, 6, 7], 9), ([1, 1, 0, 3, 5, 5, 6, 2], 17), ([7, 6, 5, 4, 3, 2, 1, 0], 4)):
         idx, tokens = torch.tensor(idx), torch.full((8,), token)
         ref_state, state, single_state = ref.reorder(ref_state, idx), onnx.reorder(state, idx), onnx.reorder(single_state, idx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,31 +84,62 @@ def test_graph_io_declared_as_the_spec(gpt2_graph):
     assert [list(o.shape) for o in session.get_outputs()][:2] == [["batch", 1, plan.dims.vocab_size],
                                                                   ["batch", 4, "seq", 8]]
     assert session.get_inputs()[3].shape == ["batch", 4, "past", 8]
-    assert plan.dims.kv_layout == io_spec.KV_APPEND  # HF causal LMs: only the new K/V out
+    prompt = {i.name: i.shape for i in session.get_inputs() if i.name.startswith("prompt_key_values.")}
+    assert list(prompt) == io_spec.prompt_names(plan.dims.n_layers)
+    assert all(shape == ["prompts", 4, "plen", 8] for shape in prompt.values())
+    assert plan.dims.kv_layout == io_spec.KV_SHARED  # HF causal LMs: prompts' K/V once, only the new K/V out
 
 
 def test_append_graph_needs_no_copy_of_the_past(gpt2_graph):
-    """Every past input feeds attention directly (matmuls, shape reads): no Concat/Expand/copy of it."""
+    """Every past and prompt K/V input feeds attention directly (matmuls, shape reads): no
+    Concat/Expand/Gather/copy of it (the prompts' K/V are never repeated per beam)."""
     import onnx
 
-    _, _, folder = gpt2_graph
+    _, plan, folder = gpt2_graph
     graph = onnx.load(str(folder / "model.onnx")).graph
-    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
-    readers = {n.op_type for n in graph.node for i in n.input if i in past}
-    assert past and readers <= {"MatMul", "Transpose", "Shape"}, readers
+    for prefix in ("past_key_values.", "prompt_key_values."):
+        kv = {i.name for i in graph.input if i.name.startswith(prefix)}
+        readers = {n.op_type for n in graph.node for i in n.input if i in kv}
+        assert len(kv) == 2 * plan.dims.n_layers and readers <= {"MatMul", "Transpose", "Shape"}, (prefix, readers)
 
 
-def test_append_graph_equals_the_concat_graph_with_unwritten_positions_masked(gpt2_graph, tmp_path):
-    """The new graph on a buffer with 3 unwritten (zero, masked) positions gives the logits of the
+def _layout_plan(plan, layout):
+    """`plan` with its Hugging Face causal graph in another KV layout (what older artifacts hold)."""
+    import dataclasses
+
+    from deploylm.export.hf_graphs import HFCausalGraph
+
+    dims = dataclasses.replace(plan.dims, kv_layout=layout)
+    ((_, module),) = plan.graphs
+    return dataclasses.replace(plan, dims=dims, graphs=((io_spec.decoder_only_spec(dims), HFCausalGraph(module.model, layout)),))
+
+
+@pytest.fixture(scope="module")
+def gpt2_append_graph(gpt2_graph, tmp_path_factory):
+    """The gpt2 graph in the append layout (past buffer, no prompt K/V), as artifacts exported before the
+    shared-prompt layout hold it."""
+    _, plan, _ = gpt2_graph
+    append = _layout_plan(plan, io_spec.KV_APPEND)
+    ((spec, module),) = append.graphs
+    folder = tmp_path_factory.mktemp("gpt2-append")
+    export_graph(module, spec, folder, append.dims.vocab_size)
+    return append, folder
+
+
+def test_append_graph_equals_the_concat_graph_with_unwritten_positions_masked(gpt2_graph, gpt2_append_graph, tmp_path):
+    """The append graph on a buffer with 3 unwritten (zero, masked) positions gives the logits of the
     optimum-layout graph on the bare past, and its new K/V are that graph's last present position."""
     from deploylm.export.hf_graphs import with_concat_layout
 
-    model, plan, folder = gpt2_graph
+    model, plan, _ = gpt2_graph
+    _, folder = gpt2_append_graph
     old = with_concat_layout(plan)
     ((old_spec, old_module),) = old.graphs
     assert old.dims.kv_layout == io_spec.KV_CONCAT and old_spec.output_names[1] == "present.0.key"
     export_graph(old_module, old_spec, tmp_path, old.dims.vocab_size)
     new_session, old_session = create_session(folder / "model.onnx"), create_session(tmp_path / "model.onnx")
+    assert io_spec.kv_layout([o.name for o in new_session.get_outputs()],
+                             [i.name for i in new_session.get_inputs()]) == io_spec.KV_APPEND
     gen = torch.Generator().manual_seed(0)
     rows, past, heads, dim = 3, 6, plan.dims.kv_heads, plan.dims.head_dim
     mask = torch.ones(rows, past + 1, dtype=torch.long)
@@ -122,6 +154,49 @@ def test_append_graph_equals_the_concat_graph_with_unwritten_positions_masked(gp
     buffer_mask = torch.cat([mask[:, :past], torch.zeros(rows, 3, dtype=torch.long), mask[:, past:]], 1)
     buffers = {k: torch.cat([torch.from_numpy(v), torch.zeros(rows, heads, 3, dim)], 2).numpy() for k, v in kv.items()}
     got = new_session.run(None, {**{k: v.numpy() for k, v in step.items()}, "attention_mask": buffer_mask.numpy(), **buffers})
+    assert float(abs(got[0] - want[0]).max()) <= 1e-5
+    for new, present in zip(got[1:], want[1:]):
+        assert new.shape == (rows, heads, 1, dim) and float(abs(new - present[:, :, -1:]).max()) <= 1e-5
+
+
+def test_shared_prompt_graph_equals_the_concat_graph_on_the_prompts_repeated_per_beam(gpt2_graph, tmp_path):
+    """The shared-prompt graph, given each prompt's K/V once for its 3 beams and the beams' own
+    generated positions in a buffer with unwritten (masked) room, gives the logits and new K/V of the
+    optimum-layout graph on every row's whole past (the prompt repeated per beam)."""
+    from deploylm.export.hf_graphs import with_concat_layout
+
+    _, plan, folder = gpt2_graph
+    old = with_concat_layout(plan)
+    ((old_spec, old_module),) = old.graphs
+    export_graph(old_module, old_spec, tmp_path, old.dims.vocab_size)
+    shared, concat = create_session(folder / "model.onnx"), create_session(tmp_path / "model.onnx")
+    n, vocab, heads, dim = plan.dims.n_layers, plan.dims.vocab_size, plan.dims.kv_heads, plan.dims.head_dim
+    gen = torch.Generator().manual_seed(4)
+    prompts, beams, plen, generated, room = 2, 3, 5, 2, 3
+    rows = prompts * beams
+    prompt_mask = torch.ones(prompts, plen, dtype=torch.long)
+    prompt_mask[0, :2] = 0                                                      # a left-padded prompt
+    prompt_ids = torch.randint(0, vocab, (prompts, plen), generator=gen)
+    empty = {name: np.zeros((prompts, heads, 0, dim), np.float32) for name in io_spec.past_names(n)}
+    prefill = concat.run(None, {"input_ids": prompt_ids.numpy(), "attention_mask": prompt_mask.numpy(),
+                                "position_ids": (prompt_mask.cumsum(-1) - 1).clamp(min=0).numpy(), **empty})
+    prompt_kv = prefill[1:]                                                       # each [P, H, plen, Dh]
+    # the beams' generated positions: each row its own 2 tokens, run on its prompt repeated per beam
+    row_mask = torch.cat([prompt_mask.repeat_interleave(beams, 0), torch.ones(rows, generated, dtype=torch.long)], 1)
+    positions = (row_mask.cumsum(-1) - 1).clamp(min=0)
+    history = concat.run(None, {"input_ids": torch.randint(0, vocab, (rows, generated), generator=gen).numpy(),
+                                "attention_mask": row_mask.numpy(), "position_ids": positions[:, plen:].numpy(),
+                                **{name: np.repeat(kv, beams, 0) for name, kv in zip(io_spec.past_names(n), prompt_kv)}})
+    whole = dict(zip(io_spec.past_names(n), history[1:]))                         # each [R, H, plen + 2, Dh]
+    step = {"input_ids": np.arange(rows, dtype=np.int64)[:, None] + 7,
+            "position_ids": (positions[:, -1:] + 1).numpy()}
+    want = concat.run(None, {**step, "attention_mask": torch.cat([row_mask, torch.ones(rows, 1, dtype=torch.long)], 1).numpy(),
+                             **whole})
+    buffers = {name: np.concatenate([kv[:, :, plen:], np.zeros((rows, heads, room, dim), np.float32)], 2)
+               for name, kv in whole.items()}
+    buffer_mask = torch.cat([row_mask, torch.zeros(rows, room, dtype=torch.long), torch.ones(rows, 1, dtype=torch.long)], 1)
+    got = shared.run(None, {**step, "attention_mask": buffer_mask.numpy(), **buffers,
+                            **dict(zip(io_spec.prompt_names(n), prompt_kv))})
     assert float(abs(got[0] - want[0]).max()) <= 1e-5
     for new, present in zip(got[1:], want[1:]):
         assert new.shape == (rows, heads, 1, dim) and float(abs(new - present[:, :, -1:]).max()) <= 1e-5

@@ -291,3 +291,71 @@ def test_a_prefill_part_whose_rows_moved_is_refused():
     assert part.slots is not None
     with pytest.raises(RuntimeError, match="a prefill part must keep its rows in order"):
         KVAppend.from_parts([([0, 1], part)], rows=2, length=3)
+
+
+def _graph_view(cache: ort_kv.KVShared) -> torch.Tensor:
+    """What a shared-prompt graph reads, per logical row: physical row r takes prompt row r // (R / P) and
+    its own generated positions; [2N, R, H, Lp + length, Dh] in logical order."""
+    prompt, generated = torch.stack(cache.prompt), cache.generated
+    rows, prompts = generated.rows, prompt.shape[1]
+    assert rows % prompts == 0
+    physical = torch.cat([prompt.index_select(1, torch.arange(rows) // (rows // prompts)),
+                          torch.cat([g[:, :, :, :generated.length] for g in generated.groups])], dim=3)
+    return physical if generated.slots is None else physical.index_select(1, generated.slots)
+
+
+def _shared_step(cache: ort_kv.KVShared, reference: torch.Tensor, gen: torch.Generator):
+    """A shared-prompt decode step: one new position per row, written into the generated buffer."""
+    length = cache.prompt_length
+    generated, generated_ref = _append_step(cache.generated, reference[:, :, :, length:], gen)
+    return cache.with_generated(generated), torch.cat([reference[:, :, :, :length], generated_ref], dim=3)
+
+
+def test_shared_prompt_cache_matches_index_select_and_keeps_the_graphs_blocks():
+    """KVShared: the prompts' K/V held once; any reorder (beams within their prompt, or rows across prompts,
+    or another row count) leaves every row reading its own prompt and generated positions, as a plain gather
+    of whole rows would, in the blocks the graph reads (physical row r -> prompt r // (R / P)). Beam-search
+    reorders (parents within the row's own prompt) never copy a prompt."""
+    gen = torch.Generator().manual_seed(21)
+    prompts, beams = 3, 4
+    prompt = torch.randn((4, prompts, 2, 5, 3), generator=gen)                     # [2N, P, H, Lp, Dh]
+    cache, ref = ort_kv.KVShared.from_prefill(prompt), prompt.clone()
+    expand = torch.arange(prompts).repeat_interleave(beams)
+    cache, ref = cache.reorder(expand), ref.index_select(1, expand)
+    assert cache.prompt_gathers == [0] and cache.prompt[0].data_ptr() == prompt[0].data_ptr()
+    rows = prompts * beams
+    for trial in range(120):
+        cache, ref = _shared_step(cache, ref, gen)
+        if trial < 60:   # beam search: each row's parent is a row of its own prompt
+            idx = torch.arange(rows) // beams * beams + torch.randint(0, beams, (rows,), generator=gen)
+        else:
+            idx = torch.randint(0, rows, (rows,), generator=gen)
+        cache, ref = cache.reorder(idx), ref.index_select(1, idx)
+        assert torch.equal(cache.written(), ref) and torch.equal(_graph_view(cache), ref), trial
+        if trial < 60:
+            assert cache.prompt_gathers == [0], trial
+    assert cache.prompt_gathers[0] > 0
+    for idx in ([5, 0, 7], [2, 2, 1, 0, 0, 1]):                                     # fewer rows, then more
+        cache, ref = cache.reorder(torch.tensor(idx)), ref.index_select(1, torch.tensor(idx))
+        assert torch.equal(cache.written(), ref) and torch.equal(_graph_view(cache), ref), idx
+        cache, ref = _shared_step(cache, ref, gen)
+
+
+def test_fold_prompt_moves_the_prompts_into_the_rows_own_buffer():
+    """One row per prompt (greedy): the prompts' K/V become the first positions of each row's buffer, in its
+    physical row, and the prompt is empty; what every row reads is unchanged, and steps go on in place."""
+    gen = torch.Generator().manual_seed(22)
+    prompt = torch.randn((5, 3, 2, 4, 3), generator=gen)                           # 5 tensors in 5 groups
+    cache = ort_kv.KVShared.from_prefill(prompt)
+    cache = cache.reorder(torch.tensor([2, 0, 1]))                                  # slots, before any position
+    ref = prompt.index_select(1, torch.tensor([2, 0, 1]))
+    assert cache.one_row_per_prompt and cache.generated.slots is not None
+    folded = cache.fold_prompt()
+    assert folded.prompt_length == 0 and folded.generated.length == 4 and not folded.one_row_per_prompt
+    assert folded.generated.capacity == 4 + APPEND_GROW
+    assert torch.equal(folded.written(), ref) and torch.equal(_graph_view(folded), ref)
+    for _ in range(APPEND_GROW + 2):
+        folded, ref = _shared_step(folded, ref, gen)
+    assert torch.equal(_graph_view(folded), ref)
+    expanded = ort_kv.KVShared.from_prefill(prompt).reorder(torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert not expanded.one_row_per_prompt                                        # beams keep the prompt apart

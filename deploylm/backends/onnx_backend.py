@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import BackendStats, EncodedBatch, ModelInfo, SpecialTokens, State, check_threads
-from deploylm.backends.ort_kv import KVAppend, KVCache, prefill_groups
+from deploylm.backends.ort_kv import KVAppend, KVCache, KVShared, prefill_groups
 from deploylm.errors import ArtifactError, MissingDependencyError, UsageError
 from deploylm.export import io_spec
 from deploylm.models.hf import rope_depends_on_length
@@ -109,8 +109,8 @@ def create_session(path: Path, *, device: str = "cpu", threads: int | None = Non
 class CausalState:
     """Decoder-only: R rows."""
 
-    cache: KVCache | KVAppend  # past_key_values.{i}.key/value in spec order, kv [2N, R, Hkv, P | capacity, Dh]
-    attention_mask: Tensor    # [R, P] int64, P = positions written
+    cache: KVCache | KVAppend | KVShared  # past_key_values.{i}.key/value in spec order, kv [2N, R, Hkv, P | capacity, Dh]
+    attention_mask: Tensor    # [R, P] int64, P = positions written (the prompt's included)
     next_position: Tensor     # [R] int64
 
     @property
@@ -217,17 +217,21 @@ class OnnxBackend:
             raise _LayoutError(f"{self.path}: graph inputs do not follow the IO spec (no {expected})")
         self._self_kv = shapes[io_spec.past_names(1, part)[0]]          # [rows, H, past, Dh]
         outputs = [o.name for o in graph.get_outputs()]
-        self.kv_layout = io_spec.KV_CONCAT if self.is_seq2seq else io_spec.kv_layout(outputs)
-        kv_out = (io_spec.new_kv_names(self.n_layers) if self.kv_layout == io_spec.KV_APPEND
+        self.kv_layout = io_spec.KV_CONCAT if self.is_seq2seq else io_spec.kv_layout(outputs, list(shapes))
+        kv_out = (io_spec.new_kv_names(self.n_layers) if self.kv_layout in (io_spec.KV_APPEND, io_spec.KV_SHARED)
                   else io_spec.present_names(self.n_layers, part))
         if not set(kv_out) <= set(outputs):
-            raise _LayoutError(f"{self.path}: graph outputs follow neither KV layout of the IO spec (no {kv_out[-1]})")
+            raise _LayoutError(f"{self.path}: graph outputs follow no KV layout of the IO spec (no {kv_out[-1]})")
+        if self.kv_layout == io_spec.KV_SHARED and not set(io_spec.prompt_names(self.n_layers)) <= set(shapes):
+            raise _LayoutError(f"{self.path}: graph inputs do not follow the IO spec's shared-prompt layout "
+                               f"(no {io_spec.prompt_names(self.n_layers)[-1]})")
         self._cross_shared = self.is_seq2seq and shapes["encoder_attention_mask"][0] == "rows"
         if self.is_seq2seq:
             self._cross_kv = shapes[io_spec.past_names(1, "encoder")[0]]  # [enc_batch | rows, H, src, Dh]
         # a rotary embedding chosen by each call's longest position (Phi-3's longrope) must see the whole
         # batch in one prefill, as transformers does: grouped prefill would give short prompts other factors
-        self._groups_prompts = self.kv_layout == io_spec.KV_APPEND and not rope_depends_on_length(self._config())
+        self._groups_prompts = (self.kv_layout in (io_spec.KV_APPEND, io_spec.KV_SHARED)
+                                and not rope_depends_on_length(self._config()))
 
     def _config(self) -> dict[str, Any]:
         import json
@@ -333,6 +337,43 @@ class OnnxBackend:
         del feeds, outputs  # views of the buffers: a growth in `reserve` frees them one group at a time
         return logits, cache.reserve(seq).append(new)
 
+    def _shared_prefill_run(self, ids: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """One prefill run of a shared-prompt model.onnx (empty prompt and past): logits [B, V] and the
+        prompts' K/V [2N, B, Hkv, T, Dh], written by ORT straight into the tensor they stay in."""
+        rows, seq = ids.shape
+        heads, head_dim = int(self._self_kv[1]), int(self._self_kv[3])
+        empty = torch.zeros((rows, heads, 0, head_dim), device=self.device)
+        kv = torch.empty((2 * self.n_layers, rows, heads, seq, head_dim), device=self.device)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                 **{n: empty for n in io_spec.past_names(self.n_layers)},
+                 **{n: empty for n in io_spec.prompt_names(self.n_layers)}}
+        outputs = {"logits": (rows, 1, self.info.vocab_size), **dict(zip(io_spec.new_kv_names(self.n_layers), kv.unbind(0)))}
+        return self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :], kv
+
+    def _shared_step(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVShared) -> tuple[Tensor, KVShared]:
+        """One run of a shared-prompt model.onnx: the prompts' K/V [P, Hkv, Lp, Dh] as they are, the
+        generated buffer as in `_append_step` (capacity C ≥ written L, unwritten positions masked);
+        mask [R, Lp + L + T] in logical order becomes [R, Lp + C + T]. Rows run in physical order."""
+        cache.generated.check_latest()
+        if cache.one_row_per_prompt:   # greedy: the prompt's own products would only cost (fold_prompt)
+            cache = cache.fold_prompt()
+        generated = cache.generated
+        ids, mask, positions = generated.to_physical(ids, mask, positions)
+        rows, seq = ids.shape
+        lead, capacity = cache.prompt_length + generated.length, cache.prompt_length + generated.capacity
+        if capacity > lead:  # [R, Lp + C + T]: the buffer's unwritten positions masked out
+            full = mask.new_zeros((rows, capacity + seq))
+            full[:, :lead], full[:, capacity:] = mask[:, :lead], mask[:, lead:]
+            mask = full
+        new = generated.new_positions(seq)                                        # [2N, R, Hkv, T, Dh]
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                 **dict(zip(io_spec.past_names(self.n_layers), generated.past)),
+                 **dict(zip(io_spec.prompt_names(self.n_layers), cache.prompt))}
+        outputs = {"logits": (rows, 1, self.info.vocab_size), **dict(zip(io_spec.new_kv_names(self.n_layers), new.unbind(0)))}
+        logits = generated.to_logical(self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :])  # [R, V]
+        del feeds, outputs  # views of the buffers: a growth in `reserve` frees them one group at a time
+        return logits, cache.with_generated(generated.reserve(seq).append(new))
+
     def _empty_causal_cache(self, rows: int) -> KVCache | KVAppend:
         kind = KVAppend if self.kv_layout == io_spec.KV_APPEND else KVCache
         return kind.empty(2 * self.n_layers, rows, int(self._self_kv[1]), int(self._self_kv[3]), self.device)
@@ -342,7 +383,9 @@ class OnnxBackend:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)               # [B, T]
         lengths = mask.sum(-1).tolist()                                           # [B] prompt lengths
         groups = prefill_groups(lengths) if self._groups_prompts else []
-        if len(groups) > 1:
+        if self.kv_layout == io_spec.KV_SHARED:
+            logits, cache = self._shared_prefill(ids, mask, positions, groups if len(groups) > 1 else [], lengths)
+        elif len(groups) > 1:
             logits, cache = self._grouped_prefill(ids, mask, positions, groups, lengths)
         else:
             step = self._append_step if self.kv_layout == io_spec.KV_APPEND else self._causal_step
@@ -366,9 +409,30 @@ class OnnxBackend:
             parts.append((group, part))
         return logits, KVAppend.from_parts(parts, rows, width)
 
+    def _shared_prefill(self, ids: Tensor, mask: Tensor, positions: Tensor, groups: list[list[int]],
+                        lengths: list[int]) -> tuple[Tensor, KVShared]:
+        """The prompts' K/V of a shared-prompt graph: one run, or one per group of similar prompt lengths
+        (as `_grouped_prefill`), each group's K/V at the right end of its rows, zeros before (masked)."""
+        if not groups:
+            logits, kv = self._shared_prefill_run(ids, mask, positions)
+            return logits, KVShared.from_prefill(kv)
+        rows, width = ids.shape
+        logits = torch.empty((rows, self.info.vocab_size), device=self.device)     # [B, V]
+        kv = torch.zeros((2 * self.n_layers, rows, int(self._self_kv[1]), width, int(self._self_kv[3])),
+                         device=self.device)                                      # [2N, B, Hkv, T, Dh]
+        for group in groups:
+            index = torch.tensor(group, device=self.device)
+            own = max(1, max(lengths[r] for r in group))                           # its longest prompt
+            part_logits, part = self._shared_prefill_run(*(t.index_select(0, index)[:, width - own:]
+                                                           for t in (ids, mask, positions)))
+            logits[index] = part_logits
+            kv[:, index, :, width - own:] = part
+        return logits, KVShared.from_prefill(kv)
+
     def _decode_causal(self, tokens: Tensor, state: CausalState) -> tuple[Tensor, CausalState]:
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones((tokens.shape[0], 1))], dim=1)  # [R, P+1]
-        step = self._append_step if self.kv_layout == io_spec.KV_APPEND else self._causal_step
+        step = {io_spec.KV_APPEND: self._append_step, io_spec.KV_SHARED: self._shared_step}.get(
+            self.kv_layout, self._causal_step)
         logits, cache = step(tokens[:, None], mask, state.next_position[:, None], state.cache)
         return logits, CausalState(cache, mask, state.next_position + 1)
 

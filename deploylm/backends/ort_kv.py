@@ -43,7 +43,7 @@ older one raises (the decoder and the parity checks never go back to an older st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -380,6 +380,97 @@ class KVAppend:
                     g.index_copy_(1, dest, g.index_select(1, src))
         identity = slots == list(range(rows))
         return self._advance(self.length, None if identity else torch.tensor(slots, device=beam_idx.device))
+
+
+@dataclass(frozen=True)
+class KVShared:
+    """The K/V of one state in the shared-prompt layout (io_spec.KV_SHARED): each prompt's K/V once,
+    `prompt` (2N tensors [P, H, Lp, Dh], left-padded as the prompts are), and the generated positions
+    per row in `generated`, a KVAppend of R rows (slots, growth and in-place appends as in the append
+    layout). `row_prompt` [R]: the prompt row of each logical row.
+
+    The graph reads physical row r's prompt as prompt row r // (R / P), so beams must sit in blocks of
+    their prompt's rows. Beam search keeps them there: rows start prompt-major when prefill rows
+    become beams (the generated part is empty then, so that expansion copies nothing), and `assign_rows`
+    only moves a child into a dead beam's row of the same prompt. A reorder that breaks the blocks
+    (a caller reordering across prompts) gathers the prompt rows the new blocks need, once.
+    """
+
+    prompt: tuple[Tensor, ...]
+    row_prompt: Tensor
+    generated: KVAppend
+    prompt_gathers: list[int] = field(default_factory=lambda: [0])   # per generation: reorders that copied prompt K/V
+
+    @classmethod
+    def from_prefill(cls, prompt: Tensor) -> "KVShared":
+        """The state after a prefill whose new K/V [2N, P, H, Lp, Dh] are the prompts' K/V."""
+        n, rows, heads, _, head_dim = prompt.shape
+        generated = KVAppend.empty(n, rows, heads, head_dim, prompt.device)
+        return cls(tuple(prompt.unbind(0)), torch.arange(rows, device=prompt.device), generated)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt[0].shape[2]
+
+    @property
+    def rows(self) -> int:
+        return self.generated.rows
+
+    def written(self) -> Tensor:
+        """Prompt and generated positions as one [2N, R, H, Lp + length, Dh] tensor, logical row order
+        (a copy: for checks, not steps)."""
+        prompt = torch.stack(self.prompt).index_select(1, self.row_prompt)
+        return torch.cat([prompt, self.generated.written()], dim=3)
+
+    def with_generated(self, generated: KVAppend) -> "KVShared":
+        return KVShared(self.prompt, self.row_prompt, generated, self.prompt_gathers)
+
+    @property
+    def one_row_per_prompt(self) -> bool:
+        """Before the first generated position, with as many rows as prompts (greedy, or sampling one sequence
+        each): holding the prompts apart then saves nothing (see `fold_prompt`)."""
+        return self.generated.length == 0 and self.prompt_length > 0 and self.rows == self.prompt[0].shape[0]
+
+    def fold_prompt(self) -> "KVShared":
+        """The prompts' K/V copied into the rows' own buffer (positions [0, Lp), as the append layout holds
+        them), with an empty prompt: for one row per prompt, where the graph's prompt products only cost
+        (SmolLM2 greedy: a step 3-4% slower with the prompt apart; the same as the append layout folded;
+        benchmarks/onnx_step.py --prompt). The attention mask's columns stay as they are."""
+        self.generated.check_latest()
+        slots = self.generated.slots
+        logical = self.row_prompt if slots is None else self.row_prompt.index_select(0, torch.argsort(slots))
+        prompt = torch.stack(self.prompt).index_select(1, logical)                   # [2N, R, H, Lp, Dh] physical
+        n, rows, heads, length, head_dim = prompt.shape
+        groups, start = [], 0
+        for size in (g.shape[0] for g in self.generated.arena.groups):
+            group = _with_room((size, rows, heads, length + APPEND_GROW, head_dim), prompt).zero_()
+            group[:, :, :, :length] = prompt[start:start + size]
+            groups.append(group)
+            start += size
+        generated = KVAppend(AppendArena(prompt.device, groups), 0, length, slots)
+        empty = torch.zeros((rows, heads, 0, head_dim), dtype=prompt.dtype, device=prompt.device)
+        row_prompt = torch.arange(rows, device=prompt.device) if slots is None else slots
+        return KVShared((empty,) * n, row_prompt, generated, self.prompt_gathers)
+
+    def reorder(self, beam_idx: Tensor) -> "KVShared":
+        """Logical rows beam_idx [R']: the generated rows as KVAppend.reorder moves them; the prompt K/V
+        stay put while every block of R'/P physical rows still holds one prompt's rows, in prompt order."""
+        generated = self.generated.reorder(beam_idx)
+        row_prompt = self.row_prompt.index_select(0, beam_idx)                       # [R'] logical
+        slots = generated.slots
+        physical = row_prompt if slots is None else row_prompt.index_select(0, torch.argsort(slots))
+        rows, prompts = physical.shape[0], self.prompt[0].shape[0]
+        width = rows // prompts if rows % prompts == 0 else 0
+        if width and torch.equal(physical, torch.arange(rows, device=physical.device) // width):
+            return KVShared(self.prompt, row_prompt, generated, self.prompt_gathers)
+        blocks = physical.view(-1, width) if width else None
+        if blocks is None or not bool((blocks == blocks[:, :1]).all()):
+            width, blocks = 1, physical.view(-1, 1)
+        block_prompt = blocks[:, 0]                                                   # [R' / width]
+        self.prompt_gathers[0] += 1
+        slot_of_row = torch.arange(rows, device=physical.device) if slots is None else slots
+        return KVShared(tuple(t.index_select(0, block_prompt) for t in self.prompt), slot_of_row // width,
+                        generated, self.prompt_gathers)
 
 
 def assign_rows(parents: list[int], rows: int) -> tuple[list[int], dict[int, int]]:

@@ -322,7 +322,7 @@ def _pad(batch: list[list[int]], left: bool, pad: int = 0) -> dict[str, np.ndarr
 def _empty_past(session: Any, rows: int, part: str = "") -> dict[str, np.ndarray]:
     feeds = {}
     for arg in session.get_inputs():
-        if arg.name.startswith("past_key_values.") and (not part or f".{part}." in arg.name):
+        if arg.name.startswith(("past_key_values.", "prompt_key_values.")) and (not part or f".{part}." in arg.name):
             feeds[arg.name] = np.zeros((rows, int(arg.shape[1]), 0, int(arg.shape[3])), dtype=np.float32)
     return feeds
 
@@ -338,13 +338,20 @@ def _causal_step_feeds(session: Any, prefill: dict[str, np.ndarray]) -> dict[str
 
     Calibrating on prefills alone never exercises attention to a past (empty there); the append-layout
     graph computes the past's scores in a branch of its own, which static quantization would then see
-    only with empty tensors. Works for both layouts: `present.*` (past + new) and `new_key_values.*`
-    (the new positions, here all of the prefill) both become `past_key_values.*`.
+    only with empty tensors. Works for every layout: `present.*` (past + new) and `new_key_values.*`
+    (the new positions, here all of the prefill) both become `past_key_values.*`; a shared-prompt graph
+    takes the first half of the positions as its `prompt_key_values.*` and the rest as its past, so
+    both of its attention branches see real K/V.
     """
     names = [o.name for o in session.get_outputs()]
     outs = dict(zip(names, session.run(None, prefill)))
     past = {n.replace("present.", "past_key_values.").replace("new_key_values.", "past_key_values."): v
             for n, v in outs.items() if n.startswith(("present.", "new_key_values."))}
+    if any(arg.name.startswith("prompt_key_values.") for arg in session.get_inputs()):
+        split = prefill["attention_mask"].shape[1] // 2
+        past = {**{n.replace("past_key_values.", "prompt_key_values."): np.ascontiguousarray(v[:, :, :split])
+                   for n, v in past.items()},
+                **{n: np.ascontiguousarray(v[:, :, split:]) for n, v in past.items()}}
     mask = prefill["attention_mask"]
     rows = mask.shape[0]
     next_ids = outs["logits"][:, -1, :].argmax(-1).astype(np.int64).reshape(rows, 1)      # [B, 1]

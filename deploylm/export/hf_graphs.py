@@ -111,6 +111,8 @@ def _register_gqa_attention() -> None:
     AttentionMaskInterface.register(GQA_ATTENTION, eager_mask)
     AttentionInterface.register(APPEND_ATTENTION, append_attention)
     AttentionMaskInterface.register(APPEND_ATTENTION, eager_mask)
+    AttentionInterface.register(SHARED_ATTENTION, shared_prompt_attention)
+    AttentionMaskInterface.register(SHARED_ATTENTION, eager_mask)
 
 
 # -- the "append" KV layout (io_spec.KV_APPEND): past in, only the new positions' K/V out ---------------
@@ -119,8 +121,10 @@ APPEND_ATTENTION = "deploylm_append"  # attention of graphs whose past is a prea
 _APPEND_CACHE: contextvars.ContextVar[Any] = contextvars.ContextVar("deploylm_append_cache")
 
 
-def _append_layer(keys: Tensor, values: Tensor):
-    """An `_AppendLayer` (a transformers DynamicLayer subclass, made on first use) holding the past."""
+def _append_layer(keys: Tensor, values: Tensor, prompt_keys: Tensor | None = None,
+                  prompt_values: Tensor | None = None):
+    """An `_AppendLayer` (a transformers DynamicLayer subclass, made on first use) holding the past
+    (and, in the shared-prompt layout, the prompts' K/V)."""
     global _AppendLayer
     if _AppendLayer is None:
         from transformers.cache_utils import DynamicLayer
@@ -128,6 +132,7 @@ def _append_layer(keys: Tensor, values: Tensor):
         _AppendLayer = type("_AppendLayer", (_AppendLayerMixin, DynamicLayer), {"__doc__": _AppendLayerMixin.__doc__})
     layer = _AppendLayer()
     layer.keys, layer.values, layer.is_initialized = keys, values, True
+    layer.prompt_keys, layer.prompt_values = prompt_keys, prompt_values
     layer.new_keys = layer.new_values = None
     return layer
 
@@ -140,22 +145,28 @@ class _AppendLayerMixin:
 
     The past is the backend's buffer [B, Hkv, L, Dh] (positions it has not written yet are masked
     out by attention_mask), so transformers' mask covers L + T positions as for any cache of length L.
+    In the shared-prompt layout the prompts' K/V [P, Hkv, Lp, Dh] come first: Lp + L + T positions.
     """
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         self.new_keys, self.new_values = key_states, value_states
         return self.keys, self.values
 
+    def _prompt_length(self) -> int:
+        return 0 if self.prompt_keys is None else self.prompt_keys.shape[-2]
+
     def get_seq_length(self) -> int:
-        return self.keys.shape[-2]
+        return self._prompt_length() + self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
-        return self.keys.shape[-2] + query_length, 0
+        return self._prompt_length() + self.keys.shape[-2] + query_length, 0
 
 
-def _append_cache(config, flat: tuple[Tensor, ...]):
+def _append_cache(config, flat: tuple[Tensor, ...], prompt: tuple[Tensor, ...] = ()):
+    """The append layout's cache (past buffer per layer); with `prompt`, the shared-prompt layout's."""
     cache = _dynamic_cache(config, ())
-    cache.layers = [_append_layer(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
+    cache.layers = [_append_layer(flat[2 * i], flat[2 * i + 1], *(prompt[2 * i:2 * i + 2] if prompt else ()))
+                    for i in range(len(flat) // 2)]
     return cache
 
 
@@ -183,6 +194,61 @@ def append_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
                   ).view(batch, kv_heads, groups * length, total)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs[..., :past], value) + torch.matmul(probs[..., past:], new_value)  # [B, Hkv, G*T, Dh]
+    return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
+
+
+SHARED_ATTENTION = "deploylm_shared_prompt"  # attention of graphs that hold each prompt's K/V once
+
+
+def _by_prompt(x: Tensor, prompts: int) -> Tensor:
+    """[R, Hkv, M, N] (R = prompts × B rows, prompt-major) -> [P, Hkv, B·M, N]: the rows of one prompt side by side.
+    Sizes are explicit, never -1: N is 0 when the prompt is (a prefill), and -1 cannot be read off 0 elements."""
+    rows, kv_heads, m, n = x.shape
+    beams = rows // prompts
+    return x.reshape(prompts, beams, kv_heads, m, n).transpose(1, 2).reshape(prompts, kv_heads, beams * m, n)
+
+
+def _by_row(x: Tensor, rows: int, m: int) -> Tensor:
+    """[P, Hkv, B·M, N] -> [R, Hkv, M, N]: the inverse of `_by_prompt`."""
+    prompts, kv_heads, _, n = x.shape
+    beams = rows // prompts
+    return x.reshape(prompts, kv_heads, beams, m, n).transpose(1, 2).reshape(rows, kv_heads, m, n)
+
+
+def shared_prompt_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
+                            **_: object) -> tuple[Tensor, None]:
+    """Attention over (the prompt's K/V, the past buffer, the new positions) without concatenating them.
+
+    The prompts' K/V [P, Hkv, Lp, Dh] are held once per prompt; rows are prompt-major (R = P × B), so
+    the B rows of a prompt are regrouped, one reshape and transpose, into one product per prompt and K/V
+    head of B·G·T query rows (instead of B products over B copies of the prompt). key/value are the
+    past [R, Hkv, L, Dh]; the new positions' k/v [R, Hkv, T, Dh] come from the layer. Scores are
+    computed against each part and only the small score tensors are concatenated: softmax over
+    [R, Hkv, G·T, Lp + L + T], then out = P_prompt @ V_prompt + P_past @ V_past + P_new @ v_new. The
+    same products as `append_attention` over the concatenated K/V (P @ V summed in three parts).
+    """
+    layer = _APPEND_CACHE.get().layers[module.layer_idx]
+    prompt_key, prompt_value = layer.prompt_keys, layer.prompt_values                # [P, Hkv, Lp, Dh]
+    new_key, new_value = layer.new_keys, layer.new_values                            # [R, Hkv, T, Dh]
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    prompts, prompt_length, past = prompt_key.shape[0], prompt_key.shape[2], key.shape[2]
+    q = query.reshape(batch, kv_heads, groups * length, head_dim)                    # [R, Hkv, G*T, Dh]
+    prompt_scores = torch.matmul(_by_prompt(q, prompts), prompt_key.transpose(2, 3))  # [P, Hkv, B*G*T, Lp]
+    scores = torch.cat([_by_row(prompt_scores, batch, groups * length),              # [R, Hkv, G*T, Lp]
+                        torch.matmul(q, key.transpose(2, 3)),                        # ... + L
+                        torch.matmul(q, new_key.transpose(2, 3))], dim=-1) * scaling  # ... + T
+    if attention_mask is not None:
+        total = scores.shape[-1]
+        scores = (scores.view(batch, kv_heads, groups, length, total) + attention_mask[:, :, None]
+                  ).view(batch, kv_heads, groups * length, total)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    from_prompt = torch.matmul(_by_prompt(probs[..., :prompt_length], prompts), prompt_value)  # [P, Hkv, B*G*T, Dh]
+    out = (_by_row(from_prompt, batch, groups * length)
+           + torch.matmul(probs[..., prompt_length:prompt_length + past], value)
+           + torch.matmul(probs[..., prompt_length + past:], new_value))            # [R, Hkv, G*T, Dh]
     return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
 
 
@@ -215,22 +281,28 @@ class HFCausalGraph(nn.Module):
     def __init__(self, model: nn.Module, layout: str | None = None):
         super().__init__()
         self.model = model
-        self.layout = layout or (io_spec.KV_APPEND if uses_append_layout(model) else io_spec.KV_CONCAT)
+        self.layout = layout or (io_spec.KV_SHARED if uses_append_layout(model) else io_spec.KV_CONCAT)
         if self.layout == io_spec.KV_APPEND:
             self.attention = APPEND_ATTENTION
+        elif self.layout == io_spec.KV_SHARED:
+            self.attention = SHARED_ATTENTION
         else:
             self.attention = GQA_ATTENTION if _uses_gqa_attention(model) else None
         if self.attention:
             _register_gqa_attention()
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        input_ids, attention_mask, position_ids, *past = inputs
+        input_ids, attention_mask, position_ids, *kv = inputs
         config = self.model.config
         original = config._attn_implementation
         if self.attention:
             config._attn_implementation = self.attention
-        append = self.layout == io_spec.KV_APPEND
-        cache = (_append_cache if append else _dynamic_cache)(config, tuple(past))  # each [B, Hkv, P, Dh]
+        append = self.layout in (io_spec.KV_APPEND, io_spec.KV_SHARED)
+        if self.layout == io_spec.KV_SHARED:    # past [B, Hkv, L, Dh] then prompt [P, Hkv, Lp, Dh], each 2N
+            half = len(kv) // 2
+            cache = _append_cache(config, tuple(kv[:half]), tuple(kv[half:]))
+        else:
+            cache = (_append_cache if append else _dynamic_cache)(config, tuple(kv))  # each [B, Hkv, P, Dh]
         token = _APPEND_CACHE.set(cache) if append else None
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -302,7 +374,7 @@ def hf_causal_dims(model: nn.Module) -> ModelDims:
         out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
     cache = causal_cache(model, out)
     _, heads, _, head_dim = cache.layers[0].keys.shape
-    layout = io_spec.KV_APPEND if uses_append_layout(model) else io_spec.KV_CONCAT
+    layout = io_spec.KV_SHARED if uses_append_layout(model) else io_spec.KV_CONCAT
     return ModelDims(n_layers=len(cache.layers), kv_heads=heads, head_dim=head_dim,
                      vocab_size=int(out.logits.shape[-1]), kv_layout=layout)
 

@@ -27,7 +27,23 @@ Decoder-only, one graph `model.onnx` (the first step takes an empty past, length
                                                                   seq new positions only; the
                                                                   backend writes them into its
                                                                   buffer (no copy of the past)
-  The output names tell the layouts apart (`kv_layout`); an empty past makes both a plain prefill.
+  Hugging Face causal LMs exported by this deploylm take the "shared-prompt" layout (KV_SHARED): the
+  append layout with each prompt's K/V held once for all of its rows (beams, returned sequences):
+    input_ids                    [batch, seq]            rows = prompts × beams, prompt-major: row r
+                                                                  belongs to prompt r // (batch / prompts)
+    attention_mask               [batch, total]          total = plen + past + seq: the prompt's
+                                                                  positions, the buffer's, the new ones
+    position_ids                 [batch, seq]
+    past_key_values.{i}.key      [batch, kv_heads, past, head_dim]   the generated positions' buffer,
+                                                                  as in the append layout
+    prompt_key_values.{i}.key    [prompts, kv_heads, plen, head_dim] (and .value) one copy per prompt
+  ->
+    logits                       [batch, 1, vocab]
+    new_key_values.{i}.key       [batch, kv_heads, seq, head_dim]    as in the append layout
+  A prefill runs with plen = past = 0 (prompts = batch); its new K/V become the prompt K/V, which
+  beam search then never copies per beam. The attention multiplies each prompt's K/V by the queries
+  of all of its rows at once.
+  The names tell the layouts apart (`kv_layout`); an empty past makes each of them a plain prefill.
 
 Encoder-decoder, two graphs:
   `encoder_model.onnx`
@@ -55,8 +71,10 @@ DECODER_FILE = "decoder_model.onnx"
 KV = ("key", "value")
 KV_CONCAT = "concat"   # outputs present.* = past + new (optimum's layout)
 KV_APPEND = "append"   # outputs new_key_values.* = the new positions only (see the module docstring)
+KV_SHARED = "shared-prompt"  # KV_APPEND + prompt_key_values.* inputs held once per prompt (module docstring)
 # axis names -> the smallest size each may take (the past is empty on the first step)
-AXIS_MIN = {"batch": 1, "seq": 1, "past": 0, "total": 1, "src": 1, "rows": 1, "enc_batch": 1}
+AXIS_MIN = {"batch": 1, "seq": 1, "past": 0, "total": 1, "src": 1, "rows": 1, "enc_batch": 1,
+            "prompts": 1, "plen": 0}
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,7 @@ class ModelDims:
     vocab_size: int
     d_model: int = 0    # encoder-decoder only: width of encoder_hidden_states
     cross_heads: int = 0  # encoder-decoder only: cross-attention K/V heads
-    kv_layout: str = KV_CONCAT  # decoder-only self-attention K/V: KV_CONCAT | KV_APPEND
+    kv_layout: str = KV_CONCAT  # decoder-only self-attention K/V: KV_CONCAT | KV_APPEND | KV_SHARED
 
 
 def past_names(n_layers: int, part: str = "") -> list[str]:
@@ -119,9 +137,17 @@ def new_kv_names(n_layers: int) -> list[str]:
     return [f"new_key_values.{i}.{kv}" for i in range(n_layers) for kv in KV]
 
 
-def kv_layout(output_names: list[str] | tuple[str, ...]) -> str:
-    """KV_APPEND when a decoder-only graph outputs new_key_values.*, else KV_CONCAT."""
-    return KV_APPEND if any(n.startswith("new_key_values.") for n in output_names) else KV_CONCAT
+def prompt_names(n_layers: int) -> list[str]:
+    """prompt_key_values.{i}.key/value in layer order: the per-prompt K/V inputs of a shared-prompt graph."""
+    return [f"prompt_key_values.{i}.{kv}" for i in range(n_layers) for kv in KV]
+
+
+def kv_layout(output_names: list[str] | tuple[str, ...], input_names: list[str] | tuple[str, ...] = ()) -> str:
+    """A decoder-only graph's layout: KV_SHARED when it takes prompt_key_values.*, KV_APPEND when it
+    outputs new_key_values.* (and takes no prompt K/V), else KV_CONCAT."""
+    if not any(n.startswith("new_key_values.") for n in output_names):
+        return KV_CONCAT
+    return KV_SHARED if any(n.startswith("prompt_key_values.") for n in input_names) else KV_APPEND
 
 
 def _kv(names: list[str], rows: str, heads: int, length: str, head_dim: int) -> tuple[TensorSpec, ...]:
@@ -135,7 +161,9 @@ def decoder_only_spec(d: ModelDims) -> GraphSpec:
         TensorSpec("position_ids", ("batch", "seq"), "int64"),
         *_kv(past_names(d.n_layers), "batch", d.kv_heads, "past", d.head_dim),
     )
-    if d.kv_layout == KV_APPEND:
+    if d.kv_layout == KV_SHARED:
+        inputs += _kv(prompt_names(d.n_layers), "prompts", d.kv_heads, "plen", d.head_dim)
+    if d.kv_layout in (KV_APPEND, KV_SHARED):
         kv = _kv(new_kv_names(d.n_layers), "batch", d.kv_heads, "seq", d.head_dim)
     else:
         kv = _kv(present_names(d.n_layers), "batch", d.kv_heads, "total", d.head_dim)

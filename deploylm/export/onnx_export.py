@@ -32,6 +32,8 @@ DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 32 * 1024**2
 # sizes used to trace: every axis ≥ 2 and distinct from the others it could be confused with
 EXPORT_SIZES = {"batch": 2, "seq": 3, "past": 4, "src": 5, "rows": 6, "enc_batch": 3}
+# the shared-prompt layout's rows are prompts × beams: 8 rows of 2 prompts (4 beams each), 7 prompt positions
+SHARED_EXPORT_SIZES = {"batch": 8, "prompts": 2, "plen": 7}
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,10 @@ def _mask(spec: TensorSpec, shape: list[int]) -> Tensor:
 
 
 def example_inputs(spec: GraphSpec, sizes: dict[str, int], vocab_size: int, seed: int = 0) -> tuple[Tensor, ...]:
-    """Inputs in spec order. sizes gives each dynamic axis; total = past + seq is derived."""
-    sizes = {**sizes, "total": sizes["past"] + sizes["seq"]}
+    """Inputs in spec order. sizes gives each dynamic axis; total = (plen +) past + seq is derived."""
+    shared = any("plen" in t.axes for t in spec.inputs)                  # the shared-prompt layout
+    sizes = {"prompts": sizes.get("batch", 1), "plen": 0, **sizes} if shared else {**sizes, "plen": 0}
+    sizes["total"] = sizes["plen"] + sizes["past"] + sizes["seq"]
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, Tensor] = {}
     for t in spec.inputs:
@@ -120,7 +124,8 @@ def dynamic_shapes(spec: GraphSpec) -> dict[str, tuple[dict[int, object], ...]]:
 def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, vocab_size: int,
                  opset: int = DEFAULT_OPSET) -> Path:
     """Export one graph to out_dir/spec.file (weights of EXTERNAL_DATA_BYTES or more in spec.file + ".data")."""
-    args = example_inputs(spec, EXPORT_SIZES, vocab_size)
+    shared = any("plen" in t.axes for t in spec.inputs)
+    args = example_inputs(spec, {**EXPORT_SIZES, **(SHARED_EXPORT_SIZES if shared else {})}, vocab_size)
     path = Path(out_dir) / spec.file
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with torch.no_grad(), warnings.catch_warnings(), _quiet_torch_onnx(), _interrupts_stay_interrupts():

@@ -20,10 +20,11 @@ from deploylm.export import io_spec
 from deploylm.export.io_spec import GraphSpec
 from deploylm.export.onnx_export import GraphPlan, example_inputs
 
-# (case name, axis sizes): an empty past with a padded prompt, then one decode step on a past
+# (case name, axis sizes): an empty past with a padded prompt, then one decode step on a past (in the
+# shared-prompt layout: 2 beams of one prompt over 3 prompt positions and 3 generated ones)
 CASES = (
-    ("empty past", {"batch": 3, "seq": 5, "past": 0, "src": 6, "rows": 6, "enc_batch": 3}),
-    ("decode step", {"batch": 2, "seq": 1, "past": 3, "src": 4, "rows": 4, "enc_batch": 2}),
+    ("empty past", {"batch": 3, "seq": 5, "past": 0, "src": 6, "rows": 6, "enc_batch": 3, "prompts": 3, "plen": 0}),
+    ("decode step", {"batch": 2, "seq": 1, "past": 3, "src": 4, "rows": 4, "enc_batch": 2, "prompts": 1, "plen": 3}),
 )
 
 
@@ -133,6 +134,8 @@ def _realistic(plan: GraphPlan, spec: GraphSpec, module: Any, args: tuple[Tensor
             for name in io_spec.past_names(plan.dims.n_layers, "encoder"):
                 feeds[name] = made[name.replace("past_key_values", "present")]
         names = io_spec.past_names(plan.dims.n_layers, "decoder" if seq2seq else "")
+        if plan.dims.kv_layout == io_spec.KV_SHARED and not seq2seq:
+            return _realistic_shared(plan, spec, module, feeds, gen)
         past = feeds[names[0]].shape[2]
         if past:
             history = dict(feeds, input_ids=torch.randint(0, plan.dims.vocab_size, (feeds["input_ids"].shape[0], past), generator=gen))
@@ -144,6 +147,35 @@ def _realistic(plan: GraphPlan, spec: GraphSpec, module: Any, args: tuple[Tensor
             made = module(*[history[n] for n in spec.input_names])[1:]
             feeds.update(zip(names, made))
     return tuple(feeds[n].contiguous() for n in spec.input_names)
+
+
+def _realistic_shared(plan: GraphPlan, spec: GraphSpec, module: Any, feeds: dict[str, Tensor],
+                      gen: torch.Generator) -> tuple[Tensor, ...]:
+    """The shared-prompt layout's K/V from the model itself: the prompts' from a prefill over `plen`
+    tokens (each prompt's first row's mask), then the rows' past from a run over `past` tokens on it."""
+    n, vocab = plan.dims.n_layers, plan.dims.vocab_size
+    past_names, prompt_names = io_spec.past_names(n), io_spec.prompt_names(n)
+    rows, prompts = feeds["input_ids"].shape[0], feeds[prompt_names[0]].shape[0]
+    plen, past = feeds[prompt_names[0]].shape[2], feeds[past_names[0]].shape[2]
+    mask = feeds["attention_mask"]                                                  # [R, plen + past + seq]
+
+    def run(ids: Tensor, mask: Tensor, prompt: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        rows = ids.shape[0]
+        history = dict(feeds, input_ids=ids, attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:],
+                       **{name: feeds[name][:rows, :, :0] for name in past_names}, **prompt)
+        return module(*[history[name] for name in spec.input_names])[1:]            # the new K/V
+
+    with torch.no_grad():
+        if plen:
+            first = mask[::rows // prompts, :plen]                                  # [P, plen]
+            empty = {name: feeds[name][:, :, :0] for name in prompt_names}
+            feeds.update(zip(prompt_names, run(torch.randint(0, vocab, (prompts, plen), generator=gen), first, empty)))
+        if past:
+            made = run(torch.randint(0, vocab, (rows, past), generator=gen), mask[:, :plen + past],
+                       {name: feeds[name] for name in prompt_names})
+            feeds.update(zip(past_names, made))
+    return tuple(feeds[name].contiguous() for name in spec.input_names)
 
 
 def _unpadded(t, value: np.ndarray, feeds: dict[str, Tensor]) -> np.ndarray:
