@@ -5,10 +5,12 @@
                                              [--beams 4 --prompt 33]
 
 Every graph gets the same inputs: `rows` rows (the first quarter left-padded by up to 40 tokens), a
-random past of length `past`, one new token. Graphs of the "append" KV layout (io_spec.KV_APPEND)
-get that past inside a buffer of `past + slack` positions (the unwritten ones zero and masked, as
+random past of length `past`, one new token. Graphs of the "append" and "shared-prompt" KV layouts
+(io_spec.KV_APPEND, KV_SHARED) get that past inside a buffer of `past + slack` positions (the unwritten ones zero and masked, as
 the backend's arena feeds them; `GRAPH@SLACK` sets it per graph, else `--slack`); "concat" graphs
-get it as is. As in the backend, inputs and outputs are bound once (IO binding) to preallocated
+get it as is. With `--beams B --prompt L`, rows come in blocks of B sharing their first L past positions,
+which shared-prompt graphs get once per block as their prompt K/V (`--prompt 0`: an empty prompt, as the
+backend feeds greedy decoding). As in the backend, inputs and outputs are bound once (IO binding) to preallocated
 arrays, so no run allocates its outputs. Sessions use the backend's options
 (ORT_ENABLE_ALL, `threads` intra-op threads, spinning off). Runs are interleaved (A, B, A, B, ...)
 after a warm-up; the median of each is printed with the ratio to the first graph and the largest

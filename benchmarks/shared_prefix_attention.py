@@ -1,5 +1,9 @@
 """The attention of a beam decode step with each prompt's K/V held once for its beams (issue 7, fifteenth session).
 
+Measured here first; built in the sixteenth session as the shared-prompt KV layout (io_spec.KV_SHARED,
+`shared_prompt_attention` in deploylm/export/hf_graphs.py), which exports now default to. The "per-row"
+form below is the older append layout.
+
 The append-layout graph (deploylm/export/hf_graphs.py, `append_attention`) keeps K/V per row: at beam 4 the
 prompt's positions are held, read and multiplied four times, once per beam, in R·Hkv small products
 (q [R, Hkv, G, Dh] against K [R, Hkv, C, Dh]). Beams never leave their prompt, so the prompt's K/V could be

@@ -334,7 +334,7 @@ def _graph_of(path: Path, inputs: list[str], output: str = "logits", symbolic_vo
 @pytest.mark.parametrize("graph, message", [
     (lambda path: tiny_graph(path), r"graph inputs do not follow the IO spec \(no past_key_values\.0\.value\)"),
     (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"]),
-     r"graph outputs follow neither KV layout of the IO spec \(no present\.0\.value\)"),
+     r"graph outputs follow no KV layout of the IO spec \(no present\.0\.value\)"),
     (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"], output="scores"),
      r"the graph has no logits output, which the IO spec requires"),
     (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"], symbolic_vocab=True),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -207,3 +208,32 @@ def test_calibration_token_ids_are_cut_and_empty_texts_dropped():
 
     tok = lambda text: {"input_ids": [int(w) for w in text.split()]}   # noqa: E731
     assert token_ids(tok, ("1 2 3 4", "", "5"), max_len=3) == [[1, 2, 3], [5]]
+
+
+def test_a_shared_prompt_graphs_decode_feed_splits_the_prefill_between_prompt_and_past(tiny_gpt2_dir, tmp_path):
+    """The decode-step feed of a shared-prompt graph gives the first half of the prefill's positions as the
+    prompt K/V and the rest as the past, so both attention branches see real K/V (static ranges, precision
+    fallback); the step's logits are the model's own for the prompts followed by the fed token."""
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deploylm.export import io_spec
+    from deploylm.export.calibration import graph_feeds
+    from deploylm.export.pipeline import export_model
+
+    out = tmp_path / "fp32"
+    export_model(tiny_gpt2_dir, "fp32", out)
+    prefill, step = graph_feeds(out, [[5, 6, 7, 8, 9], [10, 11]])["model.onnx"][:2]
+    n = sum(1 for k in step if k.startswith("past_key_values.")) // 2              # layers
+    assert [step[name].shape[2] for name in io_spec.prompt_names(n)] == [2] * 2 * n
+    assert [step[name].shape[2] for name in io_spec.past_names(n)] == [3] * 2 * n
+    assert all(prefill[name].shape[2] == 0 for name in io_spec.prompt_names(n) + io_spec.past_names(n))
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], step)[0][:, 0]                                     # [2, V]
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    ids = torch.from_numpy(np.concatenate([prefill["input_ids"], step["input_ids"]], 1))
+    mask = torch.from_numpy(step["attention_mask"])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    assert float(np.abs(logits - want.numpy()).max()) <= 1e-4

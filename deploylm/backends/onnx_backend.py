@@ -13,8 +13,12 @@
   K/V at one row per input, so they are never copied per beam. Hugging Face graphs (T5, BART) take
   them at one row per beam: they are expanded once when beams are created and gathered again only
   when the input a row belongs to changes.
-- Decoder-only K/V live in a preallocated arena (deploylm.backends.ort_kv). Graphs of the "append" KV
-  layout (io_spec.KV_APPEND: Hugging Face causal LMs) read the arena's one buffer as their past
+- Decoder-only K/V live in a preallocated arena (deploylm.backends.ort_kv). Graphs of the "shared-prompt"
+  KV layout (io_spec.KV_SHARED: Hugging Face causal LMs) take each prompt's K/V once, as the prefill made
+  them (KVShared), and the generated positions as the append layout below; the prompt rows become beams
+  without a copy and beam reorders never move a prompt; with one row per prompt (greedy) the prompts are
+  moved into the rows' buffer at the first step. Graphs of the "append" KV layout (io_spec.KV_APPEND:
+  Hugging Face causal LMs exported before) read the arena's one buffer as their past
   (unwritten positions masked) and output only the new positions' K/V, which the backend writes into
   the buffer in place; its rows are slots, so a beam reorder copies only the extra children of a
   parent, and the graph runs in the slots' row order. Graphs of the "concat" layout (present = past +
@@ -351,9 +355,10 @@ class OnnxBackend:
         return self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :], kv
 
     def _shared_step(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVShared) -> tuple[Tensor, KVShared]:
-        """One run of a shared-prompt model.onnx: the prompts' K/V [P, Hkv, Lp, Dh] as they are, the
-        generated buffer as in `_append_step` (capacity C ≥ written L, unwritten positions masked);
-        mask [R, Lp + L + T] in logical order becomes [R, Lp + C + T]. Rows run in physical order."""
+        """One run of a shared-prompt model.onnx: the prompts' K/V [P, Hkv, Lp, Dh] as they are (or, for
+        one row per prompt, first folded into the rows' buffer: KVShared.fold_prompt), the generated
+        buffer as in `_append_step` (capacity C ≥ written L, unwritten positions masked); mask
+        [R, Lp + L + T] in logical order becomes [R, Lp + C + T]. Rows run in physical order."""
         cache.generated.check_latest()
         if cache.one_row_per_prompt:   # greedy: the prompt's own products would only cost (fold_prompt)
             cache = cache.fold_prompt()

@@ -1,6 +1,8 @@
 """The decoder-only KV cache of the ONNX Runtime backend: preallocated, reordered without full copies.
 
-Two caches, one per graph KV layout (deploylm.export.io_spec):
+Three caches, one per graph KV layout (deploylm.export.io_spec). `KVShared` (layout "shared-prompt",
+Hugging Face causal LMs) holds each prompt's K/V once and the generated positions in a `KVAppend`; see
+its docstring. The other two:
 
 `KVAppend` (layout "append", Hugging Face causal LMs): ONE copy of the K/V, `[2N, R, H, C, Dh]`
 of capacity C ≥ the written length L (kept as KV_GROUPS buffers of consecutive layer tensors). The

@@ -202,7 +202,7 @@ SHARED_ATTENTION = "deploylm_shared_prompt"  # attention of graphs that hold eac
 
 def _by_prompt(x: Tensor, prompts: int) -> Tensor:
     """[R, Hkv, M, N] (R = prompts × B rows, prompt-major) -> [P, Hkv, B·M, N]: the rows of one prompt side by side.
-    Sizes are explicit, never -1: N is 0 when the prompt is (a prefill), and -1 cannot be read off 0 elements."""
+    Sizes are explicit, never -1: N is 0 when the prompt is empty (a prefill), and -1 cannot be read off 0 elements."""
     rows, kv_heads, m, n = x.shape
     beams = rows // prompts
     return x.reshape(prompts, beams, kv_heads, m, n).transpose(1, 2).reshape(prompts, kv_heads, beams * m, n)
@@ -254,7 +254,8 @@ def shared_prompt_attention(module: nn.Module, query: Tensor, key: Tensor, value
 
 def uses_append_layout(model: nn.Module) -> bool:
     """Causal LMs whose attention goes through transformers' attention interface and whose layers are
-    all plain (no sliding window) dynamic cache layers: their graph takes the append layout."""
+    all plain (no sliding window) dynamic cache layers: their graph takes the shared-prompt layout (or the
+    append layout, which it extends)."""
     config = getattr(model, "config", None)
     if config is None or not getattr(model, "_supports_attention_backend", False):
         return False
@@ -270,7 +271,9 @@ def uses_append_layout(model: nn.Module) -> bool:
 class HFCausalGraph(nn.Module):
     """model.onnx of a Hugging Face causal LM: (ids, mask, positions, *past) -> (logits [B,1,V], *K/V).
 
-    layout io_spec.KV_APPEND (default where `uses_append_layout`): the past is a preallocated buffer
+    layout io_spec.KV_SHARED (default where `uses_append_layout`): as KV_APPEND, with each prompt's K/V
+    [P, Hkv, Lp, Dh] as inputs of their own, read once for the prompt's B = R / P rows
+    (`shared_prompt_attention`). layout io_spec.KV_APPEND: the past is a preallocated buffer
     [B, Hkv, L, Dh] whose unwritten positions attention_mask [B, L+T] masks out, and the outputs
     are only the T new positions' K/V (`new_key_values.*`, [B, Hkv, T, Dh]); the backend writes them
     into its buffer, so no step copies the past. layout io_spec.KV_CONCAT: `present.*` = past + new

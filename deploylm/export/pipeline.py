@@ -104,7 +104,7 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
         concat = with_concat_layout(plan)
         if concat is not plan and apply_precision is not None:
             result["layout_note"] = ("note: speed is against fp32 graphs in the concat KV layout this profile needs; "
-                                     "the fp32 profile ships the append layout, faster at beam search: compare the "
+                                     "the fp32 profile ships the shared-prompt layout, faster at beam search: compare the "
                                      "two artifacts with deploylm bench")
         plan = concat
     fields = {"source": source_fields(source), "profile": profile.to_dict(), "generation": dict(profile.generation),
