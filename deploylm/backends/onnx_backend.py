@@ -320,26 +320,34 @@ class OnnxBackend:
         return out["logits"][:, 0, :], present                                    # [R, V]
 
     def _append_step(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVAppend) -> tuple[Tensor, KVAppend]:
-        """One run of an append-layout model.onnx: the past is the whole buffer (capacity C ≥ P),
-        positions P..C-1 masked; ORT writes the T new positions' K/V into scratch, then they are
-        copied into the buffer at P.. (mask [R, P+T] covers the written and the new positions).
-        ids, mask, positions and the logits are in the decoder's (logical) row order; the graph runs
-        in the cache's physical row order (KVAppend.slots)."""
+        """One run of an append-layout model.onnx (see `_buffer_run`)."""
         cache.check_latest()
-        ids, mask, positions = cache.to_physical(ids, mask, positions)             # the rows' slots
+        return self._buffer_run(ids, mask, positions, cache)
+
+    def _buffer_run(self, ids: Tensor, mask: Tensor, positions: Tensor, buffer: KVAppend,
+                    shared: KVShared | None = None) -> tuple[Tensor, KVAppend]:
+        """One run of a model.onnx that reads a past buffer (append and shared-prompt layouts): the past is
+        the whole buffer (capacity C ≥ written L), positions L..C-1 masked; ORT writes the T new positions'
+        K/V into scratch, then they are copied into the buffer at L.. . mask [R, Lp + L + T] (Lp: the
+        prompts' positions of a shared-prompt graph, whose K/V `shared` holds; else 0) becomes
+        [R, Lp + C + T]. ids, mask, positions and the logits are in the decoder's (logical) row order;
+        the graph runs in the buffer's physical row order (KVAppend.slots)."""
+        ids, mask, positions = buffer.to_physical(ids, mask, positions)            # the rows' slots
         rows, seq = ids.shape
-        written, capacity = cache.length, cache.capacity
-        if capacity > written:  # [R, C+T]: the unwritten positions masked out
+        offset = shared.prompt_length if shared is not None else 0
+        written, capacity = offset + buffer.length, offset + buffer.capacity
+        if capacity > written:  # [R, Lp + C + T]: the unwritten positions masked out
             full = mask.new_zeros((rows, capacity + seq))
             full[:, :written], full[:, capacity:] = mask[:, :written], mask[:, written:]
             mask = full
-        new = cache.new_positions(seq)                                            # [2N, R, Hkv, T, Dh]
+        new = buffer.new_positions(seq)                                           # [2N, R, Hkv, T, Dh]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                 **dict(zip(io_spec.past_names(self.n_layers), cache.past))}
+                 **dict(zip(io_spec.past_names(self.n_layers), buffer.past)),
+                 **(dict(zip(io_spec.prompt_names(self.n_layers), shared.prompt)) if shared is not None else {})}
         outputs = {"logits": (rows, 1, self.info.vocab_size), **dict(zip(io_spec.new_kv_names(self.n_layers), new.unbind(0)))}
-        logits = cache.to_logical(self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :])  # [R, V]
+        logits = buffer.to_logical(self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :])  # [R, V]
         del feeds, outputs  # views of the buffers: a growth in `reserve` frees them one group at a time
-        return logits, cache.reserve(seq).append(new)
+        return logits, buffer.reserve(seq).append(new)
 
     def _shared_prefill_run(self, ids: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """One prefill run of a shared-prompt model.onnx (empty prompt and past): logits [B, V] and the
@@ -357,27 +365,12 @@ class OnnxBackend:
     def _shared_step(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVShared) -> tuple[Tensor, KVShared]:
         """One run of a shared-prompt model.onnx: the prompts' K/V [P, Hkv, Lp, Dh] as they are (or, for
         one row per prompt, first folded into the rows' buffer: KVShared.fold_prompt), the generated
-        buffer as in `_append_step` (capacity C ≥ written L, unwritten positions masked); mask
-        [R, Lp + L + T] in logical order becomes [R, Lp + C + T]. Rows run in physical order."""
+        positions' buffer as in the append layout (`_buffer_run`)."""
         cache.generated.check_latest()
         if cache.one_row_per_prompt:   # greedy: the prompt's own products would only cost (fold_prompt)
             cache = cache.fold_prompt()
-        generated = cache.generated
-        ids, mask, positions = generated.to_physical(ids, mask, positions)
-        rows, seq = ids.shape
-        lead, capacity = cache.prompt_length + generated.length, cache.prompt_length + generated.capacity
-        if capacity > lead:  # [R, Lp + C + T]: the buffer's unwritten positions masked out
-            full = mask.new_zeros((rows, capacity + seq))
-            full[:, :lead], full[:, capacity:] = mask[:, :lead], mask[:, lead:]
-            mask = full
-        new = generated.new_positions(seq)                                        # [2N, R, Hkv, T, Dh]
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                 **dict(zip(io_spec.past_names(self.n_layers), generated.past)),
-                 **dict(zip(io_spec.prompt_names(self.n_layers), cache.prompt))}
-        outputs = {"logits": (rows, 1, self.info.vocab_size), **dict(zip(io_spec.new_kv_names(self.n_layers), new.unbind(0)))}
-        logits = generated.to_logical(self._run(io_spec.MODEL_FILE, feeds, outputs)["logits"][:, 0, :])  # [R, V]
-        del feeds, outputs  # views of the buffers: a growth in `reserve` frees them one group at a time
-        return logits, cache.with_generated(generated.reserve(seq).append(new))
+        logits, generated = self._buffer_run(ids, mask, positions, cache.generated, cache)
+        return logits, cache.with_generated(generated)
 
     def _empty_causal_cache(self, rows: int) -> KVCache | KVAppend:
         kind = KVAppend if self.kv_layout == io_spec.KV_APPEND else KVCache

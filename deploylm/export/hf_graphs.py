@@ -170,6 +170,17 @@ def _append_cache(config, flat: tuple[Tensor, ...], prompt: tuple[Tensor, ...] =
     return cache
 
 
+def _masked_softmax(scores: Tensor, attention_mask: Tensor | None, groups: int, length: int,
+                    dtype: torch.dtype) -> Tensor:
+    """softmax of scores [B, Hkv, G*T, total] plus the additive mask [B, 1, T, total] (the same for the G query
+    heads of a K/V head), in fp32, as `dtype`."""
+    batch, kv_heads, _, total = scores.shape
+    if attention_mask is not None:
+        scores = (scores.view(batch, kv_heads, groups, length, total) + attention_mask[:, :, None]
+                  ).view(batch, kv_heads, groups * length, total)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+
+
 def append_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                      scaling: float, dropout: float = 0.0, **_: object) -> tuple[Tensor, None]:
     """Attention over (past buffer, new positions) without concatenating them.
@@ -188,11 +199,7 @@ def append_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     q = query.reshape(batch, kv_heads, groups * length, head_dim)                  # [B, Hkv, G*T, Dh]
     scores = torch.cat([torch.matmul(q, key.transpose(2, 3)),                      # [B, Hkv, G*T, L]
                         torch.matmul(q, new_key.transpose(2, 3))], dim=-1) * scaling  # ... + T
-    if attention_mask is not None:
-        total = scores.shape[-1]
-        scores = (scores.view(batch, kv_heads, groups, length, total) + attention_mask[:, :, None]
-                  ).view(batch, kv_heads, groups * length, total)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = _masked_softmax(scores, attention_mask, groups, length, query.dtype)
     out = torch.matmul(probs[..., :past], value) + torch.matmul(probs[..., past:], new_value)  # [B, Hkv, G*T, Dh]
     return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
 
@@ -240,11 +247,7 @@ def shared_prompt_attention(module: nn.Module, query: Tensor, key: Tensor, value
     scores = torch.cat([_by_row(prompt_scores, batch, groups * length),              # [R, Hkv, G*T, Lp]
                         torch.matmul(q, key.transpose(2, 3)),                        # ... + L
                         torch.matmul(q, new_key.transpose(2, 3))], dim=-1) * scaling  # ... + T
-    if attention_mask is not None:
-        total = scores.shape[-1]
-        scores = (scores.view(batch, kv_heads, groups, length, total) + attention_mask[:, :, None]
-                  ).view(batch, kv_heads, groups * length, total)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = _masked_softmax(scores, attention_mask, groups, length, query.dtype)
     from_prompt = torch.matmul(_by_prompt(probs[..., :prompt_length], prompts), prompt_value)  # [P, Hkv, B*G*T, Dh]
     out = (_by_row(from_prompt, batch, groups * length)
            + torch.matmul(probs[..., prompt_length:prompt_length + past], value)
