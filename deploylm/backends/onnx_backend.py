@@ -390,40 +390,43 @@ class OnnxBackend:
             logits, cache = step(ids, mask, positions, self._empty_causal_cache(ids.shape[0]))
         return logits, CausalState(cache, mask, positions[:, -1] + 1)
 
-    def _grouped_prefill(self, ids: Tensor, mask: Tensor, positions: Tensor, groups: list[list[int]],
-                         lengths: list[int]) -> tuple[Tensor, KVAppend]:
-        """Prompts of very different lengths: one prefill run per group of similar lengths
-        (ort_kv.prefill_groups), each cut to its own longest prompt, so the padding of short prompts
-        to the longest one is not computed; the parts' K/V are put together as one left-padded cache."""
+    def _prefill_in_groups(self, ids: Tensor, mask: Tensor, positions: Tensor, groups: list[list[int]],
+                           lengths: list[int], run: Any) -> tuple[Tensor, list[tuple[list[int], Tensor, int, Any]]]:
+        """Prompts of very different lengths: one prefill `run(ids, mask, positions) -> (logits, part)` per group
+        of similar lengths (ort_kv.prefill_groups), each cut to its own longest prompt, so the padding of short
+        prompts to the longest one is not computed. Returns the logits [B, V] in row order and, per group, its
+        rows, their index tensor, its width and its part."""
         rows, width = ids.shape
         logits = torch.empty((rows, self.info.vocab_size), device=self.device)     # [B, V]
         parts = []
         for group in groups:
             index = torch.tensor(group, device=self.device)
-            own = slice(width - max(1, max(lengths[r] for r in group)), width)     # its longest prompt
-            part_logits, part = self._append_step(*(t.index_select(0, index)[:, own] for t in (ids, mask, positions)),
-                                                  self._empty_causal_cache(len(group)))
+            own = max(1, max(lengths[r] for r in group))                           # its longest prompt
+            part_logits, part = run(*(t.index_select(0, index)[:, width - own:] for t in (ids, mask, positions)))
             logits[index] = part_logits
-            parts.append((group, part))
-        return logits, KVAppend.from_parts(parts, rows, width)
+            parts.append((group, index, own, part))
+        return logits, parts
+
+    def _grouped_prefill(self, ids: Tensor, mask: Tensor, positions: Tensor, groups: list[list[int]],
+                         lengths: list[int]) -> tuple[Tensor, KVAppend]:
+        """`_prefill_in_groups` in the append layout: the parts' K/V put together as one left-padded cache."""
+        logits, parts = self._prefill_in_groups(
+            ids, mask, positions, groups, lengths,
+            lambda *inputs: self._append_step(*inputs, self._empty_causal_cache(inputs[0].shape[0])))
+        return logits, KVAppend.from_parts([(group, part) for group, _, _, part in parts], *ids.shape)
 
     def _shared_prefill(self, ids: Tensor, mask: Tensor, positions: Tensor, groups: list[list[int]],
                         lengths: list[int]) -> tuple[Tensor, KVShared]:
         """The prompts' K/V of a shared-prompt graph: one run, or one per group of similar prompt lengths
-        (as `_grouped_prefill`), each group's K/V at the right end of its rows, zeros before (masked)."""
+        (`_prefill_in_groups`), each group's K/V at the right end of its rows, zeros before (masked)."""
         if not groups:
             logits, kv = self._shared_prefill_run(ids, mask, positions)
             return logits, KVShared.from_prefill(kv)
+        logits, parts = self._prefill_in_groups(ids, mask, positions, groups, lengths, self._shared_prefill_run)
         rows, width = ids.shape
-        logits = torch.empty((rows, self.info.vocab_size), device=self.device)     # [B, V]
         kv = torch.zeros((2 * self.n_layers, rows, int(self._self_kv[1]), width, int(self._self_kv[3])),
                          device=self.device)                                      # [2N, B, Hkv, T, Dh]
-        for group in groups:
-            index = torch.tensor(group, device=self.device)
-            own = max(1, max(lengths[r] for r in group))                           # its longest prompt
-            part_logits, part = self._shared_prefill_run(*(t.index_select(0, index)[:, width - own:]
-                                                           for t in (ids, mask, positions)))
-            logits[index] = part_logits
+        for _, index, own, part in parts:
             kv[:, index, :, width - own:] = part
         return logits, KVShared.from_prefill(kv)
 
