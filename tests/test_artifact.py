@@ -306,9 +306,11 @@ def test_replaced_graph_with_other_io_is_refused(artifact):
         load_artifact(artifact)
 
 
-def _graph_of(path: Path, inputs: list[str], output: str = "logits", symbolic_vocab: bool = False) -> None:
+def _graph_of(path: Path, inputs: list[str], output: str = "logits", symbolic_vocab: bool = False,
+              copies: tuple[str, ...] = ()) -> None:
     """input_ids plus `inputs` (float [batch, 2, past, 4], unused) -> `output` [batch, sequence, 4];
-    symbolic_vocab: [batch, sequence, past] instead (the rows of past_key_values.0.key[0, 0] as the vocabulary)."""
+    symbolic_vocab: [batch, sequence, past] instead (the rows of past_key_values.0.key[0, 0] as the vocabulary);
+    `copies`: more outputs, each a copy of the first of `inputs`."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -322,11 +324,13 @@ def _graph_of(path: Path, inputs: list[str], output: str = "logits", symbolic_vo
                  helper.make_node("Gather", ["k0", "zero"], ["k00"], axis=0),              # [past, 4]
                  helper.make_node("Transpose", ["k00"], ["kt"]),                           # [4, past]
                  helper.make_node("MatMul", ["hidden", "kt"], [output])]                  # [batch, sequence, past]
+    nodes += [helper.make_node("Identity", [inputs[0]], [name]) for name in copies]
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
         + [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 2, "past", 4]) for name in inputs],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", "sequence", "past" if symbolic_vocab else 4])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", "sequence", "past" if symbolic_vocab else 4])]
+        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 2, "past", 4]) for name in copies],
         [table])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
 
@@ -335,6 +339,9 @@ def _graph_of(path: Path, inputs: list[str], output: str = "logits", symbolic_vo
     (lambda path: tiny_graph(path), r"graph inputs do not follow the IO spec \(no past_key_values\.0\.value\)"),
     (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"]),
      r"graph outputs follow no KV layout of the IO spec \(no present\.0\.value\)"),
+    (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value", "prompt_key_values.0.key"],
+                            copies=("new_key_values.0.key", "new_key_values.0.value")),
+     r"graph inputs do not follow the IO spec's shared-prompt layout \(no prompt_key_values\.0\.value\)"),
     (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"], output="scores"),
      r"the graph has no logits output, which the IO spec requires"),
     (lambda path: _graph_of(path, ["past_key_values.0.key", "past_key_values.0.value"], symbolic_vocab=True),
