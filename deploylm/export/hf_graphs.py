@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deploylm.export import io_spec
+from deploylm.export import io_spec, shared_attention_op
 from deploylm.export.io_spec import ModelDims
+from deploylm.export.shared_attention_op import masked_softmax
 from deploylm.errors import UsageError
 from deploylm.models.hf import cache_keyword, cache_of, not_a_decoder, rope_types
 
@@ -170,17 +171,6 @@ def _append_cache(config, flat: tuple[Tensor, ...], prompt: tuple[Tensor, ...] =
     return cache
 
 
-def _masked_softmax(scores: Tensor, attention_mask: Tensor | None, groups: int, length: int,
-                    dtype: torch.dtype) -> Tensor:
-    """softmax of scores [B, Hkv, G*T, total] plus the additive mask [B, 1, T, total] (the same for the G query
-    heads of a K/V head), in fp32, as `dtype`."""
-    batch, kv_heads, _, total = scores.shape
-    if attention_mask is not None:
-        scores = (scores.view(batch, kv_heads, groups, length, total) + attention_mask[:, :, None]
-                  ).view(batch, kv_heads, groups * length, total)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-
-
 def append_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                      scaling: float, dropout: float = 0.0, **_: object) -> tuple[Tensor, None]:
     """Attention over (past buffer, new positions) without concatenating them.
@@ -199,27 +189,12 @@ def append_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     q = query.reshape(batch, kv_heads, groups * length, head_dim)                  # [B, Hkv, G*T, Dh]
     scores = torch.cat([torch.matmul(q, key.transpose(2, 3)),                      # [B, Hkv, G*T, L]
                         torch.matmul(q, new_key.transpose(2, 3))], dim=-1) * scaling  # ... + T
-    probs = _masked_softmax(scores, attention_mask, groups, length, query.dtype)
+    probs = masked_softmax(scores, attention_mask, groups, length, query.dtype)
     out = torch.matmul(probs[..., :past], value) + torch.matmul(probs[..., past:], new_value)  # [B, Hkv, G*T, Dh]
     return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
 
 
 SHARED_ATTENTION = "deploylm_shared_prompt"  # attention of graphs that hold each prompt's K/V once
-
-
-def _by_prompt(x: Tensor, prompts: int) -> Tensor:
-    """[R, Hkv, M, N] (R = prompts × B rows, prompt-major) -> [P, Hkv, B·M, N]: the rows of one prompt side by side.
-    Sizes are explicit, never -1: N is 0 when the prompt is empty (a prefill), and -1 cannot be read off 0 elements."""
-    rows, kv_heads, m, n = x.shape
-    beams = rows // prompts
-    return x.reshape(prompts, beams, kv_heads, m, n).transpose(1, 2).reshape(prompts, kv_heads, beams * m, n)
-
-
-def _by_row(x: Tensor, rows: int, m: int) -> Tensor:
-    """[P, Hkv, B·M, N] -> [R, Hkv, M, N]: the inverse of `_by_prompt`."""
-    prompts, kv_heads, _, n = x.shape
-    beams = rows // prompts
-    return x.reshape(prompts, kv_heads, beams, m, n).transpose(1, 2).reshape(rows, kv_heads, m, n)
 
 
 def shared_prompt_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -233,25 +208,20 @@ def shared_prompt_attention(module: nn.Module, query: Tensor, key: Tensor, value
     past [R, Hkv, L, Dh]; the new positions' k/v [R, Hkv, T, Dh] come from the layer. Scores are
     computed against each part and only the small score tensors are concatenated: softmax over
     [R, Hkv, G·T, Lp + L + T], then out = P_prompt @ V_prompt + P_past @ V_past + P_new @ v_new. The
-    same products as `append_attention` over the concatenated K/V (P @ V summed in three parts).
+    same products as `append_attention` over the concatenated K/V (P @ V summed in three parts), computed
+    by one custom op (`shared_attention_op`) that torch.export does not trace through.
     """
     layer = _APPEND_CACHE.get().layers[module.layer_idx]
-    prompt_key, prompt_value = layer.prompt_keys, layer.prompt_values                # [P, Hkv, Lp, Dh]
-    new_key, new_value = layer.new_keys, layer.new_values                            # [R, Hkv, T, Dh]
     batch, heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    prompts, prompt_length, past = prompt_key.shape[0], prompt_key.shape[2], key.shape[2]
     q = query.reshape(batch, kv_heads, groups * length, head_dim)                    # [R, Hkv, G*T, Dh]
-    prompt_scores = torch.matmul(_by_prompt(q, prompts), prompt_key.transpose(2, 3))  # [P, Hkv, B*G*T, Lp]
-    scores = torch.cat([_by_row(prompt_scores, batch, groups * length),              # [R, Hkv, G*T, Lp]
-                        torch.matmul(q, key.transpose(2, 3)),                        # ... + L
-                        torch.matmul(q, new_key.transpose(2, 3))], dim=-1) * scaling  # ... + T
-    probs = _masked_softmax(scores, attention_mask, groups, length, query.dtype)
-    from_prompt = torch.matmul(_by_prompt(probs[..., :prompt_length], prompts), prompt_value)  # [P, Hkv, B*G*T, Dh]
-    out = (_by_row(from_prompt, batch, groups * length)
-           + torch.matmul(probs[..., prompt_length:prompt_length + past], value)
-           + torch.matmul(probs[..., prompt_length + past:], new_value))            # [R, Hkv, G*T, Dh]
+    if attention_mask is None:                                                       # [R, 1, T, Lp + L + T]
+        total = layer.prompt_keys.shape[2] + key.shape[2] + length
+        attention_mask = query.new_zeros(batch, 1, length, total)
+    out = shared_attention_op.shared_prompt_attention(q, layer.prompt_keys, layer.prompt_values, key, value,
+                                                      layer.new_keys, layer.new_values, attention_mask, scaling,
+                                                      groups)                                # [R, Hkv, G*T, Dh]
     return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
 
 
