@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deploylm.errors import UsageError
+from deploylm.export.io_spec import KV_APPEND, KV_CONCAT, KV_SHARED
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 BACKENDS = ("torch", "onnx", "trt")
@@ -29,8 +30,11 @@ METHOD_KEYS: dict[str, dict[str, Any]] = {
     "weight-only": {"block_size": 32, "accuracy_level": 0, "algorithm": "rtn", "symmetric": False,
                     "embedding": False},
 }
-TOP_KEYS = ("name", "description", "precision", "backends", "quantization", "precision_fallback",
+TOP_KEYS = ("name", "description", "precision", "backends", "kv_layout", "quantization", "precision_fallback",
             "tensorrt", "parity", "quality", "generation")
+# the decoder-only graphs' KV layout (docs/formats.md); "auto": shared-prompt where the model allows it, concat
+# where the profile needs it (TensorRT, static int8) or the model takes nothing else
+KV_LAYOUTS = ("auto", KV_SHARED, KV_APPEND, KV_CONCAT)
 SHAPE_DEFAULTS = {"batch": (1, 4, 16), "sequence": (1, 64, 512), "past": (0, 64, 512)}
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")      # whole names only (fullmatch: no trailing newline)
 _ONE_LINE = re.compile(r"[^\n\r]*")
@@ -100,6 +104,7 @@ class Profile:
     precision: str
     backends: tuple[str, ...]
     parity: Parity
+    kv_layout: str = "auto"
     quantization: Quantization | None = None
     precision_fallback: PrecisionFallback | None = None  # None for fp32 (nothing to fall back to)
     tensorrt: TensorRT | None = None
@@ -219,12 +224,18 @@ def _parse(data: dict[str, Any], origin: str) -> Profile:
     backends = top.strings("backends", BACKENDS, default=("onnx",))
     if not backends:
         top.fail("backends", "is empty", f"a list of {', '.join(BACKENDS)}")
+    quantization = _quantization(data.get("quantization"), origin, precision, backends)
+    kv_layout = top.choice("kv_layout", KV_LAYOUTS, default="auto")
+    if kv_layout in (KV_SHARED, KV_APPEND) and ("trt" in backends or (quantization and quantization.method == "static")):
+        top.fail("kv_layout", "does not apply: TensorRT engines and static int8 need the concat layout",
+                 '"auto" or "concat"')
     return Profile(
         name=top.text("name", required=True, pattern=_NAME),
         description=top.text("description", default="", pattern=_ONE_LINE),
         precision=precision,
         backends=backends,
-        quantization=_quantization(data.get("quantization"), origin, precision, backends),
+        kv_layout=kv_layout,
+        quantization=quantization,
         precision_fallback=_fallback(data.get("precision_fallback"), origin, precision),
         tensorrt=_tensorrt(data.get("tensorrt"), origin, backends),
         parity=_parity(data.get("parity"), origin),

@@ -346,3 +346,34 @@ def test_tensorrt_past_may_start_at_zero_and_defaults_fill_the_rest(tmp_path):
     text = BASE.replace('backends = ["onnx"]', 'backends = ["trt"]').replace('precision = "int8"', 'precision = "fp16"')
     trt = load_profile(write(tmp_path, text + "[tensorrt]\nshapes = { past = [0, 8, 32] }\n")).tensorrt
     assert trt.shapes == {"batch": (1, 4, 16), "sequence": (1, 64, 512), "past": (0, 8, 32)} and trt.workspace_gb == 4.0
+
+
+FP32_MINE = BASE.replace('precision = "int8"', 'precision = "fp32"')
+
+
+@pytest.mark.parametrize("layout", ["auto", "shared-prompt", "append", "concat"])
+def test_kv_layout_is_read_stored_and_read_back(tmp_path, layout):
+    profile = load_profile(write(tmp_path, FP32_MINE.replace('backends = ["onnx"]', f'backends = ["onnx"]\nkv_layout = "{layout}"')))
+    assert profile.kv_layout == layout
+    assert Profile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+
+
+def test_kv_layout_defaults_to_auto_also_in_older_manifests():
+    assert {p.kv_layout for p in builtin_profiles()} == {"auto"}
+    older = load_profile("fp32").to_dict()
+    del older["kv_layout"]                                   # manifests written before the key existed
+    assert Profile.from_dict(older).kv_layout == "auto"
+
+
+@pytest.mark.parametrize("text, message", [
+    (FP32_MINE.replace('backends = ["onnx"]', 'backends = ["onnx"]\nkv_layout = "paged"'),
+     r"mine.toml: kv_layout = 'paged' is not allowed: expected one of auto, shared-prompt, append, concat"),
+    (TRT_INT8.replace('backends = ["trt"]', 'backends = ["trt"]\nkv_layout = "append"'),
+     r"mine.toml: kv_layout does not apply: TensorRT engines and static int8 need the concat layout: "
+     r"expected \"auto\" or \"concat\""),
+    (BASE.replace('backends = ["onnx"]', 'backends = ["onnx"]\nkv_layout = "shared-prompt"\n[quantization]\nmethod = "static"'),
+     r"kv_layout does not apply: TensorRT engines and static int8 need the concat layout"),
+])
+def test_kv_layouts_a_profile_cannot_have_are_refused(tmp_path, text, message):
+    with pytest.raises(ProfileError, match=message):
+        load_profile(write(tmp_path, text))

@@ -367,14 +367,35 @@ def hf_seq2seq_dims(model: nn.Module) -> ModelDims:
                      cross_heads=cross_heads)
 
 
-def with_concat_layout(plan: Any) -> Any:
-    """`plan` (an onnx_export.GraphPlan) with a Hugging Face causal graph switched to the concat
-    layout (present.* = past + new), for consumers that need optimum's IO: TensorRT engines."""
+def with_layout(plan: Any, layout: str) -> Any:
+    """`plan` (an onnx_export.GraphPlan) with its graphs in KV `layout` (io_spec.KV_*; a profile's `kv_layout`).
+
+    KV_CONCAT (optimum's IO, present.* = past + new) is every model's: a Hugging Face causal graph is switched to it
+    (what TensorRT engines and static int8 need); other graphs already hold it. KV_APPEND and KV_SHARED are only
+    for Hugging Face causal LMs whose attention deploylm replaces (`uses_append_layout`): anything else is a
+    UsageError naming the model, before any export work."""
     import dataclasses
 
-    if plan.family != "hf" or plan.kind != "decoder-only" or plan.dims.kv_layout == io_spec.KV_CONCAT:
+    if plan.dims.kv_layout == layout:
         return plan
-    dims = dataclasses.replace(plan.dims, kv_layout=io_spec.KV_CONCAT)
+    hf_causal = plan.family == "hf" and plan.kind == "decoder-only"
+    if layout != io_spec.KV_CONCAT:
+        model = plan.graphs[0][1].model if hf_causal else None
+        if model is None or not uses_append_layout(model):
+            what = (f"a {type(model).__name__}" if model is not None
+                    else f"an {plan.kind} model" if plan.kind == "encoder-decoder" else "a deploylm model")
+            raise UsageError(f"kv_layout = {layout!r}: {what} takes only the {io_spec.KV_CONCAT!r} KV layout "
+                             f"({layout!r} needs a Hugging Face causal LM with plain attention layers, e.g. Llama, "
+                             "GPT-2, Qwen2): set kv_layout = \"auto\" or \"concat\" in the profile")
+    if not hf_causal:
+        return plan
+    dims = dataclasses.replace(plan.dims, kv_layout=layout)
     ((_, module),) = plan.graphs
-    graph = HFCausalGraph(module.model, io_spec.KV_CONCAT)
+    graph = HFCausalGraph(module.model, layout)
     return dataclasses.replace(plan, dims=dims, graphs=((io_spec.decoder_only_spec(dims), graph),))
+
+
+def with_concat_layout(plan: Any) -> Any:
+    """`plan` with a Hugging Face causal graph switched to the concat layout (present.* = past + new), for
+    consumers that need optimum's IO: TensorRT engines."""
+    return with_layout(plan, io_spec.KV_CONCAT)

@@ -64,6 +64,16 @@ def needs_concat_layout(profile: Any) -> bool:
     return "trt" in profile.backends or (q is not None and q.method == "static")
 
 
+def kv_layout(profile: Any) -> str | None:
+    """The KV layout a profile asks of the graphs (io_spec.KV_*), or None for the model's own (shared-prompt for
+    Hugging Face causal LMs that allow it, else concat): its `kv_layout` key, and concat where it needs it."""
+    if profile.kv_layout != "auto":
+        return profile.kv_layout
+    from deploylm.export.io_spec import KV_CONCAT
+
+    return KV_CONCAT if needs_concat_layout(profile) else None
+
+
 def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | None = None,
                  force: bool = False, *, calibration: str | Path | None = None,
                  allow_quality_loss: bool = False) -> ExportReport:
@@ -98,15 +108,16 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     model = _timed(timings, "load", _load_model, source)
     plan = plan_graphs(model)
     result: dict[str, Any] = {"details": []}
-    if needs_concat_layout(profile):
-        from deploylm.export.hf_graphs import with_concat_layout
+    layout = kv_layout(profile)
+    if layout is not None:
+        from deploylm.export.hf_graphs import with_layout
 
-        concat = with_concat_layout(plan)
-        if concat is not plan and apply_precision is not None:
-            result["layout_note"] = ("note: speed is against fp32 graphs in the concat KV layout this profile needs; "
-                                     "the fp32 profile ships the shared-prompt layout, faster at beam search: compare the "
-                                     "two artifacts with deploylm bench")
-        plan = concat
+        chosen = with_layout(plan, layout)
+        if chosen is not plan and apply_precision is not None:
+            result["layout_note"] = (f"note: speed is against fp32 graphs in the {layout} KV layout this profile "
+                                     "asks for; the fp32 profile ships the shared-prompt layout, faster at beam "
+                                     "search: compare the two artifacts with deploylm bench")
+        plan = chosen
     fields = {"source": source_fields(source), "profile": profile.to_dict(), "generation": dict(profile.generation),
               "export": {"kind": plan.kind, "family": plan.family, "opset": DEFAULT_OPSET,
                          "cross_rows": plan.cross_rows if plan.kind == "encoder-decoder" else None}}

@@ -1,0 +1,53 @@
+"""A profile's `kv_layout` decides the decoder-only graph's KV layout: the export holds it, the artifact runs it with
+the same tokens as PyTorch, and a layout the model cannot take is refused before any graph is exported."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from deploylm.cli import cli
+from deploylm.export import io_spec
+from deploylm.profiles import builtin_dir
+
+
+def _profile(tmp_path, layout: str):
+    """The fp32 built-in with `kv_layout` set."""
+    text = (builtin_dir() / "fp32.toml").read_text()
+    text = text.replace('name = "fp32"', f'name = "fp32-{layout}"')
+    text = text.replace('backends = ["onnx"]', f'backends = ["onnx"]\nkv_layout = "{layout}"')
+    path = tmp_path / f"fp32-{layout}.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("layout", [io_spec.KV_APPEND, io_spec.KV_CONCAT])
+def test_the_profiles_layout_is_exported_and_decodes_as_torch(tiny_llama_dir, tmp_path, layout):
+    import deploylm
+    from deploylm.artifact import load_artifact
+
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(cli, ["export", "--model", str(tiny_llama_dir), "--profile",
+                                      str(_profile(tmp_path, layout)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    artifact = load_artifact(out)
+    graph = artifact.io["model.onnx"]
+    names = [i["name"] for i in graph["inputs"]], [o["name"] for o in graph["outputs"]]
+    assert io_spec.kv_layout(names[1], names[0]) == layout            # and not the default shared-prompt one
+    assert artifact.manifest["profile"]["kv_layout"] == layout
+    onnx = artifact.manifest["parity"]["backends"]["onnx"]           # export's own check against torch
+    assert artifact.manifest["parity"]["passed"] and onnx["greedy_identical"] and onnx["beams_identical"]
+    prompts = ["the cat sat on", "a b c"]
+    torch_out = deploylm.load(tiny_llama_dir, backend="torch").generate(prompts, num_beams=3, max_new_tokens=6)
+    assert deploylm.load(out).generate(prompts, num_beams=3, max_new_tokens=6) == torch_out
+
+
+def test_a_layout_the_model_cannot_take_is_refused_before_export(seed_lm_dir, tmp_path):
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(cli, ["export", "--model", str(seed_lm_dir), "--profile",
+                                      str(_profile(tmp_path, io_spec.KV_SHARED)), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "kv_layout = 'shared-prompt': a deploylm model takes only the 'concat' KV layout" in result.output
+    assert 'set kv_layout = "auto" or "concat" in the profile' in result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
