@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deploylm.export import io_spec, shared_attention_op
+from deploylm.export import attention_ops, io_spec
 from deploylm.export.io_spec import ModelDims
-from deploylm.export.shared_attention_op import masked_softmax
 from deploylm.errors import UsageError
 from deploylm.models.hf import cache_keyword, cache_of, not_a_decoder, rope_types
 
@@ -178,19 +177,24 @@ def append_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     key/value are the past [B, Hkv, L, Dh]; the new positions' k/v [B, Hkv, T, Dh] come from the
     layer's `_AppendLayer`. Scores are computed against each part and only the small score tensors
     are concatenated: softmax over [B, Hkv, G·T, L + T], then out = P_past @ V_past + P_new @ v_new.
-    The same arithmetic as `gqa_attention` on the concatenated K/V (one more addition per output).
+    The same arithmetic as `gqa_attention` on the concatenated K/V (one more addition per output), computed by
+    one custom op (`attention_ops.append_attention`) that torch.export does not trace through.
     """
     layer = _APPEND_CACHE.get().layers[module.layer_idx]
-    new_key, new_value = layer.new_keys, layer.new_values
+    return _grouped_query_op(attention_ops.append_attention, query, attention_mask, key.shape[2],
+                             (key, value, layer.new_keys, layer.new_values), scaling, key.shape[1])
+
+
+def _grouped_query_op(op: Any, query: Tensor, attention_mask: Tensor | None, cached: int, tensors: tuple[Tensor, ...],
+                      scaling: float, kv_heads: int) -> tuple[Tensor, None]:
+    """query [R, H, T, Dh] regrouped per K/V head as q [R, Hkv, G*T, Dh], `op(q, *tensors, mask, scaling, G)`, and the
+    result [R, Hkv, G*T, Dh] back as transformers' attention output [R, T, H, Dh]. transformers' additive mask
+    [R, 1, T, cached + T] is zeros where it passes none (the ops take a tensor)."""
     batch, heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
     groups = heads // kv_heads
-    past = key.shape[2]
-    q = query.reshape(batch, kv_heads, groups * length, head_dim)                  # [B, Hkv, G*T, Dh]
-    scores = torch.cat([torch.matmul(q, key.transpose(2, 3)),                      # [B, Hkv, G*T, L]
-                        torch.matmul(q, new_key.transpose(2, 3))], dim=-1) * scaling  # ... + T
-    probs = masked_softmax(scores, attention_mask, groups, length, query.dtype)
-    out = torch.matmul(probs[..., :past], value) + torch.matmul(probs[..., past:], new_value)  # [B, Hkv, G*T, Dh]
+    q = query.reshape(batch, kv_heads, groups * length, head_dim)                    # [R, Hkv, G*T, Dh]
+    mask = attention_mask if attention_mask is not None else query.new_zeros(batch, 1, length, cached + length)
+    out = op(q, *tensors, mask, scaling, groups)                                     # [R, Hkv, G*T, Dh]
     return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
 
 
@@ -209,20 +213,13 @@ def shared_prompt_attention(module: nn.Module, query: Tensor, key: Tensor, value
     computed against each part and only the small score tensors are concatenated: softmax over
     [R, Hkv, G·T, Lp + L + T], then out = P_prompt @ V_prompt + P_past @ V_past + P_new @ v_new. The
     same products as `append_attention` over the concatenated K/V (P @ V summed in three parts), computed
-    by one custom op (`shared_attention_op`) that torch.export does not trace through.
+    by one custom op (`attention_ops.shared_prompt_attention`) that torch.export does not trace through.
     """
     layer = _APPEND_CACHE.get().layers[module.layer_idx]
-    batch, heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    q = query.reshape(batch, kv_heads, groups * length, head_dim)                    # [R, Hkv, G*T, Dh]
-    if attention_mask is None:                                                       # [R, 1, T, Lp + L + T]
-        total = layer.prompt_keys.shape[2] + key.shape[2] + length
-        attention_mask = query.new_zeros(batch, 1, length, total)
-    out = shared_attention_op.shared_prompt_attention(q, layer.prompt_keys, layer.prompt_values, key, value,
-                                                      layer.new_keys, layer.new_values, attention_mask, scaling,
-                                                      groups)                                # [R, Hkv, G*T, Dh]
-    return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
+    return _grouped_query_op(attention_ops.shared_prompt_attention, query, attention_mask,
+                             layer.prompt_keys.shape[2] + key.shape[2],
+                             (layer.prompt_keys, layer.prompt_values, key, value, layer.new_keys, layer.new_values),
+                             scaling, key.shape[1])
 
 
 def uses_append_layout(model: nn.Module) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from deploylm.errors import UsageError
-from deploylm.export import shared_attention_op
+from deploylm.export import attention_ops
 from deploylm.export.io_spec import AXIS_MIN, GraphSpec, ModelDims, TensorSpec, graph_specs
 
 DEFAULT_OPSET = 18
@@ -134,7 +134,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, vocab_size: 
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes(spec), opset_version=opset,
             input_names=spec.input_names, output_names=spec.output_names, optimize=True, verbose=False,
-            custom_translation_table=shared_attention_op.TRANSLATIONS,
+            custom_translation_table=attention_ops.TRANSLATIONS,
         )
     program.save(path, external_data=n_bytes >= EXTERNAL_DATA_BYTES)
     _name_output_axes(path, spec)
