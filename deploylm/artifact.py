@@ -462,6 +462,7 @@ def summary(artifact: Artifact) -> str:
     if isinstance(m.get("generation"), dict):    # the decoding defaults the artifact ships with
         lines.append("generation " + (", ".join(f"{k} {v}" for k, v in m["generation"].items())
                                       or "the model's own (generation_config.json)"))
+    lines += [f"kv layout  {layout} ({graph}; docs/formats.md)" for graph, layout in kv_layouts(artifact.io).items()]
     lines += [
         f"files      {len(artifact.files)} checksummed in manifest.json, {format_size(total)} in all",
     ]
@@ -471,6 +472,18 @@ def summary(artifact: Artifact) -> str:
     if m.get("quality"):
         lines += ["quality", *format_quality(m["quality"])]
     return "\n".join(lines)
+
+
+def kv_layouts(io: dict[str, Any]) -> dict[str, str]:
+    """graph file -> its KV layout (io_spec.KV_*), for the graphs of `io` (the manifest's) that take a K/V cache."""
+    from deploylm.export import io_spec
+
+    layouts = {}
+    for graph, signature in io.items():
+        inputs = [t.get("name", "") for t in signature.get("inputs", [])]
+        if any(name.startswith("past_key_values.") for name in inputs):
+            layouts[graph] = io_spec.kv_layout([t.get("name", "") for t in signature.get("outputs", [])], inputs)
+    return layouts
 
 
 def format_quality(quality: dict[str, Any]) -> list[str]:

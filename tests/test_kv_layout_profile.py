@@ -36,6 +36,8 @@ def test_the_profiles_layout_is_exported_and_decodes_as_torch(tiny_llama_dir, tm
     names = [i["name"] for i in graph["inputs"]], [o["name"] for o in graph["outputs"]]
     assert io_spec.kv_layout(names[1], names[0]) == layout            # and not the default shared-prompt one
     assert artifact.manifest["profile"]["kv_layout"] == layout
+    info = CliRunner().invoke(cli, ["info", str(out)])
+    assert info.exit_code == 0 and f"kv layout  {layout} (model.onnx; docs/formats.md)" in info.output, info.output
     onnx = artifact.manifest["parity"]["backends"]["onnx"]           # export's own check against torch
     assert artifact.manifest["parity"]["passed"] and onnx["greedy_identical"] and onnx["beams_identical"]
     prompts = ["the cat sat on", "a b c"]
@@ -51,3 +53,17 @@ def test_a_layout_the_model_cannot_take_is_refused_before_export(seed_lm_dir, tm
     assert "kv_layout = 'shared-prompt': a deploylm model takes only the 'concat' KV layout" in result.output
     assert 'set kv_layout = "auto" or "concat" in the profile' in result.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_info_names_each_cached_graphs_layout():
+    from deploylm.artifact import kv_layouts
+
+    def names(*items: str) -> list[dict[str, str]]:
+        return [{"name": n} for n in items]
+
+    io = {"model.onnx": {"inputs": names("input_ids", "past_key_values.0.key", "prompt_key_values.0.key"),
+                         "outputs": names("logits", "new_key_values.0.key")},
+          "encoder_model.onnx": {"inputs": names("input_ids"), "outputs": names("last_hidden_state")},
+          "decoder_model.onnx": {"inputs": names("input_ids", "past_key_values.0.decoder.key"),
+                                 "outputs": names("logits", "present.0.decoder.key")}}
+    assert kv_layouts(io) == {"model.onnx": io_spec.KV_SHARED, "decoder_model.onnx": io_spec.KV_CONCAT}
