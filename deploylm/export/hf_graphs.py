@@ -86,11 +86,7 @@ def gqa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     groups = heads // kv_heads
     q = query.reshape(batch, kv_heads, groups * length, head_dim)                  # [B, Hkv, G*T, Dh]
     scores = torch.matmul(q, key.transpose(2, 3)) * scaling                        # [B, Hkv, G*T, L]
-    if attention_mask is not None:
-        total = scores.shape[-1]
-        scores = (scores.view(batch, kv_heads, groups, length, total) + attention_mask[:, :, None]
-                  ).view(batch, kv_heads, groups * length, total)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = attention_ops.masked_softmax(scores, attention_mask, groups, length, query.dtype)
     out = torch.matmul(probs, value)                                               # [B, Hkv, G*T, Dh]
     return out.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
 
