@@ -79,7 +79,8 @@ def test_parity_row(name, backend, request, tiny_llama_dir, tmp_path):
 
 
 def _onnx_candidate(artifact, profile, src, tmp_path):
-    from deploylm.export.pipeline import export_model, needs_concat_layout
+    from deploylm.export.pipeline import export_model
+    from deploylm.profiles import needs_concat_layout
     from deploylm.export.precision_step import apply_precision
 
     if needs_concat_layout(profile):      # graphs in the concat layout: the whole export, as a user runs it

@@ -19,6 +19,7 @@ from deploylm.errors import CheckFailed, UsageError
 from deploylm.export.onnx_export import DEFAULT_OPSET, GraphPlan, export_graph, plan_graphs
 from deploylm.export.validate import ValidationReport, validate_graphs
 from deploylm.models.source import Source, resolve_source
+from deploylm.profiles import needs_concat_layout
 
 PARITY_MAX_NEW_TOKENS = 16  # parity at export: enough steps to catch drift, short enough to be quick
 
@@ -53,15 +54,6 @@ class ExportReport:
 
 def default_out_dir(source: Source, profile_name: str) -> Path:
     return Path("export") / f"{source.name}-{profile_name}"
-
-
-def needs_concat_layout(profile: Any) -> bool:
-    """Profiles whose graphs keep optimum's KV layout (present = past + new) instead of the append one:
-    TensorRT engines (the trt backend pairs past_key_values.X with present.X), and static int8, whose
-    calibrated activation ranges lost top-1 agreement on the append graph (tiny Llama: 0.82 against
-    the profile's 0.85, 1.0 on the concat graph; cause not found yet)."""
-    q = profile.quantization
-    return "trt" in profile.backends or (q is not None and q.method == "static")
 
 
 def kv_layout(profile: Any) -> str | None:
