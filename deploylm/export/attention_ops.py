@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 
-
 def masked_softmax(scores: Tensor, attention_mask: Tensor | None, groups: int, length: int,
                    dtype: torch.dtype) -> Tensor:
     """softmax of scores [B, Hkv, G*T, total] plus the additive mask [B, 1, T, total] (the same for the G query
@@ -99,7 +98,7 @@ def _translate(q: Any, key: Any, value: Any, new_key: Any, new_value: Any, mask:
         return op.Transpose(k, perm=[0, 1, 3, 2])
 
     rows, kv_heads, queries, head_dim = dim(q, 0), dim(q, 1), dim(q, 2), dim(q, 3)
-    past = dim(key, 2)
+    past, zero = dim(key, 2), op.Constant(value_ints=[0])
     scores = [op.MatMul(q, keys_t(key)), op.MatMul(q, keys_t(new_key))]                # [R, Hkv, G*T, L], ... T
     if prompt_key is not None:
         prompts, prompt_length = dim(prompt_key, 0), dim(prompt_key, 2)
@@ -117,20 +116,18 @@ def _translate(q: Any, key: Any, value: Any, new_key: Any, new_value: Any, mask:
 
         prompt_scores = op.MatMul(by_prompt(q, head_dim), keys_t(prompt_key))          # [P, Hkv, B*G*T, Lp]
         scores.insert(0, by_row(prompt_scores, prompt_length))                         # [R, Hkv, G*T, Lp]
-    else:
-        prompt_length = op.Constant(value_ints=[0])
     scores = op.Concat(*scores, axis=-1)                                               # [R, Hkv, G*T, total]
     scores = op.Mul(scores, op.CastLike(op.Constant(value_float=scaling), scores))
     total = dim(scores, 3)
-    length = op.Div(queries, op.Constant(value_ints=[groups]))
-    grouped = op.Reshape(scores, op.Concat(rows, kv_heads, op.Constant(value_ints=[groups]), length, total, axis=0))
+    group = op.Constant(value_ints=[groups])                                           # G query heads per K/V head
+    grouped = op.Reshape(scores, op.Concat(rows, kv_heads, group, op.Div(queries, group), total, axis=0))
     scores = op.Reshape(op.Add(grouped, op.Unsqueeze(mask, op.Constant(value_ints=[2]))),
                         op.Concat(rows, kv_heads, queries, total, axis=0))
     probs = op.CastLike(op.Softmax(op.Cast(scores, to=1), axis=-1), q)                 # softmax in fp32
-    end, axis = op.Add(prompt_length, past), op.Constant(value_ints=[3])
-    out = op.MatMul(op.Slice(probs, prompt_length, end, axis), value)                  # P_past @ V_past
+    axis = op.Constant(value_ints=[3])
+    start, end = (zero, past) if prompt_key is None else (prompt_length, op.Add(prompt_length, past))  # the past's
+    out = op.MatMul(op.Slice(probs, start, end, axis), value)                          # P_past @ V_past
     if prompt_key is not None:
-        zero = op.Constant(value_ints=[0])
         from_prompt = op.MatMul(by_prompt(op.Slice(probs, zero, prompt_length, axis), prompt_length), prompt_value)
         out = op.Add(by_row(from_prompt, head_dim), out)
     return op.Add(out, op.MatMul(op.Slice(probs, end, total, axis), new_value))
