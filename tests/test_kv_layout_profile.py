@@ -67,3 +67,25 @@ def test_info_names_each_cached_graphs_layout():
           "decoder_model.onnx": {"inputs": names("input_ids", "past_key_values.0.decoder.key"),
                                  "outputs": names("logits", "present.0.decoder.key")}}
     assert kv_layouts(io) == {"model.onnx": io_spec.KV_SHARED, "decoder_model.onnx": io_spec.KV_CONCAT}
+
+
+@pytest.mark.parametrize("model, named", [("t5", "an encoder-decoder model"), ("mistral", "a MistralForCausalLM")])
+def test_with_layout_names_each_kind_of_model_that_takes_only_concat(tmp_path, tiny_t5_dir, model, named):
+    """Encoder-decoders, and causal LMs with sliding-window layers (Mistral with a window), take only the concat
+    layout; asking either for another names the model and the way out. Concat itself is always allowed."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from deploylm.errors import UsageError
+    from deploylm.export.hf_graphs import with_layout
+    from deploylm.export.onnx_export import plan_graphs
+    from tests.test_hf_parity import build_layout
+
+    if model == "t5":
+        plan = plan_graphs(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval())
+    else:
+        plan = plan_graphs(AutoModelForCausalLM.from_pretrained(build_layout("mistral", tmp_path / "mistral")).eval())
+    for layout in (io_spec.KV_SHARED, io_spec.KV_APPEND):
+        with pytest.raises(UsageError, match=rf"kv_layout = '{layout}': {named} takes only the 'concat' KV layout .*"
+                                             r'set kv_layout = "auto" or "concat" in the profile'):
+            with_layout(plan, layout)
+    assert with_layout(plan, io_spec.KV_CONCAT) is plan
