@@ -31,12 +31,19 @@ def build_app(model: str, backend: str | None = None) -> Starlette:
     generator = deploylm.load(model, backend=backend)  # once per process, shared by all requests
 
     async def complete(request: Request) -> JSONResponse:
-        body = await request.json()
         try:
-            results = await run_in_threadpool(generator.generate, [body["text"]], num_beams=4,
-                                              max_new_tokens=int(body.get("max_new_tokens", 32)),
+            body = await request.json()                   # malformed JSON raises ValueError
+            text, max_new_tokens = body["text"], body.get("max_new_tokens", 32)
+            if not isinstance(text, str):
+                raise ValueError(f"'text' must be a string, got {type(text).__name__}")
+            if type(max_new_tokens) is not int:           # not 2.7, 1e999 or true
+                raise ValueError(f"'max_new_tokens' must be an integer, got {max_new_tokens!r}")
+            results = await run_in_threadpool(generator.generate, [text], num_beams=4,
+                                              max_new_tokens=max_new_tokens,
                                               max_time=10.0)  # per-call time budget
-        except (KeyError, TypeError, ValueError, UsageError) as exc:
+        except KeyError as exc:
+            return JSONResponse({"error": f"bad request: missing field {exc}"}, status_code=400)
+        except (TypeError, ValueError, UsageError) as exc:   # including generate's refusals (UsageError)
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
         best = results[0].sequences[0]
         return JSONResponse({"text": best.text, "score": best.score})

@@ -54,10 +54,17 @@ def test_embedding_example_answers_like_the_generator(tiny_gpt2_dir, generator):
     spec.loader.exec_module(example)
     with TestClient(example.build_app(str(tiny_gpt2_dir), "torch")) as client:
         r = client.post("/complete", json={"text": "the quick brown fox", "max_new_tokens": 5})
-        bad = client.post("/complete", json={"txt": "no"})
+        bad = {"missing text": client.post("/complete", json={"txt": "no"}),
+               "malformed JSON": client.post("/complete", content=b'{bad'),
+               "text not a string": client.post("/complete", json={"text": 12}),
+               "fractional max_new_tokens": client.post("/complete", content=b'{"text": "a", "max_new_tokens": 2.7}'),
+               "infinite max_new_tokens": client.post("/complete", content=b'{"text": "a", "max_new_tokens": 1e999}'),
+               "boolean max_new_tokens": client.post("/complete", json={"text": "a", "max_new_tokens": True}),
+               "a body that is not an object": client.post("/complete", json=["the quick brown fox"])}
     want = generator.generate(["the quick brown fox"], num_beams=4, max_new_tokens=5)[0].sequences[0]
     assert r.status_code == 200 and r.json() == {"text": want.text, "score": want.score}
-    assert bad.status_code == 400
+    for case, response in bad.items():       # a client's mistake is a 400 with a message, never a 500
+        assert response.status_code == 400 and response.json()["error"].startswith("bad request: "), (case, response.text)
 
 
 def test_server_over_a_real_model_answers_what_the_generator_answers(generator):
