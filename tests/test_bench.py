@@ -693,6 +693,36 @@ def test_a_worker_dies_quietly_with_a_bench_killed_outright(tiny_gpt2_dir, tmp_p
     assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr[-2000:]
 
 
+def test_a_script_without_a_main_guard_is_told_about_it_not_about_memory(tiny_gpt2_dir, tmp_path):
+    """docs/bench.md's Python example saved as a script without `if __name__ == "__main__":`: each spawned worker
+    imports the script again and dies at bootstrap (exit code 1). The error used to guess "out of memory?"; it now
+    names the missing guard and the in-process alternative."""
+    import os
+    import subprocess
+
+    script = tmp_path / "unguarded_bench.py"
+    script.write_text(
+        "import sys\n"
+        "from deploylm.bench import BenchConfig, run_bench\n"
+        "run_bench(BenchConfig(models=(sys.argv[1],), prompts=('hello world',), max_new_tokens=2, rounds=1,\n"
+        "                      warmup=0, reference=False))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(script), str(tiny_gpt2_dir)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and last.startswith("RuntimeError: the benchmark worker for "), run.stderr[-2000:]
+    assert "died (exit code 1)" in last and "__name__" in last and "isolate=False" in last, last
+    assert "out of memory" not in last
+
+
+def test_a_killed_worker_is_named_with_its_signal():
+    from deploylm.benchmarking.worker import _death
+
+    assert _death(-9) == "was killed by signal 9 (the system's out-of-memory killer sends this one)"
+    assert _death(-15) == "was killed by signal 15"
+
+
 def test_decoder_share_is_the_median_over_rounds_not_the_mean():
     """Three rounds whose decoder shares are 10%, 20% and 60% of their loop time: the row says 20% (the
     median, as the docs say), not 30% (the mean, which one disturbed round would pull up)."""

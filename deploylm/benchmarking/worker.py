@@ -105,13 +105,22 @@ class ProcessRunner:
             kind, payload = self._conn.recv()
         except (EOFError, ConnectionError):
             self._proc.join(10)
-            raise RuntimeError(f"the benchmark worker for {self.label} died (exit code {self._proc.exitcode}); "
-                               "out of memory?") from None
+            raise RuntimeError(f"the benchmark worker for {self.label} {_death(self._proc.exitcode)}") from None
         if kind == "error":
             raise payload
         if kind == "crash":
             raise RuntimeError(f"the benchmark worker for {self.label} failed:\n{payload}")
         return payload
+
+
+def _death(exitcode: int | None) -> str:
+    """How a worker that stopped answering ended, and the likely cause."""
+    if exitcode is not None and exitcode < 0:
+        cause = " (the system's out-of-memory killer sends this one)" if exitcode == -9 else ""
+        return f"was killed by signal {-exitcode}{cause}"
+    return (f"died (exit code {exitcode}) before answering; its error is printed above. Called from a script, "
+            "the script needs an `if __name__ == \"__main__\":` guard around run_bench: each worker is a spawned "
+            "process that imports the script again (or pass BenchConfig(isolate=False) to run rows in this process)")
 
 
 def serve(conn: Any, spec: Any, workload: Any) -> None:
