@@ -109,9 +109,9 @@ def test_completions_accept_the_off_values_clients_send(client, fake):
     """OpenAI client libraries send null / false / 0 for features they do not use; only a real use of an
     unsupported feature is refused."""
     off = {"stop": None, "logprobs": None, "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0,
-           "suffix": None, "logit_bias": {}}
+           "suffix": None, "logit_bias": {}, "stream": None}
     r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, **off})
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and r.json()["object"] == "text_completion", r.text    # stream null: not streamed
     for field, value in (("stop", ["\n"]), ("echo", True), ("presence_penalty", 0.5), ("logit_bias", {"5": 1})):
         r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
@@ -345,6 +345,16 @@ def test_completions_zero_temperature_or_top_p_is_deterministic_as_openai(client
     r = client.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 2, **body})
     assert r.status_code == 200, r.text
     assert fake.calls[-1][1] == {"max_new_tokens": 2, **options}
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_completions_false_is_no_zero_temperature_or_top_p(client, fake, field):
+    """JSON's false is no number: `"temperature": false` was taken as temperature 0 (greedy) because False == 0 in
+    Python, while `true` was refused; both are now refused as the number they are not."""
+    for value in (False, True):
+        r = client.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (value, r.text)
+        assert "expected a number" in r.json()["error"]["message"], r.text
 
 
 def test_completions_n_zero_names_n_in_the_advice(client):

@@ -84,6 +84,21 @@ def test_server_over_a_real_model_answers_what_the_generator_answers(generator):
     assert default.json()["results"][0]["outputs"][0]["token_ids"] == list(capped.token_ids)
 
 
+def test_an_app_made_without_a_description_describes_its_generator(generator):
+    """create_app(generator) mounted in a user's service: /v1/models and /health name the generator's model and
+    backend (they said "model" and {}); a model_name the caller chose is kept."""
+    with TestClient(create_app(generator)) as client:
+        models, health = client.get("/v1/models").json(), client.get("/health").json()
+    described = models["data"][0]
+    assert described["id"] == generator.info.name and health["model"] == generator.info.name
+    assert described["deploylm"] == {"name": generator.info.name, "backend": "torch",
+                                     "is_encoder_decoder": False, "vocab_size": generator.info.vocab_size,
+                                     "max_positions": generator.info.max_positions}
+    with TestClient(create_app(generator, ServeConfig(model_name="llm"))) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "llm"
+        assert client.get("/v1/models/llm").status_code == 200
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_option_the_model_refuses_is_a_400_naming_it_streamed_or_not(generator, stream):
     """A sequence_bias token past the vocabulary: refused before any 200 (a stream's too), param named."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -47,6 +48,28 @@ def token_counter(generator: Any) -> Callable[[str], int]:
     return lambda text: len(text.encode("utf-8"))
 
 
+def describe_generator(generator: Any) -> dict[str, Any]:
+    """What a generator says of itself (for an app made by create_app without a model_summary): its model's
+    name, its backend and the model's shape."""
+    info = getattr(generator, "info", None)
+    summary: dict[str, Any] = {"name": getattr(info, "name", None) or "model",
+                               "backend": getattr(getattr(generator, "backend", None), "name", None)}
+    if info is not None:
+        summary.update(is_encoder_decoder=info.is_encoder_decoder, vocab_size=info.vocab_size,
+                       max_positions=info.max_positions)
+    return summary
+
+
+def _described(config: ServeConfig, generator: Any) -> ServeConfig:
+    """The config with the generator's own description where the caller gave none (`deploylm serve` gives its
+    source's): GET /v1/models and /health then name the model and its backend, not "model" and {}."""
+    if config.model_summary:
+        return config
+    summary = describe_generator(generator)
+    name = config.model_name if config.model_name != ServeConfig.model_name else summary["name"]
+    return dataclasses.replace(config, model_name=name, model_summary={**summary, "name": name})
+
+
 def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
     """The ASGI app serving `generator` (anything with generate/stream as deploylm.Generator)."""
     _starlette()
@@ -54,7 +77,7 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    config = config or ServeConfig()
+    config = _described(config or ServeConfig(), generator)
     state = ServerState()
     api = _Api(generator, config, state)
 

@@ -243,13 +243,13 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     if "prompt" not in body:
         raise ApiError(400, "missing field 'prompt': expected a string or a list of strings", param="prompt")
     prompts = _prompts(body["prompt"], config, count_tokens, "prompt")
-    stream = _bool(body.get("stream", False), "stream")
+    stream = _bool(_null_off(body.get("stream")), "stream")    # OpenAI: null is every field's off value
     options = {COMPLETION_FIELDS[k]: v for k, v in body.items() if k in COMPLETION_FIELDS and v is not None}
     sent = {v: k for k, v in COMPLETION_FIELDS.items()}     # deploylm option -> the field the client sent
-    if options.get("temperature") == 0:                     # OpenAI: temperature 0 = deterministic, top_p aside
+    if _is_zero(options.get("temperature")):                # OpenAI: temperature 0 = deterministic, top_p aside
         options.pop("temperature")
         options.pop("top_p", None)
-    elif options.get("top_p") == 0:                         # OpenAI: top_p 0 keeps only the most likely token
+    elif _is_zero(options.get("top_p")):                    # OpenAI: top_p 0 keeps only the most likely token
         options.pop("top_p")
         if _sampling(options):
             options["top_k"] = 1
@@ -279,6 +279,15 @@ def _is_off(value: Any) -> bool:
     """What a client library sends for a feature it does not use (accepted; anything else is refused):
     null, false, a zero number (0 or 0.0; true is no number), "", [] or {}."""
     return value is None or value is False or (_is_number(value) and value == 0) or value in ("", [], {})
+
+
+def _null_off(value: Any) -> Any:
+    return False if value is None else value
+
+
+def _is_zero(value: Any) -> bool:
+    """0 or 0.0, not false (`False == 0` in Python; JSON's false is no number, and validation refuses it)."""
+    return _is_number(value) and value == 0
 
 
 def _is_number(value: Any) -> bool:

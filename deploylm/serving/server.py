@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploylm.errors import MissingDependencyError, UsageError
-from deploylm.serving.app import create_app
+from deploylm.serving.app import create_app, describe_generator
 from deploylm.serving.middleware import ServerState
 from deploylm.serving.schemas import ServeConfig
 
@@ -103,12 +103,8 @@ def describe_model(src: str, generator: Any) -> dict[str, Any]:
     from deploylm.models.source import resolve_source
 
     source = resolve_source(src)
-    info = getattr(generator, "info", None)
-    summary: dict[str, Any] = {"name": source.name, "source": {"kind": source.kind, "name": source.path.name},
-                               "backend": getattr(getattr(generator, "backend", None), "name", None)}
-    if info is not None:
-        summary.update(is_encoder_decoder=info.is_encoder_decoder, vocab_size=info.vocab_size,
-                       max_positions=info.max_positions)
+    summary = {**describe_generator(generator), "name": source.name,
+               "source": {"kind": source.kind, "name": source.path.name}}
     if source.kind == "artifact":
         from deploylm.artifact import read_manifest
 
