@@ -40,10 +40,15 @@ def command(src: str, backend: str | None, host: str, port: int, drain_timeout: 
     import deploylm
     from deploylm.commands.generate import backend_options
     from deploylm.serving import ServeConfig, serve
-    from deploylm.serving.server import check_address, describe_model, require_serving
+    from deploylm.serving.server import bind_address, check_address, describe_model, require_serving
 
     require_serving()                      # before minutes of loading, and before "serving ... on" is printed
-    check_address(host, port)
+    sock = None
+    if port == 0:                          # the system's choice of a free port, held from now on and printed
+        sock = bind_address(host, port)
+        port = sock.getsockname()[1]
+    else:
+        check_address(host, port)
     quiet_transformers()                   # no weight-loading bars in the server's log
     generator = deploylm.load(src, backend=backend, **backend_options(src, backend, "cpu", "float32", spin, threads))
     summary = describe_model(src, generator)
@@ -51,7 +56,7 @@ def command(src: str, backend: str | None, host: str, port: int, drain_timeout: 
                          drain_timeout_s=drain_timeout, model_summary=summary, **limits)
     shown = f"[{host}]" if ":" in host else host            # an IPv6 address in a URL is bracketed
     click.echo(f"serving {src} ({summary['backend']}) on http://{shown}:{port}", err=True)
-    serve(generator, config, host=host, port=port, log_level=log_level)
+    serve(generator, config, host=host, port=port, log_level=log_level, sock=sock)
 
 
 def _finite(param: click.Parameter, value: float, inf_ok: bool = False) -> float:

@@ -15,11 +15,12 @@ def create_app(generator, config: ServeConfig | None = None):
 
 
 def serve(generator, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
-    """Serve `generator` over HTTP until SIGTERM/SIGINT (blocking; drains in-flight requests)."""
+          log_level: str = "info", sock=None) -> None:
+    """Serve `generator` over HTTP until SIGTERM/SIGINT (blocking; drains in-flight requests); on `sock`, a
+    socket already bound (deploylm.serving.server.bind_address), if given."""
     from deploylm.serving.server import serve as _serve
 
-    _serve(generator, config, host=host, port=port, log_level=log_level)
+    _serve(generator, config, host=host, port=port, log_level=log_level, sock=sock)
 
 
 __all__ = ["ApiError", "ServeConfig", "create_app", "serve"]

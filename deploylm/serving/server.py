@@ -73,6 +73,12 @@ def begin_drain(state: ServerState, server: Any, timeout_s: float) -> threading.
 def check_address(host: str, port: int) -> None:
     """UsageError unless `host:port` can be listened on now: uvicorn finds a taken port only after
     its startup, then logs it and exits 3."""
+    bind_address(host, port).close()
+
+
+def bind_address(host: str, port: int) -> Any:
+    """A socket bound to `host:port` (not yet listening), or a UsageError naming --host or --port. With port 0
+    the system picks a free port (`sock.getsockname()[1]`); `serve(..., sock=...)` then listens on it."""
     import errno
     import socket
 
@@ -80,22 +86,25 @@ def check_address(host: str, port: int) -> None:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
         raise UsageError(f"--host {host!r}: not an address of this machine ({exc.strerror})") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise UsageError(f"--port {port}: already in use on {host}: stop what listens there or choose "
-                                 "another --port") from None
-            raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}): check --host and --port") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"--port {port}: already in use on {host}: stop what listens there or choose "
+                             "another --port") from None
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}): check --host and --port") from None
+    return sock
 
 
 def serve(generator: Any, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
-    """Serve `generator` over HTTP until SIGTERM/SIGINT (blocking)."""
+          log_level: str = "info", sock: Any = None) -> None:
+    """Serve `generator` over HTTP until SIGTERM/SIGINT (blocking); on `sock` (from bind_address) if given."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    make_server(generator, config, host=host, port=port, log_level=log_level).run()
+    make_server(generator, config, host=host, port=port, log_level=log_level).run(
+        sockets=None if sock is None else [sock])
 
 
 def describe_model(src: str, generator: Any) -> dict[str, Any]:
