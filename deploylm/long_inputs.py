@@ -29,6 +29,7 @@ one): so the text can differ from decoding the joined ids by those spaces.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -88,6 +89,15 @@ def prompt_budget(info: ModelInfo, max_new_tokens: int) -> int | None:
         raise OptionError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of "
                           f"{window}: lower max_new_tokens to at most {window}", "max_new_tokens")
     return budget
+
+
+_TRUNCATION_ADVICE = re.compile(r",? or pass truncation=.*\(deploylm generate: --truncation [a-z|-]+\)")
+
+
+def without_truncation_advice(message: str) -> str:
+    """check_fits' message for callers that offer no truncation (the HTTP API, the benchmark): the advice to
+    pass one removed, the rest (shorten the prompt, lower max_new_tokens) kept."""
+    return _TRUNCATION_ADVICE.sub("", message)
 
 
 def check_fits(lengths: list[int], info: ModelInfo, max_new_tokens: int) -> None:

@@ -716,6 +716,22 @@ def test_a_script_without_a_main_guard_is_told_about_it_not_about_memory(tiny_gp
     assert "out of memory" not in last
 
 
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_prompt_over_a_rows_window_names_the_row_and_what_bench_offers(tiny_gpt2_dir, isolate):
+    """Two rows, one prompt over tiny GPT-2's window of 128: the error names the row (it named no model) and
+    advises --prompts / --max-new-tokens, not generate's --truncation, which bench does not have."""
+    from deploylm.errors import UsageError
+
+    long = "the quick brown fox " * 40
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=("hello world", long), max_new_tokens=4, rounds=1,
+                         warmup=1, reference=False, isolate=isolate)
+    with pytest.raises(UsageError) as raised:
+        run_bench(config)
+    message = str(raised.value)
+    assert message.startswith(f"{tiny_gpt2_dir.name} [torch]: prompt 2 has "), message
+    assert "truncation" not in message and message.endswith("(bench: --prompts FILE, --max-new-tokens N)"), message
+
+
 def test_a_killed_worker_is_named_with_its_signal():
     from deploylm.benchmarking.worker import _death
 

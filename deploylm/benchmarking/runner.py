@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 from deploylm.benchmarking.machine import load_average, machine_info, versions
 from deploylm.benchmarking.report import BenchReport, compare, summarize
 from deploylm.benchmarking.workload import FIXED_LENGTH_NOTE, STANDARD_PROMPTS, BenchConfig, RowSpec, Workload, plan_rows, workload_of
+from deploylm.errors import UsageError
 
 OpenRunner = Callable[[RowSpec, Workload], Any]   # -> object with run() -> RoundResult, close(), load_s, rss_after_load_mib
 Progress = Callable[[str], None]
@@ -49,19 +50,37 @@ def _measure(specs: list[RowSpec], workload: Workload, opener: OpenRunner, confi
             runner = opener(spec, workload)
             stack.callback(_kill, runner)
             runners.append(runner)
-        for runner in runners:
-            getattr(runner, "ready", lambda: None)()     # worker processes load side by side
+        for spec, runner in zip(specs, runners):
+            with _named(spec):
+                getattr(runner, "ready", lambda: None)()     # worker processes load side by side
         for n in range(config.warmup):
             for spec, runner in zip(specs, runners):
                 say(f"warm-up {n + 1}/{config.warmup}: {spec.label}")
-                runner.run()
+                with _named(spec):
+                    runner.run()
         rounds: list[list[Any]] = [[] for _ in specs]
         for n in range(config.rounds):
             for i, (spec, runner) in enumerate(zip(specs, runners)):
                 say(f"round {n + 1}/{config.rounds}: {spec.label}")
-                rounds[i].append(runner.run())
+                with _named(spec):
+                    rounds[i].append(runner.run())
         memory = [(r.load_s, r.rss_after_load_mib, r.close()) for r in runners]
     return rounds, memory
+
+
+@contextmanager
+def _named(spec: RowSpec) -> Iterator[None]:
+    """A row's refusal of the workload (a prompt over its window, say) names the row, and advises what bench
+    offers: shorter prompts (--prompts) or fewer new tokens, not generate's truncation option."""
+    try:
+        yield
+    except UsageError as exc:
+        from deploylm.long_inputs import without_truncation_advice
+
+        message = without_truncation_advice(str(exc))
+        if message.startswith("prompt "):
+            message += " (bench: --prompts FILE, --max-new-tokens N)"
+        raise UsageError(f"{spec.label}: {message}") from None
 
 
 def _default_opener(isolate: bool) -> OpenRunner:

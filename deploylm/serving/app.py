@@ -110,8 +110,6 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
     return served
 
 
-_TRUNCATION_ADVICE = re.compile(r",? or pass truncation=.*\(deploylm generate: --truncation [a-z|-]+\)")
-
 STREAM_STEP_WAIT_S = 10.0   # at shutdown: how long the threads of streams whose clients left get to end their step
 
 SHUTTING_DOWN = ApiError(503, "server is shutting down: this request was not finished; retry on another instance",
@@ -208,8 +206,9 @@ class _Api:
             return _error_response(exc)
         except UsageError as exc:  # the generator refused the input (e.g. longer than the model's window)
             from deploylm.decoding.options import option_names
+            from deploylm.long_inputs import without_truncation_advice
 
-            message = _json_paths(_TRUNCATION_ADVICE.sub("", str(exc)), _listed(body))  # no truncation option here
+            message = _json_paths(without_truncation_advice(str(exc)), _listed(body))  # no truncation option here
             if parse is parse_completion and "max_tokens" in body:
                 message = message.replace("max_new_tokens", "max_tokens")   # the field the client sent
             param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
