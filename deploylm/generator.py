@@ -496,7 +496,8 @@ def _prompt_list(prompts: str | list[str]) -> list[str]:
         raise UsageError("no prompts given: expected at least one prompt")
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise UsageError(f"prompt {index + 1} is a {type(text).__name__}: expected a string")
+            kind = type(text).__name__
+            raise UsageError(f"prompt {index + 1} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}: expected a string")
         if not text.strip():
             raise UsageError(f"prompt {index + 1} is {'empty' if not text else 'only whitespace'}: expected some text")
         try:

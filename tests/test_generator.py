@@ -78,7 +78,7 @@ def test_a_model_max_time_is_its_default_as_in_transformers(tiny_llama_dir, tmp_
 
 @pytest.mark.parametrize("prompts, message", [
     ([], "no prompts given"), ("", "prompt 1 is empty"), (["hello", ""], "prompt 2 is empty"),
-    ([3], "prompt 1 is a int"), (None, "prompts must be a string or a list"),
+    ([3], "prompt 1 is an int"), (None, "prompts must be a string or a list"),
     (["hello", " \n\t"], "prompt 2 is only whitespace"),
     ("\ud800 star", r"prompt 1 is not valid Unicode text: '\\ud800' at character 0"),
     (["ok", "star \udcff"], "prompt 2 is not valid Unicode text"),          # argv bytes that were not UTF-8
@@ -237,7 +237,7 @@ def test_default_backend_is_onnx_for_an_artifact(tmp_path, tiny_llama_dir, monke
     with pytest.raises(UsageError, match="fake onnx backend opened"):
         load(tmp_path)
     assert opened == [("artifact", {})]
-    with pytest.raises(UsageError, match="use --backend onnx"):
+    with pytest.raises(UsageError, match='use the onnx \(or trt\) backend: --backend onnx, or backend="onnx" in deploylm.load'):
         load(tmp_path, backend="torch")
 
 

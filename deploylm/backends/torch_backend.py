@@ -57,7 +57,8 @@ class TorchBackend:
         torch_dtype, torch_device = hf.resolve_dtype("float32" if int8 else dtype), hf.resolve_device(device)
         if source.kind == "artifact":
             raise UsageError(f"model {str(source.path)!r} is an exported artifact: the torch backend runs checkpoints, "
-                             "Hugging Face folders and .gguf files; use --backend onnx (or trt)")
+                             "Hugging Face folders and .gguf files; use the onnx (or trt) backend: --backend onnx, "
+                             "or backend=\"onnx\" in deploylm.load")
         if source.kind == "checkpoint":
             from deploylm.backends.torch_seq2seq import open_checkpoint
 

@@ -178,7 +178,8 @@ class TrtBackend:
         engines = {e["name"]: e for e in section.get("engines", [])}
         if "model" not in engines:
             raise UsageError(f"{folder}: the trt backend runs decoder-only artifacts (trt/model.plan); "
-                             "use --backend onnx or torch for encoder-decoder models")
+                             "use the onnx or torch backend for encoder-decoder models (--backend onnx, or "
+                             "backend=\"onnx\" in deploylm.load)")
         entry, device = engines["model"], torch.device(device)
         runner = _load_runner(Path(folder), entry, device)
         pairs = pair_kv_names(runner.inputs, runner.outputs)

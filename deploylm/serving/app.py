@@ -113,7 +113,7 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
 STREAM_STEP_WAIT_S = 10.0   # at shutdown: how long the threads of streams whose clients left get to end their step
 
 SHUTTING_DOWN = ApiError(503, "server is shutting down: this request was not finished; retry on another instance",
-                         type="server_overloaded", headers={"retry-after": "1", "connection": "close"})
+                         type="unavailable", headers={"retry-after": "1", "connection": "close"})  # as the drain's 503s
 
 
 class _Api:
