@@ -237,7 +237,7 @@ def test_default_backend_is_onnx_for_an_artifact(tmp_path, tiny_llama_dir, monke
     with pytest.raises(UsageError, match="fake onnx backend opened"):
         load(tmp_path)
     assert opened == [("artifact", {})]
-    with pytest.raises(UsageError, match='use the onnx \(or trt\) backend: --backend onnx, or backend="onnx" in deploylm.load'):
+    with pytest.raises(UsageError, match=r'use the onnx \(or trt\) backend: --backend onnx, or backend="onnx" in deploylm.load'):
         load(tmp_path, backend="torch")
 
 
