@@ -149,6 +149,16 @@ def test_causal_run_on_text(teacher_kind, tiny_gpt2_dir, text_file, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(out)
         assert model.config.n_layer == 1 and AutoTokenizer.from_pretrained(out)("fox")["input_ids"]
         logits = model(input_ids=ids).logits
+        # export judges the student on the tail of --data that distill held out, not on built-in English
+        from deploylm.export.calibration import describe, text_sets
+
+        record = json.loads((out / "distill.json").read_text())
+        assert record["data"] == str(text_file.resolve()) and record["arch"] == "lines", record
+        lines = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
+        calib, held = text_sets(resolve_source(out), None, 8, seq2seq=False)
+        assert held.origin == f"data:{text_file.resolve()}" and describe(held.origin).startswith("the test split of")
+        assert held.scored == tuple(lines[-(len(lines) // 10):][:len(held.scored)]) and held.scored
+        assert set(calib.inputs) <= set(lines[:-(len(lines) // 10)])
     else:
         model, config = load_checkpoint(out)
         assert config.arch == "decoder" and config.n_decoder_layers == 1
@@ -180,7 +190,8 @@ def test_help():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--teacher", "{tmp}/nope"], "--teacher: model"),
+    (["--teacher", "{tmp}/nope"], "does not exist: expected a deploylm checkpoint folder or a Hugging Face causal LM "
+                                  "folder"),        # not .gguf files or artifacts, which distill refuses
     (["--teacher", "{seed}", "--layers", "4"], "--layers 4: expected fewer than the teacher's 4 layers"),
     (["--teacher", "{seed}", "--layers", "7"], "--layers 7"),
     (["--teacher", "{seed}", "--layers", "0"], "--layers 0"),

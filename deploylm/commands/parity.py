@@ -10,7 +10,9 @@ from deploylm.errors import CheckFailed
 
 
 @click.command(name="parity")
-@click.option("--model", "src", required=True, metavar="SRC", help="Checkpoint, Hugging Face folder, .gguf file or artifact.")
+@click.option("--model", "src", required=True, metavar="ARTIFACT",
+              help="An exported artifact (deploylm export): the onnx/trt backends run it, the torch backend "
+                   "the model it was exported from (see --reference).")
 @click.option("--backends", default="torch,onnx", show_default=True, help="Comma-separated; the first is the reference.")
 @click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts, one per line. Default: a few built-in prompts.")
 @click.option("--profile", "profile_name", metavar="NAME|FILE.toml",

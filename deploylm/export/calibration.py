@@ -8,6 +8,8 @@ Where the text comes from:
   targets; decoder-only: its documents are scored, their first words are the prompts). A text
   model's splits are drawn with its training seed (recorded in metrics.json; 0 before it was), so
   its held-out documents are the ones it did not train on;
+- a Hugging Face student of `deploylm distill`: its --data file (distill.json names it), the last tenth
+  of its lines held out, as distill held them out;
 - anything else (Hugging Face, GGUF): a built-in English passage (calibration) and a different
   built-in passage and prompts (held out).
 `graph_feeds` turns token sequences into input dicts for each ONNX graph of a folder (prefill:
@@ -123,11 +125,11 @@ HELD_DOCUMENTS = 16      # held-out documents of a text model scored for perplex
 PROMPT_WORDS = 6         # ... and the words of each that make a beam-agreement prompt
 
 
-def _run_record(folder: Path) -> dict[str, Any]:
+def _run_record(folder: Path, records: tuple[str, ...] = ("metrics.json", "distill.json")) -> dict[str, Any]:
     """What a checkpoint was trained on: its training run's metrics.json, or a distilled student's
     distill.json ({} when neither names a task or data file). A --data path that an older run recorded
     as typed (relative to where it ran) is taken from training_state.pt, which holds it absolute."""
-    for record in ("metrics.json", "distill.json"):
+    for record in records:
         try:
             found = json.loads((Path(folder) / record).read_text())
         except (OSError, ValueError):
@@ -211,6 +213,9 @@ def _data_sets(record: dict[str, Any], samples: int) -> tuple[TextSet, TextSet] 
     changed = isinstance(record.get("data_sha256"), str) and file_sha256(path) != record["data_sha256"]
     origin = f"{'data-changed' if changed else 'data'}:{path}"
     try:
+        if record.get("arch") == "lines":                  # a Hugging Face student: distill's own split of the file
+            sets = _line_sets(path, samples, origin)
+            return sets if sets is not None and sets[1].inputs and sets[0].inputs else None
         if record.get("arch") == "decoder":
             from deploylm.training.text import load_text, text_splits
 
@@ -226,9 +231,28 @@ def _data_sets(record: dict[str, Any], samples: int) -> tuple[TextSet, TextSet] 
     return sets if sets[1].inputs and sets[0].inputs else None
 
 
+def _line_sets(path: Path, samples: int, origin: str) -> tuple[TextSet, TextSet] | None:
+    """A Hugging Face student's --data as `deploylm distill` split it: the non-blank lines, the last tenth held
+    out (distill holds out the last tenth of the token blocks of the same lines, in order)."""
+    from types import SimpleNamespace
+
+    from deploylm.training.distill_setup import HELD_OUT_FRACTION
+
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    held = len(lines) // HELD_OUT_FRACTION
+    if not held:
+        return None
+    return _document_sets(SimpleNamespace(train=lines[:-held], test=lines[-held:]), samples, origin)
+
+
 def text_sets(source: Any, file: Path | None, samples: int, seq2seq: bool) -> tuple[TextSet, TextSet]:
     """(calibration, held-out) for `source` (a deploylm.models.source.Source)."""
-    record = _run_record(source.path) if source.kind == "checkpoint" else {}
+    if source.kind == "checkpoint":
+        record = _run_record(source.path)
+    elif source.kind == "hf":                                # a student `deploylm distill` wrote, if it is one
+        record = _run_record(source.path, ("distill.json",))
+    else:
+        record = {}
     own = None
     if record.get("task"):
         own = _task_sets(record["task"], samples, _seed(record))

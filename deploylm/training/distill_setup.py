@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -48,14 +49,19 @@ def is_model_folder(folder: Path) -> bool:
             and not (folder / "manifest.json").exists())
 
 
+TEACHER_KINDS = "a deploylm checkpoint folder or a Hugging Face causal LM folder"
+
+
 def build(config: DistillConfig) -> Setup:
     """The teacher, the initialised student and the data of `config`."""
     from deploylm.models.hf import resolve_device
 
     try:
         source = resolve_source(config.teacher)
-    except UsageError as exc:
-        raise UsageError(f"--teacher: {exc}") from None
+    except UsageError as exc:   # its "expected ..." lists every kind of model; a teacher is one of two
+        message = re.sub(r"expected (the path of )?a checkpoint folder, .* or an artifact folder",
+                         r"expected \1" + TEACHER_KINDS, str(exc))
+        raise UsageError(f"--teacher: {message}") from None
     device = resolve_device(config.device)
     if source.kind == "checkpoint":
         from deploylm.models.checkpoint import load_config
@@ -65,8 +71,8 @@ def build(config: DistillConfig) -> Setup:
         return _text_setup(config, source, device, _seed_causal_pair)
     if source.kind == "hf":
         return _text_setup(config, source, device, _hf_causal_pair)
-    raise UsageError(f"--teacher {str(config.teacher)!r} is {source.a_kind}: expected a deploylm checkpoint "
-                     "or a Hugging Face causal LM folder (distil before exporting)")
+    raise UsageError(f"--teacher {str(config.teacher)!r} is {source.a_kind}: expected {TEACHER_KINDS} "
+                     "(distil before exporting)")
 
 
 def publish(config: DistillConfig, save: Callable[[Path], None], report: dict[str, Any]) -> None:
@@ -283,8 +289,16 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         return {"loss": loss, "perplexity": perplexity(loss), "eval_s": time.perf_counter() - started,
                 "held_out_tokens": count}
 
-    record = text.record if seed_teacher else {}
+    record = text.record if seed_teacher else lines_record(config.data, config.seed)
     return Setup(teacher, student, kept, "teacher", batch, forward, evaluate, save, data_record=record, block_size=length)
+
+
+def lines_record(path: Path, seed: int) -> dict[str, Any]:
+    """distill.json's data record for a Hugging Face teacher's --data: its non-blank lines were the text, the
+    last 1/HELD_OUT_FRACTION held out (`arch` "lines"), so export scores the student on that tail."""
+    from deploylm.training.config import file_sha256
+
+    return {"data": str(Path(path).resolve()), "seed": seed, "data_sha256": file_sha256(Path(path)), "arch": "lines"}
 
 
 def _block_size(config: DistillConfig, trained: int | None, window: int | None) -> int:
