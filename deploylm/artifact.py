@@ -327,6 +327,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 and type(entry.get("bytes")) is int):   # noqa: E721 - a bool is no size
             raise ArtifactError(f"{file}: 'files' entry for {name} must be an object with sha256 (a string) and "
                                 f"bytes (an integer), got {json.dumps(entry)}; {rebuild_hint(path, manifest)}")
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise ArtifactError(f"{file}: 'files' entry {name!r} is not a path inside the artifact folder; "
+                                f"{rebuild_hint(path, manifest)}")
     for name, sig in manifest["io"].items():
         if not (isinstance(sig, dict) and all(isinstance(sig.get(side), list)
                                               and all(isinstance(v, dict) for v in sig[side])
@@ -336,6 +340,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
     profile = manifest["profile"]
     if not (isinstance(profile.get("name"), str) and isinstance(profile.get("precision"), str)):
         raise ArtifactError(f"{file}: 'profile' must name the profile and its precision; {rebuild_hint(path, manifest)}")
+    from deploylm.profiles import Profile
+
+    try:                   # what info shows and parity's tolerances come from: a valid profile, as export wrote it
+        Profile.from_dict(profile, origin=f"{file} ('profile')")
+    except UsageError as exc:
+        raise ArtifactError(f"{exc}; {rebuild_hint(path, manifest)}") from None
     return manifest
 
 

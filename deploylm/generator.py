@@ -432,9 +432,14 @@ def _model_defaults(known: Mapping[str, Any]) -> DecodingOptions:
     try:
         return DecodingOptions.from_mapping(known)
     except UsageError:
-        max_new = known.get("max_new_tokens", DecodingOptions.max_new_tokens)
-        greedy_draws = known.get("num_return_sequences", 1) > 1 and known.get("num_beams", 4) == 1
-        if not (greedy_draws or known.get("min_new_tokens", 0) > max_new):
+        counts = {name: known.get(name, default) for name, default in (
+            ("max_new_tokens", DecodingOptions.max_new_tokens), ("num_return_sequences", 1), ("num_beams", 4),
+            ("min_new_tokens", 0))}
+        if any(type(value) is not int for value in counts.values()):   # "x" or 2.5: the error says which
+            raise
+        max_new = counts["max_new_tokens"]
+        greedy_draws = counts["num_return_sequences"] > 1 and counts["num_beams"] == 1
+        if not (greedy_draws or counts["min_new_tokens"] > max_new):
             raise
     loose = DecodingOptions.from_mapping({**known, "do_sample": True,      # every value valid on its own
                                           "max_new_tokens": max(max_new, known.get("min_new_tokens", 0))})

@@ -238,6 +238,15 @@ def test_one_changed_byte_is_refused(artifact):
     (lambda a: _edit(a, lambda m: m.update(generation="beam")), r"manifest.json: 'generation' must be object\(s\)"),
     (lambda a: _edit(a, lambda m: m.update(parity="passed")), r"manifest.json: 'parity' must be object\(s\)"),
     (lambda a: _edit(a, lambda m: m.update(toolchain=["torch"])), r"manifest.json: 'toolchain' must be object\(s\)"),
+    # a listed file outside the folder (its real checksum would verify): never read as part of the artifact
+    (lambda a: _edit(a, lambda m: m["files"].update({"../../etc/hostname": {"sha256": "0" * 64, "bytes": 3}})),
+     r"manifest.json: 'files' entry '../../etc/hostname' is not a path inside the artifact folder"),
+    (lambda a: _edit(a, lambda m: m["files"].update({"/etc/hostname": {"sha256": "0" * 64, "bytes": 3}})),
+     r"manifest.json: 'files' entry '/etc/hostname' is not a path inside the artifact folder"),
+    # a profile export could not have written: info and generate refused it too, not only parity
+    (lambda a: _edit(a, lambda m: m["profile"].update(precision="fp9")), r"manifest.json \('profile'\).*precision"),
+    (lambda a: _edit(a, lambda m: m["profile"].update(parity={"logits_atol": -5})),
+     r"manifest.json \('profile'\).*logits_atol"),
 ])
 def test_damaged_artifacts_are_refused_with_the_file_named(artifact, damage, message):
     damage(artifact)

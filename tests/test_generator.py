@@ -480,3 +480,16 @@ def test_a_finished_streams_reason_survives_reading_it_again(llama):
     reason = stream.finish_reason
     assert pieces and reason in ("stop", "length")
     assert list(stream) == [] and next(stream, None) is None and stream.finish_reason == reason
+
+
+@pytest.mark.parametrize("defaults, option", [({"max_new_tokens": "x"}, "max_new_tokens"),
+                                              ({"num_beams": 2.5}, "num_beams"),
+                                              ({"min_new_tokens": "3", "max_new_tokens": 4}, "min_new_tokens"),
+                                              ({"num_return_sequences": "2", "num_beams": 1}, "num_return_sequences")])
+def test_a_model_default_of_the_wrong_type_is_a_usage_error_naming_it(defaults, option):
+    """An artifact's manifest `generation` (or a generation_config.json) with a count that is no integer: the
+    tolerant path for call-dependent defaults compared it with ints and raised a TypeError traceback."""
+    from deploylm.generator import _model_defaults
+
+    with pytest.raises(UsageError, match=rf"{option}="):
+        _model_defaults(defaults)
