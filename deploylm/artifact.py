@@ -408,7 +408,30 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
+        check_model_config(path, manifest)
     return Artifact(path=path, manifest=manifest)
+
+
+def check_model_config(path: Path, manifest: dict[str, Any]) -> None:
+    """The artifact's copies of its model's config.json and generation_config.json, checked as a model folder's
+    are: the backends read special tokens, window and decoding defaults from them (edited files whose checksums
+    were updated in the manifest got a JSON or type error from deep inside the load)."""
+    from deploylm.models.hf import check_generation_config
+
+    hint, file = rebuild_hint(path, manifest), path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{file}: missing: an artifact carries its model's config.json; {hint}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{file}: not valid JSON ({str(exc).splitlines()[0]}); {hint}") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{file}: expected the model's configuration as a JSON object, got "
+                            f"{type(config).__name__}; {hint}")
+    try:
+        check_generation_config(path)
+    except UsageError as exc:
+        raise ArtifactError(f"{exc}; {hint}") from None
 
 
 def format_size(n: int) -> str:

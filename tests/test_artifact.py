@@ -247,6 +247,12 @@ def test_one_changed_byte_is_refused(artifact):
     (lambda a: _edit(a, lambda m: m["profile"].update(precision="fp9")), r"manifest.json \('profile'\).*precision"),
     (lambda a: _edit(a, lambda m: m["profile"].update(parity={"logits_atol": -5})),
      r"manifest.json \('profile'\).*logits_atol"),
+    # the model's own config files edited and their checksums updated to match: named, not a JSON traceback
+    (lambda a: _rewrite(a, "config.json", "{"), r"config.json: not valid JSON"),
+    (lambda a: _rewrite(a, "config.json", "[]"), r"config.json: expected the model's configuration as a JSON object"),
+    (lambda a: _rewrite(a, "config.json", None), r"config.json: missing: an artifact carries its model's config.json"),
+    (lambda a: _rewrite(a, "generation_config.json", '{"eos_token_id": "x"}'),
+     r"generation_config.json: eos_token_id is \"x\": expected a token id"),
 ])
 def test_damaged_artifacts_are_refused_with_the_file_named(artifact, damage, message):
     damage(artifact)
@@ -437,6 +443,24 @@ def _entry(path: Path) -> dict:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+def _rewrite(artifact: Path, name: str, text: str | None) -> None:
+    """Replace (or with None remove) a listed file and make the manifest's checksum agree, as a hand edit
+    that knows about the manifest would."""
+    import hashlib
+
+    def change(manifest):
+        if text is None:
+            manifest["files"].pop(name)
+        else:
+            manifest["files"][name] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text.encode())}
+
+    if text is None:
+        (artifact / name).unlink()
+    else:
+        (artifact / name).write_text(text)
+    _edit(artifact, change)
+
+
 def _edit(artifact: Path, change) -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
     change(manifest)
@@ -551,3 +575,15 @@ def test_an_older_parity_summary_prints_as_before():
     from deploylm.artifact import format_parity
 
     assert format_parity({"reference": "torch", "passed": True, "backends": {}}) == ["  reference torch: PASSED"]
+
+
+def test_a_config_json_of_no_model_is_refused_by_the_onnx_backend_naming_the_files(artifact):
+    """A JSON object that is no model's configuration (no model_type): transformers' ValueError from deep inside
+    the load became one line naming the artifact's config files and the command that rebuilds it."""
+    from deploylm.backends.onnx_backend import OnnxBackend
+
+    _rewrite(artifact, "config.json", "{}")
+    with pytest.raises(ArtifactError, match=r"config.json / generation_config.json do not describe the model .*"
+                                            r"Unrecognized model.*; re-export it") as err:
+        OnnxBackend.from_source(str(artifact))
+    assert "\n" not in str(err.value)

@@ -203,7 +203,13 @@ class OnnxBackend:
         sessions = {f: create_session(folder / f, device=device, threads=threads, providers=providers,
                                       opt_level=opt_level, spin=spin) for f in files}
         try:
-            info, defaults = artifact_info(folder, sessions, generation or {}, name)
+            try:
+                info, defaults = artifact_info(folder, sessions, generation or {}, name)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # transformers reading a config.json that is a JSON object but no model's configuration
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+                raise ArtifactError(f"{folder}: config.json / generation_config.json do not describe the model "
+                                    f"the graphs came from ({reason}); {hint}") from None
             return cls(folder, sessions, info, torch.device(device), defaults)
         except _LayoutError as exc:
             raise ArtifactError(f"{exc}; {hint}") from None
