@@ -274,6 +274,18 @@ def test_a_gguf_file_missing_tensors_is_refused_not_filled_with_random_values(tm
         deploylm.load(path)
 
 
+def test_a_gguf_file_without_a_tokenizer_says_so_not_that_its_shapes_differ(tmp_path):
+    """No tokenizer.ggml.* metadata (and no vocab_size): transformers took Llama's default vocabulary and the error
+    was a shape mismatch of the embedding; docs/models.md promises a refusal of metadata without a tokenizer."""
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "notok.gguf", tokenizer=False)
+    with pytest.raises(UsageError, match=r"GGUF file '.*notok\.gguf' holds no tokenizer in its metadata \(no "
+                                         r"tokenizer\.ggml\.tokens\)") as info:
+        deploylm.load(path)
+    assert "shape" not in str(info.value)
+
+
 def test_a_gguf_file_of_an_unsupported_architecture_names_the_supported_ones(tmp_path):
     from tests.helpers.tiny_gguf import write_tiny_llama_gguf
 
@@ -409,7 +421,8 @@ def test_a_masked_lm_is_refused_as_no_decoder(tmp_path):
                                                intermediate_size=64), tmp_path / "bert")
     for args in (["generate", "--model", str(folder), "hello"],
                  ["export", "--model", str(folder), "--profile", "fp32", "--out", str(tmp_path / "out")]):
-        assert "returns no key/value cache: it is not a decoder" in _one_line_error(args)
+        error = _one_line_error(args)
+        assert f"model {str(folder)!r} (bert, BertLMHeadModel) returns no key/value cache: it is not a decoder" in error
 
 
 def test_a_folder_that_needs_its_own_code_is_refused_without_asking(tmp_path, tiny_llama_dir, monkeypatch):

@@ -355,6 +355,7 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
         raise MissingDependencyError("loading a .gguf file needs the `gguf` and `accelerate` (>= 1.1) packages: "
                                      "pip install -U gguf 'accelerate>=1.1'")
     what = f"GGUF file {str(path)!r}"
+    _check_gguf_tokenizer(path, what)
     try:
         with _no_load_report(), _gguf_bar_follows_transformers():
             model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
@@ -371,6 +372,21 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
     check_loaded_weights(what, type(model).__name__, loading,
                          hint="check the sizes and vocabulary in the file's metadata against its tensors")
     return model.to(device).eval()
+
+
+def _check_gguf_tokenizer(path: Path, what: str) -> None:
+    """A GGUF file whose metadata holds no tokenizer (no tokenizer.ggml.tokens) is refused before its weights load:
+    without one, transformers takes the architecture's default vocabulary size, and the error was a shape mismatch
+    of the embedding. A file the reader cannot parse is left to the load, which names the damage."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+    except Exception:  # noqa: BLE001 - damaged or not GGUF: the load below reports it
+        return
+    if "tokenizer.ggml.tokens" not in fields:
+        raise UsageError(f"{what} holds no tokenizer in its metadata (no tokenizer.ggml.tokens): expected a model "
+                         "file with its tokenizer, as llama.cpp's converters write it")
 
 
 @contextlib.contextmanager
@@ -596,7 +612,10 @@ def not_a_decoder(model: Any) -> UsageError:
     """The error for a model whose forward returns no key/value cache (BertLMHeadModel with is_decoder
     false, say): an encoder, with nothing to continue."""
     kind = getattr(model.config, "model_type", type(model).__name__)
-    return UsageError(f"this {kind} model ({type(model).__name__}) returns no key/value cache: it is not a decoder "
+    where = getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", None)
+    which = f"model {str(where)!r} ({kind}, {type(model).__name__})" if where else \
+        f"this {kind} model ({type(model).__name__})"
+    return UsageError(f"{which} returns no key/value cache: it is not a decoder "
                       "(a BERT-style masked LM is an encoder); expected a causal LM or an encoder-decoder")
 
 

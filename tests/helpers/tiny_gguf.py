@@ -29,11 +29,12 @@ def tiny_llama_model():
 
 
 def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tensors: tuple[str, ...] = (),
-                          eos_token_id: int | None = None, tensor_type: str = "F32") -> Path:
+                          eos_token_id: int | None = None, tensor_type: str = "F32", tokenizer: bool = True) -> Path:
     """Write a tiny random Llama (tiny_llama_model) to `dest` (a .gguf path); `architecture` is the
     general.architecture it states; `drop_tensors` are GGUF tensor names left out of the file;
     `eos_token_id` replaces the tokenizer's in the metadata; `tensor_type` is the GGML type of its 2-D
-    tensors (F32, F16, Q8_0, Q4_0, ...: quantized with gguf's own quantize; 1-D norms stay F32)."""
+    tensors (F32, F16, Q8_0, Q4_0, ...: quantized with gguf's own quantize; 1-D norms stay F32); `tokenizer`
+    False leaves the tokenizer out of the metadata."""
     import gguf
 
     tok, model = tiny_llama_model()
@@ -49,16 +50,17 @@ def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tenso
     writer.add_head_count_kv(2)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(8)
-    vocab = tok.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in tok.all_special_tokens else 1 for t in tokens])
-    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(tok.bos_token_id)
-    writer.add_eos_token_id(tok.eos_token_id if eos_token_id is None else eos_token_id)
-    writer.add_pad_token_id(tok.pad_token_id)
+    if tokenizer:              # without: no tokenizer.ggml.* keys (and no vocab_size, as the converters write it)
+        vocab = tok.get_vocab()
+        tokens = sorted(vocab, key=vocab.get)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t in tok.all_special_tokens else 1 for t in tokens])
+        merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        writer.add_bos_token_id(tok.bos_token_id)
+        writer.add_eos_token_id(tok.eos_token_id if eos_token_id is None else eos_token_id)
+        writer.add_pad_token_id(tok.pad_token_id)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     for hf_name, tensor in model.state_dict().items():
         base, suffix = hf_name.rsplit(".", 1)
