@@ -355,7 +355,6 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
         raise MissingDependencyError("loading a .gguf file needs the `gguf` and `accelerate` (>= 1.1) packages: "
                                      "pip install -U gguf 'accelerate>=1.1'")
     what = f"GGUF file {str(path)!r}"
-    _check_gguf_tokenizer(path, what)
     try:
         with _no_load_report(), _gguf_bar_follows_transformers():
             model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
@@ -367,17 +366,22 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
         if architecture is not None:
             raise UsageError(f"{what} is of architecture {architecture!r}, which transformers does not load "
                              f"from GGUF: supported are {', '.join(_gguf_architectures())}") from None
+        _check_gguf_tokenizer(path, what)
         raise UsageError(f"{what} does not load with transformers (damaged or not a GGUF "
                          f"model file?): {_first_line(exc)}") from None
-    check_loaded_weights(what, type(model).__name__, loading,
-                         hint="check the sizes and vocabulary in the file's metadata against its tensors")
+    try:
+        check_loaded_weights(what, type(model).__name__, loading,
+                             hint="check the sizes and vocabulary in the file's metadata against its tensors")
+    except UsageError:
+        _check_gguf_tokenizer(path, what)        # the likelier cause, named instead (read only on this path: ~2 s)
+        raise
     return model.to(device).eval()
 
 
 def _check_gguf_tokenizer(path: Path, what: str) -> None:
-    """A GGUF file whose metadata holds no tokenizer (no tokenizer.ggml.tokens) is refused before its weights load:
-    without one, transformers takes the architecture's default vocabulary size, and the error was a shape mismatch
-    of the embedding. A file the reader cannot parse is left to the load, which names the damage."""
+    """Called when a GGUF file did not load: a UsageError saying so when its metadata holds no tokenizer (no
+    tokenizer.ggml.tokens). Without one, transformers takes the architecture's default vocabulary size, and the
+    error was a shape mismatch of the embedding. A file the reader cannot parse is left to the caller's error."""
     try:
         from gguf import GGUFReader
 
