@@ -103,6 +103,9 @@ def _workload(config: TrainConfig) -> tuple[Seq2SeqWork | LMWork, Any]:
         if config.task in TEXT_TASKS:
             raise UsageError(f"task {config.task!r} is text for the decoder-only LM: add --arch decoder "
                              f"(seq2seq tasks: {', '.join(TASKS)})")
+        if config.task and config.task not in TASKS:
+            raise UsageError(f"unknown task {config.task!r}: expected one of {', '.join(TASKS)} (seq2seq), or "
+                             f"{', '.join(TEXT_TASKS)} with --arch decoder")
         if config.task:
             splits = task_splits(config.task, config.seed)
         else:
