@@ -57,7 +57,7 @@ def test_short_run_writes_checkpoint_and_metrics(tmp_path, data):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--task", "nope"], ["unknown task 'nope'", "digits2words, reverse"]),
+    (["--task", "nope"], ["unknown task 'nope'", "digits2words, reverse (seq2seq), or stories with --arch decoder"]),
     (["--task", "stories"], ["task 'stories' is text for the decoder-only LM: add --arch decoder"]),
     (["--data", "{tmp}/missing.jsonl"], ["missing.jsonl", "does not exist"]),
     (["--data", "{bad}"], ["bad.jsonl:2:", "not valid JSON"]),
