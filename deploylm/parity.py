@@ -348,13 +348,31 @@ def default_profile(source: Any) -> Any:
     return load_profile("fp32")
 
 
+def _parity_of_a_fresh_export(source: Any, backends: list[str], prompts: list[str] | None, profile: Any,
+                              overrides: dict[str, Any]) -> "ParityReport":
+    """run_parity of `source` exported with `profile` into a temporary folder (removed afterwards)."""
+    import tempfile
+
+    from deploylm.export.pipeline import export_model
+
+    with tempfile.TemporaryDirectory(prefix="deploylm-parity-") as tmp:
+        artifact = Path(tmp) / "artifact"
+        export_model(source.path, profile, artifact)
+        return run_parity(artifact, backends, prompts, profile, reference=source.path, **overrides)
+
+
 def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None = None, profile: Any = None,
-               reference: str | Path | None = None, **overrides: Any) -> ParityReport:
+               reference: str | Path | None = None, on_export: Any = None, **overrides: Any) -> ParityReport:
     """`deploylm parity`: open SRC with each backend (the first is the reference) and compare.
 
     profile: a deploylm.profiles.Profile (tolerances, decoding defaults); default: default_profile(SRC).
     reference: for an artifact, the model the torch backend opens (default: the manifest's source path).
     overrides: DecodingOptions fields replacing the profile's [generation] values.
+
+    SRC that is not an artifact (a checkpoint, a Hugging Face folder, a .gguf file), with backends that run
+    artifacts (onnx, trt): it is exported with `profile` (default fp32) into a temporary folder first, checked
+    there against SRC itself, and the folder is removed (deploylm export writes an artifact that stays);
+    `on_export(profile_name)` is called first (the command says what takes the time).
     """
     from deploylm.backends import backend_class, load_backend
     from deploylm.decoding.options import DecodingOptions
@@ -372,7 +390,11 @@ def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None =
         raise UsageError(f"--reference {str(reference)!r}: applies to an artifact checked with the torch backend "
                          "(it names the model the artifact was exported from)")
     profile = profile if profile is not None else default_profile(source)
-    options = DecodingOptions.from_mapping({**profile.generation, **overrides})
+    options = DecodingOptions.from_mapping({**profile.generation, **overrides})   # before minutes of export
+    if source.kind != "artifact" and any(name != "torch" for name in backends):
+        if on_export is not None:
+            on_export(profile.name)
+        return _parity_of_a_fresh_export(source, backends, prompts, profile, overrides)
     # torch last: it opens any model (a GGUF for many seconds), the others refuse a non-artifact at once
     loaded = {name: load_backend(name, backend_source(name, source, reference))
               for name in sorted(backends, key=lambda name: name == "torch")}

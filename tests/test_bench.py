@@ -583,13 +583,14 @@ def test_an_artifact_whose_source_model_changed_has_no_transformers_reference(ti
     import shutil
 
     from deploylm.artifact import weights_sha256
+    from deploylm.profiles import load_profile
 
     origin = Path(shutil.copytree(tiny_gpt2_dir, tmp_path / "gpt2"))
     artifact = tmp_path / "gpt2-fp32"
     artifact.mkdir()
     manifest = {"format_version": 1, "deploylm_version": "0", "created": "2026-01-01T00:00:00+00:00",
                 "source": {"kind": "hf", "path": str(origin), "weights_sha256": weights_sha256(origin)},
-                "profile": {"name": "fp32", "precision": "fp32"}, "files": {}, "io": {}, "toolchain": {}}
+                "profile": load_profile("fp32").to_dict(), "files": {}, "io": {}, "toolchain": {}}
     (artifact / "manifest.json").write_text(json.dumps(manifest))
     rows = plan_rows(BenchConfig(models=(str(artifact),)))
     assert [r.backend for r in rows] == ["onnx", "transformers"] and Path(rows[1].src) == origin

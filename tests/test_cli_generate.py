@@ -146,19 +146,31 @@ def test_a_gguf_model_draws_no_progress_bar_on_stderr(tmp_path):
     path = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
     out = run("--model", path, "--max-new-tokens", "2", "--num-beams", "1", "hello")
     assert out.exit_code == 0 and out.stdout.strip() and out.stderr == "", out.stderr
-    parity = CliRunner().invoke(cli, ["parity", "--model", path, "--backends", "torch,onnx"])
-    assert parity.exit_code == 2 and parity.stderr.startswith("error: ") and len(parity.stderr.splitlines()) == 1, \
-        parity.stderr
+    parity = CliRunner().invoke(cli, ["parity", "--model", path, "--backends", "torch,onnx", "--max-new-tokens", "4"])
+    assert parity.exit_code == 0, parity.output
+    assert parity.stderr.splitlines() == [f"exporting {path} with profile fp32 into a temporary folder first "
+                                          "(deploylm export keeps one) ..."], parity.stderr
 
 
-def test_parity_refuses_a_model_the_onnx_backend_cannot_open_before_loading_it_with_torch(tmp_path, monkeypatch):
-    from deploylm.backends.torch_backend import TorchBackend
-    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+def test_parity_of_a_model_that_is_no_artifact_checks_a_temporary_export_against_it(tiny_llama_dir, tmp_path,
+                                                                                     monkeypatch):
+    """DESIGN §2: `parity --model SRC` takes any SRC. A Hugging Face folder is exported (profile fp32) into a
+    temporary folder, checked against the folder itself, and nothing of the export is left behind."""
+    import json
+    import tempfile
 
-    path = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
-    monkeypatch.setattr(TorchBackend, "from_source", lambda *a, **k: pytest.fail("loaded the model before refusing"))
-    parity = CliRunner().invoke(cli, ["parity", "--model", path, "--backends", "torch,onnx"])
-    assert parity.exit_code == 2 and "is a .gguf file, not an exported artifact" in parity.stderr, parity.output
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    parity = CliRunner().invoke(cli, ["parity", "--model", str(tiny_llama_dir), "--max-new-tokens", "4", "--json"])
+    assert parity.exit_code == 0, parity.output
+    report = json.loads(parity.stdout)
+    [onnx] = report["backends"]
+    assert report["reference"] == "torch" and report["passed"] and onnx["backend"] == "onnx", report
+    assert onnx["beams_identical"] and onnx["max_abs_logit"] < 1e-4, onnx
+    assert list(scratch.iterdir()) == []
+    bad = CliRunner().invoke(cli, ["parity", "--model", str(tiny_llama_dir), "--num-beams", "0"])
+    assert bad.exit_code == 2 and "--num-beams 0" in bad.stderr and "exporting" not in bad.stderr   # before any export
 
 
 def test_usage_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, monkeypatch):
@@ -188,7 +200,7 @@ def test_folder_without_weights_or_tokenizer(tiny_gpt2_dir, tmp_path):
 
 def test_artifact_with_torch_backend_says_use_onnx(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
-    _one_line_error(run("--model", str(tmp_path), "--backend", "torch", "hi"), "use --backend onnx")
+    _one_line_error(run("--model", str(tmp_path), "--backend", "torch", "hi"), "use the onnx (or trt) backend: --backend onnx")
 
 
 def test_threads_set_pytorchs_cpu_threads_for_the_torch_backend(tiny_llama_dir, monkeypatch):

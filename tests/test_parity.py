@@ -339,13 +339,14 @@ def test_prompts_file_skips_blank_and_whitespace_lines(tmp_path):
     assert read_prompts_file(path) == ["first", "second  "]
 
 
-def _artifact_of(folder, model, digest, profile="int8"):
+def _artifact_of(folder, model, digest):
     """A folder with just the manifest fields backend_source reads: the model it came from and its digest."""
     from deploylm.models.source import Source
+    from deploylm.profiles import load_profile
 
     folder.mkdir()
     manifest = {"format_version": 1, "deploylm_version": "0", "created": "now", "files": {}, "io": {}, "toolchain": {},
-                "source": {"kind": "hf", "path": str(model), "weights_sha256": digest}, "profile": {"name": profile, "precision": "int8"}}
+                "source": {"kind": "hf", "path": str(model), "weights_sha256": digest}, "profile": load_profile("int8").to_dict()}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return Source("artifact", folder)
 

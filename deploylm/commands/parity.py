@@ -10,9 +10,10 @@ from deploylm.errors import CheckFailed
 
 
 @click.command(name="parity")
-@click.option("--model", "src", required=True, metavar="ARTIFACT",
-              help="An exported artifact (deploylm export): the onnx/trt backends run it, the torch backend "
-                   "the model it was exported from (see --reference).")
+@click.option("--model", "src", required=True, metavar="SRC",
+              help="An artifact: the onnx/trt backends run it, the torch backend the model it was exported from "
+                   "(see --reference). A checkpoint, Hugging Face folder or .gguf file is first exported with "
+                   "--profile (default fp32) into a temporary folder, which is removed afterwards.")
 @click.option("--backends", default="torch,onnx", show_default=True, help="Comma-separated; the first is the reference.")
 @click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts, one per line. Default: a few built-in prompts.")
 @click.option("--profile", "profile_name", metavar="NAME|FILE.toml",
@@ -35,7 +36,12 @@ def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens
     prompts = read_prompts_file(prompts_file) if prompts_file else None
     overrides = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
     names = [name.strip() for name in backends.split(",") if name.strip()]
-    report = run_parity(src, names, prompts, profile, reference, **overrides)
+
+    def exporting(profile_name: str) -> None:
+        click.echo(f"exporting {src} with profile {profile_name} into a temporary folder first (deploylm export "
+                   "keeps one) ...", err=True)
+
+    report = run_parity(src, names, prompts, profile, reference, on_export=exporting, **overrides)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
     failures = report.failures()
     if failures:
