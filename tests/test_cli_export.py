@@ -216,3 +216,21 @@ def test_an_export_outside_its_parity_tolerances_exits_1_and_leaves_nothing(tiny
     assert list((tmp_path / "art").iterdir()) == []
     ((options),) = seen
     assert (options.max_new_tokens, options.min_new_tokens, options.num_beams) == (*checked, 3)
+
+
+def test_a_quantized_export_of_a_model_whose_tokenizer_has_no_pad_token(tiny_llama_dir, tmp_path):
+    """Most Llama, Mistral and GPT-2 tokenizers have no pad token: the quality step padded its prompts with the raw
+    tokenizer ("Asking to pad but the tokenizer does not have a padding token", a traceback) where every other
+    command pads with the model's pad id."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "llama"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(model)
+    assert AutoTokenizer.from_pretrained(model).pad_token_id is None
+    result = _run("--model", str(model), "--profile", "int8", "--out", str(tmp_path / "llama-int8"))
+    assert result.exit_code == 0, result.output
+    assert "quality (held out:" in result.output, result.output
