@@ -432,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="cuda (default); cpu runs the benchmark and the profile on the CPU, to check this script "
                              "without a GPU (with a small --new-tokens and --runs)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("torch") is None:   # the machine's own Python (make's PYTHON ?= python3) lacks it
+        print(f"gpu-check: {sys.executable} cannot import torch: run it with a Python that has PyTorch (on a GPU "
+              "machine, its CUDA build), e.g. `make gpu-check PYTHON=.venv/bin/python`", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the GPU machines have no network: never wait on the hub
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()

@@ -327,3 +327,18 @@ def test_make_gpu_check_installs_nothing(tmp_path):
     dry = subprocess.run(["make", "-n", "-C", str(root), "gpu-check", "PYTHON=python3"], capture_output=True, text=True,
                          check=True).stdout
     assert "pip" not in dry and "-m deploylm.gpu_check" in dry and f'PYTHONPATH="{root}' in dry
+
+
+def test_gpu_check_without_torch_says_which_python_and_how_to_choose_another(monkeypatch, capsys, tmp_path):
+    """`make gpu-check` runs the machine's own python3 (PYTHON ?= python3): where that one has no torch (this CPU
+    machine's system Python) the check said so with a ModuleNotFoundError traceback; now one line and exit 2."""
+    import importlib.util
+
+    from deploylm import gpu_check
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import torch" in err and "make gpu-check PYTHON=.venv/bin/python" in err
+    assert not (tmp_path / "out").exists()
