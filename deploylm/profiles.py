@@ -412,6 +412,10 @@ def read_profile(path: Path) -> Profile:
         raise ProfileError(f"{origin}: backends = {list(profile.backends)} is not allowed with precision 'int4': "
                            "expected ['onnx'] (int4 is ONNX Runtime's MatMulNBits: neither TensorRT engines nor "
                            "the torch backend run int4)")
+    if profile.precision_fallback is not None and profile.precision_fallback.auto and "onnx" not in profile.backends:
+        raise ProfileError(f"{origin}: precision_fallback.auto does not apply: the search keeps ONNX Runtime's "
+                           f"quantized nodes in fp32, and backends = {list(profile.backends)} has no onnx: expected "
+                           "auto = false, or 'onnx' among the backends")
     if "quality" in data and "onnx" not in profile.backends:
         raise ProfileError(f"{origin}: [quality] applies to ONNX Runtime graphs (export measures it on them), and "
                            f"backends = {list(profile.backends)} has no onnx: expected no [quality] table (a TensorRT "

@@ -377,3 +377,14 @@ def test_kv_layout_defaults_to_auto_also_in_older_manifests():
 def test_kv_layouts_a_profile_cannot_have_are_refused(tmp_path, text, message):
     with pytest.raises(ProfileError, match=message):
         load_profile(write(tmp_path, text))
+
+
+def test_the_auto_search_needs_onnx_among_the_backends(tmp_path):
+    """A trt-only profile with [precision_fallback] auto = true loaded, and the search never ran (it works on
+    ONNX Runtime's quantized graphs): refused when the file loads, naming the key."""
+    text = ('name = "trt-auto"\nprecision = "fp16"\nbackends = ["trt"]\n[precision_fallback]\nauto = true\n'
+            '[parity]\nlogits_atol = 2.0\nlogprob_atol = 4.0\nmin_token_agreement = 0.5\n')
+    with pytest.raises(ProfileError, match=r"precision_fallback.auto does not apply: .* backends = \['trt'\] has no "
+                                           r"onnx: expected auto = false, or 'onnx' among the backends"):
+        load_profile(write(tmp_path, text))
+    load_profile(write(tmp_path, text.replace('["trt"]', '["onnx", "trt"]')))

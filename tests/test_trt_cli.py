@@ -111,3 +111,32 @@ def test_engines_for_this_gpu_open_with_the_torch_backends_special_tokens(trt_ar
     assert backend.info.special == torch_info.special and backend.info.vocab_size == V
     assert (backend.plan.rows, backend.plan.max_len) == (8, 33)        # 4 inputs x 2 beams; 32 past + 1
     assert backend.generation_defaults["num_beams"] == 4               # the trt-fp16 profile's [generation]
+
+
+def test_export_trt_int8_hands_the_calibration_file_to_tensorrt(tiny_llama_dir, tmp_path, monkeypatch):
+    """`--calibration FILE` with trt-int8 passed the refusal check and was then never used: TensorRT calibrated on
+    built-in English text. Its samples now reach the engine build as token ids through the artifact's tokenizer.
+    (The build itself needs TensorRT and a GPU: it is replaced here by one that records what it was given.)"""
+    from transformers import AutoTokenizer
+
+    from deploylm.export import pipeline, tensorrt
+
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    def build_for_export(folder, profile, **options):
+        given.update(options)
+        raise Stop
+
+    monkeypatch.setattr(trt_env, "require_trt_gpu", lambda what: None)
+    monkeypatch.setattr(tensorrt, "build_for_export", build_for_export)
+    texts = ["the quick brown fox", "hello world again"]
+    file = tmp_path / "calib.txt"
+    file.write_text("\n".join(texts) + "\n")
+    with pytest.raises(Stop):
+        pipeline.export_model(tiny_llama_dir, "trt-int8", tmp_path / "out", calibration=file)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert given["calibration"] == [list(tok(t)["input_ids"]) for t in texts]
+    assert not (tmp_path / "out").exists()

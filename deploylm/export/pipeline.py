@@ -130,7 +130,8 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
         if "trt" in profile.backends:
             from deploylm.export.tensorrt import build_for_export
 
-            fields["tensorrt"] = _timed(timings, "tensorrt", build_for_export, tmp, profile)
+            given = {} if calibration is None else {"calibration": trt_calibration_ids(tmp, calibration)}
+            fields["tensorrt"] = _timed(timings, "tensorrt", build_for_export, tmp, profile, **given)
         result["parity"] = _timed(timings, "parity", _parity, source, tmp, profile, fields["generation"])
         fields["parity"] = result["parity"]
 
@@ -138,6 +139,17 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     return ExportReport(out, profile.name, plan.kind, files, result["validation"], result["parity"],
                         tuple(result["details"]), timings)
+
+
+def trt_calibration_ids(folder: Path, calibration: str | Path) -> list[list[int]]:
+    """--calibration's samples as token ids through the artifact's tokenizer, for TensorRT's int8 calibrator (which
+    otherwise calibrates on built-in English text)."""
+    from deploylm.export.calibration import read_samples
+    from deploylm.models.source import folder_source
+    from deploylm.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(folder_source(folder))
+    return [ids for ids in (list(tokenizer(text)["input_ids"]) for text, _ in read_samples(Path(calibration))) if ids]
 
 
 def packs_matmuls(profile: Any) -> bool:
