@@ -357,3 +357,22 @@ def test_a_first_candidate_that_passes_is_not_searched(tmp_path, monkeypatch):
     profile = dataclasses.replace(load_profile("int8"), precision_fallback=PrecisionFallback(auto=True))
     report = apply_precision(tmp_path / "artifact", profile, None, rounds=0)
     assert report.attempts == 1 and report.auto_kept == 0 and report.budget_failures == ()
+
+
+def test_int8_ranking_leaves_out_the_embedding_when_the_profile_does_not_quantize_it(tmp_path):
+    """Only weight-only with `embedding = true` quantizes the embedding Gather: otherwise ranking it made the
+    search keep a node that was never converted, and an auto search that kept every converted MatMul did not
+    say the graphs compute in fp32 (the ranking held one node more than it could keep)."""
+    from tests.test_quantize import FEEDS, tied_graph
+
+    ref = onnx.load(str(tied_graph(tmp_path / "ref.onnx")))
+    cand = onnx.ModelProto.FromString(ref.SerializeToString())
+    for init in cand.graph.initializer:
+        values = onnx.numpy_helper.to_array(init)
+        init.CopyFrom(onnx.numpy_helper.from_array(values + 0.05 * np.sign(values), init.name))
+    from deploylm.export.fallback import rank_nodes
+
+    (tmp_path / "ref").mkdir(), (tmp_path / "cand").mkdir()
+    onnx.save(ref, tmp_path / "ref" / "model.onnx"), onnx.save(cand, tmp_path / "cand" / "model.onnx")
+    ranked = rank_nodes(tmp_path / "ref", tmp_path / "cand", {"model.onnx": [FEEDS[0]]}, "int4", {}, gathers=False)
+    assert sorted(node for _, node in ranked) == ["fc1", "fc2", "lm_head"]

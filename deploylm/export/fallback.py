@@ -149,8 +149,9 @@ def search(ranked: list[tuple[str, str]], base: Exclusions, judge: Callable[[Exc
 
 
 def rank_nodes(ref_dir: Path, cand_dir: Path, feeds: dict[str, list[dict]], precision: str,
-               base: Exclusions) -> list[tuple[str, str]]:
-    """(file, node) pairs over every graph, most sensitive first, leaving out `base` nodes."""
+               base: Exclusions, gathers: bool = True) -> list[tuple[str, str]]:
+    """(file, node) pairs over every graph, most sensitive first, leaving out `base` nodes; int8/int4 rank the
+    embedding Gathers only with `gathers` (weight-only with `embedding = true`: no other method quantizes them)."""
     import onnx
 
     ranked: list[tuple[float, str, str]] = []
@@ -158,7 +159,7 @@ def rank_nodes(ref_dir: Path, cand_dir: Path, feeds: dict[str, list[dict]], prec
         ref_model, cand_model = onnx.load(str(ref_dir / file)), onnx.load(str(cand_dir / file))
         changed = {n.name for n in ref_model.graph.node if n.name not in base.get(file, ())}
         if precision in ("int8", "int4"):  # only nodes over constant weights are quantized
-            changed &= quantizable_nodes(ref_model)
+            changed &= quantizable_nodes(ref_model, gathers)
         for node, score in sensitivity(ref_model, cand_model, batches[0], precision, changed):
             # int8/int4: every quantized node is a candidate, those whose error did not grow last, so
             # the longest prefix keeps them all in fp32; fp16: nodes with an error or a range to rank
@@ -168,10 +169,10 @@ def rank_nodes(ref_dir: Path, cand_dir: Path, feeds: dict[str, list[dict]], prec
     return [(file, node) for _, file, node in ranked]
 
 
-def quantizable_nodes(model: Any) -> set[str]:
-    """MatMul / Gather nodes whose weight is a constant (or a Transpose of one: a tied lm_head)."""
+def quantizable_nodes(model: Any, gathers: bool = True) -> set[str]:
+    """MatMul (and with `gathers`, Gather) nodes whose weight is a constant (or a Transpose of one: a tied lm_head)."""
     inits = {i.name for i in model.graph.initializer}
     transposed = {o for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits for o in n.output}
-    weight = {"MatMul": 1, "Gather": 0}
+    weight = {"MatMul": 1, "Gather": 0} if gathers else {"MatMul": 1}
     return {n.name for n in model.graph.node if n.op_type in weight
             and (n.input[weight[n.op_type]] in inits or n.input[weight[n.op_type]] in transposed)}

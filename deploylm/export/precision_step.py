@@ -196,7 +196,10 @@ def apply_precision(tmp_dir: Path, profile: Any, source: Any, calibration: str |
         fallback = profile.precision_fallback
         auto = (fallback is not None and fallback.auto) if auto is None else auto
         if not first.passed and auto:
-            ranked = rank_nodes(work.ref, work.dirs[id(first)], _few(work.feeds), profile.precision, base)
+            q = profile.quantization
+            quantized_embedding = q is not None and q.method == "weight-only" and bool(q.embedding)
+            ranked = rank_nodes(work.ref, work.dirs[id(first)], _few(work.feeds), profile.precision, base,
+                                gathers=quantized_embedding)
             result = search(ranked, base, work.judge, first)
         chosen = work.dirs[id(result.final)]
         if rounds:   # the reported numbers: speed timed in `rounds` interleaved rounds
