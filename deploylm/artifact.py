@@ -489,7 +489,7 @@ def summary(artifact: Artifact) -> str:
         f"source     {source.get('kind', '?')} {source.get('path', '?')}",
         f"weights    sha256 {source.get('weights_sha256') or '?'}",
         f"profile    {profile.get('name', '?')} ({profile.get('precision', '?')}; backends "
-        f"{', '.join(profile.get('backends', []))}): {profile.get('description', '')}",
+        f"{', '.join(profile.get('backends', []))})" + (f": {profile['description']}" if profile.get("description") else ""),
         "toolchain  " + ", ".join(f"{k} {v}" for k, v in tools.items() if v),
     ]
     if isinstance(m.get("generation"), dict):    # the decoding defaults the artifact ships with

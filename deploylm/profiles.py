@@ -412,6 +412,12 @@ def read_profile(path: Path) -> Profile:
         raise ProfileError(f"{origin}: backends = {list(profile.backends)} is not allowed with precision 'int4': "
                            "expected ['onnx'] (int4 is ONNX Runtime's MatMulNBits: neither TensorRT engines nor "
                            "the torch backend run int4)")
+    if len(set(profile.backends)) != len(profile.backends):
+        raise ProfileError(f"{origin}: backends = {list(profile.backends)} names a backend twice: expected each once")
+    q = profile.quantization
+    if q is not None and q.symmetric and q.algorithm in ("hqq", "q4_1"):
+        raise ProfileError(f"{origin}: quantization.symmetric = true does not apply to algorithm = {q.algorithm!r}, "
+                           "which fits zero points of its own: expected symmetric only with algorithm = 'rtn'")
     if profile.precision_fallback is not None and profile.precision_fallback.auto and "onnx" not in profile.backends:
         raise ProfileError(f"{origin}: precision_fallback.auto does not apply: the search keeps ONNX Runtime's "
                            f"quantized nodes in fp32, and backends = {list(profile.backends)} has no onnx: expected "

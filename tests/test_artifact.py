@@ -587,3 +587,11 @@ def test_a_config_json_of_no_model_is_refused_by_the_onnx_backend_naming_the_fil
                                             r"Unrecognized model.*; re-export it") as err:
         OnnxBackend.from_source(str(artifact))
     assert "\n" not in str(err.value)
+
+
+def test_summary_of_a_profile_without_a_description_has_no_dangling_colon(artifact):
+    from deploylm.artifact import summary
+
+    _edit(artifact, lambda m: m["profile"].update(description=""))
+    line = next(l for l in summary(load_artifact(artifact)).splitlines() if l.startswith("profile"))
+    assert line == "profile    fp32 (fp32; backends onnx)", line

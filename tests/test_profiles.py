@@ -388,3 +388,21 @@ def test_the_auto_search_needs_onnx_among_the_backends(tmp_path):
                                            r"onnx: expected auto = false, or 'onnx' among the backends"):
         load_profile(write(tmp_path, text))
     load_profile(write(tmp_path, text.replace('["trt"]', '["onnx", "trt"]')))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('backends = ["onnx"]', 'backends = ["onnx", "onnx"]'),
+     r"backends = \['onnx', 'onnx'\] names a backend twice"),
+    (lambda t: t.replace('precision = "int8"', 'precision = "int4"')
+     + '[quantization]\nmethod = "weight-only"\nalgorithm = "hqq"\nsymmetric = true\n',
+     r"quantization.symmetric = true does not apply to algorithm = 'hqq'"),
+    (lambda t: t.replace('precision = "int8"', 'precision = "int4"')
+     + '[quantization]\nmethod = "weight-only"\nalgorithm = "q4_1"\nsymmetric = true\n',
+     r"quantization.symmetric = true does not apply to algorithm = 'q4_1'"),
+])
+def test_values_that_would_be_ignored_are_refused(tmp_path, edit, message):
+    """A key that does not apply is an error (docs/profiles.md): symmetric is rtn's alone (hqq and q4_1 ignored
+    it and stored it in the manifest), and a backend named twice was stored as it was."""
+    with pytest.raises(ProfileError, match=message):
+        load_profile(write(tmp_path, edit(BASE)))
+    load_profile(write(tmp_path, edit(BASE).replace('"onnx", "onnx"', '"onnx"').replace("symmetric = true", "")))

@@ -32,7 +32,7 @@ def _one_error_line(result) -> str:
 def test_generate_backend_trt_without_tensorrt_or_gpu(tiny_gpt2_dir, no_trt_no_gpu):
     result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_gpt2_dir), "--backend", "trt", "hello"])
     line = _one_error_line(result)
-    assert "--backend trt needs TensorRT and a CUDA GPU" in line and "pip install 'deploylm[trt]'" in line
+    assert "the trt backend needs TensorRT and a CUDA GPU" in line and "pip install 'deploylm[trt]'" in line
     assert result.stdout == ""
 
 

@@ -81,7 +81,7 @@ def test_trt_backend_refuses_without_tensorrt_or_gpu(tmp_path, no_trt_no_gpu):
     (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
     with pytest.raises(MissingDependencyError) as err:
         load_backend("trt", Source("artifact", tmp_path))
-    assert "--backend trt needs TensorRT and a CUDA GPU" in str(err.value)
+    assert "the trt backend needs TensorRT and a CUDA GPU" in str(err.value)
     assert "pip install 'deploylm[trt]'" in str(err.value) and err.value.exit_code == 2
 
 

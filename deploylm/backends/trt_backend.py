@@ -157,7 +157,7 @@ class TrtBackend:
         """
         from deploylm.artifact import load_artifact
 
-        require_trt_gpu("--backend trt")
+        require_trt_gpu("the trt backend")
         if getattr(source, "kind", None) != "artifact":
             raise UsageError(f"--backend trt needs an artifact folder with TensorRT engines, got a {source.kind} "
                              f"({source.path}): first run deploylm export --model {source.path} --profile trt-fp16")
