@@ -7,7 +7,9 @@ report can be checked against the rounds it came from; the tiny-model tests run 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -666,13 +668,19 @@ def test_a_worker_runs_its_row_with_the_bench_threads_and_answers_each_message(t
     assert peak == pytest.approx(worker.peak_rss_mib(), rel=0.1)
 
 
+def _run_script(script: Path, *args: object) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS...` with this checkout importable, its output captured."""
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_worker_dies_quietly_with_a_bench_killed_outright(tiny_gpt2_dir, tmp_path):
     """`kill -9` of `deploylm bench`: its row worker used to go on (loading its model) and then print a
     BrokenPipeError traceback into the terminal; it now dies with the bench, silently."""
-    import os
-    import subprocess
-
     script = tmp_path / "killed_bench.py"
     script.write_text(
         "import os, signal, sys\n"
@@ -686,10 +694,7 @@ def test_a_worker_dies_quietly_with_a_bench_killed_outright(tiny_gpt2_dir, tmp_p
         "    runner.ready()\n"
         "    print(runner._proc.pid, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(script), str(tiny_gpt2_dir)], capture_output=True, text=True,
-                         timeout=120, env=env)   # returns once the worker, which shares its pipes, is gone too
+    run = _run_script(script, tiny_gpt2_dir)   # returns once the worker, which shares its pipes, is gone too
     assert run.returncode == -9 and run.stdout.strip().isdigit(), run.stderr[-2000:]
     assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr[-2000:]
 
@@ -698,19 +703,13 @@ def test_a_script_without_a_main_guard_is_told_about_it_not_about_memory(tiny_gp
     """docs/bench.md's Python example saved as a script without `if __name__ == "__main__":`: each spawned worker
     imports the script again and dies at bootstrap (exit code 1). The error used to guess "out of memory?"; it now
     names the missing guard and the in-process alternative."""
-    import os
-    import subprocess
-
     script = tmp_path / "unguarded_bench.py"
     script.write_text(
         "import sys\n"
         "from deploylm.bench import BenchConfig, run_bench\n"
         "run_bench(BenchConfig(models=(sys.argv[1],), prompts=('hello world',), max_new_tokens=2, rounds=1,\n"
         "                      warmup=0, reference=False))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(script), str(tiny_gpt2_dir)], capture_output=True, text=True,
-                         timeout=120, env=env)
+    run = _run_script(script, tiny_gpt2_dir)
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 1 and last.startswith("RuntimeError: the benchmark worker for "), run.stderr[-2000:]
     assert "died (exit code 1)" in last and "__name__" in last and "isolate=False" in last, last

@@ -275,10 +275,14 @@ def test_the_search_keeps_the_folder_of_the_candidate_it_chooses_and_deletes_the
     assert left == sorted({work.dirs[id(first)].name, work.dirs[id(result.final)].name, work.dirs[id(work.verdicts[-1])].name})
 
 
-def test_int8_ranking_offers_exactly_the_quantizable_nodes(tmp_path):
+@pytest.mark.parametrize("precision, gathers, nodes", [("int8", True, ["embed", "fc1", "fc2", "lm_head"]),
+                                                      ("int4", False, ["fc1", "fc2", "lm_head"])])
+def test_int8_ranking_offers_exactly_the_quantizable_nodes(tmp_path, precision, gathers, nodes):
     """int8/int4 rank the nodes quantization touches: weight MatMuls, the tied lm_head and the embedding
     Gather; not Relu or the tie's Transpose, which quantization never changes (keeping them "in fp32"
-    would spend search steps and report nodes kept that were never converted)."""
+    would spend search steps and report nodes kept that were never converted). The embedding only where the
+    profile quantizes it (weight-only with `embedding = true`): else an auto search that kept every converted
+    MatMul did not say the graphs compute in fp32 (the ranking held one node more than it could keep)."""
     from tests.test_quantize import FEEDS, tied_graph
 
     ref = onnx.load(str(tied_graph(tmp_path / "ref.onnx")))
@@ -290,8 +294,8 @@ def test_int8_ranking_offers_exactly_the_quantizable_nodes(tmp_path):
 
     (tmp_path / "ref").mkdir(), (tmp_path / "cand").mkdir()
     onnx.save(ref, tmp_path / "ref" / "model.onnx"), onnx.save(cand, tmp_path / "cand" / "model.onnx")
-    ranked = rank_nodes(tmp_path / "ref", tmp_path / "cand", {"model.onnx": [FEEDS[0]]}, "int8", {})
-    assert sorted(node for _, node in ranked) == ["embed", "fc1", "fc2", "lm_head"]
+    ranked = rank_nodes(tmp_path / "ref", tmp_path / "cand", {"model.onnx": [FEEDS[0]]}, precision, {}, gathers=gathers)
+    assert sorted(node for _, node in ranked) == nodes
 
 
 def test_fp16_sensitivity_scores_a_node_by_its_range_even_without_error():
@@ -358,21 +362,3 @@ def test_a_first_candidate_that_passes_is_not_searched(tmp_path, monkeypatch):
     report = apply_precision(tmp_path / "artifact", profile, None, rounds=0)
     assert report.attempts == 1 and report.auto_kept == 0 and report.budget_failures == ()
 
-
-def test_int8_ranking_leaves_out_the_embedding_when_the_profile_does_not_quantize_it(tmp_path):
-    """Only weight-only with `embedding = true` quantizes the embedding Gather: otherwise ranking it made the
-    search keep a node that was never converted, and an auto search that kept every converted MatMul did not
-    say the graphs compute in fp32 (the ranking held one node more than it could keep)."""
-    from tests.test_quantize import FEEDS, tied_graph
-
-    ref = onnx.load(str(tied_graph(tmp_path / "ref.onnx")))
-    cand = onnx.ModelProto.FromString(ref.SerializeToString())
-    for init in cand.graph.initializer:
-        values = onnx.numpy_helper.to_array(init)
-        init.CopyFrom(onnx.numpy_helper.from_array(values + 0.05 * np.sign(values), init.name))
-    from deploylm.export.fallback import rank_nodes
-
-    (tmp_path / "ref").mkdir(), (tmp_path / "cand").mkdir()
-    onnx.save(ref, tmp_path / "ref" / "model.onnx"), onnx.save(cand, tmp_path / "cand" / "model.onnx")
-    ranked = rank_nodes(tmp_path / "ref", tmp_path / "cand", {"model.onnx": [FEEDS[0]]}, "int4", {}, gathers=False)
-    assert sorted(node for _, node in ranked) == ["fc1", "fc2", "lm_head"]
