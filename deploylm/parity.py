@@ -358,7 +358,8 @@ def _parity_of_a_fresh_export(source: Any, backends: list[str], prompts: list[st
     with tempfile.TemporaryDirectory(prefix="deploylm-parity-") as tmp:
         artifact = Path(tmp) / "artifact"
         export_model(source.path, profile, artifact)
-        return run_parity(artifact, backends, prompts, profile, reference=source.path, **overrides)
+        reference = source.path if "torch" in backends else None     # the model itself, wherever the export ran
+        return run_parity(artifact, backends, prompts, profile, reference=reference, **overrides)
 
 
 def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None = None, profile: Any = None,
