@@ -230,7 +230,7 @@ def test_cuda_unavailable_is_a_usage_error(tiny_gpt2_dir, monkeypatch):
 
 def test_artifact_with_torch_backend_says_use_onnx(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(UsageError, match="use --backend onnx"):
+    with pytest.raises(UsageError, match=r'use the onnx \(or trt\) backend: --backend onnx, or backend="onnx"'):
         TorchBackend.from_source(str(tmp_path))
 
 

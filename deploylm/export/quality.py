@@ -200,7 +200,7 @@ def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3
     ref = OnnxBackend.from_folder(ref_dir, name=name)
     cand = OnnxBackend.from_folder(cand_dir, name=name)
     tokenizer = load_tokenizer(folder_source(ref_dir))
-    if tokenizer.pad_token_id is None:   # as the Generator pads: the model's pad id (transformers: its first EOS)
+    if getattr(tokenizer, "pad_token_id", 0) is None:   # as the Generator pads: the model's pad id (transformers: its first EOS)
         tokenizer.pad_token_id = ref.info.special.pad_token_id
     texts, targets = perplexity_texts(held)
     ppl_ref, n = perplexity(ref, tokenizer, texts, targets)

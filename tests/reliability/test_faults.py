@@ -282,10 +282,6 @@ def test_counting_a_long_prompt_does_not_block_the_event_loop():
             assert slow.result().status_code == 200
 
 
-def batch_threads() -> int:
-    return sum(t.name.startswith("deploylm-batch") for t in threading.enumerate())
-
-
 def mounted(app, lifespan=None):
     from starlette.applications import Starlette
     from starlette.routing import Mount
@@ -317,13 +313,18 @@ def test_the_outer_apps_lifespan_stops_a_mounted_apps_batcher(style):
         async with app.lifespan(outer):
             yield
 
-    before = batch_threads()
+    def batchers() -> set:
+        return {t for t in threading.enumerate() if t.name.startswith("deploylm-batch")}
+
+    before = batchers()       # by identity: an earlier test's batcher may still be ending while this one counts
     with inproc_server(None, None, app=app,
                        outer=lambda a: mounted(a, a.lifespan if style == "passed" else own)) as (url, _app):
         assert httpx.post(url + "/llm/v1/generate", json={"prompt": "one two", "max_new_tokens": 2},
                           timeout=3).status_code == 200
-        assert batch_threads() == before + 1
-    assert wait_until(lambda: batch_threads() == before), "the batcher's thread outlived the server"
+        ours = batchers() - before
+        assert len(ours) == 1, ours
+    (thread,) = ours
+    assert wait_until(lambda: not thread.is_alive()), "the batcher's thread outlived the server"
 
 
 def test_shutdown_waits_for_the_step_of_a_stream_whose_client_left():
