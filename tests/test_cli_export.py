@@ -234,3 +234,20 @@ def test_a_quantized_export_of_a_model_whose_tokenizer_has_no_pad_token(tiny_lla
     result = _run("--model", str(model), "--profile", "int8", "--out", str(tmp_path / "llama-int8"))
     assert result.exit_code == 0, result.output
     assert "quality (held out:" in result.output, result.output
+
+
+def test_export_says_which_of_the_models_own_defaults_the_profile_replaces(tiny_llama_dir, tmp_path):
+    """The artifact carries the model's generation_config.json, yet decodes with the profile's [generation]
+    (documented precedence): a checkpoint capped at 30 new tokens gave an artifact that decodes 64. Export now
+    says so, for each value the profile replaces."""
+    import json
+    import shutil
+
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "llama"))
+    config = model / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_new_tokens": 30, "num_beams": 4}))
+    result = _run("--model", str(model), "--out", str(tmp_path / "llama-fp32"))
+    assert result.exit_code == 0, result.output
+    assert ("note: the profile's [generation] max_new_tokens = 64 replaces the model's own 30 "
+            "(generation_config.json) as the artifact's default") in result.output, result.output
+    assert "[generation] num_beams" not in result.output        # the same value replaces nothing

@@ -110,6 +110,7 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
                                      "asks for; the fp32 profile ships the shared-prompt layout, faster at beam "
                                      "search: compare the two artifacts with deploylm bench")
         plan = chosen
+    result["details"] += _overridden_defaults(source, profile)
     fields = {"source": source_fields(source), "profile": profile.to_dict(), "generation": dict(profile.generation),
               "export": {"kind": plan.kind, "family": plan.family, "opset": DEFAULT_OPSET,
                          "cross_rows": plan.cross_rows if plan.kind == "encoder-decoder" else None}}
@@ -139,6 +140,22 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     return ExportReport(out, profile.name, plan.kind, files, result["validation"], result["parity"],
                         tuple(result["details"]), timings)
+
+
+def _overridden_defaults(source: Any, profile: Any) -> list[str]:
+    """A note for each of the model's own decoding defaults (its generation_config.json) that the profile's
+    [generation] replaces in the artifact: the artifact carries that file too, and decodes otherwise."""
+    import json
+
+    file = Path(source.path) / "generation_config.json"
+    try:
+        own = json.loads(file.read_text(encoding="utf-8")) if source.path.is_dir() and file.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    changed = {k: (own[k], v) for k, v in profile.generation.items() if isinstance(own, dict) and k in own
+               and own[k] != v}
+    return [f"note: the profile's [generation] {k} = {new!r} replaces the model's own {old!r} "
+            f"(generation_config.json) as the artifact's default" for k, (old, new) in sorted(changed.items())]
 
 
 def trt_calibration_ids(folder: Path, calibration: str | Path) -> list[list[int]]:
