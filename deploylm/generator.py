@@ -33,6 +33,7 @@ from deploylm.errors import Interrupted, OptionError, UsageError
 from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, encoding, join_parts, join_texts,
                                   prompt_budget, split_rows, tokenize, tokenize_windows)
 from deploylm.models.source import Source, resolve_source
+from deploylm.models.tokenizer import pad_like_the_model
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -128,8 +129,7 @@ class Generator:
             self.defaults = _model_defaults(known)
         except UsageError as exc:   # the model's own defaults, not the caller's options: say where they come from
             raise UsageError(f"{defaults_from or self.info.name or 'the model'}: the model's default {exc}") from None
-        if tokenizer.pad_token_id is None:  # e.g. GPT-2: pad with the model's pad id (transformers: first EOS)
-            tokenizer.pad_token_id = self.info.special.pad_token_id
+        pad_like_the_model(tokenizer, self.info.special)
         self._lock = BackendLock()               # held for every use of the backend
         self._tokenizer_lock = threading.Lock()  # held briefly for every tokenizer call
 

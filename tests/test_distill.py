@@ -529,7 +529,7 @@ def test_hugging_face_text_is_its_non_blank_lines_without_special_tokens(tmp_pat
 
     data = tmp_path / "lines.txt"
     data.write_text("red fox\n\n   \nblue owl\n")
-    assert distill_setup._read_lines(data) == ["red fox\n", "blue owl\n"]
+    assert distill_setup.read_data_lines(data) == ["red fox\n", "blue owl\n"]
     tok = PreTrainedTokenizerFast(tokenizer_object=for_language_model(train_tokenizer(CORPUS, 300)), bos_token="<s>")
     assert tok("red")["input_ids"][0] == tok.bos_token_id                # this tokenizer adds <s> by default
     stream = distill_setup._line_stream(["red fox\n", "blue owl\n"], tok)

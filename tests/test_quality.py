@@ -319,7 +319,8 @@ def test_measure_quality_times_after_the_warm_up_and_judges_against_fp32(monkeyp
     import deploylm.models.tokenizer as tokenizer
 
     ref_dir, cand_dir = tmp_path / "fp32", tmp_path / "int4"
-    backends = {ref_dir: SimpleNamespace(kind="ref"), cand_dir: SimpleNamespace(kind="cand")}
+    info = SimpleNamespace(special=SimpleNamespace(pad_token_id=0))      # what the padding of the prompts reads
+    backends = {ref_dir: SimpleNamespace(kind="ref", info=info), cand_dir: SimpleNamespace(kind="cand", info=info)}
     monkeypatch.setattr(onnx_backend.OnnxBackend, "from_folder", classmethod(lambda cls, d, name=None: backends[d]))
     monkeypatch.setattr(source, "folder_source", lambda path: path)
     monkeypatch.setattr(tokenizer, "load_tokenizer", lambda src: None)

@@ -137,15 +137,14 @@ class TransformersRunner:
 
         from deploylm.models import hf
         from deploylm.models.source import resolve_source
-        from deploylm.models.tokenizer import load_tokenizer
+        from deploylm.models.tokenizer import load_tokenizer, pad_like_the_model
 
         started = clock()
         source = resolve_source(src)
         self.model = hf.load_hf_model(source, dtype=torch.float32, device=torch.device("cpu"))
         self.tokenizer = load_tokenizer(source)
         self.special = hf.special_tokens(self.model)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token_id = self.special.pad_token_id
+        pad_like_the_model(self.tokenizer, self.special)
         self.load_s = clock() - started
         self.rss_after_load_mib: float | None = None
         self.workload, self.clock = workload, clock

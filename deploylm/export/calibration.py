@@ -215,8 +215,7 @@ def _data_sets(record: dict[str, Any], samples: int) -> tuple[TextSet, TextSet] 
     try:
         if record.get("arch") == "lines":                  # a Hugging Face student: distill's own split of the file
             sets = _line_sets(path, samples, origin)
-            return sets if sets is not None and sets[1].inputs and sets[0].inputs else None
-        if record.get("arch") == "decoder":
+        elif record.get("arch") == "decoder":
             from deploylm.training.text import load_text, text_splits
 
             docs, _ = load_text(path, clean)
@@ -231,17 +230,18 @@ def _data_sets(record: dict[str, Any], samples: int) -> tuple[TextSet, TextSet] 
     return sets if sets[1].inputs and sets[0].inputs else None
 
 
-def _line_sets(path: Path, samples: int, origin: str) -> tuple[TextSet, TextSet] | None:
+def _line_sets(path: Path, samples: int, origin: str) -> tuple[TextSet, TextSet]:
     """A Hugging Face student's --data as `deploylm distill` split it: the non-blank lines, the last tenth held
-    out (distill holds out the last tenth of the token blocks of the same lines, in order)."""
+    out (distill holds out the last tenth of the token blocks of the same lines, in order). UsageError when the
+    file is unreadable (distill's own refusal) or has too few lines for a held-out tenth."""
     from types import SimpleNamespace
 
-    from deploylm.training.distill_setup import HELD_OUT_FRACTION
+    from deploylm.training.distill_setup import HELD_OUT_FRACTION, read_data_lines
 
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    lines = [line.strip() for line in read_data_lines(path)]
     held = len(lines) // HELD_OUT_FRACTION
     if not held:
-        return None
+        raise UsageError(f"{path}: {len(lines)} line(s), too few to hold out a tenth")
     return _document_sets(SimpleNamespace(train=lines[:-held], test=lines[-held:]), samples, origin)
 
 

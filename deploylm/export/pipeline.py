@@ -147,9 +147,9 @@ def _overridden_defaults(source: Any, profile: Any) -> list[str]:
     [generation] replaces in the artifact: the artifact carries that file too, and decodes otherwise."""
     import json
 
-    file = Path(source.path) / "generation_config.json"
+    file = source.path / "generation_config.json"          # a model folder's; a .gguf file has none
     try:
-        own = json.loads(file.read_text(encoding="utf-8")) if source.path.is_dir() and file.is_file() else {}
+        own = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     except (OSError, ValueError):
         return []
     changed = {k: (own[k], v) for k, v in profile.generation.items() if isinstance(own, dict) and k in own

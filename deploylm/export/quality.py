@@ -195,13 +195,12 @@ def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3
     from deploylm.decoding.options import DecodingOptions
     from deploylm.export.calibration import perplexity_texts
     from deploylm.models.source import folder_source
-    from deploylm.models.tokenizer import load_tokenizer
+    from deploylm.models.tokenizer import load_tokenizer, pad_like_the_model
 
     ref = OnnxBackend.from_folder(ref_dir, name=name)
     cand = OnnxBackend.from_folder(cand_dir, name=name)
     tokenizer = load_tokenizer(folder_source(ref_dir))
-    if getattr(tokenizer, "pad_token_id", 0) is None:   # as the Generator pads: the model's pad id (transformers: its first EOS)
-        tokenizer.pad_token_id = ref.info.special.pad_token_id
+    pad_like_the_model(tokenizer, ref.info.special)       # the prompts below are padded
     texts, targets = perplexity_texts(held)
     ppl_ref, n = perplexity(ref, tokenizer, texts, targets)
     ppl, _ = perplexity(cand, tokenizer, texts, targets)

@@ -33,28 +33,32 @@ KIND_WORDS = {"artifact": "an exported artifact", "hf": "a Hugging Face folder",
               "checkpoint": "a deploylm checkpoint", "gguf": "a .gguf file"}
 
 
-def resolve_source(src: str | Path) -> Source:
+ANY_MODEL = "a checkpoint folder, a Hugging Face folder, a .gguf file or an artifact folder"
+
+
+def resolve_source(src: str | Path, expected: str = ANY_MODEL) -> Source:
     """Classify SRC by its files; a clear UsageError when it is none of the known kinds.
 
     - artifact:   a folder with manifest.json (made by `deploylm export`)
     - checkpoint: a folder whose config.json has "model_type": "deploylm-seq2seq" or "deploylm-lm"
     - hf:         any other folder with config.json
     - gguf:       a file ending in .gguf
+
+    expected: the kinds the caller takes, in words, for the error when SRC is empty or missing.
     """
     if not isinstance(src, (str, Path)) or not str(src).strip():
-        raise UsageError(f"model {src!r}: expected the path of a checkpoint folder, a Hugging Face folder, a .gguf "
-                         "file or an artifact folder")
+        raise UsageError(f"model {src!r}: expected the path of {expected}")
     path = Path(src).expanduser()
     try:
-        return _classify(path, src)
+        return _classify(path, src, expected)
     except PermissionError as exc:   # a folder that cannot be searched, a config.json that cannot be read
         raise UsageError(f"model {str(src)!r}: cannot read {exc.filename or path} ({exc.strerror}): check its "
                          "permissions") from None
 
 
-def _classify(path: Path, src: str | Path) -> Source:
+def _classify(path: Path, src: str | Path, expected: str) -> Source:
     if not path.exists():
-        raise UsageError(f"model {str(src)!r} does not exist: expected a checkpoint folder, a Hugging Face folder, a .gguf file or an artifact folder")
+        raise UsageError(f"model {str(src)!r} does not exist: expected {expected}")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return Source("gguf", path)

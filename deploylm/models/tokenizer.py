@@ -73,6 +73,14 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
 _JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
 
 
+def pad_like_the_model(tokenizer: Any, special: Any) -> None:
+    """A tokenizer without a pad token (GPT-2's, most Llama and Mistral ones) pads with the model's pad id
+    (`special.pad_token_id`; transformers: its first EOS), as every batch of padded prompts needs. A tokenizer
+    object without the attribute (a test's stand-in) is left alone."""
+    if getattr(tokenizer, "pad_token_id", 0) is None:
+        tokenizer.pad_token_id = special.pad_token_id
+
+
 def _reads_as_json(file: Path) -> bool:
     """False for a file that exists and is not JSON (True when it is JSON or absent)."""
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -57,11 +56,9 @@ def build(config: DistillConfig) -> Setup:
     from deploylm.models.hf import resolve_device
 
     try:
-        source = resolve_source(config.teacher)
-    except UsageError as exc:   # its "expected ..." lists every kind of model; a teacher is one of two
-        message = re.sub(r"expected (the path of )?a checkpoint folder, .* or an artifact folder",
-                         r"expected \1" + TEACHER_KINDS, str(exc))
-        raise UsageError(f"--teacher: {message}") from None
+        source = resolve_source(config.teacher, expected=TEACHER_KINDS)
+    except UsageError as exc:
+        raise UsageError(f"--teacher: {exc}") from None
     device = resolve_device(config.device)
     if source.kind == "checkpoint":
         from deploylm.models.checkpoint import load_config
@@ -266,7 +263,7 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         else:          # too little text for a test split: hold out the last tenth of the blocks
             train, held_out = _split_blocks(_text_blocks(ids, text.where, length))
     else:
-        train, held_out = _split_blocks(_text_blocks(_line_stream(_read_lines(config.data), tok), config.data, length))
+        train, held_out = _split_blocks(_text_blocks(_line_stream(read_data_lines(config.data), tok), config.data, length))
     stream = BatchStream(train, config.batch_size, config.seed)
     forward = _hf_logits if source.kind == "hf" else _seed_logits
 
@@ -384,7 +381,7 @@ def _layer_list(model: nn.Module, depth: int) -> str:
     return names[0]
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_data_lines(path: Path) -> list[str]:
     """The non-blank lines of a UTF-8 text file, line endings kept."""
     if not path.is_file():
         raise UsageError(f"--data {str(path)!r} does not exist: expected a plain text file")
