@@ -243,6 +243,8 @@ def test_one_changed_byte_is_refused(artifact):
      r"manifest.json: 'files' entry '../../etc/hostname' is not a path inside the artifact folder"),
     (lambda a: _edit(a, lambda m: m["files"].update({"/etc/hostname": {"sha256": "0" * 64, "bytes": 3}})),
      r"manifest.json: 'files' entry '/etc/hostname' is not a path inside the artifact folder"),
+    (lambda a: _edit(a, lambda m: m["files"].update({"..\\..\\x": {"sha256": "0" * 64, "bytes": 3}})),
+     r"manifest.json: 'files' entry '\.\.\\\\\.\.\\\\x' is not a path inside the artifact folder"),   # Windows
     # a profile export could not have written: info and generate refused it too, not only parity
     (lambda a: _edit(a, lambda m: m["profile"].update(precision="fp9")), r"manifest.json \('profile'\).*precision"),
     (lambda a: _edit(a, lambda m: m["profile"].update(parity={"logits_atol": -5})),
