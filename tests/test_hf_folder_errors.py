@@ -286,6 +286,42 @@ def test_a_gguf_file_without_a_tokenizer_says_so_not_that_its_shapes_differ(tmp_
     assert "shape" not in str(info.value)
 
 
+def test_a_gguf_file_without_a_tokenizer_is_named_so_when_transformers_itself_raises(tmp_path, monkeypatch):
+    """The other branch of the check: transformers raises while loading (here: a ValueError, as its GGUF reader
+    does on metadata it cannot map) instead of loading with the wrong vocabulary. The missing tokenizer is still
+    the error, not "damaged or not a GGUF model file"."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "notok.gguf", tokenizer=False)
+
+    def raising(*args, **kwargs):
+        raise ValueError("vocab_size is not in the GGUF metadata")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", raising)
+    with pytest.raises(UsageError, match=r"GGUF file '.*notok\.gguf' holds no tokenizer in its metadata") as info:
+        deploylm.load(path)
+    assert "damaged" not in str(info.value)
+
+
+def test_a_gguf_file_with_a_tokenizer_that_transformers_cannot_load_is_called_damaged(tmp_path, monkeypatch):
+    """The same branch with a tokenizer present: the check passes and the load error is reported, in one line."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "tok.gguf")
+
+    def raising(*args, **kwargs):
+        raise ValueError("some tensor cannot be mapped\nsecond line")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", raising)
+    with pytest.raises(UsageError, match=r"GGUF file '.*tok\.gguf' does not load with transformers \(damaged or "
+                                         r"not a GGUF model file\?\): some tensor cannot be mapped$"):
+        deploylm.load(path)
+
+
 def test_a_gguf_file_of_an_unsupported_architecture_names_the_supported_ones(tmp_path):
     from tests.helpers.tiny_gguf import write_tiny_llama_gguf
 
