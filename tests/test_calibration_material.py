@@ -56,6 +56,26 @@ def test_a_seq2seq_data_model_is_judged_on_its_pairs(seed_seq2seq_dir, tmp_path)
     assert calib.targets == tuple(f"n{s}" for s in calib.inputs)
 
 
+
+@pytest.mark.parametrize("count", [20, 9])
+def test_a_distilled_hugging_face_student_is_judged_on_the_tail_of_its_lines_or_on_built_in_text(tmp_path, count):
+    """distill.json with arch "lines": the last tenth of --data's non-blank lines is held out, the rest is
+    calibration material; a file of fewer than 10 lines has no tenth to hold out, and the built-in text is used
+    (said so by its origin) instead of an empty held-out set."""
+    data = tmp_path / "lines.txt"
+    lines = [f"line {i}: a heron stands in the reeds." for i in range(count)]
+    data.write_text("\n\n".join(lines) + "\n")                       # blank lines are not lines
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "distill.json").write_text(json.dumps({"data": str(data), "arch": "lines"}))
+    calib, held = text_sets(Source("hf", student), None, 4, seq2seq=False)
+    if count >= 10:
+        assert held.origin == f"data:{data}" and held.scored == tuple(lines[-(count // 10):])
+        assert set(calib.inputs) <= set(lines[:-(count // 10)]) and calib.inputs
+    else:
+        assert held.origin == calib.origin == "builtin" and perplexity_texts(held) == (HELD_OUT_TEXT, None)
+
+
 @pytest.mark.slow
 def test_export_of_a_stories_model_quantizes_and_names_its_held_out_text(seed_lm_dir, tmp_path):
     source = _checkpoint(seed_lm_dir, tmp_path, {"task": "stories", "arch": "decoder", "seed": 0})
