@@ -1,0 +1,52 @@
+"""What `pip install` gets: the sdist carries what the tests read beside the package (pytest runs from an
+unpacked sdist), and the wheel carries the built-in profiles and nothing of the tree around the package."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JUNK = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                              "export", "runs", "gpu-check-out")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[list[str], list[str]]:
+    """(sdist names without the top folder, wheel names) built by setuptools from a copy of the tree."""
+    pytest.importorskip("setuptools", minversion="77")   # the SPDX `license` string
+    tmp = tmp_path_factory.mktemp("pack")
+    src, out = tmp / "src", tmp / "out"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=JUNK)
+    names = []
+    for hook in ("build_sdist", "build_wheel"):   # one process each, as build frontends call them
+        code = f"import sys; from setuptools import build_meta as b; name = b.{hook}(sys.argv[1]); print(); print(name)"
+        run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        names.append(run.stdout.splitlines()[-1])   # after setuptools' log
+    sdist_name, wheel_name = names
+    with tarfile.open(out / sdist_name) as tar:
+        sdist = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
+    with zipfile.ZipFile(out / wheel_name) as whl:
+        wheel = whl.namelist()
+    return sdist, wheel
+
+
+def test_the_sdist_carries_the_files_the_tests_read(built):
+    sdist, _ = built
+    wanted = ["Makefile", "LICENSE", "docs/profiles.md", "docs/serving.md", "examples/embed_starlette.py",
+              "tests/conftest.py", "tests/helpers/tiny_seed.py", "deploylm/builtin_profiles/fp32.toml"]
+    assert [name for name in wanted if name not in sdist] == []
+
+
+def test_the_wheel_carries_the_profiles_and_only_the_package(built):
+    _, wheel = built
+    profiles = {p.name for p in (ROOT / "deploylm" / "builtin_profiles").glob("*.toml")}
+    assert {Path(n).name for n in wheel if n.startswith("deploylm/builtin_profiles/")} == profiles
+    assert [n for n in wheel if not n.startswith(("deploylm/", "deploylm-"))] == []
