@@ -50,3 +50,15 @@ def test_the_wheel_carries_the_profiles_and_only_the_package(built):
     profiles = {p.name for p in (ROOT / "deploylm" / "builtin_profiles").glob("*.toml")}
     assert {Path(n).name for n in wheel if n.startswith("deploylm/builtin_profiles/")} == profiles
     assert [n for n in wheel if not n.startswith(("deploylm/", "deploylm-"))] == []
+
+
+def test_the_build_requirement_reads_the_spdx_license_string():
+    """`license = "Apache-2.0"` (PEP 639) is a configuration error to setuptools < 77, so a build with an older one
+    (`pip install --no-build-isolation`, a distribution's packaging) failed while the floor said >= 68."""
+    import re
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(pyproject["project"]["license"], str)
+    floor = [re.fullmatch(r"setuptools>=(\d+)", r) for r in pyproject["build-system"]["requires"]]
+    assert any(m and int(m.group(1)) >= 77 for m in floor), pyproject["build-system"]["requires"]
