@@ -37,6 +37,21 @@ def test_python_dash_m_runs_the_same_command_line():
     assert result.stdout.splitlines()[0].startswith("bf16")
 
 
+def test_help_imports_no_torch():
+    """`deploylm --help` imports every command's module for its summary line; train's (via SCHEDULES) and distill's
+    imported torch, so the help took ~1.7 s instead of ~0.1 s on this machine."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from deploylm.cli import cli\n"
+            "try: cli(['--help'])\n"
+            "except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'onnx', 'transformers') if m in sys.modules), file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "  distill" in out.stdout, out.stderr
+    assert out.stderr.strip() == "[]", out.stderr
+
+
 @pytest.mark.parametrize("args", [["profiles"], ["--help"]])
 def test_output_to_a_full_device_is_one_line(args):
     """`deploylm profiles > /dev/full`: one line and exit 1, not click.echo's OSError traceback (nor a second

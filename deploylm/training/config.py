@@ -16,7 +16,8 @@ from typing import Any
 from deploylm.errors import UsageError
 from deploylm.models.config import PRESETS
 from deploylm.training.clean import CleanOptions
-from deploylm.training.schedule import SCHEDULES
+
+SCHEDULES = ("inverse_sqrt", "cosine")   # deploylm.training.schedule; here, without torch, for the CLI's --help
 
 ARCHS = ("seq2seq", "decoder")
 

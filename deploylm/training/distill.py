@@ -28,14 +28,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable
 
 from deploylm.errors import UsageError
 from deploylm.training.config import check_seed
+
+if TYPE_CHECKING:   # torch is imported where it runs: `deploylm --help` and `distill --help` need none of it
+    import torch
+    from torch import Tensor
 
 REPORT = "distill.json"
 WARMUP_EXAMPLES = 8       # evaluated (untimed) by teacher and student before the timed evaluation
@@ -134,6 +134,8 @@ def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor, temperat
                       alpha: float) -> tuple[Tensor, Tensor, Tensor]:
     """student/teacher logits [B, T, V], labels [B, T] (-100 = ignore) -> (total, kd, ce), each a mean
     over labelled tokens; kd = T^2 * KL(p_teacher || p_student) at temperature T."""
+    import torch.nn.functional as F
+
     keep = labels != -100                                            # [B, T]
     s, t = student[keep].float(), teacher[keep].float()              # [N, V]
     kd = F.kl_div((s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1),
@@ -213,6 +215,8 @@ def default_lr(config: DistillConfig, init: str) -> float:
 
 def distill(config: DistillConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> DistillResult:
     """Distil the teacher of `config` into a smaller student saved at `config.out`."""
+    import torch
+
     from deploylm.training import distill_setup
 
     distill_setup.check_output(config)
@@ -239,6 +243,7 @@ def distill(config: DistillConfig, on_step: Callable[[int, dict[str, float]], No
 
 def _train(setup: Setup, config: DistillConfig, on_step: Callable[[int, dict[str, float]], None] | None) -> list[dict[str, float]]:
     """`config.steps` AdamW steps of the distillation loss; per-step losses."""
+    import torch
     from tqdm import tqdm
 
     from deploylm.training.schedule import make_optimizer, make_scheduler

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from deploylm.errors import UsageError
-
-SCHEDULES = ("inverse_sqrt", "cosine")
+from deploylm.training.config import SCHEDULES   # defined there without torch (`deploylm --help` imports config)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
