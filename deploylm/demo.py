@@ -6,6 +6,8 @@ decode with the ONNX Runtime backend through the shared beam-search decoder, and
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,12 +86,23 @@ def stage_onnx(state: DemoState) -> None:
     print(f"  parity: onnx beam-4 tokens identical to torch on {same}/{len(sources)} inputs")
 
 
+def deploylm_command(python: str | None = None, cwd: str | None = None) -> str:
+    """The `deploylm` script of the Python running the demo: .venv/bin/deploylm under `make demo`, the absolute path
+    in a venv elsewhere (a `pip install deploylm`), `python -m deploylm` where there is no script beside it."""
+    python = python or sys.executable
+    script = Path(python).parent / ("deploylm.exe" if os.name == "nt" else "deploylm")
+    if not script.is_file():
+        return f"{python} -m deploylm"
+    cwd = os.path.abspath(cwd or os.getcwd())
+    return os.path.relpath(script, cwd) if os.path.abspath(script).startswith(cwd + os.sep) else str(script)
+
+
 def stage_next(state: DemoState) -> None:
     """What to run next: the CLI on this artifact and the HTTP server."""
-    art = state.artifact
-    print(f"  .venv/bin/deploylm generate --model {art} --backend onnx 4096 --json")
-    print(f"  .venv/bin/deploylm parity --model {art} --backends torch,onnx")
-    print(f"  .venv/bin/deploylm serve --model {art} --backend onnx --port 8000   # then:")
+    art, cli = state.artifact, deploylm_command()
+    print(f"  {cli} generate --model {art} --backend onnx 4096 --json")
+    print(f"  {cli} parity --model {art} --backends torch,onnx")
+    print(f"  {cli} serve --model {art} --backend onnx --port 8000   # then:")
     print("  curl -s localhost:8000/v1/generate -H 'content-type: application/json' -d '{\"prompt\": \"4096\"}'")
 
 

@@ -73,3 +73,15 @@ def test_onnx_stage_counts_the_inputs_whose_beam_4_tokens_match_torch(monkeypatc
     assert calls == {"onnx": [(sources, 4, 24)], "torch": [(sources, 4, 24)]}
     assert "  onnx     4096 -> words 4096   (score -0.250)" in out
     assert "parity: onnx beam-4 tokens identical to torch on 3/4 inputs" in out
+
+
+def test_next_commands_name_this_python_s_deploylm(tmp_path):
+    """The closing hints said `.venv/bin/deploylm` wherever the demo ran; from a `pip install deploylm` venv outside
+    the working folder that path does not exist."""
+    bin_dir = tmp_path / "project" / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "deploylm").write_text("#!/bin/sh\n")
+    python = str(bin_dir / "python")
+    assert demo.deploylm_command(python, str(tmp_path / "project")) == ".venv/bin/deploylm"   # make demo
+    assert demo.deploylm_command(python, str(tmp_path / "elsewhere")) == str(bin_dir / "deploylm")
+    assert demo.deploylm_command(str(tmp_path / "python3"), str(tmp_path)) == f"{tmp_path / 'python3'} -m deploylm"
