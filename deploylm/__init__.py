@@ -19,4 +19,8 @@ def __getattr__(name: str):  # lazy: `import deploylm` stays cheap for the CLI
     raise AttributeError(f"module 'deploylm' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:   # the lazy names too: `deploylm.<Tab>` in IPython, help(deploylm)
+    return sorted({*globals(), *__all__})
+
+
 __all__ = ["load", "Generator", "DecodingOptions", "__version__"]

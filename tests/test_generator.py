@@ -27,6 +27,7 @@ def t5(tiny_t5_dir) -> Generator:
 
 def test_public_api_is_lazy_and_complete():
     assert deploylm.load is load and deploylm.Generator is Generator
+    assert set(deploylm.__all__) <= set(dir(deploylm))   # the lazy names are listed (IPython's completion, help())
 
 
 def test_generate_returns_one_result_per_prompt(llama):
