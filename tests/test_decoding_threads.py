@@ -3,6 +3,7 @@ picks one thread or the process's count for the full-vocabulary block, and proof
 changes a result."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -80,6 +81,35 @@ def test_step_runs_on_one_thread_its_vocab_block_on_the_chosen_count_and_times_i
     assert {n for kind, n in seen if kind != "vocab"} == {1}
     assert [n for kind, n in seen if kind == "vocab"] == [1, 1, 2, 2, 2, 2]
     assert list(costs.costs[1]) == [1.0] and list(costs.costs[2]) == [0.25, 0.25, 0.25]
+
+
+def test_a_step_leaves_the_thread_count_of_threads_that_start_meanwhile_alone():
+    """A thread of the host service that first runs torch while a search step is on one thread gets the
+    process's count, not the step's: torch.set_num_threads(1) would also make 1 the default every thread
+    starting then takes for good (an embedding service's request threads, deploylm's own callers)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).omp_set_num_threads
+    except (AttributeError, OSError, TypeError):
+        pytest.skip("no OpenMP runtime reachable here: steps fall back to torch.set_num_threads")
+    seen = []
+
+    def fresh_thread():
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join(30)
+
+    with torch_threads(2):
+        threads = StepThreads(2, costs=ThreadCosts(2))
+        with threads.step():
+            assert torch.get_num_threads() == 1
+            fresh_thread()
+            with threads.vocab():
+                fresh_thread()
+        assert torch.get_num_threads() == 2
+        fresh_thread()
+    assert seen == [2, 2, 2]
 
 
 def test_for_logits_widens_only_large_blocks_on_the_cpu():

@@ -13,8 +13,10 @@ and `StepThreads` measures the full-vocabulary block at one thread and at the pr
 keeps the faster, re-trying the other now and then (every `probe_every` steps, doubling the interval
 each time the retry loses, so a loaded machine pays for a slow retry rarely).
 
-Backend calls are outside the step and keep the process's thread count. With torch's OpenMP backend
-the setting is the calling thread's: other running threads (a server's other generators) keep theirs.
+Backend calls are outside the step and keep the process's thread count. The counts are set for the
+calling thread only (`own_threads`): torch.set_num_threads also sets the process's default, which every
+thread takes when it first runs torch, so a thread of the host service starting during a step would keep
+one thread for good. Other threads (a server's other generators, the host's own) keep theirs.
 Thread counts change no values: every op here splits its work by rows or by independent elements.
 """
 from __future__ import annotations
@@ -121,7 +123,7 @@ class StepThreads:
     def step(self) -> Iterator[None]:
         """One search step: torch on one thread (restored after), its vocab block timed."""
         self.chosen, self._spent, self._ran_vocab = self.costs.pick(), 0.0, False
-        with torch_threads(1):
+        with own_threads(1):
             yield
         if self._ran_vocab and self.wide > 1:
             self.costs.record(self.chosen, self._spent)
@@ -129,7 +131,7 @@ class StepThreads:
     @contextmanager
     def vocab(self) -> Iterator[None]:
         """The step's full-vocabulary passes, on the thread count chosen for this step."""
-        with torch_threads(self.chosen):
+        with own_threads(self.chosen):
             start = self.clock()
             try:
                 yield
@@ -150,6 +152,57 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def own_threads(n: int) -> Iterator[None]:
+    """The calling thread's torch intra-op thread count set to `n` for the block, restored after; the process's
+    default, which threads starting meanwhile take, is left alone. With torch's OpenMP runtime that is
+    omp_set_num_threads (a per-thread setting that torch.get_num_threads reads); where it cannot be found,
+    torch_threads."""
+    setter = _omp_set_num_threads()
+    if setter is None:
+        with torch_threads(n):
+            yield
+        return
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    setter(n)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
+_OMP: list = []   # [omp_set_num_threads of torch's OpenMP runtime, or None], looked up once
+
+
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    if not _OMP:
+        _OMP.append(_find_omp_setter())
+    return _OMP[0]
+
+
+def _find_omp_setter() -> Callable[[int], None] | None:
+    """omp_set_num_threads of the OpenMP runtime torch runs on, if it is loaded and really is torch's
+    (setting it must change torch.get_num_threads() on this thread)."""
+    import ctypes
+
+    try:
+        runtime = ctypes.CDLL(None)
+        setter, getter = runtime.omp_set_num_threads, runtime.omp_get_max_threads
+    except (AttributeError, OSError, TypeError):   # no OpenMP in the process, or no global namespace (Windows)
+        return None
+    setter.argtypes, setter.restype, getter.argtypes, getter.restype = [ctypes.c_int], None, [], ctypes.c_int
+    torch.get_num_threads()                         # torch's own setting of this thread first
+    before = getter()
+    probe = 2 if before == 1 else 1
+    setter(probe)
+    works = torch.get_num_threads() == probe
+    setter(before)
+    return setter if works else None
 
 
 def for_logits(logits: torch.Tensor) -> StepThreads | None:
