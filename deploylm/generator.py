@@ -75,10 +75,11 @@ def load(src: str | Path | Source, backend: str | None = None, **backend_options
 
     backend: "torch" | "onnx" | "trt"; default "onnx" for an artifact, "torch" otherwise.
     backend_options go to the backend (torch: device="cpu"|"cuda", dtype="float32"|"float16"|"bfloat16"|"int8",
-    int8 = dynamic quantization of the Linear layers, CPU only; threads=N PyTorch CPU threads, set for the
-    whole process; onnx: device, threads=N intra-op threads, providers=[...] ONNX Runtime execution provider
-    names (default: from device), opt_level="disable"|"basic"|"extended"|"all" graph optimizations,
-    spin=True for ONNX Runtime threads that spin briefly between kernels: faster on idle cores, slower
+    int8 = dynamic quantization of the Linear layers, CPU only; threads=N PyTorch CPU threads, set with
+    torch.set_num_threads: the loading thread's, and the count of every thread that first runs PyTorch later (a
+    thread that ran it before keeps its own); onnx: device, threads=N intra-op threads, providers=[...] ONNX
+    Runtime execution provider names (default: from device), opt_level="disable"|"basic"|"extended"|"all" graph
+    optimizations, spin=True for ONNX Runtime threads that spin briefly between kernels: faster on idle cores, slower
     beside busy processes, see deploylm.backends.onnx_backend.create_session).
     """
     from deploylm.models.tokenizer import load_tokenizer

@@ -494,3 +494,23 @@ def test_a_model_default_of_the_wrong_type_is_a_usage_error_naming_it(defaults, 
 
     with pytest.raises(UsageError, match=rf"{option}="):
         _model_defaults(defaults)
+
+
+def test_torch_threads_apply_to_the_loading_thread_and_threads_that_start_later(seed_lm_dir):
+    """load(..., threads=N) on torch is torch.set_num_threads (docs/serving.md, --threads): the loading thread and
+    every thread that first runs PyTorch later get N; a thread that ran PyTorch before keeps its count."""
+    import concurrent.futures
+
+    import torch
+
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    with concurrent.futures.ThreadPoolExecutor(1) as started:
+        assert started.submit(torch.get_num_threads).result(30) == before
+        try:
+            load(seed_lm_dir, backend="torch", threads=other)
+            with concurrent.futures.ThreadPoolExecutor(1) as later:
+                assert (torch.get_num_threads(), later.submit(torch.get_num_threads).result(30)) == (other, other)
+            assert started.submit(torch.get_num_threads).result(30) == before
+        finally:
+            torch.set_num_threads(before)

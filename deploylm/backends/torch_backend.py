@@ -40,8 +40,10 @@ class TorchBackend:
         """Open `source` on `device` ("cpu" | "cuda") in `dtype` ("float32" | "float16" | "bfloat16" | "int8").
 
         "int8": fp32 weights, then every Linear layer dynamically quantized to int8 (CPU only; torch_int8.py).
-        threads: PyTorch's CPU threads, set for the whole process (torch.set_num_threads); None leaves
-        PyTorch's default (the physical cores). On a machine shared with busy processes, 1 is much faster.
+        threads: PyTorch's CPU threads, set with torch.set_num_threads: for the loading thread and as the default of
+        every thread that first runs PyTorch later; a thread that already ran PyTorch (a started thread pool's
+        worker) keeps its count. None leaves PyTorch's default (the physical cores). On a machine shared with
+        busy processes, 1 is much faster.
         """
         from deploylm.models import hf
 

@@ -153,7 +153,7 @@ def torch_options(fn: Callable) -> Callable:
 
 
 def threads_option(fn: Callable) -> Callable:
-    """Add --threads (CPU threads: ONNX Runtime's intra-op pool, or PyTorch's for the whole process)."""
+    """Add --threads (CPU threads: ONNX Runtime's intra-op pool, or PyTorch's: torch.set_num_threads at load)."""
     return click.option("--threads", type=click.IntRange(1), default=None,
                         help="CPU threads: onnx backend, ONNX Runtime's intra-op threads; torch backend, "
                              "PyTorch's. Default: the physical cores. On a machine shared with busy "
