@@ -125,3 +125,28 @@ def test_a_prompt_over_the_window_is_named_by_its_place_in_the_request_with_advi
     assert c.status_code == 400 and "max_tokens=8" in c.json()["error"]["message"], c.text
     assert c.json()["error"]["message"].startswith("prompt has "), c.text        # a string: no index
     assert "max_new_tokens" not in c.json()["error"]["message"] and "truncation" not in c.json()["error"]["message"]
+
+
+def test_a_stream_read_on_its_own_thread_lets_calls_from_the_thread_pool_wait_for_it(generator):
+    """docs/serving.md: in an async framework a stream is read with stream_pieces (its own thread), and other
+    requests' generate calls on the framework's thread pool wait for it and get what they get alone (read
+    through the pool instead, one that lands on the thread that read the first piece is refused)."""
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+
+    from deploylm.serving.streaming import stream_pieces
+
+    want_text = "".join(generator.stream(PROMPTS[2], num_beams=1, max_new_tokens=8))
+    want = generator.generate([PROMPTS[1]], max_new_tokens=4)
+
+    async def service():
+        pieces = stream_pieces(lambda stop: generator.stream(PROMPTS[2], num_beams=1, max_new_tokens=8, stop=stop))
+        first = await asyncio.wait_for(pieces.__anext__(), 60)
+        others = [asyncio.ensure_future(run_in_threadpool(generator.generate, [PROMPTS[1]], max_new_tokens=4))
+                  for _ in range(4)]
+        rest = [piece async for piece in pieces]
+        return first + "".join(rest), await asyncio.wait_for(asyncio.gather(*others), 60)
+
+    text, results = asyncio.run(service())
+    assert text == want_text and results == [want] * 4
