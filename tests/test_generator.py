@@ -514,3 +514,16 @@ def test_torch_threads_apply_to_the_loading_thread_and_threads_that_start_later(
             assert started.submit(torch.get_num_threads).result(30) == before
         finally:
             torch.set_num_threads(before)
+
+
+def test_loading_a_model_leaves_the_host_processs_random_numbers_alone(seed_lm_dir, seed_seq2seq_dir):
+    """A service that seeds torch for its own work draws the same numbers whether or not it loaded a model
+    (a checkpoint's model is built with random weights before its own are loaded)."""
+    import torch
+
+    for folder in (seed_lm_dir, seed_seq2seq_dir):
+        torch.manual_seed(1234)
+        want = torch.rand(4)
+        torch.manual_seed(1234)
+        load(folder, backend="torch")
+        assert torch.equal(torch.rand(4), want), folder

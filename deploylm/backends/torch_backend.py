@@ -61,16 +61,19 @@ class TorchBackend:
             raise UsageError(f"model {str(source.path)!r} is an exported artifact: the torch backend runs checkpoints, "
                              "Hugging Face folders and .gguf files; use the onnx (or trt) backend: --backend onnx, "
                              "or backend=\"onnx\" in deploylm.load")
-        if source.kind == "checkpoint":
-            from deploylm.backends.torch_seq2seq import open_checkpoint
+        # A model built before its weights are loaded draws its initial weights from torch's global RNG: the host
+        # process's random numbers (seeded for its own use) must not depend on whether it loaded a model.
+        with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
+            if source.kind == "checkpoint":
+                from deploylm.backends.torch_seq2seq import open_checkpoint
 
-            backend = open_checkpoint(source, dtype=torch_dtype, device=torch_device)
-        else:
-            from deploylm.backends.torch_hf import HFCausalBackend, HFSeq2SeqBackend
+                backend = open_checkpoint(source, dtype=torch_dtype, device=torch_device)
+            else:
+                from deploylm.backends.torch_hf import HFCausalBackend, HFSeq2SeqBackend
 
-            model = hf.load_hf_model(source, dtype=torch_dtype, device=torch_device)
-            impl = HFSeq2SeqBackend if model.config.is_encoder_decoder else HFCausalBackend
-            backend = impl(model, hf.model_info(model, source.name), torch_device, hf.generation_defaults(model))
+                model = hf.load_hf_model(source, dtype=torch_dtype, device=torch_device)
+                impl = HFSeq2SeqBackend if model.config.is_encoder_decoder else HFCausalBackend
+                backend = impl(model, hf.model_info(model, source.name), torch_device, hf.generation_defaults(model))
         if int8:
             from deploylm.backends.torch_int8 import quantize_int8
 
