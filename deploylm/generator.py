@@ -373,7 +373,8 @@ class TextStream:
 
     Once it is exhausted, `finish_reason` says why the output ended (Generator.finish_reason: "stop" or
     "length"; a sliding-window stream's is its last chunk's); None before. `close()` stops it early
-    and releases the generator's lock.
+    and releases the generator's lock; it is for the reading thread (from another thread, while a piece is
+    being decoded, it is a UsageError: set the `stop` event given to `stream()` instead).
     """
 
     def __init__(self, pieces: PieceStream[str, None, str]) -> None:
@@ -391,7 +392,14 @@ class TextStream:
             raise
 
     def close(self) -> None:
-        self._pieces.close()
+        try:
+            self._pieces.close()
+        except ValueError as exc:   # another thread is inside next(): Python cannot close a running generator
+            if "already executing" not in str(exc):
+                raise
+            raise UsageError("this stream is being read on another thread right now: close() it from the thread "
+                             "that reads it, or give stream() stop=threading.Event() and set that to end the decode "
+                             "after its current step") from None
 
     def __enter__(self) -> TextStream:
         return self

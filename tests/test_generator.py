@@ -527,3 +527,34 @@ def test_loading_a_model_leaves_the_host_processs_random_numbers_alone(seed_lm_d
         torch.manual_seed(1234)
         load(folder, backend="torch")
         assert torch.equal(torch.rand(4), want), folder
+
+
+def test_closing_a_stream_that_another_thread_is_reading_says_to_use_stop(llama):
+    """close() while another thread is inside the stream's next() cannot stop it (Python's "generator already
+    executing"): a UsageError that says what does (stop=), and the reader finishes unharmed."""
+    from tests.helpers.scripted_backend import ScriptedBackend
+
+    vocab = max(llama.tokenizer("the quick brown fox")["input_ids"]) + 1
+    backend = ScriptedBackend(lambda prompt, generated: [0.0, 0.0] + [1.0 / (vocab - 2)] * (vocab - 2),
+                              vocab_size=vocab)
+    entered, release, decode = threading.Event(), threading.Event(), backend.decode
+
+    def blocking_decode(*args):
+        entered.set()
+        assert release.wait(30)
+        return decode(*args)
+
+    backend.decode = blocking_decode
+    stream = Generator(backend, llama.tokenizer, defaults={}).stream("the quick brown fox", num_beams=1,
+                                                                     max_new_tokens=3)
+    read = []
+    reader = threading.Thread(target=lambda: read.extend(stream))
+    reader.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(UsageError, match=r"being read on another thread.*stop=threading.Event\(\)"):
+            stream.close()
+    finally:
+        release.set()
+        reader.join(30)
+    assert not reader.is_alive() and stream.finish_reason == "length"
