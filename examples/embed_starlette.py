@@ -40,7 +40,7 @@ def build_app(model: str, backend: str | None = None) -> Starlette:
                 raise ValueError(f"'max_new_tokens' must be an integer, got {max_new_tokens!r}")
             results = await run_in_threadpool(generator.generate, [text], num_beams=4,
                                               max_new_tokens=max_new_tokens,
-                                              max_time=10.0)  # per-call time budget
+                                              max_time=10.0)  # seconds of decoding, after the wait for the model
         except KeyError as exc:
             return JSONResponse({"error": f"bad request: missing field {exc}"}, status_code=400)
         except (TypeError, ValueError, UsageError) as exc:   # including generate's refusals (UsageError)
