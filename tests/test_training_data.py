@@ -30,6 +30,7 @@ def good_line(i):
     ('{"source": 3, "target": "a"}', "'source' is int: expected a string"),
     ('{"source": "a", "target": ""}', "'target' is empty"),
     ('["a", "b"]', "expected a JSON object"),
+    ('{"source": "a \\ud83d b", "target": "a"}', "'source' holds a lone surrogate"),   # half an emoji's escape
 ])
 def test_bad_jsonl_line_is_named(tmp_path, bad, expected):
     path = write_lines(tmp_path / "d.jsonl", [good_line(1), good_line(2), bad, good_line(4)])
@@ -37,6 +38,15 @@ def test_bad_jsonl_line_is_named(tmp_path, bad, expected):
         read_jsonl(path)
     assert f"{path}:3: " in str(err.value) and expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_lone_surrogate_in_a_text_line_is_named(tmp_path):
+    """A \\ud83d escape without its pair reaches no tokenizer (it failed there mid-run with a traceback)."""
+    from deploylm.training.text import read_documents
+
+    path = write_lines(tmp_path / "t.jsonl", ['{"text": "one two"}', '{"text": "three \\udc00 four"}'])
+    with pytest.raises(UsageError, match=r"t\.jsonl:2: 'text' holds a lone surrogate"):
+        read_documents(path)
 
 
 def test_jsonl_with_raw_line_separators_and_a_bom_reads_as_json_does(tmp_path):

@@ -63,7 +63,18 @@ def _parse_line(path: Path, number: int, line: str) -> Example:
             raise UsageError(f"{where}: {key!r} is {type(value).__name__}: expected a string")
         if not value.strip():
             raise UsageError(f"{where}: {key!r} is empty: expected non-empty text")
+        check_unicode(where, key, value)
     return Example(record["source"], record["target"])
+
+
+def check_unicode(where: str, key: str, value: str) -> None:
+    """UsageError naming `where` when a JSON string holds a lone surrogate (an escape such as "\\ud83d"
+    without its pair): it is no Unicode text, and the tokenizer would fail on it mid-run."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{where}: {key!r} holds a lone surrogate ({value[exc.start]!r} at character {exc.start}): "
+                         "expected valid Unicode text") from None
 
 
 def jsonl_splits(path: Path, seed: int, clean: CleanOptions | None = None) -> Splits:

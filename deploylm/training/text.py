@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from deploylm.errors import UsageError
 from deploylm.training.clean import CleanOptions, CleanReport, clean_records
-from deploylm.training.data import json_lines, split_keys
+from deploylm.training.data import check_unicode, json_lines, split_keys
 from deploylm.training.tokenizer import encode_targets
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -66,6 +66,7 @@ def _jsonl_texts(path: Path, content: str) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UsageError(f"{path}:{number}: expected a JSON object with a string \"text\" (the decoder-only LM "
                              "trains on text; source/target pairs train --arch seq2seq)")
+        check_unicode(f"{path}:{number}", "text", record["text"])
         if record["text"].strip():
             docs.append(record["text"])
     return docs
