@@ -451,6 +451,32 @@ def test_block_size_past_the_window_is_refused(tmp_path, text_file):
     assert res.exit_code == 2 and "--block-size 65: expected at most the teacher's 64 positions" in res.output, res.output
 
 
+@pytest.mark.parametrize("kind, args, message", [
+    ("gpt2", ["--data", "{tmp}/missing.txt"], "does not exist: expected a plain text file"),
+    ("gpt2", ["--data", "{text}", "--block-size", "100000"], "--block-size 100000: expected at most the teacher's"),
+    ("lm", ["--data", "{text}", "--block-size", "65"], "--block-size 65: expected at most the teacher's 64 positions"),
+    ("lm", ["--data", "{tmp}/empty.txt"], "no text"),
+])
+def test_text_checks_run_before_the_teachers_weights_load(kind, args, message, tiny_gpt2_dir, text_file, tmp_path,
+                                                          monkeypatch):
+    """docs/distillation.md: "Every check runs before the teacher's weights load" (a missing --data file
+    or a --block-size past the window used to be found only after a Hugging Face teacher had loaded)."""
+    import deploylm.models.checkpoint as checkpoint
+    import deploylm.models.hf as hf
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the teacher's weights were loaded before the checks")
+
+    teacher = tiny_gpt2_dir if kind == "gpt2" else build_tiny_seed(tmp_path / "lm", arch="decoder", layers=2)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    monkeypatch.setattr(hf, "load_hf_model", loaded)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", loaded)
+    argv = [a.format(tmp=tmp_path, text=text_file) for a in args]
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), *argv,
+                                   "--steps", "1"])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
 def test_an_artifact_teacher_is_refused_in_plain_words(tmp_path):
     artifact = tmp_path / "art"
     artifact.mkdir()

@@ -231,12 +231,13 @@ def _save_seed(folder: Path, student: nn.Module, sconfig: Any, teacher_dir: Path
 
 # ---- causal LMs on plain text -----------------------------------------------------------------
 
-Pair = tuple[nn.Module, nn.Module, dict[str, list[int]], int | None, Callable[[Path], None]]
+Pair = tuple[nn.Module, nn.Module, dict[str, list[int]], Callable[[Path], None]]
 
 
 def _text_setup(config: DistillConfig, source: Source, device: torch.device,
                 make_pair: Callable[[DistillConfig, Source, torch.device, Any], Pair]) -> Setup:
-    """Causal teacher and student on blocks of --data text (the last tenth held out)."""
+    """Causal teacher and student on blocks of --data text (the last tenth held out). The text, its
+    blocks and the block size are checked before the teacher's weights load (make_pair)."""
     from deploylm.models.tokenizer import load_tokenizer
     from deploylm.training.data import BatchStream
 
@@ -248,14 +249,17 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
                          "give --data FILE.txt for a Hugging Face causal LM")
     elif config.data is None:
         raise UsageError("--data FILE.txt is required for a causal LM teacher: the plain text to distil on")
+    else:
+        lines = read_data_lines(config.data)
     tok = load_tokenizer(source)
-    teacher, student, kept, window, save = make_pair(config, source, device, tok)
-    length = _block_size(config, _trained_block_size(source.path) if seed_teacher else None, window)
+    length = _block_size(config, _trained_block_size(source.path) if seed_teacher else None, _window(source))
     if seed_teacher:   # the teacher's own splits of the text, through training's token_stream
+        from deploylm.models.checkpoint import load_config
         from deploylm.training.text import token_stream
         from deploylm.training.tokenizer import load_tokenizer as training_tokenizer
 
-        ttok, bos, eos = training_tokenizer(source.path), teacher.config.bos_token_id, teacher.config.eos_token_id
+        tconfig = load_config(source.path)
+        ttok, bos, eos = training_tokenizer(source.path), tconfig.bos_token_id, tconfig.eos_token_id
         ids = token_stream(ttok, text.splits.train, bos, eos)
         if text.splits.test:
             train = _text_blocks(ids, text.where, length)
@@ -263,7 +267,8 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
         else:          # too little text for a test split: hold out the last tenth of the blocks
             train, held_out = _split_blocks(_text_blocks(ids, text.where, length))
     else:
-        train, held_out = _split_blocks(_text_blocks(_line_stream(read_data_lines(config.data), tok), config.data, length))
+        train, held_out = _split_blocks(_text_blocks(_line_stream(lines, tok), config.data, length))
+    teacher, student, kept, save = make_pair(config, source, device, tok)
     stream = BatchStream(train, config.batch_size, config.seed)
     forward = _hf_logits if source.kind == "hf" else _seed_logits
 
@@ -309,6 +314,17 @@ def _block_size(config: DistillConfig, trained: int | None, window: int | None) 
     return min(length, window) if window is not None else length
 
 
+def _window(source: Source) -> int | None:
+    """The teacher's positions, from its config alone (no weights loaded)."""
+    if source.kind == "checkpoint":
+        from deploylm.models.checkpoint import load_config
+
+        return load_config(source.path).max_positions
+    from deploylm.models.hf import load_hf_config
+
+    return getattr(load_hf_config(source).get_text_config(decoder=True), "max_position_embeddings", None)
+
+
 def _trained_block_size(folder: Path) -> int | None:
     """The --block-size a deploylm decoder-only checkpoint was trained with (its training_state.pt)."""
     from deploylm.models.checkpoint import load_training_state
@@ -336,7 +352,7 @@ def _seed_causal_pair(config: DistillConfig, source: Source, device: torch.devic
     teacher, _ = load_checkpoint(source.path, device)
     student = _seed_student(teacher, sconfig, kept, width, device)
     generation = load_generation_config(source.path)
-    return teacher, student, kept, tconfig.max_positions, lambda folder: _save_seed(folder, student, sconfig, source.path, generation)
+    return teacher, student, kept, lambda folder: _save_seed(folder, student, sconfig, source.path, generation)
 
 
 def _hf_causal_pair(config: DistillConfig, source: Source, device: torch.device, tok: Any) -> Pair:
@@ -363,13 +379,12 @@ def _hf_causal_pair(config: DistillConfig, source: Source, device: torch.device,
     student = AutoModelForCausalLM.from_config(sconfig).to(device=device, dtype=torch.float32)
     student.load_state_dict(remap_layers(teacher.state_dict(), kept), strict=True)
     student.generation_config = copy.deepcopy(teacher.generation_config)
-    window = getattr(hf_config.get_text_config(decoder=True), "max_position_embeddings", None)
 
     def save(folder: Path) -> None:
         student.save_pretrained(folder)
         tok.save_pretrained(folder)
 
-    return teacher, student, kept, window, save
+    return teacher, student, kept, save
 
 
 def _layer_list(model: nn.Module, depth: int) -> str:
