@@ -206,6 +206,7 @@ def test_help():
                                                    "one of digits2words, reverse (a decoder-only teacher is distilled on text: "
                                                    "--data FILE.txt, or --task stories for a deploylm one)"),
     (["--teacher", "{seed}", "--steps", "0"], "--steps 0"),
+    (["--teacher", "{seed}", "--task", "reverse", "--block-size", "16"], "--block-size 16 applies to causal LM teachers"),
     (["--teacher", "{seed}", "--task", "reverse", "--seed", "-1"], "--seed -1: expected an integer from 0 to"),
     (["--teacher", "{gpt2}", "--task", "reverse"], "--task applies to encoder-decoder"),
     (["--teacher", "{gpt2}"], "--data FILE.txt is required"),

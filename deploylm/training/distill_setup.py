@@ -98,6 +98,9 @@ def _seq2seq_setup(config: DistillConfig, source: Source, device: torch.device) 
     from deploylm.training.data import BatchStream, SpecialIds, make_batch
     from deploylm.training.tokenizer import load_tokenizer
 
+    if config.block_size is not None:
+        raise UsageError(f"--block-size {config.block_size} applies to causal LM teachers (text in blocks): teacher "
+                         f"{str(source.path)!r} is an encoder-decoder, distilled on source/target pairs")
     tconfig = load_config(source.path)
     width = config.d_model is not None and config.d_model != tconfig.d_model
     kept = plan_layers({"encoder_layers": tconfig.n_encoder_layers, "decoder_layers": tconfig.n_decoder_layers},
