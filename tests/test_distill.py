@@ -187,6 +187,9 @@ def test_help():
     # --task is not for encoder-decoder teachers only: a deploylm decoder-only teacher takes stories
     help_text = " ".join(res.output.split())
     assert "digits2words or reverse (encoder-decoder teachers), stories (deploylm decoder-only teachers)" in help_text
+    # a causal LM's evaluation scores every held-out block whatever --eval-examples says
+    assert "Encoder-decoder teachers: test examples decoded by teacher and student (causal LMs: every held-out " \
+           "block)" in help_text
 
 
 @pytest.mark.parametrize("args, message", [

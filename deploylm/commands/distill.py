@@ -28,7 +28,7 @@ D = DistillConfig  # defaults shown in --help come from the library
 @click.option("--lr", type=FLOAT, default=None,
               help="Peak learning rate (cosine decay). Default: 5e-4 for a student made of the teacher's layers, "
                    "1e-3 for one of another --d-model (random init).")
-@click.option("--eval-examples", type=INT, default=D.eval_examples, show_default=True, help="Test examples decoded by teacher and student.")
+@click.option("--eval-examples", type=INT, default=D.eval_examples, show_default=True, help="Encoder-decoder teachers: test examples decoded by teacher and student (causal LMs: every held-out block).")
 @click.option("--seed", type=INT, default=D.seed, show_default=True, help="Seed for batches, init and dropout.")
 @click.option("--device", default=D.device, show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=INT, default=D.threads, show_default=True, help="CPU threads for PyTorch (0: its default).")
