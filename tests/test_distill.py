@@ -204,6 +204,7 @@ def test_help():
     (["--teacher", "{seed}", "--alpha", "-0.1"], "--alpha -0.1"),
     (["--teacher", "{seed}", "--alpha", "x"], "--alpha 'x'"),
     (["--teacher", "{seed}", "--d-model", "33"], "multiple of the teacher's n_heads"),
+    (["--teacher", "{seed}", "--d-model", "128"], "--d-model 128: the student would have"),     # teacher: d_model 32
     (["--teacher", "{seed}", "--task", "nope"], "unknown task 'nope'"),
     (["--teacher", "{seed}", "--task", "stories"], "unknown task 'stories' for an encoder-decoder teacher: expected "
                                                    "one of digits2words, reverse (a decoder-only teacher is distilled on text: "

@@ -208,7 +208,22 @@ def _student_config(teacher: Any, kept: dict[str, list[int]], d_model: int | Non
         if d_model % teacher.n_heads:
             raise UsageError(f"--d-model {d_model}: expected a multiple of the teacher's n_heads={teacher.n_heads}")
         changes.update(d_model=d_model, d_ff=max(1, round(teacher.d_ff * d_model / teacher.d_model)))
-    return dataclasses.replace(teacher, **changes)
+    student = dataclasses.replace(teacher, **changes)
+    if d_model is not None:        # a wider student can outgrow the teacher despite fewer layers
+        sizes = [_parameters(c) for c in (student, teacher)]
+        if sizes[0] >= sizes[1]:
+            raise UsageError(f"--d-model {d_model}: the student would have {sizes[0]:,} parameters, the teacher has "
+                             f"{sizes[1]:,}: expected a smaller student (a narrower --d-model than the teacher's "
+                             f"{teacher.d_model}, or fewer --layers)")
+    return student
+
+
+def _parameters(config: Any) -> int:
+    """The parameter count of a deploylm model of `config`, built on the meta device (no memory, no weights)."""
+    from deploylm.models.checkpoint import build_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(config).parameters())
 
 
 def _seed_student(teacher: nn.Module, sconfig: Any, kept: dict[str, list[int]], random_init: bool,
