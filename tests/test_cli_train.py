@@ -138,6 +138,20 @@ def test_runs_stopped_before_their_first_checkpoint_are_training_runs(tmp_path):
     assert is_training_run(tmp_path)
 
 
+def test_a_model_without_training_state_is_not_called_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    """A distilled student (a deploylm checkpoint, no training_state.pt): the messages used to say the run
+    "stopped before its first checkpoint" and to start it again with --force, which deletes the student."""
+    from tests.helpers.tiny_seed import tiny_checkpoint
+
+    student = tiny_checkpoint(tmp_path / "student", "seq2seq")
+    (student / "training_state.pt").unlink(missing_ok=True)
+    for args in (["--resume"], []):
+        result = run("--task", "reverse", "--out", student, "--steps", "1", *args)
+        assert_usage_error(result, "holds a model without training_state.pt (a distilled student or a saved model")
+        assert "stopped before its first" not in result.stderr
+    assert (student / "model.safetensors").is_file()
+
+
 def test_force_refuses_the_current_folder(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()

@@ -139,12 +139,25 @@ def _check_fresh(config: TrainConfig) -> None:
                                  "checkpoint)",
                         without_force="it holds no checkpoint yet (the run stopped before its first): use --force "
                         "to start over" if _started_without_checkpoint(config.out) else
+                        f"it {_MODEL_WITHOUT_STATE}: choose another --out, or --force to replace it"
+                        if _model_without_state(config.out) else
                         "use --resume to continue it or --force to start over")
 
 
+_MODEL_WITHOUT_STATE = (f"holds a model without {TRAINING_STATE} (a distilled student or a saved model, not a run "
+                        "--resume can continue)")
+
+
+def _model_without_state(out: Path) -> bool:
+    """A deploylm model folder that no training run can continue: weights, and no training state."""
+    return out.is_dir() and (out / WEIGHTS).is_file() and not (out / TRAINING_STATE).is_file()
+
+
 def _started_without_checkpoint(out: Path) -> bool:
-    """A training run stopped before its first checkpoint (cleaning.json and nothing to resume)."""
-    return out.is_dir() and not (out / TRAINING_STATE).is_file() and is_training_run(out)
+    """A training run stopped before its first checkpoint (cleaning.json and nothing to resume); not a model
+    folder without training state (a distilled student is a deploylm checkpoint too)."""
+    return (out.is_dir() and not (out / TRAINING_STATE).is_file() and not (out / WEIGHTS).is_file()
+            and is_training_run(out))
 
 
 def _resolved(identity: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +175,8 @@ def _resume_state(config: TrainConfig) -> dict[str, Any]:
     if not all((out / name).is_file() for name in (CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE)):
         raise UsageError(f"--resume: {str(out)!r} holds no checkpoint with training state: nothing to resume"
                          + ("; the run stopped before its first checkpoint (--checkpoint-every): start it again "
-                            "with --force" if _started_without_checkpoint(out) else ""))
+                            "with --force" if _started_without_checkpoint(out) else
+                            f"; it {_MODEL_WITHOUT_STATE}" if _model_without_state(out) else ""))
     check_writable(out, f"--resume {str(out)!r}")   # its checkpoints and metrics.json are written there
     saved = load_training_state(out)
     train_state.check(saved, str(out / TRAINING_STATE))
