@@ -215,6 +215,7 @@ def test_help():
     (["--teacher", "{gpt2}", "--task", "reverse"], "--task applies to encoder-decoder"),
     (["--teacher", "{gpt2}"], "--data FILE.txt is required"),
     (["--teacher", "{gpt2}", "--data", "{tmp}/missing.txt"], "does not exist"),
+    (["--teacher", "{gpt2}", "--data", "{tmp}/lines.jsonl"], "a Hugging Face teacher reads plain text line by line"),
     (["--teacher", "{gpt2}", "--data", "{text}", "--layers", "2"], "--layers 2"),
     (["--teacher", "{gpt2}", "--data", "{text}", "--d-model", "64"], "keeps the teacher's width"),
 ])

@@ -267,6 +267,10 @@ def _text_setup(config: DistillConfig, source: Source, device: torch.device,
                          "give --data FILE.txt for a Hugging Face causal LM")
     elif config.data is None:
         raise UsageError("--data FILE.txt is required for a causal LM teacher: the plain text to distil on")
+    elif config.data.suffix.lower() == ".jsonl":
+        raise UsageError(f"--data {str(config.data)!r}: a Hugging Face teacher reads plain text line by line, so JSON "
+                         "lines would be distilled as raw JSON; give the text as a plain text file (.jsonl of "
+                         "{\"text\"} lines is for deploylm decoder-only teachers)")
     else:
         lines = read_data_lines(config.data)
     tok = load_tokenizer(source)
