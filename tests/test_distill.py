@@ -241,6 +241,19 @@ def test_existing_output_is_refused(seed_teacher, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_a_second_distill_into_the_same_out_is_refused_while_the_first_runs(seed_teacher, tmp_path):
+    """Both used to pass the --out check, train, and report success; the second silently replaced the first's
+    student, without --force."""
+    from deploylm.errors import UsageError
+    from deploylm.fsutil import exclusive_writer
+
+    out = tmp_path / "student"
+    with exclusive_writer(out):                 # what the first command holds while it runs
+        with pytest.raises(UsageError, match="is being written by another deploylm command"):
+            distill(DistillConfig(teacher=seed_teacher, out=out, task="reverse", steps=1, **FAST))
+    assert not out.exists()
+
+
 def test_force_replaces_only_a_model_folder(seed_teacher, tmp_path):
     out = tmp_path / "service"
     (out / "src").mkdir(parents=True)

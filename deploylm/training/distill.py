@@ -214,7 +214,15 @@ def default_lr(config: DistillConfig, init: str) -> float:
 
 
 def distill(config: DistillConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> DistillResult:
-    """Distil the teacher of `config` into a smaller student saved at `config.out`."""
+    """Distil the teacher of `config` into a smaller student saved at `config.out`. A second distill into the
+    same --out while this one runs is refused (its check of --out passed before this one wrote there)."""
+    from deploylm.fsutil import exclusive_writer
+
+    with exclusive_writer(config.out):
+        return _distill_locked(config, on_step)
+
+
+def _distill_locked(config: DistillConfig, on_step: Callable[[int, dict[str, float]], None] | None) -> DistillResult:
     import torch
 
     from deploylm.training import distill_setup
