@@ -152,6 +152,19 @@ def test_a_model_without_training_state_is_not_called_a_run_stopped_before_its_f
     assert (student / "model.safetensors").is_file()
 
 
+def test_force_refuses_a_run_folder_that_holds_the_data(tmp_path, data):
+    """--force deletes the run folder: it used to delete the --data file kept in it too, which the new
+    run then recorded as its data (so --resume, distill and export's calibration could not find it)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "training_state.pt").write_bytes(b"")
+    inside = out / "pairs.jsonl"
+    inside.write_text(data.read_text())
+    assert_usage_error(run("--data", inside, "--out", out, "--force", "--steps", "1"),
+                       "is inside --out", "which --force deletes")
+    assert inside.read_text() == data.read_text()
+
+
 def test_force_refuses_the_current_folder(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
