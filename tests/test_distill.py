@@ -254,6 +254,19 @@ def test_a_second_distill_into_the_same_out_is_refused_while_the_first_runs(seed
     assert not out.exists()
 
 
+def test_force_refuses_a_student_folder_that_holds_the_data(seed_teacher, tmp_path):
+    """--force replaces the old student folder: it used to take the --data file kept in it along, while
+    distill.json recorded that path for export's calibration."""
+    out = tmp_path / "student"
+    distill(DistillConfig(teacher=seed_teacher, out=out, task="reverse", steps=1, **FAST))
+    data = out / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": f"a {i}", "target": f"b {i}"}) + "\n" for i in range(9)))
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", str(out), "--data", str(data),
+                                   "--force", "--steps", "1"])
+    assert res.exit_code == 2 and "is inside --out" in res.output and "which --force replaces" in res.output, res.output
+    assert data.is_file()
+
+
 def test_force_replaces_only_a_model_folder(seed_teacher, tmp_path):
     out = tmp_path / "service"
     (out / "src").mkdir(parents=True)
