@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from deploylm.decoding.options import DecodingOptions, option_names, parse_sequence_bias
-from deploylm.errors import UsageError
+from deploylm.errors import OptionError, UsageError
 
 
 def test_defaults_are_deploylm_cli_defaults():
@@ -137,6 +137,19 @@ def test_a_default_min_new_tokens_above_a_given_max_new_tokens_is_lowered_to_it(
         model_defaults.replace(max_new_tokens=2, min_new_tokens=8)
     with pytest.raises(UsageError, match="max_new_tokens"):
         model_defaults.replace(max_new_tokens=0)                                 # still its own range error
+
+
+def test_a_given_min_new_tokens_above_the_default_max_new_tokens_names_the_given_option():
+    """A call that gives only min_new_tokens, above the default max_new_tokens (the model's or deploylm's), is
+    refused naming min_new_tokens (the CLI: --min-new-tokens), not max_new_tokens, which the caller did not give."""
+    model_defaults = DecodingOptions(max_new_tokens=3)
+    with pytest.raises(OptionError, match=r"min_new_tokens=5 is invalid: above the default max_new_tokens=3") as err:
+        model_defaults.replace(min_new_tokens=5)
+    assert err.value.option == "min_new_tokens"
+    assert model_defaults.replace(min_new_tokens=5, max_new_tokens=5).min_new_tokens == 5
+    assert model_defaults.replace(min_new_tokens=3).min_new_tokens == 3
+    with pytest.raises(OptionError, match=r"max_new_tokens=4 is invalid: must be >= min_new_tokens=5"):
+        model_defaults.replace(min_new_tokens=5, max_new_tokens=4)     # both given: the existing message
 
 
 def test_a_sequence_bias_over_the_bound_advises_what_a_call_can_pass():

@@ -94,6 +94,12 @@ class DecodingOptions:
         wanted = changes.get("max_new_tokens")
         if "min_new_tokens" not in changes and type(wanted) is int and 1 <= wanted < self.min_new_tokens:
             changes = {**changes, "min_new_tokens": wanted}
+        least = changes.get("min_new_tokens")
+        if "max_new_tokens" not in changes and type(least) is int and least > self.max_new_tokens:
+            # the call did not give max_new_tokens: name what it gave, not the default it contradicts
+            raise _bad("min_new_tokens", least, f"above the default max_new_tokens={self.max_new_tokens} (the model's "
+                       "generation_config, else deploylm's); give max_new_tokens too, at least as large, or lower "
+                       "min_new_tokens")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
