@@ -374,6 +374,27 @@ def test_sampling_settings_not_applied_are_named(tiny_llama_dir, tmp_path, caplo
     assert backend.generation_defaults == {"top_p": 0.9}
 
 
+def test_generation_settings_transformers_applies_and_deploylm_does_not_are_named(caplog):
+    """transformers.generate applies them from a generation_config (renormalize_logits: a log-softmax after the
+    processors, other beam scores and, with a repetition penalty, other beams; guidance_scale: classifier-free
+    guidance; top_h: a sampling filter; a watermark; stop strings) or refuses them without trust_remote_code
+    (penalty_alpha, dola_layers); deploylm does not apply them, so the load warns, as for min_p. guidance_scale
+    1.0 and penalty_alpha 0.0 are transformers' "off"."""
+    from deploylm.models.hf import decoding_defaults
+
+    with caplog.at_level("WARNING", logger="deploylm"):
+        decoding_defaults({"renormalize_logits": True, "guidance_scale": 3.0, "top_h": 0.4, "stop_strings": ["."],
+                           "watermarking_config": {"bias": 2.0}, "penalty_alpha": 0.6, "dola_layers": "high"}, "m")
+    [record] = caplog.records
+    assert ("sets top_h, renormalize_logits, guidance_scale, watermarking_config, stop_strings, penalty_alpha, "
+            "dola_layers, which deploylm does not apply") in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deploylm"):
+        decoding_defaults({"renormalize_logits": False, "guidance_scale": 1.0, "top_h": None, "stop_strings": None,
+                           "penalty_alpha": 0.0, "dola_layers": None, "watermarking_config": None}, "m")
+    assert not caplog.records
+
+
 def test_a_model_default_out_of_range_is_named_and_a_call_can_give_its_own(tiny_llama_dir, tmp_path, caplog):
     # transformers takes a length_penalty of 20; deploylm's range is +-10: the model still loads, the value is
     # named in the warning (not applied), and a call's own value is used (it used to fail every load)

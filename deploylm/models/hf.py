@@ -41,11 +41,17 @@ DECODING_KEYS = ("bad_words_ids", "min_length", "forced_bos_token_id", "forced_e
 # does not apply (it warns once per model that sets them). diversity_penalty is not one: transformers 5
 # uses it only in group beam search (refused above), so without num_beam_groups it changes nothing there either.
 # do_sample: deploylm samples only when the call asks (do_sample=True), then with the model's temperature,
-# top_k and top_p; the other four are sampling filters it does not implement.
-NOT_APPLIED_KEYS = ("do_sample", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+# top_k and top_p; the next five are sampling filters it does not implement. renormalize_logits (a log-softmax
+# after the processors: other beam scores, and other beams with a repetition penalty), guidance_scale
+# (classifier-free guidance: extra model calls), watermarking_config (a green-list bias) and stop_strings change
+# greedy and beam search too; penalty_alpha (contrastive search) and dola_layers make transformers 5's generate
+# refuse without trust_remote_code, where deploylm decodes plainly.
+NOT_APPLIED_KEYS = ("do_sample", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "renormalize_logits",
+                    "guidance_scale", "watermarking_config", "stop_strings", "penalty_alpha", "dola_layers")
 # values of DECODING_KEYS and NOT_APPLIED_KEYS that mean "off" (transformers' defaults): not carried, not warned
 _OFF_VALUES = {"min_length": 0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
-               "num_beam_groups": 1, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+               "num_beam_groups": 1, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+               "guidance_scale": 1.0, "penalty_alpha": 0.0}
 
 
 # rotary embeddings whose frequencies depend on the longest position of each forward call (transformers picks
