@@ -177,6 +177,7 @@ def test_usage_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, monkeypatch
     model = str(tiny_llama_dir)
     _one_line_error(run("hello"), "--model SRC is required")
     _one_line_error(run("--model", model), "no prompts given")
+    _one_line_error(run("--model", model, "--input", "-", input="\n \n"), "--input '-' has no line with text")
     _one_line_error(run("--model", model, "--backend", "tensorflow", "hi"), "unknown backend 'tensorflow'", "torch, onnx, trt")
     _one_line_error(run("--model", str(tmp_path / "nowhere"), "hi"), "does not exist")
     _one_line_error(run("--model", model, "--input", str(tmp_path / "none.txt")), "--input", "does not exist")

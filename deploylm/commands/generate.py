@@ -34,6 +34,8 @@ def command(src, backend, prompts, input_file, as_json, batch_size, device, dtyp
     if not src:
         raise UsageError("--model SRC is required: a checkpoint, Hugging Face folder, .gguf file or artifact")
     texts = list(prompts) + (read_prompts(input_file) if input_file else [])
+    if not texts and input_file:   # the file was read: "pass --input FILE" would be no help
+        raise UsageError(f"no prompts given: --input {input_file!r} has no line with text (blank lines are skipped)")
     if not texts:
         raise UsageError("no prompts given: pass PROMPT arguments or --input FILE")
     if batch_size < 1:
