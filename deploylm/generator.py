@@ -14,13 +14,16 @@ Prompts longer than the model's window are refused unless the call passes `trunc
 are keywords of `generate`/`stream`, not DecodingOptions: they shape the input, not the search.
 
 Thread safety: each Generator holds a `threading.Lock` around every use of its backend (a whole
-`generate` call, or a whole `stream` iteration), so concurrent calls are safe and run one at a time;
+`generate` call, or a whole stream's decode, which runs on the stream's own thread), so concurrent calls
+are safe and run one at a time;
 a second lock, held only for the moment of each tokenizer call, guards the tokenizer (so
 `count_tokens` and `encode` do not wait for a running generation).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,10 +190,13 @@ class Generator:
         max_new_tokens).
 
         truncation/window_overlap as in `generate`; with "sliding-window" each piece is one decoded chunk.
-        The model is held from the first piece until the stream is exhausted or closed: other threads'
-        calls wait for it, and a call from the reading thread itself is a UsageError (it would wait for
-        itself). Read it to the end, `close()` it, or use it as `with gen.stream(...) as pieces:`.
-        stop: as in `generate`; once set, the stream raises Interrupted after its current step.
+        The decode runs on a thread of the stream's own, from the first read until the output ends (or the
+        stream is closed), and holds the model for that long: other calls, the reading thread's own
+        included, wait for it; a slow reader does not hold the model longer, and the stream can be read
+        from any thread (a thread pool's workers in turn). `close()` (from any thread, or by leaving a
+        `with gen.stream(...) as pieces:` block) ends the decode after its current step.
+        stop: as in `generate`; once set, the stream raises Interrupted at its next read (and its decode
+        ends after its current step).
         num_return_sequences must be 1: a stream is one text (generate returns several).
         """
         if not isinstance(prompt, str):
@@ -201,10 +207,12 @@ class Generator:
             raise UsageError(f"stream returns one sequence, the best: num_return_sequences={opts.num_return_sequences} "
                              "must be 1 (generate() returns several)")
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
+        closed = threading.Event()                 # set by TextStream.close(): the decode ends after its step
+        either = _EitherSet(stop, closed)
         if self._slides(fit):
-            return TextStream(self._stream_windows(prompt, opts, fit.overlap, stop))
+            return TextStream(self._stream_windows(prompt, opts, fit.overlap, either), closed, stop)
         batch = self.encode([prompt], opts, truncation=fit.truncation)
-        return TextStream(self._stream_text(batch, opts, stop))
+        return TextStream(self._stream_text(batch, opts, either), closed, stop)
 
     def finish_reason(self, token_ids: Any, max_new_tokens: int) -> str:
         """Why an output ended: "stop" (an end-of-sequence token, or fewer tokens than allowed) or "length"
@@ -371,35 +379,76 @@ class Generator:
 class TextStream:
     """The pieces of one streamed output, as an iterator (`for piece in gen.stream(...)`).
 
-    Once it is exhausted, `finish_reason` says why the output ended (Generator.finish_reason: "stop" or
-    "length"; a sliding-window stream's is its last chunk's); None before. `close()` stops it early
-    and releases the generator's lock; it is for the reading thread (from another thread, while a piece is
-    being decoded, it is a UsageError: set the `stop` event given to `stream()` instead).
+    The decode (`pieces`, a generator that holds the model while it runs) runs on a thread of its own from
+    the first read, and hands each piece over through a queue: the reader may be any thread, or several in
+    turn, and the model is held for the decode's time, not the reader's. Once the stream is exhausted,
+    `finish_reason` says why the output ended (Generator.finish_reason: "stop" or "length"; a sliding-window
+    stream's is its last chunk's); None before. `close()`, from any thread, stops it early: the decode ends
+    after its current step and has let the model go when close() returns; later reads end the iteration.
+    `closed` is the event the decode checks at every step (Generator.stream passes it in); `stop` the
+    caller's event, which makes the next read raise Interrupted.
     """
 
-    def __init__(self, pieces: PieceStream[str, None, str]) -> None:
+    def __init__(self, pieces: PieceStream[str, None, str], closed: threading.Event | None = None,
+                 stop: threading.Event | None = None) -> None:
         self._pieces = pieces
+        self._closed = closed if closed is not None else threading.Event()
+        self._stop = stop
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()            # one decode thread, whichever threads read first
+        self._done = False
         self.finish_reason: str | None = None
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
-        try:
-            return next(self._pieces)
-        except StopIteration as stop:
-            self.finish_reason = self.finish_reason or stop.value
-            raise
+        if self._stop is not None and self._stop.is_set() and not self._done:
+            from deploylm.decoding.search import STOPPED
+
+            self._end()
+            raise Interrupted(STOPPED)
+        with self._start:
+            if self._done or self._closed.is_set():
+                raise StopIteration
+            if self._thread is None:
+                self._thread = threading.Thread(target=_decode_pieces, args=(self._pieces, self._closed, self._queue),
+                                                name="deploylm-decode", daemon=True)
+                self._thread.start()
+        kind, value = self._queue.get()
+        if kind == "piece":
+            return value
+        self._done = True
+        self._join()
+        if kind == "error":
+            raise value
+        self.finish_reason = self.finish_reason or value
+        raise StopIteration(value)
 
     def close(self) -> None:
-        try:
-            self._pieces.close()
-        except ValueError as exc:   # another thread is inside next(): Python cannot close a running generator
-            if "already executing" not in str(exc):
-                raise
-            raise UsageError("this stream is being read on another thread right now: close() it from the thread "
-                             "that reads it, or give stream() stop=threading.Event() and set that to end the decode "
-                             "after its current step") from None
+        self._end()
+
+    def _end(self) -> None:
+        """Stop the decode after its current step and wait for it to let the model go (not on its own thread)."""
+        with self._start:
+            self._closed.set()
+            self._done = True
+            started = self._thread is not None
+        if started:
+            self._join()
+        else:
+            self._pieces.close()                  # never started: it never took the model
+
+    def _join(self) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def __del__(self) -> None:                   # dropped unread: its decode ends after its current step
+        closed = getattr(self, "_closed", None)
+        if closed is not None:
+            closed.set()
 
     def __enter__(self) -> TextStream:
         return self
@@ -408,10 +457,65 @@ class TextStream:
         self.close()
 
 
+def _decode_pieces(pieces: PieceStream[str, None, str], closed: threading.Event, out: queue.SimpleQueue) -> None:
+    """A TextStream's decode thread: every piece of `pieces` onto `out` as ("piece", text), then ("end", the
+    finish reason) or ("error", the exception). `closed` set (the stream closed or dropped) ends it quietly after
+    the current step, or at the next piece for an iterator that does not watch the event. It holds no reference
+    to its TextStream, which is dropped when the reader lets it go."""
+    with _DECODING_LOCK:
+        _DECODING[threading.current_thread()] = closed
+    try:
+        while True:
+            if closed.is_set():
+                pieces.close()
+                out.put(("end", None))
+                return
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                out.put(("end", end.value))
+                return
+            out.put(("piece", piece))
+    except Interrupted as exc:
+        out.put(("end", None) if closed.is_set() else ("error", exc))
+    except BaseException as exc:  # noqa: BLE001 - raised to the reader, on its thread
+        out.put(("error", exc))
+    finally:
+        with _DECODING_LOCK:
+            _DECODING.pop(threading.current_thread(), None)
+
+
+_DECODING: dict[threading.Thread, threading.Event] = {}   # live decode threads: their streams' closed events
+_DECODING_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_decodes_at_exit() -> None:
+    """A script that ends with a stream still decoding (left open half-read): its decode thread, a daemon, must
+    not run on into the interpreter's teardown. Each is stopped after its current step and waited for."""
+    with _DECODING_LOCK:
+        live = list(_DECODING.items())
+    for thread, closed in live:
+        closed.set()
+    for thread, _ in live:
+        thread.join(timeout=60)
+
+
+class _EitherSet:
+    """is_set() of the caller's stop event or the stream's own closed event (what the decode loops check)."""
+
+    def __init__(self, stop: threading.Event | None, closed: threading.Event) -> None:
+        self._stop, self._closed = stop, closed
+
+    def is_set(self) -> bool:
+        return self._closed.is_set() or (self._stop is not None and self._stop.is_set())
+
+
 class BackendLock:
     """The lock held for every use of a Generator's backend. It knows which thread holds it, so a
-    thread that asks for it again (a call made while its own stream is unfinished) gets a UsageError
-    instead of waiting for itself forever."""
+    thread that asks for it again (a backend or logits processor of this model calling back into the
+    Generator mid-call) gets a UsageError instead of waiting for itself forever. Streams decode on a thread
+    of their own (TextStream), so their readers' calls wait like any other."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -419,8 +523,8 @@ class BackendLock:
 
     def __enter__(self) -> BackendLock:
         if self._holder == threading.get_ident():
-            raise UsageError("this thread is still reading a stream of this model: read it to the end or close() "
-                             "it before the next call (or use `with gen.stream(...) as pieces:`)")
+            raise UsageError("this thread is already inside a call of this model (a backend calling back into the "
+                             "Generator?): a call cannot wait for itself")
         self._lock.acquire()
         self._holder = threading.get_ident()
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -174,18 +175,24 @@ def test_stream_encoder_decoder(t5):
     assert "".join(pieces) == result.sequences[0].text
 
 
-def test_the_reading_thread_gets_a_usage_error_and_the_model_is_free_after_close(llama):
+def test_a_call_from_the_reading_thread_waits_for_the_stream_and_an_open_stream_does_not_hold_the_model(llama):
+    """A stream decodes on a thread of its own: a call from the thread reading it waits for that decode (it was
+    a UsageError, "would wait for itself"), and a stream left open half-read holds the model only while it
+    decodes (another thread's call used to wait until it was closed)."""
     expected = llama.generate("hello", max_new_tokens=3)
+    full = "".join(llama.stream("the quick brown fox", max_new_tokens=20, min_new_tokens=20))
     with llama.stream("the quick brown fox", max_new_tokens=20, min_new_tokens=20) as stream:
-        next(stream)
-        with pytest.raises(UsageError, match="this thread is still reading a stream of this model"):
-            llama.generate("hello", max_new_tokens=3)
-    assert llama.generate("hello", max_new_tokens=3) == expected      # `with` closed it: the model is free
+        first = next(stream)
+        assert llama.generate("hello", max_new_tokens=3) == expected
+        assert first + "".join(stream) == full and stream.finish_reason == "length"   # kept for the reader
+    stream = llama.stream("the quick brown fox", max_new_tokens=20, min_new_tokens=20)
+    assert next(stream)                                       # read once, then left open
     done: list = []
     other = threading.Thread(target=lambda: done.append(llama.generate("hello", max_new_tokens=3)))
     other.start()
     other.join(timeout=60)
     assert done == [expected]
+    stream.close()
 
 
 def test_concurrent_calls_run_one_at_a_time_and_agree(llama):
@@ -529,32 +536,101 @@ def test_loading_a_model_leaves_the_host_processs_random_numbers_alone(seed_lm_d
         assert torch.equal(torch.rand(4), want), folder
 
 
-def test_closing_a_stream_that_another_thread_is_reading_says_to_use_stop(llama):
-    """close() while another thread is inside the stream's next() cannot stop it (Python's "generator already
-    executing"): a UsageError that says what does (stop=), and the reader finishes unharmed."""
+def _blocking_scripted(llama):
+    """(backend, entered, release, decodes): a scripted backend over llama's prompt ids whose decode waits for
+    `release` after setting `entered`; `decodes` counts its decode calls."""
     from tests.helpers.scripted_backend import ScriptedBackend
 
     vocab = max(llama.tokenizer("the quick brown fox")["input_ids"]) + 1
     backend = ScriptedBackend(lambda prompt, generated: [0.0, 0.0] + [1.0 / (vocab - 2)] * (vocab - 2),
                               vocab_size=vocab)
-    entered, release, decode = threading.Event(), threading.Event(), backend.decode
+    entered, release, decode, decodes = threading.Event(), threading.Event(), backend.decode, [0]
 
     def blocking_decode(*args):
+        decodes[0] += 1
         entered.set()
         assert release.wait(30)
         return decode(*args)
 
     backend.decode = blocking_decode
-    stream = Generator(backend, llama.tokenizer, defaults={}).stream("the quick brown fox", num_beams=1,
-                                                                     max_new_tokens=3)
-    read = []
+    return backend, entered, release, decodes
+
+
+def test_closing_a_stream_from_another_thread_ends_its_decode_after_the_step(llama):
+    """close() while another thread is inside the stream's next() (a service's cancel handler) raised Python's
+    "generator already executing" and stopped nothing; it now ends the decode after its current step, the
+    reader's loop ends, and the model is free when close() returns."""
+    backend, entered, release, decodes = _blocking_scripted(llama)
+    gen = Generator(backend, llama.tokenizer, defaults={})
+    stream = gen.stream("the quick brown fox", num_beams=1, max_new_tokens=20)
+    read: list = []
     reader = threading.Thread(target=lambda: read.extend(stream))
     reader.start()
     try:
-        assert entered.wait(30)
-        with pytest.raises(UsageError, match=r"being read on another thread.*stop=threading.Event\(\)"):
-            stream.close()
+        assert entered.wait(30)                                  # the decode is inside its first step
+        closer = threading.Thread(target=stream.close)
+        closer.start()
     finally:
         release.set()
-        reader.join(30)
-    assert not reader.is_alive() and stream.finish_reason == "length"
+    closer.join(30)
+    reader.join(30)
+    assert not closer.is_alive() and not reader.is_alive()
+    assert decodes[0] <= 2 and stream.finish_reason is None      # 19 decode steps were left
+    assert gen._lock._lock.acquire(timeout=1)                    # the model is free
+    gen._lock._lock.release()
+
+
+def test_a_stream_read_by_a_thread_pool_leaves_other_calls_on_its_workers_waiting_not_refused(llama):
+    """Starlette's StreamingResponse(generator.stream(...)) reads each piece on whichever pool worker is free;
+    another request's call on the worker that read the first piece was refused ("this thread is still reading a
+    stream") instead of waiting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = llama.generate("hello", max_new_tokens=3)
+    full = "".join(llama.stream("the quick brown fox", max_new_tokens=12, min_new_tokens=12))
+    stream = llama.stream("the quick brown fox", max_new_tokens=12, min_new_tokens=12)
+    with ThreadPoolExecutor(max_workers=1) as pool:              # one worker: every call lands on the reader's
+        first = pool.submit(next, stream).result(timeout=60)
+        assert pool.submit(llama.generate, "hello", max_new_tokens=3).result(timeout=60) == expected
+        rest = pool.submit(lambda: "".join(stream)).result(timeout=60)
+    assert first + rest == full
+
+
+def test_a_script_that_exits_with_a_stream_still_decoding_stops_it_after_its_step(tiny_llama_dir, tmp_path):
+    """The decode thread is a daemon: a script that ends while a stream it left open half-read is decoding must
+    neither wait for all of max_new_tokens nor have the decode frozen mid-step (or run on) in the interpreter's
+    teardown. At exit it is stopped after its current step, which is waited for: every step begun has ended."""
+    import subprocess
+    import sys
+
+    steps = tmp_path / "steps.txt"
+    script = f"""
+import time
+from transformers import AutoTokenizer
+from deploylm.generator import Generator
+from tests.helpers.scripted_backend import ScriptedBackend
+
+tok = AutoTokenizer.from_pretrained({str(tiny_llama_dir)!r})
+ids = tok("the quick brown fox")["input_ids"]
+fox, vocab = ids[-1], max(ids) + 1                         # fox: a token with text, so the first piece comes at once
+backend = ScriptedBackend(lambda prompt, generated: [float(t == fox) for t in range(vocab)], vocab_size=vocab)
+decode = backend.decode
+
+def slow_decode(*args):
+    with open({str(steps)!r}, "a") as f:
+        f.write("begin\\n")
+    time.sleep(0.3)
+    with open({str(steps)!r}, "a") as f:
+        f.write("end\\n")
+    return decode(*args)
+
+backend.decode = slow_decode
+stream = Generator(backend, tok, defaults={{}}).stream("the quick brown fox", num_beams=1, max_new_tokens=200)
+print(repr(next(stream)), flush=True)
+time.sleep(0.1)                                             # inside the next step's sleep
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=40)       # 200 steps of 0.3 s would take 60 s
+    assert run.returncode == 0 and "Fatal" not in run.stderr and run.stdout.strip(), run.stderr[-2000:]
+    lines = steps.read_text().splitlines()
+    assert 0 < lines.count("end") < 20 and lines.count("begin") == lines.count("end"), lines
