@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import Backend, EncodedBatch
-from deploylm.errors import UsageError
+from deploylm.errors import CheckFailed, UsageError
 from deploylm.fsutil import json_finite
 
 DEFAULT_PROMPTS = (
@@ -221,6 +221,10 @@ def teacher_force(reference: Backend, candidate: Backend, batch: EncodedBatch,
     forced = _Forced(first_by_row=[None] * len(flat))
     ref_logits, ref_state = _open(reference, batch, per_input)
     cand_logits, cand_state = _open(candidate, batch, per_input)
+    if cand_logits.shape[-1] != ref_logits.shape[-1]:   # no logit to compare with: another model, or a broken graph
+        raise CheckFailed(f"{candidate.name} returns {cand_logits.shape[-1]} logits per token and the reference "
+                          f"{reference.name} {ref_logits.shape[-1]}: they are not the same model (a changed "
+                          "lm_head or vocabulary)")
     for step in range(tokens.shape[1]):
         forced.add(step, ref_logits, cand_logits, lengths > step)
         if step + 1 == tokens.shape[1]:

@@ -176,6 +176,19 @@ def test_nan_candidate_fails_and_serializes_as_strict_json():
     assert not back.passed and back.backends[0].max_abs_logit != back.backends[0].max_abs_logit  # NaN
 
 
+def test_a_candidate_with_another_vocabulary_is_a_failed_check_not_a_crash():
+    import pytest
+
+    from deploylm.errors import CheckFailed
+
+    class Wider(Fake):                                   # an lm_head with 8 extra columns
+        def _logits(self, cur, prev, step):
+            return torch.cat([super()._logits(cur, prev, step), torch.zeros(len(cur), 8)], 1)
+
+    with pytest.raises(CheckFailed, match=r"onnx returns 32 logits per token and the reference torch 24"):
+        _compare(Wider(_table(), name="onnx"))
+
+
 def test_report_roundtrip_summary_and_table():
     report = _compare(Fake(_table(), name="onnx", diverge_at=3), tokenizer=_Tok())
     back = ParityReport.from_dict(json.loads(json.dumps(report.to_dict())))
