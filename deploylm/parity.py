@@ -55,6 +55,7 @@ class BackendParity:
     beams_identical: bool
     max_abs_score: float | None = None      # largest |Δ final beam score| where the beams are identical
     text_identical: bool | None = None      # None without a tokenizer
+    settings_difference: str | None = None  # special tokens / model-level decoding settings unlike the reference's
 
     def failures(self, tol: Any) -> list[str]:
         """Why this backend is outside `tol` (a deploylm.profiles.Parity), each line naming the backend;
@@ -73,6 +74,8 @@ class BackendParity:
         min_step = tol.first_divergence_min_step
         if min_step is not None and self.first_divergence is not None and self.first_divergence < min_step:
             out.append(f"tokens diverge at step {self.first_divergence} < first_divergence_min_step {min_step}")
+        if self.settings_difference:     # not a numeric difference: no tolerance covers it
+            out.append(f"decodes with other settings than the reference: {self.settings_difference}")
         if tol.identical_beams and not (self.greedy_identical and self.beams_identical):
             out.append(f"final {'beams' if not self.beams_identical else 'greedy tokens'} "
                        f"differ from the reference (identical_beams = true)")
@@ -235,6 +238,20 @@ def teacher_force(reference: Backend, candidate: Backend, batch: EncodedBatch,
     return forced
 
 
+def _settings_difference(reference: Backend, candidate: Backend) -> str | None:
+    """The stop/start tokens and model-level decoding settings (generation_config) in which `candidate`
+    differs from `reference`, e.g. "eos_token_ids (1, 262), the reference's (1,)"; None when the same.
+    Teacher forcing compares raw logits, so an artifact that stops at another token would otherwise only
+    show in its own outputs, which loose budgets (identical_beams = false) do not judge."""
+    ref, cand = reference.info, candidate.info
+    pairs = [("eos_token_ids", tuple(sorted(ref.special.eos_token_ids)), tuple(sorted(cand.special.eos_token_ids))),
+             ("decoder_start_token_id", ref.special.decoder_start_token_id, cand.special.decoder_start_token_id)]
+    pairs += [(key, ref.generation.get(key), cand.generation.get(key))
+              for key in sorted(set(ref.generation) | set(cand.generation))]
+    diffs = [f"{key} {theirs!r}, the reference's {ours!r}" for key, ours, theirs in pairs if ours != theirs]
+    return "; ".join(diffs) or None
+
+
 def _search(backend: Backend, batch: EncodedBatch, options: Any) -> list[list[Any]]:
     from deploylm.decoding.search import generate_ids
 
@@ -285,6 +302,7 @@ def compare_backends(reference: Backend, candidates: dict[str, Backend], batch: 
             greedy_identical=_same_ids(ref_greedy, cand_greedy), beams_identical=_same_ids(ref_beam, cand_beam),
             max_abs_score=_score_gap(ref_beam, cand_beam),
             text_identical=None if tokenizer is None else _texts(tokenizer, ref_beam) == _texts(tokenizer, cand_beam),
+            settings_difference=_settings_difference(reference, cand),
         ))
     return report
 

@@ -189,6 +189,21 @@ def test_a_candidate_with_another_vocabulary_is_a_failed_check_not_a_crash():
         _compare(Wider(_table(), name="onnx"))
 
 
+def test_a_candidate_stopping_at_another_eos_fails_whatever_the_budget():
+    import dataclasses
+
+    loose = dataclasses.replace(FP32, logits_atol=1e9, logprob_atol=1e9, min_token_agreement=0.0,
+                                identical_beams=False)
+    other = Fake(_table(), name="onnx")
+    other.info = dataclasses.replace(other.info, special=SpecialTokens(eos_token_ids=(EOS, 5), pad_token_id=PAD))
+    report = _compare(other, tolerances=loose)
+    assert report.backends[0].max_abs_logit == 0.0          # the logits are the same: only the stop differs
+    assert report.failures() == ["onnx: decodes with other settings than the reference: "
+                                 "eos_token_ids (5, 23), the reference's (23,)"]
+    assert "eos_token_ids" in ParityReport.from_dict(json.loads(json.dumps(report.to_dict()))).failures()[0]
+    assert _compare(Fake(_table(), name="onnx"), tolerances=loose).backends[0].settings_difference is None
+
+
 def test_report_roundtrip_summary_and_table():
     report = _compare(Fake(_table(), name="onnx", diverge_at=3), tokenizer=_Tok())
     back = ParityReport.from_dict(json.loads(json.dumps(report.to_dict())))
