@@ -57,29 +57,56 @@ class BackendParity:
     text_identical: bool | None = None      # None without a tokenizer
     settings_difference: str | None = None  # special tokens / model-level decoding settings unlike the reference's
 
-    def failures(self, tol: Any) -> list[str]:
+    def failures(self, tol: Any, prompts: int | None = None) -> list[str]:
         """Why this backend is outside `tol` (a deploylm.profiles.Parity), each line naming the backend;
-        empty when it passes."""
-        return [f"{self.backend}: {reason}" for reason in self.reasons(tol)]
+        empty when it passes. `prompts` (the report's count) lets a line name the prompt that diverged."""
+        return [f"{self.backend}: {reason}" for reason in self.reasons(tol, prompts)]
 
-    def reasons(self, tol: Any) -> list[str]:
-        """Each of `tol`'s budgets this backend is outside, by how much ("max |Δ logit| 0.237 > logits_atol 0.05")."""
+    def divergence(self, prompts: int | None = None) -> str | None:
+        """Where the top-1 tokens first differ: "step 3, prompt 2 of 4, its greedy output"; None when never.
+        Rows are prompts x (greedy output, best beam), in prompt order (deploylm.parity.teacher_force)."""
+        if self.first_divergence is None:
+            return None
+        where = f"step {self.first_divergence}"
+        rows = self.first_divergence_by_row
+        if prompts and rows and len(rows) % prompts == 0:
+            per_input = len(rows) // prompts
+            row = rows.index(self.first_divergence)
+            kind = "its greedy output" if row % per_input == 0 else "its best beam"
+            where += f", prompt {row // per_input + 1} of {prompts}, {kind}"
+        return where
+
+    def reasons(self, tol: Any, prompts: int | None = None) -> list[str]:
+        """Each of `tol`'s budgets this backend is outside, by how much ("max |Δ logit| 0.237 > logits_atol 0.05
+        at step 4")."""
         out = []
         if not _within(self.max_abs_logit, tol.logits_atol):
-            out.append(f"max |Δ logit| {_num(self.max_abs_logit)} > logits_atol {tol.logits_atol:g}")
+            out.append(f"max |Δ logit| {_num(self.max_abs_logit)} > logits_atol {tol.logits_atol:g}"
+                       f"{_at_worst(self.steps, 'max_abs_logit')}")
         if not _within(self.max_abs_logprob, tol.logprob_atol):
-            out.append(f"max |Δ log-prob| {_num(self.max_abs_logprob)} > logprob_atol {tol.logprob_atol:g}")
+            out.append(f"max |Δ log-prob| {_num(self.max_abs_logprob)} > logprob_atol {tol.logprob_atol:g}"
+                       f"{_at_worst(self.steps, 'max_abs_logprob')}")
         if not self.token_agreement >= tol.min_token_agreement:
-            out.append(f"top-1 agreement {self.token_agreement:.4f} < min_token_agreement {tol.min_token_agreement:g}")
+            first = self.divergence(prompts)
+            out.append(f"top-1 agreement {self.token_agreement:.4f} < min_token_agreement {tol.min_token_agreement:g}"
+                       + (f" (first differs at {first})" if first else ""))
         min_step = tol.first_divergence_min_step
         if min_step is not None and self.first_divergence is not None and self.first_divergence < min_step:
-            out.append(f"tokens diverge at step {self.first_divergence} < first_divergence_min_step {min_step}")
+            out.append(f"tokens diverge at {self.divergence(prompts)} < first_divergence_min_step {min_step}")
         if self.settings_difference:     # not a numeric difference: no tolerance covers it
             out.append(f"decodes with other settings than the reference: {self.settings_difference}")
         if tol.identical_beams and not (self.greedy_identical and self.beams_identical):
             out.append(f"final {'beams' if not self.beams_identical else 'greedy tokens'} "
                        f"differ from the reference (identical_beams = true)")
         return out
+
+
+def _at_worst(steps: list[StepStats], key: str) -> str:
+    """" at step N": the step holding the largest (or a NaN) `key`; "" without steps."""
+    if not steps:
+        return ""
+    worst = max(steps, key=lambda s: _nan_first(_nan(getattr(s, key))))
+    return f" at step {worst.step}"
 
 
 def _within(value: float | None, atol: float) -> bool:
@@ -105,7 +132,7 @@ class ParityReport:
 
     def failures(self) -> list[str]:
         tol = self._tol()
-        return [line for row in self.backends for line in row.failures(tol)]
+        return [line for row in self.backends for line in row.failures(tol, self.prompts)]
 
     @property
     def passed(self) -> bool:
@@ -154,6 +181,10 @@ class ParityReport:
                          f"{_same(r.beams_identical):<5} {_same(r.text_identical):<6} "
                          f"{'FAIL' if r.failures(tol) else 'PASS'}")
         lines.append("tolerances: " + ", ".join(f"{k} {v}" for k, v in self.tolerances.items() if v is not None))
+        for r in self.backends:      # where top-1 first differs, unless a failure line below says it
+            said = any(w in x for x in r.reasons(tol, self.prompts) for w in ("differs at step", "diverge at step"))
+            if r.first_divergence is not None and not said:
+                lines.append(f"  {r.backend}: top-1 first differs at {r.divergence(self.prompts)}")
         lines += [f"  {line}" for line in self.failures()]
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)

@@ -204,6 +204,29 @@ def test_a_candidate_stopping_at_another_eos_fails_whatever_the_budget():
     assert _compare(Fake(_table(), name="onnx"), tolerances=loose).backends[0].settings_difference is None
 
 
+def test_failures_and_table_say_where_the_difference_is():
+    """The terminal names the step of the largest |Δ logit| and the step and prompt (greedy output or best
+    beam) where top-1 first differs, not only the numbers. Rows are prompts x (greedy, best beam)."""
+    import dataclasses
+
+    from deploylm.parity import BackendParity, StepStats
+
+    steps = [StepStats(0, 6, 0.0, 0.0, 1.0), StepStats(1, 6, 0.5, 0.4, 1.0), StepStats(2, 6, 0.2, 0.6, 5 / 6)]
+    row = BackendParity(backend="onnx", steps=steps, max_abs_logit=0.5, max_abs_logprob=0.6, token_agreement=17 / 18,
+                        first_divergence=2, first_divergence_by_row=[None, None, None, None, None, 2],
+                        greedy_identical=True, beams_identical=True)
+    report = ParityReport(reference="torch", tolerances=dataclasses.asdict(FP32), options={}, prompts=3, backends=[row])
+    assert report.failures()[:3] == [
+        "onnx: max |Δ logit| 0.5 > logits_atol 0.0001 at step 1",
+        "onnx: max |Δ log-prob| 0.6 > logprob_atol 0.0002 at step 2",
+        "onnx: top-1 agreement 0.9444 < min_token_agreement 1 (first differs at step 2, prompt 3 of 3, its best beam)"]
+    loose = dataclasses.replace(FP32, logits_atol=1.0, logprob_atol=1.0, min_token_agreement=0.9)
+    passing = dataclasses.replace(report, tolerances=dataclasses.asdict(loose))
+    assert passing.passed and "  onnx: top-1 first differs at step 2, prompt 3 of 3, its best beam" in passing.table()
+    greedy = _compare(Fake(_table(), name="onnx", diverge_at=3), options=OPTIONS.replace(num_beams=1))
+    assert greedy.backends[0].divergence(greedy.prompts) == "step 3, prompt 1 of 3, its greedy output"
+
+
 def test_report_roundtrip_summary_and_table():
     report = _compare(Fake(_table(), name="onnx", diverge_at=3), tokenizer=_Tok())
     back = ParityReport.from_dict(json.loads(json.dumps(report.to_dict())))
