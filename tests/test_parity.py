@@ -227,6 +227,21 @@ def test_failures_and_table_say_where_the_difference_is():
     assert greedy.backends[0].divergence(greedy.prompts) == "step 3, prompt 1 of 3, its greedy output"
 
 
+def test_parity_of_a_model_folder_reports_a_failing_export_instead_of_aborting(tiny_llama_dir):
+    """`deploylm parity --model HF_FOLDER` exports into a temporary folder first; with tolerances that export
+    misses, the user still gets the report measured with their options (table, --json), not the export's
+    own 16-token check as an error."""
+    import dataclasses
+
+    from deploylm.parity import run_parity
+
+    fp32 = load_profile("fp32")
+    tight = dataclasses.replace(fp32, parity=dataclasses.replace(fp32.parity, logits_atol=1e-12, logprob_atol=1e-12))
+    report = run_parity(tiny_llama_dir, ["torch", "onnx"], profile=tight, max_new_tokens=3, num_beams=1)
+    assert not report.passed and report.options["max_new_tokens"] == 3
+    assert len(report.backends[0].steps) <= 3 and "logits_atol 1e-12" in report.failures()[0]
+
+
 def test_report_roundtrip_summary_and_table():
     report = _compare(Fake(_table(), name="onnx", diverge_at=3), tokenizer=_Tok())
     back = ParityReport.from_dict(json.loads(json.dumps(report.to_dict())))

@@ -68,8 +68,11 @@ def kv_layout(profile: Any) -> str | None:
 
 def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | None = None,
                  force: bool = False, *, calibration: str | Path | None = None,
-                 allow_quality_loss: bool = False) -> ExportReport:
+                 allow_quality_loss: bool = False, check_parity: bool = True) -> ExportReport:
     """Export SRC with `profile` (a name, a TOML path or a Profile) to an artifact folder.
+
+    check_parity=False skips the export's own parity check (manifest `parity` null): for `deploylm parity`,
+    which measures the fresh export with its own prompts and options and reports the result, pass or fail.
 
     Non-fp32 profiles convert/quantize the validated fp32 graphs (deploylm.export.precision_step,
     `calibration` text for static int8); profiles listing "trt" also build TensorRT engines.
@@ -133,7 +136,8 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
 
             given = {} if calibration is None else {"calibration": trt_calibration_ids(tmp, calibration)}
             fields["tensorrt"] = _timed(timings, "tensorrt", build_for_export, tmp, profile, **given)
-        result["parity"] = _timed(timings, "parity", _parity, source, tmp, profile, fields["generation"])
+        result["parity"] = (_timed(timings, "parity", _parity, source, tmp, profile, fields["generation"])
+                            if check_parity else None)
         fields["parity"] = result["parity"]
 
     write_artifact(out, build, fields, force=force)
