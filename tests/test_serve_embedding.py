@@ -150,3 +150,14 @@ def test_a_stream_read_on_its_own_thread_lets_calls_from_the_thread_pool_wait_fo
 
     text, results = asyncio.run(service())
     assert text == want_text and results == [want] * 4
+
+
+def test_a_max_tokens_over_the_window_names_the_field_the_client_sent(generator):
+    """max_tokens alone over the window (no truncation could help): param is max_tokens, as for every other
+    error about it, not null because the message was rewritten before the option was looked up."""
+    with TestClient(create_app(generator, ServeConfig(max_new_tokens=256))) as client:
+        c = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 200})
+        g = client.post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 200})
+    assert c.status_code == 400 and c.json()["error"]["param"] == "max_tokens", c.text
+    assert c.json()["error"]["message"].startswith("max_tokens=200 leaves no room"), c.text
+    assert g.status_code == 400 and g.json()["error"]["param"] == "max_new_tokens", g.text

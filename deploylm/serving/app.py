@@ -209,10 +209,11 @@ class _Api:
             from deploylm.long_inputs import without_truncation_advice
 
             message = _json_paths(without_truncation_advice(str(exc)), _listed(body))  # no truncation option here
-            if parse is parse_completion and "max_tokens" in body:
-                message = message.replace("max_new_tokens", "max_tokens")   # the field the client sent
             param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
                 (name for name in sorted(option_names(), key=len, reverse=True) if message.startswith(name)), None)
+            if parse is parse_completion and "max_tokens" in body:
+                message = message.replace("max_new_tokens", "max_tokens")   # the field the client sent
+                param = "max_tokens" if param == "max_new_tokens" else param
             return _error_response(ApiError(400, message, param=param))
         except Interrupted:
             return _error_response(SHUTTING_DOWN)
