@@ -260,8 +260,10 @@ class Generator:
         texts = _prompt_list(prompts)
         side = "right" if self.info.is_encoder_decoder else "left"
         cut = truncation if truncation in ("left", "right") else None
-        budget = prompt_budget(self.info, options.max_new_tokens) if options is not None and cut else None
         with self._tokenizer_lock:  # a Rust tokenizer's padding/truncation settings are shared state
+            budget = None
+            if options is not None and cut:   # the special tokens stay: the budget must hold them and some text
+                budget = prompt_budget(self.info, options.max_new_tokens, self.tokenizer.num_special_tokens_to_add())
             batch = tokenize(self.tokenizer, texts, padding_side=side, max_length=budget, truncation_side=cut)
         self._check_lengths(batch, options)
         return batch

@@ -71,10 +71,12 @@ class LongInputs:
         return self.window_overlap or 0
 
 
-def prompt_budget(info: ModelInfo, max_new_tokens: int) -> int | None:
+def prompt_budget(info: ModelInfo, max_new_tokens: int, specials: int = 0) -> int | None:
     """Most prompt tokens that fit the window with `max_new_tokens` (None: unbounded).
 
-    Raises UsageError when max_new_tokens alone does not fit: no truncation can help then.
+    Raises UsageError when max_new_tokens alone does not fit: no truncation can help then. `specials`: the
+    special tokens every prompt carries (a truncating caller), which leave no room for text if the budget
+    holds only them.
     """
     window = info.max_positions
     if window is None:
@@ -88,6 +90,11 @@ def prompt_budget(info: ModelInfo, max_new_tokens: int) -> int | None:
     if budget < 1:
         raise OptionError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of "
                           f"{window}: lower max_new_tokens to at most {window}", "max_new_tokens")
+    if budget <= specials:
+        raise OptionError(f"max_new_tokens={max_new_tokens} leaves {budget} prompt position{'s' * (budget > 1)} in the "
+                          f"model's window of {window}, no room for a token of text next to the tokenizer's {specials} "
+                          f"special token{'s' * (specials > 1)}: lower max_new_tokens to at most {window - specials}",
+                          "max_new_tokens")
     return budget
 
 

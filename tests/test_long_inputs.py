@@ -480,3 +480,27 @@ def test_a_sliding_window_decode_too_large_for_memory_says_what_to_lower(seed, m
         seed.generate([LONG], truncation="sliding-window", num_beams=2, max_new_tokens=4)
     with pytest.raises(UsageError, match=r"not enough memory for 1 prompt\(s\) x 2 row\(s\) each .*: lower"):
         "".join(seed.stream(LONG, truncation="sliding-window", num_beams=2, max_new_tokens=4))
+
+
+def test_truncation_that_leaves_room_only_for_the_special_tokens_names_max_new_tokens(tiny_llama_dir, tmp_path):
+    """A tokenizer that adds <s> and </s> keeps them through truncation: a max_new_tokens that leaves the prompt
+    only those 2 positions of the window is refused naming max_new_tokens, the window and the largest that fits,
+    not as "a window of 2 tokens" (the model's window is 128)."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    folder = tmp_path / "llama-bos"
+    shutil.copytree(tiny_llama_dir, folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    specials = [(t, tok.token_to_id(t)) for t in ("<s>", "</s>")]
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=specials)
+    tok.save(str(folder / "tokenizer.json"))
+    gen = load(folder)
+    assert gen.count_tokens("a") == 3
+    for side in ("left", "right"):
+        with pytest.raises(UsageError, match=r"max_new_tokens=127 leaves 2 prompt positions in the model's window "
+                                             r"of 128.* 2 special tokens: lower max_new_tokens to at most 126"):
+            gen.generate(LONG_EN, max_new_tokens=127, truncation=side)
+        out = gen.generate(LONG_EN, max_new_tokens=126, truncation=side, num_beams=1)   # <s>, one token, </s>
+        assert len(out[0].sequences[0].token_ids) <= 126
