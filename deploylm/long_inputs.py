@@ -267,5 +267,6 @@ def _check_room(tokenizer: Any, max_length: int, overlap: int) -> None:
         raise UsageError(f"a window of {max_length} tokens has no room for the prompt next to the tokenizer's "
                          "special tokens: lower max_new_tokens")
     if overlap >= room:
-        raise UsageError(f"window_overlap={overlap} must be smaller than the {room} prompt tokens each window "
-                         f"holds (window {max_length}, special tokens included): lower --window-overlap")
+        raise OptionError(f"window_overlap={overlap} must be smaller than the {room} prompt tokens each window "
+                          f"holds (window {max_length}, special tokens included): lower window_overlap to at most "
+                          f"{room - 1}", "window_overlap")

@@ -335,6 +335,18 @@ def test_cli_bad_long_input_options_are_one_line(tiny_gpt2_dir, args, message):
     assert message in error_line(run("--model", str(tiny_gpt2_dir), "--max-new-tokens", "4", *args, LONG_EN))
 
 
+def test_an_overlap_too_large_for_the_window_is_named_as_the_caller_gives_it(seed, seed_dir):
+    """The library names the keyword (window_overlap=63, not the CLI's flag), the CLI its flag, and both say the
+    largest overlap that fits."""
+    with pytest.raises(UsageError) as caught:
+        seed.generate(LONG, max_new_tokens=4, truncation="sliding-window", window_overlap=63)
+    assert "--window-overlap" not in str(caught.value) and "lower window_overlap to at most 62" in str(caught.value)
+    line = error_line(run("--model", str(seed_dir), "--max-new-tokens", "4", "--truncation", "sliding-window",
+                          "--window-overlap", "63", LONG))
+    assert line.startswith("error: --window-overlap 63 must be smaller than the 63 prompt tokens"), line
+    assert line.endswith("lower --window-overlap to at most 62") and "window_overlap" not in line, line
+
+
 def test_cli_help_lists_the_long_input_flags():
     out = run("--help")
     assert out.exit_code == 0 and "--truncation" in out.output and "--window-overlap" in out.output
