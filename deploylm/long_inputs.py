@@ -56,7 +56,7 @@ class LongInputs:
     def __post_init__(self) -> None:
         if self.truncation is not None and self.truncation not in TRUNCATION_MODES:
             raise OptionError(f"truncation {self.truncation!r}: expected one of {', '.join(TRUNCATION_MODES)} "
-                              "(or none, to refuse over-long prompts)", "truncation")
+                              "(or leave it out, to refuse over-long prompts)", "truncation")
         overlap = self.window_overlap
         if overlap is None:
             return

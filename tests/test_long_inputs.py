@@ -335,6 +335,17 @@ def test_cli_bad_long_input_options_are_one_line(tiny_gpt2_dir, args, message):
     assert message in error_line(run("--model", str(tiny_gpt2_dir), "--max-new-tokens", "4", *args, LONG_EN))
 
 
+@pytest.mark.parametrize("value", ["none", "None", "error"])
+def test_a_truncation_named_none_is_told_to_leave_the_option_out(gpt2, tiny_gpt2_dir, value):
+    """Refusing is truncation=None (no flag), not a mode: the error must not offer "none" as the way to refuse
+    to someone who typed --truncation none."""
+    with pytest.raises(UsageError) as caught:
+        gpt2.generate(LONG_EN, max_new_tokens=4, truncation=value)
+    assert "or none" not in str(caught.value) and "leave it out, to refuse" in str(caught.value)
+    line = error_line(run("--model", str(tiny_gpt2_dir), "--max-new-tokens", "4", "--truncation", value, LONG_EN))
+    assert f"--truncation {value!r}: expected one of left, right, sliding-window" in line and "or none" not in line
+
+
 def test_an_overlap_too_large_for_the_window_is_named_as_the_caller_gives_it(seed, seed_dir):
     """The library names the keyword (window_overlap=63, not the CLI's flag), the CLI its flag, and both say the
     largest overlap that fits."""
