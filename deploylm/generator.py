@@ -350,14 +350,16 @@ class Generator:
 
         chunks = self._windows([prompt], opts, overlap)[0]
         eos, outputs, emitted = self.info.special.eos_token_ids, [], ""
+        # sampling: windows decoded in generate's batches of rows, so they get the same draws of the seed
+        rows = WINDOW_ROWS if opts.do_sample else 1
         with self._lock, _memory_is_usage(1, opts):
-            for piece in split_rows(chunks, 1):
-                [hyps] = generate_ids(self.backend, piece, opts, None, stop)
-                outputs.append(hyps[0].token_ids)
-                text = self._joined_text(join_parts(outputs, overlap, eos, self._forced_bos()))
-                if text.startswith(emitted) and len(text) > len(emitted):
-                    yield text[len(emitted):]
-                    emitted = text
+            for piece in split_rows(chunks, rows):
+                for hyps in generate_ids(self.backend, piece, opts, None, stop):
+                    outputs.append(hyps[0].token_ids)
+                    text = self._joined_text(join_parts(outputs, overlap, eos, self._forced_bos()))
+                    if text.startswith(emitted) and len(text) > len(emitted):
+                        yield text[len(emitted):]
+                        emitted = text
         return self.finish_reason(outputs[-1] if outputs else (), opts.max_new_tokens)
 
     def _joined(self, hyps: list[Any], overlap: int) -> Sequence:

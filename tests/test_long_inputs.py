@@ -455,6 +455,16 @@ def test_a_sliding_window_stream_ends_with_its_last_windows_reason(copier):
     assert list(result.sequences[0].token_ids) == content[:40] + content[63:103] + content[126:] + [EOS]
 
 
+def test_a_seeded_sampling_sliding_window_stream_joins_what_generate_returns(seed):
+    """generate decodes a prompt's windows as rows of one batch, whose rows share the seed's draws; a stream that
+    decoded them one at a time drew differently, so the same call streamed gave another text."""
+    kwargs = dict(truncation="sliding-window", do_sample=True, seed=5, top_k=50, max_new_tokens=8, num_beams=1)
+    [result] = seed.generate(LONG, **kwargs)
+    stream = seed.stream(LONG, **kwargs)
+    pieces = list(stream)
+    assert len(pieces) > 1 and "".join(pieces) == result.sequences[0].text
+
+
 def test_windows_start_at_the_source_start_whatever_the_tokenizers_truncation_side(copier):
     """A tokenizer whose truncation_side is "left" (a tokenizer_config may say so) still gives the windows in
     source order: the copier's join is the source, and the tokenizer's side is left as it was."""
