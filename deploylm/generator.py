@@ -176,8 +176,9 @@ class Generator:
         texts = _prompt_list(prompts)
         opts = self.options(**options)
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
-        if self._slides(fit):
-            self._windows(texts, opts, fit.overlap)
+        if self._slides(fit):   # each window is a source of its own: the processors see each one
+            for chunks in self._windows(texts, opts, fit.overlap):
+                build_processors(opts, self.info, 1, encoder_input_ids=chunks.input_ids)
             return
         batch = self.encode(texts, opts, truncation=fit.truncation)
         build_processors(opts, self.info, 1 if self.info.is_encoder_decoder else batch.input_ids.shape[1],

@@ -104,6 +104,9 @@ def test_check_refuses_a_sliding_window_call_as_generate_does_without_decoding(s
         with pytest.raises(UsageError, match=message):
             seed.check(LONG, truncation="sliding-window", **options)
     seed.check(LONG, truncation="sliding-window", max_new_tokens=4)   # fits once split: nothing to refuse
+    outside = [[[seed.info.vocab_size + 5], 1.0]]                      # refused by the processors generate builds
+    with pytest.raises(UsageError, match="sequence_bias has token"):
+        seed.check(LONG, truncation="sliding-window", max_new_tokens=4, sequence_bias=outside)
 
 
 @pytest.mark.parametrize("kwargs, message", [
