@@ -161,3 +161,27 @@ def test_a_max_tokens_over_the_window_names_the_field_the_client_sent(generator)
     assert c.status_code == 400 and c.json()["error"]["param"] == "max_tokens", c.text
     assert c.json()["error"]["message"].startswith("max_tokens=200 leaves no room"), c.text
     assert g.status_code == 400 and g.json()["error"]["param"] == "max_new_tokens", g.text
+
+
+def test_a_default_max_new_tokens_over_the_window_is_named_as_the_endpoints_field(tiny_llama_dir, tmp_path):
+    """A model whose window (16) is below its default max_new_tokens (64): a request that leaves the field out is
+    refused naming the field that endpoint takes (completions: max_tokens, never max_new_tokens) and saying the
+    value was the default."""
+    import json
+    import shutil
+
+    folder = tmp_path / "llama16"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    gen = deploylm.load(folder, backend="torch")
+    assert gen.options().max_new_tokens > 16
+    with TestClient(create_app(gen, ServeConfig())) as client:
+        c = client.post("/v1/completions", json={"prompt": "hello"})
+        g = client.post("/v1/generate", json={"prompt": "hello"})
+    assert c.status_code == 400 and c.json()["error"]["param"] == "max_tokens", c.text
+    message = c.json()["error"]["message"]
+    assert "max_new_tokens" not in message and "lower max_tokens to at most 16" in message, message
+    assert message.endswith("(the default: the request left max_tokens out)"), message
+    assert g.status_code == 400 and g.json()["error"]["param"] == "max_new_tokens", g.text
+    assert g.json()["error"]["message"].endswith("(the default: the request left max_new_tokens out)"), g.text

@@ -211,8 +211,11 @@ class _Api:
             message = _json_paths(without_truncation_advice(str(exc)), _listed(body))  # no truncation option here
             param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
                 (name for name in sorted(option_names(), key=len, reverse=True) if message.startswith(name)), None)
-            if parse is parse_completion and "max_tokens" in body:
-                message = message.replace("max_new_tokens", "max_tokens")   # the field the client sent
+            field = "max_tokens" if parse is parse_completion else "max_new_tokens"   # the field a client sends
+            if field not in body and param == "max_new_tokens":   # the default: say it is one, and how to set it
+                message += f" (the default: the request left {field} out)"
+            if parse is parse_completion:
+                message = message.replace("max_new_tokens", "max_tokens")
                 param = "max_tokens" if param == "max_new_tokens" else param
             return _error_response(ApiError(400, message, param=param))
         except Interrupted:
