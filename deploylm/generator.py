@@ -25,6 +25,7 @@ import atexit
 import contextlib
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -333,8 +334,9 @@ class Generator:
         chunks = self._windows(texts, opts, overlap)
         hyps = []
         with self._lock, _memory_is_usage(len(texts), opts):
+            deadline = _deadline(opts)
             for piece in split_rows(concat_rows(chunks, self.tokenizer.pad_token_id), max(len(texts), WINDOW_ROWS)):
-                hyps.extend(generate_ids(self.backend, piece, opts, None, stop))
+                hyps.extend(generate_ids(self.backend, piece, _time_left(opts, deadline), None, stop))
         results, start = [], 0
         for text, chunk in zip(texts, chunks):
             per_chunk, start = hyps[start:start + chunk.batch_size], start + chunk.batch_size
@@ -354,8 +356,9 @@ class Generator:
         # sampling: windows decoded in generate's batches of rows, so they get the same draws of the seed
         rows = WINDOW_ROWS if opts.do_sample else 1
         with self._lock, _memory_is_usage(1, opts):
+            deadline = _deadline(opts)
             for piece in split_rows(chunks, rows):
-                for hyps in generate_ids(self.backend, piece, opts, None, stop):
+                for hyps in generate_ids(self.backend, piece, _time_left(opts, deadline), None, stop):
                     outputs.append(hyps[0].token_ids)
                     text = self._joined_text(join_parts(outputs, overlap, eos, self._forced_bos()))
                     if text.startswith(emitted) and len(text) > len(emitted):
@@ -596,6 +599,18 @@ def _memory_is_usage(prompts: int, opts: DecodingOptions) -> Iterator[None]:
                          f"(num_beams={opts.num_beams}, num_return_sequences={opts.num_return_sequences}) of up to "
                          f"max_new_tokens={opts.max_new_tokens} tokens: lower num_beams, num_return_sequences or "
                          f"max_new_tokens, or send fewer prompts at once") from None
+
+
+def _deadline(opts: DecodingOptions) -> float | None:
+    """When a call's max_time is up (None: never): the windows of a sliding-window call, decoded batch after
+    batch, share one max_time, as the call's decode does."""
+    return None if opts.max_time is None else time.time() + opts.max_time
+
+
+def _time_left(opts: DecodingOptions, deadline: float | None) -> DecodingOptions:
+    """`opts` with the seconds left until `deadline` as max_time: once it is past, a batch stops after its first
+    token (max_time must stay positive), so every window still has an output to join."""
+    return opts if deadline is None else opts.replace(max_time=max(deadline - time.time(), 1e-9))
 
 
 def _check_stop(stop: Any, stats: Any = None) -> None:

@@ -468,6 +468,32 @@ def test_a_seeded_sampling_sliding_window_stream_joins_what_generate_returns(see
     assert len(pieces) > 1 and "".join(pieces) == result.sequences[0].text
 
 
+def test_max_time_bounds_a_sliding_window_call_not_each_batch_of_windows(copier, monkeypatch):
+    """max_time stops the call's decoding (docs/decoding.md); a sliding-window call decodes its windows in batches
+    of 8 rows, and each batch got the whole max_time again: 50 windows took 7 x max_time."""
+    import time
+
+    real = copier.backend.decode
+
+    def slow(*args):
+        time.sleep(0.01)
+        return real(*args)
+
+    monkeypatch.setattr(copier.backend, "decode", slow)
+    text = " ".join(TEXTS)
+    assert len(copier._windows([text], copier.options(max_new_tokens=64), 60)[0].input_ids) > 40
+    for generating in (True, False):
+        started = time.time()
+        if generating:
+            [result] = copier.generate(text, truncation="sliding-window", window_overlap=60, max_new_tokens=64,
+                                       num_beams=1, max_time=0.2)
+            assert result.sequences[0].token_ids
+        else:
+            assert "".join(copier.stream(text, truncation="sliding-window", window_overlap=60, max_new_tokens=64,
+                                         num_beams=1, do_sample=True, seed=0, max_time=0.2))
+        assert time.time() - started < 0.8, generating
+
+
 def test_windows_start_at_the_source_start_whatever_the_tokenizers_truncation_side(copier):
     """A tokenizer whose truncation_side is "left" (a tokenizer_config may say so) still gives the windows in
     source order: the copier's join is the source, and the tokenizer's side is left as it was."""
