@@ -109,6 +109,16 @@ def test_build_processors_follows_transformers_order():
     assert P.build_processors(DecodingOptions(top_k=5, temperature=0.5), info, 4) == []   # warpers: sampling only
 
 
+@pytest.mark.parametrize("eos, beams, keep", [((), 3, 2), ((), 1, 1), ((2,), 3, 2), ((1, 2), 3, 3)])
+def test_sampling_warpers_keep_what_transformers_keeps(eos, beams, keep):
+    # transformers' _get_logits_processor: beams keep len(eos) + 1 tokens, and 2 when the model has no EOS
+    # (with 1, beam sampling at top_k=1 on a model without EOS returned empty placeholder hypotheses)
+    info = ModelInfo(is_encoder_decoder=False, vocab_size=V, special=SpecialTokens(eos, pad_token_id=0))
+    options = DecodingOptions(do_sample=True, num_beams=beams, top_k=1, top_p=0.5)
+    top_k, top_p = P.build_processors(options, info, prompt_len=4)
+    assert (top_k.top_k, top_p.min_keep) == (keep, keep)
+
+
 @pytest.mark.parametrize("vocab, top_p, kept", [
     (4, 0.5, 2),      # two tokens reach exactly 0.5: the third is not needed
     (4, 0.75, 3),

@@ -447,7 +447,9 @@ def build_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int,
         out.append(ExponentialDecayLength(decay, eos, prompt_len, info.vocab_size, device, where))
     out.extend(_suppress_processors(info, prompt_len, device))
     if options.do_sample:
-        min_keep = len(eos) + 1 if options.num_beams > 1 else 1
+        # beams keep one token more than there are EOS ids to continue with; 2 for a model without EOS
+        # (transformers' `_get_logits_processor`: its `_eos_token_tensor` is then None)
+        min_keep = (len(eos) + 1 if eos else 2) if options.num_beams > 1 else 1
         if options.temperature != 1.0:
             out.append(Temperature(options.temperature))
         if options.top_k != 0:
