@@ -362,7 +362,8 @@ class TopK:
 
 
 class TopP:
-    """Keep the smallest set of tokens whose probability mass exceeds `top_p`, at least `min_keep`."""
+    """Keep the smallest set of most probable tokens whose probability mass reaches `top_p` (>=: a set summing to
+    exactly `top_p` is enough, as in transformers), at least `min_keep`."""
 
     def __init__(self, top_p: float, min_keep: int = 1):
         if not 0 < top_p <= 1:
