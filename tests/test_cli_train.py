@@ -56,6 +56,15 @@ def test_short_run_writes_checkpoint_and_metrics(tmp_path, data):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
 
 
+def test_no_progress_bar_redraws_when_stderr_is_no_terminal(tmp_path, data):
+    """In a CI log or `2> train.log`, tqdm's carriage-return redraws (10 a second) piled up as one endless line:
+    off a terminal there is no bar, and the validation lines still show."""
+    result = run("--data", data, "--out", tmp_path / "run", "--steps", 4, "--batch-size", 8, "--eval-every", 2)
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.stderr and "step/s" not in result.stderr, result.stderr
+    assert "step 2: validation" in result.stderr and "step 4: validation" in result.stderr
+
+
 @pytest.mark.parametrize("args, words", [
     (["--task", "nope"], ["unknown task 'nope'", "digits2words, reverse (seq2seq), or stories with --arch decoder"]),
     (["--task", "stories"], ["task 'stories' is text for the decoder-only LM: add --arch decoder"]),

@@ -255,13 +255,13 @@ def _train(setup: Setup, config: DistillConfig, on_step: Callable[[int, dict[str
     from tqdm import tqdm
 
     from deploylm.training.schedule import make_optimizer, make_scheduler
-    from deploylm.training.trainer import check_finite_loss
+    from deploylm.training.trainer import check_finite_loss, no_bar
 
     optimizer = make_optimizer(setup.student, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, min(config.warmup, config.steps // 10), config.steps, "cosine")
     setup.teacher.eval()
     losses = []
-    bar = tqdm(total=config.steps, unit="step", file=sys.stderr, disable=not config.progress, desc="distill")
+    bar = tqdm(total=config.steps, unit="step", file=sys.stderr, disable=no_bar(config.progress), desc="distill")
     try:
         for step in range(config.steps):
             inputs, labels = setup.batch(step)

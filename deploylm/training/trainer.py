@@ -288,4 +288,14 @@ def _progress_bar(config: TrainConfig, start: int, dist: Dist) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True,
-                disable=not (config.progress and dist.is_main), desc="train" if not dist.active else f"train x{dist.world}")
+                disable=no_bar(config.progress and dist.is_main), desc="train" if not dist.active else f"train x{dist.world}")
+
+
+def no_bar(wanted: bool) -> bool:
+    """Whether to leave the progress bar out: when not wanted, and when stderr is no terminal (a CI log, `2> file`),
+    where tqdm's carriage-return redraws (10 a second) would pile up as one endless line; the validation lines,
+    written with the bar's `write`, still show there."""
+    try:
+        return not (wanted and sys.stderr.isatty())
+    except (AttributeError, ValueError):   # no stderr, or a closed one
+        return True
