@@ -90,3 +90,20 @@ def test_no_option_uses_click_s_bare_int_or_float():
 def test_a_bad_number_is_one_line_naming_the_flag(args, line):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and result.output == line + "\n", result.output
+
+
+def test_every_option_has_help_and_paths_have_the_same_metavar():
+    """`deploylm serve --help` listed --port, --max-prompt-tokens, --max-beams, --max-body-bytes and --log-level with
+    no word of what they do, and serve's --model (train's --out) as TEXT where every other command says SRC (DIR)."""
+    import click
+
+    from deploylm.cli import LazyGroup
+
+    options = [(name, param) for name in COMMANDS for param in LazyGroup._load(name).params
+               if isinstance(param, click.Option) and not param.hidden]
+    assert [f"{name} {param.opts[0]}" for name, param in options if not param.help] == []
+    metavars = {"--model": "SRC", "--teacher": "SRC", "--reference": "SRC"}
+    wrong = [f"{name} {param.opts[0]} {param.metavar}" for name, param in options
+             if param.opts[0] in metavars and not param.is_flag and param.metavar != metavars[param.opts[0]]]
+    assert wrong == []
+    assert [f"{name} --out" for name, param in options if param.opts[0] == "--out" and param.metavar is None] == []

@@ -9,11 +9,12 @@ from deploylm.commands._options import quiet_transformers, spin_option, threads_
 
 
 @click.command("serve")
-@click.option("--model", "src", required=True, help="SRC: artifact, checkpoint, Hugging Face folder or .gguf.")
+@click.option("--model", "src", required=True, metavar="SRC", help="Artifact, checkpoint, Hugging Face folder or .gguf.")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "trt"]), default=None,
               help="Backend (default: onnx for an artifact, torch otherwise).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: a free one, named in the `serving ... on` line).")
 @click.option("--max-batch-size", type=click.IntRange(1), default=8, show_default=True,
               help="Prompts decoded together in one batch.")
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
@@ -22,16 +23,19 @@ from deploylm.commands._options import quiet_transformers, spin_option, threads_
               help="Requests waiting to be decoded; beyond: 503 with Retry-After.")
 @click.option("--max-streams", type=click.IntRange(1), default=16, show_default=True,
               help="Concurrent streaming responses; beyond: 503 with Retry-After.")
-@click.option("--max-prompt-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--max-prompt-tokens", type=click.IntRange(1), default=512, show_default=True,
+              help="Tokens per prompt; beyond: 400.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True,
               help="The largest max_new_tokens a request may ask for (also caps the default).")
-@click.option("--max-beams", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True)
+@click.option("--max-beams", type=click.IntRange(1), default=16, show_default=True,
+              help="The largest num_beams / best_of a request may ask for.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
+              help="Request body size; beyond: 413.")
 @click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               callback=lambda c, p, v: _finite(p, v, inf_ok=True),
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="uvicorn's and deploylm's log (info: one access line per request).")
 @threads_option
 @spin_option
 def command(src: str, backend: str | None, host: str, port: int, drain_timeout: float, log_level: str,

@@ -21,7 +21,7 @@ LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 @click.option("--task", help="Built-in task: digits2words or reverse (seq2seq); stories (--arch decoder).")
 @click.option("--data", help="A .jsonl file of {\"source\", \"target\"} lines; with --arch decoder a text file "
                              "(paragraphs separated by blank lines) or .jsonl of {\"text\"} lines.")
-@click.option("--out", help="Output folder (the checkpoint). Required.")
+@click.option("--out", metavar="DIR", help="Output folder (the checkpoint). Required.")
 @click.option("--arch", type=click.Choice(ARCHS), default=D.arch, show_default=True,
               help="seq2seq: encoder-decoder on pairs; decoder: decoder-only LM on text.")
 @click.option("--size", default=D.size, show_default=True, help="Model size: tiny, small or base.")
