@@ -60,6 +60,19 @@ def test_tiny_run_prints_the_table_and_writes_json(tiny_gpt2_dir, tmp_path):
     assert data["rows"][0]["same_as_reference"] == 2
 
 
+def test_json_dash_writes_the_report_to_stdout_alone(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """`--json -` wrote a file named "-" in the current folder; as `generate --input -` reads stdin, it is stdout,
+    which then holds one JSON document (the table goes to stderr)."""
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n")
+    out = run("--model", str(tiny_gpt2_dir), "--prompts", str(prompts), "--batch-size", "1", "--max-new-tokens", "2",
+              "--rounds", "1", "--warmup", "0", "--in-process", "--no-reference", "--json", "-")
+    assert out.exit_code == 0, out.output
+    assert [r["backend"] for r in json.loads(out.stdout)["rows"]] == ["torch"]
+    assert "exactly 2 new tokens" in out.stderr and not (tmp_path / "-").exists()
+
+
 @pytest.mark.slow
 def test_onnx_artifact_in_worker_processes(tiny_gpt2_dir, tmp_path):
     """Export the tiny GPT-2, then bench torch, onnx and transformers each in its own process."""

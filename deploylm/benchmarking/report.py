@@ -165,10 +165,13 @@ class BenchReport:
                    rss_scope=data["rss_scope"], process_peak_rss_mib=data["process_peak_rss_mib"],
                    notes=tuple(data["notes"]))
 
+    def json_text(self) -> str:
+        """The report as strict JSON (no NaN/Infinity: null), indented."""
+        return json.dumps(json_finite(self.to_dict()), indent=2, allow_nan=False)
+
     def write_json(self, path: str | Path) -> Path:
         """Write the report as JSON, atomically (temporary file, then rename)."""
-        text = json.dumps(json_finite(self.to_dict()), indent=2, allow_nan=False)
-        return write_atomic(Path(path), (text + "\n").encode())
+        return write_atomic(Path(path), (self.json_text() + "\n").encode())
 
     def table(self) -> str:
         from deploylm.benchmarking.table import format_report

@@ -23,7 +23,8 @@ from deploylm.errors import UsageError
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Run transformers.generate on each original model as the ratio reference.")
 @click.option("--in-process", is_flag=True, help="Run every row in this process (no per-row peak RSS).")
-@click.option("--json", "json_file", metavar="FILE", help="Write the full report as JSON.")
+@click.option("--json", "json_file", metavar="FILE", help="Write the full report as JSON ('-': to stdout, which "
+              "then holds only it; the table goes to stderr).")
 @click.option("--plot", "plot_file", metavar="FILE.png", help="Draw tokens/s bars per row (needs matplotlib).")
 def command(models, backends, prompts_file, batch_size, num_beams, max_new_tokens, rounds, warmup, threads,
             spin, reference, in_process, json_file, plot_file) -> None:
@@ -42,13 +43,16 @@ def command(models, backends, prompts_file, batch_size, num_beams, max_new_token
     config = BenchConfig(models=models, backends=names, batch_size=batch_size, num_beams=num_beams,
                          max_new_tokens=max_new_tokens, rounds=rounds, warmup=warmup, threads=threads,
                          spin=spin, reference=reference, isolate=not in_process, **extra)
-    if json_file:
+    to_stdout = json_file == "-"   # as --input - reads stdin: not a file named "-"
+    if json_file and not to_stdout:
         check_output_file(json_file, "--json")
     if plot_file:
         check_plot_path(plot_file)
     report = run_bench(config, progress=lambda line: click.echo(line, err=True))
-    click.echo(report.table())
-    if json_file:
+    click.echo(report.table(), err=to_stdout)
+    if to_stdout:
+        click.echo(report.json_text())
+    elif json_file:
         click.echo(f"wrote {report.write_json(json_file)}", err=True)
     if plot_file:
         click.echo(f"wrote {plot_report(report, plot_file)}", err=True)
