@@ -1,6 +1,6 @@
 """`deploylm` command line: a click group; each command is a thin shell in deploylm/commands/.
 
-Errors deploylm raises on purpose (DeployLMError) become one line on stderr, options named by their flags, and
+Errors deploylm raises on purpose (DeployLMError), and click's usage errors, become one line on stderr, options named by their flags, and
 their exit code (2 for bad input, 1 for failed checks), and so do paths the system refuses outright (a file name too long, a
 symlink loop), and output the terminal side cannot take (`> /dev/full`, a full disk behind a redirect: exit 1);
 nothing else is caught, so real bugs still show a traceback.
@@ -57,6 +57,11 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except DeployLMError as exc:
             click.echo(f"error: {self._message(ctx, exc)}", err=True)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            # click's own (an unknown command or option, a missing option, a value outside a Choice or range):
+            # one line as well, not its usage block of four
+            click.echo(f"error: {exc.format_message()}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:
             # a path the user gave that the system refuses outright (a name over 255 bytes, a symlink loop) is

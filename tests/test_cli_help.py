@@ -107,3 +107,19 @@ def test_every_option_has_help_and_paths_have_the_same_metavar():
              if param.opts[0] in metavars and not param.is_flag and param.metavar != metavars[param.opts[0]]]
     assert wrong == []
     assert [f"{name} --out" for name, param in options if param.opts[0] == "--out" and param.metavar is None] == []
+
+
+@pytest.mark.parametrize("args, line", [
+    (["generate", "--model", "m", "--threads", "0", "hi"], "error: Invalid value for '--threads': 0 is not in the range x>=1."),
+    (["serve", "--model", "m", "--port", "99999"], "error: Invalid value for '--port': 99999 is not in the range 0<=x<=65535."),
+    (["train", "--arch", "rnn"], "error: Invalid value for '--arch': 'rnn' is not one of 'seq2seq', 'decoder'."),
+    (["parity"], "error: Missing option '--model'."),
+    (["info"], "error: Missing argument 'SRC'."),
+    (["generate", "--bogus"], "error: No such option '--bogus'."),
+    (["no-such-command"], "error: No such command 'no-such-command'."),
+])
+def test_click_s_own_usage_errors_are_one_line_too(args, line):
+    """DESIGN.md 2: errors are one line on stderr, exit 2. click's own checks (IntRange, Choice, required options,
+    unknown flags) printed its four-line usage block with `Error: ...` instead."""
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and result.stdout == "" and result.stderr == line + "\n", result.output
