@@ -58,6 +58,11 @@ class LazyGroup(click.Group):
         except DeployLMError as exc:
             click.echo(f"error: {self._message(ctx, exc)}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            # Ctrl-C: click's "Aborted!", but with status 130 (128 + SIGINT, as SIGTERM's is 143), not click's 1,
+            # which is deploylm's "a check failed" (parity, quality): a script could not tell the two apart
+            click.echo("\nAborted!", err=True)
+            ctx.exit(128 + signal.SIGINT)
         except click.UsageError as exc:
             # click's own (an unknown command or option, a missing option, a value outside a Choice or range):
             # one line as well, not its usage block of four

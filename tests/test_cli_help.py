@@ -123,3 +123,16 @@ def test_click_s_own_usage_errors_are_one_line_too(args, line):
     unknown flags) printed its four-line usage block with `Error: ...` instead."""
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and result.stdout == "" and result.stderr == line + "\n", result.output
+
+
+def test_ctrl_c_exits_130_not_1_which_is_a_failed_check(monkeypatch):
+    """click turns Ctrl-C into "Aborted!" and exit status 1, deploylm's status for a failed parity or quality
+    check; it is 130 (128 + SIGINT), as SIGTERM's is 143."""
+    import deploylm.profiles
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploylm.profiles, "builtin_profiles", interrupted)
+    result = CliRunner().invoke(cli, ["profiles"])
+    assert result.exit_code == 130 and result.stderr.strip() == "Aborted!", result.output
