@@ -65,6 +65,32 @@ def test_no_progress_bar_redraws_when_stderr_is_no_terminal(tmp_path, data):
     assert "step 2: validation" in result.stderr and "step 4: validation" in result.stderr
 
 
+def test_the_worker_entry_point_unwinds_on_sigterm(tmp_path):
+    """`python -m deploylm.training` is what torchrun starts on every rank of `train --nproc N`, and torchrun passes
+    a SIGTERM on to it: the worker died silently (status -15) where `deploylm train` prints the line naming the last
+    checkpoint and exits 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "deploylm.training", "--task", "reverse", "--size", "tiny",
+                             "--steps", "100000", "--eval-every", "1", "--checkpoint-every", "1", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:             # training: a validation line after every step
+            if line.startswith("step 2: validation"):
+                break
+        os.kill(proc.pid, signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, rest
+    assert "interrupted at step" in rest and "--resume" in rest and "Traceback" not in rest, rest
+
+
 @pytest.mark.parametrize("args, words", [
     (["--task", "nope"], ["unknown task 'nope'", "digits2words, reverse (seq2seq), or stories with --arch decoder"]),
     (["--task", "stories"], ["task 'stories' is text for the decoder-only LM: add --arch decoder"]),

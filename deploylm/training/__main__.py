@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from deploylm.cli import cli
+from deploylm.cli import cli, exit_on_sigterm
 
 
 def main() -> None:
+    # torchrun passes a SIGTERM (`kill` on `deploylm train --nproc N`, a CI timeout) on to every worker: unwind
+    # as `deploylm train` does (rank 0 names the last checkpoint), instead of dying silently mid-step
+    exit_on_sigterm()
     cli.main(["train", *sys.argv[1:]], prog_name="deploylm")
 
 
