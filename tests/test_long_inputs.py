@@ -470,20 +470,26 @@ def test_a_seeded_sampling_sliding_window_stream_joins_what_generate_returns(see
 
 def test_max_time_bounds_a_sliding_window_call_not_each_batch_of_windows(copier, monkeypatch):
     """max_time stops the call's decoding (docs/decoding.md); a sliding-window call decodes its windows in batches
-    of 8 rows, and each batch got the whole max_time again: 50 windows took 7 x max_time."""
+    of 8 rows, and each batch got the whole max_time again: 50 windows took 7 x max_time. The clock is a fake one
+    that moves 0.01 s per decode step (a wall-clock bound failed on a loaded machine), so the count of decode
+    steps is what max_time allowed: 20 for the call and one more per later batch, where each batch used to get 20."""
     import time
 
-    real = copier.backend.decode
+    real, clock, steps = copier.backend.decode, [1000.0], [0]
 
     def slow(*args):
-        time.sleep(0.01)
+        clock[0] += 0.01
+        steps[0] += 1
         return real(*args)
 
     monkeypatch.setattr(copier.backend, "decode", slow)
+    monkeypatch.setattr(time, "time", lambda: clock[0])
     text = " ".join(TEXTS)
-    assert len(copier._windows([text], copier.options(max_new_tokens=64), 60)[0].input_ids) > 40
+    windows = len(copier._windows([text], copier.options(max_new_tokens=64), 60)[0].input_ids)
+    batches = -(-windows // 8)                   # after the deadline, each batch takes one step (its first token)
+    assert windows > 40
     for generating in (True, False):
-        started = time.time()
+        steps[0] = 0
         if generating:
             [result] = copier.generate(text, truncation="sliding-window", window_overlap=60, max_new_tokens=64,
                                        num_beams=1, max_time=0.2)
@@ -491,7 +497,7 @@ def test_max_time_bounds_a_sliding_window_call_not_each_batch_of_windows(copier,
         else:
             assert "".join(copier.stream(text, truncation="sliding-window", window_overlap=60, max_new_tokens=64,
                                          num_beams=1, do_sample=True, seed=0, max_time=0.2))
-        assert time.time() - started < 0.8, generating
+        assert 20 <= steps[0] <= 25 + batches, (generating, steps[0], batches)   # each batch: 20 steps before
 
 
 def test_windows_start_at_the_source_start_whatever_the_tokenizers_truncation_side(copier):

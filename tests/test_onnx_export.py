@@ -417,16 +417,20 @@ def test_longrope_batches_of_long_and_short_prompts_decode_as_torch(tmp_path):
 def test_ctrl_c_swallowed_inside_the_exporter_is_still_an_interrupt(tiny_gpt2_dir, tmp_path, monkeypatch):
     """A SIGINT that torch.export's imports swallow, ending in the exporter's own error, stays a Ctrl-C
     (KeyboardInterrupt: "Aborted!" on the command line), not a long exporter traceback."""
-    import os
     import signal
+    import threading
     import time
 
     from transformers import AutoModelForCausalLM
 
     def exporter_that_swallows(*args, **kwargs):
         try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
+            # to this (the main) thread, then wait in a loop: Python runs the handler at a check between bytecodes,
+            # which a single sleep could leave until after the try when other threads run (a CI run under load)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
         except KeyboardInterrupt:
             pass                                   # as a half-finished import inside torch does
         raise RuntimeError("Failed to export the model with torch.export: partially initialized module")
