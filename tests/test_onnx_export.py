@@ -438,9 +438,15 @@ def test_ctrl_c_swallowed_inside_the_exporter_is_still_an_interrupt(tiny_gpt2_di
     plan = plan_graphs(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval())
     ((spec, module),) = plan.graphs
     monkeypatch.setattr(torch.onnx, "export", exporter_that_swallows)
-    with pytest.raises(KeyboardInterrupt):
-        export_graph(module, spec, tmp_path, plan.dims.vocab_size)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # put back
+    # Python's own Ctrl-C handler, as in a terminal: a process started in the background by a shell without job
+    # control (`cmd &` in a script) inherits SIGINT ignored, and Python then installs none
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_graph(module, spec, tmp_path, plan.dims.vocab_size)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a real failure")))
     with pytest.raises(RuntimeError, match="a real failure"):                   # other failures stay themselves
         export_graph(module, spec, tmp_path, plan.dims.vocab_size)
