@@ -21,6 +21,7 @@ Thread counts change no values: every op here splits its work by rows or by inde
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 import time
@@ -176,18 +177,10 @@ def own_threads(n: int) -> Iterator[None]:
         setter(before)
 
 
-_OMP: list = []   # [omp_set_num_threads of torch's OpenMP runtime, or None], looked up once
-
-
+@functools.cache
 def _omp_set_num_threads() -> Callable[[int], None] | None:
-    if not _OMP:
-        _OMP.append(_find_omp_setter())
-    return _OMP[0]
-
-
-def _find_omp_setter() -> Callable[[int], None] | None:
     """omp_set_num_threads of the OpenMP runtime torch runs on, if it is loaded and really is torch's
-    (setting it must change torch.get_num_threads() on this thread)."""
+    (setting it must change torch.get_num_threads() on this thread); looked up once."""
     import ctypes
 
     try:
