@@ -346,9 +346,9 @@ def _window(source: Source) -> int | None:
         from deploylm.models.checkpoint import load_config
 
         return load_config(source.path).max_positions
-    from deploylm.models.hf import load_hf_config
+    from deploylm.models.hf import load_hf_config, position_window
 
-    return getattr(load_hf_config(source).get_text_config(decoder=True), "max_position_embeddings", None)
+    return position_window(load_hf_config(source))
 
 
 def _trained_block_size(folder: Path) -> int | None:
