@@ -139,12 +139,19 @@ def refuse_current_folder(target: Path, flag: str = "--out") -> None:
 
 
 def check_output_folder(out: str | Path, force: bool, *, holds: str, ours: Callable[[Path], bool], not_ours: str,
-                        without_force: str, flag: str = "--out") -> None:
+                        without_force: str, flag: str = "--out",
+                        inputs: dict[str, str | Path | None] | None = None) -> None:
     """The folder a command writes whole (an artifact, a training run, a student), checked before any
     work: it must be new or empty, or, with `force`, a folder that `ours` recognises as this kind of
     output, which the command then replaces. `force` never deletes a file, a folder of other things,
-    or the current folder (nor one holding it), and the place must take new files."""
+    the current folder (nor one holding it), or one holding a file the command reads (`inputs`: its flag
+    -> its path, e.g. {"--data": ...}), and the place must take new files."""
     out = Path(out)
+    if force and out.is_dir():
+        for name, path in (inputs or {}).items():
+            if path is not None and Path(path).resolve().is_relative_to(out.resolve()):
+                raise UsageError(f"{name} {str(path)!r} is inside {flag} {str(out)!r}, which --force replaces: move "
+                                 f"it out of {holds}'s folder first")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {str(out)!r} is a file: expected a folder for {holds}")
     check_writable(out if out.is_dir() else out.parent, f"{flag} {str(out)!r}")

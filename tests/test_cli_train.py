@@ -196,7 +196,7 @@ def test_force_refuses_a_run_folder_that_holds_the_data(tmp_path, data):
     inside = out / "pairs.jsonl"
     inside.write_text(data.read_text())
     assert_usage_error(run("--data", inside, "--out", out, "--force", "--steps", "1"),
-                       "is inside --out", "which --force deletes")
+                       "is inside --out", "which --force replaces")
     assert inside.read_text() == data.read_text()
 
 

@@ -34,11 +34,7 @@ def check_output(config: DistillConfig) -> None:
     out = config.out
     if config.teacher.exists() and out.exists() and out.resolve() == config.teacher.resolve():
         raise UsageError(f"--out {str(out)!r} is the teacher's folder: choose another folder for the student")
-    if (config.force and config.data is not None and out.is_dir()
-            and config.data.resolve().is_relative_to(out.resolve())):
-        raise UsageError(f"--data {str(config.data)!r} is inside --out {str(out)!r}, which --force replaces: move "
-                         "the data out of the student's folder first")
-    check_output_folder(out, config.force, holds="the student", ours=is_model_folder,
+    check_output_folder(out, config.force, holds="the student", ours=is_model_folder, inputs={"--data": config.data},
                         not_ours=f"holds no model (no config.json beside {' or '.join(MODEL_WEIGHTS)})",
                         without_force="choose another folder or use --force to replace it")
 

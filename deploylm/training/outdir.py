@@ -133,11 +133,7 @@ def text_task_splits(task: str, seed: int) -> Any:
 
 
 def _check_fresh(config: TrainConfig) -> None:
-    if (config.force and config.data is not None and config.out.is_dir()
-            and Path(config.data).resolve().is_relative_to(config.out.resolve())):
-        raise UsageError(f"--data {str(config.data)!r} is inside --out {str(config.out)!r}, which --force deletes: "
-                         "move the data out of the run folder first")
-    check_output_folder(config.out, config.force, holds="the checkpoint",
+    check_output_folder(config.out, config.force, holds="the checkpoint", inputs={"--data": config.data},
                         ours=is_training_run,
                         not_ours=f"does not look like a training run (no {', '.join(RUN_MARKERS)}, no deploylm "
                                  "checkpoint)",
