@@ -634,3 +634,28 @@ time.sleep(0.1)                                             # inside the next st
     assert run.returncode == 0 and "Fatal" not in run.stderr and run.stdout.strip(), run.stderr[-2000:]
     lines = steps.read_text().splitlines()
     assert 0 < lines.count("end") < 20 and lines.count("begin") == lines.count("end"), lines
+
+
+def test_a_backend_calling_back_into_its_generator_is_refused_not_left_waiting_for_itself(llama):
+    """The model lock knows its holder: a call made from inside a call of the same Generator (here, a backend's
+    prefill) would wait for itself forever; it is a UsageError instead."""
+    backend, _, release, _ = _blocking_scripted(llama)
+    release.set()
+    gen = Generator(backend, llama.tokenizer, defaults={})
+    prefill, inner = backend.prefill, []
+
+    def calling_back(batch):
+        try:
+            gen.generate("the quick brown fox", num_beams=1, max_new_tokens=1)
+        except UsageError as exc:
+            inner.append(str(exc))
+        return prefill(batch)
+
+    backend.prefill = calling_back
+    done: list = []
+    caller = threading.Thread(target=lambda: done.append(gen.generate("the quick brown fox", num_beams=1,
+                                                                      max_new_tokens=2)), daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert done and not caller.is_alive()
+    assert inner and "already inside a call of this model" in inner[0], inner
