@@ -125,6 +125,25 @@ def test_option_errors_name_the_flags_on_the_command_line_and_the_keywords_in_py
         load(tiny_llama_dir).generate("hello", num_beams=2, num_return_sequences=5)
 
 
+def test_min_new_tokens_alone_is_checked_against_the_models_own_max_new_tokens(tiny_llama_dir, tmp_path):
+    """--min-new-tokens without --max-new-tokens was checked against deploylm's default 64 before the model
+    loaded: a model whose generation_config allows 100 was refused ("--max-new-tokens 64 is invalid", a flag
+    the user never gave), where the Python API decodes it. Over the model's own default, the error names
+    --min-new-tokens and asks for --max-new-tokens (docs/decoding.md)."""
+    model = tmp_path / "long-default"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 100}))
+    out = run("--model", str(model), "--num-beams", "1", "--min-new-tokens", "70", "--json", "hello")
+    assert out.exit_code == 0, out.output
+    expected = load(model).generate("hello", num_beams=1, min_new_tokens=70)[0].sequences[0].token_ids
+    assert json.loads(out.stdout)["outputs"][0]["token_ids"] == list(expected)
+    assert len(expected) >= 70
+    _one_line_error(run("--model", str(tiny_llama_dir), "--min-new-tokens", "70", "hello"),
+                    "error: decoding option --min-new-tokens 70 is invalid: above the default --max-new-tokens 64",
+                    "give --max-new-tokens too")
+
+
 @pytest.mark.parametrize("flag, value", [("--num-beam-groups", "2"), ("--diversity-penalty", "0.5")])
 def test_group_beam_search_refusal_names_the_flags_on_the_command_line(tiny_llama_dir, flag, value):
     """The refusal shares its wording with the Python API (num_beam_groups, num_beams): on the command line it

@@ -121,8 +121,10 @@ def given_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     given = {name: value for name in FIELDS if (value := kwargs.pop(name, None)) is not None}
     # Check now, before a model loads. The model's default num_beams is not known yet: assume enough
     # beams for num_return_sequences (the merged options are checked again once the model is open).
+    # Nor is its default max_new_tokens: a --min-new-tokens alone is checked against it once the model is open.
     beams = given.get("num_beams", max(D.num_beams, given.get("num_return_sequences", 1)))
-    DecodingOptions.from_mapping({**given, "num_beams": beams})
+    most = given.get("max_new_tokens", max(D.max_new_tokens, given.get("min_new_tokens", 0)))
+    DecodingOptions.from_mapping({**given, "num_beams": beams, "max_new_tokens": most})
     return given
 
 
