@@ -668,6 +668,25 @@ def test_a_worker_runs_its_row_with_the_bench_threads_and_answers_each_message(t
     assert peak == pytest.approx(worker.peak_rss_mib(), rel=0.1)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="spawn handing ru_maxrss on is Linux's")
+def test_a_workers_peak_rss_is_its_own_not_the_callers(tmp_path):
+    """A row's peak RSS is its worker's: on Linux a spawned process's ru_maxrss starts at its parent's peak, so a
+    bench started from a process holding 2 GiB (a notebook with a model loaded) reported >= 2 GiB for every row."""
+    script = tmp_path / "big_parent.py"
+    script.write_text(
+        "import multiprocessing\n"
+        "from deploylm.benchmarking.worker import peak_rss_mib\n"
+        "if __name__ == '__main__':\n"
+        "    held = bytearray(300 * 2**20)\n"
+        "    held[::4096] = b'x' * len(held[::4096])          # touched: resident\n"
+        "    with multiprocessing.get_context('spawn').Pool(1) as pool:\n"
+        "        print(peak_rss_mib(), pool.apply(peak_rss_mib))\n")
+    run = _run_script(script)
+    assert run.returncode == 0, run.stderr[-2000:]
+    parent, child = map(float, run.stdout.split())
+    assert parent > 300 and child < 200, (parent, child)
+
+
 def _run_script(script: Path, *args: object) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS...` with this checkout importable, its output captured."""
 

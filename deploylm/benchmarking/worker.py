@@ -2,7 +2,7 @@
 
 The parent drives the interleaving; a worker loads its model once, then runs one round per "run"
 message and answers with the RoundResult. While one worker runs, the others wait on their pipe, so
-rows never compete for the CPU. Peak RSS is the worker's `ru_maxrss`: imports, model load and every
+rows never compete for the CPU. Peak RSS is the worker's high-water mark (VmHWM): imports, model load and every
 round of that row, nothing of the others.
 """
 from __future__ import annotations
@@ -19,7 +19,16 @@ from deploylm.errors import DeployLMError
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB."""
+    """This process's peak resident set size so far, in MiB: Linux's VmHWM (the high-water mark of this
+    program's own memory), else `ru_maxrss`. On Linux `ru_maxrss` of a spawned worker starts at its parent's
+    peak (exec hands the parent's high-water mark on), so a worker started by a process holding 2 GiB (a
+    notebook with a model loaded) reported >= 2 GiB whatever its row used."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next((x for x in fh if x.startswith("VmHWM:")), "")
+        return int(line.split()[1]) / 1024                                  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, KiB on Linux
 
