@@ -602,6 +602,31 @@ def test_an_artifact_whose_source_model_changed_has_no_transformers_reference(ti
     assert row.reference is None and "changed since this artifact was exported" in row.notes[0]
 
 
+def test_an_artifact_runs_on_the_backends_its_profile_was_exported_for(tiny_gpt2_dir, tmp_path):
+    """`--backends onnx,trt` over an int8 (onnx) and a trt-fp16 artifact planned both on both: the int8 artifact's
+    trt row failed the whole run (no engines), and the trt artifact's onnx row ran its graphs on ONNX Runtime
+    labelled trt-fp16. Each now runs on its profile's backends; none of them listed is one line naming the profile."""
+    from deploylm.profiles import load_profile
+
+    def artifact(name: str) -> str:
+        folder = tmp_path / f"gpt2-{name}"
+        folder.mkdir()
+        manifest = {"format_version": 1, "deploylm_version": "0", "created": "2026-01-01T00:00:00+00:00",
+                    "source": {"kind": "hf", "path": str(tiny_gpt2_dir)}, "profile": load_profile(name).to_dict(),
+                    "files": {}, "io": {}, "toolchain": {}}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return str(folder)
+
+    int8, trt, fp16 = artifact("int8"), artifact("trt-fp16"), artifact("fp16")
+    rows = plan_rows(BenchConfig(models=(int8, trt, fp16), backends=("torch", "onnx", "trt"), reference=False))
+    assert [(Path(r.src).name, r.backend, r.profile) for r in rows] == [
+        ("gpt2-int8", "onnx", "int8"), ("gpt2-trt-fp16", "trt", "trt-fp16"), ("gpt2-fp16", "onnx", "fp16")]
+    assert [r.backend for r in plan_rows(BenchConfig(models=(trt,), backends=(), reference=False))] == ["trt"]
+    with pytest.raises(UsageError, match=r"none of --backends torch,onnx runs an exported artifact: its profile "
+                                         r"trt-fp16 was exported for trt"):
+        plan_rows(BenchConfig(models=(int8, trt), reference=False))
+
+
 def test_a_deploylm_checkpoint_has_no_transformers_reference(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "deploylm-lm"}')
     (row,) = plan_rows(BenchConfig(models=(str(tmp_path),)))

@@ -136,10 +136,12 @@ def plan_rows(config: BenchConfig) -> list[RowSpec]:
     digests: dict[str, str | None] = {}     # an original model's weights hashed once, however many artifacts
     for src in config.models:
         source = resolve_source(src)
-        names = [b for b in (config.backends or (_default_backend(source.kind),)) if _can_open(b, source.kind)]
+        runs_on = _runs_on(source)
+        names = [b for b in (config.backends or (runs_on[0],)) if b in runs_on]
         if not names:
-            raise UsageError(f"--model {src}: none of --backends {','.join(config.backends)} runs {source.a_kind} "
-                             f"(an artifact runs on onnx or trt; other models on torch)")
+            why = (f"its profile {_profile(source)} was exported for {' and '.join(runs_on)}" if source.kind == "artifact"
+                   else "it runs on torch (artifacts run on onnx or trt)")
+            raise UsageError(f"--model {src}: none of --backends {','.join(config.backends)} runs {source.a_kind}: {why}")
         ref, notes = _reference_for(source, config.reference, references, digests)
         for name in names:
             if any(Path(r.src).resolve() == source.path.resolve() and r.backend == name for r in rows):
@@ -157,12 +159,18 @@ def _spins(choice: str) -> tuple[bool, ...]:
     return {"off": (False,), "on": (True,), "both": (False, True)}[choice]
 
 
-def _default_backend(kind: str) -> str:
-    return "onnx" if kind == "artifact" else "torch"
+def _runs_on(source: Any) -> tuple[str, ...]:
+    """The backends that run `source`, the default first: torch for a model; for an artifact the onnx/trt
+    backends its export profile was made for (a trt-* artifact's graphs on ONNX Runtime are not what its
+    profile measures, and an onnx artifact has no engines for trt)."""
+    if source.kind != "artifact":
+        return ("torch",)
+    from deploylm.artifact import read_manifest
 
-
-def _can_open(backend: str, kind: str) -> bool:
-    return (kind == "artifact") == (backend != "torch")
+    profile = read_manifest(source.path).get("profile")
+    listed = profile.get("backends") if isinstance(profile, dict) else None
+    names = tuple(b for b in (listed if isinstance(listed, list) else ["onnx"]) if b in ("onnx", "trt"))
+    return names or ("onnx",)
 
 
 def _profile(source: Any) -> str:

@@ -10,7 +10,8 @@ from deploylm.errors import UsageError
 @click.command(name="bench")
 @click.option("--model", "models", multiple=True, metavar="SRC", help="Model or artifact; repeat to compare several.")
 @click.option("--backends", default="torch,onnx", show_default=True,
-              help="Each model runs on every listed backend that can open it (artifacts: onnx/trt; others: torch).")
+              help="Each model runs on every listed backend that can open it (artifacts: their profile's, onnx or trt; "
+              "others: torch).")
 @click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts, one per line. Default: the 8 standard prompts.")
 @click.option("--batch-size", type=INT, default=8, show_default=True, help="Prompts per call.")
 @click.option("--num-beams", type=INT, default=4, show_default=True, help="Beams (1 = greedy).")
