@@ -776,6 +776,18 @@ def test_a_prompt_over_a_rows_window_names_the_row_and_what_bench_offers(tiny_gp
     assert "truncation" not in message and message.endswith("(bench: --prompts FILE, --max-new-tokens N)"), message
 
 
+def test_a_refused_prompt_is_numbered_in_the_prompt_list_not_in_its_call(tiny_gpt2_dir):
+    """--batch-size 2 over 3 prompts, the third over the window: it is the first prompt of the second call, and the
+    error called it "prompt 1" (a short prompt of the user's file); it is prompt 3."""
+    long = "the quick brown fox " * 40
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=("hello world", "beam search keeps", long),
+                         batch_size=2, max_new_tokens=4, rounds=1, warmup=0, reference=False, isolate=False)
+    assert config.prompt_numbers() == ((1, 2), (3,))
+    assert BenchConfig(models=("m",), prompts=("a", "b"), batch_size=5).prompt_numbers() == ((1, 2, 1, 2, 1),)
+    with pytest.raises(UsageError, match=rf"^{tiny_gpt2_dir.name} \[torch\]: prompt 3 has \d+ tokens"):
+        run_bench(config)
+
+
 def test_a_killed_worker_is_named_with_its_signal():
     from deploylm.benchmarking.worker import _death
 

@@ -11,9 +11,12 @@ of every request in the batch. Inside it we time:
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+
+from deploylm.errors import UsageError
 
 Clock = Callable[[], float]
 
@@ -85,14 +88,26 @@ def timing_from_marks(start: float, marks: list[float], end: float, model_s: flo
 
 
 def run_round(call: Callable[[list[str]], tuple[CallTiming, list[tuple[int, ...]]]],
-              batches: Iterable[tuple[str, ...]]) -> RoundResult:
-    """One pass over the workload's batches with `call` (one timed call per batch)."""
+              batches: Iterable[tuple[str, ...]], numbers: tuple[tuple[int, ...], ...] = ()) -> RoundResult:
+    """One pass over the workload's batches with `call` (one timed call per batch). numbers: per batch, each
+    prompt's number in the prompt list, which a refusal of "prompt N" (N counted within its call) is given."""
     calls, tokens = [], []
-    for texts in batches:
-        timing, best = call(list(texts))
+    for k, texts in enumerate(batches):
+        try:
+            timing, best = call(list(texts))
+        except UsageError as exc:
+            raise _renumbered(exc, numbers[k] if k < len(numbers) else ()) from None
         calls.append(timing)
         tokens.extend(best)
     return RoundResult(tuple(calls), tuple(tokens))
+
+
+def _renumbered(exc: UsageError, numbers: tuple[int, ...]) -> UsageError:
+    """`exc` with its leading "prompt N" (N within the call) as the prompt's number in the prompt list."""
+    found = re.match(r"prompt (\d+)\b", str(exc))
+    if found is None or not 1 <= int(found.group(1)) <= len(numbers):
+        return exc
+    return UsageError(f"prompt {numbers[int(found.group(1)) - 1]}{str(exc)[found.end():]}")
 
 
 class GeneratorRunner:
@@ -110,7 +125,7 @@ class GeneratorRunner:
         self.workload, self.clock = workload, clock
 
     def run(self) -> RoundResult:
-        return run_round(self._call, self.workload.batches)
+        return run_round(self._call, self.workload.batches, self.workload.numbers)
 
     def _call(self, texts: list[str]) -> tuple[CallTiming, list[tuple[int, ...]]]:
         """One Generator.generate call (encode, decode loop, detokenize), the clock read after each step."""
@@ -175,7 +190,7 @@ class TransformersRunner:
                     num_return_sequences=1, do_sample=False, pad_token_id=self.special.pad_token_id)
 
     def run(self) -> RoundResult:
-        return run_round(self._call, self.workload.batches)
+        return run_round(self._call, self.workload.batches, self.workload.numbers)
 
     def _call(self, texts: list[str]) -> tuple[CallTiming, list[tuple[int, ...]]]:
         import torch

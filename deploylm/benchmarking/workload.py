@@ -92,6 +92,14 @@ class BenchConfig:
             return (tuple(prompts[i % len(prompts)] for i in range(size)),)
         return tuple(prompts[i:i + size] for i in range(0, len(prompts), size))
 
+    def prompt_numbers(self) -> tuple[tuple[int, ...], ...]:
+        """For each prompt of each call of `batches()`, its number (from 1) in `prompts`: what a refusal of
+        "prompt 2" of the third call is called in the user's prompt list."""
+        count, size = len(self.prompts), self.batch_size
+        if size >= count:
+            return (tuple(i % count + 1 for i in range(size)),)
+        return tuple(tuple(range(i + 1, min(i + size, count) + 1)) for i in range(0, count, size))
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -100,6 +108,7 @@ class Workload:
     batches: tuple[tuple[str, ...], ...]
     options: DecodingOptions
     threads: int
+    numbers: tuple[tuple[int, ...], ...] = ()     # per call, each prompt's number in the prompt list
 
     @property
     def num_prompts(self) -> int:
@@ -124,7 +133,7 @@ class RowSpec:
 
 
 def workload_of(config: BenchConfig) -> Workload:
-    return Workload(config.batches(), config.options(), config.threads)
+    return Workload(config.batches(), config.options(), config.threads, config.prompt_numbers())
 
 
 def plan_rows(config: BenchConfig) -> list[RowSpec]:
