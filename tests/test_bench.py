@@ -788,6 +788,16 @@ def test_a_refused_prompt_is_numbered_in_the_prompt_list_not_in_its_call(tiny_gp
         run_bench(config)
 
 
+def test_every_json_key_is_documented(tiny_gpt2_dir):
+    """docs/bench.md names every key of the report and of its rows (load_s, rss_after_load_mib, wall_s, rss_scope ...
+    were in the JSON and nowhere in the docs)."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "bench.md").read_text()
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], rounds=1, warmup=0, reference=False)
+    data = run_bench(config, open_runner=lambda spec, workload: FakeRunner(spec, [], [1.0], SAME)).to_dict()
+    keys = set(data) | set(data["rows"][0])
+    assert sorted(k for k in keys if f"`{k}`" not in docs and f"`{k}:" not in docs) == []
+
+
 def test_a_killed_worker_is_named_with_its_signal():
     from deploylm.benchmarking.worker import _death
 
