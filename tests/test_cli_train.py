@@ -106,6 +106,10 @@ def test_the_worker_entry_point_unwinds_on_sigterm(tmp_path):
     (["--task", "reverse", "--resume", "--force"], ["--resume and --force"]),
     (["--task", "reverse", "--seed", "-1"], ["--seed -1: expected an integer from 0 to 4294967295"]),
     (["--task", "reverse", "--seed", str(2 ** 64)], [f"--seed {2 ** 64}: expected an integer"]),
+    # the decoder-only LM's options are refused for the seq2seq model, not silently ignored
+    (["--data", "{data}", "--steps", "1", "--block-size", "32"], ["--block-size applies to the decoder-only LM (--arch decoder)"]),
+    (["--task", "reverse", "--steps", "1", "--stride", "8", "--ngram-order", "4"], ["--stride, --ngram-order apply to the decoder-only"]),
+    (["--task", "reverse", "--steps", "1", "--ngram-order", "0"], ["--ngram-order applies to the decoder-only"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, data, args, words):
     bad = tmp_path / "bad.jsonl"

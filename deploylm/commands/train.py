@@ -35,10 +35,10 @@ LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 @click.option("--eval-every", type=INT, default=D.eval_every, show_default=True, help="Validate every N steps.")
 @click.option("--checkpoint-every", type=INT, default=D.checkpoint_every, show_default=True,
               help="Save a checkpoint (what --resume continues) every N steps, and at the end.")
-@click.option("--block-size", type=INT, default=D.block_size, show_default=True, help="Decoder: tokens per sequence.")
+@click.option("--block-size", type=INT, default=None, help=f"Decoder: tokens per sequence (default: {D.block_size}).")
 @click.option("--stride", type=INT, default=None, help="Decoder: tokens between sequence starts (default: --block-size).")
-@click.option("--ngram-order", type=INT, default=D.ngram_order, show_default=True,
-              help="Decoder: n of the n-gram baseline reported beside the LM (0: none).")
+@click.option("--ngram-order", type=INT, default=None,
+              help=f"Decoder: n of the n-gram baseline reported beside the LM (0: none; default: {D.ngram_order}).")
 @click.option("--clean/--no-clean", default=C.enabled, show_default=True,
               help="Clean --data: NFKC, whitespace collapse, exact dedup, length filter.")
 @click.option("--min-length", type=INT, default=C.min_length, show_default=True,
@@ -87,6 +87,14 @@ def command(ctx: click.Context, **opts: Any) -> None:
 def _config(opts: dict[str, Any]) -> TrainConfig:
     if not opts["out"]:
         raise UsageError("--out DIR is required: the folder the checkpoint is written to")
+    decoder_only = [name for name in ("block_size", "stride", "ngram_order") if opts[name] is not None]
+    if opts["arch"] != "decoder" and decoder_only:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in decoder_only)
+        raise UsageError(f"{flags} {'applies' if len(decoder_only) == 1 else 'apply'} to the decoder-only LM (--arch decoder): the {opts['arch']} model "
+                         "trains on source/target pairs, not on blocks of text")
+    for name in ("block_size", "ngram_order"):      # not given: TrainConfig's defaults
+        if opts[name] is None:
+            del opts[name]
     clean = CleanOptions(opts.pop("clean"), opts.pop("min_length"), opts.pop("max_length"), opts.pop("length_unit"))
     return TrainConfig(**{**opts, "out": Path(opts["out"]), "data": Path(opts["data"]) if opts["data"] else None,
                           "clean": clean})
