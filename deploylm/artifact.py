@@ -186,12 +186,13 @@ def _unlisted_data(root: Path, graph: str, files: dict[str, Any], model: Any = N
     return out
 
 
-def check_output_folder(out: Path, force: bool) -> None:
+def check_output_folder(out: Path, force: bool, inputs: dict[str, str | Path | None] | None = None) -> None:
     """An artifact's output must be new, or empty, or (with `force`) an artifact to replace: --force never
-    deletes a file, a folder of other things, or the current folder."""
+    deletes a file, a folder of other things, the current folder, or one holding an input (`inputs`: its
+    flag -> its path, e.g. {"--calibration": ...})."""
     fsutil.check_output_folder(out, force, holds="the artifact", ours=lambda folder: (folder / MANIFEST).is_file(),
                                not_ours=f"is not an exported artifact (no {MANIFEST})",
-                               without_force="pass --force to replace it")
+                               without_force="pass --force to replace it", inputs=inputs)
 
 
 def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fields: dict[str, Any],

@@ -251,3 +251,24 @@ def test_export_says_which_of_the_models_own_defaults_the_profile_replaces(tiny_
     assert ("note: the profile's [generation] max_new_tokens = 64 replaces the model's own 30 "
             "(generation_config.json) as the artifact's default") in result.output, result.output
     assert "[generation] num_beams" not in result.output        # the same value replaces nothing
+
+
+def test_force_refuses_an_artifact_folder_holding_an_input(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """--force replaces the whole old artifact: a --calibration file (or the --model itself) kept in it would be
+    deleted with it, after the export had read it."""
+    import shutil
+
+    from deploylm.export import pipeline
+
+    monkeypatch.setattr(pipeline, "_load_model", lambda source: pytest.fail("loaded the model before checking --out"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "calibration.txt").write_text("one sample\nanother sample\n")
+    shutil.copytree(tiny_gpt2_dir, out / "model")
+    for flag, path, extra in (("--calibration", out / "calibration.txt", ["--model", str(tiny_gpt2_dir)]),
+                              ("--model", out / "model", [])):
+        result = _run(*extra, flag, str(path), "--profile", "int8-static", "--out", str(out), "--force")
+        assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+        assert f"{flag} {str(path)!r} is inside --out {str(out)!r}, which --force replaces" in result.output, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.txt", "manifest.json", "model"]

@@ -87,7 +87,7 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     apply_precision = _precision_step(profile)
     fp32_atol = load_profile("fp32").parity.logits_atol  # the graphs validated here are always fp32
     out = Path(out_dir) if out_dir is not None else default_out_dir(source, profile.name)
-    check_output_folder(out, force)  # before minutes of export, not after
+    check_output_folder(out, force, inputs={"--model": src, "--calibration": calibration})  # before minutes of export
     from deploylm.export.calibration import check_calibration_file
     from deploylm.export.precision_step import uses_calibration
 
