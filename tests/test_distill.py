@@ -725,8 +725,40 @@ def test_a_student_save_that_fails_midway_keeps_the_previous_student(seed_teache
         (folder / "config.json").write_text("{}")
         raise OSError(28, "No space left on device")
 
+    from deploylm.errors import CheckpointWriteFailed
+
     monkeypatch.setattr(distill_setup, "_save_seed", half_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteFailed, match="No space left on device; the student already there is kept"):
         distill(DistillConfig(out=out, force=True, **settings))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_a_student_that_cannot_be_written_is_one_line_naming_out(tmp_path, monkeypatch):
+    """A full disk at publish: a Hugging Face student (save_pretrained's SafetensorError) was a traceback, and a
+    deploylm student's error named the temporary folder it was written in ('.s.tmp-...') and said "nothing was
+    written" over a student kept at --out."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from deploylm.errors import CheckpointWriteFailed
+    from deploylm.models.checkpoint import save_checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    torch.manual_seed(0)
+    config = make_config("tiny", 40, arch="seq2seq", d_model=32, d_ff=64, dropout=0.0)
+    model = build_model(config).eval()
+    out = tmp_path / "s"
+    save_checkpoint(out, model, config)                                    # a student from an earlier run
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    reason = "the write failed (Error while serializing: I/O error: No space left on device (os error 28); is the disk full?)"
+    for target, save, kept in ((out, lambda folder: save_checkpoint(folder, model, config), "the student already there is kept"),
+                               (tmp_path / "new", lambda folder: full_disk(), "nothing was written")):
+        with pytest.raises(CheckpointWriteFailed) as err:
+            distill_setup.publish(DistillConfig(teacher=tmp_path / "t", out=target, force=True), save, {})
+        assert str(err.value) == (f"could not save the student in {str(target)!r}: {reason}; {kept}; free space or "
+                                  "choose another --out"), str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["s"]

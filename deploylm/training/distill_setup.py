@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deploylm.errors import UsageError
+from deploylm.errors import CheckpointWriteFailed, UsageError
 from deploylm.fsutil import check_output_folder, remove_stale_temporaries, replace_dir, temporary_sibling
 from deploylm.models.source import Source, resolve_source
 from deploylm.training.distill import REPORT, DistillConfig, Setup, plan_layers, remap_layers
@@ -74,6 +74,8 @@ def build(config: DistillConfig) -> Setup:
 
 def publish(config: DistillConfig, save: Callable[[Path], None], report: dict[str, Any]) -> None:
     """Write the student into a temporary folder next to --out, then rename it into place."""
+    from safetensors import SafetensorError
+
     out = config.out
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)              # students of killed runs
@@ -82,8 +84,22 @@ def publish(config: DistillConfig, save: Callable[[Path], None], report: dict[st
         save(tmp)
         (tmp / REPORT).write_text(json.dumps({"settings": _settings(config), **report}, indent=2) + "\n")
         replace_dir(tmp, out)      # an existing student is swapped out atomically where the system can
+    except (OSError, RuntimeError, SafetensorError, CheckpointWriteFailed) as exc:
+        raise _write_failed(out, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_failed(out: Path, exc: BaseException) -> CheckpointWriteFailed:
+    """One line for a student that could not be written (a full disk, a folder made read-only), naming --out, not
+    the temporary folder it was written in: save_pretrained's safetensors reports a full disk as its own error
+    (a traceback before), and save_checkpoint's CheckpointWriteFailed names that temporary folder."""
+    from deploylm.models.checkpoint import _io_reason
+
+    cause = exc.__context__ if isinstance(exc, CheckpointWriteFailed) and exc.__context__ is not None else exc
+    kept = "the student already there is kept" if out.is_dir() and any(out.iterdir()) else "nothing was written"
+    return CheckpointWriteFailed(f"could not save the student in {str(out)!r}: {_io_reason(cause)}; {kept}; free "
+                                 "space or choose another --out")
 
 
 def _settings(config: DistillConfig) -> dict[str, Any]:
