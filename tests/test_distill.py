@@ -762,3 +762,18 @@ def test_a_student_that_cannot_be_written_is_one_line_naming_out(tmp_path, monke
         assert str(err.value) == (f"could not save the student in {str(target)!r}: {reason}; {kept}; free space or "
                                   "choose another --out"), str(err.value)
     assert sorted(p.name for p in out.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_force_refuses_a_student_folder_that_holds_the_teacher(seed_teacher, tmp_path, monkeypatch):
+    """A model folder with the teacher inside it (a Hugging Face Trainer's output_dir and its checkpoint-N/): --force
+    replaced the folder, teacher and all, once the student was trained."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(seed_teacher, out)
+    teacher = shutil.copytree(seed_teacher, out / "checkpoint-500")
+    monkeypatch.setattr(distill_setup, "build", lambda config: pytest.fail("loaded the teacher before checking --out"))
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--out", str(out), "--force", "--steps", "1"])
+    assert res.exit_code == 2 and res.output.startswith("error: "), res.output
+    assert f"--teacher {str(teacher)!r} is inside --out {str(out)!r}, which --force replaces" in res.output, res.output
+    assert (teacher / "model.safetensors").is_file()

@@ -34,7 +34,7 @@ def check_output(config: DistillConfig) -> None:
     out = config.out
     if config.teacher.exists() and out.exists() and out.resolve() == config.teacher.resolve():
         raise UsageError(f"--out {str(out)!r} is the teacher's folder: choose another folder for the student")
-    check_output_folder(out, config.force, holds="the student", ours=is_model_folder, inputs={"--data": config.data},
+    check_output_folder(out, config.force, holds="the student", ours=is_model_folder, inputs={"--data": config.data, "--teacher": config.teacher},
                         not_ours=f"holds no model (no config.json beside {' or '.join(MODEL_WEIGHTS)})",
                         without_force="choose another folder or use --force to replace it")
 
