@@ -244,3 +244,17 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing(tmp_path):
     assert lines[-1].startswith("error: the training loss became nan at step") and "lower --lr" in lines[-1]
     assert "no checkpoint was saved" in lines[-1]
     assert not (out / "model.safetensors").exists()
+
+
+def test_force_on_a_symlinked_run_replaces_the_run_it_points_to(tmp_path, data):
+    """--out a symbolic link to a run folder (as export and checkpoints allow): --force was a traceback from
+    shutil.rmtree ("Cannot call rmtree on a symbolic link") after every check had passed."""
+    real = tmp_path / "runs" / "v1"
+    assert run("--data", data, "--out", real, "--steps", 2, "--batch-size", 8).exit_code == 0
+    link = tmp_path / "latest"
+    link.symlink_to(real, target_is_directory=True)
+    forced = run("--data", data, "--out", link, "--steps", 3, "--batch-size", 8, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert json.loads((real / "metrics.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in real.parent.iterdir()) == ["v1"]      # no temporary folder left beside it

@@ -69,9 +69,16 @@ class Plan:
     cleaning_summary: str | None = None
 
     def clear_output(self) -> None:
-        """Remove the previous run in `out` (only with --force; plan_run checked it is a run)."""
+        """Remove the previous run in `out` (only with --force; plan_run checked it is a run). An `out` that is a
+        symbolic link stands for the folder it points to (as for export and checkpoints): that folder is emptied
+        and the link kept (rmtree refuses a link; removing the folder would leave the link dangling)."""
         if self.force and self.out.exists():
-            shutil.rmtree(self.out)
+            if self.out.is_symlink():
+                folder = self.out.resolve()
+                shutil.rmtree(folder)
+                folder.mkdir()
+            else:
+                shutil.rmtree(self.out)
 
 
 def plan_run(config: TrainConfig) -> Plan:
