@@ -172,6 +172,8 @@ def check_output_file(path: str | Path, flag: str, suffix: str | None = None) ->
     """A file a command writes when it is done (--json, --plot, --out): checked before any work, so a
     bad path costs a one-line error, not a finished run. Its name ends in `suffix` (when given), and its
     folder must exist and take a new file."""
+    if not str(path):                   # Path("") is ".": an unset variable in `--json "$OUT"`
+        raise UsageError(f"{flag} '': expected the name of a file to write")
     out = Path(path)
     if suffix is not None and out.suffix.lower() != suffix:
         raise UsageError(f"{flag} {str(path)!r}: expected a file name ending in {suffix}")

@@ -37,6 +37,8 @@ def test_help_lists_every_flag():
     (("--model", "m", "--json", "/proc/bench.json"), "--json '/proc/bench.json': cannot write in '/proc'"),
     (("--model", "m", "--json", "/"), "--json '/' is a folder: expected the name of a file to write"),
     (("--model", "m", "--plot", "/proc/bench.png"), "--plot '/proc/bench.png': cannot write in '/proc'"),
+    (("--model", "m", "--json", ""), "--json '': expected the name of a file to write"),   # was ignored: a whole
+    (("--model", "m", "--plot", ""), "--plot '': expected the name of a file to write"),   # run, no file, exit 0
     ((), "no model given"),
     (("--model", "no/such/model"), "does not exist"),
 ])

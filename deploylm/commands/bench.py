@@ -45,9 +45,9 @@ def command(models, backends, prompts_file, batch_size, num_beams, max_new_token
                          max_new_tokens=max_new_tokens, rounds=rounds, warmup=warmup, threads=threads,
                          spin=spin, reference=reference, isolate=not in_process, **extra)
     to_stdout = json_file == "-"   # as --input - reads stdin: not a file named "-"
-    if json_file and not to_stdout:
+    if json_file is not None and not to_stdout:     # "" too: refused, not a run that writes nothing
         check_output_file(json_file, "--json")
-    if plot_file:
+    if plot_file is not None:
         check_plot_path(plot_file)
     report = run_bench(config, progress=lambda line: click.echo(line, err=True))
     click.echo(report.table(), err=to_stdout)
