@@ -154,6 +154,10 @@ def check_output_folder(out: str | Path, force: bool, *, holds: str, ours: Calla
                                  f"it out of {holds}'s folder first")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {str(out)!r} is a file: expected a folder for {holds}")
+    if out.is_dir() and os.path.ismount(_through_link(out)):   # a separate disk, a container's volume
+        raise UsageError(f"{flag} {str(out)!r} is a mount point: {holds} is written beside it and renamed into its "
+                         f"place, which the system refuses for a mount point; choose a folder inside it, e.g. "
+                         f"{str(out / 'out')!r}")
     check_writable(out if out.is_dir() else out.parent, f"{flag} {str(out)!r}")
     if not out.exists():
         return

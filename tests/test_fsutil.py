@@ -123,3 +123,20 @@ def test_check_output_file_takes_the_suffix_in_any_case(tmp_path):
     assert fsutil.check_output_file(tmp_path / "plot.PNG", "--plot", ".png") == tmp_path / "plot.PNG"
     with pytest.raises(fsutil.UsageError, match=r"--plot '.*plot\.svg': expected a file name ending in \.png"):
         fsutil.check_output_file(tmp_path / "plot.svg", "--plot", ".png")
+
+
+def test_a_mount_point_is_refused_as_an_output_folder(tmp_path, monkeypatch):
+    """A command's output folder is replaced by a rename from beside it, which fails (EBUSY, EXDEV) on a mount point
+    (a separate disk, a container's volume): export into one ran to its end, then raised OSError's traceback from
+    fsutil.exchange; train and distill failed at their first save."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(fsutil.os.path, "ismount", lambda path: os.fspath(path) == os.fspath(out) or real(path))
+    for force in (False, True):
+        with pytest.raises(fsutil.UsageError) as err:
+            fsutil.check_output_folder(out, force, holds="the artifact", ours=lambda folder: True, not_ours="",
+                                       without_force="")
+        assert str(err.value).startswith(f"--out {str(out)!r} is a mount point: the artifact is written beside it"), err.value
+    fsutil.check_output_folder(out / "out", False, holds="the artifact", ours=lambda folder: True, not_ours="",
+                               without_force="")          # a folder inside it is fine
