@@ -345,6 +345,8 @@ def _nan_first(value: float) -> float:
 
 def read_prompts_file(path: str | Path) -> list[str]:
     """Non-empty lines of a UTF-8 text file (one prompt per line)."""
+    if not str(path):   # an unset variable in --prompts "$FILE": not the built-in prompts, and not the folder '.'
+        raise UsageError("--prompts '': expected a UTF-8 text file with one prompt per line")
     file = Path(path)
     try:
         lines = file.read_text(encoding="utf-8-sig").splitlines()     # a byte-order mark is no prompt text

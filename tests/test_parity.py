@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from deploylm.backends.base import EncodedBatch, ModelInfo, SpecialTokens
@@ -537,3 +538,32 @@ def test_beams_identical_compares_every_returned_sequence():
     assert _same_ids(ref, [[H(token_ids=(1, 2)), H(token_ids=(1, 3))], [H(token_ids=(4,)), H(token_ids=(5,))]])
     assert not _same_ids(ref, [[H(token_ids=(1, 2)), H(token_ids=(1, 4))], [H(token_ids=(4,)), H(token_ids=(5,))]])
     assert not _same_ids(ref, [[H(token_ids=(1, 2)), H(token_ids=(1, 3))], [H(token_ids=(4,)), H(token_ids=(6,))]])
+
+
+@pytest.mark.parametrize("command", ["parity", "bench"])
+def test_an_empty_prompts_name_is_refused_not_taken_for_the_built_in_prompts(command, tmp_path):
+    """--prompts "$FILE" with FILE unset gave --prompts '': the built-in prompts were used as if no file were named."""
+    from click.testing import CliRunner
+
+    from deploylm.cli import cli
+
+    result = CliRunner().invoke(cli, [command, "--model", str(tmp_path / "nowhere"), "--prompts", ""])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "error: --prompts '': expected a UTF-8 text file with one prompt per line"
+
+
+def test_parity_refusing_a_long_prompt_advises_what_parity_offers(monkeypatch):
+    """The window check's advice names generate's --truncation, which parity does not have."""
+    from click.testing import CliRunner
+
+    from deploylm import parity as parity_module
+    from deploylm.cli import cli
+    from deploylm.long_inputs import check_fits
+
+    info = ModelInfo(is_encoder_decoder=False, vocab_size=10, special=None, max_positions=32)
+    monkeypatch.setattr(parity_module, "run_parity", lambda *a, **k: check_fits([40], info, 4))
+    result = CliRunner().invoke(cli, ["parity", "--model", "x"])
+    assert result.exit_code == 2, result.output
+    assert "truncation" not in result.output, result.output
+    assert result.output.strip().endswith("lower max_new_tokens (parity: --prompts FILE, --max-new-tokens N)"), \
+        result.output

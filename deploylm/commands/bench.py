@@ -40,7 +40,7 @@ def command(models, backends, prompts_file, batch_size, num_beams, max_new_token
     names = tuple(n.strip() for n in backends.split(",") if n.strip())
     if not names:
         raise UsageError(f"--backends {backends!r}: expected a comma-separated list of backends, e.g. torch,onnx")
-    extra = {"prompts": tuple(read_prompts_file(prompts_file))} if prompts_file else {}
+    extra = {"prompts": tuple(read_prompts_file(prompts_file))} if prompts_file is not None else {}
     config = BenchConfig(models=models, backends=names, batch_size=batch_size, num_beams=num_beams,
                          max_new_tokens=max_new_tokens, rounds=rounds, warmup=warmup, threads=threads,
                          spin=spin, reference=reference, isolate=not in_process, **extra)

@@ -6,7 +6,7 @@ import json
 import click
 
 from deploylm.commands._options import INT, quiet_transformers
-from deploylm.errors import CheckFailed
+from deploylm.errors import CheckFailed, UsageError
 
 
 @click.command(name="parity")
@@ -33,7 +33,7 @@ def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens
     quiet_transformers()   # no weight-loading bars around the table
 
     profile = load_profile(profile_name) if profile_name else None
-    prompts = read_prompts_file(prompts_file) if prompts_file else None
+    prompts = read_prompts_file(prompts_file) if prompts_file is not None else None   # '' is a file name too
     overrides = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
     names = [name.strip() for name in backends.split(",") if name.strip()]
 
@@ -41,7 +41,15 @@ def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens
         click.echo(f"exporting {src} with profile {profile_name} into a temporary folder first (deploylm export "
                    "keeps one) ...", err=True)
 
-    report = run_parity(src, names, prompts, profile, reference, on_export=exporting, **overrides)
+    try:
+        report = run_parity(src, names, prompts, profile, reference, on_export=exporting, **overrides)
+    except UsageError as exc:   # a prompt over the window: parity has no --truncation, only shorter prompts
+        from deploylm.long_inputs import without_truncation_advice
+
+        message = without_truncation_advice(str(exc))
+        if message != str(exc):
+            message += " (parity: --prompts FILE, --max-new-tokens N)"
+        raise UsageError(message) from None
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
     failures = report.failures()
     if failures:
