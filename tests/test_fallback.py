@@ -314,9 +314,9 @@ def test_fp16_sensitivity_scores_a_node_by_its_range_even_without_error():
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
 def test_the_workspace_keeps_listed_ops_and_kept_nodes_in_fp32(tmp_path, precision):
-    """[precision_fallback] ops/nodes and the search's kept nodes reach the converters: int8 turns listed op
-    types into node names (the quantizers take names only) and leaves kept MatMuls fp32; fp16 blocks
-    listed op types directly and kept nodes by name."""
+    """[precision_fallback] ops/nodes and the search's kept nodes reach the converters: listed op types become
+    node names (the quantizers take names only; the report lists them) and int8 leaves kept MatMuls fp32;
+    fp16 blocks listed op types directly as well and kept nodes by name."""
     from types import SimpleNamespace
 
     from onnx import TensorProto
@@ -333,7 +333,7 @@ def test_the_workspace_keeps_listed_ops_and_kept_nodes_in_fp32(tmp_path, precisi
                               quantization=Quantization("dynamic", weight_type="quint8") if precision == "int8" else None)
     work = _Workspace(tmp_path, ref, ref, profile, ["model.onnx"], {}, None)
     base = _base_exclusions(work)
-    assert base == {"model.onnx": (("embed", "tie", "fc2") if precision == "int8" else ("fc2",))}
+    assert base == {"model.onnx": ("embed", "tie", "fc2")}
     work.convert({"model.onnx": (*base["model.onnx"], "fc1")}, tmp_path / "out")
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     nodes = {n.name: n for n in model.graph.node}
@@ -362,3 +362,17 @@ def test_a_first_candidate_that_passes_is_not_searched(tmp_path, monkeypatch):
     report = apply_precision(tmp_path / "artifact", profile, None, rounds=0)
     assert report.attempts == 1 and report.auto_kept == 0 and report.budget_failures == ()
 
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_float_reports_list_the_nodes_of_the_profiles_fallback_ops(overflow_model, overflow_fp32, tmp_path, precision):
+    """fp16/bf16 keep the [precision_fallback] op types in fp32 (the converter's op block list), but the report
+    listed none of those nodes: `precision: fp16, 0 node(s) kept in fp32` and an empty manifest quality.kept_fp32
+    for the built-in fp16 profile's Softmax nodes, where int8/int4 list theirs."""
+    folder = _copy(overflow_fp32, tmp_path)
+    profile = dataclasses.replace(load_profile(precision), precision_fallback=PrecisionFallback(ops=("Softmax",)))
+    report = apply_precision(folder, profile, resolve_source(overflow_model), rounds=0, allow_quality_loss=True)
+    graph = onnx.load(str(overflow_fp32 / "model.onnx"), load_external_data=False)
+    softmax = [n.name for n in graph.graph.node if n.op_type == "Softmax"]
+    assert softmax and list(report.kept_fp32["model.onnx"]) == softmax
+    assert report.lines()[0].startswith(f"precision: {precision}, {len(softmax)} node(s) kept in fp32 (0 by the auto")

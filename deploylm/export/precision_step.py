@@ -301,7 +301,8 @@ def _window(folder: Path) -> int:
 
 
 def _base_exclusions(work: _Workspace) -> Exclusions:
-    """The [precision_fallback] ops/nodes, as node names per graph (int8/int4: ops are not quantized)."""
+    """The [precision_fallback] ops/nodes, as node names per graph: what the report lists as kept in fp32
+    (int8/int4: not quantized; fp16/bf16 also block the op types themselves, onnxruntime's converter's way)."""
     import onnx
 
     fb = work.profile.precision_fallback
@@ -310,8 +311,7 @@ def _base_exclusions(work: _Workspace) -> Exclusions:
     out, names, types = {}, set(), set()
     for file in work.graphs:
         model = onnx.load(str(work.ref / file), load_external_data=False)
-        ops = fb.ops if work.profile.precision in ("int8", "int4") else ()  # fp16/bf16 block op types directly
-        out[file] = listed_nodes(model, ops, fb.nodes)
+        out[file] = listed_nodes(model, fb.ops, fb.nodes)
         names |= {n.name for n in model.graph.node}
         types |= {n.op_type for n in model.graph.node}
     _check_listed(fb, names, types, work.profile.name)
