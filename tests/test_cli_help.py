@@ -136,3 +136,14 @@ def test_ctrl_c_exits_130_not_1_which_is_a_failed_check(monkeypatch):
     monkeypatch.setattr(deploylm.profiles, "builtin_profiles", interrupted)
     result = CliRunner().invoke(cli, ["profiles"])
     assert result.exit_code == 130 and result.stderr.strip() == "Aborted!", result.output
+
+
+def test_export_help_names_every_builtin_profile():
+    """`deploylm export --help` said "Built-in profile name or a TOML file." without naming one, nor where the
+    names are listed: a user choosing a profile had to find docs/profiles.md or guess `deploylm profiles`."""
+    from deploylm.profiles import builtin_names
+
+    result = CliRunner().invoke(cli, ["export", "--help"], terminal_width=1000)
+    assert result.exit_code == 0, result.output
+    assert builtin_names() and all(name in result.output for name in builtin_names()), result.output
+    assert "deploylm profiles" in result.output

@@ -5,11 +5,13 @@ import click
 
 from deploylm.commands._options import quiet_transformers
 from deploylm.errors import UsageError
+from deploylm.profiles import builtin_names
 
 
 @click.command(name="export")
 @click.option("--model", "src", metavar="SRC", help="Checkpoint, Hugging Face folder or .gguf file. Required.")
-@click.option("--profile", default="fp32", show_default=True, metavar="NAME|FILE.toml", help="Built-in profile name or a TOML file.")
+@click.option("--profile", default="fp32", show_default=True, metavar="NAME|FILE.toml",
+              help=f"Built-in profile ({', '.join(builtin_names())}; `deploylm profiles` describes them) or a TOML file.")
 @click.option("--out", "out_dir", metavar="DIR", default=None, help="Output folder. Default: export/<model>-<profile>.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--calibration", metavar="FILE", default=None, help="Text for static int8 calibration (one sample a line).")
