@@ -65,6 +65,14 @@ def test_budget_failures_name_the_measure_and_the_limit():
     assert broken.to_dict()["perplexity"] is None and broken.to_dict()["speed_ratio"] is None
 
 
+def test_a_huge_perplexity_prints_in_a_few_digits():
+    """A tiny random T5 exported with int8-static printed `perplexity 5110807029236051939387531716512072...000.000
+    vs fp32 ...` (111 digits each, `.3f` of 5.1e110) on the quality line."""
+    line = _report(perplexity_fp32=5.0617e110, perplexity=5.1108e110).line()
+    assert "perplexity 5.111e+110 vs fp32 5.062e+110 (+0.97%)" in line, line
+    assert "perplexity 10.500 vs fp32 10.000 " in _report().line()
+
+
 @pytest.fixture(scope="module")
 def gpt2_fp32(tiny_gpt2_dir, tmp_path_factory):
     from deploylm.export.pipeline import export_model

@@ -80,12 +80,18 @@ class QualityReport:
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in data.items()}
 
     def line(self) -> str:
-        return ((f"perplexity {self.perplexity:.3f} vs fp32 {self.perplexity_fp32:.3f} "
+        return ((f"perplexity {_ppl(self.perplexity)} vs fp32 {_ppl(self.perplexity_fp32)} "
                 f"({'+' if self.perplexity_increase >= 0 else ''}{_pct(self.perplexity_increase)}), "
                 f"beam-4 agreement {self.beam_agreement:.3f} ({self.sequences_identical}/{self.prompts} identical), "
                 f"size {self.size_ratio:.1%} of fp32 ({self.bytes / 2**20:.1f} MiB), ")
                 + (f"speed {self.speed_ratio:.2f}x fp32" + (f" (CPU time {self.cpu_ratio:.2f}x)" if math.isfinite(self.cpu_ratio) else "")
                    if math.isfinite(self.speed_ratio) else "speed not measured"))
+
+
+def _ppl(x: float) -> str:
+    """A perplexity as the quality line prints it: 3 decimals, or 4 significant digits once it is too large for
+    decimals to mean anything (a random tiny model's runs to 1e110: 111 digits with `.3f`)."""
+    return f"{x:.3f}" if abs(x) < 1e6 else f"{x:.4g}"
 
 
 def _pct(x: float) -> str:
