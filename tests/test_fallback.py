@@ -363,7 +363,6 @@ def test_a_first_candidate_that_passes_is_not_searched(tmp_path, monkeypatch):
     assert report.attempts == 1 and report.auto_kept == 0 and report.budget_failures == ()
 
 
-
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_float_reports_list_the_nodes_of_the_profiles_fallback_ops(overflow_model, overflow_fp32, tmp_path, precision):
     """fp16/bf16 keep the [precision_fallback] op types in fp32 (the converter's op block list), but the report
