@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deploylm.errors import UsageError
-from deploylm.export.quantize import FeedReader, quantize_graph, scratch_cwd, untie_lm_head
+from deploylm.export.quantize import FeedReader, gemm_to_matmul, quantize_graph, scratch_cwd, untie_lm_head
 from deploylm.profiles import Quantization
 
 V, D, H = 64, 64, 128
@@ -108,6 +108,57 @@ def test_excluded_nodes_stay_fp32(fp32, tmp_path):
     quantize_graph(fp32, out, "int4", CASES["int4 hqq"][1], exclude=("fc1",))
     model = onnx.load(str(out))
     assert [n.name for n in model.graph.node if n.op_type == "MatMul"] == ["fc1"]
+
+
+def gemm_graph(path):
+    """x [N, D] -> Gemm(x, w1, b1) -> Relu -> Gemm(r, w2ᵀ, b2, transB=1) -> y [N, D]: GPT-2's Conv1D layers
+    (torch.addmm) export as Gemm."""
+    rng = np.random.default_rng(1)
+    w1 = rng.normal(0, 0.1, (D, H)).astype(np.float32)
+    w2t = rng.normal(0, 0.1, (D, H)).astype(np.float32)            # [out, in]: read with transB = 1
+    b1, b2 = (rng.normal(0, 0.1, n).astype(np.float32) for n in (H, D))
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="c_fc"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2t", "b2"], ["y"], name="c_proj", transB=1)]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", D])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2t, "w2t"), (b1, "b1"),
+                                                                          (b2, "b2"))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", ["int8 weight-only", "int4 rtn", "int8 dynamic", "int8 static"])
+def test_gemm_layers_are_quantized_like_matmuls(case, tmp_path):
+    """GPT-2's layers are Gemm nodes, which the quantizers (MatMul only) skipped: its int8/int4 artifacts kept every
+    layer in fp32 and still said "0 node(s) kept in fp32"."""
+    precision, q, want_ops, rel = CASES[case]
+    fp32, out = gemm_graph(tmp_path / "gemm.onnx"), tmp_path / "q.onnx"
+    feeds = [{"x": np.random.default_rng(i).normal(0, 1, (4, D)).astype(np.float32)} for i in range(4)]
+    quantize_graph(fp32, out, precision, q, feeds=feeds)
+    assert "Gemm" not in ops(out) and want_ops - {"Cast"} <= ops(out), ops(out)   # Cast: the embedding's; none here
+    ref, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+                for p in (fp32, out))
+    assert np.abs(got - ref).max() <= rel * np.abs(ref).max()
+    assert out.stat().st_size < 0.7 * fp32.stat().st_size
+
+
+def test_gemm_to_matmul_keeps_names_outputs_and_the_kept_nodes(tmp_path):
+    """The MatMul keeps the Gemm's name (what [precision_fallback] nodes and the fallback search name) and the
+    Add writes the Gemm's output (what the search compares); a kept Gemm stays as it is."""
+    from deploylm.export.fallback import quantizable_nodes
+
+    model = onnx.load(str(gemm_graph(tmp_path / "gemm.onnx")))
+    assert quantizable_nodes(model) == {"c_fc", "c_proj"}
+    assert gemm_to_matmul(model, keep=("c_fc",)) == 1
+    assert [(n.op_type, n.name, list(n.output)) for n in model.graph.node] == [
+        ("Gemm", "c_fc", ["h"]), ("Relu", "relu", ["r"]), ("MatMul", "c_proj", ["y.matmul"]),
+        ("Add", "c_proj.bias", ["y"])]
+    assert "w2t" not in {i.name for i in model.graph.initializer}        # only its transposed copy is left
+    feeds = {"x": np.random.default_rng(0).normal(0, 1, (3, D)).astype(np.float32)}
+    ref = ort.InferenceSession(str(tmp_path / "gemm.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_untie_gives_the_lm_head_its_own_weight(fp32):

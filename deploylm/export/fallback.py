@@ -170,9 +170,10 @@ def rank_nodes(ref_dir: Path, cand_dir: Path, feeds: dict[str, list[dict]], prec
 
 
 def quantizable_nodes(model: Any, gathers: bool = True) -> set[str]:
-    """MatMul (and with `gathers`, Gather) nodes whose weight is a constant (or a Transpose of one: a tied lm_head)."""
+    """MatMul and Gemm (and with `gathers`, Gather) nodes whose weight is a constant (or a Transpose of one: a tied
+    lm_head); the quantizers see a Gemm as a MatMul (deploylm.export.quantize.gemm_to_matmul)."""
     inits = {i.name for i in model.graph.initializer}
     transposed = {o for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits for o in n.output}
-    weight = {"MatMul": 1, "Gather": 0} if gathers else {"MatMul": 1}
+    weight = {"MatMul": 1, "Gemm": 1, "Gather": 0} if gathers else {"MatMul": 1, "Gemm": 1}
     return {n.name for n in model.graph.node if n.op_type in weight
             and (n.input[weight[n.op_type]] in inits or n.input[weight[n.op_type]] in transposed)}

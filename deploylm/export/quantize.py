@@ -11,7 +11,8 @@
   per row, standard ONNX ops, for int8 and int4 alike).
 
 Before quantizing, a lm_head tied to the embedding (MatMul over a Transpose of the embedding table)
-is given its own constant weight, so the quantizers can see it. Every quantizer runs with the
+is given its own constant weight, and a Gemm over a constant weight (GPT-2's Conv1D layers) becomes
+MatMul + Add, so the quantizers, which take MatMul only, can see them. Every quantizer runs with the
 working directory set to a scratch folder: onnxruntime writes helper files to the cwd.
 """
 from __future__ import annotations
@@ -97,6 +98,52 @@ def untie_lm_head(model: Any, keep: tuple[str, ...] = ()) -> int:
     return changed
 
 
+def gemm_to_matmul(model: Any, keep: tuple[str, ...] = ()) -> int:
+    """Rewrite every Gemm(A, W, C) over a constant weight W (GPT-2's Conv1D layers export as Gemm) as
+    MatMul(A, W) followed by Add(C), so that the quantizers, which quantize MatMul only, see it. The MatMul
+    keeps the Gemm's node name (the name [precision_fallback] nodes and the fallback search use) and the Add
+    writes the Gemm's output. A transposed W (transB = 1) gets its own transposed initializer. Gemms named in
+    `keep` (left in fp32), and those with alpha != 1, transA = 1 or beta != 1 with a C, stay as they are.
+
+    Returns how many Gemms were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    changed, originals = 0, set()
+    for node in list(graph.node):
+        if node.op_type != "Gemm" or node.name in keep or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0) or (bias and attrs.get("beta", 1.0) != 1.0):
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            transposed = f"{weight}.gemm_T"
+            if transposed not in inits:
+                inits[transposed] = numpy_helper.from_array(
+                    np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T), transposed)
+                graph.initializer.append(inits[transposed])
+            originals.add(weight)
+            weight = transposed
+        out = node.output[0]
+        product = f"{out}.matmul" if bias else out
+        replacement = [helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name)]
+        if bias:
+            replacement.append(helper.make_node("Add", [product, bias], [out], name=f"{node.name}.bias"))
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, new in enumerate(replacement):
+            graph.node.insert(position + offset, new)
+        changed += 1
+    used = {i for n in graph.node for i in n.input}
+    for name in originals - used:          # a transposed weight's original, now read by nothing
+        graph.initializer.remove(inits[name])
+    return changed
+
+
 class FeedReader:
     """onnxruntime CalibrationDataReader over a list of feed dicts."""
 
@@ -122,6 +169,7 @@ def quantize_graph(src: Path, dst: Path, precision: str, q: Any, *, feeds: list[
 
     dst = Path(dst).absolute()  # the quantizers run in a scratch cwd: a relative dst would land there
     model = onnx.load(str(src))
+    gemm_to_matmul(model, keep=exclude)
     untie_lm_head(model, keep=exclude)
     with scratch_cwd() as tmp, _quiet():
         if q.method == "dynamic":
