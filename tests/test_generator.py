@@ -564,7 +564,15 @@ def test_closing_a_stream_from_another_thread_ends_its_decode_after_the_step(lla
     gen = Generator(backend, llama.tokenizer, defaults={})
     stream = gen.stream("the quick brown fox", num_beams=1, max_new_tokens=20)
     read: list = []
-    reader = threading.Thread(target=lambda: read.extend(stream))
+    errors: list = []
+
+    def read_all():
+        try:
+            read.extend(stream)
+        except Exception as exc:  # noqa: BLE001 - the reader's loop must end quietly, not raise
+            errors.append(exc)
+
+    reader = threading.Thread(target=read_all)
     reader.start()
     try:
         assert entered.wait(30)                                  # the decode is inside its first step
@@ -574,7 +582,7 @@ def test_closing_a_stream_from_another_thread_ends_its_decode_after_the_step(lla
         release.set()
     closer.join(30)
     reader.join(30)
-    assert not closer.is_alive() and not reader.is_alive()
+    assert not closer.is_alive() and not reader.is_alive() and not errors, errors
     assert decodes[0] <= 2 and stream.finish_reason is None      # 19 decode steps were left
     assert gen._lock._lock.acquire(timeout=1)                    # the model is free
     gen._lock._lock.release()
@@ -659,3 +667,65 @@ def test_a_backend_calling_back_into_its_generator_is_refused_not_left_waiting_f
     caller.join(timeout=60)
     assert done and not caller.is_alive()
     assert inner and "already inside a call of this model" in inner[0], inner
+
+
+def test_closing_a_stream_over_an_iterator_that_ignores_the_event_ends_it_at_its_next_piece():
+    """TextStream over any piece iterator (a backend of one's own, the server's fakes): close() ends the decode at
+    the iterator's next piece even when the iterator does not watch the closed event; it ran the iterator to its
+    end while close() waited."""
+    from deploylm.generator import TextStream
+
+    gate, produced = threading.Event(), [0]
+
+    def pieces():
+        yield "first"
+        assert gate.wait(30)                                    # the decode thread waits here until close() began
+        for _ in range(1000):
+            produced[0] += 1
+            yield "x"
+
+    stream = TextStream(pieces())
+    assert next(stream) == "first"
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    assert stream._closed.wait(30)                              # close() has set the event and waits for the thread
+    gate.set()
+    closer.join(30)
+    assert not closer.is_alive() and produced[0] <= 1, produced
+    assert next(stream, None) is None
+
+
+def test_a_stop_set_after_a_stream_ended_does_not_turn_its_end_into_an_interruption(llama):
+    """A server sets the stop event of requests at shutdown: a stream already read to its end stays ended
+    (StopIteration, its finish_reason kept), it does not raise Interrupted on a later read."""
+    stop = threading.Event()
+    stream = llama.stream("hello", num_beams=1, max_new_tokens=3, stop=stop)
+    pieces = list(stream)
+    reason = stream.finish_reason
+    stop.set()
+    assert pieces and next(stream, None) is None and list(stream) == [] and stream.finish_reason == reason
+
+
+def test_close_returns_once_the_decode_has_let_the_model_go_even_with_no_reader_waiting():
+    """close() from another thread while the stream's decode is mid-step and nobody reads it (a client gone
+    between two pieces): close() waits for that step, so the model is free when it returns."""
+    from deploylm.generator import TextStream
+
+    model, entered, release, free = threading.Lock(), threading.Event(), threading.Event(), []
+
+    def pieces():
+        with model:                                             # what _stream_text holds: the model
+            yield "first"
+            entered.set()
+            assert release.wait(30)                             # one decode step, ended by the test
+            for _ in range(1000):
+                yield "x"
+
+    stream = TextStream(pieces())
+    assert next(stream) == "first" and entered.wait(30)
+    closer = threading.Thread(target=lambda: (stream.close(), free.append(not model.locked())), daemon=True)
+    closer.start()
+    closer.join(1)                                              # close() cannot return before the step ends
+    release.set()
+    closer.join(30)
+    assert not closer.is_alive() and free == [True], free
