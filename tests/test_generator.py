@@ -729,3 +729,46 @@ def test_close_returns_once_the_decode_has_let_the_model_go_even_with_no_reader_
     release.set()
     closer.join(30)
     assert not closer.is_alive() and free == [True], free
+
+
+def test_a_stop_set_during_generate_ends_its_decode_after_the_step(llama):
+    """stop= is watched at every step of generate's decode, not only before it starts: set during the first
+    step, generate raises Interrupted and decodes no further (it ran all of max_new_tokens)."""
+    from deploylm.errors import Interrupted
+
+    backend, _, release, decodes = _blocking_scripted(llama)
+    release.set()
+    stop, decode = threading.Event(), backend.decode
+
+    def stopping_decode(*args):
+        stop.set()
+        return decode(*args)
+
+    backend.decode = stopping_decode
+    gen = Generator(backend, llama.tokenizer, defaults={})
+    with pytest.raises(Interrupted, match="decoding stopped before its end"):
+        gen.generate("the quick brown fox", num_beams=1, max_new_tokens=20, stop=stop)
+    assert decodes[0] == 1, decodes
+
+
+def test_a_stop_set_while_pieces_wait_in_the_queue_makes_the_next_read_raise():
+    """The decode runs ahead of the reader: once stop is set, the next read raises Interrupted, it does not
+    hand out the pieces decoded before (a server shutting down sends no more text)."""
+    from deploylm.errors import Interrupted
+    from deploylm.generator import TextStream
+
+    stop, queued, gate = threading.Event(), threading.Event(), threading.Event()
+
+    def pieces():
+        yield "first"
+        yield "second"
+        queued.set()                                            # "second" is in the queue
+        assert gate.wait(30)
+        yield "third"
+
+    stream = TextStream(pieces(), stop=stop)
+    assert next(stream) == "first" and queued.wait(30)
+    stop.set()
+    gate.set()
+    with pytest.raises(Interrupted, match="decoding stopped before its end"):
+        next(stream)
