@@ -572,3 +572,26 @@ def test_truncation_that_leaves_room_only_for_the_special_tokens_names_max_new_t
             gen.generate(LONG_EN, max_new_tokens=127, truncation=side)
         out = gen.generate(LONG_EN, max_new_tokens=126, truncation=side, num_beams=1)   # <s>, one token, </s>
         assert len(out[0].sequences[0].token_ids) <= 126
+
+
+def test_a_stop_set_during_a_sliding_window_stream_ends_its_decode_after_the_step(copier):
+    """stop= reaches the decode of a streamed window, not only the reads: set during the first window's
+    first step, the stream raises Interrupted and no further step runs (the window decoded on to its end,
+    and the next one began, before the read noticed)."""
+    import threading
+
+    from deploylm.errors import Interrupted
+
+    stop, decodes, decode = threading.Event(), [0], copier.backend.decode
+
+    def stopping_decode(*args):
+        decodes[0] += 1
+        stop.set()
+        return decode(*args)
+
+    copier.backend.decode = stopping_decode
+    stream = copier.stream(LONG, truncation="sliding-window", max_new_tokens=16, min_new_tokens=16, num_beams=1,
+                           stop=stop)
+    with pytest.raises(Interrupted, match="decoding stopped before its end"):
+        list(stream)
+    assert decodes[0] == 1, decodes
