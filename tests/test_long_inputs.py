@@ -595,3 +595,21 @@ def test_a_stop_set_during_a_sliding_window_stream_ends_its_decode_after_the_ste
     with pytest.raises(Interrupted, match="decoding stopped before its end"):
         list(stream)
     assert decodes[0] == 1, decodes
+    assert decodes[0] == 1, decodes
+
+
+def test_only_the_tokenizers_own_refusal_is_named_as_the_prompts_fault():
+    """encoding() turns the `tokenizers` library's plain Exception into a UsageError naming the prompt; any
+    other error (a TypeError from a broken tokenizer, a KeyboardInterrupt's kin) is not the input's fault
+    and goes up as it is."""
+    from deploylm.long_inputs import encoding
+
+    def refuses(text, **kwargs):
+        raise Exception("no word for it")                       # what tokenizers raises
+
+    with pytest.raises(TypeError, match="a bug"):
+        with encoding(refuses, ["hello"]):
+            raise TypeError("a bug")
+    with pytest.raises(UsageError, match="prompt 'hello': the model's tokenizer cannot encode it"):
+        with encoding(refuses, ["hello"]):
+            refuses("hello")
