@@ -567,3 +567,22 @@ def test_parity_refusing_a_long_prompt_advises_what_parity_offers(monkeypatch):
     assert "truncation" not in result.output, result.output
     assert result.output.strip().endswith("lower max_new_tokens (parity: --prompts FILE, --max-new-tokens N)"), \
         result.output
+
+
+def test_settings_difference_names_the_decoder_start_and_a_setting_only_the_candidate_has():
+    """Besides the EOS ids: a decoder_start_token_id, and a generation_config setting the reference does not
+    have at all (an artifact whose manifest gained forced_eos_token_id), are settings differences too."""
+    import dataclasses
+
+    loose = dataclasses.replace(FP32, logits_atol=1e9, logprob_atol=1e9, min_token_agreement=0.0,
+                                identical_beams=False)
+    start = Fake(_table(), name="onnx")
+    start.info = dataclasses.replace(start.info, special=SpecialTokens(eos_token_ids=(EOS,), pad_token_id=PAD,
+                                                                       decoder_start_token_id=2))
+    assert _compare(start, tolerances=loose).backends[0].settings_difference == \
+        "decoder_start_token_id 2, the reference's None"
+    forced = Fake(_table(), name="onnx")
+    forced.info = dataclasses.replace(forced.info, generation={"forced_eos_token_id": EOS})
+    report = _compare(forced, tolerances=loose)
+    assert report.backends[0].settings_difference == f"forced_eos_token_id {EOS}, the reference's None"
+    assert not report.passed
