@@ -344,12 +344,14 @@ def _nan_first(value: float) -> float:
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
-    """Non-empty lines of a UTF-8 text file (one prompt per line)."""
+    """Non-empty lines of a UTF-8 text file (one prompt per line; parity and bench)."""
     if not str(path):   # an unset variable in --prompts "$FILE": not the built-in prompts, and not the folder '.'
         raise UsageError("--prompts '': expected a UTF-8 text file with one prompt per line")
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8-sig").splitlines()     # a byte-order mark is no prompt text
+        # a byte-order mark is no prompt text; lines end at \n (\r\n, \r) only, as generate --input reads them:
+        # a form feed or U+2028 inside a prompt stays in it
+        lines = file.read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--prompts {str(path)!r}: cannot read it ({getattr(exc, 'strerror', None) or exc}): "
                          "expected a UTF-8 text file with one prompt per line") from None

@@ -406,6 +406,15 @@ def test_prompts_file_skips_blank_and_whitespace_lines(tmp_path):
     assert read_prompts_file(path) == ["first", "second  "]
 
 
+def test_prompts_file_lines_end_at_newlines_only(tmp_path):
+    """As generate --input: a form feed or U+2028 inside a prompt does not make two prompts (str.splitlines did)."""
+    from deploylm.parity import read_prompts_file
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("one\u2028still one\r\ntwo\x0cstill two\rthree\n".encode())
+    assert read_prompts_file(path) == ["one\u2028still one", "two\x0cstill two", "three"]
+
+
 def _artifact_of(folder, model, digest):
     """A folder with just the manifest fields backend_source reads: the model it came from and its digest."""
     from deploylm.models.source import Source
