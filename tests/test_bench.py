@@ -248,8 +248,21 @@ def test_ratios_and_token_agreement(fake_bench):
     assert gpt2.ratio_vs_reference == pytest.approx(gpt2.tokens_per_s / ref_gpt2.tokens_per_s)
     assert llama.ratio_vs_reference == pytest.approx(llama.tokens_per_s / ref_llama.tokens_per_s)
     assert ref_gpt2.ratio_vs_reference == 1.0
-    assert (gpt2.same_as_reference, llama.same_as_reference, llama.same_as_first) == (2, 1, 1)
+    assert (gpt2.same_as_reference, llama.same_as_reference) == (2, 1)
     assert gpt2.same_as_first == 2 and all(r.deterministic for r in report.rows)
+    # "= #1" compares rows of the first row's model only: another model's tokens have nothing to agree with
+    assert (ref_gpt2.same_as_first, llama.same_as_first, ref_llama.same_as_first) == (2, None, None)
+    assert any("ratio = tokens/s" in n for n in report.notes)
+
+
+def test_without_references_rows_are_compared_and_no_ratio_is_explained(tiny_gpt2_dir, tiny_llama_dir):
+    """--no-reference: which rows share a model cannot be told, so every row is compared with the first; the
+    note explaining the ratio against transformers.generate is left out with the ratio."""
+    config = BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_llama_dir)), prompts=PROMPTS[:2], rounds=1, warmup=0,
+                         reference=False)
+    report = run_bench(config, open_runner=lambda spec, workload: FakeRunner(spec, [], [1.0], SAME))
+    assert [r.same_as_first for r in report.rows] == [2, 2] and not any(r.is_reference for r in report.rows)
+    assert not any("ratio =" in n for n in report.notes), report.notes
 
 
 def test_a_failing_row_stops_every_worker(tiny_gpt2_dir, tiny_llama_dir):
@@ -295,8 +308,9 @@ def test_table_and_plot(fake_bench, tmp_path):
 
 
 def test_table_cells_and_plot_bars_against_hand_computed_values(tiny_gpt2_dir, tiny_llama_dir, tmp_path, monkeypatch):
-    """The fake_bench timings, with the llama row agreeing with its reference on both prompts but with the
-    first row on one: every cell of the two model rows, and the plot's bars, colours and ratio labels."""
+    """The fake_bench timings, with the llama row agreeing with its reference on both prompts (and not compared
+    with the first row, another model's): every cell of the two model rows, and the plot's bars, colours and
+    ratio labels."""
     import re
 
     from matplotlib.colors import to_rgba
@@ -321,7 +335,7 @@ def test_table_cells_and_plot_bars_against_hand_computed_values(tiny_gpt2_dir, t
     assert lines[gpt2.label] == [gpt2.label, "fp32", "2.7", "2.00×", "3.00/4.00", "600.0/800.0", "1.20",
                                  "75.00 (11.1%)", "321", "2/2", "2/2"]
     assert lines[llama.label] == [llama.label, "fp32", "1.6", "0.20×", "5.00/6.00", "1000.0/1200.0", "2.00",
-                                  "125.00 (11.1%)", "321", "2/2", "1/2"]
+                                  "125.00 (11.1%)", "321", "2/2", "-"]      # "= #1": another model
     assert not [n for n in report.notes if "round(s)" in n]          # 3 rounds: the standard, no note
 
     figures = []

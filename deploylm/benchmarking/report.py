@@ -131,8 +131,15 @@ def compare(rows: list[BenchRow]) -> list[BenchRow]:
             row,
             ratio_vs_reference=None if ref is None else row.tokens_per_s / ref.tokens_per_s,
             same_as_reference=None if ref is None else _same(row, ref),
-            same_as_first=None if first is None else _same(row, first)))
+            same_as_first=None if first is None or _other_model(row, first) else _same(row, first)))
     return out
+
+
+def _other_model(a: BenchRow, b: BenchRow) -> bool:
+    """Whether a and b come from different original models, as their transformers references tell (a reference
+    row stands for its own model; without references it cannot be told, and the rows are compared)."""
+    origin_a, origin_b = (r.label if r.is_reference else r.reference for r in (a, b))
+    return origin_a is not None and origin_b is not None and origin_a != origin_b
 
 
 def _same(a: BenchRow, b: BenchRow) -> int:

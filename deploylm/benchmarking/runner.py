@@ -141,9 +141,10 @@ def _workload_dict(config: BenchConfig) -> dict[str, Any]:
 
 
 def _notes(config: BenchConfig, isolated: bool) -> tuple[str, ...]:
+    ratio = ("ratio = tokens/s ÷ transformers.generate's on the same original model in this run; "
+             if config.reference else "")
     notes = [FIXED_LENGTH_NOTE,
-             "tokens/s counts the best sequence per prompt; ratio = tokens/s ÷ transformers.generate's on the "
-             "same original model in this run; decoder = time outside backend/model calls",
+             f"tokens/s counts the best sequence per prompt; {ratio}decoder = time outside backend/model calls",
              "peak RSS: each row's own worker process (imports + model + its runs)" if isolated else
              "peak RSS per row not measured: every row ran in this process (see process_peak_rss_mib)"]
     if config.rounds < 3:
