@@ -595,3 +595,25 @@ def test_settings_difference_names_the_decoder_start_and_a_setting_only_the_cand
     report = _compare(forced, tolerances=loose)
     assert report.backends[0].settings_difference == f"forced_eos_token_id {EOS}, the reference's None"
     assert not report.passed
+
+
+def test_a_full_disk_in_parity_s_own_export_names_where_it_writes_not_an_out_option(tiny_llama_dir, monkeypatch):
+    """parity exports a model that is no artifact into a temporary folder; a full disk there said "choose another
+    --out", an option parity does not have."""
+    import errno
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from deploylm.artifact import write_artifact
+    from deploylm.cli import cli
+    from deploylm.export import pipeline
+
+    def full(_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "export_model", lambda src, profile, out, **_: write_artifact(out, full, {}))
+    result = CliRunner().invoke(cli, ["parity", "--model", str(tiny_llama_dir)])
+    assert result.exit_code == 2 and "--out DIR) and check that artifact" in result.output, result.output
+    assert f"parity exports into {tempfile.gettempdir()} first: free space there, or set TMPDIR" in result.output
+    assert "choose another --out" not in result.output
