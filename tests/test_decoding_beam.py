@@ -279,3 +279,20 @@ def test_early_stopping_true_marks_an_input_done_and_streams_only_its_best_hypot
     assert [done for done, _ in seen] == [[False, False], [True, False], [True, False], [True, False],
                                           [True, True]]
     assert [live for _, live in seen[1:]] == [[(A, EOS)]] * 4      # its length, not the step's, at later steps
+
+
+def test_a_running_beam_that_only_ties_the_worst_finished_one_ends_the_input():
+    # After step 1 both finished slots are full: "EOS" (ln .4) and "a EOS" ((ln .5 + ln .15) / 2); the best
+    # running beam "a b" has the same log-probs as "a EOS", so it only ties the worst finished score. As in
+    # transformers (`best_running_score > worst_finished_score`), a tie cannot improve: the input is done, and
+    # "a b EOS" (p ~ 1 after "a b"), whose score would beat both, is never reached.
+    table = {
+        (): [0, .4, .5, .1, 0],
+        (A,): [0, .3, .25, .3, .15],
+        (A, B): [0, .998, .001, .001, 0],
+    }
+    backend = ScriptedBackend(table_script(table, [0, .25, .25, .25, .25]), vocab_size=5)
+    hyps = generate_ids(backend, encode([(A,)]), DecodingOptions(num_beams=2, max_new_tokens=5,
+                                                                 num_return_sequences=2))
+    assert [(h.token_ids, h.score) for h in hyps[0]] == expect([((EOS,), ln(.4)), ((A, EOS), ln(.5 * .3) / 2)])
+    assert [name for name, _ in backend.calls].count("decode") == 1
