@@ -478,3 +478,13 @@ def test_building_the_results_is_loop_time(monkeypatch):
     generate_ids(ScriptedBackend(random_script(eos_weight=0.0), vocab_size=VOCAB), encode(PROMPTS),
                  DecodingOptions(num_beams=2, max_new_tokens=3), stats)
     assert stats.total_seconds >= 1000.0 and stats.decoder_seconds >= 1000.0
+
+
+def test_sampling_with_every_token_banned_names_the_prompt_not_the_draw_row():
+    # Two draws per prompt (rows 0, 1: prompt 1; rows 2, 3: prompt 2). Prompt 2 uses every token but EOS,
+    # which min_new_tokens bans: its first draw (row 2) has nothing left, and the error names prompt 2.
+    backend = ScriptedBackend(random_script(), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=1, do_sample=True, seed=0, max_new_tokens=4, min_new_tokens=4,
+                              no_repeat_ngram_size=1, num_return_sequences=2)
+    with pytest.raises(UsageError, match=r"nothing left to sample at generated token 1 of prompt 2: "):
+        generate_ids(backend, encode([(2,), (2, 3, 4, 5)]), options)
