@@ -115,3 +115,19 @@ def test_a_space_cleaning_tokenizer_streams_text_without_spaces_piece_by_piece()
     pieces = list(gen.stream("hi", num_beams=1, max_new_tokens=len(ids) + 1))
     assert "".join(pieces) == gen.generate("hi", num_beams=1, max_new_tokens=len(ids) + 1)[0].sequences[0].text
     assert len(pieces) >= len(ids) - 1          # token by token (the first may carry the decoder's leading space)
+
+
+
+def test_no_finished_hypothesis_is_no_candidate():
+    # vocab 0 pad, 1 EOS, 2 a, 3 b. Nothing finishes before the last step (EOS never ranks in the top 2), so
+    # the finished slot of the candidates holds no hypothesis (whatever ids it holds: its initial fill, or a
+    # -1e9 candidate that tied into it) and must not count, or streaming would take its ids for a hypothesis.
+    from deploylm.decoding.search import iter_search
+    from tests.helpers.scripted_backend import table_script
+
+    table = {(): [0, .02, .9, .08], (2,): [0, .05, .5, .45], (3,): [0, .25, .25, .5]}
+    backend = ScriptedBackend(table_script(table, [0, .1, .45, .45]), vocab_size=4)
+    seen = [(event.candidates[2][0].tolist(), event.live_token_ids(0))
+            for event in iter_search(backend, encode([(2,)]), DecodingOptions(num_beams=2, max_new_tokens=4))]
+    assert [valid for valid, _ in seen] == [[True, True, False]] * 3 + [[False, False, True]]
+    assert [live for _, live in seen[:2]] == [[(2,), (3,)], [(2, 2), (2, 3)]]
