@@ -46,6 +46,23 @@ def test_no_repeat_ngram_matches_transformers(inputs, size):
     assert torch.isinf(ours).any()
 
 
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_no_repeat_ngram_with_ids_past_the_logits_bans_the_rest(inputs, size):
+    # ids past the logits (embedding wider than lm_head) in the prompt: an n-gram they complete has nothing to
+    # ban (transformers' indexing would fail); every other ban is transformers' (with spare columns, dropped).
+    sequences, scores = inputs
+    sequences = sequences.clone()
+    sequences[:, 4], sequences[:, 9] = V + 2, V + 2          # "x, V+2" n-grams repeat after every x
+    sequences[:, -1] = sequences[:, 3]                       # the last token is the one before V+2
+    if size == 3:
+        sequences[:, -2] = sequences[:, 2]
+    ours = P.NoRepeatNGram(size)(sequences, scores)
+    padded = torch.nn.functional.pad(scores, (0, 3))
+    theirs = _hf().NoRepeatNGramLogitsProcessor(size)(sequences, padded)[:, :V]
+    assert torch.equal(ours, theirs)
+    assert torch.isinf(ours).any() or size == 3              # size 3: V+2 is the only completion
+
 @pytest.mark.parametrize("length", [3, 5, 6])
 def test_min_new_tokens_matches_transformers(inputs, length):
     sequences, scores = inputs
