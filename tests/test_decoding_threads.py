@@ -59,6 +59,14 @@ def test_a_loaded_machine_moves_the_block_to_one_thread_and_a_quiet_one_moves_it
     assert costs.best() == 2 and picked[-1] == 2
 
 
+
+def test_searches_sharing_the_costs_start_one_retry_at_a_time():
+    # Searches of one process share its ThreadCosts; when a retry of the slower count is due, the next
+    # search to pick gets it, and the others keep the best count, not a retry each, while it runs.
+    costs = ThreadCosts(2, probe_every=4)
+    run_steps(costs, {1: 1.0, 2: 0.5}, 4)                          # both measured: 2 is best
+    assert [costs.pick() for _ in range(6)] == [2, 2, 2, 1, 2, 2]  # steps of concurrent searches
+
 def test_one_thread_process_never_widens():
     costs = ThreadCosts(1)
     assert run_steps(costs, {1: 1.0}, 10) == [1] * 10
