@@ -73,6 +73,18 @@ def test_invalid_values_name_the_option_and_the_value(kwargs, name):
     assert "\n" not in message
 
 
+
+@pytest.mark.parametrize("kwargs", [
+    dict(length_penalty=10.0), dict(length_penalty=-10.0), dict(temperature=1e-6, do_sample=True),
+    dict(top_p=1.0), dict(min_new_tokens=5, max_new_tokens=5), dict(num_beams=3, num_return_sequences=3),
+    dict(sequence_bias=[[[1], 1e6], [[2], -1e6]]), dict(seed=2**63 - 1), dict(seed=0),
+])
+def test_the_bounds_of_every_range_are_accepted(kwargs):
+    """The ranges the messages state are inclusive ("between -10 and 10", "temperature >= 1e-06", ...)."""
+    options = DecodingOptions(**kwargs)
+    assert all(getattr(options, name) == pytest.approx(value) for name, value in kwargs.items()
+               if name != "sequence_bias")
+
 def test_sampling_may_return_more_draws_than_beams():
     assert DecodingOptions(num_beams=1, do_sample=True, num_return_sequences=5).num_return_sequences == 5
 
