@@ -160,3 +160,19 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
     inf = -float("inf")
     assert torch.equal(out, torch.tensor([[inf, 3.0, 3.0, 3.0, inf], [2.0, 2.0, 5.0, inf, 2.0]]))
     assert torch.equal(out, _hf().TopKLogitsWarper(2)(None, scores.clone()))
+
+
+def test_a_calls_off_value_overrides_the_models_setting():
+    # sequence_bias=() and encoder_no_repeat_ngram_size=0 given by a call turn the model's settings off for
+    # it (as a generate() keyword replaces the generation_config's); None (the default) keeps the model's.
+    info = ModelInfo(is_encoder_decoder=False, vocab_size=V, name="m",
+                     special=SpecialTokens(eos_token_ids=(1,), pad_token_id=0),
+                     generation={"sequence_bias": [[[3], -2.0]], "encoder_no_repeat_ngram_size": 2})
+    prompt = torch.tensor([[2, 3, 4]])
+
+    def kinds(**options):
+        built = P.build_processors(DecodingOptions(num_beams=1, **options), info, 3, encoder_input_ids=prompt)
+        return [type(p).__name__ for p in built]
+
+    assert kinds() == ["SequenceBias", "EncoderNoRepeatNGram"]
+    assert kinds(sequence_bias=(), encoder_no_repeat_ngram_size=0) == []
