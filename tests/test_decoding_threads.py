@@ -120,6 +120,26 @@ def test_a_step_leaves_the_thread_count_of_threads_that_start_meanwhile_alone():
     assert seen == [2, 2, 2]
 
 
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_step_restores_the_calling_threads_count(monkeypatch, fallback):
+    # torch_threads is own_threads' fallback where no OpenMP runtime is reachable (it then sets the process's
+    # count): either way the count a step changed is restored after it, also when the step raises.
+    from deploylm.decoding import threads as threads_module
+
+    if fallback:
+        monkeypatch.setattr(threads_module, "_omp_set_num_threads", lambda: None)
+    with torch_threads(2):
+        threads = StepThreads(2, costs=ThreadCosts(2))
+        with pytest.raises(ValueError):
+            with threads.step():
+                assert torch.get_num_threads() == 1
+                raise ValueError("a step that fails")
+        assert torch.get_num_threads() == 2
+        with threads_module.torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+
 def test_for_logits_widens_only_large_blocks_on_the_cpu():
     with torch_threads(2):
         assert for_logits(torch.zeros(32, WIDE_MIN_ELEMENTS // 32)).wide == 2
