@@ -73,6 +73,25 @@ def temporary_sibling(target: Path) -> Path:
     return target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}"
 
 
+def _check_temporary_name_fits(out: Path, flag: str) -> None:
+    """The output is first written as temporary_sibling's `.<name>.tmp-<8 hex>-<pid>`: a name that fits the
+    file system but not with those 22 bytes more failed after all the work, naming the temporary folder."""
+    target = _through_link(out)
+    if not target.name:
+        return
+    try:
+        limit = os.pathconf(next((p for p in (target.parent, *target.parent.parents) if p.exists()), Path(".")),
+                            "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    extra = len(f"..tmp-{'0' * 8}-{'9' * 7}")
+    size = len(os.fsencode(target.name))
+    if size + extra > limit:
+        raise UsageError(f"{flag} {str(out)!r}: its name is {size} bytes, and it is written first as "
+                         f"'.<name>.tmp-...' beside it, which must fit the file system's {limit}: use a name of at most "
+                         f"{limit - extra} bytes")
+
+
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Delete the `.<name>.tmp-...-<pid>` folders (and files: a half-written .png) that writers of `target`
     left when they were killed outright (SIGKILL, a power cut): those whose process is gone. Returns what it
@@ -158,6 +177,7 @@ def check_output_folder(out: str | Path, force: bool, *, holds: str, ours: Calla
         raise UsageError(f"{flag} {str(out)!r} is a mount point: {holds} is written beside it and renamed into its "
                          f"place, which the system refuses for a mount point; choose a folder inside it, e.g. "
                          f"{str(out / 'out')!r}")
+    _check_temporary_name_fits(out, flag)
     check_writable(out if out.is_dir() else out.parent, f"{flag} {str(out)!r}")
     if not out.exists():
         return

@@ -140,3 +140,20 @@ def test_a_mount_point_is_refused_as_an_output_folder(tmp_path, monkeypatch):
         assert str(err.value).startswith(f"--out {str(out)!r} is a mount point: the artifact is written beside it"), err.value
     fsutil.check_output_folder(out / "out", False, holds="the artifact", ours=lambda folder: True, not_ours="",
                                without_force="")          # a folder inside it is fine
+
+
+def test_a_name_too_long_for_the_temporary_folder_is_refused_before_any_work(tmp_path):
+    """A name the file system takes, but not inside '.<name>.tmp-<8 hex>-<pid>', passed the checks and failed after
+    the model load with 'File name too long' naming the temporary folder."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    check = dict(holds="the artifact", ours=lambda folder: True, not_ours="", without_force="")
+    longest = tmp_path / ("a" * (limit - 22))
+    fsutil.check_output_folder(longest, False, **check)
+    folder = fsutil.temporary_sibling(longest)
+    folder.mkdir()                                         # the name the writer uses does fit
+    too_long = tmp_path / ("a" * (limit - 21))
+    with pytest.raises(fsutil.UsageError) as err:
+        fsutil.check_output_folder(too_long, False, **check)
+    assert str(err.value) == (f"--out {str(too_long)!r}: its name is {limit - 21} bytes, and it is written first as "
+                              f"'.<name>.tmp-...' beside it, which must fit the file system's {limit}: use a name of "
+                              f"at most {limit - 22} bytes")
