@@ -272,3 +272,20 @@ def test_force_refuses_an_artifact_folder_holding_an_input(tiny_gpt2_dir, tmp_pa
         assert result.exit_code == 2 and result.output.startswith("error: "), result.output
         assert f"{flag} {str(path)!r} is inside --out {str(out)!r}, which --force replaces" in result.output, result.output
     assert sorted(p.name for p in out.iterdir()) == ["calibration.txt", "manifest.json", "model"]
+
+
+def test_a_second_export_into_the_same_out_is_refused_while_the_first_runs(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """Train and distill hold a writer lock on --out; export did not: two exports into one new --out both passed
+    the check, ran to their end, and the second failed only when it swapped its folder in."""
+    from deploylm.export import pipeline
+    from deploylm.fsutil import exclusive_writer
+
+    monkeypatch.setattr(pipeline, "_load_model", lambda source: pytest.fail("loaded the model while --out was locked"))
+    out = tmp_path / "artifact"
+    with exclusive_writer(out):                          # the first export, still running
+        result = _run("--model", str(tiny_gpt2_dir), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: --out {str(out.resolve())!r} is being written by another deploylm "
+                                     "command (it holds .artifact.lock): wait for it to finish, or choose another "
+                                     "folder"), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

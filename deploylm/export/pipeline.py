@@ -78,6 +78,7 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     `calibration` text for static int8); profiles listing "trt" also build TensorRT engines.
     """
     from deploylm.artifact import check_output_folder, source_fields, write_artifact
+    from deploylm.fsutil import exclusive_writer
     from deploylm.profiles import load_profile
 
     source = resolve_source(src)
@@ -87,63 +88,65 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
     apply_precision = _precision_step(profile)
     fp32_atol = load_profile("fp32").parity.logits_atol  # the graphs validated here are always fp32
     out = Path(out_dir) if out_dir is not None else default_out_dir(source, profile.name)
-    check_output_folder(out, force, inputs={"--model": src, "--calibration": calibration})  # before minutes of export
-    from deploylm.export.calibration import check_calibration_file
-    from deploylm.export.precision_step import uses_calibration
+    with exclusive_writer(out):   # a second export into the same --out is refused while this one runs
+        # before minutes of export, not after
+        check_output_folder(out, force, inputs={"--model": src, "--calibration": calibration})
+        from deploylm.export.calibration import check_calibration_file
+        from deploylm.export.precision_step import uses_calibration
 
-    check_calibration_file(calibration)  # before minutes of export, not after
-    if "trt" in profile.backends:        # so is a machine without TensorRT or a CUDA GPU
-        from deploylm.export.trt_env import require_trt_gpu
+        check_calibration_file(calibration)  # before minutes of export, not after
+        if "trt" in profile.backends:        # so is a machine without TensorRT or a CUDA GPU
+            from deploylm.export.trt_env import require_trt_gpu
 
-        require_trt_gpu(f"export --profile {profile.name}")
-    if calibration is not None and not (apply_precision is not None and uses_calibration(profile)):
-        raise UsageError(f"--calibration: profile {profile.name} reads no calibration text (static int8 and profiles "
-                         "with [precision_fallback] auto = true do): drop --calibration or choose such a profile")
-    timings: dict[str, float] = {}
-    model = _timed(timings, "load", _load_model, source)
-    plan = plan_graphs(model)
-    result: dict[str, Any] = {"details": []}
-    layout = kv_layout(profile)
-    if layout is not None:
-        from deploylm.export.hf_graphs import with_layout
+            require_trt_gpu(f"export --profile {profile.name}")
+        if calibration is not None and not (apply_precision is not None and uses_calibration(profile)):
+            raise UsageError(f"--calibration: profile {profile.name} reads no calibration text (static int8 and profiles "
+                             "with [precision_fallback] auto = true do): drop --calibration or choose such a profile")
+        timings: dict[str, float] = {}
+        model = _timed(timings, "load", _load_model, source)
+        plan = plan_graphs(model)
+        result: dict[str, Any] = {"details": []}
+        layout = kv_layout(profile)
+        if layout is not None:
+            from deploylm.export.hf_graphs import with_layout
 
-        chosen = with_layout(plan, layout)
-        if chosen is not plan and apply_precision is not None:
-            result["layout_note"] = (f"note: speed is against fp32 graphs in the {layout} KV layout this profile "
-                                     "asks for; the fp32 profile ships the shared-prompt layout, faster at beam "
-                                     "search: compare the two artifacts with deploylm bench")
-        plan = chosen
-    result["details"] += _overridden_defaults(source, profile)
-    fields = {"source": source_fields(source), "profile": profile.to_dict(), "generation": dict(profile.generation),
-              "export": {"kind": plan.kind, "family": plan.family, "opset": DEFAULT_OPSET,
-                         "cross_rows": plan.cross_rows if plan.kind == "encoder-decoder" else None}}
+            chosen = with_layout(plan, layout)
+            if chosen is not plan and apply_precision is not None:
+                result["layout_note"] = (f"note: speed is against fp32 graphs in the {layout} KV layout this profile "
+                                         "asks for; the fp32 profile ships the shared-prompt layout, faster at beam "
+                                         "search: compare the two artifacts with deploylm bench")
+            plan = chosen
+        result["details"] += _overridden_defaults(source, profile)
+        fields = {"source": source_fields(source), "profile": profile.to_dict(), "generation": dict(profile.generation),
+                  "export": {"kind": plan.kind, "family": plan.family, "opset": DEFAULT_OPSET,
+                             "cross_rows": plan.cross_rows if plan.kind == "encoder-decoder" else None}}
 
-    def build(tmp: Path) -> None:
-        _timed(timings, "export", _export_graphs, plan, tmp)
-        if packs_matmuls(profile):
-            fields["export"]["packed_matmuls"] = _timed(timings, "pack", _pack_graphs, plan, tmp)
-        _write_model_files(source, model, tmp)
-        result["validation"] = _timed(timings, "validate", validate_graphs, plan, tmp, fp32_atol)
-        if not result["validation"].ok:
-            raise CheckFailed(f"exported graphs do not match PyTorch: {result['validation'].summary()}")
-        if apply_precision is not None:
-            precision = _timed(timings, "precision", apply_precision, tmp, profile, source, calibration,
-                               allow_quality_loss=allow_quality_loss)
-            fields["quality"] = precision.to_dict()
-            result["details"] += precision.lines() + ([result["layout_note"]] if "layout_note" in result else [])
-        if "trt" in profile.backends:
-            from deploylm.export.tensorrt import build_for_export
+        def build(tmp: Path) -> None:
+            _timed(timings, "export", _export_graphs, plan, tmp)
+            if packs_matmuls(profile):
+                fields["export"]["packed_matmuls"] = _timed(timings, "pack", _pack_graphs, plan, tmp)
+            _write_model_files(source, model, tmp)
+            result["validation"] = _timed(timings, "validate", validate_graphs, plan, tmp, fp32_atol)
+            if not result["validation"].ok:
+                raise CheckFailed(f"exported graphs do not match PyTorch: {result['validation'].summary()}")
+            if apply_precision is not None:
+                precision = _timed(timings, "precision", apply_precision, tmp, profile, source, calibration,
+                                   allow_quality_loss=allow_quality_loss)
+                fields["quality"] = precision.to_dict()
+                result["details"] += precision.lines() + ([result["layout_note"]] if "layout_note" in result else [])
+            if "trt" in profile.backends:
+                from deploylm.export.tensorrt import build_for_export
 
-            given = {} if calibration is None else {"calibration": trt_calibration_ids(tmp, calibration)}
-            fields["tensorrt"] = _timed(timings, "tensorrt", build_for_export, tmp, profile, **given)
-        result["parity"] = (_timed(timings, "parity", _parity, source, tmp, profile, fields["generation"])
-                            if check_parity else None)
-        fields["parity"] = result["parity"]
+                given = {} if calibration is None else {"calibration": trt_calibration_ids(tmp, calibration)}
+                fields["tensorrt"] = _timed(timings, "tensorrt", build_for_export, tmp, profile, **given)
+            result["parity"] = (_timed(timings, "parity", _parity, source, tmp, profile, fields["generation"])
+                                if check_parity else None)
+            fields["parity"] = result["parity"]
 
-    write_artifact(out, build, fields, force=force)
-    files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-    return ExportReport(out, profile.name, plan.kind, files, result["validation"], result["parity"],
-                        tuple(result["details"]), timings)
+        write_artifact(out, build, fields, force=force)
+        files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+        return ExportReport(out, profile.name, plan.kind, files, result["validation"], result["parity"],
+                            tuple(result["details"]), timings)
 
 
 def _overridden_defaults(source: Any, profile: Any) -> list[str]:
