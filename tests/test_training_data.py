@@ -314,3 +314,19 @@ def test_held_out_splits_are_ten_and_five_percent_capped_at_1000(tmp_path):
     assert sizes(100) == (85, 5, 10)
     assert sizes(3) == (1, 1, 1)                                   # each held-out split at least 1
     assert sizes(25_000) == (23_000, 1000, 1000)                   # 10% and 5% of 25,000, capped at 1000
+
+
+def test_a_data_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    """Other data errors say FILE:LINE; a Latin-1 byte said only its byte offset in the file."""
+    from deploylm.training.data import read_jsonl
+    from deploylm.training.text import read_documents
+
+    pairs, text = tmp_path / "pairs.jsonl", tmp_path / "stories.txt"
+    pairs.write_bytes(b'{"source": "a", "target": "b"}\n{"source": "c", "target": "d"}\n{"source": "caf\xe9", '
+                      b'"target": "e"}\n')
+    text.write_bytes(b"one paragraph\n\nanother\nna\xefve\n")
+    for read, path, line, byte in ((read_jsonl, pairs, 3, 77), (read_documents, text, 4, 25)):
+        with pytest.raises(UsageError) as err:
+            read(path)
+        assert str(err.value) == (f"{path}:{line}: not UTF-8 text (invalid continuation byte at byte {byte}): "
+                                  "expected a UTF-8 file (convert it, e.g. iconv -f latin1 -t utf-8)")

@@ -25,6 +25,13 @@ TEST_FRACTION = 0.10
 MAX_HELD_OUT = 1000          # cap on each of validation/test for large files
 
 
+def not_utf8(path: Path, exc: UnicodeDecodeError) -> UsageError:
+    """A data file that is not UTF-8, named FILE:LINE as the other data errors are, with the byte."""
+    line = exc.object[:exc.start].count(b"\n") + 1
+    return UsageError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}): expected a UTF-8 file "
+                      "(convert it, e.g. iconv -f latin1 -t utf-8)")
+
+
 def read_jsonl(path: Path) -> list[Example]:
     """Examples of a JSON-lines file of {"source": str, "target": str}; blank lines are skipped."""
     path = Path(path)
@@ -34,7 +41,7 @@ def read_jsonl(path: Path) -> list[Example]:
     try:
         lines = json_lines(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise not_utf8(path, exc) from None
     examples = [_parse_line(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
     if not examples:
         raise UsageError(f"{path}: no examples: expected one {{\"source\": ..., \"target\": ...}} object per line")

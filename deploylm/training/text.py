@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from deploylm.errors import UsageError
 from deploylm.training.clean import CleanOptions, CleanReport, clean_records
-from deploylm.training.data import check_unicode, json_lines, split_keys
+from deploylm.training.data import check_unicode, json_lines, not_utf8, split_keys
 from deploylm.training.tokenizer import encode_targets
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -43,7 +43,7 @@ def read_documents(path: Path) -> list[str]:
     try:
         content = path.read_text(encoding="utf-8-sig")      # a byte-order mark is no text
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise not_utf8(path, exc) from None
     docs = _jsonl_texts(path, content) if path.suffix.lower() == ".jsonl" else _paragraphs(content)
     if not docs:
         raise UsageError(f"{path}: no text: expected paragraphs separated by blank lines")
