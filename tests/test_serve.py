@@ -150,7 +150,7 @@ def test_completions_stream_ends_with_the_reason_it_ended_then_done(client, prom
     (json.dumps({"prompt": 7}).encode(), 400, "prompt", "string or a list of strings"),
     (json.dumps({"prompt": ["a", 3]}).encode(), 400, "prompt", "string or a list of strings"),
     (json.dumps({"prompt": []}).encode(), 400, "prompt", "empty list"),
-    (json.dumps({"prompt": "   "}).encode(), 400, "prompt", "empty"),
+    (json.dumps({"prompt": "   "}).encode(), 400, "prompt", "only whitespace"),
     (json.dumps({"prompt": "a " * 9}).encode(), 400, "prompt", "9 tokens, over this server's limit of 8"),
     (b'{"prompt": "\\ud800 star"}', 400, "prompt", "prompt is not valid Unicode text: a lone surrogate at character 0"),
     (b"[" * 100000 + b"]" * 100000, 400, None, "nested too deeply"),
@@ -238,7 +238,8 @@ def test_errors_name_a_prompt_by_its_json_path_whoever_refuses_it(client, path, 
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
         return r.json()["error"]["message"]
 
-    assert message(["fine", "  "]).startswith("prompt[1] is empty")                 # the server's own check
+    assert message(["fine", "  "]).startswith("prompt[1] is only whitespace: expected some text")  # the server's
+    assert message("").startswith("prompt is empty: expected some text")                            # own check
     assert message(["fine", "BAD one"]).startswith("prompt[1] contains BAD")        # the generator's
     assert message("BAD one").startswith("prompt contains BAD")
     assert message(["fine", "ok", "BAD one", "BAD two"]).startswith("prompt[2] contains BAD")

@@ -188,7 +188,9 @@ def _prompts(value: Any, config: ServeConfig, count_tokens: Callable[[str], int]
     for i, prompt in enumerate(prompts):
         where = param if isinstance(value, str) else f"{param}[{i}]"
         if not prompt.strip():
-            raise ApiError(400, f"{where} is empty: give some text to continue", param=param)
+            # the generator's words ("give some text to continue" read wrongly for an encoder-decoder)
+            raise ApiError(400, f"{where} is {'empty' if not prompt else 'only whitespace'}: expected some text",
+                           param=param)
         if "\x00" in prompt:
             raise ApiError(400, f"{where} contains a NUL character", param=param)
         try:
