@@ -6,6 +6,7 @@ report can be checked against the rounds it came from; the tiny-model tests run 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -326,6 +327,11 @@ def test_table_cells_and_plot_bars_against_hand_computed_values(tiny_gpt2_dir, t
         runners.append(FakeRunner(spec, [], walls[len(runners)], tokens[len(runners)]))
         return runners[-1]
 
+    def opener_again(walls, tokens):
+        played = []
+        return lambda spec, workload: played.append(FakeRunner(spec, [], walls[len(played)],
+                                                               tokens[len(played)])) or played[-1]
+
     config = BenchConfig(models=(str(tiny_gpt2_dir), str(tiny_llama_dir)), prompts=PROMPTS[:2])
     report = run_bench(config, open_runner=opener)
     lines = {line.split("  ")[0]: re.split(r"\s{2,}", line.strip()) for line in report.table().splitlines()}
@@ -353,6 +359,11 @@ def test_table_cells_and_plot_bars_against_hand_computed_values(tiny_gpt2_dir, t
     assert [bar.get_facecolor() for bar in ax.patches] == [blue, blue, grey, grey]
     assert [t.get_text() for t in ax.texts] == ["2.00×", "0.20×", "1.00×", "1.00×"]
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"{r.label}\n{r.profile}" for r in report.rows]
+
+    no_reference = run_bench(dataclasses.replace(config, reference=False), open_runner=opener_again(walls, tokens))
+    plot_report(no_reference, tmp_path / "bench.png")
+    (ax,) = figures[-1].axes        # --no-reference: no ratio to print, each bar says its tokens/s
+    assert [t.get_text() for t in ax.texts] == [f"{r.tokens_per_s:.1f}" for r in no_reference.rows] == ["2.7", "1.6"]
 
 
 def test_a_one_token_run_writes_standard_json(tiny_gpt2_dir, tmp_path):

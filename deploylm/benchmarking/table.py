@@ -56,7 +56,8 @@ def check_plot_path(path: str | Path) -> Path:
 
 
 def plot_report(report: Any, path: str | Path) -> Path:
-    """Bars of tokens/s per row (references grey), each labelled with its ratio vs transformers; PNG."""
+    """Bars of tokens/s per row (references grey), each labelled with its ratio vs transformers (its tokens/s
+    when it has no reference: --no-reference); PNG."""
     from deploylm.fsutil import write_atomic
 
     out = check_plot_path(path)
@@ -66,9 +67,9 @@ def plot_report(report: Any, path: str | Path) -> Path:
     colors = ["#9e9e9e" if r.is_reference else "#1f77b4" for r in rows]
     bars = ax.bar(range(len(rows)), [r.tokens_per_s for r in rows], color=colors)
     for bar, row in zip(bars, rows):
-        if row.ratio_vs_reference is not None:
-            ax.annotate(f"{row.ratio_vs_reference:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=9)
+        label = f"{row.tokens_per_s:.1f}" if row.ratio_vs_reference is None else f"{row.ratio_vs_reference:.2f}×"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=9)
     ax.set_xticks(range(len(rows)), [f"{r.label}\n{r.profile}" for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("tokens/s (best sequence)")
     w = report.workload
