@@ -289,3 +289,10 @@ def test_a_second_export_into_the_same_out_is_refused_while_the_first_runs(tiny_
                                      "command (it holds .artifact.lock): wait for it to finish, or choose another "
                                      "folder"), result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_empty_out_is_named_as_given(tiny_gpt2_dir):
+    """--out '' (an unset variable) was reported as --out '.', a name the user never typed."""
+    result = _run("--model", str(tiny_gpt2_dir), "--out", "")
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --out '': expected a folder name (leave --out out for export/<model>-<profile>)"

@@ -21,6 +21,8 @@ def command(src: str | None, profile: str, out_dir: str | None, force: bool, cal
     """Export SRC to ONNX, validate the graphs against PyTorch, check parity, write the artifact."""
     if not src:
         raise UsageError("--model SRC is required: a checkpoint, Hugging Face folder or .gguf file")
+    if out_dir == "":   # an unset variable in --out "$DIR": not the current folder '.'
+        raise UsageError("--out '': expected a folder name (leave --out out for export/<model>-<profile>)")
     from deploylm.export.pipeline import export_model
 
     quiet_transformers()   # no weight-loading bars around export's own lines
