@@ -47,9 +47,9 @@ def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens
         from deploylm.long_inputs import without_truncation_advice
 
         message = without_truncation_advice(str(exc))
-        if message != str(exc):
-            message += " (parity: --prompts FILE, --max-new-tokens N)"
-        raise UsageError(message) from None
+        if message == str(exc):
+            raise                     # as it is: an OptionError names the command's flags when it is shown
+        raise UsageError(message + " (parity: --prompts FILE, --max-new-tokens N)") from None
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
     failures = report.failures()
     if failures:
