@@ -29,7 +29,7 @@ CASES = [
     ("prompt-object", "/v1/generate", j({"prompt": {"text": "a"}}), 400, "prompt", "got an object"),
     ("prompt-list-mixed", "/v1/generate", j({"prompt": ["a", None]}), 400, "prompt", "non-string"),
     ("prompt-empty", "/v1/generate", j({"prompt": ""}), 400, "prompt", "is empty"),
-    ("prompt-blank", "/v1/generate", j({"prompt": " \n\t"}), 400, "prompt", "is empty"),
+    ("prompt-blank", "/v1/generate", j({"prompt": " \n\t"}), 400, "prompt", "is only whitespace"),
     ("prompt-empty-list", "/v1/generate", j({"prompt": []}), 400, "prompt", "empty list"),
     ("prompt-nul", "/v1/generate", j({"prompt": "a\x00b"}), 400, "prompt", "NUL"),
     ("prompt-over-limit", "/v1/generate", j({"prompt": "word " * 200}), 400, "prompt", "over this server's limit of 120"),
