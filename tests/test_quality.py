@@ -235,14 +235,17 @@ def test_calibration_for_a_profile_that_reads_none_is_refused_before_any_work(ti
 
 
 @pytest.mark.slow
-def test_a_short_calibration_file_is_noted(tiny_gpt2_dir, tmp_path):
+@pytest.mark.parametrize("lines, note", [
+    (2, "has 2 sample(s), fewer than the profile's calibration_samples = 64: all of them were used"),
+    (70, "has 70 samples: the first 64 (the profile's calibration_samples) were used")])   # silent before
+def test_a_calibration_file_of_another_size_than_calibration_samples_is_noted(tiny_gpt2_dir, tmp_path, lines, note):
     text = tmp_path / "calib.txt"
-    text.write_text("the quick brown fox\nhello world\n")
+    text.write_text("".join(f"the quick brown fox number {i}\n" for i in range(lines)))
     out = tmp_path / "out"
     result = _export("--model", str(tiny_gpt2_dir), "--profile", "int8-static", "--out", str(out),
                      "--calibration", str(text), "--allow-quality-loss")
     assert result.exit_code == 0, result.output
-    assert f"note: --calibration {text} has 2 sample(s), fewer than the profile's calibration_samples = 64" in result.output
+    assert f"note: --calibration {text} {note}" in result.output
 
 
 class _Bigram:

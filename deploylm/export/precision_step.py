@@ -102,7 +102,7 @@ class _Workspace:
     feeds: dict[str, list[dict]]
     held: Any
     calibration_origin: str | None = None
-    calibration_note: str | None = None     # e.g. a --calibration file shorter than calibration_samples
+    calibration_note: str | None = None     # a --calibration file shorter or longer than calibration_samples
     tries: int = 0
     dirs: dict[int, Path] = field(default_factory=dict)   # id(verdict) -> its folder
     verdicts: list[Verdict] = field(default_factory=list)
@@ -268,9 +268,16 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
                                         token_ids(tokenizer, calib.targets or calib.inputs, room))]
         feeds = graph_feeds(ref, [s for s, _ in pairs], [t for _, t in pairs] if seq2seq else None)
     short = None
-    if q is not None and q.method == "static" and file is not None and len(calib.inputs) < samples:
-        short = (f"--calibration {file} has {len(calib.inputs)} sample(s), fewer than the profile's "
-                 f"calibration_samples = {samples}: all of them were used")
+    if q is not None and q.method == "static" and file is not None:
+        from deploylm.export.calibration import read_samples
+
+        total = len(read_samples(file))
+        if total < samples:
+            short = (f"--calibration {file} has {total} sample(s), fewer than the profile's "
+                     f"calibration_samples = {samples}: all of them were used")
+        elif total > samples:     # said, as the short case is: the rest of the file was not read
+            short = (f"--calibration {file} has {total} samples: the first {samples} (the profile's "
+                     "calibration_samples) were used")
     return _Workspace(root, ref, _shipped_fp32(root, ref, graphs, profile), profile, graphs, feeds, held,
                       calib.origin if needs_feeds else None, short)
 
