@@ -64,6 +64,7 @@ class TextSet:
     targets: tuple[str, ...] | None   # seq2seq only: what each input should produce
     origin: str                       # "file:PATH" | "task:NAME" | "data:PATH" | "data-changed:PATH" | "builtin"
     scored: tuple[str, ...] | None = None   # decoder-only held-out documents whose perplexity is scored
+    available: int | None = None            # a --calibration file: how many samples it holds (inputs: the first ones)
 
 
 JSONL_FIELDS = ("source", "prompt", "text")   # a .jsonl calibration file: each line's first of these
@@ -270,7 +271,7 @@ def text_sets(source: Any, file: Path | None, samples: int, seq2seq: bool) -> tu
         lines = tuple(text for text, _ in records[:samples])
         targets = pair_targets(records) if seq2seq else None   # training pairs: the decoder sees their targets
         return TextSet(lines, (tuple(targets[:samples]) if targets else lines) if seq2seq else None,
-                       f"file:{file}"), held
+                       f"file:{file}", available=len(records)), held
     texts = tuple((CALIBRATION_TEXT * (1 + samples // len(CALIBRATION_TEXT)))[:max(samples, 1)])
     return TextSet(texts, texts if seq2seq else None, "builtin"), held
 

@@ -269,13 +269,11 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
         feeds = graph_feeds(ref, [s for s, _ in pairs], [t for _, t in pairs] if seq2seq else None)
     short = None
     if q is not None and q.method == "static" and file is not None:
-        from deploylm.export.calibration import read_samples
-
-        total = len(read_samples(file))
+        total = calib.available
         if total < samples:
             short = (f"--calibration {file} has {total} sample(s), fewer than the profile's "
                      f"calibration_samples = {samples}: all of them were used")
-        elif total > samples:     # said, as the short case is: the rest of the file was not read
+        elif total > samples:     # said, as the short case is: the rest of the file goes unused
             short = (f"--calibration {file} has {total} samples: the first {samples} (the profile's "
                      "calibration_samples) were used")
     return _Workspace(root, ref, _shipped_fp32(root, ref, graphs, profile), profile, graphs, feeds, held,
