@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import Backend, EncodedBatch
-from deploylm.errors import CheckFailed, UsageError
+from deploylm.errors import ArtifactError, CheckFailed, UsageError
 from deploylm.fsutil import json_finite
 
 DEFAULT_PROMPTS = (
@@ -411,8 +411,6 @@ def _parity_of_a_fresh_export(source: Any, backends: list[str], prompts: list[st
     import tempfile
 
     from deploylm.export.pipeline import export_model
-
-    from deploylm.errors import ArtifactError
 
     with tempfile.TemporaryDirectory(prefix="deploylm-parity-") as tmp:
         artifact = Path(tmp) / "artifact"

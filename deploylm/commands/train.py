@@ -90,8 +90,9 @@ def _config(opts: dict[str, Any]) -> TrainConfig:
     decoder_only = [name for name in ("block_size", "stride", "ngram_order") if opts[name] is not None]
     if opts["arch"] != "decoder" and decoder_only:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in decoder_only)
-        raise UsageError(f"{flags} {'applies' if len(decoder_only) == 1 else 'apply'} to the decoder-only LM (--arch decoder): the {opts['arch']} model "
-                         "trains on source/target pairs, not on blocks of text")
+        raise UsageError(f"{flags} {'applies' if len(decoder_only) == 1 else 'apply'} to the decoder-only LM "
+                         f"(--arch decoder): the {opts['arch']} model trains on source/target pairs, not on blocks of "
+                         "text")
     for name in ("block_size", "ngram_order"):      # not given: TrainConfig's defaults
         if opts[name] is None:
             del opts[name]

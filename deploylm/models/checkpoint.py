@@ -88,12 +88,12 @@ def save_checkpoint(
     except (OSError, RuntimeError, SafetensorError) as exc:   # a full disk, a read-only folder (torch.save:
         # RuntimeError; safetensors: its own error, neither OSError nor RuntimeError)
         kept = " the previous checkpoint there is kept" if (target / WEIGHTS).exists() else ""
-        raise CheckpointWriteFailed(f"could not save the checkpoint in {str(target)!r}: {_io_reason(exc)};"
+        raise CheckpointWriteFailed(f"could not save the checkpoint in {str(target)!r}: {io_reason(exc)};"
                                     f"{kept or ' nothing was written'}; free space or choose another folder") from None
     return target
 
 
-def _io_reason(exc: BaseException) -> str:
+def io_reason(exc: BaseException) -> str:
     """One line for an I/O failure: the OS's reason when there is one; torch.save's error for a full disk
     names none ("[enforce fail at inline_container.cc] . unexpected pos ...")."""
     if isinstance(exc, OSError) and exc.strerror:

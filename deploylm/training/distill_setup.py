@@ -34,7 +34,8 @@ def check_output(config: DistillConfig) -> None:
     out = config.out
     if config.teacher.exists() and out.exists() and out.resolve() == config.teacher.resolve():
         raise UsageError(f"--out {str(out)!r} is the teacher's folder: choose another folder for the student")
-    check_output_folder(out, config.force, holds="the student", ours=is_model_folder, inputs={"--data": config.data, "--teacher": config.teacher},
+    check_output_folder(out, config.force, holds="the student", ours=is_model_folder,
+                        inputs={"--data": config.data, "--teacher": config.teacher},
                         not_ours=f"holds no model (no config.json beside {' or '.join(MODEL_WEIGHTS)})",
                         without_force="choose another folder or use --force to replace it")
 
@@ -94,11 +95,11 @@ def _write_failed(out: Path, exc: BaseException) -> CheckpointWriteFailed:
     """One line for a student that could not be written (a full disk, a folder made read-only), naming --out, not
     the temporary folder it was written in: save_pretrained's safetensors reports a full disk as its own error
     (a traceback before), and save_checkpoint's CheckpointWriteFailed names that temporary folder."""
-    from deploylm.models.checkpoint import _io_reason
+    from deploylm.models.checkpoint import io_reason
 
     cause = exc.__context__ if isinstance(exc, CheckpointWriteFailed) and exc.__context__ is not None else exc
     kept = "the student already there is kept" if out.is_dir() and any(out.iterdir()) else "nothing was written"
-    return CheckpointWriteFailed(f"could not save the student in {str(out)!r}: {_io_reason(cause)}; {kept}; free "
+    return CheckpointWriteFailed(f"could not save the student in {str(out)!r}: {io_reason(cause)}; {kept}; free "
                                  "space or choose another --out")
 
 
