@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 
 class DeployLMError(Exception):
@@ -85,8 +85,15 @@ def counted_over_all(exc: UsageError, offset: int) -> UsageError:
     all the prompts (the 10th prompt is "prompt 10", not the 2nd of its batch of 8)."""
     if not offset:
         return exc
+    return UsageError(str(renumbered(exc, lambda n: n + offset)))
 
+
+def renumbered(exc: UsageError, number: Callable[[int], int | None]) -> UsageError:
+    """`exc` with its first "prompt N" (N counted within one call) as "prompt number(N)"; `exc` itself where
+    it names no prompt, or `number` gives None."""
     def renumber(match: re.Match) -> str:
-        return match.group(0)[:match.start(1) - match.start(0)] + str(int(match.group(1)) + offset)
+        new = number(int(match.group(1)))
+        return match.group(0) if new is None else match.group(0)[:match.start(1) - match.start(0)] + str(new)
 
-    return UsageError(PROMPT_NUMBER.sub(renumber, str(exc), count=1))
+    message = PROMPT_NUMBER.sub(renumber, str(exc), count=1)
+    return exc if message == str(exc) else UsageError(message)

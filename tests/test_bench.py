@@ -900,3 +900,23 @@ def test_a_rows_load_time_is_the_clock_around_opening_its_model(tiny_gpt2_dir):
                  lambda clock: TransformersRunner(str(tiny_gpt2_dir), workload_of(config), clock=clock)):
         ticks = iter(range(1000))
         assert make(lambda: float(next(ticks))).load_s == 1.0
+
+
+def test_a_refusal_naming_a_prompt_mid_message_is_numbered_in_the_prompt_list_too():
+    """The renumbering is errors.PROMPT_NUMBER's, as generate's and serve's: "... of prompt 2: ..." (a sampling
+    refusal) gets the prompt list's number as a leading "prompt 2" does; a number outside the call stays."""
+    from deploylm.benchmarking.measure import run_round
+
+    def refusing(message):
+        def call(texts):
+            raise UsageError(message)
+        return call
+
+    second_call = (("c", "d"),), ((3, 4),)           # prompts 3 and 4 of the list, "prompt 1" and "2" of the call
+    for message, said in (("nothing left to sample at generated token 3 of prompt 2: x",
+                            "nothing left to sample at generated token 3 of prompt 4: x"),
+                          ("prompt 1 has 300 tokens", "prompt 3 has 300 tokens"),
+                          ("prompt 7 is odd", "prompt 7 is odd")):
+        with pytest.raises(UsageError) as raised:
+            run_round(refusing(message), *second_call)
+        assert str(raised.value) == said

@@ -11,12 +11,11 @@ of every request in the batch. Inside it we time:
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from deploylm.errors import UsageError
+from deploylm.errors import UsageError, renumbered
 
 Clock = Callable[[], float]
 
@@ -96,18 +95,11 @@ def run_round(call: Callable[[list[str]], tuple[CallTiming, list[tuple[int, ...]
         try:
             timing, best = call(list(texts))
         except UsageError as exc:
-            raise _renumbered(exc, numbers[k] if k < len(numbers) else ()) from None
+            listed = numbers[k] if k < len(numbers) else ()
+            raise renumbered(exc, lambda n: listed[n - 1] if 1 <= n <= len(listed) else None) from None
         calls.append(timing)
         tokens.extend(best)
     return RoundResult(tuple(calls), tuple(tokens))
-
-
-def _renumbered(exc: UsageError, numbers: tuple[int, ...]) -> UsageError:
-    """`exc` with its leading "prompt N" (N within the call) as the prompt's number in the prompt list."""
-    found = re.match(r"prompt (\d+)\b", str(exc))
-    if found is None or not 1 <= int(found.group(1)) <= len(numbers):
-        return exc
-    return UsageError(f"prompt {numbers[int(found.group(1)) - 1]}{str(exc)[found.end():]}")
 
 
 class GeneratorRunner:
