@@ -185,7 +185,8 @@ def test_an_auto_search_that_kept_every_convertible_node_says_the_graphs_are_fp3
                             quality=quality)
     final = SimpleNamespace(failures=(), kept_count=kept, quality=quality, kept={"model.onnx": ("n",) * kept})
     result = SimpleNamespace(final=final, first=first, attempts=6, ranked=ranked)
-    work = SimpleNamespace(calibration_note=None, calibration_origin=None, held=SimpleNamespace(origin=None))
+    work = SimpleNamespace(calibration_note=None, calibration_origin=None, calibration_count=None,
+                           held=SimpleNamespace(origin=None))
     report = _report(profile, work, {"model.onnx": ("b",) * base} if base else {}, result, allow_quality_loss=False)
     assert report.auto_kept == kept - base
     assert any("fp16 in name only" in n and f"every one of the {ranked} node(s)" in n for n in report.notes) is noted
@@ -235,10 +236,13 @@ def test_calibration_for_a_profile_that_reads_none_is_refused_before_any_work(ti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lines, note", [
-    (2, "has 2 sample(s), fewer than the profile's calibration_samples = 64: all of them were used"),
-    (70, "has 70 samples: the first 64 (the profile's calibration_samples) were used")])   # silent before
-def test_a_calibration_file_of_another_size_than_calibration_samples_is_noted(tiny_gpt2_dir, tmp_path, lines, note):
+@pytest.mark.parametrize("lines, note, used", [
+    (2, "has 2 sample(s), fewer than the profile's calibration_samples = 64: all of them were used", 2),
+    (70, "has 70 samples: the first 64 (the profile's calibration_samples) were used", 64)])   # silent before
+def test_a_calibration_file_of_another_size_than_calibration_samples_is_noted(tiny_gpt2_dir, tmp_path, lines, note,
+                                                                              used):
+    """...in the export's output, and the manifest records how many samples fed the graphs (it recorded only
+    where they came from)."""
     text = tmp_path / "calib.txt"
     text.write_text("".join(f"the quick brown fox number {i}\n" for i in range(lines)))
     out = tmp_path / "out"
@@ -246,6 +250,8 @@ def test_a_calibration_file_of_another_size_than_calibration_samples_is_noted(ti
                      "--calibration", str(text), "--allow-quality-loss")
     assert result.exit_code == 0, result.output
     assert f"note: --calibration {text} {note}" in result.output
+    quality = json.loads((out / "manifest.json").read_text())["quality"]
+    assert quality["calibration"] == f"file:{text}" and quality["calibration_samples"] == used
 
 
 class _Bigram:

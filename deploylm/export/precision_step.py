@@ -43,14 +43,15 @@ class PrecisionReport:
     calibration: str | None = None                    # where calibration text came from
     held_out: str | None = None                       # where the quality report's held-out text came from
     notes: tuple[str, ...] = ()
+    calibration_samples: int | None = None            # token sequences that fed the graphs (None: none were read)
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, "precision": self.precision, "applied": self.applied,
                 "method": self.method, "kept_fp32": {k: list(v) for k, v in self.kept_fp32.items()},
                 "auto_kept": self.auto_kept, "attempts": self.attempts, **(self.quality or {}),
                 "budget_met": not self.budget_failures, "budget_failures": list(self.budget_failures),
-                "fallback_cost": self.fallback_cost, "calibration": self.calibration, "held_out": self.held_out,
-                "notes": list(self.notes)}
+                "fallback_cost": self.fallback_cost, "calibration": self.calibration,
+                "calibration_samples": self.calibration_samples, "held_out": self.held_out, "notes": list(self.notes)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrecisionReport":
@@ -65,7 +66,7 @@ class PrecisionReport:
                    {k: tuple(v) for k, v in (data.get("kept_fp32") or {}).items()}, int(data.get("auto_kept", 0)),
                    int(data.get("attempts", 0)), quality, tuple(data.get("budget_failures") or ()),
                    data.get("fallback_cost"), data.get("calibration"), data.get("held_out"),
-                   tuple(data.get("notes") or ()))
+                   tuple(data.get("notes") or ()), data.get("calibration_samples"))
 
     def lines(self) -> list[str]:
         if not self.applied:
@@ -103,6 +104,7 @@ class _Workspace:
     held: Any
     calibration_origin: str | None = None
     calibration_note: str | None = None     # a --calibration file shorter or longer than calibration_samples
+    calibration_count: int | None = None    # sequences that fed the graphs (empty texts dropped)
     tries: int = 0
     dirs: dict[int, Path] = field(default_factory=dict)   # id(verdict) -> its folder
     verdicts: list[Verdict] = field(default_factory=list)
@@ -261,6 +263,7 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
     samples = (q.calibration_samples if q is not None and q.calibration_samples else SENSITIVITY_SAMPLES)
     calib, held = text_sets(source, file, samples, seq2seq)
     feeds: dict[str, list[dict]] = {}
+    pairs: list = []
     if needs_feeds:
         tokenizer = load_tokenizer(folder_source(ref))
         room = _window(ref)
@@ -277,7 +280,7 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
             short = (f"--calibration {file} has {total} samples: the first {samples} (the profile's "
                      "calibration_samples) were used")
     return _Workspace(root, ref, _shipped_fp32(root, ref, graphs, profile), profile, graphs, feeds, held,
-                      calib.origin if needs_feeds else None, short)
+                      calib.origin if needs_feeds else None, short, len(pairs) if needs_feeds else None)
 
 
 def _shipped_fp32(root: Path, ref: Path, graphs: list[str], profile: Any) -> Path:
@@ -387,4 +390,4 @@ def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResu
         kept_fp32={f: v for f, v in final.kept.items() if v}, auto_kept=auto_kept,
         attempts=result.attempts, quality=final.quality.to_dict(), budget_failures=tuple(failures),
         fallback_cost=cost, calibration=work.calibration_origin, held_out=work.held.origin,
-        notes=tuple(notes))
+        notes=tuple(notes), calibration_samples=work.calibration_count)
