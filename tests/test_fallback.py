@@ -333,7 +333,8 @@ def test_the_workspace_keeps_listed_ops_and_kept_nodes_in_fp32(tmp_path, precisi
                               quantization=Quantization("dynamic", weight_type="quint8") if precision == "int8" else None)
     work = _Workspace(tmp_path, ref, ref, profile, ["model.onnx"], {}, None)
     base = _base_exclusions(work)
-    assert base == {"model.onnx": ("embed", "tie", "fc2")}
+    # int8 dynamic quantizes neither the Gather nor the Transpose: they are not "kept in fp32" (they were counted)
+    assert base == {"model.onnx": ("fc2",) if precision == "int8" else ("embed", "tie", "fc2")}
     work.convert({"model.onnx": (*base["model.onnx"], "fc1")}, tmp_path / "out")
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     nodes = {n.name: n for n in model.graph.node}
@@ -341,6 +342,38 @@ def test_the_workspace_keeps_listed_ops_and_kept_nodes_in_fp32(tmp_path, precisi
     assert [nodes[n].input[1] for n in ("fc1", "fc2")] == ["w1", "w2"]               # kept: fp32 weights
     assert inits["w1"] == inits["w2"] == inits["emb"] == TensorProto.FLOAT             # the table's users listed
     assert nodes["embed"].op_type == "Gather" and nodes["embed"].input[0] == "emb"
+
+
+@pytest.mark.parametrize("quantization, kept", [
+    (("weight-only", dict(block_size=16, algorithm="rtn", embedding=True)), ("embed", "fc1", "fc2", "lm_head")),
+    (("weight-only", dict(block_size=16, algorithm="rtn")), ("fc1", "fc2", "lm_head")),
+    (("static", dict(weight_type="qint8")), ("fc1", "fc2", "lm_head")),
+    (("dynamic", dict(weight_type="quint8")), ("fc1", "fc2", "lm_head"))])
+def test_int8_reports_as_kept_only_listed_nodes_its_quantizer_would_convert(tmp_path, quantization, kept):
+    """`[precision_fallback] ops = ["MatMul", "Gather", "Relu"]` in an int8 profile: the report's kept_fp32 (and its
+    "N node(s) kept in fp32") counted every listed node, also those no int8 method converts (attention's
+    activation MatMuls, a Relu, the embedding Gather unless weight-only quantizes the table)."""
+    from types import SimpleNamespace
+
+    from onnx import helper
+
+    from deploylm.export.precision_step import _base_exclusions, _Workspace
+    from deploylm.profiles import Quantization
+    from tests.test_quantize import tied_graph
+
+    ref = tmp_path / "fp32"
+    ref.mkdir()
+    model = onnx.load(str(tied_graph(ref / "model.onnx")))
+    # an activation x activation product, as attention's Q.K^T: no constant weight to quantize
+    model.graph.node.append(helper.make_node("MatMul", ["y", "y_t"], ["scores"], name="attn_scores"))
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("Transpose", ["y"], ["y_t"], name="yt",
+                                                                        perm=[0, 2, 1]))
+    onnx.save(model, str(ref / "model.onnx"))
+    method, fields = quantization
+    profile = SimpleNamespace(name="p", precision="int8", quantization=Quantization(method, **fields),
+                              precision_fallback=PrecisionFallback(ops=("MatMul", "Gather", "Relu")))
+    base = _base_exclusions(_Workspace(tmp_path, ref, ref, profile, ["model.onnx"], {}, None))
+    assert sorted(base["model.onnx"]) == sorted(kept)
 
 
 def test_a_first_candidate_that_passes_is_not_searched(tmp_path, monkeypatch):

@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 from deploylm.errors import CheckFailed, UsageError
 from deploylm.export import io_spec
-from deploylm.export.fallback import Exclusions, SearchResult, Verdict, listed_nodes, rank_nodes, search
+from deploylm.export.fallback import (Exclusions, SearchResult, Verdict, listed_nodes, quantizable_nodes, rank_nodes,
+                                      search)
 
 GRAPH_FILES = (io_spec.MODEL_FILE, io_spec.ENCODER_FILE, io_spec.DECODER_FILE)
 JUDGE_NEW_TOKENS = 16
@@ -316,10 +317,14 @@ def _base_exclusions(work: _Workspace) -> Exclusions:
     fb = work.profile.precision_fallback
     if fb is None:
         return {}
+    q = work.profile.quantization
     out, names, types = {}, set(), set()
     for file in work.graphs:
         model = onnx.load(str(work.ref / file), load_external_data=False)
         out[file] = listed_nodes(model, fb.ops, fb.nodes)
+        if q is not None:    # int8/int4 quantize constant-weight nodes only: an attention MatMul is not "kept"
+            can = quantizable_nodes(model, gathers=q.method == "weight-only" and bool(q.embedding))
+            out[file] = tuple(n for n in out[file] if n in can)
         names |= {n.name for n in model.graph.node}
         types |= {n.op_type for n in model.graph.node}
     _check_listed(fb, names, types, work.profile.name)
