@@ -124,7 +124,8 @@ def _alive(pid: int) -> bool:
 
 def replace_dir(new: Path, target: Path, carry_over: bool = False) -> None:
     """Move the finished folder `new` to `target`, replacing what is there; the old folder is removed
-    (with `carry_over`, its entries that `new` lacks are moved into the new folder first).
+    (with `carry_over`, its entries that `new` lacks are linked (or copied) into `new` before the swap, so
+    that no moment, a SIGKILL included, leaves a target without them).
 
     With an existing target the swap is atomic where `exchange` works; otherwise the old folder is
     renamed aside first and put back if the second rename fails."""
@@ -132,6 +133,10 @@ def replace_dir(new: Path, target: Path, carry_over: bool = False) -> None:
     if not target.exists():
         os.replace(new, target)
         return
+    if carry_over:
+        for entry in target.iterdir():
+            if not (new / entry.name).exists() and not (new / entry.name).is_symlink():
+                _link_or_copy(entry, new / entry.name)
     if exchange(new, target):          # `new` now holds the old folder
         old = new
     else:
@@ -142,11 +147,22 @@ def replace_dir(new: Path, target: Path, carry_over: bool = False) -> None:
         except BaseException:
             os.replace(old, target)
             raise
-    if carry_over:
-        for entry in old.iterdir():
-            if not (target / entry.name).exists():
-                os.replace(entry, target / entry.name)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """`src` (a file, a link or a folder) at `dst` as hard links where the filesystem has them (no data is
+    copied), else as a copy."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(a, b, follow_symlinks=False)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(str(src), str(dst))
 
 
 def refuse_current_folder(target: Path, flag: str = "--out") -> None:

@@ -68,6 +68,48 @@ def test_carry_over_keeps_the_old_folders_extra_entries(tmp_path, monkeypatch, a
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "two-renames"])
+def test_carried_over_entries_are_in_the_new_folder_before_the_swap(tmp_path, monkeypatch, atomic):
+    """A checkpoint save carries the run folder's other entries (metrics.json, tokenizer_config.json, folders)
+    over. They were moved in after the swap, so a SIGKILL between the swap and the moves left a run
+    without them (and them in a `.old-` folder the next save deleted); now the new folder holds them
+    (hard links, no data copied) when it takes the target's place."""
+    old = make(tmp_path / "out", "old")
+    (old / "metrics.json").write_text("{}")
+    (old / "extra").mkdir()
+    (old / "extra" / "notes.txt").write_text("kept")
+    new = make(tmp_path / ".new", "new")
+    seen = []
+    if atomic:
+        real = fsutil.exchange
+        if not real(make(tmp_path / "a", "a"), make(tmp_path / "b", "b")):
+            pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+        for name in ("a", "b"):
+            fsutil.shutil.rmtree(tmp_path / name)
+        monkeypatch.setattr(fsutil, "exchange", lambda a, b: (seen.append(sorted(os.listdir(a))), real(a, b))[1])
+    else:
+        monkeypatch.setattr(fsutil, "exchange", lambda a, b: False)
+        real_replace = os.replace
+        monkeypatch.setattr(fsutil.os, "replace", lambda a, b: (
+            seen.append(sorted(os.listdir(a))) if str(a) == str(new) else None, real_replace(a, b))[1])
+    fsutil.replace_dir(new, old, carry_over=True)
+    assert seen == [["extra", "file.txt", "metrics.json"]]
+    assert (old / "extra" / "notes.txt").read_text() == "kept" and (old / "metrics.json").read_text() == "{}"
+    assert (old / "file.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_carry_over_copies_where_hard_links_fail(tmp_path, monkeypatch):
+    old = make(tmp_path / "out", "old")
+    (old / "metrics.json").write_text("{}")
+
+    def no_links(*a, **k):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(fsutil.os, "link", no_links)
+    fsutil.replace_dir(make(tmp_path / ".new", "new"), old, carry_over=True)
+    assert (old / "metrics.json").read_text() == "{}" and (old / "file.txt").read_text() == "new"
+
+
 def test_the_precision_steps_scratch_is_cleaned_like_the_export_folder(tmp_path):
     """A SIGKILLed quantizing export left `..<name>.tmp-...precision-XXXX` (690 MB for SmolLM2) that no
     later export removed; its scratch is now named so that the next export of the folder removes it."""
