@@ -164,6 +164,30 @@ def test_an_interrupted_run_says_what_it_saved_and_how_to_go_on(tmp_path, fast, 
         train(TrainConfig(out=tmp_path / "b", steps=20, **fast))
 
 
+def test_a_stopped_extension_names_the_checkpoint_it_resumed_from(tmp_path, fast, capsys, monkeypatch):
+    """A finished 7-step run (checkpoints at 5 and 7) extended to 20 and stopped at step 9 (or diverging there)
+    still holds its step-7 checkpoint: the line said "step 5 or earlier" (a multiple of --checkpoint-every, not
+    the step saved), and with --checkpoint-every above the resumed step "step 0" or "no checkpoint was saved"."""
+    from deploylm.errors import TrainingDiverged
+    from deploylm.training import trainer
+
+    train(TrainConfig(out=tmp_path / "run", steps=7, **fast))
+
+    def stop_at_9(step, loss):
+        if step == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast), on_step=stop_at_9)
+    assert "interrupted at step 9: " + repr(str(tmp_path / "run")) + " holds the checkpoint of step 7 or earlier" \
+        in capsys.readouterr().err
+    assert load_training_state(tmp_path / "run")["step"] == 7
+    step = trainer._train_step
+    monkeypatch.setattr(trainer, "_train_step", lambda run, *a: (float("nan"), 1) if run.step == 8 else step(run, *a))
+    with pytest.raises(TrainingDiverged, match=r"at step 9 .*the last checkpoint in '.*run' \(step 7\) is kept"):
+        train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **{**fast, "checkpoint_every": 50}))
+
+
 def test_a_second_training_into_the_same_out_is_refused_while_the_first_runs(tmp_path, fast):
     """Two commands on one --out used to both run and leave one's weights beside the other's metrics."""
     from deploylm.fsutil import exclusive_writer

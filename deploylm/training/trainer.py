@@ -51,6 +51,7 @@ class Run:
     dist: Dist
     work: Seq2SeqWork | LMWork
     step: int = 0
+    saved_step: int = 0               # the step of the newest checkpoint in --out (begun; 0: none)
     losses: list[float] = field(default_factory=list)
     validation: list[dict[str, float]] = field(default_factory=list)
 
@@ -96,7 +97,7 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
                 torch.manual_seed(rank_seed(config.seed, dist.rank, run.step))
             batch = work.batch(dist.shard(stream.examples_at(run.step)))
             loss, n_tokens = _train_step(run, batch.to(run.device), config)
-            check_finite_loss(loss, run.step + 1, config.lr, config.out, config.checkpoint_every)
+            check_finite_loss(loss, run.step + 1, config.lr, config.out, run.saved_step)
             step_time += time.perf_counter() - tick
             run.step += 1
             run.losses.append(loss)
@@ -106,7 +107,7 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
                 on_step(run.step, loss)
     except (KeyboardInterrupt, SystemExit):       # Ctrl-C, SIGTERM: say what is saved, then stop
         if dist.is_main:
-            bar.write(interrupted_line(config, run.step), file=sys.stderr)
+            bar.write(interrupted_line(config, run.step, run.saved_step), file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -127,29 +128,24 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
 
 
-def last_checkpoint(steps_done: int, every: int) -> int:
-    """The step of the last periodic checkpoint after `steps_done` steps (0: none yet)."""
-    return steps_done // every * every
-
-
-def interrupted_line(config: TrainConfig, step: int) -> str:
-    """What a stopped run left: its last checkpoint and the command that continues from it."""
-    last = last_checkpoint(step, config.checkpoint_every)
-    if last == 0 and not (config.out / TRAINING_STATE).is_file():
+def interrupted_line(config: TrainConfig, step: int, saved: int) -> str:
+    """What a stopped run left: its last checkpoint (`saved`: the step of the newest one begun, the resumed one's
+    included: not always a multiple of --checkpoint-every) and the command that continues from it."""
+    if saved == 0 or not (config.out / TRAINING_STATE).is_file():
         return (f"interrupted at step {step}: no checkpoint saved yet (every {config.checkpoint_every} steps, "
                 "--checkpoint-every); start again with --force")
-    return (f"interrupted at step {step}: {str(config.out)!r} holds the checkpoint of step {last} or earlier; "
+    return (f"interrupted at step {step}: {str(config.out)!r} holds the checkpoint of step {saved} or earlier; "
             "continue it with the same command and --resume")
 
 
-def check_finite_loss(loss: float, step: int, lr: float, out: Path | None, every: int | None) -> None:
-    """TrainingDiverged before anything is saved when the loss of `step` is NaN or infinite."""
+def check_finite_loss(loss: float, step: int, lr: float, out: Path | None, saved: int | None) -> None:
+    """TrainingDiverged before anything is saved when the loss of `step` is NaN or infinite; `saved`: the step
+    of the checkpoint kept in `out` (0: none yet, None: a run that keeps none)."""
     if math.isfinite(loss):
         return
     kept = ""
-    if out is not None and every:
-        last = last_checkpoint(step - 1, every)
-        kept = (f"; the last checkpoint in {str(out)!r} (step {last}) is kept" if last else
+    if out is not None and saved is not None:
+        kept = (f"; the last checkpoint in {str(out)!r} (step {saved}) is kept" if saved else
                 "; no checkpoint was saved")
     raise TrainingDiverged(f"the training loss became {loss} at step {step} with lr {lr:g}: the weights are no longer "
                            f"usable; lower --lr or warm up over more steps (--warmup){kept}")
@@ -169,6 +165,7 @@ def _after_step(config: TrainConfig, plan: Plan, run: Run, stream: BatchStream, 
                 bar.write(f"step {run.step}: validation " + "  ".join(_fmt(k, v) for k, v in res.items()), file=sys.stderr)
         run.dist.barrier()
     if run.step % config.checkpoint_every == 0 or last:
+        run.saved_step = run.step
         if run.dist.is_main:
             _save(config, run, stream)
         run.dist.barrier()
@@ -258,7 +255,7 @@ def _shared_tokenizer(plan: Plan, config: TrainConfig, dist: Dist) -> Tokenizer:
 
 def _resume(run: Run, saved: dict[str, Any]) -> None:
     train_state.restore(saved, run.optimizer, run.scheduler, run.scaler)
-    run.step = int(saved["step"])
+    run.step = run.saved_step = int(saved["step"])
     run.losses = [float(x) for x in saved["losses"]]
     run.validation = [dict(v) for v in saved["validation"]]
 
