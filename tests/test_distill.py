@@ -618,6 +618,29 @@ def test_decoder_teacher_on_another_file_uses_the_given_seed_and_default_cleanin
     assert few.splits.train == ["first paragraph", "second paragraph"] and few.splits.test == []
 
 
+def test_a_decoder_teacher_moved_with_its_text_keeps_its_seed_and_cleaning(tmp_path):
+    """The teacher and its text copied to another folder (or machine): the file at its new path is the one the
+    teacher trained on (same sha256), so it is cleaned and split as training did; it was taken for another
+    file (seed --seed, default cleaning), which put the teacher's test paragraphs in the student's training."""
+    import shutil
+
+    from deploylm.training.clean import CleanOptions
+    from deploylm.training.config import file_sha256
+
+    teacher = tmp_path / "lm"
+    teacher.mkdir()
+    trained = tmp_path / "then" / "trained.txt"
+    trained.parent.mkdir()
+    trained.write_text("\n\n".join(f"paragraph {i}: the fox" for i in range(30)) + "\n")
+    clean = CleanOptions(min_length=3, max_length=500)
+    torch.save({"identity": {"arch": "decoder", "data": str(trained.resolve()), "seed": 5, "clean": clean.as_json(),
+                             "data_sha256": file_sha256(trained)}}, teacher / "training_state.pt")
+    moved = shutil.copy(trained, tmp_path / "trained.txt")
+    trained.unlink()
+    text = distill_setup._teacher_text(DistillConfig(teacher=teacher, out=tmp_path / "s", data=moved, seed=1), teacher)
+    assert text.record["seed"] == 5 and text.record["clean"] == clean.as_json()
+
+
 def test_the_teacher_runs_in_eval_mode_without_gradients(seed_teacher, tmp_path, monkeypatch):
     """docs/distillation.md: the teacher runs in eval mode (its soft targets are its own distribution, not
     dropout noise) and without gradients; the student trains with dropout."""

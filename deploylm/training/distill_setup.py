@@ -186,9 +186,14 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
 
 
 def is_teachers_file(path: Path, identity: dict[str, Any]) -> bool:
-    """`path` is the --data file the teacher's training_state.pt `identity` records."""
-    trained_on = identity.get("data")
-    return bool(trained_on) and path.is_file() and Path(trained_on).resolve() == path.resolve()
+    """`path` is the --data file the teacher's training_state.pt `identity` records: that path, or a copy of the
+    file as it was (its recorded sha256: the teacher and its text moved to another folder or machine)."""
+    from deploylm.training.config import file_sha256
+
+    trained_on, recorded = identity.get("data"), identity.get("data_sha256")
+    if not (trained_on and path.is_file()):
+        return False
+    return Path(trained_on).resolve() == path.resolve() or (isinstance(recorded, str) and file_sha256(path) == recorded)
 
 
 def check_teacher_data(path: Path, identity: dict[str, Any], teacher: Path) -> None:
