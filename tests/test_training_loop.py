@@ -100,6 +100,23 @@ def test_resume_refuses_other_data_at_the_same_path(tmp_path, fast):
         train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **settings))
 
 
+def test_a_run_moved_with_its_data_resumes(tmp_path, fast):
+    """The run folder and its --data file copied to another folder (or machine): the same bytes at another path
+    are the same data, and the run continues (it was refused as "trained with data '/old/path'", leaving only
+    --force); other contents at the new path are still refused."""
+    import shutil
+
+    train(TrainConfig(out=tmp_path / "run", steps=4, **fast))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "run", moved / "run")
+    data = shutil.copy(fast["data"], moved / "pairs.jsonl")
+    settings = {**fast, "data": data}
+    assert train(TrainConfig(out=moved / "run", steps=6, resume=True, **settings)).steps == 6
+    Path(data).write_text(Path(data).read_text() + '{"source": "one more", "target": "more one"}\n')
+    with pytest.raises(UsageError, match="data_sha256"):
+        train(TrainConfig(out=moved / "run", steps=8, resume=True, **settings))
+
+
 def test_a_cosine_run_resumes_to_its_own_end_only(tmp_path, fast):
     """The cosine schedule decays to 0 at `steps`: extending a cosine run with --resume --steps N' made the
     learning rate jump back up mid-run. Resuming to the same end works; another end is refused by name."""

@@ -188,6 +188,8 @@ def _resume_state(config: TrainConfig) -> dict[str, Any]:
     saved = load_training_state(out)
     train_state.check(saved, str(out / TRAINING_STATE))
     mine, theirs = _resolved(config.identity()), _resolved(saved.get("identity", {}))
+    if theirs.get("data_sha256") is not None and theirs.get("data_sha256") == mine.get("data_sha256"):
+        mine = {**mine, "data": theirs.get("data")}   # the same file moved (another folder or machine): the same data
     differ = [f"{key} {theirs.get(key)!r} (now {mine[key]!r})" for key in mine  # keys older runs lack are not compared
               if key in theirs and theirs.get(key) != mine[key]]
     if differ:
