@@ -1,7 +1,7 @@
 """Profiles: TOML files that say how to export, quantize, check and run a model (DESIGN.md §7).
 
-A profile is data. `load_profile("int8")` reads a built-in from profiles/ (shipped in the wheel as
-deploylm/builtin_profiles), `load_profile("my.toml")` a user's file. Every key is validated here:
+A profile is data. `load_profile("int8")` reads a built-in from deploylm/builtin_profiles
+(profiles/ at the top of the tree links to it), `load_profile("my.toml")` a user's file. Every key is validated here:
 unknown keys, wrong types and out-of-range values raise ProfileError naming the file, the key and
 what is allowed. Parity tolerances live in the profile's [parity] table and nowhere else.
 """
@@ -384,7 +384,7 @@ def _generation(data: Any, origin: str) -> dict[str, Any]:
 
 
 def builtin_dir() -> Path:
-    """The folder of built-in profiles (profiles/ in the source tree, builtin_profiles in the wheel)."""
+    """The folder of built-in profiles (a real folder of the package: profiles/ is only a link to it)."""
     return Path(str(importlib.resources.files("deploylm") / "builtin_profiles"))
 
 

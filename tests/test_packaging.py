@@ -62,3 +62,23 @@ def test_the_build_requirement_reads_the_spdx_license_string():
     assert isinstance(pyproject["project"]["license"], str)
     floor = [re.fullmatch(r"setuptools>=(\d+)", r) for r in pyproject["build-system"]["requires"]]
     assert any(m and int(m.group(1)) >= 77 for m in floor), pyproject["build-system"]["requires"]
+
+
+def test_a_wheel_built_where_symlinks_are_plain_files_still_carries_the_profiles(tmp_path):
+    """pip unpacks a source .zip (`git archive --format=zip`, a forge's "Download ZIP") and git checks out on a system
+    without symlinks by writing each symlink as a small file holding its target. The built-in profiles were reached
+    through the symlink deploylm/builtin_profiles -> ../profiles, so such a build made a wheel with no profile at all:
+    `deploylm profiles` died with a ValueError traceback and every `--profile NAME` was "unknown"."""
+    pytest.importorskip("setuptools", minversion="77")
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=JUNK)
+    for link in [p for p in src.rglob("*") if p.is_symlink()]:
+        target = str(link.readlink())
+        link.unlink()
+        link.write_text(target)
+    code = "import sys; from setuptools import build_meta as b; name = b.build_wheel(sys.argv[1]); print(); print(name)"
+    run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with zipfile.ZipFile(out / run.stdout.splitlines()[-1]) as whl:
+        shipped = {Path(n).name for n in whl.namelist() if n.startswith("deploylm/builtin_profiles/")}
+    assert shipped == {p.name for p in (ROOT / "deploylm" / "builtin_profiles").glob("*.toml")} and "fp32.toml" in shipped
