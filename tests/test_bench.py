@@ -920,3 +920,20 @@ def test_a_refusal_naming_a_prompt_mid_message_is_numbered_in_the_prompt_list_to
         with pytest.raises(UsageError) as raised:
             run_round(refusing(message), *second_call)
         assert str(raised.value) == said
+
+
+def test_a_row_without_a_reference_is_compared_with_the_first_row():
+    """A row whose reference cannot be told (a deploylm checkpoint, an artifact whose original changed) is not
+    known to be another model than the first row's: its "= #1" is counted (2/2 here), not "-"; a row of another
+    model that has a reference of its own still gets "-"."""
+    from deploylm.benchmarking.report import compare, summarize
+    from deploylm.benchmarking.workload import RowSpec
+
+    specs = [RowSpec("a [torch]", "a", "torch", "fp32", reference="transformers (a)"),
+             RowSpec("ck [torch]", "ck", "torch", "fp32"),
+             RowSpec("b [torch]", "b", "torch", "fp32", reference="transformers (b)"),
+             RowSpec("transformers (a)", "a", "transformers", "fp32"),
+             RowSpec("transformers (b)", "b", "transformers", "fp32")]
+    rows = compare([summarize(s, [_round(1.0, SAME)], 0.5, None, None) for s in specs])
+    assert [r.same_as_first for r in rows] == [2, 2, None, 2, None]
+    assert [r.same_as_reference for r in rows] == [2, None, 2, 2, 2]
