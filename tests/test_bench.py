@@ -937,3 +937,17 @@ def test_a_row_without_a_reference_is_compared_with_the_first_row():
     rows = compare([summarize(s, [_round(1.0, SAME)], 0.5, None, None) for s in specs])
     assert [r.same_as_first for r in rows] == [2, 2, None, 2, None]
     assert [r.same_as_reference for r in rows] == [2, None, 2, 2, 2]
+
+
+def test_the_report_tells_standard_prompts_and_the_load_average_at_the_end(tiny_gpt2_dir):
+    """`workload.standard_prompts` is true for the standard prompts only (a --prompts file is another workload),
+    and `machine` holds the load average at the end of the run next to the one at its start (docs/bench.md:
+    "load average at start and end")."""
+    def report(**change):
+        config = BenchConfig(**{"models": (str(tiny_gpt2_dir),), "rounds": 1, "warmup": 0, "reference": False,
+                                **change})
+        return run_bench(config, open_runner=lambda spec, workload: FakeRunner(spec, [], [1.0], SAME)).to_dict()
+
+    standard, custom = report(), report(prompts=PROMPTS[:3])
+    assert (standard["workload"]["standard_prompts"], custom["workload"]["standard_prompts"]) == (True, False)
+    assert {"load_average", "load_average_end"} <= set(standard["machine"])
