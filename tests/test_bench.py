@@ -951,3 +951,38 @@ def test_the_report_tells_standard_prompts_and_the_load_average_at_the_end(tiny_
     standard, custom = report(), report(prompts=PROMPTS[:3])
     assert (standard["workload"]["standard_prompts"], custom["workload"]["standard_prompts"]) == (True, False)
     assert {"load_average", "load_average_end"} <= set(standard["machine"])
+
+
+def test_peak_and_current_rss_read_procs_fields_in_mib(monkeypatch):
+    """peak_rss_mib is VmHWM (kB / 1024), not VmRSS; current_rss_mib is statm's resident pages × the page size
+    (64 KiB pages on some arm64 kernels)."""
+    import io
+
+    from deploylm.benchmarking import worker
+
+    files = {"/proc/self/status": "Name:\tpython\nVmPeak:\t 9999 kB\nVmRSS:\t 1024 kB\nVmHWM:\t 3072 kB\n",
+             "/proc/self/statm": "5000 40 10 1 0 20 0\n"}
+    monkeypatch.setattr(worker, "open", lambda path, *a, **k: io.StringIO(files[path]), raising=False)
+    monkeypatch.setattr(worker.resource, "getpagesize", lambda: 65536)
+    assert worker.peak_rss_mib() == 3.0
+    assert worker.current_rss_mib() == 2.5
+
+
+def test_a_worker_answers_its_rss_once_loaded_and_its_peak_at_close(tiny_gpt2_dir, monkeypatch):
+    """After loading, the worker sends its RSS now (rss_after_load_mib); on "close" its peak (peak_rss_mib)."""
+    import multiprocessing
+
+    import torch
+
+    from deploylm.benchmarking import measure, worker
+
+    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
+    monkeypatch.setattr(worker, "quiet_libraries_env", lambda: None)
+    monkeypatch.setattr(worker, "current_rss_mib", lambda: 111.0)
+    monkeypatch.setattr(worker, "peak_rss_mib", lambda: 222.0)
+    monkeypatch.setattr(measure, "open_local_runner", lambda spec, workload: FakeRunner(spec, [], [1.5], SAME))
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], threads=torch.get_num_threads())
+    parent, child = multiprocessing.Pipe()
+    parent.send("close")
+    worker.serve(child, plan_rows(config)[0], workload_of(config))
+    assert parent.recv() == ("ok", (0.5, 111.0)) and parent.recv() == ("ok", 222.0)
