@@ -986,3 +986,22 @@ def test_a_worker_answers_its_rss_once_loaded_and_its_peak_at_close(tiny_gpt2_di
     parent.send("close")
     worker.serve(child, plan_rows(config)[0], workload_of(config))
     assert parent.recv() == ("ok", (0.5, 111.0)) and parent.recv() == ("ok", 222.0)
+
+
+def test_only_a_refused_prompt_gets_the_bench_advice(tiny_gpt2_dir):
+    """A row's refusal is prefixed with the row's label; "--prompts FILE, --max-new-tokens N" is advised for a
+    refused prompt only, not for a refusal those flags cannot help with."""
+    def refusal(message):
+        class Refusing(FakeRunner):
+            def run(self):
+                raise UsageError(message)
+
+        config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], rounds=1, warmup=0, reference=False)
+        with pytest.raises(UsageError) as raised:
+            run_bench(config, open_runner=lambda spec, workload: Refusing(spec, [], [1.0], SAME))
+        return str(raised.value)
+
+    label = f"{tiny_gpt2_dir.name} [torch]"
+    assert refusal("prompt 2 has 300 tokens") == \
+        f"{label}: prompt 2 has 300 tokens (bench: --prompts FILE, --max-new-tokens N)"
+    assert refusal("the model has no tokenizer") == f"{label}: the model has no tokenizer"
