@@ -1005,3 +1005,20 @@ def test_only_a_refused_prompt_gets_the_bench_advice(tiny_gpt2_dir):
     assert refusal("prompt 2 has 300 tokens") == \
         f"{label}: prompt 2 has 300 tokens (bench: --prompts FILE, --max-new-tokens N)"
     assert refusal("the model has no tokenizer") == f"{label}: the model has no tokenizer"
+
+
+def test_the_peak_rss_note_says_whether_rows_ran_in_worker_processes(tiny_gpt2_dir, monkeypatch):
+    """Rows in worker processes: each row's peak RSS is its own (rss_scope "row", no process peak); rows in this
+    process: the note says per-row peak RSS was not measured (rss_scope "process", the process's peak)."""
+    from deploylm.benchmarking import runner
+
+    monkeypatch.setattr(runner, "_default_opener",
+                        lambda isolate: lambda spec, workload: FakeRunner(spec, [], [1.0] * 3, SAME))
+    for isolate, scope, note in (
+            (True, "row", "peak RSS: each row's own worker process (imports + model + its runs)"),
+            (False, "process", "peak RSS per row not measured: every row ran in this process "
+                               "(see process_peak_rss_mib)")):
+        report = run_bench(BenchConfig(models=(str(tiny_gpt2_dir),), prompts=PROMPTS[:2], rounds=3, warmup=0,
+                                       reference=False, isolate=isolate))
+        assert report.rss_scope == scope and (report.process_peak_rss_mib is None) == isolate
+        assert [n for n in report.notes if n.startswith("peak RSS")] == [note]
