@@ -65,3 +65,34 @@ def test_anything_else_is_one_usage_error(tmp_path, setup, message):
         resolve_source(path)
     with pytest.raises(UsageError, match=r"expected the path"):
         resolve_source("  ")
+
+
+def test_a_config_json_that_is_not_utf8_is_named_as_not_valid_json(tmp_path):
+    folder = _folder(tmp_path / "m")
+    (folder / "config.json").write_bytes(b'{"model_type": "\xff\xfe"}')
+    with pytest.raises(UsageError, match=r"config.json: not valid JSON"):
+        resolve_source(folder)
+
+
+def test_a_config_json_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch):
+    """The tests run as root, for whom chmod 000 changes nothing: reading config.json fails as it would."""
+    from pathlib import Path
+
+    folder = _folder(tmp_path / "m", {"model_type": "llama"})
+    read = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(UsageError, match=r"cannot read .*config.json \(Permission denied\): check its permissions"):
+        resolve_source(folder)
+
+
+def test_a_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    source = resolve_source("~/m.gguf")
+    assert (source.kind, source.path) == ("gguf", tmp_path / "m.gguf")
