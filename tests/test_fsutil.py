@@ -199,3 +199,27 @@ def test_a_name_too_long_for_the_temporary_folder_is_refused_before_any_work(tmp
     assert str(err.value) == (f"--out {str(too_long)!r}: its name is {limit - 21} bytes, and it is written first as "
                               f"'.<name>.tmp-...' beside it, which must fit the file system's {limit}: use a name of "
                               f"at most {limit - 22} bytes")
+
+
+def test_a_temporary_of_another_users_live_writer_is_kept(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on another user's process raises PermissionError: that writer is alive, and its
+    temporary folder must not be deleted under it (the tests run as root, so the refusal is simulated)."""
+    live = tmp_path / ".out.tmp-0123abcd-4242"
+    live.mkdir()
+
+    def not_yours(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(fsutil.os, "kill", not_yours)
+    assert fsutil.remove_stale_temporaries(tmp_path / "out") == [] and live.is_dir()
+
+
+@pytest.mark.parametrize("errno", [38, 22, 95, 1], ids=["ENOSYS", "EINVAL", "EOPNOTSUPP", "EPERM"])
+def test_a_system_that_refuses_the_exchange_falls_back_to_two_renames(tmp_path, monkeypatch, errno):
+    """renameat2 exists but the kernel or file system refuses RENAME_EXCHANGE (old kernels: ENOSYS; file
+    systems without it: EINVAL or EOPNOTSUPP; some sandboxes: EPERM): the swap takes the fallback path."""
+    monkeypatch.setattr(fsutil, "_RENAMEAT2", lambda *args: -1)
+    monkeypatch.setattr(fsutil.ctypes, "get_errno", lambda: errno)
+    make(tmp_path / "out", "old")
+    fsutil.replace_dir(make(tmp_path / ".new", "new"), tmp_path / "out")
+    assert (tmp_path / "out" / "file.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
