@@ -204,3 +204,21 @@ def test_a_deploylm_checkpoints_tokenizer_loads_without_transformers_reading_its
     finally:
         logger.removeHandler(handler)
     assert tokenizer("12")["input_ids"] and not [m for m in messages if "deploylm-lm" in m], messages
+
+
+def test_the_pad_id_given_to_a_light_tokenizer_reaches_its_transformers_tokenizer(tiny_llama_dir, tmp_path):
+    """A tokenizer without a pad token pads with the model's pad id (pad_like_the_model); a call the light
+    tokenizer hands to transformers (truncation) pads with that id too, not 'Asking to pad but ...'."""
+    from types import SimpleNamespace
+
+    from deploylm.models.tokenizer import pad_like_the_model
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "pad_token"}))
+    light = light_tokenizer(tmp_path)
+    assert light.pad_token_id is None
+    pad_like_the_model(light, SimpleNamespace(pad_token_id=2))
+    out = light(["a", "the quick brown fox"], return_tensors="pt", padding=True, truncation=True, max_length=4)
+    assert out["input_ids"][0, -1].item() == 2 and out["attention_mask"][0].tolist()[-1] == 0
