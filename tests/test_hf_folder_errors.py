@@ -622,3 +622,10 @@ def test_gguf_weights_load_as_the_files_tensors_dequantized_in_hugging_face_layo
         else:    # a 4-bit grid of 16 steps over each block of 32 values: within a step of the original
             step = float((want.max() - want.min()) / (15 if "Q4" in tensor_type else 255))
             assert float(np.abs(got - want.numpy()).max()) <= step, hf_name
+
+
+def test_a_generation_config_with_several_eos_ids_loads_with_all_of_them(llama):
+    """Llama 3 and others list several end tokens: eos_token_id as a list of ids is valid, not damage."""
+    gen = json.loads((llama / "generation_config.json").read_text())
+    (llama / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, 1]}))
+    assert deploylm.load(llama).backend.info.special.eos_token_ids == (2, 1)

@@ -216,7 +216,9 @@ def test_generation_defaults_come_from_generation_config(tiny_llama_dir, tmp_pat
 
 
 @pytest.mark.parametrize("value,message", [("float64", "dtype 'float64'"),
-                                           ("int4", "expected one of float32, float16, bfloat16, int8")])
+                                           ("int4", "expected one of float32, float16, bfloat16, int8"),
+                                           (torch.int8, "dtype torch.int8: expected one of float32, float16, bfloat16"),
+                                           (torch.float64, "dtype torch.float64: expected one of float32")])
 def test_bad_dtype_is_a_usage_error(tiny_gpt2_dir, value, message):
     with pytest.raises(UsageError, match=message):
         TorchBackend.from_source(str(tiny_gpt2_dir), dtype=value)
