@@ -240,3 +240,11 @@ def test_a_hugging_face_config_is_named_as_not_a_deploylm_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(UsageError, match=r"config.json: not a deploylm config \(model_type should be"):
         load_checkpoint(tmp_path)
+
+
+def test_a_generation_config_that_is_not_utf8_is_named(tmp_path):
+    model, config = tiny_model()
+    out = save_checkpoint(tmp_path / "ck", model, config)
+    (out / "generation_config.json").write_bytes(b'{"num_beams": "\xff"}')
+    with pytest.raises(UsageError, match=r"generation_config.json: not valid JSON"):
+        load_generation_config(out)
