@@ -96,3 +96,9 @@ def test_a_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     source = resolve_source("~/m.gguf")
     assert (source.kind, source.path) == ("gguf", tmp_path / "m.gguf")
+
+
+def test_tensorrt_engines_without_a_manifest_are_refused_as_an_incomplete_artifact(tmp_path):
+    folder = _folder(tmp_path / "half", {"model_type": "llama"}, ["decoder.engine", "encoder.engine"])
+    with pytest.raises(UsageError, match=r"holds exported graphs \(decoder.engine, encoder.engine\) but no manifest"):
+        resolve_source(folder)
