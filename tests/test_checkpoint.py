@@ -248,3 +248,10 @@ def test_a_generation_config_that_is_not_utf8_is_named(tmp_path):
     (out / "generation_config.json").write_bytes(b'{"num_beams": "\xff"}')
     with pytest.raises(UsageError, match=r"generation_config.json: not valid JSON"):
         load_generation_config(out)
+
+
+def test_a_seq2seq_checkpoint_keeps_its_own_decoder_start_token(tmp_path):
+    """decoder_start_token_id is its own id (Marian-style models start from pad), not bos's."""
+    config = make_config("tiny", VOCAB, d_model=32, d_ff=64, dropout=0.0, decoder_start_token_id=0)
+    out = save_checkpoint(tmp_path / "ck", build_model(config), config)
+    assert load_generation_config(out)["decoder_start_token_id"] == 0 != config.bos_token_id
