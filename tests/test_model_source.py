@@ -102,3 +102,19 @@ def test_tensorrt_engines_without_a_manifest_are_refused_as_an_incomplete_artifa
     folder = _folder(tmp_path / "half", {"model_type": "llama"}, ["decoder.engine", "encoder.engine"])
     with pytest.raises(UsageError, match=r"holds exported graphs \(decoder.engine, encoder.engine\) but no manifest"):
         resolve_source(folder)
+
+
+def test_each_kind_is_named_in_words_in_the_refusals(tmp_path):
+    """Source.a_kind is what refusals say a SRC is ("--teacher ... is an exported artifact: expected ...")."""
+    from deploylm.models.hf import load_hf_model
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    found = {kind: resolve_source(path).a_kind for kind, path in [
+        ("checkpoint", _folder(tmp_path / "ck", {"model_type": "deploylm-lm"})),
+        ("hf", _folder(tmp_path / "hf", {"model_type": "llama"})),
+        ("artifact", _folder(tmp_path / "a", {}, ["manifest.json"])),
+        ("gguf", tmp_path / "m.gguf")]}
+    assert found == {"checkpoint": "a deploylm checkpoint", "hf": "a Hugging Face folder",
+                     "artifact": "an exported artifact", "gguf": "a .gguf file"}
+    with pytest.raises(UsageError, match=r"'.*ck' is a deploylm checkpoint, not a Hugging Face folder or .gguf file"):
+        load_hf_model(resolve_source(tmp_path / "ck"), dtype=None, device=None)
