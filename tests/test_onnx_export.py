@@ -587,3 +587,56 @@ def test_seed_graph_modules_give_the_last_position_of_the_teacher_forced_forward
     assert len(first) == len(spec.output_names) and first[0].shape == (2, 1, 40)
     torch.testing.assert_close(first[0][:, 0], want[:, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(step[0][:, 0], want[:, 1], atol=1e-5, rtol=0)
+
+
+def test_validation_runs_a_step_on_a_non_empty_past(gpt2_plan, monkeypatch):
+    """A graph wrong only when its past (the generated positions' buffer) holds something is caught: the
+    decode-step case feeds a past of the model's own K/V, not an empty one."""
+    def off_on_a_past(name, value, feeds):
+        return value + 1e-2 if name == "logits" and feeds["past_key_values.0.key"].shape[2] else value
+
+    report = _validate_with(monkeypatch, gpt2_plan, edit=off_on_a_past)
+    assert [(f.check, f.detail.split(":")[0]) for f in report.failures] == [("values", "decode step")]
+
+
+def test_validation_feeds_padded_rows(gpt2_plan, monkeypatch):
+    """A graph that ignores attention_mask (attends to the padding) fails validation: the cases pad some rows."""
+    ((spec, module),) = gpt2_plan.graphs
+
+    class IgnoresTheMask(_FakeSession):
+        def run(self, _, feeds):
+            return super().run(_, {**feeds, "attention_mask": np.ones_like(feeds["attention_mask"])})
+
+    from deploylm.backends import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "create_session", lambda path: IgnoresTheMask(spec, module))
+    report = validate_graphs(gpt2_plan, "unused", PARITY.logits_atol)
+    assert not report.ok and ("values", "empty past") in {(f.check, f.detail.split(":")[0]) for f in report.failures}
+
+
+
+@pytest.mark.parametrize("layout", [io_spec.KV_SHARED, io_spec.KV_CONCAT])
+def test_validation_feeds_the_models_own_kv_not_random_tensors(gpt2_plan, monkeypatch, layout):
+    """The decode-step case's past and prompt K/V come from runs of the model itself (random K/V would test
+    activations the model never makes): none of them is the random tensor example_inputs draws for it."""
+    from deploylm.export.hf_graphs import with_layout
+    from deploylm.export.onnx_export import example_inputs
+    from deploylm.export.validate import CASES
+
+    plan = with_layout(gpt2_plan, layout)
+    ((spec, module),) = plan.graphs
+    fed = []
+
+    class Records(_FakeSession):
+        def run(self, _, feeds):
+            fed.append(feeds)
+            return super().run(_, feeds)
+
+    from deploylm.backends import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "create_session", lambda path: Records(spec, module))
+    assert validate_graphs(plan, "unused", PARITY.logits_atol).ok
+    (_, sizes), step = CASES[1], fed[1]
+    random = dict(zip(spec.input_names, example_inputs(spec, sizes, plan.dims.vocab_size, seed=1)))
+    kv = [n for n in spec.input_names if n.startswith(("past_key_values.", "prompt_key_values."))]
+    assert kv and all(step[n].shape[2] > 0 and not np.array_equal(step[n], random[n].numpy()) for n in kv)
