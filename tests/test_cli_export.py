@@ -117,6 +117,9 @@ def test_export_writes_a_loadable_artifact(tiny_llama_dir, tmp_path):
     assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "parity.json"} <= set(artifact.files)
     assert artifact.manifest["profile"]["name"] == "fp32" and artifact.manifest["parity"]["passed"]
     assert artifact.manifest["source"]["weights_sha256"]
+    # how the graphs were made (docs/formats.md): 2 layers, q/k/v and gate/up packed in each
+    assert artifact.manifest["export"] == {"kind": "decoder-only", "family": "hf", "opset": 18, "cross_rows": None,
+                                           "packed_matmuls": {"model.onnx": 4}}
     assert [i["name"] for i in artifact.io["model.onnx"]["inputs"]][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
