@@ -640,3 +640,15 @@ def test_validation_feeds_the_models_own_kv_not_random_tensors(gpt2_plan, monkey
     random = dict(zip(spec.input_names, example_inputs(spec, sizes, plan.dims.vocab_size, seed=1)))
     kv = [n for n in spec.input_names if n.startswith(("past_key_values.", "prompt_key_values."))]
     assert kv and all(step[n].shape[2] > 0 and not np.array_equal(step[n], random[n].numpy()) for n in kv)
+
+
+def test_concat_graph_declares_its_outputs_axes_as_the_spec(gpt2_graph, tmp_path):
+    """present.* is past + new: its length axis is declared `total` (io_spec), not the exporter's own
+    expression of the input axes, and every output's axes are the spec's."""
+    _, plan, _ = gpt2_graph
+    concat = _layout_plan(plan, io_spec.KV_CONCAT)
+    ((spec, module),) = concat.graphs
+    export_graph(module, spec, tmp_path, concat.dims.vocab_size)
+    session = create_session(tmp_path / "model.onnx")
+    assert [o.shape for o in session.get_outputs()] == [list(t.axes) for t in spec.outputs]
+    assert session.get_outputs()[1].shape == ["batch", 4, "total", 8]
