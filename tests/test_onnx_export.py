@@ -555,13 +555,14 @@ def test_validation_ignores_what_padded_positions_hold(gpt2_plan, monkeypatch):
 def test_seed_graph_modules_give_the_last_position_of_the_teacher_forced_forward(arch):
     """The flat-IO modules export traces: a prefill over 3 tokens and one step on its present give the
     logits of the model's own forward over the whole target at its last position (not the first, and with
-    each past K/V pair in place), and the IO counts follow seed_dims."""
+    each past K/V pair in place), and the IO counts follow seed_dims: one K/V pair per decoder layer (the encoder
+    has another number of layers)."""
     from deploylm.models.checkpoint import build_model
     from deploylm.models.config import make_config
 
     torch.manual_seed(0)
     config = make_config("tiny", 40, arch=arch, d_model=32, n_heads=4, d_ff=64, dropout=0.0, n_decoder_layers=2,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2, decoder_start_token_id=2)
+                         n_encoder_layers=3, pad_token_id=0, eos_token_id=1, bos_token_id=2, decoder_start_token_id=2)
     model = build_model(config).eval()
     plan = plan_graphs(model)
     assert plan.dims.n_layers == 2 and plan.dims.vocab_size == 40 and plan.dims.head_dim == 8
