@@ -115,6 +115,18 @@ def test_fp32_and_int8_weight_only_profiles_for_onnx_runtime_pack_and_the_others
         assert not packs_matmuls(load_profile(name)), name
 
 
+def test_an_fp32_tensorrt_profile_does_not_pack(tmp_path):
+    """The built-in TensorRT profiles are fp16 and int8, which would not pack anyway: an fp32 one for TensorRT does
+    not either (TensorRT fuses on its own)."""
+    from deploylm.profiles import builtin_dir
+
+    text = (builtin_dir() / "fp32.toml").read_text().replace('name = "fp32"', 'name = "trt-fp32"')
+    (tmp_path / "trt-fp32.toml").write_text(text.replace('backends = ["onnx"]', 'backends = ["onnx", "trt"]'))
+    profile = load_profile(tmp_path / "trt-fp32.toml")
+    assert profile.precision == "fp32" and list(profile.backends) == ["onnx", "trt"]
+    assert not packs_matmuls(profile)
+
+
 @pytest.mark.parametrize("name", ["fp16", "int4", "int8-dynamic", "fp32", "int8"])
 def test_quality_compares_with_the_fp32_graphs_as_shipped_packed(llama_graph, tmp_path, name):
     """"speed N× fp32" in export's quality line: the profiles that quantize unpacked graphs are timed
