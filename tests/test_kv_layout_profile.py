@@ -89,3 +89,16 @@ def test_with_layout_names_each_kind_of_model_that_takes_only_concat(tmp_path, t
                                              r'set kv_layout = "auto" or "concat" in the profile'):
             with_layout(plan, layout)
     assert with_layout(plan, io_spec.KV_CONCAT) is plan
+
+
+def test_auto_layout_is_concat_for_tensorrt_and_static_int8_and_the_models_own_otherwise(tmp_path):
+    """kv_layout = "auto": TensorRT engines and static int8 (docs/formats.md) get the concat layout, the other
+    profiles the model's own (None: shared-prompt for a Hugging Face causal LM); a set kv_layout is kept."""
+    from deploylm.export.pipeline import kv_layout
+    from deploylm.profiles import load_profile
+
+    for name in ("trt-fp16", "trt-int8", "int8-static"):
+        assert kv_layout(load_profile(name)) == io_spec.KV_CONCAT, name
+    for name in ("fp32", "fp16", "bf16", "int8", "int8-dynamic", "int4"):
+        assert kv_layout(load_profile(name)) is None, name
+    assert kv_layout(load_profile(_profile(tmp_path, io_spec.KV_APPEND))) == io_spec.KV_APPEND
