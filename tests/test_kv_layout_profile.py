@@ -102,3 +102,26 @@ def test_auto_layout_is_concat_for_tensorrt_and_static_int8_and_the_models_own_o
     for name in ("fp32", "fp16", "bf16", "int8", "int8-dynamic", "int4"):
         assert kv_layout(load_profile(name)) is None, name
     assert kv_layout(load_profile(_profile(tmp_path, io_spec.KV_APPEND))) == io_spec.KV_APPEND
+
+
+def test_a_model_with_some_sliding_window_layers_takes_only_concat():
+    """A causal LM whose layers are only partly sliding-window (Qwen2 with max_window_layers: layer 0 full, layer 1
+    sliding) is exported in the concat layout like an all-sliding one (docs/formats.md), and refuses the others."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config
+    from transformers.cache_utils import DynamicLayer
+
+    from deploylm.errors import UsageError
+    from deploylm.export.hf_graphs import with_layout
+    from deploylm.export.onnx_export import plan_graphs
+
+    config = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    kinds = [type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers]
+    assert kinds == [True, False]                                      # one plain layer, one sliding one
+    plan = plan_graphs(model)
+    assert plan.dims.kv_layout == io_spec.KV_CONCAT and plan.graphs[0][1].layout == io_spec.KV_CONCAT
+    with pytest.raises(UsageError, match="a Qwen2ForCausalLM takes only the 'concat' KV layout"):
+        with_layout(plan, io_spec.KV_SHARED)
