@@ -359,3 +359,18 @@ def test_fold_prompt_moves_the_prompts_into_the_rows_own_buffer():
     assert torch.equal(_graph_view(folded), ref)
     expanded = ort_kv.KVShared.from_prefill(prompt).reorder(torch.tensor([0, 0, 1, 1, 2, 2]))
     assert not expanded.one_row_per_prompt                                        # beams keep the prompt apart
+
+
+def test_shared_prompt_rows_moved_by_whole_blocks_keep_reading_their_prompts_through_later_reorders():
+    """A reorder that leaves whole blocks of physical rows on one prompt, but not in prompt order (every row a
+    child of row 2 of 2 prompts x 2: both blocks read prompt 1), gathers the prompts once into the new block
+    order; every later reorder and step must still see each row's own prompt (the prompt row of a physical row
+    is its block, not its slot)."""
+    gen = torch.Generator().manual_seed(23)
+    prompt = torch.randn((4, 2, 2, 3, 3), generator=gen)                           # [2N, P, H, Lp, Dh]
+    expand = torch.tensor([0, 0, 1, 1])
+    cache, ref = ort_kv.KVShared.from_prefill(prompt).reorder(expand), prompt.index_select(1, expand)
+    for idx in ([2, 2, 2, 2], [1, 0, 3, 2], [3, 3, 0, 0], [0, 1, 2, 3]):
+        cache, ref = _shared_step(cache, ref, gen)
+        cache, ref = cache.reorder(torch.tensor(idx)), ref.index_select(1, torch.tensor(idx))
+        assert torch.equal(cache.written(), ref) and torch.equal(_graph_view(cache), ref), idx
