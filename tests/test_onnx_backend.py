@@ -656,3 +656,17 @@ def test_two_threads_binding_before_either_runs_get_their_own_logits(artifact):
     finally:                                     # the backend may be shared with the module's other tests
         onnx.sessions["model.onnx"] = session
     assert all(g is not None and torch.equal(g, a) for g, a in zip(got, alone))
+
+
+def test_decode_and_reorder_take_tokens_and_rows_of_any_integer_dtype(artifact):
+    """The Backend protocol's tokens and beam indices are int64, but a caller's int32 tensors (numpy's default on
+    some platforms) are cast, not bound as another type: the logits are those of int64 inputs."""
+    ref, onnx = _backends(artifact, "llama")
+    batch = _batch(ref, artifact("llama")[0])
+    got = []
+    for dtype in (torch.long, torch.int32):
+        _, state = onnx.prefill(batch)
+        state = onnx.reorder(state, torch.tensor([0, 0, 1, 1], dtype=dtype))
+        logits, state = onnx.decode(torch.tensor([5, 6, 7, 8], dtype=dtype), state)
+        got.append(logits)
+    assert torch.equal(got[0], got[1])
