@@ -670,3 +670,22 @@ def test_decode_and_reorder_take_tokens_and_rows_of_any_integer_dtype(artifact):
         logits, state = onnx.decode(torch.tensor([5, 6, 7, 8], dtype=dtype), state)
         got.append(logits)
     assert torch.equal(got[0], got[1])
+
+
+def test_the_profiles_generation_settings_are_the_onnx_backends_defaults_over_the_models(artifact, tmp_path):
+    """An artifact decodes with its profile's [generation] (the manifest's "generation"), over the model's own
+    generation_config.json (documented precedence; export notes each value it replaces)."""
+    import json
+    import shutil
+
+    from deploylm.artifact import load_artifact
+
+    _, out = artifact("llama")
+    profile = load_artifact(out).manifest["generation"]
+    assert profile == load_profile("fp32").generation and profile
+    assert OnnxBackend.from_source(str(out)).generation_defaults.items() >= profile.items()
+    folder = shutil.copytree(out, tmp_path / "artifact")
+    gen = folder / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "max_new_tokens": profile["max_new_tokens"] // 2}))
+    opened = OnnxBackend.from_folder(folder, name="llama", generation=profile)
+    assert opened.generation_defaults["max_new_tokens"] == profile["max_new_tokens"]
