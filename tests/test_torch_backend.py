@@ -195,12 +195,14 @@ def test_t5_decoder_start_comes_from_config(sources):
     assert info.is_encoder_decoder and info.special.decoder_start_token_id == 0  # T5: pad id
 
 
-def test_bfloat16_weights_still_give_fp32_logits(sources):
-    backend = TorchBackend.from_source(str(sources["llama"]), dtype="bfloat16")
-    assert next(backend.model.parameters()).dtype == torch.bfloat16
+@pytest.mark.parametrize("kind", ["llama", "seed-lm", "seed-seq2seq"])
+def test_bfloat16_weights_still_give_fp32_logits(sources, kind):
+    """dtype applies to every kind of SRC the torch backend opens, deploylm checkpoints included."""
+    backend = TorchBackend.from_source(str(sources[kind]), dtype="bfloat16")
+    assert {p.dtype for p in backend.model.parameters()} == {torch.bfloat16}
     from deploylm.generator import load
 
-    logits, _ = backend.prefill(load(sources["llama"]).encode(PROMPTS))
+    logits, _ = backend.prefill(load(sources[kind]).encode(PROMPTS))
     assert logits.dtype == torch.float32
 
 
