@@ -188,6 +188,19 @@ def test_every_special_token_comes_from_generation_config_then_config(tiny_llama
     assert special_tokens(t5).decoder_start_token_id == 9 == special_tokens(t5).bos_token_id
 
 
+def test_a_checkpoints_special_tokens_follow_its_generation_config_then_its_config():
+    """deploylm checkpoints (and their artifacts): each special token from generation_config.json when it sets
+    it, else config.json; an eos list stays a list; only seq2seq has a decoder start token."""
+    from deploylm.backends.base import SpecialTokens
+    from deploylm.backends.torch_seq2seq import seed_special_tokens
+
+    config = {"eos_token_id": 1, "pad_token_id": 0, "bos_token_id": 2, "decoder_start_token_id": 3, "arch": "seq2seq"}
+    assert seed_special_tokens(config, {}) == SpecialTokens((1,), 0, 2, 3)
+    gen = {"eos_token_id": [4, 5], "pad_token_id": 6, "bos_token_id": 7, "decoder_start_token_id": 8}
+    assert seed_special_tokens(config, gen) == SpecialTokens((4, 5), 6, 7, 8)
+    assert seed_special_tokens({**config, "arch": "decoder"}, {"eos_token_id": 9}) == SpecialTokens((9,), 0, 2, None)
+
+
 def test_t5_decoder_start_comes_from_config(sources):
     from deploylm.generator import load
 
