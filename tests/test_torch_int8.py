@@ -84,6 +84,19 @@ def test_missing_quantize_dynamic_is_one_clear_error(monkeypatch):
         quantize_int8(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
+def test_a_quantization_failure_inside_torch_is_one_clear_error(monkeypatch):
+    """torch.ao's own errors (an engine without a kernel, an unsupported module) become one UsageError naming
+    the model type and torch's first line, not a traceback from inside torch."""
+    import torch.ao.quantization as tq
+
+    def fails(*_, **__):
+        raise RuntimeError("Didn't find engine for operation quantized::linear_prepack NoQEngine\nmore detail")
+    monkeypatch.setattr(tq, "quantize_dynamic", fails)
+    with pytest.raises(UsageError, match=r"^dtype int8: torch dynamic quantization failed on Sequential: "
+                                         r"Didn't find engine for operation quantized::linear_prepack NoQEngine$"):
+        quantize_int8(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
 def test_cli_generate_with_int8(tiny_llama_dir):
     args = ["generate", "--model", str(tiny_llama_dir), "--json", "--num-beams", "2", "--max-new-tokens", "4"]
     out = CliRunner().invoke(cli, [*args, "--dtype", "int8", "hello"])
