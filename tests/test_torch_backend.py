@@ -127,6 +127,20 @@ def test_seq2seq_reorder_that_moves_rows_across_inputs_keeps_each_rows_encoder_m
                                                     torch.tensor([1, 0, 3, 2, 5, 4]), torch.tensor([2, 2, 4, 4, 0, 0])])
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "seed-lm"])
+def test_causal_reorder_that_moves_rows_across_prompts_keeps_each_rows_history(sources, kind):
+    """reorder is a gather on the batch axis (base.py) for decoder-only models too: rows that take the place of
+    another prompt's rows (prompts of other lengths: another mask and next position) decode as their own
+    history does in a full forward."""
+    from deploylm.generator import load
+
+    gen = load(sources[kind])
+    backend, batch = gen.backend, gen.encode(PROMPTS)
+    _, state = backend.prefill(batch)
+    decode_through_reorders(backend, batch, state, [None, torch.tensor([4, 5, 0, 1, 2, 3]),
+                                                    torch.tensor([1, 0, 3, 2, 5, 4]), torch.tensor([2, 2, 4, 4, 0, 0])])
+
+
 def test_identity_reorder_keeps_state_and_stats_count_calls(sources):
     from deploylm.generator import load
 
