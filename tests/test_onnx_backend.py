@@ -672,6 +672,19 @@ def test_decode_and_reorder_take_tokens_and_rows_of_any_integer_dtype(artifact):
     assert torch.equal(got[0], got[1])
 
 
+def test_prefill_takes_a_batch_of_any_integer_dtype(artifact):
+    """...and so does prefill: an int32 EncodedBatch was bound as float32 and ONNX Runtime failed deep inside
+    ("Unexpected input data type"); the batch is cast to int64 as tokens and beam indices are."""
+    from deploylm.backends.base import EncodedBatch
+
+    ref, onnx = _backends(artifact, "llama")
+    batch = _batch(ref, artifact("llama")[0])
+    want, _ = onnx.prefill(batch)
+    for ids, mask in ((torch.int32, torch.int32), (torch.int32, torch.bool)):
+        got, _ = onnx.prefill(EncodedBatch(batch.input_ids.to(ids), batch.attention_mask.to(mask)))
+        assert torch.equal(got, want)
+
+
 def test_the_profiles_generation_settings_are_the_onnx_backends_defaults_over_the_models(artifact, tmp_path):
     """An artifact decodes with its profile's [generation] (the manifest's "generation"), over the model's own
     generation_config.json (documented precedence; export notes each value it replaces)."""

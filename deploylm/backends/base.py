@@ -63,7 +63,8 @@ class EncodedBatch:
         return int(self.input_ids.shape[0])
 
     def to(self, device: torch.device | str) -> "EncodedBatch":
-        return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device))
+        """On `device`, as int64 (a caller's int32 or bool tensors are cast: ONNX Runtime binds them by type)."""
+        return EncodedBatch(self.input_ids.to(device, torch.long), self.attention_mask.to(device, torch.long))
 
 
 @runtime_checkable

@@ -195,7 +195,7 @@ class TrtBackend:
     # ---- Backend protocol --------------------------------------------------------------------------
 
     def prefill(self, batch: EncodedBatch) -> tuple[Tensor, TrtState]:
-        ids = batch.input_ids.to(self.device)                          # [B, T], left-padded
+        ids = batch.input_ids.to(self.device, torch.long)              # [B, T], left-padded
         mask = batch.attention_mask.to(self.device, torch.long)        # [B, T]
         rows, length = ids.shape
         check_prefill(rows, length, self.plan)
@@ -209,7 +209,7 @@ class TrtBackend:
         rows, past = state.rows, state.length
         ones = torch.ones(rows, 1, dtype=torch.long, device=self.device)
         mask = torch.cat([state.attention_mask, ones], dim=1)         # [R, P+1]
-        ids = tokens.to(self.device).view(rows, 1)                     # [R, 1]
+        ids = tokens.to(self.device, torch.long).view(rows, 1)         # [R, 1]
         logits = self._step("decode", state.kv, rows, past, 1, ids, mask, state.next_pos.view(rows, 1))
         return logits, TrtState(state.kv, state.kv.epoch, rows, past + 1, mask, state.next_pos + 1)
 
