@@ -39,6 +39,25 @@ def test_profiles_lists_every_builtin_with_its_description():
         assert line.split()[1:3] == [profile.precision, ",".join(profile.backends)], line
 
 
+def test_profiles_name_prints_the_builtins_toml_which_loads_as_the_same_profile(tmp_path):
+    """A wheel user has no profiles/ folder to copy a built-in from: `deploylm profiles int8 > my.toml` is the start
+    of their own profile, and loads as the built-in itself."""
+    from deploylm.profiles import load_profile
+
+    result = CliRunner().invoke(cli, ["profiles", "int8"])
+    assert result.exit_code == 0 and 'name = "int8"' in result.output
+    own = tmp_path / "my.toml"
+    own.write_text(result.output)
+    assert load_profile(str(own)) == load_profile("int8")
+
+
+def test_profiles_with_an_unknown_name_is_one_line_naming_the_builtins():
+    result = run("profiles", "int9")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: NAME 'int9' is no built-in profile: expected one of " + ", ".join(p.name for p in builtin_profiles())]
+
+
 @pytest.fixture()
 def artifact(tmp_path):
     return write_artifact(tmp_path / "tiny-fp32", build, FIELDS)
