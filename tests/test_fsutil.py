@@ -223,3 +223,16 @@ def test_a_system_that_refuses_the_exchange_falls_back_to_two_renames(tmp_path, 
     make(tmp_path / "out", "old")
     fsutil.replace_dir(make(tmp_path / ".new", "new"), tmp_path / "out")
     assert (tmp_path / "out" / "file.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_run_folders_json_written_again_removes_a_killed_writers_temporary(tmp_path):
+    """A SIGKILL while metrics.json (or cleaning.json) was being written left `.metrics.json.tmp-PID` in the run
+    folder, and every later checkpoint save carried it over; the next write of that file removes it."""
+    from deploylm.training.outdir import write_json
+
+    dead = tmp_path / ".metrics.json.tmp-999999999"
+    dead.write_text("{")
+    running = tmp_path / f".metrics.json.tmp-{os.getppid()}"         # a live writer's: left alone
+    running.write_text("{")
+    write_json(tmp_path / "metrics.json", {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == sorted(["metrics.json", running.name])

@@ -213,7 +213,11 @@ def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
 
 def write_json(path: Path, data: Any) -> Path:
     """`data` as indented JSON at `path`, replaced atomically; a full disk (or a folder made read-only) is
-    one CheckpointWriteFailed line, and its temporary file is removed."""
+    one CheckpointWriteFailed line, and its temporary file is removed (as are those of writers killed outright,
+    which every later checkpoint save would otherwise carry over)."""
+    from deploylm.fsutil import remove_stale_temporaries
+
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
