@@ -641,6 +641,24 @@ def test_a_decoder_teacher_moved_with_its_text_keeps_its_seed_and_cleaning(tmp_p
     assert text.record["seed"] == 5 and text.record["clean"] == clean.as_json()
 
 
+@pytest.mark.parametrize("arch, name", [("decoder", "trained.txt"), ("seq2seq", "pairs.jsonl")])
+def test_a_teachers_recorded_data_that_is_gone_is_named_as_the_teachers_with_data_as_the_way_out(tmp_path, arch,
+                                                                                               name):
+    """A teacher moved to another machine without its data: the error named the recorded path as if the user had
+    given it ("--data '/old/machine/trained.txt' does not exist") and said nothing of --data."""
+    from deploylm.errors import UsageError
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    gone = tmp_path / "then" / name
+    torch.save({"identity": {"arch": arch, "data": str(gone), "seed": 5}}, teacher / "training_state.pt")
+    setup = distill_setup._teacher_text if arch == "decoder" else distill_setup._seq2seq_splits
+    with pytest.raises(UsageError) as info:
+        setup(DistillConfig(teacher=teacher, out=tmp_path / "s"), teacher)
+    assert str(info.value) == (f"teacher {str(teacher)!r} was trained on {str(gone)!r}, which is not there any more: "
+                               "give --data FILE (that file, moved or copied, keeps the teacher's splits)")
+
+
 def test_the_teacher_runs_in_eval_mode_without_gradients(seed_teacher, tmp_path, monkeypatch):
     """docs/distillation.md: the teacher runs in eval mode (its soft targets are its own distribution, not
     dropout noise) and without gradients; the student trains with dropout."""

@@ -171,7 +171,7 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
         # the teacher's cleaning (its splits), else the defaults `train --data` cleans with (recorded, so
         # export's calibration draws the same splits again)
         clean = CleanOptions(**identity["clean"]) if identity.get("clean") else CleanOptions()
-        path = Path(config.data or identity["data"])
+        path = data_path(config.data, identity, folder)
         check_teacher_data(path, identity, folder)
         splits = jsonl_splits(path, seed, clean)
         return splits, data_record(path, seed, clean, "seq2seq")
@@ -194,6 +194,18 @@ def is_teachers_file(path: Path, identity: dict[str, Any]) -> bool:
     if not (trained_on and path.is_file()):
         return False
     return Path(trained_on).resolve() == path.resolve() or (isinstance(recorded, str) and file_sha256(path) == recorded)
+
+
+def data_path(given: str | Path | None, identity: dict[str, Any], teacher: Path) -> Path:
+    """--data, else the file the teacher's training_state.pt records; a recorded file that is gone (the teacher
+    moved to another folder or machine) is named as the teacher's, with --data as the way out."""
+    if given is not None:
+        return Path(given)
+    path = Path(identity["data"])
+    if not path.is_file():
+        raise UsageError(f"teacher {str(teacher)!r} was trained on {str(path)!r}, which is not there any more: "
+                         "give --data FILE (that file, moved or copied, keeps the teacher's splits)")
+    return path
 
 
 def check_teacher_data(path: Path, identity: dict[str, Any], teacher: Path) -> None:
@@ -478,7 +490,7 @@ def _teacher_text(config: DistillConfig, folder: Path) -> TeacherText:
     if config.data is None and not identity.get("data"):
         raise UsageError(f"teacher {str(folder)!r} does not record its training text: give --data FILE.txt "
                          "(or --task stories)")
-    path = Path(config.data or identity["data"])      # default: the file the teacher was trained on
+    path = data_path(config.data, identity, folder)   # default: the file the teacher was trained on
     check_teacher_data(path, identity, folder)
     same = is_teachers_file(path, identity)
     clean = CleanOptions(**identity["clean"]) if same and identity.get("clean") else CleanOptions()
