@@ -7,6 +7,7 @@ import logging
 import pytest
 from starlette.testclient import TestClient
 
+from deploylm.decoding.options import DecodingOptions
 from deploylm.errors import UsageError
 from deploylm.generator import TextStream
 from deploylm.serving import ServeConfig, create_app
@@ -346,6 +347,30 @@ def test_completions_zero_temperature_or_top_p_is_deterministic_as_openai(client
     r = client.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 2, **body})
     assert r.status_code == 200, r.text
     assert fake.calls[-1][1] == {"max_new_tokens": 2, **options}
+
+
+class _SamplesByDefault(FakeGenerator):
+    """A model whose defaults sample with beams (a profile's `[generation]` with do_sample = true)."""
+
+    defaults = DecodingOptions.from_mapping({"do_sample": True, "num_beams": 4, "temperature": 0.9})
+
+
+@pytest.mark.parametrize("body, sample, beams, top_k", [
+    ({"temperature": 0}, False, 4, 0),                 # deterministic, as the docs say, not the model's sampling
+    ({"temperature": 0, "top_p": 0.5, "seed": 1}, False, 4, 0),
+    ({"top_p": 0}, True, 1, 1),                        # only the most likely token
+    ({"n": 2}, True, 1, 0),                            # a sampling request: n independent samples
+    ({"n": 2, "best_of": 3}, True, 3, 0),
+])
+def test_completions_openai_meanings_hold_over_a_model_that_samples_by_default(body, sample, beams, top_k):
+    """temperature 0 was sent on as "no temperature", so a model whose defaults sample sampled it anyway (five
+    seeds, five texts), top_p 0 sampled the whole distribution, and n took n beams of beam sampling."""
+    fake = _SamplesByDefault()
+    with TestClient(create_app(fake, CONFIG)) as c:
+        r = c.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 2, **body})
+    assert r.status_code == 200, r.text
+    used = fake.defaults.replace(**fake.calls[-1][1])
+    assert (used.do_sample, used.num_beams, used.top_k) == (sample, beams, top_k), fake.calls[-1][1]
 
 
 @pytest.mark.parametrize("field", ["temperature", "top_p"])

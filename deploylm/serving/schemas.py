@@ -248,19 +248,23 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     stream = _bool(_null_off(body.get("stream")), "stream")    # OpenAI: null is every field's off value
     options = {COMPLETION_FIELDS[k]: v for k, v in body.items() if k in COMPLETION_FIELDS and v is not None}
     sent = {v: k for k, v in COMPLETION_FIELDS.items()}     # deploylm option -> the field the client sent
+    model_samples = getattr(defaults, "do_sample", False) is True   # a profile's [generation] may sample
     if _is_zero(options.get("temperature")):                # OpenAI: temperature 0 = deterministic, top_p aside
         options.pop("temperature")
         options.pop("top_p", None)
+        if model_samples:                                   # deterministic whatever the model's defaults say
+            options["do_sample"] = False
     elif _is_zero(options.get("top_p")):                    # OpenAI: top_p 0 keeps only the most likely token
         options.pop("top_p")
-        if _sampling(options):
+        if _sampling(options) or model_samples:
             options["top_k"] = 1
-    if "num_beams" not in options and _sampling(options):
+    sampling = _sampling(options) or (model_samples and "do_sample" not in options)
+    if "num_beams" not in options and sampling:
         options["num_beams"] = 1                            # OpenAI: n independent samples, not beam sampling
     elif "num_return_sequences" in options and "num_beams" not in options:
         options["num_beams"] = options["num_return_sequences"]
         sent["num_beams"] = "n"                             # beams taken from n: n is the field to fix
-    if _sampling(options):
+    if sampling:
         options["do_sample"] = True
     try:
         options = validate_options(options, config, defaults)
