@@ -185,3 +185,18 @@ def test_a_default_max_new_tokens_over_the_window_is_named_as_the_endpoints_fiel
     assert message.endswith("(the default: the request left max_tokens out)"), message
     assert g.status_code == 400 and g.json()["error"]["param"] == "max_new_tokens", g.text
     assert g.json()["error"]["message"].endswith("(the default: the request left max_new_tokens out)"), g.text
+
+
+def test_a_prompt_over_the_window_with_the_default_max_tokens_says_it_is_the_default(generator):
+    """A request that leaves max_tokens out and whose prompt does not fit the window with the default read "with
+    max_tokens=8 that needs ..." as if the client had sent max_tokens=8; it now says the value was the default."""
+    long = "the quick brown fox " * 30                          # over tiny GPT-2's window of 128 with 8 new tokens
+    with TestClient(create_app(generator, ServeConfig(max_new_tokens=8))) as client:
+        c = client.post("/v1/completions", json={"prompt": long, "max_tokens": None})   # null: not given
+        g = client.post("/v1/generate", json={"prompt": long, "num_beams": 1})
+        sent = client.post("/v1/completions", json={"prompt": long, "max_tokens": 8})
+    assert c.status_code == 400 and c.json()["error"]["param"] == "prompt", c.text
+    assert "max_tokens=8" in c.json()["error"]["message"], c.text
+    assert c.json()["error"]["message"].endswith("(the default: the request left max_tokens out)"), c.text
+    assert g.json()["error"]["message"].endswith("(the default: the request left max_new_tokens out)"), g.text
+    assert "the default" not in sent.json()["error"]["message"], sent.text

@@ -212,7 +212,7 @@ class _Api:
             param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
                 (name for name in sorted(option_names(), key=len, reverse=True) if message.startswith(name)), None)
             field = "max_tokens" if parse is parse_completion else "max_new_tokens"   # the field a client sends
-            if field not in body and param == "max_new_tokens":   # the default: say it is one, and how to set it
+            if body.get(field) is None and "max_new_tokens=" in message:   # the default (null: not given): say so
                 message += f" (the default: the request left {field} out)"
             if parse is parse_completion:
                 message = message.replace("max_new_tokens", "max_tokens")
