@@ -144,6 +144,21 @@ def test_min_new_tokens_alone_is_checked_against_the_models_own_max_new_tokens(t
                     "give --max-new-tokens too")
 
 
+def test_a_models_own_min_new_tokens_above_its_max_new_tokens_is_not_blamed_on_a_flag(tiny_llama_dir, tmp_path):
+    """A generation_config with min_new_tokens=3 above its max_new_tokens=2 and a call that gives neither: the error
+    read "decoding option --max-new-tokens 2 is invalid", a flag the user never gave. It names the model's
+    defaults; a call that gives --max-new-tokens decodes (its min_new_tokens lowered, docs/decoding.md)."""
+    model = tmp_path / "min-above-max"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 2, "min_new_tokens": 3}))
+    out = run("--model", str(model), "--num-beams", "1", "hello")
+    _one_line_error(out, "the model's default min_new_tokens=3 is above the default max_new_tokens=2",
+                    "give max_new_tokens")
+    assert "--max-new-tokens 2" not in out.stderr
+    assert run("--model", str(model), "--num-beams", "1", "--max-new-tokens", "2", "hello").exit_code == 0
+
+
 @pytest.mark.parametrize("flag, value", [("--num-beam-groups", "2"), ("--diversity-penalty", "0.5")])
 def test_group_beam_search_refusal_names_the_flags_on_the_command_line(tiny_llama_dir, flag, value):
     """The refusal shares its wording with the Python API (num_beam_groups, num_beams): on the command line it

@@ -91,6 +91,11 @@ class DecodingOptions:
         if unknown:
             raise UsageError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}: "
                              f"expected any of {', '.join(option_names())}")
+        if not {"max_new_tokens", "min_new_tokens"} & set(changes) and self.min_new_tokens > self.max_new_tokens:
+            # only a model's loose defaults (Generator) hold this: the call gave neither, so name neither as its option
+            raise UsageError(f"the model's default min_new_tokens={self.min_new_tokens} is above the default "
+                             f"max_new_tokens={self.max_new_tokens} (the model's generation_config, else deploylm's): "
+                             "give max_new_tokens in the call, or a lower min_new_tokens")
         wanted = changes.get("max_new_tokens")
         if "min_new_tokens" not in changes and type(wanted) is int and 1 <= wanted < self.min_new_tokens:
             changes = {**changes, "min_new_tokens": wanted}
