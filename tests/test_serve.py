@@ -113,7 +113,12 @@ def test_completions_accept_the_off_values_clients_send(client, fake):
            "suffix": None, "logit_bias": {}, "stream": None}
     r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, **off})
     assert r.status_code == 200 and r.json()["object"] == "text_completion", r.text    # stream null: not streamed
-    for field, value in (("stop", ["\n"]), ("echo", True), ("presence_penalty", 0.5), ("logit_bias", {"5": 1})):
+    # objects of off values are off too: {"include_usage": false} was refused although it asks for nothing
+    for field, value in (("stream_options", {"include_usage": False}), ("logit_bias", {"5": 0})):
+        r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, "stream": True, field: value})
+        assert r.status_code == 200, (field, r.text)
+    for field, value in (("stop", ["\n"]), ("echo", True), ("presence_penalty", 0.5), ("logit_bias", {"5": 1}),
+                         ("stream_options", {"include_usage": True})):
         r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 

@@ -283,8 +283,11 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
 
 def _is_off(value: Any) -> bool:
     """What a client library sends for a feature it does not use (accepted; anything else is refused):
-    null, false, a zero number (0 or 0.0; true is no number), "", [] or {}."""
-    return value is None or value is False or (_is_number(value) and value == 0) or value in ("", [], {})
+    null, false, a zero number (0 or 0.0; true is no number), "", [], or an object of off values ({},
+    `stream_options: {"include_usage": false}`, a `logit_bias` of zeros)."""
+    if isinstance(value, dict):
+        return all(_is_off(v) for v in value.values())
+    return value is None or value is False or (_is_number(value) and value == 0) or value in ("", [])
 
 
 def _null_off(value: Any) -> Any:
