@@ -445,3 +445,28 @@ def test_a_decode_stopped_by_the_end_of_the_drain_is_a_503_with_retry_after():
         r = client.post("/v1/generate", json={"prompt": "a b"})
     assert r.status_code == 503 and "was not finished" in r.json()["error"]["message"], r.text
     assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+
+
+def test_requests_that_do_not_sample_share_a_batch_whatever_seed_they_carry():
+    """OpenAI clients send a random seed with every request; a request that does not sample ignores it (documented)
+    but the seed stayed in its batch key, so no two such requests were ever batched together."""
+    from deploylm.serving.schemas import parse_completion
+
+    keys = {parse_completion({"prompt": "a b", "max_tokens": 2, "seed": seed}, CONFIG, len, DecodingOptions())
+            .batch_key() for seed in (1, 2, 3)}
+    assert len(keys) == 1
+    sampled = [parse_completion({"prompt": "a b", "max_tokens": 2, "seed": 1, "temperature": 0.5}, CONFIG, len,
+                                DecodingOptions()).batch_key() for _ in range(2)]
+    assert sampled[0] != sampled[1]                     # sampling never shares: its random stream would
+
+
+def test_a_model_that_samples_by_default_never_shares_a_batch_on_v1_generate():
+    """/v1/generate without do_sample on a model whose defaults sample (a profile's [generation] do_sample = true):
+    the request samples, yet its key came from the explicit options only, so two such requests shared a batch and
+    a seeded one's output depended on the company it got."""
+    from deploylm.serving.schemas import parse_generate
+
+    defaults = DecodingOptions.from_mapping({"do_sample": True, "num_beams": 1})
+    keys = [parse_generate({"prompt": "a b", "max_new_tokens": 2, "seed": 3}, CONFIG, len, defaults).batch_key()
+            for _ in range(2)]
+    assert keys[0] != keys[1]

@@ -5,7 +5,8 @@ One asyncio worker takes the oldest waiting request, gathers waiting requests wi
 runs `Generator.generate` on one dedicated thread; a single request with more prompts than
 `max_batch_size` is decoded in several calls of at most that many. While a batch decodes, the next one forms, so
 under load batches fill without waiting. Batching never changes a result: only requests with equal
-options share a batch (sampling never does), and each prompt's result is its own row.
+options share a batch (sampling never does; requests that do not sample share whatever sampling-only
+options, such as an OpenAI client's seed, they carry), and each prompt's result is its own row.
 
 A decode stops after its current step (the generate call raises Interrupted) once every client of its
 batch has left, or once the server's `stop` event is set (its drain is over): a batch that waited

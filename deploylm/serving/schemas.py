@@ -62,12 +62,15 @@ class Job:
     options: dict[str, Any]          # passed to Generator.generate/stream as keywords
     stream: bool = False
     max_new_tokens: int = 64         # resolved (for finish_reason)
+    samples: bool | None = None      # resolved do_sample (the model's defaults may sample); None: options say
 
     def batch_key(self) -> Any:
-        """Requests with equal keys may share a batch. Sampling never shares: its random stream would."""
-        if self.options.get("do_sample"):
+        """Requests with equal keys may share a batch. Sampling never shares: its random stream would. A request
+        that does not sample shares whatever sampling-only options it carries (an OpenAI client's seed)."""
+        samples = self.options.get("do_sample") if self.samples is None else self.samples
+        if samples:
             return object()
-        return tuple(sorted((k, type(v).__name__, v) for k, v in self.options.items()))
+        return tuple(sorted((k, type(v).__name__, v) for k, v in self.options.items() if k not in SAMPLING_OPTIONS))
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -129,7 +132,7 @@ def _job(prompts: tuple[str, ...], options: dict[str, Any], stream: bool, defaul
     if stream and resolved.num_return_sequences != 1:
         raise ApiError(400, f"stream returns one sequence: num_return_sequences={resolved.num_return_sequences} "
                        "must be 1", param="num_return_sequences")
-    return Job(prompts, options, stream, resolved.max_new_tokens)
+    return Job(prompts, options, stream, resolved.max_new_tokens, bool(resolved.do_sample))
 
 
 def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any = None) -> dict[str, Any]:
