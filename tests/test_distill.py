@@ -641,6 +641,29 @@ def test_a_decoder_teacher_moved_with_its_text_keeps_its_seed_and_cleaning(tmp_p
     assert text.record["seed"] == 5 and text.record["clean"] == clean.as_json()
 
 
+def test_a_moved_teachers_text_is_hashed_once(tmp_path, monkeypatch):
+    """Telling the teacher's file by its sha256 hashed it up to four times (is it the teacher's, has it changed,
+    again for the cleaning, again for distill.json): a corpus of gigabytes paid each time."""
+    import shutil
+
+    from deploylm.training import config as training_config
+    from deploylm.training.config import file_sha256
+
+    teacher = tmp_path / "lm"
+    teacher.mkdir()
+    trained = tmp_path / "then" / "trained.txt"
+    trained.parent.mkdir()
+    trained.write_text("\n\n".join(f"paragraph {i}: the fox" for i in range(30)) + "\n")
+    torch.save({"identity": {"arch": "decoder", "data": str(trained.resolve()), "seed": 5,
+                             "data_sha256": file_sha256(trained)}}, teacher / "training_state.pt")
+    moved = shutil.copy(trained, tmp_path / "trained.txt")
+    trained.unlink()
+    hashed = []
+    monkeypatch.setattr(training_config, "file_sha256", lambda path: (hashed.append(path), file_sha256(path))[1])
+    text = distill_setup._teacher_text(DistillConfig(teacher=teacher, out=tmp_path / "s", data=moved, seed=1), teacher)
+    assert text.record["seed"] == 5 and text.record["data_sha256"] == file_sha256(moved) and len(hashed) == 1
+
+
 @pytest.mark.parametrize("arch, name", [("decoder", "trained.txt"), ("seq2seq", "pairs.jsonl")])
 def test_a_teachers_recorded_data_that_is_gone_is_named_as_the_teachers_with_data_as_the_way_out(tmp_path, arch,
                                                                                                name):

@@ -172,9 +172,9 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
         # export's calibration draws the same splits again)
         clean = CleanOptions(**identity["clean"]) if identity.get("clean") else CleanOptions()
         path = data_path(config.data, identity, folder)
-        check_teacher_data(path, identity, folder)
+        _, sha256 = check_teacher_data(path, identity, folder)
         splits = jsonl_splits(path, seed, clean)
-        return splits, data_record(path, seed, clean, "seq2seq")
+        return splits, data_record(path, seed, clean, "seq2seq", sha256)
     task = config.task or identity["task"]
     if task not in TASKS:
         from deploylm.training.outdir import TEXT_TASKS
@@ -183,17 +183,6 @@ def _seq2seq_splits(config: DistillConfig, folder: Path) -> tuple[Any, dict[str,
                          f"(a decoder-only teacher is distilled on text: --data FILE.txt, or --task "
                          f"{' or '.join(TEXT_TASKS)} for a deploylm one)")
     return task_splits(task, seed), {"task": task, "seed": seed}
-
-
-def is_teachers_file(path: Path, identity: dict[str, Any]) -> bool:
-    """`path` is the --data file the teacher's training_state.pt `identity` records: that path, or a copy of the
-    file as it was (its recorded sha256: the teacher and its text moved to another folder or machine)."""
-    from deploylm.training.config import file_sha256
-
-    trained_on, recorded = identity.get("data"), identity.get("data_sha256")
-    if not (trained_on and path.is_file()):
-        return False
-    return Path(trained_on).resolve() == path.resolve() or (isinstance(recorded, str) and file_sha256(path) == recorded)
 
 
 def data_path(given: str | Path | None, identity: dict[str, Any], teacher: Path) -> Path:
@@ -208,29 +197,37 @@ def data_path(given: str | Path | None, identity: dict[str, Any], teacher: Path)
     return path
 
 
-def check_teacher_data(path: Path, identity: dict[str, Any], teacher: Path) -> None:
-    """UsageError when `path` is the file the teacher trained on and its contents changed since: its
-    splits would be drawn anew, and the teacher's test examples would train the student."""
+def check_teacher_data(path: Path, identity: dict[str, Any], teacher: Path) -> tuple[bool, str | None]:
+    """(whether `path` is the --data file the teacher's training_state.pt `identity` records, its sha256; None for
+    a path that is no file, which reading it refuses later). The teacher's file is that path, or a copy of the file
+    as it was (its recorded sha256: the teacher and its text moved to another folder or machine). UsageError when
+    the file at that path changed since: its splits would be drawn anew, and the teacher's test examples would
+    train the student. The file is hashed once, for this and for data_record."""
     from deploylm.training.config import file_sha256
 
-    recorded = identity.get("data_sha256")
-    if not (isinstance(recorded, str) and is_teachers_file(path, identity)):
-        return
+    if not path.is_file():
+        return False, None
     now = file_sha256(path)
-    if now != recorded:
+    trained_on, recorded = identity.get("data"), identity.get("data_sha256")
+    if not trained_on:
+        return False, now
+    if Path(trained_on).resolve() != path.resolve():
+        return isinstance(recorded, str) and now == recorded, now
+    if isinstance(recorded, str) and now != recorded:
         raise UsageError(f"--data {str(path)!r} changed since teacher {str(teacher)!r} was trained on it (sha256 "
                          f"{recorded[:12]}… then, {now[:12]}… now): its splits would be drawn anew and "
                          "the teacher's test examples would train the student; give the file as it was, or a copy "
                          "of the new contents under another name")
+    return True, now
 
 
-def data_record(path: Path, seed: int, clean: Any, arch: str) -> dict[str, Any]:
+def data_record(path: Path, seed: int, clean: Any, arch: str, sha256: str | None = None) -> dict[str, Any]:
     """A --data file as export's calibration finds it again: absolute path, split seed, cleaning options
-    (None: the defaults) and the contents' sha256 (to tell a file changed since)."""
+    (None: the defaults) and the contents' sha256 (to tell a file changed since; hashed here unless given)."""
     from deploylm.training.config import file_sha256
 
     return {"data": str(Path(path).resolve()), "seed": seed, "clean": None if clean is None else clean.as_json(),
-            "data_sha256": file_sha256(Path(path)), "arch": arch}
+            "data_sha256": sha256 or file_sha256(Path(path)), "arch": arch}
 
 
 def _student_config(teacher: Any, kept: dict[str, list[int]], d_model: int | None) -> Any:
@@ -491,15 +488,14 @@ def _teacher_text(config: DistillConfig, folder: Path) -> TeacherText:
         raise UsageError(f"teacher {str(folder)!r} does not record its training text: give --data FILE.txt "
                          "(or --task stories)")
     path = data_path(config.data, identity, folder)   # default: the file the teacher was trained on
-    check_teacher_data(path, identity, folder)
-    same = is_teachers_file(path, identity)
+    same, sha256 = check_teacher_data(path, identity, folder)
     clean = CleanOptions(**identity["clean"]) if same and identity.get("clean") else CleanOptions()
     seed = int(identity.get("seed", config.seed)) if same else config.seed
     try:
         docs, _ = load_text(path, clean)
     except UsageError as exc:
         raise UsageError(f"--data: {exc}") from None
-    record = data_record(path, seed, clean, "decoder")
+    record = data_record(path, seed, clean, "decoder", sha256)
     if len(set(docs)) < 3:          # too few paragraphs to split: all train, the last blocks held out
         return TeacherText(TextSplits(docs, [], []), str(path), record)
     return TeacherText(text_splits(path, docs, seed), str(path), record)
