@@ -352,7 +352,8 @@ class Generator:
         from deploylm.decoding.search import generate_ids
 
         chunks = self._windows([prompt], opts, overlap)[0]
-        eos, outputs, emitted = self.info.special.eos_token_ids, [], ""
+        eos, outputs, emitted, text = self.info.special.eos_token_ids, [], "", ""
+        cleans = getattr(self.tokenizer, "clean_up_tokenization_spaces", False) is True   # as in _stream_text
         # sampling: windows decoded in generate's batches of rows, so they get the same draws of the seed
         rows = WINDOW_ROWS if opts.do_sample else 1
         with self._lock, _memory_is_usage(1, opts):
@@ -360,10 +361,15 @@ class Generator:
             for piece in split_rows(chunks, rows):
                 for hyps in generate_ids(self.backend, piece, _time_left(opts, deadline), None, stop):
                     outputs.append(hyps[0].token_ids)
+                    # a window that continues the last through a shared run is decoded with it (_joined_text),
+                    # so the end of the text so far may still change: held back as _stream_text holds it
                     text = self._joined_text(join_parts(outputs, overlap, eos, self._forced_bos()))
-                    if text.startswith(emitted) and len(text) > len(emitted):
-                        yield text[len(emitted):]
-                        emitted = text
+                    ready = _settled(text) if cleans else text
+                    if ready.startswith(emitted) and len(ready) > len(emitted) and not ready.endswith("\ufffd"):
+                        yield ready[len(emitted):]
+                        emitted = ready
+            if text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted):]
         return self.finish_reason(outputs[-1] if outputs else (), opts.max_new_tokens)
 
     def _joined(self, hyps: list[Any], overlap: int) -> Sequence:
@@ -381,7 +387,17 @@ class Generator:
         return None if value is None else ForcedBOS(value).token_id
 
     def _joined_text(self, parts: list[tuple[tuple[int, ...], bool]]) -> str:
-        return join_texts([self.decode(part) for part, _ in parts], [not shared for _, shared in parts])
+        """The text of join_parts' parts. A part that continues the output before it through a shared run is
+        decoded with it: alone, it would start a text of its own, which a SentencePiece tokenizer (T5's,
+        Marian's) begins without its first space ("cat dog" -> "catdog"), and a character whose bytes the
+        two parts split would be U+FFFD twice. Parts that start apart are texts of their own (join_texts)."""
+        runs: list[list[int]] = []
+        for part, shared in parts:
+            if shared and runs:
+                runs[-1].extend(part)
+            elif part:
+                runs.append(list(part))
+        return join_texts([self.decode(run) for run in runs], [True] * len(runs))
 
 
 class TextStream:
