@@ -9,12 +9,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deploylm.errors import UsageError
+from deploylm.errors import MissingDependencyError, UsageError
 from deploylm.models.source import Source
 
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model",
                    "sentencepiece.bpe.model", "source.spm", "vocab.txt")
+# SentencePiece model files: without a tokenizer.json beside them, transformers reads them with `sentencepiece`
+# (not tokenizer.model: Llama 2's is one, Llama 3's is a tiktoken file).
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "source.spm")
 
 
 def load_tokenizer(source: Source, light: bool = False) -> Any:
@@ -50,6 +53,8 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
     except Exception as exc:  # noqa: BLE001 - sorted below; anything else is re-raised
         from deploylm.models.hf import _config_type_error, _first_line, _is_config_type_error
 
+        if source.kind != "gguf":
+            _check_sentencepiece(source.path, exc)
         if _is_config_type_error(exc):
             raise _config_type_error(source, exc) from None
         if isinstance(exc, IndexError) and source.kind == "gguf":
@@ -71,6 +76,22 @@ def load_tokenizer(source: Source, light: bool = False) -> Any:
 
 
 _JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+
+
+def _check_sentencepiece(folder: Path, exc: Exception) -> None:
+    """A folder whose tokenizer is only a SentencePiece model (Marian's source.spm, many T5 fine-tunes'
+    spiece.model) needs the `sentencepiece` package, which deploylm does not install: without it transformers
+    raises an ImportError (Marian) or, having fallen back to its tiktoken reader, asks for `tiktoken` (T5),
+    which would not help. Either is a MissingDependencyError saying what to install."""
+    import importlib.util
+
+    model_file = next((name for name in SENTENCEPIECE_FILES if (folder / name).is_file()), None)
+    if model_file is None or (folder / "tokenizer.json").is_file() or importlib.util.find_spec("sentencepiece"):
+        return
+    if isinstance(exc, ImportError) or any(name in str(exc).lower() for name in ("sentencepiece", "tiktoken")):
+        raise MissingDependencyError(f"tokenizer of {str(folder)!r} is a SentencePiece model ({model_file}, no "
+                                     "tokenizer.json): reading it needs the sentencepiece package: "
+                                     "pip install sentencepiece") from None
 
 
 def pad_like_the_model(tokenizer: Any, special: Any) -> None:
