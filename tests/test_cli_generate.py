@@ -103,7 +103,10 @@ def _one_line_error(out, *needles: str) -> None:
     (["--max-new-tokens", "2", "--min-new-tokens", "5"], "--max-new-tokens 2 is invalid: must be >= --min-new-tokens 5"),
     (["--early-stopping", "sometimes"], "--early-stopping 'sometimes'"),
     (["--num-beams", "four"], "--num-beams 'four': expected an integer"),
-    (["--temperature", "0"], "--temperature 0.0 is invalid: use a temperature >= 1e-06 (for greedy decoding leave --do-sample off)"),
+    (["--temperature", "0"], "--temperature 0.0 is invalid: use a temperature >= 1e-06 with --do-sample; without it "
+                             "(greedy or beam search) leave temperature out"),
+    (["--do-sample", "--temperature", "0"], "--temperature 0.0 is invalid: use a temperature >= 1e-06 (for greedy "
+                                            "decoding leave --do-sample off)"),
     (["--max-time", "0"], "--max-time 0.0"),
     (["--max-time", "soon"], "--max-time 'soon': expected a number"),
 ])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -84,6 +85,17 @@ def test_the_bounds_of_every_range_are_accepted(kwargs):
     options = DecodingOptions(**kwargs)
     assert all(getattr(options, name) == pytest.approx(value) for name, value in kwargs.items()
                if name != "sequence_bias")
+
+@pytest.mark.parametrize("do_sample, advice", [
+    (False, "use a temperature >= 1e-06 with do_sample; without it (greedy or beam search) leave temperature out"),
+    (True, "use a temperature >= 1e-06 (for greedy decoding leave do_sample off)"),
+])
+def test_a_temperature_of_0_is_advised_by_whether_the_call_samples(do_sample, advice):
+    """temperature=0 in a call that does not sample was told "for greedy decoding leave do_sample off", which
+    that call already does (an OpenAI habit: temperature 0 for greedy); it is told to leave temperature out."""
+    with pytest.raises(OptionError, match=r"^decoding option temperature=0.0 is invalid: " + re.escape(advice) + "$"):
+        DecodingOptions(temperature=0.0, do_sample=do_sample)
+
 
 def test_sampling_may_return_more_draws_than_beams():
     assert DecodingOptions(num_beams=1, do_sample=True, num_return_sequences=5).num_return_sequences == 5

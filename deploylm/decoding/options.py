@@ -261,7 +261,9 @@ def _check_ranges(o: DecodingOptions) -> None:
          "use 0 (off) or an n-gram size >= 1"),
         ("num_return_sequences", o.num_return_sequences >= 1, "use num_return_sequences >= 1"),
         ("temperature", o.temperature >= MIN_TEMPERATURE,
-         f"use a temperature >= {MIN_TEMPERATURE:g} (for greedy decoding leave do_sample off)"),
+         f"use a temperature >= {MIN_TEMPERATURE:g} " + ("(for greedy decoding leave do_sample off)" if o.do_sample else
+                                                       "with do_sample; without it (greedy or beam search) leave "
+                                                       "temperature out")),
         ("length_penalty", abs(o.length_penalty) <= MAX_LENGTH_PENALTY,
          f"use a length_penalty between -{MAX_LENGTH_PENALTY:g} and {MAX_LENGTH_PENALTY:g} (1.0 = the default; "
          "> 0 favours longer sequences, < 0 shorter)"),

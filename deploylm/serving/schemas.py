@@ -228,7 +228,9 @@ COMPLETION_FIELDS = {"max_tokens": "max_new_tokens", "n": "num_return_sequences"
 COMPLETION_IGNORED = ("model", "user")
 # DecodingOptions' advice that names do_sample, in completions' terms (a temperature > 0 samples, 0 is greedy)
 COMPLETION_ADVICE = {"or do_sample": "or a temperature > 0 (sampling)",
-                     "(for greedy decoding leave do_sample off)": "(or temperature 0 for greedy decoding)"}
+                     "(for greedy decoding leave do_sample off)": "(or temperature 0 for greedy decoding)",
+                     "with do_sample; without it (greedy or beam search) leave temperature out":
+                         "(or temperature 0 for greedy decoding)"}
 COMPLETION_UNSUPPORTED = ("logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
                           "suffix", "stream_options")
 
