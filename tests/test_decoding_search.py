@@ -9,7 +9,7 @@ from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import build_processors
 from deploylm.decoding.search import SearchStats, generate_ids, iter_search, run_search
 from deploylm.decoding.threads import torch_threads
-from deploylm.errors import UsageError
+from deploylm.errors import DeployLMError, UsageError
 from tests.helpers import scripted_backend
 from tests.helpers.scripted_backend import ScriptedBackend, encode, table_script
 
@@ -310,6 +310,34 @@ def test_sampling_with_every_token_banned_is_a_usage_error(num_beams):
         generate_ids(backend, encode([(2,)]), options)
     relaxed = DecodingOptions(num_beams=num_beams, do_sample=True, seed=0, max_new_tokens=8, no_repeat_ngram_size=1)
     assert generate_ids(backend, encode([(2,)]), relaxed)[0]          # EOS may end it: a draw is always there
+
+
+class _Overflowing(ScriptedBackend):
+    """A model whose logits overflow (float16) at its second decode step: one token's logit is `value`."""
+
+    def __init__(self, value: float, **kwargs):
+        super().__init__(**kwargs)
+        self.value, self.decodes = value, 0
+
+    def decode(self, tokens, state):
+        logits, state = super().decode(tokens, state)
+        self.decodes += 1
+        if self.decodes == 2:
+            logits[:, 3] = self.value
+        return logits, state
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_sampling_from_logits_that_overflowed_blames_the_model_not_the_options(num_beams, value):
+    """NaN or +inf logits (a float16 overflow) were reported as "the options ban every token (no_repeat_ngram_size,
+    min_new_tokens, ...)", to a call that gave none of them: the error now says it is the model's logits."""
+    backend = _Overflowing(value, script=random_script(eos_weight=0.0), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=num_beams, do_sample=True, seed=0, max_new_tokens=6)
+    with pytest.raises(DeployLMError, match=r"^the model's logits at generated token 3 are NaN or infinite, so there "
+                                            r"is nothing to sample from: a numerical overflow in the model") as caught:
+        generate_ids(backend, encode([(2,)]), options)
+    assert not isinstance(caught.value, UsageError)      # not the caller's input: HTTP 500, not 400
 
 
 class _Narrow(ScriptedBackend):

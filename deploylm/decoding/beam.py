@@ -155,8 +155,7 @@ class BeamSearch:
         else:
             flat = log_probs.view(B, K, vocab).add_(self.running_scores[:, :, None]).view(B, K * vocab)
             if self.options.do_sample:
-                probs = torch.nn.functional.softmax(flat, dim=-1)
-                idx = draw(probs, self.keep, self.generator, ~self.input_done(), self.cur_len - self.P)
+                idx = draw(flat, self.keep, self.generator, ~self.input_done(), self.cur_len - self.P)
                 scores = torch.gather(flat, 1, idx)
                 scores, order = scores.sort(dim=-1, descending=True)
                 idx = idx.gather(dim=-1, index=order)

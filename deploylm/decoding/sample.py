@@ -68,8 +68,7 @@ class SampleSearch:
                 scores = self.processors(self.sequences[:, :self.cur_len], self._scratch(logits), inplace=True)
             log_probs = self._log_softmax(logits)                                           # [R, V]
         if self.options.do_sample:
-            probs = torch.nn.functional.softmax(scores, dim=-1)
-            tokens = draw(probs, 1, self.generator, self.unfinished, self.cur_len - self.P, self.N).squeeze(1)
+            tokens = draw(scores, 1, self.generator, self.unfinished, self.cur_len - self.P, self.N).squeeze(1)
         else:
             tokens = first_argmax(scores)
         logprob = log_probs.gather(1, tokens[:, None]).squeeze(1)                           # [R]
