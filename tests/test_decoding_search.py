@@ -1,6 +1,8 @@
 """Greedy, sampling, batching and the loop's bookkeeping, on scripted backends (no model)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -310,6 +312,19 @@ def test_sampling_with_every_token_banned_is_a_usage_error(num_beams):
         generate_ids(backend, encode([(2,)]), options)
     relaxed = DecodingOptions(num_beams=num_beams, do_sample=True, seed=0, max_new_tokens=8, no_repeat_ngram_size=1)
     assert generate_ids(backend, encode([(2,)]), relaxed)[0]          # EOS may end it: a draw is always there
+
+
+def test_beam_sampling_with_one_token_to_draw_returns_repeats_scored_near_minus_1e9():
+    """docs/decoding.md (Ranges): beam sampling that keeps 6 candidates where one token has all the probability
+    also draws zero-probability candidates of the beams not yet started (running score -1e9), as transformers'
+    does; they grow into repeats of the best output, scored -1e9 / 4 tokens."""
+    backend = ScriptedBackend(table_script({}, [0, .3, .6, .05, .05]), vocab_size=5)
+    options = DecodingOptions(num_beams=3, num_return_sequences=3, do_sample=True, seed=0, temperature=1e-6,
+                              max_new_tokens=4)
+    [hyps] = generate_ids(backend, encode([(2,)]), options)
+    assert [h.token_ids for h in hyps] == [(2, 2, 2, 2)] * 3
+    assert hyps[0].score == pytest.approx(4 * math.log(.6) / 4 / 1e-6, rel=1e-4)    # log-probs / temperature
+    assert [h.score for h in hyps[1:]] == pytest.approx([-1e9 / 4] * 2, rel=1e-2)
 
 
 class _Overflowing(ScriptedBackend):
