@@ -271,3 +271,33 @@ def test_a_profile_tensorrt_refuses_to_select_is_an_error():
              "position_ids": torch.ones(1, 2, dtype=torch.long), **{n: torch.zeros(1, H, 0, D) for n in NAMES}}
     with pytest.raises(RuntimeError, match=r"TensorRT could not select optimization profile 0 \(prefill\)"):
         runner.run("prefill", feeds, {})
+
+
+class _LoggedStream:
+    """A stand-in for torch.cuda.Stream that logs the waits between the caller's stream and the engine's."""
+
+    cuda_stream = 0
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+def test_the_engine_stream_waits_for_the_inputs_converted_on_the_callers_stream(monkeypatch):
+    """The casts/copies that put an input in the engine's dtype, dense and aligned, run on the caller's stream: the
+    engine's stream must wait for them (it waited before they were queued, so the engine could read the memory
+    before the copy landed)."""
+    runner = fake_runner()
+    log = []
+    runner._side = _LoggedStream("engine", log)                   # as on CUDA
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _LoggedStream("caller", log))
+    held = runner._held
+    monkeypatch.setattr(runner, "_held", lambda name, tensor: (log.append(f"cast {name}"), held(name, tensor))[1])
+    feeds = {"input_ids": torch.ones(1, 2, dtype=torch.int32), "attention_mask": torch.ones(1, 2, dtype=torch.int32),
+             "position_ids": torch.ones(1, 2, dtype=torch.int32), **{n: torch.zeros(1, H, 0, D) for n in NAMES}}
+    runner.run("prefill", feeds, {})
+    waits = log.index("engine waits for caller")
+    assert [e for e in log[:waits] if e.startswith("cast")] == [f"cast {n}" for n in runner.inputs]
+    assert log[-1] == "caller waits for engine"

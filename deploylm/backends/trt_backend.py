@@ -98,15 +98,15 @@ class EngineRunner:
             raise ArtifactError(f"the TensorRT engine needs inputs {missing} that the trt backend does not provide")
         with self._lock, _on_device(self.device):
             caller = torch.cuda.current_stream(self.device) if self._side is not None else None
+            held = {n: self._held(n, feeds[n]) for n in self.inputs}     # casts/copies queued on the caller's stream
             if self._side is not None:
-                self._side.wait_stream(caller)                # inputs and buffers written by the caller first
+                self._side.wait_stream(caller)                # inputs, those copies, buffers: the caller's first
             stream = self._side.cuda_stream if self._side is not None else 0
             index = self.phases.index(phase)
             if self._profile != index:
                 if self.context.set_optimization_profile_async(index, stream) is False:
                     raise RuntimeError(f"TensorRT could not select optimization profile {index} ({phase})")
                 self._profile = index
-            held = {n: self._held(n, feeds[n]) for n in self.inputs}
             for name, tensor in held.items():
                 self._set_shape(phase, index, name, tuple(tensor.shape))
                 self._bind(name, tensor)
