@@ -301,3 +301,19 @@ def test_the_engine_stream_waits_for_the_inputs_converted_on_the_callers_stream(
     waits = log.index("engine waits for caller")
     assert [e for e in log[:waits] if e.startswith("cast")] == [f"cast {n}" for n in runner.inputs]
     assert log[-1] == "caller waits for engine"
+
+
+def test_a_profile_the_binding_refuses_by_raising_names_the_phase():
+    """TensorRT 10's Python binding of set_optimization_profile_async raises RuntimeError("Error in set optimization
+    profile async.") where the C++ call returns false; it never returns False."""
+    runner = fake_runner()
+
+    def refuse(index, stream):
+        raise RuntimeError("Error in set optimization profile async.")
+
+    runner.context.set_optimization_profile_async = refuse
+    feeds = {"input_ids": torch.ones(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+             "position_ids": torch.ones(1, 2, dtype=torch.long), **{n: torch.zeros(1, H, 0, D) for n in NAMES}}
+    with pytest.raises(RuntimeError, match=r"could not select optimization profile 0 \(prefill\): Error in set"):
+        runner.run("prefill", feeds, {})
+    assert runner._profile is None                                # not recorded as selected: the next call retries

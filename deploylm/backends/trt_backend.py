@@ -104,7 +104,12 @@ class EngineRunner:
             stream = self._side.cuda_stream if self._side is not None else 0
             index = self.phases.index(phase)
             if self._profile != index:
-                if self.context.set_optimization_profile_async(index, stream) is False:
+                try:                                          # TensorRT 10's binding raises where C++ returns false
+                    selected = self.context.set_optimization_profile_async(index, stream) is not False
+                except RuntimeError as exc:
+                    raise RuntimeError(f"TensorRT could not select optimization profile {index} ({phase}): "
+                                       f"{exc}") from None
+                if not selected:
                     raise RuntimeError(f"TensorRT could not select optimization profile {index} ({phase})")
                 self._profile = index
             for name, tensor in held.items():
