@@ -125,3 +125,15 @@ def test_a_tensorrt_missing_one_of_its_own_modules_is_a_broken_install(monkeypat
     with pytest.raises(MissingDependencyError, match=r"TensorRT is installed but cannot be imported \(No module named "
                                                      r"'tensorrt_bindings'\): reinstall it with pip install"):
         trt_env.import_tensorrt()
+
+
+def test_an_artifact_exported_without_engines_points_to_a_trt_profile(tmp_path):
+    """An fp32/onnx artifact opened with --backend trt: re-exporting it with its own profile (over it, --force) builds
+    no engines either; the way out is an export with a trt-* profile."""
+    manifest = {"source": {"kind": "hf", "path": "models/tiny"}, "profile": {"name": "fp32", "backends": ["onnx"]}}
+    with pytest.raises(ArtifactError) as err:
+        check_engines(manifest, tmp_path, H200)
+    message = str(err.value)
+    assert "the artifact has no TensorRT engines: its profile fp32 builds none" in message and "\n" not in message
+    assert "deploylm export --model models/tiny --profile trt-fp16 --out" in message
+    assert "--profile fp32" not in message and "--force" not in message

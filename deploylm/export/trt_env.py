@@ -142,6 +142,12 @@ def check_engines(manifest: dict[str, Any], artifact_dir: Path, env: TrtEnv) -> 
     from deploylm.artifact import rebuild_hint
 
     ok, reason = engine_compatibility(manifest.get("tensorrt"), env)
+    profile = manifest.get("profile") if isinstance(manifest.get("profile"), dict) else {}
+    if not ok and not (manifest.get("tensorrt") or {}).get("engines") and "trt" not in (profile.get("backends") or ()):
+        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        raise ArtifactError(f"{artifact_dir}: {reason}: its profile {profile.get('name', '?')} builds none; export "
+                            f"the model with a trt-* profile: deploylm export --model {source.get('path', 'SRC')} "
+                            "--profile trt-fp16 --out DIR")
     if not ok:
         raise ArtifactError(f"{artifact_dir}: {reason}; to rebuild the engines on this machine, "
                             f"{rebuild_hint(artifact_dir, manifest)}")
