@@ -458,6 +458,10 @@ def run_parity(src: str | Path, backends: list[str], prompts: list[str] | None =
     profile = profile if profile is not None else default_profile(source)
     options = DecodingOptions.from_mapping({**profile.generation, **overrides})   # before minutes of export
     if source.kind != "artifact" and any(name != "torch" for name in backends):
+        if "trt" in backends and "trt" not in profile.backends:       # the fresh export would have no engines
+            raise UsageError(f"--backends {','.join(backends)}: {src} is exported first, with profile {profile.name}, "
+                             "which builds no TensorRT engines for the trt backend: pass --profile trt-fp16 (or "
+                             "trt-int8)")
         if on_export is not None:
             on_export(profile.name)
         return _parity_of_a_fresh_export(source, backends, prompts, profile, overrides)

@@ -140,3 +140,15 @@ def test_export_trt_int8_hands_the_calibration_file_to_tensorrt(tiny_llama_dir, 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     assert given["calibration"] == [list(tok(t)["input_ids"]) for t in texts]
     assert not (tmp_path / "out").exists()
+
+
+def test_parity_with_trt_of_a_model_folder_needs_a_trt_profile_before_exporting(tiny_gpt2_dir, monkeypatch):
+    """`parity --model FOLDER --backends torch,trt` exported FOLDER with fp32 (minutes for a real model), which
+    builds no engines, and only then failed: on a machine without TensorRT for want of it, on a GPU machine
+    because the fresh artifact had no engines (with a rebuild command for its temporary folder)."""
+    from deploylm.export import pipeline
+
+    monkeypatch.setattr(pipeline, "export_model", lambda *a, **k: pytest.fail("exported before the refusal"))
+    result = CliRunner().invoke(cli, ["parity", "--model", str(tiny_gpt2_dir), "--backends", "torch,trt"])
+    line = _one_error_line(result)
+    assert "with profile fp32, which builds no TensorRT engines" in line and "--profile trt-fp16" in line
