@@ -317,3 +317,50 @@ def test_a_profile_the_binding_refuses_by_raising_names_the_phase():
     with pytest.raises(RuntimeError, match=r"could not select optimization profile 0 \(prefill\): Error in set"):
         runner.run("prefill", feeds, {})
     assert runner._profile is None                                # not recorded as selected: the next call retries
+
+
+# ---- what hand mutants of trt_backend / trt_buffers showed untested ---------------------------------
+
+def _feeds(rows, dtype=torch.long):
+    ids = torch.tensor([[3, 4]] * rows, dtype=dtype)
+    pos = torch.tensor([[0, 1]] * rows, dtype=dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": pos,
+            **{n: torch.zeros(rows, H, 0, D) for n in NAMES}}
+
+
+def test_left_padding_positions_reach_the_engine_as_zero_not_minus_one():
+    backend, model, context = _backend()
+    seen = []
+    context.model = lambda ids, mask, pos, past: (seen.append(pos.clone()), model(ids, mask, pos, past))[1]
+    backend.prefill(EncodedBatch(torch.tensor([[0, 0, 5], [6, 7, 8]]), torch.tensor([[0, 0, 1], [1, 1, 1]])))
+    assert seen[0].tolist() == [[0, 0, 0], [0, 1, 2]]             # an index -1 is out of range for an engine's Gather
+
+
+def test_inputs_are_cast_to_the_engines_dtype_before_binding():
+    runner = fake_runner()
+    want = runner.run("prefill", _feeds(2), {})["logits"]
+    got = runner.run("prefill", _feeds(2, torch.int32), {})["logits"]   # the engine reads int64 at the address
+    torch.testing.assert_close(got, want)
+
+
+def test_an_output_buffer_of_the_wrong_shape_is_refused():
+    runner = fake_runner()
+    wrong = {"present.0.key": torch.empty(2, H, 3, D)}                 # the engine writes [2, H, 2, D]
+    with pytest.raises(RuntimeError, match=r"present.0.key: engine writes \(2, 2, 2, 3\)"):
+        runner.run("prefill", _feeds(2), wrong)
+
+
+def test_kv_buffers_never_grow_past_the_engines_maximum():
+    plan = KvBufferPlan(("k",), rows=2, heads=1, max_len=10, head_dim=2, itemsize=4)
+    kv = KvPingPong(plan, torch.float32, torch.device("cpu"))
+    kv.present("k", 2, 9)                                          # 9 tokens + 64 of room would pass the maximum
+    assert kv.buffers["k"][1].numel() == plan.numel == 2 * 1 * 10 * 2
+
+
+def test_decoding_past_the_engines_longest_cache_is_a_usage_error():
+    backend, _, _ = _backend()                                     # the longest cache: 33 tokens
+    _, state = backend.prefill(EncodedBatch(torch.ones(1, 16, dtype=torch.long), torch.ones(1, 16, dtype=torch.long)))
+    for step in range(17):                                         # 16 + 17 = 33
+        _, state = backend.decode(torch.tensor([1]), state)
+    with pytest.raises(UsageError, match="a cache of 34 tokens exceeds the TensorRT engine's 33"):
+        backend.decode(torch.tensor([1]), state)
