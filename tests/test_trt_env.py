@@ -137,3 +137,45 @@ def test_an_artifact_exported_without_engines_points_to_a_trt_profile(tmp_path):
     assert "the artifact has no TensorRT engines: its profile fp32 builds none" in message and "\n" not in message
     assert "deploylm export --model models/tiny --profile trt-fp16 --out" in message
     assert "--profile fp32" not in message and "--force" not in message
+
+
+# ---- what hand mutants of trt_env showed untested ------------------------------------------------
+
+def test_refusal_names_exactly_what_is_missing(tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
+    for has_trt, has_cuda, words in [(False, False, "the tensorrt module and a CUDA GPU are missing"),
+                                     (True, False, "but a CUDA GPU is missing"),
+                                     (False, True, "but the tensorrt module is missing")]:
+        monkeypatch.setattr(trt_env.importlib.util, "find_spec",
+                            lambda name, *a, ok=has_trt: object() if ok and name == "tensorrt" else FIND_SPEC(name, *a))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda ok=has_cuda: ok)
+        with pytest.raises(MissingDependencyError, match=words):
+            load_backend("trt", Source("artifact", tmp_path))
+
+
+def test_engines_of_another_patch_release_or_an_empty_engine_list_are_refused():
+    ok, reason = engine_compatibility(SECTION, TrtEnv("10.3.1", "NVIDIA H200", "9.0"))
+    assert not ok and "TensorRT 10.3.0" in reason and "TensorRT 10.3.1" in reason
+    assert engine_compatibility({**SECTION, "engines": []}, H200) == (False, "the artifact has no TensorRT engines")
+
+
+def test_tensorrt_dtypes_map_to_their_torch_dtypes():
+    import types
+
+    names = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+             "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
+    assert {n: trt_env.torch_dtype_for(types.SimpleNamespace(name=n)) for n in names} == names
+    with pytest.raises(ArtifactError, match="FP8 has no torch equivalent"):
+        trt_env.torch_dtype_for(types.SimpleNamespace(name="FP8"))
+
+
+def test_current_env_reads_the_tensorrt_version_and_the_gpus_capability(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.3.0.26"
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: "NVIDIA L4")
+    assert trt_env.current_trt_env() == TrtEnv("10.3.0.26", "NVIDIA L4", "8.9")
