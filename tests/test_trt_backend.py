@@ -364,3 +364,18 @@ def test_decoding_past_the_engines_longest_cache_is_a_usage_error():
         _, state = backend.decode(torch.tensor([1]), state)
     with pytest.raises(UsageError, match="a cache of 34 tokens exceeds the TensorRT engine's 33"):
         backend.decode(torch.tensor([1]), state)
+
+
+def test_encoder_decoder_engines_are_refused_with_the_backends_that_run_them(tmp_path):
+    section = {"engines": [{"name": "encoder_model", "file": "trt/encoder_model.plan"},
+                           {"name": "decoder_model", "file": "trt/decoder_model.plan"}]}
+    with pytest.raises(UsageError, match="the trt backend runs decoder-only artifacts .*--backend onnx"):
+        TrtBackend.from_folder(tmp_path, section, name="t5")
+
+
+def test_a_model_folder_is_refused_with_the_export_command(tmp_path, monkeypatch):
+    from deploylm.models.source import Source
+
+    monkeypatch.setattr("deploylm.backends.trt_backend.require_trt_gpu", lambda purpose: None)
+    with pytest.raises(UsageError, match=r"--backend trt needs an artifact folder .* --profile trt-fp16"):
+        TrtBackend.from_source(Source("hf", tmp_path))
