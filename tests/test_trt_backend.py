@@ -379,3 +379,14 @@ def test_a_model_folder_is_refused_with_the_export_command(tmp_path, monkeypatch
     monkeypatch.setattr("deploylm.backends.trt_backend.require_trt_gpu", lambda purpose: None)
     with pytest.raises(UsageError, match=r"--backend trt needs an artifact folder .* --profile trt-fp16"):
         TrtBackend.from_source(Source("hf", tmp_path))
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps", "cuda0"])
+def test_a_device_other_than_cuda_is_refused_before_the_engine_loads(tmp_path, monkeypatch, device):
+    """TensorRT reads every bound address as GPU memory: CPU tensors bound by address would be read as device
+    pointers (an illegal memory access), so deploylm.load(..., backend="trt", device="cpu") is refused up front."""
+    from deploylm.models.source import Source
+
+    monkeypatch.setattr("deploylm.backends.trt_backend.require_trt_gpu", lambda purpose: None)
+    with pytest.raises(UsageError, match=rf"device='{device}': the trt backend runs TensorRT engines on a CUDA GPU"):
+        TrtBackend.from_source(Source("artifact", tmp_path), device=device)

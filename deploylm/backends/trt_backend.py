@@ -136,6 +136,18 @@ class EngineRunner:
 ALIGNMENT = 256                                               # bytes, for set_tensor_address
 
 
+def _cuda_device(device: str | torch.device) -> torch.device:
+    """`device` as a CUDA torch.device, or a UsageError: TensorRT reads every bound address as GPU memory."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type != "cuda":
+        raise UsageError(f"device={str(device)!r}: the trt backend runs TensorRT engines on a CUDA GPU: expected "
+                         "'cuda' or 'cuda:N' (the onnx and torch backends run on the CPU)")
+    return parsed
+
+
 def _on_device(device: torch.device) -> Any:
     """The CUDA device as current for the engine's calls (a no-op context off CUDA)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -163,11 +175,11 @@ class TrtBackend:
         from deploylm.artifact import load_artifact
 
         require_trt_gpu("the trt backend")
+        device = _cuda_device(device)
         if getattr(source, "kind", None) != "artifact":
             raise UsageError(f"--backend trt needs an artifact folder with TensorRT engines, got a {source.kind} "
                              f"({source.path}): first run deploylm export --model {source.path} --profile trt-fp16")
         artifact = load_artifact(source.path)                         # checksums, IO signature
-        device = torch.device(device)
         check_engines(artifact.manifest, artifact.path, current_trt_env(device.index or 0))
         return cls.from_folder(artifact.path, artifact.manifest["tensorrt"], name=source.name,
                                generation=artifact.manifest.get("generation"), device=device, rows=rows)
