@@ -152,3 +152,17 @@ def test_parity_with_trt_of_a_model_folder_needs_a_trt_profile_before_exporting(
     result = CliRunner().invoke(cli, ["parity", "--model", str(tiny_gpt2_dir), "--backends", "torch,trt"])
     line = _one_error_line(result)
     assert "with profile fp32, which builds no TensorRT engines" in line and "--profile trt-fp16" in line
+
+
+def test_export_trt_int8_of_an_encoder_decoder_is_refused_before_the_graphs_are_exported(tiny_t5_dir, tmp_path,
+                                                                                         monkeypatch):
+    """TensorRT's int8 calibrator cannot feed a decoder with encoder inputs: the build refused it only after the
+    graphs were exported and validated and the encoder engine was built (minutes on a real model)."""
+    from deploylm.errors import UsageError
+    from deploylm.export import pipeline
+
+    monkeypatch.setattr(trt_env, "require_trt_gpu", lambda what: None)
+    monkeypatch.setattr(pipeline, "_export_graphs", lambda *a: pytest.fail("exported the graphs before the refusal"))
+    with pytest.raises(UsageError, match="trt-int8: .*encoder-decoder.*trt-fp16"):
+        pipeline.export_model(tiny_t5_dir, "trt-int8", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

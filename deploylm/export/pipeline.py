@@ -105,6 +105,9 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
         timings: dict[str, float] = {}
         model = _timed(timings, "load", _load_model, source)
         plan = plan_graphs(model)
+        if "trt" in profile.backends and profile.precision == "int8" and plan.kind == "encoder-decoder":
+            raise UsageError(f"profile {profile.name}: TensorRT's int8 calibration cannot feed an encoder-decoder's "
+                             "decoder (it takes encoder outputs): use --profile trt-fp16")
         result: dict[str, Any] = {"details": []}
         layout = kv_layout(profile)
         if layout is not None:
