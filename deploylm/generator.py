@@ -445,9 +445,11 @@ class TextStream:
             return value
         self._done = True
         self._join()
+        if kind != "error":
+            self.finish_reason = self.finish_reason or value
+        self._queue.put(("end", None))            # for a reader on another thread waiting here too: it ends as well
         if kind == "error":
             raise value
-        self.finish_reason = self.finish_reason or value
         raise StopIteration(value)
 
     def close(self) -> None:

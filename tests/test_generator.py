@@ -774,3 +774,37 @@ def test_a_stop_set_while_pieces_wait_in_the_queue_makes_the_next_read_raise():
     gate.set()
     with pytest.raises(Interrupted, match="decoding stopped before its end"):
         next(stream)
+
+
+def test_two_threads_reading_one_stream_at_once_both_end():
+    """Two threads inside next() of one stream at the same time (two workers of a pool handed the same
+    iterator): the decode's end went to one of them and the other waited on the queue forever, a thread hung
+    for good; both now end."""
+    import sys
+    import time
+
+    from deploylm.generator import TextStream
+
+    gate = threading.Event()
+
+    def pieces():
+        assert gate.wait(30)
+        return "stop"
+        yield  # a generator without pieces
+
+    stream = TextStream(pieces())
+    readers = [threading.Thread(target=lambda: list(stream), daemon=True) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:                           # both readers inside next(), waiting for the decode
+        frames = sys._current_frames()
+        if all(r.ident in frames and frames[r.ident].f_code.co_name == "__next__" for r in readers):
+            break
+        time.sleep(0.01)
+    time.sleep(0.1)
+    gate.set()
+    for reader in readers:
+        reader.join(10)
+    assert not any(r.is_alive() for r in readers)
+    assert stream.finish_reason == "stop" and next(stream, None) is None
