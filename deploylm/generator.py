@@ -168,13 +168,15 @@ class Generator:
                 for prompt, per_prompt in zip(texts, hyps)]
 
     def check(self, prompts: str | list[str], *, truncation: str | None = None, window_overlap: int | None = None,
-              **options: Any) -> None:
+              stats: "SearchStats | None" = None, stop: threading.Event | None = None, **options: Any) -> None:
         """Raise the UsageError `generate` would raise before decoding (the options; an empty prompt, one over
         the window, one the tokenizer cannot encode; a sequence_bias past the vocabulary), without decoding:
-        a caller with many batches refuses a bad input before any output goes out."""
+        a caller with many batches refuses a bad input before any output goes out. It takes generate's
+        keywords (`stop` and `stats` are only checked)."""
         from deploylm.decoding.processors import build_processors
 
         texts = _prompt_list(prompts)
+        _check_stop(stop, stats)
         opts = self.options(**options)
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
         if self._slides(fit):   # each window is a source of its own: the processors see each one

@@ -808,3 +808,15 @@ def test_two_threads_reading_one_stream_at_once_both_end():
         reader.join(10)
     assert not any(r.is_alive() for r in readers)
     assert stream.finish_reason == "stop" and next(stream, None) is None
+
+
+def test_check_takes_the_keywords_generate_takes(llama, monkeypatch):
+    """check() is "the UsageError generate would raise": a service passing one set of keywords to both (a stop
+    event to bound the request's time) got "unknown decoding option(s) 'stop'" from check, which generate accepts;
+    a stop that is no Event is refused by both."""
+    from deploylm.decoding.search import SearchStats
+
+    monkeypatch.setattr(llama.backend, "prefill", lambda *a, **k: pytest.fail("check() decoded"))
+    llama.check("hello", stop=threading.Event(), stats=SearchStats(), max_new_tokens=2)
+    with pytest.raises(UsageError, match=r"stop=.*: expected a threading.Event"):
+        llama.check("hello", stop=["\n"], max_new_tokens=2)
