@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -579,6 +580,9 @@ def test_closing_a_stream_from_another_thread_ends_its_decode_after_the_step(lla
         assert entered.wait(30)                                  # the decode is inside its first step
         closer = threading.Thread(target=stream.close)
         closer.start()
+        deadline = time.monotonic() + 30                         # the close is under way before the step ends
+        while not stream._closed.is_set() and time.monotonic() < deadline:
+            time.sleep(0.001)
     finally:
         release.set()
     closer.join(30)
