@@ -147,9 +147,10 @@ def test_cli_json_matches_transformers(model_dirs, pairs, kind, flags, options):
 
 
 def build_layout(kind: str, dest):
-    """Tiny random BART, Marian, Mistral (sliding window shorter than the prompts), Qwen2 or Phi-3 with
-    longrope (long factors past 16 positions: `phi3-longrope`) folder."""
-    from transformers import BartConfig, GenerationConfig, MarianConfig, MistralConfig, Phi3Config, Qwen2Config
+    """Tiny random BART, Marian, Mistral (sliding window shorter than the prompts), Qwen2, Mamba (a state-space
+    model: no attention layers) or Phi-3 with longrope (long factors past 16 positions: `phi3-longrope`) folder."""
+    from transformers import (BartConfig, GenerationConfig, MambaConfig, MarianConfig, MistralConfig, Phi3Config,
+                              Qwen2Config)
 
     from tests.helpers.tiny_hf import train_tokenizer
 
@@ -165,6 +166,8 @@ def build_layout(kind: str, dest):
         "marian": lambda: MarianConfig(**ids, **seq2seq, decoder_start_token_id=tok.pad_token_id),
         "mistral": lambda: MistralConfig(**ids, **causal, sliding_window=6),
         "qwen2": lambda: Qwen2Config(**ids, **causal),
+        "mamba": lambda: MambaConfig(**ids, hidden_size=32, num_hidden_layers=2, state_size=8, intermediate_size=64,
+                                     conv_kernel=4, time_step_rank=4, bos_token_id=tok.bos_token_id),
         "phi3-longrope": lambda: Phi3Config(**ids, **causal, original_max_position_embeddings=16, rope_parameters={
             "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
             "long_factor": [1.0, 4.0, 16.0, 64.0], "original_max_position_embeddings": 16}),
@@ -181,8 +184,11 @@ def build_layout(kind: str, dest):
     return dest
 
 
-@pytest.mark.parametrize("kind", ["bart", "marian", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["bart", "marian", "mistral", "qwen2", "mamba"])
 def test_other_layouts_match_transformers(kind, tmp_path):
+    """mamba: a left-padded batch; each decode step passes no attention mask, as transformers.generate does (its
+    mixers multiply their input by a 2-D mask, so the growing [rows, past + 1] mask broadcast the one new token
+    into past + 1 positions: every row's tokens went wrong once a batch held prompts of different lengths)."""
     path = build_layout(kind, tmp_path / kind)
     gen, model = load(path), _auto(path).from_pretrained(path).eval()
     check(gen, model, GRID[4] if model.config.is_encoder_decoder else GRID[6])

@@ -4,7 +4,9 @@ Both call the model exactly as `transformers.generate` does (same inputs, same t
 objects), so the logits match and the shared decoder gives the same tokens:
 - decoder-only: left-padded prompt, attention mask, position_ids = cumsum(mask) - 1 (0 on padding),
   `logits_to_keep=1`; each decode step appends 1 to the mask and feeds the next position. When no
-  prompt is padded the mask is dropped altogether, as transformers.generate does.
+  prompt is padded the mask is dropped altogether, as transformers.generate does; a model without
+  attention layers (a state-space model: Mamba) gets it for the prompt only, as its
+  `prepare_inputs_for_generation` has transformers.generate do.
 - encoder-decoder: the encoder runs once per input; the first decoder step feeds the decoder start
   token. The encoder output, its mask and the cross-attention K/V are expanded to one row per beam
   (index_select) because the transformers decoder wants them at the decoder's batch size; they are
@@ -58,6 +60,8 @@ class HFCausalBackend(TorchBackend):
         logits, cache = self._forward(ids, mask, positions, cache)
         if cache is None:
             raise not_a_decoder(self.model)
+        if mask is not None and not _attends(cache):
+            mask = None   # Mamba's mixers multiply their input by a 2-D mask: [R, P + 1] would broadcast the new token
         return logits, CausalState(cache, mask, positions[:, -1] + 1)
 
     def _decode(self, tokens: Tensor, state: CausalState) -> tuple[Tensor, CausalState]:
@@ -74,6 +78,20 @@ class HFCausalBackend(TorchBackend):
         state.cache.reorder_cache(beam_idx)  # index_select on each layer's keys/values (batch axis)
         mask = None if state.attention_mask is None else state.attention_mask.index_select(0, beam_idx)
         return CausalState(state.cache, mask, state.next_position.index_select(0, beam_idx))
+
+
+def _attends(cache: Any) -> bool:
+    """Whether a transformers Cache holds an attention layer (keys and values), i.e. is not made only of
+    state-space / linear-attention layers (Mamba's). A cache that does not say is taken to attend."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return True
+    try:
+        from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, StaticLayer
+    except ImportError:           # pragma: no cover - a transformers without linear-attention cache layers
+        return True
+    return any(isinstance(layer, (DynamicLayer, StaticLayer)) or not isinstance(layer, LinearAttentionCacheLayerMixin)
+               for layer in layers)
 
 
 @dataclass(frozen=True)
