@@ -333,6 +333,36 @@ def test_a_gguf_file_of_an_unsupported_architecture_names_the_supported_ones(tmp
 
 
 
+def _set_tensor_type(path, index, type_id):
+    """Rewrite the GGML type id of the file's index-th tensor in place."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).tensors[index].field   # parts: name length, name, n_dims, dims, type, offset
+    offset = field.offset + sum(part.nbytes for part in field.parts[:4])
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(int(type_id).to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("F64", r"holds tensors of type F64, which gguf \S+ cannot dequantize: the types it reads are F32, F16, Q4_0, "
+            r".*Q8_0, .*Q4_K, .*BF16.* \(convert the model again to one of them\)$"),
+    ("id 99", r"holds a tensor of type id 99, which gguf \S+ does not know \(a type newer than this gguf: pip "
+              r"install -U gguf; or a damaged file\): the types it reads are F32, F16, .*Q4_K"),
+])
+def test_a_gguf_file_of_a_tensor_type_gguf_cannot_read_names_the_type_and_those_it_reads(tmp_path, case, expected):
+    """Both read "does not load with transformers (damaged or not a GGUF model file?)" before, with gguf's own
+    words after it: a valid file of a type the installed gguf cannot unpack was called damaged."""
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "typed.gguf", tensor_type="F64" if case == "F64" else "F32")
+    if case == "id 99":
+        _set_tensor_type(path, 1, 99)
+    with pytest.raises(UsageError, match=r"^GGUF file '.*typed\.gguf' " + expected) as info:
+        deploylm.load(path)
+    assert "\n" not in str(info.value) and "damaged or not a GGUF" not in str(info.value)
+
+
 def test_a_gguf_file_whose_special_token_id_is_outside_its_tokens_gives_one_clear_error(tmp_path):
     from tests.helpers.tiny_gguf import write_tiny_llama_gguf
 

@@ -372,6 +372,10 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
         if architecture is not None:
             raise UsageError(f"{what} is of architecture {architecture!r}, which transformers does not load "
                              f"from GGUF: supported are {', '.join(_gguf_architectures())}") from None
+        tensor_type = _unsupported_gguf_tensor_type(exc)
+        if tensor_type is not None:
+            raise UsageError(f"{what} holds {tensor_type}: the types it reads are "
+                             f"{', '.join(_gguf_tensor_types())} (convert the model again to one of them)") from None
         _check_gguf_tokenizer(path, what)
         raise UsageError(f"{what} does not load with transformers (damaged or not a GGUF "
                          f"model file?): {_first_line(exc)}") from None
@@ -444,6 +448,49 @@ def _unsupported_gguf_architecture(exc: BaseException) -> str | None:
 
     found = re.match(r"GGUF model with architecture (.+) is not supported", str(exc))
     return found.group(1) if isinstance(exc, ValueError) and found else None
+
+
+def _unsupported_gguf_tensor_type(exc: BaseException) -> str | None:
+    """What the gguf package's errors on a tensor type say, in words: "Dequantization for Q1_0 is not yet
+    implemented" (a type it knows but cannot unpack) or "np.uint32(99) is not a valid GGMLQuantizationType" (a
+    type id it does not know: a newer llama.cpp type, or damage). They read "damaged or not a GGUF model file?"
+    before, which a valid file of a newer type is not."""
+    import re
+
+    version = _gguf_version()
+    unpacked = re.match(r"Dequantization for (\S+) is not yet implemented", str(exc))
+    if isinstance(exc, NotImplementedError) and unpacked:
+        return f"tensors of type {unpacked.group(1)}, which gguf {version} cannot dequantize"
+    unknown = re.search(r"(?:np\.\w+\()?(\d+)\)? is not a valid GGMLQuantizationType", str(exc))
+    if isinstance(exc, ValueError) and unknown:
+        return (f"a tensor of type id {unknown.group(1)}, which gguf {version} does not know (a type newer than this "
+                "gguf: pip install -U gguf; or a damaged file)")
+    return None
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:            # pragma: no cover - gguf imports, so it is installed
+        return "(unknown version)"
+
+
+def _gguf_tensor_types() -> list[str]:
+    """The GGML tensor types the installed gguf package dequantizes (transformers' GGUF loader uses it)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    readable = []
+    for qtype in GGMLQuantizationType:
+        try:
+            dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+        except NotImplementedError:
+            continue
+        readable.append(qtype.name)
+    return readable
 
 
 def _gguf_architectures() -> list[str]:

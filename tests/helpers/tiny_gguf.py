@@ -33,7 +33,8 @@ def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tenso
     """Write a tiny random Llama (tiny_llama_model) to `dest` (a .gguf path); `architecture` is the
     general.architecture it states; `drop_tensors` are GGUF tensor names left out of the file;
     `eos_token_id` replaces the tokenizer's in the metadata; `tensor_type` is the GGML type of its 2-D
-    tensors (F32, F16, Q8_0, Q4_0, ...: quantized with gguf's own quantize; 1-D norms stay F32); `tokenizer`
+    tensors (F32, F16, Q8_0, Q4_0, ...: quantized with gguf's own quantize; F64, which gguf cannot dequantize;
+    1-D norms stay F32); `tokenizer`
     False leaves the tokenizer out of the metadata."""
     import gguf
 
@@ -70,7 +71,9 @@ def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tenso
         array = tensor.float().numpy()
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             array = _permute(array, 4 if "attn_q" in name else 2)
-        if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        if array.ndim == 2 and qtype == gguf.GGMLQuantizationType.F64:   # a type gguf writes but does not read
+            writer.add_tensor(name, array.astype("float64"), raw_dtype=qtype)
+        elif array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(name, array)
