@@ -274,6 +274,26 @@ def test_a_gguf_file_missing_tensors_is_refused_not_filled_with_random_values(tm
         deploylm.load(path)
 
 
+@pytest.mark.parametrize("part", [0, 1])
+def test_a_part_of_a_split_gguf_model_is_named_so_not_called_short_of_weights(tmp_path, part):
+    """llama.cpp's gguf-split writes big models as model-00001-of-00003.gguf, ...: the first part holds the metadata
+    and some tensors, the others only tensors; transformers loads single files only. The first part read "does not
+    hold the weights of LlamaForCausalLM: 2 weight(s) missing ... (check the sizes and vocabulary in the file's
+    metadata against its tensors)", a later one (no general.architecture) "damaged or not a GGUF model file?"."""
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / f"tiny-0000{part + 1}-of-00003.gguf", split=(part, 3), tokenizer=not part,
+                                 drop_tensors=("blk.1.ffn_down.weight", "blk.1.ffn_up.weight"))
+    if part:    # a later part holds no model metadata: no general.architecture
+        data = path.read_bytes()
+        path.write_bytes(data.replace(b"general.architecture", b"general.architectur_", 1))
+    with pytest.raises(UsageError, match=rf"^GGUF file '.*tiny-0000{part + 1}-of-00003\.gguf' is part {part + 1} of 3 "
+                                         r"of a split model \(split\.count 3\): transformers loads one whole file; "
+                                         r"merge the parts first \(llama\.cpp: llama-gguf-split --merge "
+                                         r".*tiny-00001-of-00003\.gguf merged\.gguf\)$"):
+        deploylm.load(path)
+
+
 def test_a_gguf_file_without_a_tokenizer_says_so_not_that_its_shapes_differ(tmp_path):
     """No tokenizer.ggml.* metadata (and no vocab_size): transformers took Llama's default vocabulary and the error
     was a shape mismatch of the embedding; docs/models.md promises a refusal of metadata without a tokenizer."""

@@ -376,31 +376,55 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
         if tensor_type is not None:
             raise UsageError(f"{what} holds {tensor_type}: the types it reads are "
                              f"{', '.join(_gguf_tensor_types())} (convert the model again to one of them)") from None
-        _check_gguf_tokenizer(path, what)
+        _check_gguf_metadata(path, what)
         raise UsageError(f"{what} does not load with transformers (damaged or not a GGUF "
                          f"model file?): {_first_line(exc)}") from None
     try:
         check_loaded_weights(what, type(model).__name__, loading,
                              hint="check the sizes and vocabulary in the file's metadata against its tensors")
     except UsageError:
-        _check_gguf_tokenizer(path, what)        # the likelier cause, named instead (read only on this path: ~2 s)
+        _check_gguf_metadata(path, what)        # the likelier cause, named instead (read only on this path: ~2 s)
         raise
     return model.to(device).eval()
 
 
-def _check_gguf_tokenizer(path: Path, what: str) -> None:
-    """Called when a GGUF file did not load: a UsageError saying so when its metadata holds no tokenizer (no
-    tokenizer.ggml.tokens). Without one, transformers takes the architecture's default vocabulary size, and the
-    error was a shape mismatch of the embedding. A file the reader cannot parse is left to the caller's error."""
+def _check_gguf_metadata(path: Path, what: str) -> None:
+    """Called when a GGUF file did not load: a UsageError naming the cause its metadata shows, if any. A file the
+    reader cannot parse is left to the caller's error.
+
+    - a part of a model split by llama.cpp's gguf-split (split.count > 1): the first part holds the metadata and
+      some of the tensors, the others only tensors; transformers reads one file, so the error was weights missing
+      (or, for a later part, no architecture).
+    - no tokenizer (no tokenizer.ggml.tokens): transformers takes the architecture's default vocabulary size, and
+      the error was a shape mismatch of the embedding."""
     try:
         from gguf import GGUFReader
 
         fields = GGUFReader(str(path)).fields
     except Exception:  # noqa: BLE001 - damaged or not GGUF: the load below reports it
         return
+    count, number = _gguf_int(fields, "split.count"), _gguf_int(fields, "split.no")
+    if count is not None and count > 1:
+        import re
+
+        part = "" if number is None else f"part {number + 1} of {count} of "
+        first = path if not number else path.with_name(re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-00001-of-\1.gguf",
+                                                                path.name, flags=re.IGNORECASE))
+        first_name = str(first) if first.name != path.name or not number else "<its first part>"
+        raise UsageError(f"{what} is {part}a split model (split.count {count}): transformers loads one whole "
+                         f"file; merge the parts first (llama.cpp: llama-gguf-split --merge {first_name} merged.gguf)")
     if "tokenizer.ggml.tokens" not in fields:
         raise UsageError(f"{what} holds no tokenizer in its metadata (no tokenizer.ggml.tokens): expected a model "
                          "file with its tokenizer, as llama.cpp's converters write it")
+
+
+def _gguf_int(fields: Mapping[str, Any], key: str) -> int | None:
+    """An integer metadata value of a GGUFReader's fields, None when absent or not one number."""
+    field = fields.get(key)
+    try:
+        return int(field.parts[field.data[0]][0]) if field is not None and len(field.data) == 1 else None
+    except (IndexError, TypeError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

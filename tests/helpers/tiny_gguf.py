@@ -29,13 +29,15 @@ def tiny_llama_model():
 
 
 def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tensors: tuple[str, ...] = (),
-                          eos_token_id: int | None = None, tensor_type: str = "F32", tokenizer: bool = True) -> Path:
+                          eos_token_id: int | None = None, tensor_type: str = "F32", tokenizer: bool = True,
+                          split: tuple[int, int] | None = None) -> Path:
     """Write a tiny random Llama (tiny_llama_model) to `dest` (a .gguf path); `architecture` is the
     general.architecture it states; `drop_tensors` are GGUF tensor names left out of the file;
     `eos_token_id` replaces the tokenizer's in the metadata; `tensor_type` is the GGML type of its 2-D
     tensors (F32, F16, Q8_0, Q4_0, ...: quantized with gguf's own quantize; F64, which gguf cannot dequantize;
     1-D norms stay F32); `tokenizer`
-    False leaves the tokenizer out of the metadata."""
+    False leaves the tokenizer out of the metadata; `split` (part index, part count) writes the split.* keys of
+    the first file of llama.cpp's gguf-split (the rest of the tensors would be in the other parts: drop them)."""
     import gguf
 
     tok, model = tiny_llama_model()
@@ -51,6 +53,10 @@ def write_tiny_llama_gguf(dest: Path, *, architecture: str = "llama", drop_tenso
     writer.add_head_count_kv(2)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(8)
+    if split is not None:
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, split[0])
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, split[1])
+        writer.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(model.state_dict()))
     if tokenizer:              # without: no tokenizer.ggml.* keys (and no vocab_size, as the converters write it)
         vocab = tok.get_vocab()
         tokens = sorted(vocab, key=vocab.get)
