@@ -7,6 +7,7 @@ nothing else is caught, so real bugs still show a traceback.
 """
 from __future__ import annotations
 
+import ast
 import errno
 import importlib
 import os
@@ -75,6 +76,14 @@ class LazyGroup(click.Group):
                 raise
             click.echo(f"error: {exc.filename}: {exc.strerror}: expected a usable path", err=True)
             ctx.exit(2)
+        except RuntimeError as exc:
+            # Path.resolve() before Python 3.13 reports a symlink loop as RuntimeError("Symlink loop from '<path>'"),
+            # not as OSError ELOOP: the same bad input (`train --out loop/run`), the same one line
+            path = symlink_loop(exc)
+            if path is None:
+                raise
+            click.echo(f"error: {path}: {os.strerror(errno.ELOOP)}: expected a usable path", err=True)
+            ctx.exit(2)
 
     def _message(self, ctx: click.Context, exc: DeployLMError) -> str:
         """An OptionError names options by their Python keyword (num_beams): on the command line, by the flags of
@@ -88,6 +97,19 @@ class LazyGroup(click.Group):
 
 
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)
+
+
+def symlink_loop(exc: RuntimeError) -> str | None:
+    """The path of pathlib's RuntimeError("Symlink loop from '<path>'") (Python < 3.13); None for any other."""
+    prefix = "Symlink loop from "
+    text = str(exc)
+    if not text.startswith(prefix):
+        return None
+    try:
+        path = ast.literal_eval(text[len(prefix):])
+    except (ValueError, SyntaxError):
+        return None
+    return path if isinstance(path, str) else None
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -347,3 +347,17 @@ def test_errors_name_the_prompt_counted_over_all_batches(tiny_llama_dir):
                                               "options ban every token"
     quoted = UsageError("prompt 'see prompt 2': the model's tokenizer cannot encode it")   # the user's text stays
     assert str(counted_over_all(quoted, 8)) == str(quoted)
+
+
+@pytest.mark.parametrize("argv", [["train", "--task", "reverse", "--steps", "1", "--out", "{loop}/run"],
+                                  ["train", "--task", "reverse", "--steps", "1", "--out", "{loop}"]])
+def test_a_symlink_loop_in_an_output_path_is_one_error_line(argv, tmp_path):
+    """Path.resolve() before Python 3.13 raises RuntimeError("Symlink loop from ...") for a loop, not OSError
+    ELOOP: `train --out loop/run` was that traceback (exit 1) where a name too long is one line and exit 2."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    result = CliRunner().invoke(cli, [a.format(loop=loop) for a in argv])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {loop}") and lines[0].endswith(
+        ": Too many levels of symbolic links: expected a usable path"), result.stderr
