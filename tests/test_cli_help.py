@@ -1,5 +1,7 @@
 """Every command of `deploylm` is listed by `--help` and answers its own `--help` (a meta-test:
 a command added to deploylm.cli.COMMANDS without a working module fails here)."""
+import errno
+
 import pytest
 from click.testing import CliRunner
 
@@ -147,3 +149,64 @@ def test_export_help_names_every_builtin_profile():
     assert result.exit_code == 0, result.output
     assert builtin_names() and all(name in result.output for name in builtin_names()), result.output
     assert "deploylm profiles" in result.output
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENAMETOOLONG, "File name too long"), RuntimeError("recursion went wrong")])
+def test_errors_that_name_no_path_given_stay_tracebacks(monkeypatch, error):
+    """Only a path the system refuses (ENAMETOOLONG/ELOOP with its file name, or pathlib's "Symlink loop from")
+    becomes the one line "error: PATH: ...: expected a usable path"; the same errno without a file name, or any
+    other RuntimeError, is no bad input of the user's and stays a traceback (not "error: None: ...")."""
+    import deploylm.profiles
+
+    def fails():
+        raise error
+
+    monkeypatch.setattr(deploylm.profiles, "builtin_profiles", fails)
+    result = CliRunner().invoke(cli, ["profiles"])
+    assert result.exception is error and "expected a usable path" not in result.output, result.output
+
+
+def test_a_command_whose_module_misses_a_dependency_fails_loudly_not_as_an_unknown_command(monkeypatch):
+    """A command module not built yet is left out of the list; one that exists but imports a library that is not
+    installed is a ModuleNotFoundError naming that library, not a command that silently vanishes ("No such
+    command")."""
+    import importlib
+
+    import deploylm.cli
+
+    real = importlib.import_module
+
+    def import_module(name, *args):
+        if name == "deploylm.commands.ghost":
+            raise ModuleNotFoundError("No module named 'deploylm.commands.ghost'", name=name)
+        if name == "deploylm.commands.needs_lib":
+            raise ModuleNotFoundError("No module named 'some_missing_lib'", name="some_missing_lib")
+        return real(name, *args)
+
+    monkeypatch.setattr(deploylm.cli.importlib, "import_module", import_module)
+    monkeypatch.setitem(COMMANDS, "ghost", "ghost")
+    assert "ghost" not in CliRunner().invoke(cli, ["--help"]).output
+    monkeypatch.setitem(COMMANDS, "needs-lib", "needs_lib")
+    result = CliRunner().invoke(cli, ["needs-lib"])
+    assert isinstance(result.exception, ModuleNotFoundError) and result.exception.name == "some_missing_lib", result.output
+
+
+def test_a_full_disk_under_a_file_deploylm_names_stays_its_own_error(monkeypatch):
+    """main() turns ENOSPC/EDQUOT into "could not write the output" only for the output it prints (no file name);
+    a write of a named file that fails so says so where it is written, and is not misreported as the output."""
+    import sys
+
+    import deploylm.cli
+    import deploylm.profiles
+
+    error = OSError(errno.ENOSPC, "No space left on device", "/some/file.json")
+
+    def fails():
+        raise error
+
+    monkeypatch.setattr(deploylm.profiles, "builtin_profiles", fails)
+    monkeypatch.setattr(sys, "argv", ["deploylm", "profiles"])
+    monkeypatch.setattr(deploylm.cli, "exit_on_sigterm", lambda: None)
+    with pytest.raises(OSError) as raised:
+        deploylm.cli.main()
+    assert raised.value is error
