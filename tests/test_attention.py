@@ -303,3 +303,16 @@ def test_token_labels_fall_back_to_the_vocabulary_entry_and_are_cut():
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: texts[ids[0]],
                           convert_ids_to_tokens=lambda i: f"<tok{i}>")
     assert token_labels(tok, [1, 2, 3, 4]) == ["<tok1>", "<tok2>", "hello", "x" * MAX_LABEL]
+
+
+def test_an_artifact_is_refused_naming_the_model_it_was_exported_from_as_the_way(tmp_path):
+    """Attention maps come from the torch path: an artifact is refused before anything loads, saying to pass the
+    model it was exported from (not the generic "the torch backend cannot open an artifact")."""
+    artifact = tmp_path / "art"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text("{}")
+    res = CliRunner().invoke(cli, ["attention", "--model", str(artifact), TEXT, "--out", str(tmp_path / "a.png")])
+    assert res.exit_code == 2, res.output
+    assert res.output == (f"error: model {str(artifact)!r} is an exported artifact: attention maps come from the torch "
+                          "path; pass the checkpoint or Hugging Face folder it was exported from\n")
+    assert not (tmp_path / "a.png").exists()
