@@ -210,3 +210,22 @@ def test_a_full_disk_under_a_file_deploylm_names_stays_its_own_error(monkeypatch
     with pytest.raises(OSError) as raised:
         deploylm.cli.main()
     assert raised.value is error
+
+
+@pytest.mark.parametrize("args", [["-h"], ["generate", "-h"]])
+def test_dash_h_is_help_too(args):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0 and result.output.startswith("Usage: "), result.output
+
+
+def test_a_symlink_loop_the_system_reports_is_one_line_naming_the_path(monkeypatch):
+    """ELOOP with its file name (open() of a looping link) is bad input, as a name too long is: one line, exit 2."""
+    import deploylm.profiles
+
+    def loops():
+        raise OSError(errno.ELOOP, "Too many levels of symbolic links", "/tmp/loop/x")
+
+    monkeypatch.setattr(deploylm.profiles, "builtin_profiles", loops)
+    result = CliRunner().invoke(cli, ["profiles"])
+    assert (result.exit_code, result.output) == (
+        2, "error: /tmp/loop/x: Too many levels of symbolic links: expected a usable path\n")
