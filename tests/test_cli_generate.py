@@ -361,3 +361,16 @@ def test_a_symlink_loop_in_an_output_path_is_one_error_line(argv, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {loop}") and lines[0].endswith(
         ": Too many levels of symbolic links: expected a usable path"), result.stderr
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--encoder-repetition-penalty", "-1"], "error: decoding option --encoder-repetition-penalty -1.0 is invalid: use a "
+                                             "penalty > 0 (1.0 = off, > 1 favours tokens of the prompt)"),
+    (["--encoder-no-repeat-ngram-size", "-1"], "error: decoding option --encoder-no-repeat-ngram-size -1 is invalid: use "
+                                               "0 (off) or an n-gram size >= 1"),
+])
+def test_a_flag_whose_keyword_ends_in_another_flags_keyword_is_named_whole(flags, line):
+    """encoder_repetition_penalty ends in repetition_penalty: written as flags, it is --encoder-repetition-penalty,
+    not encoder_--repetition-penalty (checked before any model loads)."""
+    result = CliRunner().invoke(cli, ["generate", *flags, "hello"])
+    assert (result.exit_code, result.stderr.strip()) == (2, line), result.output
