@@ -135,3 +135,26 @@ def test_serve_loads_a_model_without_progress_bars_on_stderr(monkeypatch, tmp_pa
     result = CliRunner().invoke(cli, ["serve", "--model", str(path), "--port", "8192"])
     assert result.exit_code == 0 and result.stderr.splitlines() == [f"serving {path} (torch) on http://127.0.0.1:8192"], \
         result.stderr
+
+
+def test_serve_passes_the_other_limits_the_log_level_and_threads(monkeypatch, tiny_gpt2_dir):
+    """--max-beams, --max-streams, --max-body-bytes reach ServeConfig, --log-level reaches the server, --threads
+    the backend (the flags the first test leaves out); the `serving ... on` line goes to stderr, stdout stays empty."""
+    import deploylm
+
+    seen, real_load = {}, deploylm.load
+
+    def load(src, **kwargs):
+        seen["load"] = kwargs
+        return real_load(src, **kwargs)
+
+    monkeypatch.setattr(deploylm, "load", load)
+    monkeypatch.setattr("deploylm.serving.serve", lambda gen, config, **kw: seen.update(config=config, **kw))
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_gpt2_dir), "--backend", "torch", "--port", "9001",
+                                      "--max-beams", "3", "--max-streams", "2", "--max-body-bytes", "1000",
+                                      "--log-level", "warning", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.max_beams, config.max_streams, config.max_body_bytes) == (3, 2, 1000)
+    assert seen["log_level"] == "warning" and seen["load"]["threads"] == 1
+    assert result.stdout == "" and result.stderr.startswith(f"serving {tiny_gpt2_dir} (torch) on http://127.0.0.1:9001")
