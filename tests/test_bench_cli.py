@@ -142,3 +142,14 @@ def test_every_flag_reaches_the_run(tiny_gpt2_dir, tmp_path):
     assert len(row["rounds"]) == 2 and [len(t) for t in row["rounds"][0]["token_ids"]] == [2, 2, 2]
     assert any("only 2 round(s)" in n for n in data["notes"])
     assert "2 prompts in 1 call(s) of batch 3, num_beams=2, exactly 2 new tokens, 0 warm-up + 2 interleaved" in out.stdout
+
+
+def test_an_option_a_row_refuses_is_named_by_benchs_flag(tiny_gpt2_dir):
+    """A row refusing --max-new-tokens (over the model's window) names the flag, as generate does: the row's label
+    was put in front as a plain UsageError, so the CLI printed the Python keyword max_new_tokens=500."""
+    out = run("--model", str(tiny_gpt2_dir), "--max-new-tokens", "500", "--num-beams", "1", "--batch-size", "1",
+              "--rounds", "1", "--warmup", "0", "--no-reference", "--in-process")
+    assert out.exit_code == 2, out.output
+    assert out.stderr.splitlines()[-1] == (f"error: {tiny_gpt2_dir.name} [torch]: --max-new-tokens 500 leaves no room "
+                                           "for a prompt in the model's window of 128: lower --max-new-tokens to at "
+                                           "most 128")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 from deploylm.benchmarking.machine import load_average, machine_info, versions
 from deploylm.benchmarking.report import BenchReport, compare, summarize
 from deploylm.benchmarking.workload import FIXED_LENGTH_NOTE, STANDARD_PROMPTS, BenchConfig, RowSpec, Workload, plan_rows, workload_of
-from deploylm.errors import UsageError
+from deploylm.errors import OptionError, UsageError
 
 OpenRunner = Callable[[RowSpec, Workload], Any]   # -> object with run() -> RoundResult, close(), load_s, rss_after_load_mib
 Progress = Callable[[str], None]
@@ -80,6 +80,8 @@ def _named(spec: RowSpec) -> Iterator[None]:
         message = without_truncation_advice(str(exc))
         if message.startswith("prompt "):
             message += " (bench: --prompts FILE, --max-new-tokens N)"
+        if isinstance(exc, OptionError):   # still about an option: the CLI names it by bench's flag (--max-new-tokens)
+            raise OptionError(f"{spec.label}: {message}", exc.option) from None
         raise UsageError(f"{spec.label}: {message}") from None
 
 
