@@ -316,3 +316,17 @@ def test_an_artifact_is_refused_naming_the_model_it_was_exported_from_as_the_way
     assert res.output == (f"error: model {str(artifact)!r} is an exported artifact: attention maps come from the torch "
                           "path; pass the checkpoint or Hugging Face folder it was exported from\n")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_head_past_the_stack_with_the_fewest_heads_is_refused_in_one_line():
+    """Stacks with different head counts (an encoder of 4, a decoder of 2): a head only the encoder has is refused
+    as a UsageError naming the count every stack has, not an IndexError from inside the drawing."""
+    from deploylm.attention import AttentionMap
+
+    def stack(kind, heads):
+        return AttentionMap(kind, [torch.full((heads, 3, 3), 1 / 3)], list("abc"), list("abc"))
+
+    maps = [stack("encoder", 4), stack("decoder", 2), stack("cross", 2)]
+    assert len(panels(maps, head=1)) == 3
+    with pytest.raises(UsageError, match=r"^--head 3: the model has 2 head\(s\), 0..1$"):
+        panels(maps, head=3)
