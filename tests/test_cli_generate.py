@@ -374,3 +374,17 @@ def test_a_flag_whose_keyword_ends_in_another_flags_keyword_is_named_whole(flags
     not encoder_--repetition-penalty (checked before any model loads)."""
     result = CliRunner().invoke(cli, ["generate", *flags, "hello"])
     assert (result.exit_code, result.stderr.strip()) == (2, line), result.output
+
+
+def test_flags_left_out_are_not_given_so_the_models_defaults_apply():
+    """Every decoding flag, --do-sample too, defaults to "not given": a --do-sample that defaulted to False would
+    turn off the sampling of a model whose generation_config samples. And --num-return-sequences alone is
+    checked against the beams it needs, not against the library's default of 4 beams, before the model (whose
+    own num_beams may be 8) is open: no error until --model is found missing."""
+    from deploylm.commands.generate import command
+    from deploylm.commands._options import given_options
+
+    ctx = command.make_context("generate", ["hello"])
+    assert given_options(dict(ctx.params)) == {}
+    result = CliRunner().invoke(cli, ["generate", "--num-return-sequences", "6", "hello"])
+    assert result.stderr.strip() == "error: --model SRC is required: a checkpoint, Hugging Face folder, .gguf file or artifact"
