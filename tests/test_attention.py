@@ -330,3 +330,28 @@ def test_a_head_past_the_stack_with_the_fewest_heads_is_refused_in_one_line():
     assert len(panels(maps, head=1)) == 3
     with pytest.raises(UsageError, match=r"^--head 3: the model has 2 head\(s\), 0..1$"):
         panels(maps, head=3)
+
+
+def test_model_and_a_png_out_are_checked_before_anything_loads(tmp_path, monkeypatch):
+    """No --model is one line (not a traceback from resolving None), and a bad --out is refused before the model
+    loads, not after minutes of it."""
+    import deploylm.attention
+
+    monkeypatch.setattr(deploylm.attention, "attention_maps", lambda *a, **k: pytest.fail("loaded the model first"))
+    res = CliRunner().invoke(cli, ["attention", TEXT, "--out", str(tmp_path / "a.png")])
+    assert (res.exit_code, res.output) == (2, "error: --model SRC is required: a checkpoint, Hugging Face folder or "
+                                              ".gguf file\n")
+    res = CliRunner().invoke(cli, ["attention", "--model", str(tmp_path), TEXT, "--out", str(tmp_path / "a.jpg")])
+    assert res.exit_code == 2 and "expected a file name ending in .png" in res.output, res.output
+
+
+def test_a_model_that_returns_no_weights_for_some_layers_is_refused_in_one_line():
+    """A hybrid model (attention in some layers, state-space in others) returns None for the layers without:
+    a UsageError, not a TypeError from indexing None."""
+    from types import SimpleNamespace
+
+    from deploylm.attention import _returned
+
+    model = SimpleNamespace(name_or_path="hybrid")
+    with pytest.raises(UsageError, match="returns no attention weights for some or all of its layers"):
+        _returned(model, SimpleNamespace(attentions=(torch.ones(1, 2, 3, 3), None)), "attentions")
