@@ -388,3 +388,15 @@ def test_flags_left_out_are_not_given_so_the_models_defaults_apply():
     assert given_options(dict(ctx.params)) == {}
     result = CliRunner().invoke(cli, ["generate", "--num-return-sequences", "6", "hello"])
     assert result.stderr.strip() == "error: --model SRC is required: a checkpoint, Hugging Face folder, .gguf file or artifact"
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--truncation", "middle"], "error: --truncation 'middle': expected one of left, right, sliding-window (or leave "
+                                 "it out, to refuse over-long prompts)"),
+    (["--window-overlap", "-1"], "error: --window-overlap -1: expected an integer >= 0"),
+])
+def test_input_options_are_checked_before_anything_else(flags, line):
+    """--truncation/--window-overlap are checked with the decoding flags, before the model (here: before
+    --model is even found missing), not after it loaded."""
+    result = CliRunner().invoke(cli, ["generate", *flags, "hello"])
+    assert (result.exit_code, result.stderr.strip()) == (2, line), result.output
