@@ -355,3 +355,26 @@ def test_a_model_that_returns_no_weights_for_some_layers_is_refused_in_one_line(
     model = SimpleNamespace(name_or_path="hybrid")
     with pytest.raises(UsageError, match="returns no attention weights for some or all of its layers"):
         _returned(model, SimpleNamespace(attentions=(torch.ones(1, 2, 3, 3), None)), "attentions")
+
+
+def test_matplotlib_is_required_and_the_flags_reach_the_maps_before_anything_loads(tmp_path, monkeypatch):
+    """Without matplotlib the command stops before the model loads (not after minutes of it); with it, --device
+    and --max-new-tokens reach attention_maps as given."""
+    import deploylm.attention
+
+    seen = {}
+
+    def maps(src, text, **kwargs):
+        seen.update(kwargs)
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(deploylm.attention, "attention_maps", maps)
+    argv = ["attention", "--model", str(tmp_path), TEXT, "--out", str(tmp_path / "a.png"), "--device", "cuda:1",
+            "--max-new-tokens", "3"]
+    assert CliRunner().invoke(cli, argv).output == "error: stop here\n"
+    assert seen == {"max_new_tokens": 3, "device": "cuda:1"}
+    seen.clear()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 2 and "pip install 'deploylm[plot]'" in res.output and seen == {}, res.output
