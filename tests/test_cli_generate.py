@@ -400,3 +400,10 @@ def test_input_options_are_checked_before_anything_else(flags, line):
     --model is even found missing), not after it loaded."""
     result = CliRunner().invoke(cli, ["generate", *flags, "hello"])
     assert (result.exit_code, result.stderr.strip()) == (2, line), result.output
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_a_batch_size_below_1_is_one_line_before_the_model_loads(size, tmp_path):
+    """--batch-size 0 or below is refused before the model loads (its batches would be range()'s ValueError)."""
+    result = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "not-read"), "--batch-size", size, "hello"])
+    assert (result.exit_code, result.stderr.strip()) == (2, f"error: --batch-size {size}: expected an integer >= 1")
