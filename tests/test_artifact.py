@@ -220,6 +220,8 @@ def test_one_changed_byte_is_refused(artifact):
     (lambda a: _edit(a, lambda m: m.pop("io")), r"manifest.json: missing field\(s\) io"),
     (lambda a: _edit(a, lambda m: m.update(format_version=FORMAT_VERSION + 1)),
      r"format_version 2 is not supported .* upgrade deploylm or re-export it"),
+    (lambda a: _edit(a, lambda m: m.update(format_version=0)),   # older: no "upgrade deploylm" (it would not help)
+     r"format_version 0 is not supported \(this deploylm reads 1\); re-export it"),
     (lambda a: _edit(a, lambda m: m["io"]["model.onnx"]["inputs"][0].update(name="ids")),
      r"model.onnx: graph inputs/outputs differ from the manifest \(input 'ids' is missing\)"),
     (lambda a: _edit(a, lambda m: m.update(source="hello")), r"manifest.json: 'source' must be object\(s\)"),
