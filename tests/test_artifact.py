@@ -257,6 +257,10 @@ def test_one_changed_byte_is_refused(artifact):
     (lambda a: _rewrite(a, "config.json", None), r"config.json: missing: an artifact carries its model's config.json"),
     (lambda a: _rewrite(a, "generation_config.json", '{"eos_token_id": "x"}'),
      r"generation_config.json: eos_token_id is \"x\": expected a token id"),
+    # a graph in io whose file is there but unlisted (so unchecked), out of reach of the top-level stray check
+    (lambda a: _unlisted_graph(a), r"manifest.json: io lists sub/model.onnx, which is not among its files"),
+    (lambda a: _edit(a, lambda m: m["io"]["model.onnx"]["outputs"].pop()),
+     r"model.onnx: graph inputs/outputs differ from the manifest \(output '[^']+' is not in the manifest\)"),
 ])
 def test_damaged_artifacts_are_refused_with_the_file_named(artifact, damage, message):
     damage(artifact)
@@ -463,6 +467,12 @@ def _rewrite(artifact: Path, name: str, text: str | None) -> None:
     else:
         (artifact / name).write_text(text)
     _edit(artifact, change)
+
+
+def _unlisted_graph(artifact: Path) -> None:
+    (artifact / "sub").mkdir()
+    (artifact / "sub" / "model.onnx").write_bytes((artifact / "model.onnx").read_bytes())
+    _edit(artifact, lambda m: m["io"].update({"sub/model.onnx": m["io"]["model.onnx"]}))
 
 
 def _edit(artifact: Path, change) -> None:
