@@ -407,3 +407,15 @@ def test_a_batch_size_below_1_is_one_line_before_the_model_loads(size, tmp_path)
     """--batch-size 0 or below is refused before the model loads (its batches would be range()'s ValueError)."""
     result = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "not-read"), "--batch-size", size, "hello"])
     assert (result.exit_code, result.stderr.strip()) == (2, f"error: --batch-size {size}: expected an integer >= 1")
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--backend", "onnx", "--dtype", "float16"], "error: --dtype float16 applies to the torch backend only: an "
+                                                  "artifact's precision comes from its export profile"),
+    (["--backend", "trt", "--threads", "2"], "error: --threads applies to the torch and onnx backends (CPU threads), "
+                                             "not to trt"),
+    (["--backend", "trt", "--spin"], "error: --spin applies to the onnx backend (ONNX Runtime's threads), not to trt"),
+])
+def test_torch_and_cpu_flags_on_another_backend_are_refused_before_the_model_loads(flags, line, tmp_path):
+    result = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "not-read"), *flags, "hello"])
+    assert (result.exit_code, result.stderr.strip()) == (2, line), result.output
