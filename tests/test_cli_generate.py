@@ -419,3 +419,15 @@ def test_a_batch_size_below_1_is_one_line_before_the_model_loads(size, tmp_path)
 def test_torch_and_cpu_flags_on_another_backend_are_refused_before_the_model_loads(flags, line, tmp_path):
     result = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "not-read"), *flags, "hello"])
     assert (result.exit_code, result.stderr.strip()) == (2, line), result.output
+
+
+def test_formatted_results_keep_the_text_as_it_is_and_number_several_outputs_from_1():
+    """--json writes non-ASCII text as itself (UTF-8), not \\u escapes; several outputs print as [1] ..., [2] ..."""
+    from deploylm.commands.generate import format_result
+    from deploylm.generator import Result, Sequence
+
+    result = Result("café", [Sequence("naïve 日本", (5, 2), -1.5), Sequence("b", (7,), -2.0)])
+    line = format_result(result, as_json=True)
+    assert '"prompt": "café"' in line and '"text": "naïve 日本"' in line
+    assert format_result(result, as_json=False) == "[1] naïve 日本\n[2] b"
+    assert format_result(Result("p", [Sequence("only", (5,), -1.0)]), as_json=False) == "only"
