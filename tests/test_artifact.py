@@ -609,3 +609,10 @@ def test_summary_of_a_profile_without_a_description_has_no_dangling_colon(artifa
     _edit(artifact, lambda m: m["profile"].update(description=""))
     line = next(l for l in summary(load_artifact(artifact)).splitlines() if l.startswith("profile"))
     assert line == "profile    fp32 (fp32; backends onnx)", line
+
+
+def test_format_size_switches_unit_at_1024():
+    from deploylm.artifact import format_size
+
+    assert [format_size(n) for n in (0, 1023, 1024, 1536, 1 << 20, 3 << 30, 5000 << 30)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "1.0 MiB", "3.0 GiB", "5000.0 GiB"]
