@@ -431,3 +431,16 @@ def test_formatted_results_keep_the_text_as_it_is_and_number_several_outputs_fro
     assert '"prompt": "café"' in line and '"text": "naïve 日本"' in line
     assert format_result(result, as_json=False) == "[1] naïve 日本\n[2] b"
     assert format_result(Result("p", [Sequence("only", (5,), -1.0)]), as_json=False) == "only"
+
+
+def test_the_default_backend_is_onnx_for_an_artifact_and_torch_otherwise(tmp_path, tiny_gpt2_dir):
+    from deploylm.commands.generate import backend_name, read_prompts
+
+    artifact = tmp_path / "art"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text("{}")
+    assert (backend_name(str(artifact), None), backend_name(str(tiny_gpt2_dir), None)) == ("onnx", "torch")
+    assert backend_name(str(artifact), "trt") == "trt"
+    prompts = tmp_path / "p.txt"                       # and --input skips lines of only whitespace, as blank ones
+    prompts.write_text("one\n  \n\t\n\ntwo \n")
+    assert read_prompts(str(prompts)) == ["one", "two "]
