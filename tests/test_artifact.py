@@ -616,3 +616,11 @@ def test_format_size_switches_unit_at_1024():
 
     assert [format_size(n) for n in (0, 1023, 1024, 1536, 1 << 20, 3 << 30, 5000 << 30)] == [
         "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "1.0 MiB", "3.0 GiB", "5000.0 GiB"]
+
+
+def test_a_parity_summary_that_does_not_say_passed_is_not_shown_as_passed():
+    from deploylm.artifact import format_parity
+
+    assert format_parity({"reference": "torch", "passed": True})[0] == "  reference torch: PASSED"
+    assert format_parity({"reference": "torch", "passed": None})[0] == "  reference torch: FAILED"
+    assert format_parity({"reference": "torch"})[0] == "  reference torch: FAILED"
