@@ -444,3 +444,30 @@ def test_the_default_backend_is_onnx_for_an_artifact_and_torch_otherwise(tmp_pat
     prompts = tmp_path / "p.txt"                       # and --input skips lines of only whitespace, as blank ones
     prompts.write_text("one\n  \n\t\n\ntwo \n")
     assert read_prompts(str(prompts)) == ["one", "two "]
+
+
+def test_prompt_arguments_come_before_input_lines_in_batches_of_batch_size(tmp_path, monkeypatch):
+    """PROMPT arguments first, then --input's lines, in that order, in calls of --batch-size prompts."""
+    from types import SimpleNamespace
+
+    import deploylm.generator
+    from deploylm.generator import Result, Sequence
+
+    calls = []
+
+    class Fake:
+        def check(self, texts, **options):
+            pass
+
+        def options(self, **options):
+            return SimpleNamespace(do_sample=False)
+
+        def generate(self, texts, **options):
+            calls.append(list(texts))
+            return [Result(t, [Sequence(t.upper(), (1,), -1.0)]) for t in texts]
+
+    monkeypatch.setattr(deploylm.generator, "load", lambda *a, **k: Fake())
+    lines = tmp_path / "p.txt"
+    lines.write_text("c\nd\n")
+    out = run("--model", "m", "--backend", "torch", "--batch-size", "3", "a", "b", "--input", str(lines))
+    assert out.exit_code == 0 and out.stdout == "A\nB\nC\nD\n" and calls == [["a", "b", "c"], ["d"]], out.output
