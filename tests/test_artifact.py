@@ -624,3 +624,12 @@ def test_a_parity_summary_that_does_not_say_passed_is_not_shown_as_passed():
     assert format_parity({"reference": "torch", "passed": True})[0] == "  reference torch: PASSED"
     assert format_parity({"reference": "torch", "passed": None})[0] == "  reference torch: FAILED"
     assert format_parity({"reference": "torch"})[0] == "  reference torch: FAILED"
+
+
+def test_a_first_divergence_at_step_0_is_shown_as_step_0():
+    from deploylm.artifact import format_parity
+
+    rows = {"onnx": {"max_abs_logit": 0.5, "token_agreement": 0.9, "first_divergence": 0, "beams_identical": False},
+            "trt": {"max_abs_logit": 0.0, "token_agreement": 1.0, "first_divergence": None, "beams_identical": True}}
+    lines = format_parity({"reference": "torch", "passed": False, "backends": rows})
+    assert "first divergence step 0" in lines[1] and "first divergence none" in lines[2], lines
