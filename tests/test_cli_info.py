@@ -311,3 +311,12 @@ def test_info_prints_the_quality_line_of_a_report_written_before_round_ratios():
     lines = format_quality(json.loads(json.dumps(report.to_dict())))
     assert any("quality" in line and "perplexity 10.500 vs fp32 10.000" in line and "speed 2.00x fp32" in line
                for line in lines), lines
+
+
+def test_profiles_columns_line_up_and_a_name_prints_its_file_byte_for_byte():
+    from deploylm.profiles import builtin_dir
+
+    lines = run("profiles").output.splitlines()
+    starts = {line.index(profile.precision, len(profile.name)) for line, profile in zip(lines, builtin_profiles())}
+    assert len(starts) == 1, lines                          # the precision column starts at one offset
+    assert run("profiles", "fp32").output == (builtin_dir() / "fp32.toml").read_text(encoding="utf-8")
