@@ -841,3 +841,25 @@ def test_force_refuses_a_student_folder_that_holds_the_teacher(seed_teacher, tmp
     assert res.exit_code == 2 and res.output.startswith("error: "), res.output
     assert f"--teacher {str(teacher)!r} is inside --out {str(out)!r}, which --force replaces" in res.output, res.output
     assert (teacher / "model.safetensors").is_file()
+
+
+def test_cli_requires_teacher_and_out_and_reports_first_to_last_loss_and_each_models_metrics(tmp_path, monkeypatch):
+    """The summary lines come from the result: the first step's loss -> the last step's, and the teacher's and the
+    student's metrics under their own names; --teacher and --out missing are one line each."""
+    from types import SimpleNamespace
+
+    import deploylm.training.distill
+
+    result = SimpleNamespace(out=tmp_path / "s", parameters={"student": 1000, "teacher": 3000}, kept_layers=[0, 2],
+                             init="teacher layers", steps=2, losses=[{"kd": 2.0, "ce": 3.0}, {"kd": 0.5, "ce": 1.25}],
+                             teacher={"bleu": 50.0}, student={"bleu": 40.0})
+    monkeypatch.setattr(deploylm.training.distill, "distill", lambda config: result)
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(tmp_path), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[1:] == ["loss: kd 2.000 -> 0.500  ce 3.000 -> 1.250  (2 steps)",
+                                           "teacher: bleu 50", "student: bleu 40"]
+    for args, line in ((["--out", "x"], "error: --teacher SRC is required: a deploylm checkpoint or Hugging Face "
+                                        "causal LM folder"),
+                       (["--teacher", "x"], "error: --out DIR is required: the folder the student is written to")):
+        res = CliRunner().invoke(cli, ["distill", *args])
+        assert (res.exit_code, res.output) == (2, line + "\n")
