@@ -320,3 +320,17 @@ def test_profiles_columns_line_up_and_a_name_prints_its_file_byte_for_byte():
     starts = {line.index(profile.precision, len(profile.name)) for line, profile in zip(lines, builtin_profiles())}
     assert len(starts) == 1, lines                          # the precision column starts at one offset
     assert run("profiles", "fp32").output == (builtin_dir() / "fp32.toml").read_text(encoding="utf-8")
+
+
+def test_info_folder_shows_false_and_list_values_plainly_and_lists_json_and_weight_files(tmp_path):
+    from deploylm.commands.info import describe_folder
+
+    config = {"model_type": "gpt2", "architectures": ["A", "B"], "is_encoder_decoder": False, "n_layer": 2,
+              "vocab_size": 0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "notes.txt").write_text("not listed")
+    lines = describe_folder("hf", tmp_path)
+    assert f"{'architectures':<15} A, B" in lines and f"{'encoder-decoder':<15} False" in lines, lines
+    assert f"{'vocab_size':<15} 0" in lines and f"{'layers':<15} 2" in lines, lines
+    assert [line.split()[-1] for line in lines if line.startswith("  ")] == ["config.json", "model.safetensors"]
