@@ -75,6 +75,9 @@ def test_info_shows_the_decoding_defaults_the_artifact_ships_with(tmp_path):
     result = run("info", str(write_artifact(tmp_path / "tiny-fp32", build, fields)))
     assert result.exit_code == 0, result.output
     assert "generation num_beams 4, max_new_tokens 32" in result.output
+    fields = {**FIELDS, "generation": {}}           # an artifact that keeps its model's own defaults says so
+    result = run("info", str(write_artifact(tmp_path / "own-fp32", build, fields)))
+    assert result.exit_code == 0 and "generation the model's own (generation_config.json)" in result.output
 
 
 def test_info_damaged_artifact_shows_it_then_exits_2(artifact):
