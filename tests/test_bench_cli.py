@@ -39,6 +39,7 @@ def test_help_lists_every_flag():
     (("--model", "m", "--plot", "/proc/bench.png"), "--plot '/proc/bench.png': cannot write in '/proc'"),
     (("--model", "m", "--json", ""), "--json '': expected the name of a file to write"),   # was ignored: a whole
     (("--model", "m", "--plot", ""), "--plot '': expected the name of a file to write"),   # run, no file, exit 0
+    (("--model", "m", "--prompts", ""), "--prompts '': expected a UTF-8 text file"),      # not the standard prompts
     ((), "no model given"),
     (("--model", "no/such/model"), "does not exist"),
 ])
