@@ -222,8 +222,12 @@ def test_parity_outside_tolerance_exits_1(monkeypatch):
     assert result.exit_code == 1
     assert json.loads(result.stdout)["passed"] is False
     assert result.stderr.startswith("error: parity outside tolerance: onnx:")
+    assert f"(and {len(failing.failures()) - 1} more)" in result.stderr
     result = run("parity", "--model", "x")
     assert result.exit_code == 1 and "FAILED" in result.stdout
+    monkeypatch.setattr(type(failing), "failures", lambda self: ["onnx: top-1 0.5 < 0.99"])   # one: no "(and 0 more)"
+    result = run("parity", "--model", "x")
+    assert result.stderr == "error: parity outside tolerance: onnx: top-1 0.5 < 0.99\n"
 
 
 @pytest.mark.slow
@@ -337,3 +341,5 @@ def test_info_folder_shows_false_and_list_values_plainly_and_lists_json_and_weig
     assert f"{'architectures':<15} A, B" in lines and f"{'encoder-decoder':<15} False" in lines, lines
     assert f"{'vocab_size':<15} 0" in lines and f"{'layers':<15} 2" in lines, lines
     assert [line.split()[-1] for line in lines if line.startswith("  ")] == ["config.json", "model.safetensors"]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": 3}))   # T5's name for it
+    assert f"{'layers':<15} 3" in describe_folder("hf", tmp_path)
