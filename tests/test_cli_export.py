@@ -299,3 +299,23 @@ def test_an_empty_out_is_named_as_given(tiny_gpt2_dir):
     result = _run("--model", str(tiny_gpt2_dir), "--out", "")
     assert result.exit_code == 2
     assert result.output.strip() == "error: --out '': expected a folder name (leave --out out for export/<model>-<profile>)"
+
+
+def test_the_command_passes_its_flags_and_the_fp32_default_and_needs_a_model(monkeypatch, tmp_path):
+    """No --profile is fp32 (as --help says); the other flags reach export_model as given; no --model is one line."""
+    from types import SimpleNamespace
+
+    import deploylm.export.pipeline
+
+    seen = []
+    monkeypatch.setattr(deploylm.export.pipeline, "export_model", lambda *args, **kwargs: (
+        seen.append((args, kwargs)), SimpleNamespace(lines=lambda: ["done"]))[1])
+    assert CliRunner().invoke(cli, ["export", "--model", "m"]).output == "done\n"
+    cal = str(tmp_path / "cal.txt")
+    CliRunner().invoke(cli, ["export", "--model", "m", "--profile", "int8", "--out", "o", "--force", "--calibration",
+                             cal, "--allow-quality-loss"])
+    assert seen == [(("m", "fp32", None), {"force": False, "calibration": None, "allow_quality_loss": False}),
+                    (("m", "int8", "o"), {"force": True, "calibration": cal, "allow_quality_loss": True})]
+    result = CliRunner().invoke(cli, ["export", "--profile", "fp32"])
+    assert (result.exit_code, result.output) == (2, "error: --model SRC is required: a checkpoint, Hugging Face "
+                                                    "folder or .gguf file\n")
