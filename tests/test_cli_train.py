@@ -1,6 +1,7 @@
 """`deploylm train` through click's CliRunner: help, a short real run, and every bad input
 (one line on stderr, exit status 2, nothing written)."""
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -258,3 +259,32 @@ def test_force_on_a_symlinked_run_replaces_the_run_it_points_to(tmp_path, data):
     assert link.is_symlink() and link.resolve() == real.resolve()
     assert json.loads((real / "metrics.json").read_text())["steps"] == 3
     assert sorted(p.name for p in real.parent.iterdir()) == ["v1"]      # no temporary folder left beside it
+
+
+def test_workers_get_the_options_as_given_without_the_launchers():
+    """What each torchrun worker receives: every option with a value, --no-clean as itself, flags only when set,
+    and none of --nproc/--nnodes/--node-rank/--master-addr/--master-port (a worker given them would refuse)."""
+    from deploylm.commands.train import command, worker_args
+
+    ctx = command.make_context("train", ["--task", "reverse", "--out", "o", "--steps", "3", "--no-clean",
+                                         "--nproc", "2", "--master-port", "1234"])
+    args = worker_args(ctx)
+    assert args[args.index("--steps") + 1] == "3" and args[args.index("--out") + 1] == "o"
+    assert "--no-clean" in args and "--clean" not in args
+    assert not {"--resume", "--force", "--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port"} & set(args)
+    assert "--resume" in worker_args(command.make_context("train", ["--out", "o", "--resume"]))
+
+
+def test_report_lines_say_data_parallel_only_for_several_processes_and_which_model_is_better():
+    from types import SimpleNamespace
+
+    from deploylm.commands.train import report_lines
+
+    def result(world_size, baseline_perplexity):
+        return SimpleNamespace(arch="decoder", test={"perplexity": 10.0, "loss": 2.3, "tokens": 100}, steps=3,
+                               baseline={"model": "3-gram", "perplexity": baseline_perplexity},
+                               world_size=world_size, cleaning=None, examples=[], out=Path("o"))
+
+    one, two = report_lines(result(1, 20.0)), report_lines(result(2, 5.0))
+    assert not any("data-parallel" in line for line in one) and "trained data-parallel on 2 processes" in two
+    assert one[1].endswith("(the neural LM is better)") and two[1].endswith("(the n-gram is still better)")
