@@ -154,3 +154,11 @@ def test_an_option_a_row_refuses_is_named_by_benchs_flag(tiny_gpt2_dir):
     assert out.stderr.splitlines()[-1] == (f"error: {tiny_gpt2_dir.name} [torch]: --max-new-tokens 500 leaves no room "
                                            "for a prompt in the model's window of 128: lower --max-new-tokens to at "
                                            "most 128")
+
+
+def test_spin_reaches_the_run_which_refuses_it_without_onnx_rows(tiny_gpt2_dir):
+    out = run("--model", str(tiny_gpt2_dir), "--spin", "on", "--no-reference", "--in-process", "--rounds", "1",
+              "--warmup", "0", "--max-new-tokens", "2")
+    assert out.exit_code == 2 and out.stderr.strip() == (
+        "error: --spin on applies to onnx rows (ONNX Runtime's threads), and none of the models runs on onnx "
+        "(artifacts do): add an artifact, or drop --spin"), out.output
