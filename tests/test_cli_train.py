@@ -52,6 +52,8 @@ def test_short_run_writes_checkpoint_and_metrics(tmp_path, data):
     assert past.exit_code == 0, past.output
     assert f"--resume: {out} is already at step 6 (--steps 5): nothing to train, evaluated again" in past.stdout
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    done = run("--data", data, "--out", out, "--steps", 6, "--batch-size", 8, "--eval-every", 2, "--resume")
+    assert f"--resume: {out} is already at step 6 (--steps 6): nothing to train" in done.stdout   # at, not only past
     forced = run("--data", data, "--out", out, "--steps", 2, "--batch-size", 8, "--force")
     assert forced.exit_code == 0, forced.output
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
@@ -288,3 +290,13 @@ def test_report_lines_say_data_parallel_only_for_several_processes_and_which_mod
     one, two = report_lines(result(1, 20.0)), report_lines(result(2, 5.0))
     assert not any("data-parallel" in line for line in one) and "trained data-parallel on 2 processes" in two
     assert one[1].endswith("(the neural LM is better)") and two[1].endswith("(the n-gram is still better)")
+
+
+def test_nproc_inside_a_torchrun_worker_is_refused_not_launched_again(tmp_path, monkeypatch):
+    from deploylm.training import distributed
+
+    monkeypatch.setattr(distributed, "in_worker", lambda: True)
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("launched torchrun from a worker"))
+    result = run("--task", "reverse", "--out", tmp_path / "o", "--nproc", 2)
+    assert (result.exit_code, result.stderr) == (2, "error: --nproc/--nnodes start torchrun: inside torchrun leave "
+                                                    "them out\n")
