@@ -471,3 +471,12 @@ def test_prompt_arguments_come_before_input_lines_in_batches_of_batch_size(tmp_p
     lines.write_text("c\nd\n")
     out = run("--model", "m", "--backend", "torch", "--batch-size", "3", "a", "b", "--input", str(lines))
     assert out.exit_code == 0 and out.stdout == "A\nB\nC\nD\n" and calls == [["a", "b", "c"], ["d"]], out.output
+
+
+def test_decoding_flags_are_checked_before_the_model_and_torch_defaults_to_float32_on_cpu():
+    from deploylm.commands.generate import command
+
+    result = CliRunner().invoke(cli, ["generate", "--num-beams", "0", "hello"])      # before --model is missing
+    assert result.stderr.strip().startswith("error: decoding option --num-beams 0 is invalid"), result.output
+    params = command.make_context("generate", ["hello"]).params
+    assert (params["device"], params["dtype"]) == ("cpu", "float32")
