@@ -378,3 +378,29 @@ def test_matplotlib_is_required_and_the_flags_reach_the_maps_before_anything_loa
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     res = CliRunner().invoke(cli, argv)
     assert res.exit_code == 2 and "pip install 'deploylm[plot]'" in res.output and seen == {}, res.output
+
+
+def test_every_panel_shares_the_0_to_1_colour_scale_and_empty_grid_cells_are_blank(tmp_path, monkeypatch):
+    """Weights are drawn on one scale, 0..1 (the colorbar's), not each panel stretched to its own range; a row
+    with fewer heads than the widest (an encoder of 4, a decoder of 2, head all) leaves its extra cells blank."""
+    from matplotlib.figure import Figure
+
+    import deploylm.attention as attention
+    from deploylm.attention import AttentionMap
+
+    figures = []
+
+    class Recorded(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    def stack(kind, heads):
+        weights = torch.tensor([[0.2, 0.8], [0.4, 0.6]]).expand(heads, 2, 2)
+        return AttentionMap(kind, [weights], ["a", "b"], ["a", "b"])
+
+    monkeypatch.setattr(attention, "require_matplotlib", lambda: Recorded)
+    draw_attention([stack("encoder", 4), stack("decoder", 2)], tmp_path / "a.png", head="all")
+    panels_axes = figures[0].axes[:-1]                              # the last is the colorbar
+    assert len(panels_axes) == 8 and [ax.axison for ax in panels_axes].count(False) == 2
+    assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in panels_axes if ax.axison)
