@@ -404,3 +404,12 @@ def test_every_panel_shares_the_0_to_1_colour_scale_and_empty_grid_cells_are_bla
     panels_axes = figures[0].axes[:-1]                              # the last is the colorbar
     assert len(panels_axes) == 8 and [ax.axison for ax in panels_axes].count(False) == 2
     assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in panels_axes if ax.axison)
+
+
+def test_layer_takes_all_or_an_index_and_not_heads_words():
+    from deploylm.attention import parse_head, parse_layer
+
+    assert (parse_layer("all"), parse_layer("2"), parse_head("mean"), parse_head("all"), parse_head("1")) == (
+        "all", 2, "mean", "all", 1)
+    with pytest.raises(UsageError, match=r"^--layer 'mean': expected all or an index >= 0$"):
+        parse_layer("mean")
