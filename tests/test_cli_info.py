@@ -343,3 +343,9 @@ def test_info_folder_shows_false_and_list_values_plainly_and_lists_json_and_weig
     assert [line.split()[-1] for line in lines if line.startswith("  ")] == ["config.json", "model.safetensors"]
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": 3}))   # T5's name for it
     assert f"{'layers':<15} 3" in describe_folder("hf", tmp_path)
+
+
+def test_a_gguf_file_type_number_gguf_does_not_know_stays_a_number():
+    from deploylm.commands.info import _gguf_file_type
+
+    assert _gguf_file_type(3) == "3 (MOSTLY_Q4_1)" and _gguf_file_type(999) == "999" and _gguf_file_type(None) == "None"
