@@ -479,4 +479,4 @@ def test_decoding_flags_are_checked_before_the_model_and_torch_defaults_to_float
     result = CliRunner().invoke(cli, ["generate", "--num-beams", "0", "hello"])      # before --model is missing
     assert result.stderr.strip().startswith("error: decoding option --num-beams 0 is invalid"), result.output
     params = command.make_context("generate", ["hello"]).params
-    assert (params["device"], params["dtype"]) == ("cpu", "float32")
+    assert (params["device"], params["dtype"], params["batch_size"]) == ("cpu", "float32", 8)   # as --help says
