@@ -110,6 +110,8 @@ def symlink_loop(exc: RuntimeError) -> str | None:
     except (ValueError, SyntaxError):
         return None
     return path if isinstance(path, str) else None
+
+
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
