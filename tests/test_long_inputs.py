@@ -15,7 +15,7 @@ from deploylm.decoding.search import generate_ids
 from deploylm.errors import UsageError
 from deploylm.generator import Generator, load
 from deploylm.long_inputs import join_outputs, join_parts, join_texts, shared_run
-from tests.helpers.scripted_backend import ScriptedBackend
+from tests.helpers.scripted_backend import WindowedBackend
 from tests.helpers.tiny_seed import TEXTS, build_tiny_seed
 
 LONG = " ".join(TEXTS[:3])  # ~160 tokens for the seed tokenizer (window 64)
@@ -201,15 +201,7 @@ def _decode_alone(gen: Generator, chunk: list[int], opts: DecodingOptions):
     return generate_ids(gen.backend, batch, opts)[0]
 
 
-@dataclass
-class CopyBackend(ScriptedBackend):
-    """An encoder-decoder with a window that outputs its source (without </s>), then EOS: a perfect copier."""
-
-    window: int = 64
-
-    @property
-    def info(self):
-        return dataclasses.replace(super().info, max_positions=self.window)
+CopyBackend = WindowedBackend   # with copy_script: an encoder-decoder that outputs its source (without </s>), then EOS
 
 
 def copy_script(prompt, generated):

@@ -2,25 +2,11 @@
 is decoded with it, whatever the tokenizer does at the start of a text or to a character split between windows."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import pytest
 
 from deploylm.generator import Generator
-from tests.helpers.scripted_backend import ScriptedBackend
+from tests.helpers.scripted_backend import WindowedBackend
 from tests.helpers.tiny_seed import TEXTS
-
-
-@dataclass
-class Copier(ScriptedBackend):
-    """An encoder-decoder with a window of 32 that outputs its source (without its end token), then EOS."""
-
-    window: int = 32
-
-    @property
-    def info(self):
-        return dataclasses.replace(super().info, max_positions=self.window)
 
 
 def sentencepiece_like():
@@ -63,8 +49,8 @@ def test_windows_that_continue_through_a_shared_run_are_decoded_together(make, t
         target = source[len(generated)] if len(generated) < len(source) else eos
         return [1.0 if t == target else 0.0 for t in range(vocab)]
 
-    gen = Generator(Copier(copy, vocab_size=vocab, eos_token_ids=(eos,), is_encoder_decoder=True,
-                           decoder_start_token_id=0), tokenizer, defaults={})
+    gen = Generator(WindowedBackend(copy, vocab_size=vocab, eos_token_ids=(eos,), is_encoder_decoder=True,
+                                    decoder_start_token_id=0, window=32), tokenizer, defaults={})
     content = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(content) > 3 * 32 and tokenizer.decode(content) == text
     kwargs = dict(truncation="sliding-window", window_overlap=overlap, max_new_tokens=32, num_beams=1)

@@ -7,6 +7,7 @@ the answer depends on the row's whole history, a wrong `reorder` gives wrong res
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -96,3 +97,15 @@ def encode(prompts: Sequence[Sequence[int]], pad_token_id: int = 0, left: bool =
         ids.append(pad + list(p) if left else list(p) + pad)
         mask.append([0] * len(pad) + [1] * len(p) if left else [1] * len(p) + [0] * len(pad))
     return EncodedBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long))
+
+
+@dataclass
+class WindowedBackend(ScriptedBackend):
+    """A ScriptedBackend whose model has a window of `window` positions (ModelInfo.max_positions): long inputs
+    are truncated or slid over it."""
+
+    window: int = 64
+
+    @property
+    def info(self) -> ModelInfo:
+        return dataclasses.replace(super().info, max_positions=self.window)
