@@ -1022,3 +1022,21 @@ def test_the_peak_rss_note_says_whether_rows_ran_in_worker_processes(tiny_gpt2_d
                                        reference=False, isolate=isolate))
         assert report.rss_scope == scope and (report.process_peak_rss_mib is None) == isolate
         assert [n for n in report.notes if n.startswith("peak RSS")] == [note]
+
+
+def test_a_program_read_from_stdin_is_told_it_cannot_spawn_workers(tiny_gpt2_dir):
+    """docs/bench.md's Python example piped into `python -` (a heredoc): each spawned worker tried to run the
+    caller's '<stdin>' again and died (FileNotFoundError), and the error advised an `if __name__` guard, which does
+    not help there. It is now one UsageError before any worker starts, naming '<stdin>' and isolate=False."""
+    program = ("import sys\n"
+               "from deploylm.bench import BenchConfig, run_bench\n"
+               "if __name__ == '__main__':\n"
+               f"    run_bench(BenchConfig(models=({str(tiny_gpt2_dir)!r},), prompts=('hello world',),\n"
+               "                          max_new_tokens=2, rounds=1, warmup=0, reference=False))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-"], input=program, capture_output=True, text=True, timeout=120, env=env)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and last.startswith("deploylm.errors.UsageError: bench: "), run.stderr[-2000:]
+    assert "'<stdin>'" in last and "isolate=False" in last, last
+    assert "FileNotFoundError" not in run.stderr, run.stderr[-2000:]

@@ -15,7 +15,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from deploylm.errors import DeployLMError
+from deploylm.errors import DeployLMError, UsageError
 
 
 def peak_rss_mib() -> float:
@@ -73,6 +73,7 @@ class ProcessRunner:
     """A row in a spawned worker process (same interface as the in-process runners)."""
 
     def __init__(self, spec: Any, workload: Any) -> None:
+        _check_main_importable()
         context = multiprocessing.get_context("spawn")
         self.label = spec.label
         self._conn, child = context.Pipe()
@@ -120,6 +121,22 @@ class ProcessRunner:
         if kind == "crash":
             raise RuntimeError(f"the benchmark worker for {self.label} failed:\n{payload}")
         return payload
+
+
+def _check_main_importable() -> None:
+    """A spawned worker runs the caller's main script again from its path; a program read from standard input
+    (`python - < script.py`, a heredoc) has the path '<stdin>', which every worker died on (FileNotFoundError) while
+    the error advised an `if __name__ == "__main__":` guard that does not help. Refuse that before any worker."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return                                          # `python -m module`: workers import it by name
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.isfile(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", path)):
+        return                                          # a REPL or notebook (no file), or a script on disk
+    raise UsageError(f"bench: the calling program was read from {path!r}, not from a file, and each row's spawned "
+                     "worker process imports the caller's program again: save it as a script (with an "
+                     "`if __name__ == \"__main__\":` guard) or pass BenchConfig(isolate=False) to run the rows in "
+                     "this process")
 
 
 def _death(exitcode: int | None) -> str:
