@@ -74,6 +74,7 @@ def test_json_dash_writes_the_report_to_stdout_alone(tiny_gpt2_dir, tmp_path, mo
     assert out.exit_code == 0, out.output
     assert [r["backend"] for r in json.loads(out.stdout)["rows"]] == ["torch"]
     assert "exactly 2 new tokens" in out.stderr and not (tmp_path / "-").exists()
+    assert "workload: 1 prompt in 1 call(s) of batch 1," in out.stderr          # not "1 prompts"
 
 
 @pytest.mark.slow

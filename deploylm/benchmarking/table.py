@@ -16,7 +16,7 @@ def format_report(report: Any) -> str:
     w, m = report.workload, report.machine
     lines = [f"deploylm bench  {report.date}  {m.get('cpu')}, {m.get('physical_cores')} cores, "
              f"{m.get('threads')} threads, load {m.get('load_average')}",
-             f"workload: {w['prompts']} prompts in {w['calls_per_round']} call(s) of batch {w['batch_size']}, "
+             f"workload: {_prompts(w['prompts'])} in {w['calls_per_round']} call(s) of batch {w['batch_size']}, "
              f"num_beams={w['options']['num_beams']}, exactly {w['options']['max_new_tokens']} new tokens, "
              f"{w['warmup']} warm-up + {w['rounds']} interleaved round(s), medians"]
     cells = [list(COLUMNS)] + [_cells(row) for row in report.rows]
@@ -27,6 +27,10 @@ def format_report(report: Any) -> str:
             lines.append("  ".join("-" * n for n in widths))
     notes = list(report.notes) + [f"{row.label}: {n}" for row in report.rows for n in row.notes]
     return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def _prompts(count: int) -> str:
+    return f"{count} prompt{'' if count == 1 else 's'}"
 
 
 def _cells(row: Any) -> list[str]:
@@ -73,7 +77,7 @@ def plot_report(report: Any, path: str | Path) -> Path:
     ax.set_xticks(range(len(rows)), [f"{r.label}\n{r.profile}" for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("tokens/s (best sequence)")
     w = report.workload
-    ax.set_title(f"{w['prompts']} prompts, batch {w['batch_size']}, beams {w['options']['num_beams']}, "
+    ax.set_title(f"{_prompts(w['prompts'])}, batch {w['batch_size']}, beams {w['options']['num_beams']}, "
                  f"{w['options']['max_new_tokens']} new tokens, {report.machine.get('threads')} threads", fontsize=10)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
