@@ -96,7 +96,8 @@ def test_resume_refuses_other_data_at_the_same_path(tmp_path, fast):
     train(TrainConfig(out=tmp_path / "run", steps=2, **settings))
     lines = Path(data).read_text().splitlines()
     Path(data).write_text("\n".join(reversed(lines)) + "\n")          # the same path, other contents
-    with pytest.raises(UsageError, match="was trained with data_sha256"):
+    with pytest.raises(UsageError, match=r"was trained with other --data contents \(data_sha256 [0-9a-f]{12}\.\.\., "
+                                         r"now [0-9a-f]{12}\.\.\.: the file changed\): use the same settings"):
         train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **settings))
 
 

@@ -190,11 +190,18 @@ def _resume_state(config: TrainConfig) -> dict[str, Any]:
     mine, theirs = _resolved(config.identity()), _resolved(saved.get("identity", {}))
     if theirs.get("data_sha256") is not None and theirs.get("data_sha256") == mine.get("data_sha256"):
         mine = {**mine, "data": theirs.get("data")}   # the same file moved (another folder or machine): the same data
-    differ = [f"{key} {theirs.get(key)!r} (now {mine[key]!r})" for key in mine  # keys older runs lack are not compared
+    differ = [_differs(key, theirs.get(key), mine[key]) for key in mine  # keys older runs lack are not compared
               if key in theirs and theirs.get(key) != mine[key]]
     if differ:
         raise UsageError(f"--resume: {str(out)!r} was trained with {'; '.join(differ)}: use the same settings or --force")
     return saved
+
+
+def _differs(key: str, then: Any, now: Any) -> str:
+    """One setting a resumed run differs in, for the refusal; the data's digests in words."""
+    if key == "data_sha256" and isinstance(then, str) and isinstance(now, str):
+        return f"other --data contents (data_sha256 {then[:12]}..., now {now[:12]}...: the file changed)"
+    return f"{key} {then!r} (now {now!r})"
 
 
 def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
