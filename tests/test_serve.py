@@ -470,3 +470,11 @@ def test_a_model_that_samples_by_default_never_shares_a_batch_on_v1_generate():
     keys = [parse_generate({"prompt": "a b", "max_new_tokens": 2, "seed": 3}, CONFIG, len, defaults).batch_key()
             for _ in range(2)]
     assert keys[0] != keys[1]
+
+
+def test_a_wrong_method_is_a_405_that_says_which_methods_are_allowed(client):
+    """RFC 9110: a 405 carries Allow; the JSON error handler dropped the header Starlette gave it."""
+    r = client.get("/v1/generate")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers
+    r = client.post("/health")
+    assert r.status_code == 405 and set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}, r.headers

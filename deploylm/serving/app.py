@@ -92,7 +92,7 @@ def create_app(generator: Any, config: ServeConfig | None = None) -> Any:
     async def http_error(request: Any, exc: HTTPException) -> Any:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                        type=kind))
+                                        type=kind, headers=dict(exc.headers or {})))   # a 405's Allow
 
     routes = [Route("/health", api.health, methods=["GET"]),
               Route("/v1/models", api.models, methods=["GET"]),
