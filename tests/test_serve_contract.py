@@ -1,0 +1,359 @@
+"""What docs/serving.md promises HTTP clients, pinned where no other test did (found by hand mutation testing
+of deploylm/serving/app.py, schemas.py and server.py): response fields, error types and params, headers."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from deploylm.errors import DeployLMError
+from deploylm.serving import ServeConfig, create_app
+from tests.reliability.fakes import FakeGenerator
+
+CONFIG = ServeConfig(model_name="fake", max_prompt_tokens=8, max_new_tokens=32, max_body_bytes=1000,
+                     max_prompts=4, max_beams=8)
+
+
+def sse_events(text):
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.fixture()
+def client():
+    with TestClient(create_app(FakeGenerator(), CONFIG)) as c:
+        yield c
+
+
+def test_models_entry_has_the_openai_fields_and_another_id_is_a_404_naming_the_model_param(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    entry = models["data"][0]
+    assert (entry["object"], entry["owned_by"]) == ("model", "deploylm")
+    other = client.get("/v1/models/gpt-4").json()["error"]
+    assert other["param"] == "model" and other["type"] == "not_found_error"
+
+
+def test_health_counts_queued_and_decoding_requests_apart():
+    fake = FakeGenerator(delay=1.0)
+    config = ServeConfig(model_name="fake", max_batch_size=1, max_wait_ms=0)
+    with TestClient(create_app(fake, config)) as c:
+        def post(prompt):
+            c.post("/v1/generate", json={"prompt": prompt})
+
+        threads = [threading.Thread(target=post, args=(p,)) for p in ("first", "second", "third")]
+        threads[0].start()
+        deadline = time.monotonic() + 5
+        while c.get("/health").json()["decoding"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for t in threads[1:]:
+            t.start()
+        while c.get("/health").json()["queued"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = c.get("/health").json()
+        for t in threads:
+            t.join(10)
+    assert (health["decoding"], health["queued"], health["in_flight"]) == (1, 2, 3), health
+
+
+def test_a_stream_is_sent_uncached(client):
+    r = client.post("/v1/generate", json={"prompt": "x y", "max_new_tokens": 2, "stream": True})
+    assert r.headers["cache-control"] == "no-cache"
+
+
+def test_a_deploylm_error_from_the_backend_is_a_500_server_error():
+    class Failing(FakeGenerator):
+        def generate(self, prompts, *, stop=None, **options):
+            raise DeployLMError("the backend's session is gone")
+
+    with TestClient(create_app(Failing(), CONFIG)) as c:
+        r = c.post("/v1/generate", json={"prompt": "a b"})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["type"] == "server_error" and "session is gone" in r.json()["error"]["message"]
+
+
+def test_a_finished_stream_gives_its_slot_back(client):
+    for _ in range(2):
+        r = client.post("/v1/generate", json={"prompt": "x y", "max_new_tokens": 2, "stream": True})
+        assert r.status_code == 200 and json.loads(sse_events(r.text)[-1])["done"] is True
+        assert client.get("/health").json()["active_streams"] == 0
+
+
+def test_a_stream_stopped_by_the_end_of_the_drain_ends_with_a_503_event():
+    app = create_app(FakeGenerator(), CONFIG)
+    with TestClient(app) as c:
+        app.state.stop_decoding.set()                  # the drain is over: streams stop after their step
+        r = c.post("/v1/generate", json={"prompt": "x y z", "max_new_tokens": 3, "stream": True})
+    last = json.loads(sse_events(r.text)[-1])
+    assert last["error"]["type"] == "unavailable" and "was not finished" in last["error"]["message"], last
+
+
+def test_completion_chunks_carry_the_id_object_and_model_of_the_completion(client):
+    r = client.post("/v1/completions", json={"prompt": "x y", "max_tokens": 2, "stream": True},
+                    headers={"X-Request-Id": "req-1"})
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert chunks and all((c["id"], c["object"], c["model"]) == ("cmpl-req-1", "text_completion", "fake")
+                          for c in chunks), chunks
+    assert all(isinstance(c["created"], int) for c in chunks)
+
+
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_a_413(client):
+    body = json.dumps({"prompt": "a b", "max_new_tokens": 2})
+    body += " " * (CONFIG.max_body_bytes - len(body))
+    r = client.post("/v1/generate", content=body.encode())
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/generate", content=(body + " ").encode())
+    assert r.status_code == 413 and "limit of 1000" in r.json()["error"]["message"], r.text
+
+
+def test_a_body_without_content_length_is_cut_at_the_limit(client):
+    def chunks():                                      # chunked transfer: no Content-Length to check first
+        yield b'{"prompt": "a b", "x": "'
+        for _ in range(20):
+            yield b"y" * 100
+        yield b'"}'
+
+    r = client.post("/v1/generate", content=chunks())
+    assert r.status_code == 413 and "over this server's limit of 1000 bytes" in r.json()["error"]["message"], r.text
+
+
+def test_a_content_length_that_is_no_number_is_a_400():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from deploylm.serving.app import _read_body
+    from deploylm.serving.schemas import ApiError
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/generate",
+                       "headers": [(b"content-length", b"12abc")]}, receive)
+    with pytest.raises(ApiError) as error:
+        asyncio.run(_read_body(request, 1000))
+    assert error.value.status == 400 and "Content-Length '12abc' is not a number" in error.value.message
+
+
+def test_shutdown_waits_for_the_thread_of_a_stream_whose_client_left(monkeypatch):
+    from deploylm.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "STREAM_STEP_WAIT_S", 5.0)
+    app = create_app(FakeGenerator(), CONFIG)
+    with TestClient(app):
+        app.state.active_streams = 1                   # a stream thread still in its step
+        ends = threading.Timer(0.3, lambda: setattr(app.state, "active_streams", 0))
+        ends.start()
+        started = time.monotonic()
+    waited = time.monotonic() - started
+    ends.join()
+    assert 0.25 < waited < 4, waited
+
+
+@pytest.mark.parametrize("name", ["max_batch_size", "max_queue", "max_streams", "max_prompt_tokens", "max_new_tokens",
+                                  "max_beams", "max_prompts", "max_body_bytes"])
+def test_a_limit_of_zero_is_refused(name):
+    from deploylm.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"serve option {name}=0 is invalid: use a value >= 1"):
+        ServeConfig(**{name: 0})
+
+
+def test_a_request_at_every_limit_is_served(client):
+    r = client.post("/v1/generate", json={"prompt": ["a b c d e f g h"] * 4, "max_new_tokens": 32, "num_beams": 8,
+                                          "num_return_sequences": 8})
+    assert r.status_code == 200 and len(r.json()["results"]) == 4, r.text
+
+
+def test_a_model_default_over_the_servers_max_new_tokens_is_capped():
+    from deploylm.decoding.options import DecodingOptions
+
+    class LongDefault(FakeGenerator):
+        defaults = DecodingOptions.from_mapping({"max_new_tokens": CONFIG.max_new_tokens + 1})
+
+    fake = LongDefault()
+    with TestClient(create_app(fake, CONFIG)) as c:
+        assert c.post("/v1/generate", json={"prompt": "a b"}).status_code == 200
+    assert fake.calls[-1][1] == {"max_new_tokens": CONFIG.max_new_tokens}
+
+
+def test_num_return_sequences_over_the_beam_limit_is_refused_when_sampling(client):
+    r = client.post("/v1/generate", json={"prompt": "a", "do_sample": True, "num_beams": 1, "num_return_sequences": 9})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "num_return_sequences" and "num_return_sequences=9 is over this server's limit of 8" \
+        in error["message"], error
+
+
+def test_an_invalid_option_is_named_whatever_other_options_the_request_gives(client):
+    r = client.post("/v1/generate", json={"prompt": "a", "num_beams": 2, "num_return_sequences": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "num_return_sequences", r.text
+
+
+def test_a_prompt_with_a_nul_character_is_a_400(client):
+    r = client.post("/v1/generate", json={"prompt": ["a", "b\x00c"]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and error["message"] == "prompt[1] contains a NUL character", error
+
+
+def test_stream_null_does_not_stream_on_completions(client):
+    r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, "stream": None})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion", r.text
+
+
+@pytest.mark.parametrize("field, value", [("stop", []), ("suffix", ""), ("stop", None)])
+def test_completions_accept_an_empty_stop_or_suffix(client, field, value):
+    r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2, field: value})
+    assert r.status_code == 200, r.text
+
+
+def test_a_second_signal_stops_the_decodes_at_once_and_the_first_one_keeps_the_exit_status():
+    """docs/serving.md: SIGTERM drains, a second one stops at once; the process exits with 143 (uvicorn re-raises
+    the signals it captured)."""
+    import signal
+
+    from deploylm.serving.server import make_server
+
+    fake = FakeGenerator()
+    server = make_server(fake, ServeConfig(drain_timeout_s=30.0))
+    app = server.config.app
+    app.state.enter()                                   # a request in flight: the drain waits for it
+    try:
+        server.handle_exit(signal.SIGTERM, None)
+        assert app.state.draining and not app.state.stop_decoding.is_set() and not server.should_exit
+        assert signal.SIGTERM in server._captured_signals
+        server.handle_exit(signal.SIGTERM, None)
+        assert app.state.stop_decoding.is_set() and server.should_exit
+    finally:
+        app.state.leave()
+
+
+def test_the_drain_stops_the_decodes_only_when_its_time_is_up():
+    from deploylm.serving.middleware import ServerState
+    from deploylm.serving.server import begin_drain
+
+    class Server:
+        should_exit = False
+
+    state, server = ServerState(), Server()
+    begin_drain(state, server, 5.0).join(5)            # nothing in flight: exits at once, decodes untouched
+    assert server.should_exit and not state.stop_decoding.is_set()
+    state.enter()
+    server.should_exit = False
+    begin_drain(state, server, 0.05).join(5)           # still in flight when the drain is over
+    assert server.should_exit and state.stop_decoding.is_set()
+
+
+def test_the_model_summary_of_an_artifact_has_its_manifest_and_no_path(tmp_path):
+    from deploylm.artifact import FORMAT_VERSION
+    from deploylm.profiles import load_profile
+    from deploylm.serving.server import describe_model
+
+    folder = tmp_path / "my-artifact"
+    folder.mkdir()
+    manifest = {"format_version": FORMAT_VERSION, "deploylm_version": "0.0", "created": "2026-11-30T00:00:00Z",
+                "files": {}, "io": {}, "toolchain": {}, "profile": load_profile("int8").to_dict(),
+                "source": {"kind": "gguf", "path": "/srv/secret/model.gguf"}, "parity": {"passed": True}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    summary = describe_model(str(folder), FakeGenerator())
+    assert summary["name"] == "my-artifact" and summary["source"] == {"kind": "artifact", "name": "my-artifact"}
+    assert summary["manifest"] == {"format_version": FORMAT_VERSION, "deploylm_version": "0.0",
+                                   "created": "2026-11-30T00:00:00Z",
+                                   "profile": {"name": "int8", "precision": "int8", "backends": ["onnx"]},  # of all it says
+                                   "source": {"kind": "gguf", "path": "model.gguf"}, "parity": {"passed": True}}
+    assert "/srv/secret" not in json.dumps(summary)
+
+
+def test_serving_without_uvicorn_is_refused_with_the_install_hint(monkeypatch):
+    import sys
+
+    from deploylm.errors import MissingDependencyError
+    from deploylm.serving.server import require_serving
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'deploylm\[serve\]'"):
+        require_serving()
+
+
+def test_a_port_in_use_is_refused_without_leaking_the_socket():
+    import gc
+    import socket
+    import warnings
+
+    from deploylm.errors import UsageError
+    from deploylm.serving.server import bind_address
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(UsageError, match=f"--port {port}: already in use"):
+                bind_address("127.0.0.1", port)
+            gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
+def test_a_completions_error_on_an_option_from_the_models_defaults_names_the_field_to_send():
+    """A model whose default num_beams is over --max-beams: the error's param and message both name best_of (the
+    completions field that sets it), not one best_of and the other num_beams."""
+    from deploylm.decoding.options import DecodingOptions
+
+    class WideDefault(FakeGenerator):
+        defaults = DecodingOptions.from_mapping({"num_beams": 20})
+
+    with TestClient(create_app(WideDefault(), CONFIG)) as c:
+        error = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).json()["error"]
+    assert error["param"] == "best_of" and error["message"] == "best_of=20 is over this server's limit of 8", error
+
+
+def test_a_mounted_app_served_again_lets_the_batcher_thread_of_its_first_server_go():
+    """Without its lifespan the batcher starts with the first request, and again under a later server (another
+    event loop); the first one's decode thread must end then, not idle until the process exits."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    def batch_threads():
+        return sum(t.name.startswith("deploylm-batch") for t in threading.enumerate())
+
+    before = batch_threads()
+    outer = Starlette(routes=[Mount("/llm", app=create_app(FakeGenerator(), CONFIG))])
+    for _ in range(2):
+        with TestClient(outer) as c:
+            assert c.post("/llm/v1/generate", json={"prompt": "a b", "max_new_tokens": 2}).status_code == 200
+    deadline = time.monotonic() + 3
+    while batch_threads() > before + 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert batch_threads() <= before + 1, [t.name for t in threading.enumerate()]
+
+
+def test_make_server_serves_on_its_port_and_its_shutdown_stops_the_batcher():
+    """The server that `deploylm serve` runs: on the port asked for, with the app's lifespan on (its shutdown
+    finishes the queue, stops the batcher and waits for stream threads) and uvicorn's access log off (the app logs
+    one line per request)."""
+    import httpx
+
+    from deploylm.serving.server import make_server
+    from tests.reliability.conftest import free_port
+
+    port = free_port()
+    server = make_server(FakeGenerator(), CONFIG, port=port, log_level="warning")
+    assert server.config.access_log is False
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a b", "max_new_tokens": 2}, timeout=10)
+        assert r.status_code == 200, r.text
+        api = server.config.app.app.state.api
+        assert api.batcher is not None
+    finally:
+        server.should_exit = True
+        thread.join(15)
+    assert not thread.is_alive() and api.batcher is None
