@@ -302,3 +302,40 @@ def test_every_step_trains_in_training_mode_also_after_validation_and_resume(tmp
     train(TrainConfig(out=tmp_path / "run", steps=4, **settings))
     train(TrainConfig(out=tmp_path / "run", steps=6, resume=True, **settings))
     assert modes == [True] * 6
+
+
+def test_a_run_also_validates_its_last_step_off_the_eval_cadence(tmp_path, fast):
+    """Validation runs every --eval-every steps and at the end (docs/training.md): a 7-step run with
+    --eval-every 5 validates at 5 and at 7, so the last validation is of the weights saved."""
+    result = train(TrainConfig(out=tmp_path / "run", steps=7, **{**fast, "eval_every": 5}))
+    assert [v["step"] for v in result.validation] == [5, 7]
+    assert [v["step"] for v in json.loads((tmp_path / "run" / "metrics.json").read_text())["validation"]] == [5, 7]
+
+
+def test_an_extension_by_one_step_stopped_at_its_end_leaves_no_stale_metrics(tmp_path, fast):
+    """The boundary of the case above: a 5-step run resumed to 6 and stopped after saving step 6 (before
+    its metrics.json) must not leave the 5-step run's metrics.json beside the step-6 weights."""
+    train(TrainConfig(out=tmp_path / "run", steps=5, **fast))
+
+    def kill_at_6(step, loss):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(TrainConfig(out=tmp_path / "run", steps=6, resume=True, **fast), on_step=kill_at_6)
+    assert load_training_state(tmp_path / "run")["step"] == 6 and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_run_stopped_during_its_first_save_says_no_checkpoint_was_saved(tmp_path, fast, capsys, monkeypatch):
+    """Ctrl-C while the first checkpoint is being written: the step-5 save was begun, not finished, so the line
+    points at --force (not at --resume, which would refuse a folder without training state)."""
+    from deploylm.training import trainer
+
+    def interrupted_save(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=tmp_path / "run", steps=20, **fast))
+    assert ("interrupted at step 5: no checkpoint saved yet (every 5 steps, --checkpoint-every); start again "
+            "with --force") in capsys.readouterr().err
