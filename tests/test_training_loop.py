@@ -339,3 +339,21 @@ def test_a_run_stopped_during_its_first_save_says_no_checkpoint_was_saved(tmp_pa
         train(TrainConfig(out=tmp_path / "run", steps=20, **fast))
     assert ("interrupted at step 5: no checkpoint saved yet (every 5 steps, --checkpoint-every); start again "
             "with --force") in capsys.readouterr().err
+
+
+def test_the_checkpoint_decodes_as_long_as_validation_did(tmp_path, fast):
+    """generation_config.json's max_new_tokens is the trainer's own limit (2 x the longest training target
+    in tokens + 8, docs/training.md), not the library default of 64: `deploylm generate` on the checkpoint
+    stops where validation stopped."""
+    from tokenizers import Tokenizer
+
+    from deploylm.training.clean import CleanOptions
+    from deploylm.training.data import jsonl_splits
+
+    out = tmp_path / "run"
+    train(TrainConfig(out=out, steps=1, **fast))
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    longest = max(len(tok.encode(e.target, add_special_tokens=False).ids)
+                  for e in jsonl_splits(fast["data"], 0, CleanOptions()).train)
+    window = json.loads((out / "config.json").read_text())["max_positions"]
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == min(window - 1, 2 * longest + 8)
