@@ -88,6 +88,17 @@ def test_digits2words_rejects_held_out_sizes_larger_than_a_stratum():
         task_splits("digits2words", 0, SplitSizes(train=2000, validation=100, test=27_000))
 
 
+def test_digits2words_refuses_held_out_sizes_that_leave_a_stratum_nothing_to_train_on():
+    """Test and validation taking all 8999 four-digit numbers (1000 is among the powers of ten) with training
+    still owed some: refused by name, not training rows filled with another number (np.resize of nothing
+    gives zeros). One number fewer held out leaves one to repeat."""
+    with pytest.raises(UsageError, match="leaves none of them for training"):
+        task_splits("digits2words", 0, SplitSizes(train=2000, validation=3 * 8999, test=0))
+    train = task_splits("digits2words", 0, SplitSizes(train=2000, validation=3 * 8998, test=0)).train
+    four_digits = Counter(e.source for e in train if len(e.source) == 4 and e.source != "1000")
+    assert len(four_digits) == 1 and sum(four_digits.values()) == 290     # (2000 - 1130 fixed) / 3
+
+
 def test_reverse_targets_are_reversed_sources():
     splits = task_splits("reverse", 3, SMALL)
     for ex in splits.train[:200] + splits.test:
