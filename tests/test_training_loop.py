@@ -42,6 +42,7 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path, fast):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 30 and set(metrics["test"]) == {"loss", "perplexity", "exact_match", "bleu"}
     assert metrics["test"] == pytest.approx(result.test) and len(metrics["examples"]) == 5
+    assert metrics["final_train_loss"] == pytest.approx(result.losses[-1]) and metrics["world_size"] == 1
     model, config = load_checkpoint(out)
     assert resolve_source(out).kind == "checkpoint" and config.vocab_size == model.src_embed.num_embeddings
     tok = AutoTokenizer.from_pretrained(out)
