@@ -225,3 +225,25 @@ def test_the_lm_is_scored_on_the_held_out_paragraphs():
     work.validate(None, torch.device("cpu"))
     work.test(None, torch.device("cpu"))
     assert seen == [stream(["an owl sat"]), stream(["the sun rose"])]
+
+
+def test_the_lm_loss_is_a_mean_over_every_predicted_token():
+    """The trainer divides the summed loss by the count loss_sum returns: for the LM, every position of every
+    window predicts its next token (block_size per row), and the sum is plain cross-entropy at smoothing 0."""
+    from deploylm.training.text import TextSplits
+    from deploylm.training.workloads import LMWork
+
+    splits = TextSplits([f"the fox ran to tree number {i}" for i in range(20)], ["an owl sat"], ["the sun rose"])
+    work = LMWork(splits, block_size=8, stride=8, ngram_order=0, eval_examples=1)
+    tok = work.make_tokenizer(200)
+    config = make_config("tiny", tok.get_vocab_size(), arch="decoder", n_encoder_layers=0, dropout=0.0)
+    work.bind(tok, config)
+    torch.manual_seed(0)
+    model = build_model(config)
+    batch = work.batch(work.train_items[:3])
+    loss_sum, n_tokens = work.loss_sum(model, batch, 0.0)
+    assert n_tokens == 3 * 8
+    with torch.no_grad():
+        logits, _ = model(batch.input_ids)
+    want = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="sum")
+    assert float(loss_sum.detach()) == pytest.approx(float(want), rel=1e-5)
