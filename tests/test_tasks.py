@@ -99,6 +99,12 @@ def test_digits2words_refuses_held_out_sizes_that_leave_a_stratum_nothing_to_tra
     assert len(four_digits) == 1 and sum(four_digits.values()) == 290     # (2000 - 1130 fixed) / 3
 
 
+def test_digits2words_trains_on_every_power_of_ten_at_least_once_however_small_the_split():
+    """1% of 40 training rows rounds to 0: each power of ten is still there once (module docstring)."""
+    train = {e.source for e in task_splits("digits2words", 0, SplitSizes(train=40, validation=3, test=3)).train}
+    assert {"1000", "10000", "100000", "1000000"} <= train
+
+
 def test_reverse_targets_are_reversed_sources():
     splits = task_splits("reverse", 3, SMALL)
     for ex in splits.train[:200] + splits.test:
