@@ -247,3 +247,13 @@ def test_the_lm_loss_is_a_mean_over_every_predicted_token():
         logits, _ = model(batch.input_ids)
     want = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="sum")
     assert float(loss_sum.detach()) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_windows_reach_the_last_token_and_a_text_of_block_size_plus_one_tokens_is_one_window():
+    from deploylm.training.text import make_lm_batch, window_starts
+
+    assert window_starts(5, 4, 1, "text") == [0]                      # exactly --block-size + 1 tokens
+    assert window_starts(10, 4, 1, "text") == [0, 1, 2, 3, 4, 5]      # the last window ends at token 9
+    assert window_starts(10, 4, 4, "text") == [0, 4]
+    batch = make_lm_batch(np.arange(10), window_starts(10, 4, 1, "text")[-1:], 4)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8]] and batch.labels.tolist() == [[6, 7, 8, 9]]
