@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from deploylm.cli import cli
+from deploylm.errors import UsageError
 from deploylm.models.checkpoint import build_model, load_training_state
 from deploylm.models.config import make_config
 from deploylm.training.lm_eval import eval_windows, lm_nll
@@ -257,3 +258,10 @@ def test_windows_reach_the_last_token_and_a_text_of_block_size_plus_one_tokens_i
     assert window_starts(10, 4, 4, "text") == [0, 4]
     batch = make_lm_batch(np.arange(10), window_starts(10, 4, 1, "text")[-1:], 4)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8]] and batch.labels.tolist() == [[6, 7, 8, 9]]
+
+
+def test_a_text_of_block_size_tokens_is_refused_by_name():
+    from deploylm.training.text import window_starts
+
+    with pytest.raises(UsageError, match=r"the training text has 4 tokens: expected at least --block-size \+ 1 = 5"):
+        window_starts(4, 4, 1, "the training text")
