@@ -265,3 +265,13 @@ def test_a_text_of_block_size_tokens_is_refused_by_name():
 
     with pytest.raises(UsageError, match=r"the training text has 4 tokens: expected at least --block-size \+ 1 = 5"):
         window_starts(4, 4, 1, "the training text")
+
+
+def test_each_document_is_wrapped_in_bos_and_eos_in_the_stream():
+    """The stream is `<s> doc </s> <s> doc </s> ...` (text.py): the model learns where a paragraph ends."""
+    from deploylm.training.text import token_stream
+    from deploylm.training.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the fox ran", "an owl sat"], 120)
+    ids = [tok.encode(doc, add_special_tokens=False).ids for doc in ("the fox ran", "an owl sat")]
+    assert token_stream(tok, ["the fox ran", "an owl sat"], 1, 2) == [1, *ids[0], 2, 1, *ids[1], 2]
