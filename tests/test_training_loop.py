@@ -358,3 +358,14 @@ def test_the_checkpoint_decodes_as_long_as_validation_did(tmp_path, fast):
                   for e in jsonl_splits(fast["data"], 0, CleanOptions()).train)
     window = json.loads((out / "config.json").read_text())["max_positions"]
     assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == min(window - 1, 2 * longest + 8)
+
+
+def test_a_run_saved_before_a_setting_was_recorded_still_resumes(tmp_path, fast):
+    """Settings an older version did not record in the identity (here clip_norm) are not compared: such a
+    run resumes, rather than being refused as trained with clip_norm None."""
+    out = tmp_path / "run"
+    train(TrainConfig(out=out, steps=2, **fast))
+    state = load_training_state(out)
+    del state["identity"]["clip_norm"]
+    torch.save(state, out / "training_state.pt")
+    assert train(TrainConfig(out=out, steps=3, resume=True, **fast)).steps == 3
