@@ -178,6 +178,23 @@ def test_text_data_drops_a_byte_order_mark(tmp_path):
     assert docs == ["Once upon a time.", "The end."]
 
 
+def test_a_blank_line_holding_spaces_or_tabs_separates_paragraphs(tmp_path):
+    """A line that looks empty in an editor (trailing spaces, a tab) ends a paragraph like an empty one."""
+    from deploylm.training.text import read_documents
+
+    path = tmp_path / "story.txt"
+    path.write_text("Once upon a time.\n  \t\nThe end.\r\n \r\nReally.\n", encoding="utf-8")
+    assert read_documents(path) == ["Once upon a time.", "The end.", "Really."]
+
+
+def test_blank_texts_of_a_jsonl_file_are_skipped(tmp_path):
+    from deploylm.training.text import read_documents
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "Once upon a time."}\n{"text": " \\n\\t "}\n{"text": "The end."}\n', encoding="utf-8")
+    assert read_documents(path) == ["Once upon a time.", "The end."]
+
+
 def test_the_decode_limit_sees_long_targets_anywhere_in_the_data():
     """max_new_tokens = 2 x the longest training target + 8, also when 3000 short targets come first."""
     from deploylm.models.config import make_config
