@@ -258,6 +258,8 @@ def test_windows_reach_the_last_token_and_a_text_of_block_size_plus_one_tokens_i
     assert window_starts(10, 4, 4, "text") == [0, 4]
     batch = make_lm_batch(np.arange(10), window_starts(10, 4, 1, "text")[-1:], 4)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8]] and batch.labels.tolist() == [[6, 7, 8, 9]]
+    batch = make_lm_batch(np.arange(10), [0, 5], 4)                    # one row per start
+    assert batch.input_ids.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]] and batch.labels.tolist() == [[1, 2, 3, 4], [6, 7, 8, 9]]
 
 
 def test_a_text_of_block_size_tokens_is_refused_by_name():
