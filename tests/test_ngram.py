@@ -83,6 +83,7 @@ def test_log_likelihood_counts_every_token(encoded):
     (dict(n=2, vocab_size=0), "vocab_size=0"),
     (dict(n=2, vocab_size=10, smoothing="witten-bell"), "smoothing"),
     (dict(n=2, vocab_size=10, discount=1.5), "discount"),
+    (dict(n=2, vocab_size=10, discount=0), "discount"),          # no mass left for unseen tokens: log(0)
     (dict(n=2, vocab_size=10, smoothing="add-k", k=0), "k=0"),
 ])
 def test_bad_settings(kwargs, message):
