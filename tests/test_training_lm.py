@@ -277,3 +277,14 @@ def test_each_document_is_wrapped_in_bos_and_eos_in_the_stream():
     tok = train_tokenizer(["the fox ran", "an owl sat"], 120)
     ids = [tok.encode(doc, add_special_tokens=False).ids for doc in ("the fox ran", "an owl sat")]
     assert token_stream(tok, ["the fox ran", "an owl sat"], 1, 2) == [1, *ids[0], 2, 1, *ids[1], 2]
+
+
+def test_the_lm_scores_are_the_mean_negative_log_likelihood_per_scored_token(monkeypatch):
+    from deploylm.training import workloads
+    from deploylm.training.text import TextSplits
+
+    monkeypatch.setattr(workloads, "lm_nll", lambda *args: (10.0, 4))     # (summed NLL, tokens scored)
+    work = workloads.LMWork(TextSplits([], [], []), block_size=8, stride=8, ngram_order=0, eval_examples=1)
+    work.pad = 0
+    scores = work._scores(None, np.zeros(4, dtype=np.int64), torch.device("cpu"))
+    assert scores == {"loss": 2.5, "perplexity": pytest.approx(math.exp(2.5)), "tokens": 4}
