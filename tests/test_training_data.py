@@ -195,6 +195,16 @@ def test_blank_texts_of_a_jsonl_file_are_skipped(tmp_path):
     assert read_documents(path) == ["Once upon a time.", "The end."]
 
 
+def test_the_cut_notice_counts_among_the_2000_longest_and_says_so():
+    """bind counts cut pairs among the 2000 longest of each side: 2000 of them means "at least 2000"."""
+    from deploylm.training.workloads import cut_notice
+
+    assert cut_notice(0, 0, 5000, 64) is None
+    assert "of 5000 training pairs, 2000+ sources and 3 targets are longer than the model's window of 64" \
+        in cut_notice(2000, 3, 5000, 64)
+    assert "1999 sources and 0 targets" in cut_notice(1999, 0, 5000, 64)
+
+
 def test_the_decode_limit_sees_long_targets_anywhere_in_the_data():
     """max_new_tokens = 2 x the longest training target + 8, also when 3000 short targets come first."""
     from deploylm.models.config import make_config
