@@ -205,6 +205,17 @@ def test_the_cut_notice_counts_among_the_2000_longest_and_says_so():
     assert "1999 sources and 0 targets" in cut_notice(1999, 0, 5000, 64)
 
 
+def test_the_tokenizer_is_learnt_from_the_training_split_only():
+    """Held-out text never shapes the vocabulary (it would flatter the held-out loss)."""
+    from deploylm.training.workloads import Seq2SeqWork
+
+    train = [Example("red fox", "fox red")] * 20
+    held_out = [Example("zebra quagga", "quagga zebra")] * 20
+    vocab = Seq2SeqWork(Splits(train, held_out, held_out), 1).make_tokenizer(300).get_vocab()
+    assert not [token for token in vocab if "zeb" in token or "quag" in token]
+    assert any("fox" in token for token in vocab)
+
+
 def test_the_decode_limit_sees_long_targets_anywhere_in_the_data():
     """max_new_tokens = 2 x the longest training target + 8, also when 3000 short targets come first."""
     from deploylm.models.config import make_config
