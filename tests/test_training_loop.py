@@ -369,3 +369,15 @@ def test_a_run_saved_before_a_setting_was_recorded_still_resumes(tmp_path, fast)
     del state["identity"]["clip_norm"]
     torch.save(state, out / "training_state.pt")
     assert train(TrainConfig(out=out, steps=3, resume=True, **fast)).steps == 3
+
+
+def test_a_metrics_json_of_another_tool_does_not_make_a_folder_a_run(tmp_path):
+    """A metrics.json or cleaning.json is deploylm's only with all of its keys: another tool's metrics.json
+    with a "test" entry must not let --force empty that folder."""
+    from deploylm.training.outdir import is_training_run
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.9}, "steps": 10}))
+    (tmp_path / "cleaning.json").write_text(json.dumps({"kept": 3}))
+    assert not is_training_run(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"arch": "seq2seq", "seed": 0, "steps": 10, "test": {}}))
+    assert is_training_run(tmp_path)
