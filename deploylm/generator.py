@@ -74,6 +74,28 @@ def _settled(text: str) -> str:
     return text if space < 0 else text[:space]
 
 
+class _Pieces:
+    """A growing output text handed out in pieces once final: held back while it ends in a half-decoded character
+    (U+FFFD), and, for a tokenizer that cleans up spaces (" n't" -> "n't", " ," -> ",": T5's, Marian's), before a
+    space later tokens may still drop (_settled). `emitted` is what went out so far."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.cleans = getattr(tokenizer, "clean_up_tokenization_spaces", False) is True
+        self.emitted = ""
+
+    def ready(self, text: str) -> str:
+        """The piece of `text` past what went out that later tokens cannot change; "" while there is none."""
+        ready = _settled(text) if self.cleans else text
+        if not (ready.startswith(self.emitted) and len(ready) > len(self.emitted) and not ready.endswith("\ufffd")):
+            return ""
+        piece, self.emitted = ready[len(self.emitted):], ready
+        return piece
+
+    def rest(self, text: str) -> str:
+        """The end of the final `text` that has not gone out."""
+        return text[len(self.emitted):] if text.startswith(self.emitted) else ""
+
+
 def load(src: str | Path | Source, backend: str | None = None, **backend_options: Any) -> "Generator":
     """Open SRC (checkpoint, Hugging Face folder, .gguf file or artifact) with `backend`.
 
@@ -233,12 +255,10 @@ class Generator:
         from deploylm.decoding.search import STOPPED
         from deploylm.decoding.stream import stream_ids
 
-        # A tokenizer that cleans up spaces (" n't" -> "n't", " ," -> ",": T5's, Marian's) rewrites the end of
-        # the text as tokens arrive: its text is final only before a space that may still be dropped.
-        cleans = getattr(self.tokenizer, "clean_up_tokenization_spaces", False) is True
+        out = _Pieces(self.tokenizer)
         with self._lock, _memory_is_usage(1, opts):
             ids: list[int] = []
-            emitted = text = ""
+            text = ""
             for pieces in stream_ids(self.backend, batch, opts):
                 if stop is not None and stop.is_set():
                     raise Interrupted(STOPPED)
@@ -246,12 +266,10 @@ class Generator:
                     continue
                 ids.extend(pieces[0])
                 text = self.decode(ids)
-                ready = _settled(text) if cleans else text
-                if ready.startswith(emitted) and len(ready) > len(emitted) and not ready.endswith("\ufffd"):
-                    yield ready[len(emitted):]  # held back while it ends in a half-decoded character
-                    emitted = ready
-            if text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted):]
+                if piece := out.ready(text):
+                    yield piece
+            if rest := out.rest(text):
+                yield rest
         return self.finish_reason(ids, opts.max_new_tokens)
 
     def encode(self, prompts: list[str], options: DecodingOptions | None = None,
@@ -354,8 +372,7 @@ class Generator:
         from deploylm.decoding.search import generate_ids
 
         chunks = self._windows([prompt], opts, overlap)[0]
-        eos, outputs, emitted, text = self.info.special.eos_token_ids, [], "", ""
-        cleans = getattr(self.tokenizer, "clean_up_tokenization_spaces", False) is True   # as in _stream_text
+        eos, outputs, text, out = self.info.special.eos_token_ids, [], "", _Pieces(self.tokenizer)
         # sampling: windows decoded in generate's batches of rows, so they get the same draws of the seed
         rows = WINDOW_ROWS if opts.do_sample else 1
         with self._lock, _memory_is_usage(1, opts):
@@ -366,12 +383,10 @@ class Generator:
                     # a window that continues the last through a shared run is decoded with it (_joined_text),
                     # so the end of the text so far may still change: held back as _stream_text holds it
                     text = self._joined_text(join_parts(outputs, overlap, eos, self._forced_bos()))
-                    ready = _settled(text) if cleans else text
-                    if ready.startswith(emitted) and len(ready) > len(emitted) and not ready.endswith("\ufffd"):
-                        yield ready[len(emitted):]
-                        emitted = ready
-            if text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted):]
+                    if piece := out.ready(text):
+                        yield piece
+            if rest := out.rest(text):
+                yield rest
         return self.finish_reason(outputs[-1] if outputs else (), opts.max_new_tokens)
 
     def _joined(self, hyps: list[Any], overlap: int) -> Sequence:
