@@ -32,6 +32,14 @@ class Killed(Exception):
     """Stands in for the process being killed mid-run."""
 
 
+def stop_at(when, exc):
+    """An on_step callback that raises `exc` at step `when` (Killed: the process killed; KeyboardInterrupt: Ctrl-C)."""
+    def on_step(step, loss):
+        if step == when:
+            raise exc
+    return on_step
+
+
 def test_loss_falls_and_checkpoint_is_complete(tmp_path, fast):
     out = tmp_path / "run"
     result = train(TrainConfig(out=out, steps=30, lr=3e-3, warmup=5, **fast))
@@ -55,12 +63,8 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path, fast):
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, fast):
     whole = train(TrainConfig(out=tmp_path / "whole", steps=20, **fast))
 
-    def kill_at_12(step, loss):
-        if step == 12:
-            raise Killed
-
     with pytest.raises(Killed):
-        train(TrainConfig(out=tmp_path / "part", steps=20, **fast), on_step=kill_at_12)
+        train(TrainConfig(out=tmp_path / "part", steps=20, **fast), on_step=stop_at(12, Killed))
     assert load_training_state(tmp_path / "part")["step"] == 10        # last checkpoint before the kill
     resumed = train(TrainConfig(out=tmp_path / "part", steps=20, resume=True, **fast))
     assert resumed.steps == whole.steps == 20
@@ -78,12 +82,8 @@ def test_an_extension_stopped_midway_leaves_no_stale_metrics(tmp_path, fast):
     train(TrainConfig(out=tmp_path / "run", steps=5, **fast))
     assert (tmp_path / "run" / "metrics.json").is_file()
 
-    def kill_at_12(step, loss):
-        if step == 12:
-            raise Killed
-
     with pytest.raises(Killed):
-        train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast), on_step=kill_at_12)
+        train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast), on_step=stop_at(12, Killed))
     assert load_training_state(tmp_path / "run")["step"] == 10 and not (tmp_path / "run" / "metrics.json").exists()
     train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 20
@@ -124,12 +124,8 @@ def test_a_cosine_run_resumes_to_its_own_end_only(tmp_path, fast):
     learning rate jump back up mid-run. Resuming to the same end works; another end is refused by name."""
     settings = {**fast, "schedule": "cosine"}
 
-    def kill_at_3(step, loss):
-        if step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        train(TrainConfig(out=tmp_path / "run", steps=4, **{**settings, "checkpoint_every": 2}), on_step=kill_at_3)
+        train(TrainConfig(out=tmp_path / "run", steps=4, **{**settings, "checkpoint_every": 2}), on_step=stop_at(3, Killed))
     with pytest.raises(UsageError, match=r"cosine_steps 4 \(now 8\)"):
         train(TrainConfig(out=tmp_path / "run", steps=8, resume=True, **settings))
     assert train(TrainConfig(out=tmp_path / "run", steps=4, resume=True, **settings)).steps == 4
@@ -163,12 +159,6 @@ def test_resume_past_the_end_only_evaluates(tmp_path, fast):
 def test_an_interrupted_run_says_what_it_saved_and_how_to_go_on(tmp_path, fast, capsys):
     """Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit) mid-run: one line naming the last checkpoint and
     the next command; before the first checkpoint, --resume and a plain re-run both point at --force."""
-    def stop_at(when, exc):
-        def on_step(step, loss):
-            if step == when:
-                raise exc
-        return on_step
-
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(out=tmp_path / "a", steps=20, **fast), on_step=stop_at(7, KeyboardInterrupt))
     assert ("interrupted at step 7: " + repr(str(tmp_path / "a")) + " holds the checkpoint of step 5 or earlier; "
@@ -192,12 +182,8 @@ def test_a_stopped_extension_names_the_checkpoint_it_resumed_from(tmp_path, fast
 
     train(TrainConfig(out=tmp_path / "run", steps=7, **fast))
 
-    def stop_at_9(step, loss):
-        if step == 9:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast), on_step=stop_at_9)
+        train(TrainConfig(out=tmp_path / "run", steps=20, resume=True, **fast), on_step=stop_at(9, KeyboardInterrupt))
     assert "interrupted at step 9: " + repr(str(tmp_path / "run")) + " holds the checkpoint of step 7 or earlier" \
         in capsys.readouterr().err
     assert load_training_state(tmp_path / "run")["step"] == 7
@@ -318,12 +304,8 @@ def test_an_extension_by_one_step_stopped_at_its_end_leaves_no_stale_metrics(tmp
     its metrics.json) must not leave the 5-step run's metrics.json beside the step-6 weights."""
     train(TrainConfig(out=tmp_path / "run", steps=5, **fast))
 
-    def kill_at_6(step, loss):
-        if step == 6:
-            raise Killed
-
     with pytest.raises(Killed):
-        train(TrainConfig(out=tmp_path / "run", steps=6, resume=True, **fast), on_step=kill_at_6)
+        train(TrainConfig(out=tmp_path / "run", steps=6, resume=True, **fast), on_step=stop_at(6, Killed))
     assert load_training_state(tmp_path / "run")["step"] == 6 and not (tmp_path / "run" / "metrics.json").exists()
 
 
