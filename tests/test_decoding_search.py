@@ -355,6 +355,45 @@ def test_sampling_from_logits_that_overflowed_blames_the_model_not_the_options(n
     assert not isinstance(caught.value, UsageError)      # not the caller's input: HTTP 500, not 400
 
 
+@pytest.mark.parametrize("num_beams, says", [(1, "there is no best token to pick"), (3, "the beams cannot be ranked")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_greedy_and_beam_search_on_logits_that_overflowed_name_the_overflow(num_beams, says, value):
+    """Greedy and beam search ran on through NaN logits: argmax and top-k rank a NaN first, so every row
+    followed the overflowed token and came back scored NaN, with no word of why. Now the model is named."""
+    backend = _Overflowing(value, script=random_script(eos_weight=0.0), vocab_size=VOCAB)
+    options = DecodingOptions(num_beams=num_beams, max_new_tokens=6)
+    with pytest.raises(DeployLMError, match=rf"^the model's logits at generated token 3 are NaN or infinite, so "
+                                            rf"{says}: a numerical overflow in the model") as caught:
+        generate_ids(backend, encode([(2,), (3, 4)]), options)
+    assert not isinstance(caught.value, UsageError)
+
+
+class _OverflowingOnceDone(ScriptedBackend):
+    """Prompt (2,) ends at once (EOS 0.9, then 2 and 3 at 0.05); from its second generated token on, its
+    rows' logits are NaN. They reach the search only for rows that can no longer change its answer."""
+
+    def decode(self, tokens, state):
+        logits, state = super().decode(tokens, state)
+        for row, (prompt, generated) in enumerate(state):
+            if prompt == (2,) and len(generated) >= 2:
+                logits[row] = float("nan")
+        return logits, state
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_nan_logits_of_rows_already_done_are_ignored(num_beams):
+    """A finished greedy row, or the beams of an input whose answer is settled, still run through the model;
+    NaN there changes nothing the caller gets back, so it is not an error."""
+    def script(prompt, generated):
+        if prompt == (2,):
+            return [0, .9, .05, .05, 0, 0]
+        return random_script(eos_weight=0.0)(prompt, generated)
+    options = DecodingOptions(num_beams=num_beams, max_new_tokens=6)
+    clean = generate_ids(ScriptedBackend(script, vocab_size=VOCAB), encode([(2,), (3, 4)]), options)
+    assert generate_ids(_OverflowingOnceDone(script, vocab_size=VOCAB), encode([(2,), (3, 4)]), options) == clean
+    assert len(clean[1][0].token_ids) == 6                  # the other input ran to the end past the NaN
+
+
 class _Narrow(ScriptedBackend):
     """Logits with fewer columns than info.vocab_size (or every position's, at `call`): a custom backend's bug."""
 

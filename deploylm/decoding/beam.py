@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-from deploylm.decoding.draws import draw
+from deploylm.decoding.draws import draw, overflow
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import ProcessorList
 from deploylm.decoding.threads import no_threads
@@ -117,6 +117,11 @@ class BeamSearch:
         vocab = log_probs.shape[-1]
 
         topk_scores, topk_seqs, topk_parents = self._top_candidates(log_probs, vocab, chunk_max)
+        nan = torch.isnan(topk_scores)                                                       # [B, 2K]
+        if bool(nan.any()):   # NaN (or +inf) logits: top-k ranks NaN first, and a NaN score would win every merge
+            if bool(nan[~self.input_done()].any()):
+                raise overflow(self.cur_len - self.P, "the beams cannot be ranked")
+            topk_scores = topk_scores.masked_fill(nan, NEG)   # a settled input: keep its finished hypotheses
         hits = torch.isin(topk_seqs[:, :, self.cur_len], self.eos)                        # [B, 2K]
         if self.cur_len + 1 >= self.max_len or time_up:
             hits = torch.ones_like(hits)

@@ -7,6 +7,13 @@ from torch import Tensor
 from deploylm.errors import DeployLMError, UsageError
 
 
+def overflow(step: int, consequence: str) -> DeployLMError:
+    """The error for NaN or +inf logits at generated token `step + 1`: the model's numerical overflow, not the
+    caller's options (a server answers 500, not 400). `consequence`: what the search cannot do with them."""
+    return DeployLMError(f"the model's logits at generated token {step + 1} are NaN or infinite, so {consequence}: "
+                         "a numerical overflow in the model (float16 is the usual cause); run it in float32 or bfloat16")
+
+
 def draw(scores: Tensor, n: int, generator: torch.Generator | None, active: Tensor, step: int,
          inputs_per_row: int = 1) -> Tensor:
     """`n` draws from softmax of each row of scores [R, V] -> token indices [R, n]: torch.multinomial, the same
@@ -25,9 +32,7 @@ def draw(scores: Tensor, n: int, generator: torch.Generator | None, active: Tens
         if bool(stuck.any()):
             row = int(stuck.nonzero()[0, 0])
             if bool((torch.isnan(scores[row]) | torch.isposinf(scores[row])).any()):
-                raise DeployLMError(f"the model's logits at generated token {step + 1} are NaN or infinite, so "
-                                    "there is nothing to sample from: a numerical overflow in the model (float16 "
-                                    "is the usual cause); run it in float32 or bfloat16")
+                raise overflow(step, "there is nothing to sample from")
             raise UsageError(f"nothing left to sample at generated token {step + 1} of prompt {row // inputs_per_row + 1}: "
                              "the options ban every token (no_repeat_ngram_size, min_new_tokens, bad_words_ids, "
                              "suppress_tokens or sequence_bias); relax them or lower max_new_tokens")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from deploylm.decoding.beam import _chunk_maxima
-from deploylm.decoding.draws import draw
+from deploylm.decoding.draws import draw, overflow
 from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import ProcessorList
 from deploylm.decoding.threads import no_threads
@@ -72,6 +72,9 @@ class SampleSearch:
         else:
             tokens = first_argmax(scores)
         logprob = log_probs.gather(1, tokens[:, None]).squeeze(1)                           # [R]
+        if bool(torch.isnan(logprob).any()) and bool((torch.isnan(logprob) & self.unfinished).any()):
+            # argmax takes a NaN as the maximum: the token would be arbitrary and the score NaN
+            raise overflow(self.cur_len - self.P, "there is no best token to pick")
         self.sum_logprobs += torch.where(self.unfinished, logprob, 0.0)
         self.gen_len += self.unfinished.long()
         if self.has_eos:
