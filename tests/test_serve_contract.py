@@ -298,17 +298,61 @@ def test_a_port_in_use_is_refused_without_leaking_the_socket():
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
 
 
-def test_a_completions_error_on_an_option_from_the_models_defaults_names_the_field_to_send():
-    """A model whose default num_beams is over --max-beams: the error's param and message both name best_of (the
-    completions field that sets it), not one best_of and the other num_beams."""
+@pytest.mark.parametrize("endpoint", ["/v1/generate", "/v1/completions"])
+@pytest.mark.parametrize("model, sent", [
+    ({"num_beams": 20}, {"num_beams": 8}),                                           # its beams, returning one
+    ({"num_beams": 20, "num_return_sequences": 20}, {"num_beams": 8, "num_return_sequences": 8}),
+])
+def test_a_model_default_over_the_servers_max_beams_is_capped(endpoint, model, sent):
+    """A model whose defaults name more beams (or sequences) than --max-beams: a request that sets neither is decoded
+    with the server's limit, as a default max_new_tokens over --max-new-tokens is; every such request was a 400
+    about a value the client never sent ("best_of=20 is over this server's limit of 8")."""
+    from deploylm.decoding.options import DecodingOptions
+
+    class WideDefault(FakeGenerator):
+        defaults = DecodingOptions.from_mapping(model)
+
+    fake = WideDefault()
+    with TestClient(create_app(fake, CONFIG)) as c:
+        r = c.post(endpoint, json={"prompt": "a b"})
+    assert r.status_code == 200, r.text
+    assert fake.calls[-1][1] == {"max_new_tokens": CONFIG.max_new_tokens, **sent}
+    used = fake.defaults.replace(**fake.calls[-1][1])      # what a real Generator decodes (the fake drops defaults)
+    assert used.num_beams <= 8 and used.num_return_sequences == sent.get("num_return_sequences", 1)
+
+
+def test_a_sampling_models_default_draws_over_max_beams_are_capped():
+    """A model that samples 20 draws by default (num_return_sequences=20 with do_sample): a completions request
+    without n gets --max-beams of them."""
+    from deploylm.decoding.options import DecodingOptions
+
+    class ManyDraws(FakeGenerator):
+        defaults = DecodingOptions.from_mapping({"do_sample": True, "num_beams": 1, "num_return_sequences": 20})
+
+    fake = ManyDraws()
+    with TestClient(create_app(fake, CONFIG)) as c:
+        r = c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8, r.text
+    assert fake.calls[-1][1] == {"max_new_tokens": 2, "num_beams": 1, "do_sample": True, "num_return_sequences": 8}
+
+
+@pytest.mark.parametrize("endpoint, body, param", [
+    ("/v1/generate", {"num_beams": 9}, "num_beams"),
+    ("/v1/generate", {"num_return_sequences": 9}, "num_return_sequences"),
+    ("/v1/completions", {"best_of": 9}, "best_of"),
+    ("/v1/completions", {"n": 9}, "n"),
+])
+def test_a_value_the_request_sends_over_max_beams_is_refused_whatever_the_models_defaults(endpoint, body, param):
+    """Only what the request leaves out is capped: the client's own value over the limit is a 400 naming it (the
+    completions field, best_of or n), over a model whose defaults are capped too."""
     from deploylm.decoding.options import DecodingOptions
 
     class WideDefault(FakeGenerator):
         defaults = DecodingOptions.from_mapping({"num_beams": 20})
 
     with TestClient(create_app(WideDefault(), CONFIG)) as c:
-        error = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).json()["error"]
-    assert error["param"] == "best_of" and error["message"] == "best_of=20 is over this server's limit of 8", error
+        error = c.post(endpoint, json={"prompt": "a", **body}).json()["error"]
+    assert error["param"] == param and error["message"] == f"{param}=9 is over this server's limit of 8", error
 
 
 def test_a_mounted_app_served_again_lets_the_batcher_thread_of_its_first_server_go():

@@ -200,3 +200,33 @@ def test_a_prompt_over_the_window_with_the_default_max_tokens_says_it_is_the_def
     assert c.json()["error"]["message"].endswith("(the default: the request left max_tokens out)"), c.text
     assert g.json()["error"]["message"].endswith("(the default: the request left max_new_tokens out)"), g.text
     assert "the default" not in sent.json()["error"]["message"], sent.text
+
+
+def _folder_with(src, dest, *, config=None, generation=None):
+    """A copy of the model folder `src` with config.json / generation_config.json entries replaced."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dest)
+    for name, changes in (("config.json", config), ("generation_config.json", generation)):
+        if changes:
+            path = dest / name
+            old = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**old, **changes}))
+    return dest
+
+
+def test_a_models_default_beams_over_max_beams_decode_with_the_limit(tiny_gpt2_dir, tmp_path):
+    """A generation_config with num_beams=5 and num_return_sequences=5 served with --max-beams 4: a request that sets
+    neither was a 400 ("num_return_sequences=5 is over this server's limit of 4"), on both endpoints; it now
+    answers what the Generator answers with 4 beams and 4 sequences."""
+    gen = deploylm.load(_folder_with(tiny_gpt2_dir, tmp_path / "beams5",
+                                     generation={"num_beams": 5, "num_return_sequences": 5}), backend="torch")
+    assert (gen.defaults.num_beams, gen.defaults.num_return_sequences) == (5, 5)
+    with TestClient(create_app(gen, ServeConfig(max_beams=4, max_new_tokens=4))) as client:
+        g = client.post("/v1/generate", json={"prompt": PROMPTS[0]})
+        c = client.post("/v1/completions", json={"prompt": PROMPTS[0]})
+    assert g.status_code == 200 and c.status_code == 200, (g.text, c.text)
+    want = gen.generate(PROMPTS[0], num_beams=4, num_return_sequences=4, max_new_tokens=4)[0].sequences
+    assert [o["token_ids"] for o in g.json()["results"][0]["outputs"]] == [list(s.token_ids) for s in want]
+    assert [choice["text"] for choice in c.json()["choices"]] == [s.text for s in want]

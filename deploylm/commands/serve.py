@@ -28,7 +28,8 @@ from deploylm.commands._options import quiet_transformers, spin_option, threads_
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True,
               help="The largest max_new_tokens a request may ask for (also caps the default).")
 @click.option("--max-beams", type=click.IntRange(1), default=16, show_default=True,
-              help="The largest num_beams / best_of a request may ask for.")
+              help="The largest num_beams / best_of and num_return_sequences / n a request may ask for "
+                   "(also caps the defaults).")
 @click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
               help="Request body size; beyond: 413.")
 @click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,

@@ -136,27 +136,40 @@ def _job(prompts: tuple[str, ...], options: dict[str, Any], stream: bool, defaul
 
 
 def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any = None) -> dict[str, Any]:
-    """Check decoding options with DecodingOptions' own validation plus the server's caps."""
+    """Check decoding options with DecodingOptions' own validation plus the server's caps.
+
+    A value the request gives over a limit is a 400. One it leaves out (the model's default, else DecodingOptions')
+    is lowered to the limit instead, and sent on as an option: the client asked for none of it, so a model whose
+    generation_config says num_beams=5 served with --max-beams 4 answers a plain request with 4 beams, as a
+    default max_new_tokens over --max-new-tokens decodes that many tokens."""
     try:
         resolved = resolve(options, defaults)
     except UsageError as exc:
         raise ApiError(400, str(exc), param=_param_of(str(exc), options)) from None
-    options = dict(options)
-    if "max_new_tokens" not in options and resolved.max_new_tokens > config.max_new_tokens:
-        options["max_new_tokens"] = config.max_new_tokens  # the server's cap bounds the default too
-        try:
-            resolved = resolve(options, defaults)
-        except UsageError as exc:   # e.g. a min_new_tokens above the capped default: say where the cap comes from
-            raise ApiError(400, f"{exc} (max_new_tokens={config.max_new_tokens} is this server's limit, "
-                           "applied because the request left max_new_tokens out)",
-                           param=next((n for n in options if n != "max_new_tokens" and n in str(exc)), None)) from None
-    caps = {"max_new_tokens": config.max_new_tokens, "num_return_sequences": config.max_beams,
-            "num_beams": config.max_beams}   # n (num_return_sequences) before the beams it implies
-    for name, cap in caps.items():
-        if getattr(resolved, name) > cap:
-            raise ApiError(400, f"{name}={getattr(resolved, name)} is over this server's limit of {cap}",
-                           param=name)
+    limits = {"max_new_tokens": config.max_new_tokens, "num_return_sequences": config.max_beams,
+              "num_beams": config.max_beams}   # n (num_return_sequences) before the beams it implies
+    for name, cap in limits.items():
+        if name in options and getattr(resolved, name) > cap:
+            raise ApiError(400, f"{name}={getattr(resolved, name)} is over this server's limit of {cap}", param=name)
+    capped = {name: cap for name, cap in limits.items() if name not in options and getattr(resolved, name) > cap}
+    if not capped:
+        return dict(options)
+    options = {**options, **capped}
+    try:
+        resolve(options, defaults)
+    except UsageError as exc:   # e.g. a min_new_tokens above the capped default: say where the cap comes from
+        raise ApiError(400, f"{exc} ({_capped_note(capped)})",
+                       param=next((n for n in options if n not in capped and n in str(exc)), None)) from None
     return options
+
+
+def _capped_note(capped: dict[str, int]) -> str:
+    """Why the request holds values it did not send: "max_new_tokens=32 is this server's limit, applied because
+    the request left max_new_tokens out"."""
+    values = " and ".join(f"{name}={cap}" for name, cap in capped.items())
+    if len(capped) == 1:
+        return f"{values} is this server's limit, applied because the request left {next(iter(capped))} out"
+    return f"{values} are this server's limits, applied because the request left them out"
 
 
 _PARAM_RE = (re.compile(r"decoding option (\w+)="), re.compile(r"unknown decoding option\(s\) '(\w+)'"))
