@@ -230,3 +230,31 @@ def test_a_models_default_beams_over_max_beams_decode_with_the_limit(tiny_gpt2_d
     want = gen.generate(PROMPTS[0], num_beams=4, num_return_sequences=4, max_new_tokens=4)[0].sequences
     assert [o["token_ids"] for o in g.json()["results"][0]["outputs"]] == [list(s.token_ids) for s in want]
     assert [choice["text"] for choice in c.json()["choices"]] == [s.text for s in want]
+
+
+def test_a_models_default_min_new_tokens_over_the_capped_max_new_tokens_is_lowered_to_it(tiny_gpt2_dir, tmp_path):
+    """generation_config min_new_tokens=40 served with --max-new-tokens 32 on a real model: a request that gives
+    neither decodes exactly 32 tokens (the model's minimum lowered to the cap: the end token is banned to the end, as
+    transformers does with such a generation_config), streamed or not, and never fails mid-way; a min_new_tokens the
+    request sends over the cap is a 400 saying where the 32 comes from. (A fake generator never applied the model's
+    defaults, so only the real one shows what is decoded.)"""
+    import json
+
+    gen = deploylm.load(_folder_with(tiny_gpt2_dir, tmp_path / "min40", generation={"min_new_tokens": 40}),
+                        backend="torch")
+    assert gen.defaults.min_new_tokens == 40
+    eos = gen.info.special.eos_token_ids[0]
+    ends_at_once = {"num_beams": 1, "sequence_bias": [[[eos], 50.0]]}   # without a minimum: the end token first
+    alone = gen.generate(PROMPTS[0], max_new_tokens=32, min_new_tokens=0, **ends_at_once)[0].sequences[0]
+    assert len(alone.token_ids) == 1
+    with TestClient(create_app(gen, ServeConfig(max_new_tokens=32))) as client:
+        g = client.post("/v1/generate", json={"prompt": PROMPTS[0], **ends_at_once})
+        s = client.post("/v1/generate", json={"prompt": PROMPTS[0], "stream": True, **ends_at_once})
+        sent = client.post("/v1/generate", json={"prompt": PROMPTS[0], "min_new_tokens": 40, **ends_at_once})
+    want = gen.generate(PROMPTS[0], max_new_tokens=32, min_new_tokens=32, **ends_at_once)[0].sequences[0]
+    assert len(want.token_ids) == 32
+    assert g.status_code == 200 and g.json()["results"][0]["outputs"][0]["token_ids"] == list(want.token_ids), g.text
+    last = json.loads([line for line in s.text.splitlines() if line.startswith("data: ")][-1][len("data: "):])
+    assert last["text"] == want.text and last["finish_reason"] == "length", s.text
+    assert sent.status_code == 400 and sent.json()["error"]["param"] == "min_new_tokens", sent.text
+    assert "max_new_tokens=32 is this server's limit" in sent.json()["error"]["message"], sent.text
