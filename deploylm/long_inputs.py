@@ -98,6 +98,17 @@ def prompt_budget(info: ModelInfo, max_new_tokens: int, specials: int = 0) -> in
     return budget
 
 
+def new_token_room(info: ModelInfo, prompt_tokens: int) -> int | None:
+    """The largest max_new_tokens a prompt of `prompt_tokens` tokens fits the window with (prompt_budget's inverse):
+    None when the window is unbounded, 0 when the prompt alone is over it."""
+    window = info.max_positions
+    if window is None:
+        return None
+    if info.is_encoder_decoder:    # the source has the encoder's window: the output has the decoder's
+        return window
+    return max(0, window - prompt_tokens + 1)   # the last generated token is never fed back
+
+
 _TRUNCATION_ADVICE = re.compile(r",? or pass truncation=.*\(deploylm generate: --truncation [a-z|-]+\)")
 
 

@@ -605,3 +605,21 @@ def test_only_the_tokenizers_own_refusal_is_named_as_the_prompts_fault():
     with pytest.raises(UsageError, match="prompt 'hello': the model's tokenizer cannot encode it"):
         with encoding(refuses, ["hello"]):
             refuses("hello")
+
+
+@pytest.mark.parametrize("encoder_decoder", [False, True])
+def test_new_token_room_is_the_most_max_new_tokens_check_fits_lets_through(encoder_decoder):
+    """new_token_room (the server's bound on a default max_new_tokens) is prompt_budget's inverse: the room it
+    gives fits, one more token does not; a prompt alone over a decoder-only window leaves 0; no window, None."""
+    from deploylm.backends.base import ModelInfo, SpecialTokens
+    from deploylm.long_inputs import check_fits, new_token_room
+
+    info = ModelInfo(is_encoder_decoder=encoder_decoder, vocab_size=10, special=SpecialTokens((1,), 0),
+                     max_positions=16)
+    for prompt in range(1, 17):
+        room = new_token_room(info, prompt)
+        check_fits([prompt], info, room)
+        with pytest.raises(UsageError):
+            check_fits([prompt], info, room + 1)
+    assert new_token_room(info, 17) == (16 if encoder_decoder else 0)
+    assert new_token_room(dataclasses.replace(info, max_positions=None), 1000) is None

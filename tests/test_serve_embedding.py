@@ -163,28 +163,57 @@ def test_a_max_tokens_over_the_window_names_the_field_the_client_sent(generator)
     assert g.status_code == 400 and g.json()["error"]["param"] == "max_new_tokens", g.text
 
 
-def test_a_default_max_new_tokens_over_the_window_is_named_as_the_endpoints_field(tiny_llama_dir, tmp_path):
-    """A model whose window (16) is below its default max_new_tokens (64): a request that leaves the field out is
-    refused naming the field that endpoint takes (completions: max_tokens, never max_new_tokens) and saying the
-    value was the default."""
+def test_a_default_max_new_tokens_over_the_window_is_lowered_to_what_fits(tiny_llama_dir, tmp_path):
+    """A model whose window (16) is below its default max_new_tokens (64): a request that leaves the field out was
+    a 400 (every plain request on such a model, "lower max_tokens to at most 16 (the default: ...)"); it now
+    decodes as many tokens as fit after its longest prompt, streamed or not, with finish_reason "length" where
+    that cut it, as OpenAI-style servers default max_tokens to what is left of the context. A value the request
+    sends over the window is still a 400 before any work, naming the field that endpoint takes."""
     import json
-    import shutil
 
-    folder = tmp_path / "llama16"
-    shutil.copytree(tiny_llama_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
-    gen = deploylm.load(folder, backend="torch")
+    gen = deploylm.load(_folder_with(tiny_llama_dir, tmp_path / "llama16", config={"max_position_embeddings": 16}),
+                        backend="torch")
     assert gen.options().max_new_tokens > 16
+    no_end = {"sequence_bias": [[[gen.info.special.eos_token_ids[0]], -100.0]]}   # runs to its max_new_tokens
+    short, longer = "hello", "hello world again"
+    fits = 16 - gen.count_tokens(longer) + 1          # the last generated token is never fed back
+    assert 1 < fits < 16 - gen.count_tokens(short) + 1
     with TestClient(create_app(gen, ServeConfig())) as client:
-        c = client.post("/v1/completions", json={"prompt": "hello"})
-        g = client.post("/v1/generate", json={"prompt": "hello"})
-    assert c.status_code == 400 and c.json()["error"]["param"] == "max_tokens", c.text
-    message = c.json()["error"]["message"]
-    assert "max_new_tokens" not in message and "lower max_tokens to at most 16" in message, message
-    assert message.endswith("(the default: the request left max_tokens out)"), message
-    assert g.status_code == 400 and g.json()["error"]["param"] == "max_new_tokens", g.text
-    assert g.json()["error"]["message"].endswith("(the default: the request left max_new_tokens out)"), g.text
+        g = client.post("/v1/generate", json={"prompt": [short, longer], **no_end})
+        s = client.post("/v1/generate", json={"prompt": longer, "stream": True, **no_end})
+        c = client.post("/v1/completions", json={"prompt": longer})
+        over = client.post("/v1/completions", json={"prompt": longer, "max_tokens": fits + 1})
+        least = client.post("/v1/generate", json={"prompt": longer, "min_new_tokens": fits + 1})
+    want = gen.generate([short, longer], max_new_tokens=fits, **no_end)   # the longest prompt bounds the request
+    assert g.status_code == 200, g.text
+    got = [r["outputs"][0]["token_ids"] for r in g.json()["results"]]
+    assert got == [list(r.sequences[0].token_ids) for r in want]
+    assert [len(r.sequences[0].token_ids) for r in want] == [fits, fits]
+    last = json.loads([line for line in s.text.splitlines() if line.startswith("data: ")][-1][len("data: "):])
+    assert last["text"] == want[1].sequences[0].text and last["finish_reason"] == "length", s.text
+    best = gen.generate(longer, max_new_tokens=fits)[0].sequences[0]
+    assert c.status_code == 200 and c.json()["choices"][0]["text"] == best.text, c.text
+    assert c.json()["usage"]["completion_tokens"] == len(best.token_ids) <= fits, c.text
+    assert over.status_code == 400 and over.json()["error"]["param"] == "prompt", over.text
+    assert f"with max_tokens={fits + 1} that needs 17 positions" in over.json()["error"]["message"], over.text
+    assert least.status_code == 400 and least.json()["error"]["param"] == "min_new_tokens", least.text
+    assert least.json()["error"]["message"].endswith(
+        f"(max_new_tokens={fits} is what the model's window has room for after the prompt, applied because the "
+        "request left max_new_tokens out)"), least.text
+
+
+def test_a_default_max_new_tokens_over_an_encoder_decoders_window_is_lowered_to_it(seed_seq2seq_dir, tmp_path):
+    """An encoder-decoder's output has the decoder's window whatever the source: a default over it is lowered to it
+    (it was a 400, "max_new_tokens=100 is over the model's window of 64")."""
+    gen = deploylm.load(_folder_with(seed_seq2seq_dir, tmp_path / "s2s", generation={"max_new_tokens": 100}),
+                        backend="torch")
+    window = gen.info.max_positions
+    assert gen.info.is_encoder_decoder and gen.options().max_new_tokens == 100 > window
+    with TestClient(create_app(gen, ServeConfig())) as client:
+        r = client.post("/v1/generate", json={"prompt": "hello", "num_beams": 1})
+    assert r.status_code == 200, r.text
+    want = gen.generate("hello", num_beams=1, max_new_tokens=window)[0].sequences[0]
+    assert r.json()["results"][0]["outputs"][0]["token_ids"] == list(want.token_ids)
 
 
 def test_a_prompt_over_the_window_with_the_default_max_tokens_says_it_is_the_default(generator):

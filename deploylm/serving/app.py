@@ -48,6 +48,16 @@ def token_counter(generator: Any) -> Callable[[str], int]:
     return lambda text: len(text.encode("utf-8"))
 
 
+def window_room(generator: Any) -> Callable[[int], int | None] | None:
+    """A prompt's tokens -> the most new tokens the generator's model has room for after it (None: no window known)."""
+    from deploylm.long_inputs import new_token_room
+
+    info = getattr(generator, "info", None)
+    if getattr(info, "max_positions", None) is None:
+        return None
+    return functools.partial(new_token_room, info)
+
+
 def describe_generator(generator: Any) -> dict[str, Any]:
     """What a generator says of itself (for an app made by create_app without a model_summary): its model's
     name, its backend and the model's shape."""
@@ -123,6 +133,7 @@ class _Api:
         self.generator, self.config, self.state = generator, config, state
         self.count_tokens = token_counter(generator)
         self.defaults = getattr(generator, "defaults", None)  # the model's decoding defaults, if any
+        self.room = window_room(generator)
         self.batcher: Batcher | None = None
 
     def start(self) -> None:
@@ -190,7 +201,7 @@ class _Api:
         try:
             body = parse_json_body(await _read_body(request, self.config.max_body_bytes))
             # tokenizing a long prompt takes ~0.1 s: off the event loop, so /health and others go on
-            job = await asyncio.to_thread(parse, body, self.config, self.count_tokens, self.defaults)
+            job = await asyncio.to_thread(parse, body, self.config, self.count_tokens, self.defaults, self.room)
             # the model's own checks on this request alone: a batch (or a chunk of a long request) would number
             # its prompts among the others'
             await asyncio.to_thread(self._precheck, job)

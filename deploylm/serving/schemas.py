@@ -96,15 +96,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+Room = Callable[[int], int | None]   # a prompt's tokens -> the most new tokens the model's window has room for
+
+
 def parse_generate(body: dict[str, Any], config: ServeConfig, count_tokens: Callable[[str], int],
-                   defaults: Any = None) -> Job:
-    """`POST /v1/generate` body -> Job: `prompt`, `stream`, and the decoding options (underscores)."""
+                   defaults: Any = None, room: Room | None = None) -> Job:
+    """`POST /v1/generate` body -> Job: `prompt`, `stream`, and the decoding options (underscores).
+    room: the model's window (deploylm.long_inputs.new_token_room), which bounds a default max_new_tokens."""
     body = dict(body)
     if "prompt" not in body:
         raise ApiError(400, "missing field 'prompt': expected a string or a list of strings", param="prompt")
-    prompts = _prompts(body.pop("prompt"), config, count_tokens, "prompt")
+    prompts, longest = _prompts(body.pop("prompt"), config, count_tokens, "prompt")
     stream = _bool(body.pop("stream", False), "stream")
-    options = validate_options(body, config, defaults)
+    options = validate_options(body, config, defaults, room(longest) if room else None)
     given = [name for name in SAMPLING_OPTIONS if name in options]
     if given and not resolve(options, defaults).do_sample:  # as `deploylm generate`: not silently deterministic
         raise ApiError(400, f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling, and this "
@@ -135,13 +139,17 @@ def _job(prompts: tuple[str, ...], options: dict[str, Any], stream: bool, defaul
     return Job(prompts, options, stream, resolved.max_new_tokens, bool(resolved.do_sample))
 
 
-def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any = None) -> dict[str, Any]:
+def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any = None,
+                     room: int | None = None) -> dict[str, Any]:
     """Check decoding options with DecodingOptions' own validation plus the server's caps.
 
     A value the request gives over a limit is a 400. One it leaves out (the model's default, else DecodingOptions')
     is lowered to the limit instead, and sent on as an option: the client asked for none of it, so a model whose
     generation_config says num_beams=5 served with --max-beams 4 answers a plain request with 4 beams, as a
-    default max_new_tokens over --max-new-tokens decodes that many tokens."""
+    default max_new_tokens over --max-new-tokens decodes that many tokens. `room` (the most new tokens the model's
+    window has room for after the request's longest prompt; None: unbounded) lowers a default max_new_tokens
+    the same way: a plain request on a small-window model is answered with what fits (finish_reason "length" says
+    it was cut) rather than refused; a max_new_tokens the request gives over the window stays the generator's 400."""
     try:
         resolved = resolve(options, defaults)
     except UsageError as exc:
@@ -151,25 +159,33 @@ def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any
     for name, cap in limits.items():
         if name in options and getattr(resolved, name) > cap:
             raise ApiError(400, f"{name}={getattr(resolved, name)} is over this server's limit of {cap}", param=name)
-    capped = {name: cap for name, cap in limits.items() if name not in options and getattr(resolved, name) > cap}
+    fits = room is not None and 1 <= room < config.max_new_tokens   # 0: the prompt alone is over the window
+    default_limits = {**limits, "max_new_tokens": room} if fits else limits
+    capped = {name: cap for name, cap in default_limits.items()
+              if name not in options and getattr(resolved, name) > cap}
     if not capped:
         return dict(options)
     options = {**options, **capped}
     try:
         resolve(options, defaults)
     except UsageError as exc:   # e.g. a min_new_tokens above the capped default: say where the cap comes from
-        raise ApiError(400, f"{exc} ({_capped_note(capped)})",
+        raise ApiError(400, f"{exc} ({_capped_note(capped, window=fits)})",
                        param=next((n for n in options if n not in capped and n in str(exc)), None)) from None
     return options
 
 
-def _capped_note(capped: dict[str, int]) -> str:
+def _capped_note(capped: dict[str, int], window: bool = False) -> str:
     """Why the request holds values it did not send: "max_new_tokens=32 is this server's limit, applied because
-    the request left max_new_tokens out"."""
-    values = " and ".join(f"{name}={cap}" for name, cap in capped.items())
+    the request left max_new_tokens out". window: max_new_tokens is what the model's window has room for."""
+    def why(name: str) -> str:
+        return ("what the model's window has room for after the prompt" if window and name == "max_new_tokens"
+                else "this server's limit")
+
     if len(capped) == 1:
-        return f"{values} is this server's limit, applied because the request left {next(iter(capped))} out"
-    return f"{values} are this server's limits, applied because the request left them out"
+        name, cap = next(iter(capped.items()))
+        return f"{name}={cap} is {why(name)}, applied because the request left {name} out"
+    values = ", ".join(f"{name}={cap} ({why(name)})" for name, cap in capped.items())
+    return f"{values}: applied because the request left them out"
 
 
 _PARAM_RE = (re.compile(r"decoding option (\w+)="), re.compile(r"unknown decoding option\(s\) '(\w+)'"))
@@ -191,7 +207,9 @@ def _param_of(message: str, options: dict[str, Any]) -> str | None:
 CHARS_PER_TOKEN_CAP = 256
 
 
-def _prompts(value: Any, config: ServeConfig, count_tokens: Callable[[str], int], param: str) -> tuple[str, ...]:
+def _prompts(value: Any, config: ServeConfig, count_tokens: Callable[[str], int],
+             param: str) -> tuple[tuple[str, ...], int]:
+    """The request's prompts, checked, and the most tokens one of them has."""
     prompts = [value] if isinstance(value, str) else value
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise ApiError(400, f"'{param}' must be a string or a list of strings, got {_kind(value)}",
@@ -201,6 +219,7 @@ def _prompts(value: Any, config: ServeConfig, count_tokens: Callable[[str], int]
     if len(prompts) > config.max_prompts:
         raise ApiError(400, f"'{param}' has {len(prompts)} prompts, over this server's limit of "
                        f"{config.max_prompts} per request", param=param)
+    longest = 0
     for i, prompt in enumerate(prompts):
         where = param if isinstance(value, str) else f"{param}[{i}]"
         if not prompt.strip():
@@ -221,7 +240,8 @@ def _prompts(value: Any, config: ServeConfig, count_tokens: Callable[[str], int]
         if n > config.max_prompt_tokens:
             raise ApiError(400, f"{where} has {n} tokens, over this server's limit of "
                            f"{config.max_prompt_tokens}", param=param)
-    return tuple(prompts)
+        longest = max(longest, n)
+    return tuple(prompts), longest
 
 
 def _kind(value: Any) -> str:
@@ -249,8 +269,9 @@ COMPLETION_UNSUPPORTED = ("logprobs", "echo", "stop", "presence_penalty", "frequ
 
 
 def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Callable[[str], int],
-                     defaults: Any = None) -> Job:
-    """`POST /v1/completions` (OpenAI shape) -> Job. temperature > 0 or top_p < 1 turns sampling on."""
+                     defaults: Any = None, room: Room | None = None) -> Job:
+    """`POST /v1/completions` (OpenAI shape) -> Job. temperature > 0 or top_p < 1 turns sampling on.
+    room: as parse_generate's."""
     body = dict(body)
     for name in COMPLETION_UNSUPPORTED:
         if name in body and not _is_off(body[name]):
@@ -262,7 +283,7 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
                        f"{', '.join(COMPLETION_FIELDS)}, {', '.join(COMPLETION_IGNORED)}", param=unknown[0])
     if "prompt" not in body:
         raise ApiError(400, "missing field 'prompt': expected a string or a list of strings", param="prompt")
-    prompts = _prompts(body["prompt"], config, count_tokens, "prompt")
+    prompts, longest = _prompts(body["prompt"], config, count_tokens, "prompt")
     stream = _bool(_null_off(body.get("stream")), "stream")    # OpenAI: null is every field's off value
     options = {COMPLETION_FIELDS[k]: v for k, v in body.items() if k in COMPLETION_FIELDS and v is not None}
     sent = {v: k for k, v in COMPLETION_FIELDS.items()}     # deploylm option -> the field the client sent
@@ -285,7 +306,7 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     if sampling:
         options["do_sample"] = True
     try:
-        options = validate_options(options, config, defaults)
+        options = validate_options(options, config, defaults, room(longest) if room else None)
         return _job(prompts, options, stream, defaults)
     except ApiError as exc:   # name the completions fields the client sent, not deploylm's options
         if exc.param in sent:
