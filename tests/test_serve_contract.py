@@ -355,6 +355,28 @@ def test_a_value_the_request_sends_over_max_beams_is_refused_whatever_the_models
     assert error["param"] == param and error["message"] == f"{param}=9 is over this server's limit of 8", error
 
 
+@pytest.mark.parametrize("endpoint, field", [("/v1/generate", "num_return_sequences"), ("/v1/completions", "n")])
+@pytest.mark.parametrize("model", [{"num_beams": 4, "num_return_sequences": 3},
+                                   {"num_beams": 20, "num_return_sequences": 20}])    # over --max-beams too
+def test_a_stream_over_a_model_that_returns_several_sequences_by_default_streams_the_best(endpoint, field, model):
+    """A stream is one text: a model whose defaults return several sequences refused every stream that did not
+    set them itself ("stream returns one sequence: n=3 must be 1", a field the client never sent). The default
+    is lowered to 1 now; the request's own value other than 1 is still a 400 naming its field."""
+    from deploylm.decoding.options import DecodingOptions
+
+    class Several(FakeGenerator):
+        defaults = DecodingOptions.from_mapping(model)
+
+    with TestClient(create_app(Several(), CONFIG)) as c:
+        r = c.post(endpoint, json={"prompt": "a b", "stream": True})
+        sent = c.post(endpoint, json={"prompt": "a b", "stream": True, field: 2})
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert (events[-1] == "[DONE]") if endpoint == "/v1/completions" else json.loads(events[-1])["done"], events
+    assert sent.status_code == 400 and sent.json()["error"]["param"] == field, sent.text
+    assert sent.json()["error"]["message"] == f"stream returns one sequence: {field}=2 must be 1", sent.text
+
+
 def test_a_mounted_app_served_again_lets_the_batcher_thread_of_its_first_server_go():
     """Without its lifespan the batcher starts with the first request, and again under a later server (another
     event loop); the first one's decode thread must end then, not idle until the process exits."""

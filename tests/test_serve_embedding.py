@@ -248,17 +248,23 @@ def _folder_with(src, dest, *, config=None, generation=None):
 def test_a_models_default_beams_over_max_beams_decode_with_the_limit(tiny_gpt2_dir, tmp_path):
     """A generation_config with num_beams=5 and num_return_sequences=5 served with --max-beams 4: a request that sets
     neither was a 400 ("num_return_sequences=5 is over this server's limit of 4"), on both endpoints; it now
-    answers what the Generator answers with 4 beams and 4 sequences."""
+    answers what the Generator answers with 4 beams and 4 sequences, and a stream streams the best of 4 beams."""
+    import json
+
     gen = deploylm.load(_folder_with(tiny_gpt2_dir, tmp_path / "beams5",
                                      generation={"num_beams": 5, "num_return_sequences": 5}), backend="torch")
     assert (gen.defaults.num_beams, gen.defaults.num_return_sequences) == (5, 5)
     with TestClient(create_app(gen, ServeConfig(max_beams=4, max_new_tokens=4))) as client:
         g = client.post("/v1/generate", json={"prompt": PROMPTS[0]})
         c = client.post("/v1/completions", json={"prompt": PROMPTS[0]})
-    assert g.status_code == 200 and c.status_code == 200, (g.text, c.text)
+        s = client.post("/v1/generate", json={"prompt": PROMPTS[0], "stream": True})   # one sequence, 4 beams
+    assert g.status_code == 200 and c.status_code == 200 and s.status_code == 200, (g.text, c.text, s.text)
     want = gen.generate(PROMPTS[0], num_beams=4, num_return_sequences=4, max_new_tokens=4)[0].sequences
     assert [o["token_ids"] for o in g.json()["results"][0]["outputs"]] == [list(s.token_ids) for s in want]
     assert [choice["text"] for choice in c.json()["choices"]] == [s.text for s in want]
+    last = json.loads([line for line in s.text.splitlines() if line.startswith("data: ")][-1][len("data: "):])
+    streamed = "".join(gen.stream(PROMPTS[0], num_beams=4, num_return_sequences=1, max_new_tokens=4))
+    assert last["done"] and last["text"] == streamed, last
 
 
 def test_a_models_default_min_new_tokens_over_the_capped_max_new_tokens_is_lowered_to_it(tiny_gpt2_dir, tmp_path):

@@ -108,7 +108,7 @@ def parse_generate(body: dict[str, Any], config: ServeConfig, count_tokens: Call
         raise ApiError(400, "missing field 'prompt': expected a string or a list of strings", param="prompt")
     prompts, longest = _prompts(body.pop("prompt"), config, count_tokens, "prompt")
     stream = _bool(body.pop("stream", False), "stream")
-    options = validate_options(body, config, defaults, room(longest) if room else None)
+    options = validate_options(body, config, defaults, room(longest) if room else None, stream=stream)
     given = [name for name in SAMPLING_OPTIONS if name in options]
     if given and not resolve(options, defaults).do_sample:  # as `deploylm generate`: not silently deterministic
         raise ApiError(400, f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling, and this "
@@ -140,7 +140,7 @@ def _job(prompts: tuple[str, ...], options: dict[str, Any], stream: bool, defaul
 
 
 def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any = None,
-                     room: int | None = None) -> dict[str, Any]:
+                     room: int | None = None, stream: bool = False) -> dict[str, Any]:
     """Check decoding options with DecodingOptions' own validation plus the server's caps.
 
     A value the request gives over a limit is a 400. One it leaves out (the model's default, else DecodingOptions')
@@ -149,7 +149,9 @@ def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any
     default max_new_tokens over --max-new-tokens decodes that many tokens. `room` (the most new tokens the model's
     window has room for after the request's longest prompt; None: unbounded) lowers a default max_new_tokens
     the same way: a plain request on a small-window model is answered with what fits (finish_reason "length" says
-    it was cut) rather than refused; a max_new_tokens the request gives over the window stays the generator's 400."""
+    it was cut) rather than refused; a max_new_tokens the request gives over the window stays the generator's 400.
+    A stream returns one sequence: a default num_return_sequences is lowered to 1 (the request's own other than 1
+    is _job's 400)."""
     try:
         resolved = resolve(options, defaults)
     except UsageError as exc:
@@ -160,7 +162,9 @@ def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any
         if name in options and getattr(resolved, name) > cap:
             raise ApiError(400, f"{name}={getattr(resolved, name)} is over this server's limit of {cap}", param=name)
     fits = room is not None and 1 <= room < config.max_new_tokens   # 0: the prompt alone is over the window
-    default_limits = {**limits, "max_new_tokens": room} if fits else limits
+    default_limits = {**limits, "max_new_tokens": room} if fits else dict(limits)
+    if stream:
+        default_limits["num_return_sequences"] = 1
     capped = {name: cap for name, cap in default_limits.items()
               if name not in options and getattr(resolved, name) > cap}
     if not capped:
@@ -169,17 +173,19 @@ def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any
     try:
         resolve(options, defaults)
     except UsageError as exc:   # e.g. a min_new_tokens above the capped default: say where the cap comes from
-        raise ApiError(400, f"{exc} ({_capped_note(capped, window=fits)})",
+        raise ApiError(400, f"{exc} ({_capped_note(capped, window=fits, stream=stream)})",
                        param=next((n for n in options if n not in capped and n in str(exc)), None)) from None
     return options
 
 
-def _capped_note(capped: dict[str, int], window: bool = False) -> str:
+def _capped_note(capped: dict[str, int], window: bool = False, stream: bool = False) -> str:
     """Why the request holds values it did not send: "max_new_tokens=32 is this server's limit, applied because
-    the request left max_new_tokens out". window: max_new_tokens is what the model's window has room for."""
+    the request left max_new_tokens out". window: max_new_tokens is what the model's window has room for;
+    stream: num_return_sequences is what a stream returns."""
     def why(name: str) -> str:
-        return ("what the model's window has room for after the prompt" if window and name == "max_new_tokens"
-                else "this server's limit")
+        if window and name == "max_new_tokens":
+            return "what the model's window has room for after the prompt"
+        return "what a stream returns" if stream and name == "num_return_sequences" else "this server's limit"
 
     if len(capped) == 1:
         name, cap = next(iter(capped.items()))
@@ -306,7 +312,7 @@ def parse_completion(body: dict[str, Any], config: ServeConfig, count_tokens: Ca
     if sampling:
         options["do_sample"] = True
     try:
-        options = validate_options(options, config, defaults, room(longest) if room else None)
+        options = validate_options(options, config, defaults, room(longest) if room else None, stream=stream)
         return _job(prompts, options, stream, defaults)
     except ApiError as exc:   # name the completions fields the client sent, not deploylm's options
         if exc.param in sent:
