@@ -129,6 +129,10 @@ def check_fits(lengths: list[int], info: ModelInfo, max_new_tokens: int) -> None
         raise UsageError(f"prompt {index} has {longest} tokens, over the model's window of {window}: shorten it, "
                          "or pass truncation='left', 'right' or 'sliding-window' (deploylm generate: --truncation "
                          "left|right|sliding-window)")
+    if longest > window:   # over it before any new token: fewer new tokens would not help
+        raise UsageError(f"prompt {index} has {longest} tokens, over the model's window of {window} before any new "
+                         "token: shorten it, or pass truncation='left' or 'right' (deploylm generate: --truncation "
+                         "left|right)")
     needed = longest + max_new_tokens - 1
     raise UsageError(f"prompt {index} has {longest} tokens; with max_new_tokens={max_new_tokens} that needs {needed} "
                      f"positions, over the model's window of {window}: shorten the prompt, lower max_new_tokens, "

@@ -63,9 +63,10 @@ def test_decoder_only_refusal_names_the_lengths_and_the_options(gpt2):
     with pytest.raises(UsageError) as err:
         gpt2.generate(LONG_EN, max_new_tokens=8)
     message = str(err.value)
-    assert f"prompt 1 has {n} tokens; with max_new_tokens=8 that needs {n + 7} positions" in message
-    assert "over the model's window of 128" in message and "truncation='left' or 'right'" in message
+    assert message.startswith(f"prompt 1 has {n} tokens, over the model's window of 128 before any new token: "
+                              "shorten it, or pass truncation='left' or 'right'")
     assert "--truncation left|right" in message and "sliding-window" not in message
+    assert "max_new_tokens" not in message             # the prompt alone is over: fewer new tokens would not help
 
 
 def test_encoder_decoder_refusal_offers_the_sliding_window(seed):
@@ -79,8 +80,12 @@ def test_a_prompt_that_fits_exactly_is_not_refused(gpt2, monkeypatch):
     text = gpt2.tokenizer.decode(ids)
     assert gpt2.count_tokens(text) == 121
     gpt2.generate(text, max_new_tokens=8, num_beams=1)
-    with pytest.raises(UsageError, match="needs 129 positions"):
+    with pytest.raises(UsageError, match="needs 129 positions, over the model's window of 128: shorten the prompt, "
+                                         "lower max_new_tokens, or pass truncation="):
         gpt2.generate(text, max_new_tokens=9, num_beams=1)
+    ids = gpt2.tokenizer(LONG_EN, verbose=False)["input_ids"][:129]                      # alone over the window
+    with pytest.raises(UsageError, match="^prompt 1 has 129 tokens, over the model's window of 128 before any new"):
+        gpt2.generate(gpt2.tokenizer.decode(ids), max_new_tokens=1, num_beams=1)
 
 
 @pytest.mark.parametrize("truncation", [None, "left", "right"])

@@ -570,11 +570,15 @@ def test_parity_refusing_a_long_prompt_advises_what_parity_offers(monkeypatch):
     from deploylm.long_inputs import check_fits
 
     info = ModelInfo(is_encoder_decoder=False, vocab_size=10, special=None, max_positions=32)
-    monkeypatch.setattr(parity_module, "run_parity", lambda *a, **k: check_fits([40], info, 4))
+    monkeypatch.setattr(parity_module, "run_parity", lambda *a, **k: check_fits([30], info, 4))
     result = CliRunner().invoke(cli, ["parity", "--model", "x"])
     assert result.exit_code == 2, result.output
     assert "truncation" not in result.output, result.output
     assert result.output.strip().endswith("lower max_new_tokens (parity: --prompts FILE, --max-new-tokens N)"), \
+        result.output
+    monkeypatch.setattr(parity_module, "run_parity", lambda *a, **k: check_fits([40], info, 4))   # over it alone
+    result = CliRunner().invoke(cli, ["parity", "--model", "x"])
+    assert result.output.strip().endswith("window of 32 before any new token: shorten it (parity: --prompts FILE)"), \
         result.output
 
 

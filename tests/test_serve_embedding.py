@@ -115,16 +115,20 @@ def test_an_option_the_model_refuses_is_a_400_naming_it_streamed_or_not(generato
 def test_a_prompt_over_the_window_is_named_by_its_place_in_the_request_with_advice_that_applies(generator):
     """The 10th prompt of a request is prompt[9] (its JSON path), not its place in a chunk of max_batch_size prompts; the
     HTTP API has no truncation option to advise; completions name the field the client sent (max_tokens)."""
-    long = "the quick brown fox " * 30                          # over tiny GPT-2's window of 128 with 8 new tokens
+    long = "the quick brown fox " * 8 + "jumps over"   # fits tiny GPT-2's window of 128, not with 8 new tokens
+    assert 121 < generator.count_tokens(long) <= 128
     with TestClient(create_app(generator, ServeConfig(max_new_tokens=8, max_batch_size=8))) as client:
         r = client.post("/v1/generate", json={"prompt": ["hello"] * 9 + [long], "max_new_tokens": 8, "num_beams": 1})
         c = client.post("/v1/completions", json={"prompt": long, "max_tokens": 8})
+        alone = client.post("/v1/completions", json={"prompt": long * 2, "max_tokens": 8})   # over it by itself
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     message = r.json()["error"]["message"]
     assert message.startswith("prompt[9] has ") and "lower max_new_tokens" in message and "truncation" not in message
     assert c.status_code == 400 and "max_tokens=8" in c.json()["error"]["message"], c.text
     assert c.json()["error"]["message"].startswith("prompt has "), c.text        # a string: no index
     assert "max_new_tokens" not in c.json()["error"]["message"] and "truncation" not in c.json()["error"]["message"]
+    assert alone.status_code == 400 and alone.json()["error"]["message"].endswith(
+        "over the model's window of 128 before any new token: shorten it"), alone.text
 
 
 def test_a_stream_read_on_its_own_thread_lets_calls_from_the_thread_pool_wait_for_it(generator):
@@ -216,18 +220,22 @@ def test_a_default_max_new_tokens_over_an_encoder_decoders_window_is_lowered_to_
     assert r.json()["results"][0]["outputs"][0]["token_ids"] == list(want.token_ids)
 
 
-def test_a_prompt_over_the_window_with_the_default_max_tokens_says_it_is_the_default(generator):
-    """A request that leaves max_tokens out and whose prompt does not fit the window with the default read "with
-    max_tokens=8 that needs ..." as if the client had sent max_tokens=8; it now says the value was the default."""
-    long = "the quick brown fox " * 30                          # over tiny GPT-2's window of 128 with 8 new tokens
+def test_a_prompt_over_the_window_by_itself_names_no_max_tokens_sent_or_not(generator):
+    """A prompt over the window before any new token is refused for itself: the message named max_tokens=8 (as if
+    fewer new tokens would help, and as if the client had sent it when it was the default); now it names neither.
+    A prompt that fits alone with fewer new tokens names the max_tokens the client sent (a default is lowered to
+    what fits: test_a_default_max_new_tokens_over_the_window_is_lowered_to_what_fits)."""
+    over = "the quick brown fox " * 30                          # 423 tokens: over tiny GPT-2's window of 128
+    fits_alone = "the quick brown fox " * 8 + "jumps over"      # 122 tokens: fits, not with 8 new ones
     with TestClient(create_app(generator, ServeConfig(max_new_tokens=8))) as client:
-        c = client.post("/v1/completions", json={"prompt": long, "max_tokens": None})   # null: not given
-        g = client.post("/v1/generate", json={"prompt": long, "num_beams": 1})
-        sent = client.post("/v1/completions", json={"prompt": long, "max_tokens": 8})
-    assert c.status_code == 400 and c.json()["error"]["param"] == "prompt", c.text
-    assert "max_tokens=8" in c.json()["error"]["message"], c.text
-    assert c.json()["error"]["message"].endswith("(the default: the request left max_tokens out)"), c.text
-    assert g.json()["error"]["message"].endswith("(the default: the request left max_new_tokens out)"), g.text
+        c = client.post("/v1/completions", json={"prompt": over, "max_tokens": None})   # null: not given
+        g = client.post("/v1/generate", json={"prompt": over, "num_beams": 1})
+        sent = client.post("/v1/completions", json={"prompt": fits_alone, "max_tokens": 8})
+    for r in (c, g):
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert r.json()["error"]["message"] == ("prompt has 423 tokens, over the model's window of 128 before any new "
+                                                "token: shorten it"), r.text
+    assert sent.status_code == 400 and "with max_tokens=8 that needs 129 positions" in sent.json()["error"]["message"]
     assert "the default" not in sent.json()["error"]["message"], sent.text
 
 

@@ -49,7 +49,8 @@ def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens
         message = without_truncation_advice(str(exc))
         if message == str(exc):
             raise                     # as it is: an OptionError names the command's flags when it is shown
-        raise UsageError(message + " (parity: --prompts FILE, --max-new-tokens N)") from None
+        flags = "--prompts FILE, --max-new-tokens N" if "max_new_tokens" in message else "--prompts FILE"
+        raise UsageError(f"{message} (parity: {flags})") from None
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
     failures = report.failures()
     if failures:
