@@ -65,6 +65,13 @@ class Interrupted(DeployLMError):
     exit_code = 1
 
 
+class NumericalOverflow(DeployLMError):
+    """The model's logits came out NaN or infinite while decoding (a float16 overflow, usually): the model's fault,
+    not the call's options (a server answers 500). Exit status 1."""
+
+    exit_code = 1
+
+
 class TrainingDiverged(DeployLMError):
     """The training loss became NaN or infinite: the weights are unusable, nothing more is saved. Exit status 1."""
 

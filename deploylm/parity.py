@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import Backend, EncodedBatch
-from deploylm.errors import ArtifactError, CheckFailed, UsageError
+from deploylm.errors import ArtifactError, CheckFailed, NumericalOverflow, UsageError
 from deploylm.fsutil import json_finite
 
 DEFAULT_PROMPTS = (
@@ -289,18 +289,31 @@ def _search(backend: Backend, batch: EncodedBatch, options: Any) -> list[list[An
     return generate_ids(backend, batch.to(backend.device), options)
 
 
-def _same_ids(a: list[list[Any]], b: list[list[Any]]) -> bool:
+def _candidate_search(backend: Backend, batch: EncodedBatch, options: Any) -> list[list[Any]] | None:
+    """A candidate's search, or None when its logits overflow (NaN/inf) on the way: a failed comparison that the
+    teacher-forced steps already locate ("nan/inf at step N"), not a crash of the whole check."""
+    try:
+        return _search(backend, batch, options)
+    except NumericalOverflow:
+        return None
+
+
+def _same_ids(a: list[list[Any]], b: list[list[Any]] | None) -> bool:
+    if b is None:
+        return False
     return [[tuple(h.token_ids) for h in hyps] for hyps in a] == [[tuple(h.token_ids) for h in hyps] for hyps in b]
 
 
-def _score_gap(a: list[list[Any]], b: list[list[Any]]) -> float | None:
+def _score_gap(a: list[list[Any]], b: list[list[Any]] | None) -> float | None:
     if not _same_ids(a, b):
         return None
     gaps = [abs(float(x.score) - float(y.score)) for ha, hb in zip(a, b) for x, y in zip(ha, hb)]
     return max(gaps, default=0.0)
 
 
-def _texts(tokenizer: Any, hyps: list[list[Any]]) -> list[str]:
+def _texts(tokenizer: Any, hyps: list[list[Any]] | None) -> list[str] | None:
+    if hyps is None:
+        return None
     return [tokenizer.decode(list(h[0].token_ids), skip_special_tokens=True) for h in hyps]
 
 
@@ -321,8 +334,8 @@ def compare_backends(reference: Backend, candidates: dict[str, Backend], batch: 
                           options=beam_opts.to_dict(), prompts=batch.batch_size)
     for name, cand in candidates.items():
         stats = teacher_force(reference, cand, batch, forced)
-        cand_greedy = _search(cand, batch, greedy_opts)
-        cand_beam = _search(cand, batch, beam_opts) if beam_opts.num_beams > 1 else cand_greedy
+        cand_greedy = _candidate_search(cand, batch, greedy_opts)
+        cand_beam = _candidate_search(cand, batch, beam_opts) if beam_opts.num_beams > 1 else cand_greedy
         firsts = [s for s in stats.first_by_row if s is not None]
         report.backends.append(BackendParity(
             backend=name, steps=stats.steps,

@@ -11,7 +11,7 @@ from deploylm.decoding.options import DecodingOptions
 from deploylm.decoding.processors import build_processors
 from deploylm.decoding.search import SearchStats, generate_ids, iter_search, run_search
 from deploylm.decoding.threads import torch_threads
-from deploylm.errors import DeployLMError, UsageError
+from deploylm.errors import DeployLMError, NumericalOverflow, UsageError
 from tests.helpers import scripted_backend
 from tests.helpers.scripted_backend import ScriptedBackend, encode, table_script
 
@@ -365,7 +365,7 @@ def test_greedy_and_beam_search_on_logits_that_overflowed_name_the_overflow(num_
     with pytest.raises(DeployLMError, match=rf"^the model's logits at generated token 3 are NaN or infinite, so "
                                             rf"{says}: a numerical overflow in the model") as caught:
         generate_ids(backend, encode([(2,), (3, 4)]), options)
-    assert not isinstance(caught.value, UsageError)
+    assert isinstance(caught.value, NumericalOverflow) and caught.value.exit_code == 1   # not the caller's input
 
 
 class _OverflowingOnceDone(ScriptedBackend):

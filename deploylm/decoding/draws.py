@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deploylm.errors import DeployLMError, UsageError
+from deploylm.errors import NumericalOverflow, UsageError
 
 
-def overflow(step: int, consequence: str) -> DeployLMError:
+def overflow(step: int, consequence: str) -> NumericalOverflow:
     """The error for NaN or +inf logits at generated token `step + 1`: the model's numerical overflow, not the
     caller's options (a server answers 500, not 400). `consequence`: what the search cannot do with them."""
-    return DeployLMError(f"the model's logits at generated token {step + 1} are NaN or infinite, so {consequence}: "
+    return NumericalOverflow(f"the model's logits at generated token {step + 1} are NaN or infinite, so {consequence}: "
                          "a numerical overflow in the model (float16 is the usual cause); run it in float32 or bfloat16")
 
 
@@ -24,7 +24,7 @@ def draw(scores: Tensor, n: int, generator: torch.Generator | None, active: Tens
     that is a UsageError naming the step and the prompt (row // inputs_per_row, counted from 1 as in every
     "prompt N" message), where torch.multinomial would fail deep inside; a finished row draws from a
     uniform stand-in (its token becomes padding). A row with a NaN or +inf score is the model's doing (a
-    numerical overflow), not the options': a DeployLMError that says so."""
+    numerical overflow), not the options': a NumericalOverflow that says so."""
     probs = torch.nn.functional.softmax(scores, dim=-1)
     empty = ~torch.isfinite(probs).all(-1)                                            # [R] rows of NaN
     if bool(empty.any()):
