@@ -392,3 +392,24 @@ def test_agreement_prompts_leave_room_for_the_new_tokens(tiny_gpt2_dir, seq2seq,
     assert batch.input_ids.shape[1] == room < len(full)
     assert batch.input_ids[0].tolist() == (full[:room] if seq2seq else full[-room:])
     assert tokenizer.truncation_side == "right"                       # the tokenizer's own setting is back
+
+
+def test_a_candidate_whose_logits_overflow_reproduces_no_token_instead_of_stopping_the_export():
+    """The beam search now stops on NaN logits (NumericalOverflow); for the quality check that is a candidate that
+    agrees on nothing, so the budget fails and the fallback search goes on to graphs with more fp32 nodes."""
+    from deploylm.export import quality
+    from tests.helpers.scripted_backend import ScriptedBackend, encode, table_script
+
+    class Overflowing(ScriptedBackend):
+        def decode(self, tokens, state):
+            logits, state = super().decode(tokens, state)
+            return logits.fill_(float("nan")), state
+
+    from deploylm.decoding.options import DecodingOptions
+
+    script = table_script({}, [0, .1, .3, .3, .3])
+    options = DecodingOptions(num_beams=2, max_new_tokens=4)
+    good, _, _ = quality._beam_run(ScriptedBackend(script, vocab_size=5), encode([(2,), (3, 4)]), options)
+    bad, _, _ = quality._beam_run(Overflowing(script, vocab_size=5), encode([(2,), (3, 4)]), options)
+    assert [len(t) for t in good] == [4, 4] and bad == [(), ()]
+    assert quality.token_agreement(good, bad) == (0.0, 0)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deploylm.errors import NumericalOverflow
 
 if TYPE_CHECKING:     # torch is imported where a report is measured: `deploylm info` formats one without it
     from deploylm.backends.base import EncodedBatch
@@ -184,12 +185,17 @@ def token_agreement(reference: list[tuple[int, ...]], candidate: list[tuple[int,
 
 
 def _beam_run(backend: Any, batch: EncodedBatch, options: Any) -> tuple[list[tuple[int, ...]], float, float]:
-    """Best beams, wall seconds and process CPU seconds of one beam search."""
+    """Best beams, wall seconds and process CPU seconds of one beam search. A candidate whose logits overflow
+    (NaN/inf) on the way reproduces no token: empty outputs, so its agreement budget fails and the fallback
+    search can try graphs with more fp32 nodes, rather than the export stopping on the search's error."""
     from deploylm.decoding.search import generate_ids
 
     start, cpu = time.perf_counter(), time.process_time()
-    hyps = generate_ids(backend, batch, options)
-    return [tuple(h[0].token_ids) for h in hyps], time.perf_counter() - start, time.process_time() - cpu
+    try:
+        outputs = [tuple(h[0].token_ids) for h in generate_ids(backend, batch, options)]
+    except NumericalOverflow:
+        outputs = [()] * batch.batch_size
+    return outputs, time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3, name: str = "model") -> QualityReport:
