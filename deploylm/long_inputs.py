@@ -3,6 +3,8 @@
 A prompt fits when its tokens (the tokenizer's special tokens included) fit the model's window:
 - decoder-only: prompt + max_new_tokens - 1 <= max_positions (the last generated token is never fed back);
 - encoder-decoder: source <= max_positions (the encoder's window) and max_new_tokens <= max_positions.
+A backend whose engine was built for fewer positions (ModelInfo.engine: a TensorRT engine's shapes) has the
+engine's window where it is the shorter one, and a longest prompt (its prefill profile's).
 A prompt that does not fit is a UsageError naming the lengths and these options, unless the call asks:
 
 - ``truncation="left"``: keep the END of the prompt (drop tokens from its start) so it fits;
@@ -72,13 +74,14 @@ class LongInputs:
 
 
 def prompt_budget(info: ModelInfo, max_new_tokens: int, specials: int = 0) -> int | None:
-    """Most prompt tokens that fit the window with `max_new_tokens` (None: unbounded).
+    """Most prompt tokens that fit the window with `max_new_tokens` (None: unbounded), and an engine's longest
+    prompt (info.engine: a TensorRT engine's prefill profile).
 
     Raises UsageError when max_new_tokens alone does not fit: no truncation can help then. `specials`: the
     special tokens every prompt carries (a truncating caller), which leave no room for text if the budget
     holds only them.
     """
-    window = info.max_positions
+    window, where, widen = _window(info)
     if window is None:
         return None
     if info.is_encoder_decoder:
@@ -88,14 +91,24 @@ def prompt_budget(info: ModelInfo, max_new_tokens: int, specials: int = 0) -> in
         return window
     budget = window - max_new_tokens + 1  # the last generated token is never fed back
     if budget < 1:
-        raise OptionError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of "
-                          f"{window}: lower max_new_tokens to at most {window}", "max_new_tokens")
+        raise OptionError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {where}: lower "
+                          f"max_new_tokens to at most {window}{widen and ', or ' + widen}", "max_new_tokens")
     if budget <= specials:
-        raise OptionError(f"max_new_tokens={max_new_tokens} leaves {budget} prompt position{'s' * (budget > 1)} in the "
-                          f"model's window of {window}, no room for a token of text next to the tokenizer's {specials} "
-                          f"special token{'s' * (specials > 1)}: lower max_new_tokens to at most {window - specials}",
-                          "max_new_tokens")
-    return budget
+        raise OptionError(f"max_new_tokens={max_new_tokens} leaves {budget} prompt position{'s' * (budget > 1)} in "
+                          f"{where}, no room for a token of text next to the tokenizer's {specials} "
+                          f"special token{'s' * (specials > 1)}: lower max_new_tokens to at most {window - specials}"
+                          f"{widen and ', or ' + widen}", "max_new_tokens")
+    return budget if info.engine is None else min(budget, info.engine.prompt_tokens)
+
+
+def _window(info: ModelInfo) -> tuple[int | None, str, str]:
+    """The positions a decoder-only prompt + max_new_tokens - 1 may take: the model's window, or an engine's
+    where it was built for fewer (info.engine); with how messages name it and what raises it ("": nothing to do)."""
+    window, engine = info.max_positions, info.engine
+    if engine is not None and not info.is_encoder_decoder and (window is None or engine.positions < window):
+        return (engine.positions, f"{engine.name}'s window of {engine.positions} positions",
+                f"re-export with a larger {engine.positions_setting}")
+    return window, f"the model's window of {window}", ""
 
 
 def new_token_room(info: ModelInfo, prompt_tokens: int) -> int | None:
@@ -124,18 +137,24 @@ def check_fits(lengths: list[int], info: ModelInfo, max_new_tokens: int) -> None
     longest = max(lengths)
     if budget is None or longest <= budget:
         return
-    index, window = lengths.index(longest) + 1, info.max_positions
+    index, engine = lengths.index(longest) + 1, info.engine
     if info.is_encoder_decoder:
-        raise UsageError(f"prompt {index} has {longest} tokens, over the model's window of {window}: shorten it, "
-                         "or pass truncation='left', 'right' or 'sliding-window' (deploylm generate: --truncation "
-                         "left|right|sliding-window)")
+        raise UsageError(f"prompt {index} has {longest} tokens, over the model's window of {info.max_positions}: "
+                         "shorten it, or pass truncation='left', 'right' or 'sliding-window' (deploylm generate: "
+                         "--truncation left|right|sliding-window)")
+    if engine is not None and longest > engine.prompt_tokens:   # no max_new_tokens makes this one fit
+        raise UsageError(f"prompt {index} has {longest} tokens, over {engine.name}'s longest prompt of "
+                         f"{engine.prompt_tokens} tokens: shorten the prompt, re-export with a larger "
+                         f"{engine.prompt_setting}, or pass truncation='left' or 'right' (deploylm generate: "
+                         "--truncation left|right)")
+    window, where, widen = _window(info)
     if longest > window:   # over it before any new token: fewer new tokens would not help
-        raise UsageError(f"prompt {index} has {longest} tokens, over the model's window of {window} before any new "
-                         "token: shorten it, or pass truncation='left' or 'right' (deploylm generate: --truncation "
-                         "left|right)")
+        raise UsageError(f"prompt {index} has {longest} tokens, over {where} before any new token: shorten it, "
+                         f"{widen and widen + ', '}or pass truncation='left' or 'right' (deploylm generate: "
+                         "--truncation left|right)")
     needed = longest + max_new_tokens - 1
     raise UsageError(f"prompt {index} has {longest} tokens; with max_new_tokens={max_new_tokens} that needs {needed} "
-                     f"positions, over the model's window of {window}: shorten the prompt, lower max_new_tokens, "
+                     f"positions, over {where}: shorten the prompt, lower max_new_tokens, {widen and widen + ', '}"
                      "or pass truncation='left' or 'right' (deploylm generate: --truncation left|right)")
 
 

@@ -4,6 +4,7 @@ addresses like TensorRT does (no TensorRT needed)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -390,3 +391,86 @@ def test_a_device_other_than_cuda_is_refused_before_the_engine_loads(tmp_path, m
     monkeypatch.setattr("deploylm.backends.trt_backend.require_trt_gpu", lambda purpose: None)
     with pytest.raises(UsageError, match=rf"device='{device}': the trt backend runs TensorRT engines on a CUDA GPU"):
         TrtBackend.from_source(Source("artifact", tmp_path), device=device)
+
+
+# ---- the engine's lengths, checked by the Generator before it decodes ----------------------------
+
+def _words_tokenizer():
+    """Words "w1".."w9" as ids 1..9 of the fake engine's vocabulary (0 pads and ends), no special tokens added."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<pad>": 0, **{f"w{i}": i for i in range(1, 10)}}))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<pad>")
+
+
+def _prompt(tokens: int) -> str:
+    return " ".join(f"w{1 + i % 9}" for i in range(tokens))
+
+
+def test_the_backend_tells_the_generator_the_engines_lengths():
+    from deploylm.backends.base import EngineLimits
+
+    backend, _, _ = _backend()                                      # prefill: 16 tokens; decode: past up to 32
+    assert backend.info.engine == EngineLimits(positions=33, prompt_tokens=16)
+
+
+def test_a_request_past_the_engines_longest_cache_is_refused_before_the_engine_runs():
+    """A prompt + max_new_tokens over the engine's decode profile used to fail only once the cache outgrew it,
+    after most of the decode (minutes on a real model): now one line up front, naming the limit, the request's
+    numbers and what to do, and no engine call. A request that fits exactly still runs to its end."""
+    from deploylm.generator import Generator
+
+    backend, _, context = _backend()
+    gen = Generator(backend, _words_tokenizer())
+    with pytest.raises(UsageError) as refused:
+        gen.generate(_prompt(16), max_new_tokens=19, num_beams=1, min_new_tokens=19)    # 16 + 19 - 1 = 34
+    assert str(refused.value) == (
+        "prompt 1 has 16 tokens; with max_new_tokens=19 that needs 34 positions, over the TensorRT engine's window "
+        "of 33 positions: shorten the prompt, lower max_new_tokens, re-export with a larger [tensorrt] shapes.past, "
+        "or pass truncation='left' or 'right' (deploylm generate: --truncation left|right)")
+    with pytest.raises(UsageError, match="over the TensorRT engine's window of 33 positions"):
+        gen.check([_prompt(2), _prompt(16)], max_new_tokens=19)                        # before any batch decodes
+    assert context.profiles == []
+    out = gen.generate(_prompt(16), max_new_tokens=18, num_beams=1, min_new_tokens=18)  # 16 + 18 - 1 = 33
+    assert len(out[0].sequences[0].token_ids) == 18
+
+
+def test_a_prompt_over_the_engines_prefill_profile_is_refused_before_the_engine_runs():
+    from deploylm.generator import Generator
+
+    backend, _, context = _backend()
+    gen = Generator(backend, _words_tokenizer())
+    with pytest.raises(UsageError) as refused:
+        gen.check([_prompt(3), _prompt(17)], max_new_tokens=2)
+    assert str(refused.value) == (
+        "prompt 2 has 17 tokens, over the TensorRT engine's longest prompt of 16 tokens: shorten the prompt, "
+        "re-export with a larger [tensorrt] shapes.sequence, or pass truncation='left' or 'right' (deploylm "
+        "generate: --truncation left|right)")
+    with pytest.raises(UsageError, match=r"max_new_tokens=40 leaves no room for a prompt in the TensorRT engine's "
+                                         r"window of 33 positions: lower max_new_tokens to at most 33, or re-export "
+                                         r"with a larger \[tensorrt\] shapes.past"):
+        gen.check(_prompt(3), max_new_tokens=40)
+    assert context.profiles == []
+
+
+def test_truncation_cuts_a_prompt_to_what_the_engine_takes():
+    from deploylm.generator import Generator
+
+    backend, _, _ = _backend()
+    gen = Generator(backend, _words_tokenizer())
+    opts = gen.options(max_new_tokens=20, num_beams=1)
+    assert gen.encode([_prompt(30)], opts, truncation="left").input_ids.shape[1] == 14      # 33 - 20 + 1
+    opts = gen.options(max_new_tokens=2, num_beams=1)
+    assert gen.encode([_prompt(30)], opts, truncation="right").input_ids.shape[1] == 16     # the prefill profile
+
+
+def test_the_models_window_still_names_the_model_where_it_is_the_tighter_limit():
+    from deploylm.generator import Generator
+
+    backend, _, _ = _backend()
+    backend.info = dataclasses.replace(backend.info, max_positions=20)
+    with pytest.raises(UsageError, match=r"needs 21 positions, over the model's window of 20: shorten the prompt, "
+                                         r"lower max_new_tokens, or pass truncation"):
+        Generator(backend, _words_tokenizer()).check(_prompt(10), max_new_tokens=12)

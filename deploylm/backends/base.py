@@ -32,6 +32,19 @@ class SpecialTokens:
 
 
 @dataclass(frozen=True)
+class EngineLimits:
+    """The lengths an engine was built for (a TensorRT engine's optimization profiles), decoder-only: the Generator
+    refuses a prompt + max_new_tokens outside them before it decodes (deploylm.long_inputs), naming the setting that
+    raises them, instead of the engine refusing the cache that outgrew it after most of the decode."""
+
+    positions: int                          # prompt + max_new_tokens - 1 at most: the longest past + 1
+    prompt_tokens: int                      # the most prompt tokens one call takes (the prefill profile's)
+    name: str = "the TensorRT engine"       # for messages: "... over the TensorRT engine's ..."
+    positions_setting: str = "[tensorrt] shapes.past"   # what raises `positions` (re-export with a larger one)
+    prompt_setting: str = "[tensorrt] shapes.sequence"  # what raises `prompt_tokens`
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the decoder and the Generator need to know about the model behind a backend."""
 
@@ -44,6 +57,7 @@ class ModelInfo:
     # only the keys deploylm.models.hf.DECODING_KEYS that the model sets (ints, floats, tuples of ints,
     # sequence_bias as (token ids, bias) pairs)
     generation: Mapping[str, Any] = field(default_factory=dict)
+    engine: EngineLimits | None = None      # the limits of an engine built for fixed shapes (the trt backend's)
 
 
 @dataclass(frozen=True)

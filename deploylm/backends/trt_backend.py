@@ -16,6 +16,7 @@ Decoder-only artifacts (model.onnx -> trt/model.plan). TensorRT is imported via 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from deploylm.backends.base import EncodedBatch, ModelInfo
+from deploylm.backends.base import EncodedBatch, EngineLimits, ModelInfo
 from deploylm.backends.torch_backend import is_identity
 from deploylm.backends.trt_buffers import KvPingPong
 from deploylm.errors import ArtifactError, UsageError
@@ -159,6 +160,10 @@ class TrtBackend:
     name = "trt"
 
     def __init__(self, runner: EngineRunner, info: ModelInfo, plan: KvBufferPlan):
+        if plan.positions is not None and plan.prefill_tokens is not None:
+            # the Generator checks a request against the engine's lengths before it decodes; without them the
+            # engine would refuse the cache only once it outgrew the decode profile, after most of the work
+            info = dataclasses.replace(info, engine=EngineLimits(plan.positions, plan.prefill_tokens))
         self.runner, self.info, self.plan = runner, info, plan
         self.device = runner.device
         self.pairs = pair_kv_names(runner.inputs, runner.outputs)

@@ -159,6 +159,7 @@ class KvBufferPlan:
     itemsize: int                 # bytes per element of the engine's KV dtype
     prefill_rows: int | None = None    # the prefill profile's most rows and prompt tokens
     prefill_tokens: int | None = None  # (None: no prefill profile, or not known)
+    positions: int | None = None       # prompt + generated - 1 at most: the decode profile's longest past + 1
 
     @property
     def numel(self) -> int:
@@ -187,8 +188,10 @@ def kv_buffer_plan(phase_shapes: Mapping[str, ShapeSet], itemsize: int, rows: in
                   for shapes in phase_shapes.values() for n in self_kv if n in shapes)
     prefill = phase_shapes.get("prefill", {}).get("input_ids")
     prefill_rows, prefill_tokens = (int(prefill[2][0]), int(prefill[2][1])) if prefill else (None, None)
+    decode = phase_shapes.get("decode", {})
+    pasts = [int(decode[n][2][2]) for n in self_kv if n in decode]
     return KvBufferPlan(tuple(self_kv), min(rows or max_rows, max_rows), heads, max_len, head_dim, itemsize,
-                        prefill_rows, prefill_tokens)
+                        prefill_rows, prefill_tokens, min(pasts) + 1 if pasts else None)
 
 
 def check_fits(rows: int, length: int, plan: KvBufferPlan) -> None:
