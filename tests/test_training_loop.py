@@ -173,6 +173,38 @@ def test_an_interrupted_run_says_what_it_saved_and_how_to_go_on(tmp_path, fast, 
         train(TrainConfig(out=tmp_path / "b", steps=20, **fast))
 
 
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit(143)])
+def test_a_run_stopped_during_its_final_evaluation_keeps_what_it_knows_and_says_how_to_evaluate(tmp_path, fast,
+                                                                                                 capsys, monkeypatch,
+                                                                                                 exc):
+    """Ctrl-C or SIGTERM during the test-split evaluation after the last step left the saved model without any
+    metrics.json (an export then did not find the run's data for calibration) and without a word on what was saved:
+    now metrics.json holds the run's settings and history with `test` null and `final_evaluation: "interrupted"`,
+    one line says so, and --resume only evaluates and writes the whole metrics.json."""
+    from deploylm.training.workloads import Seq2SeqWork
+
+    def stopped(self, model, device):
+        raise exc
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(Seq2SeqWork, "test", stopped)
+        with pytest.raises(exc if isinstance(exc, type) else type(exc)):
+            train(TrainConfig(out=out, steps=5, **fast))
+    assert ("interrupted during the final evaluation: " + repr(str(out)) + " holds the trained model (the checkpoint "
+            "of step 5) and a metrics.json without test metrics; evaluate it with the same command and --resume") \
+        in capsys.readouterr().err
+    assert load_training_state(out)["step"] == 5
+    kept = json.loads((out / "metrics.json").read_text())
+    assert kept["test"] is None and kept["final_evaluation"] == "interrupted" and kept["examples"] == []
+    assert kept["steps"] == 5 and kept["tokens_per_s"] > 0 and [v["step"] for v in kept["validation"]] == [5]
+    assert kept["data"] == str(fast["data"].resolve())
+    again = train(TrainConfig(out=out, steps=5, resume=True, **fast))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"loss", "perplexity", "exact_match", "bleu"} and "final_evaluation" not in metrics
+    assert again.steps == 5 and metrics["test"] == pytest.approx(again.test)
+
+
 def test_a_stopped_extension_names_the_checkpoint_it_resumed_from(tmp_path, fast, capsys, monkeypatch):
     """A finished 7-step run (checkpoints at 5 and 7) extended to 20 and stopped at step 9 (or diverging there)
     still holds its step-7 checkpoint: the line said "step 5 or earlier" (a multiple of --checkpoint-every, not

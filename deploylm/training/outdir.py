@@ -204,8 +204,9 @@ def _differs(key: str, then: Any, now: Any) -> str:
     return f"{key} {then!r} (now {now!r})"
 
 
-def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
-    """metrics.json in the output folder (replaced atomically): test metrics, examples, history."""
+def write_metrics(config: TrainConfig, result: TrainResult, interrupted: bool = False) -> Path:
+    """metrics.json in the output folder (replaced atomically): test metrics, examples, history; `interrupted`:
+    the final evaluation was stopped (Ctrl-C, SIGTERM), so `test` is null and `final_evaluation` says so."""
     first = "source" if config.arch == "seq2seq" else "prompt"
     data = {"task": config.task, "data": None if config.data is None else str(Path(config.data).resolve()),
             "arch": config.arch, "seed": config.seed, "data_sha256": config.data_sha256,
@@ -215,6 +216,8 @@ def write_metrics(config: TrainConfig, result: TrainResult) -> Path:
             "examples": [{first: s, "generated": g, "reference": r} for s, g, r in result.examples],
             "validation": result.validation, "final_train_loss": result.losses[-1] if result.losses else None,
             "wall_s": round(result.wall_s, 2), "tokens_per_s": None if result.tokens_per_s is None else round(result.tokens_per_s, 1)}
+    if interrupted:
+        data["final_evaluation"] = "interrupted"
     return write_json(config.out / METRICS, data)
 
 

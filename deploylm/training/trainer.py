@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from deploylm.errors import TrainingDiverged, UsageError
+from deploylm.errors import CheckpointWriteFailed, TrainingDiverged, UsageError
 from deploylm.fsutil import exclusive_writer
 from deploylm.models.checkpoint import TRAINING_STATE, build_model, load_checkpoint, save_checkpoint
 from deploylm.models.config import TransformerConfig, make_config
@@ -111,15 +111,36 @@ def _train(config: TrainConfig, plan: Plan, on_step: Callable[[int, float], None
         raise
     finally:
         bar.close()
-    test, examples, baseline = work.test(run.model, run.device) if dist.is_main else ({}, [], None)
-    wall = time.perf_counter() - started
-    result = TrainResult(config.out, run.step, test, examples, run.losses, run.validation, wall,
-                         tokens / step_time if step_time > 0 else None, config.arch, baseline, plan.cleaning, dist.world,
-                         resumed_at)
+
+    def result(test: Any, examples: list[Any], baseline: Any) -> TrainResult:
+        return TrainResult(config.out, run.step, test, examples, run.losses, run.validation,
+                           time.perf_counter() - started, tokens / step_time if step_time > 0 else None, config.arch,
+                           baseline, plan.cleaning, dist.world, resumed_at)
+
+    try:
+        test, examples, baseline = work.test(run.model, run.device) if dist.is_main else ({}, [], None)
+    except (KeyboardInterrupt, SystemExit):       # the last checkpoint is saved: keep what the run knows, say how on
+        if dist.is_main:
+            print(stopped_evaluation(config, run.step, result(None, [], None)), file=sys.stderr)
+        raise
+    done = result(test, examples, baseline)
     if dist.is_main:
-        write_metrics(config, result)
+        write_metrics(config, done)
     dist.barrier()
-    return result
+    return done
+
+
+def stopped_evaluation(config: TrainConfig, step: int, known: TrainResult) -> str:
+    """metrics.json for a run stopped during its final evaluation (its test metrics null, marked as interrupted: the
+    run's settings, history and throughput are kept, and an export finds its data there), and the line that says
+    what the folder holds and how to get the test metrics: --resume at --steps only evaluates."""
+    try:
+        write_metrics(config, known, interrupted=True)
+        written = "and a metrics.json without test metrics"
+    except CheckpointWriteFailed as exc:
+        written = f"but no metrics.json ({exc})"
+    return (f"interrupted during the final evaluation: {str(config.out)!r} holds the trained model (the checkpoint of "
+            f"step {step}) {written}; evaluate it with the same command and --resume")
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
