@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from deploylm import __version__, fsutil
-from deploylm.errors import ArtifactError, UsageError
+from deploylm.errors import ArtifactError, UsageError, WriteFailed
 from deploylm.fsutil import remove_stale_temporaries, replace_dir, temporary_sibling
 
 FORMAT_VERSION = 1
@@ -221,8 +221,8 @@ def write_artifact(final_dir: Path, build: Callable[[Path], None], manifest_fiel
         full = _disk_full(exc)
         if full is not None:
             kept = "the artifact already there is kept" if (final_dir / MANIFEST).is_file() else "nothing was written"
-            raise ArtifactError(f"could not write the artifact {final_dir}: {os.strerror(full)}; {kept}; free space "
-                                "or choose another --out") from None
+            raise WriteFailed(f"could not write the artifact {final_dir}: {os.strerror(full)}; {kept}; free space "
+                              "or choose another --out") from None
         raise
     return final_dir
 

@@ -1,7 +1,7 @@
 """`deploylm` command line: a click group; each command is a thin shell in deploylm/commands/.
 
 Errors deploylm raises on purpose (DeployLMError), and click's usage errors, become one line on stderr, options named by their flags, and
-their exit code (2 for bad input, 1 for failed checks), and so do paths the system refuses outright (a file name too long, a
+their exit code (2 for bad input, 1 for failed checks and a machine that failed: a full disk, docs/reliability.md), and so do paths the system refuses outright (a file name too long, a
 symlink loop), and output the terminal side cannot take (`> /dev/full`, a full disk behind a redirect: exit 1);
 nothing else is caught, so real bugs still show a traceback.
 """

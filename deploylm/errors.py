@@ -78,7 +78,14 @@ class TrainingDiverged(DeployLMError):
     exit_code = 1
 
 
-class CheckpointWriteFailed(DeployLMError):
+class WriteFailed(DeployLMError):
+    """An output could not be written (a full disk or quota, a folder made read-only during the run): the machine,
+    not the input, is at fault, so it is not a usage error. Exit status 1, in every command."""
+
+    exit_code = 1
+
+
+class CheckpointWriteFailed(WriteFailed):
     """A checkpoint could not be written (disk full, read-only folder); the previous one is kept. Exit status 1."""
 
     exit_code = 1

@@ -270,8 +270,8 @@ def exclusive_writer(target: Path, flag: str = "--out") -> Iterator[None]:
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
     """`data` at `path`, replaced atomically (a temporary sibling named by this process, then a rename); a full
-    disk or a folder made read-only is one UsageError, and nothing is left there."""
-    from deploylm.errors import UsageError
+    disk or a folder made read-only is one WriteFailed (exit status 1), and nothing is left there."""
+    from deploylm.errors import WriteFailed
 
     path = Path(path)
     tmp = temporary_sibling(path)
@@ -279,7 +279,7 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:          # a full disk, a folder made read-only during the run
-        raise UsageError(f"could not write {path}: {exc.strerror or exc}; nothing was written there") from None
+        raise WriteFailed(f"could not write {path}: {exc.strerror or exc}; nothing was written there") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from deploylm.backends.base import Backend, EncodedBatch
-from deploylm.errors import ArtifactError, CheckFailed, NumericalOverflow, UsageError
+from deploylm.errors import CheckFailed, NumericalOverflow, UsageError, WriteFailed
 from deploylm.fsutil import json_finite
 
 DEFAULT_PROMPTS = (
@@ -429,13 +429,13 @@ def _parity_of_a_fresh_export(source: Any, backends: list[str], prompts: list[st
         artifact = Path(tmp) / "artifact"
         try:
             export_model(source.path, profile, artifact, check_parity=False)   # measured and reported below instead
-        except ArtifactError as exc:   # a full disk: parity has no --out to choose, only where temporary files go
+        except WriteFailed as exc:   # a full disk: parity has no --out to choose, only where temporary files go
             advice = "free space or choose another --out"
             if advice not in str(exc):
                 raise
-            raise ArtifactError(str(exc).replace(advice, f"parity exports into {tempfile.gettempdir()} first: free "
-                                                 "space there, or set TMPDIR to a folder with room, or export it "
-                                                 "yourself (deploylm export --out DIR) and check that artifact")) from None
+            raise WriteFailed(str(exc).replace(advice, f"parity exports into {tempfile.gettempdir()} first: free "
+                                               "space there, or set TMPDIR to a folder with room, or export it "
+                                               "yourself (deploylm export --out DIR) and check that artifact")) from None
         reference = source.path if "torch" in backends else None     # the model itself, wherever the export ran
         return run_parity(artifact, backends, prompts, profile, reference=reference, **overrides)
 

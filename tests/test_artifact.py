@@ -11,7 +11,7 @@ import pytest
 from deploylm import __version__
 from deploylm.artifact import (FORMAT_VERSION, Artifact, io_signature, load_artifact, source_fields,
                                summary, weights_sha256, write_artifact)
-from deploylm.errors import ArtifactError, UsageError
+from deploylm.errors import ArtifactError, UsageError, WriteFailed
 from deploylm.models.source import Source
 from deploylm.profiles import load_profile
 
@@ -170,9 +170,10 @@ def test_a_full_disk_is_one_error_line_and_keeps_the_old_artifact(tmp_path, arti
         raise failure(folder)
 
     for target, kept in ((tmp_path / "new", "nothing was written"), (artifact, "the artifact already there is kept")):
-        with pytest.raises(ArtifactError, match=rf"could not write the artifact .*: No space left on device; {kept}; "
-                                                r"free space or choose another --out"):
+        with pytest.raises(WriteFailed, match=rf"could not write the artifact .*: No space left on device; {kept}; "
+                                              r"free space or choose another --out") as failed:
             write_artifact(target, build_full, FIELDS, force=True)
+        assert failed.value.exit_code == 1                   # the machine's fault, not a usage error (2)
         assert leftovers(target.parent) == []
     assert not (tmp_path / "new").exists()
     load_artifact(artifact)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from deploylm.attention import attention_maps, draw_attention, panels
 from deploylm.cli import cli
-from deploylm.errors import UsageError
+from deploylm.errors import UsageError, WriteFailed
 from tests.helpers.tiny_seed import build_tiny_seed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -121,8 +121,10 @@ def test_a_full_disk_is_one_error_and_leaves_no_file(seed_seq2seq, tmp_path, mon
 
     maps = attention_maps(seed_seq2seq, TEXT, max_new_tokens=2)
     monkeypatch.setattr(Path, "write_bytes", full)
-    with pytest.raises(UsageError, match=r"could not write .*attn.png: No space left on device; nothing was written"):
+    with pytest.raises(WriteFailed, match=r"could not write .*attn.png: No space left on device; nothing was written") \
+            as failed:
         draw_attention(maps, tmp_path / "attn.png", head="all")
+    assert failed.value.exit_code == 1
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,7 +20,7 @@ from deploylm.bench import STANDARD_PROMPTS, BenchConfig, BenchReport, CallTimin
 from deploylm.benchmarking.measure import GeneratorRunner, TransformersRunner, timing_from_marks
 from deploylm.benchmarking.report import percentile
 from deploylm.benchmarking.workload import plan_rows, workload_of
-from deploylm.errors import UsageError
+from deploylm.errors import UsageError, WriteFailed
 
 PROMPTS = ("the quick brown fox", "hello world", "one two three four five six seven", "beam search keeps")
 
@@ -678,8 +678,10 @@ def test_a_report_that_cannot_be_written_is_one_error_and_leaves_no_file(tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", full)
-    with pytest.raises(UsageError, match=r"could not write .*report.json: No space left on device; nothing was written"):
+    with pytest.raises(WriteFailed, match=r"could not write .*report.json: No space left on device; nothing was "
+                                          r"written") as failed:
         write_atomic(tmp_path / "report.json", b'{"rows": []}')
+    assert failed.value.exit_code == 1                       # bench exits 1 on a full disk, as train does, not 2
     assert list(tmp_path.iterdir()) == []
 
 

@@ -168,6 +168,26 @@ def _no_graphs(monkeypatch):
     return pipeline
 
 
+def test_a_full_disk_exits_1_as_in_every_command_not_2_the_status_of_bad_input(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """A full disk is the machine's fault: export exited 2 (click's and deploylm's status for bad usage), train and
+    distill 1; now all exit 1 (docs/reliability.md, "Exit statuses")."""
+    import errno
+
+    from deploylm.export import pipeline
+
+    def full(plan, folder):
+        (folder / "model.onnx").write_bytes(b"gra")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "_export_graphs", full)
+    out = tmp_path / "art" / "out"
+    result = _run("--model", str(tiny_gpt2_dir), "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (f"error: could not write the artifact {out}: No space left on device; nothing was "
+                             "written; free space or choose another --out\n")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("profile", ["fp32", "int8"])
 def test_graphs_that_do_not_match_pytorch_fail_the_export_and_leave_nothing(tiny_gpt2_dir, tmp_path, monkeypatch, profile):
     """Validation compares the fp32 graphs at the fp32 profile's tolerance whatever the profile (its own

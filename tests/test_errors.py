@@ -10,6 +10,7 @@ from deploylm.cli import cli
 @pytest.mark.parametrize("error, status", [
     (errors.UsageError, 2), (errors.ArtifactError, 2), (errors.MissingDependencyError, 2),
     (errors.CheckFailed, 1), (errors.Interrupted, 1), (errors.TrainingDiverged, 1), (errors.CheckpointWriteFailed, 1),
+    (errors.WriteFailed, 1),
 ])
 def test_each_error_exits_with_its_documented_status(error, status, monkeypatch):
     def boom():

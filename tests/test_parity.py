@@ -618,6 +618,6 @@ def test_a_full_disk_in_parity_s_own_export_names_where_it_writes_not_an_out_opt
 
     monkeypatch.setattr(pipeline, "export_model", lambda src, profile, out, **_: write_artifact(out, full, {}))
     result = CliRunner().invoke(cli, ["parity", "--model", str(tiny_llama_dir)])
-    assert result.exit_code == 2 and "--out DIR) and check that artifact" in result.output, result.output
+    assert result.exit_code == 1 and "--out DIR) and check that artifact" in result.output, result.output
     assert f"parity exports into {tempfile.gettempdir()} first: free space there, or set TMPDIR" in result.output
     assert "choose another --out" not in result.output
