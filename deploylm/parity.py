@@ -323,8 +323,13 @@ def compare_backends(reference: Backend, candidates: dict[str, Backend], batch: 
 
     options: DecodingOptions (sampling and max_time are turned off); tolerances: the profile's Parity.
     """
+    from deploylm.long_inputs import check_fits
+
     # no sampling, and no wall-clock limit: a slower backend would stop earlier and "differ"
     beam_opts = options.replace(do_sample=False, max_time=None)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    for cand in candidates.values():   # an engine built for fewer positions than the model (trt): refused before the
+        check_fits(lengths, cand.info, beam_opts.max_new_tokens)   # reference decodes, not once forced past it
     greedy_opts = beam_opts.replace(num_beams=1, num_return_sequences=1)
     ref_greedy = _search(reference, batch, greedy_opts)
     ref_beam = _search(reference, batch, beam_opts) if beam_opts.num_beams > 1 else ref_greedy

@@ -582,6 +582,25 @@ def test_parity_refusing_a_long_prompt_advises_what_parity_offers(monkeypatch):
         result.output
 
 
+def test_a_candidate_engine_too_short_for_the_request_is_refused_before_the_reference_decodes():
+    """A trt candidate whose engine holds fewer positions than prompt + max_new_tokens - 1 failed only when the
+    forced tokens outgrew its cache, after the reference's greedy and beam searches (minutes on a real model)."""
+    import dataclasses
+
+    from deploylm.backends.base import EngineLimits
+    from deploylm.errors import UsageError
+
+    reference, trt = Fake(_table(), name="torch"), Fake(_table(), name="trt")
+    trt.info = dataclasses.replace(trt.info, engine=EngineLimits(positions=8, prompt_tokens=8))
+    reference.prefill = lambda batch: pytest.fail("the reference decoded before the candidate's limits were checked")
+    with pytest.raises(UsageError, match=r"prompt 2 has 4 tokens; with max_new_tokens=6 that needs 9 positions, over "
+                                         r"the TensorRT engine's window of 8 positions: .*re-export with a larger "
+                                         r"\[tensorrt\] shapes.past"):
+        compare_backends(reference, {"trt": trt}, _batch(), OPTIONS, FP32)
+    trt.info = dataclasses.replace(trt.info, engine=EngineLimits(positions=9, prompt_tokens=8))
+    assert compare_backends(Fake(_table(), name="torch"), {"trt": trt}, _batch(), OPTIONS, FP32).passed
+
+
 def test_settings_difference_names_the_decoder_start_and_a_setting_only_the_candidate_has():
     """Besides the EOS ids: a decoder_start_token_id, and a generation_config setting the reference does not
     have at all (an artifact whose manifest gained forced_eos_token_id), are settings differences too."""
