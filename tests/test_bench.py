@@ -815,6 +815,20 @@ def test_a_refused_prompt_is_numbered_in_the_prompt_list_not_in_its_call(tiny_gp
         run_bench(config)
 
 
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_workload_a_row_refuses_is_refused_before_any_warm_up(tiny_gpt2_dir, isolate):
+    """A prompt a row cannot take (over the model's window; on a trt row, over the engine's lengths) was refused at
+    that row's first call, after every row had loaded and the rows before it had decoded the whole workload (the
+    first calls of this one too): now when the rows are loaded, before any decode."""
+    long = "the quick brown fox " * 40
+    config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=("hello world", "beam search keeps", long),
+                         batch_size=2, max_new_tokens=4, rounds=1, warmup=1, reference=False, isolate=isolate)
+    said = []
+    with pytest.raises(UsageError, match=rf"^{tiny_gpt2_dir.name} \[torch\]: prompt 3 has \d+ tokens.*\(bench: "):
+        run_bench(config, progress=said.append)
+    assert not any(line.startswith(("warm-up", "round")) for line in said), said
+
+
 def test_every_json_key_is_documented(tiny_gpt2_dir):
     """docs/bench.md names every key of the report and of its rows (load_s, rss_after_load_mib, wall_s, rss_scope ...
     were in the JSON and nowhere in the docs)."""

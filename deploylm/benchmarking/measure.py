@@ -12,8 +12,9 @@ of every request in the batch. Inside it we time:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from deploylm.errors import UsageError, renumbered
 
@@ -92,14 +93,21 @@ def run_round(call: Callable[[list[str]], tuple[CallTiming, list[tuple[int, ...]
     prompt's number in the prompt list, which a refusal of "prompt N" (N counted within its call) is given."""
     calls, tokens = [], []
     for k, texts in enumerate(batches):
-        try:
+        with _numbered(numbers, k):
             timing, best = call(list(texts))
-        except UsageError as exc:
-            listed = numbers[k] if k < len(numbers) else ()
-            raise renumbered(exc, lambda n: listed[n - 1] if 1 <= n <= len(listed) else None) from None
         calls.append(timing)
         tokens.extend(best)
     return RoundResult(tuple(calls), tuple(tokens))
+
+
+@contextmanager
+def _numbered(numbers: tuple[tuple[int, ...], ...], k: int) -> Iterator[None]:
+    """A refusal of "prompt N" in the workload's call `k` names that prompt's number in the prompt list."""
+    try:
+        yield
+    except UsageError as exc:
+        listed = numbers[k] if k < len(numbers) else ()
+        raise renumbered(exc, lambda n: listed[n - 1] if 1 <= n <= len(listed) else None) from None
 
 
 class GeneratorRunner:
@@ -115,6 +123,15 @@ class GeneratorRunner:
         self.load_s = clock() - started
         self.rss_after_load_mib: float | None = None
         self.workload, self.clock = workload, clock
+
+    def ready(self) -> None:
+        """Refuse what the row cannot run (a prompt over the model's window, or over a TensorRT engine's lengths)
+        once the rows are loaded, before any row's warm-up: not at this row's first call, after the rows before it
+        have decoded the workload."""
+        options = self.workload.options.to_dict()
+        for k, texts in enumerate(self.workload.batches):
+            with _numbered(self.workload.numbers, k):
+                self.generator.check(list(texts), **options)
 
     def run(self) -> RoundResult:
         return run_round(self._call, self.workload.batches, self.workload.numbers)

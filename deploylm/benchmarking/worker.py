@@ -160,6 +160,7 @@ def serve(conn: Any, spec: Any, workload: Any) -> None:
 
         torch.set_num_threads(workload.threads)
         runner = open_local_runner(spec, workload)
+        getattr(runner, "ready", lambda: None)()      # a workload the row refuses, before any row's warm-up
         conn.send(("ok", (runner.load_s, current_rss_mib())))
         while conn.recv() == "run":
             conn.send(("ok", runner.run()))
