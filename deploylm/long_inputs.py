@@ -112,13 +112,16 @@ def _window(info: ModelInfo) -> tuple[int | None, str, str]:
 
 
 def new_token_room(info: ModelInfo, prompt_tokens: int) -> int | None:
-    """The largest max_new_tokens a prompt of `prompt_tokens` tokens fits the window with (prompt_budget's inverse):
-    None when the window is unbounded, 0 when the prompt alone is over it."""
-    window = info.max_positions
+    """The largest max_new_tokens a prompt of `prompt_tokens` tokens fits the window with (prompt_budget's inverse;
+    an engine's window and longest prompt where it has them): None when the window is unbounded, 0 when the prompt
+    alone is over it."""
+    window = _window(info)[0]
     if window is None:
         return None
     if info.is_encoder_decoder:    # the source has the encoder's window: the output has the decoder's
         return window
+    if info.engine is not None and prompt_tokens > info.engine.prompt_tokens:
+        return 0
     return max(0, window - prompt_tokens + 1)   # the last generated token is never fed back
 
 

@@ -628,3 +628,23 @@ def test_new_token_room_is_the_most_max_new_tokens_check_fits_lets_through(encod
             check_fits([prompt], info, room + 1)
     assert new_token_room(info, 17) == (16 if encoder_decoder else 0)
     assert new_token_room(dataclasses.replace(info, max_positions=None), 1000) is None
+
+
+def test_new_token_room_keeps_to_an_engines_shorter_window_and_longest_prompt():
+    """A TensorRT engine built for 12 positions and prompts of 8 tokens, on a model of 16 (or no window): the server's
+    default max_new_tokens must fit the engine, or every plain request would be refused by it."""
+    from deploylm.backends.base import EngineLimits, ModelInfo, SpecialTokens
+    from deploylm.long_inputs import check_fits, new_token_room
+
+    for window in (16, None):
+        info = ModelInfo(is_encoder_decoder=False, vocab_size=10, special=SpecialTokens((1,), 0),
+                         max_positions=window, engine=EngineLimits(positions=12, prompt_tokens=8))
+        for prompt in range(1, 9):
+            room = new_token_room(info, prompt)
+            assert room == 13 - prompt
+            check_fits([prompt], info, room)
+            with pytest.raises(UsageError, match="engine's window of 12 positions"):
+                check_fits([prompt], info, room + 1)
+        assert new_token_room(info, 9) == 0
+        with pytest.raises(UsageError, match="over the TensorRT engine's longest prompt of 8 tokens"):
+            check_fits([9], info, 1)

@@ -53,7 +53,7 @@ def window_room(generator: Any) -> Callable[[int], int | None] | None:
     from deploylm.long_inputs import new_token_room
 
     info = getattr(generator, "info", None)
-    if getattr(info, "max_positions", None) is None:
+    if getattr(info, "max_positions", None) is None and getattr(info, "engine", None) is None:
         return None
     return functools.partial(new_token_room, info)
 
