@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
+import numpy as np
 import pytest
 
 from deploylm.decoding.options import DecodingOptions, option_names, parse_sequence_bias
@@ -188,3 +190,71 @@ def test_a_sequence_bias_over_the_bound_advises_what_a_call_can_pass():
     assert DecodingOptions(sequence_bias=[[[3], -1e6]]).sequence_bias == (((3,), -1e6),)
     with pytest.raises(UsageError, match="to forbid a sequence use bad_words_ids$"):
         parse_sequence_bias([[[3], -1e9]], "generation setting")
+
+
+# Every int and float option, with a valid value of each NumPy type a user computing options gets.
+NUMPY_INTS = [(name, value) for name, value in (("num_beams", 2), ("max_new_tokens", 8), ("min_new_tokens", 2),
+                                                ("no_repeat_ngram_size", 3), ("num_return_sequences", 2),
+                                                ("top_k", 5), ("seed", 7), ("encoder_no_repeat_ngram_size", 2))]
+NUMPY_FLOATS = [("length_penalty", 0.5), ("repetition_penalty", 1.25), ("temperature", 0.75), ("top_p", 0.5),
+                ("encoder_repetition_penalty", 1.5), ("max_time", 2.5)]
+
+
+@pytest.mark.parametrize("name, value", NUMPY_INTS)
+@pytest.mark.parametrize("kind", [np.int64, np.int32, np.uint8])
+def test_numpy_integers_are_taken_as_plain_ints(name, value, kind):
+    """gen.generate(p, num_beams=np.int64(2)) said "expected an integer"; the value is stored as a plain int, so
+    to_dict() stays JSON (artifacts, bench reports) and nothing downstream sees a NumPy type."""
+    options = DecodingOptions(**{name: kind(value)})
+    assert type(getattr(options, name)) is int and getattr(options, name) == value
+    json.dumps(options.to_dict())
+    changed = DecodingOptions().replace(**{name: kind(value)})
+    assert type(getattr(changed, name)) is int and changed == options
+
+
+@pytest.mark.parametrize("name, value", NUMPY_FLOATS)
+@pytest.mark.parametrize("kind", [np.float32, np.float64, np.float16])
+def test_numpy_floats_are_taken_as_plain_floats(name, value, kind):
+    options = DecodingOptions(**{name: kind(value)})
+    assert type(getattr(options, name)) is float and getattr(options, name) == value   # each value exact in float16
+    json.dumps(options.to_dict())
+    assert DecodingOptions().replace(**{name: kind(value)}) == options
+
+
+@pytest.mark.parametrize("name", [name for name, _ in NUMPY_FLOATS])
+def test_a_numpy_integer_where_a_number_is_expected_is_a_plain_float(name):
+    assert type(getattr(DecodingOptions(**{name: np.int64(1)}), name)) is float
+
+
+def test_numpy_values_inside_sequence_bias_and_exponential_decay_are_plain_too():
+    options = DecodingOptions(sequence_bias=[[[np.int64(3), np.int32(4)], np.float32(-2.0)]],
+                              exponential_decay_length_penalty=(np.int64(8), np.float32(1.5)))
+    [(ids, bias)] = options.sequence_bias
+    assert ids == (3, 4) and all(type(t) is int for t in ids) and type(bias) is float
+    start, factor = options.exponential_decay_length_penalty
+    assert (start, factor) == (8, 1.5) and type(start) is int and type(factor) is float
+    json.dumps(options.to_dict())
+
+
+def test_a_numpy_max_new_tokens_lowers_a_model_min_new_tokens_as_an_int_does():
+    model_defaults = DecodingOptions(min_new_tokens=8, max_new_tokens=32)
+    assert model_defaults.replace(max_new_tokens=np.int64(2)) == model_defaults.replace(max_new_tokens=2)
+    with pytest.raises(OptionError, match=r"min_new_tokens=40 is invalid: above the default max_new_tokens=32"):
+        model_defaults.replace(min_new_tokens=np.int64(40))
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(num_beams=np.float64(2.0)), "expected an integer"),      # a float where an integer is expected
+    (dict(top_k=np.float32(5.0)), "expected an integer"),
+    (dict(num_beams=np.bool_(True)), "expected an integer"),        # a boolean is no count
+    (dict(seed=np.float64(3.0)), "expected an integer or none"),
+    (dict(temperature=np.bool_(True)), "expected a number"),
+    (dict(temperature=np.float32("nan"), do_sample=True), "expected a finite number"),
+    (dict(length_penalty=np.float64("inf")), "expected a finite number"),
+    (dict(max_new_tokens=np.int64(0)), "use max_new_tokens >= 1"),  # converted, then range-checked as an int
+    (dict(seed=np.uint64(2**63)), "out of range"),
+    (dict(sequence_bias=[[[np.float64(3.0)], 1.0]]), "sequence_bias"),
+])
+def test_numpy_values_of_the_wrong_kind_are_still_refused(kwargs, expected):
+    with pytest.raises(OptionError, match=re.escape(expected)):
+        DecodingOptions(**kwargs)

@@ -824,3 +824,18 @@ def test_check_takes_the_keywords_generate_takes(llama, monkeypatch):
     llama.check("hello", stop=threading.Event(), stats=SearchStats(), max_new_tokens=2)
     with pytest.raises(UsageError, match=r"stop=.*: expected a threading.Event"):
         llama.check("hello", stop=["\n"], max_new_tokens=2)
+
+
+def test_numpy_option_values_decode_as_their_python_values(llama):
+    """Options computed with NumPy (np.int64 beams, np.float32 penalties) were refused ("expected an integer")."""
+    import numpy as np
+
+    given = dict(num_beams=np.int64(2), max_new_tokens=np.int32(4), length_penalty=np.float32(0.5),
+                 repetition_penalty=np.float64(1.25), num_return_sequences=np.int64(2))
+    plain = {name: value.item() for name, value in given.items()}
+    assert llama.generate(PROMPTS, **given) == llama.generate(PROMPTS, **plain)
+    sampled = dict(num_beams=1, do_sample=True, seed=np.uint32(3), temperature=np.float32(0.7), top_k=np.int64(5))
+    assert llama.generate(PROMPTS, **sampled) == llama.generate(
+        PROMPTS, **{k: v.item() if isinstance(v, np.generic) else v for k, v in sampled.items()})
+    assert "".join(llama.stream(PROMPTS[0], **given | {"num_return_sequences": 1})) == "".join(
+        llama.stream(PROMPTS[0], **plain | {"num_return_sequences": 1}))

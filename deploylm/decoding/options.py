@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 import math
+import numbers
 from typing import Any, Mapping
 
 from deploylm.errors import OptionError, UsageError
@@ -59,6 +60,8 @@ class DecodingOptions:
     max_time: float | None = None
 
     def __post_init__(self) -> None:
+        for name in _INTS + _OPTIONAL_INTS + _FLOATS + _OPTIONAL_FLOATS:
+            object.__setattr__(self, name, _plain(name, getattr(self, name)))
         _check_types(self)
         object.__setattr__(self, "early_stopping", _parse_early_stopping(self.early_stopping))
         if self.sequence_bias is not None:
@@ -91,6 +94,7 @@ class DecodingOptions:
         if unknown:
             raise UsageError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}: "
                              f"expected any of {', '.join(option_names())}")
+        changes = {name: _plain(name, value) for name, value in changes.items()}   # np.int64(2) is 2 below
         if not {"max_new_tokens", "min_new_tokens"} & set(changes) and self.min_new_tokens > self.max_new_tokens:
             # only a model's loose defaults (Generator) hold this: the call gave neither, so name neither as its option
             raise UsageError(f"the model's default min_new_tokens={self.min_new_tokens} is above the default "
@@ -129,6 +133,8 @@ def option_names() -> tuple[str, ...]:
 _INTS = ("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "num_return_sequences",
          "top_k")
 _FLOATS = ("length_penalty", "repetition_penalty", "temperature", "top_p")
+_OPTIONAL_INTS = ("seed", "encoder_no_repeat_ngram_size")          # None or an integer
+_OPTIONAL_FLOATS = ("encoder_repetition_penalty", "max_time")      # None or a number
 # Bounds that keep the float32 search finite: a score is divided by generated_len ** length_penalty
 # (4096 ** 10 is 1e36), logits by the temperature, and a sequence bias is added to log-probabilities
 # next to the -1e9 that masks candidates. Typical values: length_penalty 0-2, temperature 0.1-2, bias ±10.
@@ -169,9 +175,9 @@ def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceB
     out: dict[tuple[int, ...], float] = {}
     for ids, bias in pairs:
         if not isinstance(ids, (list, tuple)) or not ids or any(
-                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+                isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in ids):
             raise bad()
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not math.isfinite(bias):
             raise bad()
         if abs(bias) > MAX_SEQUENCE_BIAS:
             # bad_words_ids is a generation_config setting only, not an option of a call
@@ -181,7 +187,7 @@ def parse_sequence_bias(value: Any, where: str = "decoding option") -> SequenceB
             raise invalid(where, "sequence_bias", f"{where} sequence_bias={value!r} is invalid: a bias of {bias!r} is "
                            f"beyond ±{MAX_SEQUENCE_BIAS:g}, which already decides every step (larger values overflow "
                            f"the float32 scores); to forbid a sequence {forbid}")
-        out[tuple(ids)] = float(bias)
+        out[tuple(int(t) for t in ids)] = float(bias)     # NumPy ids and biases as plain int and float
     return tuple(out.items())
 
 
@@ -190,14 +196,28 @@ def parse_exponential_decay(value: Any, where: str = "decoding option") -> tuple
     the boost starts), factor a number > 0 (1.0 = no effect, > 1 makes EOS ever more likely)."""
     ok = isinstance(value, (list, tuple)) and len(value) == 2
     start, factor = value if ok else (None, None)
-    ok = ok and isinstance(start, int) and not isinstance(start, bool) and start >= 0
-    ok = ok and isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) \
+    ok = ok and isinstance(start, numbers.Integral) and not isinstance(start, bool) and start >= 0
+    ok = ok and isinstance(factor, numbers.Real) and not isinstance(factor, bool) and math.isfinite(factor) \
         and factor > 0
     if not ok:
         raise invalid(where, "exponential_decay_length_penalty", f"{where} exponential_decay_length_penalty={value!r} "
                        "is invalid: expected [start, factor] with start an integer >= 0 and factor a number > 0, "
                        "e.g. [8, 1.5]")
     return int(start), float(factor)
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A NumPy scalar (or any numbers.Integral / numbers.Real) given for option `name` as the plain Python int or
+    float the option holds: options computed with NumPy work (transformers takes them too), and nothing downstream
+    (to_dict's JSON, torch's manual_seed) sees a NumPy type. Anything else is returned as given, for _check_types
+    to refuse by its repr: a bool (np.bool_ is no Integral either), a string, 2.5 or np.float64(2.0) for an integer."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if name in _INTS + _OPTIONAL_INTS and isinstance(value, numbers.Integral):
+        return int(value)
+    if name in _FLOATS + _OPTIONAL_FLOATS and isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _check_types(o: DecodingOptions) -> None:
