@@ -162,6 +162,25 @@ def test_a_models_own_min_new_tokens_above_its_max_new_tokens_is_not_blamed_on_a
     assert run("--model", str(model), "--num-beams", "1", "--max-new-tokens", "2", "hello").exit_code == 0
 
 
+def test_min_new_tokens_0_turns_the_models_min_length_off(tiny_llama_dir, tmp_path):
+    """A generation_config min_length kept EOS away even from a call that gave --min-new-tokens 0 (0 was taken as
+    "not given"). As transformers' min_new_tokens, a given one, 0 too, replaces the model's min_length."""
+    plain = load(tiny_llama_dir).generate("hello", num_beams=1, max_new_tokens=8)[0].sequences[0].token_ids
+    stop = plain[1]          # made the model's end token: greedy decoding wants it second
+    model = tmp_path / "min-length"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": stop, "min_length": 64}))
+    flags = ("--model", str(model), "--num-beams", "1", "--max-new-tokens", "8", "--json", "hello")
+    kept, off = (run(*flags, *extra) for extra in ((), ("--min-new-tokens", "0")))
+    assert kept.exit_code == 0 and off.exit_code == 0, kept.output + off.output
+    assert len(json.loads(kept.stdout)["outputs"][0]["token_ids"]) == 8          # EOS banned: min_length is 64
+    assert json.loads(off.stdout)["outputs"][0]["token_ids"] == list(plain[:plain.index(stop) + 1])
+    gen = load(model)
+    assert gen.generate("hello", num_beams=1, max_new_tokens=8, min_new_tokens=0)[0].sequences[0].token_ids == tuple(
+        plain[:plain.index(stop) + 1])
+
+
 @pytest.mark.parametrize("flag, value", [("--num-beam-groups", "2"), ("--diversity-penalty", "0.5")])
 def test_group_beam_search_refusal_names_the_flags_on_the_command_line(tiny_llama_dir, flag, value):
     """The refusal shares its wording with the Python API (num_beam_groups, num_beams): on the command line it

@@ -103,7 +103,7 @@ def _hf_processors(settings: dict, options: DecodingOptions, prompt_len: int):
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=8, n_layer=1, n_head=2, eos_token_id=1, pad_token_id=0))
     call = {k: v for k, v in options.to_dict().items() if k not in ("seed", "max_time", "min_new_tokens")}
-    if options.min_new_tokens:   # deploylm's 0 means "not given"
+    if options.min_new_tokens is not None:   # deploylm's None means "not given" (0 is given: no minimum)
         call["min_new_tokens"] = options.min_new_tokens
     config = GenerationConfig(**settings, **call, eos_token_id=list(EOS), pad_token_id=0)
     model._prepare_special_tokens(config, device="cpu")
@@ -119,7 +119,8 @@ def _hf_processors(settings: dict, options: DecodingOptions, prompt_len: int):
     DecodingOptions(num_beams=1, max_new_tokens=5, min_new_tokens=3, do_sample=True, temperature=0.5, top_k=3,
                     top_p=0.9),
     DecodingOptions(num_beams=3, max_new_tokens=7, min_new_tokens=1, do_sample=True, top_k=2),
-], ids=["beam", "sample-min-new", "beam-sample"])
+    DecodingOptions(num_beams=2, max_new_tokens=6, min_new_tokens=0),     # given 0: the model's min_length is off
+], ids=["beam", "sample-min-new", "beam-sample", "min-new-0"])
 def test_processor_list_equals_transformers_at_every_length(inputs, options, prompt_len):
     sequences, scores = inputs
     info = ModelInfo(False, V, SpecialTokens(EOS, 0), generation=generation_settings(MODEL_SETTINGS))
@@ -128,7 +129,7 @@ def test_processor_list_equals_transformers_at_every_length(inputs, options, pro
     for length in range(prompt_len, prompt_len + options.max_new_tokens):
         seq = sequences[:, :length]
         assert same_bits(ours(seq, scores), theirs(seq, scores.clone())), f"length {length}"
-    if options.min_new_tokens == 0:  # otherwise transformers adds a MinLength that bans what MinNewTokens bans
+    if options.min_new_tokens is None:  # otherwise transformers adds a MinLength that bans what MinNewTokens bans
         assert [_hf_name(p) for p in ours] == [type(p).__name__ for p in theirs]
 
 
@@ -294,6 +295,19 @@ def test_min_length_keeps_eos_away_that_the_model_wants(configured, kind):
     gen, _, _ = configured[kind]
     shorter = _ours_without(gen, ["min_length"], GREEDY)
     assert any(len(ids) < 5 for per_prompt in shorter for ids in per_prompt)
+
+
+@pytest.mark.parametrize("kind, options", [("bart", GREEDY), ("gpt2", GREEDY), ("gpt2", BEAM)])
+def test_a_given_min_new_tokens_of_0_turns_the_models_min_length_off(configured, kind, options):
+    """min_new_tokens=0 in the call kept the model's min_length (0 was taken as "not given"); transformers replaces
+    min_length by prompt length + min_new_tokens whenever min_new_tokens is given, so 0 means no minimum."""
+    gen, model, _ = configured[kind]
+    expected, _ = generate_reference(model, gen.tokenizer, PROMPTS, MAX_NEW, {**options, "min_new_tokens": 0})
+    ours = [[s.token_ids for s in r.sequences] for r in gen.generate(PROMPTS, max_new_tokens=MAX_NEW, min_new_tokens=0,
+                                                                     **options)]
+    assert ours == expected == _ours_without(gen, ["min_length"], options)
+    if options is GREEDY:
+        assert any(len(ids) < 5 for per_prompt in ours for ids in per_prompt)   # EOS before the model's min_length
 
 
 def test_torch_backend_no_longer_warns_about_applied_settings(configured, caplog):

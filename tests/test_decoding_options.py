@@ -14,7 +14,7 @@ from deploylm.errors import OptionError, UsageError
 
 def test_defaults_are_deploylm_cli_defaults():
     o = DecodingOptions()
-    assert (o.num_beams, o.max_new_tokens, o.min_new_tokens) == (4, 64, 0)
+    assert (o.num_beams, o.max_new_tokens, o.min_new_tokens) == (4, 64, None)   # None: the model's min_length
     assert (o.length_penalty, o.repetition_penalty, o.no_repeat_ngram_size, o.early_stopping) == (1.0, 1.0, 0, False)
     assert (o.do_sample, o.top_k, o.top_p, o.temperature, o.seed, o.max_time) == (False, 0, 1.0, 1.0, None, None)
     with pytest.raises(dataclasses.FrozenInstanceError):

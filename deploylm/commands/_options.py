@@ -76,7 +76,8 @@ PAIR = _Parsed("pair", _start_factor, lambda exc: "START,FACTOR with START an in
 DECODING_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--num-beams", "num_beams", INT, f"Beams (1 = greedy). Default: the model's, else {D.num_beams}."),
     ("--max-new-tokens", "max_new_tokens", INT, f"Most tokens to generate. Default: the model's, else {D.max_new_tokens}."),
-    ("--min-new-tokens", "min_new_tokens", INT, f"EOS is banned before this many tokens. Default: the model's, else {D.min_new_tokens}."),
+    ("--min-new-tokens", "min_new_tokens", INT, "EOS is banned before this many tokens (0 = no minimum, the model's "
+     "min_length too). Default: the model's (its min_new_tokens, else its min_length), else 0."),
     ("--length-penalty", "length_penalty", FLOAT, f"Finished score = logprob / length**penalty. Default: the model's, else {D.length_penalty}."),
     ("--repetition-penalty", "repetition_penalty", FLOAT, f"> 1 discourages repeats (1 = off). Default: the model's, else {D.repetition_penalty}."),
     ("--no-repeat-ngram-size", "no_repeat_ngram_size", INT, f"Ban repeating n-grams of this size (0 = off). Default: the model's, else {D.no_repeat_ngram_size}."),

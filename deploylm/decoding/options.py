@@ -41,7 +41,9 @@ class DecodingOptions:
 
     num_beams: int = 4
     max_new_tokens: int = 64
-    min_new_tokens: int = 0
+    # None = the model's: its generation_config min_new_tokens, else its min_length (a total length, prompt
+    # included); a number, 0 too, replaces the model's min_length, as transformers' min_new_tokens does
+    min_new_tokens: int | None = None
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
@@ -95,13 +97,14 @@ class DecodingOptions:
             raise UsageError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}: "
                              f"expected any of {', '.join(option_names())}")
         changes = {name: _plain(name, value) for name, value in changes.items()}   # np.int64(2) is 2 below
-        if not {"max_new_tokens", "min_new_tokens"} & set(changes) and self.min_new_tokens > self.max_new_tokens:
+        least_default = self.min_new_tokens or 0
+        if not {"max_new_tokens", "min_new_tokens"} & set(changes) and least_default > self.max_new_tokens:
             # only a model's loose defaults (Generator) hold this: the call gave neither, so name neither as its option
             raise UsageError(f"the model's default min_new_tokens={self.min_new_tokens} is above the default "
                              f"max_new_tokens={self.max_new_tokens} (the model's generation_config, else deploylm's): "
                              "give max_new_tokens in the call, or a lower min_new_tokens")
         wanted = changes.get("max_new_tokens")
-        if "min_new_tokens" not in changes and type(wanted) is int and 1 <= wanted < self.min_new_tokens:
+        if "min_new_tokens" not in changes and type(wanted) is int and 1 <= wanted < least_default:
             changes = {**changes, "min_new_tokens": wanted}
         least = changes.get("min_new_tokens")
         if "max_new_tokens" not in changes and type(least) is int and least > self.max_new_tokens:
@@ -130,11 +133,10 @@ def option_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(DecodingOptions))
 
 
-_INTS = ("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "num_return_sequences",
-         "top_k")
+_INTS = ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "num_return_sequences", "top_k")
 _FLOATS = ("length_penalty", "repetition_penalty", "temperature", "top_p")
-_OPTIONAL_INTS = ("seed", "encoder_no_repeat_ngram_size")          # None or an integer
-_OPTIONAL_FLOATS = ("encoder_repetition_penalty", "max_time")      # None or a number
+_OPTIONAL_INTS = ("min_new_tokens", "seed", "encoder_no_repeat_ngram_size")   # None or an integer
+_OPTIONAL_FLOATS = ("encoder_repetition_penalty", "max_time")                  # None or a number
 # Bounds that keep the float32 search finite: a score is divided by generated_len ** length_penalty
 # (4096 ** 10 is 1e36), logits by the temperature, and a sequence bias is added to log-probabilities
 # next to the -1e9 that masks candidates. Typical values: length_penalty 0-2, temperature 0.1-2, bias ±10.
@@ -231,6 +233,8 @@ def _check_types(o: DecodingOptions) -> None:
             raise _bad(name, value, "expected a number")
     if not isinstance(o.do_sample, bool):
         raise _bad("do_sample", o.do_sample, "expected true or false")
+    if o.min_new_tokens is not None and (isinstance(o.min_new_tokens, bool) or not isinstance(o.min_new_tokens, int)):
+        raise _bad("min_new_tokens", o.min_new_tokens, "expected an integer or none (the model's)")
     if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int)):
         raise _bad("seed", o.seed, "expected an integer or none")
     if o.seed is not None and not 0 <= o.seed < 2**63:   # torch.Generator.manual_seed wraps or overflows
@@ -269,8 +273,8 @@ def _check_ranges(o: DecodingOptions) -> None:
     checks = [
         ("num_beams", o.num_beams >= 1, "use num_beams >= 1 (1 = greedy or plain sampling)"),
         ("max_new_tokens", o.max_new_tokens >= 1, "use max_new_tokens >= 1"),
-        ("min_new_tokens", o.min_new_tokens >= 0, "use min_new_tokens >= 0"),
-        ("max_new_tokens", o.max_new_tokens >= o.min_new_tokens,
+        ("min_new_tokens", o.min_new_tokens is None or o.min_new_tokens >= 0, "use min_new_tokens >= 0"),
+        ("max_new_tokens", o.min_new_tokens is None or o.max_new_tokens >= o.min_new_tokens,
          f"must be >= min_new_tokens={o.min_new_tokens}; raise max_new_tokens or lower min_new_tokens"),
         ("repetition_penalty", o.repetition_penalty > 0,
          "use a penalty > 0 (1.0 = off, > 1 discourages repeats)"),

@@ -475,11 +475,11 @@ def _encoder_ids(ids: Tensor | None, name: str) -> Tensor:
 
 
 def _length_processors(options: DecodingOptions, info: ModelInfo, prompt_len: int, device) -> list[Processor]:
-    """bad_words_ids, min_length (the model's), min_new_tokens (the call's).
+    """bad_words_ids, min_length (the model's), min_new_tokens (the call's, else the model's).
 
-    transformers replaces the model's min_length by prompt_len + min_new_tokens when min_new_tokens is given;
-    MinNewTokens then bans exactly what that MinLength would, so the model's min_length applies only when
-    min_new_tokens is 0.
+    transformers replaces the model's min_length by prompt_len + min_new_tokens when min_new_tokens is given
+    (min_new_tokens=0 too: no minimum); MinNewTokens then bans exactly what that MinLength would, so the model's
+    min_length applies only when min_new_tokens is None (neither the call nor the model's defaults give one).
     """
     out: list[Processor] = []
     model, eos = info.generation, info.special.eos_token_ids
@@ -487,9 +487,9 @@ def _length_processors(options: DecodingOptions, info: ModelInfo, prompt_len: in
         bad = BadWords(model["bad_words_ids"], eos, info.vocab_size, device)
         if bad.words:
             out.append(bad)
-    if model.get("min_length") and eos and options.min_new_tokens == 0:
+    if model.get("min_length") and eos and options.min_new_tokens is None:
         out.append(MinLength(model["min_length"], eos, device))
-    if options.min_new_tokens > 0 and eos:
+    if options.min_new_tokens and eos:
         out.append(MinNewTokens(prompt_len, options.min_new_tokens, eos, device))
     return out
 
