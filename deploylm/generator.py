@@ -1,6 +1,7 @@
 """The Python API (DESIGN.md §3): `load(src)` -> Generator; `generate` and `stream` over the one decoder.
 
-Decoding options are flat keywords (DecodingOptions fields). Precedence, highest first:
+Decoding options are flat keywords (DecodingOptions fields); a temperature, top_k or top_p given to a call that
+does not sample is ignored with a UserWarning, as in transformers (a seed silently). Precedence, highest first:
   1. the keywords of the call (`gen.generate(p, num_beams=2)`),
   2. the model's defaults (an artifact's manifest/generation_config, a Hugging Face
      generation_config.json, a checkpoint's generation_config.json: num_beams, max_new_tokens, ...),
@@ -26,13 +27,14 @@ import contextlib
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 from typing import Generator as PieceStream  # the class below is named Generator
 
 from deploylm.backends import Backend, EncodedBatch, backend_class
-from deploylm.decoding.options import DecodingOptions, option_names
+from deploylm.decoding.options import SAMPLING_ONLY, DecodingOptions, option_names
 from deploylm.errors import Interrupted, OptionError, UsageError
 from deploylm.long_inputs import (LongInputs, check_fits, concat_rows, encoding, join_parts, join_texts,
                                   prompt_budget, split_rows, tokenize, tokenize_windows)
@@ -180,6 +182,7 @@ class Generator:
         texts = _prompt_list(prompts)
         _check_stop(stop, stats)
         opts = self.options(**options)
+        _warn_ignored_sampling(options, opts)
         fit = LongInputs(truncation=truncation, window_overlap=window_overlap)
         if self._slides(fit):
             return self._generate_windows(texts, opts, fit.overlap, stop)
@@ -229,6 +232,7 @@ class Generator:
             raise UsageError(f"stream takes one prompt string, got {type(prompt).__name__}")
         _check_stop(stop)
         opts = self.options(**options)
+        _warn_ignored_sampling(options, opts)
         if opts.num_return_sequences != 1:   # it would decode them all and stream one (the server refuses it too)
             raise UsageError(f"stream returns one sequence, the best: num_return_sequences={opts.num_return_sequences} "
                              "must be 1 (generate() returns several)")
@@ -603,6 +607,24 @@ def _model_defaults(known: Mapping[str, Any]) -> DecodingOptions:
     object.__setattr__(defaults, "do_sample", bool(known.get("do_sample", False)))
     object.__setattr__(defaults, "max_new_tokens", max_new)
     return defaults
+
+
+def _warn_ignored_sampling(given: Mapping[str, Any], opts: DecodingOptions) -> None:
+    """A temperature, top_k or top_p the caller gave to a call that does not sample is ignored (greedy or beam
+    search): one UserWarning names them, as transformers' generate warns (`deploylm generate` and the server refuse
+    them; a library call goes on, as transformers'). Only the call's own keywords count, and only values that
+    would change a sampled output: the model's own sampling defaults (a generation_config temperature of 0.6 with
+    do_sample false) and temperature=1.0, top_k=0 or top_p=1.0 change nothing. A seed does not warn: without
+    sampling it is harmless, and clients send one with every request (OpenAI's seed)."""
+    if opts.do_sample:
+        return
+    ignored = [f"{name}={getattr(opts, name)!r}" for name in ("temperature", "top_k", "top_p")   # not the seed
+               if name in given and getattr(opts, name) != SAMPLING_ONLY[name]]
+    if ignored:
+        several = len(ignored) > 1
+        warnings.warn(f"{', '.join(ignored)} appl{'y' if several else 'ies'} only when sampling, and this call "
+                      f"searches deterministically (greedy or beam search): {'they are' if several else 'it is'} "
+                      "ignored; pass do_sample=True to sample", UserWarning, stacklevel=3)
 
 
 def _check_backend(backend: Any) -> None:

@@ -494,6 +494,24 @@ def test_generator_runner_reads_the_clock_once_per_step(tiny_gpt2_dir):
     assert 0 < call.model_s < call.loop_s and [len(t) for t in result.token_ids] == [3, 3, 3, 3]
 
 
+def test_generator_runner_passes_no_sampling_option_a_deterministic_row_ignores(tiny_gpt2_dir):
+    """The row passed the workload's whole DecodingOptions.to_dict() to generate: in a workload that does not sample,
+    a temperature there would make every call warn that it is ignored (Generator.generate). It passes the
+    options that matter (call_keywords): no warning, the same tokens."""
+    import warnings
+
+    from deploylm.benchmarking.workload import Workload
+    from deploylm.decoding.options import DecodingOptions
+
+    options = DecodingOptions(num_beams=2, max_new_tokens=2, min_new_tokens=2, temperature=0.7, top_k=5, seed=1)
+    runner = GeneratorRunner(str(tiny_gpt2_dir), "torch", Workload(((PROMPTS[0],),), options, 1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*only when sampling", UserWarning)
+        _, tokens = runner._call([PROMPTS[0]])
+    expected = runner.generator.generate([PROMPTS[0]], num_beams=2, max_new_tokens=2, min_new_tokens=2)
+    assert tokens == [expected[0].sequences[0].token_ids]
+
+
 def test_transformers_row_counts_an_encoders_time_as_model_time(tiny_t5_dir):
     """generate() runs an encoder-decoder's encoder outside model.forward: it is model time, not the
     decoder's overhead (a long prompt made the encoder look like >50% decoder overhead)."""

@@ -839,3 +839,56 @@ def test_numpy_option_values_decode_as_their_python_values(llama):
         PROMPTS, **{k: v.item() if isinstance(v, np.generic) else v for k, v in sampled.items()})
     assert "".join(llama.stream(PROMPTS[0], **given | {"num_return_sequences": 1})) == "".join(
         llama.stream(PROMPTS[0], **plain | {"num_return_sequences": 1}))
+
+
+def _sampling_warnings(call):
+    """The 'applies only when sampling' UserWarnings `call()` issues (every one, not once per place)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [w for w in caught if issubclass(w.category, UserWarning) and "only when sampling" in str(w.message)]
+
+
+def test_sampling_options_in_a_call_that_does_not_sample_warn_once_naming_them(llama):
+    """gen.generate(p, temperature=0.7) searched greedily and dropped the temperature without a word (the CLI and
+    the server refuse it). As transformers' generate, the call goes on and one UserWarning names what it ignores."""
+    plain = llama.generate(PROMPTS, num_beams=1, max_new_tokens=3)
+    [warning] = _sampling_warnings(lambda: llama.generate(PROMPTS, num_beams=1, max_new_tokens=3, temperature=0.7))
+    assert str(warning.message) == ("temperature=0.7 applies only when sampling, and this call searches "
+                                    "deterministically (greedy or beam search): it is ignored; pass do_sample=True "
+                                    "to sample")
+    assert warning.filename == __file__                  # it points at the caller's line
+    [warning] = _sampling_warnings(lambda: llama.generate(PROMPTS, num_beams=2, max_new_tokens=3, temperature=0.5,
+                                                          top_k=5, top_p=0.9, seed=1))
+    assert str(warning.message).startswith("temperature=0.5, top_k=5, top_p=0.9 apply only when sampling")
+    assert "they are ignored; pass do_sample=True" in str(warning.message)
+    [warning] = _sampling_warnings(lambda: "".join(llama.stream(PROMPTS[0], num_beams=1, max_new_tokens=3, top_k=5)))
+    assert str(warning.message).startswith("top_k=5 applies only when sampling")
+    ignored = []
+    _sampling_warnings(lambda: ignored.append(llama.generate(PROMPTS, num_beams=1, max_new_tokens=3, temperature=0.7)))
+    assert ignored == [plain]
+
+
+@pytest.mark.parametrize("options", [
+    dict(seed=3),                                        # harmless without sampling; clients send one every time
+    dict(temperature=1.0, top_k=0, top_p=1.0),           # values that change nothing
+    dict(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, seed=3),
+], ids=["seed", "neutral-values", "sampling"])
+def test_what_changes_nothing_or_samples_does_not_warn(llama, options):
+    assert _sampling_warnings(lambda: llama.generate(PROMPTS, num_beams=1, max_new_tokens=2, **options)) == []
+
+
+def test_a_models_own_sampling_defaults_do_not_warn_and_its_do_sample_counts(llama, tiny_llama_dir, tmp_path):
+    """A generation_config with temperature=0.6 and do_sample false (the usual chat model's) is no option of the
+    call: no warning. A model whose defaults sample (a profile's [generation]) samples the call's temperature."""
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "temperature": 0.6, "top_k": 5, "top_p": 0.9,
+                                "do_sample": False}))
+    gen = load(folder)
+    assert _sampling_warnings(lambda: gen.generate(PROMPTS, num_beams=1, max_new_tokens=2)) == []
+    sampling = Generator(llama.backend, llama.tokenizer, defaults={"do_sample": True, "num_beams": 1})
+    assert _sampling_warnings(lambda: sampling.generate(PROMPTS, max_new_tokens=2, temperature=0.7, seed=1)) == []

@@ -138,12 +138,13 @@ class GeneratorRunner:
 
     def _call(self, texts: list[str]) -> tuple[CallTiming, list[tuple[int, ...]]]:
         """One Generator.generate call (encode, decode loop, detokenize), the clock read after each step."""
+        from deploylm.decoding.options import call_keywords
         from deploylm.decoding.search import SearchStats
 
         clock, marks = self.clock, []
         stats = SearchStats(on_step=lambda: marks.append(clock()))
         start = clock()
-        results = self.generator.generate(texts, stats=stats, **self.workload.options.to_dict())
+        results = self.generator.generate(texts, stats=stats, **call_keywords(self.workload.options))
         end = clock()
         best = [tuple(int(t) for t in r.sequences[0].token_ids) for r in results]
         return timing_from_marks(start, marks, end, stats.backend_seconds, stats.total_seconds,

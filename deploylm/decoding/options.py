@@ -133,6 +133,18 @@ def option_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(DecodingOptions))
 
 
+# Options that change nothing unless a call samples (do_sample), each with its value that changes nothing at all
+SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": None}
+
+
+def call_keywords(options: DecodingOptions) -> dict[str, Any]:
+    """`options` as the keywords of a Generator call (each replaces the model's default), less the sampling-only
+    ones when `options` do not sample: they would change nothing, and a call given a temperature, top_k or top_p
+    it ignores warns the caller (Generator.generate). What internal callers (deploylm bench) pass."""
+    values = options.to_dict()
+    return values if options.do_sample else {k: v for k, v in values.items() if k not in SAMPLING_ONLY}
+
+
 _INTS = ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "num_return_sequences", "top_k")
 _FLOATS = ("length_penalty", "repetition_penalty", "temperature", "top_p")
 _OPTIONAL_INTS = ("min_new_tokens", "seed", "encoder_no_repeat_ngram_size")   # None or an integer

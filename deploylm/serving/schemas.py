@@ -59,7 +59,8 @@ class Job:
     """One validated request: prompts plus the decoding options the client gave (explicit ones only)."""
 
     prompts: tuple[str, ...]
-    options: dict[str, Any]          # passed to Generator.generate/stream as keywords
+    options: dict[str, Any]          # passed to Generator.generate/stream as keywords (no sampling-only ones
+                                     # in a request that does not sample: they would change nothing)
     stream: bool = False
     max_new_tokens: int = 64         # resolved (for finish_reason)
     samples: bool | None = None      # resolved do_sample (the model's defaults may sample); None: options say
@@ -136,6 +137,8 @@ def _job(prompts: tuple[str, ...], options: dict[str, Any], stream: bool, defaul
     if stream and resolved.num_return_sequences != 1:
         raise ApiError(400, f"stream returns one sequence: num_return_sequences={resolved.num_return_sequences} "
                        "must be 1", param="num_return_sequences")
+    if not resolved.do_sample:   # a completions client's seed (or top_p 1): not passed on, they change nothing here
+        options = {name: value for name, value in options.items() if name not in SAMPLING_OPTIONS}
     return Job(prompts, options, stream, resolved.max_new_tokens, bool(resolved.do_sample))
 
 
