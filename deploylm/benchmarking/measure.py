@@ -128,7 +128,9 @@ class GeneratorRunner:
         """Refuse what the row cannot run (a prompt over the model's window, or over a TensorRT engine's lengths)
         once the rows are loaded, before any row's warm-up: not at this row's first call, after the rows before it
         have decoded the workload."""
-        options = self.workload.options.to_dict()
+        from deploylm.decoding.options import call_keywords
+
+        options = call_keywords(self.workload.options)      # what _call passes
         for k, texts in enumerate(self.workload.batches):
             with _numbered(self.workload.numbers, k):
                 self.generator.check(list(texts), **options)
