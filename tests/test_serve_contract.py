@@ -9,7 +9,7 @@ import time
 import pytest
 from starlette.testclient import TestClient
 
-from deploylm.errors import DeployLMError
+from deploylm.errors import DeployLMError, NumericalOverflow
 from deploylm.serving import ServeConfig, create_app
 from tests.reliability.fakes import FakeGenerator
 
@@ -72,6 +72,35 @@ def test_a_deploylm_error_from_the_backend_is_a_500_server_error():
         r = c.post("/v1/generate", json={"prompt": "a b"})
     assert r.status_code == 500, r.text
     assert r.json()["error"]["type"] == "server_error" and "session is gone" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("failure, says", [
+    (NumericalOverflow("the model's logits at generated token 2 are NaN or infinite"), "the model's logits at "),
+    (RuntimeError("scripted"), "internal error: RuntimeError: scripted"),
+])
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/generate"])
+def test_a_stream_that_fails_midway_ends_with_the_error_then_done_on_completions(endpoint, failure, says, caplog):
+    """After the headers went out, a failure is the last event; a completions stream then ends with [DONE] as
+    every completions stream does (vLLM's too): a client reading to [DONE] is not left waiting. A deploylm error
+    (the model's logits overflowed) is its own line, as the same request without streaming answers, not an
+    "internal error" with the class name; both reach the server's log."""
+    from deploylm.generator import TextStream
+
+    class Failing(FakeGenerator):
+        def stream(self, prompt, *, stop=None, **options):
+            def pieces():
+                yield " a"
+                raise failure
+            return TextStream(pieces())
+
+    field = "max_tokens" if endpoint == "/v1/completions" else "max_new_tokens"
+    with TestClient(create_app(Failing(), CONFIG)) as c:
+        r = c.post(endpoint, json={"prompt": "a b", field: 3, "stream": True})
+    events = sse_events(r.text)
+    last_json = json.loads(events[-2] if endpoint == "/v1/completions" else events[-1])
+    assert last_json["error"]["type"] == "server_error" and last_json["error"]["message"].startswith(says), events
+    assert (events[-1] == "[DONE]") == (endpoint == "/v1/completions"), events
+    assert str(failure) in caplog.text
 
 
 def test_a_finished_stream_gives_its_slot_back(client):

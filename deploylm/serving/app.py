@@ -207,7 +207,8 @@ class _Api:
             await asyncio.to_thread(self._precheck, job)
             if job.stream:
                 slot = self._reserve_stream()
-                return _StreamSlotResponse(slot.drop, self._guarded(events(job, rid, slot), _listed(body)),
+                guarded = self._guarded(events(job, rid, slot), _listed(body), done=parse is parse_completion)
+                return _StreamSlotResponse(slot.drop, guarded,
                                            media_type="text/event-stream", headers={"cache-control": "no-cache"})
             results = await self._decode(request, job, rid)
             if results is None:  # client went away; nobody reads this
@@ -231,7 +232,8 @@ class _Api:
             return _error_response(ApiError(400, message, param=param))
         except Interrupted:
             return _error_response(SHUTTING_DOWN)
-        except DeployLMError as exc:
+        except DeployLMError as exc:   # the model's own failure (a numerical overflow): its line, and in the log
+            log.warning("%s request failed: %s", rid, exc)
             return _error_response(ApiError(500, str(exc), type="server_error"))
         except Exception as exc:  # noqa: BLE001 - a bug or a backend failure: log it, answer 500
             log.exception("%s request failed", rid)
@@ -278,8 +280,10 @@ class _Api:
     def _release_stream(self) -> None:
         self.state.active_streams -= 1
 
-    async def _guarded(self, events: AsyncIterator[bytes], listed: bool) -> AsyncIterator[bytes]:
-        """Pass the events through; a failure after the headers went out becomes a final error event.
+    async def _guarded(self, events: AsyncIterator[bytes], listed: bool, done: bool = False) -> AsyncIterator[bytes]:
+        """Pass the events through; a failure after the headers went out becomes a final error event, followed
+        by `data: [DONE]` where the stream's protocol ends with it (`done`: completions, as vLLM's OpenAI server
+        does: a client reading to [DONE] is not left waiting on an error it does not parse).
 
         Between two events the event loop runs once: pieces that arrived together would otherwise be
         written back to back without it ever reading the socket, so after a client left, every write of
@@ -292,9 +296,16 @@ class _Api:
             yield sse((exc if isinstance(exc, ApiError) else ApiError(400, _json_paths(str(exc), listed))).body())
         except Interrupted:       # the drain is over: the stream ends after its current step
             yield sse(SHUTTING_DOWN.body())
+        except DeployLMError as exc:   # the model's own failure (a numerical overflow): its line, as without stream
+            log.warning("stream failed: %s", exc)
+            yield sse(ApiError(500, str(exc), type="server_error").body())
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error becomes the last event
             log.exception("stream failed")
             yield sse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
+        else:
+            return
+        if done:
+            yield sse("[DONE]")
 
     def _pieces(self, job: Job, opened: list[TextStream], slot: StreamSlot) -> AsyncIterator[str]:
         """The text pieces of the job's stream; the TextStream lands in `opened` (its finish_reason)."""
