@@ -863,3 +863,100 @@ def test_cli_requires_teacher_and_out_and_reports_first_to_last_loss_and_each_mo
                        (["--teacher", "x"], "error: --out DIR is required: the folder the student is written to")):
         res = CliRunner().invoke(cli, ["distill", *args])
         assert (res.exit_code, res.output) == (2, line + "\n")
+
+
+def interrupt(monkeypatch, exc, step=None):
+    """distill_setup.build wrapped so that `exc` (KeyboardInterrupt: Ctrl-C; SystemExit(143): SIGTERM, as the CLI
+    raises it) lands while the batch of `step` is drawn (that many steps done), or, without `step`, in the
+    teacher's timed final evaluation (after the two warm-up passes)."""
+    build = distill_setup.build
+
+    def built(config):
+        setup = build(config)
+        batch, evaluate, calls = setup.batch, setup.evaluate, []
+
+        def stopped_batch(at):
+            if at == step:
+                raise exc
+            return batch(at)
+
+        def stopped_evaluate(model, limit):
+            calls.append(limit)
+            if step is None and len(calls) == 3:
+                raise exc
+            return evaluate(model, limit)
+
+        setup.batch, setup.evaluate = stopped_batch, stopped_evaluate
+        return setup
+
+    monkeypatch.setattr(distill_setup, "build", built)
+
+
+INTERRUPTS = [pytest.param(KeyboardInterrupt, 130, id="ctrl-c"), pytest.param(SystemExit(143), 143, id="sigterm")]
+STOPPED_RUN = ["--task", "reverse", "--steps", "4", "--batch-size", "8", "--eval-examples", "4"]
+
+
+@pytest.mark.parametrize("exc, status", INTERRUPTS)
+def test_a_distillation_stopped_during_its_final_evaluation_keeps_the_trained_student(exc, status, seed_teacher,
+                                                                                     tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM during the evaluation after the last step threw the trained student away (distill saves
+    nothing before then and has no --resume) with nothing but "Aborted!": now the student is saved as at the normal
+    end, with a distill.json whose metrics are null and `final_evaluation: "interrupted"`, and one line says so."""
+    out = tmp_path / "s"
+    with monkeypatch.context() as patch:
+        interrupt(patch, exc)
+        res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", str(out), *STOPPED_RUN])
+    assert res.exit_code == status, res.output
+    assert (f"interrupted during the final evaluation: {str(out)!r} holds the trained student (all 4 steps), but its "
+            "evaluation against the teacher did not run (distill.json: metrics null, final_evaluation \"interrupted\")"
+            in res.output), res.output
+    report = json.loads((out / "distill.json").read_text())
+    assert report["final_evaluation"] == "interrupted" and report["teacher"] is None and report["student"] is None
+    assert report["steps"] == 4 and report["task"] == "reverse" and set(report["losses"]) == {"first", "last"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]          # no temporary folder, no lock
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", str(tmp_path / "full"),
+                                   *STOPPED_RUN])
+    assert res.exit_code == 0, res.output                               # the student the run would have saved
+    kept, whole = load_checkpoint(out)[0].state_dict(), load_checkpoint(tmp_path / "full")[0].state_dict()
+    assert kept.keys() == whole.keys() and all(torch.equal(kept[k], whole[k]) for k in kept)
+    assert "final_evaluation" not in json.loads((tmp_path / "full" / "distill.json").read_text())
+
+
+@pytest.mark.parametrize("exc, status", INTERRUPTS)
+def test_a_distillation_stopped_while_it_trains_says_nothing_was_saved(exc, status, seed_teacher, tmp_path,
+                                                                       monkeypatch):
+    """Ctrl-C mid-training printed only "Aborted!" and SIGTERM nothing at all: one line now says how far it got and
+    that nothing was written (no checkpoint to resume from), and --out is untouched."""
+    out = tmp_path / "s"
+    interrupt(monkeypatch, exc, step=2)
+    res = CliRunner().invoke(cli, ["distill", "--teacher", str(seed_teacher), "--out", str(out), *STOPPED_RUN])
+    assert res.exit_code == status, res.output
+    assert (f"interrupted at step 2 of 4: nothing was written to {str(out)!r} (distill saves the student only after "
+            "its last step and keeps no checkpoint to resume from); run the same command again to start over"
+            in res.output), res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_student_that_cannot_be_kept_at_an_interrupt_is_named_and_the_interrupt_still_stops(seed_teacher, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """Saving the trained student after a Ctrl-C in the final evaluation can fail too: a full disk is named in the
+    line (not a traceback hiding the interrupt), a second Ctrl-C stops the save; either way the run still stops
+    and no half-written folder is left."""
+    def half_save(error):
+        def save(folder, *args):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text("{}")
+            raise error
+        return save
+
+    out = tmp_path / "s"
+    interrupt(monkeypatch, KeyboardInterrupt)
+    monkeypatch.setattr(distill_setup, "_save_seed", half_save(OSError(28, "No space left on device")))
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(teacher=seed_teacher, out=out, task="reverse", steps=2, **FAST))
+    assert (f"interrupted during the final evaluation, and the trained student was not kept: could not save the "
+            f"student in {str(out)!r}: ") in capsys.readouterr().err
+    monkeypatch.setattr(distill_setup, "_save_seed", half_save(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(teacher=seed_teacher, out=out, task="reverse", steps=2, **FAST))
+    assert list(tmp_path.iterdir()) == []

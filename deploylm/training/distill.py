@@ -19,6 +19,8 @@ rounded up) initialised from evenly spaced teacher layers, first and last kept (
 of 12, as DistilBERT), plus the teacher's embeddings, norms and output layer. With --d-model unlike
 the teacher's (deploylm checkpoints only) the student is initialised at random. It is saved as an
 ordinary checkpoint or Hugging Face folder (with the teacher's tokenizer and distill.json), atomically.
+An interrupt (Ctrl-C, SIGTERM) while it trains saves nothing (there is no checkpoint to resume from); one during
+the final evaluation saves the trained student with null metrics, marked `"final_evaluation": "interrupted"`.
 """
 from __future__ import annotations
 
@@ -115,8 +117,8 @@ class DistillResult:
     kept_layers: dict[str, list[int]]            # layer list -> teacher layers the student started from
     init: str                                    # "teacher" (copied layers) or "random" (other width)
     losses: list[dict[str, float]]               # per step: total, kd, ce
-    teacher: dict[str, float]
-    student: dict[str, float]
+    teacher: dict[str, float] | None             # None: the final evaluation was interrupted (the student is saved)
+    student: dict[str, float] | None
     parameters: dict[str, int] = field(default_factory=dict)   # teacher / student parameter counts
     wall_s: float = 0.0
 
@@ -239,14 +241,53 @@ def _distill_locked(config: DistillConfig, on_step: Callable[[int, dict[str, flo
                                      warmup=min(config.warmup, config.steps // 10),
                                      block_size=setup.block_size)
         losses = _train(setup, config, on_step)
-        teacher, student = _evaluate_both(setup)
-        result = DistillResult(config.out, config.steps, setup.kept, setup.init, losses, teacher, student,
-                               {"teacher": _count(setup.teacher), "student": _count(setup.student)},
-                               time.perf_counter() - started)
-        distill_setup.publish(config, setup.save, {"task": None, **setup.data_record, **result.as_json()})
-        return result
+
+        def result(teacher: dict[str, float] | None, student: dict[str, float] | None) -> DistillResult:
+            return DistillResult(config.out, config.steps, setup.kept, setup.init, losses, teacher, student,
+                                 {"teacher": _count(setup.teacher), "student": _count(setup.student)},
+                                 time.perf_counter() - started)
+
+        try:
+            teacher, student = _evaluate_both(setup)
+        except (KeyboardInterrupt, SystemExit):   # Ctrl-C, SIGTERM: the student is trained; keep it, then stop
+            print(stopped_evaluation(config, setup, result(None, None)), file=sys.stderr)
+            raise
+        done = result(teacher, student)
+        distill_setup.publish(config, setup.save, _report(setup, done))
+        return done
     finally:
         torch.set_num_threads(threads)
+
+
+def _report(setup: Setup, result: DistillResult, **extra: Any) -> dict[str, Any]:
+    """distill.json beside the student (publish adds the settings): the data, as export's calibration finds it, and
+    the run's result."""
+    return {"task": None, **setup.data_record, **result.as_json(), **extra}
+
+
+def stopped_evaluation(config: DistillConfig, setup: Setup, known: DistillResult) -> str:
+    """Save the trained student of a run stopped during its final evaluation, as the normal end does (atomically),
+    with a distill.json whose teacher and student metrics are null and `final_evaluation: "interrupted"`: every step
+    ran, and distill has no --resume, so dropping it would throw the whole run away. The line says what --out holds.
+    A save that fails (a full disk) is named in the line instead of hiding the interrupt; a second interrupt while
+    it saves stops it, and publish removes the temporary folder (no half-written student is left)."""
+    from deploylm.errors import CheckpointWriteFailed
+    from deploylm.training import distill_setup
+
+    try:
+        distill_setup.publish(config, setup.save, _report(setup, known, final_evaluation="interrupted"))
+    except CheckpointWriteFailed as exc:
+        return f"interrupted during the final evaluation, and the trained student was not kept: {exc}"
+    return (f"interrupted during the final evaluation: {str(config.out)!r} holds the trained student (all "
+            f"{config.steps} steps), but its evaluation against the teacher did not run (distill.json: metrics null, "
+            "final_evaluation \"interrupted\")")
+
+
+def interrupted_line(config: DistillConfig, done: int) -> str:
+    """What a run stopped while it trains leaves: nothing, as distill keeps no checkpoint to resume from."""
+    return (f"interrupted at step {done} of {config.steps}: nothing was written to {str(config.out)!r} (distill saves "
+            "the student only after its last step and keeps no checkpoint to resume from); run the same command again "
+            "to start over")
 
 
 def _train(setup: Setup, config: DistillConfig, on_step: Callable[[int, dict[str, float]], None] | None) -> list[dict[str, float]]:
@@ -281,6 +322,9 @@ def _train(setup: Setup, config: DistillConfig, on_step: Callable[[int, dict[str
             bar.set_postfix(kd=f"{losses[-1]['kd']:.3f}", ce=f"{losses[-1]['ce']:.3f}", refresh=False)
             if on_step is not None:
                 on_step(step + 1, losses[-1])
+    except (KeyboardInterrupt, SystemExit):      # Ctrl-C, SIGTERM: say that nothing is saved, then stop
+        bar.write(interrupted_line(config, len(losses)), file=sys.stderr)
+        raise
     finally:
         bar.close()
     setup.student.eval()
