@@ -275,6 +275,32 @@ def test_a_models_default_beams_over_max_beams_decode_with_the_limit(tiny_gpt2_d
     assert last["done"] and last["text"] == streamed, last
 
 
+def test_a_request_checked_against_the_models_lowered_defaults_not_its_raw_ones(tiny_gpt2_dir, tmp_path):
+    """num_beams=5 and num_return_sequences=5 by default, served with --max-beams 4: a plain request gets 4 beams
+    and 4 sequences, but one that sent num_beams=4 (best_of 4) was a 400 about num_return_sequences=5 (n=5), which
+    the client never sent and the server would have lowered to 4; a stream with num_beams=2 was refused the same
+    way, where a stream returns one sequence. The request is now checked against the defaults as lowered."""
+    import json
+
+    gen = deploylm.load(_folder_with(tiny_gpt2_dir, tmp_path / "beams5",
+                                     generation={"num_beams": 5, "num_return_sequences": 5}), backend="torch")
+    with TestClient(create_app(gen, ServeConfig(max_beams=4, max_new_tokens=4))) as client:
+        g = client.post("/v1/generate", json={"prompt": PROMPTS[0], "num_beams": 4})
+        c = client.post("/v1/completions", json={"prompt": PROMPTS[0], "best_of": 4})
+        s = client.post("/v1/generate", json={"prompt": PROMPTS[0], "num_beams": 2, "stream": True})
+        over = client.post("/v1/generate", json={"prompt": PROMPTS[0], "num_beams": 2})   # 5 > 2, not over a cap
+    assert g.status_code == 200 and c.status_code == 200 and s.status_code == 200, (g.text, c.text, s.text)
+    want = gen.generate(PROMPTS[0], num_beams=4, num_return_sequences=4, max_new_tokens=4)[0].sequences
+    assert [o["token_ids"] for o in g.json()["results"][0]["outputs"]] == [list(s.token_ids) for s in want]
+    assert [choice["text"] for choice in c.json()["choices"]] == [s.text for s in want]
+    last = json.loads([line for line in s.text.splitlines() if line.startswith("data: ")][-1][len("data: "):])
+    assert last["text"] == "".join(gen.stream(PROMPTS[0], num_beams=2, num_return_sequences=1, max_new_tokens=4))
+    assert over.status_code == 400 and over.json()["error"]["param"] == "num_beams", over.text   # what it sent
+    assert over.json()["error"]["message"].startswith(
+        "decoding option num_return_sequences=4 is invalid: beam search returns at most num_beams=2 sequences"), over.text
+    assert "num_return_sequences=4 (this server's limit)" in over.json()["error"]["message"], over.text
+
+
 def test_a_models_default_min_new_tokens_over_the_capped_max_new_tokens_is_lowered_to_it(tiny_gpt2_dir, tmp_path):
     """generation_config min_new_tokens=40 served with --max-new-tokens 32 on a real model: a request that gives
     neither decodes exactly 32 tokens (the model's minimum lowered to the cap: the end token is banned to the end, as

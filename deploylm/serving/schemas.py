@@ -154,28 +154,38 @@ def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any
     the same way: a plain request on a small-window model is answered with what fits (finish_reason "length" says
     it was cut) rather than refused; a max_new_tokens the request gives over the window stays the generator's 400.
     A stream returns one sequence: a default num_return_sequences is lowered to 1 (the request's own other than 1
-    is _job's 400)."""
-    try:
-        resolved = resolve(options, defaults)
-    except UsageError as exc:
-        raise ApiError(400, str(exc), param=_param_of(str(exc), options)) from None
+    is _job's 400). The defaults are lowered before the request's options are checked against them: a request
+    with num_beams=4 to a model whose default num_return_sequences of 5 is over --max-beams 4 gets 4 sequences,
+    as a request that leaves both out does, not a 400 about a num_return_sequences it never sent."""
+    from deploylm.decoding.options import DecodingOptions
+
     limits = {"max_new_tokens": config.max_new_tokens, "num_return_sequences": config.max_beams,
               "num_beams": config.max_beams}   # n (num_return_sequences) before the beams it implies
-    for name, cap in limits.items():
-        if name in options and getattr(resolved, name) > cap:
-            raise ApiError(400, f"{name}={getattr(resolved, name)} is over this server's limit of {cap}", param=name)
     fits = room is not None and 1 <= room < config.max_new_tokens   # 0: the prompt alone is over the window
     default_limits = {**limits, "max_new_tokens": room} if fits else dict(limits)
     if stream:
         default_limits["num_return_sequences"] = 1
+    base = defaults if defaults is not None else DecodingOptions()   # what the request leaves out
     capped = {name: cap for name, cap in default_limits.items()
-              if name not in options and getattr(resolved, name) > cap}
+              if name not in options and getattr(base, name) > cap}
+    try:
+        resolved = resolve(options, defaults)
+    except UsageError as exc:
+        if not capped:
+            raise ApiError(400, str(exc), param=_param_of(str(exc), options)) from None
+        resolved = None     # perhaps only against a default the caps lower (num_return_sequences > num_beams)
+    for name, cap in limits.items():
+        value = options.get(name) if resolved is None else getattr(resolved, name)
+        if name in options and _is_number(value) and value > cap:
+            raise ApiError(400, f"{name}={value} is over this server's limit of {cap}", param=name)
     if not capped:
         return dict(options)
     options = {**options, **capped}
     try:
         resolve(options, defaults)
     except UsageError as exc:   # e.g. a min_new_tokens above the capped default: say where the cap comes from
+        if resolved is None and not any(f"{name}={cap}" in str(exc) for name, cap in capped.items()):
+            raise ApiError(400, str(exc), param=_param_of(str(exc), options)) from None   # the request's own
         raise ApiError(400, f"{exc} ({_capped_note(capped, window=fits, stream=stream)})",
                        param=next((n for n in options if n not in capped and n in str(exc)), None)) from None
     return options
