@@ -317,6 +317,17 @@ def _texts(tokenizer: Any, hyps: list[list[Any]] | None) -> list[str] | None:
     return [tokenizer.decode(list(h[0].token_ids), skip_special_tokens=True) for h in hyps]
 
 
+def export_check_options(generation: Any, most_new_tokens: int) -> Any:
+    """The DecodingOptions an export's own parity checks decode with: the profile's [generation] defaults, at most
+    `most_new_tokens` new tokens, and no minimum of the profile's (it could exceed that cap). min_new_tokens is left
+    unset (None), not 0: 0 turns the model's own min_length off too (as transformers' min_new_tokens=0 does), and
+    the check is to decode as the artifact's users do, a BART-style summarizer's min_length included."""
+    from deploylm.decoding.options import DecodingOptions
+
+    options = DecodingOptions.from_mapping(generation)
+    return options.replace(max_new_tokens=min(options.max_new_tokens, most_new_tokens), min_new_tokens=None)
+
+
 def compare_backends(reference: Backend, candidates: dict[str, Backend], batch: EncodedBatch,
                      options: Any, tolerances: Any, tokenizer: Any = None) -> ParityReport:
     """Compare every candidate with `reference` on `batch` (see the module docstring).

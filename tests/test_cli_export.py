@@ -210,8 +210,8 @@ def test_graphs_that_do_not_match_pytorch_fail_the_export_and_leave_nothing(tiny
     assert list((tmp_path / "art").iterdir()) == []
 
 
-@pytest.mark.parametrize("generation, checked", [("max_new_tokens = 64\nmin_new_tokens = 20", (16, 0)),
-                                                 ("max_new_tokens = 8\nmin_new_tokens = 4", (8, 0))])
+@pytest.mark.parametrize("generation, checked", [("max_new_tokens = 64\nmin_new_tokens = 20", (16, None)),
+                                                 ("max_new_tokens = 8\nmin_new_tokens = 4", (8, None))])
 def test_an_export_outside_its_parity_tolerances_exits_1_and_leaves_nothing(tiny_gpt2_dir, tmp_path, monkeypatch,
                                                                              generation, checked):
     from types import SimpleNamespace
@@ -227,7 +227,8 @@ def test_an_export_outside_its_parity_tolerances_exits_1_and_leaves_nothing(tiny
                               to_dict=lambda: {"passed": False})
     monkeypatch.setattr(parity, "compare_backends", lambda ref, cands, batch, options, *a, **k: seen.append(options) or failing)
     seen = []
-    # the profile's decoding defaults, at most PARITY_MAX_NEW_TOKENS (16) new tokens, and no minimum
+    # the profile's decoding defaults, at most PARITY_MAX_NEW_TOKENS (16) new tokens, and no minimum of the profile's
+    # (None, not 0: min_new_tokens=0 turns a model's min_length off too, and the check decodes as users do)
     profile = tmp_path / "long.toml"
     fp32 = (Path(__file__).parents[1] / "deploylm" / "builtin_profiles" / "fp32.toml").read_text()
     profile.write_text(fp32.replace('name = "fp32"', 'name = "long"').replace("num_beams = 4", "num_beams = 3")
@@ -239,6 +240,11 @@ def test_an_export_outside_its_parity_tolerances_exits_1_and_leaves_nothing(tiny
     assert list((tmp_path / "art").iterdir()) == []
     ((options),) = seen
     assert (options.max_new_tokens, options.min_new_tokens, options.num_beams) == (*checked, 3)
+    from deploylm.backends.base import ModelInfo, SpecialTokens
+    from deploylm.decoding.processors import MinLength, build_processors
+
+    with_min_length = ModelInfo(False, 16, SpecialTokens((1,), 0), generation={"min_length": 6})
+    assert any(isinstance(p, MinLength) for p in build_processors(options, with_min_length, 2))   # still applied
 
 
 def test_a_quantized_export_of_a_model_whose_tokenizer_has_no_pad_token(tiny_llama_dir, tmp_path):

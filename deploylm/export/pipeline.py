@@ -254,15 +254,13 @@ def _parity(source: Source, folder: Path, profile: Any, generation: dict[str, An
     """torch vs the new graphs, step by step (deploylm.parity); parity.json written into folder."""
     from deploylm.backends.onnx_backend import OnnxBackend
     from deploylm.backends.torch_backend import TorchBackend
-    from deploylm.decoding.options import DecodingOptions
     from deploylm.generator import Generator
     from deploylm.models.tokenizer import load_tokenizer
-    from deploylm.parity import DEFAULT_PROMPTS, compare_backends
+    from deploylm.parity import DEFAULT_PROMPTS, compare_backends, export_check_options
 
     reference = TorchBackend.from_source(source)
     candidate = OnnxBackend.from_folder(folder, name=source.name, generation=generation)
-    options = DecodingOptions.from_mapping(profile.generation)
-    options = options.replace(max_new_tokens=min(options.max_new_tokens, PARITY_MAX_NEW_TOKENS), min_new_tokens=0)
+    options = export_check_options(profile.generation, PARITY_MAX_NEW_TOKENS)
     tokenizer = load_tokenizer(source)
     batch = Generator(reference, tokenizer).encode(list(DEFAULT_PROMPTS), options)
     report = compare_backends(reference, {"onnx": candidate}, batch, options, profile.parity, tokenizer)

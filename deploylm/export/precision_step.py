@@ -157,16 +157,14 @@ class _Workspace:
 
     def _parity(self, dest: Path) -> list[str]:
         from deploylm.backends.onnx_backend import OnnxBackend
-        from deploylm.decoding.options import DecodingOptions
         from deploylm.generator import Generator
         from deploylm.models.source import folder_source
         from deploylm.models.tokenizer import load_tokenizer
-        from deploylm.parity import DEFAULT_PROMPTS, compare_backends
+        from deploylm.parity import DEFAULT_PROMPTS, compare_backends, export_check_options
 
         ref = OnnxBackend.from_folder(self.ref, name="fp32")
         cand = OnnxBackend.from_folder(dest, name=self.profile.name)
-        options = DecodingOptions.from_mapping(self.profile.generation)
-        options = options.replace(max_new_tokens=min(options.max_new_tokens, JUDGE_NEW_TOKENS), min_new_tokens=0)
+        options = export_check_options(self.profile.generation, JUDGE_NEW_TOKENS)
         tokenizer = load_tokenizer(folder_source(self.ref))
         batch = Generator(ref, tokenizer).encode(list(DEFAULT_PROMPTS), options)
         report = compare_backends(ref, {"onnx": cand}, batch, options, self.profile.parity)
