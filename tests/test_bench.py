@@ -805,20 +805,27 @@ def test_a_script_without_a_main_guard_is_told_about_it_not_about_memory(tiny_gp
     assert "out of memory" not in last
 
 
-@pytest.mark.parametrize("isolate", [False, True])
-def test_a_prompt_over_a_rows_window_names_the_row_and_what_bench_offers(tiny_gpt2_dir, isolate):
-    """Two rows, one prompt over tiny GPT-2's window of 128: the error names the row (it named no model) and
-    advises --prompts / --max-new-tokens, not generate's --truncation, which bench does not have."""
+FITS_ALONE = "the quick brown fox " * 8 + "jumps over the dog"   # 126 tokens: 129 positions with 4 new ones
+OVER_ALONE = "the quick brown fox " * 40                          # 560 tokens
+
+
+@pytest.mark.parametrize("isolate, long, advice", [
+    (False, FITS_ALONE, "(bench: --prompts FILE, --max-new-tokens N)"), (True, OVER_ALONE, "(bench: --prompts FILE)"),
+    (False, OVER_ALONE, "(bench: --prompts FILE)")], ids=["fits-alone", "over-alone-isolated", "over-alone"])
+def test_a_prompt_over_a_rows_window_names_the_row_and_what_bench_offers(tiny_gpt2_dir, isolate, long, advice):
+    """Two rows, one prompt over tiny GPT-2's window of 128 with 4 new tokens: the error names the row (it named no
+    model) and advises --prompts / --max-new-tokens, not generate's --truncation, which bench does not have. A prompt
+    over the window by itself (160 tokens) is told to shorten it: --max-new-tokens was advised too, where fewer new
+    tokens cannot help (as `deploylm parity` and the server no longer advise)."""
     from deploylm.errors import UsageError
 
-    long = "the quick brown fox " * 40
     config = BenchConfig(models=(str(tiny_gpt2_dir),), prompts=("hello world", long), max_new_tokens=4, rounds=1,
                          warmup=1, reference=False, isolate=isolate)
     with pytest.raises(UsageError) as raised:
         run_bench(config)
     message = str(raised.value)
     assert message.startswith(f"{tiny_gpt2_dir.name} [torch]: prompt 2 has "), message
-    assert "truncation" not in message and message.endswith("(bench: --prompts FILE, --max-new-tokens N)"), message
+    assert "truncation" not in message and message.endswith(advice), message
 
 
 def test_a_refused_prompt_is_numbered_in_the_prompt_list_not_in_its_call(tiny_gpt2_dir):
@@ -1036,8 +1043,12 @@ def test_only_a_refused_prompt_gets_the_bench_advice(tiny_gpt2_dir):
         return str(raised.value)
 
     label = f"{tiny_gpt2_dir.name} [torch]"
-    assert refusal("prompt 2 has 300 tokens") == \
-        f"{label}: prompt 2 has 300 tokens (bench: --prompts FILE, --max-new-tokens N)"
+    assert refusal("prompt 2 has 300 tokens; with max_new_tokens=64 that needs 363 positions") == \
+        f"{label}: prompt 2 has 300 tokens; with max_new_tokens=64 that needs 363 positions (bench: --prompts FILE, " \
+        "--max-new-tokens N)"
+    assert refusal("prompt 2 has 300 tokens, over the model's window of 128 before any new token: shorten it") == \
+        f"{label}: prompt 2 has 300 tokens, over the model's window of 128 before any new token: shorten it " \
+        "(bench: --prompts FILE)"
     assert refusal("the model has no tokenizer") == f"{label}: the model has no tokenizer"
 
 
