@@ -56,6 +56,7 @@ class BackendParity:
     max_abs_score: float | None = None      # largest |Δ final beam score| where the beams are identical
     text_identical: bool | None = None      # None without a tokenizer
     settings_difference: str | None = None  # special tokens / model-level decoding settings unlike the reference's
+    overflow: str | None = None             # "its own beam search stopped: <the NumericalOverflow>", else None
 
     def failures(self, tol: Any, prompts: int | None = None) -> list[str]:
         """Why this backend is outside `tol` (a deploylm.profiles.Parity), each line naming the backend;
@@ -95,6 +96,8 @@ class BackendParity:
             out.append(f"tokens diverge at {self.divergence(prompts)} < first_divergence_min_step {min_step}")
         if self.settings_difference:     # not a numeric difference: no tolerance covers it
             out.append(f"decodes with other settings than the reference: {self.settings_difference}")
+        if self.overflow:                # every user's search over it stops so: no tolerance covers it either
+            out.append(self.overflow)
         if tol.identical_beams and not (self.greedy_identical and self.beams_identical):
             out.append(f"final {'beams' if not self.beams_identical else 'greedy tokens'} "
                        f"differ from the reference (identical_beams = true)")
@@ -289,12 +292,15 @@ def _search(backend: Backend, batch: EncodedBatch, options: Any) -> list[list[An
     return generate_ids(backend, batch.to(backend.device), options)
 
 
-def _candidate_search(backend: Backend, batch: EncodedBatch, options: Any) -> list[list[Any]] | None:
-    """A candidate's search, or None when its logits overflow (NaN/inf) on the way: a failed comparison that the
-    teacher-forced steps already locate ("nan/inf at step N"), not a crash of the whole check."""
+def _candidate_search(backend: Backend, batch: EncodedBatch, options: Any,
+                      overflows: list[str]) -> list[list[Any]] | None:
+    """A candidate's search, or None when its logits overflow (NaN/inf) on the way: a failed check, not a crash of
+    the whole check. The overflow is appended to `overflows`: the teacher-forced steps locate it only where it
+    lies on the reference's outputs, not on the candidate's own path (its other beams, a diverged greedy)."""
     try:
         return _search(backend, batch, options)
-    except NumericalOverflow:
+    except NumericalOverflow as exc:
+        overflows.append(f"its own {'beam search' if options.num_beams > 1 else 'greedy search'} stopped: {exc}")
         return None
 
 
@@ -350,8 +356,9 @@ def compare_backends(reference: Backend, candidates: dict[str, Backend], batch: 
                           options=beam_opts.to_dict(), prompts=batch.batch_size)
     for name, cand in candidates.items():
         stats = teacher_force(reference, cand, batch, forced)
-        cand_greedy = _candidate_search(cand, batch, greedy_opts)
-        cand_beam = _candidate_search(cand, batch, beam_opts) if beam_opts.num_beams > 1 else cand_greedy
+        overflows: list[str] = []
+        cand_greedy = _candidate_search(cand, batch, greedy_opts, overflows)
+        cand_beam = _candidate_search(cand, batch, beam_opts, overflows) if beam_opts.num_beams > 1 else cand_greedy
         firsts = [s for s in stats.first_by_row if s is not None]
         report.backends.append(BackendParity(
             backend=name, steps=stats.steps,
@@ -362,7 +369,7 @@ def compare_backends(reference: Backend, candidates: dict[str, Backend], batch: 
             greedy_identical=_same_ids(ref_greedy, cand_greedy), beams_identical=_same_ids(ref_beam, cand_beam),
             max_abs_score=_score_gap(ref_beam, cand_beam),
             text_identical=None if tokenizer is None else _texts(tokenizer, ref_beam) == _texts(tokenizer, cand_beam),
-            settings_difference=_settings_difference(reference, cand),
+            settings_difference=_settings_difference(reference, cand), overflow=(overflows or [None])[0],
         ))
     return report
 

@@ -177,6 +177,33 @@ def test_nan_candidate_fails_and_serializes_as_strict_json():
     assert not back.passed and back.backends[0].max_abs_logit != back.backends[0].max_abs_logit  # NaN
 
 
+def test_a_candidate_whose_own_search_overflows_fails_whatever_the_budget():
+    """A candidate whose logits overflow only on rows teacher forcing never feeds it (its own beam search's other
+    beams): its search stops with a NumericalOverflow, as every user's beam search over it would. The report
+    said only "beams DIFF", which a profile without identical_beams (fp16, trt-fp16, int8) passed; the overflow
+    is now a failure of its own, kept in the JSON report."""
+    import dataclasses
+
+    class OverflowsInItsBeams(Fake):                     # finite for teacher forcing (6 rows) and greedy (3 rows)
+        def _logits(self, cur, prev, step):
+            logits = super()._logits(cur, prev, step)
+            return torch.full_like(logits, float("nan")) if len(cur) == 9 and step >= 2 else logits
+
+    loose = dataclasses.replace(load_profile("fp16").parity, identical_beams=False)
+    report = _compare(OverflowsInItsBeams(_table(), name="onnx"), tolerances=loose)
+    row = report.backends[0]
+    assert row.max_abs_logit == 0.0 and row.token_agreement == 1.0 and row.greedy_identical, row
+    assert not report.passed
+    [line] = report.failures()
+    assert line.startswith("onnx: its own beam search stopped: the model's logits at generated token 3 are NaN"), line
+    back = ParityReport.from_dict(json.loads(json.dumps(report.to_dict(), allow_nan=False)))
+    assert back.failures() == report.failures()
+    old = report.to_dict()
+    del old["backends"][0]["overflow"]                   # a report written before the field: read as none
+    assert ParityReport.from_dict(old).backends[0].overflow is None
+    assert "FAIL" in report.table() and line.split(": ", 1)[1] in report.table()
+
+
 def test_a_candidate_with_another_vocabulary_is_a_failed_check_not_a_crash():
     import pytest
 
