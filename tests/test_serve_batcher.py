@@ -84,6 +84,19 @@ def test_a_refused_request_does_not_fail_its_batch_neighbours():
     assert [c[0] for c in calls][0] == ["ok one", "BAD two", "ok three"]  # tried together first
 
 
+def test_a_request_whose_logits_overflow_does_not_fail_its_batch_neighbours():
+    """An input on which the model's logits overflow (float16) stops the whole generate call with a
+    NumericalOverflow since greedy and beam search check for it. Batched with it, other requests got the 500 too,
+    where before they were answered (the overflow spoiled only its own input's output). As for a refusal, the
+    batch is decoded request by request then: the overflow reaches only its own request."""
+    from deploylm.errors import NumericalOverflow
+
+    results, calls = run_jobs([job("ok one"), job("NAN two"), job("ok three")])
+    assert isinstance(results[1], NumericalOverflow)
+    assert results[0] == FakeGenerator().generate(["ok one"]) and results[2] == FakeGenerator().generate(["ok three"])
+    assert [c[0] for c in calls] == [["ok one", "NAN two", "ok three"], ["ok one"], ["NAN two"], ["ok three"]]
+
+
 def test_a_refused_batch_decodes_alone_only_the_requests_still_waited_for():
     """After a refusal the batch's requests are decoded one by one; a client that left meanwhile is skipped,
     not decoded for nobody."""

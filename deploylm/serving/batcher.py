@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from deploylm.errors import Interrupted, UsageError, counted_over_all
+from deploylm.errors import Interrupted, NumericalOverflow, UsageError, counted_over_all
 from deploylm.serving.schemas import Job
 
 log = logging.getLogger("deploylm.serve")
@@ -181,12 +181,16 @@ class Batcher:
                 except UsageError as exc:   # it numbers the prompts of its chunk: count them over the request
                     raise counted_over_all(exc, start) from None
                 self.batches += 1
-        except UsageError as exc:
-            if len(batch) > 1:  # one bad request must not fail its neighbours: decode each alone
+        except (UsageError, NumericalOverflow) as exc:
+            # one bad request must not fail its neighbours: decode each alone. A NumericalOverflow is the model's
+            # logits overflowing on some input (float16): it stops the whole call, but is no fault of the others
+            if len(batch) > 1:
                 for item in batch:
                     if not item.future.done():   # a client that left (cancelled) is not decoded for
                         await self._decode([item])
                 return
+            if isinstance(exc, NumericalOverflow):   # the model's fault (a 500): the operator should see it
+                log.warning("request %s: %s", batch[0].request_id, exc)
             _settle(batch[0].future, exc=exc)
             return
         except Interrupted as exc:   # the server's drain is over, or every client left: nobody waits for these

@@ -4,7 +4,8 @@ answer must equal the same request decoded alone.
 
 Special prompts: one containing "BOOM" makes the whole generate call raise RuntimeError; one
 containing "BAD" raises UsageError (as the real Generator does for an input it refuses); one containing
-"EOS" is answered with its last word only (an output that stops before max_new_tokens).
+"NAN" raises NumericalOverflow (as the real Generator does when the model's logits overflow on an input); one
+containing "EOS" is answered with its last word only (an output that stops before max_new_tokens).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Generator
 
 from deploylm.decoding.options import DecodingOptions
-from deploylm.errors import Interrupted, UsageError
+from deploylm.errors import Interrupted, NumericalOverflow, UsageError
 from deploylm.generator import TextStream
 
 
@@ -55,6 +56,8 @@ class FakeGenerator:
             bad = [i for i, p in enumerate(prompts) if "BAD" in p]
             if bad:   # numbered in this call, from 1, as the real Generator numbers the prompts it refuses
                 raise UsageError(f"prompt {bad[0] + 1} contains BAD: scripted refusal")
+            if any("NAN" in p for p in prompts):   # the whole call stops, as the real search does
+                raise NumericalOverflow("the model's logits at generated token 1 are NaN or infinite: scripted")
             ends = time.monotonic() + self.delay          # a decode of `delay` seconds, in 10 ms steps
             while time.monotonic() < ends:
                 time.sleep(min(0.01, max(0.0, ends - time.monotonic())))
