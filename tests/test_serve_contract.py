@@ -3,6 +3,7 @@ of deploylm/serving/app.py, schemas.py and server.py): response fields, error ty
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -102,6 +103,28 @@ def test_a_stream_that_fails_midway_ends_with_the_error_then_done_on_completions
     assert (events[-1] == "[DONE]") == (endpoint == "/v1/completions"), events
     assert str(failure) in caplog.text
 
+
+
+@pytest.mark.parametrize("failure", [NumericalOverflow("the model's logits at generated token 2 are NaN or infinite"),
+                                     RuntimeError("scripted")])
+def test_a_stream_that_fails_midway_is_logged_with_its_request_id(failure, caplog):
+    """docs/serving.md: a 500's traceback is in the server log with the request id. A stream that failed after its
+    headers went out was logged as a bare "stream failed": the operator could not tell which request it was."""
+    from deploylm.generator import TextStream
+
+    class Failing(FakeGenerator):
+        def stream(self, prompt, *, stop=None, **options):
+            def pieces():
+                yield " a"
+                raise failure
+            return TextStream(pieces())
+
+    with caplog.at_level(logging.INFO, logger="deploylm.serve"):
+        with TestClient(create_app(Failing(), CONFIG)) as c:
+            c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 3, "stream": True},
+                   headers={"X-Request-Id": "req-42"})
+    failed = [r for r in caplog.records if str(failure) in r.getMessage() or r.exc_info and r.exc_info[1] is failure]
+    assert failed and all("req-42" in r.getMessage() for r in failed), [r.getMessage() for r in caplog.records]
 
 def test_a_finished_stream_gives_its_slot_back(client):
     for _ in range(2):

@@ -207,7 +207,7 @@ class _Api:
             await asyncio.to_thread(self._precheck, job)
             if job.stream:
                 slot = self._reserve_stream()
-                guarded = self._guarded(events(job, rid, slot), _listed(body), done=parse is parse_completion)
+                guarded = self._guarded(events(job, rid, slot), _listed(body), rid, done=parse is parse_completion)
                 return _StreamSlotResponse(slot.drop, guarded,
                                            media_type="text/event-stream", headers={"cache-control": "no-cache"})
             results = await self._decode(request, job, rid)
@@ -280,10 +280,12 @@ class _Api:
     def _release_stream(self) -> None:
         self.state.active_streams -= 1
 
-    async def _guarded(self, events: AsyncIterator[bytes], listed: bool, done: bool = False) -> AsyncIterator[bytes]:
+    async def _guarded(self, events: AsyncIterator[bytes], listed: bool, rid: str,
+                       done: bool = False) -> AsyncIterator[bytes]:
         """Pass the events through; a failure after the headers went out becomes a final error event, followed
         by `data: [DONE]` where the stream's protocol ends with it (`done`: completions, as vLLM's OpenAI server
-        does: a client reading to [DONE] is not left waiting on an error it does not parse).
+        does: a client reading to [DONE] is not left waiting on an error it does not parse). A failure is logged with
+        the request id `rid`, as a 500 without streaming is: the operator can find the request it was.
 
         Between two events the event loop runs once: pieces that arrived together would otherwise be
         written back to back without it ever reading the socket, so after a client left, every write of
@@ -297,10 +299,10 @@ class _Api:
         except Interrupted:       # the drain is over: the stream ends after its current step
             yield sse(SHUTTING_DOWN.body())
         except DeployLMError as exc:   # the model's own failure (a numerical overflow): its line, as without stream
-            log.warning("stream failed: %s", exc)
+            log.warning("%s stream failed: %s", rid, exc)
             yield sse(ApiError(500, str(exc), type="server_error").body())
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error becomes the last event
-            log.exception("stream failed")
+            log.exception("%s stream failed", rid)
             yield sse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body())
         else:
             return
