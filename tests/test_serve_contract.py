@@ -75,6 +75,23 @@ def test_a_deploylm_error_from_the_backend_is_a_500_server_error():
     assert r.json()["error"]["type"] == "server_error" and "session is gone" in r.json()["error"]["message"]
 
 
+
+def test_a_request_whose_logits_overflow_is_logged_once_with_its_request_id(caplog):
+    """The batcher and the endpoint both logged a request's overflow ("request r1: ..." then "r1 request failed:
+    ..."): every overflow reached the operator's log twice. It is one warning, with the request id."""
+    overflow = NumericalOverflow("the model's logits at generated token 1 are NaN or infinite")
+
+    class Overflowing(FakeGenerator):
+        def generate(self, prompts, *, stop=None, **options):
+            raise overflow
+
+    with caplog.at_level(logging.INFO, logger="deploylm.serve"):
+        with TestClient(create_app(Overflowing(), CONFIG)) as c:
+            r = c.post("/v1/generate", json={"prompt": "a b"}, headers={"X-Request-Id": "r1"})
+    assert r.status_code == 500, r.text
+    logged = [rec.getMessage() for rec in caplog.records if str(overflow) in rec.getMessage()]
+    assert len(logged) == 1 and "r1" in logged[0], logged
+
 @pytest.mark.parametrize("failure, says", [
     (NumericalOverflow("the model's logits at generated token 2 are NaN or infinite"), "the model's logits at "),
     (RuntimeError("scripted"), "internal error: RuntimeError: scripted"),

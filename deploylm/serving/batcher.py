@@ -189,9 +189,7 @@ class Batcher:
                     if not item.future.done():   # a client that left (cancelled) is not decoded for
                         await self._decode([item])
                 return
-            if isinstance(exc, NumericalOverflow):   # the model's fault (a 500): the operator should see it
-                log.warning("request %s: %s", batch[0].request_id, exc)
-            _settle(batch[0].future, exc=exc)
+            _settle(batch[0].future, exc=exc)   # an overflow is logged once, with its request id, by the endpoint
             return
         except Interrupted as exc:   # the server's drain is over, or every client left: nobody waits for these
             why = "every client left" if stop.abandoned.is_set() else "shutdown"
