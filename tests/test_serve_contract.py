@@ -492,3 +492,19 @@ def test_make_server_serves_on_its_port_and_its_shutdown_stops_the_batcher():
         server.should_exit = True
         thread.join(15)
     assert not thread.is_alive() and api.batcher is None
+
+
+def test_a_conflict_with_a_lowered_default_names_only_the_lowered_values_it_is_about():
+    """A min_new_tokens over the capped max_new_tokens was explained with every default the server lowered:
+    "(max_new_tokens=32 (this server's limit), num_return_sequences=4 (...), num_beams=4 (...): applied because the
+    request left them out)", beams the client's error has nothing to do with. The note names the value at fault."""
+    from deploylm.decoding.options import DecodingOptions
+    from deploylm.serving.schemas import ApiError, validate_options
+
+    defaults = DecodingOptions(num_beams=5, num_return_sequences=5, max_new_tokens=50)
+    with pytest.raises(ApiError) as caught:
+        validate_options({"min_new_tokens": 40}, ServeConfig(max_beams=4, max_new_tokens=32), defaults)
+    message = str(caught.value.body()["error"]["message"])
+    assert message.endswith("(max_new_tokens=32 is this server's limit, applied because the request left "
+                            "max_new_tokens out)"), message
+    assert "num_beams" not in message and "num_return_sequences" not in message, message

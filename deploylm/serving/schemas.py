@@ -186,9 +186,16 @@ def validate_options(options: dict[str, Any], config: ServeConfig, defaults: Any
     except UsageError as exc:   # e.g. a min_new_tokens above the capped default: say where the cap comes from
         if resolved is None and not any(f"{name}={cap}" in str(exc) for name, cap in capped.items()):
             raise ApiError(400, str(exc), param=_param_of(str(exc), options)) from None   # the request's own
-        raise ApiError(400, f"{exc} ({_capped_note(capped, window=fits, stream=stream)})",
+        raise ApiError(400, f"{exc} ({_capped_note(_named_in(capped, str(exc)), window=fits, stream=stream)})",
                        param=next((n for n in options if n not in capped and n in str(exc)), None)) from None
     return options
+
+
+def _named_in(capped: dict[str, int], message: str) -> dict[str, int]:
+    """The lowered defaults `message` is about ("max_new_tokens=32"), so the note explains those and not every value
+    the server lowered (a min_new_tokens conflict has nothing to do with the beams); all of them if it names none."""
+    named = {name: cap for name, cap in capped.items() if f"{name}={cap}" in message}
+    return named or capped
 
 
 def _capped_note(capped: dict[str, int], window: bool = False, stream: bool = False) -> str:
