@@ -508,3 +508,33 @@ def test_a_conflict_with_a_lowered_default_names_only_the_lowered_values_it_is_a
     assert message.endswith("(max_new_tokens=32 is this server's limit, applied because the request left "
                             "max_new_tokens out)"), message
     assert "num_beams" not in message and "num_return_sequences" not in message, message
+
+
+@pytest.mark.parametrize("endpoint, field", [("/v1/completions", "max_tokens"), ("/v1/generate", "max_new_tokens")])
+def test_a_refusal_mid_stream_is_the_error_the_request_gets_without_streaming(endpoint, field):
+    """docs/serving.md: a failure after the stream started carries the message the request would get without
+    streaming. A refusal the generator raises mid-decode (every token banned while sampling) did not: the stream's
+    event kept the generator's wording ("lower max_new_tokens" on completions, whose client sends max_tokens) and
+    had no param, where the same request without streaming named max_tokens."""
+    from deploylm.errors import UsageError
+    from deploylm.generator import TextStream
+
+    refusal = UsageError("nothing left to sample at generated token 2 of prompt 1: the options ban every token "
+                         "(no_repeat_ngram_size, min_new_tokens, bad_words_ids, suppress_tokens or sequence_bias); "
+                         "relax them or lower max_new_tokens")
+
+    class Refusing(FakeGenerator):
+        def generate(self, prompts, *, stop=None, **options):
+            raise refusal
+
+        def stream(self, prompt, *, stop=None, **options):
+            def pieces():
+                yield " a"
+                raise refusal
+            return TextStream(pieces())
+
+    with TestClient(create_app(Refusing(), CONFIG)) as c:
+        plain = c.post(endpoint, json={"prompt": "a b", field: 3})
+        streamed = c.post(endpoint, json={"prompt": "a b", field: 3, "stream": True})
+    events = [json.loads(e) for e in sse_events(streamed.text) if e != "[DONE]"]
+    assert plain.status_code == 400 and events[-1] == plain.json(), (events[-1], plain.json())

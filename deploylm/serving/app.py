@@ -207,7 +207,8 @@ class _Api:
             await asyncio.to_thread(self._precheck, job)
             if job.stream:
                 slot = self._reserve_stream()
-                guarded = self._guarded(events(job, rid, slot), _listed(body), rid, done=parse is parse_completion)
+                guarded = self._guarded(events(job, rid, slot), functools.partial(_refusal, body=body, parse=parse),
+                                        rid, done=parse is parse_completion)
                 return _StreamSlotResponse(slot.drop, guarded,
                                            media_type="text/event-stream", headers={"cache-control": "no-cache"})
             results = await self._decode(request, job, rid)
@@ -217,19 +218,7 @@ class _Api:
         except ApiError as exc:
             return _error_response(exc)
         except UsageError as exc:  # the generator refused the input (e.g. longer than the model's window)
-            from deploylm.decoding.options import option_names
-            from deploylm.long_inputs import without_truncation_advice
-
-            message = _json_paths(without_truncation_advice(str(exc)), _listed(body))  # no truncation option here
-            param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
-                (name for name in sorted(option_names(), key=len, reverse=True) if message.startswith(name)), None)
-            field = "max_tokens" if parse is parse_completion else "max_new_tokens"   # the field a client sends
-            if body.get(field) is None and "max_new_tokens=" in message:   # the default (null: not given): say so
-                message += f" (the default: the request left {field} out)"
-            if parse is parse_completion:
-                message = message.replace("max_new_tokens", "max_tokens")
-                param = "max_tokens" if param == "max_new_tokens" else param
-            return _error_response(ApiError(400, message, param=param))
+            return _error_response(_refusal(exc, body=body, parse=parse))
         except Interrupted:
             return _error_response(SHUTTING_DOWN)
         except DeployLMError as exc:   # the model's own failure (a numerical overflow): its line, and in the log
@@ -280,7 +269,7 @@ class _Api:
     def _release_stream(self) -> None:
         self.state.active_streams -= 1
 
-    async def _guarded(self, events: AsyncIterator[bytes], listed: bool, rid: str,
+    async def _guarded(self, events: AsyncIterator[bytes], refusal: Callable[[UsageError], ApiError], rid: str,
                        done: bool = False) -> AsyncIterator[bytes]:
         """Pass the events through; a failure after the headers went out becomes a final error event, followed
         by `data: [DONE]` where the stream's protocol ends with it (`done`: completions, as vLLM's OpenAI server
@@ -295,7 +284,7 @@ class _Api:
                 yield chunk
                 await asyncio.sleep(0)   # lets the loop see a disconnect (uvicorn then drops our writes)
         except (ApiError, UsageError) as exc:
-            yield sse((exc if isinstance(exc, ApiError) else ApiError(400, _json_paths(str(exc), listed))).body())
+            yield sse((exc if isinstance(exc, ApiError) else refusal(exc)).body())   # as without streaming
         except Interrupted:       # the drain is over: the stream ends after its current step
             yield sse(SHUTTING_DOWN.body())
         except DeployLMError as exc:   # the model's own failure (a numerical overflow): its line, as without stream
@@ -377,6 +366,25 @@ def _stream_slot_response() -> Any:
 
 def _StreamSlotResponse(release: Callable[[], None], *args: Any, **kwargs: Any) -> Any:
     return _stream_slot_response()(release, *args, **kwargs)
+
+
+def _refusal(exc: UsageError, *, body: Any, parse: Callable) -> ApiError:
+    """The 400 for the generator's refusal of a request (`body`, read by `parse`), streamed or not: its prompts named
+    by their JSON paths, without truncation advice (no truncation option here), and in the endpoint's own terms
+    (completions: max_tokens), with the option it is about as `param`."""
+    from deploylm.decoding.options import option_names
+    from deploylm.long_inputs import without_truncation_advice
+
+    message = _json_paths(without_truncation_advice(str(exc)), _listed(body))
+    param = "prompt" if message.startswith("prompt") else next(  # the option it names first, if any
+        (name for name in sorted(option_names(), key=len, reverse=True) if message.startswith(name)), None)
+    field = "max_tokens" if parse is parse_completion else "max_new_tokens"   # the field a client sends
+    if body.get(field) is None and "max_new_tokens=" in message:   # the default (null: not given): say so
+        message += f" (the default: the request left {field} out)"
+    if parse is parse_completion:
+        message = message.replace("max_new_tokens", "max_tokens")
+        param = "max_tokens" if param == "max_new_tokens" else param
+    return ApiError(400, message, param=param)
 
 
 def _listed(body: Any) -> bool:
