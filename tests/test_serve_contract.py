@@ -92,6 +92,20 @@ def test_a_request_whose_logits_overflow_is_logged_once_with_its_request_id(capl
     logged = [rec.getMessage() for rec in caplog.records if str(overflow) in rec.getMessage()]
     assert len(logged) == 1 and "r1" in logged[0], logged
 
+def failing_midway(failure: BaseException) -> FakeGenerator:
+    """A generator whose streams send one piece, then raise `failure` (the headers have gone out)."""
+    from deploylm.generator import TextStream
+
+    class Failing(FakeGenerator):
+        def stream(self, prompt, *, stop=None, **options):
+            def pieces():
+                yield " a"
+                raise failure
+            return TextStream(pieces())
+
+    return Failing()
+
+
 @pytest.mark.parametrize("failure, says", [
     (NumericalOverflow("the model's logits at generated token 2 are NaN or infinite"), "the model's logits at "),
     (RuntimeError("scripted"), "internal error: RuntimeError: scripted"),
@@ -102,17 +116,8 @@ def test_a_stream_that_fails_midway_ends_with_the_error_then_done_on_completions
     every completions stream does (vLLM's too): a client reading to [DONE] is not left waiting. A deploylm error
     (the model's logits overflowed) is its own line, as the same request without streaming answers, not an
     "internal error" with the class name; both reach the server's log."""
-    from deploylm.generator import TextStream
-
-    class Failing(FakeGenerator):
-        def stream(self, prompt, *, stop=None, **options):
-            def pieces():
-                yield " a"
-                raise failure
-            return TextStream(pieces())
-
     field = "max_tokens" if endpoint == "/v1/completions" else "max_new_tokens"
-    with TestClient(create_app(Failing(), CONFIG)) as c:
+    with TestClient(create_app(failing_midway(failure), CONFIG)) as c:
         r = c.post(endpoint, json={"prompt": "a b", field: 3, "stream": True})
     events = sse_events(r.text)
     last_json = json.loads(events[-2] if endpoint == "/v1/completions" else events[-1])
@@ -121,27 +126,18 @@ def test_a_stream_that_fails_midway_ends_with_the_error_then_done_on_completions
     assert str(failure) in caplog.text
 
 
-
 @pytest.mark.parametrize("failure", [NumericalOverflow("the model's logits at generated token 2 are NaN or infinite"),
                                      RuntimeError("scripted")])
 def test_a_stream_that_fails_midway_is_logged_with_its_request_id(failure, caplog):
     """docs/serving.md: a 500's traceback is in the server log with the request id. A stream that failed after its
     headers went out was logged as a bare "stream failed": the operator could not tell which request it was."""
-    from deploylm.generator import TextStream
-
-    class Failing(FakeGenerator):
-        def stream(self, prompt, *, stop=None, **options):
-            def pieces():
-                yield " a"
-                raise failure
-            return TextStream(pieces())
-
     with caplog.at_level(logging.INFO, logger="deploylm.serve"):
-        with TestClient(create_app(Failing(), CONFIG)) as c:
+        with TestClient(create_app(failing_midway(failure), CONFIG)) as c:
             c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 3, "stream": True},
                    headers={"X-Request-Id": "req-42"})
     failed = [r for r in caplog.records if str(failure) in r.getMessage() or r.exc_info and r.exc_info[1] is failure]
     assert failed and all("req-42" in r.getMessage() for r in failed), [r.getMessage() for r in caplog.records]
+
 
 def test_a_finished_stream_gives_its_slot_back(client):
     for _ in range(2):
