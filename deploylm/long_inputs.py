@@ -134,6 +134,14 @@ def without_truncation_advice(message: str) -> str:
     return _TRUNCATION_ADVICE.sub("", message)
 
 
+def prompts_flags_advice(message: str, command: str) -> str:
+    """A check_fits refusal (truncation advice already removed) with the flags of a `command` that reads its
+    prompts from --prompts FILE (bench, parity): --max-new-tokens only where fewer new tokens would help, i.e. where
+    the message names max_new_tokens (not for a prompt over the window by itself)."""
+    flags = "--prompts FILE, --max-new-tokens N" if "max_new_tokens" in message else "--prompts FILE"
+    return f"{message} ({command}: {flags})"
+
+
 def check_fits(lengths: list[int], info: ModelInfo, max_new_tokens: int) -> None:
     """Refuse the longest prompt that does not fit, naming the lengths and the options that help."""
     budget = prompt_budget(info, max_new_tokens)

@@ -75,12 +75,11 @@ def _named(spec: RowSpec) -> Iterator[None]:
     try:
         yield
     except UsageError as exc:
-        from deploylm.long_inputs import without_truncation_advice
+        from deploylm.long_inputs import prompts_flags_advice, without_truncation_advice
 
         message = without_truncation_advice(str(exc))
-        if message.startswith("prompt "):   # fewer new tokens help only where the message names them
-            message += " (bench: --prompts FILE, --max-new-tokens N)" if "max_new_tokens" in message else \
-                " (bench: --prompts FILE)"
+        if message.startswith("prompt "):
+            message = prompts_flags_advice(message, "bench")
         if isinstance(exc, OptionError):   # still about an option: the CLI names it by bench's flag (--max-new-tokens)
             raise OptionError(f"{spec.label}: {message}", exc.option) from None
         raise UsageError(f"{spec.label}: {message}") from None

@@ -44,13 +44,12 @@ def command(src, backends, prompts_file, profile_name, num_beams, max_new_tokens
     try:
         report = run_parity(src, names, prompts, profile, reference, on_export=exporting, **overrides)
     except UsageError as exc:   # a prompt over the window: parity has no --truncation, only shorter prompts
-        from deploylm.long_inputs import without_truncation_advice
+        from deploylm.long_inputs import prompts_flags_advice, without_truncation_advice
 
         message = without_truncation_advice(str(exc))
         if message == str(exc):
             raise                     # as it is: an OptionError names the command's flags when it is shown
-        flags = "--prompts FILE, --max-new-tokens N" if "max_new_tokens" in message else "--prompts FILE"
-        raise UsageError(f"{message} (parity: {flags})") from None
+        raise UsageError(prompts_flags_advice(message, "parity")) from None
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
     failures = report.failures()
     if failures:

@@ -72,7 +72,8 @@ class SampleSearch:
         else:
             tokens = first_argmax(scores)
         logprob = log_probs.gather(1, tokens[:, None]).squeeze(1)                           # [R]
-        if bool(torch.isnan(logprob).any()) and bool((torch.isnan(logprob) & self.unfinished).any()):
+        nan = torch.isnan(logprob)                                                           # [R]
+        if bool(nan.any()) and bool((nan & self.unfinished).any()):
             # argmax takes a NaN as the maximum: the token would be arbitrary and the score NaN
             raise overflow(self.cur_len - self.P, "there is no best token to pick")
         self.sum_logprobs += torch.where(self.unfinished, logprob, 0.0)

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from deploylm.decoding.options import SAMPLING_ONLY
 from deploylm.errors import UsageError
 
 
@@ -118,7 +119,7 @@ def parse_generate(body: dict[str, Any], config: ServeConfig, count_tokens: Call
     return _job(prompts, options, stream, defaults)
 
 
-SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "seed")   # change nothing unless the request samples
+SAMPLING_OPTIONS = tuple(SAMPLING_ONLY)   # temperature, top_k, top_p, seed: change nothing unless the request samples
 
 
 def resolve(options: dict[str, Any], defaults: Any = None) -> Any:
