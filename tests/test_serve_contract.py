@@ -534,3 +534,19 @@ def test_a_refusal_mid_stream_is_the_error_the_request_gets_without_streaming(en
         streamed = c.post(endpoint, json={"prompt": "a b", field: 3, "stream": True})
     events = [json.loads(e) for e in sse_events(streamed.text) if e != "[DONE]"]
     assert plain.status_code == 400 and events[-1] == plain.json(), (events[-1], plain.json())
+
+
+def test_the_default_max_new_tokens_room_knows_an_engines_window_without_a_model_window():
+    """A TensorRT artifact whose model config names no window still has its engine's: the server's bound on a default
+    max_new_tokens (window_room) must come from it, or every plain request would be refused by the engine's check."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from deploylm.backends.base import EngineLimits, ModelInfo, SpecialTokens
+    from deploylm.serving.app import window_room
+
+    info = ModelInfo(is_encoder_decoder=False, vocab_size=10, special=SpecialTokens((1,), 0), max_positions=None,
+                     engine=EngineLimits(positions=12, prompt_tokens=8))
+    room = window_room(SimpleNamespace(info=info))
+    assert room is not None and room(5) == 8 and room(9) == 0
+    assert window_room(SimpleNamespace(info=dataclasses.replace(info, engine=None))) is None
