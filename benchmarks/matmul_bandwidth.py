@@ -8,7 +8,10 @@ how fast the MatMul kernel streams weights. This measures, on the machine at han
   weights shared by every layer (`fp32-cached`: 14 MB that stay in a 32 MB L3, so the kernel's own rate
   without DRAM), as MatMulNBits with 4-bit and 8-bit
   weights at fp32 compute (accuracy_level 1: the same fp32 arithmetic on fewer bytes; exact for
-  weights on a GGUF grid), as MatMulNBits 4-bit at accuracy_level 4 (int8 activations), and as torch
+  weights on a GGUF grid), as MatMulNBits 4-bit and 8-bit at accuracy_level 4 (int8 activations per
+  block), as DynamicQuantizeMatMul (`dynamic-int8`: uint8 activations per tensor x int8 weights per column,
+  the int8-dynamic profile's kernel), as the int8-rowwise profile's pattern (`rowwise-int8`: uint8
+  activations with a scale and zero point per row, MatMulInteger, deploylm.export.rowwise's ops), and as torch
   `F.linear` (fp32 rows only; with `--inductor` also compiled by torch.compile with freezing and
   inductor's C++ GEMM template, which autotunes against MKL: ~30 s of compiling first); with `--blas`
   also as numpy's OpenBLAS (`x @ W`) and oneDNN's packed linear (`torch.ops.mkldnn._linear_pointwise`
@@ -54,11 +57,18 @@ def chain_session(kind: str, layers: int, threads: int, rng: np.random.Generator
                 if layer == 0:
                     inits.append(numpy_helper.from_array(w, f"w_{name}"))
                 nodes.append(helper.make_node("MatMul", [x, f"w_{name}"], [out]))
-            elif kind == "fp32":
+            elif kind in ("fp32", "rowwise-int8"):
                 inits.append(numpy_helper.from_array(w, f"w_{out}"))
                 nodes.append(helper.make_node("MatMul", [x, f"w_{out}"], [out]))
+            elif kind == "dynamic-int8":                  # DynamicQuantizeMatMul: u8 activations per tensor x s8 weights
+                scale = np.abs(w).max(0) / 127 + 1e-12                                           # one per column [N]
+                q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+                inits += [numpy_helper.from_array(q, f"q_{out}"), numpy_helper.from_array(scale.astype(np.float32), f"s_{out}")]
+                nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"q_{out}", f"s_{out}"], [out],
+                                              domain="com.microsoft"))
             else:
-                bits, level = {"nbits4-fp32": (4, 1), "nbits8-fp32": (8, 1), "nbits4-int8": (4, 4)}[kind]
+                bits, level = {"nbits4-fp32": (4, 1), "nbits8-fp32": (8, 1), "nbits4-int8": (4, 4),
+                               "nbits8-int8": (8, 4)}[kind]
                 b, s = block_quantize(w, bits)
                 inits += [numpy_helper.from_array(b, f"b_{out}"), numpy_helper.from_array(s, f"s_{out}")]
                 nodes.append(helper.make_node("MatMulNBits", [x, f"b_{out}", f"s_{out}"], [out], domain="com.microsoft",
@@ -71,6 +81,10 @@ def chain_session(kind: str, layers: int, threads: int, rng: np.random.Generator
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["M", K])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    if kind == "rowwise-int8":                            # the int8-rowwise profile's own rewrite, unsmoothed
+        from deploylm.export import rowwise
+
+        rowwise.rewrite(model, rowwise.target_nodes(model), None, 0.0, reduce_range=False)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -146,7 +160,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mbytes = args.layers * 2 * K * 2 * F * 4 / 1e6
     sessions = {kind: chain_session(kind, args.layers, args.threads, rng)
-                for kind in ("fp32", "fp32-cached", "nbits4-fp32", "nbits8-fp32", "nbits4-int8")}
+                for kind in ("fp32", "fp32-cached", "nbits4-fp32", "nbits8-fp32", "nbits4-int8", "nbits8-int8",
+                             "dynamic-int8", "rowwise-int8")}
     linear = [(torch.randn(2 * F, K) * 0.02, torch.randn(K, 2 * F) * 0.02) for _ in range(args.layers)]
 
     def torch_chain(x: torch.Tensor) -> torch.Tensor:

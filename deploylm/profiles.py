@@ -21,7 +21,7 @@ from deploylm.export.io_spec import KV_APPEND, KV_CONCAT, KV_SHARED
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 BACKENDS = ("torch", "onnx", "trt")
 # precision -> quantization methods it allows (the first is the default); others allow none
-METHODS = {"int8": ("dynamic", "static", "weight-only"), "int4": ("weight-only",)}
+METHODS = {"int8": ("dynamic", "static", "weight-only", "rowwise"), "int4": ("weight-only",)}
 # method -> the [quantization] keys that apply to it, with their defaults
 METHOD_KEYS: dict[str, dict[str, Any]] = {
     "dynamic": {"weight_type": "quint8", "per_channel": False, "reduce_range": False},
@@ -29,6 +29,7 @@ METHOD_KEYS: dict[str, dict[str, Any]] = {
                "calibration_samples": 64, "calibration_method": "minmax"},
     "weight-only": {"block_size": 32, "accuracy_level": 0, "algorithm": "rtn", "symmetric": False,
                     "embedding": False},
+    "rowwise": {"smooth_alpha": 0.5, "calibration_samples": 32, "reduce_range": False, "embedding": False},
 }
 TOP_KEYS = ("name", "description", "precision", "backends", "kv_layout", "quantization", "precision_fallback",
             "tensorrt", "parity", "quality", "generation")
@@ -46,19 +47,20 @@ class ProfileError(UsageError):
 
 @dataclass(frozen=True)
 class Quantization:
-    """[quantization]: int8 (dynamic | static) or int4 (weight-only). None = does not apply."""
+    """[quantization]: int8 (dynamic | static | weight-only | rowwise) or int4 (weight-only). None = does not apply."""
 
     method: str
     weight_type: str | None = None          # quint8 | qint8 (int8)
     per_channel: bool | None = None         # int8
     reduce_range: bool | None = None        # int8: 7-bit weights, avoids saturation without VNNI
-    calibration_samples: int | None = None  # static
+    calibration_samples: int | None = None  # static, rowwise (smoothing)
     calibration_method: str | None = None   # static: minmax | percentile
     block_size: int | None = None           # weight-only: 16..256, power of two
     accuracy_level: int | None = None       # weight-only: onnxruntime MatMulNBits 0..4
     algorithm: str | None = None            # weight-only: rtn | hqq | q4_1 (hqq, q4_1: int4 only)
     symmetric: bool | None = None           # weight-only rtn: no zero points
-    embedding: bool | None = None           # weight-only: quantize the token embedding table too
+    embedding: bool | None = None           # weight-only, rowwise: quantize the token embedding table too
+    smooth_alpha: float | None = None       # rowwise: SmoothQuant's migration strength 0..1 (0: no smoothing)
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,7 @@ def _quantization(data: Any, origin: str, precision: str, backends: tuple[str, .
     if methods is None:
         if data is not None:
             raise ProfileError(f"{origin}: [quantization] does not apply to precision {precision!r}: "
-                               f"expected it only with precision int8 (dynamic, static, weight-only) or int4 (weight-only)")
+                               f"expected it only with precision int8 (dynamic, static, weight-only, rowwise) or int4 (weight-only)")
         return None
     trt_int8 = "trt" in backends and precision == "int8"   # TensorRT calibrates: its own rules
     default = methods[0]
@@ -299,9 +301,14 @@ def _quantization(data: Any, origin: str, precision: str, backends: tuple[str, .
                       per_channel=table.boolean("per_channel", d["per_channel"]),
                       reduce_range=table.boolean("reduce_range", d["reduce_range"]))
     if "calibration_samples" in d:
-        values.update(calibration_samples=table.integer("calibration_samples", 1, 100_000, d["calibration_samples"]),
-                      calibration_method=table.choice("calibration_method", ("minmax", "percentile"),
-                                                      d["calibration_method"]))
+        values["calibration_samples"] = table.integer("calibration_samples", 1, 100_000, d["calibration_samples"])
+    if "calibration_method" in d:
+        values["calibration_method"] = table.choice("calibration_method", ("minmax", "percentile"),
+                                                    d["calibration_method"])
+    if method == "rowwise":
+        values.update(smooth_alpha=table.number("smooth_alpha", 0.0, 1.0, default=d["smooth_alpha"]),
+                      reduce_range=table.boolean("reduce_range", d["reduce_range"]),
+                      embedding=table.boolean("embedding", d["embedding"]))
     if "block_size" in d:
         block = table.integer("block_size", 16, 256, d["block_size"])
         if block & (block - 1):

@@ -1,6 +1,6 @@
 """Packing the MatMuls that read the same activation (deploylm.export.pack_matmuls): one MatMul over the
 weights side by side and a Split give the outputs of the separate MatMuls, before and after int8
-weight-only quantization; fp32 and int8 (weight-only) exports pack, the other profiles do not."""
+weight-only quantization; fp32, int8 (weight-only) and int8-rowwise exports pack, the other profiles do not."""
 from __future__ import annotations
 
 import shutil
@@ -109,8 +109,31 @@ def test_int8_weight_only_quantizes_a_packed_graph_to_the_same_outputs(llama_gra
         assert float(np.abs(got - want).max()) <= 1e-6
 
 
+def test_int8_rowwise_quantizes_a_packed_graph_to_the_outputs_of_the_separate_matmuls(llama_graph, tmp_path):
+    """Unsmoothed, a row's scale and zero point come from the shared input alone and each weight column has its
+    own scale: packing changes nothing but the number of nodes."""
+    from deploylm.export.quantize import quantize_graph
+    from deploylm.profiles import Quantization
+
+    path, feeds, _ = llama_graph
+    packed = tmp_path / "packed" / path.name
+    packed.parent.mkdir()
+    shutil.copy(path, packed)
+    for data in path.parent.glob(f"{path.name}.data"):
+        shutil.copy(data, packed.parent / data.name)
+    assert pack_graph_file(packed)
+    q = Quantization("rowwise", smooth_alpha=0.0, reduce_range=False, embedding=False)
+    quantize_graph(path, tmp_path / "separate.onnx", "int8", q)
+    quantize_graph(packed, tmp_path / "packed.onnx", "int8", q)
+    separate, together = _run(tmp_path / "separate.onnx", feeds), _run(tmp_path / "packed.onnx", feeds)
+    assert float(np.abs(separate[0] - _run(path, feeds)[0]).max()) > 1e-4      # it did quantize
+    for want, got in zip(separate, together):
+        assert float(np.abs(got - want).max()) <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
 def test_fp32_and_int8_weight_only_profiles_for_onnx_runtime_pack_and_the_others_do_not():
     assert packs_matmuls(load_profile("fp32")) and packs_matmuls(load_profile("int8"))
+    assert packs_matmuls(load_profile("int8-rowwise"))
     for name in ("fp16", "bf16", "int8-dynamic", "int8-static", "int4", "trt-fp16", "trt-int8"):
         assert not packs_matmuls(load_profile(name)), name
 
@@ -127,7 +150,7 @@ def test_an_fp32_tensorrt_profile_does_not_pack(tmp_path):
     assert not packs_matmuls(profile)
 
 
-@pytest.mark.parametrize("name", ["fp16", "int4", "int8-dynamic", "fp32", "int8"])
+@pytest.mark.parametrize("name", ["fp16", "int4", "int8-dynamic", "fp32", "int8", "int8-rowwise"])
 def test_quality_compares_with_the_fp32_graphs_as_shipped_packed(llama_graph, tmp_path, name):
     """"speed N× fp32" in export's quality line: the profiles that quantize unpacked graphs are timed
     against a packed copy (what --profile fp32 ships), not the slower unpacked graphs they start from."""

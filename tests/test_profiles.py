@@ -10,7 +10,8 @@ from deploylm.errors import UsageError
 from deploylm.profiles import (Profile, ProfileError, builtin_dir, builtin_names, builtin_profiles,
                                load_profile)
 
-BUILTINS = ["bf16", "fp16", "fp32", "int4", "int8", "int8-dynamic", "int8-static", "trt-fp16", "trt-int8"]
+BUILTINS = ["bf16", "fp16", "fp32", "int4", "int8", "int8-dynamic", "int8-rowwise", "int8-static", "trt-fp16",
+            "trt-int8"]
 
 BASE = """
 name = "mine"

@@ -62,6 +62,8 @@ CASES = {
     "int8 static": ("int8", Quantization("static", weight_type="qint8", per_channel=True, reduce_range=True,
                                          calibration_samples=4, calibration_method="minmax"),
                     {"QuantizeLinear", "DequantizeLinear"}, 0.25),
+    "int8 rowwise": ("int8", Quantization("rowwise", smooth_alpha=0.5, calibration_samples=4, reduce_range=False,
+                                          embedding=True), {"MatMulInteger", "QuantizeLinear"}, 0.05),
     "int8 weight-only": ("int8", Quantization("weight-only", block_size=32, accuracy_level=4, algorithm="rtn",
                                               symmetric=True, embedding=True), {"MatMulNBits"}, 0.05),
     "int4 rtn": ("int4", Quantization("weight-only", block_size=32, accuracy_level=0, algorithm="rtn",

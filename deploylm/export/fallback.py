@@ -151,7 +151,8 @@ def search(ranked: list[tuple[str, str]], base: Exclusions, judge: Callable[[Exc
 def rank_nodes(ref_dir: Path, cand_dir: Path, feeds: dict[str, list[dict]], precision: str,
                base: Exclusions, gathers: bool = True) -> list[tuple[str, str]]:
     """(file, node) pairs over every graph, most sensitive first, leaving out `base` nodes; int8/int4 rank the
-    embedding Gathers only with `gathers` (weight-only with `embedding = true`: no other method quantizes them)."""
+    embedding Gathers only with `gathers` (weight-only and rowwise with `embedding = true`: no other method
+    quantizes them)."""
     import onnx
 
     ranked: list[tuple[float, str, str]] = []

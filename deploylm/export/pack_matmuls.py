@@ -10,8 +10,9 @@ docs/benchmarks.md, "Issue 7, fifth session").
 
 `deploylm export` applies it before the graphs are validated against PyTorch, for fp32 profiles and for
 int8 weight-only ones (MatMulNBits quantizes each weight column and each activation block along K alike
-whatever the width: the same bits again, 1.07× at 8 rows); the other quantized profiles start from the
-unpacked graphs (int4 packs the same groups itself: deploylm.export.q4_1), and TensorRT fuses on its own
+whatever the width: the same bits again, 1.07× at 8 rows), and for int8 rowwise ones (each row is
+quantized once for the whole group, with one smoothing factor per input channel); the other quantized profiles
+start from the unpacked graphs (int4 packs the same groups itself: deploylm.export.q4_1), and TensorRT fuses on its own
 (deploylm.export.pipeline.packs_matmuls).
 """
 from __future__ import annotations

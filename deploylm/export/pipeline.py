@@ -100,8 +100,8 @@ def export_model(src: str | Path, profile: Any = "fp32", out_dir: str | Path | N
 
             require_trt_gpu(f"export --profile {profile.name}")
         if calibration is not None and not (apply_precision is not None and uses_calibration(profile)):
-            raise UsageError(f"--calibration: profile {profile.name} reads no calibration text (static int8 and profiles "
-                             "with [precision_fallback] auto = true do): drop --calibration or choose such a profile")
+            raise UsageError(f"--calibration: profile {profile.name} reads no calibration text (static int8, rowwise "
+                             "int8 with smooth_alpha > 0 and profiles with [precision_fallback] auto = true do): drop --calibration or choose such a profile")
         timings: dict[str, float] = {}
         model = _timed(timings, "load", _load_model, source)
         plan = plan_graphs(model)
@@ -181,13 +181,15 @@ def trt_calibration_ids(folder: Path, calibration: str | Path) -> list[list[int]
 
 def packs_matmuls(profile: Any) -> bool:
     """Graphs for ONNX Runtime whose MatMuls that share an input are packed (deploylm.export.pack_matmuls:
-    the same bits, a faster step): fp32, and int8 weight-only, whose MatMulNBits quantizes each weight
-    column and each activation block along K alike whatever the width. The other quantized profiles
+    the same bits, a faster step): fp32, int8 weight-only, whose MatMulNBits quantizes each weight
+    column and each activation block along K alike whatever the width, and int8 rowwise, whose rows are
+    quantized once for the whole group. The other quantized profiles
     quantize the graphs as exported (int4 packs the same groups itself); TensorRT fuses on its own."""
     if "trt" in profile.backends:
         return False
     q = profile.quantization
-    return profile.precision == "fp32" or (profile.precision == "int8" and q is not None and q.method == "weight-only")
+    return profile.precision == "fp32" or (profile.precision == "int8" and q is not None
+                                           and q.method in ("weight-only", "rowwise"))
 
 
 def _pack_graphs(plan: GraphPlan, folder: Path) -> dict[str, int]:

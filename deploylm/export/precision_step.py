@@ -197,10 +197,8 @@ def apply_precision(tmp_dir: Path, profile: Any, source: Any, calibration: str |
         fallback = profile.precision_fallback
         auto = (fallback is not None and fallback.auto) if auto is None else auto
         if not first.passed and auto:
-            q = profile.quantization
-            quantized_embedding = q is not None and q.method == "weight-only" and bool(q.embedding)
             ranked = rank_nodes(work.ref, work.dirs[id(first)], _few(work.feeds), profile.precision, base,
-                                gathers=quantized_embedding)
+                                gathers=quantizes_embedding(profile.quantization))
             result = search(ranked, base, work.judge, first)
         chosen = work.dirs[id(result.final)]
         if rounds:   # the reported numbers: speed timed in `rounds` interleaved rounds
@@ -258,7 +256,7 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
     graphs = [g for g in GRAPH_FILES if (ref / g).is_file()]
     seq2seq = io_spec.ENCODER_FILE in graphs
     q = profile.quantization
-    needs_feeds = (q is not None and q.method == "static") or _searches(profile)
+    needs_feeds = _calibrates(q) or _searches(profile)
     samples = (q.calibration_samples if q is not None and q.calibration_samples else SENSITIVITY_SAMPLES)
     calib, held = text_sets(source, file, samples, seq2seq)
     feeds: dict[str, list[dict]] = {}
@@ -270,7 +268,7 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
                                         token_ids(tokenizer, calib.targets or calib.inputs, room))]
         feeds = graph_feeds(ref, [s for s, _ in pairs], [t for _, t in pairs] if seq2seq else None)
     short = None
-    if q is not None and q.method == "static" and file is not None:
+    if _calibrates(q) and file is not None:
         total = calib.available
         if total < samples:
             short = (f"--calibration {file} has {total} sample(s), fewer than the profile's "
@@ -284,7 +282,7 @@ def _workspace(root: Path, tmp_dir: Path, profile: Any, source: Any, file: Path 
 
 def _shipped_fp32(root: Path, ref: Path, graphs: list[str], profile: Any) -> Path:
     """The fp32 reference in the form the fp32 profile ships: `ref` itself when this profile's graphs
-    were packed too (fp32, int8 weight-only), else a packed copy, so that "speed N× fp32" compares with
+    were packed too (fp32, int8 weight-only and rowwise), else a packed copy, so that "speed N× fp32" compares with
     the fp32 artifact a user would otherwise deploy, not with slower unpacked graphs."""
     from deploylm.export.pack_matmuls import pack_graph_file
     from deploylm.export.pipeline import packs_matmuls
@@ -321,7 +319,7 @@ def _base_exclusions(work: _Workspace) -> Exclusions:
         model = onnx.load(str(work.ref / file), load_external_data=False)
         out[file] = listed_nodes(model, fb.ops, fb.nodes)
         if q is not None:    # int8/int4 quantize constant-weight nodes only: an attention MatMul is not "kept"
-            can = quantizable_nodes(model, gathers=q.method == "weight-only" and bool(q.embedding))
+            can = quantizable_nodes(model, gathers=quantizes_embedding(q))
             out[file] = tuple(n for n in out[file] if n in can)
         names |= {n.name for n in model.graph.node}
         types |= {n.op_type for n in model.graph.node}
@@ -352,10 +350,22 @@ def _searches(profile: Any) -> bool:
 
 
 def uses_calibration(profile: Any) -> bool:
-    """The profile reads calibration text: static int8 (activation ranges) or the fallback search
-    (node sensitivities); the others would ignore --calibration."""
+    """The profile reads calibration text: static int8 (activation ranges), rowwise int8 with smoothing (channel
+    maxima) or the fallback search (node sensitivities); the others would ignore --calibration."""
     q = profile.quantization
-    return profile.precision != "fp32" and ((q is not None and q.method == "static") or _searches(profile))
+    return profile.precision != "fp32" and (_calibrates(q) or _searches(profile))
+
+
+def quantizes_embedding(q: Any) -> bool:
+    """The quantization turns the token embedding Gather into int8 rows too (weight-only and rowwise int8 with
+    `embedding = true`), so the fallback can keep it in fp32."""
+    return q is not None and q.method in ("weight-only", "rowwise") and bool(q.embedding)
+
+
+def _calibrates(q: Any) -> bool:
+    """The quantization reads calibration feeds: static int8 (activation ranges), rowwise int8 with smoothing
+    (activation channel maxima)."""
+    return q is not None and (q.method == "static" or (q.method == "rowwise" and bool(q.smooth_alpha)))
 
 
 def _report(profile: Any, work: _Workspace, base: Exclusions, result: SearchResult,

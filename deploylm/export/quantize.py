@@ -4,6 +4,8 @@
   call), QUInt8 or QInt8 weights, per channel and reduced range as the profile says;
 - static (int8): `quantize_static`, QDQ format, activation ranges calibrated (MinMax or
   Percentile) on feeds from deploylm.export.calibration;
+- rowwise (int8): activations quantized per row at run time, weights per column, MatMulInteger, with
+  SmoothQuant's per-channel smoothing from calibration feeds (deploylm.export.rowwise);
 - weight-only (int8 / int4): `MatMulNBitsQuantizer` (MatMulNBits, one scale per block of
   `block_size`), RTN, HQQ or (int4) q4_1: GGUF's Q4_1 grid as symmetric 4-bit MatMulNBits plus fp32
   block offsets (deploylm.export.q4_1); with int4 the lm_head (the MatMul writing the logits) is
@@ -180,6 +182,8 @@ def quantize_graph(src: Path, dst: Path, precision: str, q: Any, *, feeds: list[
             _static(model, tmp, dst, q, exclude, feeds)
         elif q.method == "weight-only":
             _weight_only(model, dst, q, 4 if precision == "int4" else 8, exclude)
+        elif q.method == "rowwise":
+            _rowwise(model, dst, q, exclude, feeds)
         else:
             raise UsageError(f"quantization method {q.method!r} is not known for precision {precision!r}")
 
@@ -248,6 +252,24 @@ def _flat_histograms() -> Iterator[None]:
         yield
     finally:
         HistogramCollector.collect = original
+
+
+def _rowwise(model: Any, dst: Path, q: Any, exclude: tuple[str, ...], feeds: list[dict] | None) -> None:
+    """int8 activations per row x int8 weights per column, MatMulInteger (deploylm.export.rowwise); SmoothQuant's
+    factors from the calibration feeds when smooth_alpha > 0."""
+    from deploylm.export import rowwise
+
+    nodes = rowwise.target_nodes(model, exclude)
+    maxima = None
+    if q.smooth_alpha:
+        if not feeds:
+            raise UsageError("int8 rowwise quantization with smooth_alpha > 0 needs calibration samples "
+                             "(--calibration FILE, or the built-in text)")
+        maxima = rowwise.channel_maxima(model, nodes, feeds)
+    rowwise.rewrite(model, nodes, maxima, q.smooth_alpha or 0.0, bool(q.reduce_range))
+    if q.embedding:
+        model = quantize_embedding(model, 8, 0, exclude)
+    save_graph(model, dst)
 
 
 def _weight_only(model: Any, dst: Path, q: Any, bits: int, exclude: tuple[str, ...]) -> None:
