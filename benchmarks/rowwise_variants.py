@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/rowwise_variants.py export/smollm2-fp32-vN [VARIANT ...] [--texts FILE]
 
-Each VARIANT quantizes the artifact's model.onnx with deploylm.export.rowwise (the `int8-rowwise` profile's
-method, int8 embedding rows included) and measures it with deploylm.export.quality.measure_quality against the
-fp32 graphs, without timing rounds. Variants: `int8` (the int8 profile's weight-only MatMulNBits, for
-comparison), `rowwise` (the profile: alpha 0.5, padded calibration rows left out), `padded` (alpha 0.5, padded
-rows counted), `alpha=A` (another smoothing strength; 0 = none), `fp32-head` (rowwise, the lm_head left fp32).
+Each VARIANT quantizes the artifact's model.onnx and measures it with deploylm.export.quality.measure_quality
+against the fp32 graphs, as export's quality step does, without timing rounds. Variants: `int8` (the int8
+profile's weight-only MatMulNBits, for comparison), `rowwise` (the int8-rowwise profile as export quantizes:
+alpha 0.5, padded calibration rows left out, the lm_head int8 weight-only), `alpha=A` (the same with another
+smoothing strength; 0 = none), and with deploylm.export.rowwise alone (the embedding as int8 rows):
+`rowwise-head` (the lm_head in the rowwise pattern too), `padded` (the same, padded calibration rows counted),
+`fp32-head` (the lm_head left fp32).
 Calibration is the built-in text, as for a model without training data (GGUF, Hugging Face).
 
 The built-in held-out material is 4 prompts and 6 sentences; `--texts FILE` (one text a line, e.g.
@@ -24,6 +26,8 @@ from types import SimpleNamespace
 
 
 def quantize_variant(ref: Path, out: Path, variant: str, feeds: list[dict]) -> None:
+    from dataclasses import replace
+
     import onnx
 
     from deploylm.export import rowwise
@@ -32,19 +36,21 @@ def quantize_variant(ref: Path, out: Path, variant: str, feeds: list[dict]) -> N
     from deploylm.profiles import load_profile
 
     shutil.copytree(ref, out, ignore=shutil.ignore_patterns("*.onnx", "*.data", "*.onnx_data"))
-    if variant == "int8":
-        quantize_graph(ref / "model.onnx", out / "model.onnx", "int8", load_profile("int8").quantization)
+    profile = load_profile("int8-rowwise").quantization
+    if variant in ("int8", "rowwise") or variant.startswith("alpha="):   # as `deploylm export` quantizes
+        q = (load_profile("int8").quantization if variant == "int8" else
+             replace(profile, smooth_alpha=float(variant.split("=", 1)[1])) if "=" in variant else profile)
+        quantize_graph(ref / "model.onnx", out / "model.onnx", "int8", q, feeds=feeds)
         return
-    model = onnx.load(str(ref / "model.onnx"))
+    model = onnx.load(str(ref / "model.onnx"))                # rowwise everywhere, or the lm_head left fp32
     gemm_to_matmul(model)
     untie_lm_head(model)
     nodes = rowwise.target_nodes(model)
     if variant == "fp32-head":
         outputs = {o.name for o in model.graph.output}
         nodes = [n for n in nodes if n.output[0] not in outputs]
-    alpha = float(variant.split("=", 1)[1]) if variant.startswith("alpha=") else 0.5
-    maxima = rowwise.channel_maxima(model, nodes, feeds, skip_padding=variant != "padded") if alpha else None
-    rowwise.rewrite(model, nodes, maxima, alpha, reduce_range=False)
+    maxima = rowwise.channel_maxima(model, nodes, feeds, skip_padding=variant != "padded")
+    rowwise.rewrite(model, nodes, maxima, profile.smooth_alpha, reduce_range=False)
     save_graph(quantize_embedding(model, 8, 0), out / "model.onnx")
 
 
@@ -58,7 +64,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, help="an fp32 artifact folder (deploylm export --profile fp32)")
-    parser.add_argument("variants", nargs="*", default=["int8", "rowwise", "padded", "alpha=0", "fp32-head"])
+    parser.add_argument("variants", nargs="*", default=["int8", "rowwise", "alpha=0", "rowwise-head", "padded",
+                                                               "fp32-head"])
     parser.add_argument("--texts", type=Path, help="a text file, one text a line, to score perplexity on")
     args = parser.parse_args()
     samples = load_profile("int8-rowwise").quantization.calibration_samples

@@ -24,7 +24,7 @@ from deploylm.profiles import builtin_profiles, load_profile
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # every (profile, backend) pair with a parity row below; the meta-test keeps this complete
 ROWS = [("fp32", "onnx"), ("fp16", "onnx"), ("fp16", "torch"), ("bf16", "onnx"), ("bf16", "torch"),
-        ("int4", "onnx"), ("int8", "onnx"), ("int8-dynamic", "onnx"), ("int8-static", "onnx"),
+        ("int4", "onnx"), ("int8", "onnx"), ("int8-dynamic", "onnx"), ("int8-rowwise", "onnx"), ("int8-static", "onnx"),
         ("trt-fp16", "trt"), ("trt-int8", "trt")]
 
 

@@ -153,12 +153,15 @@ FEEDS = [{"input_ids": (np.arange(8, dtype=np.int64).reshape(2, 4) * (i + 1)) % 
 ROWWISE = Quantization("rowwise", smooth_alpha=0.5, calibration_samples=4, reduce_range=False, embedding=True)
 
 
-def test_quantize_graph_rewrites_every_weight_matmul_the_tied_lm_head_and_the_embedding(tmp_path):
+def test_quantize_graph_rewrites_every_weight_matmul_and_quantizes_the_tied_lm_head_and_the_embedding(tmp_path):
+    """The lm_head is int8 weight-only (MatMulNBits, int8 activations per block), as in the int8 profile."""
     src = tied_graph(tmp_path / "fp32.onnx")
     out = tmp_path / "q.onnx"
     quantize_graph(src, out, "int8", ROWWISE, feeds=FEEDS)
     model = onnx.load(str(out))
-    assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 2        # fc1 and the lm_head
+    assert [n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger"] == ["fc1.rowwise.weight"]
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits")          # the logits' MatMul: int8 blocks
+    assert head.output == ["logits"] and {a.name: a.i for a in head.attribute}["bits"] == 8
     assert "emb" not in {i.name for i in model.graph.initializer}                  # int8 rows instead
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, FEEDS[0])[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, FEEDS[0])[0]
@@ -173,6 +176,7 @@ def test_excluded_nodes_stay_fp32_matmuls(tmp_path):
     model = onnx.load(str(out))
     assert [n.name for n in model.graph.node if n.op_type == "MatMul"] == ["lm_head"]
     assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 1
+    assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
 
 
 def test_smoothing_without_calibration_feeds_is_a_usage_error(tmp_path):

@@ -32,6 +32,8 @@ import numpy as np
 from deploylm.errors import UsageError
 from deploylm.export.onnx_export import finish_data_file, is_large, save_graph
 
+HEAD_BLOCK = 64   # rowwise int8: the lm_head's MatMulNBits block, as the int8 profile's
+
 
 @contextlib.contextmanager
 def scratch_cwd() -> Iterator[Path]:
@@ -256,10 +258,13 @@ def _flat_histograms() -> Iterator[None]:
 
 def _rowwise(model: Any, dst: Path, q: Any, exclude: tuple[str, ...], feeds: list[dict] | None) -> None:
     """int8 activations per row x int8 weights per column, MatMulInteger (deploylm.export.rowwise); SmoothQuant's
-    factors from the calibration feeds when smooth_alpha > 0."""
+    factors from the calibration feeds when smooth_alpha > 0. The lm_head (the MatMul writing the logits) is int8
+    weight-only MatMulNBits instead, as in the int8 profile: on SmolLM2, kept out of the rowwise pattern it raised
+    beam-4 agreement with fp32 from 0.71 to 0.83 over 12 prompts (benchmarks/rowwise_variants.py)."""
     from deploylm.export import rowwise
 
-    nodes = rowwise.target_nodes(model, exclude)
+    heads = [h for h in lm_head_nodes(model) if h not in exclude]
+    nodes = rowwise.target_nodes(model, (*exclude, *heads))
     maxima = None
     if q.smooth_alpha:
         if not feeds:
@@ -267,6 +272,8 @@ def _rowwise(model: Any, dst: Path, q: Any, exclude: tuple[str, ...], feeds: lis
                              "(--calibration FILE, or the built-in text)")
         maxima = rowwise.channel_maxima(model, nodes, feeds)
     rowwise.rewrite(model, nodes, maxima, q.smooth_alpha or 0.0, bool(q.reduce_range))
+    if heads:   # the logits decide the beams: int8 weights with int8 activations per block of 64, as the int8 profile
+        model = int8_weight_only(model, heads, HEAD_BLOCK, 4)
     if q.embedding:
         model = quantize_embedding(model, 8, 0, exclude)
     save_graph(model, dst)
@@ -302,17 +309,23 @@ def _weight_only(model: Any, dst: Path, q: Any, bits: int, exclude: tuple[str, .
     heads = [h for h in heads if h not in exclude]
     if heads:   # int4: the lm_head in int8 (HQQ int4 on SmolLM2's lm_head alone cost +20% perplexity)
         # q4_1: the fast int8-activation kernel as for the other MatMuls; hqq/rtn: as before (level unset)
-        head_level = level if q.algorithm == "q4_1" else None
-        head_config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True, bits=8,
-                                                   accuracy_level=head_level, op_types_to_quantize=("MatMul",))
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=q.block_size, accuracy_level=head_level,
-                                         nodes_to_exclude=others, algo_config=head_config)
-        quantizer.process()
-        model = quantizer.model.model
+        model = int8_weight_only(model, heads, q.block_size, level if q.algorithm == "q4_1" else None)
     if q.embedding:   # int8 per row for both: 4-bit RTN embeddings lose too much (see quantize_embedding)
         model = quantize_embedding(model, 8, q.block_size, exclude)
     save_graph(model, dst)
+
+
+def int8_weight_only(model: Any, nodes: list[str], block_size: int, level: int | None) -> Any:
+    """The MatMuls named in `nodes` as int8 MatMulNBits (symmetric, one scale per block of `block_size`)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8, accuracy_level=level,
+                                          op_types_to_quantize=("MatMul",))
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, accuracy_level=level,
+                                     nodes_to_exclude=others, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
 
 
 def lm_head_nodes(model: Any) -> list[str]:
