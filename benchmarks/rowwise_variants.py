@@ -6,7 +6,7 @@ Each VARIANT quantizes the artifact's model.onnx and measures it with deploylm.e
 against the fp32 graphs, as export's quality step does, without timing rounds. Variants: `int8` (the int8
 profile's weight-only MatMulNBits, for comparison), `rowwise` (the int8-rowwise profile as export quantizes:
 alpha 0.5, padded calibration rows left out, the lm_head int8 weight-only), `alpha=A` (the same with another
-smoothing strength; 0 = none), and with deploylm.export.rowwise alone (the embedding as int8 rows):
+smoothing strength; 0 = none), `reduce-range` / `full-range` (the same with 7-bit / 8-bit weights), and with deploylm.export.rowwise alone (the embedding as int8 rows):
 `rowwise-head` (the lm_head in the rowwise pattern too), `padded` (the same, padded calibration rows counted),
 `fp32-head` (the lm_head left fp32).
 Calibration is the built-in text, as for a model without training data (GGUF, Hugging Face).
@@ -37,8 +37,9 @@ def quantize_variant(ref: Path, out: Path, variant: str, feeds: list[dict]) -> N
 
     shutil.copytree(ref, out, ignore=shutil.ignore_patterns("*.onnx", "*.data", "*.onnx_data"))
     profile = load_profile("int8-rowwise").quantization
-    if variant in ("int8", "rowwise") or variant.startswith("alpha="):   # as `deploylm export` quantizes
+    if variant in ("int8", "rowwise", "reduce-range", "full-range") or variant.startswith("alpha="):   # as export does
         q = (load_profile("int8").quantization if variant == "int8" else
+             replace(profile, reduce_range=variant == "reduce-range") if "range" in variant else
              replace(profile, smooth_alpha=float(variant.split("=", 1)[1])) if "=" in variant else profile)
         quantize_graph(ref / "model.onnx", out / "model.onnx", "int8", q, feeds=feeds)
         return

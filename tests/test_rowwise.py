@@ -17,6 +17,9 @@ from deploylm.export.quantize import quantize_graph
 from deploylm.profiles import ProfileError, Quantization, load_profile
 
 K, N = 64, 48
+# onnxruntime sums uint8 x int8 pairs in 16 bits on x86 CPUs without VNNI/AMX (VPMADDUBSW), clamping what does not
+# fit: the closeness checks use 7-bit weights there, which cannot overflow (2 x 255 x 63 < 32767)
+SATURATES = rowwise.cpu_has_vnni() is False
 
 
 def one_matmul(weight: np.ndarray, opset: int = 18) -> onnx.ModelProto:
@@ -62,11 +65,11 @@ def test_the_graph_computes_the_reference_quantization(data, alpha, opset):
     model = one_matmul(w, opset)
     nodes = rowwise.target_nodes(model)
     maxima = rowwise.channel_maxima(model, nodes, [{"x": x}])
-    rowwise.rewrite(model, nodes, maxima, alpha, reduce_range=False)
+    rowwise.rewrite(model, nodes, maxima, alpha, reduce_range=SATURATES)
     onnx.checker.check_model(model)
     assert "MatMul" not in {n.op_type for n in model.graph.node} and "MatMulInteger" in {n.op_type for n in model.graph.node}
     factor = rowwise.smoothing(maxima["mm"], w, alpha) if alpha else np.ones(K, np.float32)
-    want = reference(x.astype(np.float64), w.astype(np.float64), factor.astype(np.float64))
+    want = reference(x.astype(np.float64), w.astype(np.float64), factor.astype(np.float64), 63 if SATURATES else 127)
     got = run(model, x)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     assert np.abs(got - x @ w).max() <= 0.05 * np.abs(x @ w).max()     # and it is a fair int8 approximation
@@ -78,7 +81,7 @@ def test_smoothing_lowers_the_error_an_outlier_channel_causes(data):
     for alpha in (0.0, 0.5):
         model = one_matmul(w)
         nodes = rowwise.target_nodes(model)
-        rowwise.rewrite(model, nodes, rowwise.channel_maxima(model, nodes, [{"x": x}]), alpha, False)
+        rowwise.rewrite(model, nodes, rowwise.channel_maxima(model, nodes, [{"x": x}]), alpha, SATURATES)
         errors[alpha] = np.abs(run(model, x) - x @ w).mean()
     assert errors[0.5] < 0.5 * errors[0.0], errors
 
@@ -111,7 +114,7 @@ def test_channel_maxima_leave_out_padded_positions(data):
 def test_a_row_of_zeros_gives_zeros_and_constant_rows_stay_exact(data):
     x, w = data
     model = one_matmul(w)
-    rowwise.rewrite(model, rowwise.target_nodes(model), None, 0.0, False)
+    rowwise.rewrite(model, rowwise.target_nodes(model), None, 0.0, SATURATES)
     x = x.copy()
     x[0, 0] = 0.0                                  # e.g. a padded position
     x[0, 1] = 2.5                                  # every channel alike: lo = hi
@@ -150,7 +153,7 @@ def tied_graph(path: Path) -> Path:
 
 
 FEEDS = [{"input_ids": (np.arange(8, dtype=np.int64).reshape(2, 4) * (i + 1)) % 40} for i in range(3)]
-ROWWISE = Quantization("rowwise", smooth_alpha=0.5, calibration_samples=4, reduce_range=False, embedding=True)
+ROWWISE = Quantization("rowwise", smooth_alpha=0.5, calibration_samples=4, reduce_range=SATURATES, embedding=True)
 
 
 def test_quantize_graph_rewrites_every_weight_matmul_and_quantizes_the_tied_lm_head_and_the_embedding(tmp_path):
@@ -211,7 +214,8 @@ def test_the_builtin_profile_and_its_keys(tmp_path):
             load_profile(bad)
 
 
-def test_export_of_a_tiny_llama_with_the_rowwise_profile_decodes_like_torch(tiny_llama_dir, tmp_path):
+def test_export_of_a_tiny_llama_with_the_rowwise_profile_decodes_like_torch(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                          caplog):
     """The whole path a user takes: export (smoothing from the built-in calibration text, quality and parity
     checked), then the artifact's own generate against the torch backend on the source."""
     from click.testing import CliRunner
@@ -233,3 +237,43 @@ def test_export_of_a_tiny_llama_with_the_rowwise_profile_decodes_like_torch(tiny
                                    "--json", "The capital of France is"])
     assert run.exit_code == 0, run.output
     assert len(json.loads(run.output)["outputs"][0]["token_ids"]) == 8
+    # opened on a CPU without VNNI/AMX, the artifact says its products can saturate there
+    import logging
+
+    from deploylm.backends.onnx_backend import OnnxBackend
+
+    monkeypatch.setattr(rowwise, "cpu_has_vnni", lambda cpuinfo=None: False)
+    monkeypatch.setattr(rowwise, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="deploylm"):
+        OnnxBackend.from_source(out)
+    assert [r.getMessage() for r in caplog.records if "saturate" in r.getMessage()], caplog.text
+
+
+@pytest.mark.parametrize("cpuinfo, has", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_tile\n", True),
+    ("flags\t\t: fpu sse2 avx2 avx_vnni\n", True),
+    ("flags\t\t: fpu sse2 avx2 fma\n", False),            # AVX2 without VNNI: VPMADDUBSW's 16-bit sums
+    ("processor\t: 0\nFeatures\t: fp asimd asimddp\n", None),   # ARM: not x86 flags
+    ("", None)])
+def test_cpu_has_vnni_reads_the_x86_flags(cpuinfo, has):
+    assert rowwise.cpu_has_vnni(cpuinfo) is has
+
+
+def test_a_rowwise_artifact_warns_once_on_a_cpu_without_vnni(monkeypatch, caplog, tmp_path):
+    manifest = {"profile": {"name": "int8-rowwise", "quantization": {"method": "rowwise", "reduce_range": False}}}
+    monkeypatch.setattr(rowwise, "cpu_has_vnni", lambda cpuinfo=None: False)
+    monkeypatch.setattr(rowwise, "_warned", set())
+    with caplog.at_level("WARNING", logger="deploylm"):
+        rowwise.warn_if_saturating(manifest, tmp_path)
+        rowwise.warn_if_saturating(manifest, tmp_path)                  # once per artifact
+        seven_bits = {"profile": {"name": "p", "quantization": {"method": "rowwise", "reduce_range": True}}}
+        rowwise.warn_if_saturating(seven_bits, tmp_path / "b")           # 7-bit weights cannot saturate
+        rowwise.warn_if_saturating({"profile": {"name": "int8", "quantization": {"method": "weight-only"}}},
+                                   tmp_path / "c")
+    assert len(caplog.records) == 1 and "reduce_range = true" in caplog.records[0].getMessage()
+    assert str(tmp_path) in caplog.records[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(rowwise, "cpu_has_vnni", lambda cpuinfo=None: True)
+    with caplog.at_level("WARNING", logger="deploylm"):
+        rowwise.warn_if_saturating(manifest, tmp_path / "d")
+    assert caplog.records == []

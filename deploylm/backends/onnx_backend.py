@@ -179,6 +179,10 @@ class OnnxBackend:
         check_threads(threads, "the physical cores")
         check_providers(providers)
         artifact = load_artifact(source.path)  # verifies checksums and graph IO against the manifest
+        if device == "cpu":
+            from deploylm.export.rowwise import warn_if_saturating
+
+            warn_if_saturating(artifact.manifest, artifact.path)
         return cls.from_folder(artifact.path, name=source.name, generation=artifact.manifest.get("generation"),
                                device=device, threads=threads, providers=providers, opt_level=opt_level,
                                spin=spin, manifest=artifact.manifest)

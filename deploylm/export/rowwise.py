@@ -22,12 +22,18 @@ the weights in 7 bits, which cannot.
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+log = logging.getLogger("deploylm")
 EPS = 1e-12     # the smallest row scale: a row of zeros quantizes to zeros, not NaN
 MIN_MAX = 1e-5  # channel maxima are clamped to this before smoothing: a channel that never fires keeps factor ~1
+# x86 flags of int8 dot-product units that accumulate uint8 x int8 pairs into 32 bits (no saturation)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+_warned: set[str] = set()
 
 
 def target_nodes(model: Any, exclude: tuple[str, ...] = ()) -> list[Any]:
@@ -149,3 +155,30 @@ def rewrite(model: Any, nodes: list[Any], maxima: dict[str, np.ndarray] | None, 
     for init in [i for i in graph.initializer if i.name in replaced and i.name not in used]:
         graph.initializer.remove(init)
     return len(nodes)
+
+
+def cpu_has_vnni(cpuinfo: str | None = None) -> bool | None:
+    """Whether this x86 CPU has VNNI or AMX (from /proc/cpuinfo's flags); None where that is not known (no
+    /proc/cpuinfo, or no x86 flags line: ARM's int8 dot products do not saturate)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags") and ":" in line), None)
+    return None if flags is None else any(flag in flags for flag in VNNI_FLAGS)
+
+
+def warn_if_saturating(manifest: dict[str, Any] | None, folder: Path) -> None:
+    """Once per artifact folder: a rowwise int8 artifact with 8-bit weights on an x86 CPU without VNNI/AMX, whose
+    onnxruntime kernels sum uint8 x int8 pairs in 16 bits (VPMADDUBSW) and clamp what does not fit."""
+    profile = (manifest or {}).get("profile") or {}
+    q = profile.get("quantization") or {}
+    if q.get("method") != "rowwise" or q.get("reduce_range") or str(folder) in _warned or cpu_has_vnni() is not False:
+        return
+    _warned.add(str(folder))
+    log.warning("note: %s (profile %s) multiplies uint8 activations by 8-bit weights, which this CPU (no AVX-512 "
+                "VNNI, AVX-VNNI or AMX) sums in 16 bits that can saturate and change its outputs; re-export it with "
+                "reduce_range = true in the profile's [quantization] (7-bit weights), or use the int8 profile",
+                folder, profile.get("name", "?"))
