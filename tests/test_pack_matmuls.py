@@ -88,18 +88,24 @@ def test_a_llama_graph_packs_qkv_and_gate_up_in_every_layer_with_the_same_output
         assert float(np.abs(got - want).max()) <= 1e-6                      # same bits on this machine
 
 
-def test_int8_weight_only_quantizes_a_packed_graph_to_the_same_outputs(llama_graph, tmp_path):
-    """Why the int8 profile may pack before quantizing: MatMulNBits quantizes each weight column, and each
-    activation block along K, the same whatever the weight's width."""
-    from deploylm.export.quantize import quantize_graph
-
-    path, feeds, _ = llama_graph
+def _packed_copy(path, tmp_path):
+    """The graph at `path` (and its data file) copied to tmp_path/packed/ and packed there."""
     packed = tmp_path / "packed" / path.name
     packed.parent.mkdir()
     shutil.copy(path, packed)
     for data in path.parent.glob(f"{path.name}.data"):
         shutil.copy(data, packed.parent / data.name)
     assert pack_graph_file(packed)
+    return packed
+
+
+def test_int8_weight_only_quantizes_a_packed_graph_to_the_same_outputs(llama_graph, tmp_path):
+    """Why the int8 profile may pack before quantizing: MatMulNBits quantizes each weight column, and each
+    activation block along K, the same whatever the weight's width."""
+    from deploylm.export.quantize import quantize_graph
+
+    path, feeds, _ = llama_graph
+    packed = _packed_copy(path, tmp_path)
     q = load_profile("int8").quantization
     quantize_graph(path, tmp_path / "separate-int8.onnx", "int8", q)
     quantize_graph(packed, tmp_path / "packed-int8.onnx", "int8", q)
@@ -116,12 +122,7 @@ def test_int8_rowwise_quantizes_a_packed_graph_to_the_outputs_of_the_separate_ma
     from deploylm.profiles import Quantization
 
     path, feeds, _ = llama_graph
-    packed = tmp_path / "packed" / path.name
-    packed.parent.mkdir()
-    shutil.copy(path, packed)
-    for data in path.parent.glob(f"{path.name}.data"):
-        shutil.copy(data, packed.parent / data.name)
-    assert pack_graph_file(packed)
+    packed = _packed_copy(path, tmp_path)
     q = Quantization("rowwise", smooth_alpha=0.0, reduce_range=False, embedding=False)
     quantize_graph(path, tmp_path / "separate.onnx", "int8", q)
     quantize_graph(packed, tmp_path / "packed.onnx", "int8", q)
