@@ -15,6 +15,8 @@ from deploylm.errors import UsageError
 from deploylm.export import rowwise
 from deploylm.export.quantize import quantize_graph
 from deploylm.profiles import ProfileError, Quantization, load_profile
+from tests.helpers.tied_graph import FEEDS, tied_graph
+from tests.helpers.tied_graph import run as run_feeds
 
 K, N = 64, 48
 # onnxruntime sums uint8 x int8 pairs in 16 bits on x86 CPUs without VNNI/AMX (VPMADDUBSW), clamping what does not
@@ -135,24 +137,6 @@ def test_weights_are_int8_per_column_or_7_bits_with_reduce_range(data, reduce_ra
     assert "w" not in {i.name for i in model.graph.initializer}      # the fp32 weight is gone
 
 
-def tied_graph(path: Path) -> Path:
-    """ids -> Gather(emb) -> MatMul(w1) -> Relu -> MatMul(Transpose(emb)) -> logits (a tied lm_head)."""
-    rng = np.random.default_rng(1)
-    emb = rng.normal(0, 1, (40, K)).astype(np.float32)
-    w1 = rng.normal(0, 0.1, (K, K)).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"], name="embed"),
-             helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Transpose", ["emb"], ["embT"], name="tie", perm=[1, 0]),
-             helper.make_node("MatMul", ["r", "embT"], ["logits"], name="lm_head")]
-    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", 40])],
-                              [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w1, "w1")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
-    return path
-
-
-FEEDS = [{"input_ids": (np.arange(8, dtype=np.int64).reshape(2, 4) * (i + 1)) % 40} for i in range(3)]
 ROWWISE = Quantization("rowwise", smooth_alpha=0.5, calibration_samples=4, reduce_range=SATURATES, embedding=True)
 
 
@@ -162,12 +146,12 @@ def test_quantize_graph_rewrites_every_weight_matmul_and_quantizes_the_tied_lm_h
     out = tmp_path / "q.onnx"
     quantize_graph(src, out, "int8", ROWWISE, feeds=FEEDS)
     model = onnx.load(str(out))
-    assert [n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger"] == ["fc1.rowwise.weight"]
+    assert [n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger"] == ["fc1.rowwise.weight",
+                                                                                       "fc2.rowwise.weight"]
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits")          # the logits' MatMul: int8 blocks
     assert head.output == ["logits"] and {a.name: a.i for a in head.attribute}["bits"] == 8
     assert "emb" not in {i.name for i in model.graph.initializer}                  # int8 rows instead
-    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, FEEDS[0])[0]
-    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, FEEDS[0])[0]
+    ref, got = run_feeds(src), run_feeds(out)
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
     matrices = [i for i in model.graph.initializer if len(i.dims) == 2 and min(i.dims) > 1 and i.data_type == TensorProto.FLOAT]
     assert [i.name for i in matrices] == [] and out.stat().st_size < src.stat().st_size   # no fp32 matrix is left
@@ -178,7 +162,7 @@ def test_excluded_nodes_stay_fp32_matmuls(tmp_path):
     quantize_graph(tied_graph(tmp_path / "fp32.onnx"), out, "int8", ROWWISE, feeds=FEEDS, exclude=("lm_head",))
     model = onnx.load(str(out))
     assert [n.name for n in model.graph.node if n.op_type == "MatMul"] == ["lm_head"]
-    assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 1
+    assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 2
     assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
 
 
