@@ -283,7 +283,7 @@ def test_int8_ranking_offers_exactly_the_quantizable_nodes(tmp_path, precision, 
     would spend search steps and report nodes kept that were never converted). The embedding only where the
     profile quantizes it (weight-only with `embedding = true`): else an auto search that kept every converted
     MatMul did not say the graphs compute in fp32 (the ranking held one node more than it could keep)."""
-    from tests.test_quantize import FEEDS, tied_graph
+    from tests.helpers.tied_graph import FEEDS, tied_graph
 
     ref = onnx.load(str(tied_graph(tmp_path / "ref.onnx")))
     cand = onnx.ModelProto.FromString(ref.SerializeToString())
@@ -323,7 +323,7 @@ def test_the_workspace_keeps_listed_ops_and_kept_nodes_in_fp32(tmp_path, precisi
 
     from deploylm.export.precision_step import _base_exclusions, _Workspace
     from deploylm.profiles import Quantization
-    from tests.test_quantize import tied_graph
+    from tests.helpers.tied_graph import tied_graph
 
     ref = tmp_path / "fp32"
     ref.mkdir()
@@ -359,7 +359,7 @@ def test_int8_reports_as_kept_only_listed_nodes_its_quantizer_would_convert(tmp_
 
     from deploylm.export.precision_step import _base_exclusions, _Workspace
     from deploylm.profiles import Quantization
-    from tests.test_quantize import tied_graph
+    from tests.helpers.tied_graph import tied_graph
 
     ref = tmp_path / "fp32"
     ref.mkdir()

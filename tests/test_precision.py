@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deploylm.export.precision import bf16_bits, convert_float, join_fp32_islands, to_bf16, to_fp16
-from tests.test_quantize import FEEDS, tied_graph
+from tests.helpers.tied_graph import FEEDS, tied_graph
 
 
 def session(model):
