@@ -92,7 +92,9 @@ def test_channel_maxima_are_the_largest_magnitudes_over_every_feed(data):
     x, w = data
     model = one_matmul(w)
     feeds = [{"x": x}, {"x": -3 * x[:1, :2]}]
+    before = model.SerializeToString()
     maxima = rowwise.channel_maxima(model, rowwise.target_nodes(model), feeds)
+    assert model.SerializeToString() == before                 # the probe's extra outputs are gone again
     want = np.maximum(np.abs(x).reshape(-1, K).max(0), np.abs(3 * x[:1, :2]).reshape(-1, K).max(0))
     np.testing.assert_allclose(maxima["mm"], want, rtol=1e-6)
 

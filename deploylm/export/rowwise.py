@@ -53,19 +53,22 @@ def channel_maxima(model: Any, nodes: list[Any], feeds: list[dict[str, np.ndarra
     import onnx
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
+    existing = {o.name for o in model.graph.output}
     wanted = list(dict.fromkeys(n.input[0] for n in nodes))
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in existing)
+    added = [onnx.ValueInfoProto(name=t) for t in wanted if t not in existing]
+    model.graph.output.extend(added)           # exposed for this session only: no copy of a large model
+    try:
+        serialized = model.SerializeToString()
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # the tensors as named
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    del serialized
     inputs = {i.name for i in session.get_inputs()}
     maxima: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        values = dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in inputs})))
+    for feed in feeds:   # only the wanted tensors come back (not the logits or the K/V)
+        values = dict(zip(wanted, session.run(wanted, {k: v for k, v in feed.items() if k in inputs})))
         for tensor in wanted:
             x = np.abs(real_rows(values[tensor], feed.get("attention_mask") if skip_padding else None))
             x = x.max(axis=0, initial=0.0)                                                       # [K]
