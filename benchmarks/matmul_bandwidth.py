@@ -61,9 +61,10 @@ def chain_session(kind: str, layers: int, threads: int, rng: np.random.Generator
                 inits.append(numpy_helper.from_array(w, f"w_{out}"))
                 nodes.append(helper.make_node("MatMul", [x, f"w_{out}"], [out]))
             elif kind == "dynamic-int8":                  # DynamicQuantizeMatMul: u8 activations per tensor x s8 weights
-                scale = np.abs(w).max(0) / 127 + 1e-12                                           # one per column [N]
-                q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-                inits += [numpy_helper.from_array(q, f"q_{out}"), numpy_helper.from_array(scale.astype(np.float32), f"s_{out}")]
+                from deploylm.export.rowwise import quantize_weight
+
+                q, scale = quantize_weight(w, reduce_range=False)                        # int8, one scale per column
+                inits += [numpy_helper.from_array(q, f"q_{out}"), numpy_helper.from_array(scale, f"s_{out}")]
                 nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"q_{out}", f"s_{out}"], [out],
                                               domain="com.microsoft"))
             else:

@@ -77,6 +77,25 @@ def test_the_graph_computes_the_reference_quantization(data, alpha, opset):
     assert np.abs(got - x @ w).max() <= 0.05 * np.abs(x @ w).max()     # and it is a fair int8 approximation
 
 
+def test_unnamed_matmuls_are_rewritten_too(data):
+    """Node names are optional in ONNX: two unnamed MatMuls must not get the same names and initializers."""
+    x, w = data
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                               helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", K])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w.T.copy(), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    want = run(model, x)
+    nodes = rowwise.target_nodes(model)
+    maxima = rowwise.channel_maxima(model, nodes, [{"x": x}])
+    assert len(maxima) == 2
+    rowwise.rewrite(model, nodes, maxima, 0.5, SATURATES)
+    onnx.checker.check_model(model)
+    got = run(model, x)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
 def test_smoothing_lowers_the_error_an_outlier_channel_causes(data):
     x, w = data
     errors = {}

@@ -46,9 +46,15 @@ def target_nodes(model: Any, exclude: tuple[str, ...] = ()) -> list[Any]:
             and inits[n.input[1]].data_type == TensorProto.FLOAT]
 
 
+def node_key(node: Any) -> str:
+    """A node's name, or its first output's where it has none (names are optional in ONNX; outputs are unique): the
+    prefix of what rewrite puts in its place and the key of channel_maxima."""
+    return node.name or node.output[0]
+
+
 def channel_maxima(model: Any, nodes: list[Any], feeds: list[dict[str, np.ndarray]],
                    skip_padding: bool = True) -> dict[str, np.ndarray]:
-    """{node name: max |x_k| over the rows of every feed [K]} for each node's activation input, from the fp32 graph;
+    """{node_key(node): max |x_k| over the rows of every feed [K]} for each node's activation input, from the fp32 graph;
     rows at padded positions (attention_mask 0) are left out: no real input ever has them."""
     import onnx
     import onnxruntime as ort
@@ -73,7 +79,7 @@ def channel_maxima(model: Any, nodes: list[Any], feeds: list[dict[str, np.ndarra
             x = np.abs(real_rows(values[tensor], feed.get("attention_mask") if skip_padding else None))
             x = x.max(axis=0, initial=0.0)                                                       # [K]
             maxima[tensor] = np.maximum(maxima[tensor], x) if tensor in maxima else x
-    return {n.name: maxima[n.input[0]] for n in nodes}
+    return {node_key(n): maxima[n.input[0]] for n in nodes}
 
 
 def real_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -117,7 +123,7 @@ def rewrite(model: Any, nodes: list[Any], maxima: dict[str, np.ndarray] | None, 
     replaced = {n.input[1] for n in nodes}
     for node in nodes:
         weight = numpy_helper.to_array(inits[node.input[1]])                                    # [K, N]
-        name, x, y = node.name, node.input[0], node.output[0]
+        name, x, y = node_key(node), node.input[0], node.output[0]
         p = f"{name}.rowwise"
         new: list[Any] = []
 
