@@ -10,8 +10,8 @@ Each MatMul over a constant weight W [K, N] becomes, in standard ONNX ops:
     y = s * s_col * (acc - zp * colsum(Wq))                # [.., N]  fp32
 
 ONNX Runtime runs MatMulInteger's uint8 x int8 product on the CPU's integer dot-product units (AVX-512 VNNI, AMX):
-on a 2-vCPU Xeon with AMX the MatMuls of a SmolLM2-sized step at 32 rows took 20.5 ms against 52.6 ms in fp32 and
-47.8 ms as the `int8` profile's MatMulNBits (`benchmarks/matmul_bandwidth.py`, docs/benchmarks.md, "Twenty-fourth
+on a 2-vCPU Xeon with AMX a chain of SmolLM2-sized MLP MatMuls at 32 rows took 17.3 ms in this pattern against
+42.4 ms in fp32 and 38.4 ms as the `int8` profile's MatMulNBits (`benchmarks/matmul_bandwidth.py`, docs/benchmarks.md, "Twenty-fourth
 session"). Per-tensor activation scales (onnxruntime's quantize_dynamic, the `int8-dynamic` profile) break on
 SmolLM2's activation outliers (+11% perplexity at export); one scale and zero point per row, with SmoothQuant's per-channel
 smoothing (Xiao et al., 2023: smooth_k = max|x_k|^alpha / max|W_k|^(1 - alpha), measured on calibration text),
