@@ -8,7 +8,10 @@ profile's weight-only MatMulNBits, for comparison), `rowwise` (the int8-rowwise 
 alpha 0.5, padded calibration rows left out, the lm_head int8 weight-only), `alpha=A` (the same with another
 smoothing strength; 0 = none), `reduce-range` / `full-range` (the same with 7-bit / 8-bit weights), and with deploylm.export.rowwise alone (the embedding as int8 rows):
 `rowwise-head` (the lm_head in the rowwise pattern too), `padded` (the same, padded calibration rows counted),
-`fp32-head` (the lm_head left fp32).
+`fp32-head` (the lm_head left fp32); `dynamic-alpha=A` (one activation scale per tensor, onnxruntime's
+quantize_dynamic: DynamicQuantizeMatMul, after SmoothQuant smoothing of strength A; the lm_head and embedding as
+`rowwise`). Any variant with `+fused` appended is then rewritten by benchmarks/fusions_ab.py's `rms-norm` and `rotary`
+fusions (ONNX Runtime's SimplifiedLayerNormalization and RotaryEmbedding kernels).
 Calibration is the built-in text, as for a model without training data (GGUF, Hugging Face).
 
 The built-in held-out material is 4 prompts and 6 sentences; `--texts FILE` (one text a line, e.g.
@@ -27,6 +30,16 @@ from types import SimpleNamespace
 
 def quantize_variant(ref: Path, out: Path, variant: str, feeds: list[dict]) -> None:
     from dataclasses import replace
+
+    if variant.endswith("+fused"):
+        from fusions_ab import fuse_graph_file
+
+        quantize_variant(ref, out, variant.removesuffix("+fused"), feeds)
+        fuse_graph_file(out / "model.onnx", ("rms-norm", "rotary"))
+        return
+    if variant.startswith("dynamic-alpha="):
+        smoothed_dynamic(ref, out, float(variant.split("=", 1)[1]), feeds)
+        return
 
     import onnx
 
@@ -53,6 +66,49 @@ def quantize_variant(ref: Path, out: Path, variant: str, feeds: list[dict]) -> N
     maxima = rowwise.channel_maxima(model, nodes, feeds, skip_padding=variant != "padded")
     rowwise.rewrite(model, nodes, maxima, profile.smooth_alpha, reduce_range=False)
     save_graph(quantize_embedding(model, 8, 0), out / "model.onnx")
+
+
+def smoothed_dynamic(ref: Path, out: Path, alpha: float, feeds: list[dict]) -> None:
+    """Per-tensor dynamic int8 (onnxruntime's quantize_dynamic, per-column int8 weights) after SmoothQuant's
+    smoothing (x * 1/f before each MatMul, W * f); the lm_head int8 weight-only and the embedding int8 rows, as the
+    int8-rowwise profile quantizes them."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from deploylm.export import rowwise
+    from deploylm.export.onnx_export import save_graph
+    from deploylm.export.quantize import (HEAD_BLOCK, _quiet, gemm_to_matmul, int8_weight_only, lm_head_nodes,
+                                          quantize_embedding, scratch_cwd, untie_lm_head)
+
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("*.onnx", "*.data", "*.onnx_data"))
+    model = onnx.load(str(ref / "model.onnx"))
+    gemm_to_matmul(model)
+    untie_lm_head(model)
+    heads = lm_head_nodes(model)
+    nodes = rowwise.target_nodes(model, tuple(heads))
+    targets = {n.name for n in nodes}
+    if alpha > 0:
+        maxima = rowwise.channel_maxima(model, nodes, feeds)
+        inits = {i.name: i for i in model.graph.initializer}
+        for node in nodes:
+            key, weight = rowwise.node_key(node), numpy_helper.to_array(inits[node.input[1]])
+            factor = rowwise.smoothing(maxima[key], weight, alpha)
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array((weight * factor[:, None]).astype(np.float32),
+                                                                  node.input[1]))
+            model.graph.initializer.append(numpy_helper.from_array((1 / factor).astype(np.float32), f"{key}.unsmooth"))
+            smooth = helper.make_node("Mul", [node.input[0], f"{key}.unsmooth"], [f"{key}.xs"], name=f"{key}.smooth")
+            node.input[0] = f"{key}.xs"
+            model.graph.node.insert(list(model.graph.node).index(node), smooth)
+    model = quantize_embedding(int8_weight_only(model, heads, HEAD_BLOCK, 4), 8, 0)
+    dst = (out / "model.onnx").absolute()
+    with scratch_cwd() as tmp, _quiet():
+        save_graph(model, tmp / "smoothed.onnx")
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in targets]
+        quantize_dynamic(str(tmp / "smoothed.onnx"), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=others,
+                         extra_options={"MatMulConstBOnly": True}, use_external_data_format=True)
 
 
 def main() -> None:
