@@ -618,13 +618,21 @@ def _warn_ignored_sampling(given: Mapping[str, Any], opts: DecodingOptions) -> N
     sampling it is harmless, and clients send one with every request (OpenAI's seed)."""
     if opts.do_sample:
         return
-    ignored = [f"{name}={getattr(opts, name)!r}" for name in ("temperature", "top_k", "top_p")   # not the seed
+    ignored = [f"{name}={_as_given(given[name])}" for name in ("temperature", "top_k", "top_p")   # not the seed
                if name in given and getattr(opts, name) != SAMPLING_ONLY[name]]
     if ignored:
         several = len(ignored) > 1
         warnings.warn(f"{', '.join(ignored)} appl{'y' if several else 'ies'} only when sampling, and this call "
                       f"searches deterministically (greedy or beam search): {'they are' if several else 'it is'} "
                       "ignored; pass do_sample=True to sample", UserWarning, stacklevel=3)
+
+
+def _as_given(value: Any) -> str:
+    """A number as the caller wrote it: NumPy's np.float32(0.7) prints as 0.7, where the Python float the options hold
+    prints as 0.699999988079071; anything else by its repr."""
+    import numbers
+
+    return str(value) if isinstance(value, numbers.Number) and not isinstance(value, bool) else repr(value)
 
 
 def _check_backend(backend: Any) -> None:

@@ -871,6 +871,17 @@ def test_sampling_options_in_a_call_that_does_not_sample_warn_once_naming_them(l
     assert ignored == [plain]
 
 
+def test_the_sampling_warning_shows_numpy_values_as_the_caller_wrote_them(llama):
+    """np.float32(0.7) is 0.699999988079071 as a Python float: the warning named `temperature=0.699999988079071`,
+    a value the caller never wrote. It shows the caller's number as NumPy prints it."""
+    import numpy as np
+
+    [warning] = _sampling_warnings(lambda: llama.generate(PROMPTS, num_beams=1, max_new_tokens=3,
+                                                          temperature=np.float32(0.7), top_p=np.float64(0.9),
+                                                          top_k=np.int64(5)))
+    assert str(warning.message).startswith("temperature=0.7, top_k=5, top_p=0.9 apply only when sampling")
+
+
 @pytest.mark.parametrize("options", [
     dict(seed=3),                                        # harmless without sampling; clients send one every time
     dict(temperature=1.0, top_k=0, top_p=1.0),           # values that change nothing
