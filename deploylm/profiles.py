@@ -296,30 +296,31 @@ def _quantization(data: Any, origin: str, precision: str, backends: tuple[str, .
             table.fail(key, f"does not apply to method {method!r}", f"only {', '.join(METHOD_KEYS[method])}")
     d = METHOD_KEYS[method]
     values: dict[str, Any] = {}
+    # each key the method takes (METHOD_KEYS) is read once, whichever methods share it
     if "weight_type" in d:
         values.update(weight_type=table.choice("weight_type", ("quint8", "qint8"), d["weight_type"]),
-                      per_channel=table.boolean("per_channel", d["per_channel"]),
-                      reduce_range=table.boolean("reduce_range", d["reduce_range"]))
+                      per_channel=table.boolean("per_channel", d["per_channel"]))
+    if "reduce_range" in d:
+        values["reduce_range"] = table.boolean("reduce_range", d["reduce_range"])
     if "calibration_samples" in d:
         values["calibration_samples"] = table.integer("calibration_samples", 1, 100_000, d["calibration_samples"])
     if "calibration_method" in d:
         values["calibration_method"] = table.choice("calibration_method", ("minmax", "percentile"),
                                                     d["calibration_method"])
-    if method == "rowwise":
-        values.update(smooth_alpha=table.number("smooth_alpha", 0.0, 1.0, default=d["smooth_alpha"]),
-                      reduce_range=table.boolean("reduce_range", d["reduce_range"]),
-                      embedding=table.boolean("embedding", d["embedding"]))
+    if "smooth_alpha" in d:
+        values["smooth_alpha"] = table.number("smooth_alpha", 0.0, 1.0, default=d["smooth_alpha"])
     if "block_size" in d:
         block = table.integer("block_size", 16, 256, d["block_size"])
         if block & (block - 1):
             table.fail("block_size", f"= {block} is not a power of two", "16, 32, 64, 128 or 256")
         values.update(block_size=block, accuracy_level=table.integer("accuracy_level", 0, 4, d["accuracy_level"]),
                       algorithm=table.choice("algorithm", ("rtn", "hqq", "q4_1"), d["algorithm"]),
-                      symmetric=table.boolean("symmetric", d["symmetric"]),
-                      embedding=table.boolean("embedding", d["embedding"]))
-        if values["algorithm"] in ("hqq", "q4_1") and precision != "int4":
-            table.fail("algorithm", f"= {values['algorithm']!r} does not apply to precision {precision!r}",
-                       "'rtn' (onnxruntime's CPU MatMulNBits takes no float zero points at 8 bits)")
+                      symmetric=table.boolean("symmetric", d["symmetric"]))
+    if "embedding" in d:
+        values["embedding"] = table.boolean("embedding", d["embedding"])
+    if values.get("algorithm") in ("hqq", "q4_1") and precision != "int4":
+        table.fail("algorithm", f"= {values['algorithm']!r} does not apply to precision {precision!r}",
+                   "'rtn' (onnxruntime's CPU MatMulNBits takes no float zero points at 8 bits)")
     if trt_int8:
         return Quantization(method=method, calibration_samples=values["calibration_samples"])
     return Quantization(method=method, **values)
