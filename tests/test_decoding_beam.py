@@ -203,6 +203,23 @@ def test_chunked_topk_equals_the_full_topk_whenever_it_answers():
     assert answered > 100  # the fast path is really taken
 
 
+def test_gather_equals_take_along_dim_for_every_shape_the_search_gathers():
+    """`_gather` (a row gather without take_along_dim's index wrap) picks exactly take_along_dim's entries:
+    sequences [B, N, L] and per-beam [B, N] tensors of every dtype the search keeps, fewer or more picks than N,
+    repeated picks, and views that are not contiguous."""
+    import torch
+
+    from deploylm.decoding.beam import _gather
+
+    g = torch.Generator().manual_seed(3)
+    for B, N, M, L in [(8, 4, 8, 117), (8, 12, 4, 30), (1, 2, 2, 1), (3, 5, 10, 7), (2, 1, 3, 4)]:
+        idx = torch.randint(0, N, (B, M), generator=g)
+        for tensor in (torch.randint(0, 50_000, (B, N, L), generator=g), torch.randn(B, N, generator=g),
+                       torch.rand(B, N, generator=g) > 0.5, torch.randint(0, 9, (B, N), generator=g),
+                       torch.randint(0, 50_000, (B, L, N), generator=g).transpose(1, 2)):
+            want = torch.take_along_dim(tensor, idx.view(B, M, *[1] * (tensor.dim() - 2)), dim=1)
+            got = _gather(tensor, idx)
+            assert got.dtype == tensor.dtype and torch.equal(got, want), (B, N, M, tuple(tensor.shape))
 # Case N: with a negative length_penalty (score = sum(log p) * len), "never" bounds the running beams at the
 # current length, as transformers does for length_penalty <= 0: "a a" (ln .42 * 2 = -1.74) can still beat
 # the worst finished "a EOS" (ln .18 * 2 = -3.43), and "a a EOS" (ln .378 * 3 = -2.92) does. Bounding at

@@ -22,10 +22,17 @@ NEG = -1.0e9
 
 
 def _gather(tensor: Tensor, idx: Tensor) -> Tensor:
-    """tensor [B, N, ...], idx [B, M] -> [B, M, ...] (transformers' `_gather_beams`)."""
-    while idx.dim() < tensor.dim():
-        idx = idx.unsqueeze(-1)
-    return torch.take_along_dim(tensor, idx, dim=1)
+    """tensor [B, N, ...], idx [B, M] with 0 <= idx < N -> [B, M, ...] (transformers' `_gather_beams`).
+
+    The same values as `take_along_dim(tensor, idx[..., None, ...], dim=1)`, which first wraps the index broadcast
+    to the output's full size (a `remainder` over [B, M, L] for the sequences); every index here comes from a
+    top-k or argmax over N, so nothing needs wrapping: [B, N] is one gather, [B, N, ...] one row gather
+    (issue 7: 18 against 61 us per sequence gather on the bench's [8, 8, 117])."""
+    if tensor.dim() == 2:
+        return torch.gather(tensor, 1, idx)
+    B, N = tensor.shape[:2]
+    rows = (idx + torch.arange(0, B * N, N, device=idx.device)[:, None]).view(-1)       # [B*M] rows of [B*N, ...]
+    return tensor.reshape(B * N, *tensor.shape[2:]).index_select(0, rows).view(B, idx.shape[1], *tensor.shape[2:])
 
 
 @functools.lru_cache(maxsize=64)
