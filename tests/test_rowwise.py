@@ -264,6 +264,26 @@ def test_cpu_has_vnni_reads_the_x86_flags(cpuinfo, has):
     assert rowwise.cpu_has_vnni(cpuinfo) is has
 
 
+def test_this_machines_flags_are_read_once_per_process(monkeypatch):
+    """Opening rowwise artifacts asks about this CPU each time; /proc/cpuinfo is read at the first question only."""
+    reads = []
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) == "/proc/cpuinfo":
+            reads.append(1)
+            return "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    rowwise._this_cpu_has_vnni.cache_clear()
+    try:
+        assert [rowwise.cpu_has_vnni() for _ in range(3)] == [False] * 3
+        assert len(reads) == 1
+    finally:
+        rowwise._this_cpu_has_vnni.cache_clear()   # the next caller reads the real machine's flags
+
+
 def test_a_rowwise_artifact_warns_once_on_a_cpu_without_vnni(monkeypatch, caplog, tmp_path):
     manifest = {"profile": {"name": "int8-rowwise", "quantization": {"method": "rowwise", "reduce_range": False}}}
     monkeypatch.setattr(rowwise, "cpu_has_vnni", lambda cpuinfo=None: False)

@@ -22,6 +22,7 @@ the weights in 7 bits, which cannot.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -167,16 +168,23 @@ def rewrite(model: Any, nodes: list[Any], maxima: dict[str, np.ndarray] | None, 
 
 
 def cpu_has_vnni(cpuinfo: str | None = None) -> bool | None:
-    """Whether this x86 CPU has VNNI or AMX (from /proc/cpuinfo's flags); None where that is not known (no
-    /proc/cpuinfo, or no x86 flags line: ARM's int8 dot products do not saturate)."""
+    """Whether this x86 CPU has VNNI or AMX (from the flags of `cpuinfo`, default this machine's /proc/cpuinfo,
+    read once per process); None where that is not known (no /proc/cpuinfo, or no x86 flags line: ARM's int8 dot
+    products do not saturate)."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return None
+        return _this_cpu_has_vnni()
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
                   if line.startswith("flags") and ":" in line), None)
     return None if flags is None else any(flag in flags for flag in VNNI_FLAGS)
+
+
+@functools.cache
+def _this_cpu_has_vnni() -> bool | None:
+    """cpu_has_vnni of this machine: /proc/cpuinfo read at the first rowwise artifact opened, not at every one."""
+    try:
+        return cpu_has_vnni(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return None
 
 
 def warn_if_saturating(manifest: dict[str, Any] | None, folder: Path) -> None:
