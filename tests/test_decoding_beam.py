@@ -220,6 +220,8 @@ def test_gather_equals_take_along_dim_for_every_shape_the_search_gathers():
             want = torch.take_along_dim(tensor, idx.view(B, M, *[1] * (tensor.dim() - 2)), dim=1)
             got = _gather(tensor, idx)
             assert got.dtype == tensor.dtype and torch.equal(got, want), (B, N, M, tuple(tensor.shape))
+
+
 # Case N: with a negative length_penalty (score = sum(log p) * len), "never" bounds the running beams at the
 # current length, as transformers does for length_penalty <= 0: "a a" (ln .42 * 2 = -1.74) can still beat
 # the worst finished "a EOS" (ln .18 * 2 = -3.43), and "a a EOS" (ln .378 * 3 = -2.92) does. Bounding at

@@ -27,7 +27,8 @@ def _gather(tensor: Tensor, idx: Tensor) -> Tensor:
     The same values as `take_along_dim(tensor, idx[..., None, ...], dim=1)`, which first wraps the index broadcast
     to the output's full size (a `remainder` over [B, M, L] for the sequences); every index here comes from a
     top-k or argmax over N, so nothing needs wrapping: [B, N] is one gather, [B, N, ...] one row gather
-    (issue 7: 18 against 61 us per sequence gather on the bench's [8, 8, 117])."""
+    (issue 7: [8, 4, 117] sequences -> 8 rows took 10 against 50 us alone; inside the steps of
+    benchmarks/decoder_step.py, where the vocab block has just evicted them, 46 against 66 us; docs/benchmarks.md)."""
     if tensor.dim() == 2:
         return torch.gather(tensor, 1, idx)
     B, N = tensor.shape[:2]
