@@ -97,6 +97,8 @@ class QualityBudget:
 
     max_perplexity_increase: float | None = None  # relative: 0.02 = +2%
     min_beam_agreement: float | None = None       # beam-search token agreement with fp32, 0..1
+    max_mean_kl: float | None = None              # teacher-forced mean KL(fp32 || profile), nats per token
+    min_top1_agreement: float | None = None       # teacher-forced share of positions with fp32's top-1 token, 0..1
 
 
 @dataclass(frozen=True)
@@ -376,7 +378,9 @@ def _parity(data: Any, origin: str) -> Parity:
 def _quality(data: Any, origin: str) -> QualityBudget:
     table = _Table(data, origin, "quality.", tuple(QualityBudget.__dataclass_fields__))
     return QualityBudget(max_perplexity_increase=table.number("max_perplexity_increase", 0.0, 10.0),
-                         min_beam_agreement=table.number("min_beam_agreement", 0.0, 1.0))
+                         min_beam_agreement=table.number("min_beam_agreement", 0.0, 1.0),
+                         max_mean_kl=table.number("max_mean_kl", 0.0, 100.0),
+                         min_top1_agreement=table.number("min_top1_agreement", 0.0, 1.0))
 
 
 def _generation(data: Any, origin: str) -> dict[str, Any]:

@@ -111,6 +111,10 @@ BAD = [
     ("nan agreement", None, r"parity.min_token_agreement = nan is out of range: expected a number >= 0.0 and <= 1.0"),
     ("infinite budget", "[quality]\nmax_perplexity_increase = inf",
      r"quality.max_perplexity_increase = inf is out of range: expected a number >= 0.0 and <= 10.0"),
+    ("negative KL budget", "[quality]\nmax_mean_kl = -0.1",
+     r"quality.max_mean_kl = -0.1 is out of range: expected a number >= 0.0 and <= 100.0"),
+    ("top-1 budget > 1", "[quality]\nmin_top1_agreement = 1.5",
+     r"quality.min_top1_agreement = 1.5 is out of range: expected a number >= 0.0 and <= 1.0"),
     ("bad method", "[quantization]\nmethod = \"awq\"", r"quantization.method = 'awq' is not allowed: expected one of dynamic, static, weight-only"),
     ("hqq at 8 bits", "[quantization]\nmethod = \"weight-only\"\nalgorithm = \"hqq\"",
      r"quantization.algorithm = 'hqq' does not apply to precision 'int8': expected 'rtn'"),
@@ -407,3 +411,15 @@ def test_values_that_would_be_ignored_are_refused(tmp_path, edit, message):
     with pytest.raises(ProfileError, match=message):
         load_profile(write(tmp_path, edit(BASE)))
     load_profile(write(tmp_path, edit(BASE).replace('"onnx", "onnx"', '"onnx"').replace("symmetric = true", "")))
+
+
+def test_the_next_token_budgets_load_and_survive_the_manifest(tmp_path):
+    """[quality] max_mean_kl and min_top1_agreement (teacher-forced, steadier than beam agreement) are read, kept in
+    the resolved profile a manifest stores, and read back; the built-in profiles set neither."""
+    from deploylm.profiles import Profile
+
+    path = write(tmp_path, BASE + "[quality]\nmax_mean_kl = 0.02\nmin_top1_agreement = 0.9\n")
+    profile = load_profile(path)
+    assert (profile.quality.max_mean_kl, profile.quality.min_top1_agreement) == (0.02, 0.9)
+    assert Profile.from_dict(profile.to_dict()).quality == profile.quality
+    assert all(p.quality.max_mean_kl is None and p.quality.min_top1_agreement is None for p in builtin_profiles())

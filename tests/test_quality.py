@@ -34,6 +34,7 @@ min_token_agreement = 0.0
 [quality]
 max_perplexity_increase = 0.0
 min_beam_agreement = 1.0
+max_mean_kl = 0.0
 [generation]
 num_beams = 2
 max_new_tokens = 8
@@ -65,6 +66,24 @@ def test_budget_failures_name_the_measure_and_the_limit():
     assert broken.to_dict()["perplexity"] is None and broken.to_dict()["speed_ratio"] is None
 
 
+def test_next_token_budgets_are_inclusive_and_name_the_measure():
+    """max_mean_kl and min_top1_agreement judge the teacher-forced statistics; one not measured (NaN, a report from
+    before they existed) or an infinite KL misses any such budget."""
+    report = _report(mean_kl=0.0125, top1_agreement=0.92)
+    assert report.failures(QualityBudget(max_mean_kl=0.0125, min_top1_agreement=0.92)) == []
+    fails = report.failures(QualityBudget(max_mean_kl=0.01, min_top1_agreement=0.95))
+    assert fails == ["mean KL(fp32 || profile) 0.0125 of the next-token distributions > max_mean_kl 0.01",
+                     "next-token top-1 agreement 0.920 < min_top1_agreement 0.95"]
+    for unmeasured in (_report(), _report(mean_kl=math.inf, top1_agreement=math.nan)):
+        assert len(unmeasured.failures(QualityBudget(max_mean_kl=100.0, min_top1_agreement=0.0))) == 2
+    assert report.failures(QualityBudget(max_perplexity_increase=0.08)) == []     # no such budget: not judged
+
+
+def test_the_quality_line_shows_the_next_token_statistics_once_measured():
+    assert "next token: top-1 0.920, KL 0.0125, size 30.0% of fp32" in _report(mean_kl=0.0125, top1_agreement=0.92).line()
+    assert "next token" not in _report().line()                      # a report written before they were measured
+
+
 def test_a_huge_perplexity_prints_in_a_few_digits():
     """A tiny random T5 exported with int8-static printed `perplexity 5110807029236051939387531716512072...000.000
     vs fp32 ...` (111 digits each, `.3f` of 5.1e110) on the quality line."""
@@ -90,6 +109,7 @@ def test_identical_graphs_measure_identical(gpt2_fp32, tmp_path):
     assert report.perplexity == report.perplexity_fp32 and math.isfinite(report.perplexity)
     assert report.beam_agreement == 1.0 and report.sequences_identical == report.prompts == len(HELD_OUT_PROMPTS)
     assert report.size_ratio == 1.0 and report.speed_ratio > 0 and report.scored_tokens > 20
+    assert report.mean_kl == 0.0 and report.top1_agreement == 1.0
 
 
 def _export(*args):
@@ -111,8 +131,13 @@ def test_missed_budget_exits_1_and_writes_nothing_unless_allowed(tiny_gpt2_dir, 
     assert result.exit_code == 0, result.output
     assert "quality budget NOT met" in result.output
     assert "quality (held out: built-in English text (no training data of this model found)): perplexity" in result.output
+    assert "next token: top-1 " in result.output
     quality = json.loads((out / "manifest.json").read_text())["quality"]
     assert quality["budget_met"] is False and quality["budget_failures"]
+    assert any(f.startswith("mean KL(fp32 || profile) ") and f.endswith("> max_mean_kl 0") for f in quality["budget_failures"])
+    assert quality["mean_kl"] > 0 and 0 <= quality["top1_agreement"] <= 1
+    info = CliRunner().invoke(cli, ["info", str(out)])                    # read back from the manifest
+    assert info.exit_code == 0 and f"next token: top-1 {quality['top1_agreement']:.3f}, " in info.output, info.output
     assert quality["size_ratio"] < 1.0 and quality["speed_ratio"] > 0 and quality["precision"] == "int4"
     assert [p.name for p in (tmp_path / "art").iterdir()] == ["gpt2-int4"]
 
@@ -307,6 +332,50 @@ def test_perplexity_is_teacher_forced_exp_mean_nll_by_hand(max_positions, seqs):
     assert backend.fed[0] == [s[1] for s in seqs]                 # step 1 is fed each text's second token
 
 
+def test_forced_pair_scores_both_backends_and_their_next_token_distance_by_hand():
+    """Two backends teacher-forced side by side: each one's NLL as forced_nll alone computes it, and per scored
+    position KL(ref || cand) and whether the argmax agrees, by hand; rows stop at their own end."""
+    import torch
+
+    from deploylm.backends.base import EncodedBatch
+    from deploylm.export.quality import forced_nll, forced_pair
+
+    ref_table = _bigram_table()
+    cand_table = ref_table + torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
+    seqs = [[3, 5, 7, 2, 9], [4, 6], [8, 1, 1]]
+    batch = EncodedBatch(torch.tensor([[s[0]] for s in seqs]), torch.ones((3, 1), dtype=torch.long))
+    targets = [s[1:] for s in seqs]
+    got = forced_pair(_Bigram(ref_table), _Bigram(cand_table), batch, targets)
+    assert (got.nll_ref, got.count) == forced_nll(_Bigram(ref_table), batch, targets)
+    assert (got.nll, got.count) == forced_nll(_Bigram(cand_table), batch, targets)
+    lp_ref, lp = ref_table.log_softmax(-1), cand_table.log_softmax(-1)
+    fed = [s[i] for s in seqs for i in range(len(s) - 1)]                   # the token each scored position follows
+    kl = sum(float((lp_ref[t].exp() * (lp_ref[t] - lp[t])).sum()) for t in fed)
+    same = sum(int(lp_ref[t].argmax() == lp[t].argmax()) for t in fed)
+    assert got.count == len(fed) == 7 and math.isclose(got.kl_sum, kl, rel_tol=1e-5) and got.top1_same == same
+    assert 0 < same < 7                                                      # the tables differ, but not everywhere
+    alone = forced_pair(_Bigram(ref_table), _Bigram(ref_table), batch, targets)
+    assert alone.kl_sum == 0.0 and alone.top1_same == 7 and alone.nll == alone.nll_ref
+
+
+def test_forced_pair_is_infinitely_far_where_the_candidate_rules_out_a_token_or_computes_nan():
+    import torch
+
+    from deploylm.backends.base import EncodedBatch
+    from deploylm.export.quality import forced_pair
+
+    ref_table = _bigram_table()
+    batch = EncodedBatch(torch.tensor([[3]]), torch.ones((1, 1), dtype=torch.long))
+    for value in (-math.inf, math.nan):
+        cand_table = ref_table.clone()
+        cand_table[3, 4] = value                                              # after token 3: token 4 impossible / NaN
+        got = forced_pair(_Bigram(ref_table), _Bigram(cand_table), batch, [[5]])
+        assert got.kl_sum == math.inf and got.count == 1
+    masked = ref_table.clone()
+    masked[3, 4] = -math.inf                                                  # both rule it out: no divergence there
+    assert forced_pair(_Bigram(masked), _Bigram(masked), batch, [[5]]).kl_sum == 0.0
+
+
 def test_seq2seq_targets_end_with_one_eos():
     from deploylm.export.quality import _targets
 
@@ -342,7 +411,9 @@ def test_measure_quality_times_after_the_warm_up_and_judges_against_fp32(monkeyp
     monkeypatch.setattr(source, "folder_source", lambda path: path)
     monkeypatch.setattr(tokenizer, "load_tokenizer", lambda src: None)
     monkeypatch.setattr(calibration, "perplexity_texts", lambda held: (("t",), None))
-    monkeypatch.setattr(quality, "perplexity", lambda b, tok, texts, targets: (10.0 if b.kind == "ref" else 11.0, 7))
+    monkeypatch.setattr(quality, "_forced_inputs", lambda b, tok, texts, targets: (None, [[1] * 7]))
+    monkeypatch.setattr(quality, "forced_pair", lambda ref, cand, batch, targets: quality.ForcedPair(
+        nll_ref=7 * math.log(10.0), nll=7 * math.log(11.0), count=7, kl_sum=0.07, top1_same=6))
     monkeypatch.setattr(quality, "_prompts", lambda b, tok, prompts: None)
     monkeypatch.setattr(quality, "graph_bytes", lambda d: 1000 if d == ref_dir else 250)
     calls = []
@@ -360,6 +431,8 @@ def test_measure_quality_times_after_the_warm_up_and_judges_against_fp32(monkeyp
     assert report.round_ratios == (2.0,) and report.speed_ratio == 2.0 and report.cpu_ratio == 2.0
     assert report.beam_agreement == 4 / 6 and report.sequences_identical == 1 and report.prompts == 2
     assert math.isclose(report.perplexity_increase, 0.1) and report.size_ratio == 0.25 and report.scored_tokens == 7
+    assert math.isclose(report.perplexity_fp32, 10.0) and math.isclose(report.mean_kl, 0.01)
+    assert report.top1_agreement == 6 / 7
 
 
 def test_graph_bytes_count_external_weights_and_nothing_else(tmp_path):

@@ -2,6 +2,11 @@
 
 - perplexity on held-out text (teacher-forced through the Backend protocol: prefill, then one
   decode step per target token), fp32 graphs vs the profile's graphs;
+- on the same teacher-forced positions, both graphs run side by side: the mean KL(fp32 || profile) of the
+  next-token distributions, and the share of positions whose most likely next token is the same. Unlike
+  the beam agreement below, where one early different token shifts every later one, these move little when
+  a change only moves rounding (on SmolLM2's int8-rowwise export, KL 0.011-0.014 and top-1 0.91-0.93 where
+  beam agreement swung from 0.28 to 0.81: docs/benchmarks.md, twenty-fifth session);
 - beam-4 token agreement with fp32 on held-out prompts: the share of fp32's best-beam tokens that
   the profile's best beam reproduces at the same position;
 - size on disk of the graph files;
@@ -16,11 +21,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from deploylm.errors import NumericalOverflow
 
 if TYPE_CHECKING:     # torch is imported where a report is measured: `deploylm info` formats one without it
+    from torch import Tensor
+
     from deploylm.backends.base import EncodedBatch
 
 GRAPH_SUFFIXES = (".onnx", ".data", ".onnx_data")
@@ -44,6 +51,8 @@ class QualityReport:
     scored_tokens: int
     round_ratios: tuple[float, ...] = ()   # fp32 / profile wall time of each round (the two runs adjacent)
     cpu_ratio: float = math.nan            # fp32 / profile process CPU time over all rounds
+    mean_kl: float = math.nan              # teacher-forced: mean KL(fp32 || profile) of the next-token distributions
+    top1_agreement: float = math.nan       # teacher-forced: share of positions with the same most likely next token
 
     @property
     def perplexity_increase(self) -> float:
@@ -72,6 +81,12 @@ class QualityReport:
         if budget.min_beam_agreement is not None and not self.beam_agreement >= budget.min_beam_agreement:
             out.append(f"beam-4 token agreement {self.beam_agreement:.3f} < min_beam_agreement "
                        f"{budget.min_beam_agreement:g}")
+        if budget.max_mean_kl is not None and not self.mean_kl <= budget.max_mean_kl + 1e-12:
+            out.append(f"mean KL(fp32 || profile) {self.mean_kl:.4g} of the next-token distributions > max_mean_kl "
+                       f"{budget.max_mean_kl:g}")
+        if budget.min_top1_agreement is not None and not self.top1_agreement >= budget.min_top1_agreement:
+            out.append(f"next-token top-1 agreement {self.top1_agreement:.3f} < min_top1_agreement "
+                       f"{budget.min_top1_agreement:g}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +99,9 @@ class QualityReport:
         return ((f"perplexity {_ppl(self.perplexity)} vs fp32 {_ppl(self.perplexity_fp32)} "
                 f"({'+' if self.perplexity_increase >= 0 else ''}{_pct(self.perplexity_increase)}), "
                 f"beam-4 agreement {self.beam_agreement:.3f} ({self.sequences_identical}/{self.prompts} identical), "
-                f"size {self.size_ratio:.1%} of fp32 ({self.bytes / 2**20:.1f} MiB), ")
+                + (f"next token: top-1 {self.top1_agreement:.3f}, KL {self.mean_kl:.4g}, "
+                   if math.isfinite(self.top1_agreement) else "")   # a report from before they were measured: none
+                + f"size {self.size_ratio:.1%} of fp32 ({self.bytes / 2**20:.1f} MiB), ")
                 + (f"speed {self.speed_ratio:.2f}x fp32" + (f" (CPU time {self.cpu_ratio:.2f}x)" if math.isfinite(self.cpu_ratio) else "")
                    if math.isfinite(self.speed_ratio) else "speed not measured"))
 
@@ -113,8 +130,9 @@ def _targets(tokenizer: Any, texts: tuple[str, ...], eos: int | None) -> list[li
     return out
 
 
-def forced_nll(backend: Any, batch: EncodedBatch, targets: list[list[int]]) -> tuple[float, int]:
-    """Sum of -log p(target token) over every target position, teacher-forced; and the count."""
+def _forced_steps(backend: Any, batch: EncodedBatch, targets: list[list[int]]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Teacher forcing: prefill, then one decode step per target token. Yields per target position
+    (log-probs [B, V] fp32, active [B] bool: rows whose target has that position, the target tokens [B])."""
     import torch
 
     width = max(len(t) for t in targets)
@@ -123,15 +141,54 @@ def forced_nll(backend: Any, batch: EncodedBatch, targets: list[list[int]]) -> t
         tokens[row, : len(seq)] = torch.tensor(seq)
     lengths = torch.tensor([len(t) for t in targets])                                # [B]
     logits, state = backend.prefill(batch)                                            # [B, V]
-    nll, count = 0.0, 0
     for step in range(width):
-        active = lengths > step                                                       # [B]
-        logp = logits.float().log_softmax(-1).gather(1, tokens[:, step:step + 1]).squeeze(1)  # [B]
-        nll -= float(logp[active].sum())
-        count += int(active.sum())
+        yield logits.float().log_softmax(-1), lengths > step, tokens[:, step]
         if step + 1 < width:
             logits, state = backend.decode(tokens[:, step], state)
+
+
+def forced_nll(backend: Any, batch: EncodedBatch, targets: list[list[int]]) -> tuple[float, int]:
+    """Sum of -log p(target token) over every target position, teacher-forced; and the count."""
+    nll, count = 0.0, 0
+    for logp, active, target in _forced_steps(backend, batch, targets):
+        nll -= float(logp.gather(1, target[:, None]).squeeze(1)[active].sum())
+        count += int(active.sum())
     return nll, count
+
+
+@dataclass(frozen=True)
+class ForcedPair:
+    """Two backends teacher-forced over the same targets (`forced_pair`): each one's summed -log p(target), the
+    positions scored, KL(ref || cand) summed over them and how many have the same most likely next token."""
+
+    nll_ref: float
+    nll: float
+    count: int
+    kl_sum: float
+    top1_same: int
+
+
+def forced_pair(ref: Any, cand: Any, batch: EncodedBatch, targets: list[list[int]]) -> ForcedPair:
+    """`forced_nll` of both backends, run side by side, and how far apart their next-token distributions are at
+    each scored position. A position where the candidate gives no chance (log-prob -inf) to a token the reference
+    gives some, or computes NaN, has KL +inf."""
+    import torch
+
+    nll_ref = nll = kl_sum = 0.0
+    count = top1_same = 0
+    for (lp_ref, active, target), (lp, _, _) in zip(_forced_steps(ref, batch, targets),
+                                                   _forced_steps(cand, batch, targets)):
+        lp_ref, lp = lp_ref[active], lp[active]                                      # [A, V] scored rows
+        nll_ref -= float(lp_ref.gather(1, target[active][:, None]).sum())
+        nll -= float(lp.gather(1, target[active][:, None]).sum())
+        p_ref = lp_ref.exp()                                                          # [A, V]
+        terms = (lp_ref - lp).mul_(p_ref).masked_fill_(p_ref == 0, 0.0)              # 0 where fp32 rules a token out
+        kl = terms.sum(-1)                                                            # [A]
+        del p_ref, terms
+        kl_sum += float(torch.nan_to_num(kl, nan=math.inf, posinf=math.inf).double().sum())
+        top1_same += int((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
+        count += int(active.sum())
+    return ForcedPair(nll_ref, nll, count, kl_sum, top1_same)
 
 
 def _window(backend: Any) -> int:
@@ -141,6 +198,19 @@ def _window(backend: Any) -> int:
 def perplexity(backend: Any, tokenizer: Any, inputs: tuple[str, ...], targets: tuple[str, ...] | None) -> tuple[float, int]:
     """exp(mean NLL): decoder-only scores each text after its first token; seq2seq the targets.
     Texts are truncated to the model's window (at most MAX_TOKENS)."""
+    nll, n = forced_nll(backend, *_forced_inputs(backend, tokenizer, inputs, targets))
+    return _exp_mean(nll, n), n
+
+
+def _exp_mean(nll: float, n: int) -> float:
+    """exp(nll / n): a perplexity; +inf when it overflows a float or nothing was scored."""
+    mean = nll / n if n else math.inf
+    return math.exp(mean) if mean < MAX_EXP_ARGUMENT else math.inf
+
+
+def _forced_inputs(backend: Any, tokenizer: Any, inputs: tuple[str, ...],
+                   targets: tuple[str, ...] | None) -> tuple[EncodedBatch, list[list[int]]]:
+    """The batch and target tokens `perplexity` teacher-forces (see there)."""
     import torch
 
     from deploylm.backends.base import EncodedBatch
@@ -150,15 +220,12 @@ def perplexity(backend: Any, tokenizer: Any, inputs: tuple[str, ...], targets: t
         seqs = [list(tokenizer(t)["input_ids"])[:window] for t in inputs]
         seqs = [s for s in seqs if len(s) > 1]
         batch = EncodedBatch(torch.tensor([[s[0]] for s in seqs]), torch.ones((len(seqs), 1), dtype=torch.long))
-        nll, n = forced_nll(backend, batch, [s[1:] for s in seqs])
-    else:
-        enc = tokenizer(list(inputs), return_tensors="pt", padding=True, padding_side="right",
-                        truncation=True, max_length=window)
-        eos = backend.info.special.eos_token_ids[0] if backend.info.special.eos_token_ids else None
-        nll, n = forced_nll(backend, EncodedBatch(enc["input_ids"], enc["attention_mask"]),
-                            [t[: window - 1] for t in _targets(tokenizer, targets, eos)])
-    mean = nll / n if n else math.inf
-    return (math.exp(mean) if mean < MAX_EXP_ARGUMENT else math.inf), n
+        return batch, [s[1:] for s in seqs]
+    enc = tokenizer(list(inputs), return_tensors="pt", padding=True, padding_side="right",
+                    truncation=True, max_length=window)
+    eos = backend.info.special.eos_token_ids[0] if backend.info.special.eos_token_ids else None
+    return (EncodedBatch(enc["input_ids"], enc["attention_mask"]),
+            [t[: window - 1] for t in _targets(tokenizer, targets, eos)])
 
 
 def _prompts(backend: Any, tokenizer: Any, prompts: tuple[str, ...]) -> EncodedBatch:
@@ -214,8 +281,8 @@ def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3
     tokenizer = load_tokenizer(folder_source(ref_dir))
     pad_like_the_model(tokenizer, ref.info.special)       # the prompts below are padded
     texts, targets = perplexity_texts(held)
-    ppl_ref, n = perplexity(ref, tokenizer, texts, targets)
-    ppl, _ = perplexity(cand, tokenizer, texts, targets)
+    forced = forced_pair(ref, cand, *_forced_inputs(ref, tokenizer, texts, targets))
+    n = forced.count
     options = DecodingOptions(num_beams=AGREEMENT_BEAMS, max_new_tokens=AGREEMENT_NEW_TOKENS)
     batch = _prompts(ref, tokenizer, held.inputs)
     times: dict[str, list[float]] = {"ref": [], "cand": []}
@@ -232,8 +299,11 @@ def measure_quality(ref_dir: Path, cand_dir: Path, held: Any, *, rounds: int = 3
     ratios = tuple(r / c for r, c in zip(times["ref"], times["cand"]) if c > 0)
     cpu_ratio = cpu["ref"] / cpu["cand"] if rounds and cpu["cand"] > 0 else math.nan
     times = {k: v or [math.nan] for k, v in times.items()}  # rounds = 0: outputs only, no timing
-    return QualityReport(perplexity_fp32=ppl_ref, perplexity=ppl, beam_agreement=agreement,
+    return QualityReport(perplexity_fp32=_exp_mean(forced.nll_ref, n), perplexity=_exp_mean(forced.nll, n),
+                         beam_agreement=agreement,
                          sequences_identical=identical, prompts=len(outs["ref"]),
                          fp32_bytes=graph_bytes(ref_dir), bytes=graph_bytes(cand_dir),
                          fp32_seconds=statistics.median(times["ref"]), seconds=statistics.median(times["cand"]),
-                         scored_tokens=n, round_ratios=ratios, cpu_ratio=cpu_ratio)
+                         scored_tokens=n, round_ratios=ratios, cpu_ratio=cpu_ratio,
+                         mean_kl=forced.kl_sum / n if n else math.nan,
+                         top1_agreement=forced.top1_same / n if n else math.nan)
