@@ -141,7 +141,8 @@ def main() -> None:
             quantize_variant(args.artifact, out, variant, feeds)
             r = measure_quality(args.artifact, out, held, rounds=0)
             print(f"{variant:>10}: perplexity {r.perplexity_increase:+.2%}, beam-4 agreement {r.beam_agreement:.3f} "
-                  f"({r.sequences_identical}/{r.prompts} identical)  [{time.perf_counter() - start:.0f} s]", flush=True)
+                  f"({r.sequences_identical}/{r.prompts} identical), next token top-1 {r.top1_agreement:.3f}, "
+                  f"KL {r.mean_kl:.4f}  [{time.perf_counter() - start:.0f} s]", flush=True)
             shutil.rmtree(out)
 
 
