@@ -151,9 +151,14 @@ def forced_nll(backend: Any, batch: EncodedBatch, targets: list[list[int]]) -> t
     """Sum of -log p(target token) over every target position, teacher-forced; and the count."""
     nll, count = 0.0, 0
     for logp, active, target in _forced_steps(backend, batch, targets):
-        nll -= float(logp.gather(1, target[:, None]).squeeze(1)[active].sum())
+        nll += _target_nll(logp, active, target)
         count += int(active.sum())
     return nll, count
+
+
+def _target_nll(logp: Tensor, active: Tensor, target: Tensor) -> float:
+    """-sum of log p(target) over the active rows of one teacher-forced position (log-probs [B, V])."""
+    return -float(logp.gather(1, target[:, None]).squeeze(1)[active].sum())
 
 
 @dataclass(frozen=True)
@@ -178,9 +183,9 @@ def forced_pair(ref: Any, cand: Any, batch: EncodedBatch, targets: list[list[int
     count = top1_same = 0
     for (lp_ref, active, target), (lp, _, _) in zip(_forced_steps(ref, batch, targets),
                                                    _forced_steps(cand, batch, targets)):
+        nll_ref += _target_nll(lp_ref, active, target)
+        nll += _target_nll(lp, active, target)
         lp_ref, lp = lp_ref[active], lp[active]                                      # [A, V] scored rows
-        nll_ref -= float(lp_ref.gather(1, target[active][:, None]).sum())
-        nll -= float(lp.gather(1, target[active][:, None]).sum())
         p_ref = lp_ref.exp()                                                          # [A, V]
         terms = (lp_ref - lp).mul_(p_ref).masked_fill_(p_ref == 0, 0.0)              # 0 where fp32 rules a token out
         kl = terms.sum(-1)                                                            # [A]
