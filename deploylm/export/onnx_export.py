@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from deploylm.errors import UsageError
 from deploylm.export import attention_ops
+from deploylm.export.graph_optimize import optimize_exported
 from deploylm.export.io_spec import AXIS_MIN, GraphSpec, ModelDims, TensorSpec, graph_specs
 
 DEFAULT_OPSET = 18
@@ -133,9 +134,10 @@ def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, vocab_size: 
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes(spec), opset_version=opset,
-            input_names=spec.input_names, output_names=spec.output_names, optimize=True, verbose=False,
+            input_names=spec.input_names, output_names=spec.output_names, optimize=False, verbose=False,
             custom_translation_table=attention_ops.TRANSLATIONS,
         )
+        optimize_exported(program)   # optimize=True's passes without its quadratic rule (graph_optimize.py)
     program.save(path, external_data=n_bytes >= EXTERNAL_DATA_BYTES)
     _name_output_axes(path, spec)
     return path
